@@ -1,0 +1,1 @@
+//! The nanogate operator library; `main.rs` only parses flags and calls into it.

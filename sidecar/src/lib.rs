@@ -1,0 +1,1 @@
+//! nano-agent library; `main.rs` only parses flags and calls into it.

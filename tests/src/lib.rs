@@ -1,0 +1,1 @@
+//! Support code for the cross-crate integration tests in `tests/tests/`.
