@@ -67,7 +67,7 @@ PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 KUBE_GIT_VERSION=$K8S_GIT_VERSION 
   make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
 mkdir -p "$ASSETS.tmp"
 cp _output/local/bin/linux/amd64/kube-apiserver _output/local/bin/linux/amd64/kube-controller-manager "$ASSETS.tmp/"
-ln -sf /usr/bin/etcd "$ASSETS.tmp/etcd"
+cp /usr/bin/etcd "$ASSETS.tmp/etcd"  # self-contained cache: survives removal of etcd-server
 rm -rf "$ASSETS"; mv "$ASSETS.tmp" "$ASSETS"
 cd /; rm -rf "$work"
 log "built in $(( $(date +%s) - start ))s, cached in $ASSETS"

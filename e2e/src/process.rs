@@ -1,0 +1,131 @@
+//! Spawning control-plane processes so that they never outlive the test process.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process.
+/// Test harnesses run each test on its own short-lived thread, so all spawns go through this one
+/// thread, which lives until the process exits.
+static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
+
+fn spawner() -> &'static mpsc::Sender<SpawnRequest> {
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("e2e-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("spawning the e2e spawner thread");
+        tx
+    })
+}
+
+/// A process started by the harness; killed (and reaped) on drop.
+pub struct Process {
+    pub name: &'static str,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args` with the kernel's parent-death signal set to KILL, stdout and stderr
+    /// to `<run_dir>/<name>.log`, and its pid recorded in `<run_dir>/pids` for stale clean-up.
+    pub fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        run_dir: &Path,
+    ) -> Result<Self> {
+        let log = run_dir.join(format!("{name}.log"));
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let (tx, rx) = mpsc::channel();
+        spawner()
+            .send((command, tx))
+            .map_err(|_| anyhow::anyhow!("e2e spawner thread is gone"))?;
+        let child = rx
+            .recv()
+            .context("e2e spawner thread dropped the request")?
+            .with_context(|| {
+                format!(
+                    "starting {} (setpriv from util-linux is required)",
+                    program.display()
+                )
+            })?;
+        let mut pids = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("pids"))?;
+        writeln!(pids, "{}", child.id())?;
+        Ok(Self { name, child, log })
+    }
+
+    /// `Some(status)` if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last `lines` lines of the process log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn stop(&mut self) {
+        // SIGTERM first so etcd and the apiserver close their files; then make sure.
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        for _ in 0..50 {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// True if a process with `pid` exists and its command line mentions `marker`
+/// (guards against killing an unrelated process that reused the pid).
+pub fn running_with_marker(pid: i32, marker: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(marker))
+        .unwrap_or(false)
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn kill_pid(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
