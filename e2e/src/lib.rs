@@ -30,11 +30,12 @@ macro_rules! progress {
 mod assets;
 mod cluster;
 mod namespace;
-mod process;
+pub mod process;
 
 pub use assets::k8s_assets;
 pub use cluster::ControlPlane;
 pub use namespace::TestNamespace;
+pub use process::Process;
 
 use std::future::Future;
 use std::path::Path;

@@ -49,6 +49,17 @@ impl Process {
         args: &[String],
         run_dir: &Path,
     ) -> Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], run_dir)
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        run_dir: &Path,
+    ) -> Result<Self> {
         let log = run_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -57,6 +68,7 @@ impl Process {
             .args(["--pdeathsig", "KILL", "--"])
             .arg(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -79,6 +91,10 @@ impl Process {
             .open(run_dir.join("pids"))?;
         writeln!(pids, "{}", child.id())?;
         Ok(Self { name, child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `Some(status)` if the process has exited.
