@@ -129,3 +129,39 @@ fn write_temp_file(prefix: &str, contents: &str) -> Result<std::path::PathBuf> {
     std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
+
+/// The Python of the virtualenv made by `e2e/scripts/setup.sh` (holds `helm-python-sdk`).
+pub fn venv_python() -> std::path::PathBuf {
+    let cache = std::env::var_os("NANOGATE_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/nanogate")
+        });
+    cache.join("venv/bin/python")
+}
+
+/// Runs `e2e/scripts/helm.py <args>` (the real Helm engine) against `kubeconfig`; returns its
+/// JSON output. Fails with a hint when the virtualenv is missing.
+pub fn helm(kubeconfig: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let python = venv_python();
+    if !python.exists() {
+        bail!(
+            "{} is missing: run `bash e2e/scripts/setup.sh` (make test does)",
+            python.display()
+        );
+    }
+    let output = std::process::Command::new(&python)
+        .arg(workspace_root().join("e2e/scripts/helm.py"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "helm {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
