@@ -1,1 +1,2 @@
 //! The nanogate operator library; `main.rs` only parses flags and calls into it.
+pub mod webhook;

@@ -1,0 +1,793 @@
+//! The injection decision and the pod mutation, as one pure function.
+//!
+//! [`inject`] reads a pod, its namespace's labels and the gateways of that namespace, and
+//! answers either [`Decision::Inject`] with a JSON patch (RFC 6902) for the admission
+//! response, or [`Decision::Skip`] with a named reason. Nothing here talks to the API server,
+//! so every rule is covered by the golden files in `operator/tests/golden/`.
+//!
+//! The patch only *adds* things (array inserts, new keys) and never rewrites the user's
+//! containers wholesale: fields this crate's `k8s-openapi` does not know about survive.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::{Value, json};
+
+/// Pod annotation that opts a pod in (`"true"`) or out (`"false"`, which always wins).
+pub const INJECT_ANNOTATION: &str = "nanogate.io/inject";
+/// Namespace label that opts every pod of the namespace in (value `enabled`).
+pub const NAMESPACE_INJECTION_LABEL: &str = "nanogate.io/injection";
+/// Pod annotation naming the gateway (an `AgentGateway` in the pod's namespace).
+pub const GATEWAY_ANNOTATION: &str = "nanogate.io/gateway";
+/// Annotation written on injected pods; its value is an [`InjectedRecord`] as JSON.
+pub const INJECTED_ANNOTATION: &str = "nanogate.io/injected";
+/// Label written on injected pods with the gateway name, so the reconciler can count a
+/// gateway's expected sidecars with a label selector.
+pub const INJECTED_GATEWAY_LABEL: &str = "nanogate.io/injected-gateway";
+/// Per-pod resource overrides for the sidecar.
+pub const CPU_REQUEST_ANNOTATION: &str = "nanogate.io/sidecar-cpu-request";
+pub const CPU_LIMIT_ANNOTATION: &str = "nanogate.io/sidecar-cpu-limit";
+pub const MEMORY_REQUEST_ANNOTATION: &str = "nanogate.io/sidecar-memory-request";
+pub const MEMORY_LIMIT_ANNOTATION: &str = "nanogate.io/sidecar-memory-limit";
+
+/// Name of the injected container.
+pub const SIDECAR_NAME: &str = "nano-agent";
+/// Volume names added to the pod.
+pub const SOCKET_VOLUME: &str = "nanogate-socket";
+pub const CONFIG_VOLUME: &str = "nanogate-config";
+pub const TOKEN_VOLUME: &str = "nanogate-hub-token";
+pub const HUB_CA_VOLUME: &str = "nanogate-hub-ca";
+/// Where the sidecar finds its configuration, hub token and hub CA.
+pub const CONFIG_DIR: &str = "/etc/nanogate";
+pub const TOKEN_DIR: &str = "/var/run/secrets/nanogate-hub";
+pub const TOKEN_FILE: &str = "token";
+pub const HUB_CA_DIR: &str = "/etc/nanogate-hub-ca";
+pub const HUB_CA_FILE: &str = "ca.crt";
+/// Audience and lifetime of the projected service-account token presented to the hub.
+pub const HUB_TOKEN_AUDIENCE: &str = "nanogate-hub";
+pub const HUB_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+/// Env var telling a legacy-mode sidecar in a run-to-completion pod to exit (after flushing)
+/// once every app container has terminated; `NANOGATE_APP_CONTAINERS` lists them.
+pub const EXIT_WHEN_APPS_DONE_ENV: &str = "NANOGATE_EXIT_WHEN_APPS_DONE";
+pub const APP_CONTAINERS_ENV: &str = "NANOGATE_APP_CONTAINERS";
+
+/// The non-root UID/GID the sidecar runs as (the distroless `nonroot` user).
+pub const SIDECAR_UID: i64 = 65532;
+
+/// When the sidecar is a native sidecar (an init container with `restartPolicy: Always`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NativeSidecarMode {
+    /// Native when the cluster supports it (Kubernetes ≥ 1.29).
+    #[default]
+    Auto,
+    /// Always native (the apiserver rejects the pod if it cannot run native sidecars).
+    Always,
+    /// Never native: a regular container placed first, with a start-up hook.
+    Never,
+}
+
+/// A reference to one key of a Secret or ConfigMap in the pod's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+/// Where the hub's CA certificate comes from (mounted at [`HUB_CA_DIR`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HubCaSource {
+    ConfigMap(KeyRef),
+    Secret(KeyRef),
+}
+
+/// Sidecar resources as Kubernetes quantities; `None` leaves the field unset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarResources {
+    pub cpu_request: Option<String>,
+    pub cpu_limit: Option<String>,
+    pub memory_request: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl SidecarResources {
+    /// Defaults from the AgentGateway issue: 10m / 16Mi requests, 64Mi memory limit.
+    pub fn defaults() -> Self {
+        Self {
+            cpu_request: Some("10m".into()),
+            cpu_limit: None,
+            memory_request: Some("16Mi".into()),
+            memory_limit: Some("64Mi".into()),
+        }
+    }
+}
+
+/// Everything needed to inject the sidecar of one gateway. The reconciler maps an
+/// `AgentGateway` (and the operator's own settings) into one of these.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectionConfig {
+    /// Name of the `AgentGateway` (same namespace as the pod).
+    pub gateway_name: String,
+    /// `metadata.generation` of the gateway whose configuration is injected; recorded in the
+    /// `nanogate.io/injected` annotation.
+    pub config_generation: i64,
+    /// ConfigMap (owned by the gateway, in the pod's namespace) holding the sidecar config.
+    pub config_map_name: String,
+    /// Key of that ConfigMap holding the config file; mounted as `/etc/nanogate/<key>`.
+    pub config_key: String,
+    pub image: String,
+    /// `Always` | `IfNotPresent` | `Never`; `None` lets Kubernetes choose.
+    pub image_pull_policy: Option<String>,
+    pub resources: SidecarResources,
+    pub log_level: String,
+    pub native_sidecar: NativeSidecarMode,
+    /// Whether the cluster runs native sidecars (server version ≥ 1.29); decides `Auto`.
+    pub cluster_supports_native_sidecars: bool,
+    /// Full path of the app socket; its directory becomes the shared `emptyDir` mount.
+    pub socket_path: String,
+    /// Port of the sidecar's `/metrics`, `/healthz`, `/readyz`.
+    pub admin_port: u16,
+    /// `host:port` of the operator's control-channel hub.
+    pub hub_addr: String,
+    pub hub_ca: Option<HubCaSource>,
+    /// Secret key holding the upstream API key (exposed as `TENDRL_KEY` to the sidecar only).
+    pub api_key_secret: KeyRef,
+}
+
+impl InjectionConfig {
+    /// A config with the documented defaults for everything but the gateway-specific names.
+    pub fn with_defaults(gateway_name: &str, image: &str, api_key_secret: KeyRef) -> Self {
+        Self {
+            gateway_name: gateway_name.to_string(),
+            config_generation: 1,
+            config_map_name: format!("{gateway_name}-sidecar-config"),
+            config_key: "config.yaml".into(),
+            image: image.to_string(),
+            image_pull_policy: None,
+            resources: SidecarResources::defaults(),
+            log_level: "info".into(),
+            native_sidecar: NativeSidecarMode::Auto,
+            cluster_supports_native_sidecars: true,
+            socket_path: "/var/lib/tendrl/tendrl_agent.sock".into(),
+            admin_port: 9091,
+            hub_addr: "nanogate-hub.nanogate-system.svc:7051".into(),
+            hub_ca: None,
+            api_key_secret,
+        }
+    }
+
+    fn native(&self) -> bool {
+        match self.native_sidecar {
+            NativeSidecarMode::Always => true,
+            NativeSidecarMode::Never => false,
+            NativeSidecarMode::Auto => self.cluster_supports_native_sidecars,
+        }
+    }
+
+    /// Directory of the socket (the mount point of the shared volume).
+    pub fn socket_dir(&self) -> &str {
+        match self.socket_path.rsplit_once('/') {
+            Some(("", _)) | None => "/",
+            Some((dir, _)) => dir,
+        }
+    }
+}
+
+/// Operator-wide injection settings that are not per gateway.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InjectorSettings {
+    /// Namespaces never injected: always `kube-system` and the operator's own namespace.
+    pub protected_namespaces: Vec<String>,
+}
+
+impl InjectorSettings {
+    pub fn new(operator_namespace: &str) -> Self {
+        Self {
+            protected_namespaces: vec!["kube-system".into(), operator_namespace.into()],
+        }
+    }
+}
+
+/// What the webhook decided for a pod.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Inject(Injection),
+    Skip(SkipReason),
+}
+
+/// A successful injection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Injection {
+    /// The JSON patch for the admission response (applies to the pod as received).
+    pub patch: json_patch::Patch,
+    pub gateway: String,
+    pub config_generation: i64,
+    pub native: bool,
+    /// Non-fatal problems (e.g. an unparseable resource override that was ignored); returned
+    /// to the user as admission warnings.
+    pub warnings: Vec<String>,
+}
+
+/// Why a pod was not injected. Each has a stable metric label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Carries our container or the `nanogate.io/injected` annotation already.
+    AlreadyInjected,
+    /// Uses the host network: the sidecar's admin port would collide on the node.
+    HostNetwork,
+    /// `nanogate.io/inject: "false"`.
+    OptedOut,
+    /// Neither the pod annotation nor the namespace label asks for injection.
+    NotOptedIn,
+    /// No gateway in the namespace, or the one named by `nanogate.io/gateway` does not exist.
+    NoGateway { requested: Option<String> },
+    /// Several gateways in the namespace and the pod names none of them.
+    AmbiguousGateway { candidates: Vec<String> },
+    /// `kube-system` or the operator's own namespace.
+    ProtectedNamespace,
+}
+
+impl SkipReason {
+    /// Stable, low-cardinality label for metrics and event reasons.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SkipReason::AlreadyInjected => "already_injected",
+            SkipReason::HostNetwork => "host_network",
+            SkipReason::OptedOut => "opted_out",
+            SkipReason::NotOptedIn => "not_opted_in",
+            SkipReason::NoGateway { .. } => "no_gateway",
+            SkipReason::AmbiguousGateway { .. } => "ambiguous_gateway",
+            SkipReason::ProtectedNamespace => "protected_namespace",
+        }
+    }
+
+    /// Whether a user asked for injection and did not get it (worth an `InjectionSkipped`
+    /// event); `NotOptedIn`, `AlreadyInjected` and `ProtectedNamespace` are routine.
+    pub fn is_notable(&self) -> bool {
+        matches!(
+            self,
+            SkipReason::HostNetwork
+                | SkipReason::NoGateway { .. }
+                | SkipReason::AmbiguousGateway { .. }
+        )
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::AlreadyInjected => {
+                f.write_str("the pod already carries the nano-agent sidecar")
+            }
+            SkipReason::HostNetwork => f.write_str(
+                "the pod uses hostNetwork; the sidecar is not injected into host-network pods",
+            ),
+            SkipReason::OptedOut => {
+                write!(f, "the pod opted out with {INJECT_ANNOTATION}: \"false\"")
+            }
+            SkipReason::NotOptedIn => write!(
+                f,
+                "injection not requested (annotate the pod {INJECT_ANNOTATION}: \"true\" or label the namespace {NAMESPACE_INJECTION_LABEL}=enabled)"
+            ),
+            SkipReason::NoGateway {
+                requested: Some(name),
+            } => write!(
+                f,
+                "the AgentGateway {name:?} named by {GATEWAY_ANNOTATION} does not exist in the pod's namespace"
+            ),
+            SkipReason::NoGateway { requested: None } => f.write_str(
+                "no AgentGateway exists in the pod's namespace; create one to inject sidecars",
+            ),
+            SkipReason::AmbiguousGateway { candidates } => write!(
+                f,
+                "the namespace has several AgentGateways ({}); choose one with the {GATEWAY_ANNOTATION} annotation",
+                candidates.join(", ")
+            ),
+            SkipReason::ProtectedNamespace => {
+                f.write_str("pods in this namespace are never injected")
+            }
+        }
+    }
+}
+
+/// The value of the `nanogate.io/injected` annotation.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InjectedRecord {
+    pub gateway: String,
+    pub generation: i64,
+    /// `native` or `legacy`.
+    pub mode: String,
+}
+
+impl InjectedRecord {
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_str(value).ok()
+    }
+}
+
+/// Decide whether to inject `pod` (in namespace `namespace`, whose labels are `ns_labels`),
+/// choosing among the namespace's `gateways`, and build the patch.
+pub fn inject(
+    pod: &Pod,
+    namespace: &str,
+    ns_labels: &BTreeMap<String, String>,
+    gateways: &[InjectionConfig],
+    settings: &InjectorSettings,
+) -> Decision {
+    match decide(pod, namespace, ns_labels, gateways, settings) {
+        Ok(gateway) => Decision::Inject(build(pod, gateway)),
+        Err(reason) => Decision::Skip(reason),
+    }
+}
+
+fn decide<'g>(
+    pod: &Pod,
+    namespace: &str,
+    ns_labels: &BTreeMap<String, String>,
+    gateways: &'g [InjectionConfig],
+    settings: &InjectorSettings,
+) -> Result<&'g InjectionConfig, SkipReason> {
+    if settings.protected_namespaces.iter().any(|p| p == namespace) {
+        return Err(SkipReason::ProtectedNamespace);
+    }
+    if is_injected(pod) {
+        return Err(SkipReason::AlreadyInjected);
+    }
+    let annotations = pod.metadata.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
+    match annotation(INJECT_ANNOTATION) {
+        Some(v) if v.eq_ignore_ascii_case("false") => return Err(SkipReason::OptedOut),
+        Some(v) if v.eq_ignore_ascii_case("true") => {}
+        _ if ns_labels.get(NAMESPACE_INJECTION_LABEL).map(String::as_str) == Some("enabled") => {}
+        _ => return Err(SkipReason::NotOptedIn),
+    }
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Err(SkipReason::HostNetwork);
+    }
+    match annotation(GATEWAY_ANNOTATION).filter(|v| !v.is_empty()) {
+        Some(name) => gateways
+            .iter()
+            .find(|g| g.gateway_name == name)
+            .ok_or_else(|| SkipReason::NoGateway {
+                requested: Some(name.to_string()),
+            }),
+        None => match gateways {
+            [] => Err(SkipReason::NoGateway { requested: None }),
+            [only] => Ok(only),
+            many => {
+                let mut candidates: Vec<String> =
+                    many.iter().map(|g| g.gateway_name.clone()).collect();
+                candidates.sort();
+                Err(SkipReason::AmbiguousGateway { candidates })
+            }
+        },
+    }
+}
+
+/// Whether the pod already carries our annotation or our container.
+pub fn is_injected(pod: &Pod) -> bool {
+    let annotated = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+    let has_container = pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == SIDECAR_NAME)
+    });
+    annotated || has_container
+}
+
+/// Whether the pod runs to completion, so a legacy (non-native) sidecar must exit by itself:
+/// owned by a Job (CronJobs create Jobs), or with `restartPolicy` `Never`/`OnFailure`.
+fn runs_to_completion(pod: &Pod) -> bool {
+    let job_owned = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"));
+    let restart = pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
+    job_owned || matches!(restart, Some("Never" | "OnFailure"))
+}
+
+/// Escape a map key for a JSON pointer (RFC 6901).
+fn pointer_key(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Collects RFC 6902 operations.
+#[derive(Default)]
+struct Ops(Vec<Value>);
+
+impl Ops {
+    fn add(&mut self, path: String, value: Value) {
+        self.0
+            .push(json!({"op": "add", "path": path, "value": value}));
+    }
+
+    /// Append `items` to the array at `path`, creating it when `exists` is false.
+    fn append(&mut self, path: &str, exists: bool, items: Vec<Value>) {
+        if items.is_empty() {
+            return;
+        }
+        if exists {
+            for item in items {
+                self.add(format!("{path}/-"), item);
+            }
+        } else {
+            self.add(path.to_string(), Value::Array(items));
+        }
+    }
+
+    fn into_patch(self) -> json_patch::Patch {
+        serde_json::from_value(Value::Array(self.0))
+            .expect("only well-formed add operations are built")
+    }
+}
+
+fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
+    let native = cfg.native();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut ops = Ops::default();
+    let mut warnings = Vec::new();
+
+    // Volumes.
+    let mut volumes = vec![
+        json!({"name": SOCKET_VOLUME, "emptyDir": {}}),
+        json!({"name": CONFIG_VOLUME, "configMap": {"name": cfg.config_map_name}}),
+        json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "audience": HUB_TOKEN_AUDIENCE,
+            "expirationSeconds": HUB_TOKEN_EXPIRATION_SECONDS,
+            "path": TOKEN_FILE,
+        }}]}}),
+    ];
+    match &cfg.hub_ca {
+        Some(HubCaSource::ConfigMap(r)) => {
+            volumes.push(json!({"name": HUB_CA_VOLUME, "configMap": {
+                "name": r.name, "items": [{"key": r.key, "path": HUB_CA_FILE}],
+            }}))
+        }
+        Some(HubCaSource::Secret(r)) => volumes.push(json!({"name": HUB_CA_VOLUME, "secret": {
+            "secretName": r.name, "items": [{"key": r.key, "path": HUB_CA_FILE}],
+        }})),
+        None => {}
+    }
+    ops.append("/spec/volumes", spec.volumes.is_some(), volumes);
+
+    // Socket mount + env in every app container and init container. Indexes refer to the pod
+    // as received: these ops come before the sidecar insert that shifts them.
+    for (field, containers) in [
+        ("containers", Some(&spec.containers)),
+        ("initContainers", spec.init_containers.as_ref()),
+    ] {
+        for (i, c) in containers.into_iter().flatten().enumerate() {
+            add_socket_to_app(&mut ops, &format!("/spec/{field}/{i}"), c, cfg);
+        }
+    }
+
+    // The sidecar, first in its list.
+    let app_names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    let exit_when_done = !native && runs_to_completion(pod);
+    let sidecar = sidecar_container(
+        pod,
+        cfg,
+        native,
+        exit_when_done.then_some(&app_names[..]),
+        &mut warnings,
+    );
+    let field = if native {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    let list_exists = if native {
+        spec.init_containers.is_some()
+    } else {
+        true
+    };
+    if list_exists {
+        ops.add(format!("/spec/{field}/0"), sidecar);
+    } else {
+        ops.add(format!("/spec/{field}"), json!([sidecar]));
+    }
+
+    // Record the injection.
+    let record = InjectedRecord {
+        gateway: cfg.gateway_name.clone(),
+        generation: cfg.config_generation,
+        mode: if native { "native" } else { "legacy" }.into(),
+    };
+    let record = serde_json::to_string(&record).expect("record serialises");
+    for (path, map, key, value) in [
+        (
+            "/metadata/annotations",
+            &pod.metadata.annotations,
+            INJECTED_ANNOTATION,
+            record,
+        ),
+        (
+            "/metadata/labels",
+            &pod.metadata.labels,
+            INJECTED_GATEWAY_LABEL,
+            cfg.gateway_name.clone(),
+        ),
+    ] {
+        if map.is_some() {
+            ops.add(format!("{path}/{}", pointer_key(key)), Value::String(value));
+        } else {
+            ops.add(path.to_string(), json!({ key: value }));
+        }
+    }
+
+    Injection {
+        patch: ops.into_patch(),
+        gateway: cfg.gateway_name.clone(),
+        config_generation: cfg.config_generation,
+        native,
+        warnings,
+    }
+}
+
+fn add_socket_to_app(ops: &mut Ops, base: &str, c: &Container, cfg: &InjectionConfig) {
+    let socket_dir = cfg.socket_dir();
+    // A container that already mounts something at the socket directory keeps its mount (two
+    // mounts at one path would make the apiserver reject the pod); a user-set
+    // TENDRL_SOCKET_PATH is the user's choice and is kept too.
+    let mounts = c.volume_mounts.as_ref();
+    if !mounts
+        .into_iter()
+        .flatten()
+        .any(|m| m.mount_path == socket_dir || m.name == SOCKET_VOLUME)
+    {
+        ops.append(
+            &format!("{base}/volumeMounts"),
+            mounts.is_some(),
+            vec![json!({"name": SOCKET_VOLUME, "mountPath": socket_dir})],
+        );
+    }
+    let env = c.env.as_ref();
+    if !env
+        .into_iter()
+        .flatten()
+        .any(|e| e.name == "TENDRL_SOCKET_PATH")
+    {
+        ops.append(
+            &format!("{base}/env"),
+            env.is_some(),
+            vec![json!({"name": "TENDRL_SOCKET_PATH", "value": cfg.socket_path})],
+        );
+    }
+}
+
+fn sidecar_container(
+    pod: &Pod,
+    cfg: &InjectionConfig,
+    native: bool,
+    exit_when_done: Option<&[&str]>,
+    warnings: &mut Vec<String>,
+) -> Value {
+    let field_env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let mut env = vec![
+        json!({"name": "TENDRL_KEY", "valueFrom": {"secretKeyRef": {
+            "name": cfg.api_key_secret.name, "key": cfg.api_key_secret.key,
+        }}}),
+        field_env("NANOGATE_POD_NAME", "metadata.name"),
+        field_env("NANOGATE_POD_NAMESPACE", "metadata.namespace"),
+        field_env("NANOGATE_POD_UID", "metadata.uid"),
+        json!({"name": "NANOGATE_GATEWAY", "value": cfg.gateway_name}),
+        json!({"name": "NANOGATE_CONFIG_FILE", "value": format!("{CONFIG_DIR}/{}", cfg.config_key)}),
+        json!({"name": "NANOGATE_HUB_ADDR", "value": cfg.hub_addr}),
+        json!({"name": "NANOGATE_HUB_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_FILE}")}),
+    ];
+    if cfg.hub_ca.is_some() {
+        env.push(
+            json!({"name": "NANOGATE_HUB_CA_FILE", "value": format!("{HUB_CA_DIR}/{HUB_CA_FILE}")}),
+        );
+    }
+    env.extend([
+        json!({"name": "TENDRL_SOCKET_PATH", "value": cfg.socket_path}),
+        json!({"name": "NANOGATE_SPOOL_DIR", "value": format!("{}/spool", cfg.socket_dir().trim_end_matches('/'))}),
+        json!({"name": "NANOGATE_ADMIN_PORT", "value": cfg.admin_port.to_string()}),
+        json!({"name": "NANOGATE_LOG_LEVEL", "value": cfg.log_level}),
+    ]);
+    if let Some(apps) = exit_when_done {
+        env.push(json!({"name": EXIT_WHEN_APPS_DONE_ENV, "value": "true"}));
+        env.push(json!({"name": APP_CONTAINERS_ENV, "value": apps.join(",")}));
+    }
+
+    let mut mounts = vec![
+        json!({"name": SOCKET_VOLUME, "mountPath": cfg.socket_dir()}),
+        json!({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true}),
+        json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}),
+    ];
+    if cfg.hub_ca.is_some() {
+        mounts.push(json!({"name": HUB_CA_VOLUME, "mountPath": HUB_CA_DIR, "readOnly": true}));
+    }
+
+    let probe = |path: &str, period: i32, failures: i32| {
+        json!({
+            "httpGet": {"path": path, "port": cfg.admin_port},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 1,
+        })
+    };
+
+    let mut c = json!({
+        "name": SIDECAR_NAME,
+        "image": cfg.image,
+        "env": env,
+        "ports": [{"name": "nanogate-admin", "containerPort": cfg.admin_port, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "readinessProbe": probe("/readyz", 5, 3),
+        "livenessProbe": probe("/healthz", 10, 3),
+        "resources": resources(pod, &cfg.resources, warnings),
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    });
+    let obj = c.as_object_mut().expect("object");
+    if let Some(policy) = &cfg.image_pull_policy {
+        obj.insert("imagePullPolicy".into(), json!(policy));
+    }
+    if native {
+        // The kubelet starts app containers only once a native sidecar's startup probe passes,
+        // which holds apps until the socket is served.
+        obj.insert("restartPolicy".into(), json!("Always"));
+        obj.insert("startupProbe".into(), probe("/readyz", 1, 120));
+    } else {
+        // The kubelet runs a container's postStart hook to completion before it starts the next
+        // container, so this hook (the agent waiting for its own readiness) holds the app
+        // containers placed after the sidecar.
+        obj.insert(
+            "lifecycle".into(),
+            json!({"postStart": {"exec": {"command": [
+                "nano-agent", "wait-ready", "--timeout", "120s",
+            ]}}}),
+        );
+    }
+    c
+}
+
+fn resources(pod: &Pod, defaults: &SidecarResources, warnings: &mut Vec<String>) -> Value {
+    let annotations = pod.metadata.annotations.as_ref();
+    let mut pick = |annotation: &str, default: &Option<String>| -> Option<String> {
+        match annotations
+            .and_then(|a| a.get(annotation))
+            .map(|v| v.trim())
+        {
+            Some(v) if is_quantity(v) => Some(v.to_string()),
+            Some(v) => {
+                warnings.push(format!(
+                    "nanogate: ignored {annotation}: {v:?} is not a Kubernetes quantity (e.g. \"50m\", \"64Mi\")"
+                ));
+                default.clone()
+            }
+            None => default.clone(),
+        }
+    };
+    let cpu_req = pick(CPU_REQUEST_ANNOTATION, &defaults.cpu_request);
+    let cpu_lim = pick(CPU_LIMIT_ANNOTATION, &defaults.cpu_limit);
+    let mem_req = pick(MEMORY_REQUEST_ANNOTATION, &defaults.memory_request);
+    let mem_lim = pick(MEMORY_LIMIT_ANNOTATION, &defaults.memory_limit);
+    let section = |cpu: Option<String>, mem: Option<String>| {
+        let mut m = serde_json::Map::new();
+        if let Some(cpu) = cpu {
+            m.insert("cpu".into(), Value::String(cpu));
+        }
+        if let Some(mem) = mem {
+            m.insert("memory".into(), Value::String(mem));
+        }
+        m
+    };
+    let mut out = serde_json::Map::new();
+    let requests = section(cpu_req, mem_req);
+    let limits = section(cpu_lim, mem_lim);
+    if !requests.is_empty() {
+        out.insert("requests".into(), Value::Object(requests));
+    }
+    if !limits.is_empty() {
+        out.insert("limits".into(), Value::Object(limits));
+    }
+    Value::Object(out)
+}
+
+/// A conservative check of the Kubernetes quantity syntax: a decimal number followed by an
+/// optional binary (`Ki`…`Ei`), decimal (`n u m k M G T P E`) or exponent suffix.
+pub fn is_quantity(s: &str) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number_ok = !number.is_empty()
+        && number.matches('.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = match suffix {
+        "" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
+        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => true,
+        exp => exp
+            .strip_prefix(['e', 'E'])
+            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+            .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())),
+    };
+    number_ok && suffix_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        for ok in ["10m", "1", "0.5", "64Mi", "1Gi", "1e3", "100k", "2E-2"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "m", "lots", "10 m", "1.2.3", "64MB", "1e"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn socket_dir() {
+        let mut cfg = InjectionConfig::with_defaults(
+            "gw",
+            "img",
+            KeyRef {
+                name: "s".into(),
+                key: "k".into(),
+            },
+        );
+        assert_eq!(cfg.socket_dir(), "/var/lib/tendrl");
+        cfg.socket_path = "/agent.sock".into();
+        assert_eq!(cfg.socket_dir(), "/");
+    }
+
+    #[test]
+    fn metric_labels_are_stable() {
+        let labels: Vec<_> = [
+            SkipReason::AlreadyInjected,
+            SkipReason::HostNetwork,
+            SkipReason::OptedOut,
+            SkipReason::NotOptedIn,
+            SkipReason::NoGateway { requested: None },
+            SkipReason::AmbiguousGateway { candidates: vec![] },
+            SkipReason::ProtectedNamespace,
+        ]
+        .iter()
+        .map(SkipReason::metric_label)
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "already_injected",
+                "host_network",
+                "opted_out",
+                "not_opted_in",
+                "no_gateway",
+                "ambiguous_gateway",
+                "protected_namespace"
+            ]
+        );
+    }
+
+    #[test]
+    fn pointer_keys_are_escaped() {
+        assert_eq!(pointer_key("nanogate.io/injected"), "nanogate.io~1injected");
+        assert_eq!(pointer_key("a~b"), "a~0b");
+    }
+}
