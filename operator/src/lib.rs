@@ -1,2 +1,3 @@
 //! The nanogate operator library; `main.rs` only parses flags and calls into it.
+pub mod certs;
 pub mod webhook;
