@@ -1,0 +1,364 @@
+//! One agent connection, from AgentHello to Bye (RedPepper flow, ARCHITECTURE §5).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nanogate_protocol::control::{FrameDecoder, FrameError, Message, encode, from_value};
+use rmpv::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::auth::Authenticator;
+use super::index::AgentIdentity;
+use super::{Hub, HubMetrics};
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// A call from the hub to one agent (`reload`, `flush`, `drain`, `status`).
+pub struct OutboundRequest {
+    pub method: String,
+    pub kwargs: Vec<(String, Value)>,
+    pub reply: oneshot::Sender<Result<Value, String>>,
+}
+
+/// How a connection ended, for logs and metrics.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    HelloTimeout,
+    NotHello,
+    Denied(String),
+    Bye(String),
+    PongTimeout,
+    Protocol(&'static str),
+    PeerClosed,
+    Shutdown,
+}
+
+/// Token bucket for notifications: `rate` per second, bursts of `burst`.
+struct RateLimit {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn allow(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, message: &Message) -> std::io::Result<()> {
+    writer.write_all(&encode(message)).await?;
+    writer.flush().await
+}
+
+/// Reads until one frame is complete. Cancel-safe: bytes already read stay in `decoder`.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Option<Message>, FrameError> {
+    loop {
+        if let Some(message) = decoder.next_message()? {
+            return Ok(Some(message));
+        }
+        match reader.read(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => decoder.extend(&buf[..n]),
+        }
+    }
+}
+
+/// Serves one agent until it leaves, fails keep-alive or `shutdown` fires.
+pub async fn serve<S, A>(
+    stream: S,
+    peer: String,
+    hub: Arc<Hub>,
+    auth: Arc<A>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Closed
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    A: Authenticator,
+{
+    let cfg = hub.config.clone();
+    let metrics = &hub.metrics;
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+
+    // 1. AgentHello within the hello timeout.
+    let hello = tokio::time::timeout(
+        cfg.hello_timeout,
+        read_frame(&mut reader, &mut decoder, &mut buf),
+    )
+    .await;
+    let (agent_id, credentials) = match hello {
+        Err(_) => return audit_deny(metrics, &peer, None, "hello timeout", Closed::HelloTimeout),
+        Ok(Ok(Some(Message::AgentHello {
+            id, credentials, ..
+        }))) => (id, credentials),
+        Ok(Ok(Some(other))) => {
+            let _ = send(
+                &mut writer,
+                &Message::Bye {
+                    reason: "expected AgentHello".into(),
+                },
+            )
+            .await;
+            return audit_deny(
+                metrics,
+                &peer,
+                None,
+                &format!("first frame was {}", other.name()),
+                Closed::NotHello,
+            );
+        }
+        Ok(Err(error)) => {
+            return audit_deny(
+                metrics,
+                &peer,
+                None,
+                &error.to_string(),
+                Closed::Protocol(error.metric_label()),
+            );
+        }
+        Ok(Ok(None)) => {
+            return audit_deny(
+                metrics,
+                &peer,
+                None,
+                "closed before hello",
+                Closed::PeerClosed,
+            );
+        }
+    };
+
+    // 2. Authenticate; the token itself is never logged.
+    let identity = match auth.authenticate(&agent_id, &credentials).await {
+        Ok(identity) => identity,
+        Err(denial) => {
+            let _ = send(
+                &mut writer,
+                &Message::Bye {
+                    reason: "authentication failed".into(),
+                },
+            )
+            .await;
+            let reason = denial.to_string();
+            return audit_deny(
+                metrics,
+                &peer,
+                Some(&agent_id),
+                &reason,
+                Closed::Denied(reason.clone()),
+            );
+        }
+    };
+    if send(
+        &mut writer,
+        &Message::ManagerHello {
+            version: cfg.version.clone(),
+        },
+    )
+    .await
+    .is_err()
+    {
+        return Closed::PeerClosed;
+    }
+    metrics.auth.with_label_values(&["accept", "ok"]).inc();
+    info!(target: "nanogate::audit", decision = "accept", %peer, agent_id = %identity.agent_id,
+          namespace = %identity.namespace, pod = %identity.pod, gateway = %identity.gateway, "hub connection");
+
+    // 3. Serve until the end.
+    let connection = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+    let (requests_tx, mut requests) = mpsc::channel::<OutboundRequest>(16);
+    hub.index
+        .connected(identity.clone(), connection, Instant::now());
+    hub.attach(&identity.agent_id, connection, requests_tx);
+    metrics.connected.inc();
+
+    let mut pending: HashMap<String, oneshot::Sender<Result<Value, String>>> = HashMap::new();
+    let mut next_request = 0u64;
+    let mut limiter = RateLimit {
+        tokens: cfg.notification_burst,
+        rate: cfg.notification_rate,
+        burst: cfg.notification_burst,
+        last: Instant::now(),
+    };
+    let mut ping_timer = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.ping_interval,
+        cfg.ping_interval,
+    );
+    let mut outstanding_ping: Option<(i64, tokio::time::Instant)> = None;
+    let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+
+    let closed = loop {
+        let pong_deadline = outstanding_ping.map(|(_, at)| at).unwrap_or(far_future);
+        tokio::select! {
+            frame = read_frame(&mut reader, &mut decoder, &mut buf) => {
+                let message = match frame {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break Closed::PeerClosed,
+                    Err(error) => {
+                        warn!(%error, agent_id = %identity.agent_id, "bad frame; closing");
+                        let _ = send(&mut writer, &Message::Bye { reason: error.to_string() }).await;
+                        break Closed::Protocol(error.metric_label());
+                    }
+                };
+                let now = Instant::now();
+                hub.index.seen(&identity.agent_id, connection, now);
+                match message {
+                    Message::Ping { data } => {
+                        if send(&mut writer, &Message::Pong { data }).await.is_err() { break Closed::PeerClosed; }
+                    }
+                    Message::Pong { data } => {
+                        if outstanding_ping.is_some_and(|(sent, _)| sent == data) {
+                            outstanding_ping = None;
+                        }
+                    }
+                    Message::Bye { reason } => break Closed::Bye(reason),
+                    Message::Response { id, success, data } => {
+                        if let Some(reply) = pending.remove(&id) {
+                            let _ = reply.send(if success { Ok(data) } else { Err(value_text(&data)) });
+                        }
+                    }
+                    Message::Notification { kind, data } => {
+                        if !limiter.allow(now) {
+                            metrics.notifications.with_label_values(&[kind.as_str(), "rate_limited"]).inc();
+                            continue;
+                        }
+                        handle_notification(&hub, &identity, connection, &kind, data, now);
+                    }
+                    Message::Request { id, method, .. } => {
+                        let reply = Message::Response { id, success: false, data: Value::from(format!("the hub serves no method {method:?}")) };
+                        if send(&mut writer, &reply).await.is_err() { break Closed::PeerClosed; }
+                    }
+                    Message::AgentHello { .. } | Message::ManagerHello { .. } => {
+                        let _ = send(&mut writer, &Message::Bye { reason: "unexpected hello".into() }).await;
+                        break Closed::Protocol("unexpected_hello");
+                    }
+                }
+            }
+            Some(request) = requests.recv() => {
+                next_request += 1;
+                let id = format!("{connection}-{next_request}");
+                let frame = Message::Request { id: id.clone(), method: request.method, args: Vec::new(), kwargs: request.kwargs };
+                if send(&mut writer, &frame).await.is_err() {
+                    let _ = request.reply.send(Err("connection closed".into()));
+                    break Closed::PeerClosed;
+                }
+                pending.insert(id, request.reply);
+            }
+            _ = ping_timer.tick() => {
+                if outstanding_ping.is_none() {
+                    let data = i64::from(rand::random::<u32>() % 1_000_000);
+                    if send(&mut writer, &Message::Ping { data }).await.is_err() { break Closed::PeerClosed; }
+                    outstanding_ping = Some((data, tokio::time::Instant::now() + cfg.pong_timeout));
+                }
+            }
+            _ = tokio::time::sleep_until(pong_deadline) => {
+                let _ = send(&mut writer, &Message::Bye { reason: "ping timeout".into() }).await;
+                break Closed::PongTimeout;
+            }
+            _ = shutdown.changed() => {
+                let _ = send(&mut writer, &Message::Bye { reason: "hub shutting down".into() }).await;
+                break Closed::Shutdown;
+            }
+        }
+    };
+    for (_, reply) in pending.drain() {
+        let _ = reply.send(Err("connection closed before the agent answered".into()));
+    }
+    hub.detach(&identity.agent_id, connection);
+    hub.index.disconnected(&identity.agent_id, connection);
+    metrics.connected.dec();
+    info!(target: "nanogate::audit", decision = "closed", %peer, agent_id = %identity.agent_id, reason = ?closed, "hub connection");
+    closed
+}
+
+fn handle_notification(
+    hub: &Hub,
+    identity: &AgentIdentity,
+    connection: u64,
+    kind: &str,
+    data: Value,
+    now: Instant,
+) {
+    match kind {
+        "heartbeat" => match from_value(data) {
+            Ok(heartbeat) => {
+                hub.metrics
+                    .notifications
+                    .with_label_values(&["heartbeat", "ok"])
+                    .inc();
+                hub.index
+                    .heartbeat(&identity.agent_id, connection, heartbeat, now);
+            }
+            Err(error) => {
+                hub.metrics
+                    .notifications
+                    .with_label_values(&["heartbeat", "invalid"])
+                    .inc();
+                warn!(%error, agent_id = %identity.agent_id, "invalid heartbeat");
+            }
+        },
+        "register" => {
+            hub.metrics
+                .notifications
+                .with_label_values(&["register", "ok"])
+                .inc();
+            debug!(agent_id = %identity.agent_id, register = %data, "agent registered");
+        }
+        _ => {
+            hub.metrics
+                .notifications
+                .with_label_values(&["unknown", "ignored"])
+                .inc();
+        }
+    }
+}
+
+fn audit_deny(
+    metrics: &HubMetrics,
+    peer: &str,
+    agent_id: Option<&str>,
+    reason: &str,
+    closed: Closed,
+) -> Closed {
+    metrics
+        .auth
+        .with_label_values(&["deny", deny_label(&closed)])
+        .inc();
+    warn!(target: "nanogate::audit", decision = "deny", %peer, agent_id = agent_id.unwrap_or("-"), %reason, "hub connection");
+    closed
+}
+
+fn deny_label(closed: &Closed) -> &'static str {
+    match closed {
+        Closed::HelloTimeout => "hello_timeout",
+        Closed::NotHello => "not_hello",
+        Closed::Denied(_) => "authentication_failed",
+        Closed::Protocol(label) => label,
+        _ => "closed",
+    }
+}
+
+fn value_text(value: &Value) -> String {
+    value
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| value.to_string())
+}

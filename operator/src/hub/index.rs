@@ -1,0 +1,376 @@
+//! The health index: what the hub knows about every connected sidecar, and the per-gateway
+//! aggregate the status writer turns into `AgentGateway.status`.
+//!
+//! Records are keyed by agent id (the pod UID), so a sidecar that reconnects replaces its own
+//! record and counts never double; a closing connection removes the record only if it is still
+//! the connection that owns it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use nanogate_protocol::control::{AgentStatus, Heartbeat};
+
+/// Who a connection authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    /// The pod UID (AgentHello `id`).
+    pub agent_id: String,
+    pub namespace: String,
+    pub pod: String,
+    pub gateway: String,
+}
+
+#[derive(Debug, Clone)]
+struct AgentRecord {
+    identity: AgentIdentity,
+    connection: u64,
+    connected_at: Instant,
+    last_seen: Instant,
+    heartbeat: Option<Heartbeat>,
+    /// Messages per second received by this agent, from its last two heartbeats.
+    received_rate: f64,
+    /// When this agent last went from healthy to unhealthy (for `unhealthySidecars.since`).
+    unhealthy_since: Option<Instant>,
+}
+
+/// Aggregate of one gateway's connected sidecars.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetHealth {
+    pub connected: u32,
+    pub healthy: u32,
+    pub received_total: u64,
+    pub delivered_total: u64,
+    pub rejected_total: u64,
+    pub dead_lettered_total: u64,
+    pub received_per_second: f64,
+    /// Sidecars whose upstream circuit is closed, out of those that reported one.
+    pub upstream_reachable: Option<bool>,
+    /// Unhealthy sidecars, longest-unhealthy first, at most [`MAX_UNHEALTHY`].
+    pub unhealthy: Vec<UnhealthyAgent>,
+    /// How many sidecars run each config generation.
+    pub config_generations: BTreeMap<i64, u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnhealthyAgent {
+    pub pod: String,
+    pub reason: &'static str,
+    /// How long it has been unhealthy.
+    pub for_duration: Duration,
+}
+
+/// The status shows at most this many unhealthy sidecars.
+pub const MAX_UNHEALTHY: usize = 10;
+
+#[derive(Debug, Default)]
+pub struct HealthIndex {
+    agents: RwLock<HashMap<String, AgentRecord>>,
+}
+
+impl HealthIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a freshly authenticated connection; replaces an older connection's record.
+    pub fn connected(&self, identity: AgentIdentity, connection: u64, now: Instant) {
+        let record = AgentRecord {
+            identity: identity.clone(),
+            connection,
+            connected_at: now,
+            last_seen: now,
+            heartbeat: None,
+            received_rate: 0.0,
+            unhealthy_since: None,
+        };
+        self.write().insert(identity.agent_id, record);
+    }
+
+    /// Applies a heartbeat from `agent_id` on `connection`. Ignored if that connection no longer
+    /// owns the record.
+    pub fn heartbeat(&self, agent_id: &str, connection: u64, heartbeat: Heartbeat, now: Instant) {
+        let mut agents = self.write();
+        let Some(record) = agents
+            .get_mut(agent_id)
+            .filter(|r| r.connection == connection)
+        else {
+            return;
+        };
+        if let Some(previous) = &record.heartbeat {
+            let elapsed = now.duration_since(record.last_seen).as_secs_f64();
+            if elapsed > 0.0 {
+                let delta = heartbeat
+                    .received_total
+                    .saturating_sub(previous.received_total);
+                record.received_rate = delta as f64 / elapsed;
+            }
+        }
+        record.last_seen = now;
+        record.heartbeat = Some(heartbeat);
+    }
+
+    /// Any frame from the agent proves it is alive.
+    pub fn seen(&self, agent_id: &str, connection: u64, now: Instant) {
+        if let Some(record) = self
+            .write()
+            .get_mut(agent_id)
+            .filter(|r| r.connection == connection)
+        {
+            record.last_seen = now;
+        }
+    }
+
+    /// Removes the record if `connection` still owns it.
+    pub fn disconnected(&self, agent_id: &str, connection: u64) {
+        let mut agents = self.write();
+        if agents
+            .get(agent_id)
+            .is_some_and(|r| r.connection == connection)
+        {
+            agents.remove(agent_id);
+        }
+    }
+
+    /// Number of connected agents (all gateways).
+    pub fn len(&self) -> usize {
+        self.agents.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Agent ids connected for `namespace/gateway`.
+    pub fn agent_ids(&self, namespace: &str, gateway: &str) -> Vec<String> {
+        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
+        agents
+            .values()
+            .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
+            .map(|r| r.identity.agent_id.clone())
+            .collect()
+    }
+
+    /// Gateways that have at least one connected agent, as `(namespace, gateway)`.
+    pub fn gateways(&self) -> Vec<(String, String)> {
+        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<_> = agents
+            .values()
+            .map(|r| (r.identity.namespace.clone(), r.identity.gateway.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// The aggregate for one gateway. An agent silent for longer than `silence_limit`
+    /// (3 heartbeat intervals) counts as disconnected.
+    pub fn fleet(
+        &self,
+        namespace: &str,
+        gateway: &str,
+        now: Instant,
+        silence_limit: Duration,
+    ) -> FleetHealth {
+        let mut agents = self.write();
+        let mut fleet = FleetHealth::default();
+        let mut reachable = 0u32;
+        let mut reporting = 0u32;
+        let mut unhealthy = Vec::new();
+        for record in agents
+            .values_mut()
+            .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
+        {
+            if now.duration_since(record.last_seen) > silence_limit {
+                continue;
+            }
+            fleet.connected += 1;
+            let reason = match &record.heartbeat {
+                None if now.duration_since(record.connected_at) > silence_limit => {
+                    Some("NoHeartbeat")
+                }
+                None => Some("Starting"),
+                Some(hb) => {
+                    fleet.received_total += hb.received_total;
+                    fleet.delivered_total += hb.delivered_total;
+                    fleet.rejected_total += hb.rejected_total;
+                    fleet.dead_lettered_total += hb.dead_lettered_total;
+                    fleet.received_per_second += record.received_rate;
+                    *fleet
+                        .config_generations
+                        .entry(hb.config_generation)
+                        .or_default() += 1;
+                    reporting += 1;
+                    let circuit_closed = hb.upstream.state == "closed";
+                    reachable += u32::from(circuit_closed);
+                    match hb.status {
+                        AgentStatus::Ready if circuit_closed => None,
+                        AgentStatus::Ready => Some("UpstreamUnreachable"),
+                        AgentStatus::Starting => Some("Starting"),
+                        AgentStatus::Degraded => Some("Degraded"),
+                        AgentStatus::Draining => Some("Draining"),
+                    }
+                }
+            };
+            match reason {
+                None => {
+                    fleet.healthy += 1;
+                    record.unhealthy_since = None;
+                }
+                Some(reason) => {
+                    let since = *record.unhealthy_since.get_or_insert(now);
+                    unhealthy.push(UnhealthyAgent {
+                        pod: record.identity.pod.clone(),
+                        reason,
+                        for_duration: now.duration_since(since),
+                    });
+                }
+            }
+        }
+        if reporting > 0 {
+            fleet.upstream_reachable = Some(reachable > 0);
+        }
+        unhealthy.sort_by(|a, b| {
+            b.for_duration
+                .cmp(&a.for_duration)
+                .then_with(|| a.pod.cmp(&b.pod))
+        });
+        unhealthy.truncate(MAX_UNHEALTHY);
+        fleet.unhealthy = unhealthy;
+        fleet
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, AgentRecord>> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.agents.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use nanogate_protocol::control::UpstreamHealth;
+
+    pub(crate) fn identity(n: u32, gateway: &str) -> AgentIdentity {
+        AgentIdentity {
+            agent_id: format!("uid-{n}"),
+            namespace: "ns".into(),
+            pod: format!("pod-{n}"),
+            gateway: gateway.into(),
+        }
+    }
+
+    pub(crate) fn heartbeat(received: u64, status: AgentStatus, circuit: &str) -> Heartbeat {
+        Heartbeat {
+            agent_id: "x".into(),
+            gateway: "gw".into(),
+            pod: "p".into(),
+            status,
+            uptime: 1,
+            cpu_usage: 0.1,
+            memory_usage: 1 << 20,
+            queue_depth: 0,
+            spool_bytes: 0,
+            received_total: received,
+            delivered_total: received,
+            rejected_total: 1,
+            dead_lettered_total: 0,
+            upstream: UpstreamHealth {
+                state: circuit.into(),
+                last_error: None,
+                last_success: None,
+            },
+            config_generation: 2,
+            timestamp: "2026-11-21T00:00:00Z".into(),
+        }
+    }
+
+    const SILENCE: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn aggregates_per_gateway_with_rates_and_unhealthy_reasons() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        index.connected(identity(2, "gw"), 2, t0);
+        index.connected(identity(3, "other"), 3, t0);
+        index.heartbeat("uid-1", 1, heartbeat(100, AgentStatus::Ready, "closed"), t0);
+        index.heartbeat(
+            "uid-1",
+            1,
+            heartbeat(150, AgentStatus::Ready, "closed"),
+            t0 + Duration::from_secs(5),
+        );
+        index.heartbeat(
+            "uid-2",
+            2,
+            heartbeat(10, AgentStatus::Ready, "open"),
+            t0 + Duration::from_secs(5),
+        );
+
+        let fleet = index.fleet("ns", "gw", t0 + Duration::from_secs(6), SILENCE);
+        assert_eq!((fleet.connected, fleet.healthy), (2, 1));
+        assert_eq!(fleet.received_total, 160);
+        assert_eq!(fleet.rejected_total, 2);
+        assert!(
+            (fleet.received_per_second - 10.0).abs() < 1e-9,
+            "{}",
+            fleet.received_per_second
+        );
+        assert_eq!(fleet.upstream_reachable, Some(true));
+        assert_eq!(fleet.unhealthy.len(), 1);
+        assert_eq!(
+            (fleet.unhealthy[0].pod.as_str(), fleet.unhealthy[0].reason),
+            ("pod-2", "UpstreamUnreachable")
+        );
+        assert_eq!(fleet.config_generations, BTreeMap::from([(2, 2)]));
+    }
+
+    #[test]
+    fn silent_agents_count_as_disconnected() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        index.heartbeat("uid-1", 1, heartbeat(1, AgentStatus::Ready, "closed"), t0);
+        assert_eq!(index.fleet("ns", "gw", t0 + SILENCE, SILENCE).connected, 1);
+        assert_eq!(
+            index
+                .fleet("ns", "gw", t0 + SILENCE + Duration::from_millis(1), SILENCE)
+                .connected,
+            0
+        );
+    }
+
+    #[test]
+    fn reconnect_never_doubles_and_stale_close_keeps_the_new_record() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        index.connected(identity(1, "gw"), 2, t0);
+        index.disconnected("uid-1", 1); // the old connection closes late
+        assert_eq!(index.fleet("ns", "gw", t0, SILENCE).connected, 1);
+        index.heartbeat("uid-1", 1, heartbeat(5, AgentStatus::Ready, "closed"), t0); // stale: ignored
+        assert_eq!(index.fleet("ns", "gw", t0, SILENCE).received_total, 0);
+        index.disconnected("uid-1", 2);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn unhealthy_list_is_capped_and_keeps_its_since() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        for n in 0..15 {
+            index.connected(identity(n, "gw"), u64::from(n), t0);
+            index.heartbeat(
+                &format!("uid-{n}"),
+                u64::from(n),
+                heartbeat(0, AgentStatus::Degraded, "closed"),
+                t0,
+            );
+        }
+        let first = index.fleet("ns", "gw", t0, SILENCE);
+        assert_eq!(first.unhealthy.len(), MAX_UNHEALTHY);
+        let later = index.fleet("ns", "gw", t0 + Duration::from_secs(4), SILENCE);
+        assert_eq!(later.unhealthy[0].for_duration, Duration::from_secs(4));
+    }
+}

@@ -1,0 +1,229 @@
+//! The control-channel hub (manager side of ARCHITECTURE §5): every injected nano-agent holds
+//! one authenticated TLS connection here; heartbeats feed the [`HealthIndex`], from which the
+//! status writer reports each gateway's fleet; `reload`/`flush`/`drain`/`status` go back out
+//! through [`Hub::request`].
+
+pub mod auth;
+pub mod connection;
+pub mod index;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use rmpv::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+pub use auth::{Authenticator, Denial, TokenReviewAuthenticator};
+pub use connection::{Closed, OutboundRequest};
+pub use index::{AgentIdentity, FleetHealth, HealthIndex};
+
+/// Keep-alive and admission settings; defaults are the architecture's.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// An agent must say AgentHello within this long (3 s).
+    pub hello_timeout: Duration,
+    /// The hub pings every agent this often (30 s)…
+    pub ping_interval: Duration,
+    /// …and closes the connection when the Pong is this late (5 s).
+    pub pong_timeout: Duration,
+    /// Sustained notifications per second per connection (heartbeats come every 5 s; 5/s leaves
+    /// room for bursts after a reconnect while stopping a flooding agent).
+    pub notification_rate: f64,
+    pub notification_burst: f64,
+    /// Sent in ManagerHello.
+    pub version: String,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(3),
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(5),
+            notification_rate: 5.0,
+            notification_burst: 20.0,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// `nanogate_hub_*` metrics.
+#[derive(Clone)]
+pub struct HubMetrics {
+    /// Connection admissions by decision (`accept`/`deny`) and reason.
+    pub auth: IntCounterVec,
+    /// Notifications by type and outcome (`ok`, `invalid`, `rate_limited`, `ignored`).
+    pub notifications: IntCounterVec,
+    /// Agents connected now.
+    pub connected: IntGauge,
+}
+
+impl HubMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let auth = IntCounterVec::new(
+            Opts::new(
+                "nanogate_hub_connections_total",
+                "Hub connection admissions by decision and reason",
+            ),
+            &["decision", "reason"],
+        )
+        .expect("valid metric");
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                "nanogate_hub_notifications_total",
+                "Agent notifications by type and outcome",
+            ),
+            &["type", "outcome"],
+        )
+        .expect("valid metric");
+        let connected = IntGauge::new(
+            "nanogate_hub_connected_agents",
+            "Agents connected to this hub",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(notifications.clone()),
+            Box::new(connected.clone()),
+        ] {
+            // Registering twice (a second hub in one process, in tests) is harmless.
+            let _ = registry.register(collector);
+        }
+        Self {
+            auth,
+            notifications,
+            connected,
+        }
+    }
+}
+
+/// Shared state of all hub connections.
+pub struct Hub {
+    pub config: HubConfig,
+    pub index: HealthIndex,
+    pub metrics: HubMetrics,
+    /// Outbound request channel of each connected agent, with the connection id that owns it.
+    agents: Mutex<HashMap<String, (u64, mpsc::Sender<OutboundRequest>)>>,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig, registry: &Registry) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            index: HealthIndex::new(),
+            metrics: HubMetrics::new(registry),
+            agents: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Calls `method` on a connected agent and waits up to `timeout` for its Response.
+    pub async fn request(
+        &self,
+        agent_id: &str,
+        method: &str,
+        kwargs: Vec<(String, Value)>,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let sender = self
+            .agents_lock()
+            .get(agent_id)
+            .map(|(_, tx)| tx.clone())
+            .ok_or_else(|| format!("agent {agent_id} is not connected"))?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(OutboundRequest {
+                method: method.to_string(),
+                kwargs,
+                reply,
+            })
+            .await
+            .map_err(|_| format!("agent {agent_id} disconnected"))?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(format!("agent {agent_id} disconnected")),
+            Err(_) => Err(format!(
+                "agent {agent_id} did not answer {method} within {timeout:?}"
+            )),
+        }
+    }
+
+    /// Agent ids connected for `namespace/gateway`.
+    pub fn agents_of(&self, namespace: &str, gateway: &str) -> Vec<String> {
+        self.index.agent_ids(namespace, gateway)
+    }
+
+    fn attach(&self, agent_id: &str, connection: u64, sender: mpsc::Sender<OutboundRequest>) {
+        self.agents_lock()
+            .insert(agent_id.to_string(), (connection, sender));
+    }
+
+    fn detach(&self, agent_id: &str, connection: u64) {
+        let mut agents = self.agents_lock();
+        if agents
+            .get(agent_id)
+            .is_some_and(|(owner, _)| *owner == connection)
+        {
+            agents.remove(agent_id);
+        }
+    }
+
+    fn agents_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<OutboundRequest>)>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Accepts TLS connections on `listener` until `shutdown` flips to true; each connection is
+/// served on its own task.
+pub async fn serve<A: Authenticator>(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    hub: Arc<Hub>,
+    auth: Arc<A>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    warn!(%error, "hub accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, hub, auth, shutdown) = (tls.clone(), hub.clone(), auth.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            // The TLS handshake counts against the hello timeout: a silent peer is dropped too.
+            let stream = match tokio::time::timeout(hub.config.hello_timeout, tls.accept(tcp)).await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    hub.metrics.auth.with_label_values(&["deny", "tls"]).inc();
+                    debug!(%error, %peer, "hub TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    hub.metrics
+                        .auth
+                        .with_label_values(&["deny", "hello_timeout"])
+                        .inc();
+                    return;
+                }
+            };
+            connection::serve(stream, peer.to_string(), hub, auth, shutdown).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;
