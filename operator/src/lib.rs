@@ -1,3 +1,269 @@
 //! The nanogate operator library; `main.rs` only parses flags and calls into it.
+//!
+//! - [`crd`]: the `AgentGateway` resource, defaults, [`crd::validate`] and the injector's view
+//!   ([`crd::AgentGateway::injection_settings`]).
+//! - [`controller`]: the reconciler (dereference → validate → build → apply → status).
+//! - [`leader`]: Lease-based leader election; only the leader runs the controller.
+//! - [`admin`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+
+pub mod admin;
 pub mod certs;
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod metrics;
 pub mod webhook;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kube::{Client, CustomResourceExt};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use controller::{Error, Result};
+pub use metrics::Metrics;
+
+/// The one field manager for every write of the operator.
+pub const FIELD_MANAGER: &str = "nanogate-operator";
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `nanogate-operator run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunOptions {
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "NANOGATE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "NANOGATE_LEASE_NAME", default_value = "nanogate-operator")]
+    pub lease_name: String,
+    /// Namespace of the leader-election Lease (default: `POD_NAMESPACE`, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Identity of this replica in the Lease (default: `POD_NAME`, else hostname and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Lease duration in seconds; a dead leader is replaced after at most this long.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration: u64,
+    /// Run for leadership (disable only for a single replica in tests).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Log format.
+    #[arg(long, value_enum, env = "NANOGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            lease_name: "nanogate-operator".into(),
+            lease_namespace: "default".into(),
+            identity: None,
+            lease_duration: 15,
+            leader_elect: true,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
+pub fn crd_yaml() -> anyhow::Result<String> {
+    Ok(serde_yaml::to_string(&crd::AgentGateway::crd())?)
+}
+
+/// Initialise tracing (`RUST_LOG`, default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutdown requested");
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "nanogate-operator".into());
+    format!("{host}_{}", std::process::id())
+}
+
+/// Run the operator with the default client (`KUBECONFIG` or in-cluster).
+pub async fn run(
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (set KUBECONFIG or run in a cluster)")?;
+    run_with_client(client, opts, Metrics::default(), shutdown).await
+}
+
+/// A running controller task and the switch that stops it.
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    fn start(ctx: Arc<controller::Context>) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(ctx, async move {
+            let _ = stopped.await;
+        }));
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        // The controller drains in-flight reconciles; do not wait forever for a stuck one.
+        if tokio::time::timeout(Duration::from_secs(10), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Run the operator with `client` until `shutdown`: the admin server on every replica, the
+/// controller only while this replica holds the lease (or always with `leader_elect: false`).
+/// `metrics` lets callers (tests, benches) read counters such as API writes.
+pub async fn run_with_client(
+    client: Client,
+    opts: RunOptions,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let identity = opts.identity.clone().unwrap_or_else(default_identity);
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = admin::bind(opts.admin_addr)
+        .await
+        .with_context(|| format!("binding admin address {}", opts.admin_addr))?;
+    info!(addr = %listener.local_addr()?, %identity, "admin server listening");
+    let (admin_stop, mut admin_stopped) = watch::channel(false);
+    let admin = tokio::spawn(admin::serve(
+        listener,
+        admin::AdminState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        async move {
+            let _ = admin_stopped.wait_for(|s| *s).await;
+        },
+    ));
+    ready.store(true, Ordering::Relaxed);
+
+    let ctx = Arc::new(controller::Context::new(
+        client.clone(),
+        metrics.clone(),
+        Some(identity.clone()),
+    ));
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    if !opts.leader_elect {
+        metrics.leader.set(1);
+        let running = Running::start(ctx);
+        shutdown.as_mut().await;
+        running.stop().await;
+    } else {
+        let cfg = leader::LeaseConfig {
+            name: opts.lease_name.clone(),
+            namespace: opts.lease_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(opts.lease_duration.max(1)),
+        };
+        let mut elector = leader::LeaderElector::new(client, cfg.clone());
+        let mut running: Option<Running> = None;
+        loop {
+            let leading = match elector.try_acquire_or_renew().await {
+                Ok(leader::Round::Leading) => true,
+                Ok(leader::Round::Following(_)) => false,
+                Err(error) => {
+                    // Keep leading only while the lease we hold is certainly still ours.
+                    let still = running.is_some()
+                        && elector
+                            .last_renew()
+                            .is_some_and(|t| t.elapsed() < cfg.renew_deadline());
+                    warn!(%error, still_leading = still, "lease round failed");
+                    still
+                }
+            };
+            match (leading, running.take()) {
+                (true, None) => {
+                    info!(%identity, "became leader; starting controller");
+                    metrics.leader.set(1);
+                    running = Some(Running::start(ctx.clone()));
+                }
+                (false, Some(r)) => {
+                    warn!(%identity, "lost leadership; stopping controller");
+                    metrics.leader.set(0);
+                    r.stop().await;
+                }
+                (_, r) => running = r,
+            }
+            let wait = if running.is_some() {
+                cfg.renew_interval()
+            } else {
+                cfg.retry_interval()
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.as_mut() => break,
+            }
+        }
+        if let Some(r) = running.take() {
+            r.stop().await;
+            elector.release().await;
+        }
+        metrics.leader.set(0);
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin.await;
+    info!("operator stopped");
+    Ok(())
+}

@@ -1,0 +1,467 @@
+//! Pure steps of the pipeline: the derived sidecar configuration, the ConfigMap that carries
+//! it, and the desired status. No client here; everything is unit-tested from YAML fixtures.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
+use kube::Resource;
+use serde::{Deserialize, Serialize};
+
+use crate::crd::{
+    AgentGateway, AgentGatewaySpec, AgentGatewayStatus, FieldError, MessageStats, SidecarCounts,
+    UpstreamStatus, conditions, parse_bytes, parse_duration, validate,
+};
+
+/// Key of the sidecar configuration in the ConfigMap. The value is JSON (therefore also YAML).
+pub const CONFIG_KEY: &str = "config.json";
+/// Annotation on the ConfigMap with the content hash of the configuration.
+pub const CONFIG_HASH_ANNOTATION: &str = "nanogate.io/config-hash";
+/// Environment variable that carries the API key into the sidecar (seed 000 `TENDRL_KEY`).
+pub const API_KEY_ENV: &str = "TENDRL_KEY";
+/// Where the injector mounts `spec.upstream.tls.caSecretRef` (file name = the Secret key).
+pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
+/// Where the injector mounts `spec.upstream.tls.clientCertSecretRef` (`tls.crt`, `tls.key`).
+pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
+/// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
+pub const CONFIG_DIR: &str = "/etc/nanogate/agent";
+
+/// Name of the ConfigMap derived from gateway `gateway`.
+pub fn config_map_name(gateway: &str) -> String {
+    format!("{gateway}-agent-config")
+}
+
+/// The sidecar's configuration file, derived from a valid spec. Durations are integer
+/// milliseconds, sizes integer bytes; never contains the API key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SidecarConfig {
+    /// Format version of this file.
+    pub version: u32,
+    /// Upstream transport.
+    pub upstream: UpstreamConfig,
+    /// Dynamic batching.
+    pub batching: BatchingConfig,
+    /// Spool and retry.
+    pub delivery: DeliveryConfig,
+    /// Application socket.
+    pub socket: SocketConfig,
+    /// Heartbeat interval to the hub.
+    pub heartbeat_interval_ms: u64,
+    /// Log level.
+    pub log_level: String,
+}
+
+/// Upstream part of [`SidecarConfig`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct UpstreamConfig {
+    /// `http`, `socketio` or `nats`.
+    pub kind: String,
+    /// Endpoint.
+    pub url: String,
+    /// Request timeout.
+    pub timeout_ms: u64,
+    /// Env var holding the API key (`TENDRL_KEY`).
+    pub api_key_env: String,
+    /// PEM CA bundle file, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Client certificate file (mTLS), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// Client key file (mTLS), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
+    /// Skip certificate verification.
+    pub insecure_skip_verify: bool,
+    /// Socket.IO namespace (`socketio` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socketio_namespace: Option<String>,
+    /// NATS subject (`nats` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_subject: Option<String>,
+    /// NATS stream (`nats` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_stream: Option<String>,
+    /// NATS durable consumer (`nats` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_durable_consumer: Option<String>,
+}
+
+/// Batching part of [`SidecarConfig`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BatchingConfig {
+    pub flush_interval_ms: u64,
+    pub batch_size: u32,
+    pub min_batch_size: u32,
+    pub max_batch_size: u32,
+    pub scale_factor: f64,
+    pub max_queue_size: u32,
+    pub target_cpu_percent: f64,
+    pub target_mem_percent: f64,
+    pub min_batch_interval_ms: u64,
+    pub max_batch_interval_ms: u64,
+}
+
+/// Delivery part of [`SidecarConfig`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeliveryConfig {
+    pub spool_size_limit_bytes: u64,
+    pub sync_interval_ms: u64,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    /// `reject` or `dropOldest`.
+    pub overflow_policy: String,
+}
+
+/// Socket part of [`SidecarConfig`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SocketConfig {
+    pub path: String,
+    pub max_message_size: u32,
+    pub max_tags: u32,
+}
+
+impl SidecarConfig {
+    /// The file content written under [`CONFIG_KEY`] (pretty JSON, stable key order).
+    pub fn to_file(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Content hash (crc32, hex) of [`Self::to_file`]: the "config generation" recorded on
+    /// injected pods, the ConfigMap annotation and `status.configHash`.
+    pub fn hash(&self) -> String {
+        format!("{:08x}", crc32fast::hash(self.to_file().as_bytes()))
+    }
+}
+
+fn ms(s: &str) -> u64 {
+    parse_duration(s).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn u32_of(v: i32) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// Derive the sidecar configuration. Validates first, so every duration parses.
+pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<FieldError>> {
+    validate(spec)?;
+    let u = &spec.upstream;
+    let b = &spec.batching;
+    let d = &spec.delivery;
+    let tls = u.tls.clone().unwrap_or_default();
+    let kind = u.kind.as_str().to_string();
+    Ok(SidecarConfig {
+        version: 1,
+        upstream: UpstreamConfig {
+            kind,
+            url: u.url.clone(),
+            timeout_ms: ms(&u.timeout),
+            api_key_env: API_KEY_ENV.into(),
+            ca_file: tls
+                .ca_secret_ref
+                .as_ref()
+                .map(|s| format!("{UPSTREAM_CA_DIR}/{}", s.key)),
+            client_cert_file: tls
+                .client_cert_secret_ref
+                .as_ref()
+                .map(|_| format!("{UPSTREAM_CLIENT_CERT_DIR}/tls.crt")),
+            client_key_file: tls
+                .client_cert_secret_ref
+                .as_ref()
+                .map(|_| format!("{UPSTREAM_CLIENT_CERT_DIR}/tls.key")),
+            insecure_skip_verify: tls.insecure_skip_verify,
+            socketio_namespace: u
+                .socketio
+                .as_ref()
+                .map(|o| o.namespace.clone())
+                .or_else(|| {
+                    (u.kind == crate::crd::UpstreamKind::Socketio).then(|| "/".to_string())
+                }),
+            nats_subject: u.nats.as_ref().map(|o| o.subject.clone()),
+            nats_stream: u.nats.as_ref().map(|o| o.stream.clone()),
+            nats_durable_consumer: u.nats.as_ref().map(|o| o.durable_consumer.clone()),
+        },
+        batching: BatchingConfig {
+            flush_interval_ms: ms(&b.flush_interval),
+            batch_size: u32_of(b.batch_size),
+            min_batch_size: u32_of(b.min_batch_size),
+            max_batch_size: u32_of(b.max_batch_size),
+            scale_factor: b.scale_factor,
+            max_queue_size: u32_of(b.max_queue_size),
+            target_cpu_percent: b.target_cpu_percent,
+            target_mem_percent: b.target_mem_percent,
+            min_batch_interval_ms: ms(&b.min_batch_interval),
+            max_batch_interval_ms: ms(&b.max_batch_interval),
+        },
+        delivery: DeliveryConfig {
+            spool_size_limit_bytes: parse_bytes(&d.spool_size_limit).unwrap_or(0),
+            sync_interval_ms: ms(&d.sync_interval),
+            retry_initial_backoff_ms: ms(&d.retry_initial_backoff),
+            retry_max_backoff_ms: ms(&d.retry_max_backoff),
+            overflow_policy: match d.overflow_policy {
+                crate::crd::OverflowPolicy::Reject => "reject".into(),
+                crate::crd::OverflowPolicy::DropOldest => "dropOldest".into(),
+            },
+        },
+        socket: SocketConfig {
+            path: spec.socket.path.clone(),
+            max_message_size: u32_of(spec.socket.max_message_size),
+            max_tags: u32_of(spec.socket.max_tags),
+        },
+        heartbeat_interval_ms: ms(&spec.heartbeat_interval),
+        log_level: spec.sidecar.log_level.as_str().into(),
+    })
+}
+
+/// Identity of the gateway a child is built for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRef {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+}
+
+impl GatewayRef {
+    fn owner_reference(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: AgentGateway::api_version(&()).into_owned(),
+            kind: AgentGateway::kind(&()).into_owned(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+}
+
+/// Labels on everything the operator creates for a gateway.
+pub fn child_labels(gateway: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            crate::FIELD_MANAGER.to_string(),
+        ),
+        (
+            crate::crd::GATEWAY_ANNOTATION.to_string(),
+            gateway.to_string(),
+        ),
+    ])
+}
+
+/// The ConfigMap carrying the sidecar configuration, owned by the gateway (deleting the
+/// gateway garbage-collects it). Built as a server-side-apply body.
+pub fn config_map(gw: &GatewayRef, cfg: &SidecarConfig) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(config_map_name(&gw.name)),
+            namespace: Some(gw.namespace.clone()),
+            labels: Some(child_labels(&gw.name)),
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH_ANNOTATION.to_string(),
+                cfg.hash(),
+            )])),
+            owner_references: Some(vec![gw.owner_reference()]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), cfg.to_file())])),
+        ..Default::default()
+    }
+}
+
+/// Whether the live ConfigMap already carries everything `desired` sets (our SSA would be a
+/// no-op). Extra labels/annotations added by others are ignored.
+pub fn config_map_up_to_date(live: &ConfigMap, desired: &ConfigMap) -> bool {
+    let subset = |have: &Option<BTreeMap<String, String>>,
+                  want: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let owners_ok = desired.metadata.owner_references.iter().flatten().all(|o| {
+        live.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|l| l == o)
+    });
+    live.data == desired.data
+        && subset(&live.metadata.labels, &desired.metadata.labels)
+        && subset(&live.metadata.annotations, &desired.metadata.annotations)
+        && owners_ok
+}
+
+/// What dereference + validation concluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid; the configuration with this hash is applied to the named ConfigMap.
+    Applied { config_map: String, hash: String },
+    /// A referenced Secret or key is missing.
+    SecretMissing(String),
+    /// The spec failed semantic validation.
+    Invalid(String),
+}
+
+/// Set a condition, changing `lastTransitionTime` only when the status flips.
+pub fn set_condition(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    match conds.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now.clone();
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => conds.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        }),
+    }
+}
+
+/// Message for conditions/events, bounded to the API's 32 KiB condition message limit.
+fn bounded(msg: &str) -> String {
+    const MAX: usize = 4096;
+    if msg.len() <= MAX {
+        return msg.to_string();
+    }
+    let mut end = MAX;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &msg[..end])
+}
+
+/// The status the reconciler wants, starting from the current one. Fields owned by the hub
+/// (connected/healthy counts, messages, upstream, `UpstreamReachable`, `SidecarsHealthy`) are
+/// kept as they are, and only initialised when absent.
+pub fn desired_status(
+    current: Option<&AgentGatewayStatus>,
+    generation: Option<i64>,
+    verdict: &Verdict,
+    expected_sidecars: i32,
+    now: &Time,
+) -> AgentGatewayStatus {
+    let mut st = current.cloned().unwrap_or_default();
+    st.observed_generation = generation;
+    let (valid, reason, message) = match verdict {
+        Verdict::Applied { .. } => (
+            true,
+            "Valid",
+            "The spec is valid and all referenced Secrets exist".to_string(),
+        ),
+        Verdict::SecretMissing(m) => (false, "SecretMissing", bounded(m)),
+        Verdict::Invalid(m) => (false, "InvalidSpec", bounded(m)),
+    };
+    let c = &mut st.conditions;
+    set_condition(
+        c,
+        conditions::CONFIG_VALID,
+        if valid { "True" } else { "False" },
+        reason,
+        &message,
+        generation,
+        now,
+    );
+    match verdict {
+        Verdict::Applied { config_map, hash } => {
+            set_condition(
+                c,
+                conditions::READY,
+                "True",
+                "ConfigApplied",
+                &format!("Sidecar configuration {hash} applied to ConfigMap {config_map}"),
+                generation,
+                now,
+            );
+            st.config_hash = Some(hash.clone());
+        }
+        _ => set_condition(
+            c,
+            conditions::READY,
+            "False",
+            reason,
+            &message,
+            generation,
+            now,
+        ),
+    }
+    for t in [conditions::UPSTREAM_REACHABLE, conditions::SIDECARS_HEALTHY] {
+        if !c.iter().any(|x| x.type_ == t) {
+            set_condition(
+                c,
+                t,
+                "Unknown",
+                "AwaitingSidecars",
+                "No sidecar has reported yet",
+                generation,
+                now,
+            );
+        }
+    }
+    let (connected, healthy) = st
+        .sidecars
+        .as_ref()
+        .map(|s| (s.connected, s.healthy))
+        .unwrap_or((0, 0));
+    st.sidecars = Some(SidecarCounts::new(expected_sidecars, connected, healthy));
+    if st.messages.is_none() {
+        st.messages = Some(MessageStats::default());
+    }
+    if st.upstream.is_none() {
+        st.upstream = Some(UpstreamStatus {
+            state: "Unknown".into(),
+            last_error: None,
+        });
+    }
+    st
+}
+
+/// Which gateway a pod belongs to, from its annotations: `nanogate.io/gateway`, else the
+/// gateway recorded in `nanogate.io/injected` (`{"gateway":"x",…}` JSON, or `x` / `x/<hash>`
+/// / `gateway=x,…`). Pods opted out (`nanogate.io/inject: "false"`) or neither injected nor
+/// opted in belong to none.
+pub fn pod_gateway(annotations: &BTreeMap<String, String>) -> Option<String> {
+    use crate::crd::{GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION};
+    let injected = annotations.get(INJECTED_ANNOTATION);
+    let opt = annotations.get(INJECT_ANNOTATION).map(String::as_str);
+    if injected.is_none() && opt != Some("true") {
+        return None;
+    }
+    if injected.is_none() && opt == Some("false") {
+        return None;
+    }
+    if let Some(g) = annotations
+        .get(GATEWAY_ANNOTATION)
+        .filter(|g| !g.is_empty())
+    {
+        return Some(g.clone());
+    }
+    let v = injected?.trim();
+    if v.starts_with('{') {
+        return serde_json::from_str::<serde_json::Value>(v)
+            .ok()?
+            .get("gateway")?
+            .as_str()
+            .map(str::to_string);
+    }
+    if let Some(kv) = v.split(',').find_map(|p| p.trim().strip_prefix("gateway=")) {
+        return Some(kv.to_string());
+    }
+    let name = v.split('/').next()?.trim();
+    (!name.is_empty() && name != "true").then(|| name.to_string())
+}

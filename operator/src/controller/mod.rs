@@ -1,0 +1,451 @@
+//! The AgentGateway reconciler: dereference → validate → build (pure) → apply (SSA) → status.
+//!
+//! Every write is preceded by a comparison with what the API server already has, so a
+//! reconcile of an unchanged gateway makes no write at all.
+
+pub mod build;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::FIELD_MANAGER;
+use crate::crd::{AgentGateway, AgentGatewaySpec, conditions, join_errors};
+use crate::metrics::Metrics;
+use build::{GatewayRef, Verdict};
+
+/// Errors of the reconciler. Each has a metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object lacks a key every stored object has.
+    #[error("object is missing {0}")]
+    MissingObjectKey(&'static str),
+    /// Reading a referenced Secret failed (other than "not found").
+    #[error("reading Secret {name}: {source}")]
+    SecretGet {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading the derived ConfigMap failed.
+    #[error("reading ConfigMap: {0}")]
+    ConfigMapGet(#[source] kube::Error),
+    /// Applying the derived ConfigMap failed.
+    #[error("applying ConfigMap: {0}")]
+    ConfigMapApply(#[source] kube::Error),
+    /// Listing pods to count sidecars failed.
+    #[error("listing pods: {0}")]
+    PodList(#[source] kube::Error),
+    /// Writing the status failed.
+    #[error("patching status: {0}")]
+    StatusPatch(#[source] kube::Error),
+}
+
+impl Error {
+    /// Label for `nanogate_operator_reconcile_errors_total{error}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::MissingObjectKey(_) => "missing_object_key",
+            Self::SecretGet { .. } => "secret_get",
+            Self::ConfigMapGet(_) => "configmap_get",
+            Self::ConfigMapApply(_) => "configmap_apply",
+            Self::PodList(_) => "pod_list",
+            Self::StatusPatch(_) => "status_patch",
+        }
+    }
+}
+
+/// Result of the reconciler.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Requeue interval of a healthy gateway (drift check).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// The one event recorder (events aggregate per object and reason).
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Consecutive failures per gateway, for exponential backoff in [`error_policy`].
+    failures: Mutex<HashMap<(String, String), u32>>,
+}
+
+impl Context {
+    /// Build the context; `instance` identifies this replica in events.
+    pub fn new(client: Client, metrics: Metrics, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn reset_failures(&self, ns: &str, name: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(&(ns.to_string(), name.to_string()));
+        }
+    }
+}
+
+fn now() -> Time {
+    // Whole seconds: the API server stores conditions with second precision, so comparing
+    // what we would write with what we read back stays exact.
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()))
+}
+
+/// Check that every Secret the spec references exists and has its key(s). `Ok(Some(msg))`
+/// when something is missing.
+async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Result<Option<String>> {
+    let mut wanted: Vec<(&str, &str, Vec<&str>)> = vec![(
+        "spec.upstream.apiKeySecretRef",
+        spec.upstream.api_key_secret_ref.name.as_str(),
+        vec![spec.upstream.api_key_secret_ref.key.as_str()],
+    )];
+    if let Some(tls) = &spec.upstream.tls {
+        if let Some(ca) = &tls.ca_secret_ref {
+            wanted.push(("spec.upstream.tls.caSecretRef", &ca.name, vec![&ca.key]));
+        }
+        if let Some(cc) = &tls.client_cert_secret_ref {
+            wanted.push((
+                "spec.upstream.tls.clientCertSecretRef",
+                &cc.name,
+                vec!["tls.crt", "tls.key"],
+            ));
+        }
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for (field, name, keys) in wanted {
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(|source| Error::SecretGet {
+                name: name.to_string(),
+                source,
+            })?;
+        let Some(secret) = secret else {
+            return Ok(Some(format!(
+                "Secret {ns}/{name} referenced by {field} not found; create it with key {:?}",
+                keys.join(", ")
+            )));
+        };
+        for key in keys {
+            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+                || secret
+                    .string_data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(key));
+            if !has {
+                return Ok(Some(format!(
+                    "Secret {ns}/{name} referenced by {field} has no key {key:?}; add the key to the Secret or change {field}"
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Count pods that expect a sidecar of gateway `name`.
+async fn count_expected(client: &Client, ns: &str, name: &str) -> Result<i32> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(Error::PodList)?;
+    let n = list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(build::pod_gateway)
+                .is_some_and(|g| g == name)
+        })
+        .count();
+    Ok(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
+async fn publish(ctx: &Context, gw: &AgentGateway, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    match ctx.recorder.publish(&ev, &gw.object_ref(&())).await {
+        Ok(()) => ctx.metrics.write("events", "create"),
+        // Events are best effort; a failed event must not fail the reconcile.
+        Err(error) => warn!(%error, reason, "publishing event failed"),
+    }
+}
+
+/// Reconcile one AgentGateway.
+pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciles.inc();
+    let _timer = ctx
+        .metrics
+        .reconcile_duration
+        .with_label_values(&[] as &[&str])
+        .start_timer();
+    let ns = gw
+        .metadata
+        .namespace
+        .as_deref()
+        .ok_or(Error::MissingObjectKey(".metadata.namespace"))?;
+    let name = gw
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingObjectKey(".metadata.name"))?;
+    let uid = gw
+        .metadata
+        .uid
+        .as_deref()
+        .ok_or(Error::MissingObjectKey(".metadata.uid"))?;
+    if gw.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the ConfigMap.
+        return Ok(Action::await_change());
+    }
+    let gref = GatewayRef {
+        name: name.to_string(),
+        namespace: ns.to_string(),
+        uid: uid.to_string(),
+    };
+
+    // validate → dereference → build → apply
+    let verdict = match build::sidecar_config(&gw.spec) {
+        Err(errors) => Verdict::Invalid(join_errors(&errors)),
+        Ok(cfg) => match dereference(&ctx.client, ns, &gw.spec).await? {
+            Some(missing) => Verdict::SecretMissing(missing),
+            None => {
+                let desired = build::config_map(&gref, &cfg);
+                let cm_name = build::config_map_name(name);
+                let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+                let live = cms.get_opt(&cm_name).await.map_err(Error::ConfigMapGet)?;
+                let up_to_date = live
+                    .as_ref()
+                    .is_some_and(|l| build::config_map_up_to_date(l, &desired));
+                if !up_to_date {
+                    cms.patch(
+                        &cm_name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&desired),
+                    )
+                    .await
+                    .map_err(Error::ConfigMapApply)?;
+                    ctx.metrics.write("configmaps", "apply");
+                    let (reason, verb) = if live.is_none() {
+                        ("Created", "Created")
+                    } else {
+                        ("ConfigUpdated", "Updated")
+                    };
+                    info!(%ns, %name, hash = %cfg.hash(), "{verb} ConfigMap {cm_name}");
+                    publish(
+                        &ctx,
+                        &gw,
+                        EventType::Normal,
+                        reason,
+                        format!(
+                            "{verb} ConfigMap {cm_name} with sidecar configuration {}",
+                            cfg.hash()
+                        ),
+                    )
+                    .await;
+                }
+                Verdict::Applied {
+                    config_map: cm_name,
+                    hash: cfg.hash(),
+                }
+            }
+        },
+    };
+
+    let expected = count_expected(&ctx.client, ns, name).await?;
+    let status = build::desired_status(
+        gw.status.as_ref(),
+        gw.metadata.generation,
+        &verdict,
+        expected,
+        &now(),
+    );
+
+    let old_valid = gw
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == conditions::CONFIG_VALID)
+        })
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+    let new_valid = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::CONFIG_VALID)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+
+    if gw.status.as_ref() != Some(&status) {
+        let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        api.patch_status(name, &pp, &Patch::Merge(json!({ "status": status })))
+            .await
+            .map_err(Error::StatusPatch)?;
+        ctx.metrics.write("agentgateways/status", "patch");
+        debug!(%ns, %name, "status updated");
+    }
+
+    if old_valid != new_valid {
+        match &verdict {
+            Verdict::Invalid(msg) => {
+                warn!(%ns, %name, %msg, "invalid spec");
+                publish(&ctx, &gw, EventType::Warning, "ConfigInvalid", msg.clone()).await;
+            }
+            Verdict::SecretMissing(msg) => {
+                warn!(%ns, %name, %msg, "secret missing");
+                publish(&ctx, &gw, EventType::Warning, "SecretMissing", msg.clone()).await;
+            }
+            Verdict::Applied { .. } if old_valid.is_some() => {
+                publish(
+                    &ctx,
+                    &gw,
+                    EventType::Normal,
+                    "ConfigValid",
+                    "The spec is valid and all referenced Secrets exist".into(),
+                )
+                .await;
+            }
+            Verdict::Applied { .. } => {}
+        }
+    }
+
+    ctx.reset_failures(ns, name);
+    Ok(match verdict {
+        Verdict::Applied { .. } => Action::requeue(RESYNC),
+        // Nothing to retry until the gateway or a watched Secret changes.
+        Verdict::Invalid(_) | Verdict::SecretMissing(_) => Action::await_change(),
+    })
+}
+
+/// Log, count, and back off exponentially per gateway (1 s, 2 s, 4 s … 5 min).
+pub fn error_policy(gw: Arc<AgentGateway>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    let key = (gw.namespace().unwrap_or_default(), gw.name_any());
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = backoff(n);
+    warn!(%error, ns = %key.0, name = %key.1, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Delay before retry number `n` (1-based).
+pub fn backoff(n: u32) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+/// Run the controller until `shutdown` resolves. Watches gateways, owned ConfigMaps, Secrets
+/// (a created/changed Secret reconciles the gateways that reference it) and pods (sidecar
+/// counts).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let gateways: Api<AgentGateway> = Api::all(client.clone());
+    if let Err(error) = gateways.list(&ListParams::default().limit(1)).await {
+        warn!(%error, "cannot list AgentGateways; is the CRD installed? (nanogate-operator crd | kubectl apply -f -)");
+    }
+    let controller = Controller::new(gateways, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    controller
+        .owns(
+            Api::<ConfigMap>::all(client.clone()),
+            watcher::Config::default()
+                .labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}")),
+        )
+        .watches(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
+            move |secret: Secret| {
+                let ns = secret.namespace().unwrap_or_default();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+                    .filter(|gw| references_secret(&gw.spec, &name))
+                    .map(|gw| ObjectRef::from_obj(&*gw))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<Pod>::all(client),
+            watcher::Config::default(),
+            |pod: Pod| {
+                let ns = pod.namespace();
+                pod.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(build::pod_gateway)
+                    .zip(ns)
+                    .map(|(gw, ns)| ObjectRef::<AgentGateway>::new(&gw).within(&ns))
+            },
+        )
+        .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(gateway = %obj, "reconciled"),
+                Err(error) => debug!(%error, "reconcile failed"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+/// Whether `spec` references Secret `name` (same namespace).
+pub fn references_secret(spec: &AgentGatewaySpec, name: &str) -> bool {
+    let u = &spec.upstream;
+    u.api_key_secret_ref.name == name
+        || u.tls.as_ref().is_some_and(|t| {
+            t.ca_secret_ref.as_ref().is_some_and(|s| s.name == name)
+                || t.client_cert_secret_ref
+                    .as_ref()
+                    .is_some_and(|s| s.name == name)
+        })
+}

@@ -1,0 +1,1145 @@
+//! The `AgentGateway` custom resource (`nanogate.io/v1alpha1`).
+//!
+//! Defaults live here and only here: every field documents its default, and the documentation
+//! becomes the `kubectl explain` description. Defaults follow the Tendrl client configuration
+//! table (seed 000). Bounds the schema can express are schema bounds; cross-field rules and
+//! string formats are checked by [`validate`], which both the reconciler and the validating
+//! webhook call so users see the same message everywhere.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of our resources.
+pub const GROUP: &str = "nanogate.io";
+/// Annotation naming the gateway a pod belongs to (same namespace).
+pub const GATEWAY_ANNOTATION: &str = "nanogate.io/gateway";
+/// Annotation set by the injector on every injected pod.
+pub const INJECTED_ANNOTATION: &str = "nanogate.io/injected";
+/// Pod opt-in / opt-out annotation (`"true"` / `"false"`).
+pub const INJECT_ANNOTATION: &str = "nanogate.io/inject";
+
+/// Duration strings: one or more `<number><unit>` groups, units `ms`, `s`, `m`, `h`
+/// (e.g. `250ms`, `5s`, `1m30s`).
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+/// An AgentGateway describes one upstream message platform and how the nano-agent sidecars
+/// injected for it batch, spool and deliver messages.
+// Several `printcolumn(...)` entries repeat `type_ = "string"`; that is not a mistake.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nanogate.io",
+    version = "v1alpha1",
+    kind = "AgentGateway",
+    plural = "agentgateways",
+    singular = "agentgateway",
+    shortname = "agw",
+    category = "nanogate",
+    namespaced,
+    status = "AgentGatewayStatus",
+    derive = "PartialEq",
+    doc = "An AgentGateway gives the pods that opt in a local nano-agent sidecar delivering their messages to one upstream platform.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the gateway's configuration is valid and applied"
+    ),
+    printcolumn(
+        name = "Sidecars",
+        type_ = "string",
+        json_path = ".status.sidecars.summary",
+        description = "Connected / expected sidecars"
+    ),
+    printcolumn(
+        name = "Received/s",
+        type_ = "number",
+        json_path = ".status.messages.receivedPerSecond",
+        description = "Messages received per second by all sidecars"
+    ),
+    printcolumn(
+        name = "Dropped",
+        type_ = "integer",
+        json_path = ".status.messages.droppedTotal",
+        description = "Messages rejected or dead-lettered"
+    ),
+    printcolumn(
+        name = "Upstream",
+        type_ = "string",
+        json_path = ".status.upstream.state",
+        description = "Upstream reachability as reported by the sidecars"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentGatewaySpec {
+    /// The upstream message platform the sidecars deliver to.
+    pub upstream: UpstreamSpec,
+    /// Dynamic batch sizing. Defaults follow the Tendrl client configuration.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+    /// Durable spool and retry policy between the queue and the upstream.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+    /// The application-facing Unix socket inside each pod.
+    #[serde(default)]
+    pub socket: SocketSpec,
+    /// The injected nano-agent container.
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+    /// How often each sidecar reports its health to the operator. Default `5s`; between `1s`
+    /// and `5m`.
+    #[serde(default = "default_heartbeat_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub heartbeat_interval: String,
+}
+
+/// Which transport the sidecars use to reach the platform.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// The Tendrl platform HTTP API (default).
+    #[default]
+    Http,
+    /// Socket.IO v5 over WebSocket (cloud protocol).
+    Socketio,
+    /// NATS JetStream.
+    Nats,
+}
+
+impl UpstreamKind {
+    /// The lower-case name used in the spec and the sidecar configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Socketio => "socketio",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+/// The upstream message platform.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamSpec {
+    /// Transport: `http` (default), `socketio` or `nats`.
+    #[serde(default)]
+    pub kind: UpstreamKind,
+    /// Endpoint of the platform. Default `https://app.tendrl.com/api`. Scheme `http(s)://` for
+    /// `http`; `http(s)://` or `ws(s)://` for `socketio`; `nats://` or `tls://` for `nats`.
+    #[serde(default = "default_upstream_url")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// Secret (same namespace) and key holding the platform API key. The key is only ever
+    /// placed in the sidecar's environment; it never appears in the ConfigMap or status.
+    pub api_key_secret_ref: SecretKeySelector,
+    /// TLS settings for the upstream connection. Default: system roots, no client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// Timeout of one upstream request. Default `10s`.
+    #[serde(default = "default_upstream_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub timeout: String,
+    /// Options for `kind: socketio`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socketio: Option<SocketIoOptions>,
+    /// Options for `kind: nats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsOptions>,
+}
+
+/// A key in a Secret in the gateway's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySelector {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret. Default `apiKey`.
+    #[serde(default = "default_api_key_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A Secret in the gateway's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// TLS towards the upstream.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamTls {
+    /// Secret and key holding a PEM CA bundle to trust instead of the system roots.
+    /// Default: none (system roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeySelector>,
+    /// Secret of type `kubernetes.io/tls` (`tls.crt`, `tls.key`) presented as the client
+    /// certificate (mTLS). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretReference>,
+    /// Skip verification of the upstream's certificate. Default `false`. For tests only.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// Socket.IO options.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketIoOptions {
+    /// Socket.IO namespace. Default `/`.
+    #[serde(default = "default_socketio_namespace")]
+    pub namespace: String,
+}
+
+/// NATS JetStream options.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsOptions {
+    /// Subject messages are published to. Default `nanogate.messages`.
+    #[serde(default = "default_nats_subject")]
+    pub subject: String,
+    /// JetStream stream name. Default `NANOGATE`.
+    #[serde(default = "default_nats_stream")]
+    pub stream: String,
+    /// Durable consumer used for `msg_check`. Default `nanogate`.
+    #[serde(default = "default_nats_consumer")]
+    pub durable_consumer: String,
+}
+
+/// Dynamic batch sizing (Tendrl client configuration).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSpec {
+    /// Interval for flushing message batches. Default `250ms`.
+    #[serde(default = "default_flush_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub flush_interval: String,
+    /// Default number of messages per batch. Default `10`; between `minBatchSize` and
+    /// `maxBatchSize`.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: i32,
+    /// Minimum number of messages per batch. Default `10`; must be ≤ `maxBatchSize`.
+    #[serde(default = "default_min_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub min_batch_size: i32,
+    /// Maximum number of messages per batch. Default `200`.
+    #[serde(default = "default_max_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_batch_size: i32,
+    /// Queue scaling factor for dynamic batch sizing. Default `0.5`; between `0` and `1`.
+    #[serde(default = "default_scale_factor")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub scale_factor: f64,
+    /// Maximum in-memory message queue size. Default `1000`; must be ≥ `maxBatchSize`.
+    #[serde(default = "default_max_queue_size")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_queue_size: i32,
+    /// Target CPU usage percentage for dynamic batch sizing. Default `70`.
+    #[serde(default = "default_target_cpu_percent")]
+    #[serde(rename = "targetCPUPercent")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub target_cpu_percent: f64,
+    /// Target memory usage percentage for dynamic batch sizing. Default `80`.
+    #[serde(default = "default_target_mem_percent")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub target_mem_percent: f64,
+    /// Minimum time between batch sends. Default `100ms`; must be ≤ `maxBatchInterval`.
+    #[serde(default = "default_min_batch_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub min_batch_interval: String,
+    /// Maximum time between batch sends. Default `1s`.
+    #[serde(default = "default_max_batch_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub max_batch_interval: String,
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            flush_interval: default_flush_interval(),
+            batch_size: default_batch_size(),
+            min_batch_size: default_min_batch_size(),
+            max_batch_size: default_max_batch_size(),
+            scale_factor: default_scale_factor(),
+            max_queue_size: default_max_queue_size(),
+            target_cpu_percent: default_target_cpu_percent(),
+            target_mem_percent: default_target_mem_percent(),
+            min_batch_interval: default_min_batch_interval(),
+            max_batch_interval: default_max_batch_interval(),
+        }
+    }
+}
+
+/// What the sidecar does when its queue and spool are both full.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum OverflowPolicy {
+    /// Answer `queue full, try again later` to the sender (default; nothing is lost silently).
+    #[default]
+    Reject,
+    /// Drop the oldest spooled batch (counted as dropped) to accept the new message.
+    DropOldest,
+}
+
+/// Durable spool and retry policy.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// Size cap of the on-disk spool, as a Kubernetes quantity. Default `64Mi`.
+    #[serde(default = "default_spool_size_limit")]
+    #[schemars(pattern(r"^[0-9]+(Ki|Mi|Gi|k|M|G)?$"))]
+    pub spool_size_limit: String,
+    /// How often the spool is synced to disk. Default `1s`.
+    #[serde(default = "default_sync_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub sync_interval: String,
+    /// First retry delay after a failed delivery (full-jitter exponential backoff).
+    /// Default `250ms`; must be ≤ `retryMaxBackoff`.
+    #[serde(default = "default_retry_initial_backoff")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub retry_initial_backoff: String,
+    /// Upper bound of the retry delay. Default `30s`.
+    #[serde(default = "default_retry_max_backoff")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub retry_max_backoff: String,
+    /// What to do when queue and spool are full: `reject` (default) or `dropOldest`.
+    #[serde(default)]
+    pub overflow_policy: OverflowPolicy,
+}
+
+impl Default for DeliverySpec {
+    fn default() -> Self {
+        Self {
+            spool_size_limit: default_spool_size_limit(),
+            sync_interval: default_sync_interval(),
+            retry_initial_backoff: default_retry_initial_backoff(),
+            retry_max_backoff: default_retry_max_backoff(),
+            overflow_policy: OverflowPolicy::default(),
+        }
+    }
+}
+
+/// The application-facing Unix socket.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketSpec {
+    /// Absolute path of the socket in every container. Default
+    /// `/var/lib/tendrl/tendrl_agent.sock`; its directory is the shared volume's mount point.
+    #[serde(default = "default_socket_path")]
+    #[schemars(length(min = 2, max = 107))]
+    pub path: String,
+    /// Largest accepted message in bytes. Default `1048576` (1 MiB).
+    #[serde(default = "default_max_message_size")]
+    #[schemars(range(min = 1024, max = 16777216))]
+    pub max_message_size: i32,
+    /// Most tags per message. Default `10`.
+    #[serde(default = "default_max_tags")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_tags: i32,
+}
+
+impl Default for SocketSpec {
+    fn default() -> Self {
+        Self {
+            path: default_socket_path(),
+            max_message_size: default_max_message_size(),
+            max_tags: default_max_tags(),
+        }
+    }
+}
+
+/// Sidecar log level.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Default.
+    #[default]
+    Info,
+    /// Verbose.
+    Debug,
+    /// Very verbose.
+    Trace,
+}
+
+impl LogLevel {
+    /// The lower-case name (also a valid `RUST_LOG` level).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+/// Whether the sidecar is injected as a native sidecar (init container with
+/// `restartPolicy: Always`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NativeSidecar {
+    /// Native when the cluster is ≥ 1.29 (default).
+    #[default]
+    Auto,
+    /// Always native.
+    Always,
+    /// Never native: a regular container placed first.
+    Never,
+}
+
+/// The injected nano-agent container.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Container image of the nano-agent. Default `ghcr.io/nanogate/nano-agent:0.1.0`.
+    #[serde(default = "default_sidecar_image")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: String,
+    /// Compute resources of the sidecar. Default requests `cpu: 10m`, `memory: 16Mi`;
+    /// limits `memory: 64Mi`. Pods may override with `nanogate.io/sidecar-*` annotations.
+    #[serde(default = "default_sidecar_resources")]
+    pub resources: ResourceRequirements,
+    /// Log level: `error`, `warn`, `info` (default), `debug`, `trace`.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Native sidecar mode: `auto` (default; native on clusters ≥ 1.29), `always`, `never`.
+    #[serde(default)]
+    pub native_sidecar: NativeSidecar,
+}
+
+impl Default for SidecarSpec {
+    fn default() -> Self {
+        Self {
+            image: default_sidecar_image(),
+            resources: default_sidecar_resources(),
+            log_level: LogLevel::default(),
+            native_sidecar: NativeSidecar::default(),
+        }
+    }
+}
+
+fn default_heartbeat_interval() -> String {
+    "5s".into()
+}
+fn default_upstream_url() -> String {
+    "https://app.tendrl.com/api".into()
+}
+fn default_api_key_key() -> String {
+    "apiKey".into()
+}
+fn default_upstream_timeout() -> String {
+    "10s".into()
+}
+fn default_socketio_namespace() -> String {
+    "/".into()
+}
+fn default_nats_subject() -> String {
+    "nanogate.messages".into()
+}
+fn default_nats_stream() -> String {
+    "NANOGATE".into()
+}
+fn default_nats_consumer() -> String {
+    "nanogate".into()
+}
+fn default_flush_interval() -> String {
+    "250ms".into()
+}
+fn default_batch_size() -> i32 {
+    10
+}
+fn default_min_batch_size() -> i32 {
+    10
+}
+fn default_max_batch_size() -> i32 {
+    200
+}
+fn default_scale_factor() -> f64 {
+    0.5
+}
+fn default_max_queue_size() -> i32 {
+    1000
+}
+fn default_target_cpu_percent() -> f64 {
+    70.0
+}
+fn default_target_mem_percent() -> f64 {
+    80.0
+}
+fn default_min_batch_interval() -> String {
+    "100ms".into()
+}
+fn default_max_batch_interval() -> String {
+    "1s".into()
+}
+fn default_spool_size_limit() -> String {
+    "64Mi".into()
+}
+fn default_sync_interval() -> String {
+    "1s".into()
+}
+fn default_retry_initial_backoff() -> String {
+    "250ms".into()
+}
+fn default_retry_max_backoff() -> String {
+    "30s".into()
+}
+/// Default socket path (seed 000 `SocketPath`).
+pub const DEFAULT_SOCKET_PATH: &str = "/var/lib/tendrl/tendrl_agent.sock";
+fn default_socket_path() -> String {
+    DEFAULT_SOCKET_PATH.into()
+}
+fn default_max_message_size() -> i32 {
+    1024 * 1024
+}
+fn default_max_tags() -> i32 {
+    10
+}
+/// Default nano-agent image.
+pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/nanogate/nano-agent:0.1.0";
+fn default_sidecar_image() -> String {
+    DEFAULT_SIDECAR_IMAGE.into()
+}
+fn default_sidecar_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("10m".into())),
+            ("memory".to_string(), Quantity("16Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("64Mi".into()),
+        )])),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+// ---------------------------------------------------------------------------------------------
+
+/// Condition types.
+pub mod conditions {
+    /// Configuration valid and derived sidecar configuration applied.
+    pub const READY: &str = "Ready";
+    /// Spec passed validation and every referenced Secret exists with its key.
+    pub const CONFIG_VALID: &str = "ConfigValid";
+    /// Sidecars report the upstream reachable (written by the hub).
+    pub const UPSTREAM_REACHABLE: &str = "UpstreamReachable";
+    /// All expected sidecars are connected and healthy (written by the hub).
+    pub const SIDECARS_HEALTHY: &str = "SidecarsHealthy";
+}
+
+/// Observed state of an AgentGateway.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentGatewayStatus {
+    /// The `metadata.generation` the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Content hash of the derived sidecar configuration currently applied; injected pods and
+    /// sidecars report it so stale configurations can be found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// Sidecar counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars: Option<SidecarCounts>,
+    /// Message totals and rates over all sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<MessageStats>,
+    /// Upstream state as reported by the sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamStatus>,
+    /// Time of the most recent heartbeat from any sidecar (coarse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// Up to 10 sidecars that are not healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub unhealthy_sidecars: Vec<UnhealthySidecar>,
+}
+
+/// Sidecar counts.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarCounts {
+    /// Pods injected (or opted in) for this gateway that are not being deleted.
+    pub expected: i32,
+    /// Sidecars holding a control-channel connection.
+    pub connected: i32,
+    /// Connected sidecars reporting `ready`.
+    pub healthy: i32,
+    /// `connected/expected`, for `kubectl get`.
+    pub summary: String,
+}
+
+impl SidecarCounts {
+    /// Counts with a consistent summary.
+    pub fn new(expected: i32, connected: i32, healthy: i32) -> Self {
+        Self {
+            expected,
+            connected,
+            healthy,
+            summary: format!("{connected}/{expected}"),
+        }
+    }
+}
+
+/// Message totals and rates.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageStats {
+    /// Messages accepted from applications.
+    pub received_total: i64,
+    /// Messages acknowledged by the upstream.
+    pub delivered_total: i64,
+    /// Messages rejected or dead-lettered.
+    pub dropped_total: i64,
+    /// Messages received per second (recent average).
+    pub received_per_second: f64,
+    /// Messages delivered per second (recent average).
+    pub delivered_per_second: f64,
+}
+
+/// Upstream state.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    /// `Reachable`, `Unreachable` or `Unknown`.
+    pub state: String,
+    /// Most recent delivery error, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A sidecar that is not healthy.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnhealthySidecar {
+    /// Pod name.
+    pub pod: String,
+    /// Why it is unhealthy.
+    pub reason: String,
+    /// Since when.
+    pub since: Time,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durations and quantities
+// ---------------------------------------------------------------------------------------------
+
+/// Parse a Kubernetes/Go-style duration (`250ms`, `5s`, `1m30s`, `1.5h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.is_empty() {
+        return Err("is empty; use a duration such as \"250ms\" or \"5s\"".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{s:?} has no unit; use ms, s, m or h (e.g. \"5s\")"))?;
+        if num_len == 0 {
+            return Err(format!(
+                "{s:?} is not a duration such as \"250ms\" or \"5s\""
+            ));
+        }
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration such as \"250ms\" or \"5s\""))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            other => {
+                return Err(format!(
+                    "{s:?} has unknown unit {other:?}; use ms, s, m or h"
+                ));
+            }
+        };
+        total += value * factor;
+        rest = &rest[unit_len..];
+    }
+    if !total.is_finite() || total > 1e9 {
+        return Err(format!("{s:?} is too large"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Parse a byte quantity such as `64Mi`, `1G` or `1048576`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let value: u64 = s[..split]
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as \"64Mi\""))?;
+    let factor: u64 = match &s[split..] {
+        "" => 1,
+        "k" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?} has unknown suffix {other:?}; use Ki, Mi or Gi"
+            ));
+        }
+    };
+    value
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------
+
+/// One problem with a spec, naming the field (`spec.batching.maxBatchSize`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the offending field, e.g. `spec.batching.minBatchSize`.
+    pub field: String,
+    /// Human-readable message that names the field and says what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Join field errors into one message (for conditions, events and admission responses).
+pub fn join_errors(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn fail(&mut self, field: &str, message: String) {
+        self.errors.push(FieldError {
+            field: field.to_string(),
+            message,
+        });
+    }
+
+    fn duration(&mut self, field: &str, value: &str) -> Option<Duration> {
+        match parse_duration(value) {
+            Ok(d) if d.is_zero() => {
+                self.fail(
+                    field,
+                    format!("{field} ({value}) must be greater than zero"),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.fail(field, format!("{field}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn range<T: PartialOrd + fmt::Display>(&mut self, field: &str, v: T, min: T, max: T) {
+        if v < min || v > max {
+            self.fail(
+                field,
+                format!("{field} ({v}) must be between {min} and {max}"),
+            );
+        }
+    }
+
+    fn secret_key(&mut self, field: &str, sel: &SecretKeySelector) {
+        if !is_dns_subdomain(&sel.name) {
+            self.fail(
+                &format!("{field}.name"),
+                format!(
+                    "{field}.name ({:?}) must be a valid Secret name (lower-case DNS subdomain)",
+                    sel.name
+                ),
+            );
+        }
+        if sel.key.is_empty() {
+            self.fail(
+                &format!("{field}.key"),
+                format!("{field}.key must not be empty"),
+            );
+        }
+    }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Semantic validation the schema cannot express (cross-field rules, formats). Shared by the
+/// reconciler (condition `ConfigValid=False`) and the validating webhook (denial).
+pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
+    let mut c = Checker { errors: Vec::new() };
+
+    // upstream
+    let u = &spec.upstream;
+    let allowed: &[&str] = match u.kind {
+        UpstreamKind::Http => &["http://", "https://"],
+        UpstreamKind::Socketio => &["http://", "https://", "ws://", "wss://"],
+        UpstreamKind::Nats => &["nats://", "tls://"],
+    };
+    let scheme_ok = allowed.iter().any(|p| {
+        u.url
+            .get(..p.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(p))
+            && u.url.len() > p.len()
+    });
+    if !scheme_ok {
+        c.fail(
+            "spec.upstream.url",
+            format!(
+                "spec.upstream.url ({:?}) must start with {} for kind {}",
+                u.url,
+                allowed.join(" or "),
+                u.kind.as_str()
+            ),
+        );
+    } else if u.url.chars().any(char::is_whitespace) {
+        c.fail(
+            "spec.upstream.url",
+            format!(
+                "spec.upstream.url ({:?}) must not contain whitespace",
+                u.url
+            ),
+        );
+    }
+    c.secret_key("spec.upstream.apiKeySecretRef", &u.api_key_secret_ref);
+    if let Some(tls) = &u.tls {
+        if let Some(ca) = &tls.ca_secret_ref {
+            c.secret_key("spec.upstream.tls.caSecretRef", ca);
+        }
+        if let Some(cert) = &tls.client_cert_secret_ref
+            && !is_dns_subdomain(&cert.name)
+        {
+            c.fail(
+                "spec.upstream.tls.clientCertSecretRef.name",
+                format!(
+                    "spec.upstream.tls.clientCertSecretRef.name ({:?}) must be a valid Secret name",
+                    cert.name
+                ),
+            );
+        }
+    }
+    if let Some(t) = c.duration("spec.upstream.timeout", &u.timeout)
+        && t > Duration::from_secs(600)
+    {
+        c.fail(
+            "spec.upstream.timeout",
+            format!("spec.upstream.timeout ({}) must be at most 10m", u.timeout),
+        );
+    }
+    if u.socketio.is_some() && u.kind != UpstreamKind::Socketio {
+        c.fail(
+            "spec.upstream.socketio",
+            format!(
+                "spec.upstream.socketio is set but spec.upstream.kind is {}; set kind: socketio or remove it",
+                u.kind.as_str()
+            ),
+        );
+    }
+    if u.nats.is_some() && u.kind != UpstreamKind::Nats {
+        c.fail(
+            "spec.upstream.nats",
+            format!(
+                "spec.upstream.nats is set but spec.upstream.kind is {}; set kind: nats or remove it",
+                u.kind.as_str()
+            ),
+        );
+    }
+
+    // batching
+    let b = &spec.batching;
+    c.duration("spec.batching.flushInterval", &b.flush_interval);
+    c.range("spec.batching.minBatchSize", b.min_batch_size, 1, 10000);
+    c.range("spec.batching.maxBatchSize", b.max_batch_size, 1, 10000);
+    c.range("spec.batching.scaleFactor", b.scale_factor, 0.0, 1.0);
+    c.range(
+        "spec.batching.targetCPUPercent",
+        b.target_cpu_percent,
+        1.0,
+        100.0,
+    );
+    c.range(
+        "spec.batching.targetMemPercent",
+        b.target_mem_percent,
+        1.0,
+        100.0,
+    );
+    if b.min_batch_size > b.max_batch_size {
+        c.fail(
+            "spec.batching.minBatchSize",
+            format!(
+                "spec.batching.minBatchSize ({}) must be ≤ spec.batching.maxBatchSize ({})",
+                b.min_batch_size, b.max_batch_size
+            ),
+        );
+    } else if b.batch_size < b.min_batch_size || b.batch_size > b.max_batch_size {
+        c.fail(
+            "spec.batching.batchSize",
+            format!(
+                "spec.batching.batchSize ({}) must be between spec.batching.minBatchSize ({}) and spec.batching.maxBatchSize ({})",
+                b.batch_size, b.min_batch_size, b.max_batch_size
+            ),
+        );
+    }
+    if b.max_queue_size < b.max_batch_size {
+        c.fail(
+            "spec.batching.maxQueueSize",
+            format!(
+                "spec.batching.maxQueueSize ({}) must be ≥ spec.batching.maxBatchSize ({})",
+                b.max_queue_size, b.max_batch_size
+            ),
+        );
+    }
+    let min_iv = c.duration("spec.batching.minBatchInterval", &b.min_batch_interval);
+    let max_iv = c.duration("spec.batching.maxBatchInterval", &b.max_batch_interval);
+    if let (Some(min), Some(max)) = (min_iv, max_iv)
+        && min > max
+    {
+        c.fail(
+            "spec.batching.minBatchInterval",
+            format!(
+                "spec.batching.minBatchInterval ({}) must be ≤ spec.batching.maxBatchInterval ({})",
+                b.min_batch_interval, b.max_batch_interval
+            ),
+        );
+    }
+
+    // delivery
+    let d = &spec.delivery;
+    match parse_bytes(&d.spool_size_limit) {
+        Ok(n) if n < 1 << 20 => c.fail(
+            "spec.delivery.spoolSizeLimit",
+            format!(
+                "spec.delivery.spoolSizeLimit ({}) must be at least 1Mi",
+                d.spool_size_limit
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => c.fail(
+            "spec.delivery.spoolSizeLimit",
+            format!("spec.delivery.spoolSizeLimit: {e}"),
+        ),
+    }
+    c.duration("spec.delivery.syncInterval", &d.sync_interval);
+    let ib = c.duration(
+        "spec.delivery.retryInitialBackoff",
+        &d.retry_initial_backoff,
+    );
+    let mb = c.duration("spec.delivery.retryMaxBackoff", &d.retry_max_backoff);
+    if let (Some(ib), Some(mb)) = (ib, mb)
+        && ib > mb
+    {
+        c.fail(
+            "spec.delivery.retryInitialBackoff",
+            format!(
+                "spec.delivery.retryInitialBackoff ({}) must be ≤ spec.delivery.retryMaxBackoff ({})",
+                d.retry_initial_backoff, d.retry_max_backoff
+            ),
+        );
+    }
+
+    // socket
+    let s = &spec.socket;
+    let dir_ok = s
+        .path
+        .rsplit_once('/')
+        .is_some_and(|(dir, file)| !dir.is_empty() && !file.is_empty());
+    if !s.path.starts_with('/') || !dir_ok || s.path.contains("//") || s.path.contains("/../") {
+        c.fail(
+            "spec.socket.path",
+            format!(
+                "spec.socket.path ({:?}) must be an absolute file path inside a directory, e.g. {DEFAULT_SOCKET_PATH}",
+                s.path
+            ),
+        );
+    } else if s.path.len() > 107 {
+        c.fail(
+            "spec.socket.path",
+            format!(
+                "spec.socket.path is {} bytes; Unix socket paths must be at most 107 bytes",
+                s.path.len()
+            ),
+        );
+    }
+    c.range("spec.socket.maxTags", s.max_tags, 1, 100);
+    c.range(
+        "spec.socket.maxMessageSize",
+        s.max_message_size,
+        1024,
+        16 << 20,
+    );
+
+    // sidecar
+    let img = &spec.sidecar.image;
+    if img.is_empty() || img.chars().any(char::is_whitespace) {
+        c.fail(
+            "spec.sidecar.image",
+            format!(
+                "spec.sidecar.image ({img:?}) must be a container image reference without spaces"
+            ),
+        );
+    }
+
+    if let Some(hb) = c.duration("spec.heartbeatInterval", &spec.heartbeat_interval)
+        && (hb < Duration::from_secs(1) || hb > Duration::from_secs(300))
+    {
+        c.fail(
+            "spec.heartbeatInterval",
+            format!(
+                "spec.heartbeatInterval ({}) must be between 1s and 5m",
+                spec.heartbeat_interval
+            ),
+        );
+    }
+
+    if c.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(c.errors)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The view the injector needs
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the sidecar injector needs from a gateway, resolved with defaults. Build it with
+/// [`AgentGateway::injection_settings`]; the webhook maps it onto its own `InjectionConfig`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InjectionSettings {
+    /// Gateway name (same namespace as the pod).
+    pub gateway: String,
+    /// nano-agent image.
+    pub image: String,
+    /// Sidecar resources (before per-pod annotation overrides).
+    pub resources: ResourceRequirements,
+    /// Sidecar log level (`info`, …).
+    pub log_level: LogLevel,
+    /// Native sidecar mode.
+    pub native_sidecar: NativeSidecar,
+    /// Socket path in every container (`TENDRL_SOCKET_PATH`).
+    pub socket_path: String,
+    /// Directory of the socket: mount point of the shared `emptyDir`.
+    pub socket_dir: String,
+    /// ConfigMap holding the derived sidecar configuration.
+    pub config_map_name: String,
+    /// Key in that ConfigMap.
+    pub config_key: &'static str,
+    /// Content hash of the derived configuration ("config generation" for the annotation).
+    pub config_hash: String,
+    /// Secret and key with the API key (env of the sidecar only).
+    pub api_key_secret: SecretKeySelector,
+    /// TLS Secrets the sidecar mounts, if any.
+    pub tls: Option<UpstreamTls>,
+    /// `metadata.generation` of the gateway, if known.
+    pub generation: Option<i64>,
+}
+
+impl AgentGateway {
+    /// Resolve everything the injector needs. Pure; the config hash is the same one the
+    /// reconciler writes to the ConfigMap annotation and `status.configHash`. Fails with the
+    /// same field errors as [`validate`] when the spec is invalid (do not inject then).
+    pub fn injection_settings(&self) -> Result<InjectionSettings, Vec<FieldError>> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let spec = &self.spec;
+        let socket_dir = spec
+            .socket
+            .path
+            .rsplit_once('/')
+            .map(|(d, _)| if d.is_empty() { "/" } else { d })
+            .unwrap_or("/")
+            .to_string();
+        let cfg = crate::controller::build::sidecar_config(spec)?;
+        Ok(InjectionSettings {
+            config_map_name: crate::controller::build::config_map_name(&name),
+            gateway: name,
+            image: spec.sidecar.image.clone(),
+            resources: spec.sidecar.resources.clone(),
+            log_level: spec.sidecar.log_level,
+            native_sidecar: spec.sidecar.native_sidecar,
+            socket_path: spec.socket.path.clone(),
+            socket_dir,
+            config_key: crate::controller::build::CONFIG_KEY,
+            config_hash: cfg.hash(),
+            api_key_secret: spec.upstream.api_key_secret_ref.clone(),
+            tls: spec.upstream.tls.clone(),
+            generation: self.metadata.generation,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn bytes_parse() {
+        assert_eq!(parse_bytes("64Mi").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("1Ti").is_err());
+    }
+}

@@ -1,0 +1,408 @@
+//! Unit tests of the pure pipeline steps over YAML fixtures: defaults, validate, build, status.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use nanogate_operator::controller::build::{
+    self, GatewayRef, Verdict, config_map, config_map_up_to_date, desired_status, pod_gateway,
+    sidecar_config,
+};
+use nanogate_operator::crd::{AgentGateway, AgentGatewayStatus, validate};
+
+fn fixture(name: &str) -> AgentGateway {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("fixture exists");
+    serde_yaml::from_str(&text).expect("fixture parses")
+}
+
+fn gref(gw: &AgentGateway) -> GatewayRef {
+    GatewayRef {
+        name: gw.metadata.name.clone().unwrap(),
+        namespace: gw.metadata.namespace.clone().unwrap(),
+        uid: gw.metadata.uid.clone().unwrap(),
+    }
+}
+
+fn t(secs: i64) -> Time {
+    Time(Timestamp::from_second(secs).unwrap())
+}
+
+#[test]
+fn minimal_spec_gets_seed_defaults() {
+    let gw = fixture("minimal.yaml");
+    let s = &gw.spec;
+    assert_eq!(s.upstream.url, "https://app.tendrl.com/api");
+    assert_eq!(s.upstream.api_key_secret_ref.key, "apiKey");
+    assert_eq!(s.batching.flush_interval, "250ms");
+    assert_eq!(s.batching.batch_size, 10);
+    assert_eq!(s.batching.min_batch_size, 10);
+    assert_eq!(s.batching.max_batch_size, 200);
+    assert_eq!(s.batching.scale_factor, 0.5);
+    assert_eq!(s.batching.max_queue_size, 1000);
+    assert_eq!(s.batching.target_cpu_percent, 70.0);
+    assert_eq!(s.batching.target_mem_percent, 80.0);
+    assert_eq!(s.batching.min_batch_interval, "100ms");
+    assert_eq!(s.batching.max_batch_interval, "1s");
+    assert_eq!(s.socket.path, "/var/lib/tendrl/tendrl_agent.sock");
+    assert_eq!(s.heartbeat_interval, "5s");
+    assert!(validate(s).is_ok());
+}
+
+#[test]
+fn crd_schema_defaults_equal_rust_defaults() {
+    // The apiserver applies the schema defaults; the operator the serde ones. They must agree.
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(AgentGateway::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let gw = fixture("minimal.yaml");
+    let rust = serde_json::to_value(&gw.spec).unwrap();
+    for field in ["batching", "delivery", "socket", "sidecar"] {
+        assert_eq!(
+            spec[field]["default"], rust[field],
+            "default of spec.{field}"
+        );
+    }
+    assert_eq!(spec["heartbeatInterval"]["default"], "5s");
+}
+
+#[test]
+fn minimal_config_is_golden() {
+    let gw = fixture("minimal.yaml");
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    let want = serde_json::json!({
+        "version": 1,
+        "upstream": {
+            "kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000,
+            "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false
+        },
+        "batching": {
+            "flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
+            "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
+            "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
+            "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000
+        },
+        "delivery": {
+            "spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
+            "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
+            "overflow_policy": "reject"
+        },
+        "socket": { "path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10 },
+        "heartbeat_interval_ms": 5000,
+        "log_level": "info"
+    });
+    let got: serde_json::Value = serde_json::from_str(&cfg.to_file()).unwrap();
+    assert_eq!(got, want);
+    // Readable as YAML too (JSON is YAML).
+    let as_yaml: serde_json::Value = serde_yaml::from_str(&cfg.to_file()).unwrap();
+    assert_eq!(as_yaml, want);
+}
+
+#[test]
+fn full_config_maps_every_field_and_never_the_key() {
+    let gw = fixture("full.yaml");
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    assert_eq!(cfg.upstream.kind, "nats");
+    assert_eq!(cfg.upstream.timeout_ms, 3000);
+    assert_eq!(
+        cfg.upstream.ca_file.as_deref(),
+        Some("/etc/nanogate/upstream-ca/ca.crt")
+    );
+    assert_eq!(
+        cfg.upstream.client_cert_file.as_deref(),
+        Some("/etc/nanogate/upstream-client/tls.crt")
+    );
+    assert_eq!(cfg.upstream.nats_subject.as_deref(), Some("apps.messages"));
+    assert_eq!(cfg.upstream.nats_stream.as_deref(), Some("NANOGATE"));
+    assert_eq!(cfg.batching.max_batch_size, 400);
+    assert_eq!(cfg.batching.max_batch_interval_ms, 2000);
+    assert_eq!(cfg.delivery.spool_size_limit_bytes, 128 << 20);
+    assert_eq!(cfg.delivery.retry_max_backoff_ms, 60_000);
+    assert_eq!(cfg.delivery.overflow_policy, "dropOldest");
+    assert_eq!(cfg.socket.path, "/run/nanogate/agent.sock");
+    assert_eq!(cfg.heartbeat_interval_ms, 10_000);
+    assert_eq!(cfg.log_level, "debug");
+    let file = cfg.to_file();
+    assert!(
+        !file.contains("nats-creds") && !file.contains("token\""),
+        "{file}"
+    );
+}
+
+#[test]
+fn invalid_spec_names_every_field() {
+    let gw = fixture("invalid.yaml");
+    let errors = validate(&gw.spec).unwrap_err();
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.upstream.url",
+            "spec.batching.minBatchSize",
+            "spec.batching.minBatchInterval",
+            "spec.delivery.retryInitialBackoff",
+            "spec.socket.path",
+            "spec.heartbeatInterval",
+        ]
+    );
+    assert_eq!(
+        errors[1].message,
+        "spec.batching.minBatchSize (300) must be ≤ spec.batching.maxBatchSize (200)"
+    );
+    assert_eq!(
+        errors[2].message,
+        "spec.batching.minBatchInterval (2s) must be ≤ spec.batching.maxBatchInterval (1s)"
+    );
+    for e in &errors {
+        assert!(
+            e.message.starts_with(&e.field),
+            "message names the field: {}",
+            e.message
+        );
+    }
+    assert!(sidecar_config(&gw.spec).is_err());
+}
+
+#[test]
+fn more_semantic_rules() {
+    let mut gw = fixture("minimal.yaml");
+    gw.spec.batching.batch_size = 500;
+    gw.spec.batching.max_queue_size = 100;
+    gw.spec.upstream.nats = Some(serde_json::from_str("{}").unwrap());
+    gw.spec.batching.flush_interval = "0s".into();
+    gw.spec.delivery.spool_size_limit = "10Ki".into();
+    let errs = validate(&gw.spec).unwrap_err();
+    let msgs: Vec<_> = errs.iter().map(|e| e.message.as_str()).collect();
+    assert!(msgs.contains(&"spec.batching.batchSize (500) must be between spec.batching.minBatchSize (10) and spec.batching.maxBatchSize (200)"), "{msgs:?}");
+    assert!(
+        msgs.contains(
+            &"spec.batching.maxQueueSize (100) must be ≥ spec.batching.maxBatchSize (200)"
+        ),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("spec.upstream.nats is set but spec.upstream.kind is http")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.contains(&"spec.batching.flushInterval (0s) must be greater than zero"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.contains(&"spec.delivery.spoolSizeLimit (10Ki) must be at least 1Mi"),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn config_map_is_owned_labelled_and_hashed() {
+    let gw = fixture("minimal.yaml");
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    let cm = config_map(&gref(&gw), &cfg);
+    assert_eq!(cm.metadata.name.as_deref(), Some("demo-agent-config"));
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("apps"));
+    let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "AgentGateway");
+    assert_eq!(owner.api_version, "nanogate.io/v1alpha1");
+    assert_eq!(owner.uid, "1c7a1f36-0c6b-4a43-9d5c-9f2c1c0a0001");
+    assert_eq!(owner.controller, Some(true));
+    let ann = cm.metadata.annotations.as_ref().unwrap();
+    assert_eq!(ann["nanogate.io/config-hash"], cfg.hash());
+    assert_eq!(cm.data.as_ref().unwrap()["config.json"], cfg.to_file());
+    assert!(config_map_up_to_date(&cm, &cm));
+
+    // Extra labels from others do not count as drift; changed data does.
+    let mut live = cm.clone();
+    live.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("team".into(), "x".into());
+    assert!(config_map_up_to_date(&live, &cm));
+    live.data = Some(BTreeMap::from([(
+        "config.json".to_string(),
+        "{}".to_string(),
+    )]));
+    assert!(!config_map_up_to_date(&live, &cm));
+}
+
+#[test]
+fn hash_changes_with_spec() {
+    let mut gw = fixture("minimal.yaml");
+    let a = sidecar_config(&gw.spec).unwrap().hash();
+    gw.spec.batching.max_batch_size = 300;
+    let b = sidecar_config(&gw.spec).unwrap().hash();
+    assert_ne!(a, b);
+    assert_eq!(a.len(), 8);
+}
+
+#[test]
+fn status_from_nothing() {
+    let gw = fixture("minimal.yaml");
+    let verdict = Verdict::Applied {
+        config_map: "demo-agent-config".into(),
+        hash: "abcd0123".into(),
+    };
+    let st = desired_status(None, Some(1), &verdict, 3, &t(1000));
+    let get = |ty: &str| st.conditions.iter().find(|c| c.type_ == ty).unwrap();
+    assert_eq!(get("Ready").status, "True");
+    assert_eq!(get("ConfigValid").status, "True");
+    assert_eq!(get("UpstreamReachable").status, "Unknown");
+    assert_eq!(get("SidecarsHealthy").status, "Unknown");
+    assert_eq!(st.observed_generation, Some(1));
+    assert_eq!(st.config_hash.as_deref(), Some("abcd0123"));
+    let sc = st.sidecars.as_ref().unwrap();
+    assert_eq!(
+        (sc.expected, sc.connected, sc.summary.as_str()),
+        (3, 0, "0/3")
+    );
+    assert_eq!(st.upstream.as_ref().unwrap().state, "Unknown");
+    let _ = gw;
+}
+
+#[test]
+fn transition_time_changes_only_on_transition() {
+    let applied = Verdict::Applied {
+        config_map: "demo-agent-config".into(),
+        hash: "h1".into(),
+    };
+    let first = desired_status(None, Some(1), &applied, 0, &t(1000));
+    // Same verdict later: identical status, so the reconciler writes nothing.
+    let second = desired_status(Some(&first), Some(1), &applied, 0, &t(2000));
+    assert_eq!(first, second);
+    // A new generation with the same verdict keeps the transition time.
+    let third = desired_status(Some(&second), Some(2), &applied, 0, &t(3000));
+    let ready = |s: &AgentGatewayStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(ready(&third).last_transition_time, t(1000));
+    assert_eq!(ready(&third).observed_generation, Some(2));
+    // A transition stamps the new time.
+    let missing = Verdict::SecretMissing(
+        "Secret apps/k referenced by spec.upstream.apiKeySecretRef not found".into(),
+    );
+    let fourth = desired_status(Some(&third), Some(2), &missing, 0, &t(4000));
+    let r = ready(&fourth);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", "SecretMissing")
+    );
+    assert_eq!(r.last_transition_time, t(4000));
+    let cv = fourth
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigValid")
+        .unwrap();
+    assert_eq!(
+        (cv.status.as_str(), cv.reason.as_str()),
+        ("False", "SecretMissing")
+    );
+    assert!(cv.message.contains("spec.upstream.apiKeySecretRef"));
+    // The last good config hash is kept while invalid (sidecars keep running it).
+    assert_eq!(fourth.config_hash.as_deref(), Some("h1"));
+}
+
+#[test]
+fn hub_owned_fields_are_kept() {
+    let applied = Verdict::Applied {
+        config_map: "c".into(),
+        hash: "h".into(),
+    };
+    let mut st = desired_status(None, Some(1), &applied, 2, &t(10));
+    st.sidecars = Some(nanogate_operator::crd::SidecarCounts::new(2, 2, 1));
+    for c in st
+        .conditions
+        .iter_mut()
+        .filter(|c| c.type_ == "UpstreamReachable")
+    {
+        c.status = "True".into();
+        c.reason = "Reported".into();
+    }
+    let next = desired_status(Some(&st), Some(1), &applied, 5, &t(20));
+    let sc = next.sidecars.unwrap();
+    assert_eq!(
+        (sc.expected, sc.connected, sc.healthy, sc.summary.as_str()),
+        (5, 2, 1, "2/5")
+    );
+    let up = next
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "UpstreamReachable")
+        .unwrap();
+    assert_eq!(
+        (up.status.as_str(), up.reason.as_str()),
+        ("True", "Reported")
+    );
+}
+
+#[test]
+fn pods_map_to_gateways() {
+    let a = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        pod_gateway(&a(&[
+            ("nanogate.io/injected", "true"),
+            ("nanogate.io/gateway", "g")
+        ])),
+        Some("g".into())
+    );
+    assert_eq!(
+        pod_gateway(&a(&[
+            ("nanogate.io/inject", "true"),
+            ("nanogate.io/gateway", "g")
+        ])),
+        Some("g".into())
+    );
+    assert_eq!(
+        pod_gateway(&a(&[
+            ("nanogate.io/inject", "false"),
+            ("nanogate.io/gateway", "g")
+        ])),
+        None
+    );
+    assert_eq!(pod_gateway(&a(&[("nanogate.io/gateway", "g")])), None);
+    assert_eq!(
+        pod_gateway(&a(&[(
+            "nanogate.io/injected",
+            r#"{"gateway":"j","generation":"1"}"#
+        )])),
+        Some("j".into())
+    );
+    assert_eq!(
+        pod_gateway(&a(&[("nanogate.io/injected", "gateway=k,config=abc")])),
+        Some("k".into())
+    );
+    assert_eq!(
+        pod_gateway(&a(&[("nanogate.io/injected", "m/abcd0123")])),
+        Some("m".into())
+    );
+    assert_eq!(pod_gateway(&a(&[])), None);
+}
+
+#[test]
+fn injection_settings_resolve_defaults() {
+    let gw = fixture("minimal.yaml");
+    let s = gw.injection_settings().unwrap();
+    assert_eq!(s.gateway, "demo");
+    assert_eq!(s.image, "ghcr.io/nanogate/nano-agent:0.1.0");
+    assert_eq!(s.socket_path, "/var/lib/tendrl/tendrl_agent.sock");
+    assert_eq!(s.socket_dir, "/var/lib/tendrl");
+    assert_eq!(s.config_map_name, "demo-agent-config");
+    assert_eq!(s.config_key, build::CONFIG_KEY);
+    assert_eq!(s.config_hash, sidecar_config(&gw.spec).unwrap().hash());
+    assert_eq!(s.log_level.as_str(), "info");
+    let req = s.resources.requests.unwrap();
+    assert_eq!(req["cpu"].0, "10m");
+    assert_eq!(req["memory"].0, "16Mi");
+    assert_eq!(s.resources.limits.unwrap()["memory"].0, "64Mi");
+    assert!(fixture("invalid.yaml").injection_settings().is_err());
+}
