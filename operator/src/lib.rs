@@ -10,6 +10,7 @@ pub mod admin;
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod hub;
 pub mod leader;
 pub mod metrics;
 pub mod webhook;
