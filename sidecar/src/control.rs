@@ -1,0 +1,374 @@
+//! Control-channel client (agent side of ARCHITECTURE §5): one authenticated TLS connection to
+//! the operator hub, kept up with backoff, carrying `register` once per connection, a
+//! `heartbeat` every interval, and the hub's `reload`/`flush`/`drain`/`status` requests.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode, to_value};
+use rmpv::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// Where and how to reach the hub. Defaults follow the architecture (3 s hello, 30 s/5 s ping).
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// `host:port` of the hub (the operator's hub Service, port 7051).
+    pub hub_addr: String,
+    /// Name checked against the hub's certificate (defaults to the host part of `hub_addr`).
+    pub server_name: String,
+    /// PEM CA that signed the hub's certificate (the operator's CA).
+    pub ca_file: PathBuf,
+    /// Projected service-account token (audience `nanogate-hub`); re-read on every connect
+    /// because the kubelet rotates it.
+    pub token_file: PathBuf,
+    /// The pod UID.
+    pub agent_id: String,
+    pub heartbeat_interval: Duration,
+    pub hello_timeout: Duration,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    /// Reconnect backoff bounds (full jitter).
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ControlConfig {
+    pub fn new(hub_addr: &str, ca_file: PathBuf, token_file: PathBuf, agent_id: &str) -> Self {
+        let server_name = hub_addr.rsplit_once(':').map(|(host, _)| host).unwrap_or(hub_addr).to_string();
+        Self {
+            hub_addr: hub_addr.to_string(),
+            server_name,
+            ca_file,
+            token_file,
+            agent_id: agent_id.to_string(),
+            heartbeat_interval: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(3),
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the agent exposes to the hub; implemented by the running agent.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// The current heartbeat payload.
+    fn heartbeat(&self) -> Heartbeat;
+    /// Node info and capabilities, sent once per connection as `register`.
+    fn register_info(&self) -> serde_json::Value;
+    /// Serves a hub request; `Err` is the message sent back with `success: false`.
+    fn handle(&self, method: &str, kwargs: Vec<(String, Value)>) -> impl Future<Output = Result<Value, String>> + Send;
+}
+
+/// Why one connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    Bye(String),
+    Shutdown,
+}
+
+/// Keeps a hub connection up until `shutdown` flips to true.
+pub async fn run<H: ControlHandler>(cfg: ControlConfig, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+    let mut attempt: u32 = 0;
+    loop {
+        let result = tokio::select! {
+            result = connect_and_serve(&cfg, handler.clone(), shutdown.clone()) => result,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match result {
+            Ok(Ended::Shutdown) => return,
+            Ok(Ended::Bye(reason)) => {
+                warn!(%reason, hub = %cfg.hub_addr, "hub closed the control channel");
+                if reason != "authentication failed" {
+                    attempt = 0;
+                }
+            }
+            Err(error) => warn!(error = %format!("{error:#}"), hub = %cfg.hub_addr, "control channel failed"),
+        }
+        attempt = attempt.saturating_add(1);
+        let delay = full_jitter(cfg.backoff_initial, cfg.backoff_max, attempt);
+        debug!(?delay, attempt, "reconnecting to the hub");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: uniform in [0, min(max, initial·2^attempt)].
+fn full_jitter(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let cap = initial.saturating_mul(1u32 << attempt.min(16)).min(max);
+    cap.mul_f64(rand::random::<f64>())
+}
+
+async fn connect_and_serve<H: ControlHandler>(cfg: &ControlConfig, handler: Arc<H>, shutdown: watch::Receiver<bool>) -> anyhow::Result<Ended> {
+    let token = std::fs::read_to_string(&cfg.token_file)
+        .with_context(|| format!("reading the hub token {}", cfg.token_file.display()))?;
+    let connector = tls_connector(&cfg.ca_file)?;
+    let server_name = rustls::pki_types::ServerName::try_from(cfg.server_name.clone())
+        .with_context(|| format!("hub server name {:?}", cfg.server_name))?;
+    let tcp = tokio::time::timeout(cfg.hello_timeout, TcpStream::connect(&cfg.hub_addr))
+        .await
+        .context("connecting to the hub timed out")?
+        .with_context(|| format!("connecting to the hub at {}", cfg.hub_addr))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio::time::timeout(cfg.hello_timeout, connector.connect(server_name, tcp))
+        .await
+        .context("TLS handshake with the hub timed out")?
+        .context("TLS handshake with the hub")?;
+    serve(stream, cfg, token.trim(), handler, shutdown).await
+}
+
+fn tls_connector(ca_file: &PathBuf) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let pem = std::fs::read(ca_file).with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.context("parsing the hub CA")?).context("adding the hub CA")?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate", ca_file.display());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, message: &Message) -> anyhow::Result<()> {
+    writer.write_all(&encode(message)).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Reads until a frame is complete; `Ok(None)` on end of stream. Cancel-safe.
+async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut FrameDecoder, buf: &mut [u8]) -> anyhow::Result<Option<Message>> {
+    loop {
+        if let Some(message) = decoder.next_message()? {
+            return Ok(Some(message));
+        }
+        let n = reader.read(buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        decoder.extend(&buf[..n]);
+    }
+}
+
+/// The RedPepper agent flow over an established stream (generic so tests can use memory pipes).
+pub async fn serve<S, H>(stream: S, cfg: &ControlConfig, token: &str, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Ended>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: ControlHandler,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+
+    let hello = Message::AgentHello { id: cfg.agent_id.clone(), version: env!("CARGO_PKG_VERSION").into(), credentials: token.to_string() };
+    send(&mut writer, &hello).await?;
+    match tokio::time::timeout(cfg.hello_timeout, read_frame(&mut reader, &mut decoder, &mut buf)).await {
+        Err(_) => bail!("no ManagerHello within {:?}", cfg.hello_timeout),
+        Ok(Ok(Some(Message::ManagerHello { version }))) => info!(hub = %cfg.hub_addr, %version, "connected to the hub"),
+        Ok(Ok(Some(Message::Bye { reason }))) => return Ok(Ended::Bye(reason)),
+        Ok(Ok(Some(other))) => {
+            let _ = send(&mut writer, &Message::Bye { reason: "expected ManagerHello".into() }).await;
+            bail!("hub answered {} instead of ManagerHello", other.name());
+        }
+        Ok(Ok(None)) => bail!("hub closed the connection during the handshake"),
+        Ok(Err(error)) => return Err(error),
+    }
+    let register = to_value(&handler.register_info())?;
+    send(&mut writer, &Message::Notification { kind: "register".into(), data: register }).await?;
+
+    // Requests are served concurrently (a `flush` may take a while); answers come back here.
+    let (answers_tx, mut answers) = mpsc::channel::<Message>(16);
+    let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    let mut outstanding_ping: Option<(i64, tokio::time::Instant)> = None;
+    let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+
+    loop {
+        let pong_deadline = outstanding_ping.map(|(_, at)| at).unwrap_or(far_future);
+        tokio::select! {
+            frame = read_frame(&mut reader, &mut decoder, &mut buf) => match frame? {
+                None => bail!("hub closed the connection"),
+                Some(Message::Ping { data }) => send(&mut writer, &Message::Pong { data }).await?,
+                Some(Message::Pong { data }) => {
+                    if outstanding_ping.is_some_and(|(sent, _)| sent == data) {
+                        outstanding_ping = None;
+                    }
+                }
+                Some(Message::Bye { reason }) => return Ok(Ended::Bye(reason)),
+                Some(Message::Request { id, method, kwargs, .. }) => {
+                    let (handler, answers_tx) = (handler.clone(), answers_tx.clone());
+                    tokio::spawn(async move {
+                        let (success, data) = match handler.handle(&method, kwargs).await {
+                            Ok(data) => (true, data),
+                            Err(error) => (false, Value::from(error)),
+                        };
+                        let _ = answers_tx.send(Message::Response { id, success, data }).await;
+                    });
+                }
+                Some(other) => debug!(kind = other.name(), "ignoring frame from the hub"),
+            },
+            Some(answer) = answers.recv() => send(&mut writer, &answer).await?,
+            _ = heartbeat.tick() => {
+                let data = to_value(&handler.heartbeat())?;
+                send(&mut writer, &Message::Notification { kind: "heartbeat".into(), data }).await?;
+            }
+            _ = ping.tick() => {
+                if outstanding_ping.is_none() {
+                    let data = i64::from(rand::random::<u32>() % 1_000_000);
+                    send(&mut writer, &Message::Ping { data }).await?;
+                    outstanding_ping = Some((data, tokio::time::Instant::now() + cfg.pong_timeout));
+                }
+            }
+            _ = tokio::time::sleep_until(pong_deadline) => {
+                let _ = send(&mut writer, &Message::Bye { reason: "ping timeout".into() }).await;
+                bail!("hub did not answer a ping within {:?}", cfg.pong_timeout);
+            }
+            _ = shutdown.wait_for(|s| *s) => {
+                let _ = send(&mut writer, &Message::Bye { reason: "agent shutting down".into() }).await;
+                return Ok(Ended::Shutdown);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanogate_protocol::control::{AgentStatus, UpstreamHealth, from_value};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Fake {
+        flushes: AtomicU32,
+    }
+
+    impl ControlHandler for Fake {
+        fn heartbeat(&self) -> Heartbeat {
+            Heartbeat {
+                agent_id: "uid-1".into(),
+                gateway: "gw".into(),
+                pod: "ns/pod".into(),
+                status: AgentStatus::Ready,
+                uptime: 1,
+                cpu_usage: 0.0,
+                memory_usage: 0,
+                queue_depth: 0,
+                spool_bytes: 0,
+                received_total: 7,
+                delivered_total: 7,
+                rejected_total: 0,
+                dead_lettered_total: 0,
+                upstream: UpstreamHealth { state: "closed".into(), last_error: None, last_success: None },
+                config_generation: 1,
+                timestamp: "2026-11-21T00:00:00Z".into(),
+            }
+        }
+        fn register_info(&self) -> serde_json::Value {
+            serde_json::json!({"capabilities": ["reload", "flush", "drain", "status"]})
+        }
+        async fn handle(&self, method: &str, _kwargs: Vec<(String, Value)>) -> Result<Value, String> {
+            match method {
+                "flush" => {
+                    self.flushes.fetch_add(1, Ordering::Relaxed);
+                    Ok(Value::from("flushed"))
+                }
+                other => Err(format!("unknown method {other}")),
+            }
+        }
+    }
+
+    struct Hub {
+        stream: tokio::io::DuplexStream,
+        decoder: FrameDecoder,
+    }
+
+    impl Hub {
+        async fn recv(&mut self) -> Option<Message> {
+            let mut buf = [0u8; 4096];
+            read_frame(&mut self.stream, &mut self.decoder, &mut buf).await.unwrap()
+        }
+        async fn send(&mut self, message: Message) {
+            self.stream.write_all(&encode(&message)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hello_register_heartbeats_requests_and_shutdown() {
+        let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
+        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
+        let handler = Arc::new(Fake { flushes: AtomicU32::new(0) });
+        let (stop, stopped) = watch::channel(false);
+        let h = handler.clone();
+        let agent = tokio::spawn(async move { serve(agent_side, &cfg, "tok", h, stopped).await });
+        let mut hub = Hub { stream: hub_side, decoder: FrameDecoder::new() };
+
+        let Some(Message::AgentHello { id, credentials, .. }) = hub.recv().await else { panic!("hello first") };
+        assert_eq!((id.as_str(), credentials.as_str()), ("uid-1", "tok"));
+        hub.send(Message::ManagerHello { version: "0.1.0".into() }).await;
+        assert!(matches!(hub.recv().await, Some(Message::Notification { kind, .. }) if kind == "register"));
+        let Some(Message::Notification { kind, data }) = hub.recv().await else { panic!("heartbeat") };
+        assert_eq!(kind, "heartbeat");
+        assert_eq!(from_value::<Heartbeat>(data).unwrap().received_total, 7);
+
+        hub.send(Message::Request { id: "r1".into(), method: "flush".into(), args: vec![], kwargs: vec![] }).await;
+        hub.send(Message::Request { id: "r2".into(), method: "nope".into(), args: vec![], kwargs: vec![] }).await;
+        let mut answers = Vec::new();
+        while answers.len() < 2 {
+            match hub.recv().await {
+                Some(Message::Response { id, success, .. }) => answers.push((id, success)),
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+        answers.sort();
+        assert_eq!(answers, vec![("r1".to_string(), true), ("r2".to_string(), false)]);
+        assert_eq!(handler.flushes.load(Ordering::Relaxed), 1);
+
+        // Next heartbeat arrives one interval later (time is paused, so exactly).
+        let before = tokio::time::Instant::now();
+        loop {
+            if let Some(Message::Notification { kind, .. }) = hub.recv().await
+                && kind == "heartbeat"
+            {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() - before <= Duration::from_secs(5));
+
+        stop.send(true).unwrap();
+        assert_eq!(hub.recv().await, Some(Message::Bye { reason: "agent shutting down".into() }));
+        assert!(matches!(agent.await.unwrap(), Ok(Ended::Shutdown)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_hello_ends_with_bye() {
+        let (agent_side, hub_side) = tokio::io::duplex(4096);
+        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
+        let handler = Arc::new(Fake { flushes: AtomicU32::new(0) });
+        let (_stop, stopped) = watch::channel(false);
+        let agent = tokio::spawn(async move { serve(agent_side, &cfg, "bad", handler, stopped).await });
+        let mut hub = Hub { stream: hub_side, decoder: FrameDecoder::new() };
+        hub.recv().await;
+        hub.send(Message::Bye { reason: "authentication failed".into() }).await;
+        assert!(matches!(agent.await.unwrap(), Ok(Ended::Bye(reason)) if reason == "authentication failed"));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        for attempt in 0..40 {
+            assert!(full_jitter(Duration::from_millis(250), Duration::from_secs(30), attempt) <= Duration::from_secs(30));
+        }
+    }
+}
