@@ -4,3 +4,5 @@
 //! validates them, so both binaries (and the fuzz targets) agree on one definition.
 
 pub mod control;
+
+pub mod app;

@@ -1,0 +1,514 @@
+//! Delivery: reads the spool in order, forms batches, sends them upstream, retries, acks.
+//!
+//! # Batch sizing
+//!
+//! Every knob of the seed's client configuration table is honoured:
+//!
+//! ```text
+//! backlog  = min(queue_depth, max_queue_size)            messages waiting in the spool
+//! pressure = max(1, cpu% / target_cpu_percent, mem% / target_mem_percent)
+//! target   = clamp(round((batch_size + scale_factor × backlog) × pressure),
+//!                  min_batch_size, max_batch_size)
+//! spacing  = clamp(min_batch_interval × pressure, min_batch_interval, max_batch_interval)
+//! ```
+//!
+//! A batch is sent as soon as it holds `target` messages, but never sooner than `spacing`
+//! after the previous send; a partial batch is sent `flush_interval` after its first message
+//! was read, whatever the load (a steady trickle is never held back). Throughput is therefore
+//! bounded by `max_batch_size / min_batch_interval` (2,000 msgs/s with the seed's defaults),
+//! which is the point of those knobs: raise them for chattier pods.
+//!
+//! CPU and memory are sampled by [`run_resource_sampler`] on a timer, never per message; the
+//! sizer only reads the last sample.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng as _;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::admin::Health;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::spool::{PendingBatch, Spool};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// The sizing knobs (see the module documentation for the formula).
+#[derive(Debug, Clone)]
+pub struct Sizer {
+    pub batch_size: usize,
+    pub min_batch_size: usize,
+    pub max_batch_size: usize,
+    pub scale_factor: f64,
+    pub max_queue_size: usize,
+    pub target_cpu_percent: f64,
+    pub target_mem_percent: f64,
+    pub min_batch_interval: Duration,
+    pub max_batch_interval: Duration,
+}
+
+/// What the sizer decided for the next batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    pub target: usize,
+    pub spacing: Duration,
+}
+
+impl Sizer {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            batch_size: c.batch_size,
+            min_batch_size: c.min_batch_size,
+            max_batch_size: c.max_batch_size,
+            scale_factor: c.scale_factor,
+            max_queue_size: c.max_queue_size,
+            target_cpu_percent: c.target_cpu_percent,
+            target_mem_percent: c.target_mem_percent,
+            min_batch_interval: c.min_batch_interval,
+            max_batch_interval: c.max_batch_interval,
+        }
+    }
+
+    pub fn plan(&self, queue_depth: u64, cpu_percent: f64, mem_percent: f64) -> Plan {
+        let backlog = queue_depth.min(self.max_queue_size as u64) as f64;
+        let pressure = (cpu_percent / self.target_cpu_percent)
+            .max(mem_percent / self.target_mem_percent)
+            .max(1.0);
+        let pressure = if pressure.is_finite() { pressure } else { 1.0 };
+        let size = ((self.batch_size as f64 + self.scale_factor * backlog) * pressure).round();
+        let target = (size as usize).clamp(self.min_batch_size, self.max_batch_size);
+        let spacing = self
+            .min_batch_interval
+            .mul_f64(pressure)
+            .clamp(self.min_batch_interval, self.max_batch_interval);
+        Plan { target, spacing }
+    }
+}
+
+/// Last CPU/memory sample, shared between the sampler and the sizer.
+#[derive(Debug, Default)]
+pub struct Resources {
+    cpu: AtomicU64,
+    mem: AtomicU64,
+}
+
+impl Resources {
+    pub fn cpu_percent(&self) -> f64 {
+        f64::from_bits(self.cpu.load(Ordering::Relaxed))
+    }
+    pub fn mem_percent(&self) -> f64 {
+        f64::from_bits(self.mem.load(Ordering::Relaxed))
+    }
+    pub fn set(&self, cpu: f64, mem: f64) {
+        self.cpu.store(cpu.to_bits(), Ordering::Relaxed);
+        self.mem.store(mem.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// CPU ticks (user + system) of this process from /proc/self/stat.
+fn cpu_ticks() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Resident set size in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    Some(s.split_whitespace().nth(1)?.parse::<u64>().ok()? * 4096)
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Memory use in percent of the cgroup limit, or of the host when there is none.
+fn mem_percent() -> Option<f64> {
+    if let (Some(cur), Some(max)) =
+        (read_u64("/sys/fs/cgroup/memory.current"), read_u64("/sys/fs/cgroup/memory.max"))
+    {
+        return Some(cur as f64 * 100.0 / max as f64);
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let (total, avail) = (field("MemTotal:")?, field("MemAvailable:")?);
+    Some((total - avail) * 100.0 / total)
+}
+
+/// Samples CPU and memory every `interval` until `shutdown` flips.
+pub async fn run_resource_sampler(
+    res: Arc<Resources>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    const TICKS_PER_SEC: f64 = 100.0; // USER_HZ, 100 on every Linux ABI we run on
+    let mut last = (std::time::Instant::now(), cpu_ticks().unwrap_or(0));
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = (std::time::Instant::now(), cpu_ticks().unwrap_or(last.1));
+        let secs = now.0.duration_since(last.0).as_secs_f64();
+        let cpu = if secs > 0.0 { (now.1 - last.1) as f64 / TICKS_PER_SEC / secs * 100.0 } else { 0.0 };
+        last = now;
+        let mem = mem_percent().unwrap_or(0.0);
+        res.set(cpu, mem);
+        metrics.cpu_percent.set(cpu);
+        metrics.memory_percent.set(mem);
+        if let Some(rss) = rss_bytes() {
+            metrics.resident_memory_bytes.set(rss as i64);
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: delay ∈ [0, min(max, initial × 2^attempt)].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, attempt: 0 }
+    }
+
+    /// The upper bound of the next delay.
+    pub fn cap(&self) -> Duration {
+        self.initial.saturating_mul(1u32 << self.attempt.min(20)).min(self.max)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.cap();
+        self.attempt = self.attempt.saturating_add(1);
+        cap.mul_f64(rand::rng().random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Longest `Retry-After` honoured; beyond it the platform is probably misconfigured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The delivery loop and its dependencies.
+pub struct Delivery<U: Upstream> {
+    pub spool: Arc<Spool>,
+    pub upstream: Arc<U>,
+    pub sizer: Sizer,
+    pub flush_interval: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub resources: Arc<Resources>,
+    pub dead_letter: PathBuf,
+}
+
+impl<U: Upstream> Delivery<U> {
+    /// Runs until `drain` flips to true and the spool is empty. While draining, partial batches
+    /// go out at once. The caller bounds draining with its shutdown deadline.
+    pub async fn run(self, mut drain: watch::Receiver<bool>) {
+        let mut reader = self.spool.reader();
+        let mut batch = PendingBatch::default();
+        let mut first_seen: Option<Instant> = None;
+        let mut last_send: Option<Instant> = None;
+        let mut draining = *drain.borrow();
+        loop {
+            if !draining && (drain.has_changed().unwrap_or(true)) {
+                draining = *drain.borrow_and_update() || drain.has_changed().is_err();
+            }
+            let plan = self.sizer.plan(
+                self.spool.pending_msgs(),
+                self.resources.cpu_percent(),
+                self.resources.mem_percent(),
+            );
+            self.metrics.target_batch_size.set(plan.target as i64);
+            let want = (plan.target as u64).saturating_sub(batch.count);
+            if want > 0
+                && let Err(e) = reader.read_into(&mut batch, want)
+            {
+                tracing::error!(error = %e, "reading the spool failed; retrying in 1s");
+                sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            if batch.count == 0 {
+                if draining {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.spool.appended() => {}
+                    r = drain.changed() => { draining = r.is_err() || *drain.borrow(); }
+                }
+                continue;
+            }
+            let first = *first_seen.get_or_insert_with(Instant::now);
+            if !draining {
+                if batch.count < plan.target as u64 {
+                    let deadline = first + self.flush_interval;
+                    if Instant::now() < deadline {
+                        tokio::select! {
+                            _ = self.spool.appended() => continue,
+                            _ = sleep_until(deadline) => {}
+                            r = drain.changed() => { draining = r.is_err() || *drain.borrow(); continue; }
+                        }
+                    }
+                } else if let Some(last) = last_send {
+                    sleep_until(last + plan.spacing).await;
+                }
+            }
+            self.deliver(&batch).await;
+            if let Some(end) = batch.end
+                && let Err(e) = self.spool.ack(end, batch.count, batch.bytes)
+            {
+                // The batch is delivered; failing to record it only risks a duplicate.
+                tracing::error!(error = %e, "writing the spool ack failed");
+            }
+            batch.clear();
+            first_seen = None;
+            last_send = Some(Instant::now());
+        }
+    }
+
+    /// Sends one batch until the platform takes it or rejects it for good.
+    async fn deliver(&self, batch: &PendingBatch) {
+        let body = Bytes::from(batch.json_array());
+        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+        loop {
+            self.health.attempt(&self.metrics);
+            match self.upstream.send_batch(body.clone(), batch.count).await {
+                Ok(()) => {
+                    self.health.success(&self.metrics);
+                    self.metrics.delivered.inc_by(batch.count);
+                    self.metrics.batches.inc();
+                    self.metrics.batch_size.observe(batch.count as f64);
+                    return;
+                }
+                Err(UpstreamError::Rejected { status, body: reply }) => {
+                    self.metrics.upstream_errors.with_label_values(&["rejected"]).inc();
+                    self.health.success(&self.metrics); // the platform answered
+                    self.health.set_error(format!("batch rejected with HTTP {status}"));
+                    tracing::error!(status, count = batch.count, reply = %reply,
+                        "platform rejected a batch; writing it to the dead-letter file");
+                    let mut dl_backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+                    while let Err(e) = self.dead_letter(batch, status, &reply) {
+                        tracing::error!(error = %e, path = %self.dead_letter.display(),
+                            "cannot write the dead-letter file; retrying");
+                        sleep(dl_backoff.next_delay()).await;
+                    }
+                    self.metrics.dead_lettered.inc_by(batch.count);
+                    return;
+                }
+                Err(UpstreamError::Retryable { reason, retry_after }) => {
+                    self.metrics.upstream_errors.with_label_values(&["retryable"]).inc();
+                    self.health.failure(&self.metrics, &reason);
+                    let jitter = backoff.next_delay();
+                    let delay = retry_after.map_or(jitter, |ra| ra.min(MAX_RETRY_AFTER).max(jitter));
+                    tracing::warn!(%reason, delay_ms = delay.as_millis() as u64, count = batch.count,
+                        "delivery failed; retrying");
+                    sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&self, batch: &PendingBatch, status: u16, reply: &str) -> std::io::Result<()> {
+        if let Some(dir) = self.dead_letter.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.dead_letter)?;
+        let head = serde_json::json!({
+            "time": chrono::Utc::now().to_rfc3339(),
+            "status": status,
+            "reply": reply,
+        });
+        let mut line = serde_json::to_vec(&head).expect("JSON");
+        line.pop(); // reopen the object to add the raw batch
+        line.extend_from_slice(b",\"messages\":");
+        line.extend_from_slice(&batch.json_array());
+        line.extend_from_slice(b"}\n");
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{RecordBuf, SpoolOptions};
+    use std::sync::Mutex;
+
+    fn sizer() -> Sizer {
+        Sizer {
+            batch_size: 10,
+            min_batch_size: 10,
+            max_batch_size: 200,
+            scale_factor: 0.5,
+            max_queue_size: 1000,
+            target_cpu_percent: 70.0,
+            target_mem_percent: 80.0,
+            min_batch_interval: Duration::from_millis(100),
+            max_batch_interval: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn sizing_formula() {
+        let s = sizer();
+        let ms = Duration::from_millis;
+        assert_eq!(s.plan(0, 0.0, 0.0), Plan { target: 10, spacing: ms(100) });
+        assert_eq!(s.plan(100, 10.0, 10.0), Plan { target: 60, spacing: ms(100) });
+        assert_eq!(s.plan(100_000, 0.0, 0.0), Plan { target: 200, spacing: ms(100) });
+        // CPU at twice the target: batches and spacing double.
+        assert_eq!(s.plan(20, 140.0, 0.0), Plan { target: 40, spacing: ms(200) });
+        // Memory far over target: spacing saturates at max_batch_interval.
+        assert_eq!(s.plan(0, 0.0, 8000.0).spacing, ms(1000));
+        let s = Sizer { batch_size: 50, min_batch_size: 20, scale_factor: 0.0, ..sizer() };
+        assert_eq!(s.plan(500, 0.0, 0.0).target, 50);
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let mut b = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let caps: Vec<_> = (0..10).map(|_| { let c = b.cap(); assert!(b.next_delay() <= c); c.as_millis() }).collect();
+        assert_eq!(caps, [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+    }
+
+    /// Records batches with the (paused) time they arrived.
+    #[derive(Default)]
+    struct Recorder {
+        batches: Mutex<Vec<(Duration, usize)>>,
+        fail_first: Mutex<u32>,
+        start: Mutex<Option<Instant>>,
+    }
+
+    impl Upstream for Recorder {
+        async fn send_batch(&self, body: Bytes, count: u64) -> Result<(), UpstreamError> {
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v.len() as u64, count);
+            {
+                let mut f = self.fail_first.lock().unwrap();
+                if *f > 0 {
+                    *f -= 1;
+                    return Err(UpstreamError::Retryable { reason: "boom".into(), retry_after: Some(Duration::from_secs(2)) });
+                }
+            }
+            let t = self.start.lock().unwrap().unwrap().elapsed();
+            self.batches.lock().unwrap().push((t, v.len()));
+            Ok(())
+        }
+        async fn send_one(&self, _: Bytes) -> Result<Bytes, UpstreamError> {
+            unimplemented!()
+        }
+        async fn check_messages(&self, _: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
+            unimplemented!()
+        }
+    }
+
+    fn setup(dir: &std::path::Path, up: Arc<Recorder>) -> (Arc<Spool>, Delivery<Recorder>) {
+        let spool = Spool::open(SpoolOptions {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            segment_bytes: 1 << 20,
+            sync_interval: Duration::from_secs(1),
+        })
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let d = Delivery {
+            spool: spool.clone(),
+            upstream: up,
+            sizer: sizer(),
+            flush_interval: Duration::from_millis(250),
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            metrics,
+            health: Arc::new(Health::default()),
+            resources: Arc::new(Resources::default()),
+            dead_letter: dir.join("dl.jsonl"),
+        };
+        (spool, d)
+    }
+
+    fn append(spool: &Spool, n: usize) {
+        let mut r = RecordBuf::new();
+        for i in 0..n {
+            r.push(format!("{{\"i\":{i}}}").as_bytes());
+        }
+        spool.append(&r).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trickle_is_flushed_within_the_flush_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Arc::new(Recorder::default());
+        *up.start.lock().unwrap() = Some(Instant::now());
+        let (spool, d) = setup(dir.path(), up.clone());
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(d.run(rx));
+        // One message every 100 ms: never fills a batch of 10 within 250 ms.
+        for _ in 0..5 {
+            append(&spool, 1);
+            sleep(Duration::from_millis(100)).await;
+        }
+        sleep(Duration::from_secs(1)).await;
+        let got = up.batches.lock().unwrap().clone();
+        assert_eq!(got.iter().map(|b| b.1).sum::<usize>(), 5);
+        // First batch: message at t=0 goes out at t=250ms with the ones at 100 and 200.
+        assert_eq!(got[0], (Duration::from_millis(250), 3));
+        for (t, _) in &got {
+            assert!(t.as_millis() % 50 == 0, "{got:?}");
+        }
+        assert_eq!(spool.pending_msgs(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backlog_grows_batches_and_respects_spacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Arc::new(Recorder::default());
+        *up.start.lock().unwrap() = Some(Instant::now());
+        let (spool, d) = setup(dir.path(), up.clone());
+        append(&spool, 1000);
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(d.run(rx));
+        sleep(Duration::from_secs(5)).await;
+        let got = up.batches.lock().unwrap().clone();
+        assert_eq!(got.iter().map(|b| b.1).sum::<usize>(), 1000);
+        assert_eq!(got[0], (Duration::ZERO, 200)); // 10 + 0.5 × 1000, clamped to 200
+        for w in got.windows(2) {
+            assert!(w[1].0 - w[0].0 >= Duration::from_millis(100), "{got:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_honour_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Arc::new(Recorder::default());
+        *up.fail_first.lock().unwrap() = 2;
+        *up.start.lock().unwrap() = Some(Instant::now());
+        let (spool, d) = setup(dir.path(), up.clone());
+        let health = d.health.clone();
+        append(&spool, 10);
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(d.run(rx));
+        sleep(Duration::from_secs(10)).await;
+        let got = up.batches.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].0 >= Duration::from_secs(4), "{got:?}");
+        assert_eq!(health.circuit(), crate::metrics::CIRCUIT_CLOSED);
+    }
+}

@@ -1,0 +1,417 @@
+//! nano-agent configuration.
+//!
+//! Sources, lowest to highest precedence: built-in defaults < config file (`--config`, YAML or
+//! JSON, keys are the long flag names in snake_case or kebab-case) < environment < flags.
+//! Defaults live here and only here: they are the `default_value`s below, which is also what
+//! `--help` prints next to every knob.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// nano-agent: Tendrl-compatible socket gateway with durable batching to the platform.
+///
+/// Every option can also come from the environment (shown as [env: …]) or from a YAML/JSON
+/// file given with --config whose keys are the option names (e.g. `flush_interval: 250ms`).
+/// Precedence: flags > environment > file > defaults. Durations take humantime syntax (250ms,
+/// 5m); sizes take bytes or KiB/MiB/GiB suffixes.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nano-agent", version, about, long_about = None)]
+pub struct Config {
+    /// Config file (YAML or JSON).
+    #[arg(long, env = "NANOGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    // ----- app socket -----
+    /// Unix socket the apps write to (TENDRL_SOCKET is accepted too).
+    #[arg(long, env = "TENDRL_SOCKET_PATH", default_value = "/var/lib/tendrl/tendrl_agent.sock")]
+    pub socket_path: PathBuf,
+    /// Largest accepted message in bytes.
+    #[arg(long, env = "NANOGATE_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = parse_bytes_usize)]
+    pub max_message_bytes: usize,
+    /// Most tags allowed in context.tags.
+    #[arg(long, env = "NANOGATE_MAX_TAGS", default_value_t = 10)]
+    pub max_tags: usize,
+    /// Most concurrent app connections; further connections wait in the accept backlog.
+    #[arg(long, env = "NANOGATE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    #[arg(long, env = "NANOGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// On SIGTERM/SIGINT: time allowed to deliver what is queued before exiting (the rest
+    /// stays in the spool for the next start).
+    #[arg(long, env = "NANOGATE_SHUTDOWN_DEADLINE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_deadline: Duration,
+
+    // ----- upstream -----
+    /// Platform API base URL; the agent appends /entities/….
+    #[arg(long, env = "TENDRL_APP_URL", default_value = "https://app.tendrl.com/api")]
+    pub app_url: String,
+    /// Platform API key (sent as `Authorization: Bearer`; never logged).
+    #[arg(long, env = "TENDRL_KEY", hide_env_values = true, default_value = "")]
+    pub api_key: String,
+    /// PEM file with extra CA certificates to trust for the platform (in addition to the
+    /// public web roots).
+    #[arg(long, env = "NANOGATE_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// PEM client certificate chain for mTLS to the platform (needs --upstream-client-key).
+    #[arg(long, env = "NANOGATE_UPSTREAM_CLIENT_CERT")]
+    pub upstream_client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "NANOGATE_UPSTREAM_CLIENT_KEY")]
+    pub upstream_client_key: Option<PathBuf>,
+    /// Timeout of one upstream HTTP request.
+    #[arg(long, env = "NANOGATE_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+    /// First retry delay cap of the full-jitter exponential backoff.
+    #[arg(long, env = "NANOGATE_BACKOFF_INITIAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub backoff_initial: Duration,
+    /// Largest retry delay of the backoff.
+    #[arg(long, env = "NANOGATE_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+
+    // ----- batching (seed 000 client configuration table) -----
+    /// A partial batch is sent at the latest this long after its first message was queued.
+    #[arg(long, env = "NANOGATE_FLUSH_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+    /// Messages per batch with an empty queue and no resource pressure.
+    #[arg(long, env = "NANOGATE_BATCH_SIZE", default_value_t = 10)]
+    pub batch_size: usize,
+    /// Smallest batch target.
+    #[arg(long, env = "NANOGATE_MIN_BATCH_SIZE", default_value_t = 10)]
+    pub min_batch_size: usize,
+    /// Largest batch.
+    #[arg(long, env = "NANOGATE_MAX_BATCH_SIZE", default_value_t = 200)]
+    pub max_batch_size: usize,
+    /// Batch growth per queued message (target = batch_size + scale_factor × backlog).
+    #[arg(long, env = "NANOGATE_SCALE_FACTOR", default_value_t = 0.5)]
+    pub scale_factor: f64,
+    /// Backlog (messages) at which dynamic sizing saturates; also the most messages read ahead
+    /// from the spool into memory.
+    #[arg(long, env = "NANOGATE_MAX_QUEUE_SIZE", default_value_t = 1000)]
+    pub max_queue_size: usize,
+    /// CPU use (percent of one core) above which batches grow and sends are spaced out.
+    #[arg(long, env = "NANOGATE_TARGET_CPU_PERCENT", default_value_t = 70.0)]
+    pub target_cpu_percent: f64,
+    /// Memory use (percent of the cgroup limit, or of the host) above which batches grow.
+    #[arg(long, env = "NANOGATE_TARGET_MEM_PERCENT", default_value_t = 80.0)]
+    pub target_mem_percent: f64,
+    /// Minimum time between two batch sends.
+    #[arg(long, env = "NANOGATE_MIN_BATCH_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub min_batch_interval: Duration,
+    /// Longest spacing between batch sends under resource pressure.
+    #[arg(long, env = "NANOGATE_MAX_BATCH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub max_batch_interval: Duration,
+    /// How often CPU and memory use are sampled (never per message).
+    #[arg(long, env = "NANOGATE_RESOURCE_SAMPLE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub resource_sample_interval: Duration,
+
+    // ----- spool -----
+    /// Directory of the on-disk write-ahead queue (put it on the pod's volume).
+    #[arg(long, env = "NANOGATE_SPOOL_DIR", default_value = "/var/lib/tendrl/spool")]
+    pub spool_dir: PathBuf,
+    /// Most bytes of undelivered messages kept; beyond it senders get "queue full".
+    #[arg(long, env = "NANOGATE_SPOOL_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes_u64)]
+    pub spool_max_bytes: u64,
+    /// Size at which the spool starts a new segment file.
+    #[arg(long, env = "NANOGATE_SPOOL_SEGMENT_BYTES", default_value = "8MiB", value_parser = parse_bytes_u64)]
+    pub spool_segment_bytes: u64,
+    /// How often appended data is fsync'ed (0s = on every append). Process crashes never lose
+    /// appended data; this bounds what a machine crash can lose.
+    #[arg(long, env = "NANOGATE_SPOOL_SYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub spool_sync_interval: Duration,
+    /// File that receives batches the platform rejected with a 4xx (JSON lines). Default:
+    /// <spool_dir>/dead-letter.jsonl.
+    #[arg(long, env = "NANOGATE_DEAD_LETTER_PATH")]
+    pub dead_letter_path: Option<PathBuf>,
+
+    // ----- admin, identity, logs -----
+    /// Address of the admin HTTP server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "NANOGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub admin_listen: SocketAddr,
+    /// Pod name (downward API); with the namespace it forms each message's `source`.
+    #[arg(long, env = "NANOGATE_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Pod namespace (downward API).
+    #[arg(long, env = "NANOGATE_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// Pod UID (downward API); the agent id towards the hub.
+    #[arg(long, env = "NANOGATE_POD_UID")]
+    pub pod_uid: Option<String>,
+    /// Runtime worker threads (the agent is I/O-bound; two are plenty and keep memory low).
+    #[arg(long, env = "NANOGATE_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "NANOGATE_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "NANOGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Parses flags, environment and the config file, then validates. Errors name the field.
+    pub fn load() -> anyhow::Result<Config> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// [`Config::load`] with explicit arguments (the environment is still read).
+    pub fn load_from<I, T>(args: I) -> anyhow::Result<Config>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let matches = Config::command().try_get_matches_from(&args).map_err(exit_on_help)?;
+        let first = Config::from_arg_matches(&matches)?;
+
+        // The file only fills options that came from neither a flag nor the environment:
+        // append them as flags and parse again, so file values go through the very same
+        // parsers and error messages as flags.
+        let mut extra: Vec<OsString> = Vec::new();
+        if let Some(path) = &first.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("config: cannot read {}: {e}", path.display()))?;
+            let map: serde_yaml::Mapping = if text.trim().is_empty() {
+                serde_yaml::Mapping::new()
+            } else {
+                serde_yaml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("config file {}: not a YAML/JSON mapping: {e}", path.display())
+                })?
+            };
+            let cmd = Config::command();
+            for (key, value) in map {
+                let key = key.as_str().ok_or_else(|| {
+                    anyhow::anyhow!("config file {}: keys must be strings", path.display())
+                })?;
+                let id = key.replace('-', "_");
+                if id == "config" || !cmd.get_arguments().any(|a| a.get_id().as_str() == id) {
+                    anyhow::bail!(
+                        "config file {}: unknown field `{key}` (see --help for the option names)",
+                        path.display()
+                    );
+                }
+                let value = match value {
+                    serde_yaml::Value::String(s) => s,
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    serde_yaml::Value::Bool(b) => b.to_string(),
+                    _ => anyhow::bail!(
+                        "config file {}: field `{key}` must be a string, number or boolean",
+                        path.display()
+                    ),
+                };
+                let from_default = matches!(matches.value_source(&id), Some(ValueSource::DefaultValue) | None);
+                let socket_env = id == "socket_path" && std::env::var_os("TENDRL_SOCKET").is_some();
+                if from_default && !socket_env {
+                    extra.push(format!("--{}={value}", id.replace('_', "-")).into());
+                }
+            }
+        }
+        let mut config = if extra.is_empty() {
+            first
+        } else {
+            let mut all = args.clone();
+            all.extend(extra);
+            let m = Config::command().try_get_matches_from(&all).map_err(|e| {
+                anyhow::anyhow!("config file: {}", e.to_string().trim_start_matches("error: "))
+            })?;
+            Config::from_arg_matches(&m)?
+        };
+        // `TENDRL_SOCKET` is the older name; `TENDRL_SOCKET_PATH` and the flag win over it.
+        if matches!(matches.value_source("socket_path"), Some(ValueSource::DefaultValue))
+            && let Some(p) = std::env::var_os("TENDRL_SOCKET")
+        {
+            config.socket_path = p.into();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks clap cannot express.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.min_batch_size == 0 {
+            bail!("invalid config: min_batch_size must be at least 1");
+        }
+        if self.max_batch_size < self.min_batch_size {
+            bail!(
+                "invalid config: max_batch_size ({}) must be >= min_batch_size ({})",
+                self.max_batch_size,
+                self.min_batch_size
+            );
+        }
+        if !(self.min_batch_size..=self.max_batch_size).contains(&self.batch_size) {
+            bail!(
+                "invalid config: batch_size ({}) must be between min_batch_size ({}) and max_batch_size ({})",
+                self.batch_size,
+                self.min_batch_size,
+                self.max_batch_size
+            );
+        }
+        if !self.scale_factor.is_finite() || self.scale_factor < 0.0 {
+            bail!("invalid config: scale_factor ({}) must be a number >= 0", self.scale_factor);
+        }
+        for (name, v) in [
+            ("target_cpu_percent", self.target_cpu_percent),
+            ("target_mem_percent", self.target_mem_percent),
+        ] {
+            if !(v > 0.0 && v <= 100.0) {
+                bail!("invalid config: {name} ({v}) must be in (0, 100]");
+            }
+        }
+        if self.max_queue_size == 0 {
+            bail!("invalid config: max_queue_size must be at least 1");
+        }
+        if self.min_batch_interval > self.max_batch_interval {
+            bail!("invalid config: min_batch_interval must not exceed max_batch_interval");
+        }
+        for (name, d) in [
+            ("flush_interval", self.flush_interval),
+            ("idle_timeout", self.idle_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+            ("backoff_initial", self.backoff_initial),
+            ("resource_sample_interval", self.resource_sample_interval),
+        ] {
+            if d.is_zero() {
+                bail!("invalid config: {name} must be greater than 0");
+            }
+        }
+        if self.backoff_initial > self.backoff_max {
+            bail!("invalid config: backoff_initial must not exceed backoff_max");
+        }
+        if self.max_message_bytes < 64 {
+            bail!("invalid config: max_message_bytes must be at least 64");
+        }
+        if (self.max_message_bytes as u64) > self.spool_max_bytes {
+            bail!("invalid config: spool_max_bytes must be at least max_message_bytes");
+        }
+        if self.spool_segment_bytes < 4096 {
+            bail!("invalid config: spool_segment_bytes must be at least 4KiB");
+        }
+        if self.worker_threads == 0 {
+            bail!("invalid config: worker_threads must be at least 1");
+        }
+        if self.max_connections == 0 {
+            bail!("invalid config: max_connections must be at least 1");
+        }
+        match reqwest::Url::parse(&self.app_url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(_) => bail!("invalid config: app_url must be an http:// or https:// URL"),
+            Err(e) => bail!("invalid config: app_url ({}) is not a URL: {e}", self.app_url),
+        }
+        if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
+            bail!("invalid config: upstream_client_cert and upstream_client_key go together");
+        }
+        if self.socket_path.as_os_str().is_empty() {
+            bail!("invalid config: socket_path must not be empty");
+        }
+        Ok(())
+    }
+
+    /// `source` stamped on every message: `namespace/pod`, else the host name.
+    pub fn source(&self) -> String {
+        match (&self.pod_namespace, &self.pod_name) {
+            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            (None, Some(pod)) => pod.clone(),
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Where rejected batches go.
+    pub fn dead_letter_file(&self) -> PathBuf {
+        self.dead_letter_path.clone().unwrap_or_else(|| self.spool_dir.join("dead-letter.jsonl"))
+    }
+}
+
+/// `--help` and `--version` are not errors: print and exit 0.
+fn exit_on_help(e: clap::Error) -> anyhow::Error {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
+        _ => anyhow::anyhow!("{}", e.to_string().trim_start_matches("error: ").trim_end()),
+    }
+}
+
+fn parse_bytes_u64(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)]
+        .iter()
+        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n.trim(), *m)))
+        .unwrap_or((s, 1));
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 1048576, 512KiB, 1MiB, 2GiB)"))
+}
+
+fn parse_bytes_usize(s: &str) -> Result<usize, String> {
+    parse_bytes_u64(s).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_from(["nano-agent"]).unwrap();
+        assert_eq!(c.flush_interval, Duration::from_millis(250));
+        assert_eq!(c.max_message_bytes, 1 << 20);
+        assert_eq!(c.max_batch_size, 200);
+    }
+
+    #[test]
+    fn file_fills_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "flush_interval: 2s\nmax-batch-size: 50\nbatch_size: 20\n").unwrap();
+        let c = Config::load_from([
+            "nano-agent".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--batch-size=30".as_ref(),
+        ])
+        .unwrap();
+        assert_eq!(c.flush_interval, Duration::from_secs(2));
+        assert_eq!(c.max_batch_size, 50);
+        assert_eq!(c.batch_size, 30);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"flush_intervl": "2s"}"#).unwrap();
+        let e = Config::load_from(["nano-agent".as_ref(), "--config".as_ref(), path.as_os_str()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flush_intervl"), "{e}");
+        std::fs::write(&path, r#"{"flush_interval": "soon"}"#).unwrap();
+        let e = Config::load_from(["nano-agent".as_ref(), "--config".as_ref(), path.as_os_str()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flush-interval"), "{e}");
+        let e = Config::load_from(["nano-agent", "--batch-size=500"]).unwrap_err().to_string();
+        assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes_u64("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes_u64("4096"), Ok(4096));
+        assert!(parse_bytes_u64("lots").is_err());
+    }
+}

@@ -1,0 +1,587 @@
+//! Durable on-disk write-ahead queue.
+//!
+//! A message is accepted only once its record has been written to the current segment file
+//! (so a crash of the process cannot lose it: it is in the kernel's page cache; `fsync` every
+//! `sync_interval` bounds what a machine crash can lose). It leaves the spool only when the
+//! platform acknowledged the batch that carried it: the reader's position is persisted in the
+//! `ack` file after every delivered batch, and segments wholly before it are deleted.
+//!
+//! Layout of `<dir>`:
+//! - `seg-<20-digit seq>.log`: `NGSPOOL1` magic, then records `[len u32 LE][crc32 u32 LE][payload]`.
+//! - `ack`: `[seq u64 LE][offset u64 LE][crc32 u32 LE]`, replaced atomically (write + rename).
+//!
+//! Recovery scans the unacknowledged segments, truncates each at its first torn or corrupt
+//! record (a crash mid-write leaves at most one torn record at the tail) and starts a fresh
+//! segment for new writes. Duplicates after a crash come only from the batch in flight: it was
+//! delivered but its ack not yet written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+const MAGIC: &[u8; 8] = b"NGSPOOL1";
+const SEG_HEADER: u64 = MAGIC.len() as u64;
+const REC_HEADER: usize = 8;
+/// How much the reader pulls from a segment per read call.
+const READ_CHUNK: u64 = 256 * 1024;
+
+/// A place in the spool: segment sequence number and byte offset within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub seq: u64,
+    pub offset: u64,
+}
+
+/// Records framed for the spool, built by a connection and appended in one write.
+#[derive(Debug, Default)]
+pub struct RecordBuf {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl RecordBuf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends one record whose payload `write` produces.
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; REC_HEADER]);
+        write(&mut self.buf);
+        let payload = &self.buf[start + REC_HEADER..];
+        let len = u32::try_from(payload.len()).expect("record under 4 GiB");
+        let crc = crc32fast::hash(payload);
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        self.count += 1;
+    }
+
+    pub fn push(&mut self, payload: &[u8]) {
+        self.push_with(|b| b.extend_from_slice(payload));
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+    /// Zero: fsync on every append.
+    pub sync_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("spool full")]
+    Full,
+    #[error("spool write failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What recovery found at start.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub messages: u64,
+    pub bytes: u64,
+    pub torn_bytes: u64,
+    pub segments: usize,
+}
+
+struct Writer {
+    seq: u64,
+    file: File,
+    len: u64,
+    dirty: bool,
+}
+
+pub struct Spool {
+    opts: SpoolOptions,
+    /// One writer for all connections: appends are short (one `write` of a prepared buffer),
+    /// so a plain mutex is cheaper than routing every message through a channel and a task.
+    writer: Mutex<Writer>,
+    oldest_seq: Mutex<u64>,
+    pending_bytes: AtomicU64,
+    pending_msgs: AtomicU64,
+    /// Wakes the single reader (the delivery loop) after an append; `notify_one` stores a
+    /// permit when the reader is busy, so no wake-up is lost.
+    notify: Notify,
+    start: Position,
+    report: RecoveryReport,
+}
+
+fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("seg-{seq:020}.log"))
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut seqs = vec![];
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log"))
+            && let Ok(seq) = n.parse::<u64>()
+        {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+fn read_ack(dir: &Path) -> Option<Position> {
+    let b = fs::read(dir.join("ack")).ok()?;
+    if b.len() != 20 || crc32fast::hash(&b[..16]).to_le_bytes() != b[16..20] {
+        return None;
+    }
+    Some(Position {
+        seq: u64::from_le_bytes(b[..8].try_into().ok()?),
+        offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
+    })
+}
+
+fn new_segment(dir: &Path, seq: u64) -> io::Result<File> {
+    let mut f = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(seg_path(dir, seq))?;
+    f.write_all(MAGIC)?;
+    Ok(f)
+}
+
+/// Scans records of `data` starting at `from`; returns (end of the last good record, count).
+fn scan(data: &[u8], from: usize) -> (usize, u64) {
+    let (mut at, mut count) = (from, 0);
+    while data.len() - at >= REC_HEADER {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
+        let Some(payload) = data.get(at + REC_HEADER..at + REC_HEADER + len) else { break };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        at += REC_HEADER + len;
+        count += 1;
+    }
+    (at, count)
+}
+
+impl Spool {
+    /// Opens (creating if needed) and recovers the spool in `opts.dir`.
+    pub fn open(opts: SpoolOptions) -> io::Result<Arc<Spool>> {
+        let dir = opts.dir.clone();
+        fs::create_dir_all(&dir)?;
+        let _ = fs::remove_file(dir.join("ack.tmp"));
+        let seqs = list_segments(&dir)?;
+        let start = read_ack(&dir)
+            .unwrap_or(Position { seq: seqs.first().copied().unwrap_or(1), offset: SEG_HEADER });
+        let mut report = RecoveryReport::default();
+        let mut oldest = start.seq;
+        for &seq in &seqs {
+            let path = seg_path(&dir, seq);
+            if seq < start.seq {
+                fs::remove_file(&path)?;
+                continue;
+            }
+            let mut data = Vec::new();
+            File::open(&path)?.read_to_end(&mut data)?;
+            if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
+                tracing::warn!(segment = %path.display(), "spool segment without header; discarding");
+                report.torn_bytes += data.len() as u64;
+                fs::remove_file(&path)?;
+                continue;
+            }
+            let from = if seq == start.seq { start.offset as usize } else { MAGIC.len() };
+            let from = from.clamp(MAGIC.len(), data.len());
+            let (end, count) = scan(&data, from);
+            if end < data.len() {
+                let torn = (data.len() - end) as u64;
+                tracing::warn!(segment = %path.display(), offset = end, torn_bytes = torn,
+                    "spool segment ends in a torn or corrupt record; truncating");
+                report.torn_bytes += torn;
+                OpenOptions::new().write(true).open(&path)?.set_len(end as u64)?;
+            }
+            report.messages += count;
+            report.bytes += (end - from) as u64;
+            report.segments += 1;
+            oldest = oldest.min(seq);
+        }
+        let next = seqs.last().map_or(start.seq, |s| (s + 1).max(start.seq));
+        let file = new_segment(&dir, next)?;
+        // Make the new segment's directory entry durable before anything relies on it.
+        File::open(&dir)?.sync_all()?;
+        let start = if seqs.iter().any(|&s| s >= start.seq) {
+            start
+        } else {
+            Position { seq: next, offset: SEG_HEADER }
+        };
+        Ok(Arc::new(Spool {
+            writer: Mutex::new(Writer { seq: next, file, len: SEG_HEADER, dirty: false }),
+            oldest_seq: Mutex::new(oldest.min(next)),
+            pending_bytes: AtomicU64::new(report.bytes),
+            pending_msgs: AtomicU64::new(report.messages),
+            notify: Notify::new(),
+            start,
+            report,
+            opts,
+        }))
+    }
+
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    pub fn pending_msgs(&self) -> u64 {
+        self.pending_msgs.load(Ordering::Relaxed)
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    /// Appends every record of `recs` in one write, or none of them.
+    pub fn append(&self, recs: &RecordBuf) -> Result<(), AppendError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let n = recs.bytes();
+        // Reserve space first so concurrent appenders cannot overshoot the cap together.
+        let before = self.pending_bytes.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.opts.max_bytes {
+            self.pending_bytes.fetch_sub(n, Ordering::AcqRel);
+            return Err(AppendError::Full);
+        }
+        let res = self.write(recs);
+        match res {
+            Ok(()) => {
+                self.pending_msgs.fetch_add(recs.count(), Ordering::AcqRel);
+                self.notify.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                self.pending_bytes.fetch_sub(n, Ordering::AcqRel);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn write(&self, recs: &RecordBuf) -> io::Result<()> {
+        let mut w = self.writer.lock().expect("spool writer lock");
+        if w.len > SEG_HEADER && w.len + recs.bytes() > self.opts.segment_bytes {
+            w.file.sync_data()?;
+            let seq = w.seq + 1;
+            w.file = new_segment(&self.opts.dir, seq)?;
+            w.seq = seq;
+            w.len = SEG_HEADER;
+        }
+        if let Err(e) = w.file.write_all(&recs.buf) {
+            // Leave no partial record behind for the reader to trip on.
+            let len = w.len;
+            let _ = w.file.set_len(len);
+            return Err(e);
+        }
+        w.len += recs.bytes();
+        if self.opts.sync_interval.is_zero() {
+            w.file.sync_data()?;
+        } else {
+            w.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the current segment if anything was appended since the last sync.
+    pub fn sync(&self) -> io::Result<()> {
+        let file = {
+            let mut w = self.writer.lock().expect("spool writer lock");
+            if !w.dirty {
+                return Ok(());
+            }
+            w.dirty = false;
+            w.file.try_clone()?
+        };
+        // Outside the lock: an fsync can take milliseconds and must not stall appends.
+        file.sync_data()
+    }
+
+    fn committed(&self) -> Position {
+        let w = self.writer.lock().expect("spool writer lock");
+        Position { seq: w.seq, offset: w.len }
+    }
+
+    /// Waits until something may have been appended since the last call.
+    pub async fn appended(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The reader, positioned at the oldest unacknowledged record. There is one reader per
+    /// spool: the delivery loop.
+    pub fn reader(self: &Arc<Self>) -> SpoolReader {
+        SpoolReader { spool: self.clone(), pos: self.start, file: None, buf: Vec::new() }
+    }
+
+    /// Marks everything before `upto` delivered: persists it, then deletes whole segments.
+    pub fn ack(&self, upto: Position, msgs: u64, bytes: u64) -> io::Result<()> {
+        let mut b = Vec::with_capacity(20);
+        b.extend_from_slice(&upto.seq.to_le_bytes());
+        b.extend_from_slice(&upto.offset.to_le_bytes());
+        b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
+        let tmp = self.opts.dir.join("ack.tmp");
+        fs::write(&tmp, &b)?;
+        fs::rename(&tmp, self.opts.dir.join("ack"))?;
+        self.pending_msgs.fetch_sub(msgs, Ordering::AcqRel);
+        self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let mut oldest = self.oldest_seq.lock().expect("spool oldest lock");
+        while *oldest < upto.seq {
+            match fs::remove_file(seg_path(&self.opts.dir, *oldest)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            *oldest += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A batch read from the spool: payloads joined with commas (ready to become a JSON array).
+#[derive(Debug, Default)]
+pub struct PendingBatch {
+    pub body: Vec<u8>,
+    pub count: u64,
+    /// Spool bytes (headers included) of the records, for accounting on ack.
+    pub bytes: u64,
+    /// Position just after the last record.
+    pub end: Option<Position>,
+}
+
+impl PendingBatch {
+    pub fn clear(&mut self) {
+        self.body.clear();
+        self.count = 0;
+        self.bytes = 0;
+        self.end = None;
+    }
+
+    /// The batch as a JSON array.
+    pub fn json_array(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 2);
+        out.push(b'[');
+        out.extend_from_slice(&self.body);
+        out.push(b']');
+        out
+    }
+}
+
+pub struct SpoolReader {
+    spool: Arc<Spool>,
+    pos: Position,
+    file: Option<(u64, File)>,
+    buf: Vec<u8>,
+}
+
+impl SpoolReader {
+    /// Reads up to `max` more records into `batch`; returns how many were added. Only reads
+    /// what the writer has completely written.
+    pub fn read_into(&mut self, batch: &mut PendingBatch, max: u64) -> io::Result<u64> {
+        let mut added = 0;
+        while added < max {
+            let committed = self.spool.committed();
+            let sealed = self.pos.seq < committed.seq;
+            if !matches!(&self.file, Some((s, _)) if *s == self.pos.seq) {
+                match File::open(seg_path(&self.spool.opts.dir, self.pos.seq)) {
+                    Ok(f) => self.file = Some((self.pos.seq, f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && sealed => {
+                        self.next_segment();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let (_, file) = self.file.as_ref().expect("segment open");
+            let limit = if sealed { file.metadata()?.len() } else { committed.offset };
+            if self.pos.offset >= limit {
+                if sealed {
+                    self.next_segment();
+                    continue;
+                }
+                break;
+            }
+            let mut want = (limit - self.pos.offset).min(READ_CHUNK);
+            loop {
+                self.buf.resize(want as usize, 0);
+                file.read_exact_at(&mut self.buf, self.pos.offset)?;
+                let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as u64;
+                let need = REC_HEADER as u64 + len;
+                if need <= want || need > limit - self.pos.offset {
+                    break;
+                }
+                want = need; // one record larger than a chunk
+            }
+            let mut at = 0usize;
+            while added < max && self.buf.len() - at >= REC_HEADER {
+                let len = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+                let crc = u32::from_le_bytes(self.buf[at + 4..at + 8].try_into().expect("4 bytes"));
+                let Some(payload) = self.buf.get(at + REC_HEADER..at + REC_HEADER + len) else {
+                    if at == 0 {
+                        // A record claims to extend past what was written: only corruption
+                        // does that. Skip the rest of the segment rather than stall forever.
+                        tracing::error!(seq = self.pos.seq, offset = self.pos.offset, "corrupt spool record length; skipping rest of segment");
+                        self.pos.offset = limit;
+                    }
+                    break;
+                };
+                if crc32fast::hash(payload) != crc {
+                    tracing::error!(seq = self.pos.seq, offset = self.pos.offset, "spool record checksum mismatch; skipping rest of segment");
+                    self.pos.offset = limit;
+                    break;
+                }
+                if batch.count > 0 {
+                    batch.body.push(b',');
+                }
+                batch.body.extend_from_slice(payload);
+                batch.count += 1;
+                batch.bytes += (REC_HEADER + len) as u64;
+                at += REC_HEADER + len;
+                self.pos.offset += (REC_HEADER + len) as u64;
+                added += 1;
+            }
+            batch.end = Some(self.pos);
+        }
+        Ok(added)
+    }
+
+    fn next_segment(&mut self) {
+        self.pos = Position { seq: self.pos.seq + 1, offset: SEG_HEADER };
+        self.file = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> SpoolOptions {
+        SpoolOptions {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            segment_bytes: 4096,
+            sync_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn append_n(spool: &Spool, from: usize, n: usize) {
+        let mut r = RecordBuf::new();
+        for i in from..from + n {
+            r.push(format!("{{\"i\":{i}}}").as_bytes());
+        }
+        spool.append(&r).unwrap();
+    }
+
+    fn read_all(reader: &mut SpoolReader, max: u64) -> PendingBatch {
+        let mut b = PendingBatch::default();
+        reader.read_into(&mut b, max).unwrap();
+        b
+    }
+
+    fn ids(b: &PendingBatch) -> Vec<u64> {
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&b.json_array()).unwrap();
+        v.iter().map(|x| x["i"].as_u64().unwrap()).collect()
+    }
+
+    #[test]
+    fn append_read_ack_across_segments_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        for k in 0..50 {
+            append_n(&spool, k * 10, 10); // ~100 bytes per append, many segments
+        }
+        assert_eq!(spool.pending_msgs(), 500);
+        let mut reader = spool.reader();
+        let b = read_all(&mut reader, 120);
+        assert_eq!(ids(&b), (0..120).collect::<Vec<_>>());
+        spool.ack(b.end.unwrap(), b.count, b.bytes).unwrap();
+        let b2 = read_all(&mut reader, 30);
+        assert_eq!(ids(&b2), (120..150).collect::<Vec<_>>());
+        // Crash before acking b2: a restart resends it.
+        drop(reader);
+        drop(spool);
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        assert_eq!(spool.recovery().messages, 380);
+        let mut reader = spool.reader();
+        append_n(&spool, 500, 5);
+        let b = read_all(&mut reader, 1000);
+        assert_eq!(ids(&b), (120..505).collect::<Vec<_>>());
+        spool.ack(b.end.unwrap(), b.count, b.bytes).unwrap();
+        assert_eq!(spool.pending_msgs(), 0);
+        assert_eq!(spool.pending_bytes(), 0);
+        assert!(list_segments(dir.path()).unwrap().len() <= 2);
+    }
+
+    #[test]
+    fn torn_tail_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        append_n(&spool, 0, 3);
+        drop(spool);
+        let seg = seg_path(dir.path(), list_segments(dir.path()).unwrap()[0]);
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, b'{']).unwrap(); // half a record
+        drop(f);
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        assert_eq!(spool.recovery().messages, 3);
+        assert_eq!(spool.recovery().torn_bytes, 9);
+        append_n(&spool, 3, 2);
+        let b = read_all(&mut spool.reader(), 100);
+        assert_eq!(ids(&b), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn corrupt_record_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        append_n(&spool, 0, 3);
+        drop(spool);
+        let seg = seg_path(dir.path(), list_segments(dir.path()).unwrap()[0]);
+        let mut data = fs::read(&seg).unwrap();
+        let n = data.len();
+        data[n - 2] ^= 0xff; // flip a byte in the last record
+        fs::write(&seg, data).unwrap();
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        assert_eq!(ids(&read_all(&mut spool.reader(), 100)), vec![0, 1]);
+    }
+
+    #[test]
+    fn cap_rejects_whole_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(SpoolOptions { max_bytes: 100, ..opts(dir.path()) }).unwrap();
+        append_n(&spool, 0, 5); // 5 × (8 + 8) = 80 bytes
+        let mut r = RecordBuf::new();
+        r.push(b"{\"i\":99}");
+        r.push(b"{\"i\":98}");
+        assert!(matches!(spool.append(&r), Err(AppendError::Full)));
+        assert_eq!(spool.pending_msgs(), 5);
+    }
+}

@@ -1,0 +1,206 @@
+//! `http` upstream: the Tendrl platform API.
+//!
+//! - `POST {url}/entities/messages` — batch (JSON array); any 2xx delivers it.
+//! - `POST {url}/entities/message` — one message (`wait:true`); the body is relayed.
+//! - `GET {url}/entities/check_messages?limit=N` — 204 when empty, 200 `{"messages":[…]}`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+
+use super::{Upstream, UpstreamError};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub struct HttpUpstream {
+    client: reqwest::Client,
+    base: String,
+    api_key: String,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for HttpUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The API key is deliberately left out.
+        f.debug_struct("HttpUpstream").field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &config.upstream_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("upstream_ca: cannot read {}", ca.display()))?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.with_context(|| format!("upstream_ca: {} is not valid PEM", ca.display()))?;
+            roots.add(cert).with_context(|| format!("upstream_ca: bad certificate in {}", ca.display()))?;
+            n += 1;
+        }
+        anyhow::ensure!(n > 0, "upstream_ca: no certificate found in {}", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
+    let mut tls = match (&config.upstream_client_cert, &config.upstream_client_key) {
+        (Some(cert), Some(key)) => {
+            let pem = std::fs::read(cert)
+                .with_context(|| format!("upstream_client_cert: cannot read {}", cert.display()))?;
+            let chain = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("upstream_client_cert: {} is not valid PEM", cert.display()))?;
+            let pem = std::fs::read(key)
+                .with_context(|| format!("upstream_client_key: cannot read {}", key.display()))?;
+            let key = rustls_pemfile::private_key(&mut pem.as_slice())
+                .ok()
+                .flatten()
+                .with_context(|| format!("upstream_client_key: no private key in {}", key.display()))?;
+            builder.with_client_auth_cert(chain, key).context("upstream_client_cert/key")?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+impl HttpUpstream {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(config)?)
+            .timeout(config.upstream_timeout)
+            .connect_timeout(config.upstream_timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("nano-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            client,
+            base: config.app_url.trim_end_matches('/').to_owned(),
+            api_key: config.api_key.clone(),
+            metrics,
+        })
+    }
+
+    async fn request(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
+        let req = if self.api_key.is_empty() { req } else { req.bearer_auth(&self.api_key) };
+        let start = Instant::now();
+        let res = req.send().await;
+        let res = match res {
+            Ok(r) => {
+                let status = r.status();
+                let retry_after = retry_after(r.headers());
+                match r.bytes().await {
+                    Ok(body) => Ok((status, body, retry_after)),
+                    Err(e) => Err(network(e)),
+                }
+            }
+            Err(e) => Err(network(e)),
+        };
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[endpoint])
+            .observe(start.elapsed().as_secs_f64());
+        let (status, body, retry_after) = res?;
+        if status.is_success() {
+            return Ok((status, body));
+        }
+        let code = status.as_u16();
+        if status.is_server_error() || code == 429 || code == 408 {
+            return Err(UpstreamError::Retryable {
+                reason: format!("HTTP {code} from {endpoint}"),
+                retry_after,
+            });
+        }
+        Err(UpstreamError::Rejected { status: code, body: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned() })
+    }
+}
+
+fn network(e: reqwest::Error) -> UpstreamError {
+    // reqwest errors carry the URL but never headers, so the key cannot leak through them.
+    let kind = if e.is_timeout() { "timeout" } else if e.is_connect() { "connect error" } else { "network error" };
+    let mut reason = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    UpstreamError::Retryable { reason, retry_after: None }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+impl Upstream for HttpUpstream {
+    async fn send_batch(&self, body: Bytes, _count: u64) -> Result<(), UpstreamError> {
+        let req = self
+            .client
+            .post(format!("{}/entities/messages", self.base))
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        self.request("messages", req).await.map(|_| ())
+    }
+
+    async fn send_one(&self, body: Bytes) -> Result<Bytes, UpstreamError> {
+        let req = self
+            .client
+            .post(format!("{}/entities/message", self.base))
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        self.request("message", req).await.map(|(_, b)| b)
+    }
+
+    async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
+        let req = self.client.get(format!("{}/entities/check_messages?limit={limit}", self.base));
+        let (status, body) = self.request("check_messages", req).await?;
+        if status == StatusCode::NO_CONTENT || body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(vec![]);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Retryable {
+            reason: format!("check_messages returned invalid JSON: {e}"),
+            retry_after: None,
+        })?;
+        Ok(match v {
+            serde_json::Value::Object(mut o) => match o.remove("messages") {
+                Some(serde_json::Value::Array(a)) => a,
+                _ => vec![],
+            },
+            serde_json::Value::Array(a) => a,
+            _ => vec![],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+}
