@@ -1,0 +1,404 @@
+//! Reconciler tests against a mocked API server (`tower_test::mock`): every request the
+//! reconciler sends is asserted (method, path, field manager, body) and answered as the API
+//! server would. A reconcile that sends a request nobody expects hangs and the 1 s timeout
+//! fails the test — which is also how "no write when nothing changed" is proven.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::{Client, Resource};
+use nanogate_operator::controller::build::{
+    GatewayRef, Verdict, config_map, desired_status, sidecar_config,
+};
+use nanogate_operator::controller::{Context, Error, error_policy, reconcile};
+use nanogate_operator::crd::AgentGateway;
+use nanogate_operator::metrics::Metrics;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+fn fixture(name: &str) -> AgentGateway {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn mock_context() -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Context::new(client, Metrics::default(), Some("test".into()));
+    (Arc::new(ctx), ApiServerVerifier(handle))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn not_found(what: &str) -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+                "message": format!("{what} not found"),"reason":"NotFound","code":404}),
+    )
+}
+
+fn query_has(req: &Request<Body>, part: &str) -> bool {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .any(|p| p == part)
+}
+
+/// Plays the API server, one expected request at a time.
+struct ApiServerVerifier(ApiHandle);
+
+impl ApiServerVerifier {
+    async fn next(&mut self) -> (Request<Body>, mock::SendResponse<Response<Body>>) {
+        self.0.next_request().await.expect("a request")
+    }
+
+    async fn get_secret(&mut self, name: &str, data: Option<Value>) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(
+            req.uri().path(),
+            format!("/api/v1/namespaces/apps/secrets/{name}")
+        );
+        match data {
+            Some(data) => send.send_response(json_response(
+                StatusCode::OK,
+                &json!({"apiVersion":"v1","kind":"Secret",
+                        "metadata":{"name":name,"namespace":"apps"},"data":data}),
+            )),
+            None => send.send_response(not_found("secret")),
+        }
+    }
+
+    async fn get_config_map(&mut self, live: Option<&ConfigMap>) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(
+            req.uri().path(),
+            "/api/v1/namespaces/apps/configmaps/demo-agent-config"
+        );
+        match live {
+            Some(cm) => send.send_response(json_response(
+                StatusCode::OK,
+                &serde_json::to_value(cm).unwrap(),
+            )),
+            None => send.send_response(not_found("configmap")),
+        }
+    }
+
+    async fn apply_config_map(&mut self) -> Value {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(
+            req.uri().path(),
+            "/api/v1/namespaces/apps/configmaps/demo-agent-config"
+        );
+        assert!(
+            query_has(&req, "fieldManager=nanogate-operator"),
+            "{}",
+            req.uri()
+        );
+        assert!(query_has(&req, "force=true"), "{}", req.uri());
+        assert_eq!(
+            req.headers()["content-type"],
+            "application/apply-patch+yaml"
+        );
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        send.send_response(json_response(StatusCode::OK, &body));
+        body
+    }
+
+    async fn create_event(&mut self, reason: &str) -> Value {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(
+            req.uri().path(),
+            "/apis/events.k8s.io/v1/namespaces/apps/events"
+        );
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(body["reason"], reason, "{body}");
+        assert_eq!(body["regarding"]["kind"], "AgentGateway");
+        assert_eq!(body["reportingController"], "nanogate-operator");
+        send.send_response(json_response(StatusCode::CREATED, &body));
+        body
+    }
+
+    async fn list_pods(&mut self, items: Value) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri().path(), "/api/v1/namespaces/apps/pods");
+        send.send_response(json_response(
+            StatusCode::OK,
+            &json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadataList",
+                    "metadata":{"resourceVersion":"1"},"items":items}),
+        ));
+    }
+
+    async fn patch_status(&mut self, gw: &str) -> Value {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(
+            req.uri().path(),
+            format!("/apis/nanogate.io/v1alpha1/namespaces/apps/agentgateways/{gw}/status")
+        );
+        assert!(
+            query_has(&req, "fieldManager=nanogate-operator"),
+            "{}",
+            req.uri()
+        );
+        assert_eq!(
+            req.headers()["content-type"],
+            "application/merge-patch+json"
+        );
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        send.send_response(json_response(StatusCode::OK, &json!({
+            "apiVersion":"nanogate.io/v1alpha1","kind":"AgentGateway",
+            "metadata":{"name":gw,"namespace":"apps"},"spec":{"upstream":{"apiKeySecretRef":{"name":"x"}}},
+            "status": body["status"].clone()
+        })));
+        body
+    }
+}
+
+fn condition<'a>(status: &'a Value, ty: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == ty)
+        .unwrap()
+}
+
+async fn run(
+    gw: AgentGateway,
+    ctx: Arc<Context>,
+    script: impl std::future::Future<Output = ()>,
+) -> Result<Action, Error> {
+    let (result, ()) = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::join!(reconcile(Arc::new(gw), ctx), script)
+    })
+    .await
+    .expect("reconcile finished within 1s without unexpected requests");
+    result
+}
+
+fn pod(name: &str, annotations: Value) -> Value {
+    json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":name,"namespace":"apps","annotations":annotations}})
+}
+
+#[tokio::test]
+async fn new_gateway_creates_config_map_event_and_status() {
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("minimal.yaml");
+    let action = run(gw, ctx.clone(), async {
+        api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
+            .await;
+        api.get_config_map(None).await;
+        let cm = api.apply_config_map().await;
+        assert_eq!(cm["apiVersion"], "v1");
+        assert_eq!(cm["kind"], "ConfigMap");
+        assert_eq!(cm["metadata"]["ownerReferences"][0]["kind"], "AgentGateway");
+        assert_eq!(
+            cm["metadata"]["ownerReferences"][0]["uid"],
+            "1c7a1f36-0c6b-4a43-9d5c-9f2c1c0a0001"
+        );
+        let file = cm["data"]["config.json"].as_str().unwrap();
+        assert!(file.contains("\"max_batch_size\": 200"));
+        assert!(!file.contains("c2VjcmV0") && !file.contains("secret"));
+        let ev = api.create_event("Created").await;
+        assert!(ev["note"].as_str().unwrap().contains("demo-agent-config"));
+        api.list_pods(json!([
+            pod(
+                "a",
+                json!({"nanogate.io/injected":"true","nanogate.io/gateway":"demo"})
+            ),
+            pod(
+                "b",
+                json!({"nanogate.io/inject":"true","nanogate.io/gateway":"demo"})
+            ),
+            pod(
+                "c",
+                json!({"nanogate.io/injected":"true","nanogate.io/gateway":"other"})
+            ),
+            pod(
+                "d",
+                json!({"nanogate.io/inject":"false","nanogate.io/gateway":"demo"})
+            ),
+        ]))
+        .await;
+        let patch = api.patch_status("demo").await;
+        let st = &patch["status"];
+        assert_eq!(st["observedGeneration"], 1);
+        assert_eq!(condition(st, "Ready")["status"], "True");
+        assert_eq!(condition(st, "ConfigValid")["status"], "True");
+        assert_eq!(condition(st, "UpstreamReachable")["status"], "Unknown");
+        assert_eq!(st["sidecars"]["expected"], 2);
+        assert_eq!(st["sidecars"]["summary"], "0/2");
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(ctx.metrics.writes_total(), 3, "apply + event + status");
+}
+
+#[tokio::test]
+async fn unchanged_gateway_makes_no_write() {
+    let (ctx, mut api) = mock_context();
+    let mut gw = fixture("minimal.yaml");
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    let gref = GatewayRef {
+        name: "demo".into(),
+        namespace: "apps".into(),
+        uid: gw.meta().uid.clone().unwrap(),
+    };
+    let mut live = config_map(&gref, &cfg);
+    live.metadata.resource_version = Some("7".into());
+    let verdict = Verdict::Applied {
+        config_map: "demo-agent-config".into(),
+        hash: cfg.hash(),
+    };
+    gw.status = Some(desired_status(
+        None,
+        Some(1),
+        &verdict,
+        0,
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        ),
+    ));
+    let action = run(gw, ctx.clone(), async {
+        api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
+            .await;
+        api.get_config_map(Some(&live)).await;
+        api.list_pods(json!([])).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(ctx.metrics.writes_total(), 0);
+}
+
+#[tokio::test]
+async fn missing_secret_flags_status_and_waits() {
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("minimal.yaml");
+    let action = run(gw, ctx.clone(), async {
+        api.get_secret("tendrl-key", None).await;
+        api.list_pods(json!([])).await;
+        let patch = api.patch_status("demo").await;
+        let cv = condition(&patch["status"], "ConfigValid");
+        assert_eq!(cv["status"], "False");
+        assert_eq!(cv["reason"], "SecretMissing");
+        assert!(cv["message"].as_str().unwrap().contains(
+            "Secret apps/tendrl-key referenced by spec.upstream.apiKeySecretRef not found"
+        ));
+        assert_eq!(condition(&patch["status"], "Ready")["status"], "False");
+        let ev = api.create_event("SecretMissing").await;
+        assert_eq!(ev["type"], "Warning");
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn secret_without_key_is_reported() {
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("minimal.yaml");
+    run(gw, ctx, async {
+        api.get_secret("tendrl-key", Some(json!({"other":"eA=="})))
+            .await;
+        api.list_pods(json!([])).await;
+        let patch = api.patch_status("demo").await;
+        let msg = condition(&patch["status"], "ConfigValid")["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("has no key \"apiKey\""), "{msg}");
+        api.create_event("SecretMissing").await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn invalid_spec_is_flagged_without_touching_config() {
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("invalid.yaml");
+    let action = run(gw, ctx.clone(), async {
+        api.list_pods(json!([])).await;
+        let patch = api.patch_status("broken").await;
+        let cv = condition(&patch["status"], "ConfigValid");
+        assert_eq!(cv["reason"], "InvalidSpec");
+        assert!(cv["message"].as_str().unwrap().contains(
+            "spec.batching.minBatchSize (300) must be ≤ spec.batching.maxBatchSize (200)"
+        ));
+        assert_eq!(patch["status"]["observedGeneration"], 2);
+        let ev = api.create_event("ConfigInvalid").await;
+        assert!(ev["note"].as_str().unwrap().contains("spec.upstream.url"));
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(ctx.metrics.writes_total(), 2, "status + event");
+}
+
+#[tokio::test]
+async fn api_failure_is_an_error_with_label_and_backoff() {
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("minimal.yaml");
+    let result = run(gw.clone(), ctx.clone(), async {
+        let (_req, send) = api.next().await;
+        send.send_response(json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+                    "message":"etcd unavailable","reason":"InternalError","code":500}),
+        ));
+    })
+    .await;
+    let err = result.unwrap_err();
+    assert_eq!(err.metric_label(), "secret_get");
+    let gw = Arc::new(gw);
+    assert_eq!(
+        error_policy(gw.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(1))
+    );
+    assert_eq!(
+        error_policy(gw.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(2))
+    );
+    assert_eq!(
+        error_policy(gw, &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(4))
+    );
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("nanogate_operator_reconcile_errors_total{error=\"secret_get\"} 3")
+    );
+}
+
+#[tokio::test]
+async fn gateway_without_namespace_is_an_error_not_a_panic() {
+    let (ctx, _api) = mock_context();
+    let mut gw = fixture("minimal.yaml");
+    gw.metadata.namespace = None;
+    let err = reconcile(Arc::new(gw), ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "missing_object_key");
+}
