@@ -369,7 +369,7 @@ async fn rotation_during_a_stream_of_admissions_has_zero_failures() {
         tokio::spawn(async move {
             let mut swaps = 0u64;
             while !done.load(Ordering::Relaxed) {
-                let c = if swaps % 2 == 0 { &b } else { &a };
+                let c = if swaps.is_multiple_of(2) { &b } else { &a };
                 resolver.set_pem(&c.cert_pem, &c.key_pem).unwrap();
                 swaps += 1;
                 tokio::time::sleep(std::time::Duration::from_micros(500)).await;

@@ -216,7 +216,7 @@ async fn validate_handler(State(state): State<WebhookState>, body: Bytes) -> imp
 
 /// Parse a review body; on failure, an `invalid` response that still carries the request's
 /// uid and apiVersion when the body is JSON enough to have them.
-fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, AdmissionResponse> {
+fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
     let invalid = |message: String| {
         let mut resp = AdmissionResponse::invalid(message);
         if let Ok(raw) = serde_json::from_slice::<serde_json::Value>(body) {
@@ -227,7 +227,7 @@ fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, AdmissionRespon
                 resp.types.api_version = v.to_string();
             }
         }
-        resp
+        Box::new(resp)
     };
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("malformed AdmissionReview: {e}")))?;
@@ -243,7 +243,7 @@ pub fn mutate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObjec
         Err(resp) => {
             state.metrics.count("invalid", "malformed_review");
             tracing::warn!(message = %resp.result.message, "mutate: malformed AdmissionReview");
-            return resp.into_review();
+            return (*resp).into_review();
         }
     };
     let resp = AdmissionResponse::from(&req);
@@ -341,7 +341,7 @@ pub fn validate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObj
         Ok(req) => req,
         Err(resp) => {
             state.metrics.count("invalid", "malformed_review");
-            return resp.into_review();
+            return (*resp).into_review();
         }
     };
     let resp = AdmissionResponse::from(&req);
