@@ -40,7 +40,11 @@ pub struct ControlConfig {
 
 impl ControlConfig {
     pub fn new(hub_addr: &str, ca_file: PathBuf, token_file: PathBuf, agent_id: &str) -> Self {
-        let server_name = hub_addr.rsplit_once(':').map(|(host, _)| host).unwrap_or(hub_addr).to_string();
+        let server_name = hub_addr
+            .rsplit_once(':')
+            .map(|(host, _)| host)
+            .unwrap_or(hub_addr)
+            .to_string();
         Self {
             hub_addr: hub_addr.to_string(),
             server_name,
@@ -64,7 +68,11 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// Node info and capabilities, sent once per connection as `register`.
     fn register_info(&self) -> serde_json::Value;
     /// Serves a hub request; `Err` is the message sent back with `success: false`.
-    fn handle(&self, method: &str, kwargs: Vec<(String, Value)>) -> impl Future<Output = Result<Value, String>> + Send;
+    fn handle(
+        &self,
+        method: &str,
+        kwargs: Vec<(String, Value)>,
+    ) -> impl Future<Output = Result<Value, String>> + Send;
 }
 
 /// Why one connection ended.
@@ -75,7 +83,11 @@ pub enum Ended {
 }
 
 /// Keeps a hub connection up until `shutdown` flips to true.
-pub async fn run<H: ControlHandler>(cfg: ControlConfig, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run<H: ControlHandler>(
+    cfg: ControlConfig,
+    handler: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut attempt: u32 = 0;
     loop {
         let result = tokio::select! {
@@ -90,7 +102,9 @@ pub async fn run<H: ControlHandler>(cfg: ControlConfig, handler: Arc<H>, mut shu
                     attempt = 0;
                 }
             }
-            Err(error) => warn!(error = %format!("{error:#}"), hub = %cfg.hub_addr, "control channel failed"),
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), hub = %cfg.hub_addr, "control channel failed")
+            }
         }
         attempt = attempt.saturating_add(1);
         let delay = full_jitter(cfg.backoff_initial, cfg.backoff_max, attempt);
@@ -108,7 +122,11 @@ fn full_jitter(initial: Duration, max: Duration, attempt: u32) -> Duration {
     cap.mul_f64(rand::random::<f64>())
 }
 
-async fn connect_and_serve<H: ControlHandler>(cfg: &ControlConfig, handler: Arc<H>, shutdown: watch::Receiver<bool>) -> anyhow::Result<Ended> {
+async fn connect_and_serve<H: ControlHandler>(
+    cfg: &ControlConfig,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Ended> {
     let token = std::fs::read_to_string(&cfg.token_file)
         .with_context(|| format!("reading the hub token {}", cfg.token_file.display()))?;
     let connector = tls_connector(&cfg.ca_file)?;
@@ -127,18 +145,23 @@ async fn connect_and_serve<H: ControlHandler>(cfg: &ControlConfig, handler: Arc<
 }
 
 fn tls_connector(ca_file: &PathBuf) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let pem = std::fs::read(ca_file).with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
+    let pem = std::fs::read(ca_file)
+        .with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.context("parsing the hub CA")?).context("adding the hub CA")?;
+        roots
+            .add(cert.context("parsing the hub CA")?)
+            .context("adding the hub CA")?;
     }
     if roots.is_empty() {
         bail!("{} holds no certificate", ca_file.display());
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
@@ -149,7 +172,11 @@ async fn send<W: AsyncWrite + Unpin>(writer: &mut W, message: &Message) -> anyho
 }
 
 /// Reads until a frame is complete; `Ok(None)` on end of stream. Cancel-safe.
-async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut FrameDecoder, buf: &mut [u8]) -> anyhow::Result<Option<Message>> {
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> anyhow::Result<Option<Message>> {
     loop {
         if let Some(message) = decoder.next_message()? {
             return Ok(Some(message));
@@ -163,7 +190,13 @@ async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut FrameDec
 }
 
 /// The RedPepper agent flow over an established stream (generic so tests can use memory pipes).
-pub async fn serve<S, H>(stream: S, cfg: &ControlConfig, token: &str, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Ended>
+pub async fn serve<S, H>(
+    stream: S,
+    cfg: &ControlConfig,
+    token: &str,
+    handler: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: ControlHandler,
@@ -172,27 +205,54 @@ where
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 16 * 1024];
 
-    let hello = Message::AgentHello { id: cfg.agent_id.clone(), version: env!("CARGO_PKG_VERSION").into(), credentials: token.to_string() };
+    let hello = Message::AgentHello {
+        id: cfg.agent_id.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        credentials: token.to_string(),
+    };
     send(&mut writer, &hello).await?;
-    match tokio::time::timeout(cfg.hello_timeout, read_frame(&mut reader, &mut decoder, &mut buf)).await {
+    match tokio::time::timeout(
+        cfg.hello_timeout,
+        read_frame(&mut reader, &mut decoder, &mut buf),
+    )
+    .await
+    {
         Err(_) => bail!("no ManagerHello within {:?}", cfg.hello_timeout),
-        Ok(Ok(Some(Message::ManagerHello { version }))) => info!(hub = %cfg.hub_addr, %version, "connected to the hub"),
+        Ok(Ok(Some(Message::ManagerHello { version }))) => {
+            info!(hub = %cfg.hub_addr, %version, "connected to the hub")
+        }
         Ok(Ok(Some(Message::Bye { reason }))) => return Ok(Ended::Bye(reason)),
         Ok(Ok(Some(other))) => {
-            let _ = send(&mut writer, &Message::Bye { reason: "expected ManagerHello".into() }).await;
+            let _ = send(
+                &mut writer,
+                &Message::Bye {
+                    reason: "expected ManagerHello".into(),
+                },
+            )
+            .await;
             bail!("hub answered {} instead of ManagerHello", other.name());
         }
         Ok(Ok(None)) => bail!("hub closed the connection during the handshake"),
         Ok(Err(error)) => return Err(error),
     }
     let register = to_value(&handler.register_info())?;
-    send(&mut writer, &Message::Notification { kind: "register".into(), data: register }).await?;
+    send(
+        &mut writer,
+        &Message::Notification {
+            kind: "register".into(),
+            data: register,
+        },
+    )
+    .await?;
 
     // Requests are served concurrently (a `flush` may take a while); answers come back here.
     let (answers_tx, mut answers) = mpsc::channel::<Message>(16);
     let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.ping_interval,
+        cfg.ping_interval,
+    );
     let mut outstanding_ping: Option<(i64, tokio::time::Instant)> = None;
     let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
 
@@ -270,7 +330,11 @@ mod tests {
                 delivered_total: 7,
                 rejected_total: 0,
                 dead_lettered_total: 0,
-                upstream: UpstreamHealth { state: "closed".into(), last_error: None, last_success: None },
+                upstream: UpstreamHealth {
+                    state: "closed".into(),
+                    last_error: None,
+                    last_success: None,
+                },
                 config_generation: 1,
                 timestamp: "2026-11-21T00:00:00Z".into(),
             }
@@ -278,7 +342,11 @@ mod tests {
         fn register_info(&self) -> serde_json::Value {
             serde_json::json!({"capabilities": ["reload", "flush", "drain", "status"]})
         }
-        async fn handle(&self, method: &str, _kwargs: Vec<(String, Value)>) -> Result<Value, String> {
+        async fn handle(
+            &self,
+            method: &str,
+            _kwargs: Vec<(String, Value)>,
+        ) -> Result<Value, String> {
             match method {
                 "flush" => {
                     self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -297,7 +365,9 @@ mod tests {
     impl Hub {
         async fn recv(&mut self) -> Option<Message> {
             let mut buf = [0u8; 4096];
-            read_frame(&mut self.stream, &mut self.decoder, &mut buf).await.unwrap()
+            read_frame(&mut self.stream, &mut self.decoder, &mut buf)
+                .await
+                .unwrap()
         }
         async fn send(&mut self, message: Message) {
             self.stream.write_all(&encode(&message)).await.unwrap();
@@ -308,22 +378,51 @@ mod tests {
     async fn hello_register_heartbeats_requests_and_shutdown() {
         let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
         let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
-        let handler = Arc::new(Fake { flushes: AtomicU32::new(0) });
+        let handler = Arc::new(Fake {
+            flushes: AtomicU32::new(0),
+        });
         let (stop, stopped) = watch::channel(false);
         let h = handler.clone();
         let agent = tokio::spawn(async move { serve(agent_side, &cfg, "tok", h, stopped).await });
-        let mut hub = Hub { stream: hub_side, decoder: FrameDecoder::new() };
+        let mut hub = Hub {
+            stream: hub_side,
+            decoder: FrameDecoder::new(),
+        };
 
-        let Some(Message::AgentHello { id, credentials, .. }) = hub.recv().await else { panic!("hello first") };
+        let Some(Message::AgentHello {
+            id, credentials, ..
+        }) = hub.recv().await
+        else {
+            panic!("hello first")
+        };
         assert_eq!((id.as_str(), credentials.as_str()), ("uid-1", "tok"));
-        hub.send(Message::ManagerHello { version: "0.1.0".into() }).await;
-        assert!(matches!(hub.recv().await, Some(Message::Notification { kind, .. }) if kind == "register"));
-        let Some(Message::Notification { kind, data }) = hub.recv().await else { panic!("heartbeat") };
+        hub.send(Message::ManagerHello {
+            version: "0.1.0".into(),
+        })
+        .await;
+        assert!(
+            matches!(hub.recv().await, Some(Message::Notification { kind, .. }) if kind == "register")
+        );
+        let Some(Message::Notification { kind, data }) = hub.recv().await else {
+            panic!("heartbeat")
+        };
         assert_eq!(kind, "heartbeat");
         assert_eq!(from_value::<Heartbeat>(data).unwrap().received_total, 7);
 
-        hub.send(Message::Request { id: "r1".into(), method: "flush".into(), args: vec![], kwargs: vec![] }).await;
-        hub.send(Message::Request { id: "r2".into(), method: "nope".into(), args: vec![], kwargs: vec![] }).await;
+        hub.send(Message::Request {
+            id: "r1".into(),
+            method: "flush".into(),
+            args: vec![],
+            kwargs: vec![],
+        })
+        .await;
+        hub.send(Message::Request {
+            id: "r2".into(),
+            method: "nope".into(),
+            args: vec![],
+            kwargs: vec![],
+        })
+        .await;
         let mut answers = Vec::new();
         while answers.len() < 2 {
             match hub.recv().await {
@@ -333,7 +432,10 @@ mod tests {
             }
         }
         answers.sort();
-        assert_eq!(answers, vec![("r1".to_string(), true), ("r2".to_string(), false)]);
+        assert_eq!(
+            answers,
+            vec![("r1".to_string(), true), ("r2".to_string(), false)]
+        );
         assert_eq!(handler.flushes.load(Ordering::Relaxed), 1);
 
         // Next heartbeat arrives one interval later (time is paused, so exactly).
@@ -348,7 +450,12 @@ mod tests {
         assert!(tokio::time::Instant::now() - before <= Duration::from_secs(5));
 
         stop.send(true).unwrap();
-        assert_eq!(hub.recv().await, Some(Message::Bye { reason: "agent shutting down".into() }));
+        assert_eq!(
+            hub.recv().await,
+            Some(Message::Bye {
+                reason: "agent shutting down".into()
+            })
+        );
         assert!(matches!(agent.await.unwrap(), Ok(Ended::Shutdown)));
     }
 
@@ -356,19 +463,33 @@ mod tests {
     async fn refused_hello_ends_with_bye() {
         let (agent_side, hub_side) = tokio::io::duplex(4096);
         let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
-        let handler = Arc::new(Fake { flushes: AtomicU32::new(0) });
+        let handler = Arc::new(Fake {
+            flushes: AtomicU32::new(0),
+        });
         let (_stop, stopped) = watch::channel(false);
-        let agent = tokio::spawn(async move { serve(agent_side, &cfg, "bad", handler, stopped).await });
-        let mut hub = Hub { stream: hub_side, decoder: FrameDecoder::new() };
+        let agent =
+            tokio::spawn(async move { serve(agent_side, &cfg, "bad", handler, stopped).await });
+        let mut hub = Hub {
+            stream: hub_side,
+            decoder: FrameDecoder::new(),
+        };
         hub.recv().await;
-        hub.send(Message::Bye { reason: "authentication failed".into() }).await;
-        assert!(matches!(agent.await.unwrap(), Ok(Ended::Bye(reason)) if reason == "authentication failed"));
+        hub.send(Message::Bye {
+            reason: "authentication failed".into(),
+        })
+        .await;
+        assert!(
+            matches!(agent.await.unwrap(), Ok(Ended::Bye(reason)) if reason == "authentication failed")
+        );
     }
 
     #[test]
     fn backoff_is_capped() {
         for attempt in 0..40 {
-            assert!(full_jitter(Duration::from_millis(250), Duration::from_secs(30), attempt) <= Duration::from_secs(30));
+            assert!(
+                full_jitter(Duration::from_millis(250), Duration::from_secs(30), attempt)
+                    <= Duration::from_secs(30)
+            );
         }
     }
 }

@@ -28,10 +28,13 @@ struct AgentRecord {
     connected_at: Instant,
     last_seen: Instant,
     heartbeat: Option<Heartbeat>,
-    /// Messages per second received by this agent, from its last two heartbeats.
+    last_heartbeat_unix: Option<i64>,
+    /// Messages per second received and delivered by this agent, from its last two heartbeats.
     received_rate: f64,
-    /// When this agent last went from healthy to unhealthy (for `unhealthySidecars.since`).
-    unhealthy_since: Option<Instant>,
+    delivered_rate: f64,
+    /// When this agent last went from healthy to unhealthy, monotonic and as Unix seconds (the
+    /// wall-clock value is taken once so `unhealthySidecars.since` stays stable between writes).
+    unhealthy_since: Option<(Instant, i64)>,
 }
 
 /// Aggregate of one gateway's connected sidecars.
@@ -44,6 +47,9 @@ pub struct FleetHealth {
     pub rejected_total: u64,
     pub dead_lettered_total: u64,
     pub received_per_second: f64,
+    pub delivered_per_second: f64,
+    /// Most recent heartbeat from any sidecar, as Unix seconds.
+    pub last_heartbeat_unix: Option<i64>,
     /// Sidecars whose upstream circuit is closed, out of those that reported one.
     pub upstream_reachable: Option<bool>,
     /// Unhealthy sidecars, longest-unhealthy first, at most [`MAX_UNHEALTHY`].
@@ -58,6 +64,8 @@ pub struct UnhealthyAgent {
     pub reason: &'static str,
     /// How long it has been unhealthy.
     pub for_duration: Duration,
+    /// When it became unhealthy, as Unix seconds.
+    pub since_unix: i64,
 }
 
 /// The status shows at most this many unhealthy sidecars.
@@ -81,7 +89,9 @@ impl HealthIndex {
             connected_at: now,
             last_seen: now,
             heartbeat: None,
+            last_heartbeat_unix: None,
             received_rate: 0.0,
+            delivered_rate: 0.0,
             unhealthy_since: None,
         };
         self.write().insert(identity.agent_id, record);
@@ -100,13 +110,18 @@ impl HealthIndex {
         if let Some(previous) = &record.heartbeat {
             let elapsed = now.duration_since(record.last_seen).as_secs_f64();
             if elapsed > 0.0 {
-                let delta = heartbeat
+                let received = heartbeat
                     .received_total
                     .saturating_sub(previous.received_total);
-                record.received_rate = delta as f64 / elapsed;
+                let delivered = heartbeat
+                    .delivered_total
+                    .saturating_sub(previous.delivered_total);
+                record.received_rate = received as f64 / elapsed;
+                record.delivered_rate = delivered as f64 / elapsed;
             }
         }
         record.last_seen = now;
+        record.last_heartbeat_unix = Some(unix_now());
         record.heartbeat = Some(heartbeat);
     }
 
@@ -196,6 +211,9 @@ impl HealthIndex {
                     fleet.rejected_total += hb.rejected_total;
                     fleet.dead_lettered_total += hb.dead_lettered_total;
                     fleet.received_per_second += record.received_rate;
+                    fleet.delivered_per_second += record.delivered_rate;
+                    fleet.last_heartbeat_unix =
+                        fleet.last_heartbeat_unix.max(record.last_heartbeat_unix);
                     *fleet
                         .config_generations
                         .entry(hb.config_generation)
@@ -218,11 +236,13 @@ impl HealthIndex {
                     record.unhealthy_since = None;
                 }
                 Some(reason) => {
-                    let since = *record.unhealthy_since.get_or_insert(now);
+                    let (since, since_unix) =
+                        *record.unhealthy_since.get_or_insert((now, unix_now()));
                     unhealthy.push(UnhealthyAgent {
                         pod: record.identity.pod.clone(),
                         reason,
                         for_duration: now.duration_since(since),
+                        since_unix,
                     });
                 }
             }
@@ -244,6 +264,13 @@ impl HealthIndex {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.agents.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

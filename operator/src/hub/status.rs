@@ -1,0 +1,362 @@
+//! The status writer: turns the health index into each AgentGateway's status — sidecar counts,
+//! message totals and rates, upstream state, `UpstreamReachable`, `SidecarsHealthy`, unhealthy
+//! sidecars — at most once per interval per gateway and only when a shown value changed.
+//!
+//! The reconciler owns `observedGeneration`, `Ready`, `ConfigValid`, `configHash` and
+//! `sidecars.expected`; this writer owns the rest and keeps the reconciler's fields as read.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use prometheus::IntCounter;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::Hub;
+use super::index::FleetHealth;
+use crate::FIELD_MANAGER;
+use crate::controller::build::set_condition;
+use crate::crd::{
+    AgentGateway, AgentGatewayStatus, MessageStats, SidecarCounts, UnhealthySidecar,
+    UpstreamStatus, conditions, parse_duration,
+};
+
+/// Default pause between status passes (the architecture's "at most every few seconds").
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A sidecar silent for this many heartbeat intervals counts as disconnected.
+pub const SILENT_HEARTBEATS: u32 = 3;
+
+/// `lastHeartbeatTime` alone never causes a write; it is refreshed with other changes or when
+/// older than this.
+const HEARTBEAT_TIME_REFRESH: i64 = 60;
+
+/// The status this writer wants, from the current status and the fleet. Rates are rounded to
+/// one decimal so noise does not cause writes.
+pub fn fleet_status(
+    current: Option<&AgentGatewayStatus>,
+    fleet: &FleetHealth,
+    generation: Option<i64>,
+    now: &Time,
+) -> AgentGatewayStatus {
+    let mut st = current.cloned().unwrap_or_default();
+    let expected = st.sidecars.as_ref().map(|s| s.expected).unwrap_or(0);
+    let connected = fleet.connected as i32;
+    let healthy = fleet.healthy as i32;
+    st.sidecars = Some(SidecarCounts::new(expected, connected, healthy));
+    st.messages = Some(MessageStats {
+        received_total: fleet.received_total as i64,
+        delivered_total: fleet.delivered_total as i64,
+        dropped_total: (fleet.rejected_total + fleet.dead_lettered_total) as i64,
+        received_per_second: round1(fleet.received_per_second),
+        delivered_per_second: round1(fleet.delivered_per_second),
+    });
+    let (upstream_state, upstream_status, upstream_reason, upstream_message) =
+        match fleet.upstream_reachable {
+            Some(true) => (
+                "Reachable",
+                "True",
+                "Delivering",
+                "Sidecars deliver to the upstream".to_string(),
+            ),
+            Some(false) => (
+                "Unreachable",
+                "False",
+                "DeliveryFailing",
+                "No sidecar can reach the upstream; messages wait in their spools".to_string(),
+            ),
+            None => (
+                "Unknown",
+                "Unknown",
+                "AwaitingSidecars",
+                "No sidecar has reported yet".to_string(),
+            ),
+        };
+    let last_error = st
+        .upstream
+        .as_ref()
+        .and_then(|u| u.last_error.clone())
+        .filter(|_| upstream_state == "Unreachable");
+    st.upstream = Some(UpstreamStatus {
+        state: upstream_state.into(),
+        last_error,
+    });
+    set_condition(
+        &mut st.conditions,
+        conditions::UPSTREAM_REACHABLE,
+        upstream_status,
+        upstream_reason,
+        &upstream_message,
+        generation,
+        now,
+    );
+
+    let (status, reason, message) = if expected == 0 && connected == 0 {
+        (
+            "Unknown",
+            "NoSidecars",
+            "No pod is injected for this gateway".to_string(),
+        )
+    } else if connected < expected {
+        (
+            "False",
+            "SidecarsMissing",
+            format!("{connected} of {expected} expected sidecars are connected"),
+        )
+    } else if healthy < connected {
+        (
+            "False",
+            "SidecarsUnhealthy",
+            format!(
+                "{} of {connected} connected sidecars are unhealthy",
+                connected - healthy
+            ),
+        )
+    } else {
+        (
+            "True",
+            "AllHealthy",
+            format!("{healthy} sidecars connected and healthy"),
+        )
+    };
+    set_condition(
+        &mut st.conditions,
+        conditions::SIDECARS_HEALTHY,
+        status,
+        reason,
+        &message,
+        generation,
+        now,
+    );
+
+    st.unhealthy_sidecars = fleet
+        .unhealthy
+        .iter()
+        .map(|u| UnhealthySidecar {
+            pod: u.pod.clone(),
+            reason: u.reason.to_string(),
+            since: unix_time(u.since_unix),
+        })
+        .collect();
+    if let Some(unix) = fleet.last_heartbeat_unix {
+        st.last_heartbeat_time = Some(unix_time(unix));
+    }
+    st
+}
+
+/// Whether `desired` shows anything `current` does not (ignoring a merely newer heartbeat time
+/// unless the stored one is stale).
+pub fn needs_write(current: Option<&AgentGatewayStatus>, desired: &AgentGatewayStatus) -> bool {
+    let Some(current) = current else { return true };
+    let stale_heartbeat = match (&current.last_heartbeat_time, &desired.last_heartbeat_time) {
+        (None, Some(_)) => true,
+        (Some(old), Some(new)) => new.0.as_second() - old.0.as_second() > HEARTBEAT_TIME_REFRESH,
+        _ => false,
+    };
+    let mut without_time = desired.clone();
+    without_time.last_heartbeat_time = current.last_heartbeat_time.clone();
+    stale_heartbeat || &without_time != current
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn unix_time(seconds: i64) -> Time {
+    Time(Timestamp::from_second(seconds).unwrap_or_else(|_| Timestamp::now()))
+}
+
+/// Writes fleet health into every gateway's status every `interval` until `shutdown`.
+/// `writes` counts status patches (the load benchmark reads it).
+pub async fn run(
+    client: Client,
+    hub: Arc<Hub>,
+    interval: Duration,
+    writes: IntCounter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let gateways: Api<AgentGateway> = Api::all(client.clone());
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let list = match gateways.list(&ListParams::default()).await {
+            Ok(list) => list,
+            Err(error) => {
+                warn!(%error, "status writer: listing gateways failed");
+                continue;
+            }
+        };
+        let now_instant = Instant::now();
+        let now = Time(
+            Timestamp::from_second(Timestamp::now().as_second())
+                .unwrap_or_else(|_| Timestamp::now()),
+        );
+        for gateway in list.items {
+            let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
+                continue;
+            };
+            let heartbeat =
+                parse_duration(&gateway.spec.heartbeat_interval).unwrap_or(Duration::from_secs(5));
+            let fleet = hub.index.fleet(
+                &namespace,
+                &name,
+                now_instant,
+                heartbeat * SILENT_HEARTBEATS,
+            );
+            let desired = fleet_status(
+                gateway.status.as_ref(),
+                &fleet,
+                gateway.metadata.generation,
+                &now,
+            );
+            if !needs_write(gateway.status.as_ref(), &desired) {
+                continue;
+            }
+            let api: Api<AgentGateway> = Api::namespaced(client.clone(), &namespace);
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            match api
+                .patch_status(&name, &params, &Patch::Merge(json!({ "status": desired })))
+                .await
+            {
+                Ok(_) => {
+                    writes.inc();
+                    debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
+                }
+                Err(error) => warn!(%error, %namespace, %name, "status writer: patch failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::index::UnhealthyAgent;
+
+    fn time(s: i64) -> Time {
+        unix_time(s)
+    }
+
+    fn fleet(connected: u32, healthy: u32) -> FleetHealth {
+        FleetHealth {
+            connected,
+            healthy,
+            received_total: 100,
+            delivered_total: 90,
+            rejected_total: 2,
+            dead_lettered_total: 1,
+            received_per_second: 12.345,
+            delivered_per_second: 11.0,
+            last_heartbeat_unix: Some(1_000),
+            upstream_reachable: Some(true),
+            unhealthy: Vec::new(),
+            config_generations: Default::default(),
+        }
+    }
+
+    fn with_expected(expected: i32) -> AgentGatewayStatus {
+        AgentGatewayStatus {
+            sidecars: Some(SidecarCounts::new(expected, 0, 0)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn healthy_fleet_reads_true_with_totals() {
+        let st = fleet_status(Some(&with_expected(2)), &fleet(2, 2), Some(1), &time(1_000));
+        assert_eq!(st.sidecars, Some(SidecarCounts::new(2, 2, 2)));
+        let messages = st.messages.clone().unwrap();
+        assert_eq!(
+            (
+                messages.received_total,
+                messages.dropped_total,
+                messages.received_per_second
+            ),
+            (100, 3, 12.3)
+        );
+        let cond = |t: &str| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+                .unwrap()
+        };
+        assert_eq!(
+            cond(conditions::SIDECARS_HEALTHY),
+            ("True".into(), "AllHealthy".into())
+        );
+        assert_eq!(
+            cond(conditions::UPSTREAM_REACHABLE),
+            ("True".into(), "Delivering".into())
+        );
+        assert_eq!(st.upstream.unwrap().state, "Reachable");
+    }
+
+    #[test]
+    fn missing_and_unhealthy_sidecars_are_named() {
+        let mut f = fleet(1, 0);
+        f.unhealthy = vec![UnhealthyAgent {
+            pod: "p1".into(),
+            reason: "Degraded",
+            for_duration: Duration::from_secs(3),
+            since_unix: 997,
+        }];
+        let st = fleet_status(Some(&with_expected(3)), &f, Some(1), &time(1_000));
+        let healthy = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::SIDECARS_HEALTHY)
+            .unwrap();
+        assert_eq!(
+            (healthy.status.as_str(), healthy.reason.as_str()),
+            ("False", "SidecarsMissing")
+        );
+        assert_eq!(healthy.message, "1 of 3 expected sidecars are connected");
+        assert_eq!(
+            st.unhealthy_sidecars,
+            vec![UnhealthySidecar {
+                pod: "p1".into(),
+                reason: "Degraded".into(),
+                since: time(997)
+            }]
+        );
+    }
+
+    #[test]
+    fn second_pass_with_the_same_fleet_writes_nothing() {
+        let first = fleet_status(Some(&with_expected(2)), &fleet(2, 2), Some(1), &time(1_000));
+        assert!(needs_write(Some(&with_expected(2)), &first));
+        // Same fleet later, only the heartbeat time moved: no write, transition times unchanged.
+        let mut later_fleet = fleet(2, 2);
+        later_fleet.last_heartbeat_unix = Some(1_030);
+        let second = fleet_status(Some(&first), &later_fleet, Some(1), &time(1_030));
+        assert!(!needs_write(Some(&first), &second));
+        // …until the stored heartbeat time is more than a minute old.
+        later_fleet.last_heartbeat_unix = Some(1_100);
+        let third = fleet_status(Some(&first), &later_fleet, Some(1), &time(1_100));
+        assert!(needs_write(Some(&first), &third));
+        assert_eq!(
+            third.conditions, first.conditions,
+            "lastTransitionTime changes only on a transition"
+        );
+    }
+
+    #[test]
+    fn changed_counts_write() {
+        let first = fleet_status(Some(&with_expected(2)), &fleet(2, 2), Some(1), &time(1_000));
+        let second = fleet_status(Some(&first), &fleet(1, 1), Some(1), &time(1_005));
+        assert!(needs_write(Some(&first), &second));
+    }
+}
