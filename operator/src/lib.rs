@@ -64,6 +64,9 @@ pub struct RunOptions {
     /// Run for leadership (disable only for a single replica in tests).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
+    /// Reconcile gateways of this namespace only (default: all namespaces).
+    #[arg(long, env = "NANOGATE_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Log format.
     #[arg(long, value_enum, env = "NANOGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -78,6 +81,7 @@ impl Default for RunOptions {
             identity: None,
             lease_duration: 15,
             leader_elect: true,
+            namespace: None,
             log_format: LogFormat::Text,
         }
     }
@@ -199,11 +203,10 @@ pub async fn run_with_client(
     ));
     ready.store(true, Ordering::Relaxed);
 
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        metrics.clone(),
-        Some(identity.clone()),
-    ));
+    let ctx = Arc::new(
+        controller::Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
+            .with_namespace(opts.namespace.clone()),
+    );
     let mut shutdown = std::pin::pin!(shutdown);
 
     if !opts.leader_elect {

@@ -83,6 +83,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Metrics,
+    /// Watch only this namespace (`None`: the whole cluster).
+    pub namespace: Option<String>,
     /// Consecutive failures per gateway, for exponential backoff in [`error_policy`].
     failures: Mutex<HashMap<(String, String), u32>>,
 }
@@ -98,7 +100,25 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            namespace: None,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Restrict the controller to one namespace.
+    pub fn with_namespace(mut self, namespace: Option<String>) -> Self {
+        self.namespace = namespace;
+        self
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
         }
     }
 
@@ -384,8 +404,7 @@ pub fn backoff(n: u32) -> Duration {
 /// (a created/changed Secret reconciles the gateways that reference it) and pods (sidecar
 /// counts).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let gateways: Api<AgentGateway> = Api::all(client.clone());
+    let gateways: Api<AgentGateway> = ctx.api();
     if let Err(error) = gateways.list(&ListParams::default().limit(1)).await {
         warn!(%error, "cannot list AgentGateways; is the CRD installed? (nanogate-operator crd | kubectl apply -f -)");
     }
@@ -393,12 +412,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let store = controller.store();
     controller
         .owns(
-            Api::<ConfigMap>::all(client.clone()),
+            ctx.api::<ConfigMap>(),
             watcher::Config::default()
                 .labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}")),
         )
         .watches(
-            Api::<Secret>::all(client.clone()),
+            ctx.api::<Secret>(),
             watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
             move |secret: Secret| {
                 let ns = secret.namespace().unwrap_or_default();
@@ -412,19 +431,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                     .collect::<Vec<_>>()
             },
         )
-        .watches(
-            Api::<Pod>::all(client),
-            watcher::Config::default(),
-            |pod: Pod| {
-                let ns = pod.namespace();
-                pod.metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(build::pod_gateway)
-                    .zip(ns)
-                    .map(|(gw, ns)| ObjectRef::<AgentGateway>::new(&gw).within(&ns))
-            },
-        )
+        .watches(ctx.api::<Pod>(), watcher::Config::default(), |pod: Pod| {
+            let ns = pod.namespace();
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(build::pod_gateway)
+                .zip(ns)
+                .map(|(gw, ns)| ObjectRef::<AgentGateway>::new(&gw).within(&ns))
+        })
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
