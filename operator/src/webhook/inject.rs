@@ -37,11 +37,11 @@ pub const SOCKET_VOLUME: &str = "nanogate-socket";
 pub const CONFIG_VOLUME: &str = "nanogate-config";
 pub const TOKEN_VOLUME: &str = "nanogate-hub-token";
 pub const HUB_CA_VOLUME: &str = "nanogate-hub-ca";
-/// Where the sidecar finds its configuration, hub token and hub CA.
-pub const CONFIG_DIR: &str = "/etc/nanogate";
+/// Where the sidecar finds its hub token and hub CA (the config directory is per gateway,
+/// [`InjectionConfig::config_dir`]).
 pub const TOKEN_DIR: &str = "/var/run/secrets/nanogate-hub";
 pub const TOKEN_FILE: &str = "token";
-pub const HUB_CA_DIR: &str = "/etc/nanogate-hub-ca";
+pub const HUB_CA_DIR: &str = "/etc/nanogate/hub-ca";
 pub const HUB_CA_FILE: &str = "ca.crt";
 /// Audience and lifetime of the projected service-account token presented to the hub.
 pub const HUB_TOKEN_AUDIENCE: &str = "nanogate-hub";
@@ -82,6 +82,26 @@ pub enum HubCaSource {
     Secret(KeyRef),
 }
 
+/// A Secret mounted read-only into the sidecar only (e.g. the upstream CA or client
+/// certificate). `items` (key → file name) limits and renames the keys; empty mounts all.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretMount {
+    /// Volume name; must be unique in the pod (prefix it with `nanogate-`).
+    pub volume_name: String,
+    pub secret_name: String,
+    pub mount_path: String,
+    #[serde(default)]
+    pub items: Vec<KeyToPath>,
+}
+
+/// One Secret key projected as a file name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyToPath {
+    pub key: String,
+    pub path: String,
+}
+
 /// Sidecar resources as Kubernetes quantities; `None` leaves the field unset.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -102,6 +122,36 @@ impl SidecarResources {
             memory_limit: Some("64Mi".into()),
         }
     }
+
+    /// From a `ResourceRequirements` (the gateway's `spec.sidecar.resources`).
+    pub fn from_requirements(r: &k8s_openapi::api::core::v1::ResourceRequirements) -> Self {
+        let get =
+            |m: &Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >,
+             k: &str| m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone());
+        Self {
+            cpu_request: get(&r.requests, "cpu"),
+            cpu_limit: get(&r.limits, "cpu"),
+            memory_request: get(&r.requests, "memory"),
+            memory_limit: get(&r.limits, "memory"),
+        }
+    }
+}
+
+/// Whether the API server runs native sidecars (Kubernetes ≥ 1.29, where the
+/// `SidecarContainers` feature is on by default), from `Client::apiserver_version()`.
+/// `minor` may carry a suffix such as `"29+"`.
+pub fn supports_native_sidecars(version: &k8s_openapi::apimachinery::pkg::version::Info) -> bool {
+    let num = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .ok()
+    };
+    match (num(&version.major), num(&version.minor)) {
+        (Some(major), Some(minor)) => major > 1 || (major == 1 && minor >= 29),
+        _ => false,
+    }
 }
 
 /// Everything needed to inject the sidecar of one gateway. The reconciler maps an
@@ -114,10 +164,14 @@ pub struct InjectionConfig {
     /// `metadata.generation` of the gateway whose configuration is injected; recorded in the
     /// `nanogate.io/injected` annotation.
     pub config_generation: i64,
+    /// Content hash of the derived sidecar configuration, recorded in the annotation too.
+    pub config_hash: Option<String>,
     /// ConfigMap (owned by the gateway, in the pod's namespace) holding the sidecar config.
     pub config_map_name: String,
-    /// Key of that ConfigMap holding the config file; mounted as `/etc/nanogate/<key>`.
+    /// Key of that ConfigMap holding the config file.
     pub config_key: String,
+    /// Where the ConfigMap is mounted; the sidecar reads `<config_dir>/<config_key>`.
+    pub config_dir: String,
     pub image: String,
     /// `Always` | `IfNotPresent` | `Never`; `None` lets Kubernetes choose.
     pub image_pull_policy: Option<String>,
@@ -135,6 +189,9 @@ pub struct InjectionConfig {
     pub hub_ca: Option<HubCaSource>,
     /// Secret key holding the upstream API key (exposed as `TENDRL_KEY` to the sidecar only).
     pub api_key_secret: KeyRef,
+    /// Further Secrets for the sidecar (upstream CA, client certificate).
+    #[serde(default)]
+    pub secret_mounts: Vec<SecretMount>,
 }
 
 impl InjectionConfig {
@@ -143,8 +200,10 @@ impl InjectionConfig {
         Self {
             gateway_name: gateway_name.to_string(),
             config_generation: 1,
-            config_map_name: format!("{gateway_name}-sidecar-config"),
-            config_key: "config.yaml".into(),
+            config_hash: None,
+            config_map_name: format!("{gateway_name}-agent-config"),
+            config_key: "config.json".into(),
+            config_dir: "/etc/nanogate/agent".into(),
             image: image.to_string(),
             image_pull_policy: None,
             resources: SidecarResources::defaults(),
@@ -156,6 +215,7 @@ impl InjectionConfig {
             hub_addr: "nanogate-hub.nanogate-system.svc:7051".into(),
             hub_ca: None,
             api_key_secret,
+            secret_mounts: Vec::new(),
         }
     }
 
@@ -298,6 +358,12 @@ impl std::fmt::Display for SkipReason {
 pub struct InjectedRecord {
     pub gateway: String,
     pub generation: i64,
+    #[serde(
+        default,
+        rename = "configHash",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub config_hash: Option<String>,
     /// `native` or `legacy`.
     pub mode: String,
 }
@@ -458,6 +524,18 @@ fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
         }})),
         None => {}
     }
+    for m in &cfg.secret_mounts {
+        let mut secret = json!({"secretName": m.secret_name});
+        if !m.items.is_empty() {
+            let items: Vec<Value> = m
+                .items
+                .iter()
+                .map(|i| json!({"key": i.key, "path": i.path}))
+                .collect();
+            secret["items"] = Value::Array(items);
+        }
+        volumes.push(json!({"name": m.volume_name, "secret": secret}));
+    }
     ops.append("/spec/volumes", spec.volumes.is_some(), volumes);
 
     // Socket mount + env in every app container and init container. Indexes refer to the pod
@@ -501,6 +579,7 @@ fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
     let record = InjectedRecord {
         gateway: cfg.gateway_name.clone(),
         generation: cfg.config_generation,
+        config_hash: cfg.config_hash.clone(),
         mode: if native { "native" } else { "legacy" }.into(),
     };
     let record = serde_json::to_string(&record).expect("record serialises");
@@ -581,7 +660,7 @@ fn sidecar_container(
         field_env("NANOGATE_POD_NAMESPACE", "metadata.namespace"),
         field_env("NANOGATE_POD_UID", "metadata.uid"),
         json!({"name": "NANOGATE_GATEWAY", "value": cfg.gateway_name}),
-        json!({"name": "NANOGATE_CONFIG_FILE", "value": format!("{CONFIG_DIR}/{}", cfg.config_key)}),
+        json!({"name": "NANOGATE_CONFIG_FILE", "value": format!("{}/{}", cfg.config_dir.trim_end_matches('/'), cfg.config_key)}),
         json!({"name": "NANOGATE_HUB_ADDR", "value": cfg.hub_addr}),
         json!({"name": "NANOGATE_HUB_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_FILE}")}),
     ];
@@ -603,11 +682,14 @@ fn sidecar_container(
 
     let mut mounts = vec![
         json!({"name": SOCKET_VOLUME, "mountPath": cfg.socket_dir()}),
-        json!({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true}),
+        json!({"name": CONFIG_VOLUME, "mountPath": cfg.config_dir, "readOnly": true}),
         json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}),
     ];
     if cfg.hub_ca.is_some() {
         mounts.push(json!({"name": HUB_CA_VOLUME, "mountPath": HUB_CA_DIR, "readOnly": true}));
+    }
+    for m in &cfg.secret_mounts {
+        mounts.push(json!({"name": m.volume_name, "mountPath": m.mount_path, "readOnly": true}));
     }
 
     let probe = |path: &str, period: i32, failures: i32| {
@@ -783,6 +865,21 @@ mod tests {
                 "protected_namespace"
             ]
         );
+    }
+
+    #[test]
+    fn native_sidecar_detection() {
+        let info = |major: &str, minor: &str| k8s_openapi::apimachinery::pkg::version::Info {
+            major: major.into(),
+            minor: minor.into(),
+            ..Default::default()
+        };
+        assert!(!supports_native_sidecars(&info("1", "20")));
+        assert!(!supports_native_sidecars(&info("1", "28")));
+        assert!(supports_native_sidecars(&info("1", "29")));
+        assert!(supports_native_sidecars(&info("1", "33+")));
+        assert!(supports_native_sidecars(&info("2", "0")));
+        assert!(!supports_native_sidecars(&info("", "")));
     }
 
     #[test]

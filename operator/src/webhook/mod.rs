@@ -31,7 +31,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 pub use inject::{
     Decision, HubCaSource, InjectedRecord, Injection, InjectionConfig, InjectorSettings, KeyRef,
-    NativeSidecarMode, SidecarResources, SkipReason, inject,
+    KeyToPath, NativeSidecarMode, SecretMount, SidecarResources, SkipReason, inject,
+    supports_native_sidecars,
 };
 pub use server::{CertResolver, serve, tls_config};
 
