@@ -107,7 +107,10 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     if let Some(rss) = crate::batcher::rss_bytes() {
         s.metrics.resident_memory_bytes.set(rss as i64);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
 }
 
 async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -119,7 +122,8 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let ready = s.health.ready.load(Ordering::Relaxed) && !s.health.draining.load(Ordering::Relaxed);
+    let ready =
+        s.health.ready.load(Ordering::Relaxed) && !s.health.draining.load(Ordering::Relaxed);
     if ready {
         (StatusCode::OK, "ready\n")
     } else {

@@ -130,9 +130,10 @@ fn read_u64(path: &str) -> Option<u64> {
 
 /// Memory use in percent of the cgroup limit, or of the host when there is none.
 fn mem_percent() -> Option<f64> {
-    if let (Some(cur), Some(max)) =
-        (read_u64("/sys/fs/cgroup/memory.current"), read_u64("/sys/fs/cgroup/memory.max"))
-    {
+    if let (Some(cur), Some(max)) = (
+        read_u64("/sys/fs/cgroup/memory.current"),
+        read_u64("/sys/fs/cgroup/memory.max"),
+    ) {
         return Some(cur as f64 * 100.0 / max as f64);
     }
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -162,7 +163,11 @@ pub async fn run_resource_sampler(
         }
         let now = (std::time::Instant::now(), cpu_ticks().unwrap_or(last.1));
         let secs = now.0.duration_since(last.0).as_secs_f64();
-        let cpu = if secs > 0.0 { (now.1 - last.1) as f64 / TICKS_PER_SEC / secs * 100.0 } else { 0.0 };
+        let cpu = if secs > 0.0 {
+            (now.1 - last.1) as f64 / TICKS_PER_SEC / secs * 100.0
+        } else {
+            0.0
+        };
         last = now;
         let mem = mem_percent().unwrap_or(0.0);
         res.set(cpu, mem);
@@ -184,12 +189,18 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, attempt: 0 }
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The upper bound of the next delay.
     pub fn cap(&self) -> Duration {
-        self.initial.saturating_mul(1u32 << self.attempt.min(20)).min(self.max)
+        self.initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max)
     }
 
     pub fn next_delay(&mut self) -> Duration {
@@ -299,10 +310,17 @@ impl<U: Upstream> Delivery<U> {
                     self.metrics.batch_size.observe(batch.count as f64);
                     return;
                 }
-                Err(UpstreamError::Rejected { status, body: reply }) => {
-                    self.metrics.upstream_errors.with_label_values(&["rejected"]).inc();
+                Err(UpstreamError::Rejected {
+                    status,
+                    body: reply,
+                }) => {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&["rejected"])
+                        .inc();
                     self.health.success(&self.metrics); // the platform answered
-                    self.health.set_error(format!("batch rejected with HTTP {status}"));
+                    self.health
+                        .set_error(format!("batch rejected with HTTP {status}"));
                     tracing::error!(status, count = batch.count, reply = %reply,
                         "platform rejected a batch; writing it to the dead-letter file");
                     let mut dl_backoff = Backoff::new(self.backoff_initial, self.backoff_max);
@@ -314,11 +332,18 @@ impl<U: Upstream> Delivery<U> {
                     self.metrics.dead_lettered.inc_by(batch.count);
                     return;
                 }
-                Err(UpstreamError::Retryable { reason, retry_after }) => {
-                    self.metrics.upstream_errors.with_label_values(&["retryable"]).inc();
+                Err(UpstreamError::Retryable {
+                    reason,
+                    retry_after,
+                }) => {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&["retryable"])
+                        .inc();
                     self.health.failure(&self.metrics, &reason);
                     let jitter = backoff.next_delay();
-                    let delay = retry_after.map_or(jitter, |ra| ra.min(MAX_RETRY_AFTER).max(jitter));
+                    let delay =
+                        retry_after.map_or(jitter, |ra| ra.min(MAX_RETRY_AFTER).max(jitter));
                     tracing::warn!(%reason, delay_ms = delay.as_millis() as u64, count = batch.count,
                         "delivery failed; retrying");
                     sleep(delay).await;
@@ -331,7 +356,10 @@ impl<U: Upstream> Delivery<U> {
         if let Some(dir) = self.dead_letter.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.dead_letter)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.dead_letter)?;
         let head = serde_json::json!({
             "time": chrono::Utc::now().to_rfc3339(),
             "status": status,
@@ -371,22 +399,60 @@ mod tests {
     fn sizing_formula() {
         let s = sizer();
         let ms = Duration::from_millis;
-        assert_eq!(s.plan(0, 0.0, 0.0), Plan { target: 10, spacing: ms(100) });
-        assert_eq!(s.plan(100, 10.0, 10.0), Plan { target: 60, spacing: ms(100) });
-        assert_eq!(s.plan(100_000, 0.0, 0.0), Plan { target: 200, spacing: ms(100) });
+        assert_eq!(
+            s.plan(0, 0.0, 0.0),
+            Plan {
+                target: 10,
+                spacing: ms(100)
+            }
+        );
+        assert_eq!(
+            s.plan(100, 10.0, 10.0),
+            Plan {
+                target: 60,
+                spacing: ms(100)
+            }
+        );
+        assert_eq!(
+            s.plan(100_000, 0.0, 0.0),
+            Plan {
+                target: 200,
+                spacing: ms(100)
+            }
+        );
         // CPU at twice the target: batches and spacing double.
-        assert_eq!(s.plan(20, 140.0, 0.0), Plan { target: 40, spacing: ms(200) });
+        assert_eq!(
+            s.plan(20, 140.0, 0.0),
+            Plan {
+                target: 40,
+                spacing: ms(200)
+            }
+        );
         // Memory far over target: spacing saturates at max_batch_interval.
         assert_eq!(s.plan(0, 0.0, 8000.0).spacing, ms(1000));
-        let s = Sizer { batch_size: 50, min_batch_size: 20, scale_factor: 0.0, ..sizer() };
+        let s = Sizer {
+            batch_size: 50,
+            min_batch_size: 20,
+            scale_factor: 0.0,
+            ..sizer()
+        };
         assert_eq!(s.plan(500, 0.0, 0.0).target, 50);
     }
 
     #[test]
     fn backoff_is_bounded_and_grows() {
         let mut b = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        let caps: Vec<_> = (0..10).map(|_| { let c = b.cap(); assert!(b.next_delay() <= c); c.as_millis() }).collect();
-        assert_eq!(caps, [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        let caps: Vec<_> = (0..10)
+            .map(|_| {
+                let c = b.cap();
+                assert!(b.next_delay() <= c);
+                c.as_millis()
+            })
+            .collect();
+        assert_eq!(
+            caps,
+            [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
     }
 
     /// Records batches with the (paused) time they arrived.
@@ -405,7 +471,10 @@ mod tests {
                 let mut f = self.fail_first.lock().unwrap();
                 if *f > 0 {
                     *f -= 1;
-                    return Err(UpstreamError::Retryable { reason: "boom".into(), retry_after: Some(Duration::from_secs(2)) });
+                    return Err(UpstreamError::Retryable {
+                        reason: "boom".into(),
+                        retry_after: Some(Duration::from_secs(2)),
+                    });
                 }
             }
             let t = self.start.lock().unwrap().unwrap().elapsed();

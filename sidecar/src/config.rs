@@ -35,7 +35,11 @@ pub struct Config {
 
     // ----- app socket -----
     /// Unix socket the apps write to (TENDRL_SOCKET is accepted too).
-    #[arg(long, env = "TENDRL_SOCKET_PATH", default_value = "/var/lib/tendrl/tendrl_agent.sock")]
+    #[arg(
+        long,
+        env = "TENDRL_SOCKET_PATH",
+        default_value = "/var/lib/tendrl/tendrl_agent.sock"
+    )]
     pub socket_path: PathBuf,
     /// Largest accepted message in bytes.
     #[arg(long, env = "NANOGATE_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = parse_bytes_usize)]
@@ -56,7 +60,11 @@ pub struct Config {
 
     // ----- upstream -----
     /// Platform API base URL; the agent appends /entities/….
-    #[arg(long, env = "TENDRL_APP_URL", default_value = "https://app.tendrl.com/api")]
+    #[arg(
+        long,
+        env = "TENDRL_APP_URL",
+        default_value = "https://app.tendrl.com/api"
+    )]
     pub app_url: String,
     /// Platform API key (sent as `Authorization: Bearer`; never logged).
     #[arg(long, env = "TENDRL_KEY", hide_env_values = true, default_value = "")]
@@ -119,7 +127,11 @@ pub struct Config {
 
     // ----- spool -----
     /// Directory of the on-disk write-ahead queue (put it on the pod's volume).
-    #[arg(long, env = "NANOGATE_SPOOL_DIR", default_value = "/var/lib/tendrl/spool")]
+    #[arg(
+        long,
+        env = "NANOGATE_SPOOL_DIR",
+        default_value = "/var/lib/tendrl/spool"
+    )]
     pub spool_dir: PathBuf,
     /// Most bytes of undelivered messages kept; beyond it senders get "queue full".
     #[arg(long, env = "NANOGATE_SPOOL_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes_u64)]
@@ -173,7 +185,9 @@ impl Config {
         T: Into<OsString> + Clone,
     {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let matches = Config::command().try_get_matches_from(&args).map_err(exit_on_help)?;
+        let matches = Config::command()
+            .try_get_matches_from(&args)
+            .map_err(exit_on_help)?;
         let first = Config::from_arg_matches(&matches)?;
 
         // The file only fills options that came from neither a flag nor the environment:
@@ -187,7 +201,10 @@ impl Config {
                 serde_yaml::Mapping::new()
             } else {
                 serde_yaml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("config file {}: not a YAML/JSON mapping: {e}", path.display())
+                    anyhow::anyhow!(
+                        "config file {}: not a YAML/JSON mapping: {e}",
+                        path.display()
+                    )
                 })?
             };
             let cmd = Config::command();
@@ -211,7 +228,10 @@ impl Config {
                         path.display()
                     ),
                 };
-                let from_default = matches!(matches.value_source(&id), Some(ValueSource::DefaultValue) | None);
+                let from_default = matches!(
+                    matches.value_source(&id),
+                    Some(ValueSource::DefaultValue) | None
+                );
                 let socket_env = id == "socket_path" && std::env::var_os("TENDRL_SOCKET").is_some();
                 if from_default && !socket_env {
                     extra.push(format!("--{}={value}", id.replace('_', "-")).into());
@@ -224,13 +244,18 @@ impl Config {
             let mut all = args.clone();
             all.extend(extra);
             let m = Config::command().try_get_matches_from(&all).map_err(|e| {
-                anyhow::anyhow!("config file: {}", e.to_string().trim_start_matches("error: "))
+                anyhow::anyhow!(
+                    "config file: {}",
+                    e.to_string().trim_start_matches("error: ")
+                )
             })?;
             Config::from_arg_matches(&m)?
         };
         // `TENDRL_SOCKET` is the older name; `TENDRL_SOCKET_PATH` and the flag win over it.
-        if matches!(matches.value_source("socket_path"), Some(ValueSource::DefaultValue))
-            && let Some(p) = std::env::var_os("TENDRL_SOCKET")
+        if matches!(
+            matches.value_source("socket_path"),
+            Some(ValueSource::DefaultValue)
+        ) && let Some(p) = std::env::var_os("TENDRL_SOCKET")
         {
             config.socket_path = p.into();
         }
@@ -260,7 +285,10 @@ impl Config {
             );
         }
         if !self.scale_factor.is_finite() || self.scale_factor < 0.0 {
-            bail!("invalid config: scale_factor ({}) must be a number >= 0", self.scale_factor);
+            bail!(
+                "invalid config: scale_factor ({}) must be a number >= 0",
+                self.scale_factor
+            );
         }
         for (name, v) in [
             ("target_cpu_percent", self.target_cpu_percent),
@@ -308,7 +336,10 @@ impl Config {
         match reqwest::Url::parse(&self.app_url) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             Ok(_) => bail!("invalid config: app_url must be an http:// or https:// URL"),
-            Err(e) => bail!("invalid config: app_url ({}) is not a URL: {e}", self.app_url),
+            Err(e) => bail!(
+                "invalid config: app_url ({}) is not a URL: {e}",
+                self.app_url
+            ),
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             bail!("invalid config: upstream_client_cert and upstream_client_key go together");
@@ -332,7 +363,9 @@ impl Config {
 
     /// Where rejected batches go.
     pub fn dead_letter_file(&self) -> PathBuf {
-        self.dead_letter_path.clone().unwrap_or_else(|| self.spool_dir.join("dead-letter.jsonl"))
+        self.dead_letter_path
+            .clone()
+            .unwrap_or_else(|| self.spool_dir.join("dead-letter.jsonl"))
     }
 }
 
@@ -347,10 +380,15 @@ fn exit_on_help(e: clap::Error) -> anyhow::Error {
 
 fn parse_bytes_u64(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let (num, mult) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)]
-        .iter()
-        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n.trim(), *m)))
-        .unwrap_or((s, 1));
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n.trim(), *m)))
+    .unwrap_or((s, 1));
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
@@ -377,7 +415,11 @@ mod tests {
     fn file_fills_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "flush_interval: 2s\nmax-batch-size: 50\nbatch_size: 20\n").unwrap();
+        std::fs::write(
+            &path,
+            "flush_interval: 2s\nmax-batch-size: 50\nbatch_size: 20\n",
+        )
+        .unwrap();
         let c = Config::load_from([
             "nano-agent".as_ref(),
             "--config".as_ref(),
@@ -404,7 +446,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("flush-interval"), "{e}");
-        let e = Config::load_from(["nano-agent", "--batch-size=500"]).unwrap_err().to_string();
+        let e = Config::load_from(["nano-agent", "--batch-size=500"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("batch_size"), "{e}");
     }
 

@@ -30,7 +30,9 @@ use crate::upstream::http::HttpUpstream;
 pub fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -64,7 +66,12 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         segment_bytes: config.spool_segment_bytes,
         sync_interval: config.spool_sync_interval,
     })
-    .with_context(|| format!("spool_dir {}: cannot open the spool", config.spool_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "spool_dir {}: cannot open the spool",
+            config.spool_dir.display()
+        )
+    })?;
     let rec = spool.recovery().clone();
     metrics.spool_recovered.inc_by(rec.messages);
     metrics.spool_torn_bytes.inc_by(rec.torn_bytes);
@@ -142,7 +149,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     );
 
     let shared = Arc::new(socket::server::Shared {
-        limits: Limits { max_message_bytes: config.max_message_bytes, max_tags: config.max_tags },
+        limits: Limits {
+            max_message_bytes: config.max_message_bytes,
+            max_tags: config.max_tags,
+        },
         idle_timeout: config.idle_timeout,
         spool: spool.clone(),
         upstream,
@@ -160,8 +170,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         Ok(_) => tracing::info!("spool drained"),
         Err(_) => {
             delivery.abort();
-            tracing::warn!(pending = spool.pending_msgs(),
-                "shutdown deadline reached; undelivered messages stay in the spool for the next start");
+            tracing::warn!(
+                pending = spool.pending_msgs(),
+                "shutdown deadline reached; undelivered messages stay in the spool for the next start"
+            );
         }
     }
     if let Err(e) = spool.sync() {
@@ -169,6 +181,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     }
     let _ = stop_tx.send(true);
     admin.abort();
-    tracing::info!(received = metrics.received.get(), delivered = metrics.delivered.get(), "nano-agent stopped");
+    tracing::info!(
+        received = metrics.received.get(),
+        delivered = metrics.delivered.get(),
+        "nano-agent stopped"
+    );
     Ok(())
 }

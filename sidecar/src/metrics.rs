@@ -48,47 +48,85 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m;
-                registry.register(Box::new(m.clone())).expect("unique metric name");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("unique metric name");
                 m
             }};
         }
         let counter = |n: &str, h: &str| IntCounter::new(name(n), h).expect("valid metric");
         let gauge = |n: &str, h: &str| IntGauge::new(name(n), h).expect("valid metric");
         Metrics {
-            received: reg!(counter("received_total", "Messages accepted from apps (persisted to the spool).")),
-            delivered: reg!(counter("delivered_total", "Messages acknowledged by the platform.")),
-            rejected: reg!(IntCounterVec::new(
-                Opts::new(name("rejected_total"), "Requests answered with an error, by reason."),
-                &["reason"]
-            )
-            .expect("valid metric")),
+            received: reg!(counter(
+                "received_total",
+                "Messages accepted from apps (persisted to the spool)."
+            )),
+            delivered: reg!(counter(
+                "delivered_total",
+                "Messages acknowledged by the platform."
+            )),
+            rejected: reg!(
+                IntCounterVec::new(
+                    Opts::new(
+                        name("rejected_total"),
+                        "Requests answered with an error, by reason."
+                    ),
+                    &["reason"]
+                )
+                .expect("valid metric")
+            ),
             dead_lettered: reg!(counter(
                 "dead_lettered_total",
                 "Messages the platform rejected (4xx), written to the dead-letter file."
             )),
-            queue_depth: reg!(gauge("queue_depth", "Messages accepted but not yet acknowledged upstream.")),
-            spool_bytes: reg!(gauge("spool_bytes", "Bytes of undelivered messages in the spool.")),
-            batch_size: reg!(Histogram::with_opts(
-                HistogramOpts::new(name("batch_size"), "Messages per batch sent upstream.")
-                    .buckets(vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0])
-            )
-            .expect("valid metric")),
-            batches: reg!(counter("batches_total", "Batches acknowledged by the platform.")),
-            target_batch_size: reg!(gauge("target_batch_size", "Current dynamic batch size target.")),
-            upstream_duration: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    name("upstream_request_duration_seconds"),
-                    "Upstream request latency by endpoint."
+            queue_depth: reg!(gauge(
+                "queue_depth",
+                "Messages accepted but not yet acknowledged upstream."
+            )),
+            spool_bytes: reg!(gauge(
+                "spool_bytes",
+                "Bytes of undelivered messages in the spool."
+            )),
+            batch_size: reg!(
+                Histogram::with_opts(
+                    HistogramOpts::new(name("batch_size"), "Messages per batch sent upstream.")
+                        .buckets(vec![
+                            1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0
+                        ])
                 )
-                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-                &["endpoint"]
-            )
-            .expect("valid metric")),
-            upstream_errors: reg!(IntCounterVec::new(
-                Opts::new(name("upstream_errors_total"), "Failed upstream requests by kind."),
-                &["kind"]
-            )
-            .expect("valid metric")),
+                .expect("valid metric")
+            ),
+            batches: reg!(counter(
+                "batches_total",
+                "Batches acknowledged by the platform."
+            )),
+            target_batch_size: reg!(gauge(
+                "target_batch_size",
+                "Current dynamic batch size target."
+            )),
+            upstream_duration: reg!(
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        name("upstream_request_duration_seconds"),
+                        "Upstream request latency by endpoint."
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+                    ]),
+                    &["endpoint"]
+                )
+                .expect("valid metric")
+            ),
+            upstream_errors: reg!(
+                IntCounterVec::new(
+                    Opts::new(
+                        name("upstream_errors_total"),
+                        "Failed upstream requests by kind."
+                    ),
+                    &["kind"]
+                )
+                .expect("valid metric")
+            ),
             circuit_state: reg!(gauge(
                 "upstream_circuit_state",
                 "Upstream circuit: 0 closed (healthy), 1 open (failing, backing off), 2 half-open (probing)."
@@ -96,7 +134,10 @@ impl Metrics {
             connections: reg!(gauge("connections", "Open app connections.")),
             connections_total: reg!(counter("connections_total", "App connections accepted.")),
             msg_check: reg!(counter("msg_check_total", "msg_check requests served.")),
-            publish_wait: reg!(counter("publish_wait_total", "publish requests with wait:true relayed.")),
+            publish_wait: reg!(counter(
+                "publish_wait_total",
+                "publish requests with wait:true relayed."
+            )),
             spool_recovered: reg!(counter(
                 "spool_recovered_messages_total",
                 "Undelivered messages found in the spool at start."
@@ -105,14 +146,21 @@ impl Metrics {
                 "spool_torn_bytes_total",
                 "Bytes of torn or corrupt spool records discarded at recovery."
             )),
-            cpu_percent: reg!(Gauge::new(name("cpu_percent"), "Sampled CPU use, percent of one core.")
-                .expect("valid metric")),
-            memory_percent: reg!(Gauge::new(
-                name("memory_percent"),
-                "Sampled memory use, percent of the cgroup limit (or host memory)."
-            )
-            .expect("valid metric")),
-            resident_memory_bytes: reg!(gauge("resident_memory_bytes", "Resident set size of nano-agent.")),
+            cpu_percent: reg!(
+                Gauge::new(name("cpu_percent"), "Sampled CPU use, percent of one core.")
+                    .expect("valid metric")
+            ),
+            memory_percent: reg!(
+                Gauge::new(
+                    name("memory_percent"),
+                    "Sampled memory use, percent of the cgroup limit (or host memory)."
+                )
+                .expect("valid metric")
+            ),
+            resident_memory_bytes: reg!(gauge(
+                "resident_memory_bytes",
+                "Resident set size of nano-agent."
+            )),
             registry,
         }
     }
@@ -125,7 +173,9 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding metrics");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding metrics");
         String::from_utf8(buf).expect("metrics are UTF-8")
     }
 }

@@ -142,7 +142,9 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(n) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log"))
+        if let Some(n) = name
+            .strip_prefix("seg-")
+            .and_then(|n| n.strip_suffix(".log"))
             && let Ok(seq) = n.parse::<u64>()
         {
             seqs.push(seq);
@@ -164,7 +166,12 @@ fn read_ack(dir: &Path) -> Option<Position> {
 }
 
 fn new_segment(dir: &Path, seq: u64) -> io::Result<File> {
-    let mut f = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(seg_path(dir, seq))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(seg_path(dir, seq))?;
     f.write_all(MAGIC)?;
     Ok(f)
 }
@@ -175,7 +182,9 @@ fn scan(data: &[u8], from: usize) -> (usize, u64) {
     while data.len() - at >= REC_HEADER {
         let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
-        let Some(payload) = data.get(at + REC_HEADER..at + REC_HEADER + len) else { break };
+        let Some(payload) = data.get(at + REC_HEADER..at + REC_HEADER + len) else {
+            break;
+        };
         if crc32fast::hash(payload) != crc {
             break;
         }
@@ -192,8 +201,10 @@ impl Spool {
         fs::create_dir_all(&dir)?;
         let _ = fs::remove_file(dir.join("ack.tmp"));
         let seqs = list_segments(&dir)?;
-        let start = read_ack(&dir)
-            .unwrap_or(Position { seq: seqs.first().copied().unwrap_or(1), offset: SEG_HEADER });
+        let start = read_ack(&dir).unwrap_or(Position {
+            seq: seqs.first().copied().unwrap_or(1),
+            offset: SEG_HEADER,
+        });
         let mut report = RecoveryReport::default();
         let mut oldest = start.seq;
         for &seq in &seqs {
@@ -210,7 +221,11 @@ impl Spool {
                 fs::remove_file(&path)?;
                 continue;
             }
-            let from = if seq == start.seq { start.offset as usize } else { MAGIC.len() };
+            let from = if seq == start.seq {
+                start.offset as usize
+            } else {
+                MAGIC.len()
+            };
             let from = from.clamp(MAGIC.len(), data.len());
             let (end, count) = scan(&data, from);
             if end < data.len() {
@@ -218,7 +233,10 @@ impl Spool {
                 tracing::warn!(segment = %path.display(), offset = end, torn_bytes = torn,
                     "spool segment ends in a torn or corrupt record; truncating");
                 report.torn_bytes += torn;
-                OpenOptions::new().write(true).open(&path)?.set_len(end as u64)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(end as u64)?;
             }
             report.messages += count;
             report.bytes += (end - from) as u64;
@@ -232,10 +250,18 @@ impl Spool {
         let start = if seqs.iter().any(|&s| s >= start.seq) {
             start
         } else {
-            Position { seq: next, offset: SEG_HEADER }
+            Position {
+                seq: next,
+                offset: SEG_HEADER,
+            }
         };
         Ok(Arc::new(Spool {
-            writer: Mutex::new(Writer { seq: next, file, len: SEG_HEADER, dirty: false }),
+            writer: Mutex::new(Writer {
+                seq: next,
+                file,
+                len: SEG_HEADER,
+                dirty: false,
+            }),
             oldest_seq: Mutex::new(oldest.min(next)),
             pending_bytes: AtomicU64::new(report.bytes),
             pending_msgs: AtomicU64::new(report.messages),
@@ -328,7 +354,10 @@ impl Spool {
 
     fn committed(&self) -> Position {
         let w = self.writer.lock().expect("spool writer lock");
-        Position { seq: w.seq, offset: w.len }
+        Position {
+            seq: w.seq,
+            offset: w.len,
+        }
     }
 
     /// Waits until something may have been appended since the last call.
@@ -339,7 +368,12 @@ impl Spool {
     /// The reader, positioned at the oldest unacknowledged record. There is one reader per
     /// spool: the delivery loop.
     pub fn reader(self: &Arc<Self>) -> SpoolReader {
-        SpoolReader { spool: self.clone(), pos: self.start, file: None, buf: Vec::new() }
+        SpoolReader {
+            spool: self.clone(),
+            pos: self.start,
+            file: None,
+            buf: Vec::new(),
+        }
     }
 
     /// Marks everything before `upto` delivered: persists it, then deletes whole segments.
@@ -421,7 +455,11 @@ impl SpoolReader {
                 }
             }
             let (_, file) = self.file.as_ref().expect("segment open");
-            let limit = if sealed { file.metadata()?.len() } else { committed.offset };
+            let limit = if sealed {
+                file.metadata()?.len()
+            } else {
+                committed.offset
+            };
             if self.pos.offset >= limit {
                 if sealed {
                     self.next_segment();
@@ -442,19 +480,28 @@ impl SpoolReader {
             }
             let mut at = 0usize;
             while added < max && self.buf.len() - at >= REC_HEADER {
-                let len = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+                let len =
+                    u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize;
                 let crc = u32::from_le_bytes(self.buf[at + 4..at + 8].try_into().expect("4 bytes"));
                 let Some(payload) = self.buf.get(at + REC_HEADER..at + REC_HEADER + len) else {
                     if at == 0 {
                         // A record claims to extend past what was written: only corruption
                         // does that. Skip the rest of the segment rather than stall forever.
-                        tracing::error!(seq = self.pos.seq, offset = self.pos.offset, "corrupt spool record length; skipping rest of segment");
+                        tracing::error!(
+                            seq = self.pos.seq,
+                            offset = self.pos.offset,
+                            "corrupt spool record length; skipping rest of segment"
+                        );
                         self.pos.offset = limit;
                     }
                     break;
                 };
                 if crc32fast::hash(payload) != crc {
-                    tracing::error!(seq = self.pos.seq, offset = self.pos.offset, "spool record checksum mismatch; skipping rest of segment");
+                    tracing::error!(
+                        seq = self.pos.seq,
+                        offset = self.pos.offset,
+                        "spool record checksum mismatch; skipping rest of segment"
+                    );
                     self.pos.offset = limit;
                     break;
                 }
@@ -474,7 +521,10 @@ impl SpoolReader {
     }
 
     fn next_segment(&mut self) {
-        self.pos = Position { seq: self.pos.seq + 1, offset: SEG_HEADER };
+        self.pos = Position {
+            seq: self.pos.seq + 1,
+            offset: SEG_HEADER,
+        };
         self.file = None;
     }
 }
@@ -576,7 +626,11 @@ mod tests {
     #[test]
     fn cap_rejects_whole_append() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(SpoolOptions { max_bytes: 100, ..opts(dir.path()) }).unwrap();
+        let spool = Spool::open(SpoolOptions {
+            max_bytes: 100,
+            ..opts(dir.path())
+        })
+        .unwrap();
         append_n(&spool, 0, 5); // 5 × (8 + 8) = 80 bytes
         let mut r = RecordBuf::new();
         r.push(b"{\"i\":99}");

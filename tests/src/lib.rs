@@ -1,1 +1,9 @@
-//! Support code for the cross-crate integration tests in `tests/tests/`.
+//! Support code for the cross-crate integration tests in `tests/tests/` (and the sidecar's
+//! own integration tests, which use it as a dev-dependency).
+//!
+//! - [`platform::PlatformServer`]: a real HTTP server implementing the Tendrl platform API the
+//!   sidecar's `http` upstream talks to, with fault injection.
+//! - [`agent::Agent`]: runs the real `nano-agent` binary as a child process.
+
+pub mod agent;
+pub mod platform;

@@ -17,8 +17,9 @@ pub const SOCKET_MODE: u32 = 0o660;
 /// previous run, refuses to steal one a live agent still serves, sets mode 0660.
 pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent)
-            .with_context(|| format!("socket_path: cannot create directory {}", parent.display()))?;
+        fs::create_dir_all(parent).with_context(|| {
+            format!("socket_path: cannot create directory {}", parent.display())
+        })?;
     }
     match fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
@@ -28,8 +29,9 @@ pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
                     path.display()
                 );
             }
-            fs::remove_file(path)
-                .with_context(|| format!("socket_path: cannot remove stale socket {}", path.display()))?;
+            fs::remove_file(path).with_context(|| {
+                format!("socket_path: cannot remove stale socket {}", path.display())
+            })?;
             tracing::info!(path = %path.display(), "replaced a stale socket from a previous run");
         }
         Ok(_) => bail!(

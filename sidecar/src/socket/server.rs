@@ -80,7 +80,10 @@ pub async fn run<U: Upstream>(
     drop(listener);
     let _ = stop_tx.send(true);
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if timeout(CONNECTION_DRAIN, limit.acquire_many(all)).await.is_err() {
+    if timeout(CONNECTION_DRAIN, limit.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after shutdown; leaving them");
     }
 }
@@ -191,7 +194,9 @@ async fn process<U: Upstream>(
                 recs.push_with(|b| p.write_envelope(b, &now, &shared.source));
                 continue;
             }
-            Decoded::Request(Request::Publish(p)) => Action::Wait(p.to_envelope(&now, &shared.source)),
+            Decoded::Request(Request::Publish(p)) => {
+                Action::Wait(p.to_envelope(&now, &shared.source))
+            }
             Decoded::Request(Request::MsgCheck { limit }) => Action::Check(limit),
             Decoded::Rejected(e) => {
                 shared.metrics.reject(e.reason(), 1);

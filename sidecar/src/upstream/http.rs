@@ -26,7 +26,9 @@ pub struct HttpUpstream {
 impl std::fmt::Debug for HttpUpstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The API key is deliberately left out.
-        f.debug_struct("HttpUpstream").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("HttpUpstream")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -34,14 +36,22 @@ fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = &config.upstream_ca {
-        let pem = std::fs::read(ca).with_context(|| format!("upstream_ca: cannot read {}", ca.display()))?;
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("upstream_ca: cannot read {}", ca.display()))?;
         let mut n = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.with_context(|| format!("upstream_ca: {} is not valid PEM", ca.display()))?;
-            roots.add(cert).with_context(|| format!("upstream_ca: bad certificate in {}", ca.display()))?;
+            let cert =
+                cert.with_context(|| format!("upstream_ca: {} is not valid PEM", ca.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("upstream_ca: bad certificate in {}", ca.display()))?;
             n += 1;
         }
-        anyhow::ensure!(n > 0, "upstream_ca: no certificate found in {}", ca.display());
+        anyhow::ensure!(
+            n > 0,
+            "upstream_ca: no certificate found in {}",
+            ca.display()
+        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -54,14 +64,20 @@ fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
                 .with_context(|| format!("upstream_client_cert: cannot read {}", cert.display()))?;
             let chain = rustls_pemfile::certs(&mut pem.as_slice())
                 .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("upstream_client_cert: {} is not valid PEM", cert.display()))?;
+                .with_context(|| {
+                    format!("upstream_client_cert: {} is not valid PEM", cert.display())
+                })?;
             let pem = std::fs::read(key)
                 .with_context(|| format!("upstream_client_key: cannot read {}", key.display()))?;
             let key = rustls_pemfile::private_key(&mut pem.as_slice())
                 .ok()
                 .flatten()
-                .with_context(|| format!("upstream_client_key: no private key in {}", key.display()))?;
-            builder.with_client_auth_cert(chain, key).context("upstream_client_cert/key")?
+                .with_context(|| {
+                    format!("upstream_client_key: no private key in {}", key.display())
+                })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("upstream_client_cert/key")?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -92,7 +108,11 @@ impl HttpUpstream {
         endpoint: &'static str,
         req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Bytes), UpstreamError> {
-        let req = if self.api_key.is_empty() { req } else { req.bearer_auth(&self.api_key) };
+        let req = if self.api_key.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&self.api_key)
+        };
         let start = Instant::now();
         let res = req.send().await;
         let res = match res {
@@ -121,13 +141,22 @@ impl HttpUpstream {
                 retry_after,
             });
         }
-        Err(UpstreamError::Rejected { status: code, body: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned() })
+        Err(UpstreamError::Rejected {
+            status: code,
+            body: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
+        })
     }
 }
 
 fn network(e: reqwest::Error) -> UpstreamError {
     // reqwest errors carry the URL but never headers, so the key cannot leak through them.
-    let kind = if e.is_timeout() { "timeout" } else if e.is_connect() { "connect error" } else { "network error" };
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "network error"
+    };
     let mut reason = format!("{kind}: {e}");
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
@@ -135,7 +164,10 @@ fn network(e: reqwest::Error) -> UpstreamError {
         reason.push_str(&s.to_string());
         source = s.source();
     }
-    UpstreamError::Retryable { reason, retry_after: None }
+    UpstreamError::Retryable {
+        reason,
+        retry_after: None,
+    }
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -169,15 +201,19 @@ impl Upstream for HttpUpstream {
     }
 
     async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
-        let req = self.client.get(format!("{}/entities/check_messages?limit={limit}", self.base));
+        let req = self.client.get(format!(
+            "{}/entities/check_messages?limit={limit}",
+            self.base
+        ));
         let (status, body) = self.request("check_messages", req).await?;
         if status == StatusCode::NO_CONTENT || body.iter().all(u8::is_ascii_whitespace) {
             return Ok(vec![]);
         }
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Retryable {
-            reason: format!("check_messages returned invalid JSON: {e}"),
-            retry_after: None,
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| UpstreamError::Retryable {
+                reason: format!("check_messages returned invalid JSON: {e}"),
+                retry_after: None,
+            })?;
         Ok(match v {
             serde_json::Value::Object(mut o) => match o.remove("messages") {
                 Some(serde_json::Value::Array(a)) => a,
@@ -198,7 +234,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, "3".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&h), None);

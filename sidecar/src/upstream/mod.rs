@@ -14,7 +14,10 @@ use bytes::Bytes;
 pub enum UpstreamError {
     /// Worth retrying (5xx, 429, 408, network, timeout); `retry_after` from the platform.
     #[error("{reason}")]
-    Retryable { reason: String, retry_after: Option<Duration> },
+    Retryable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     /// The platform refused the request for good (other 4xx): dead-letter it.
     #[error("rejected with HTTP {status}: {body}")]
     Rejected { status: u16, body: String },
@@ -33,7 +36,11 @@ impl UpstreamError {
 /// A transport to the platform.
 pub trait Upstream: Send + Sync + 'static {
     /// Delivers a batch (a JSON array of `count` messages). `Ok` means acknowledged.
-    fn send_batch(&self, body: Bytes, count: u64) -> impl Future<Output = Result<(), UpstreamError>> + Send;
+    fn send_batch(
+        &self,
+        body: Bytes,
+        count: u64,
+    ) -> impl Future<Output = Result<(), UpstreamError>> + Send;
 
     /// Delivers one message for `wait:true` and returns the platform's reply body.
     fn send_one(&self, body: Bytes) -> impl Future<Output = Result<Bytes, UpstreamError>> + Send;

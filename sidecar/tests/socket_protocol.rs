@@ -1,0 +1,424 @@
+//! The app socket protocol (ARCHITECTURE §3) against the real binary: Python stdlib clients
+//! as in seed 000, a persistent client like the Tendrl Python SDK, socat, every message type
+//! and error, bad inputs, idle clients, socket file handling.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nanogate_tests::platform::PlatformServer;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clients_every_message_type() {
+    if !python3_available() {
+        eprintln!("!!!!! SKIPPING python_clients_every_message_type: python3 not found !!!!!");
+        return;
+    }
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    let sock = agent.socket.to_str().unwrap().to_owned();
+
+    // 1. The seed's example, verbatim except for the socket path: a request that has a reply.
+    platform.queue_for_check(json!({"msg_type": "command", "data": {"cmd": "reload"}}));
+    let seed = r#"
+import socket, json, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+message = {"msg_type": "msg_check", "context": {"limit": 1}}
+sock.sendall(json.dumps(message).encode())
+response = sock.recv(4096)
+print(response.decode())
+sock.close()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", seed, &sock])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        reply,
+        json!([{"msg_type": "command", "data": {"cmd": "reload"}}])
+    );
+
+    // 2. The seed's publish example. wait:false has no reply, so the stateless client
+    //    half-closes (or times out its recv) instead of waiting forever.
+    let seed_publish = r#"
+import socket, json, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+message = {"msg_type": "publish", "data": {"action": "update", "resource": "configuration",
+           "details": {"key": "logging_level", "value": "debug"}}}
+sock.sendall(json.dumps(message).encode())
+sock.shutdown(socket.SHUT_WR)
+response = sock.recv(4096)
+print(repr(response))
+sock.close()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", seed_publish, &sock])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b''");
+    assert!(platform.wait_for(1, Duration::from_secs(10)).await);
+    let m = &platform.received()[0];
+    assert_eq!(m["data"]["details"]["value"], "debug");
+    assert_eq!(m["msg_type"], "publish");
+    assert_eq!(m["source"], "test-ns/test-pod");
+    assert!(chrono::DateTime::parse_from_rfc3339(m["timestamp"].as_str().unwrap()).is_ok());
+
+    // 3. Persistent client like the Tendrl SDK's agent mode: one connection, JSON values back
+    //    to back with no delimiter, each reply read with a single recv(1024).
+    platform.queue_for_check(json!({"n": 1}));
+    platform.queue_for_check(json!({"n": 2}));
+    let sdk = r#"
+import socket, json, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+def req(m): s.sendall(json.dumps(m).encode())
+def reply(): return s.recv(1024)
+for i in range(100):
+    req({"msg_type": "publish", "data": {"id": i}, "dest": "sensor-7"})
+req({"msg_type": "msg_check", "context": {"limit": 5}})
+assert json.loads(reply()) == [{"n": 1}, {"n": 2}]
+req({"msg_type": "msg_check"})
+r = reply()
+assert r == b"204", r
+req({"data": "string payload", "context": {"wait": True, "tags": ["a"]}, "msg_type": "publish"})
+assert json.loads(reply()) == {"status": "ok", "received": 1}
+req({"msg_type": "bogus"})
+assert json.loads(reply()) == {"status": "error", "message": "unknown msg_type: bogus"}
+req({"data": {}})
+assert json.loads(reply()) == {"status": "error", "message": "missing msg_type"}
+req({"msg_type": "publish", "context": {"tags": [str(i) for i in range(11)]}})
+assert json.loads(reply()) == {"status": "error", "message": "too many tags provided; maximum is 10"}
+req({"msg_type": "msg_check"})
+assert reply() == b"204"
+s.sendall(b"{not json")
+assert json.loads(reply())["message"].startswith("invalid JSON"), "invalid json"
+assert reply() == b"", "connection must close after invalid JSON"
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", sdk, &sock])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "persistent client failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(platform.wait_for(102, Duration::from_secs(10)).await);
+    let got = platform.received();
+    let batch_ids: Vec<u64> = got
+        .iter()
+        .filter(|m| m["dest"] == "sensor-7")
+        .map(|m| m["data"]["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        batch_ids,
+        (0..100).collect::<Vec<_>>(),
+        "order within one connection is kept"
+    );
+    assert!(got.iter().any(|m| m["data"] == "string payload"));
+    assert_eq!(platform.unauthorized(), 0);
+
+    // The errors were counted.
+    assert_eq!(
+        agent.metric(r#"nanogate_sidecar_rejected_total{reason="unknown_msg_type"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        agent.metric(r#"nanogate_sidecar_rejected_total{reason="too_many_tags"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        agent.metric(r#"nanogate_sidecar_rejected_total{reason="invalid_json"}"#),
+        Some(1.0)
+    );
+    assert_eq!(agent.metric("nanogate_sidecar_received_total"), Some(101.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socat_client() {
+    if !socat_available() {
+        eprintln!(
+            "!!!!! SKIPPING socat_client: socat not installed (apt-get install -y socat) !!!!!"
+        );
+        return;
+    }
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    let target = format!("UNIX-CONNECT:{}", agent.socket.display());
+    let run = |input: &str| {
+        let mut child = Command::new("socat")
+            .args(["-t", "5", "-", &target])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(run(r#"{"msg_type":"msg_check"}"#), "204");
+    assert_eq!(run(&format!("{}\n{}\n", publish(1), publish(2))), "");
+    let relayed = run(r#"{"msg_type":"publish","data":{"x":1},"context":{"wait":true}}"#);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&relayed).unwrap(),
+        json!({"status":"ok","received":1})
+    );
+    assert_eq!(
+        run(r#"{"msg_type":"nope"}"#),
+        r#"{"status":"error","message":"unknown msg_type: nope"}"#
+    );
+    assert!(platform.wait_for(3, Duration::from_secs(10)).await);
+    let mut got = ids(&platform.received());
+    got.sort();
+    assert_eq!(got, vec![1, 2]);
+}
+
+/// Bad inputs, one connection each: the documented reply (and close where documented), and
+/// the agent keeps serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_table() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--idle-timeout", "1s"]);
+
+    let eleven = r#"{"msg_type":"publish","context":{"tags":["1","2","3","4","5","6","7","8","9","10","11"]}}"#;
+    let mut huge = br#"{"msg_type":"publish","data":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 2 << 20));
+    huge.extend(br#""}"#);
+    let check = br#"{"msg_type":"msg_check"}"#;
+    let err = |m: &str| format!(r#"{{"status":"error","message":"{m}"}}"#);
+    // (name, input, expected reply prefix, then a msg_check on the same connection answers 204)
+    let cases: Vec<(&str, Vec<u8>, String, bool)> = vec![
+        (
+            "invalid JSON",
+            b"{msg_type: publish}".to_vec(),
+            err("invalid JSON: key must be a string").replace("\"}", ""),
+            false,
+        ),
+        (
+            "truncated JSON",
+            br#"{"msg_type":"publish","data":{"a":"#.to_vec(),
+            err("invalid JSON: connection closed in the middle of a message"),
+            false,
+        ),
+        (
+            "huge message",
+            huge,
+            err(&format!(
+                "message too large: {} bytes exceeds the limit of 1048576 bytes",
+                0
+            ))
+            .split(": ")
+            .next()
+            .unwrap()
+            .to_owned(),
+            false,
+        ),
+        (
+            "11 tags",
+            eleven.as_bytes().to_vec(),
+            err("too many tags provided; maximum is 10"),
+            true,
+        ),
+        (
+            "unknown msg_type",
+            br#"{"msg_type":"subscribe"}"#.to_vec(),
+            err("unknown msg_type: subscribe"),
+            true,
+        ),
+        (
+            "missing msg_type",
+            br#"{"data":{"a":1}}"#.to_vec(),
+            err("missing msg_type"),
+            true,
+        ),
+        (
+            "msg_type not a string",
+            br#"{"msg_type":42}"#.to_vec(),
+            err("invalid message: invalid type: integer `42`, expected a string"),
+            true,
+        ),
+        (
+            "not an object",
+            br#"[1,2,3]"#.to_vec(),
+            err("invalid message: expected a JSON object"),
+            true,
+        ),
+        (
+            "non-UTF-8 bytes",
+            b"{\"msg_type\":\"publish\",\"data\":\"\xff\xfe\"}".to_vec(),
+            err("invalid JSON: invalid unicode code point").replace("\"}", ""),
+            false,
+        ),
+        (
+            "binary garbage",
+            vec![0, 159, 146, 150, 1, 2, 3, 255],
+            err("invalid JSON: expected value").replace("\"}", ""),
+            false,
+        ),
+    ];
+    for (name, input, want, stays_open) in cases {
+        let mut s = UnixStream::connect(&agent.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut input = input;
+        if stays_open {
+            input.extend_from_slice(check);
+        }
+        // Write from a thread: the agent may close before reading a huge input.
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&input);
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        writer.join().unwrap();
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            out.starts_with(&want),
+            "{name}: got {out:?}, want prefix {want:?}"
+        );
+        if stays_open {
+            assert!(
+                out.ends_with("}204"),
+                "{name}: connection must stay usable, got {out:?}"
+            );
+        } else {
+            assert_eq!(
+                out.matches("\"status\":\"error\"").count(),
+                1,
+                "{name}: one error then close: {out:?}"
+            );
+        }
+    }
+
+    // A client that connects and sends nothing is closed after the idle timeout.
+    let mut idle = UnixStream::connect(&agent.socket).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(idle.read(&mut buf).unwrap(), 0);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    // The agent keeps serving.
+    assert_eq!(oneshot(&agent.socket, check), b"204");
+    assert_eq!(
+        agent.metric(r#"nanogate_sidecar_rejected_total{reason="too_large"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        agent.metric(r#"nanogate_sidecar_rejected_total{reason="truncated"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_file_lifecycle_and_key_hygiene() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A stale socket from a "previous run": bound, then abandoned.
+    let stale = dir.path().join("agent.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let mut agent = start_agent(&platform, dir.path(), &["--log-format", "json"]);
+    let md = std::fs::metadata(&agent.socket).unwrap();
+    assert!(md.file_type().is_socket());
+    assert_eq!(md.permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        oneshot(&agent.socket, br#"{"msg_type":"msg_check"}"#),
+        b"204"
+    );
+
+    // A second agent on the same socket refuses to start instead of stealing it.
+    let out = Command::new(env!("CARGO_BIN_EXE_nano-agent"))
+        .arg("--socket-path")
+        .arg(&agent.socket)
+        .arg("--spool-dir")
+        .arg(dir.path().join("spool2"))
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another agent is listening"));
+
+    let (code, body) = agent.http_get("/healthz").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("\"state\":\"closed\""), "{body}");
+
+    let status = agent.terminate().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!agent.socket.exists(), "socket removed on exit");
+    let log = agent.log_text();
+    assert!(
+        !log.contains(platform.api_key()),
+        "API key leaked into the log"
+    );
+    assert!(
+        log.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "json logs: {log}"
+    );
+}
+
+#[test]
+fn invalid_config_fails_naming_the_field() {
+    let bin = env!("CARGO_BIN_EXE_nano-agent");
+    let out = Command::new(bin)
+        .args(["--batch-size", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch_size"));
+    let out = Command::new(bin)
+        .args(["--flush-interval", "soon"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--flush-interval"));
+    let out = Command::new(bin).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for knob in [
+        "--flush-interval",
+        "[default: 250ms]",
+        "--max-batch-size",
+        "[default: 200]",
+        "TENDRL_KEY",
+        "--spool-max-bytes",
+        "[default: 127.0.0.1:9091]",
+    ] {
+        assert!(help.contains(knob), "--help lacks {knob}");
+    }
+    let out = Command::new(bin).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("nano-agent "));
+}

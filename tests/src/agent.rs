@@ -1,0 +1,225 @@
+//! Runs the real `nano-agent` binary for tests: socket, spool and log in one directory, the
+//! API key passed through `TENDRL_KEY` as in a pod, admin on a free loopback port.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Path of the `nano-agent` binary: `$NANO_AGENT_BIN`, else `<target>/<profile>/nano-agent`
+/// next to the running test executable, built with cargo once if missing. Tests inside the
+/// sidecar crate pass `env!("CARGO_BIN_EXE_nano-agent")` instead.
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("NANO_AGENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test> → target/<profile>/nano-agent
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target layout")
+            .to_owned();
+        let bin = profile_dir.join("nano-agent");
+        if !bin.exists() {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "nanogate-sidecar", "--bin", "nano-agent"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build");
+            assert!(status.success(), "building nano-agent failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub bin: PathBuf,
+    /// Holds `agent.sock`, `spool/` and `agent.log`.
+    pub dir: PathBuf,
+    pub upstream_url: String,
+    pub api_key: String,
+    /// More flags, e.g. `["--flush-interval", "50ms"]`.
+    pub extra_args: Vec<String>,
+}
+
+/// A running `nano-agent` child process; killed on drop.
+pub struct Agent {
+    cfg: AgentConfig,
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub spool: PathBuf,
+    pub log: PathBuf,
+    pub admin: SocketAddr,
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+impl Agent {
+    /// Starts the agent and waits until `/readyz` answers 200.
+    pub fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(&cfg.dir)?;
+        let mut agent = Agent {
+            socket: cfg.dir.join("agent.sock"),
+            spool: cfg.dir.join("spool"),
+            log: cfg.dir.join("agent.log"),
+            admin: free_port(),
+            cfg,
+            child: None,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(&self.cfg.bin);
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("TENDRL_") || k.starts_with("NANOGATE_") {
+                cmd.env_remove(&*k);
+            }
+        }
+        cmd.env("TENDRL_KEY", &self.cfg.api_key)
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .arg("--spool-dir")
+            .arg(&self.spool)
+            .arg("--app-url")
+            .arg(&self.cfg.upstream_url)
+            .arg("--admin-listen")
+            .arg(self.admin.to_string())
+            .args([
+                "--pod-namespace",
+                "test-ns",
+                "--pod-name",
+                "test-pod",
+                "--log-level",
+                "info",
+            ])
+            .args(&self.cfg.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.cfg.bin.display()))?,
+        );
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Waits for `/readyz` 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "nano-agent exited with {status} before becoming ready; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if self.http_get("/readyz").is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nano-agent not ready after {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut c = self.child.take().context("agent not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(c.wait()?)
+    }
+
+    /// Starts the agent again with the same directory, flags and admin port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A plain HTTP/1.0 GET against the admin port: (status, body).
+    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .context("status line")?
+            .parse()?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// Prometheus text from `/metrics`.
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics").map(|r| r.1).unwrap_or_default()
+    }
+
+    /// Value of one sample, e.g. `nanogate_sidecar_received_total` or
+    /// `nanogate_sidecar_rejected_total{reason="queue_full"}`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,365 @@
+//! A platform test server: the three endpoints of ARCHITECTURE §4 `http`, on 127.0.0.1:0,
+//! plain HTTP, with fault injection.
+//!
+//! - `POST /entities/messages`: JSON array, appended to [`PlatformServer::received`].
+//! - `POST /entities/message`: one message, appended too; answers
+//!   `{"status":"ok","received":1}` (relayed by the agent to a `wait:true` sender).
+//! - `GET /entities/check_messages?limit=N`: pops up to N messages queued with
+//!   [`PlatformServer::queue_for_check`]; 204 when none, else 200 `{"messages":[…]}`.
+//!
+//! Every request must carry `Authorization: Bearer <key>` ([`PlatformServer::api_key`]);
+//! otherwise 401. Faults ([`Faults`]) apply to all three endpoints, checked in this order:
+//! down / drop connection, delay, 500-style failures, 429 + Retry-After, 4xx rejection
+//! (batch endpoint only).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// The API key [`PlatformServer::start`] expects.
+pub const DEFAULT_API_KEY: &str = "test-api-key-0123456789";
+
+/// Fault injection knobs. All take effect on the next request.
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_next: AtomicU32,
+    fail_status: AtomicU16,
+    rate_limit_next: AtomicU32,
+    retry_after_secs: AtomicU64,
+    reject_next: AtomicU32,
+    reject_status: AtomicU16,
+    drop_next: AtomicU32,
+    delay_ms: AtomicU64,
+    down: AtomicBool,
+}
+
+fn take(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+impl Faults {
+    /// The next `n` requests fail with `status` (e.g. 500, 503, 408).
+    pub fn fail_next(&self, n: u32, status: u16) {
+        self.fail_status.store(status, Ordering::SeqCst);
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` requests get 429 with `Retry-After: <secs>`.
+    pub fn rate_limit_next(&self, n: u32, retry_after: Duration) {
+        self.retry_after_secs
+            .store(retry_after.as_secs(), Ordering::SeqCst);
+        self.rate_limit_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` batches are refused for good with `status` (a 4xx other than 408/429).
+    pub fn reject_next(&self, n: u32, status: u16) {
+        self.reject_status.store(status, Ordering::SeqCst);
+        self.reject_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` requests see their connection closed without a response.
+    pub fn drop_next(&self, n: u32) {
+        self.drop_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Every response is delayed by `d` (zero to turn off).
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// While down, every connection is closed before any response (new and kept-alive ones).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// Turns every fault off.
+    pub fn clear(&self) {
+        for c in [
+            &self.fail_next,
+            &self.rate_limit_next,
+            &self.reject_next,
+            &self.drop_next,
+        ] {
+            c.store(0, Ordering::SeqCst);
+        }
+        self.set_delay(Duration::ZERO);
+        self.set_down(false);
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    api_key: String,
+    received: Mutex<Vec<Value>>,
+    check_queue: Mutex<VecDeque<Value>>,
+    faults: Faults,
+    batches: AtomicU64,
+    requests: AtomicU64,
+    unauthorized: AtomicU64,
+}
+
+/// The platform test server. Dropping it stops the server.
+pub struct PlatformServer {
+    state: Arc<State>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PlatformServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PlatformServer {
+    /// Binds 127.0.0.1:0 and serves plain HTTP, expecting [`DEFAULT_API_KEY`].
+    pub async fn start() -> anyhow::Result<PlatformServer> {
+        Self::start_with_key(DEFAULT_API_KEY).await
+    }
+
+    /// Like [`PlatformServer::start`] with another expected API key.
+    pub async fn start_with_key(api_key: &str) -> anyhow::Result<PlatformServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            api_key: api_key.to_owned(),
+            ..State::default()
+        });
+        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        Ok(PlatformServer { state, addr, task })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:PORT` (the agent appends `/entities/…`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The API key this server expects.
+    pub fn api_key(&self) -> &str {
+        &self.state.api_key
+    }
+
+    /// Every message delivered so far (batches and single messages), in arrival order.
+    pub fn received(&self) -> Vec<Value> {
+        self.state.received.lock().expect("lock").clone()
+    }
+
+    /// Number of messages delivered so far.
+    pub fn received_count(&self) -> usize {
+        self.state.received.lock().expect("lock").len()
+    }
+
+    /// Batches accepted so far.
+    pub fn batches(&self) -> u64 {
+        self.state.batches.load(Ordering::SeqCst)
+    }
+
+    /// Requests that carried a wrong or no API key.
+    pub fn unauthorized(&self) -> u64 {
+        self.state.unauthorized.load(Ordering::SeqCst)
+    }
+
+    /// All requests seen (including failed ones).
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// Queues a message to be served by `check_messages` (and so by the agent's `msg_check`).
+    pub fn queue_for_check(&self, msg: Value) {
+        self.state.check_queue.lock().expect("lock").push_back(msg);
+    }
+
+    /// Waits until at least `n` messages arrived; false on timeout.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.received_count() < n {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        if state.faults.is_down() {
+            drop(stream);
+            continue;
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            // A handler that wants the connection gone without a response notifies this.
+            let kill = Arc::new(Notify::new());
+            let svc = {
+                let kill = kill.clone();
+                service_fn(move |req| handle(req, state.clone(), kill.clone()))
+            };
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = kill.notified() => {}
+            }
+        });
+    }
+}
+
+fn json(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid response")
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+    kill: Arc<Notify>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let f = &state.faults;
+    if f.is_down() || take(&f.drop_next) {
+        kill.notify_one();
+        std::future::pending::<()>().await;
+    }
+    let delay = f.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| k == state.api_key);
+    if !authorized {
+        state.unauthorized.fetch_add(1, Ordering::SeqCst);
+        return Ok(json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "invalid API key"}),
+        ));
+    }
+    if take(&f.fail_next) {
+        let status = StatusCode::from_u16(f.fail_status.load(Ordering::SeqCst))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Ok(json(
+            status,
+            serde_json::json!({"error": "injected failure"}),
+        ));
+    }
+    if take(&f.rate_limit_next) {
+        let mut r = json(
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"error": "slow down"}),
+        );
+        let secs = f.retry_after_secs.load(Ordering::SeqCst).to_string();
+        r.headers_mut()
+            .insert("retry-after", secs.parse().expect("header value"));
+        return Ok(r);
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Ok(json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "body"}),
+            ));
+        }
+    };
+    match (method.as_str(), path.as_str()) {
+        ("POST", "/entities/messages") => {
+            let Ok(Value::Array(msgs)) = serde_json::from_slice::<Value>(&body) else {
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "expected a JSON array"}),
+                ));
+            };
+            if take(&f.reject_next) {
+                let status = StatusCode::from_u16(f.reject_status.load(Ordering::SeqCst))
+                    .unwrap_or(StatusCode::BAD_REQUEST);
+                return Ok(json(
+                    status,
+                    serde_json::json!({"error": "injected rejection"}),
+                ));
+            }
+            let n = msgs.len();
+            state.received.lock().expect("lock").extend(msgs);
+            state.batches.fetch_add(1, Ordering::SeqCst);
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({"status": "ok", "received": n}),
+            ))
+        }
+        ("POST", "/entities/message") => {
+            let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "invalid JSON"}),
+                ));
+            };
+            state.received.lock().expect("lock").push(msg);
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({"status": "ok", "received": 1}),
+            ))
+        }
+        ("GET", "/entities/check_messages") => {
+            let limit = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("limit="))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1);
+            let mut q = state.check_queue.lock().expect("lock");
+            let n = limit.min(q.len());
+            let msgs: Vec<Value> = q.drain(..n).collect();
+            if msgs.is_empty() {
+                Ok(Response::builder()
+                    .status(StatusCode::NO_CONTENT)
+                    .body(Full::new(Bytes::new()))
+                    .expect("valid response"))
+            } else {
+                Ok(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "messages": msgs }),
+                ))
+            }
+        }
+        _ => Ok(json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no such endpoint"}),
+        )),
+    }
+}
