@@ -75,6 +75,12 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Value, String>> + Send;
 }
 
+/// Resolves once `shutdown` holds true (or its sender is gone); returns no watch guard, so the
+/// futures that `select!` on it stay `Send`.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Why one connection ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -92,7 +98,7 @@ pub async fn run<H: ControlHandler>(
     loop {
         let result = tokio::select! {
             result = connect_and_serve(&cfg, handler.clone(), shutdown.clone()) => result,
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         };
         match result {
             Ok(Ended::Shutdown) => return,
@@ -111,7 +117,7 @@ pub async fn run<H: ControlHandler>(
         debug!(?delay, attempt, "reconnecting to the hub");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         }
     }
 }
@@ -296,7 +302,7 @@ where
                 let _ = send(&mut writer, &Message::Bye { reason: "ping timeout".into() }).await;
                 bail!("hub did not answer a ping within {:?}", cfg.pong_timeout);
             }
-            _ = shutdown.wait_for(|s| *s) => {
+            _ = stopped(&mut shutdown) => {
                 let _ = send(&mut writer, &Message::Bye { reason: "agent shutting down".into() }).await;
                 return Ok(Ended::Shutdown);
             }

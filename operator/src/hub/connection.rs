@@ -240,7 +240,9 @@ where
                             metrics.notifications.with_label_values(&[kind.as_str(), "rate_limited"]).inc();
                             continue;
                         }
+                        let started = Instant::now();
                         handle_notification(&hub, &identity, connection, &kind, data, now);
+                        metrics.handling.observe(started.elapsed().as_secs_f64());
                     }
                     Message::Request { id, method, .. } => {
                         let reply = Message::Response { id, success: false, data: Value::from(format!("the hub serves no method {method:?}")) };

@@ -17,8 +17,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::Hub;
 use super::index::FleetHealth;
+use super::{Hub, stopped};
 use crate::FIELD_MANAGER;
 use crate::controller::build::set_condition;
 use crate::crd::{
@@ -186,7 +186,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = stopped(&mut shutdown) => return,
         }
         let list = match gateways.list(&ListParams::default()).await {
             Ok(list) => list,
