@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -173,11 +173,14 @@ fn unix_time(seconds: i64) -> Time {
 
 /// Writes fleet health into every gateway's status every `interval` until `shutdown`.
 /// `writes` counts status patches (the load benchmark reads it).
+/// Only the leader writes (`leader` is the operator's leader gauge, 1 while leading): agents
+/// connect to the leader, so another replica's empty index must not zero the counts.
 pub async fn run(
     client: Client,
     hub: Arc<Hub>,
     interval: Duration,
     writes: IntCounter,
+    leader: IntGauge,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let gateways: Api<AgentGateway> = Api::all(client.clone());
@@ -187,6 +190,9 @@ pub async fn run(
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stopped(&mut shutdown) => return,
+        }
+        if leader.get() != 1 {
+            continue;
         }
         let list = match gateways.list(&ListParams::default()).await {
             Ok(list) => list,

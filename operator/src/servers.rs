@@ -1,0 +1,362 @@
+//! The operator's network servers beside the controller: certificates (self-made CA, rotation,
+//! `caBundle`), the admission webhook and the control-channel hub with its status writer.
+//! Every replica serves webhooks; the hub's status writer runs only on the leader (the hub
+//! Service selects the leader, so agents connect there).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use prometheus::{IntCounter, Registry};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::certs::{self, CertConfig};
+use crate::crd::{AgentGateway, InjectionSettings, LogLevel, NativeSidecar};
+use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
+use crate::webhook::inject::{
+    HubCaSource, InjectionConfig, InjectorSettings, KeyRef, NativeSidecarMode, SecretMount,
+    SidecarResources,
+};
+use crate::webhook::{self, GatewayLookup, WebhookState};
+
+/// Key of the gateway's ConfigMap that carries the hub's CA for its sidecars.
+pub const HUB_CA_KEY: &str = "hub-ca.crt";
+
+/// Flags of the webhook, hub and certificates (`nanogate-operator run`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServerOptions {
+    /// Namespace the operator runs in: holds the certificate Secret; never injected.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "nanogate-system",
+        id = "operator-namespace"
+    )]
+    pub operator_namespace: String,
+    /// Admission webhook listen address; empty disables the webhook.
+    #[arg(long, env = "NANOGATE_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// Service in front of the webhook; its DNS names go into the serving certificate.
+    #[arg(long, default_value = "nanogate-webhook")]
+    pub webhook_service: String,
+    /// MutatingWebhookConfigurations whose `caBundle` the operator keeps current.
+    #[arg(long, value_delimiter = ',', default_value = "nanogate-injector")]
+    pub mutating_webhook_configs: Vec<String>,
+    /// ValidatingWebhookConfigurations whose `caBundle` the operator keeps current.
+    #[arg(long, value_delimiter = ',', default_value = "nanogate-validator")]
+    pub validating_webhook_configs: Vec<String>,
+    /// Extra names for the serving certificate (DNS names or IPs, e.g. 127.0.0.1 when the
+    /// webhook is registered by URL).
+    #[arg(long, value_delimiter = ',')]
+    pub extra_sans: Vec<String>,
+    /// Control-channel hub listen address; empty disables the hub.
+    #[arg(long, env = "NANOGATE_HUB_ADDR", default_value = "0.0.0.0:7051")]
+    pub hub_addr: Option<SocketAddr>,
+    /// `host:port` injected sidecars dial to reach the hub.
+    #[arg(
+        long,
+        env = "NANOGATE_HUB_ADVERTISE",
+        default_value = "nanogate-hub.nanogate-system.svc:7051"
+    )]
+    pub hub_advertise: String,
+    /// How often the hub writes fleet health into gateway statuses.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_flag)]
+    pub status_interval: Duration,
+    /// Whether the cluster runs native sidecars (default: detected from the server version,
+    /// ≥ 1.29).
+    #[arg(long)]
+    pub native_sidecars: Option<bool>,
+}
+
+fn parse_duration_flag(s: &str) -> Result<Duration, String> {
+    crate::crd::parse_duration(s)
+}
+
+/// `InjectionSettings` (from the gateway) + cluster facts → what `inject()` needs.
+pub fn injection_config(
+    settings: &InjectionSettings,
+    hub_advertise: &str,
+    native_supported: bool,
+) -> InjectionConfig {
+    let quantity =
+        |map: &Option<
+            BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >,
+         key: &str| { map.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone()) };
+    let resources = SidecarResources {
+        cpu_request: quantity(&settings.resources.requests, "cpu"),
+        cpu_limit: quantity(&settings.resources.limits, "cpu"),
+        memory_request: quantity(&settings.resources.requests, "memory"),
+        memory_limit: quantity(&settings.resources.limits, "memory"),
+    };
+    let mut secret_mounts = Vec::new();
+    if let Some(tls) = &settings.tls {
+        if let Some(ca) = &tls.ca_secret_ref {
+            secret_mounts.push(SecretMount {
+                volume_name: "nanogate-upstream-ca".into(),
+                secret_name: ca.name.clone(),
+                mount_path: "/etc/nanogate/upstream-ca".into(),
+                items: Vec::new(),
+            });
+        }
+        if let Some(client) = &tls.client_cert_secret_ref {
+            secret_mounts.push(SecretMount {
+                volume_name: "nanogate-upstream-client".into(),
+                secret_name: client.name.clone(),
+                mount_path: "/etc/nanogate/upstream-client".into(),
+                items: Vec::new(),
+            });
+        }
+    }
+    let mut cfg = InjectionConfig::with_defaults(
+        &settings.gateway,
+        &settings.image,
+        KeyRef {
+            name: settings.api_key_secret.name.clone(),
+            key: settings.api_key_secret.key.clone(),
+        },
+    );
+    cfg.config_generation = settings.generation.unwrap_or(1);
+    cfg.config_hash = Some(settings.config_hash.clone());
+    cfg.config_map_name = settings.config_map_name.clone();
+    cfg.config_key = settings.config_key.to_string();
+    cfg.resources = resources;
+    cfg.log_level = match settings.log_level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    }
+    .into();
+    cfg.native_sidecar = match settings.native_sidecar {
+        NativeSidecar::Auto => NativeSidecarMode::Auto,
+        NativeSidecar::Always => NativeSidecarMode::Always,
+        NativeSidecar::Never => NativeSidecarMode::Never,
+    };
+    cfg.cluster_supports_native_sidecars = native_supported;
+    cfg.socket_path = settings.socket_path.clone();
+    cfg.hub_addr = hub_advertise.to_string();
+    cfg.hub_ca = Some(HubCaSource::ConfigMap(KeyRef {
+        name: settings.config_map_name.clone(),
+        key: HUB_CA_KEY.into(),
+    }));
+    cfg.secret_mounts = secret_mounts;
+    cfg
+}
+
+/// `/mutate`'s view of the cluster, from reflector stores (no API call on the admission path).
+struct StoreLookup {
+    namespaces: Store<Namespace>,
+    gateways: Store<AgentGateway>,
+    hub_advertise: String,
+    native_supported: bool,
+}
+
+impl GatewayLookup for StoreLookup {
+    fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        self.namespaces
+            .get(&reflector::ObjectRef::new(namespace))
+            .map(|ns| ns.labels().clone())
+    }
+
+    fn gateways(&self, namespace: &str) -> Vec<InjectionConfig> {
+        self.gateways
+            .state()
+            .iter()
+            .filter(|gw| gw.namespace().as_deref() == Some(namespace))
+            // An invalid gateway injects nothing; its status says why.
+            .filter_map(|gw| gw.injection_settings().ok())
+            .map(|settings| injection_config(&settings, &self.hub_advertise, self.native_supported))
+            .collect()
+    }
+}
+
+/// Cluster ≥ 1.29 runs native sidecars (init containers with `restartPolicy: Always`).
+pub async fn detect_native_sidecars(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let minor: u32 = info.minor.trim_end_matches('+').parse().unwrap_or(0);
+            info.major == "1" && minor >= 29
+        }
+        Err(error) => {
+            warn!(%error, "server version unknown; assuming no native sidecars");
+            false
+        }
+    }
+}
+
+/// What [`start`] left running.
+pub struct Servers {
+    pub hub: Option<Arc<Hub>>,
+    pub webhook_addr: Option<SocketAddr>,
+    pub hub_addr: Option<SocketAddr>,
+    /// The CA that signed the webhook and hub certificates (PEM).
+    pub ca_pem: String,
+    /// Status patches written by the hub's status writer.
+    pub status_writes: IntCounter,
+}
+
+/// Starts certificates, webhook and hub; they stop when `shutdown` flips to true.
+pub async fn start(
+    client: Client,
+    opts: &ServerOptions,
+    registry: &Registry,
+    leader: prometheus::IntGauge,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Servers> {
+    let native_supported = match opts.native_sidecars {
+        Some(forced) => forced,
+        None => detect_native_sidecars(&client).await,
+    };
+    let mut cert_cfg = CertConfig::new(&opts.operator_namespace, &opts.webhook_service);
+    cert_cfg.mutating_webhooks = opts.mutating_webhook_configs.clone();
+    cert_cfg.validating_webhooks = opts.validating_webhook_configs.clone();
+    // The hub is reached through its own Service; the same certificate serves both.
+    let hub_host = opts
+        .hub_advertise
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(&opts.hub_advertise);
+    for san in opts.extra_sans.iter().map(String::as_str).chain([hub_host]) {
+        match san.parse::<IpAddr>() {
+            Ok(ip) => cert_cfg.extra_ips.push(ip),
+            Err(_) => cert_cfg.extra_dns.push(san.to_string()),
+        }
+    }
+    let (bundle, resolver) = certs::bootstrap(client.clone(), &cert_cfg)
+        .await
+        .context("setting up the webhook and hub certificates")?;
+    let ca_pem = bundle.ca_cert_pem.clone();
+    {
+        let (client, resolver, mut stop) = (client.clone(), resolver.clone(), shutdown.clone());
+        tokio::spawn(certs::run_rotation(
+            client,
+            cert_cfg,
+            bundle,
+            resolver,
+            async move {
+                hub::stopped(&mut stop).await;
+            },
+        ));
+    }
+    let tls = webhook::tls_config(resolver);
+
+    let mut webhook_addr = None;
+    if let Some(addr) = opts.webhook_addr {
+        let namespaces = watch_store(Api::<Namespace>::all(client.clone()));
+        let gateways = watch_store(Api::<AgentGateway>::all(client.clone()));
+        let lookup = StoreLookup {
+            namespaces,
+            gateways,
+            hub_advertise: opts.hub_advertise.clone(),
+            native_supported,
+        };
+        let validator = |object: &serde_json::Value| -> Result<(), Vec<String>> {
+            let gateway: AgentGateway = serde_json::from_value(object.clone())
+                .map_err(|e| vec![format!("not an AgentGateway: {e}")])?;
+            crate::crd::validate(&gateway.spec)
+                .map_err(|errors| errors.iter().map(|e| e.to_string()).collect())
+        };
+        let state = WebhookState::new(
+            Arc::new(lookup),
+            Arc::new(validator),
+            InjectorSettings::new(&opts.operator_namespace),
+            registry,
+        )?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the webhook on {addr}"))?;
+        let bound = listener.local_addr()?;
+        info!(addr = %bound, "admission webhook listening");
+        let mut stop = shutdown.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let served = webhook::serve(listener, webhook::router(state), tls, async move {
+                hub::stopped(&mut stop).await
+            })
+            .await;
+            if let Err(error) = served {
+                warn!(%error, "webhook server stopped");
+            }
+        });
+        webhook_addr = Some(bound);
+    }
+
+    let status_writes = IntCounter::new(
+        "nanogate_hub_status_writes_total",
+        "AgentGateway status patches written by the hub",
+    )
+    .expect("valid metric");
+    let _ = registry.register(Box::new(status_writes.clone()));
+    let (mut hub_state, mut hub_addr) = (None, None);
+    if let Some(addr) = opts.hub_addr {
+        let hub = Hub::new(HubConfig::default(), registry);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the hub on {addr}"))?;
+        let bound = listener.local_addr()?;
+        info!(addr = %bound, "control-channel hub listening");
+        let auth = Arc::new(TokenReviewAuthenticator::new(client.clone()));
+        tokio::spawn(hub::serve(
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            hub.clone(),
+            auth,
+            shutdown.clone(),
+        ));
+        tokio::spawn(hub::status::run(
+            client.clone(),
+            hub.clone(),
+            opts.status_interval,
+            status_writes.clone(),
+            leader,
+            shutdown.clone(),
+        ));
+        hub_state = Some(hub);
+        hub_addr = Some(bound);
+    }
+    Ok(Servers {
+        hub: hub_state,
+        webhook_addr,
+        hub_addr,
+        ca_pem,
+        status_writes,
+    })
+}
+
+/// A reflector store fed by a watch that restarts on errors (with the watcher's backoff).
+fn watch_store<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(error) = event {
+                warn!(%error, "watch error; retrying");
+            }
+        }
+    });
+    reader
+}
