@@ -805,4 +805,170 @@ mod tests {
             .collect();
         assert!(ca_bundle_patch(&current, ca).is_none());
     }
+
+    /// Kubernetes API interactions against a mocked API server (`tower_test`): each step
+    /// asserts method, path and body, then answers as the API server would.
+    mod api {
+        use super::*;
+        use http::{Request, Response, StatusCode};
+        use kube::client::Body;
+
+        type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+        fn client() -> (kube::Client, Handle) {
+            let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            (kube::Client::new(service, "default"), handle)
+        }
+
+        fn status(code: u16, reason: &str) -> Response<Body> {
+            let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "reason": reason, "code": code, "message": reason});
+            Response::builder()
+                .status(StatusCode::from_u16(code).unwrap())
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap()
+        }
+
+        fn ok(value: &impl serde::Serialize) -> Response<Body> {
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(value).unwrap()))
+                .unwrap()
+        }
+
+        /// Next request: asserts method and path, returns the body as JSON (Null if empty).
+        async fn expect(
+            handle: &mut Handle,
+            method: &str,
+            path: &str,
+        ) -> (
+            serde_json::Value,
+            tower_test::mock::SendResponse<Response<Body>>,
+            Request<()>,
+        ) {
+            let (request, send) =
+                tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+                    .await
+                    .expect("request within 5 s")
+                    .expect("a request");
+            assert_eq!(request.method().as_str(), method);
+            assert_eq!(request.uri().path(), path);
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            let json = if bytes.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            (json, send, Request::from_parts(parts, ()))
+        }
+
+        const SECRET_PATH: &str =
+            "/api/v1/namespaces/nanogate-system/secrets/nanogate-webhook-certs";
+        const SECRETS_PATH: &str = "/api/v1/namespaces/nanogate-system/secrets";
+
+        #[tokio::test]
+        async fn creates_the_secret_when_missing() {
+            let (client, mut handle) = client();
+            let c = cfg();
+            let task = tokio::spawn({
+                let c = c.clone();
+                async move { ensure_certificates(client, &c).await }
+            });
+            let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
+            send.send_response(status(404, "NotFound"));
+            let (body, send, _) = expect(&mut handle, "POST", SECRETS_PATH).await;
+            assert_eq!(body["type"], "kubernetes.io/tls");
+            assert_eq!(
+                body["metadata"]["annotations"][ANNOTATION_CERT_SANS],
+                c.sans().join(",")
+            );
+            for key in ["tls.crt", "tls.key", "ca.crt", "ca.key"] {
+                assert!(body["data"][key].is_string(), "{key}");
+            }
+            send.send_response(ok(&body));
+            let bundle = task.await.unwrap().unwrap();
+            let stored: Secret = serde_json::from_value(body).unwrap();
+            assert_eq!(bundle_from_secret(&stored), Some(bundle));
+        }
+
+        #[tokio::test]
+        async fn losing_the_creation_race_loads_the_winners_secret() {
+            let (client, mut handle) = client();
+            let c = cfg();
+            let winner =
+                generate_bundle(&c.sans(), unix_now(), c.ca_validity, c.cert_validity).unwrap();
+            let task = tokio::spawn({
+                let c = c.clone();
+                async move { ensure_certificates(client, &c).await }
+            });
+            let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
+            send.send_response(status(404, "NotFound"));
+            let (_, send, _) = expect(&mut handle, "POST", SECRETS_PATH).await;
+            send.send_response(status(409, "AlreadyExists"));
+            let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
+            send.send_response(ok(&bundle_to_secret(&c, &winner, Some("7".into()))));
+            assert_eq!(task.await.unwrap().unwrap(), winner);
+        }
+
+        #[tokio::test]
+        async fn renews_a_due_certificate_with_compare_and_swap() {
+            let (client, mut handle) = client();
+            let c = cfg();
+            let long_ago = unix_now() - c.cert_validity.as_secs(); // past 2/3 of its life
+            let old = generate_bundle(&c.sans(), long_ago, c.ca_validity, c.cert_validity).unwrap();
+            let task = tokio::spawn({
+                let c = c.clone();
+                async move { ensure_certificates(client, &c).await }
+            });
+            let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
+            send.send_response(ok(&bundle_to_secret(&c, &old, Some("41".into()))));
+            let (body, send, _) = expect(&mut handle, "PUT", SECRET_PATH).await;
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "41",
+                "replace is conditional"
+            );
+            send.send_response(ok(&body));
+            let renewed = task.await.unwrap().unwrap();
+            assert_eq!(renewed.ca_cert_pem, old.ca_cert_pem);
+            assert_ne!(renewed.cert_pem, old.cert_pem);
+            assert!(renewed.needs_renewal(unix_now(), &c.sans()).is_none());
+        }
+
+        #[tokio::test]
+        async fn patches_ca_bundles_and_skips_missing_configurations() {
+            let (client, mut handle) = client();
+            let mut c = cfg();
+            c.mutating_webhooks = vec!["nanogate-injector".into()];
+            c.validating_webhooks = vec!["nanogate-validator".into()];
+            let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+            let task = tokio::spawn({
+                let c = c.clone();
+                async move { patch_ca_bundles(client, &c, ca).await }
+            });
+            let path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/nanogate-injector";
+            let (_, send, _) = expect(&mut handle, "GET", path).await;
+            send.send_response(ok(&json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "nanogate-injector"},
+                "webhooks": [{"name": "inject.nanogate.io", "admissionReviewVersions": ["v1"],
+                    "sideEffects": "None", "clientConfig": {"service": {"name": "nanogate-webhook", "namespace": "nanogate-system"}}}],
+            })));
+            let (body, send, req) = expect(&mut handle, "PATCH", path).await;
+            assert_eq!(req.headers()["content-type"], "application/json-patch+json");
+            let b64 = serde_json::to_value(ByteString(ca.as_bytes().to_vec())).unwrap();
+            assert_eq!(
+                body,
+                json!([
+                    {"op": "test", "path": "/webhooks/0/name", "value": "inject.nanogate.io"},
+                    {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64},
+                ])
+            );
+            send.send_response(ok(&json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration", "metadata": {"name": "nanogate-injector"}})));
+            let path = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/nanogate-validator";
+            let (_, send, _) = expect(&mut handle, "GET", path).await;
+            send.send_response(status(404, "NotFound"));
+            task.await.unwrap().unwrap();
+        }
+    }
 }
