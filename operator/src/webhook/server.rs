@@ -24,8 +24,6 @@ use tokio_rustls::TlsAcceptor;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send request headers (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -142,9 +140,13 @@ pub async fn serve(
                     return;
                 }
             };
+            // No header-read timeout: hyper starts it while a keep-alive connection sits idle
+            // waiting for the next request, so it would close idle connections under the API
+            // server, and a request racing that close fails. Idle connections are the client's
+            // to close (the API server's transport does so after its idle timeout).
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(None)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
             if let Err(error) = result {
