@@ -634,8 +634,9 @@ async fn cold_start_200_gateways() -> Result<()> {
         .collect();
     println!(
         "COLD START: {N} gateways Ready in {:.2}s (process start to all Ready); \
-         {writes} API writes ({:.2}/gateway), {reconciles} reconciles\n  {}",
+         {} API writes ({:.2}/gateway), {reconciles} reconciles\n  {}",
         elapsed.as_secs_f64(),
+        writes as u64,
         writes / N as f64,
         by_kind.join("\n  ")
     );
@@ -657,8 +658,9 @@ async fn cold_start_200_gateways() -> Result<()> {
     let writes2 = op2.metric("nanogate_operator_api_writes_total")?;
     let reconciles2 = op2.metric("nanogate_operator_reconciles_total")?;
     println!(
-        "SECOND PASS: {reconciles2} reconciles in {:.2}s, {writes2} API writes",
-        second.elapsed().as_secs_f64()
+        "SECOND PASS: {reconciles2} reconciles in {:.2}s, {} API writes",
+        second.elapsed().as_secs_f64(),
+        writes2 as u64
     );
     assert_eq!(
         writes2, 0.0,

@@ -149,6 +149,24 @@ impl ApiServerVerifier {
         ));
     }
 
+    /// The reconciler re-reads the live status before writing; answer with `status`.
+    async fn get_status(&mut self, gw: &str, status: Option<Value>) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(
+            req.uri().path(),
+            format!("/apis/nanogate.io/v1alpha1/namespaces/apps/agentgateways/{gw}/status")
+        );
+        let mut obj = json!({
+            "apiVersion":"nanogate.io/v1alpha1","kind":"AgentGateway",
+            "metadata":{"name":gw,"namespace":"apps"},"spec":{"upstream":{"apiKeySecretRef":{"name":"x"}}}
+        });
+        if let Some(st) = status {
+            obj["status"] = st;
+        }
+        send.send_response(json_response(StatusCode::OK, &obj));
+    }
+
     async fn patch_status(&mut self, gw: &str) -> Value {
         let (req, send) = self.next().await;
         assert_eq!(req.method(), Method::PATCH);
@@ -242,6 +260,7 @@ async fn new_gateway_creates_config_map_event_and_status() {
             ),
         ]))
         .await;
+        api.get_status("demo", None).await;
         let patch = api.patch_status("demo").await;
         let st = &patch["status"];
         assert_eq!(st["observedGeneration"], 1);
@@ -301,6 +320,7 @@ async fn missing_secret_flags_status_and_waits() {
     let action = run(gw, ctx.clone(), async {
         api.get_secret("tendrl-key", None).await;
         api.list_pods(json!([])).await;
+        api.get_status("demo", None).await;
         let patch = api.patch_status("demo").await;
         let cv = condition(&patch["status"], "ConfigValid");
         assert_eq!(cv["status"], "False");
@@ -325,6 +345,7 @@ async fn secret_without_key_is_reported() {
         api.get_secret("tendrl-key", Some(json!({"other":"eA=="})))
             .await;
         api.list_pods(json!([])).await;
+        api.get_status("demo", None).await;
         let patch = api.patch_status("demo").await;
         let msg = condition(&patch["status"], "ConfigValid")["message"]
             .as_str()
@@ -343,6 +364,7 @@ async fn invalid_spec_is_flagged_without_touching_config() {
     let gw = fixture("invalid.yaml");
     let action = run(gw, ctx.clone(), async {
         api.list_pods(json!([])).await;
+        api.get_status("broken", None).await;
         let patch = api.patch_status("broken").await;
         let cv = condition(&patch["status"], "ConfigValid");
         assert_eq!(cv["reason"], "InvalidSpec");
@@ -401,4 +423,42 @@ async fn gateway_without_namespace_is_an_error_not_a_panic() {
     gw.metadata.namespace = None;
     let err = reconcile(Arc::new(gw), ctx).await.unwrap_err();
     assert_eq!(err.metric_label(), "missing_object_key");
+}
+
+#[tokio::test]
+async fn stale_cache_does_not_cause_a_second_status_write() {
+    // The cached gateway predates our last status write; the live status already matches.
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("minimal.yaml");
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    let gref = GatewayRef {
+        name: "demo".into(),
+        namespace: "apps".into(),
+        uid: gw.meta().uid.clone().unwrap(),
+    };
+    let live_cm = config_map(&gref, &cfg);
+    let verdict = Verdict::Applied {
+        config_map: "demo-agent-config".into(),
+        hash: cfg.hash(),
+    };
+    let live_status = desired_status(
+        None,
+        Some(1),
+        &verdict,
+        0,
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        ),
+    );
+    run(gw, ctx.clone(), async {
+        api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
+            .await;
+        api.get_config_map(Some(&live_cm)).await;
+        api.list_pods(json!([])).await;
+        api.get_status("demo", Some(serde_json::to_value(&live_status).unwrap()))
+            .await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(ctx.metrics.writes_total(), 0);
 }

@@ -50,6 +50,9 @@ pub enum Error {
     /// Listing pods to count sidecars failed.
     #[error("listing pods: {0}")]
     PodList(#[source] kube::Error),
+    /// Reading the live status failed.
+    #[error("reading status: {0}")]
+    StatusGet(#[source] kube::Error),
     /// Writing the status failed.
     #[error("patching status: {0}")]
     StatusPatch(#[source] kube::Error),
@@ -64,6 +67,7 @@ impl Error {
             Self::ConfigMapGet(_) => "configmap_get",
             Self::ConfigMapApply(_) => "configmap_apply",
             Self::PodList(_) => "pod_list",
+            Self::StatusGet(_) => "status_get",
             Self::StatusPatch(_) => "status_patch",
         }
     }
@@ -305,16 +309,31 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     };
 
     let expected = count_expected(&ctx.client, ns, name).await?;
-    let status = build::desired_status(
-        gw.status.as_ref(),
+    let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
+    let mut current = gw.status.clone();
+    let mut status = build::desired_status(
+        current.as_ref(),
         gw.metadata.generation,
         &verdict,
         expected,
         &now(),
     );
+    if current.as_ref() != Some(&status) {
+        // The cached object may predate our previous status write (its watch event is still
+        // in flight). Compare against the live status before writing, so a write is only sent
+        // when the stored status really differs.
+        let live = api.get_status(name).await.map_err(Error::StatusGet)?;
+        current = live.status;
+        status = build::desired_status(
+            current.as_ref(),
+            gw.metadata.generation,
+            &verdict,
+            expected,
+            &now(),
+        );
+    }
 
-    let old_valid = gw
-        .status
+    let old_valid = current
         .as_ref()
         .and_then(|s| {
             s.conditions
@@ -328,8 +347,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         .find(|c| c.type_ == conditions::CONFIG_VALID)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
 
-    if gw.status.as_ref() != Some(&status) {
-        let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
+    if current.as_ref() != Some(&status) {
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
