@@ -198,11 +198,9 @@ fn check_invariants(name: &str, pod: &Value) {
     assert_eq!(spec[list][0]["name"], "nano-agent", "{name}: sidecar first");
     // Every app container (and init container) sees the socket.
     for c in all.iter().filter(|c| c["name"] != "nano-agent") {
-        let mounted = c["volumeMounts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|m| m["mountPath"] == "/var/lib/tendrl");
+        let mounted = c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+            m["mountPath"].as_str().map(|p| p.trim_end_matches('/')) == Some("/var/lib/tendrl")
+        });
         let env = c["env"]
             .as_array()
             .into_iter()

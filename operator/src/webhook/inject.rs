@@ -545,7 +545,13 @@ fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
         ("initContainers", spec.init_containers.as_ref()),
     ] {
         for (i, c) in containers.into_iter().flatten().enumerate() {
-            add_socket_to_app(&mut ops, &format!("/spec/{field}/{i}"), c, cfg);
+            add_socket_to_app(
+                &mut ops,
+                &format!("/spec/{field}/{i}"),
+                c,
+                cfg,
+                &mut warnings,
+            );
         }
     }
 
@@ -613,17 +619,29 @@ fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
     }
 }
 
-fn add_socket_to_app(ops: &mut Ops, base: &str, c: &Container, cfg: &InjectionConfig) {
+fn add_socket_to_app(
+    ops: &mut Ops,
+    base: &str,
+    c: &Container,
+    cfg: &InjectionConfig,
+    warnings: &mut Vec<String>,
+) {
     let socket_dir = cfg.socket_dir();
     // A container that already mounts something at the socket directory keeps its mount (two
     // mounts at one path would make the apiserver reject the pod); a user-set
     // TENDRL_SOCKET_PATH is the user's choice and is kept too.
     let mounts = c.volume_mounts.as_ref();
-    if !mounts
+    let existing = mounts
         .into_iter()
         .flatten()
-        .any(|m| m.mount_path == socket_dir || m.name == SOCKET_VOLUME)
-    {
+        .find(|m| m.mount_path.trim_end_matches('/') == socket_dir || m.name == SOCKET_VOLUME);
+    if let Some(m) = existing.filter(|m| m.name != SOCKET_VOLUME) {
+        warnings.push(format!(
+            "nanogate: container {:?} already mounts volume {:?} at {socket_dir}; it will not see the nano-agent socket",
+            c.name, m.name
+        ));
+    }
+    if existing.is_none() {
         ops.append(
             &format!("{base}/volumeMounts"),
             mounts.is_some(),
