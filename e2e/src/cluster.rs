@@ -129,9 +129,9 @@ impl ControlPlane {
                 format!("--service-account-signing-key-file={}", d("sa.key")),
                 "--api-audiences=https://kubernetes.default.svc".into(),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
-                // Pods are created right after their namespace; without a kubelet nothing
-                // needs the legacy token Secret the ServiceAccount plugin waits for.
-                "--disable-admission-plugins=ServiceAccount".into(),
+                // The ServiceAccount admission plugin stays on, as in any real cluster: it
+                // sets `serviceAccountName` before webhooks run. TestNamespace waits for the
+                // default ServiceAccount's token so pods can be created right away.
                 "--endpoint-reconciler-type=none".into(),
                 "--allow-privileged=true".into(),
                 "--v=1".into(),

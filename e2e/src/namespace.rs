@@ -1,9 +1,10 @@
 //! A fresh, labelled namespace per test, deleted when the test ends (pass or fail).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
@@ -44,6 +45,24 @@ impl TestNamespace {
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &namespace)
             .await?;
+        // The ServiceAccount admission plugin refuses pods until the namespace's default
+        // ServiceAccount has its token (1.20); the controller-manager makes both in ~1 s.
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        crate::wait_for(
+            "the default ServiceAccount token",
+            Duration::from_secs(30),
+            || {
+                let accounts = accounts.clone();
+                async move {
+                    let ready = accounts
+                        .get_opt("default")
+                        .await?
+                        .is_some_and(|sa| !sa.secrets.unwrap_or_default().is_empty());
+                    Ok(ready.then_some(()))
+                }
+            },
+        )
+        .await?;
         // Deletion happens in Drop, which cannot await; it goes through kubectl against the
         // shared control plane's kubeconfig when there is one.
         let kubeconfig =

@@ -23,7 +23,7 @@ use crate::crd::{AgentGateway, InjectionSettings, LogLevel, NativeSidecar};
 use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
 use crate::webhook::inject::{
     HubCaSource, InjectionConfig, InjectorSettings, KeyRef, NativeSidecarMode, SecretMount,
-    SidecarResources,
+    SidecarResources, supports_native_sidecars,
 };
 use crate::webhook::{self, GatewayLookup, WebhookState};
 
@@ -86,17 +86,7 @@ pub fn injection_config(
     hub_advertise: &str,
     native_supported: bool,
 ) -> InjectionConfig {
-    let quantity =
-        |map: &Option<
-            BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-        >,
-         key: &str| { map.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone()) };
-    let resources = SidecarResources {
-        cpu_request: quantity(&settings.resources.requests, "cpu"),
-        cpu_limit: quantity(&settings.resources.limits, "cpu"),
-        memory_request: quantity(&settings.resources.requests, "memory"),
-        memory_limit: quantity(&settings.resources.limits, "memory"),
-    };
+    let resources = SidecarResources::from_requirements(&settings.resources);
     let mut secret_mounts = Vec::new();
     if let Some(tls) = &settings.tls {
         if let Some(ca) = &tls.ca_secret_ref {
@@ -183,10 +173,7 @@ impl GatewayLookup for StoreLookup {
 /// Cluster ≥ 1.29 runs native sidecars (init containers with `restartPolicy: Always`).
 pub async fn detect_native_sidecars(client: &Client) -> bool {
     match client.apiserver_version().await {
-        Ok(info) => {
-            let minor: u32 = info.minor.trim_end_matches('+').parse().unwrap_or(0);
-            info.major == "1" && minor >= 29
-        }
+        Ok(info) => supports_native_sidecars(&info),
         Err(error) => {
             warn!(%error, "server version unknown; assuming no native sidecars");
             false

@@ -1,0 +1,403 @@
+//! The admission webhook (issue 5) on the real apiserver, registered by URL: the operator's
+//! servers run in-process (certificates from its own CA, `caBundle` patched by the operator),
+//! and the apiserver calls them for every pod created in the test's namespace.
+//!
+//! Each test scopes its webhook configurations to its own namespace (a namespace selector on a
+//! per-test label), so tests running in parallel on the shared control plane never meet.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::{Api, Client};
+use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
+use nanogate_operator::servers::{self, ServerOptions};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn install_crd(cp: &ControlPlane) -> Result<()> {
+    let crd = nanogate_e2e::workspace_root().join("crds/agentgateway.yaml");
+    nanogate_e2e::apply_yaml_file(cp.kubeconfig_path(), &crd)?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/agentgateways.nanogate.io",
+        "--timeout=30s",
+    ])?;
+    Ok(())
+}
+
+/// Webhook configurations for `ns` only, calling `port` on loopback.
+fn webhook_configs(name: &str, ns: &str, port: u16, failure_policy: &str) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: {name}
+webhooks:
+- name: inject.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{port}/mutate
+  rules:
+  - operations: ["CREATE"]
+    apiGroups: [""]
+    apiVersions: ["v1"]
+    resources: ["pods"]
+  namespaceSelector:
+    matchLabels: {{{SELECTOR_LABEL}: {ns}}}
+  failurePolicy: {failure_policy}
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+  reinvocationPolicy: Never
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: {name}
+webhooks:
+- name: validate.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{port}/validate
+  rules:
+  - operations: ["CREATE", "UPDATE"]
+    apiGroups: ["nanogate.io"]
+    apiVersions: ["v1alpha1"]
+    resources: ["agentgateways"]
+  namespaceSelector:
+    matchLabels: {{{SELECTOR_LABEL}: {ns}}}
+  failurePolicy: {failure_policy}
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+"#
+    )
+}
+
+fn gateway(name: &str, extra_batching: Value) -> Result<DynamicObject> {
+    let mut batching = json!({"flushInterval": "250ms"});
+    if let (Some(b), Some(extra)) = (batching.as_object_mut(), extra_batching.as_object()) {
+        b.extend(extra.clone());
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "nanogate.io/v1alpha1",
+        "kind": "AgentGateway",
+        "metadata": {"name": name},
+        "spec": {
+            "upstream": {"kind": "http", "url": "http://127.0.0.1:9", "apiKeySecretRef": {"name": "platform-key", "key": "apiKey"}},
+            "batching": batching,
+            "heartbeatInterval": "1s"
+        }
+    }))?)
+}
+
+fn gateways_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "nanogate.io",
+        "v1alpha1",
+        "AgentGateway",
+    ));
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+fn app_pod(name: &str) -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"nanogate.io/inject": "true"}, "labels": {"app": "shop"}},
+        "spec": {"containers": [{"name": "shop", "image": "python:3.12-slim", "env": [{"name": "MODE", "value": "demo"}]}]}
+    }))?)
+}
+
+fn sidecar(pod: &Pod) -> Option<&Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == "nano-agent")
+}
+
+/// Everything a test needs: namespaces, webhook registered and served, a valid gateway.
+struct Setup {
+    ns: TestNamespace,
+    _operator_ns: TestNamespace,
+    _stop: watch::Sender<bool>,
+    client: Client,
+}
+
+async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
+    install_crd(cp).await?;
+    let client = cp.client().await?;
+    let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
+    // The namespace's name is random; label it for the webhooks' selector once it exists.
+    let ns = TestNamespace::create(&client, prefix).await?;
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        ns.name(),
+        &format!("{SELECTOR_LABEL}={}", ns.name()),
+    ])?;
+
+    let port = free_port()?;
+    let config_name = format!("nanogate-{}", ns.name());
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &webhook_configs(&config_name, ns.name(), port, "Fail"),
+    )?;
+
+    let opts = ServerOptions {
+        operator_namespace: operator_ns.name().to_string(),
+        webhook_addr: Some(format!("127.0.0.1:{port}").parse()?),
+        webhook_service: "nanogate-webhook".into(),
+        mutating_webhook_configs: vec![config_name.clone()],
+        validating_webhook_configs: vec![config_name],
+        extra_sans: vec!["127.0.0.1".into()],
+        hub_addr: None,
+        hub_advertise: "127.0.0.1:7051".into(),
+        status_interval: Duration::from_secs(5),
+        native_sidecars: None,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
+    servers::start(
+        client.clone(),
+        &opts,
+        &prometheus::Registry::new(),
+        leader,
+        stopped,
+    )
+    .await?;
+
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "platform-key"},
+        "stringData": {"apiKey": "e2e-key"}
+    }))?;
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns.name())
+        .create(&PostParams::default(), &secret)
+        .await?;
+    gateways_api(&client, ns.name())
+        .create(&PostParams::default(), &gateway("shop", json!({}))?)
+        .await?;
+
+    // The webhook learns about gateways through a watch; wait until a dry-run pod is injected.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    wait_for(
+        "the webhook to know the gateway",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let dry = pods
+                    .create(
+                        &PostParams {
+                            dry_run: true,
+                            ..Default::default()
+                        },
+                        &app_pod("probe")?,
+                    )
+                    .await?;
+                Ok(sidecar(&dry).map(|_| ()))
+            }
+        },
+    )
+    .await?;
+    Ok(Setup {
+        ns,
+        _operator_ns: operator_ns,
+        _stop: stop,
+        client,
+    })
+}
+
+#[tokio::test]
+async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let s = setup(cp, "inject").await?;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "shop"}},
+            "template": {
+                "metadata": {"labels": {"app": "shop"}, "annotations": {"nanogate.io/inject": "true", "nanogate.io/gateway": "shop"}},
+                "spec": {
+                    "initContainers": [{"name": "migrate", "image": "python:3.12-slim"}],
+                    "containers": [{"name": "shop", "image": "python:3.12-slim"}]
+                }
+            }
+        }
+    }))?;
+    Api::<Deployment>::namespaced(s.client.clone(), s.ns.name())
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    let stored = wait_for("2 injected pods", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels("app=shop")).await?;
+            Ok((list.items.len() == 2).then_some(list.items))
+        }
+    })
+    .await?;
+    for pod in &stored {
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        assert!(
+            annotations.contains_key("nanogate.io/injected"),
+            "injected annotation: {annotations:?}"
+        );
+        let agent = sidecar(pod).context("nano-agent container stored by the apiserver")?;
+        let security = agent
+            .security_context
+            .clone()
+            .context("sidecar securityContext")?;
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            security.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            security.seccomp_profile.map(|p| p.type_),
+            Some("RuntimeDefault".to_string())
+        );
+        let env = agent.env.clone().unwrap_or_default();
+        let key = env
+            .iter()
+            .find(|e| e.name == "TENDRL_KEY")
+            .context("TENDRL_KEY env")?;
+        assert!(
+            key.value.is_none(),
+            "the API key comes from the Secret, never inline"
+        );
+        let spec = pod.spec.as_ref().context("spec")?;
+        // 1.20 has no native sidecars: the agent is a regular container placed first.
+        assert_eq!(
+            spec.containers[0].name, "nano-agent",
+            "legacy mode puts the agent first"
+        );
+        for app in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .filter(|c| c.name != "nano-agent")
+        {
+            let app_env = app.env.clone().unwrap_or_default();
+            assert!(
+                app_env.iter().any(|e| e.name == "TENDRL_SOCKET_PATH"),
+                "{} gets TENDRL_SOCKET_PATH",
+                app.name
+            );
+            let mounts = app.volume_mounts.clone().unwrap_or_default();
+            assert!(
+                mounts.iter().any(|m| m.mount_path == "/var/lib/tendrl"),
+                "{} mounts the socket dir",
+                app.name
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_pod_created_twice_is_identical_and_reinjection_is_a_no_op() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let s = setup(cp, "idem").await?;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    let first = pods
+        .create(&PostParams::default(), &app_pod("twin-a")?)
+        .await?;
+    let second = pods
+        .create(&PostParams::default(), &app_pod("twin-b")?)
+        .await?;
+    let spec = |p: &Pod| serde_json::to_value(&p.spec).unwrap_or_default();
+    assert_eq!(
+        spec(&first),
+        spec(&second),
+        "identical input pods give identical stored pods"
+    );
+
+    // Feeding the stored (already injected) pod back through the webhook changes nothing.
+    let mut again = first.clone();
+    again.metadata = kube::api::ObjectMeta {
+        name: Some("twin-c".into()),
+        annotations: first.metadata.annotations.clone(),
+        labels: first.metadata.labels.clone(),
+        ..Default::default()
+    };
+    let third = pods.create(&PostParams::default(), &again).await?;
+    assert_eq!(spec(&third), spec(&first), "re-injection is a no-op");
+    let containers = third
+        .spec
+        .as_ref()
+        .map(|s| s.containers.len())
+        .unwrap_or_default();
+    assert_eq!(containers, 2, "still exactly one sidecar");
+    Ok(())
+}
+
+#[tokio::test]
+async fn opted_out_pods_are_left_alone_and_invalid_gateways_are_denied() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let s = setup(cp, "optout").await?;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    let mut pod = app_pod("opted-out")?;
+    pod.metadata.annotations =
+        Some([("nanogate.io/inject".to_string(), "false".to_string())].into());
+    let stored = pods.create(&PostParams::default(), &pod).await?;
+    assert!(sidecar(&stored).is_none());
+
+    let bad = gateway("bad", json!({"minBatchSize": 300, "maxBatchSize": 200}))?;
+    let error = gateways_api(&s.client, s.ns.name())
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("minBatchSize > maxBatchSize is refused");
+    let text = error.to_string();
+    assert!(
+        text.contains("minBatchSize"),
+        "the message names the field: {text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhook_down_with_ignore_admits_the_pod_without_injection() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "down").await?;
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        ns.name(),
+        &format!("{SELECTOR_LABEL}={}", ns.name()),
+    ])?;
+    // Nothing listens on this port.
+    let port = free_port()?;
+    let name = format!("nanogate-{}", ns.name());
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &webhook_configs(&name, ns.name(), port, "Ignore"),
+    )?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let stored = pods
+        .create(&PostParams::default(), &app_pod("unserved")?)
+        .await?;
+    assert!(sidecar(&stored).is_none(), "admitted, not injected");
+    assert!(
+        stored
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("nanogate.io/inject")
+    );
+    Ok(())
+}
