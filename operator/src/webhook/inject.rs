@@ -7,6 +7,31 @@
 //!
 //! The patch only *adds* things (array inserts, new keys) and never rewrites the user's
 //! containers wholesale: fields this crate's `k8s-openapi` does not know about survive.
+//!
+//! # Contract with the injected `nano-agent`
+//!
+//! - Environment: `TENDRL_KEY` (API key, from the gateway's Secret; only in the sidecar),
+//!   `NANOGATE_POD_NAME` / `NANOGATE_POD_NAMESPACE` / `NANOGATE_POD_UID` (downward API),
+//!   `NANOGATE_GATEWAY`, `NANOGATE_CONFIG_FILE`, `NANOGATE_HUB_ADDR`,
+//!   `NANOGATE_HUB_TOKEN_FILE` (projected token, audience `nanogate-hub`, 1 h, refreshed by
+//!   the kubelet: re-read it on every hub connection), `NANOGATE_HUB_CA_FILE` (when a hub CA
+//!   is configured), `TENDRL_SOCKET_PATH`, `NANOGATE_SPOOL_DIR` (on the shared `emptyDir`),
+//!   `NANOGATE_ADMIN_PORT`, `NANOGATE_LOG_LEVEL`.
+//! - `/readyz` on the admin port must mean "the app socket accepts connections" (not "the
+//!   upstream is reachable"): in native mode it is also the startup probe that holds the app
+//!   containers, so an upstream outage must not keep pods from starting.
+//! - Legacy mode (no native sidecars): the sidecar is the first regular container and its
+//!   `postStart` hook runs `nano-agent wait-ready --timeout 120s`, which must exit 0 once the
+//!   socket accepts connections (non-zero after the timeout). The kubelet starts the next
+//!   container only after the hook returns, so apps find the socket ready. Init containers
+//!   run before any regular container, so in legacy mode they get the env and mount but no
+//!   agent to talk to.
+//! - Legacy mode in a run-to-completion pod (owned by a Job, or `restartPolicy` `Never` /
+//!   `OnFailure`): `NANOGATE_EXIT_WHEN_APPS_DONE=true` and `NANOGATE_APP_CONTAINERS=a,b,…`.
+//!   The agent must then flush and exit 0 once every listed container has terminated, so the
+//!   Job completes. It learns that from the hub (the operator watches pods and can send
+//!   `drain`) or from its own pod's status; either way it must not keep the pod alive. Native
+//!   sidecars need none of this: the kubelet stops them after the app containers.
 
 use std::collections::BTreeMap;
 
