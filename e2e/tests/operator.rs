@@ -77,6 +77,7 @@ impl Operator {
             &[
                 ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
                 ("RUST_LOG", "info,kube=warn".into()),
+                ("NANOGATE_LOG_FORMAT", "json".into()),
             ],
             cp.dir(),
         )?;
@@ -258,7 +259,7 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Result<Vec<String>
 async fn gateway_gets_config_map_status_columns_and_is_garbage_collected() -> Result<()> {
     let (cp, client) = setup().await?;
     let ns = TestNamespace::create(&client, "op-life").await?;
-    let _op = Operator::start(cp, ns.name(), "op-life-0", 15)?;
+    let op = Operator::start(cp, ns.name(), "op-life-0", 15)?;
     create_secret(&client, ns.name(), "tendrl-key").await?;
     let api = gateways(&client, ns.name());
     api.create(
@@ -345,6 +346,29 @@ async fn gateway_gets_config_map_status_columns_and_is_garbage_collected() -> Re
         .split_whitespace()
         .collect();
     assert_eq!(&row[..6], ["demo", "True", "0/1", "0", "0", "Unknown"]);
+    // `kubectl explain` shows the documented defaults.
+    // (1.20 publishes OpenAPI v2 only, a few seconds after the CRD is established.)
+    let explain = wait_for("kubectl explain", Duration::from_secs(60), || async {
+        let out = cp.kubectl(&[
+            "explain",
+            "--output=plaintext-openapiv2",
+            "agw.spec.batching.flushInterval",
+        ])?;
+        Ok(Some(out))
+    })
+    .await?;
+    assert!(explain.contains("Default `250ms`"), "{explain}");
+
+    // Admin endpoints and structured (JSON) logs.
+    assert!(op.get("/healthz")?.starts_with("HTTP/1.1 200"));
+    assert!(op.get("/readyz")?.starts_with("HTTP/1.1 200"));
+    assert!(op.metric("nanogate_operator_reconciles_total")? >= 1.0);
+    assert_eq!(op.metric("nanogate_operator_leader")?, 1.0);
+    let log = std::fs::read_to_string(&op.process.log)?;
+    let first: Value = serde_json::from_str(log.lines().next().unwrap_or(""))
+        .with_context(|| format!("log is JSON lines: {log}"))?;
+    assert_eq!(first["level"], "INFO", "{first}");
+
     // Category and short name work too.
     assert!(
         cp.kubectl(&["-n", ns.name(), "get", "nanogate"])?
