@@ -1,0 +1,104 @@
+{{/* Chart name. */}}
+{{- define "nanogate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Resource name prefix: the release name, with the chart name appended unless present. */}}
+{{- define "nanogate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "nanogate.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nanogate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "nanogate.labels" -}}
+helm.sh/chart: {{ include "nanogate.chart" . }}
+{{ include "nanogate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: nanogate
+{{- end -}}
+
+{{/* Labels selecting the operator pods. */}}
+{{- define "nanogate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nanogate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "nanogate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "nanogate.fullname" .)) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Names shared by the templates and the operator's flags. */}}
+{{- define "nanogate.webhookService" -}}{{ include "nanogate.fullname" . }}-webhook{{- end -}}
+{{- define "nanogate.hubService" -}}{{ include "nanogate.fullname" . }}-hub{{- end -}}
+{{- define "nanogate.metricsService" -}}{{ include "nanogate.fullname" . }}-metrics{{- end -}}
+{{- define "nanogate.mutatingWebhook" -}}{{ include "nanogate.fullname" . }}-injector{{- end -}}
+{{- define "nanogate.validatingWebhook" -}}{{ include "nanogate.fullname" . }}-validator{{- end -}}
+{{- define "nanogate.leaseName" -}}{{ include "nanogate.fullname" . }}-operator{{- end -}}
+{{/* The Secret the operator creates for its CA and serving certificate (never templated). */}}
+{{- define "nanogate.certSecret" -}}{{ include "nanogate.webhookService" . }}-certs{{- end -}}
+{{/* The Secret cert-manager writes in cert-manager mode. */}}
+{{- define "nanogate.certManagerSecret" -}}{{ include "nanogate.webhookService" . }}-tls{{- end -}}
+
+{{- define "nanogate.hubAdvertise" -}}
+{{- if .Values.localDevelopment.enabled -}}
+{{- .Values.localDevelopment.hubAdvertise -}}
+{{- else if .Values.hubAdvertise -}}
+{{- .Values.hubAdvertise -}}
+{{- else -}}
+{{- printf "%s.%s.svc:%v" (include "nanogate.hubService" .) .Release.Namespace .Values.service.hub.port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespaces the webhooks never see: the configured ones plus the release namespace. */}}
+{{- define "nanogate.namespaceSelector" -}}
+namespaceSelector:
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: NotIn
+      values:
+        {{- range (append .Values.webhook.excludeNamespaces .Release.Namespace | uniq) }}
+        - {{ . | quote }}
+        {{- end }}
+{{- end -}}
+
+{{/* clientConfig of a webhook; $path is "/mutate" or "/validate". */}}
+{{- define "nanogate.clientConfig" -}}
+{{- $ := index . 0 -}}
+{{- $path := index . 1 -}}
+clientConfig:
+  {{- if $.Values.localDevelopment.enabled }}
+  url: {{ printf "%s%s" $.Values.localDevelopment.webhookURL $path | quote }}
+  {{- else }}
+  service:
+    name: {{ include "nanogate.webhookService" $ }}
+    namespace: {{ $.Release.Namespace }}
+    path: {{ $path }}
+    port: {{ $.Values.service.webhook.port }}
+  {{- end }}
+{{- end -}}
+
+{{/* Annotations of the webhook configurations (cert-manager's CA injection in that mode). */}}
+{{- define "nanogate.webhookAnnotations" -}}
+{{- if and .Values.webhook.certManager.enabled (not .Values.localDevelopment.enabled) }}
+  annotations:
+    cert-manager.io/inject-ca-from: {{ printf "%s/%s" .Release.Namespace (include "nanogate.webhookService" .) }}
+{{- end }}
+{{- end -}}
