@@ -13,6 +13,7 @@ pub mod crd;
 pub mod hub;
 pub mod leader;
 pub mod metrics;
+pub mod servers;
 pub mod webhook;
 
 use std::future::Future;
