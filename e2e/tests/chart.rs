@@ -887,7 +887,11 @@ fn dashboard_queries_use_only_metrics_that_exist() -> Result<()> {
 #[test]
 fn metrics_reference_documents_every_metric() -> Result<()> {
     let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))?;
-    let documented: BTreeSet<String> = metric_tokens(&doc).into_iter().collect();
+    // Family prefixes such as `nanogate_hub_*` are prose, not metric names.
+    let documented: BTreeSet<String> = metric_tokens(&doc)
+        .into_iter()
+        .filter(|m| !m.ends_with('_'))
+        .collect();
     for metric in metrics_in_source()? {
         assert!(
             doc.contains(&format!("`{metric}`")),
