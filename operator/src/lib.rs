@@ -71,6 +71,9 @@ pub struct RunOptions {
     /// Log format.
     #[arg(long, value_enum, env = "NANOGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Webhook, hub and certificates.
+    #[command(flatten)]
+    pub servers: servers::ServerOptions,
 }
 
 impl Default for RunOptions {
@@ -84,6 +87,7 @@ impl Default for RunOptions {
             leader_elect: true,
             namespace: None,
             log_format: LogFormat::Text,
+            servers: servers::ServerOptions::default(),
         }
     }
 }
@@ -204,9 +208,26 @@ pub async fn run_with_client(
     ));
     ready.store(true, Ordering::Relaxed);
 
+    // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
+    let (servers_stop, servers_stopped) = watch::channel(false);
+    let hub_ca = if opts.servers.enabled() {
+        let started = servers::start(
+            client.clone(),
+            &opts.servers,
+            &metrics.registry,
+            metrics.leader.clone(),
+            servers_stopped,
+        )
+        .await?;
+        Some(started.ca_pem)
+    } else {
+        None
+    };
+
     let ctx = Arc::new(
         controller::Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
-            .with_namespace(opts.namespace.clone()),
+            .with_namespace(opts.namespace.clone())
+            .with_hub_ca(hub_ca),
     );
     let mut shutdown = std::pin::pin!(shutdown);
 
@@ -267,6 +288,7 @@ pub async fn run_with_client(
         }
         metrics.leader.set(0);
     }
+    let _ = servers_stop.send(true);
     let _ = admin_stop.send(true);
     let _ = admin.await;
     info!("operator stopped");

@@ -41,8 +41,8 @@ pub struct ServerOptions {
         id = "operator-namespace"
     )]
     pub operator_namespace: String,
-    /// Admission webhook listen address; empty disables the webhook.
-    #[arg(long, env = "NANOGATE_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    /// Admission webhook listen address (the chart sets 0.0.0.0:9443); off when not set.
+    #[arg(long, env = "NANOGATE_WEBHOOK_ADDR")]
     pub webhook_addr: Option<SocketAddr>,
     /// Service in front of the webhook; its DNS names go into the serving certificate.
     #[arg(long, default_value = "nanogate-webhook")]
@@ -57,8 +57,8 @@ pub struct ServerOptions {
     /// webhook is registered by URL).
     #[arg(long, value_delimiter = ',')]
     pub extra_sans: Vec<String>,
-    /// Control-channel hub listen address; empty disables the hub.
-    #[arg(long, env = "NANOGATE_HUB_ADDR", default_value = "0.0.0.0:7051")]
+    /// Control-channel hub listen address (the chart sets 0.0.0.0:7051); off when not set.
+    #[arg(long, env = "NANOGATE_HUB_ADDR")]
     pub hub_addr: Option<SocketAddr>,
     /// `host:port` injected sidecars dial to reach the hub.
     #[arg(
@@ -74,6 +74,31 @@ pub struct ServerOptions {
     /// ≥ 1.29).
     #[arg(long)]
     pub native_sidecars: Option<bool>,
+}
+
+impl Default for ServerOptions {
+    /// Everything off; the same defaults as the flags otherwise.
+    fn default() -> Self {
+        Self {
+            operator_namespace: "nanogate-system".into(),
+            webhook_addr: None,
+            webhook_service: "nanogate-webhook".into(),
+            mutating_webhook_configs: vec!["nanogate-injector".into()],
+            validating_webhook_configs: vec!["nanogate-validator".into()],
+            extra_sans: Vec::new(),
+            hub_addr: None,
+            hub_advertise: "nanogate-hub.nanogate-system.svc:7051".into(),
+            status_interval: Duration::from_secs(5),
+            native_sidecars: None,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Whether the webhook or the hub (and so the certificates) are wanted.
+    pub fn enabled(&self) -> bool {
+        self.webhook_addr.is_some() || self.hub_addr.is_some()
+    }
 }
 
 fn parse_duration_flag(s: &str) -> Result<Duration, String> {

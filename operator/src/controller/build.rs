@@ -269,6 +269,17 @@ pub fn config_map(gw: &GatewayRef, cfg: &SidecarConfig) -> ConfigMap {
     }
 }
 
+/// Adds the hub's CA (PEM) under [`crate::servers::HUB_CA_KEY`]; the injector mounts that key
+/// into the sidecar (`/etc/nanogate-hub-ca/ca.crt`).
+pub fn with_hub_ca(mut cm: ConfigMap, hub_ca: Option<&str>) -> ConfigMap {
+    if let Some(pem) = hub_ca {
+        cm.data
+            .get_or_insert_with(BTreeMap::new)
+            .insert(crate::servers::HUB_CA_KEY.to_string(), pem.to_string());
+    }
+    cm
+}
+
 /// Whether the live ConfigMap already carries everything `desired` sets (our SSA would be a
 /// no-op). Extra labels/annotations added by others are ignored.
 pub fn config_map_up_to_date(live: &ConfigMap, desired: &ConfigMap) -> bool {

@@ -89,6 +89,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// Watch only this namespace (`None`: the whole cluster).
     pub namespace: Option<String>,
+    /// PEM of the CA that signed the hub's certificate; written into each gateway's ConfigMap
+    /// so injected sidecars can verify the hub (`None` when the hub is off).
+    pub hub_ca: Option<String>,
     /// Consecutive failures per gateway, for exponential backoff in [`error_policy`].
     failures: Mutex<HashMap<(String, String), u32>>,
 }
@@ -105,8 +108,16 @@ impl Context {
             client,
             metrics,
             namespace: None,
+            hub_ca: None,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Publish the hub's CA to sidecars through every gateway's ConfigMap.
+    #[must_use]
+    pub fn with_hub_ca(mut self, hub_ca: Option<String>) -> Self {
+        self.hub_ca = hub_ca;
+        self
     }
 
     /// Restrict the controller to one namespace.
@@ -266,7 +277,8 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         Ok(cfg) => match dereference(&ctx.client, ns, &gw.spec).await? {
             Some(missing) => Verdict::SecretMissing(missing),
             None => {
-                let desired = build::config_map(&gref, &cfg);
+                let desired =
+                    build::with_hub_ca(build::config_map(&gref, &cfg), ctx.hub_ca.as_deref());
                 let cm_name = build::config_map_name(name);
                 let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
                 let live = cms.get_opt(&cm_name).await.map_err(Error::ConfigMapGet)?;
