@@ -30,6 +30,7 @@ macro_rules! progress {
 mod assets;
 mod cluster;
 mod namespace;
+pub mod kubelet;
 pub mod process;
 
 pub use assets::k8s_assets;

@@ -1,0 +1,210 @@
+//! A stand-in for the kubelet, for the one container this project ships: it runs the injected
+//! `nano-agent` container of a pod stored in the apiserver as a local process, resolving what a
+//! kubelet would — env values, Secret and downward-API references, ConfigMap and projected
+//! service-account-token volumes, `emptyDir` — into a local directory.
+//!
+//! Paths inside the container (mount points) are mapped to directories under `workdir`, and env
+//! values that point into a mount point are rewritten accordingly, so the agent runs exactly
+//! the configuration the webhook injected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, ServiceAccount};
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+use crate::Process;
+
+/// What [`run_sidecar`] started.
+pub struct LocalSidecar {
+    pub process: Process,
+    /// The app socket on this machine (where the pod's apps would find it).
+    pub socket: PathBuf,
+    /// The agent's admin address (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: String,
+    /// The container as injected (for assertions).
+    pub container: Container,
+}
+
+/// The injected `nano-agent` container of `pod`, if any.
+pub fn sidecar_container(pod: &Pod) -> Option<&Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == "nano-agent")
+}
+
+/// Runs the injected sidecar of `pod` with `binary`. Files go under `workdir`; the admin port
+/// is replaced by a free one so several pods can run side by side.
+pub async fn run_sidecar(
+    client: &Client,
+    pod: &Pod,
+    binary: &Path,
+    workdir: &Path,
+) -> Result<LocalSidecar> {
+    let container = sidecar_container(pod)
+        .context("the pod has no injected nano-agent container")?
+        .clone();
+    let namespace = pod.metadata.namespace.clone().context("pod namespace")?;
+    let spec = pod.spec.as_ref().context("pod spec")?;
+    std::fs::create_dir_all(workdir)?;
+
+    // Volumes → local directories, filled as the kubelet would.
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .with_context(|| format!("volume {} of mount {}", mount.name, mount.mount_path))?;
+        let local = workdir.join(&volume.name);
+        std::fs::create_dir_all(&local)?;
+        if let Some(source) = &volume.config_map {
+            let map = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
+                .get(&source.name)
+                .await?;
+            for (key, value) in map.data.unwrap_or_default() {
+                std::fs::write(local.join(key), value)?;
+            }
+        } else if let Some(source) = &volume.secret {
+            let name = source
+                .secret_name
+                .clone()
+                .context("secret volume without a name")?;
+            let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+                .get(&name)
+                .await?;
+            for (key, value) in secret.data.unwrap_or_default() {
+                std::fs::write(local.join(key), value.0)?;
+            }
+        } else if let Some(projected) = &volume.projected {
+            for source in projected.sources.iter().flatten() {
+                if let Some(token) = &source.service_account_token {
+                    let jwt = token_for_pod(
+                        client,
+                        pod,
+                        token.audience.as_deref(),
+                        token.expiration_seconds,
+                    )
+                    .await?;
+                    std::fs::write(local.join(&token.path), jwt)?;
+                }
+            }
+        } else if volume.empty_dir.is_none() {
+            bail!(
+                "volume {} has a type this stand-in kubelet does not run",
+                volume.name
+            );
+        }
+        mounts.push((mount.mount_path.clone(), local));
+    }
+    // Longest mount path first, so nested mounts map to the right directory.
+    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    let remap = |value: &str| -> String {
+        for (path, local) in &mounts {
+            if let Some(rest) = value.strip_prefix(path.as_str()) {
+                return format!("{}{rest}", local.display());
+            }
+        }
+        value.to_string()
+    };
+
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(value), _) => remap(value),
+            (None, Some(from)) => {
+                if let Some(key_ref) = &from.secret_key_ref {
+                    let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+                        .get(&key_ref.name)
+                        .await?;
+                    let bytes = secret
+                        .data
+                        .unwrap_or_default()
+                        .remove(&key_ref.key)
+                        .with_context(|| {
+                            format!("Secret {} has no key {}", key_ref.name, key_ref.key)
+                        })?;
+                    String::from_utf8(bytes.0)?
+                } else if let Some(field) = &from.field_ref {
+                    match field.field_path.as_str() {
+                        "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
+                        "metadata.namespace" => namespace.clone(),
+                        "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
+                        other => bail!("fieldRef {other} is not supported by the stand-in kubelet"),
+                    }
+                } else {
+                    bail!(
+                        "env {} has a valueFrom this stand-in kubelet does not resolve",
+                        var.name
+                    );
+                }
+            }
+            (None, None) => String::new(),
+        };
+        env.insert(var.name.clone(), value);
+    }
+    // The agent binds its admin port on all interfaces in a pod; here, a free loopback port.
+    env.insert("NANOGATE_ADMIN_PORT".into(), admin_port.to_string());
+    env.insert(
+        "NANOGATE_ADMIN_LISTEN".into(),
+        format!("127.0.0.1:{admin_port}"),
+    );
+    let socket = PathBuf::from(
+        env.get("TENDRL_SOCKET_PATH")
+            .cloned()
+            .context("TENDRL_SOCKET_PATH in the sidecar env")?,
+    );
+
+    let env_pairs: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let args: Vec<String> = container.args.clone().unwrap_or_default();
+    let process = Process::spawn_with_env("nano-agent", binary, &args, &env_pairs, workdir)?;
+    Ok(LocalSidecar {
+        process,
+        socket,
+        admin_addr: format!("127.0.0.1:{admin_port}"),
+        container,
+    })
+}
+
+/// A TokenRequest for the pod's service account, bound to the pod (what the kubelet puts in a
+/// projected `serviceAccountToken` volume).
+pub async fn token_for_pod(
+    client: &Client,
+    pod: &Pod,
+    audience: Option<&str>,
+    expiration: Option<i64>,
+) -> Result<String> {
+    let namespace = pod.metadata.namespace.clone().context("pod namespace")?;
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audience.map(|a| vec![a.to_string()]).unwrap_or_default(),
+            expiration_seconds: expiration,
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..Default::default()
+    };
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+        .create_token_request(&account, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for {namespace}/{account}"))?;
+    Ok(issued.status.context("TokenRequest without status")?.token)
+}
