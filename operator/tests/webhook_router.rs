@@ -219,6 +219,10 @@ async fn mutate_injects_a_pod_and_the_patch_applies() {
     assert_eq!(resp["uid"], uid_of(&body));
     assert_eq!(resp["allowed"], true);
     assert_eq!(resp["patchType"], "JSONPatch");
+    assert!(
+        resp["patch"].is_string(),
+        "patch is base64 as the API documents"
+    );
     // The patch applies to the pod exactly as the apiserver sent it.
     let mut pod = serde_json::from_slice::<Value>(&body).unwrap()["request"]["object"].clone();
     let patch: json_patch::Patch = serde_json::from_value(decode_patch(resp)).unwrap();

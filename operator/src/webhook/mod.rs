@@ -195,7 +195,7 @@ pub fn router(state: WebhookState) -> Router {
 
 async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl IntoResponse {
     let start = Instant::now();
-    let review = mutate(&state, &body);
+    let review = review_json(&mutate(&state, &body));
     state
         .metrics
         .duration
@@ -213,6 +213,22 @@ async fn validate_handler(State(state): State<WebhookState>, body: Bytes) -> imp
         .with_label_values(&["validate"])
         .observe(start.elapsed().as_secs_f64());
     Json(review)
+}
+
+/// The review as JSON, with `response.patch` base64-encoded as the AdmissionReview API
+/// documents for `[]byte` (kube-core serialises the bytes as a JSON array of numbers,
+/// kube-rs/kube#1781).
+pub fn review_json(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
+    let mut value = serde_json::to_value(review).unwrap_or_else(|error| {
+        // Unreachable in practice (plain data); answer something the apiserver can read.
+        tracing::error!(%error, "AdmissionReview does not serialise");
+        serde_json::json!({})
+    });
+    let patch = review.response.as_ref().and_then(|r| r.patch.clone());
+    if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
+        *slot = serde_json::to_value(k8s_openapi::ByteString(bytes)).expect("base64 string");
+    }
+    value
 }
 
 /// Parse a review body; on failure, an `invalid` response that still carries the request's
