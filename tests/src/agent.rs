@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-/// Path of the `nano-agent` binary: `$NANO_AGENT_BIN`, else `<target>/<profile>/nano-agent`
-/// next to the running test executable, built with cargo once if missing. Tests inside the
-/// sidecar crate pass `env!("CARGO_BIN_EXE_nano-agent")` instead.
+/// Path of the `nano-agent` binary: `$NANO_AGENT_BIN` when set; otherwise
+/// `<target>/<profile>/nano-agent` next to the running test executable, brought up to date
+/// once per test process with `cargo build -p nanogate-sidecar --bin nano-agent` (a no-op when
+/// fresh; cargo releases its build lock before running tests, so this does not deadlock).
+/// Tests inside the sidecar crate pass `env!("CARGO_BIN_EXE_nano-agent")` instead.
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -26,18 +28,18 @@ pub fn agent_bin() -> PathBuf {
             .and_then(Path::parent)
             .expect("target layout")
             .to_owned();
-        let bin = profile_dir.join("nano-agent");
-        if !bin.exists() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "nanogate-sidecar", "--bin", "nano-agent"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build");
-            assert!(status.success(), "building nano-agent failed");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "nanogate-sidecar", "--bin", "nano-agent"]);
+        if let Some(target) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target);
         }
-        bin
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for nano-agent");
+        assert!(status.success(), "building nano-agent failed");
+        profile_dir.join("nano-agent")
     })
     .clone()
 }
@@ -106,14 +108,10 @@ impl Agent {
             .arg(&self.cfg.upstream_url)
             .arg("--admin-listen")
             .arg(self.admin.to_string())
-            .args([
-                "--pod-namespace",
-                "test-ns",
-                "--pod-name",
-                "test-pod",
-                "--log-level",
-                "info",
-            ])
+            // Environment, not flags, so `extra_args` can override them.
+            .env("NANOGATE_POD_NAMESPACE", "test-ns")
+            .env("NANOGATE_POD_NAME", "test-pod")
+            .env("NANOGATE_LOG", "info")
             .args(&self.cfg.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

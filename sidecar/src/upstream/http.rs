@@ -135,6 +135,17 @@ impl HttpUpstream {
             return Ok((status, body));
         }
         let code = status.as_u16();
+        if code == 401 || code == 403 {
+            // A wrong or revoked key is fixed by configuration, not by the message: keep the
+            // batch spooled and retry (the circuit opens and health shows the reason) rather
+            // than dead-lettering everything the pod sends meanwhile.
+            return Err(UpstreamError::Retryable {
+                reason: format!(
+                    "HTTP {code} from {endpoint}: authentication failed, check the API key"
+                ),
+                retry_after,
+            });
+        }
         if status.is_server_error() || code == 429 || code == 408 {
             return Err(UpstreamError::Retryable {
                 reason: format!("HTTP {code} from {endpoint}"),

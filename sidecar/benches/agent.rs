@@ -1,0 +1,315 @@
+//! nano-agent benchmark: runs the real release binary against the local platform test server
+//! and prints figures side by side with baselines measured in the same run on the same kind of
+//! socket (machines are noisy; ratios matter more than absolute numbers).
+//!
+//! Run: `cargo bench -p nanogate-sidecar --bench agent` (optionally `-- --secs 5`).
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nanogate_protocol::app::{Decoded, Limits, StreamDecoder};
+use nanogate_tests::agent::{Agent, AgentConfig};
+use nanogate_tests::platform::PlatformServer;
+
+/// A ~180-byte publish, as in the issue's ingest benchmark.
+fn message(i: u64) -> String {
+    let m = format!(
+        r#"{{"msg_type":"publish","data":{{"sensor":"temp-{:04}","value":21.5,"unit":"C","seq":{i},"ok":true}},"context":{{"tags":["bench","ingest"],"wait":false}}}}"#,
+        i % 10_000
+    );
+    // Pad to exactly 180 bytes with a string field so every message has the same size.
+    let pad = 180usize.saturating_sub(m.len() + 7);
+    m.replacen(
+        "\"ok\":true",
+        &format!("\"ok\":true,\"p\":\"{}\"", "x".repeat(pad)),
+        1,
+    )
+}
+
+/// One buffer of back-to-back messages, written repeatedly by the clients.
+fn batch_buffer() -> (Vec<u8>, u64) {
+    let mut buf = Vec::new();
+    let n = 1000;
+    for i in 0..n {
+        buf.extend_from_slice(message(i).as_bytes());
+    }
+    (buf, n)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Writes `buf` over one connection for `secs`; returns messages written.
+fn write_for(stream: &mut UnixStream, buf: &[u8], per_buf: u64, secs: Duration) -> u64 {
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < secs {
+        stream.write_all(buf).expect("write");
+        n += per_buf;
+    }
+    n
+}
+
+/// Baseline server: `mode` "discard" reads and drops bytes; "parse" runs the agent's decoder.
+fn baseline(dir: &Path, mode: &'static str, secs: Duration) -> f64 {
+    let path = dir.join(format!("{mode}.sock"));
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut count = 0u64;
+        let mut bytes = 0u64;
+        let start = Instant::now();
+        if mode == "discard" {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                bytes += n as u64;
+            }
+        } else {
+            let mut dec = StreamDecoder::new(Limits::default());
+            loop {
+                let b = dec.read_buf(16 * 1024);
+                let len = b.len();
+                b.resize(b.capacity(), 0);
+                let n = s.read(&mut b[len..]).unwrap();
+                b.truncate(len + n);
+                if n == 0 {
+                    break;
+                }
+                loop {
+                    match dec.next() {
+                        Decoded::NeedMore => break,
+                        Decoded::Request(_) => count += 1,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+        }
+        (count, bytes, start.elapsed())
+    });
+    let (buf, per) = batch_buffer();
+    let mut c = UnixStream::connect(&path).unwrap();
+    let sent = write_for(&mut c, &buf, per, secs);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let (count, bytes, took) = server.join().unwrap();
+    let msgs = if mode == "discard" {
+        bytes / (buf.len() as u64 / per)
+    } else {
+        count
+    };
+    assert_eq!(msgs, sent);
+    msgs as f64 / took.as_secs_f64()
+}
+
+fn start_agent(platform: &PlatformServer, dir: &Path, extra: &[&str]) -> Agent {
+    let mut args = vec!["--spool-max-bytes", "8GiB", "--log-level", "warn"];
+    args.extend_from_slice(extra);
+    Agent::start(AgentConfig {
+        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        dir: dir.to_owned(),
+        upstream_url: platform.url(),
+        api_key: platform.api_key().to_owned(),
+        extra_args: args.iter().map(|s| s.to_string()).collect(),
+    })
+    .expect("starting nano-agent")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let secs = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5u64);
+    let secs = Duration::from_secs(secs);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let platform = rt.block_on(PlatformServer::start()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    println!(
+        "nano-agent bench ({} s per throughput run, message size {} bytes)",
+        secs.as_secs(),
+        message(1).len()
+    );
+
+    // ---- idle memory and msg_check latency on a fresh agent ----
+    let agent = start_agent(&platform, &tmp.path().join("a1"), &[]);
+    let pid = agent.pid().unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let rss_idle = rss_kib(pid);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let mut lat = Vec::with_capacity(10_000);
+    let mut buf = [0u8; 1024];
+    for i in 0..11_000 {
+        let t = Instant::now();
+        s.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
+        let n = s.read(&mut buf).unwrap();
+        if i >= 1000 {
+            lat.push(t.elapsed());
+        }
+        assert_eq!(&buf[..n], b"204");
+    }
+    drop(s);
+    lat.sort();
+    println!(
+        "msg_check round trip (idle agent, incl. HTTP to the local platform): p50 {:?}  p99 {:?}  (n={})",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.len()
+    );
+    println!("RSS idle: {:.1} MiB", rss_idle as f64 / 1024.0);
+
+    // ---- connections per second (one message per connection) ----
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, conns, path) = (stop.clone(), conns.clone(), agent.socket.clone());
+            let msg = message(7);
+            thread::spawn(move || {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut c = UnixStream::connect(&path).unwrap();
+                    c.write_all(msg.as_bytes()).unwrap();
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    out.clear();
+                    c.read_to_end(&mut out).unwrap();
+                    assert!(out.is_empty());
+                    conns.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    thread::sleep(secs);
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    let cps = conns.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    println!("connections: {cps:.0}/s (one publish per connection, 2 client threads)");
+    drop(agent);
+
+    // ---- ingest: baselines and agent over one persistent connection ----
+    let discard = baseline(tmp.path(), "discard", secs);
+    let parse = baseline(tmp.path(), "parse", secs);
+    platform.faults().set_down(true); // measure ingest alone; delivery is measured below
+    let agent = start_agent(&platform, &tmp.path().join("a2"), &[]);
+    let pid = agent.pid().unwrap();
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let (buf, per) = batch_buffer();
+    let mut c = UnixStream::connect(&agent.socket).unwrap();
+    let t = Instant::now();
+    let sent = write_for(&mut c, &buf, per, secs);
+    // The reply to a request written after the publishes proves they were all processed
+    // (appended to the spool); with the platform down it is an upstream error.
+    c.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
+    let n = c.read(&mut [0u8; 1024]).unwrap();
+    let took = t.elapsed();
+    assert!(n > 0);
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let ingest = sent as f64 / took.as_secs_f64();
+    let received = agent
+        .metric("nanogate_sidecar_received_total")
+        .unwrap_or(0.0) as u64;
+    assert_eq!(received, sent, "every message accepted");
+    println!("ingest, one persistent connection, publish wait=false, spool on:");
+    println!("  read-and-discard baseline: {discard:>12.0} msgs/s");
+    println!("  parse-only baseline:       {parse:>12.0} msgs/s");
+    println!(
+        "  nano-agent:                {ingest:>12.0} msgs/s  ({:.0}% of parse-only, {:.0}% of discard; {sent} msgs, spool {:.0} MiB)",
+        ingest * 100.0 / parse,
+        ingest * 100.0 / discard,
+        agent.metric("nanogate_sidecar_spool_bytes").unwrap_or(0.0) / 1048576.0
+    );
+    println!(
+        "RSS during ingest (peak): {:.1} MiB",
+        peak.load(Ordering::Relaxed) as f64 / 1024.0
+    );
+    drop(c);
+    drop(agent);
+
+    // ---- delivery: preload the spool with the platform down, then time the drain ----
+    for (label, extra, n) in [
+        (
+            "seed default knobs (max_batch_size 200, min_batch_interval 100ms)",
+            vec![],
+            10_000u64,
+        ),
+        (
+            "tuned (--max-batch-size 1000 --min-batch-size 100 --batch-size 500 --min-batch-interval 0s)",
+            vec![
+                "--max-batch-size",
+                "1000",
+                "--min-batch-size",
+                "100",
+                "--batch-size",
+                "500",
+                "--min-batch-interval",
+                "0s",
+            ],
+            200_000,
+        ),
+    ] {
+        platform.faults().set_down(true);
+        let dir = tmp.path().join(format!("d{n}"));
+        let mut extra = extra;
+        extra.extend_from_slice(&["--backoff-max", "100ms", "--backoff-initial", "10ms"]);
+        let agent = start_agent(&platform, &dir, &extra);
+        let mut c = UnixStream::connect(&agent.socket).unwrap();
+        for chunk in 0..n / per {
+            let _ = chunk;
+            c.write_all(&buf).unwrap();
+        }
+        c.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
+        let _ = c.read(&mut [0u8; 1024]).unwrap();
+        let (base_msgs, base_batches) = (platform.received_count(), platform.batches());
+        let t = Instant::now();
+        platform.faults().set_down(false);
+        let target = base_msgs + n as usize;
+        while platform.received_count() < target {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let took = t.elapsed().as_secs_f64();
+        let batches = platform.batches() - base_batches;
+        println!(
+            "delivery, {label}: {:.0} msgs/s, {:.0} batches/s ({n} msgs in {took:.2} s)",
+            n as f64 / took,
+            batches as f64 / took
+        );
+    }
+    drop(rt);
+}
