@@ -1,23 +1,29 @@
 //! `make demo`: nanogate end to end on a local, real control plane.
 //!
-//! There is no kubelet here, so the demo plays its part: once the (injected) pod exists in the
-//! apiserver, it runs that pod's `nano-agent` as a local process with the pod's identity and
-//! talks to it through the pod's socket like an app would. Every step prints what it did; a
-//! component that does not exist yet is named as missing rather than faked.
+//! Everything is real except the kubelet: the demo starts etcd, kube-apiserver and
+//! kube-controller-manager, runs the operator (controller, admission webhook, hub) as a local
+//! process, registers the webhook by URL, creates a gateway and an annotated Deployment, and
+//! then plays the kubelet for the one container we ship: it runs the pod's injected
+//! `nano-agent` locally with the pod's configuration, Secret and service-account token, and
+//! talks to it through the pod's socket like an app would. Every step prints what it did.
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::{Api, Client};
+use nanogate_e2e::kubelet::{run_sidecar, sidecar_container};
 use nanogate_e2e::{ControlPlane, Process, apply_yaml, wait_for};
 use nanogate_tests::platform::PlatformServer;
+use serde_json::{Value, json};
 
 const NAMESPACE: &str = "demo";
+const OPERATOR_NAMESPACE: &str = "nanogate-system";
 const API_KEY: &str = "demo-api-key-not-a-secret";
 
 fn say(step: &str, text: &str) {
@@ -28,6 +34,10 @@ fn note(text: &str) {
     println!("    {text}");
 }
 
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let started = Instant::now();
@@ -35,110 +45,149 @@ async fn main() -> Result<()> {
         .parent()
         .context("demo binary has no directory")?
         .to_path_buf();
+    for binary in ["nanogate-operator", "nano-agent"] {
+        if !bin_dir.join(binary).exists() {
+            bail!(
+                "{} is missing next to the demo; run `make demo` (it builds every binary)",
+                binary
+            );
+        }
+    }
     let root = nanogate_e2e::workspace_root();
 
     say(
-        "1/7",
+        "1/8",
         "starting a real control plane (etcd + kube-apiserver + kube-controller-manager)",
     );
     let cp = ControlPlane::start().await?;
     let client = cp.client().await?;
-    note(&format!("kubeconfig: {}", cp.kubeconfig_path().display()));
-
-    say("2/7", "installing nanogate");
-    let crd = root.join("crds/agentgateway.yaml");
-    let have_crd = crd.exists();
-    if have_crd {
-        nanogate_e2e::apply_yaml_file(cp.kubeconfig_path(), &crd)?;
-        note("applied the AgentGateway CRD from crds/agentgateway.yaml");
-        cp.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/agentgateways.nanogate.io",
-            "--timeout=30s",
-        ])?;
-    } else {
-        note("NOT THERE YET: crds/agentgateway.yaml (operator issue) — gateways cannot be created");
-    }
-    if root.join("charts/nanogate/Chart.yaml").exists() {
-        note("the Helm chart exists; `make demo` still runs the operator as a local process");
-    } else {
-        note(
-            "NOT THERE YET: the Helm chart (charts/nanogate) — installing pieces directly instead",
-        );
-    }
-    let operator = start_operator(&cp, &bin_dir)?;
+    note(&format!(
+        "kubeconfig: {}  (try: KUBECONFIG=… kubectl get agw -A)",
+        cp.kubeconfig_path().display()
+    ));
 
     say(
-        "3/7",
+        "2/8",
+        "installing nanogate: CRD, namespace, webhook configurations (by URL), operator",
+    );
+    let (webhook_port, hub_port, admin_port) = (free_port()?, free_port()?, free_port()?);
+    nanogate_e2e::apply_yaml_file(cp.kubeconfig_path(), &root.join("crds/agentgateway.yaml"))?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/agentgateways.nanogate.io",
+        "--timeout=30s",
+    ])?;
+    apply_yaml(cp.kubeconfig_path(), &install_objects(webhook_port))?;
+    note(
+        "CRD agentgateways.nanogate.io, namespace nanogate-system, MutatingWebhookConfiguration nanogate-injector, ValidatingWebhookConfiguration nanogate-validator",
+    );
+    if root.join("charts/nanogate/Chart.yaml").exists() {
+        note(
+            "(the Helm chart installs the same objects in a cluster; here the operator runs as a local process)",
+        );
+    }
+    let mut operator = start_operator(&cp, &bin_dir, webhook_port, hub_port, admin_port)?;
+    wait_for(
+        "the operator to patch the webhook caBundle",
+        Duration::from_secs(60),
+        || {
+            let out = cp.kubectl(&[
+                "get",
+                "mutatingwebhookconfiguration",
+                "nanogate-injector",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ]);
+            let exited = operator.exited();
+            async move {
+                if let Some(status) = exited {
+                    bail!("the operator exited ({status})");
+                }
+                Ok(out.ok().filter(|b| !b.is_empty()).map(|_| ()))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(operator.log_tail(20)))?;
+    note("operator ready: it made its CA and serving certificate and patched caBundle itself");
+
+    say(
+        "3/8",
         "starting a local platform receiver (the Tendrl platform HTTP API)",
     );
     let platform = PlatformServer::start_with_key(API_KEY).await?;
     note(&format!("platform listening at {}", platform.url()));
 
     say(
-        "4/7",
-        "creating namespace, API-key Secret, AgentGateway and an annotated Deployment",
+        "4/8",
+        "creating the app namespace, the API-key Secret and an AgentGateway",
     );
-    apply_yaml(
-        cp.kubeconfig_path(),
-        &demo_objects(&platform.url(), have_crd),
-    )?;
-    note(&format!(
-        "namespace {NAMESPACE}: Secret platform-api-key, Deployment shop (nanogate.io/inject=true)"
-    ));
-    if have_crd {
-        note("AgentGateway demo -> upstream http, flushInterval 250ms");
-    }
+    apply_yaml(cp.kubeconfig_path(), &gateway_objects(&platform.url()))?;
+    let gateways = gateways_api(&client);
+    wait_for("gateway demo Ready", Duration::from_secs(60), || {
+        let gateways = gateways.clone();
+        async move { Ok(condition(&gateways.get("demo").await?, "Ready").filter(|s| s == "True")) }
+    })
+    .await?;
+    note("AgentGateway demo: Ready=True, ConfigMap demo-agent-config written by the operator");
+
+    say(
+        "5/8",
+        "creating a Deployment annotated nanogate.io/inject=true",
+    );
+    apply_yaml(cp.kubeconfig_path(), &deployment())?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let pod = wait_for("the shop pod", Duration::from_secs(60), || {
         let pods = pods.clone();
         async move {
-            let list = pods.list(&ListParams::default().labels("app=shop")).await?;
-            Ok(list.items.into_iter().next())
+            Ok(pods
+                .list(&ListParams::default().labels("app=shop"))
+                .await?
+                .items
+                .into_iter()
+                .next())
         }
     })
     .await?;
     let pod_name = pod.metadata.name.clone().unwrap_or_default();
-    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
     let injected = pod
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get("nanogate.io/injected"))
         .cloned();
-    match &injected {
-        Some(value) => note(&format!(
-            "pod {pod_name} was injected by the webhook ({value})"
-        )),
-        None => note(&format!(
-            "pod {pod_name} exists but NOT injected: the mutating webhook is NOT THERE YET in this demo; \
-             running nano-agent for it by hand"
-        )),
+    let containers: Vec<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+        .collect();
+    note(&format!(
+        "pod {pod_name}: containers {containers:?}, nanogate.io/injected={}",
+        injected.as_deref().unwrap_or("-")
+    ));
+    if sidecar_container(&pod).is_none() {
+        bail!(
+            "the pod was not injected; see the operator log {}",
+            operator.log.display()
+        );
     }
 
     say(
-        "5/7",
-        "running the pod's nano-agent as a local process (standing in for the kubelet)",
+        "6/8",
+        "running the pod's injected nano-agent as a local process (standing in for the kubelet)",
     );
-    let pod_dir = cp.dir().join("pod-shop");
-    std::fs::create_dir_all(pod_dir.join("spool"))?;
-    let socket = pod_dir.join("tendrl_agent.sock");
-    let agent = start_agent(
-        &bin_dir,
-        &pod_dir,
-        &socket,
-        &platform.url(),
-        &pod_name,
-        &pod_uid,
-    )?;
-    let Some(mut agent) = agent else {
-        finish(&cp, started, have_crd);
-        return Ok(());
-    };
+    let workdir = cp.dir().join("pod-shop");
+    let mut agent = run_sidecar(&client, &pod, &bin_dir.join("nano-agent"), &workdir).await?;
+    note(&format!(
+        "nano-agent pid {}, admin http://{}/metrics, log {}",
+        agent.process.pid(),
+        agent.admin_addr,
+        agent.process.log.display()
+    ));
+    let socket = agent.socket.clone();
     wait_for("the agent's socket", Duration::from_secs(20), || {
-        let socket = socket.clone();
-        let exited = agent.exited();
+        let (socket, exited) = (socket.clone(), agent.process.exited());
         async move {
             if let Some(status) = exited {
                 bail!("nano-agent exited ({status})");
@@ -147,34 +196,37 @@ async fn main() -> Result<()> {
         }
     })
     .await
-    .map_err(|e| e.context(agent.log_tail(20)))?;
+    .map_err(|e| e.context(agent.process.log_tail(20)))?;
     note(&format!("socket ready: {}", socket.display()));
 
     say(
-        "6/7",
+        "7/8",
         "apps send messages through the socket (Tendrl protocol)",
     );
     for (i, item) in ["espresso", "croissant", "baguette"].iter().enumerate() {
-        let msg = serde_json::json!({"msg_type": "publish", "data": {"order": i + 1, "item": item}, "context": {"tags": ["orders"]}});
+        let msg = json!({"msg_type": "publish", "data": {"order": i + 1, "item": item}, "context": {"tags": ["orders"]}});
         send(&socket, &msg, false)?;
         note(&format!("publish (wait=false) {msg}"));
     }
     let reply = send(
         &socket,
-        &serde_json::json!({"msg_type": "publish", "data": {"event": "checkout"}, "context": {"wait": true}}),
+        &json!({"msg_type": "publish", "data": {"event": "checkout"}, "context": {"wait": true}}),
         true,
     )?;
-    note(&format!("publish (wait=true) -> platform replied {reply}"));
-    platform.queue_for_check(serde_json::json!({"command": "restock", "item": "croissant"}));
+    note(&format!(
+        "publish (wait=true) -> the platform answered {reply}"
+    ));
+    platform.queue_for_check(json!({"command": "restock", "item": "croissant"}));
     let reply = send(
         &socket,
-        &serde_json::json!({"msg_type": "msg_check", "context": {"limit": 5}}),
+        &json!({"msg_type": "msg_check", "context": {"limit": 5}}),
         true,
     )?;
     note(&format!("msg_check -> {reply}"));
+    let tags: Vec<String> = (0..11).map(|i| format!("t{i}")).collect();
     let reply = send(
         &socket,
-        &serde_json::json!({"msg_type": "publish", "context": {"tags": (0..11).map(|i| format!("t{i}")).collect::<Vec<_>>()}}),
+        &json!({"msg_type": "publish", "context": {"tags": tags}}),
         true,
     )?;
     note(&format!("publish with 11 tags -> {reply}"));
@@ -187,8 +239,6 @@ async fn main() -> Result<()> {
         },
     )
     .await?;
-
-    say("7/7", "what arrived and what the cluster shows");
     note(&format!(
         "the platform received {} messages:",
         received.len()
@@ -196,47 +246,89 @@ async fn main() -> Result<()> {
     for message in &received {
         note(&format!("  {message}"));
     }
-    finish(&cp, started, have_crd);
-    agent.stop();
-    drop(operator);
-    Ok(())
-}
 
-fn finish(cp: &ControlPlane, started: Instant, have_crd: bool) {
-    if have_crd {
-        match cp.kubectl(&["get", "agentgateways", "-n", NAMESPACE]) {
-            Ok(table) => {
-                note("$ kubectl get agentgateways -n demo");
-                for line in table.lines() {
-                    note(line);
-                }
+    say(
+        "8/8",
+        "fleet health, reported by the sidecar to the operator's hub",
+    );
+    let connected = wait_for(
+        "the gateway status to show the sidecar connected",
+        Duration::from_secs(30),
+        || {
+            let gateways = gateways.clone();
+            async move {
+                let gw = gateways.get("demo").await?;
+                let connected = gw.data["status"]["sidecars"]["connected"]
+                    .as_i64()
+                    .unwrap_or(0);
+                Ok((connected >= 1).then_some(gw))
             }
-            Err(error) => note(&format!("kubectl get agentgateways failed: {error:#}")),
-        }
+        },
+    )
+    .await;
+    match connected {
+        Ok(gw) => note(&format!(
+            "status.sidecars = {}",
+            gw.data["status"]["sidecars"]
+        )),
+        Err(error) => note(&format!("the sidecar did not show as connected: {error:#}")),
     }
+    note("$ kubectl get agentgateways -n demo");
+    for line in cp
+        .kubectl(&["get", "agentgateways", "-n", NAMESPACE])?
+        .lines()
+    {
+        note(line);
+    }
+
+    agent.process.stop();
+    operator.stop();
     println!(
         "\ndemo finished in {:.1}s; control plane stopped and cleaned up",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
 }
 
-fn start_operator(cp: &ControlPlane, bin_dir: &Path) -> Result<Option<Process>> {
-    let binary = bin_dir.join("nanogate-operator");
-    let runs = std::process::Command::new(&binary)
-        .args(["run", "--help"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !runs {
-        note(
-            "NOT THERE YET: `nanogate-operator run` (operator issue) — no reconciler, status stays empty",
-        );
-        return Ok(None);
-    }
+fn gateways_api(client: &Client) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "nanogate.io",
+        "v1alpha1",
+        "AgentGateway",
+    ));
+    Api::namespaced_with(client.clone(), NAMESPACE, &resource)
+}
+
+fn condition(gw: &DynamicObject, kind: &str) -> Option<String> {
+    gw.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str().map(str::to_string))
+}
+
+fn start_operator(
+    cp: &ControlPlane,
+    bin_dir: &Path,
+    webhook: u16,
+    hub: u16,
+    admin: u16,
+) -> Result<Process> {
+    let args: Vec<String> = vec![
+        "run".into(),
+        format!("--admin-addr=127.0.0.1:{admin}"),
+        format!("--operator-namespace={OPERATOR_NAMESPACE}"),
+        format!("--lease-namespace={OPERATOR_NAMESPACE}"),
+        format!("--webhook-addr=127.0.0.1:{webhook}"),
+        format!("--hub-addr=127.0.0.1:{hub}"),
+        format!("--hub-advertise=127.0.0.1:{hub}"),
+        "--extra-sans=127.0.0.1".into(),
+        "--status-interval=2s".into(),
+    ];
     let process = Process::spawn_with_env(
         "nanogate-operator",
-        &binary,
-        &["run".into(), "--admin-addr=127.0.0.1:0".into()],
+        &bin_dir.join("nanogate-operator"),
+        &args,
         &[
             ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
             ("RUST_LOG", "info".into()),
@@ -244,55 +336,15 @@ fn start_operator(cp: &ControlPlane, bin_dir: &Path) -> Result<Option<Process>> 
         cp.dir(),
     )?;
     note(&format!(
-        "operator running as a local process (log: {})",
+        "operator: webhook 127.0.0.1:{webhook}, hub 127.0.0.1:{hub}, metrics http://127.0.0.1:{admin}/metrics, log {}",
         process.log.display()
     ));
-    Ok(Some(process))
-}
-
-fn start_agent(
-    bin_dir: &Path,
-    pod_dir: &Path,
-    socket: &Path,
-    platform_url: &str,
-    pod_name: &str,
-    pod_uid: &str,
-) -> Result<Option<Process>> {
-    let binary = bin_dir.join("nano-agent");
-    let works = std::process::Command::new(&binary)
-        .arg("--help")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !works {
-        note("NOT THERE YET: nano-agent (sidecar issue) — no socket to talk to");
-        return Ok(None);
-    }
-    let env: Vec<(&str, String)> = vec![
-        ("TENDRL_KEY", API_KEY.into()),
-        ("TENDRL_APP_URL", platform_url.into()),
-        ("TENDRL_SOCKET_PATH", socket.display().to_string()),
-        (
-            "NANOGATE_SPOOL_DIR",
-            pod_dir.join("spool").display().to_string(),
-        ),
-        ("NANOGATE_ADMIN_LISTEN", "127.0.0.1:0".into()),
-        ("NANOGATE_POD_NAME", pod_name.into()),
-        ("NANOGATE_POD_NAMESPACE", NAMESPACE.into()),
-        ("NANOGATE_POD_UID", pod_uid.into()),
-    ];
-    let process = Process::spawn_with_env("nano-agent", &binary, &[], &env, pod_dir)?;
-    note(&format!(
-        "nano-agent pid {} (log: {})",
-        process.pid(),
-        process.log.display()
-    ));
-    Ok(Some(process))
+    Ok(process)
 }
 
 /// One request on its own connection, as the seed's Python example does; reads one reply when
 /// `expect_reply`.
-fn send(socket: &PathBuf, message: &serde_json::Value, expect_reply: bool) -> Result<String> {
+fn send(socket: &PathBuf, message: &Value, expect_reply: bool) -> Result<String> {
     let mut stream = UnixStream::connect(socket)?;
     stream.write_all(message.to_string().as_bytes())?;
     if !expect_reply {
@@ -304,8 +356,59 @@ fn send(socket: &PathBuf, message: &serde_json::Value, expect_reply: bool) -> Re
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-fn demo_objects(platform_url: &str, with_gateway: bool) -> String {
-    let mut yaml = format!(
+/// What the Helm chart installs besides the operator Deployment, with the webhooks registered
+/// by URL (the operator runs on this machine, not behind a Service).
+fn install_objects(webhook_port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: {OPERATOR_NAMESPACE}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: nanogate-injector
+webhooks:
+- name: inject.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{webhook_port}/mutate
+  rules:
+  - operations: ["CREATE"]
+    apiGroups: [""]
+    apiVersions: ["v1"]
+    resources: ["pods"]
+  namespaceSelector:
+    matchExpressions:
+    - {{key: nanogate.io/system, operator: DoesNotExist}}
+  failurePolicy: Ignore
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: nanogate-validator
+webhooks:
+- name: validate.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{webhook_port}/validate
+  rules:
+  - operations: ["CREATE", "UPDATE"]
+    apiGroups: ["nanogate.io"]
+    apiVersions: ["v1alpha1"]
+    resources: ["agentgateways"]
+  failurePolicy: Ignore
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+"#
+    )
+}
+
+fn gateway_objects(platform_url: &str) -> String {
+    format!(
         r#"apiVersion: v1
 kind: Namespace
 metadata:
@@ -319,7 +422,26 @@ metadata:
 stringData:
   api-key: {API_KEY}
 ---
-apiVersion: apps/v1
+apiVersion: nanogate.io/v1alpha1
+kind: AgentGateway
+metadata:
+  name: demo
+  namespace: {NAMESPACE}
+spec:
+  upstream:
+    kind: http
+    url: {platform_url}
+    apiKeySecretRef: {{name: platform-api-key, key: api-key}}
+  batching:
+    flushInterval: 250ms
+  heartbeatInterval: 2s
+"#
+    )
+}
+
+fn deployment() -> String {
+    format!(
+        r#"apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: shop
@@ -340,24 +462,5 @@ spec:
         image: python:3.12-slim
         command: ["python", "-c", "print('writes to $TENDRL_SOCKET_PATH')"]
 "#
-    );
-    if with_gateway {
-        yaml.push_str(&format!(
-            r#"---
-apiVersion: nanogate.io/v1alpha1
-kind: AgentGateway
-metadata:
-  name: demo
-  namespace: {NAMESPACE}
-spec:
-  upstream:
-    kind: http
-    url: {platform_url}
-    apiKeySecretRef: {{name: platform-api-key, key: api-key}}
-  batching:
-    flushInterval: 250ms
-"#
-        ));
-    }
-    yaml
+    )
 }
