@@ -1,0 +1,220 @@
+//! The operator's per-gateway configuration file (ConfigMap `<gateway>-agent-config`, key
+//! `config.json`, `version: 1`): nested sections with integer milliseconds and bytes. The agent
+//! reads it through the same path as its own flat config file by translating it into the
+//! agent's option names first, so every value goes through the same parsers and error
+//! messages as a flag would.
+
+use serde_yaml::{Mapping, Value};
+
+/// Whether `map` is the operator's format rather than the agent's flat one.
+pub fn is_gateway_config(map: &Mapping) -> bool {
+    map.contains_key("version") && map.contains_key("batching")
+}
+
+/// Translates a `version: 1` gateway config into agent options (`option name → value`).
+/// Errors name the field and say what to do.
+pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
+    let version = map.get("version").and_then(Value::as_u64);
+    if version != Some(1) {
+        return Err(format!(
+            "gateway config version {:?} is not supported by nano-agent {}; upgrade the sidecar image",
+            map.get("version"),
+            env!("CARGO_PKG_VERSION")
+        ));
+    }
+    let mut out = Mapping::new();
+    let section = |name: &str| {
+        map.get(name)
+            .and_then(Value::as_mapping)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut put = |key: &str, value: String| {
+        out.insert(Value::from(key), Value::from(value));
+    };
+
+    let upstream = section("upstream");
+    match upstream.get("kind").and_then(Value::as_str) {
+        None | Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "upstream.kind {other:?} is not supported by this nano-agent yet (only \"http\"); set spec.upstream.kind: http"
+            ));
+        }
+    }
+    if upstream
+        .get("insecure_skip_verify")
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        return Err("upstream.insecure_skip_verify is not supported; give the upstream's CA in spec.upstream.tls.caSecretRef instead".into());
+    }
+    let text = |section: &Mapping, field: &str| {
+        section
+            .get(field)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let number = |section: &Mapping, field: &str| section.get(field).map(number_text).transpose();
+    let millis = |section: &Mapping, field: &str| -> Result<Option<String>, String> {
+        Ok(number(section, field)?.map(|ms| format!("{ms}ms")))
+    };
+
+    if let Some(url) = text(&upstream, "url") {
+        put("app_url", url);
+    }
+    if let Some(v) = millis(&upstream, "timeout_ms")? {
+        put("upstream_timeout", v);
+    }
+    for (from, to) in [
+        ("ca_file", "upstream_ca"),
+        ("client_cert_file", "upstream_client_cert"),
+        ("client_key_file", "upstream_client_key"),
+    ] {
+        if let Some(v) = text(&upstream, from) {
+            put(to, v);
+        }
+    }
+
+    let batching = section("batching");
+    for (from, to) in [
+        ("flush_interval_ms", "flush_interval"),
+        ("min_batch_interval_ms", "min_batch_interval"),
+        ("max_batch_interval_ms", "max_batch_interval"),
+    ] {
+        if let Some(v) = millis(&batching, from)? {
+            put(to, v);
+        }
+    }
+    for field in [
+        "batch_size",
+        "min_batch_size",
+        "max_batch_size",
+        "scale_factor",
+        "max_queue_size",
+        "target_cpu_percent",
+        "target_mem_percent",
+    ] {
+        if let Some(v) = number(&batching, field)? {
+            put(field, v);
+        }
+    }
+
+    let delivery = section("delivery");
+    if let Some(v) = number(&delivery, "spool_size_limit_bytes")? {
+        put("spool_max_bytes", v);
+    }
+    for (from, to) in [
+        ("sync_interval_ms", "spool_sync_interval"),
+        ("retry_initial_backoff_ms", "backoff_initial"),
+        ("retry_max_backoff_ms", "backoff_max"),
+    ] {
+        if let Some(v) = millis(&delivery, from)? {
+            put(to, v);
+        }
+    }
+    match delivery.get("overflow_policy").and_then(Value::as_str) {
+        None | Some("reject") => {}
+        Some(other) => {
+            return Err(format!(
+                "delivery.overflow_policy {other:?} is not supported by this nano-agent (it never drops accepted messages); use \"reject\""
+            ));
+        }
+    }
+
+    let socket = section("socket");
+    if let Some(v) = text(&socket, "path") {
+        put("socket_path", v);
+    }
+    if let Some(v) = number(&socket, "max_message_size")? {
+        put("max_message_bytes", v);
+    }
+    if let Some(v) = number(&socket, "max_tags")? {
+        put("max_tags", v);
+    }
+    if let Some(v) = map
+        .get("heartbeat_interval_ms")
+        .map(number_text)
+        .transpose()?
+    {
+        put("heartbeat_interval", format!("{v}ms"));
+    }
+    if let Some(v) = map.get("log_level").and_then(Value::as_str) {
+        put("log_level", v.to_string());
+    }
+    Ok(out)
+}
+
+fn number_text(value: &Value) -> Result<String, String> {
+    match value {
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(format!("expected a number, got {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file the operator writes for a gateway with defaults (operator/tests/pipeline.rs
+    /// pins the same content on the operator side).
+    const MINIMAL: &str = r#"{
+      "version": 1,
+      "upstream": {"kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000,
+                   "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false},
+      "batching": {"flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
+                   "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
+                   "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
+                   "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000},
+      "delivery": {"spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
+                   "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
+                   "overflow_policy": "reject"},
+      "socket": {"path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10},
+      "heartbeat_interval_ms": 5000,
+      "log_level": "info"
+    }"#;
+
+    #[test]
+    fn operator_file_becomes_agent_options() {
+        let map: Mapping = serde_yaml::from_str(MINIMAL).unwrap();
+        assert!(is_gateway_config(&map));
+        let flat = flatten(&map).unwrap();
+        let get = |k: &str| {
+            flat.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(get("app_url"), "https://app.tendrl.com/api");
+        assert_eq!(get("flush_interval"), "250ms");
+        assert_eq!(get("max_batch_size"), "200");
+        assert_eq!(get("scale_factor"), "0.5");
+        assert_eq!(get("spool_max_bytes"), "67108864");
+        assert_eq!(get("backoff_max"), "30000ms");
+        assert_eq!(get("max_message_bytes"), "1048576");
+        assert_eq!(get("heartbeat_interval"), "5000ms");
+        assert_eq!(get("socket_path"), "/var/lib/tendrl/tendrl_agent.sock");
+    }
+
+    #[test]
+    fn unsupported_settings_are_refused_with_a_way_out() {
+        for (patch, needle) in [
+            (r#""kind": "http""#, r#""kind": "nats""#),
+            (
+                r#""overflow_policy": "reject""#,
+                r#""overflow_policy": "dropOldest""#,
+            ),
+            (
+                r#""insecure_skip_verify": false"#,
+                r#""insecure_skip_verify": true"#,
+            ),
+        ] {
+            let map: Mapping = serde_yaml::from_str(&MINIMAL.replace(patch, needle)).unwrap();
+            let error = flatten(&map).unwrap_err();
+            assert!(error.contains("spec.") || error.contains("use"), "{error}");
+        }
+        let map: Mapping =
+            serde_yaml::from_str(&MINIMAL.replace(r#""version": 1"#, r#""version": 2"#)).unwrap();
+        assert!(flatten(&map).unwrap_err().contains("upgrade"));
+    }
+}
