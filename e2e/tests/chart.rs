@@ -1289,6 +1289,16 @@ async fn helm_installed_chart_serves_a_local_operator_under_the_charts_rbac() ->
     }
     operator.stop();
     result?;
+    // Least privilege is also enough privilege: the operator was never refused anything.
+    let log = std::fs::read_to_string(&operator.log)?;
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("forbidden"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the chart's RBAC refused the operator: {refused:#?}"
+    );
 
     helm(kubeconfig, &["uninstall", release, ns.name()])?;
     let kc = kubeconfig.to_path_buf();
