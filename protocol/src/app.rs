@@ -66,21 +66,59 @@ impl Serialize for CowStr<'_> {
     }
 }
 
+/// `context.tags`, counted and checked to be strings without being collected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TagCount(pub usize);
+
+impl<'de> Deserialize<'de> for TagCount {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TagCount;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of tag strings")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TagCount, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<CowStr<'de>>()?.is_some() {
+                    n += 1;
+                }
+                Ok(TagCount(n))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 /// `context` of a message. Unknown fields are ignored.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct Context<'a> {
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub tags: Option<Vec<CowStr<'a>>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    pub tags: Option<TagCount>,
+    #[serde(default)]
     pub wait: Option<bool>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow, default)]
     pub entity: Option<CowStr<'a>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub limit: Option<u32>,
 }
 
-/// A message exactly as the app wrote it, before validation. `data` stays raw JSON: the
-/// sidecar never needs to look inside it, only to copy it upstream.
+/// `Some(value)` whenever the key is present, even when its value is `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: de::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+fn present_any<'de, D: de::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// A message as the app wrote it, before validation. Only what the sidecar checks is
+/// decoded; the message itself travels upstream as the app's own bytes (see
+/// [`Publish::write_envelope`]), so unknown fields pass through untouched.
 #[derive(Debug, Deserialize)]
 pub struct RawMessage<'a> {
     #[serde(borrow, default)]
@@ -91,8 +129,12 @@ pub struct RawMessage<'a> {
     pub msg_type: Option<CowStr<'a>>,
     #[serde(borrow, default)]
     pub dest: Option<CowStr<'a>>,
-    #[serde(borrow, default)]
-    pub timestamp: Option<CowStr<'a>>,
+    /// `None`: absent; `Some(None)`: `null`.
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub timestamp: Option<Option<CowStr<'a>>>,
+    /// The app sent its own `source` (which the sidecar overrides).
+    #[serde(default, deserialize_with = "present_any")]
+    pub source: bool,
 }
 
 /// The message types the socket understands.
@@ -126,44 +168,49 @@ pub enum Request<'a> {
 pub struct Publish<'a> {
     pub message: RawMessage<'a>,
     pub wait: bool,
-}
-
-/// The message as the platform receives it: the app's fields plus `timestamp` (when the app
-/// sent none) and `source`.
-#[derive(Serialize)]
-struct Envelope<'m, 'a> {
-    msg_type: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    context: Option<&'m Context<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dest: Option<&'m CowStr<'a>>,
-    timestamp: &'m str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    source: &'m str,
+    /// The message's JSON text as received: one object, `{` … `}`.
+    pub raw: &'a [u8],
 }
 
 impl Publish<'_> {
-    /// Appends the upstream form of this message to `out`. `now` is an RFC 3339 timestamp used
-    /// when the app sent none; `source` identifies the sender (`namespace/pod`).
+    /// Appends the upstream form of this message to `out`: the app's object with `timestamp`
+    /// (`now`, RFC 3339) when it had none and `source` (`namespace/pod`, omitted when empty).
+    ///
+    /// The common case copies the app's bytes and appends the two fields before the closing
+    /// brace, which keeps ingest close to parse speed; a message that carries its own
+    /// `source` or a `null` timestamp is rebuilt as a map so no key appears twice.
     pub fn write_envelope(&self, out: &mut Vec<u8>, now: &str, source: &str) {
         let m = &self.message;
-        let env = Envelope {
-            msg_type: "publish",
-            data: m.data,
-            context: m.context.as_ref(),
-            dest: m.dest.as_ref(),
-            timestamp: m.timestamp.as_ref().map_or(now, |t| t.as_str()),
-            source,
-        };
-        // Serialising borrowed strings and raw JSON into a Vec cannot fail.
-        serde_json::to_writer(out, &env).expect("serialising an envelope into memory");
+        if m.source || matches!(m.timestamp, Some(None)) {
+            let mut map: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(self.raw).expect("validated message is a JSON object");
+            if !matches!(m.timestamp, Some(Some(_))) {
+                map.insert("timestamp".into(), now.into());
+            }
+            if source.is_empty() {
+                map.remove("source");
+            } else {
+                map.insert("source".into(), source.into());
+            }
+            serde_json::to_writer(out, &map).expect("serialising into memory");
+            return;
+        }
+        // `raw` ends with `}` and holds at least `msg_type`, so a comma always fits.
+        out.extend_from_slice(&self.raw[..self.raw.len() - 1]);
+        if m.timestamp.is_none() {
+            out.extend_from_slice(br#","timestamp":"#);
+            serde_json::to_writer(&mut *out, now).expect("serialising into memory");
+        }
+        if !source.is_empty() {
+            out.extend_from_slice(br#","source":"#);
+            serde_json::to_writer(&mut *out, source).expect("serialising into memory");
+        }
+        out.push(b'}');
     }
 
     /// The upstream form as a fresh buffer.
     pub fn to_envelope(&self, now: &str, source: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(self.raw.len() + 80);
         self.write_envelope(&mut out, now, source);
         out
     }
@@ -262,8 +309,12 @@ fn write_error_reply(out: &mut Vec<u8>, message: &str) {
     .expect("serialising an error reply into memory");
 }
 
-/// Validates a parsed message.
-pub fn validate<'a>(message: RawMessage<'a>, limits: &Limits) -> Result<Request<'a>, AppError> {
+/// Validates a parsed message; `raw` is its JSON text.
+pub fn validate<'a>(
+    message: RawMessage<'a>,
+    raw: &'a [u8],
+    limits: &Limits,
+) -> Result<Request<'a>, AppError> {
     let Some(msg_type) = message.msg_type.as_ref() else {
         return Err(AppError::MissingMsgType);
     };
@@ -277,8 +328,8 @@ pub fn validate<'a>(message: RawMessage<'a>, limits: &Limits) -> Result<Request<
     let count = message
         .context
         .as_ref()
-        .and_then(|c| c.tags.as_ref())
-        .map_or(0, Vec::len);
+        .and_then(|c| c.tags)
+        .map_or(0, |t| t.0);
     if count > limits.max_tags {
         return Err(AppError::TooManyTags {
             count,
@@ -292,7 +343,7 @@ pub fn validate<'a>(message: RawMessage<'a>, limits: &Limits) -> Result<Request<
                 .as_ref()
                 .and_then(|c| c.wait)
                 .unwrap_or(false);
-            Ok(Request::Publish(Publish { message, wait }))
+            Ok(Request::Publish(Publish { message, wait, raw }))
         }
         MsgType::MsgCheck => {
             let limit = message
@@ -414,7 +465,7 @@ impl StreamDecoder {
                         max: limits.max_message_bytes,
                     });
                 }
-                match validate(message, &limits) {
+                match validate(message, &rest[..size], &limits) {
                     Ok(req) => Decoded::Request(req),
                     Err(e) => Decoded::Rejected(e),
                 }
@@ -728,6 +779,37 @@ mod tests {
             msg_check_reply(&[serde_json::json!({"a":1})]),
             br#"[{"a":1}]"#
         );
+    }
+
+    #[test]
+    fn envelope_keeps_unknown_fields_and_never_duplicates_keys() {
+        let env = |input: &[u8]| {
+            let mut d = StreamDecoder::new(Limits::default());
+            d.feed(input);
+            let Decoded::Request(Request::Publish(p)) = d.next() else {
+                panic!()
+            };
+            let out = p.to_envelope("2026-01-01T00:00:00.000Z", "ns/pod");
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        assert_eq!(
+            env(br#"{"msg_type":"publish","extra":[1],"data":{"k":"v"} }"#),
+            serde_json::json!({"msg_type":"publish","extra":[1],"data":{"k":"v"},
+                "timestamp":"2026-01-01T00:00:00.000Z","source":"ns/pod"})
+        );
+        let out = {
+            let mut d = StreamDecoder::new(Limits::default());
+            d.feed(br#"{"msg_type":"publish","source":"spoofed","timestamp":null}"#);
+            let Decoded::Request(Request::Publish(p)) = d.next() else {
+                panic!()
+            };
+            String::from_utf8(p.to_envelope("T", "ns/pod")).unwrap()
+        };
+        assert_eq!(out.matches("source").count(), 1, "{out}");
+        assert_eq!(out.matches("timestamp").count(), 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["source"], "ns/pod");
+        assert_eq!(v["timestamp"], "T");
     }
 
     #[test]

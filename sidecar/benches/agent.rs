@@ -73,7 +73,7 @@ fn baseline(dir: &Path, mode: &'static str, secs: Duration) -> f64 {
         let mut bytes = 0u64;
         let start = Instant::now();
         if mode == "discard" {
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = s.read(&mut buf).unwrap();
                 if n == 0 {
@@ -84,7 +84,7 @@ fn baseline(dir: &Path, mode: &'static str, secs: Duration) -> f64 {
         } else {
             let mut dec = StreamDecoder::new(Limits::default());
             loop {
-                let b = dec.read_buf(16 * 1024);
+                let b = dec.read_buf(64 * 1024);
                 let len = b.len();
                 b.resize(b.capacity(), 0);
                 let n = s.read(&mut b[len..]).unwrap();

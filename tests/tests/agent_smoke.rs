@@ -65,6 +65,8 @@ async fn publish_check_and_auth() {
             "20ms".into(),
             "--backoff-max".into(),
             "200ms".into(),
+            "--backoff-initial".into(),
+            "50ms".into(),
         ],
     })
     .unwrap();

@@ -23,7 +23,7 @@ use crate::upstream::Upstream;
 /// How long connections get to finish after shutdown was requested.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(5);
 /// Read size per connection.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared<U: Upstream> {
