@@ -527,6 +527,14 @@ fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
     let spec = pod.spec.clone().unwrap_or_default();
     let mut ops = Ops::default();
     let mut warnings = Vec::new();
+    if native && !cfg.cluster_supports_native_sidecars {
+        // Before 1.29 the API server drops `restartPolicy` from init containers, and the
+        // sidecar would block the pod as a never-ending init container.
+        warnings.push(format!(
+            "nanogate: AgentGateway {:?} forces nativeSidecar: always, but the API server does not report native sidecar support (Kubernetes >= 1.29); the pod may never start",
+            cfg.gateway_name
+        ));
+    }
 
     // Volumes.
     let mut volumes = vec![
