@@ -28,6 +28,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -42,6 +43,9 @@ pub const ANNOTATION_CA_NOT_AFTER: &str = "nanogate.io/ca-not-after";
 pub const ANNOTATION_CERT_NOT_BEFORE: &str = "nanogate.io/cert-not-before";
 pub const ANNOTATION_CERT_NOT_AFTER: &str = "nanogate.io/cert-not-after";
 pub const ANNOTATION_CERT_SANS: &str = "nanogate.io/cert-sans";
+/// Label marking the Secret as ours: only such a Secret is ever overwritten.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "nanogate-operator";
 /// Clock-skew allowance: certificates are valid from a little before they are made.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
@@ -59,6 +63,10 @@ pub enum CertError {
     Tls(#[from] crate::webhook::server::TlsError),
     #[error("gave up after repeated conflicts on Secret {0}")]
     Contended(String),
+    #[error(
+        "{0} exists but was not created by nanogate-operator (no label {MANAGED_BY_LABEL}={MANAGED_BY}); delete it to let the operator create its certificates, or use another Secret name"
+    )]
+    Foreign(String),
 }
 
 impl CertError {
@@ -68,6 +76,7 @@ impl CertError {
             CertError::Kube { .. } => "kube",
             CertError::Tls(_) => "tls",
             CertError::Contended(_) => "contended",
+            CertError::Foreign(_) => "foreign_secret",
         }
     }
 }
@@ -339,8 +348,8 @@ pub fn bundle_to_secret(
             name: Some(cfg.secret_name.clone()),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "nanogate-operator".to_string(),
+                MANAGED_BY_LABEL.to_string(),
+                MANAGED_BY.to_string(),
             )])),
             annotations: Some(annotations),
             resource_version,
@@ -449,6 +458,11 @@ pub async fn ensure_certificates(client: kube::Client, cfg: &CertConfig) -> Resu
         };
         let rv = secret.metadata.resource_version.clone();
         let renewed = match bundle_from_secret(&secret) {
+            None if secret.labels().get(MANAGED_BY_LABEL).map(String::as_str)
+                != Some(MANAGED_BY) =>
+            {
+                return Err(CertError::Foreign(what));
+            }
             None => {
                 tracing::warn!(secret = %what, "webhook certificate Secret unreadable; generating a new CA");
                 generate_bundle(&wanted, now, cfg.ca_validity, cfg.cert_validity)?
@@ -932,6 +946,29 @@ mod tests {
             assert_eq!(renewed.ca_cert_pem, old.ca_cert_pem);
             assert_ne!(renewed.cert_pem, old.cert_pem);
             assert!(renewed.needs_renewal(unix_now(), &c.sans()).is_none());
+        }
+
+        #[tokio::test]
+        async fn never_overwrites_a_secret_it_did_not_create() {
+            let (client, mut handle) = client();
+            let c = cfg();
+            let task = tokio::spawn({
+                let c = c.clone();
+                async move { ensure_certificates(client, &c).await }
+            });
+            let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
+            send.send_response(ok(&json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "nanogate-webhook-certs", "namespace": "nanogate-system", "resourceVersion": "3"},
+                "type": "kubernetes.io/tls",
+                "data": {"tls.crt": "Zm9v", "tls.key": "YmFy"},
+            })));
+            let err = task.await.unwrap().unwrap_err();
+            assert_eq!(err.metric_label(), "foreign_secret");
+            assert!(
+                err.to_string().contains("not created by nanogate-operator"),
+                "{err}"
+            );
         }
 
         #[tokio::test]
