@@ -163,6 +163,9 @@ pub enum Renewal {
     Due,
     /// The wanted SANs differ from the certificate's.
     SansChanged,
+    /// The CA itself has expired (it lives 10 years by default and is not rotated with
+    /// overlap): everything is regenerated and `caBundle` re-patched.
+    CaExpired,
 }
 
 impl CertBundle {
@@ -174,7 +177,9 @@ impl CertBundle {
     }
 
     pub fn needs_renewal(&self, now: u64, wanted_sans: &[String]) -> Option<Renewal> {
-        if now >= self.renew_at() {
+        if now >= self.ca_not_after {
+            Some(Renewal::CaExpired)
+        } else if now >= self.renew_at() {
             Some(Renewal::Due)
         } else if self.sans != wanted_sans {
             Some(Renewal::SansChanged)
@@ -469,7 +474,14 @@ pub async fn ensure_certificates(client: kube::Client, cfg: &CertConfig) -> Resu
             }
             Some(bundle) => match bundle.needs_renewal(now, &wanted) {
                 None => return Ok(bundle),
+                Some(Renewal::CaExpired) => {
+                    tracing::error!(secret = %what, "webhook CA expired; generating a new CA and serving certificate");
+                    generate_bundle(&wanted, now, cfg.ca_validity, cfg.cert_validity)?
+                }
                 Some(reason) => {
+                    if bundle.ca_not_after.saturating_sub(now) < 365 * 24 * 3600 {
+                        tracing::warn!(secret = %what, ca_not_after = bundle.ca_not_after, "webhook CA expires within a year; delete the Secret during a maintenance window to get a new one");
+                    }
                     tracing::info!(secret = %what, ?reason, "renewing webhook serving certificate");
                     renew_serving(&bundle, &wanted, now, cfg.cert_validity)?
                 }
@@ -591,6 +603,13 @@ pub async fn run_rotation(
         }
         match ensure_certificates(client.clone(), &cfg).await {
             Ok(bundle) => {
+                // caBundle first: when the CA changed, the API server must trust it before
+                // this replica presents a certificate signed by it.
+                if let Err(error) =
+                    patch_ca_bundles(client.clone(), &cfg, &bundle.ca_cert_pem).await
+                {
+                    tracing::warn!(%error, "caBundle check failed; retrying at the next check");
+                }
                 if bundle.cert_pem != current.cert_pem {
                     match resolver.set_pem(&bundle.cert_pem, &bundle.key_pem) {
                         Ok(()) => tracing::info!(
@@ -602,11 +621,6 @@ pub async fn run_rotation(
                             continue;
                         }
                     }
-                }
-                if let Err(error) =
-                    patch_ca_bundles(client.clone(), &cfg, &bundle.ca_cert_pem).await
-                {
-                    tracing::warn!(%error, "caBundle check failed; retrying at the next check");
                 }
                 current = bundle;
             }
@@ -747,6 +761,7 @@ mod tests {
         assert_eq!(b.needs_renewal(899, &sans), None);
         assert_eq!(b.needs_renewal(900, &sans), Some(Renewal::Due));
         assert_eq!(b.needs_renewal(5_000, &sans), Some(Renewal::Due));
+        assert_eq!(b.needs_renewal(10_000, &sans), Some(Renewal::CaExpired));
         assert_eq!(
             b.needs_renewal(400, &["a".into(), "b".into()]),
             Some(Renewal::SansChanged)
