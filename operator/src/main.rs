@@ -13,7 +13,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator (uses KUBECONFIG or the in-cluster service account).
-    Run(RunOptions),
+    Run(Box<RunOptions>),
     /// Print the AgentGateway CustomResourceDefinition as YAML.
     Crd,
 }
@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(opts) => {
             nanogate_operator::init_logging(opts.log_format);
-            nanogate_operator::run(opts, nanogate_operator::shutdown_signal()).await
+            nanogate_operator::run(*opts, nanogate_operator::shutdown_signal()).await
         }
     }
 }
