@@ -166,6 +166,22 @@ impl HealthIndex {
             .collect()
     }
 
+    /// Agents of `namespace/gateway` whose last heartbeat reported a config generation other
+    /// than `generation` (they need a `reload`).
+    pub fn stale_agents(&self, namespace: &str, gateway: &str, generation: i64) -> Vec<String> {
+        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
+        agents
+            .values()
+            .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
+            .filter(|r| {
+                r.heartbeat
+                    .as_ref()
+                    .is_some_and(|hb| hb.config_generation != generation)
+            })
+            .map(|r| r.identity.agent_id.clone())
+            .collect()
+    }
+
     /// Gateways that have at least one connected agent, as `(namespace, gateway)`.
     pub fn gateways(&self) -> Vec<(String, String)> {
         let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
@@ -351,6 +367,21 @@ pub(crate) mod tests {
             ("pod-2", "UpstreamUnreachable")
         );
         assert_eq!(fleet.config_generations, BTreeMap::from([(2, 2)]));
+    }
+
+    #[test]
+    fn agents_on_an_old_configuration_are_found() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        index.connected(identity(2, "gw"), 2, t0);
+        index.connected(identity(3, "gw"), 3, t0); // no heartbeat yet: unknown, not stale
+        index.heartbeat("uid-1", 1, heartbeat(1, AgentStatus::Ready, "closed"), t0);
+        let mut newer = heartbeat(1, AgentStatus::Ready, "closed");
+        newer.config_generation = 7;
+        index.heartbeat("uid-2", 2, newer, t0);
+        assert_eq!(index.stale_agents("ns", "gw", 7), vec!["uid-1".to_string()]);
+        assert!(index.stale_agents("ns", "other", 7).is_empty());
     }
 
     #[test]

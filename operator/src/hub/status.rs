@@ -44,6 +44,9 @@ pub fn fleet_status(
     generation: Option<i64>,
     now: &Time,
 ) -> AgentGatewayStatus {
+    let current_config = current
+        .and_then(|s| s.config_hash.as_deref())
+        .and_then(config_generation);
     let mut st = current.cloned().unwrap_or_default();
     let expected = st.sidecars.as_ref().map(|s| s.expected).unwrap_or(0);
     let connected = fleet.connected as i32;
@@ -121,7 +124,10 @@ pub fn fleet_status(
         (
             "True",
             "AllHealthy",
-            format!("{healthy} sidecars connected and healthy"),
+            format!(
+                "{healthy} sidecars connected and healthy{}",
+                config_note(fleet, current_config)
+            ),
         )
     };
     set_condition(
@@ -163,6 +169,25 @@ pub fn needs_write(current: Option<&AgentGatewayStatus>, desired: &AgentGatewayS
     stale_heartbeat || &without_time != current
 }
 
+/// The config generation sidecars report for a `status.configHash` (its crc32, hex).
+pub fn config_generation(config_hash: &str) -> Option<i64> {
+    u32::from_str_radix(config_hash, 16).ok().map(i64::from)
+}
+
+/// "; 2 of 3 on the current configuration" when sidecars run mixed configurations.
+fn config_note(fleet: &FleetHealth, current: Option<i64>) -> String {
+    let Some(current) = current else {
+        return String::new();
+    };
+    let on_current = fleet.config_generations.get(&current).copied().unwrap_or(0);
+    let reporting: u32 = fleet.config_generations.values().sum();
+    if reporting == 0 {
+        String::new()
+    } else {
+        format!("; {on_current} of {reporting} on the current configuration")
+    }
+}
+
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
@@ -185,6 +210,7 @@ pub async fn run(
 ) {
     let gateways: Api<AgentGateway> = Api::all(client.clone());
     let mut ticker = tokio::time::interval(interval);
+    let mut reloads = Reloads::default();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -224,6 +250,7 @@ pub async fn run(
                 gateway.metadata.generation,
                 &now,
             );
+            push_config(&hub, &gateway, &namespace, &name, &mut reloads);
             if !needs_write(gateway.status.as_ref(), &desired) {
                 continue;
             }
@@ -244,6 +271,53 @@ pub async fn run(
             }
         }
     }
+}
+
+/// When each agent was last sent a `reload`, so a slow agent is not flooded.
+#[derive(Default)]
+struct Reloads(std::collections::HashMap<String, Instant>);
+
+/// Agents still reporting an older configuration than the gateway's get a `reload` with the
+/// current configuration file (the same bytes the ConfigMap holds), at most every 30 s each.
+fn push_config(
+    hub: &Arc<Hub>,
+    gateway: &AgentGateway,
+    namespace: &str,
+    name: &str,
+    reloads: &mut Reloads,
+) {
+    const COOLDOWN: Duration = Duration::from_secs(30);
+    let Ok(config) = crate::controller::build::sidecar_config(&gateway.spec) else {
+        return;
+    };
+    let Some(generation) = config_generation(&config.hash()) else {
+        return;
+    };
+    let now = Instant::now();
+    for agent in hub.index.stale_agents(namespace, name, generation) {
+        if reloads
+            .0
+            .get(&agent)
+            .is_some_and(|at| now.duration_since(*at) < COOLDOWN)
+        {
+            continue;
+        }
+        reloads.0.insert(agent.clone(), now);
+        let (hub, file) = (hub.clone(), config.to_file());
+        tokio::spawn(async move {
+            let kwargs = vec![("config".to_string(), rmpv::Value::from(file))];
+            match hub
+                .request(&agent, "reload", kwargs, Duration::from_secs(10))
+                .await
+            {
+                Ok(_) => debug!(%agent, generation, "sidecar reloaded"),
+                Err(error) => warn!(%agent, %error, "sidecar reload failed"),
+            }
+        });
+    }
+    reloads
+        .0
+        .retain(|_, at| now.duration_since(*at) < COOLDOWN * 4);
 }
 
 #[cfg(test)]
