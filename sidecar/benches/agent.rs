@@ -117,15 +117,27 @@ fn baseline(dir: &Path, mode: &'static str, secs: Duration) -> f64 {
     msgs as f64 / took.as_secs_f64()
 }
 
+/// Extra agent flags from `NANOGATE_BENCH_AGENT_ARGS` (whitespace-separated), to compare
+/// settings such as `--worker-threads 1` without rebuilding.
+fn env_args() -> Vec<String> {
+    std::env::var("NANOGATE_BENCH_AGENT_ARGS")
+        .map(|s| s.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
 fn start_agent(platform: &PlatformServer, dir: &Path, extra: &[&str]) -> Agent {
-    let mut args = vec!["--spool-max-bytes", "8GiB", "--log-level", "warn"];
-    args.extend_from_slice(extra);
+    let mut args: Vec<String> = ["--spool-max-bytes", "8GiB", "--log-level", "warn"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(env_args());
     Agent::start(AgentConfig {
         bin: env!("CARGO_BIN_EXE_nano-agent").into(),
         dir: dir.to_owned(),
         upstream_url: platform.url(),
         api_key: platform.api_key().to_owned(),
-        extra_args: args.iter().map(|s| s.to_string()).collect(),
+        extra_args: args,
     })
     .expect("starting nano-agent")
 }

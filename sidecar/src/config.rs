@@ -105,8 +105,8 @@ pub struct Config {
     /// Batch growth per queued message (target = batch_size + scale_factor × backlog).
     #[arg(long, env = "NANOGATE_SCALE_FACTOR", default_value_t = 0.5)]
     pub scale_factor: f64,
-    /// Backlog (messages) at which dynamic sizing saturates; also the most messages read ahead
-    /// from the spool into memory.
+    /// Backlog (messages waiting in the spool) at which dynamic sizing saturates. The spool,
+    /// not memory, holds the queue: at most one batch is in memory at a time.
     #[arg(long, env = "NANOGATE_MAX_QUEUE_SIZE", default_value_t = 1000)]
     pub max_queue_size: usize,
     /// CPU use (percent of one core) above which batches grow and sends are spaced out.
