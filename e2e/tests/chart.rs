@@ -913,13 +913,18 @@ fn metrics_reference_documents_every_metric() -> Result<()> {
 const PENDING_OPERATOR_FLAGS: &[&str] = &["--webhook-cert-dir="];
 
 fn operator_binary() -> Result<PathBuf> {
+    built_binary("nanogate-operator", "nanogate-operator")
+}
+
+/// `target/debug/<name>`, built by `cargo build -p <package>`.
+fn built_binary(name: &str, package: &str) -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let bin = target.join("debug/nanogate-operator");
+    let bin = target.join("debug").join(name);
     ensure!(
         bin.exists(),
-        "{} not found; build it first: cargo build -p nanogate-operator",
+        "{} not found; build it first: cargo build -p {package}",
         bin.display()
     );
     Ok(bin)
@@ -1146,8 +1151,13 @@ fn free_port() -> Result<u16> {
 
 /// Sum of the samples of `metric` on the operator's admin server (0 when absent).
 fn scrape(admin_port: u16, metric: &str) -> Result<f64> {
+    scrape_addr(&format!("127.0.0.1:{admin_port}"), metric)
+}
+
+/// [`scrape`] of any admin address.
+fn scrape_addr(addr: &str, metric: &str) -> Result<f64> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port))?;
+    let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
@@ -1392,12 +1402,14 @@ async fn flow(
     .await?;
 
     // A gateway: validated by the chart's ValidatingWebhookConfiguration, reconciled into a
-    // ConfigMap and a Ready condition.
+    // ConfigMap and a Ready condition. Its upstream is a local platform receiver.
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key("e2e-key").await?;
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: platform-key, namespace: {ns}}}\nstringData: {{apiKey: e2e-key}}\n---\napiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {{name: shop, namespace: {ns}}}\nspec:\n  upstream: {{kind: http, url: 'http://127.0.0.1:9', apiKeySecretRef: {{name: platform-key, key: apiKey}}}}\n",
-            ns = apps.name()
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: platform-key, namespace: {ns}}}\nstringData: {{apiKey: e2e-key}}\n---\napiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {{name: shop, namespace: {ns}}}\nspec:\n  upstream: {{kind: http, url: '{url}', apiKeySecretRef: {{name: platform-key, key: apiKey}}}}\n  heartbeatInterval: 1s\n  batching: {{flushInterval: 100ms}}\n",
+            ns = apps.name(),
+            url = platform.url()
         ),
     )?;
     let denied = nanogate_e2e::apply_yaml(
@@ -1472,7 +1484,7 @@ async fn flow(
     );
     injected.await?;
     let stored = pods.create(&PostParams::default(), &pod).await?;
-    let spec = stored.spec.context("pod spec")?;
+    let spec = stored.spec.clone().context("pod spec")?;
     let agent = spec
         .containers
         .iter()
@@ -1487,8 +1499,325 @@ async fn flow(
         .and_then(|e| e.value.clone());
     assert_eq!(hub, Some(format!("127.0.0.1:{hub_port}")));
     assert!(scrape(admin_port, "nanogate_webhook_requests_total")? >= 1.0);
+
+    // Stand in for the kubelet: run the pod's injected nano-agent locally, and send messages
+    // through its socket, one upstream failure (retried) and one platform rejection
+    // (dead-lettered) included, so every dashboard series exists.
+    // The sidecar does not read the gateway's ConfigMap yet (sidecar/src/gateway_config.rs is
+    // "not wired yet"), so this stand-in kubelet also hands it the gateway's upstream URL
+    // through the agent's own TENDRL_APP_URL; drop this once the ConfigMap is read.
+    let mut local_pod = stored.clone();
+    if let Some(c) = local_pod
+        .spec
+        .as_mut()
+        .and_then(|s| s.containers.iter_mut().find(|c| c.name == "nano-agent"))
+    {
+        c.env
+            .get_or_insert_with(Vec::new)
+            .push(k8s_openapi::api::core::v1::EnvVar {
+                name: "TENDRL_APP_URL".into(),
+                value: Some(platform.url()),
+                ..Default::default()
+            });
+    }
+    let mut agent = nanogate_e2e::kubelet::run_sidecar(
+        client,
+        &local_pod,
+        &built_binary("nano-agent", "nanogate-sidecar")?,
+        &cp.dir().join(format!("pod-{}", apps.name())),
+    )
+    .await?;
+    let result = fleet_and_dashboard(cp, apps, &platform, &agent, admin_port, hub_port).await;
+    if result.is_err() {
+        eprintln!("nano-agent log:\n{}", agent.process.log_tail(40));
+    }
+    agent.process.stop();
+    result?;
     // Nothing in the operator's own namespace is injected (the chart's selector on >= 1.21,
     // the operator's own check on 1.20).
     let _ = ns;
     Ok(())
+}
+
+/// One app message to the agent's socket; the reply when one is expected.
+fn send(socket: &Path, message: &Value, expect_reply: bool) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(message.to_string().as_bytes())?;
+    if !expect_reply {
+        return Ok(String::new());
+    }
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A plain HTTP/1.0 GET (no chunked encoding); the status code and the body.
+fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").context("HTTP response")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status")?;
+    Ok((code, body.to_string()))
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every PromQL query of the dashboard (panel targets and `label_values` variables) as
+/// (what, query, label the result must carry), with the dashboard variables substituted.
+fn dashboard_queries(rate_interval: &str) -> Result<Vec<(String, String, Option<String>)>> {
+    let text = std::fs::read_to_string(
+        workspace_root()
+            .join(CHART)
+            .join("dashboards/nanogate.json"),
+    )?;
+    let dashboard: Value = serde_json::from_str(&text)?;
+    let fill = |q: &str| {
+        q.replace("$__rate_interval", rate_interval)
+            .replace("$namespace", ".*")
+            .replace("$gateway", ".*")
+    };
+    let mut out = Vec::new();
+    let mut stack: Vec<&Value> = dashboard["panels"]
+        .as_array()
+        .context("panels")?
+        .iter()
+        .collect();
+    while let Some(panel) = stack.pop() {
+        if let Some(children) = panel["panels"].as_array() {
+            stack.extend(children);
+        }
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().context("expr")?;
+            out.push((
+                format!("panel {} {}", panel["title"], t["refId"]),
+                fill(expr),
+                None,
+            ));
+        }
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .context("templating")?
+    {
+        let Some(q) = var["query"]["query"].as_str() else {
+            continue;
+        };
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .with_context(|| format!("variable query {q}"))?;
+        let (selector, label) = inner
+            .rsplit_once(',')
+            .context("label_values(selector, label)")?;
+        out.push((
+            format!("variable {}", var["name"]),
+            fill(selector.trim()),
+            Some(label.trim().to_string()),
+        ));
+    }
+    Ok(out)
+}
+
+/// The fleet through the chart's hub and the operator's status, then a real Prometheus
+/// scraping the operator and the sidecar evaluates every dashboard query.
+async fn fleet_and_dashboard(
+    cp: &ControlPlane,
+    apps: &TestNamespace,
+    platform: &nanogate_tests::platform::PlatformServer,
+    agent: &nanogate_e2e::kubelet::LocalSidecar,
+    admin_port: u16,
+    hub_port: u16,
+) -> Result<()> {
+    let socket = agent.socket.clone();
+    wait_for("the agent's socket", Duration::from_secs(30), || {
+        let socket = socket.clone();
+        async move {
+            Ok(std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    platform.faults().fail_next(1, 500);
+    for i in 0..5 {
+        send(
+            &socket,
+            &serde_json::json!({"msg_type": "publish", "data": {"n": i}}),
+            false,
+        )?;
+    }
+    let admin = agent.admin_addr.clone();
+    let at_least = |metric: &'static str, n: f64| {
+        let admin = admin.clone();
+        async move {
+            wait_for(&format!("{metric} >= {n}"), Duration::from_secs(30), || {
+                let admin = admin.clone();
+                async move { Ok((scrape_addr(&admin, metric)? >= n).then_some(())) }
+            })
+            .await
+        }
+    };
+    // The first batch fails once with 500 and is retried.
+    at_least("nanogate_sidecar_delivered_total", 5.0).await?;
+    // The next one is refused for good and dead-lettered.
+    platform.faults().reject_next(1, 400);
+    send(
+        &socket,
+        &serde_json::json!({"msg_type": "publish", "data": {"n": "refused"}}),
+        false,
+    )?;
+    at_least("nanogate_sidecar_dead_lettered_total", 1.0).await?;
+    let reply = send(
+        &socket,
+        &serde_json::json!({"data": {"no": "msg_type"}}),
+        true,
+    )?;
+    ensure!(
+        reply.contains("error"),
+        "no error for a message without msg_type: {reply}"
+    );
+    for i in 5..10 {
+        send(
+            &socket,
+            &serde_json::json!({"msg_type": "publish", "data": {"n": i}}),
+            false,
+        )?;
+    }
+    at_least("nanogate_sidecar_delivered_total", 10.0).await?;
+    ensure!(
+        platform.received_count() >= 10,
+        "the platform holds {} messages",
+        platform.received_count()
+    );
+
+    // The sidecar does not dial the hub yet (sidecar/src/control.rs is not started by
+    // main.rs), so status.sidecars stays empty and no agent notification reaches the hub.
+    // A client that is not an agent still exercises the hub the chart points sidecars at:
+    // it is denied, and counted.
+    {
+        use std::io::Write;
+        let mut stranger = std::net::TcpStream::connect(("127.0.0.1", hub_port))?;
+        stranger.write_all(b"GET / HTTP/1.1\r\n\r\n")?;
+    }
+    wait_for(
+        "the hub to count a denied connection",
+        Duration::from_secs(30),
+        || async move {
+            Ok((scrape(admin_port, "nanogate_hub_connections_total")? >= 1.0).then_some(()))
+        },
+    )
+    .await?;
+
+    // A real Prometheus scrapes both, labelled as the chart's PodMonitor/ServiceMonitor do.
+    let prometheus = Path::new("/usr/bin/prometheus");
+    ensure!(
+        prometheus.exists(),
+        "{} not found: apt-get install prometheus (Debian package)",
+        prometheus.display()
+    );
+    let port = free_port()?;
+    let dir = cp.dir().join(format!("prometheus-{}", apps.name()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: nanogate-operator\n  static_configs:\n  - targets: ['127.0.0.1:{admin_port}']\n    labels: {{namespace: nanogate-system, pod: nanogate-operator-local}}\n- job_name: nanogate-sidecars\n  static_configs:\n  - targets: ['{agent}']\n    labels: {{namespace: {ns}, pod: shop, gateway: shop}}\n",
+            agent = agent.admin_addr,
+            ns = apps.name()
+        ),
+    )?;
+    let mut server = nanogate_e2e::Process::spawn(
+        "prometheus-chart",
+        prometheus,
+        &[
+            format!("--config.file={}", config.display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+        ],
+        cp.dir(),
+    )?;
+    let addr = format!("127.0.0.1:{port}");
+    let result = evaluate_dashboard(&addr).await;
+    if result.is_err() {
+        eprintln!("prometheus log:\n{}", server.log_tail(20));
+    }
+    server.stop();
+    result
+}
+
+async fn evaluate_dashboard(addr: &str) -> Result<()> {
+    wait_for(
+        "Prometheus to be ready",
+        Duration::from_secs(30),
+        || async move {
+            Ok(http_get(addr, "/-/ready")
+                .ok()
+                .filter(|(c, _)| *c == 200)
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    // Series that only a sidecar connected to the hub produces; see fleet_and_dashboard.
+    const NEEDS_HUB_AGENT: &[&str] = &["nanogate_hub_notifications_total"];
+    let all = dashboard_queries("20s")?;
+    let (waived, queries): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|(_, q, _)| NEEDS_HUB_AGENT.iter().any(|m| q.contains(m)));
+    assert_eq!(waived.len(), 1, "waived: {waived:?}");
+    assert!(queries.len() >= 20, "only {} queries", queries.len());
+    // Every query must return at least one series (rates need two scrapes in the window).
+    let missing = wait_for(
+        "every dashboard query to return series",
+        Duration::from_secs(60),
+        || {
+            let queries = queries.clone();
+            async move {
+                let mut missing = Vec::new();
+                for (what, query, label) in &queries {
+                    let (code, body) =
+                        http_get(addr, &format!("/api/v1/query?query={}", url_encode(query)))?;
+                    ensure!(code == 200, "{what}: HTTP {code} for {query}: {body}");
+                    let answer: Value = serde_json::from_str(&body)?;
+                    ensure!(answer["status"] == "success", "{what}: {query}: {body}");
+                    let series = answer["data"]["result"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let ok = match label {
+                        Some(l) => series.iter().any(|s| s["metric"][l].is_string()),
+                        None => !series.is_empty(),
+                    };
+                    if !ok {
+                        missing.push(format!("{what}: {query}"));
+                    }
+                }
+                if missing.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    bail!("{} queries return no series: {missing:#?}", missing.len())
+                }
+            }
+        },
+    );
+    missing.await
 }
