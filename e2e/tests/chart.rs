@@ -1220,7 +1220,9 @@ async fn service_account_kubeconfig(cp: &ControlPlane, ns: &str, sa: &str) -> Re
 /// process with the arguments the chart renders (listen addresses moved to loopback) and the
 /// chart's ServiceAccount token, so every API call it makes goes through the chart's RBAC.
 /// It patches caBundle into the Helm-installed webhook configurations, takes the Lease,
-/// validates and reconciles a gateway, and injects a pod through the chart's webhook. After
+/// validates and reconciles a gateway, and injects a pod through the chart's webhook. The
+/// pod's nano-agent then runs locally (stand-in kubelet) against a local platform, and a real
+/// Prometheus scraping operator and agent answers every dashboard query. After
 /// `helm uninstall` only the CRD and what the operator itself created (its certificate Secret
 /// and Lease, which are not part of the release) remain.
 #[tokio::test]
@@ -1452,6 +1454,16 @@ async fn flow(
         "name",
     ])?;
     assert!(!maps.trim().is_empty(), "no sidecar ConfigMap");
+    // Events go through the chart's events.k8s.io rule.
+    let events = cp.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        apps.name(),
+        "-o",
+        "name",
+    ])?;
+    assert!(!events.trim().is_empty(), "the operator recorded no event");
 
     // A pod opted in is injected through the chart's MutatingWebhookConfiguration and told to
     // dial the hub address the chart configured.
