@@ -560,6 +560,15 @@ async fn every_optional_feature_renders_objects_the_apiserver_accepts() -> Resul
         dns.contains(&format!("\"{webhook_service}.{}.svc\"", ns.name())),
         "{dns}"
     );
+    // The hub serves the same certificate under the names sidecars dial.
+    let hub_service = name(service(&objects, "-hub")?);
+    for must in [
+        format!("\"{hub_service}.{}.svc\"", ns.name()),
+        "\"hub.example.com\"".to_string(),
+        "\"nanogate.example.com\"".to_string(),
+    ] {
+        assert!(dns.contains(&must), "{must} missing from {dns}");
+    }
 
     // Prometheus Operator objects select what the chart exposes.
     let monitor = one(&objects, "ServiceMonitor")?;
