@@ -1554,9 +1554,25 @@ async fn flow(
     }
     agent.process.stop();
     result?;
-    // Nothing in the operator's own namespace is injected (the chart's selector on >= 1.21,
-    // the operator's own check on 1.20).
-    let _ = ns;
+    // Nothing in the operator's own namespace is injected, opted in or not (the chart's
+    // namespaceSelector on >= 1.21; on 1.20 the call arrives and the operator skips it).
+    let own: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let mut probe = pod.clone();
+    probe.metadata.namespace = Some(ns.name().to_string());
+    let created = own.create(&params, &probe).await?;
+    let spec = created.spec.context("pod spec")?;
+    assert!(
+        !spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == "nano-agent"),
+        "a pod in the operator's namespace was injected"
+    );
     Ok(())
 }
 
