@@ -1858,3 +1858,55 @@ async fn evaluate_dashboard(addr: &str) -> Result<()> {
     );
     missing.await
 }
+
+/// Walks `values` beside `schema`: every key must be declared, with a description.
+fn check_documented(values: &Value, schema: &Value, path: &str, missing: &mut Vec<String>) {
+    let Some(map) = values.as_object() else {
+        return;
+    };
+    let Some(props) = schema["properties"].as_object() else {
+        return; // a free-form map (resources, nodeSelector, …)
+    };
+    for (key, value) in map {
+        let here = format!("{path}.{key}");
+        match props.get(key) {
+            None => missing.push(format!("{here}: not in values.schema.json")),
+            Some(s) => {
+                if s["description"].as_str().is_none_or(str::is_empty) {
+                    missing.push(format!("{here}: no description in values.schema.json"));
+                }
+                check_documented(value, s, &here, missing);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_value_is_typed_and_documented() -> Result<()> {
+    let dir = workspace_root().join(CHART);
+    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(dir.join("values.yaml"))?)?;
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("values.schema.json"))?)?;
+    let mut missing = Vec::new();
+    check_documented(&values, &schema, "", &mut missing);
+    assert!(missing.is_empty(), "{missing:#?}");
+    // values.yaml explains each top-level value in a comment right above it.
+    let text = std::fs::read_to_string(dir.join("values.yaml"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let top_level_key = line
+            .split_once(':')
+            .is_some_and(|(k, _)| !k.is_empty() && !k.starts_with([' ', '#', '-']));
+        if top_level_key {
+            let previous = lines[..i].iter().rev().find(|l| !l.trim().is_empty());
+            let documented = previous.is_some_and(|p| p.trim_start().starts_with('#'))
+                || values[line.split(':').next().unwrap_or_default()].is_object();
+            assert!(
+                documented,
+                "values.yaml line {}: `{line}` has no comment",
+                i + 1
+            );
+        }
+    }
+    Ok(())
+}
