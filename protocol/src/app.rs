@@ -389,7 +389,7 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     pub fn new(limits: Limits) -> Self {
         Self {
-            buf: Vec::with_capacity(8 * 1024),
+            buf: Vec::new(),
             pos: 0,
             limits,
             failed: false,

@@ -142,6 +142,61 @@ fn start_agent(platform: &PlatformServer, dir: &Path, extra: &[&str]) -> Agent {
     .expect("starting nano-agent")
 }
 
+/// One publish per connection from 2 client threads for `secs`; returns connections/s.
+fn connections_per_sec(path: &Path, secs: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, conns, path) = (stop.clone(), conns.clone(), path.to_owned());
+            let msg = message(7);
+            thread::spawn(move || {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut c = UnixStream::connect(&path).unwrap();
+                    c.write_all(msg.as_bytes()).unwrap();
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    out.clear();
+                    c.read_to_end(&mut out).unwrap();
+                    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+                    conns.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    thread::sleep(secs);
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    conns.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Baseline for connections/s: a bare server thread that accepts, reads to EOF and closes.
+fn bare_connections_per_sec(dir: &Path, secs: Duration) -> f64 {
+    let path = dir.join("bare.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let server = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            for s in listener.incoming() {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut s = s.unwrap();
+                while s.read(&mut buf).unwrap_or(0) > 0 {}
+            }
+        })
+    };
+    let cps = connections_per_sec(&path, secs);
+    done.store(true, Ordering::Relaxed);
+    let _ = UnixStream::connect(&path);
+    server.join().unwrap();
+    cps
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -196,32 +251,12 @@ fn main() {
     println!("RSS idle: {:.1} MiB", rss_idle as f64 / 1024.0);
 
     // ---- connections per second (one message per connection) ----
-    let stop = Arc::new(AtomicBool::new(false));
-    let conns = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, conns, path) = (stop.clone(), conns.clone(), agent.socket.clone());
-            let msg = message(7);
-            thread::spawn(move || {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let mut c = UnixStream::connect(&path).unwrap();
-                    c.write_all(msg.as_bytes()).unwrap();
-                    c.shutdown(std::net::Shutdown::Write).unwrap();
-                    out.clear();
-                    c.read_to_end(&mut out).unwrap();
-                    assert!(out.is_empty());
-                    conns.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    thread::sleep(secs);
-    stop.store(true, Ordering::Relaxed);
-    workers.into_iter().for_each(|w| w.join().unwrap());
-    let cps = conns.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    println!("connections: {cps:.0}/s (one publish per connection, 2 client threads)");
+    let cps = connections_per_sec(&agent.socket, secs);
+    let bare = bare_connections_per_sec(tmp.path(), secs);
+    println!(
+        "connections (one publish per connection, 2 client threads): nano-agent {cps:.0}/s, bare accept-read-close thread {bare:.0}/s ({:.0}%)",
+        cps * 100.0 / bare
+    );
     drop(agent);
 
     // ---- ingest: baselines and agent over one persistent connection ----

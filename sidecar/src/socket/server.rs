@@ -22,8 +22,11 @@ use crate::upstream::Upstream;
 
 /// How long connections get to finish after shutdown was requested.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(5);
-/// Read size per connection.
+/// Read size of a busy connection.
 const READ_CHUNK: usize = 64 * 1024;
+/// First read size: most stateless connections carry one small message, and a small buffer
+/// keeps them off the allocator's slow path; a read that fills it switches to `READ_CHUNK`.
+const FIRST_READ: usize = 4 * 1024;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared<U: Upstream> {
@@ -104,9 +107,10 @@ async fn handle<U: Upstream>(
     let mut dec = StreamDecoder::new(shared.limits);
     let mut recs = RecordBuf::new();
     let mut out = Vec::new();
+    let mut chunk = FIRST_READ;
     loop {
         let read = tokio::select! {
-            r = timeout(shared.idle_timeout, rd.read_buf(dec.read_buf(READ_CHUNK))) => r,
+            r = timeout(shared.idle_timeout, rd.read_buf(dec.read_buf(chunk))) => r,
             _ = stop.changed() => break,
         };
         let n = match read {
@@ -120,6 +124,9 @@ async fn handle<U: Upstream>(
             }
             Ok(Ok(n)) => n,
         };
+        if n >= chunk {
+            chunk = READ_CHUNK;
+        }
         if n == 0 {
             if let Some(e) = dec.finish() {
                 shared.metrics.reject(e.reason(), 1);
