@@ -273,7 +273,11 @@ impl Drop for ControlPlane {
         while let Some(mut process) = processes.pop() {
             process.stop();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("NANOGATE_E2E_KEEP").is_some() {
+            crate::progress!("[e2e] keeping {} (NANOGATE_E2E_KEEP is set)", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret, ServiceAccount};
 use kube::api::PostParams;
 use kube::{Api, Client};
 
@@ -69,7 +69,9 @@ pub async fn run_sidecar(
                 .get(&source.name)
                 .await?;
             for (key, value) in map.data.unwrap_or_default() {
-                std::fs::write(local.join(key), value)?;
+                if let Some(path) = item_path(&source.items, &key) {
+                    std::fs::write(local.join(path), value)?;
+                }
             }
         } else if let Some(source) = &volume.secret {
             let name = source
@@ -80,7 +82,9 @@ pub async fn run_sidecar(
                 .get(&name)
                 .await?;
             for (key, value) in secret.data.unwrap_or_default() {
-                std::fs::write(local.join(key), value.0)?;
+                if let Some(path) = item_path(&source.items, &key) {
+                    std::fs::write(local.join(path), value.0)?;
+                }
             }
         } else if let Some(projected) = &volume.projected {
             for source in projected.sources.iter().flatten() {
@@ -173,6 +177,15 @@ pub async fn run_sidecar(
         admin_addr: format!("127.0.0.1:{admin_port}"),
         container,
     })
+}
+
+/// Where a ConfigMap/Secret key lands in its volume: every key under its own name, or only the
+/// listed `items` under their `path`.
+fn item_path(items: &Option<Vec<KeyToPath>>, key: &str) -> Option<String> {
+    match items {
+        None => Some(key.to_string()),
+        Some(items) => items.iter().find(|i| i.key == key).map(|i| i.path.clone()),
+    }
 }
 
 /// A TokenRequest for the pod's service account, bound to the pod (what the kubelet puts in a

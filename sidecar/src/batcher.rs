@@ -218,11 +218,32 @@ impl Backoff {
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// The delivery loop and its dependencies.
+/// The batching knobs a `reload` from the hub may change while the agent runs.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub sizer: Sizer,
+    pub flush_interval: Duration,
+}
+
+impl Tuning {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            sizer: Sizer::from_config(c),
+            flush_interval: c.flush_interval,
+        }
+    }
+
+    /// A fixed tuning (tests, benches): the sender is dropped, the value stays.
+    pub fn fixed(self) -> watch::Receiver<Tuning> {
+        watch::channel(self).1
+    }
+}
+
 pub struct Delivery<U: Upstream> {
     pub spool: Arc<Spool>,
     pub upstream: Arc<U>,
-    pub sizer: Sizer,
-    pub flush_interval: Duration,
+    /// Read at every batch, so a reload applies from the next batch on.
+    pub tuning: watch::Receiver<Tuning>,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub metrics: Arc<Metrics>,
@@ -244,7 +265,8 @@ impl<U: Upstream> Delivery<U> {
             if !draining && (drain.has_changed().unwrap_or(true)) {
                 draining = *drain.borrow_and_update() || drain.has_changed().is_err();
             }
-            let plan = self.sizer.plan(
+            let tuning = self.tuning.borrow().clone();
+            let plan = tuning.sizer.plan(
                 self.spool.pending_msgs(),
                 self.resources.cpu_percent(),
                 self.resources.mem_percent(),
@@ -271,7 +293,7 @@ impl<U: Upstream> Delivery<U> {
             let first = *first_seen.get_or_insert_with(Instant::now);
             if !draining {
                 if batch.count < plan.target as u64 {
-                    let deadline = first + self.flush_interval;
+                    let deadline = first + tuning.flush_interval;
                     if Instant::now() < deadline {
                         tokio::select! {
                             _ = self.spool.appended() => continue,
@@ -501,8 +523,11 @@ mod tests {
         let d = Delivery {
             spool: spool.clone(),
             upstream: up,
-            sizer: sizer(),
-            flush_interval: Duration::from_millis(250),
+            tuning: Tuning {
+                sizer: sizer(),
+                flush_interval: Duration::from_millis(250),
+            }
+            .fixed(),
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             metrics,

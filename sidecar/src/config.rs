@@ -29,8 +29,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nano-agent", version, about, long_about = None)]
 pub struct Config {
-    /// Config file (YAML or JSON).
-    #[arg(long, env = "NANOGATE_CONFIG")]
+    /// Config file (YAML or JSON): the agent's own option names, or the per-gateway file the
+    /// operator writes (ConfigMap `<gateway>-agent-config`, `version: 1`).
+    #[arg(long, env = "NANOGATE_CONFIG_FILE")]
     pub config: Option<PathBuf>,
 
     // ----- app socket -----
@@ -161,11 +162,40 @@ pub struct Config {
     /// Pod UID (downward API); the agent id towards the hub.
     #[arg(long, env = "NANOGATE_POD_UID")]
     pub pod_uid: Option<String>,
+    /// Admin port in a pod: listen on 0.0.0.0:<port> (an explicit admin_listen wins).
+    #[arg(long, env = "NANOGATE_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
+
+    // ----- control channel (operator hub) -----
+    /// AgentGateway this agent serves (set by the injector).
+    #[arg(long, env = "NANOGATE_GATEWAY")]
+    pub gateway: Option<String>,
+    /// `host:port` of the operator's hub; no control channel when unset.
+    #[arg(long, env = "NANOGATE_HUB_ADDR")]
+    pub hub_addr: Option<String>,
+    /// PEM CA that signed the hub's certificate (required with hub_addr).
+    #[arg(long, env = "NANOGATE_HUB_CA_FILE")]
+    pub hub_ca_file: Option<PathBuf>,
+    /// Projected service-account token for the hub (audience nanogate-hub), re-read on every
+    /// connection because the kubelet rotates it.
+    #[arg(
+        long,
+        env = "NANOGATE_HUB_TOKEN_FILE",
+        default_value = "/var/run/secrets/nanogate-hub/token"
+    )]
+    pub hub_token_file: PathBuf,
+    /// Heartbeat interval on the control channel.
+    #[arg(long, env = "NANOGATE_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Generation of the configuration in use: crc32 of the config file's bytes, the same
+    /// number the operator records as `status.configHash`; reported in heartbeats.
+    #[arg(skip)]
+    pub config_generation: i64,
     /// Runtime worker threads (the agent is I/O-bound; two are plenty and keep memory low).
     #[arg(long, env = "NANOGATE_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
     /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "NANOGATE_LOG", default_value = "info")]
+    #[arg(long, env = "NANOGATE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Log format.
     #[arg(long, env = "NANOGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -194,10 +224,11 @@ impl Config {
         // append them as flags and parse again, so file values go through the very same
         // parsers and error messages as flags.
         let mut extra: Vec<OsString> = Vec::new();
+        let mut config_generation = 0;
         if let Some(path) = &first.config {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("config: cannot read {}: {e}", path.display()))?;
-            let map: serde_yaml::Mapping = if text.trim().is_empty() {
+            let mut map: serde_yaml::Mapping = if text.trim().is_empty() {
                 serde_yaml::Mapping::new()
             } else {
                 serde_yaml::from_str(&text).map_err(|e| {
@@ -207,6 +238,11 @@ impl Config {
                     )
                 })?
             };
+            if crate::gateway_config::is_gateway_config(&map) {
+                map = crate::gateway_config::flatten(&map)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+            }
+            config_generation = i64::from(crc32fast::hash(text.as_bytes()));
             let cmd = Config::command();
             for (key, value) in map {
                 let key = key.as_str().ok_or_else(|| {
@@ -259,6 +295,15 @@ impl Config {
         {
             config.socket_path = p.into();
         }
+        if let Some(port) = config.admin_port
+            && matches!(
+                matches.value_source("admin_listen"),
+                Some(ValueSource::DefaultValue) | None
+            )
+        {
+            config.admin_listen = SocketAddr::from(([0, 0, 0, 0], port));
+        }
+        config.config_generation = config_generation;
         config.validate()?;
         Ok(config)
     }
@@ -343,6 +388,17 @@ impl Config {
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             bail!("invalid config: upstream_client_cert and upstream_client_key go together");
+        }
+        if self.hub_addr.is_some() {
+            if self.hub_ca_file.is_none() {
+                bail!("invalid config: hub_ca_file is required with hub_addr (the hub's CA, PEM)");
+            }
+            if self.pod_uid.is_none() {
+                bail!("invalid config: pod_uid is required with hub_addr (it is the agent id)");
+            }
+            if self.heartbeat_interval.is_zero() {
+                bail!("invalid config: heartbeat_interval must be greater than 0");
+            }
         }
         if self.socket_path.as_os_str().is_empty() {
             bail!("invalid config: socket_path must not be empty");

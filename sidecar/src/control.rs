@@ -310,6 +310,174 @@ where
     }
 }
 
+/// The running agent as the hub sees it: heartbeats from its metrics and health, and the
+/// hub's requests applied to it.
+pub struct AgentControl {
+    pub config: crate::config::Config,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub health: Arc<crate::admin::Health>,
+    pub spool: Arc<crate::spool::Spool>,
+    /// Live batching knobs read by delivery; `reload` replaces them.
+    pub tuning: watch::Sender<crate::batcher::Tuning>,
+    /// `drain` wakes the agent's graceful shutdown (stop accepting, deliver, exit).
+    pub drain: Arc<tokio::sync::Notify>,
+    pub started: std::time::Instant,
+    /// Generation of the configuration in use (changes on reload).
+    pub generation: std::sync::atomic::AtomicI64,
+}
+
+impl AgentControl {
+    fn status(&self) -> nanogate_protocol::control::AgentStatus {
+        use crate::metrics::CIRCUIT_CLOSED;
+        use nanogate_protocol::control::AgentStatus;
+        use std::sync::atomic::Ordering;
+        if self.health.draining.load(Ordering::Relaxed) {
+            AgentStatus::Draining
+        } else if !self.health.ready.load(Ordering::Relaxed) {
+            AgentStatus::Starting
+        } else if self.health.circuit() != CIRCUIT_CLOSED {
+            AgentStatus::Degraded
+        } else {
+            AgentStatus::Ready
+        }
+    }
+
+    /// Applies a configuration file sent by the hub. Batching knobs apply from the next batch;
+    /// settings that need new connections (upstream URL, TLS) are reported as pending a restart.
+    fn reload(&self, kwargs: &[(String, Value)]) -> Result<Value, String> {
+        let text = kwargs
+            .iter()
+            .find(|(k, _)| k == "config")
+            .and_then(|(_, v)| v.as_str())
+            .ok_or("reload needs kwargs.config: the configuration file's text")?;
+        let mut map: serde_yaml::Mapping = serde_yaml::from_str(text)
+            .map_err(|e| format!("config is not a YAML/JSON mapping: {e}"))?;
+        if crate::gateway_config::is_gateway_config(&map) {
+            map = crate::gateway_config::flatten(&map)?;
+        }
+        // Parse through the same flags as at start, so validation and messages are the same.
+        let mut args = vec!["nano-agent".to_string()];
+        for (key, value) in &map {
+            let key = key.as_str().ok_or("config keys must be strings")?;
+            let value = match value {
+                serde_yaml::Value::String(s) => s.clone(),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                _ => {
+                    return Err(format!(
+                        "config field `{key}` must be a string, number or boolean"
+                    ));
+                }
+            };
+            args.push(format!("--{}={value}", key.replace('_', "-")));
+        }
+        let new = crate::config::Config::load_from(args).map_err(|e| format!("{e:#}"))?;
+        let restart_needed = new.app_url != self.config.app_url
+            || new.upstream_ca != self.config.upstream_ca
+            || new.upstream_client_cert != self.config.upstream_client_cert
+            || new.socket_path != self.config.socket_path;
+        self.tuning
+            .send_replace(crate::batcher::Tuning::from_config(&new));
+        let generation = i64::from(crc32fast::hash(text.as_bytes()));
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            generation,
+            restart_needed, "configuration reloaded from the hub"
+        );
+        Ok(Value::Map(vec![
+            (Value::from("generation"), Value::from(generation)),
+            (Value::from("applied"), Value::from("batching")),
+            (Value::from("restart_needed"), Value::from(restart_needed)),
+        ]))
+    }
+}
+
+impl ControlHandler for AgentControl {
+    fn heartbeat(&self) -> Heartbeat {
+        use std::sync::atomic::Ordering;
+        let snapshot = self.health.snapshot();
+        let upstream = &snapshot["upstream"];
+        let rejected: u64 = {
+            use prometheus::core::Collector;
+            self.metrics
+                .rejected
+                .collect()
+                .iter()
+                .flat_map(|family| {
+                    family
+                        .get_metric()
+                        .iter()
+                        .map(|m| m.get_counter().get_value() as u64)
+                })
+                .sum()
+        };
+        Heartbeat {
+            agent_id: self.config.pod_uid.clone().unwrap_or_default(),
+            gateway: self.config.gateway.clone().unwrap_or_default(),
+            pod: self.config.source(),
+            status: self.status(),
+            uptime: self.started.elapsed().as_secs(),
+            cpu_usage: self.metrics.cpu_percent.get(),
+            memory_usage: self.metrics.resident_memory_bytes.get().max(0) as u64,
+            queue_depth: self.spool.pending_msgs(),
+            spool_bytes: self.spool.pending_bytes(),
+            received_total: self.metrics.received.get(),
+            delivered_total: self.metrics.delivered.get(),
+            rejected_total: rejected,
+            dead_lettered_total: self.metrics.dead_lettered.get(),
+            upstream: nanogate_protocol::control::UpstreamHealth {
+                state: upstream["state"].as_str().unwrap_or("closed").to_string(),
+                last_error: upstream["last_error"].as_str().map(str::to_string),
+                last_success: upstream["last_success"].as_str().map(str::to_string),
+            },
+            config_generation: self.generation.load(Ordering::Relaxed),
+            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    fn register_info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pod": self.config.source(),
+            "gateway": self.config.gateway,
+            "node": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+            "socket_path": self.config.socket_path,
+            "upstream": {"kind": "http"},
+            "capabilities": ["reload", "flush", "drain", "status"],
+        })
+    }
+
+    async fn handle(&self, method: &str, kwargs: Vec<(String, Value)>) -> Result<Value, String> {
+        match method {
+            "reload" => self.reload(&kwargs),
+            "status" => to_value(&self.heartbeat()).map_err(|e| e.to_string()),
+            "flush" => {
+                // Delivery sends a partial batch within the flush interval; wait (bounded) for
+                // the spool to empty and report what is left.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while self.spool.pending_msgs() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Value::Map(vec![(
+                    Value::from("pending"),
+                    Value::from(self.spool.pending_msgs()),
+                )]))
+            }
+            "drain" => {
+                self.drain.notify_one();
+                Ok(Value::Map(vec![(
+                    Value::from("draining"),
+                    Value::from(true),
+                )]))
+            }
+            other => Err(format!(
+                "unknown method {other:?}; the agent serves reload, flush, drain, status"
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

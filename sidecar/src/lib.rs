@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod batcher;
 pub mod config;
+pub mod control;
+pub mod gateway_config;
 pub mod metrics;
 pub mod socket;
 pub mod spool;
@@ -20,7 +22,7 @@ use nanogate_protocol::app::Limits;
 use tokio::sync::watch;
 
 use crate::admin::{AdminState, Health};
-use crate::batcher::{Delivery, Resources, Sizer};
+use crate::batcher::{Delivery, Resources, Tuning};
 use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolOptions};
@@ -132,12 +134,14 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             }
         });
     }
+    let (tuning_tx, tuning_rx) = watch::channel(Tuning::from_config(&config));
+    // `drain` from the hub ends the agent like SIGTERM does.
+    let drain_request = Arc::new(tokio::sync::Notify::new());
     let mut delivery = tokio::spawn(
         Delivery {
             spool: spool.clone(),
             upstream: upstream.clone(),
-            sizer: Sizer::from_config(&config),
-            flush_interval: config.flush_interval,
+            tuning: tuning_rx,
             backoff_initial: config.backoff_initial,
             backoff_max: config.backoff_max,
             metrics: metrics.clone(),
@@ -159,6 +163,37 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         metrics: metrics.clone(),
         source: config.source(),
     });
+    if let (Some(hub_addr), Some(ca), Some(agent_id)) =
+        (&config.hub_addr, &config.hub_ca_file, &config.pod_uid)
+    {
+        let mut control = control::ControlConfig::new(
+            hub_addr,
+            ca.clone(),
+            config.hub_token_file.clone(),
+            agent_id,
+        );
+        control.heartbeat_interval = config.heartbeat_interval;
+        let handler = Arc::new(control::AgentControl {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            spool: spool.clone(),
+            tuning: tuning_tx,
+            drain: drain_request.clone(),
+            started: std::time::Instant::now(),
+            generation: std::sync::atomic::AtomicI64::new(config.config_generation),
+        });
+        tracing::info!(hub = %hub_addr, "control channel enabled");
+        tokio::spawn(control::run(control, handler, stop_rx.clone()));
+    } else {
+        drop(tuning_tx);
+    }
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = drain_request.notified() => tracing::info!("drain requested by the hub"),
+        }
+    };
     socket::server::run(listener, shared, config.max_connections, shutdown).await;
 
     health.draining.store(true, Ordering::Relaxed);

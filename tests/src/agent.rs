@@ -111,7 +111,7 @@ impl Agent {
             // Environment, not flags, so `extra_args` can override them.
             .env("NANOGATE_POD_NAMESPACE", "test-ns")
             .env("NANOGATE_POD_NAME", "test-pod")
-            .env("NANOGATE_LOG", "info")
+            .env("NANOGATE_LOG_LEVEL", "info")
             .args(&self.cfg.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
