@@ -206,7 +206,9 @@ async fn kill9_mid_delivery_then_restart() {
         dir.path(),
         &["--flush-interval", "50ms", "--min-batch-interval", "0s"],
     );
-    platform.faults().set_delay(Duration::from_millis(200)); // keep a batch in flight
+    // Batches are stored at once but acknowledged late: the kill lands while a delivered
+    // batch waits for its ack, which the restarted agent must send again.
+    platform.faults().set_ack_delay(Duration::from_millis(300));
     const N: u64 = 3000;
     let replies = tokio::task::spawn_blocking({
         let socket = agent.socket.clone();
@@ -218,11 +220,11 @@ async fn kill9_mid_delivery_then_restart() {
     while platform.batches() < 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
     agent.kill9();
     let before = platform.received_count();
     let batches_before = platform.batches();
-    platform.faults().set_delay(Duration::ZERO);
+    platform.faults().set_ack_delay(Duration::ZERO);
     agent.restart().unwrap();
     assert!(
         platform.wait_for(N as usize, Duration::from_secs(30)).await,

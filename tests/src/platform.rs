@@ -44,6 +44,7 @@ pub struct Faults {
     reject_status: AtomicU16,
     drop_next: AtomicU32,
     delay_ms: AtomicU64,
+    ack_delay_ms: AtomicU64,
     down: AtomicBool,
 }
 
@@ -83,6 +84,13 @@ impl Faults {
         self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Batches are stored at once but their response is delayed by `d` (zero to turn off):
+    /// killing the agent meanwhile leaves a delivered batch unacknowledged.
+    pub fn set_ack_delay(&self, d: Duration) {
+        self.ack_delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
     /// While down, every connection is closed before any response (new and kept-alive ones).
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
@@ -103,6 +111,7 @@ impl Faults {
             c.store(0, Ordering::SeqCst);
         }
         self.set_delay(Duration::ZERO);
+        self.set_ack_delay(Duration::ZERO);
         self.set_down(false);
     }
 }
@@ -318,6 +327,10 @@ async fn handle(
             let n = msgs.len();
             state.received.lock().expect("lock").extend(msgs);
             state.batches.fetch_add(1, Ordering::SeqCst);
+            let ack_delay = f.ack_delay_ms.load(Ordering::SeqCst);
+            if ack_delay > 0 {
+                tokio::time::sleep(Duration::from_millis(ack_delay)).await;
+            }
             Ok(json(
                 StatusCode::OK,
                 serde_json::json!({"status": "ok", "received": n}),
