@@ -274,7 +274,10 @@ impl Drop for ControlPlane {
             process.stop();
         }
         if std::env::var_os("NANOGATE_E2E_KEEP").is_some() {
-            crate::progress!("[e2e] keeping {} (NANOGATE_E2E_KEEP is set)", self.dir.display());
+            crate::progress!(
+                "[e2e] keeping {} (NANOGATE_E2E_KEEP is set)",
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -29,8 +29,8 @@ macro_rules! progress {
 
 mod assets;
 mod cluster;
-mod namespace;
 pub mod kubelet;
+mod namespace;
 pub mod process;
 
 pub use assets::k8s_assets;

@@ -1,6 +1,6 @@
 //! Spawning control-plane processes so that they never outlive the test process.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,8 +60,22 @@ impl Process {
         env: &[(&str, String)],
         run_dir: &Path,
     ) -> Result<Self> {
-        let log = run_dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        // Several processes of one name share a run directory (parallel tests): each gets its
+        // own log, `<name>.log`, `<name>-2.log`, …
+        let (log, out) = (1..1000)
+            .map(|n| match n {
+                1 => run_dir.join(format!("{name}.log")),
+                n => run_dir.join(format!("{name}-{n}.log")),
+            })
+            .find_map(|path| {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .ok()
+                    .map(|file| (path, file))
+            })
+            .with_context(|| format!("creating a log file for {name} in {}", run_dir.display()))?;
         let err = out.try_clone()?;
         let mut command = Command::new("setpriv");
         command

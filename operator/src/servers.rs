@@ -230,8 +230,10 @@ pub async fn start(
         None => detect_native_sidecars(&client).await,
     };
     let mut cert_cfg = CertConfig::new(&opts.operator_namespace, &opts.webhook_service);
-    cert_cfg.mutating_webhooks = opts.mutating_webhook_configs.clone();
-    cert_cfg.validating_webhooks = opts.validating_webhook_configs.clone();
+    // An empty list flag (`--validating-webhook-configs=`) means none.
+    let names = |list: &[String]| list.iter().filter(|n| !n.is_empty()).cloned().collect();
+    cert_cfg.mutating_webhooks = names(&opts.mutating_webhook_configs);
+    cert_cfg.validating_webhooks = names(&opts.validating_webhook_configs);
     // The hub is reached through its own Service; the same certificate serves both.
     let hub_host = opts
         .hub_advertise

@@ -150,21 +150,20 @@ where
     let identity = match auth.authenticate(&agent_id, &credentials).await {
         Ok(identity) => identity,
         Err(denial) => {
-            let _ = send(
-                &mut writer,
-                &Message::Bye {
-                    reason: "authentication failed".into(),
-                },
-            )
-            .await;
+            // Audit first: the decision is on record before the agent hears of it.
             let reason = denial.to_string();
-            return audit_deny(
+            let closed = audit_deny(
                 metrics,
                 &peer,
                 Some(&agent_id),
                 &reason,
                 Closed::Denied(reason.clone()),
             );
+            let bye = Message::Bye {
+                reason: "authentication failed".into(),
+            };
+            let _ = send(&mut writer, &bye).await;
+            return closed;
         }
     };
     if send(

@@ -17,7 +17,7 @@ use rmpv::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::warn;
 
 pub use auth::{Authenticator, Denial, TokenReviewAuthenticator};
 pub use connection::{Closed, OutboundRequest};
@@ -224,7 +224,8 @@ pub async fn serve<A: Authenticator>(
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
                     hub.metrics.auth.with_label_values(&["deny", "tls"]).inc();
-                    debug!(%error, %peer, "hub TLS handshake failed");
+                    warn!(target: "nanogate::audit", decision = "deny", %peer,
+                          reason = %format!("TLS handshake failed: {error}"), "hub connection");
                     return;
                 }
                 Err(_) => {
@@ -232,6 +233,8 @@ pub async fn serve<A: Authenticator>(
                         .auth
                         .with_label_values(&["deny", "hello_timeout"])
                         .inc();
+                    warn!(target: "nanogate::audit", decision = "deny", %peer,
+                          reason = "no TLS handshake within the hello timeout", "hub connection");
                     return;
                 }
             };

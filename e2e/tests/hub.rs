@@ -1,0 +1,429 @@
+//! The control channel (issue 6) on the real apiserver: the real operator binary (webhook + hub)
+//! injects a pod, the pod's real nano-agent runs locally with a TokenRequest bound to that pod,
+//! and the gateway's status tells the truth about it: connected and healthy within 10 s,
+//! disconnected within 3 heartbeat intervals after the agent stops, and a changed
+//! `batching.maxBatchSize` reaches the running agent without a restart. Wrong credentials are
+//! refused by the hub and counted.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{
+    ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Api, Client};
+use nanogate_e2e::kubelet::{run_sidecar, token_for_pod};
+use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
+use nanogate_protocol::control::{FrameDecoder, Message, encode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| nanogate_e2e::workspace_root().join("target"));
+    let bin = target.join("debug").join(name);
+    if !bin.exists() {
+        bail!(
+            "{} not found; build it first: cargo build --workspace --bins",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn gateways(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "nanogate.io",
+        "v1alpha1",
+        "AgentGateway",
+    ));
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+struct Fleet {
+    cp: &'static ControlPlane,
+    client: Client,
+    ns: TestNamespace,
+    _operator_ns: TestNamespace,
+    operator: Process,
+    hub_port: u16,
+    ca_pem: String,
+}
+
+/// CRD, webhook configurations scoped to a fresh namespace, the operator binary with webhook
+/// and hub on loopback, a Secret and a gateway with 1 s heartbeats.
+async fn fleet(prefix: &str) -> Result<Fleet> {
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    nanogate_e2e::apply_yaml_file(
+        cp.kubeconfig_path(),
+        &nanogate_e2e::workspace_root().join("crds/agentgateway.yaml"),
+    )?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/agentgateways.nanogate.io",
+        "--timeout=30s",
+    ])?;
+    let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
+    let ns = TestNamespace::create(&client, prefix).await?;
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        ns.name(),
+        &format!("nanogate.io/e2e-hub={}", ns.name()),
+    ])?;
+    let (webhook_port, hub_port, admin_port) = (free_port()?, free_port()?, free_port()?);
+    let config = format!("nanogate-hub-{}", ns.name());
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: {config}
+webhooks:
+- name: inject.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{webhook_port}/mutate
+  rules:
+  - {{operations: ["CREATE"], apiGroups: [""], apiVersions: ["v1"], resources: ["pods"]}}
+  namespaceSelector:
+    matchLabels: {{nanogate.io/e2e-hub: {ns}}}
+  failurePolicy: Fail
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+"#,
+            ns = ns.name()
+        ),
+    )?;
+    let args: Vec<String> = vec![
+        "run".into(),
+        format!("--admin-addr=127.0.0.1:{admin_port}"),
+        format!("--namespace={}", ns.name()),
+        "--leader-elect=false".into(),
+        format!("--operator-namespace={}", operator_ns.name()),
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+        format!("--hub-addr=127.0.0.1:{hub_port}"),
+        format!("--hub-advertise=127.0.0.1:{hub_port}"),
+        format!("--mutating-webhook-configs={config}"),
+        "--validating-webhook-configs=".into(),
+        "--extra-sans=127.0.0.1".into(),
+        "--status-interval=1s".into(),
+    ];
+    let operator = Process::spawn_with_env(
+        "nanogate-operator",
+        &binary("nanogate-operator")?,
+        &args,
+        &[
+            ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
+            ("RUST_LOG", "info,nanogate::audit=info".into()),
+        ],
+        cp.dir(),
+    )?;
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: platform-key, namespace: {ns}}}
+stringData: {{apiKey: e2e-key}}
+---
+apiVersion: nanogate.io/v1alpha1
+kind: AgentGateway
+metadata: {{name: shop, namespace: {ns}}}
+spec:
+  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
+  heartbeatInterval: 1s
+"#,
+            ns = ns.name()
+        ),
+    )?;
+    // The operator made its CA; sidecars get it through the gateway's ConfigMap.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), ns.name());
+    let ca_pem = wait_for(
+        "the gateway ConfigMap with the hub CA",
+        Duration::from_secs(60),
+        || {
+            let maps = maps.clone();
+            async move {
+                Ok(maps
+                    .get_opt("shop-agent-config")
+                    .await?
+                    .and_then(|m| m.data?.get("hub-ca.crt").cloned()))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(operator.log_tail(20)))?;
+    Ok(Fleet {
+        cp,
+        client,
+        ns,
+        _operator_ns: operator_ns,
+        operator,
+        hub_port,
+        ca_pem,
+    })
+}
+
+async fn injected_pod(f: &Fleet, name: &str) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns.name());
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"nanogate.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
+    }))?;
+    // The webhook learns about the gateway through a watch; retry until the pod is injected.
+    wait_for("an injected pod", Duration::from_secs(30), || {
+        let (pods, pod) = (pods.clone(), pod.clone());
+        async move {
+            let dry = pods
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &pod,
+                )
+                .await?;
+            Ok(nanogate_e2e::kubelet::sidecar_container(&dry).map(|_| ()))
+        }
+    })
+    .await?;
+    Ok(pods.create(&PostParams::default(), &pod).await?)
+}
+
+async fn sidecars(f: &Fleet) -> Result<Value> {
+    Ok(gateways(&f.client, f.ns.name()).get("shop").await?.data["status"]["sidecars"].clone())
+}
+
+#[tokio::test]
+async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -> Result<()> {
+    let f = fleet("hub").await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let workdir = f.cp.dir().join(format!("{}-app-1", f.ns.name()));
+    let mut agent = run_sidecar(&f.client, &pod, &binary("nano-agent")?, &workdir).await?;
+
+    let started = Instant::now();
+    wait_for(
+        "sidecar connected and healthy in the gateway status",
+        Duration::from_secs(10),
+        || async {
+            let s = sidecars(&f).await?;
+            Ok((s["connected"] == 1 && s["healthy"] == 1 && s["expected"] == 1).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| {
+        e.context(agent.process.log_tail(15))
+            .context(f.operator.log_tail(15))
+    })?;
+    eprintln!(
+        "[hub] connected and healthy in status after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let table = f.cp.kubectl(&["get", "agw", "-n", f.ns.name()])?;
+    assert!(
+        table.contains("1/1"),
+        "kubectl get agw shows SIDECARS 1/1:\n{table}"
+    );
+
+    // A spec change reaches the running agent as a reload: it reports the new generation.
+    let api = gateways(&f.client, f.ns.name());
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"batching": {"maxBatchSize": 150}}})),
+    )
+    .await?;
+    let pid_before = agent.process.pid();
+    let generation = wait_for(
+        "the agent to run the new configuration",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let gw = api.get("shop").await?;
+                let hash = gw.data["status"]["configHash"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let message = gw.data["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "SidecarsHealthy"))
+                    .and_then(|c| c["message"].as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                Ok(message
+                    .contains("1 of 1 on the current configuration")
+                    .then_some(hash))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    assert_eq!(agent.process.pid(), pid_before);
+    assert!(
+        agent.process.exited().is_none(),
+        "reloaded without a restart"
+    );
+    let metrics = reqwest_free_get(&agent.admin_addr, "/metrics").await?;
+    assert!(
+        metrics.contains("nanogate_sidecar_"),
+        "agent still serving metrics"
+    );
+    eprintln!("[hub] agent reloaded to configuration {generation} without restarting");
+
+    // Stop the agent: disconnected within 3 heartbeat intervals (+ one status interval).
+    agent.process.stop();
+    let stopped = Instant::now();
+    wait_for(
+        "the sidecar to count as disconnected",
+        Duration::from_secs(5),
+        || async { Ok((sidecars(&f).await?["connected"] == 0).then_some(())) },
+    )
+    .await?;
+    eprintln!(
+        "[hub] disconnected in status {:.1}s after the agent stopped",
+        stopped.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Minimal HTTP GET over a TCP socket (the agent's admin server), avoiding a client dependency.
+async fn reqwest_free_get(addr: &str, path: &str) -> Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// Speaks the control protocol over TLS with the given credentials; returns the hub's answer.
+async fn hello(f: &Fleet, agent_id: &str, token: &str) -> Result<Message> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut f.ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", f.hub_port)).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let frame = Message::AgentHello {
+        id: agent_id.into(),
+        version: "e2e".into(),
+        credentials: token.into(),
+    };
+    stream.write_all(&encode(&frame)).await?;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(message) = decoder.next_message()? {
+            return Ok(message);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            bail!("hub closed without answering");
+        }
+        decoder.extend(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn wrong_expired_and_foreign_tokens_are_refused_and_audited() -> Result<()> {
+    let f = fleet("hubauth").await?;
+    let pod = injected_pod(&f, "app-a").await?;
+    let other: Pod = injected_pod(&f, "app-b").await?;
+    let uid = pod.metadata.uid.clone().context("uid")?;
+    let bye = Message::Bye {
+        reason: "authentication failed".into(),
+    };
+
+    // A good token for app-a is accepted…
+    let token = token_for_pod(&f.client, &pod, Some("nanogate-hub"), Some(600)).await?;
+    assert!(matches!(
+        hello(&f, &uid, &token).await?,
+        Message::ManagerHello { .. }
+    ));
+    // …not a garbage token, not another pod's token, not a token for another audience.
+    assert_eq!(hello(&f, &uid, "not-a-token").await?, bye);
+    let foreign = token_for_pod(&f.client, &other, Some("nanogate-hub"), Some(600)).await?;
+    assert_eq!(hello(&f, &uid, &foreign).await?, bye);
+    let wrong_audience = token_for_pod(
+        &f.client,
+        &pod,
+        Some("https://kubernetes.default.svc"),
+        Some(600),
+    )
+    .await?;
+    assert_eq!(hello(&f, &uid, &wrong_audience).await?, bye);
+    // A token whose pod is gone (what an expired/revoked binding looks like) is refused too.
+    Api::<Pod>::namespaced(f.client.clone(), f.ns.name())
+        .delete("app-b", &Default::default())
+        .await?;
+    let other_uid = other.metadata.uid.clone().context("uid")?;
+    wait_for("app-b deleted", Duration::from_secs(30), || async {
+        let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns.name());
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some("app-b"))
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(hello(&f, &other_uid, &foreign).await?, bye);
+
+    // A client that never says hello is dropped after the hello timeout.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", f.hub_port)).await?;
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(6), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "silent client closed within the hello timeout"
+    );
+
+    // Every decision is an audit line: 4 refused hellos and the silent client.
+    let log_path = f.operator.log.clone();
+    let (accepts, denies) = wait_for(
+        "audit lines for every decision",
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let count = |word: &str| {
+                log.lines()
+                    .filter(|l| l.contains("nanogate::audit") && l.contains(word))
+                    .count()
+            };
+            let (accepts, denies) = (count("decision=\"accept\""), count("decision=\"deny\""));
+            async move { Ok((accepts >= 1 && denies >= 5).then_some((accepts, denies))) }
+        },
+    )
+    .await
+    .map_err(|e| e.context(f.operator.log_tail(30)))?;
+    eprintln!("[hub] audit log: {accepts} accepted, {denies} denied");
+    Ok(())
+}
