@@ -166,3 +166,41 @@ pub fn helm(kubeconfig: &Path, args: &[&str]) -> Result<serde_json::Value> {
     }
     Ok(serde_json::from_slice(&output.stdout)?)
 }
+
+/// A free TCP port on loopback (bound and released; good enough for local test servers).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A binary of this workspace from the debug target directory (honours `CARGO_TARGET_DIR`).
+/// `make test` builds every binary before the tests run.
+pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join("debug").join(name);
+    if !bin.exists() {
+        bail!(
+            "{} not found; build it first: cargo build --workspace --bins",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Applies `crds/agentgateway.yaml` and waits until the apiserver serves it.
+pub fn install_crd(cp: &ControlPlane) -> Result<()> {
+    apply_yaml_file(
+        cp.kubeconfig_path(),
+        &workspace_root().join("crds/agentgateway.yaml"),
+    )?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/agentgateways.nanogate.io",
+        "--timeout=30s",
+    ])?;
+    Ok(())
+}

@@ -21,24 +21,6 @@ use nanogate_protocol::control::{FrameDecoder, Message, encode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn binary(name: &str) -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| nanogate_e2e::workspace_root().join("target"));
-    let bin = target.join("debug").join(name);
-    if !bin.exists() {
-        bail!(
-            "{} not found; build it first: cargo build --workspace --bins",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 fn gateways(client: &Client, ns: &str) -> Api<DynamicObject> {
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "nanogate.io",
@@ -63,16 +45,7 @@ struct Fleet {
 async fn fleet(prefix: &str) -> Result<Fleet> {
     let cp = ControlPlane::shared().await?;
     let client = cp.client().await?;
-    nanogate_e2e::apply_yaml_file(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::workspace_root().join("crds/agentgateway.yaml"),
-    )?;
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/agentgateways.nanogate.io",
-        "--timeout=30s",
-    ])?;
+    nanogate_e2e::install_crd(cp)?;
     let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
     let ns = TestNamespace::create(&client, prefix).await?;
     cp.kubectl(&[
@@ -81,7 +54,11 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
         ns.name(),
         &format!("nanogate.io/e2e-hub={}", ns.name()),
     ])?;
-    let (webhook_port, hub_port, admin_port) = (free_port()?, free_port()?, free_port()?);
+    let (webhook_port, hub_port, admin_port) = (
+        nanogate_e2e::free_port()?,
+        nanogate_e2e::free_port()?,
+        nanogate_e2e::free_port()?,
+    );
     let config = format!("nanogate-hub-{}", ns.name());
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
@@ -122,7 +99,7 @@ webhooks:
     ];
     let operator = Process::spawn_with_env(
         "nanogate-operator",
-        &binary("nanogate-operator")?,
+        &nanogate_e2e::workspace_binary("nanogate-operator")?,
         &args,
         &[
             ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
@@ -213,7 +190,13 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     let f = fleet("hub").await?;
     let pod = injected_pod(&f, "app-1").await?;
     let workdir = f.cp.dir().join(format!("{}-app-1", f.ns.name()));
-    let mut agent = run_sidecar(&f.client, &pod, &binary("nano-agent")?, &workdir).await?;
+    let mut agent = run_sidecar(
+        &f.client,
+        &pod,
+        &nanogate_e2e::workspace_binary("nano-agent")?,
+        &workdir,
+    )
+    .await?;
 
     let started = Instant::now();
     wait_for(

@@ -20,22 +20,6 @@ use tokio::sync::watch;
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn install_crd(cp: &ControlPlane) -> Result<()> {
-    let crd = nanogate_e2e::workspace_root().join("crds/agentgateway.yaml");
-    nanogate_e2e::apply_yaml_file(cp.kubeconfig_path(), &crd)?;
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/agentgateways.nanogate.io",
-        "--timeout=30s",
-    ])?;
-    Ok(())
-}
-
 /// Webhook configurations for `ns` only, calling `port` on loopback.
 fn webhook_configs(name: &str, ns: &str, port: u16, failure_policy: &str) -> String {
     format!(
@@ -134,7 +118,7 @@ struct Setup {
 }
 
 async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
-    install_crd(cp).await?;
+    nanogate_e2e::install_crd(cp)?;
     let client = cp.client().await?;
     let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
     // The namespace's name is random; label it for the webhooks' selector once it exists.
@@ -146,7 +130,7 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
         &format!("{SELECTOR_LABEL}={}", ns.name()),
     ])?;
 
-    let port = free_port()?;
+    let port = nanogate_e2e::free_port()?;
     let config_name = format!("nanogate-{}", ns.name());
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
@@ -381,7 +365,7 @@ async fn webhook_down_with_ignore_admits_the_pod_without_injection() -> Result<(
         &format!("{SELECTOR_LABEL}={}", ns.name()),
     ])?;
     // Nothing listens on this port.
-    let port = free_port()?;
+    let port = nanogate_e2e::free_port()?;
     let name = format!("nanogate-{}", ns.name());
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),

@@ -5,8 +5,7 @@
 //! so tests running in parallel do not reconcile each other's gateways.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -22,24 +21,6 @@ use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-fn operator_binary() -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| nanogate_e2e::workspace_root().join("target"));
-    let bin = target.join("debug/nanogate-operator");
-    if !bin.exists() {
-        bail!(
-            "{} not found; build it first: cargo build -p nanogate-operator",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// One operator process and its admin port.
 struct Operator {
     process: Process,
@@ -49,7 +30,7 @@ struct Operator {
 
 impl Operator {
     fn start(cp: &ControlPlane, ns: &str, identity: &str, lease_seconds: u64) -> Result<Self> {
-        let admin_port = free_port()?;
+        let admin_port = nanogate_e2e::free_port()?;
         let args: Vec<String> = [
             "run",
             "--admin-addr",
@@ -72,7 +53,7 @@ impl Operator {
         let log_name: &'static str = Box::leak(format!("operator-{identity}").into_boxed_str());
         let process = Process::spawn_with_env(
             log_name,
-            &operator_binary()?,
+            &nanogate_e2e::workspace_binary("nanogate-operator")?,
             &args,
             &[
                 ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),

@@ -8,7 +8,6 @@
 //! talks to it through the pod's socket like an app would. Every step prints what it did.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,10 +31,6 @@ fn say(step: &str, text: &str) {
 
 fn note(text: &str) {
     println!("    {text}");
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[tokio::main]
@@ -70,14 +65,12 @@ async fn main() -> Result<()> {
         "2/8",
         "installing nanogate: CRD, namespace, webhook configurations (by URL), operator",
     );
-    let (webhook_port, hub_port, admin_port) = (free_port()?, free_port()?, free_port()?);
-    nanogate_e2e::apply_yaml_file(cp.kubeconfig_path(), &root.join("crds/agentgateway.yaml"))?;
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/agentgateways.nanogate.io",
-        "--timeout=30s",
-    ])?;
+    let (webhook_port, hub_port, admin_port) = (
+        nanogate_e2e::free_port()?,
+        nanogate_e2e::free_port()?,
+        nanogate_e2e::free_port()?,
+    );
+    nanogate_e2e::install_crd(&cp)?;
     apply_yaml(cp.kubeconfig_path(), &install_objects(webhook_port))?;
     note(
         "CRD agentgateways.nanogate.io, namespace nanogate-system, MutatingWebhookConfiguration nanogate-injector, ValidatingWebhookConfiguration nanogate-validator",
