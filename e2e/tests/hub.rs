@@ -5,8 +5,6 @@
 //! `batching.maxBatchSize` reaches the running agent without a restart. Wrong credentials are
 //! refused by the hub and counted.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};

@@ -5,7 +5,6 @@
 //! Each test scopes its webhook configurations to its own namespace (a namespace selector on a
 //! per-test label), so tests running in parallel on the shared control plane never meet.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
