@@ -917,10 +917,6 @@ fn metrics_reference_documents_every_metric() -> Result<()> {
     Ok(())
 }
 
-/// Operator flags the chart passes that the operator does not accept yet (cert-manager mode
-/// needs a way to serve a certificate it did not issue). Stripped before the check below.
-const PENDING_OPERATOR_FLAGS: &[&str] = &["--webhook-cert-dir="];
-
 fn operator_binary() -> Result<PathBuf> {
     built_binary("nanogate-operator", "nanogate-operator")
 }
@@ -946,10 +942,7 @@ fn rendered_operator_arguments_are_accepted_by_the_operator_binary() -> Result<(
     for values in [None, Some(ALL_FEATURES), Some(LOCAL_DEVELOPMENT)] {
         let file = ValuesFile::new(values, Value::Object(Default::default()))?;
         let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
-        let args: Vec<String> = args(one(&objects, "Deployment")?)
-            .into_iter()
-            .filter(|a| !PENDING_OPERATOR_FLAGS.iter().any(|p| a.starts_with(p)))
-            .collect();
+        let args: Vec<String> = args(one(&objects, "Deployment")?);
         // clap parses and validates every argument before it acts on --help, so exit 0 means
         // the binary accepts each flag and value the chart passes.
         let out = std::process::Command::new(&bin)

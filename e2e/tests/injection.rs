@@ -147,6 +147,7 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
         hub_advertise: "127.0.0.1:7051".into(),
         status_interval: Duration::from_secs(5),
         native_sidecars: None,
+        webhook_cert_dir: None,
     };
     let (stop, stopped) = watch::channel(false);
     let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;

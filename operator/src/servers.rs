@@ -70,6 +70,10 @@ pub struct ServerOptions {
     /// How often the hub writes fleet health into gateway statuses.
     #[arg(long, default_value = "5s", value_parser = parse_duration_flag)]
     pub status_interval: Duration,
+    /// Serve the certificate in this directory (`tls.crt`, `tls.key`, `ca.crt`: a cert-manager
+    /// Secret) instead of making one; it is re-read every minute. The issuer keeps `caBundle`.
+    #[arg(long)]
+    pub webhook_cert_dir: Option<std::path::PathBuf>,
     /// Whether the cluster runs native sidecars (default: detected from the server version,
     /// ≥ 1.29).
     #[arg(long)]
@@ -90,6 +94,7 @@ impl Default for ServerOptions {
             hub_advertise: "nanogate-hub.nanogate-system.svc:7051".into(),
             status_interval: Duration::from_secs(5),
             native_sidecars: None,
+            webhook_cert_dir: None,
         }
     }
 }
@@ -246,22 +251,38 @@ pub async fn start(
             Err(_) => cert_cfg.extra_dns.push(san.to_string()),
         }
     }
-    let (bundle, resolver) = certs::bootstrap(client.clone(), &cert_cfg)
-        .await
-        .context("setting up the webhook and hub certificates")?;
-    let ca_pem = bundle.ca_cert_pem.clone();
-    {
-        let (client, resolver, mut stop) = (client.clone(), resolver.clone(), shutdown.clone());
-        tokio::spawn(certs::run_rotation(
-            client,
-            cert_cfg,
-            bundle,
-            resolver,
-            async move {
-                hub::stopped(&mut stop).await;
-            },
-        ));
-    }
+    let (resolver, ca_pem) = match &opts.webhook_cert_dir {
+        // cert-manager (or any issuer) owns the certificate and caBundle; follow its Secret.
+        Some(dir) => {
+            let files = CertFiles::read(dir)?;
+            let resolver = Arc::new(webhook::CertResolver::from_pem(&files.cert, &files.key)?);
+            tokio::spawn(follow_cert_dir(
+                dir.clone(),
+                files,
+                resolver.clone(),
+                shutdown.clone(),
+            ));
+            let ca = CertFiles::read(dir)?.ca;
+            (resolver, ca)
+        }
+        None => {
+            let (bundle, resolver) = certs::bootstrap(client.clone(), &cert_cfg)
+                .await
+                .context("setting up the webhook and hub certificates")?;
+            let ca_pem = bundle.ca_cert_pem.clone();
+            let (client, rotating, mut stop) = (client.clone(), resolver.clone(), shutdown.clone());
+            tokio::spawn(certs::run_rotation(
+                client,
+                cert_cfg,
+                bundle,
+                rotating,
+                async move {
+                    hub::stopped(&mut stop).await;
+                },
+            ));
+            (resolver, ca_pem)
+        }
+    };
     let tls = webhook::tls_config(resolver);
 
     let mut webhook_addr = None;
@@ -347,6 +368,58 @@ pub async fn start(
     })
 }
 
+/// A certificate issued into a directory (a mounted `kubernetes.io/tls` Secret with `ca.crt`).
+#[derive(Debug, PartialEq)]
+struct CertFiles {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+impl CertFiles {
+    fn read(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).with_context(|| {
+                format!(
+                    "reading {} (--webhook-cert-dir expects tls.crt, tls.key and ca.crt)",
+                    dir.join(name).display()
+                )
+            })
+        };
+        Ok(Self {
+            cert: read("tls.crt")?,
+            key: read("tls.key")?,
+            ca: read("ca.crt")?,
+        })
+    }
+}
+
+/// Swaps in a renewed certificate from `dir` (the kubelet updates mounted Secrets in place).
+async fn follow_cert_dir(
+    dir: std::path::PathBuf,
+    mut current: CertFiles,
+    resolver: Arc<webhook::CertResolver>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = hub::stopped(&mut shutdown) => return,
+        }
+        match CertFiles::read(&dir) {
+            Ok(files) if files != current => match resolver.set_pem(&files.cert, &files.key) {
+                Ok(()) => {
+                    info!(dir = %dir.display(), "serving certificate reloaded");
+                    current = files;
+                }
+                Err(error) => warn!(%error, "new certificate unusable; keeping the old one"),
+            },
+            Ok(_) => {}
+            Err(error) => warn!(error = %format!("{error:#}"), "certificate directory unreadable"),
+        }
+    }
+}
+
 /// A reflector store fed by a watch that restarts on errors (with the watcher's backoff).
 fn watch_store<K>(api: Api<K>) -> Store<K>
 where
@@ -373,4 +446,49 @@ where
         }
     });
     reader
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cert_dir_is_read_and_served_or_named_when_incomplete() {
+        let dir = std::env::temp_dir().join(format!("nanogate-cert-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["nanogate-webhook.nanogate-system.svc".to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+        std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+        let missing = CertFiles::read(&dir).unwrap_err();
+        assert!(format!("{missing:#}").contains("ca.crt"), "{missing:#}");
+        std::fs::write(dir.join("ca.crt"), cert.pem()).unwrap();
+        let files = CertFiles::read(&dir).unwrap();
+        assert!(webhook::CertResolver::from_pem(&files.cert, &files.key).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gateway_settings_become_an_injection_config_with_the_hub_ca() {
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps, generation: 3}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n",
+        )
+        .unwrap();
+        let settings = gw.injection_settings().unwrap();
+        let cfg = injection_config(&settings, "127.0.0.1:7051", false);
+        assert_eq!(cfg.config_generation, 3);
+        assert_eq!(cfg.hub_addr, "127.0.0.1:7051");
+        assert_eq!(
+            cfg.hub_ca,
+            Some(HubCaSource::ConfigMap(KeyRef {
+                name: "shop-agent-config".into(),
+                key: HUB_CA_KEY.into()
+            }))
+        );
+        assert!(!cfg.cluster_supports_native_sidecars);
+    }
 }
