@@ -279,6 +279,39 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
         "[hub] disconnected in status {:.1}s after the agent stopped",
         stopped.elapsed().as_secs_f64()
     );
+
+    // Deleting the gateway tells its connected sidecars to drain: the agent exits by itself.
+    let workdir = f.cp.dir().join(format!("{}-app-1-again", f.ns.name()));
+    let mut again = run_sidecar(
+        &f.client,
+        &pod,
+        &nanogate_e2e::workspace_binary("nano-agent")?,
+        &workdir,
+    )
+    .await?;
+    wait_for(
+        "the restarted sidecar connected",
+        Duration::from_secs(10),
+        || async { Ok((sidecars(&f).await?["connected"] == 1).then_some(())) },
+    )
+    .await?;
+    api.delete("shop", &Default::default()).await?;
+    let deleted = Instant::now();
+    let status = wait_for(
+        "the sidecar to drain and exit",
+        Duration::from_secs(20),
+        || {
+            let exited = again.process.exited();
+            async move { Ok(exited) }
+        },
+    )
+    .await
+    .map_err(|e| e.context(again.process.log_tail(10)))?;
+    assert!(status.success(), "drained agent exits cleanly: {status}");
+    eprintln!(
+        "[hub] gateway deleted → sidecar drained and exited in {:.1}s",
+        deleted.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

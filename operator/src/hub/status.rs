@@ -15,7 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::index::FleetHealth;
 use super::{Hub, stopped};
@@ -232,6 +232,7 @@ pub async fn run(
             Timestamp::from_second(Timestamp::now().as_second())
                 .unwrap_or_else(|_| Timestamp::now()),
         );
+        drain_orphans(&hub, &list.items, &mut reloads);
         for gateway in list.items {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
@@ -276,6 +277,41 @@ pub async fn run(
 /// When each agent was last sent a `reload`, so a slow agent is not flooded.
 #[derive(Default)]
 struct Reloads(std::collections::HashMap<String, Instant>);
+
+/// Agents of a gateway that no longer exists (deleted; its ConfigMap is garbage-collected)
+/// are told to `drain`: stop accepting, deliver what they hold, exit. Once per cooldown each.
+fn drain_orphans(hub: &Arc<Hub>, gateways: &[AgentGateway], sent: &mut Reloads) {
+    let now = Instant::now();
+    for (namespace, name) in hub.index.gateways() {
+        let exists = gateways
+            .iter()
+            .any(|g| g.namespace().as_deref() == Some(namespace.as_str()) && g.name_any() == name);
+        if exists {
+            continue;
+        }
+        for agent in hub.index.agent_ids(&namespace, &name) {
+            if sent
+                .0
+                .get(&agent)
+                .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(30))
+            {
+                continue;
+            }
+            sent.0.insert(agent.clone(), now);
+            let hub = hub.clone();
+            let gateway = format!("{namespace}/{name}");
+            tokio::spawn(async move {
+                match hub
+                    .request(&agent, "drain", Vec::new(), Duration::from_secs(10))
+                    .await
+                {
+                    Ok(_) => info!(%agent, %gateway, "gateway deleted; sidecar draining"),
+                    Err(error) => warn!(%agent, %gateway, %error, "drain request failed"),
+                }
+            });
+        }
+    }
+}
 
 /// Agents still reporting an older configuration than the gateway's get a `reload` with the
 /// current configuration file (the same bytes the ConfigMap holds), at most every 30 s each.
