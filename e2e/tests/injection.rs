@@ -289,6 +289,34 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
             );
         }
     }
+    // The injection is recorded as an event on the pods' owner (the ReplicaSet).
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(s.client.clone(), s.ns.name());
+    let injected = wait_for(
+        "Injected events on the ReplicaSet",
+        Duration::from_secs(20),
+        || {
+            let events = events.clone();
+            async move {
+                let list = events.list(&ListParams::default()).await?;
+                let found: Vec<_> = list
+                    .items
+                    .into_iter()
+                    .filter(|e| e.reason.as_deref() == Some("Injected"))
+                    .filter(|e| {
+                        e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ReplicaSet")
+                    })
+                    .collect();
+                Ok((!found.is_empty()).then_some(found))
+            }
+        },
+    )
+    .await?;
+    let note = injected[0].note.clone().unwrap_or_default();
+    assert!(
+        note.contains("gateway shop"),
+        "event says which gateway: {note}"
+    );
     Ok(())
 }
 
