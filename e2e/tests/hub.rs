@@ -214,14 +214,30 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
         "[hub] connected and healthy in status after {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    let table = f.cp.kubectl(&["get", "agw", "-n", f.ns.name()])?;
-    assert!(
-        table.contains("1/1"),
-        "kubectl get agw shows SIDECARS 1/1:\n{table}"
+    let table = wait_for(
+        "kubectl get agw to show SIDECARS 1/1",
+        Duration::from_secs(10),
+        || {
+            let table = f.cp.kubectl(&["get", "agw", "-n", f.ns.name()]);
+            async move { Ok(table.ok().filter(|t| t.contains("1/1"))) }
+        },
+    )
+    .await?;
+    eprintln!(
+        "[hub] {}",
+        table.lines().collect::<Vec<_>>().join("\n[hub] ")
     );
 
     // A spec change reaches the running agent as a reload: it reports the new generation.
     let api = gateways(&f.client, f.ns.name());
+    let old_hash = api.get("shop").await?.data["status"]["configHash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !old_hash.is_empty(),
+        "the reconciler records the configuration hash"
+    );
     api.patch(
         "shop",
         &PatchParams::default(),
@@ -229,11 +245,28 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     )
     .await?;
     let pid_before = agent.process.pid();
+    // The hub pushes the new configuration; the running agent applies it…
+    let log_path = agent.process.log.clone();
+    wait_for(
+        "the agent to apply a reload from the hub",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            async move {
+                Ok(log
+                    .contains("configuration reloaded from the hub")
+                    .then_some(()))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    // …and the status says every sidecar runs the gateway's current configuration.
     let generation = wait_for(
         "the agent to run the new configuration",
         Duration::from_secs(30),
         || {
-            let api = api.clone();
+            let (api, old_hash) = (api.clone(), old_hash.clone());
             async move {
                 let gw = api.get("shop").await?;
                 let hash = gw.data["status"]["configHash"]
@@ -246,9 +279,10 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
                     .and_then(|c| c["message"].as_str())
                     .unwrap_or_default()
                     .to_string();
-                Ok(message
-                    .contains("1 of 1 on the current configuration")
-                    .then_some(hash))
+                // The new configuration is recorded and the agent reports running it.
+                let current =
+                    hash != old_hash && message.contains("1 of 1 on the current configuration");
+                Ok(current.then_some(hash))
             }
         },
     )
@@ -264,7 +298,7 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
         metrics.contains("nanogate_sidecar_"),
         "agent still serving metrics"
     );
-    eprintln!("[hub] agent reloaded to configuration {generation} without restarting");
+    eprintln!("[hub] agent reloaded from {old_hash} to {generation} without restarting");
 
     // Stop the agent: disconnected within 3 heartbeat intervals (+ one status interval).
     agent.process.stop();

@@ -210,7 +210,8 @@ pub async fn run(
 ) {
     let gateways: Api<AgentGateway> = Api::all(client.clone());
     let mut ticker = tokio::time::interval(interval);
-    let mut reloads = Reloads::default();
+    // Separate cooldowns: a recent reload must not hold back a drain.
+    let (mut reloads, mut drains) = (Reloads::default(), Reloads::default());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -232,7 +233,7 @@ pub async fn run(
             Timestamp::from_second(Timestamp::now().as_second())
                 .unwrap_or_else(|_| Timestamp::now()),
         );
-        drain_orphans(&hub, &list.items, &mut reloads);
+        drain_orphans(&hub, &list.items, &mut drains);
         for gateway in list.items {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
@@ -274,7 +275,7 @@ pub async fn run(
     }
 }
 
-/// When each agent was last sent a `reload`, so a slow agent is not flooded.
+/// When each agent was last sent a request (`reload`, or `drain`), so a slow agent is not flooded.
 #[derive(Default)]
 struct Reloads(std::collections::HashMap<String, Instant>);
 
