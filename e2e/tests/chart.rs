@@ -1517,26 +1517,11 @@ async fn flow(
     // Stand in for the kubelet: run the pod's injected nano-agent locally, and send messages
     // through its socket, one upstream failure (retried) and one platform rejection
     // (dead-lettered) included, so every dashboard series exists.
-    // The sidecar does not read the gateway's ConfigMap yet (sidecar/src/gateway_config.rs is
-    // "not wired yet"), so this stand-in kubelet also hands it the gateway's upstream URL
-    // through the agent's own TENDRL_APP_URL; drop this once the ConfigMap is read.
-    let mut local_pod = stored.clone();
-    if let Some(c) = local_pod
-        .spec
-        .as_mut()
-        .and_then(|s| s.containers.iter_mut().find(|c| c.name == "nano-agent"))
-    {
-        c.env
-            .get_or_insert_with(Vec::new)
-            .push(k8s_openapi::api::core::v1::EnvVar {
-                name: "TENDRL_APP_URL".into(),
-                value: Some(platform.url()),
-                ..Default::default()
-            });
-    }
+    // The agent takes its upstream from the gateway's ConfigMap and dials the hub with the CA
+    // from it, exactly as injected.
     let mut agent = nanogate_e2e::kubelet::run_sidecar(
         client,
-        &local_pod,
+        &stored,
         &built_binary("nano-agent", "nanogate-sidecar")?,
         &cp.dir().join(format!("pod-{}", apps.name())),
     )
@@ -1807,13 +1792,7 @@ async fn evaluate_dashboard(addr: &str) -> Result<()> {
         },
     )
     .await?;
-    // Series that only a sidecar connected to the hub produces; see fleet_and_dashboard.
-    const NEEDS_HUB_AGENT: &[&str] = &["nanogate_hub_notifications_total"];
-    let all = dashboard_queries("20s")?;
-    let (waived, queries): (Vec<_>, Vec<_>) = all
-        .into_iter()
-        .partition(|(_, q, _)| NEEDS_HUB_AGENT.iter().any(|m| q.contains(m)));
-    assert_eq!(waived.len(), 1, "waived: {waived:?}");
+    let queries = dashboard_queries("20s")?;
     assert!(queries.len() >= 20, "only {} queries", queries.len());
     // Every query must return at least one series (rates need two scrapes in the window).
     let missing = wait_for(
