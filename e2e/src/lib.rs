@@ -204,3 +204,58 @@ pub fn install_crd(cp: &ControlPlane) -> Result<()> {
     ])?;
     Ok(())
 }
+
+/// A Mutating (pods) and a Validating (AgentGateways) webhook configuration named `name`,
+/// calling the operator on loopback `port` by URL, for namespaces labelled `label=ns` only —
+/// so tests sharing one control plane never call each other's webhooks.
+pub fn webhook_configurations(
+    label: &str,
+    name: &str,
+    ns: &str,
+    port: u16,
+    failure_policy: &str,
+) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: {name}
+webhooks:
+- name: inject.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{port}/mutate
+  rules:
+  - operations: ["CREATE"]
+    apiGroups: [""]
+    apiVersions: ["v1"]
+    resources: ["pods"]
+  namespaceSelector:
+    matchLabels: {{{label}: {ns}}}
+  failurePolicy: {failure_policy}
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+  reinvocationPolicy: Never
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: {name}
+webhooks:
+- name: validate.nanogate.io
+  clientConfig:
+    url: https://127.0.0.1:{port}/validate
+  rules:
+  - operations: ["CREATE", "UPDATE"]
+    apiGroups: ["nanogate.io"]
+    apiVersions: ["v1alpha1"]
+    resources: ["agentgateways"]
+  namespaceSelector:
+    matchLabels: {{{label}: {ns}}}
+  failurePolicy: {failure_policy}
+  sideEffects: None
+  timeoutSeconds: 5
+  admissionReviewVersions: ["v1"]
+"#
+    )
+}

@@ -60,25 +60,12 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
     let config = format!("nanogate-hub-{}", ns.name());
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: {config}
-webhooks:
-- name: inject.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{webhook_port}/mutate
-  rules:
-  - {{operations: ["CREATE"], apiGroups: [""], apiVersions: ["v1"], resources: ["pods"]}}
-  namespaceSelector:
-    matchLabels: {{nanogate.io/e2e-hub: {ns}}}
-  failurePolicy: Fail
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
-"#,
-            ns = ns.name()
+        &nanogate_e2e::webhook_configurations(
+            "nanogate.io/e2e-hub",
+            &config,
+            ns.name(),
+            webhook_port,
+            "Fail",
         ),
     )?;
     let args: Vec<String> = vec![
@@ -91,7 +78,7 @@ webhooks:
         format!("--hub-addr=127.0.0.1:{hub_port}"),
         format!("--hub-advertise=127.0.0.1:{hub_port}"),
         format!("--mutating-webhook-configs={config}"),
-        "--validating-webhook-configs=".into(),
+        format!("--validating-webhook-configs={config}"),
         "--extra-sans=127.0.0.1".into(),
         "--status-interval=1s".into(),
     ];

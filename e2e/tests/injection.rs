@@ -19,53 +19,6 @@ use tokio::sync::watch;
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
 
-/// Webhook configurations for `ns` only, calling `port` on loopback.
-fn webhook_configs(name: &str, ns: &str, port: u16, failure_policy: &str) -> String {
-    format!(
-        r#"apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: {name}
-webhooks:
-- name: inject.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{port}/mutate
-  rules:
-  - operations: ["CREATE"]
-    apiGroups: [""]
-    apiVersions: ["v1"]
-    resources: ["pods"]
-  namespaceSelector:
-    matchLabels: {{{SELECTOR_LABEL}: {ns}}}
-  failurePolicy: {failure_policy}
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
-  reinvocationPolicy: Never
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
-metadata:
-  name: {name}
-webhooks:
-- name: validate.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{port}/validate
-  rules:
-  - operations: ["CREATE", "UPDATE"]
-    apiGroups: ["nanogate.io"]
-    apiVersions: ["v1alpha1"]
-    resources: ["agentgateways"]
-  namespaceSelector:
-    matchLabels: {{{SELECTOR_LABEL}: {ns}}}
-  failurePolicy: {failure_policy}
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
-"#
-    )
-}
-
 fn gateway(name: &str, extra_batching: Value) -> Result<DynamicObject> {
     let mut batching = json!({"flushInterval": "250ms"});
     if let (Some(b), Some(extra)) = (batching.as_object_mut(), extra_batching.as_object()) {
@@ -133,7 +86,13 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
     let config_name = format!("nanogate-{}", ns.name());
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &webhook_configs(&config_name, ns.name(), port, "Fail"),
+        &nanogate_e2e::webhook_configurations(
+            SELECTOR_LABEL,
+            &config_name,
+            ns.name(),
+            port,
+            "Fail",
+        ),
     )?;
 
     let opts = ServerOptions {
@@ -397,7 +356,7 @@ async fn webhook_down_with_ignore_admits_the_pod_without_injection() -> Result<(
     let name = format!("nanogate-{}", ns.name());
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &webhook_configs(&name, ns.name(), port, "Ignore"),
+        &nanogate_e2e::webhook_configurations(SELECTOR_LABEL, &name, ns.name(), port, "Ignore"),
     )?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let stored = pods
