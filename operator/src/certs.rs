@@ -101,6 +101,9 @@ pub struct CertConfig {
     pub cert_validity: Duration,
     /// How often the rotation loop re-reads the Secret and re-checks `caBundle`.
     pub check_interval: Duration,
+    /// Owner of the certificate Secret (the MutatingWebhookConfiguration), so uninstalling the
+    /// webhook garbage-collects the Secret the operator made at runtime.
+    pub owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
 
 impl CertConfig {
@@ -118,6 +121,7 @@ impl CertConfig {
             ca_validity: Duration::from_secs(10 * 365 * 24 * 3600),
             cert_validity: Duration::from_secs(90 * 24 * 3600),
             check_interval: Duration::from_secs(600),
+            owner: None,
         }
     }
 
@@ -350,6 +354,7 @@ pub fn bundle_to_secret(
     ]);
     Secret {
         metadata: ObjectMeta {
+            owner_references: cfg.owner.clone().map(|owner| vec![owner]),
             name: Some(cfg.secret_name.clone()),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(BTreeMap::from([(

@@ -26,6 +26,9 @@ pub struct LeaseConfig {
     pub identity: String,
     /// How long a lease is valid without renewal.
     pub lease_duration: Duration,
+    /// Owner of the Lease (the MutatingWebhookConfiguration when the webhook is on), so an
+    /// uninstall garbage-collects it.
+    pub owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
 
 impl LeaseConfig {
@@ -94,6 +97,7 @@ impl LeaderElector {
                 metadata: ObjectMeta {
                     name: Some(self.cfg.name.clone()),
                     namespace: Some(self.cfg.namespace.clone()),
+                    owner_references: self.cfg.owner.clone().map(|owner| vec![owner]),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {

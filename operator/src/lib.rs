@@ -213,7 +213,7 @@ pub async fn run_with_client(
 
     // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
     let (servers_stop, servers_stopped) = watch::channel(false);
-    let hub_ca = if opts.servers.enabled() {
+    let (hub_ca, owner) = if opts.servers.enabled() {
         let started = servers::start(
             client.clone(),
             &opts.servers,
@@ -222,9 +222,9 @@ pub async fn run_with_client(
             servers_stopped,
         )
         .await?;
-        Some(started.ca_pem)
+        (Some(started.ca_pem), started.owner)
     } else {
-        None
+        (None, None)
     };
 
     let ctx = Arc::new(
@@ -245,6 +245,7 @@ pub async fn run_with_client(
             namespace: opts.lease_namespace.clone(),
             identity: identity.clone(),
             lease_duration: Duration::from_secs(opts.lease_duration.max(1)),
+            owner: owner.clone(),
         };
         let mut elector = leader::LeaderElector::new(client, cfg.clone());
         let mut running: Option<Running> = None;

@@ -220,6 +220,9 @@ pub struct Servers {
     pub ca_pem: String,
     /// Status patches written by the hub's status writer.
     pub status_writes: IntCounter,
+    /// The MutatingWebhookConfiguration, as owner of what the operator creates at runtime in
+    /// its namespace (certificate Secret, Lease): uninstalling it cleans them up.
+    pub owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
 
 /// Starts certificates, webhook and hub; they stop when `shutdown` flips to true.
@@ -239,6 +242,8 @@ pub async fn start(
     let names = |list: &[String]| list.iter().filter(|n| !n.is_empty()).cloned().collect();
     cert_cfg.mutating_webhooks = names(&opts.mutating_webhook_configs);
     cert_cfg.validating_webhooks = names(&opts.validating_webhook_configs);
+    let owner = webhook_owner(&client, &cert_cfg.mutating_webhooks).await;
+    cert_cfg.owner = owner.clone();
     // The hub is reached through its own Service; the same certificate serves both.
     let hub_host = opts
         .hub_advertise
@@ -361,12 +366,36 @@ pub async fn start(
         hub_addr = Some(bound);
     }
     Ok(Servers {
+        owner,
         hub: hub_state,
         webhook_addr,
         hub_addr,
         ca_pem,
         status_writes,
     })
+}
+
+/// The first existing MutatingWebhookConfiguration of `names`, as an owner reference.
+async fn webhook_owner(
+    client: &Client,
+    names: &[String],
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    for name in names {
+        if let Ok(Some(config)) = api.get_opt(name).await {
+            return Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "admissionregistration.k8s.io/v1".into(),
+                    kind: "MutatingWebhookConfiguration".into(),
+                    name: name.clone(),
+                    uid: config.metadata.uid?,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    None
 }
 
 /// `Injected` and `InjectionSkipped` (for skips worth a user's attention) events on the pod's

@@ -22,6 +22,7 @@ fn elector() -> (LeaderElector, ApiHandle) {
         namespace: "ops".into(),
         identity: "me".into(),
         lease_duration: Duration::from_secs(15),
+        owner: None,
     };
     (
         LeaderElector::new(Client::new(service, "default"), cfg),
