@@ -259,3 +259,13 @@ webhooks:
 "#
     )
 }
+
+/// AgentGateways of namespace `ns`, untyped (tests see exactly what the apiserver stores).
+pub fn agentgateways(client: &kube::Client, ns: &str) -> kube::Api<kube::api::DynamicObject> {
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "nanogate.io",
+        "v1alpha1",
+        "AgentGateway",
+    ));
+    kube::Api::namespaced_with(client.clone(), ns, &resource)
+}

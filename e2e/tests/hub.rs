@@ -9,24 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{
-    ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use nanogate_e2e::kubelet::{run_sidecar, token_for_pod};
 use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
 use nanogate_protocol::control::{FrameDecoder, Message, encode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn gateways(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "nanogate.io",
-        "v1alpha1",
-        "AgentGateway",
-    ));
-    Api::namespaced_with(client.clone(), ns, &resource)
-}
 
 struct Fleet {
     cp: &'static ControlPlane,
@@ -167,7 +156,11 @@ async fn injected_pod(f: &Fleet, name: &str) -> Result<Pod> {
 }
 
 async fn sidecars(f: &Fleet) -> Result<Value> {
-    Ok(gateways(&f.client, f.ns.name()).get("shop").await?.data["status"]["sidecars"].clone())
+    Ok(nanogate_e2e::agentgateways(&f.client, f.ns.name())
+        .get("shop")
+        .await?
+        .data["status"]["sidecars"]
+        .clone())
 }
 
 #[tokio::test]
@@ -216,7 +209,7 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     );
 
     // A spec change reaches the running agent as a reload: it reports the new generation.
-    let api = gateways(&f.client, f.ns.name());
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
     let old_hash = api.get("shop").await?.data["status"]["configHash"]
         .as_str()
         .unwrap_or_default()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod};
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
 use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
 use nanogate_operator::servers::{self, ServerOptions};
@@ -34,15 +34,6 @@ fn gateway(name: &str, extra_batching: Value) -> Result<DynamicObject> {
             "heartbeatInterval": "1s"
         }
     }))?)
-}
-
-fn gateways_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "nanogate.io",
-        "v1alpha1",
-        "AgentGateway",
-    ));
-    Api::namespaced_with(client.clone(), ns, &resource)
 }
 
 fn app_pod(name: &str) -> Result<Pod> {
@@ -126,7 +117,7 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns.name())
         .create(&PostParams::default(), &secret)
         .await?;
-    gateways_api(&client, ns.name())
+    nanogate_e2e::agentgateways(&client, ns.name())
         .create(&PostParams::default(), &gateway("shop", json!({}))?)
         .await?;
 
@@ -328,7 +319,7 @@ async fn opted_out_pods_are_left_alone_and_invalid_gateways_are_denied() -> Resu
     assert!(sidecar(&stored).is_none());
 
     let bad = gateway("bad", json!({"minBatchSize": 300, "maxBatchSize": 200}))?;
-    let error = gateways_api(&s.client, s.ns.name())
+    let error = nanogate_e2e::agentgateways(&s.client, s.ns.name())
         .create(&PostParams::default(), &bad)
         .await
         .expect_err("minBatchSize > maxBatchSize is refused");

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use kube::{Api, Client};
+use kube::Api;
+use kube::api::{DynamicObject, ListParams};
 use nanogate_e2e::kubelet::{run_sidecar, sidecar_container};
 use nanogate_e2e::{ControlPlane, Process, apply_yaml, wait_for};
 use nanogate_tests::platform::PlatformServer;
@@ -117,7 +117,7 @@ async fn main() -> Result<()> {
         "creating the app namespace, the API-key Secret and an AgentGateway",
     );
     apply_yaml(cp.kubeconfig_path(), &gateway_objects(&platform.url()))?;
-    let gateways = gateways_api(&client);
+    let gateways = nanogate_e2e::agentgateways(&client, NAMESPACE);
     wait_for("gateway demo Ready", Duration::from_secs(60), || {
         let gateways = gateways.clone();
         async move { Ok(condition(&gateways.get("demo").await?, "Ready").filter(|s| s == "True")) }
@@ -281,15 +281,6 @@ async fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn gateways_api(client: &Client) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "nanogate.io",
-        "v1alpha1",
-        "AgentGateway",
-    ));
-    Api::namespaced_with(client.clone(), NAMESPACE, &resource)
 }
 
 fn condition(gw: &DynamicObject, kind: &str) -> Option<String> {
