@@ -958,6 +958,25 @@ fn rendered_operator_arguments_are_accepted_by_the_operator_binary() -> Result<(
     Ok(())
 }
 
+/// `helm uninstall`, then wait until no object of the release is left.
+async fn uninstall_and_wait(
+    kubeconfig: &Path,
+    release: &str,
+    ns: &str,
+    timeout: Duration,
+) -> Result<()> {
+    helm(kubeconfig, &["uninstall", release, ns])?;
+    wait_for("the release's objects to be gone", timeout, || async move {
+        let left = release_leftovers(kubeconfig, release, ns)?;
+        if left.is_empty() {
+            Ok(Some(()))
+        } else {
+            bail!("still present: {left:?}")
+        }
+    })
+    .await
+}
+
 /// Objects of the release still present, as `kind/name` (namespaced ones in `ns`).
 fn release_leftovers(kubeconfig: &Path, release: &str, ns: &str) -> Result<Vec<String>> {
     let selector = format!("app.kubernetes.io/instance={release}");
@@ -1121,25 +1140,7 @@ async fn helm_install_upgrade_uninstall_leaves_only_the_crd() -> Result<()> {
         ns.name(),
     ])?;
 
-    helm(kubeconfig, &["uninstall", release, ns.name()])?;
-    let kc = kubeconfig.to_path_buf();
-    let ns_name = ns.name().to_string();
-    wait_for(
-        "the release's objects to be gone",
-        Duration::from_secs(90),
-        || {
-            let (kc, ns_name) = (kc.clone(), ns_name.clone());
-            async move {
-                let left = release_leftovers(&kc, release, &ns_name)?;
-                if left.is_empty() {
-                    Ok(Some(()))
-                } else {
-                    bail!("still present: {left:?}")
-                }
-            }
-        },
-    )
-    .await?;
+    uninstall_and_wait(kubeconfig, release, ns.name(), Duration::from_secs(90)).await?;
     // Helm keeps CRDs (and with them every AgentGateway) on uninstall, by design.
     cp.kubectl(&["get", "crd", "agentgateways.nanogate.io"])?;
     Ok(())
@@ -1313,25 +1314,7 @@ async fn helm_installed_chart_serves_a_local_operator_under_the_charts_rbac() ->
         "the chart's RBAC refused the operator: {refused:#?}"
     );
 
-    helm(kubeconfig, &["uninstall", release, ns.name()])?;
-    let kc = kubeconfig.to_path_buf();
-    let ns_name = ns.name().to_string();
-    wait_for(
-        "the release's objects to be gone",
-        Duration::from_secs(60),
-        || {
-            let (kc, ns_name) = (kc.clone(), ns_name.clone());
-            async move {
-                let left = release_leftovers(&kc, release, &ns_name)?;
-                if left.is_empty() {
-                    Ok(Some(()))
-                } else {
-                    bail!("still present: {left:?}")
-                }
-            }
-        },
-    )
-    .await?;
+    uninstall_and_wait(kubeconfig, release, ns.name(), Duration::from_secs(60)).await?;
     // What the operator created itself (its certificate Secret and its Lease) is not part of
     // the release, but it is owned by the release's MutatingWebhookConfiguration, so the
     // garbage collector removes it too: only the CRD stays.

@@ -514,14 +514,8 @@ pub async fn ensure_certificates(client: kube::Client, cfg: &CertConfig) -> Resu
 /// registers webhooks itself).
 pub async fn patch_ca_bundles(client: kube::Client, cfg: &CertConfig, ca_pem: &str) -> Result<()> {
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    for name in &cfg.mutating_webhooks {
-        let what = format!("MutatingWebhookConfiguration {name}");
-        let Some(current) = mutating.get_opt(name).await.map_err(kube_err(&what))? else {
-            tracing::warn!(%name, "MutatingWebhookConfiguration not found; caBundle not set");
-            continue;
-        };
-        let webhooks: Vec<_> = current
-            .webhooks
+    patch_ca_bundles_of(&mutating, &cfg.mutating_webhooks, ca_pem, |c| {
+        c.webhooks
             .iter()
             .flatten()
             .map(|w| {
@@ -530,24 +524,12 @@ pub async fn patch_ca_bundles(client: kube::Client, cfg: &CertConfig, ca_pem: &s
                     w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
                 )
             })
-            .collect();
-        if let Some(patch) = ca_bundle_patch(&webhooks, ca_pem) {
-            mutating
-                .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-                .await
-                .map_err(kube_err(&what))?;
-            tracing::info!(%name, "caBundle updated");
-        }
-    }
+            .collect()
+    })
+    .await?;
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client);
-    for name in &cfg.validating_webhooks {
-        let what = format!("ValidatingWebhookConfiguration {name}");
-        let Some(current) = validating.get_opt(name).await.map_err(kube_err(&what))? else {
-            tracing::warn!(%name, "ValidatingWebhookConfiguration not found; caBundle not set");
-            continue;
-        };
-        let webhooks: Vec<_> = current
-            .webhooks
+    patch_ca_bundles_of(&validating, &cfg.validating_webhooks, ca_pem, |c| {
+        c.webhooks
             .iter()
             .flatten()
             .map(|w| {
@@ -556,10 +538,32 @@ pub async fn patch_ca_bundles(client: kube::Client, cfg: &CertConfig, ca_pem: &s
                     w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
                 )
             })
-            .collect();
-        if let Some(patch) = ca_bundle_patch(&webhooks, ca_pem) {
-            validating
-                .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .collect()
+    })
+    .await
+}
+
+/// [`patch_ca_bundles`] for one kind of webhook configuration; `webhooks` lists each webhook's
+/// name and current `caBundle` (the two kinds hold them in different types).
+async fn patch_ca_bundles_of<K>(
+    api: &Api<K>,
+    names: &[String],
+    ca_pem: &str,
+    webhooks: impl Fn(&K) -> Vec<(String, Option<Vec<u8>>)>,
+) -> Result<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    for name in names {
+        let what = format!("{kind} {name}");
+        let Some(current) = api.get_opt(name).await.map_err(kube_err(&what))? else {
+            tracing::warn!(%name, "{kind} not found; caBundle not set");
+            continue;
+        };
+        if let Some(patch) = ca_bundle_patch(&webhooks(&current), ca_pem) {
+            api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
                 .await
                 .map_err(kube_err(&what))?;
             tracing::info!(%name, "caBundle updated");
