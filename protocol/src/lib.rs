@@ -6,3 +6,5 @@
 pub mod control;
 
 pub mod app;
+pub mod contract;
+pub mod tcp;
