@@ -7,4 +7,3 @@ pub mod control;
 
 pub mod app;
 pub mod contract;
-pub mod tcp;
