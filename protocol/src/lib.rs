@@ -7,3 +7,4 @@ pub mod control;
 
 pub mod app;
 pub mod contract;
+pub mod tcp;

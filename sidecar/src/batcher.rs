@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rand::Rng as _;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -36,7 +35,7 @@ use crate::admin::Health;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::spool::{PendingBatch, Spool};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Batch, Upstream, UpstreamError};
 
 /// The sizing knobs (see the module documentation for the formula).
 #[derive(Debug, Clone)]
@@ -320,11 +319,12 @@ impl<U: Upstream> Delivery<U> {
 
     /// Sends one batch until the platform takes it or rejects it for good.
     async fn deliver(&self, batch: &PendingBatch) {
-        let body = Bytes::from(batch.json_array());
+        // Built once: every retry carries the same stable message ids.
+        let outgoing = Batch::from_pending(self.spool.id(), batch);
         let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
         loop {
             self.health.attempt(&self.metrics);
-            match self.upstream.send_batch(body.clone(), batch.count).await {
+            match self.upstream.deliver(&outgoing).await {
                 Ok(()) => {
                     self.health.success(&self.metrics);
                     self.metrics.delivered.inc_by(batch.count);
@@ -401,6 +401,7 @@ impl<U: Upstream> Delivery<U> {
 mod tests {
     use super::*;
     use crate::spool::{RecordBuf, SpoolOptions};
+    use bytes::Bytes;
     use std::sync::Mutex;
 
     fn sizer() -> Sizer {

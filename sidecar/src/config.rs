@@ -20,6 +20,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// Transport to the platform (ARCHITECTURE §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamKind {
+    /// The Tendrl platform HTTP API.
+    Http,
+    /// NATS JetStream.
+    Nats,
+    /// Socket.IO v5 over WebSocket (cloud protocol).
+    Socketio,
+}
+
+impl UpstreamKind {
+    /// The name used in flags, files and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Nats => "nats",
+            Self::Socketio => "socketio",
+        }
+    }
+}
+
 /// nano-agent: Tendrl-compatible socket gateway with durable batching to the platform.
 ///
 /// Every option can also come from the environment (shown as [env: …]) or from a YAML/JSON
@@ -60,7 +82,13 @@ pub struct Config {
     pub shutdown_deadline: Duration,
 
     // ----- upstream -----
-    /// Platform API base URL; the agent appends /entities/….
+    /// Transport to the platform: `http` (Tendrl platform API), `nats` (JetStream; app_url is
+    /// then `nats://host:4222` or `tls://host:4222`, comma-separated for a cluster) or
+    /// `socketio`.
+    #[arg(long, env = "NANOGATE_UPSTREAM_KIND", value_enum, default_value_t = UpstreamKind::Http)]
+    pub upstream_kind: UpstreamKind,
+    /// Platform API base URL; the agent appends /entities/…. With upstream_kind nats: the
+    /// NATS server URL(s).
     #[arg(
         long,
         env = "TENDRL_APP_URL",
@@ -89,6 +117,58 @@ pub struct Config {
     /// Largest retry delay of the backoff.
     #[arg(long, env = "NANOGATE_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
+
+    // ----- upstream_kind nats (JetStream) -----
+    /// NATS subject template: `{namespace}`, `{gateway}` and `{pod}` are replaced by this
+    /// pod's (made subject-safe); a message's `dest` is appended as further tokens
+    /// (`nanogate.shop.orders` + dest `eu/berlin` → `nanogate.shop.orders.eu.berlin`).
+    #[arg(
+        long,
+        env = "NANOGATE_NATS_SUBJECT",
+        default_value = "nanogate.{namespace}.{gateway}"
+    )]
+    pub nats_subject: String,
+    /// JetStream stream that stores the messages.
+    #[arg(long, env = "NANOGATE_NATS_STREAM", default_value = "NANOGATE")]
+    pub nats_stream: String,
+    /// Create the stream when it is missing (subjects: the subject, `<subject>.>` and the
+    /// inbox subject; file storage; duplicate window below). With false a missing stream is
+    /// an error the agent retries until someone creates it.
+    #[arg(long, env = "NANOGATE_NATS_CREATE_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nats_create_stream: bool,
+    /// Duplicate window of a stream the agent creates: a retried message (same
+    /// `Nats-Msg-Id`) within this window is stored once.
+    #[arg(long, env = "NANOGATE_NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub nats_duplicate_window: Duration,
+    /// Durable pull consumer that `msg_check` reads from (placeholders as in nats_subject;
+    /// created on the stream when missing, filtered on nats_inbox_subject).
+    #[arg(
+        long,
+        env = "NANOGATE_NATS_CONSUMER",
+        default_value = "nanogate-{namespace}-{gateway}"
+    )]
+    pub nats_consumer: String,
+    /// Subject of the messages for this gateway's apps, served by `msg_check`
+    /// (placeholders as in nats_subject).
+    #[arg(
+        long,
+        env = "NANOGATE_NATS_INBOX_SUBJECT",
+        default_value = "nanogate-inbox.{namespace}.{gateway}"
+    )]
+    pub nats_inbox_subject: String,
+    /// NATS credentials file (JWT + NKey seed, `.creds`). Authentication, first match wins:
+    /// creds file, user + password file, token file, else api_key as a token when set.
+    #[arg(long, env = "NANOGATE_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// NATS user name (with nats_password_file).
+    #[arg(long, env = "NANOGATE_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS password (with nats_user).
+    #[arg(long, env = "NANOGATE_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding a NATS token.
+    #[arg(long, env = "NANOGATE_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
 
     // ----- batching (seed 000 client configuration table) -----
     /// A partial batch is sent at the latest this long after its first message was queued.
@@ -378,13 +458,18 @@ impl Config {
         if self.max_connections == 0 {
             bail!("invalid config: max_connections must be at least 1");
         }
-        match reqwest::Url::parse(&self.app_url) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            Ok(_) => bail!("invalid config: app_url must be an http:// or https:// URL"),
-            Err(e) => bail!(
-                "invalid config: app_url ({}) is not a URL: {e}",
-                self.app_url
-            ),
+        match self.upstream_kind {
+            UpstreamKind::Http => match reqwest::Url::parse(&self.app_url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(_) => bail!("invalid config: app_url must be an http:// or https:// URL"),
+                Err(e) => bail!(
+                    "invalid config: app_url ({}) is not a URL: {e}",
+                    self.app_url
+                ),
+            },
+            UpstreamKind::Nats => crate::upstream::nats::check_config(self)?,
+            // Replaced when the socketio upstream lands (sidecar/src/upstream/socketio.rs).
+            UpstreamKind::Socketio => {}
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             bail!("invalid config: upstream_client_cert and upstream_client_key go together");

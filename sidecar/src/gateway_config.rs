@@ -35,10 +35,11 @@ pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
 
     let upstream = section("upstream");
     match upstream.get("kind").and_then(Value::as_str) {
-        None | Some("http") => {}
+        None => {}
+        Some(kind @ ("http" | "nats" | "socketio")) => put("upstream_kind", kind.to_string()),
         Some(other) => {
             return Err(format!(
-                "upstream.kind {other:?} is not supported by this nano-agent yet (only \"http\"); set spec.upstream.kind: http"
+                "upstream.kind {other:?} is not supported by this nano-agent (http, nats or socketio); set spec.upstream.kind to one of them"
             ));
         }
     }
@@ -62,6 +63,17 @@ pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
 
     if let Some(url) = text(&upstream, "url") {
         put("app_url", url);
+    }
+    for (from, to) in [
+        ("nats_subject", "nats_subject"),
+        ("nats_stream", "nats_stream"),
+        ("nats_durable_consumer", "nats_consumer"),
+        ("nats_inbox_subject", "nats_inbox_subject"),
+        ("nats_creds_file", "nats_creds_file"),
+    ] {
+        if let Some(v) = text(&upstream, from) {
+            put(to, v);
+        }
     }
     if let Some(v) = millis(&upstream, "timeout_ms")? {
         put("upstream_timeout", v);
@@ -197,9 +209,34 @@ mod tests {
     }
 
     #[test]
+    fn nats_gateway_becomes_nats_options() {
+        let file = MINIMAL.replace(
+            r#""kind": "http", "url": "https://app.tendrl.com/api","#,
+            r#""kind": "nats", "url": "tls://nats.platform:4222",
+               "nats_subject": "acme.{namespace}.{gateway}", "nats_stream": "ACME",
+               "nats_durable_consumer": "acme-{gateway}",
+               "nats_creds_file": "/etc/nanogate/nats/user.creds","#,
+        );
+        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
+        let get = |k: &str| flat.get(k).and_then(Value::as_str).map(str::to_string);
+        assert_eq!(get("upstream_kind").as_deref(), Some("nats"));
+        assert_eq!(get("app_url").as_deref(), Some("tls://nats.platform:4222"));
+        assert_eq!(
+            get("nats_subject").as_deref(),
+            Some("acme.{namespace}.{gateway}")
+        );
+        assert_eq!(get("nats_stream").as_deref(), Some("ACME"));
+        assert_eq!(get("nats_consumer").as_deref(), Some("acme-{gateway}"));
+        assert_eq!(
+            get("nats_creds_file").as_deref(),
+            Some("/etc/nanogate/nats/user.creds")
+        );
+    }
+
+    #[test]
     fn unsupported_settings_are_refused_with_a_way_out() {
         for (patch, needle) in [
-            (r#""kind": "http""#, r#""kind": "nats""#),
+            (r#""kind": "http""#, r#""kind": "carrier-pigeon""#),
             (
                 r#""overflow_policy": "reject""#,
                 r#""overflow_policy": "dropOldest""#,

@@ -26,7 +26,7 @@ use crate::batcher::{Delivery, Resources, Tuning};
 use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolOptions};
-use crate::upstream::http::HttpUpstream;
+use crate::upstream::AnyUpstream;
 
 /// Installs the global tracing subscriber (stderr, text or JSON).
 pub fn init_tracing(config: &Config) {
@@ -82,7 +82,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     tracing::info!(messages = rec.messages, bytes = rec.bytes, torn_bytes = rec.torn_bytes,
         segments = rec.segments, dir = %config.spool_dir.display(), "spool recovered");
 
-    let upstream = Arc::new(HttpUpstream::new(&config, metrics.clone())?);
+    let upstream = Arc::new(AnyUpstream::from_config(&config, metrics.clone()).await?);
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -90,7 +90,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let (listener, socket_file) = socket::bind(&config.socket_path)?;
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(socket = %config.socket_path.display(), admin = %admin_listener.local_addr()?,
-        upstream = %config.app_url, source = %config.source(), version = env!("CARGO_PKG_VERSION"),
+        upstream = %config.app_url, upstream_kind = upstream.kind(), source = %config.source(), version = env!("CARGO_PKG_VERSION"),
         "nano-agent ready");
 
     let admin = tokio::spawn({

@@ -9,6 +9,12 @@
 //! Layout of `<dir>`:
 //! - `seg-<20-digit seq>.log`: `NGSPOOL1` magic, then records `[len u32 LE][crc32 u32 LE][payload]`.
 //! - `ack`: `[seq u64 LE][offset u64 LE][crc32 u32 LE]`, replaced atomically (write + rename).
+//! - `id`: a random identifier of this spool, made when the directory is first used.
+//!
+//! Every record has a stable id, `<spool id>-<segment seq>-<offset>`: records are never moved
+//! or rewritten, segment numbers are never reused, so a message keeps its id across retries
+//! and restarts (transports that de-duplicate, like NATS `Nats-Msg-Id`, rely on it), and a new
+//! spool directory (a new pod) cannot collide with an old one.
 //!
 //! Recovery scans the unacknowledged segments, truncates each at its first torn or corrupt
 //! record (a crash mid-write leaves at most one torn record at the tail) and starts a fresh
@@ -131,6 +137,7 @@ pub struct Spool {
     notify: Notify,
     start: Position,
     report: RecoveryReport,
+    id: String,
 }
 
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
@@ -163,6 +170,23 @@ fn read_ack(dir: &Path) -> Option<Position> {
         seq: u64::from_le_bytes(b[..8].try_into().ok()?),
         offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
     })
+}
+
+/// Reads the spool's id, or makes and persists a new random one.
+fn spool_id(dir: &Path) -> io::Result<String> {
+    let path = dir.join("id");
+    if let Ok(id) = fs::read_to_string(&path) {
+        let id = id.trim();
+        if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(id.to_string());
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    let tmp = dir.join("id.tmp");
+    fs::write(&tmp, &id)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    Ok(id)
 }
 
 fn new_segment(dir: &Path, seq: u64) -> io::Result<File> {
@@ -200,6 +224,7 @@ impl Spool {
         let dir = opts.dir.clone();
         fs::create_dir_all(&dir)?;
         let _ = fs::remove_file(dir.join("ack.tmp"));
+        let id = spool_id(&dir)?;
         let seqs = list_segments(&dir)?;
         let start = read_ack(&dir).unwrap_or(Position {
             seq: seqs.first().copied().unwrap_or(1),
@@ -269,6 +294,7 @@ impl Spool {
             start,
             report,
             opts,
+            id,
         }))
     }
 
@@ -286,6 +312,11 @@ impl Spool {
 
     pub fn dir(&self) -> &Path {
         &self.opts.dir
+    }
+
+    /// This spool's random id, the first part of every record's stable id.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Appends every record of `recs` in one write, or none of them.
@@ -409,6 +440,18 @@ pub struct PendingBatch {
     pub bytes: u64,
     /// Position just after the last record.
     pub end: Option<Position>,
+    /// Where each record starts in the spool and where its payload is in `body`.
+    pub records: Vec<RecordRef>,
+}
+
+/// One record of a [`PendingBatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef {
+    /// Position of the record in the spool: with the spool id, its stable id.
+    pub at: Position,
+    /// Byte range of the payload in [`PendingBatch::body`].
+    pub start: usize,
+    pub len: usize,
 }
 
 impl PendingBatch {
@@ -417,6 +460,7 @@ impl PendingBatch {
         self.count = 0;
         self.bytes = 0;
         self.end = None;
+        self.records.clear();
     }
 
     /// The batch as a JSON array.
@@ -508,6 +552,11 @@ impl SpoolReader {
                 if batch.count > 0 {
                     batch.body.push(b',');
                 }
+                batch.records.push(RecordRef {
+                    at: self.pos,
+                    start: batch.body.len(),
+                    len,
+                });
                 batch.body.extend_from_slice(payload);
                 batch.count += 1;
                 batch.bytes += (REC_HEADER + len) as u64;

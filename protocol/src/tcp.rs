@@ -1,0 +1,721 @@
+//! Frames of the sidecar's optional TCP listener (seed 004 "SecureAgentMessaging", with the
+//! framing, auth and acknowledgements the seed lacks). No I/O happens here: the listener feeds
+//! bytes in and gets typed frames or errors out, and builds its replies with the `write_*`
+//! functions, so the fuzz target exercises exactly this code.
+//!
+//! Framing: one JSON object per line, `\n`-terminated (a `\r` before it is tolerated, blank
+//! lines are skipped). A line may arrive split across any number of reads, and one read may
+//! carry many lines; the decoder keeps the unfinished tail. A line longer than the frame limit
+//! is fatal (the connection is answered and closed), so a peer cannot make the sidecar buffer
+//! without bound.
+//!
+//! Frame: `{"type": …, "payload": …, "timestamp": …, "id": …}`; `timestamp` is ignored on
+//! input (the sidecar stamps messages itself) and is milliseconds since the Unix epoch on
+//! output, as in the seed. `id` (a string or a number, at most [`MAX_ID_BYTES`]) is echoed in
+//! the reply to the frame. Types from the peer:
+//!
+//! | type | payload | answer |
+//! |---|---|---|
+//! | `data` | an app socket message (`{"msg_type":"publish",…}`, ARCHITECTURE §3) | `ack` once appended to the spool, else `error` |
+//! | `ping` | anything | `pong` with the same id |
+//! | `pong`, `keepalive` | anything | none (they only prove the peer is alive) |
+//! | `close` | anything | `close`, then the sidecar closes the connection |
+//! | `auth` | — (`token` field) | `auth` with `{"status":"ok"}`, or `error` and close |
+//!
+//! Types from the sidecar: `ack`, `error` (payload `{"status":"error","message":…}`, the app
+//! socket's error reply), `pong`, `keepalive`, `close` (payload `{"reason":…}`), `auth`.
+
+use std::io::Write as _;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+
+use crate::app::{self, AppError, CowStr, Limits, Publish, RawMessage, Request};
+
+/// Bytes a frame may add around its payload (type, id, timestamp, token, whitespace): the
+/// frame limit is the message limit plus this.
+pub const FRAME_OVERHEAD: usize = 4096;
+/// Frame limit before the peer has authenticated: an `auth` frame is small, and an
+/// unauthenticated peer should not be able to make the sidecar buffer a megabyte.
+pub const AUTH_MAX_FRAME: usize = 4096;
+/// Longest `id` (its JSON text) echoed back.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// A decoded frame; `id` is the JSON text of the frame's id (a string or a number) when it
+/// had one, to be echoed with [`write_frame`].
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub id: Option<&'a [u8]>,
+    pub kind: FrameKind<'a>,
+}
+
+/// What a frame asks for.
+#[derive(Debug)]
+pub enum FrameKind<'a> {
+    /// A validated `publish` (wait:false) to append to the spool.
+    Data(Publish<'a>),
+    Ping,
+    Pong,
+    Keepalive,
+    Close,
+    Auth {
+        token: CowStr<'a>,
+    },
+}
+
+/// Everything a frame can be answered with as an `error` frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("invalid frame: {0}")]
+    InvalidFrame(String),
+    #[error("missing frame type")]
+    MissingType,
+    #[error("unknown frame type: {0}")]
+    UnknownType(String),
+    #[error("frame too large: more than {max} bytes without a newline")]
+    TooLarge { max: usize },
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error(
+        "unauthorized: the first frame must be {{\"type\":\"auth\",\"token\":\"…\"}} with the listener's token"
+    )]
+    Unauthorized,
+    /// The `data` payload was not a valid app message: the app socket's own error.
+    #[error(transparent)]
+    App(AppError),
+}
+
+impl FrameError {
+    /// Metric label (`rejected_total{reason}`); app message errors keep the socket's labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidFrame(_) => "invalid_frame",
+            Self::MissingType => "missing_frame_type",
+            Self::UnknownType(_) => "unknown_frame_type",
+            Self::TooLarge { .. } => "frame_too_large",
+            Self::Unsupported(_) => "unsupported",
+            Self::Unauthorized => "unauthorized",
+            Self::App(e) => e.reason(),
+        }
+    }
+}
+
+/// One step of [`FrameDecoder::next`].
+#[derive(Debug)]
+pub enum Decoded<'a> {
+    /// A complete, valid frame.
+    Frame(Frame<'a>),
+    /// A complete line that is not a valid frame: answer the error (with the id when the
+    /// frame had a readable one) and go on with the next line.
+    Rejected {
+        id: Option<&'a [u8]>,
+        error: FrameError,
+    },
+    /// A line over the frame limit: answer the error, then close.
+    Fatal(FrameError),
+    /// No complete line buffered; read more bytes.
+    NeedMore,
+}
+
+/// The frame's fields as received; unknown fields (including `timestamp`) are ignored.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<CowStr<'a>>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<CowStr<'a>>,
+}
+
+/// Incremental decoder for a stream of newline-delimited JSON frames.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Start of the unconsumed bytes.
+    pos: usize,
+    /// Bytes before this index (and after `pos`) hold no newline: scanning resumes here, so
+    /// a long line arriving in small reads is scanned once, not once per read.
+    scanned: usize,
+    max_frame: usize,
+    limits: Limits,
+    failed: bool,
+}
+
+impl FrameDecoder {
+    /// A decoder for `data` payloads up to `limits.max_message_bytes`, lines up to that plus
+    /// [`FRAME_OVERHEAD`].
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            buf: Vec::new(),
+            pos: 0,
+            scanned: 0,
+            max_frame: limits.max_message_bytes.saturating_add(FRAME_OVERHEAD),
+            limits,
+            failed: false,
+        }
+    }
+
+    /// Longest accepted line in bytes (excluding the `\n`).
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Changes the line limit (e.g. [`AUTH_MAX_FRAME`] until the peer authenticated).
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max;
+    }
+
+    /// Drops consumed bytes and returns the buffer for the next read, with at least
+    /// `min_spare` bytes of spare capacity (reads append to it).
+    pub fn read_buf(&mut self, min_spare: usize) -> &mut Vec<u8> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.scanned -= self.pos;
+            self.pos = 0;
+        }
+        self.buf.reserve(min_spare);
+        &mut self.buf
+    }
+
+    /// Appends bytes (tests and fuzzing).
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.read_buf(bytes.len()).extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not consumed yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// True once a fatal error was returned; nothing more will be decoded.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Decodes the next complete line, if any.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Decoded<'_> {
+        if self.failed {
+            return Decoded::NeedMore;
+        }
+        loop {
+            let from = self.scanned.max(self.pos);
+            let Some(nl) = self.buf[from..].iter().position(|&b| b == b'\n') else {
+                self.scanned = self.buf.len();
+                if self.buf.len() - self.pos > self.max_frame {
+                    self.failed = true;
+                    return Decoded::Fatal(FrameError::TooLarge {
+                        max: self.max_frame,
+                    });
+                }
+                return Decoded::NeedMore;
+            };
+            let end = from + nl;
+            let start = self.pos;
+            self.pos = end + 1;
+            self.scanned = self.pos;
+            if end - start > self.max_frame {
+                self.failed = true;
+                return Decoded::Fatal(FrameError::TooLarge {
+                    max: self.max_frame,
+                });
+            }
+            let line = &self.buf[start..end];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let limits = self.limits;
+            return parse_line(&self.buf[start..end], &limits);
+        }
+    }
+}
+
+/// Parses one line (without its `\n`) into a frame.
+pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Decoded<'a> {
+    let first = line.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // serde would read `[…]` as a struct in tuple form; a frame is an object.
+        return Decoded::Rejected {
+            id: None,
+            error: match serde_json::from_slice::<IgnoredAny>(line) {
+                Ok(_) => FrameError::InvalidFrame("a frame is a JSON object".into()),
+                Err(e) => FrameError::InvalidJson(strip_location(&e.to_string()).into()),
+            },
+        };
+    }
+    let raw: RawFrame = match serde_json::from_slice(line) {
+        Ok(f) => f,
+        Err(e) if e.is_data() => {
+            return Decoded::Rejected {
+                id: None,
+                error: FrameError::InvalidFrame(strip_location(&e.to_string()).into()),
+            };
+        }
+        Err(e) => {
+            return Decoded::Rejected {
+                id: None,
+                error: FrameError::InvalidJson(strip_location(&e.to_string()).into()),
+            };
+        }
+    };
+    let id = match raw.id.map(|v| v.get().as_bytes()) {
+        None => None,
+        Some(b) if b.len() > MAX_ID_BYTES => {
+            return Decoded::Rejected {
+                id: None,
+                error: FrameError::InvalidFrame(format!("id longer than {MAX_ID_BYTES} bytes")),
+            };
+        }
+        Some(b) if matches!(b.first(), Some(b'"' | b'-' | b'0'..=b'9')) => Some(b),
+        Some(_) => {
+            return Decoded::Rejected {
+                id: None,
+                error: FrameError::InvalidFrame("id must be a string or a number".into()),
+            };
+        }
+    };
+    let reject = |error| Decoded::Rejected { id, error };
+    let Some(kind) = raw.kind else {
+        return reject(FrameError::MissingType);
+    };
+    let kind = match kind.as_str() {
+        "data" => match raw.payload {
+            None => {
+                return reject(FrameError::InvalidFrame(
+                    "data frame without payload".into(),
+                ));
+            }
+            Some(p) => match parse_data(p.get().as_bytes(), limits) {
+                Ok(publish) => FrameKind::Data(publish),
+                Err(e) => return reject(e),
+            },
+        },
+        "ping" => FrameKind::Ping,
+        "pong" => FrameKind::Pong,
+        "keepalive" => FrameKind::Keepalive,
+        "close" => FrameKind::Close,
+        "auth" => match raw.token {
+            Some(token) => FrameKind::Auth { token },
+            None => return reject(FrameError::InvalidFrame("auth frame without token".into())),
+        },
+        other => {
+            let mut name: String = other.chars().take(64).collect();
+            if name.len() < other.len() {
+                name.push('…');
+            }
+            return reject(FrameError::UnknownType(name));
+        }
+    };
+    Decoded::Frame(Frame { id, kind })
+}
+
+/// Validates a `data` payload exactly as the app socket validates a message.
+fn parse_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Publish<'a>, FrameError> {
+    if payload.len() > limits.max_message_bytes {
+        return Err(FrameError::App(AppError::TooLarge {
+            size: payload.len(),
+            max: limits.max_message_bytes,
+        }));
+    }
+    if payload.first() != Some(&b'{') {
+        return Err(FrameError::App(AppError::InvalidMessage(
+            "expected a JSON object".into(),
+        )));
+    }
+    let message: RawMessage = serde_json::from_slice(payload).map_err(|e| {
+        FrameError::App(AppError::InvalidMessage(
+            strip_location(&e.to_string()).into(),
+        ))
+    })?;
+    match app::validate(message, payload, limits).map_err(FrameError::App)? {
+        Request::Publish(p) if !p.wait => Ok(p),
+        Request::Publish(_) => Err(FrameError::Unsupported(
+            "context.wait:true is not served over TCP (the ack confirms acceptance); use the app socket to wait for the platform's reply",
+        )),
+        Request::MsgCheck { .. } => Err(FrameError::Unsupported(
+            "msg_check is not served over TCP; use the app socket",
+        )),
+    }
+}
+
+/// serde_json appends " at line L column C"; positions mean little to the peer and make
+/// replies differ between identical frames.
+fn strip_location(s: &str) -> &str {
+    match s.rfind(" at line ") {
+        Some(i) => &s[..i],
+        None => s,
+    }
+}
+
+/// Appends `{"type":<kind>,"id":<id>,"payload":<payload>,"timestamp":<ms>}\n` to `out`.
+/// `id` is the id's JSON text as decoded ([`Frame::id`]); `payload` is JSON text.
+pub fn write_frame(
+    out: &mut Vec<u8>,
+    kind: &str,
+    id: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    timestamp_ms: u64,
+) {
+    out.extend_from_slice(b"{\"type\":");
+    serde_json::to_writer(&mut *out, kind).expect("serialising into memory");
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        out.extend_from_slice(id);
+    }
+    if let Some(p) = payload {
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(p);
+    }
+    let _ = writeln!(out, ",\"timestamp\":{timestamp_ms}}}");
+}
+
+/// `ack`: the data frame's message is appended to the spool (accepted).
+pub fn write_ack(out: &mut Vec<u8>, id: Option<&[u8]>, timestamp_ms: u64) {
+    write_frame(out, "ack", id, None, timestamp_ms);
+}
+
+/// `error` with the app socket's error reply as payload.
+pub fn write_error(out: &mut Vec<u8>, id: Option<&[u8]>, message: &str, timestamp_ms: u64) {
+    write_frame(
+        out,
+        "error",
+        id,
+        Some(&app::error_reply(message)),
+        timestamp_ms,
+    );
+}
+
+/// `pong` answering a `ping`.
+pub fn write_pong(out: &mut Vec<u8>, id: Option<&[u8]>, timestamp_ms: u64) {
+    write_frame(out, "pong", id, Some(br#"{"status":"ok"}"#), timestamp_ms);
+}
+
+/// `auth` accepting the peer's token.
+pub fn write_auth_ok(out: &mut Vec<u8>, id: Option<&[u8]>, timestamp_ms: u64) {
+    write_frame(out, "auth", id, Some(br#"{"status":"ok"}"#), timestamp_ms);
+}
+
+/// `keepalive` sent every keep-alive interval.
+pub fn write_keepalive(out: &mut Vec<u8>, timestamp_ms: u64) {
+    write_frame(out, "keepalive", None, None, timestamp_ms);
+}
+
+/// `close` with `{"reason":…}`; the sidecar closes the connection after writing it.
+pub fn write_close(out: &mut Vec<u8>, id: Option<&[u8]>, reason: &str, timestamp_ms: u64) {
+    let payload = serde_json::to_vec(&serde_json::json!({ "reason": reason }))
+        .expect("serialising into memory");
+    write_frame(out, "close", id, Some(&payload), timestamp_ms);
+}
+
+/// Compares a presented token with the expected one in time independent of where they
+/// differ (the length is not secret).
+pub fn token_matches(expected: &[u8], presented: &[u8]) -> bool {
+    if expected.len() != presented.len() {
+        return false;
+    }
+    let diff = expected
+        .iter()
+        .zip(presented)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn summary(d: Decoded<'_>) -> Option<String> {
+        let id = |id: Option<&[u8]>| id.map(|b| String::from_utf8_lossy(b).into_owned());
+        Some(match d {
+            Decoded::NeedMore => return None,
+            Decoded::Frame(f) => {
+                let kind = match f.kind {
+                    FrameKind::Data(p) => {
+                        format!(
+                            "data {}",
+                            String::from_utf8(p.to_envelope("T", "s")).unwrap()
+                        )
+                    }
+                    FrameKind::Ping => "ping".into(),
+                    FrameKind::Pong => "pong".into(),
+                    FrameKind::Keepalive => "keepalive".into(),
+                    FrameKind::Close => "close".into(),
+                    FrameKind::Auth { token } => format!("auth {}", token.as_str()),
+                };
+                format!("{kind} id={:?}", id(f.id))
+            }
+            Decoded::Rejected { id: i, error } => format!("rejected {error} id={:?}", id(i)),
+            Decoded::Fatal(e) => format!("fatal {}", e.reason()),
+        })
+    }
+
+    fn run(limits: Limits, chunks: &[&[u8]]) -> Vec<String> {
+        let mut d = FrameDecoder::new(limits);
+        let mut out = vec![];
+        for c in chunks {
+            d.feed(c);
+            while let Some(s) = summary(d.next()) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    const STREAM: &[u8] = b"{\"type\":\"data\",\"id\":\"a1\",\"timestamp\":1700000000000,\"payload\":{\"msg_type\":\"publish\",\"data\":{\"k\":\"v\\n\"}}}\n\
+        {\"type\":\"ping\",\"id\":7}\r\n\
+        \n\
+        {\"type\":\"keepalive\"}\n\
+        {\"type\":\"close\",\"id\":\"bye\",\"payload\":{\"reason\":\"done\"}}\n";
+
+    #[test]
+    fn coalesced_frames() {
+        assert_eq!(
+            run(Limits::default(), &[STREAM]),
+            [
+                r#"data {"msg_type":"publish","data":{"k":"v\n"},"timestamp":"T","source":"s"} id=Some("\"a1\"")"#,
+                "ping id=Some(\"7\")",
+                "keepalive id=None",
+                "close id=Some(\"\\\"bye\\\"\")",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_split_point_and_byte_at_a_time_give_the_same_result() {
+        let whole = run(Limits::default(), &[STREAM]);
+        for split in 0..=STREAM.len() {
+            assert_eq!(
+                run(Limits::default(), &[&STREAM[..split], &STREAM[split..]]),
+                whole,
+                "split {split}"
+            );
+        }
+        let bytes: Vec<&[u8]> = STREAM.chunks(1).collect();
+        assert_eq!(run(Limits::default(), &bytes), whole);
+    }
+
+    #[test]
+    fn errors_are_answered_and_the_stream_goes_on() {
+        let limits = Limits {
+            max_message_bytes: 100,
+            max_tags: 2,
+        };
+        let cases: &[(&str, &str)] = &[
+            (
+                "{nope",
+                "rejected invalid JSON: key must be a string id=None",
+            ),
+            (
+                "[1,2]",
+                "rejected invalid frame: a frame is a JSON object id=None",
+            ),
+            (
+                "\"x\"",
+                "rejected invalid frame: a frame is a JSON object id=None",
+            ),
+            ("{\"id\":1}", "rejected missing frame type id=Some(\"1\")"),
+            (
+                "{\"type\":\"nope\",\"id\":\"q\"}",
+                "rejected unknown frame type: nope id=Some(\"\\\"q\\\"\")",
+            ),
+            (
+                "{\"type\":5}",
+                "rejected invalid frame: invalid type: integer `5`, expected a string id=None",
+            ),
+            (
+                "{\"type\":\"ping\",\"id\":{}}",
+                "rejected invalid frame: id must be a string or a number id=None",
+            ),
+            (
+                "{\"type\":\"data\",\"id\":2}",
+                "rejected invalid frame: data frame without payload id=Some(\"2\")",
+            ),
+            (
+                "{\"type\":\"data\",\"id\":3,\"payload\":\"s\"}",
+                "rejected invalid message: expected a JSON object id=Some(\"3\")",
+            ),
+            (
+                "{\"type\":\"data\",\"id\":4,\"payload\":{\"data\":1}}",
+                "rejected missing msg_type id=Some(\"4\")",
+            ),
+            (
+                "{\"type\":\"data\",\"id\":5,\"payload\":{\"msg_type\":\"publish\",\"context\":{\"tags\":[\"a\",\"b\",\"c\"]}}}",
+                "rejected too many tags provided; maximum is 2 id=Some(\"5\")",
+            ),
+            (
+                "{\"type\":\"data\",\"id\":6,\"payload\":{\"msg_type\":\"msg_check\"}}",
+                "rejected msg_check is not served over TCP; use the app socket id=Some(\"6\")",
+            ),
+            (
+                "{\"type\":\"data\",\"payload\":{\"msg_type\":\"publish\",\"data\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}}",
+                "rejected message too large: 127 bytes exceeds the limit of 100 bytes id=None",
+            ),
+            (
+                "{\"type\":\"auth\"}",
+                "rejected invalid frame: auth frame without token id=None",
+            ),
+            (
+                "{\"type\":\"ping\"} {\"type\":\"ping\"}",
+                "rejected invalid JSON: trailing characters id=None",
+            ),
+            (
+                "{\"type\":\"pi\u{ff}ng\"}",
+                "rejected unknown frame type: piÿng id=None",
+            ),
+        ];
+        for (line, want) in cases {
+            let input = format!("{line}\n{{\"type\":\"pong\"}}\n");
+            assert_eq!(
+                run(limits, &[input.as_bytes()]),
+                [*want, "pong id=None"],
+                "line {line}"
+            );
+        }
+        // Not UTF-8: invalid JSON, and the next line is still read.
+        assert_eq!(
+            run(limits, &[b"{\"type\":\"p\xffng\"}\n{\"type\":\"pong\"}\n"]),
+            [
+                "rejected invalid JSON: invalid unicode code point id=None",
+                "pong id=None"
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_lines_are_fatal_whole_or_partial() {
+        let limits = Limits {
+            max_message_bytes: 64,
+            max_tags: 10,
+        };
+        let mut d = FrameDecoder::new(limits);
+        assert_eq!(d.max_frame(), 64 + FRAME_OVERHEAD);
+        d.set_max_frame(20);
+        d.feed(b"{\"type\":\"ping\"}\n{\"type\":\"data\",");
+        assert!(matches!(d.next(), Decoded::Frame(_)));
+        assert!(matches!(d.next(), Decoded::NeedMore));
+        d.feed(b"\"payload\":{}}");
+        assert!(matches!(
+            d.next(),
+            Decoded::Fatal(FrameError::TooLarge { max: 20 })
+        ));
+        assert!(d.failed());
+        d.feed(b"\n{\"type\":\"ping\"}\n");
+        assert!(matches!(d.next(), Decoded::NeedMore), "nothing after fatal");
+
+        let mut d = FrameDecoder::new(limits);
+        d.set_max_frame(20);
+        d.feed(b"{\"type\":\"ping\",\"id\":\"0123456789\"}\n");
+        assert!(matches!(d.next(), Decoded::Fatal(_)));
+    }
+
+    #[test]
+    fn long_line_in_small_reads_is_scanned_once() {
+        let mut d = FrameDecoder::new(Limits::default());
+        let line = format!(
+            "{{\"type\":\"data\",\"payload\":{{\"msg_type\":\"publish\",\"data\":\"{}\"}}}}\n",
+            "x".repeat(100_000)
+        );
+        let mut frames = 0;
+        for c in line.as_bytes().chunks(7) {
+            d.feed(c);
+            loop {
+                match d.next() {
+                    Decoded::NeedMore => break,
+                    Decoded::Frame(_) => frames += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(frames, 1);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn replies_are_one_json_line_each() {
+        let mut out = Vec::new();
+        write_ack(&mut out, Some(b"\"a1\""), 5);
+        write_error(&mut out, Some(b"7"), "bad \"thing\"", 6);
+        write_pong(&mut out, None, 7);
+        write_keepalive(&mut out, 8);
+        write_close(&mut out, Some(b"\"x\""), "keep-alive timeout", 9);
+        write_auth_ok(&mut out, None, 10);
+        let lines: Vec<Value> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                json!({"type":"ack","id":"a1","timestamp":5}),
+                json!({"type":"error","id":7,"payload":{"status":"error","message":"bad \"thing\""},"timestamp":6}),
+                json!({"type":"pong","payload":{"status":"ok"},"timestamp":7}),
+                json!({"type":"keepalive","timestamp":8}),
+                json!({"type":"close","id":"x","payload":{"reason":"keep-alive timeout"},"timestamp":9}),
+                json!({"type":"auth","payload":{"status":"ok"},"timestamp":10}),
+            ]
+        );
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 6);
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(token_matches(b"s3cret", b"s3cret"));
+        assert!(!token_matches(b"s3cret", b"s3creT"));
+        assert!(!token_matches(b"s3cret", b"s3cre"));
+        assert!(!token_matches(b"s3cret", b""));
+    }
+
+    /// The fuzz target's property on pseudo-random inputs built from frame fragments, so plain
+    /// `cargo test` covers it too: splitting the input anywhere changes nothing.
+    #[test]
+    fn random_splits_decode_identically() {
+        let pieces: &[&[u8]] = &[
+            br#"{"type":"data","id":1,"payload":{"msg_type":"publish","data":[1,{"b":"c"}]}}"#,
+            br#"{"type":"ping","id":"p"}"#,
+            br#"{"type":"x"}"#,
+            b"\n",
+            b"\r\n",
+            b" ",
+            b"[1,{}]",
+            b"{",
+            br#"{"type":"auth","token":"t\u00e9"}"#,
+            b"null",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let limits = Limits {
+            max_message_bytes: 64,
+            max_tags: 10,
+        };
+        for _ in 0..2000 {
+            let mut input = Vec::new();
+            for _ in 0..rnd(8) + 1 {
+                input.extend_from_slice(pieces[rnd(pieces.len())]);
+            }
+            let whole = run(limits, &[&input]);
+            let (a, b) = (rnd(input.len() + 1), rnd(input.len() + 1));
+            let (a, b) = (a.min(b), a.max(b));
+            let split = run(limits, &[&input[..a], &input[a..b], &input[b..]]);
+            assert_eq!(
+                whole,
+                split,
+                "input {:?} split at {a},{b}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
+}

@@ -1,0 +1,810 @@
+//! `nats` upstream: NATS JetStream (ARCHITECTURE §4).
+//!
+//! - A batch is delivered when JetStream acknowledged every one of its messages. Each message
+//!   is published with `Nats-Msg-Id` = its stable spool id, so a batch retried after a lost
+//!   ack, a server restart or an agent restart is stored once (within the stream's duplicate
+//!   window).
+//! - Subject: the template (`nanogate.{namespace}.{gateway}`), then the message's `dest` split
+//!   on `.` and `/` into further tokens; every substituted token is made subject-safe.
+//! - `msg_check` pulls from a durable pull consumer filtered on the inbox subject and acks
+//!   what it hands to the app; `wait:true` publishes one message and relays the ack as JSON.
+//! - Errors: connection loss and timeouts are retryable; a permissions violation, an invalid
+//!   subject or a message over the server's `max_payload` is rejected (dead letter).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
+use async_nats::{ConnectOptions, ServerAddr};
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use super::{Batch, Upstream, UpstreamError};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// How recent a server error must be to explain a failed publish.
+const ERROR_MEMORY: Duration = Duration::from_secs(60);
+/// Longest wait for the messages of one `msg_check` pull.
+const PULL_WAIT: Duration = Duration::from_millis(500);
+
+/// Replaces the characters a subject token (or stream/consumer name) must not contain.
+pub fn safe_token(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if t.is_empty() { "_".into() } else { t }
+}
+
+/// Fills `{namespace}`, `{gateway}` and `{pod}` in `template`.
+fn render(template: &str, config: &Config, field: &str) -> anyhow::Result<String> {
+    let mut out = template.to_string();
+    for (name, value, flag) in [
+        (
+            "{namespace}",
+            config.pod_namespace.as_deref(),
+            "--pod-namespace",
+        ),
+        ("{gateway}", config.gateway.as_deref(), "--gateway"),
+        ("{pod}", config.pod_name.as_deref(), "--pod-name"),
+    ] {
+        if out.contains(name) {
+            let Some(value) = value else {
+                anyhow::bail!(
+                    "invalid config: {field} ({template}) uses {name} but it is not known; set {flag} or remove {name}"
+                );
+            };
+            out = out.replace(name, &safe_token(value));
+        }
+    }
+    if out.contains('{') || out.contains('}') {
+        anyhow::bail!(
+            "invalid config: {field} ({template}) has an unknown placeholder; use {{namespace}}, {{gateway}} or {{pod}}"
+        );
+    }
+    Ok(out)
+}
+
+/// A publishable subject: dot-separated non-empty tokens, no wildcards, no whitespace.
+fn check_subject(subject: &str, field: &str) -> anyhow::Result<()> {
+    let bad = subject.is_empty()
+        || subject
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">" || t.chars().any(|c| c.is_whitespace()))
+        || subject.contains(['*', '>']);
+    anyhow::ensure!(
+        !bad,
+        "invalid config: {field} ({subject}) is not a NATS subject: dot-separated tokens without spaces or wildcards"
+    );
+    Ok(())
+}
+
+/// A stream or consumer name: no `.`, `*`, `>`, whitespace or path separators.
+fn check_name(name: &str, field: &str) -> anyhow::Result<()> {
+    let bad = name.is_empty()
+        || name
+            .chars()
+            .any(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace());
+    anyhow::ensure!(
+        !bad,
+        "invalid config: {field} ({name}) must be a name without '.', '*', '>', '/' or spaces"
+    );
+    Ok(())
+}
+
+/// The resolved names (templates filled and checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub subject: String,
+    pub inbox: String,
+    pub stream: String,
+    pub consumer: String,
+    pub servers: Vec<String>,
+}
+
+impl Names {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let subject = render(&config.nats_subject, config, "nats_subject")?;
+        check_subject(&subject, "nats_subject")?;
+        let inbox = render(&config.nats_inbox_subject, config, "nats_inbox_subject")?;
+        check_subject(&inbox, "nats_inbox_subject")?;
+        anyhow::ensure!(
+            inbox != subject && !inbox.starts_with(&format!("{subject}.")),
+            "invalid config: nats_inbox_subject ({inbox}) must not be nats_subject or under it, or msg_check would return the agent's own messages"
+        );
+        let stream = config.nats_stream.clone();
+        check_name(&stream, "nats_stream")?;
+        let consumer = render(&config.nats_consumer, config, "nats_consumer")?;
+        check_name(&consumer, "nats_consumer")?;
+        let servers: Vec<String> = config
+            .app_url
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        anyhow::ensure!(
+            !servers.is_empty(),
+            "invalid config: app_url must name a NATS server (nats://host:4222 or tls://host:4222)"
+        );
+        for s in &servers {
+            anyhow::ensure!(
+                (s.starts_with("nats://") || s.starts_with("tls://"))
+                    && s.parse::<ServerAddr>().is_ok(),
+                "invalid config: app_url ({s}) must be nats://host:port or tls://host:port with upstream_kind nats"
+            );
+        }
+        Ok(Self {
+            subject,
+            inbox,
+            stream,
+            consumer,
+            servers,
+        })
+    }
+
+    /// Subject of a message with destination `dest`.
+    pub fn subject_for(&self, dest: Option<&str>) -> String {
+        let mut s = self.subject.clone();
+        if let Some(dest) = dest {
+            for token in dest.split(['.', '/']).filter(|t| !t.trim().is_empty()) {
+                s.push('.');
+                s.push_str(&safe_token(token.trim()));
+            }
+        }
+        s
+    }
+
+    /// Subjects a stream needs to capture everything this agent publishes and reads.
+    fn stream_subjects(&self) -> [String; 3] {
+        [
+            self.subject.clone(),
+            format!("{}.>", self.subject),
+            self.inbox.clone(),
+        ]
+    }
+}
+
+/// Checks the nats options of `config` (called by `Config::validate`).
+pub fn check_config(config: &Config) -> anyhow::Result<()> {
+    Names::from_config(config)?;
+    if config.nats_user.is_some() != config.nats_password_file.is_some() {
+        anyhow::bail!("invalid config: nats_user and nats_password_file go together");
+    }
+    if config.nats_duplicate_window.is_zero() {
+        anyhow::bail!("invalid config: nats_duplicate_window must be greater than 0");
+    }
+    Ok(())
+}
+
+/// Whether NATS subject pattern `pattern` (with `*` and `>`) matches `subject`.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether the stream's subjects cover `wanted` (a literal subject or `x.>`).
+fn covered(stream_subjects: &[String], wanted: &str) -> bool {
+    stream_subjects.iter().any(|p| {
+        if let Some(prefix) = wanted.strip_suffix(".>") {
+            // `x.>` is covered by a pattern that matches any `x.<anything>`: test a token no
+            // pattern names literally, and make sure the pattern ends in `>`.
+            p.ends_with('>') && subject_matches(p, &format!("{prefix}.\u{1}"))
+        } else {
+            subject_matches(p, wanted)
+        }
+    })
+}
+
+fn read_secret(path: &Path, field: &str) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("{field}: cannot read {}", path.display()))?;
+    let s = s.trim().to_string();
+    anyhow::ensure!(!s.is_empty(), "{field}: {} is empty", path.display());
+    Ok(s)
+}
+
+/// The last server or client error the connection reported, to explain failed publishes.
+#[derive(Debug, Default)]
+struct LastError(Mutex<Option<(Instant, String)>>);
+
+impl LastError {
+    fn set(&self, text: String) {
+        *self.0.lock().expect("last error lock") = Some((Instant::now(), text));
+    }
+    fn clear(&self) {
+        *self.0.lock().expect("last error lock") = None;
+    }
+    fn recent(&self) -> Option<String> {
+        let g = self.0.lock().expect("last error lock");
+        g.as_ref()
+            .filter(|(at, _)| at.elapsed() < ERROR_MEMORY)
+            .map(|(_, t)| t.clone())
+    }
+}
+
+pub struct NatsUpstream {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    names: Names,
+    create_stream: bool,
+    duplicate_window: Duration,
+    metrics: Arc<Metrics>,
+    last_error: Arc<LastError>,
+    /// Set once the stream is known to exist; cleared when a publish finds no stream. The
+    /// async mutex makes concurrent callers wait for one check instead of racing to create.
+    stream_ready: tokio::sync::Mutex<bool>,
+    consumer: tokio::sync::Mutex<Option<consumer::PullConsumer>>,
+}
+
+impl std::fmt::Debug for NatsUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials are deliberately left out.
+        f.debug_struct("NatsUpstream")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsUpstream {
+    /// Connects in the background: returns at once; publishes fail (retryably) until the
+    /// server is reachable. Credential and TLS files are read now, so a missing file is a
+    /// start-up error naming the option.
+    pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let names = Names::from_config(config)?;
+        let last_error = Arc::new(LastError::default());
+        let (initial, max) = (config.backoff_initial, config.backoff_max);
+        let mut opts = ConnectOptions::new()
+            .name(format!("nano-agent {}", config.source()))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(config.upstream_timeout.min(Duration::from_secs(5)))
+            .request_timeout(Some(config.upstream_timeout))
+            .reconnect_delay_callback(move |attempts| {
+                // Full-jitter exponential backoff, as for HTTP retries.
+                let cap = initial.saturating_mul(1u32 << attempts.min(20)).min(max);
+                cap.mul_f64(rand::random::<f64>())
+            })
+            .event_callback({
+                let last_error = last_error.clone();
+                move |event| {
+                    let last_error = last_error.clone();
+                    async move {
+                        match &event {
+                            async_nats::Event::Connected => {
+                                tracing::info!("NATS connected");
+                                last_error.clear();
+                            }
+                            async_nats::Event::Disconnected => {
+                                tracing::warn!("NATS disconnected; reconnecting");
+                                last_error.set("disconnected".into());
+                            }
+                            async_nats::Event::ServerError(e) => {
+                                tracing::error!(error = %e, "NATS server error");
+                                last_error.set(e.to_string());
+                            }
+                            async_nats::Event::ClientError(e) => {
+                                tracing::warn!(error = %e, "NATS connection error");
+                                last_error.set(e.to_string());
+                            }
+                            other => tracing::info!(event = %other, "NATS event"),
+                        }
+                    }
+                }
+            });
+        if let Some(creds) = &config.nats_creds_file {
+            opts = opts.credentials_file(creds).await.with_context(|| {
+                format!(
+                    "nats_creds_file: cannot use {} (a NATS .creds file)",
+                    creds.display()
+                )
+            })?;
+        } else if let (Some(user), Some(pw)) = (&config.nats_user, &config.nats_password_file) {
+            opts = opts.user_and_password(user.clone(), read_secret(pw, "nats_password_file")?);
+        } else if let Some(token) = &config.nats_token_file {
+            opts = opts.token(read_secret(token, "nats_token_file")?);
+        } else if !config.api_key.is_empty() {
+            opts = opts.token(config.api_key.clone());
+        }
+        let mut tls = names.servers.iter().any(|s| s.starts_with("tls://"));
+        if let Some(ca) = &config.upstream_ca {
+            std::fs::metadata(ca)
+                .with_context(|| format!("upstream_ca: cannot read {}", ca.display()))?;
+            opts = opts.add_root_certificates(ca.clone());
+            tls = true;
+        }
+        if let (Some(cert), Some(key)) = (&config.upstream_client_cert, &config.upstream_client_key)
+        {
+            for (field, p) in [("upstream_client_cert", cert), ("upstream_client_key", key)] {
+                std::fs::metadata(p)
+                    .with_context(|| format!("{field}: cannot read {}", p.display()))?;
+            }
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+            tls = true;
+        }
+        if tls {
+            opts = opts.require_tls(true);
+        }
+        let addrs: Vec<ServerAddr> = names
+            .servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()
+            .context("app_url: not a NATS server URL")?;
+        let client = opts.connect(addrs).await.context("connecting to NATS")?;
+        let js = jetstream::context::ContextBuilder::new()
+            .timeout(config.upstream_timeout)
+            .ack_timeout(config.upstream_timeout)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            js,
+            names,
+            create_stream: config.nats_create_stream,
+            duplicate_window: config.nats_duplicate_window,
+            metrics,
+            last_error,
+            stream_ready: tokio::sync::Mutex::new(false),
+            consumer: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Why nothing works when the client is not connected.
+    fn not_connected(&self, what: &str) -> UpstreamError {
+        let mut reason = format!("NATS not connected ({what})");
+        if let Some(e) = self.last_error.recent() {
+            reason.push_str(": ");
+            reason.push_str(&e);
+            if e.contains("authorization") || e.contains("authentication") {
+                reason.push_str(
+                    " — check the credentials (nats_creds_file, nats_user/nats_password_file, nats_token_file or the API key)",
+                );
+            }
+        }
+        UpstreamError::Retryable {
+            reason,
+            retry_after: None,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Makes sure the stream exists and captures our subjects (creating or extending it when
+    /// allowed). Cheap after the first success.
+    async fn ensure_stream(&self) -> Result<(), UpstreamError> {
+        let mut ready = self.stream_ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        if !self.connected() {
+            return Err(self.not_connected("stream check"));
+        }
+        let retry = |reason: String| UpstreamError::Retryable {
+            reason,
+            retry_after: None,
+        };
+        let name = &self.names.stream;
+        let wanted = self.names.stream_subjects();
+        match self.js.get_stream(name).await {
+            Ok(mut s) => {
+                let info = s
+                    .info()
+                    .await
+                    .map_err(|e| retry(format!("NATS stream {name} info: {e}")))?;
+                let have = info.config.subjects.clone();
+                let missing: Vec<String> = wanted
+                    .iter()
+                    .filter(|w| !covered(&have, w))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    if !self.create_stream {
+                        return Err(retry(format!(
+                            "NATS stream {name} does not capture {missing:?}; add them to the stream or enable nats_create_stream"
+                        )));
+                    }
+                    let mut config = info.config.clone();
+                    config.subjects.extend(missing.iter().cloned());
+                    self.js.update_stream(config).await.map_err(|e| {
+                        retry(format!(
+                            "NATS stream {name}: adding subjects {missing:?}: {e}"
+                        ))
+                    })?;
+                    tracing::info!(stream = %name, subjects = ?missing, "NATS stream extended");
+                }
+            }
+            Err(e) => {
+                let not_found = matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
+                if !not_found {
+                    return Err(retry(format!("NATS stream {name}: {e}")));
+                }
+                if !self.create_stream {
+                    return Err(retry(format!(
+                        "NATS stream {name} does not exist; create it (subjects {wanted:?}) or enable nats_create_stream"
+                    )));
+                }
+                self.js
+                    .create_stream(stream::Config {
+                        name: name.clone(),
+                        subjects: wanted.to_vec(),
+                        storage: stream::StorageType::File,
+                        duplicate_window: self.duplicate_window,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| retry(format!("NATS stream {name}: cannot create it: {e}")))?;
+                tracing::info!(stream = %name, subjects = ?wanted, duplicate_window = ?self.duplicate_window,
+                    "NATS stream created");
+            }
+        }
+        *ready = true;
+        Ok(())
+    }
+
+    async fn forget_stream(&self) {
+        *self.stream_ready.lock().await = false;
+        *self.consumer.lock().await = None;
+    }
+
+    /// Classifies a failed publish.
+    fn publish_error(&self, e: &jetstream::context::PublishError) -> UpstreamError {
+        use jetstream::context::PublishErrorKind as K;
+        let recent = self.last_error.recent().unwrap_or_default();
+        if recent.contains("Permissions Violation") {
+            return UpstreamError::Rejected {
+                status: 403,
+                body: format!("NATS refused the publish: {recent}"),
+            };
+        }
+        match e.kind() {
+            K::MaxPayloadExceeded => UpstreamError::Rejected {
+                status: 413,
+                body: format!("NATS: {e}"),
+            },
+            K::StreamNotFound => UpstreamError::Retryable {
+                reason: format!(
+                    "NATS: no stream captures the subject (stream {}): {e}",
+                    self.names.stream
+                ),
+                retry_after: None,
+            },
+            K::Other => {
+                // A JetStream error reply: 4xx (other than 408/429) is about the message.
+                let code = std::error::Error::source(e)
+                    .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                    .map(|j| j.code());
+                match code {
+                    Some(c) if (400..500).contains(&c) && c != 408 && c != 429 => {
+                        UpstreamError::Rejected {
+                            status: c as u16,
+                            body: format!("JetStream: {e}"),
+                        }
+                    }
+                    _ => UpstreamError::Retryable {
+                        reason: format!("NATS publish: {e}"),
+                        retry_after: None,
+                    },
+                }
+            }
+            _ if !self.connected() => self.not_connected(&e.to_string()),
+            _ => {
+                let mut reason = format!("NATS publish: {e}");
+                if !recent.is_empty() {
+                    reason.push_str(&format!(" (last NATS error: {recent})"));
+                }
+                UpstreamError::Retryable {
+                    reason,
+                    retry_after: None,
+                }
+            }
+        }
+    }
+
+    /// Publishes `(subject, payload, id)` messages and waits for every acknowledgement.
+    /// Returns the acks in order.
+    async fn publish_all(
+        &self,
+        messages: impl Iterator<Item = (String, Bytes, Option<&str>)>,
+    ) -> Result<Vec<jetstream::publish::PublishAck>, UpstreamError> {
+        self.ensure_stream().await?;
+        let start = Instant::now();
+        let mut pending = Vec::new();
+        for (subject, payload, id) in messages {
+            let mut publish = PublishMessage::build().payload(payload);
+            if let Some(id) = id {
+                publish = publish.message_id(id);
+            }
+            match self.js.send_publish(subject, publish).await {
+                Ok(ack) => pending.push(ack.into_future()),
+                Err(e) => return Err(self.publish_error(&e)),
+            }
+        }
+        let results = futures::future::join_all(pending).await;
+        self.metrics
+            .upstream_duration
+            .with_label_values(&["nats_publish"])
+            .observe(start.elapsed().as_secs_f64());
+        let mut acks = Vec::with_capacity(results.len());
+        let mut worst: Option<UpstreamError> = None;
+        for r in results {
+            match r {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        self.forget_stream().await;
+                    }
+                    let err = self.publish_error(&e);
+                    // One rejection decides the batch; otherwise keep the first reason.
+                    if worst.is_none() || matches!(err, UpstreamError::Rejected { .. }) {
+                        worst = Some(err);
+                    }
+                }
+            }
+        }
+        match worst {
+            Some(e) => Err(e),
+            None => Ok(acks),
+        }
+    }
+
+    async fn pull_consumer(&self) -> Result<consumer::PullConsumer, UpstreamError> {
+        self.ensure_stream().await?;
+        let mut slot = self.consumer.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let stream =
+            self.js
+                .get_stream(&self.names.stream)
+                .await
+                .map_err(|e| UpstreamError::Retryable {
+                    reason: format!("NATS stream {}: {e}", self.names.stream),
+                    retry_after: None,
+                })?;
+        let c: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &self.names.consumer,
+                consumer::pull::Config {
+                    durable_name: Some(self.names.consumer.clone()),
+                    filter_subject: self.names.inbox.clone(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| UpstreamError::Retryable {
+                reason: format!("NATS consumer {}: {e}", self.names.consumer),
+                retry_after: None,
+            })?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// The `dest` of a stamped message, if any.
+fn dest_of(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Dest {
+        #[serde(default)]
+        dest: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Dest>(payload).ok()?.dest? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl Upstream for NatsUpstream {
+    async fn send_batch(&self, body: Bytes, count: u64) -> Result<(), UpstreamError> {
+        // Without ids (only reached when called directly): split the array and publish.
+        let items: Vec<serde_json::Value> =
+            serde_json::from_slice(&body).map_err(|e| UpstreamError::Rejected {
+                status: 400,
+                body: format!("batch is not a JSON array: {e}"),
+            })?;
+        debug_assert_eq!(items.len() as u64, count);
+        let messages = items.iter().map(|v| {
+            let payload = Bytes::from(serde_json::to_vec(v).expect("JSON"));
+            (
+                self.names.subject_for(dest_of(&payload).as_deref()),
+                payload,
+                None,
+            )
+        });
+        self.publish_all(messages).await.map(|_| ())
+    }
+
+    async fn deliver(&self, batch: &Batch) -> Result<(), UpstreamError> {
+        let messages = batch.messages.iter().map(|m| {
+            let payload = batch.payload(m);
+            let subject = self.names.subject_for(dest_of(&payload).as_deref());
+            (subject, payload, Some(m.id.as_str()))
+        });
+        let acks = self.publish_all(messages).await?;
+        let duplicates = acks.iter().filter(|a| a.duplicate).count();
+        if duplicates > 0 {
+            tracing::info!(
+                duplicates,
+                count = batch.count,
+                "NATS de-duplicated messages of a retried batch"
+            );
+        }
+        Ok(())
+    }
+
+    async fn send_one(&self, body: Bytes) -> Result<Bytes, UpstreamError> {
+        let subject = self.names.subject_for(dest_of(&body).as_deref());
+        let acks = self
+            .publish_all(std::iter::once((subject.clone(), body, None)))
+            .await?;
+        let ack = acks.first().ok_or_else(|| UpstreamError::Retryable {
+            reason: "NATS returned no acknowledgement".into(),
+            retry_after: None,
+        })?;
+        let reply = serde_json::json!({
+            "status": "ok",
+            "stream": ack.stream,
+            "seq": ack.sequence,
+            "duplicate": ack.duplicate,
+            "subject": subject,
+        });
+        Ok(Bytes::from(serde_json::to_vec(&reply).expect("JSON")))
+    }
+
+    async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
+        if !self.connected() {
+            return Err(self.not_connected("msg_check"));
+        }
+        let consumer = self.pull_consumer().await?;
+        let start = Instant::now();
+        let fetched = consumer
+            .fetch()
+            .max_messages(limit.max(1) as usize)
+            .expires(PULL_WAIT)
+            .messages()
+            .await;
+        let mut batch = match fetched {
+            Ok(b) => b,
+            Err(e) => {
+                *self.consumer.lock().await = None;
+                return Err(UpstreamError::Retryable {
+                    reason: format!("NATS pull from {}: {e}", self.names.consumer),
+                    retry_after: None,
+                });
+            }
+        };
+        let mut out = Vec::new();
+        while let Ok(Some(next)) =
+            tokio::time::timeout(PULL_WAIT + Duration::from_millis(500), batch.next()).await
+        {
+            let msg = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "NATS pull ended");
+                    break;
+                }
+            };
+            // Acked (and confirmed) before the app sees it: handed over exactly once.
+            if let Err(e) = msg.double_ack().await {
+                tracing::warn!(error = %e, "NATS ack of a pulled message failed; it will be redelivered");
+                continue;
+            }
+            out.push(serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
+            }));
+        }
+        self.metrics
+            .upstream_duration
+            .with_label_values(&["nats_pull"])
+            .observe(start.elapsed().as_secs_f64());
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn config(args: &[&str]) -> Config {
+        let mut all = vec![
+            "nano-agent",
+            "--upstream-kind=nats",
+            "--app-url=nats://127.0.0.1:4222",
+            "--pod-namespace=shop",
+            "--gateway=orders",
+        ];
+        all.extend_from_slice(args);
+        Config::parse_from(all)
+    }
+
+    #[test]
+    fn subjects_from_template_and_dest() {
+        let names = Names::from_config(&config(&[])).unwrap();
+        assert_eq!(names.subject, "nanogate.shop.orders");
+        assert_eq!(names.inbox, "nanogate-inbox.shop.orders");
+        assert_eq!(names.consumer, "nanogate-shop-orders");
+        assert_eq!(names.subject_for(None), "nanogate.shop.orders");
+        assert_eq!(
+            names.subject_for(Some("eu/berlin.42")),
+            "nanogate.shop.orders.eu.berlin.42"
+        );
+        assert_eq!(
+            names.subject_for(Some("a b.*.>..x")),
+            "nanogate.shop.orders.a_b._._.x"
+        );
+        let c = config(&["--pod-namespace=we.ird ns", "--nats-subject=p.{namespace}"]);
+        assert_eq!(Names::from_config(&c).unwrap().subject, "p.we_ird_ns");
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        for (args, needle) in [
+            (vec!["--nats-subject=a..b"], "nats_subject"),
+            (vec!["--nats-subject=a.*"], "nats_subject"),
+            (vec!["--nats-subject=a.{nope}"], "placeholder"),
+            (vec!["--nats-stream=A.B"], "nats_stream"),
+            (
+                vec!["--nats-inbox-subject=nanogate.{namespace}.{gateway}.in"],
+                "nats_inbox_subject",
+            ),
+            (vec!["--app-url=https://x"], "app_url"),
+            (vec!["--nats-user=u"], "nats_password_file"),
+        ] {
+            let e = check_config(&config(&args)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let mut c = config(&[]);
+        c.gateway = None;
+        let e = check_config(&c).unwrap_err().to_string();
+        assert!(e.contains("--gateway"), "{e}");
+    }
+
+    #[test]
+    fn stream_coverage() {
+        let have = vec!["nanogate.>".to_string(), "inbox.*".to_string()];
+        assert!(covered(&have, "nanogate.a.b"));
+        assert!(covered(&have, "nanogate.a.b.>"));
+        assert!(covered(&have, "inbox.x"));
+        assert!(!covered(&have, "inbox.x.y"));
+        assert!(!covered(&have, "other"));
+        let exact = vec!["nanogate.a.b".to_string()];
+        assert!(covered(&exact, "nanogate.a.b"));
+        assert!(!covered(&exact, "nanogate.a.b.>"));
+    }
+
+    #[test]
+    fn dest_is_read_from_the_message() {
+        assert_eq!(
+            dest_of(br#"{"msg_type":"publish","dest":"eu/1","data":{}}"#),
+            Some("eu/1".into())
+        );
+        assert_eq!(dest_of(br#"{"msg_type":"publish","data":{}}"#), None);
+        assert_eq!(dest_of(br#"{"dest":7}"#), Some("7".into()));
+    }
+}
