@@ -1,0 +1,3 @@
+module github.com/nanogate/nanogate/examples/go
+
+go 1.19

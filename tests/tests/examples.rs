@@ -1,0 +1,254 @@
+//! Every app-socket client in `examples/` (Python, Go, Node.js, Rust, shell) run against the
+//! real `nano-agent` binary and the platform test server: what each prints (publish accepted,
+//! the platform's reply to a waited publish, the msg_check result, the too-many-tags error),
+//! what the platform received (content, tags, the agent's stamps), and that each fails with a
+//! clear message when no agent listens.
+//!
+//! A language whose toolchain is missing is reported SKIPPED on stderr and the test returns
+//! without asserting anything (`e2e/scripts/setup.sh` installs Go and socat; Python and Node.js
+//! come with the machine image).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use nanogate_tests::agent::{Agent, AgentConfig, agent_bin};
+use nanogate_tests::platform::PlatformServer;
+use serde_json::{Value, json};
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .join("examples")
+}
+
+/// Whether `program args` runs and exits 0 (a toolchain probe).
+fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The Rust example's binary next to the running test's profile directory, built once per test
+/// process (a no-op when fresh), as `agent_bin()` does for nano-agent.
+fn rust_example_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target layout")
+            .to_owned();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "nanogate-example-client"]);
+        if let Some(target) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target);
+        }
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building nanogate-example-client failed");
+        profile_dir.join("nanogate-example-client")
+    })
+    .clone()
+}
+
+/// The command that runs one language's example, or why it cannot run here.
+fn example_command(lang: &str) -> Result<Command, String> {
+    let dir = examples_dir();
+    match lang {
+        "python" => {
+            if !runs("python3", &["--version"]) {
+                return Err("python3 not found".into());
+            }
+            let mut cmd = Command::new("python3");
+            cmd.arg(dir.join("python/nanogate_client.py"));
+            Ok(cmd)
+        }
+        "go" => {
+            if !runs("go", &["version"]) {
+                return Err(
+                    "go not found (Debian: apt-get install golang-go; e2e/scripts/setup.sh does)"
+                        .into(),
+                );
+            }
+            let mut cmd = Command::new("go");
+            cmd.arg("run").arg(".").current_dir(dir.join("go"));
+            Ok(cmd)
+        }
+        "node" => {
+            if !runs("node", &["--version"]) {
+                return Err("node not found (Node.js comes with the machine image)".into());
+            }
+            let mut cmd = Command::new("node");
+            cmd.arg(dir.join("node/nanogate-client.js"));
+            Ok(cmd)
+        }
+        "rust" => Ok(Command::new(rust_example_bin())),
+        "shell" => {
+            if !runs("socat", &["-V"]) && !runs("nc", &["-h"]) {
+                return Err(
+                    "neither socat nor nc found (apt-get install socat; setup.sh does)".into(),
+                );
+            }
+            let mut cmd = Command::new("sh");
+            cmd.arg(dir.join("shell/nanogate.sh"));
+            Ok(cmd)
+        }
+        other => Err(format!("no example for {other}")),
+    }
+}
+
+async fn run(mut cmd: Command, socket: &Path) -> Output {
+    cmd.env("TENDRL_SOCKET_PATH", socket)
+        .env_remove("TENDRL_SOCKET");
+    tokio::task::spawn_blocking(move || cmd.output().expect("starting the example"))
+        .await
+        .expect("example thread")
+}
+
+/// `key: value` lines of the example's standard output.
+fn line<'a>(stdout: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}: ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{key}:` line in the example's output:\n{stdout}"))
+}
+
+fn json_line(stdout: &str, key: &str) -> Value {
+    let text = line(stdout, key);
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("`{key}: {text}` is not JSON: {e}"))
+}
+
+async fn check_example(lang: &str) {
+    let cmd = match example_command(lang) {
+        Ok(cmd) => cmd,
+        Err(reason) => {
+            eprintln!(
+                "\n*** SKIPPED: the {lang} example was NOT run: {reason}. It does not count as passed. ***\n"
+            );
+            return;
+        }
+    };
+    let started = std::time::Instant::now();
+    let platform = PlatformServer::start().await.expect("platform server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = Agent::start(AgentConfig {
+        bin: agent_bin(),
+        dir: dir.path().to_owned(),
+        upstream_url: platform.url(),
+        api_key: platform.api_key().to_owned(),
+        extra_args: vec!["--flush-interval".into(), "20ms".into()],
+    })
+    .expect("nano-agent");
+    let command_for_app = json!({"cmd": "reload-prices", "for": lang});
+    platform.queue_for_check(command_for_app.clone());
+
+    let out = run(cmd, &agent.socket).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{lang} example failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}\nagent log:\n{}",
+        out.status,
+        agent.log_text()
+    );
+
+    // What the example printed.
+    assert_eq!(line(&stdout, "publish"), "accepted");
+    assert_eq!(
+        json_line(&stdout, "publish with wait"),
+        json!({"status": "ok", "received": 1}),
+        "the platform's reply, relayed"
+    );
+    assert_eq!(json_line(&stdout, "msg_check"), json!([command_for_app]));
+    assert_eq!(
+        line(&stdout, "error"),
+        "too many tags provided; maximum is 10"
+    );
+
+    // What the platform received: both publishes, with their tags and the agent's stamps; the
+    // rejected one never.
+    assert!(
+        platform.wait_for(2, Duration::from_secs(10)).await,
+        "the platform received {:?}",
+        platform.received()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await; // anything more would be a bug
+    let received = platform.received();
+    assert_eq!(received.len(), 2, "received: {received:#?}");
+    let by_step = |step: &str| {
+        received
+            .iter()
+            .find(|m| m["data"]["step"] == step)
+            .unwrap_or_else(|| panic!("no {step:?} message among {received:#?}"))
+    };
+    let published = by_step("publish");
+    assert_eq!(
+        published["data"],
+        json!({"example": lang, "step": "publish"})
+    );
+    assert_eq!(published["context"]["tags"], json!(["example", lang]));
+    let waited = by_step("wait");
+    assert_eq!(waited["data"], json!({"example": lang, "step": "wait"}));
+    assert_eq!(waited["context"]["tags"], json!(["example"]));
+    for m in [published, waited] {
+        assert_eq!(m["msg_type"], "publish");
+        assert_eq!(m["source"], "test-ns/test-pod", "stamped by the agent: {m}");
+        assert!(m["timestamp"].is_string(), "stamped by the agent: {m}");
+    }
+    assert_eq!(platform.unauthorized(), 0);
+
+    // No agent listening: a non-zero exit and a message that says where it looked.
+    let missing = dir.path().join("no-agent.sock");
+    let cmd = example_command(lang).expect("probed above");
+    let out = run(cmd, &missing).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{lang} example succeeded without an agent"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "cannot talk to nano-agent at {}",
+            missing.display()
+        )),
+        "{lang} example's error without an agent: {stderr}"
+    );
+    eprintln!(
+        "{lang} example: passed in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example() {
+    check_example("python").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_example() {
+    check_example("go").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_example() {
+    check_example("node").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_example() {
+    check_example("rust").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_example() {
+    check_example("shell").await;
+}
