@@ -4,13 +4,19 @@
 Usage (inside the venv from e2e/scripts/setup.sh, KUBECONFIG pointing at the cluster):
   helm.py lint CHART
   helm.py render CHART NAME NAMESPACE [--values FILE]
+  helm.py template CHART NAME NAMESPACE [--values FILE]
   helm.py install|upgrade CHART NAME NAMESPACE [--values FILE]
   helm.py uninstall NAME NAMESPACE
+`render` prints a JSON map of template path -> rendered text. `template` prints one JSON string:
+the multi-document YAML `helm template --include-crds` would print (CRDs first, then every
+object in Helm's install order by kind, each preceded by `# Source: <path>`; NOTES.txt and
+empty documents left out).
 Exit code 0 on success; on failure the Helm error goes to stderr and the exit code is 1.
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 import helm_python
@@ -24,13 +30,55 @@ def values_from(path):
         return yaml.safe_load(f) or {}
 
 
+# Helm's install order by kind (InstallOrder in helm's pkg/release/util/kind_sorter.go): what
+# `helm template` prints first is what `kubectl apply -f` of the output creates first.
+INSTALL_ORDER = [
+    "PriorityClass", "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange",
+    "PodSecurityPolicy", "PodDisruptionBudget", "ServiceAccount", "Secret", "SecretList",
+    "ConfigMap", "StorageClass", "PersistentVolume", "PersistentVolumeClaim",
+    "CustomResourceDefinition", "ClusterRole", "ClusterRoleList", "ClusterRoleBinding",
+    "ClusterRoleBindingList", "Role", "RoleList", "RoleBinding", "RoleBindingList", "Service",
+    "DaemonSet", "Pod", "ReplicationController", "ReplicaSet", "Deployment",
+    "HorizontalPodAutoscaler", "StatefulSet", "Job", "CronJob", "IngressClass", "Ingress",
+    "APIService", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+]
+
+
+def documents(text):
+    """The non-empty YAML documents of a multi-document text, as (kind, text)."""
+    for doc in re.split(r"^---[ \t]*$", text, flags=re.MULTILINE):
+        obj = yaml.safe_load(doc)
+        if obj:
+            yield obj.get("kind", ""), doc.strip("\n") + "\n"
+
+
+def template(chart_path, name, namespace, values):
+    chart = helm_python.Chart.load(chart_path)
+    out = []
+    for crd in sorted(chart.crds, key=lambda c: c["name"]):
+        for _, doc in documents(crd["data"]):
+            out.append(f"# Source: {chart.name}/{crd['name']}\n{doc}")
+    rendered = chart.render(values, name=name, namespace=namespace, is_install=True)
+    objects = []
+    for path in sorted(rendered):
+        if path.endswith("NOTES.txt"):
+            continue
+        for kind, doc in documents(rendered[path]):
+            objects.append((kind, path, doc))
+    rank = {kind: i for i, kind in enumerate(INSTALL_ORDER)}
+    # sorted() is stable: within one kind, file order and then document order are kept.
+    objects.sort(key=lambda o: rank.get(o[0], len(INSTALL_ORDER)))
+    out.extend(f"# Source: {path}\n{doc}" for _, path, doc in objects)
+    return "".join(f"---\n{doc}" for doc in out)
+
+
 def config(namespace):
     return helm_python.Config(kubeconfig_path=os.environ["KUBECONFIG"], namespace=namespace)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["lint", "render", "install", "upgrade", "uninstall"])
+    p.add_argument("action", choices=["lint", "render", "template", "install", "upgrade", "uninstall"])
     p.add_argument("args", nargs="+")
     p.add_argument("--values", help="YAML file of values")
     a = p.parse_args()
@@ -41,6 +89,9 @@ def main():
             chart, name, ns = a.args
             rendered = helm_python.Chart.load(chart).render(values_from(a.values), name=name, namespace=ns)
             print(json.dumps(rendered, default=str))
+        elif a.action == "template":
+            chart, name, ns = a.args
+            print(json.dumps(template(chart, name, ns, values_from(a.values))))
         elif a.action in ("install", "upgrade"):
             chart, name, ns = a.args
             cfg = config(ns)

@@ -28,6 +28,26 @@ else
   log "Debian packages present (socat, setpriv, python3, prometheus)"
 fi
 
+# Shipping (issue 9): toolchains of the example clients and of the static release build.
+#   - golang-go: examples/go, run by tests/tests/examples.rs (Python and Node.js come with the
+#     machine image; socat, installed above, runs the shell example);
+#   - musl-tools and Rust's x86_64-unknown-linux-musl target: the static build of
+#     build/Dockerfile, which e2e/tests/shipping.rs repeats (musl-gcc compiles ring's C code).
+ship_missing=()
+command -v go >/dev/null || ship_missing+=(golang-go)
+command -v x86_64-linux-musl-gcc >/dev/null || ship_missing+=(musl-tools)
+if [ ${#ship_missing[@]} -gt 0 ]; then
+  log "installing Debian packages for the examples and the static build: ${ship_missing[*]}"
+  $SUDO apt-get update -qq >&2
+  $SUDO apt-get install -y -qq "${ship_missing[@]}" >&2
+else
+  log "Debian packages present (golang-go, musl-tools)"
+fi
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  log "adding Rust target x86_64-unknown-linux-musl (static release build)"
+  rustup target add x86_64-unknown-linux-musl >&2
+fi
+
 assets=$(bash "$here/k8s-assets.sh")
 log "control-plane binaries: $assets"
 
