@@ -732,13 +732,18 @@ mod tests {
     use clap::Parser as _;
 
     fn config(args: &[&str]) -> Config {
-        let mut all = vec![
-            "nano-agent",
+        let base = [
             "--upstream-kind=nats",
             "--app-url=nats://127.0.0.1:4222",
             "--pod-namespace=shop",
             "--gateway=orders",
         ];
+        let name = |a: &str| a.split('=').next().unwrap_or_default().to_string();
+        let mut all = vec!["nano-agent"];
+        all.extend(
+            base.iter()
+                .filter(|b| !args.iter().any(|a| name(a) == name(b))),
+        );
         all.extend_from_slice(args);
         Config::parse_from(all)
     }
