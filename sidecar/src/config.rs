@@ -229,6 +229,30 @@ pub struct Config {
     #[arg(long, env = "NANOGATE_DEAD_LETTER_PATH")]
     pub dead_letter_path: Option<PathBuf>,
 
+    // ----- TCP listener (seed 004; off by default) -----
+    /// Address of the TCP listener (newline-delimited JSON frames, see the sidecar README),
+    /// e.g. `127.0.0.1:7070`; off when unset. A non-loopback address (anything outside
+    /// 127.0.0.0/8 and ::1, including 0.0.0.0) requires tcp_token and tcp_tls_cert/key.
+    #[arg(long, env = "NANOGATE_TCP_LISTEN")]
+    pub tcp_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TCP listener; with tcp_tls_key the listener speaks TLS.
+    #[arg(long, env = "NANOGATE_TCP_TLS_CERT")]
+    pub tcp_tls_cert: Option<PathBuf>,
+    /// PEM private key of tcp_tls_cert.
+    #[arg(long, env = "NANOGATE_TCP_TLS_KEY")]
+    pub tcp_tls_key: Option<PathBuf>,
+    /// Token a TCP peer presents in its first frame (`{"type":"auth","token":…}`); required
+    /// on a non-loopback tcp_listen. Never logged.
+    #[arg(long, env = "NANOGATE_TCP_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    pub tcp_token: Option<Secret>,
+    /// The listener sends a `keepalive` frame this often on every TCP connection.
+    #[arg(long, env = "NANOGATE_TCP_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive_interval: Duration,
+    /// A TCP peer that sent no complete frame for this long is closed (measured from the
+    /// peer's last frame, not from what the listener sent).
+    #[arg(long, env = "NANOGATE_TCP_KEEPALIVE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive_timeout: Duration,
+
     // ----- admin, identity, logs -----
     /// Address of the admin HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "NANOGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
@@ -485,8 +509,50 @@ impl Config {
                 bail!("invalid config: heartbeat_interval must be greater than 0");
             }
         }
+        self.validate_tcp()?;
         if self.socket_path.as_os_str().is_empty() {
             bail!("invalid config: socket_path must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Checks of the TCP listener options.
+    fn validate_tcp(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.tcp_tls_cert.is_some() != self.tcp_tls_key.is_some() {
+            bail!("invalid config: tcp_tls_cert and tcp_tls_key go together");
+        }
+        if self
+            .tcp_token
+            .as_ref()
+            .is_some_and(|t| t.expose().is_empty())
+        {
+            bail!("invalid config: tcp_token must not be empty");
+        }
+        let Some(addr) = self.tcp_listen else {
+            return Ok(());
+        };
+        if self.tcp_keepalive_interval.is_zero() {
+            bail!("invalid config: tcp_keepalive_interval must be greater than 0");
+        }
+        if self.tcp_keepalive_interval >= self.tcp_keepalive_timeout {
+            bail!(
+                "invalid config: tcp_keepalive_interval ({:?}) must be shorter than tcp_keepalive_timeout ({:?})",
+                self.tcp_keepalive_interval,
+                self.tcp_keepalive_timeout
+            );
+        }
+        if !addr.ip().is_loopback() {
+            if self.tcp_token.is_none() {
+                bail!(
+                    "invalid config: tcp_token (--tcp-token / NANOGATE_TCP_TOKEN) is required when tcp_listen ({addr}) is not a loopback address"
+                );
+            }
+            if self.tcp_tls_cert.is_none() {
+                bail!(
+                    "invalid config: tcp_tls_cert and tcp_tls_key are required when tcp_listen ({addr}) is not a loopback address (the token must not cross the network in clear)"
+                );
+            }
         }
         Ok(())
     }
@@ -534,6 +600,31 @@ fn parse_bytes_u64(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("`{s}` is not a size (e.g. 1048576, 512KiB, 1MiB, 2GiB)"))
+}
+
+/// A secret option value: `Debug` never shows it, so printing the config cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The value, for the one place that compares or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
 }
 
 fn parse_bytes_usize(s: &str) -> Result<usize, String> {
@@ -591,6 +682,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn tcp_listener_options() {
+        let c = Config::load_from(["nano-agent"]).unwrap();
+        assert_eq!(c.tcp_listen, None, "off by default");
+        assert_eq!(c.tcp_keepalive_interval, Duration::from_secs(10));
+        assert_eq!(c.tcp_keepalive_timeout, Duration::from_secs(30));
+        Config::load_from(["nano-agent", "--tcp-listen", "127.0.0.1:7070"]).unwrap();
+        Config::load_from(["nano-agent", "--tcp-listen", "[::1]:7070"]).unwrap();
+        let err = |args: &[&str]| {
+            let mut all = vec!["nano-agent"];
+            all.extend_from_slice(args);
+            Config::load_from(all).unwrap_err().to_string()
+        };
+        let e = err(&["--tcp-listen", "0.0.0.0:7070"]);
+        assert!(e.contains("tcp_token") && e.contains("--tcp-token"), "{e}");
+        let e = err(&["--tcp-listen", "10.1.2.3:7070", "--tcp-token", "t"]);
+        assert!(e.contains("tcp_tls_cert"), "{e}");
+        let e = err(&["--tcp-tls-cert", "/c.pem"]);
+        assert!(e.contains("tcp_tls_key"), "{e}");
+        let e = err(&["--tcp-token", ""]);
+        assert!(e.contains("tcp_token"), "{e}");
+        let e = err(&[
+            "--tcp-listen",
+            "127.0.0.1:7070",
+            "--tcp-keepalive-interval",
+            "30s",
+        ]);
+        assert!(e.contains("tcp_keepalive_interval"), "{e}");
+        let c = Config::load_from([
+            "nano-agent",
+            "--tcp-listen",
+            "0.0.0.0:7070",
+            "--tcp-token",
+            "hunter2",
+            "--tcp-tls-cert",
+            "/c.pem",
+            "--tcp-tls-key",
+            "/k.pem",
+        ])
+        .unwrap();
+        assert_eq!(c.tcp_token.as_ref().map(Secret::expose), Some("hunter2"));
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug hides the token"
+        );
     }
 
     #[test]

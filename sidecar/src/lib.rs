@@ -11,6 +11,7 @@ pub mod gateway_config;
 pub mod metrics;
 pub mod socket;
 pub mod spool;
+pub mod tcp_listener;
 pub mod upstream;
 
 use std::future::Future;
@@ -88,6 +89,8 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         .await
         .with_context(|| format!("admin_listen {}: cannot bind", config.admin_listen))?;
     let (listener, socket_file) = socket::bind(&config.socket_path)?;
+    // Bound before readiness: ready means every configured listener accepts.
+    let tcp_server = tcp_listener::TcpServer::bind(&config).await?;
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(socket = %config.socket_path.display(), admin = %admin_listener.local_addr()?,
         upstream = %config.app_url, upstream_kind = upstream.kind(), source = %config.source(), version = env!("CARGO_PKG_VERSION"),
@@ -165,6 +168,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         metrics: metrics.clone(),
         source: config.source(),
     });
+    let tcp = match tcp_server {
+        Some(server) => Some(server.spawn(shared.clone(), &metrics.registry)?),
+        None => None,
+    };
     if let (Some(hub_addr), Some(ca), Some(agent_id)) =
         (&config.hub_addr, &config.hub_ca_file, &config.pod_uid)
     {
@@ -197,6 +204,9 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         }
     };
     socket::server::run(listener, shared, config.max_connections, shutdown).await;
+    if let Some(tcp) = tcp {
+        tcp.stop().await;
+    }
 
     health.draining.store(true, Ordering::Relaxed);
     drop(socket_file);
