@@ -77,4 +77,11 @@ if [ ! -f "$RP/redpepper/common/messages.py" ]; then
   rm -rf "$tmp"
 fi
 
+# Socket.IO platform for the sidecar's `socketio` upstream tests (sidecar/tests/socketio.rs):
+# python-socketio + aiohttp in the same virtualenv.
+if ! "$VENV/bin/python" -c 'import socketio, aiohttp' 2>/dev/null; then
+  log "installing python-socketio and aiohttp into the virtualenv (socketio upstream tests)"
+  "$VENV/bin/pip" install -q 'python-socketio>=5.11,<6' 'aiohttp>=3.9,<4' >&2
+fi
+
 log "setup finished in $(( $(date +%s) - t0 ))s"

@@ -142,6 +142,114 @@ fn start_agent(platform: &PlatformServer, dir: &Path, extra: &[&str]) -> Agent {
     .expect("starting nano-agent")
 }
 
+/// A minimal Socket.IO v5 peer for the `socketio` delivery line: plain `ws://` on loopback,
+/// acknowledges every event at once and counts the messages of `messages` batches, so the
+/// figure is the agent's cost rather than a Python server's.
+async fn socketio_peer(listener: tokio::net::TcpListener, count: Arc<AtomicU64>) {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    while let Ok((tcp, _)) = listener.accept().await {
+        let count = count.clone();
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                return;
+            };
+            let open = r#"0{"sid":"bench","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":100000000}"#;
+            let _ = ws.send(Message::text(open)).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Text(text) = msg else { continue };
+                let text = text.as_str();
+                let reply = if text.starts_with("40") {
+                    r#"40{"sid":"bench-ns"}"#.to_owned()
+                } else if let Some(rest) = text.strip_prefix("42") {
+                    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                    if digits == 0 {
+                        continue; // heartbeat: no acknowledgement asked
+                    }
+                    let args: serde_json::Value =
+                        serde_json::from_str(&rest[digits..]).unwrap_or_default();
+                    if args[0] == "messages" {
+                        let n = args[1].as_array().map_or(0, Vec::len);
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    format!("43{}[]", &rest[..digits])
+                } else {
+                    continue;
+                };
+                if ws.send(Message::text(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// `socketio` upstream: `n` messages written at full speed over one connection; delivered
+/// msgs/s = n / time until the peer has counted all of them (acknowledged batches).
+fn socketio_delivery(rt: &tokio::runtime::Runtime, dir: &Path, n: u64) {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicU64::new(0));
+    rt.spawn(socketio_peer(listener, count.clone()));
+    let mut args: Vec<String> = [
+        "--upstream-kind",
+        "socketio",
+        "--spool-max-bytes",
+        "8GiB",
+        "--log-level",
+        "warn",
+        "--max-batch-size",
+        "1000",
+        "--min-batch-size",
+        "100",
+        "--batch-size",
+        "500",
+        "--min-batch-interval",
+        "0s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(env_args());
+    let agent = Agent::start(AgentConfig {
+        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        dir: dir.to_owned(),
+        upstream_url: format!("ws://127.0.0.1:{port}"),
+        api_key: String::new(),
+        extra_args: args,
+    })
+    .expect("starting nano-agent (socketio)");
+    // Connected: the peer answered the namespace CONNECT.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.metric("nanogate_sidecar_upstream_connection_state") != Some(2.0) {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not connect to the peer"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (buf, per) = batch_buffer();
+    let t = Instant::now();
+    let mut c = UnixStream::connect(&agent.socket).unwrap();
+    for _ in 0..n / per {
+        c.write_all(&buf).unwrap();
+    }
+    while count.load(Ordering::Relaxed) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "socketio delivery stalled"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    let took = t.elapsed().as_secs_f64();
+    println!(
+        "delivery, socketio upstream to a local Socket.IO peer (ws://, tuned knobs as above): {:.0} msgs/s ({n} msgs in {took:.2} s)",
+        n as f64 / took
+    );
+}
+
 /// TCP listener (seed 004 frames): data frames (the same messages) written over one TCP
 /// connection for `secs` while a reader thread counts the agent's acks. Acknowledged frames/s is
 /// ingest (an ack means appended to the spool); delivered frames/s runs until the local platform
@@ -450,5 +558,6 @@ fn main() {
             batches as f64 / took
         );
     }
+    socketio_delivery(&rt, &tmp.path().join("sio"), 200_000);
     drop(rt);
 }

@@ -27,6 +27,8 @@ pub struct Health {
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
     last_success: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+    /// State of a persistent upstream connection (socketio); `None` for request-based ones.
+    connection: Mutex<Option<&'static str>>,
 }
 
 impl Health {
@@ -64,6 +66,11 @@ impl Health {
         *self.last_error.lock().expect("health lock") = Some(reason);
     }
 
+    /// Records the state of a persistent upstream connection, shown in `/healthz`.
+    pub fn set_connection(&self, state: &'static str) {
+        *self.connection.lock().expect("health lock") = Some(state);
+    }
+
     pub fn circuit_name(&self) -> &'static str {
         match self.circuit() {
             CIRCUIT_OPEN => "open",
@@ -81,6 +88,7 @@ impl Health {
                 "consecutive_failures": self.failures.load(Ordering::Relaxed),
                 "last_error": *self.last_error.lock().expect("health lock"),
                 "last_success": self.last_success.lock().expect("health lock").map(|t| t.to_rfc3339()),
+                "connection": *self.connection.lock().expect("health lock"),
             }
         })
     }

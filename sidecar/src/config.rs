@@ -170,6 +170,24 @@ pub struct Config {
     #[arg(long, env = "NANOGATE_NATS_TOKEN_FILE")]
     pub nats_token_file: Option<PathBuf>,
 
+    // ----- upstream_kind socketio (cloud protocol, seed 003) -----
+    /// Socket.IO namespace joined on the platform. With upstream_kind socketio, app_url is
+    /// `wss://host[:port][/path]` (path default /socket.io/); the client certificate is
+    /// upstream_client_cert/key and the platform's CA upstream_ca.
+    #[arg(long, env = "NANOGATE_SOCKETIO_NAMESPACE", default_value = "/")]
+    pub socketio_namespace: String,
+    /// Interval of the `heartbeat` event to the platform (socketio).
+    #[arg(long, env = "NANOGATE_SOCKETIO_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub socketio_heartbeat_interval: Duration,
+    /// How long an emitted batch waits for the platform's acknowledgement before it is
+    /// retried (socketio).
+    #[arg(long, env = "NANOGATE_SOCKETIO_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub socketio_ack_timeout: Duration,
+    /// Messages from the platform (`deliver` commands) held for `msg_check`; when full,
+    /// `deliver` is answered with an error (socketio).
+    #[arg(long, env = "NANOGATE_SOCKETIO_INBOX_SIZE", default_value_t = 1000)]
+    pub socketio_inbox_size: usize,
+
     // ----- batching (seed 000 client configuration table) -----
     /// A partial batch is sent at the latest this long after its first message was queued.
     #[arg(long, env = "NANOGATE_FLUSH_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
@@ -492,8 +510,7 @@ impl Config {
                 ),
             },
             UpstreamKind::Nats => crate::upstream::nats::check_config(self)?,
-            // Replaced when the socketio upstream lands (sidecar/src/upstream/socketio.rs).
-            UpstreamKind::Socketio => {}
+            UpstreamKind::Socketio => crate::upstream::socketio::check_config(self)?,
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             bail!("invalid config: upstream_client_cert and upstream_client_key go together");

@@ -76,7 +76,14 @@ pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
         }
     }
     if let Some(v) = millis(&upstream, "timeout_ms")? {
-        put("upstream_timeout", v);
+        put("upstream_timeout", v.clone());
+        // For socketio the request timeout is the wait for a batch's acknowledgement.
+        if upstream.get("kind").and_then(Value::as_str) == Some("socketio") {
+            put("socketio_ack_timeout", v);
+        }
+    }
+    if let Some(v) = text(&upstream, "socketio_namespace") {
+        put("socketio_namespace", v);
     }
     for (from, to) in [
         ("ca_file", "upstream_ca"),
@@ -230,6 +237,45 @@ mod tests {
         assert_eq!(
             get("nats_creds_file").as_deref(),
             Some("/etc/nanogate/nats/user.creds")
+        );
+    }
+
+    #[test]
+    fn socketio_gateway_becomes_socketio_options() {
+        // What the operator writes for `kind: socketio` with a client certificate Secret.
+        let file = MINIMAL.replace(
+            r#""kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000,"#,
+            r#""kind": "socketio", "url": "wss://cloud.example:8443", "timeout_ms": 4000,
+               "socketio_namespace": "/agents",
+               "client_cert_file": "/etc/nanogate/upstream-client/tls.crt",
+               "client_key_file": "/etc/nanogate/upstream-client/tls.key","#,
+        );
+        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
+        let get = |k: &str| flat.get(k).and_then(Value::as_str).map(str::to_string);
+        assert_eq!(get("upstream_kind").as_deref(), Some("socketio"));
+        assert_eq!(get("app_url").as_deref(), Some("wss://cloud.example:8443"));
+        assert_eq!(get("socketio_namespace").as_deref(), Some("/agents"));
+        assert_eq!(get("socketio_ack_timeout").as_deref(), Some("4000ms"));
+        assert_eq!(
+            get("upstream_client_cert").as_deref(),
+            Some("/etc/nanogate/upstream-client/tls.crt")
+        );
+        // The agent's own parser accepts the result.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, &file).unwrap();
+        let c = crate::config::Config::load_from([
+            "nano-agent".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ])
+        .unwrap();
+        assert_eq!(c.upstream_kind, crate::config::UpstreamKind::Socketio);
+        assert_eq!(c.socketio_namespace, "/agents");
+        assert_eq!(c.socketio_ack_timeout, std::time::Duration::from_secs(4));
+        assert_eq!(
+            c.socketio_heartbeat_interval,
+            std::time::Duration::from_secs(5)
         );
     }
 

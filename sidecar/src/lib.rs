@@ -83,7 +83,8 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     tracing::info!(messages = rec.messages, bytes = rec.bytes, torn_bytes = rec.torn_bytes,
         segments = rec.segments, dir = %config.spool_dir.display(), "spool recovered");
 
-    let upstream = Arc::new(AnyUpstream::from_config(&config, metrics.clone()).await?);
+    let upstream =
+        Arc::new(AnyUpstream::from_config(&config, metrics.clone(), &health, &spool).await?);
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await

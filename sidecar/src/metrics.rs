@@ -36,6 +36,11 @@ pub struct Metrics {
     pub cpu_percent: Gauge,
     pub memory_percent: Gauge,
     pub resident_memory_bytes: IntGauge,
+    /// `socketio` upstream: connection state (see `upstream::socketio::STATE_*`).
+    pub upstream_connection_state: IntGauge,
+    pub upstream_reconnects: IntCounter,
+    /// Platform commands (`socketio`) by action and result.
+    pub commands: IntCounterVec,
 }
 
 fn name(n: &str) -> String {
@@ -161,6 +166,24 @@ impl Metrics {
                 "resident_memory_bytes",
                 "Resident set size of nano-agent."
             )),
+            upstream_connection_state: reg!(gauge(
+                "upstream_connection_state",
+                "Persistent upstream connection (socketio): 0 disconnected, 1 connecting, 2 connected."
+            )),
+            upstream_reconnects: reg!(counter(
+                "upstream_reconnects_total",
+                "Persistent upstream connections (socketio) lost or refused, each followed by a reconnect."
+            )),
+            commands: reg!(
+                IntCounterVec::new(
+                    Opts::new(
+                        name("commands_total"),
+                        "Platform commands (socketio) by action and result (ok, error)."
+                    ),
+                    &["action", "result"]
+                )
+                .expect("valid metric")
+            ),
             registry,
         }
     }

@@ -32,7 +32,7 @@ impl std::fmt::Debug for HttpUpstream {
     }
 }
 
-fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = &config.upstream_ca {

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod nats;
+pub mod socketio;
 
 use std::future::Future;
 use std::ops::Range;
@@ -16,11 +17,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::admin::Health;
 use crate::config::{Config, UpstreamKind};
 use crate::metrics::Metrics;
-use crate::spool::PendingBatch;
+use crate::spool::{PendingBatch, Spool};
 use http::HttpUpstream;
 use nats::NatsUpstream;
+use socketio::{SocketIoOptions, SocketIoUpstream};
 
 /// Outcome of a failed upstream attempt.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -121,6 +124,7 @@ pub enum AnyUpstream {
     Http(HttpUpstream),
     /// Boxed: the JetStream context is large and the enum lives behind an `Arc` anyway.
     Nats(Box<NatsUpstream>),
+    Socketio(SocketIoUpstream),
 }
 
 /// `match` over every [`AnyUpstream`] variant, binding the transport to `$u`.
@@ -129,23 +133,32 @@ macro_rules! each_upstream {
         match $self {
             AnyUpstream::Http($u) => $body,
             AnyUpstream::Nats($u) => $body,
+            AnyUpstream::Socketio($u) => $body,
         }
     };
 }
 
 impl AnyUpstream {
     /// Builds the transport `config.upstream_kind` names. Does not wait for the platform to
-    /// be reachable: delivery retries until it is.
-    pub async fn from_config(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    /// be reachable: delivery retries until it is. `socketio` also reports the agent's health
+    /// and spool in heartbeats and serves the platform's `flush` from the spool.
+    pub async fn from_config(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        health: &Arc<Health>,
+        spool: &Arc<Spool>,
+    ) -> anyhow::Result<Self> {
         Ok(match config.upstream_kind {
             UpstreamKind::Http => Self::Http(HttpUpstream::new(config, metrics)?),
             UpstreamKind::Nats => {
                 Self::Nats(Box::new(NatsUpstream::connect(config, metrics).await?))
             }
-            // Replaced when the socketio upstream lands (sidecar/src/upstream/socketio.rs).
-            UpstreamKind::Socketio => anyhow::bail!(
-                "upstream_kind socketio is not built into this nano-agent yet; use upstream_kind http or nats"
-            ),
+            UpstreamKind::Socketio => Self::Socketio(SocketIoUpstream::start(
+                SocketIoOptions::from_config(config)?,
+                metrics,
+                health.clone(),
+                spool.clone(),
+            )?),
         })
     }
 
@@ -154,6 +167,7 @@ impl AnyUpstream {
         match self {
             Self::Http(_) => "http",
             Self::Nats(_) => "nats",
+            Self::Socketio(_) => "socketio",
         }
     }
 }
