@@ -36,12 +36,14 @@ fi
 ship_missing=()
 command -v go >/dev/null || ship_missing+=(golang-go)
 command -v x86_64-linux-musl-gcc >/dev/null || ship_missing+=(musl-tools)
+# file(1) tells e2e/tests/shipping.rs that the release binaries are statically linked.
+command -v file >/dev/null || ship_missing+=(file)
 if [ ${#ship_missing[@]} -gt 0 ]; then
   log "installing Debian packages for the examples and the static build: ${ship_missing[*]}"
   $SUDO apt-get update -qq >&2
   $SUDO apt-get install -y -qq "${ship_missing[@]}" >&2
 else
-  log "Debian packages present (golang-go, musl-tools)"
+  log "Debian packages present (golang-go, musl-tools, file)"
 fi
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   log "adding Rust target x86_64-unknown-linux-musl (static release build)"
