@@ -204,6 +204,14 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             _ = drain_request.notified() => tracing::info!("drain requested by the hub"),
         }
     };
+    // The TCP listener stops accepting at the same moment as the socket.
+    let tcp_stop = tcp.as_ref().map(tcp_listener::TcpHandle::stop_signal);
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(stop) = tcp_stop {
+            stop.notify_one();
+        }
+    };
     socket::server::run(listener, shared, config.max_connections, shutdown).await;
     if let Some(tcp) = tcp {
         tcp.stop().await;

@@ -28,7 +28,7 @@ use nanogate_protocol::tcp::{self, Decoded, FrameDecoder, FrameError, FrameKind}
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -143,14 +143,20 @@ pub struct TcpServer {
 
 /// A serving TCP listener; [`TcpHandle::stop`] ends it.
 pub struct TcpHandle {
-    stop: oneshot::Sender<()>,
+    stop: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
 impl TcpHandle {
+    /// Notified once, it makes the listener stop accepting and tell its connections to close
+    /// (so the agent can stop both listeners at the same moment).
+    pub fn stop_signal(&self) -> Arc<Notify> {
+        self.stop.clone()
+    }
+
     /// Stops accepting, tells connections to close and waits briefly for them.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        self.stop.notify_one();
         let _ = self.task.await;
     }
 }
@@ -223,9 +229,10 @@ impl TcpServer {
         registry: &Registry,
     ) -> anyhow::Result<TcpHandle> {
         let metrics = Arc::new(TcpMetrics::register(registry)?);
-        let (stop, stopped) = oneshot::channel();
+        let stop = Arc::new(Notify::new());
+        let stopped = stop.clone();
         let task = tokio::spawn(self.run(shared, metrics, async move {
-            let _ = stopped.await;
+            stopped.notified().await;
         }));
         Ok(TcpHandle { stop, task })
     }

@@ -118,7 +118,7 @@ async fn split_and_coalesced_frames_reach_the_platform() {
     let platform = PlatformServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let agent = start_tcp_agent(&platform, dir.path(), &format!("127.0.0.1:{port}"), &[]);
+    let mut agent = start_tcp_agent(&platform, dir.path(), &format!("127.0.0.1:{port}"), &[]);
     let mut peer = Peer::connect(tcp_addr(port));
 
     // One data frame split at every byte boundary: two writes with a pause between them so
@@ -192,6 +192,19 @@ async fn split_and_coalesced_frames_reach_the_platform() {
     assert_eq!(
         agent.metric("nanogate_sidecar_received_total"),
         Some(sent as f64)
+    );
+
+    // SIGTERM: the open connection is told `close` ("shutting down"), the listener stops
+    // accepting, the agent exits cleanly.
+    let status = agent.terminate().unwrap();
+    let rest = peer.until_eof();
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0]["type"], "close");
+    assert_eq!(rest[0]["payload"]["reason"], "shutting down");
+    assert!(status.success(), "{status}");
+    assert!(
+        TcpStream::connect(tcp_addr(port)).is_err(),
+        "no longer listening"
     );
 }
 
