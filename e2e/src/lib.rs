@@ -269,3 +269,79 @@ pub fn agentgateways(client: &kube::Client, ns: &str) -> kube::Api<kube::api::Dy
     ));
     kube::Api::namespaced_with(client.clone(), ns, &resource)
 }
+
+/// Creates pod `name` (one `app` container, `nanogate.io/inject: "true"`) once the webhook
+/// injects it: the webhook learns about gateways through a watch, so a server-side dry run is
+/// retried until it comes back with the sidecar.
+pub async fn create_injected_pod(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::PostParams;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"nanogate.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
+    }))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_for("an injected pod", Duration::from_secs(30), || {
+        let (pods, pod, dry_run) = (pods.clone(), pod.clone(), dry_run.clone());
+        async move {
+            let dry = pods.create(&dry_run, &pod).await?;
+            Ok(kubelet::sidecar_container(&dry).map(|_| ()))
+        }
+    })
+    .await?;
+    Ok(pods.create(&PostParams::default(), &pod).await?)
+}
+
+/// Says AgentHello with `token` to the hub on loopback `port` over TLS (trusting `ca_pem`)
+/// and returns the hub's answer: ManagerHello, or Bye with the reason.
+pub async fn hub_hello(
+    port: u16,
+    ca_pem: &str,
+    agent_id: &str,
+    token: &str,
+) -> Result<nanogate_protocol::control::Message> {
+    use nanogate_protocol::control::{FrameDecoder, Message, encode};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let frame = Message::AgentHello {
+        id: agent_id.into(),
+        version: "e2e".into(),
+        credentials: token.into(),
+    };
+    stream.write_all(&encode(&frame)).await?;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(message) = decoder.next_message()? {
+            return Ok(message);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            bail!("hub closed without answering");
+        }
+        decoder.extend(&buf[..n]);
+    }
+}

@@ -7,13 +7,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use nanogate_e2e::kubelet::{run_sidecar, token_for_pod};
 use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
-use nanogate_protocol::control::{FrameDecoder, Message, encode};
+use nanogate_protocol::control::Message;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -129,30 +129,7 @@ spec:
 }
 
 async fn injected_pod(f: &Fleet, name: &str) -> Result<Pod> {
-    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns.name());
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "annotations": {"nanogate.io/inject": "true"}},
-        "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
-    }))?;
-    // The webhook learns about the gateway through a watch; retry until the pod is injected.
-    wait_for("an injected pod", Duration::from_secs(30), || {
-        let (pods, pod) = (pods.clone(), pod.clone());
-        async move {
-            let dry = pods
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                    &pod,
-                )
-                .await?;
-            Ok(nanogate_e2e::kubelet::sidecar_container(&dry).map(|_| ()))
-        }
-    })
-    .await?;
-    Ok(pods.create(&PostParams::default(), &pod).await?)
+    nanogate_e2e::create_injected_pod(&f.client, f.ns.name(), name).await
 }
 
 async fn sidecars(f: &Fleet) -> Result<Value> {
@@ -342,41 +319,9 @@ async fn reqwest_free_get(addr: &str, path: &str) -> Result<String> {
     Ok(body)
 }
 
-/// Speaks the control protocol over TLS with the given credentials; returns the hub's answer.
+/// Speaks the control protocol to the fleet's hub; returns the hub's answer.
 async fn hello(f: &Fleet, agent_id: &str, token: &str) -> Result<Message> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut f.ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", f.hub_port)).await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
-    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    let frame = Message::AgentHello {
-        id: agent_id.into(),
-        version: "e2e".into(),
-        credentials: token.into(),
-    };
-    stream.write_all(&encode(&frame)).await?;
-    let mut decoder = FrameDecoder::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(message) = decoder.next_message()? {
-            return Ok(message);
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            bail!("hub closed without answering");
-        }
-        decoder.extend(&buf[..n]);
-    }
+    nanogate_e2e::hub_hello(f.hub_port, &f.ca_pem, agent_id, token).await
 }
 
 #[tokio::test]

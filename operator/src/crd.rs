@@ -591,10 +591,18 @@ pub struct AgentGatewayStatus {
 pub struct SidecarCounts {
     /// Pods injected (or opted in) for this gateway that are not being deleted.
     pub expected: i32,
+    /// Of `expected`, pods that opted in but run without a sidecar: they were admitted while
+    /// the webhook was unreachable (`failurePolicy: Ignore`). Restart their workloads, or set
+    /// the annotation `nanogate.io/repair: rollout` on the gateway to have the operator do it.
+    #[serde(default)]
+    pub not_injected: i32,
     /// Sidecars holding a control-channel connection.
     pub connected: i32,
     /// Connected sidecars reporting `ready`.
     pub healthy: i32,
+    /// Connected sidecars running the gateway's current configuration (`status.configHash`).
+    #[serde(default)]
+    pub current_config: i32,
     /// `connected/expected`, for `kubectl get`.
     pub summary: String,
 }
@@ -604,10 +612,36 @@ impl SidecarCounts {
     pub fn new(expected: i32, connected: i32, healthy: i32) -> Self {
         Self {
             expected,
+            not_injected: 0,
             connected,
             healthy,
+            current_config: 0,
             summary: format!("{connected}/{expected}"),
         }
+    }
+
+    /// The reconciler's view (`expected`, `notInjected`) over the hub's fields of `current`.
+    pub fn with_pods(current: Option<&Self>, expected: i32, not_injected: i32) -> Self {
+        let mut counts = current.cloned().unwrap_or_default();
+        counts.expected = expected;
+        counts.not_injected = not_injected;
+        counts.summary = format!("{}/{expected}", counts.connected);
+        counts
+    }
+
+    /// The hub's view (connections, health, configuration) over the reconciler's fields.
+    pub fn with_fleet(
+        current: Option<&Self>,
+        connected: i32,
+        healthy: i32,
+        current_config: i32,
+    ) -> Self {
+        let mut counts = current.cloned().unwrap_or_default();
+        counts.connected = connected;
+        counts.healthy = healthy;
+        counts.current_config = current_config;
+        counts.summary = format!("{connected}/{}", counts.expected);
+        counts
     }
 }
 

@@ -190,3 +190,82 @@ impl LeaderElector {
         self.last_renew = None;
     }
 }
+
+/// Label the leader puts on its own pod; the chart's hub Service selects it, so sidecars
+/// always reach the replica whose index feeds gateway status.
+pub const LEADER_LABEL: &str = "nanogate.io/hub-leader";
+
+/// Keeps [`LEADER_LABEL`] on the leader's pod only.
+pub struct LeaderPodLabel {
+    pods: Api<k8s_openapi::api::core::v1::Pod>,
+    /// This replica's pod name (`POD_NAME`).
+    pod: String,
+    /// What the label currently says for our pod, as far as we know (`None`: unknown, or a
+    /// write failed and is retried on the next round).
+    applied: Option<bool>,
+}
+
+impl LeaderPodLabel {
+    pub fn new(client: Client, namespace: &str, pod: &str) -> Self {
+        Self {
+            pods: Api::namespaced(client, namespace),
+            pod: pod.to_string(),
+            applied: None,
+        }
+    }
+
+    /// Brings the label in line with `leading`; cheap when nothing changed. Errors are logged
+    /// and retried on the next call.
+    pub async fn sync(&mut self, leading: bool) {
+        if self.applied == Some(leading) {
+            return;
+        }
+        match self.write(leading).await {
+            Ok(()) => {
+                info!(pod = %self.pod, leading, "hub leader label updated");
+                self.applied = Some(leading);
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                // Outside a pod (a local run): there is nothing to label.
+                debug!(pod = %self.pod, "no pod of this name; leader label skipped");
+                self.applied = Some(leading);
+            }
+            Err(error) => {
+                warn!(%error, pod = %self.pod, leading, "updating the hub leader label failed")
+            }
+        }
+    }
+
+    async fn write(&self, leading: bool) -> Result<(), kube::Error> {
+        use kube::api::{ListParams, Patch, PatchParams};
+        let set = |value: Option<&str>| serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+        let params = PatchParams {
+            field_manager: Some(crate::FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        if leading {
+            // A former leader that died could not take its label off; do it for it.
+            let labelled = self
+                .pods
+                .list_metadata(&ListParams::default().labels(&format!("{LEADER_LABEL}=true")))
+                .await?;
+            for other in labelled.items {
+                let name = other.metadata.name.unwrap_or_default();
+                if name != self.pod {
+                    self.pods
+                        .patch(&name, &params, &Patch::Merge(set(None)))
+                        .await?;
+                    info!(pod = %name, "removed the hub leader label from a former leader");
+                }
+            }
+            self.pods
+                .patch(&self.pod, &params, &Patch::Merge(set(Some("true"))))
+                .await?;
+        } else {
+            self.pods
+                .patch(&self.pod, &params, &Patch::Merge(set(None)))
+                .await?;
+        }
+        Ok(())
+    }
+}

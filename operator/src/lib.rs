@@ -213,7 +213,7 @@ pub async fn run_with_client(
 
     // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
     let (servers_stop, servers_stopped) = watch::channel(false);
-    let (hub_ca, owner) = if opts.servers.enabled() {
+    let (hub_ca, owner, hub) = if opts.servers.enabled() {
         let started = servers::start(
             client.clone(),
             &opts.servers,
@@ -222,9 +222,14 @@ pub async fn run_with_client(
             servers_stopped,
         )
         .await?;
-        (Some(started.ca_pem), started.owner)
+        (Some(started.ca_pem), started.owner, started.hub)
     } else {
-        (None, None)
+        (None, None, None)
+    };
+    let set_hub_leading = |leading: bool| {
+        if let Some(hub) = &hub {
+            hub.set_leading(leading);
+        }
     };
 
     let ctx = Arc::new(
@@ -236,6 +241,11 @@ pub async fn run_with_client(
 
     if !opts.leader_elect {
         metrics.leader.set(1);
+        if let (Some(pod), Some(_)) = (&opts.identity, &hub) {
+            leader::LeaderPodLabel::new(client.clone(), &opts.lease_namespace, pod)
+                .sync(true)
+                .await;
+        }
         let running = Running::start(ctx);
         shutdown.as_mut().await;
         running.stop().await;
@@ -247,6 +257,13 @@ pub async fn run_with_client(
             lease_duration: Duration::from_secs(opts.lease_duration.max(1)),
             owner: owner.clone(),
         };
+        // Sidecars follow the leader: it labels its pod for the hub Service (in a pod only).
+        let mut pod_label = opts
+            .identity
+            .as_ref()
+            .filter(|_| hub.is_some())
+            .map(|pod| leader::LeaderPodLabel::new(client.clone(), &opts.lease_namespace, pod));
+        set_hub_leading(false);
         let mut elector = leader::LeaderElector::new(client, cfg.clone());
         let mut running: Option<Running> = None;
         loop {
@@ -267,14 +284,19 @@ pub async fn run_with_client(
                 (true, None) => {
                     info!(%identity, "became leader; starting controller");
                     metrics.leader.set(1);
+                    set_hub_leading(true);
                     running = Some(Running::start(ctx.clone()));
                 }
                 (false, Some(r)) => {
                     warn!(%identity, "lost leadership; stopping controller");
                     metrics.leader.set(0);
+                    set_hub_leading(false);
                     r.stop().await;
                 }
                 (_, r) => running = r,
+            }
+            if let Some(label) = pod_label.as_mut() {
+                label.sync(running.is_some()).await;
             }
             let wait = if running.is_some() {
                 cfg.renew_interval()
@@ -287,6 +309,10 @@ pub async fn run_with_client(
             }
         }
         if let Some(r) = running.take() {
+            set_hub_leading(false);
+            if let Some(label) = pod_label.as_mut() {
+                label.sync(false).await;
+            }
             r.stop().await;
             elector.release().await;
         }

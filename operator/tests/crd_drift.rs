@@ -8,6 +8,6 @@ fn crd_yaml_matches_types() {
     assert!(
         generated == checked_in,
         "crds/agentgateway.yaml is out of date with the AgentGateway types.\n\
-         Regenerate it with:\n    cargo run -p nanogate-operator -- crd > crds/agentgateway.yaml"
+         Regenerate it with:\n    cargo run -p nanogate-operator --bin nanogate-operator -- crd > crds/agentgateway.yaml"
     );
 }

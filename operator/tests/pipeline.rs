@@ -8,7 +8,16 @@ use nanogate_operator::controller::build::{
     self, GatewayRef, Verdict, config_map, config_map_up_to_date, desired_status, pod_gateway,
     sidecar_config,
 };
+use nanogate_operator::controller::repair::Census;
 use nanogate_operator::crd::{AgentGateway, AgentGatewayStatus, validate};
+
+/// A census of `expected` injected pods.
+fn pods(expected: i32) -> Census {
+    Census {
+        expected,
+        not_injected: Vec::new(),
+    }
+}
 
 fn fixture(name: &str) -> AgentGateway {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -244,7 +253,7 @@ fn status_from_nothing() {
         config_map: "demo-agent-config".into(),
         hash: "abcd0123".into(),
     };
-    let st = desired_status(None, Some(1), &verdict, 3, &t(1000));
+    let st = desired_status(None, Some(1), &verdict, &pods(3), &t(1000));
     let get = |ty: &str| st.conditions.iter().find(|c| c.type_ == ty).unwrap();
     assert_eq!(get("Ready").status, "True");
     assert_eq!(get("ConfigValid").status, "True");
@@ -267,12 +276,12 @@ fn transition_time_changes_only_on_transition() {
         config_map: "demo-agent-config".into(),
         hash: "h1".into(),
     };
-    let first = desired_status(None, Some(1), &applied, 0, &t(1000));
+    let first = desired_status(None, Some(1), &applied, &pods(0), &t(1000));
     // Same verdict later: identical status, so the reconciler writes nothing.
-    let second = desired_status(Some(&first), Some(1), &applied, 0, &t(2000));
+    let second = desired_status(Some(&first), Some(1), &applied, &pods(0), &t(2000));
     assert_eq!(first, second);
     // A new generation with the same verdict keeps the transition time.
-    let third = desired_status(Some(&second), Some(2), &applied, 0, &t(3000));
+    let third = desired_status(Some(&second), Some(2), &applied, &pods(0), &t(3000));
     let ready = |s: &AgentGatewayStatus| {
         s.conditions
             .iter()
@@ -286,7 +295,7 @@ fn transition_time_changes_only_on_transition() {
     let missing = Verdict::SecretMissing(
         "Secret apps/k referenced by spec.upstream.apiKeySecretRef not found".into(),
     );
-    let fourth = desired_status(Some(&third), Some(2), &missing, 0, &t(4000));
+    let fourth = desired_status(Some(&third), Some(2), &missing, &pods(0), &t(4000));
     let r = ready(&fourth);
     assert_eq!(
         (r.status.as_str(), r.reason.as_str()),
@@ -313,7 +322,7 @@ fn hub_owned_fields_are_kept() {
         config_map: "c".into(),
         hash: "h".into(),
     };
-    let mut st = desired_status(None, Some(1), &applied, 2, &t(10));
+    let mut st = desired_status(None, Some(1), &applied, &pods(2), &t(10));
     st.sidecars = Some(nanogate_operator::crd::SidecarCounts::new(2, 2, 1));
     for c in st
         .conditions
@@ -323,7 +332,7 @@ fn hub_owned_fields_are_kept() {
         c.status = "True".into();
         c.reason = "Reported".into();
     }
-    let next = desired_status(Some(&st), Some(1), &applied, 5, &t(20));
+    let next = desired_status(Some(&st), Some(1), &applied, &pods(5), &t(20));
     let sc = next.sidecars.unwrap();
     assert_eq!(
         (sc.expected, sc.connected, sc.healthy, sc.summary.as_str()),

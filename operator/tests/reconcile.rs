@@ -269,11 +269,21 @@ async fn new_gateway_creates_config_map_event_and_status() {
         assert_eq!(condition(st, "UpstreamReachable")["status"], "Unknown");
         assert_eq!(st["sidecars"]["expected"], 2);
         assert_eq!(st["sidecars"]["summary"], "0/2");
+        // Pod b opted in but was admitted without its sidecar: counted and reported.
+        assert_eq!(st["sidecars"]["notInjected"], 1);
+        let ev = api.create_event("PodsNotInjected").await;
+        let note = ev["note"].as_str().unwrap();
+        assert!(note.starts_with("1 pod(s) opted in but run without a sidecar"), "{note}");
+        assert!(note.contains(": b;"), "{note}");
     })
     .await
     .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    assert_eq!(ctx.metrics.writes_total(), 3, "apply + event + status");
+    assert_eq!(
+        ctx.metrics.writes_total(),
+        4,
+        "apply + event + status + not-injected event"
+    );
 }
 
 #[tokio::test]
@@ -296,7 +306,7 @@ async fn unchanged_gateway_makes_no_write() {
         None,
         Some(1),
         &verdict,
-        0,
+        &Default::default(),
         &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
         ),
@@ -445,7 +455,7 @@ async fn stale_cache_does_not_cause_a_second_status_write() {
         None,
         Some(1),
         &verdict,
-        0,
+        &Default::default(),
         &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
         ),

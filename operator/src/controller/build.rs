@@ -364,7 +364,7 @@ pub fn desired_status(
     current: Option<&AgentGatewayStatus>,
     generation: Option<i64>,
     verdict: &Verdict,
-    expected_sidecars: i32,
+    pods: &super::repair::Census,
     now: &Time,
 ) -> AgentGatewayStatus {
     let mut st = current.cloned().unwrap_or_default();
@@ -424,12 +424,11 @@ pub fn desired_status(
             );
         }
     }
-    let (connected, healthy) = st
-        .sidecars
-        .as_ref()
-        .map(|s| (s.connected, s.healthy))
-        .unwrap_or((0, 0));
-    st.sidecars = Some(SidecarCounts::new(expected_sidecars, connected, healthy));
+    st.sidecars = Some(SidecarCounts::with_pods(
+        st.sidecars.as_ref(),
+        pods.expected,
+        pods.not_injected_count(),
+    ));
     if st.messages.is_none() {
         st.messages = Some(MessageStats::default());
     }

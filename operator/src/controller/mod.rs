@@ -4,6 +4,7 @@
 //! reconcile of an unchanged gateway makes no write at all.
 
 pub mod build;
+pub mod repair;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,7 +25,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
-use crate::crd::{AgentGateway, AgentGatewaySpec, conditions, join_errors};
+use crate::crd::{AgentGateway, AgentGatewaySpec, AgentGatewayStatus, conditions, join_errors};
 use crate::metrics::Metrics;
 use build::{GatewayRef, Verdict};
 
@@ -201,28 +202,6 @@ async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Resu
     Ok(None)
 }
 
-/// Count pods that expect a sidecar of gateway `name`.
-async fn count_expected(client: &Client, ns: &str, name: &str) -> Result<i32> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let list = pods
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(Error::PodList)?;
-    let n = list
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .and_then(build::pod_gateway)
-                .is_some_and(|g| g == name)
-        })
-        .count();
-    Ok(i32::try_from(n).unwrap_or(i32::MAX))
-}
-
 async fn publish(ctx: &Context, gw: &AgentGateway, type_: EventType, reason: &str, note: String) {
     let ev = Event {
         type_,
@@ -320,14 +299,14 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         },
     };
 
-    let expected = count_expected(&ctx.client, ns, name).await?;
+    let census = repair::census(&ctx.client, ns, name).await?;
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
     let mut current = gw.status.clone();
     let mut status = build::desired_status(
         current.as_ref(),
         gw.metadata.generation,
         &verdict,
-        expected,
+        &census,
         &now(),
     );
     if current.as_ref() != Some(&status) {
@@ -340,7 +319,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
             current.as_ref(),
             gw.metadata.generation,
             &verdict,
-            expected,
+            &census,
             &now(),
         );
     }
@@ -395,12 +374,67 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         }
     }
 
+    report_not_injected(&ctx, &gw, ns, current.as_ref(), &census).await;
+
     ctx.reset_failures(ns, name);
     Ok(match verdict {
         Verdict::Applied { .. } => Action::requeue(RESYNC),
         // Nothing to retry until the gateway or a watched Secret changes.
         Verdict::Invalid(_) | Verdict::SecretMissing(_) => Action::await_change(),
     })
+}
+
+/// Pods admitted without a sidecar: a Warning event when their number changes, and the
+/// opt-in rollout repair.
+async fn report_not_injected(
+    ctx: &Context,
+    gw: &AgentGateway,
+    ns: &str,
+    before: Option<&AgentGatewayStatus>,
+    census: &repair::Census,
+) {
+    let repair_enabled = repair::repair_enabled(&gw.metadata);
+    let known = before
+        .and_then(|s| s.sidecars.as_ref())
+        .map_or(0, |s| s.not_injected);
+    if census.not_injected.is_empty() {
+        return;
+    }
+    if known != census.not_injected_count() {
+        let note = census.event_note(repair_enabled);
+        warn!(%ns, gateway = %gw.name_any(), %note, "pods without sidecar");
+        publish(ctx, gw, EventType::Warning, "PodsNotInjected", note).await;
+    }
+    if !repair_enabled {
+        return;
+    }
+    match repair::rollout(&ctx.client, ns, census).await {
+        Ok(done) => {
+            for deployment in done.restarted {
+                ctx.metrics.write("deployments", "patch");
+                info!(%ns, %deployment, "restarted Deployment to inject its pods");
+                publish(
+                    ctx,
+                    gw,
+                    EventType::Normal,
+                    "RolloutRestarted",
+                    format!("Restarted Deployment {deployment} so its pods get the sidecar"),
+                )
+                .await;
+            }
+        }
+        Err(error) => {
+            warn!(%ns, %error, "repair rollout failed");
+            publish(
+                ctx,
+                gw,
+                EventType::Warning,
+                "RepairFailed",
+                format!("Could not restart the Deployments of pods without a sidecar: {error}"),
+            )
+            .await;
+        }
+    }
 }
 
 /// Log, count, and back off exponentially per gateway (1 s, 2 s, 4 s … 5 min).

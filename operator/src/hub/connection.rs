@@ -35,6 +35,8 @@ pub enum Closed {
     Protocol(&'static str),
     PeerClosed,
     Shutdown,
+    /// This replica does not lead (any more): the agent was sent to reconnect.
+    NotLeader,
 }
 
 /// Token bucket for notifications: `rate` per second, bursts of `burst`.
@@ -146,7 +148,25 @@ where
         }
     };
 
-    // 2. Authenticate; the token itself is never logged.
+    // 2. Only the leader serves agents; a follower sends them back to the Service.
+    if !hub.is_leading() {
+        let _ = send(
+            &mut writer,
+            &Message::Bye {
+                reason: super::NOT_LEADER.into(),
+            },
+        )
+        .await;
+        metrics
+            .auth
+            .with_label_values(&["redirect", "not_leader"])
+            .inc();
+        info!(target: "nanogate::audit", decision = "redirect", %peer, %agent_id,
+              reason = "this replica is not the leader", "hub connection");
+        return Closed::NotLeader;
+    }
+
+    // 3. Authenticate; the token itself is never logged.
     let identity = match auth.authenticate(&agent_id, &credentials).await {
         Ok(identity) => identity,
         Err(denial) => {
@@ -181,7 +201,7 @@ where
     info!(target: "nanogate::audit", decision = "accept", %peer, agent_id = %identity.agent_id,
           namespace = %identity.namespace, pod = %identity.pod, gateway = %identity.gateway, "hub connection");
 
-    // 3. Serve until the end.
+    // 4. Serve until the end.
     let connection = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (requests_tx, mut requests) = mpsc::channel::<OutboundRequest>(16);
     hub.index
@@ -277,6 +297,10 @@ where
             _ = shutdown.changed() => {
                 let _ = send(&mut writer, &Message::Bye { reason: "hub shutting down".into() }).await;
                 break Closed::Shutdown;
+            }
+            _ = hub.lost_leadership() => {
+                let _ = send(&mut writer, &Message::Bye { reason: super::NOT_LEADER.into() }).await;
+                break Closed::NotLeader;
             }
         }
     };

@@ -124,7 +124,14 @@ pub struct Hub {
     pub metrics: HubMetrics,
     /// Outbound request channel of each connected agent, with the connection id that owns it.
     agents: Mutex<HashMap<String, (u64, mpsc::Sender<OutboundRequest>)>>,
+    /// Whether this replica leads. Only the leader's index feeds gateway status, so a follower
+    /// sends its agents away (`Bye`) and they reconnect through the Service, which selects the
+    /// leader's pod; counts never split between replicas.
+    leading: watch::Sender<bool>,
 }
+
+/// `Bye` reason a follower gives; agents reconnect (through the Service, to the leader).
+pub const NOT_LEADER: &str = "not the leader; reconnect";
 
 impl Hub {
     pub fn new(config: HubConfig, registry: &Registry) -> Arc<Self> {
@@ -133,7 +140,28 @@ impl Hub {
             index: HealthIndex::new(),
             metrics: HubMetrics::new(registry),
             agents: Mutex::new(HashMap::new()),
+            leading: watch::channel(true).0,
         })
+    }
+
+    /// Follows this replica's leadership (a hub leads until told otherwise).
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.send_if_modified(|current| {
+            let changed = *current != leading;
+            *current = leading;
+            changed
+        });
+    }
+
+    /// Whether this replica's hub currently serves agents.
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Resolves once this replica stops leading.
+    pub(crate) async fn lost_leadership(&self) {
+        let mut leading = self.leading.subscribe();
+        let _ = leading.wait_for(|l| !*l).await;
     }
 
     /// Calls `method` on a connected agent and waits up to `timeout` for its Response.

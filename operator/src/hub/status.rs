@@ -51,7 +51,15 @@ pub fn fleet_status(
     let expected = st.sidecars.as_ref().map(|s| s.expected).unwrap_or(0);
     let connected = fleet.connected as i32;
     let healthy = fleet.healthy as i32;
-    st.sidecars = Some(SidecarCounts::new(expected, connected, healthy));
+    let on_current = current_config
+        .and_then(|g| fleet.config_generations.get(&g).copied())
+        .map_or(0, |n| n as i32);
+    st.sidecars = Some(SidecarCounts::with_fleet(
+        st.sidecars.as_ref(),
+        connected,
+        healthy,
+        on_current,
+    ));
     st.messages = Some(MessageStats {
         received_total: fleet.received_total as i64,
         delivered_total: fleet.delivered_total as i64,
