@@ -4,6 +4,8 @@
 //! - [`platform::PlatformServer`]: a real HTTP server implementing the Tendrl platform API the
 //!   sidecar's `http` upstream talks to, with fault injection.
 //! - [`agent::Agent`]: runs the real `nano-agent` binary as a child process.
+//! - [`nats::NatsServer`]: a real `nats-server -js` the sidecar's `nats` upstream talks to.
 
 pub mod agent;
+pub mod nats;
 pub mod platform;

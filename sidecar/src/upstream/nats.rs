@@ -12,6 +12,7 @@
 //!   subject or a message over the server's `max_payload` is rejected (dead letter).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -221,19 +222,27 @@ fn read_secret(path: &Path, field: &str) -> anyhow::Result<String> {
     Ok(s)
 }
 
-/// The last server or client error the connection reported, to explain failed publishes.
+/// What the connection reported: the last server or client error (to explain failed
+/// publishes) and whether it was ever connected.
 #[derive(Debug, Default)]
-struct LastError(Mutex<Option<(Instant, String)>>);
+struct ConnectionEvents {
+    last_error: Mutex<Option<(Instant, String)>>,
+    ever_connected: AtomicBool,
+}
 
-impl LastError {
-    fn set(&self, text: String) {
-        *self.0.lock().expect("last error lock") = Some((Instant::now(), text));
+impl ConnectionEvents {
+    fn connected(&self) {
+        self.ever_connected.store(true, Ordering::Relaxed);
+        *self.last_error.lock().expect("last error lock") = None;
     }
-    fn clear(&self) {
-        *self.0.lock().expect("last error lock") = None;
+    fn ever_connected(&self) -> bool {
+        self.ever_connected.load(Ordering::Relaxed)
+    }
+    fn set(&self, text: String) {
+        *self.last_error.lock().expect("last error lock") = Some((Instant::now(), text));
     }
     fn recent(&self) -> Option<String> {
-        let g = self.0.lock().expect("last error lock");
+        let g = self.last_error.lock().expect("last error lock");
         g.as_ref()
             .filter(|(at, _)| at.elapsed() < ERROR_MEMORY)
             .map(|(_, t)| t.clone())
@@ -247,7 +256,8 @@ pub struct NatsUpstream {
     create_stream: bool,
     duplicate_window: Duration,
     metrics: Arc<Metrics>,
-    last_error: Arc<LastError>,
+    events: Arc<ConnectionEvents>,
+    first_connect_wait: Duration,
     /// Set once the stream is known to exist; cleared when a publish finds no stream. The
     /// async mutex makes concurrent callers wait for one check instead of racing to create.
     stream_ready: tokio::sync::Mutex<bool>,
@@ -269,7 +279,7 @@ impl NatsUpstream {
     /// start-up error naming the option.
     pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let names = Names::from_config(config)?;
-        let last_error = Arc::new(LastError::default());
+        let events = Arc::new(ConnectionEvents::default());
         let (initial, max) = (config.backoff_initial, config.backoff_max);
         let mut opts = ConnectOptions::new()
             .name(format!("nano-agent {}", config.source()))
@@ -283,26 +293,26 @@ impl NatsUpstream {
                 cap.mul_f64(rand::random::<f64>())
             })
             .event_callback({
-                let last_error = last_error.clone();
+                let events = events.clone();
                 move |event| {
-                    let last_error = last_error.clone();
+                    let events = events.clone();
                     async move {
                         match &event {
                             async_nats::Event::Connected => {
                                 tracing::info!("NATS connected");
-                                last_error.clear();
+                                events.connected();
                             }
                             async_nats::Event::Disconnected => {
                                 tracing::warn!("NATS disconnected; reconnecting");
-                                last_error.set("disconnected".into());
+                                events.set("disconnected".into());
                             }
                             async_nats::Event::ServerError(e) => {
                                 tracing::error!(error = %e, "NATS server error");
-                                last_error.set(e.to_string());
+                                events.set(e.to_string());
                             }
                             async_nats::Event::ClientError(e) => {
                                 tracing::warn!(error = %e, "NATS connection error");
-                                last_error.set(e.to_string());
+                                events.set(e.to_string());
                             }
                             other => tracing::info!(event = %other, "NATS event"),
                         }
@@ -360,7 +370,8 @@ impl NatsUpstream {
             create_stream: config.nats_create_stream,
             duplicate_window: config.nats_duplicate_window,
             metrics,
-            last_error,
+            events,
+            first_connect_wait: config.upstream_timeout.min(Duration::from_secs(2)),
             stream_ready: tokio::sync::Mutex::new(false),
             consumer: tokio::sync::Mutex::new(None),
         })
@@ -373,7 +384,7 @@ impl NatsUpstream {
     /// Why nothing works when the client is not connected.
     fn not_connected(&self, what: &str) -> UpstreamError {
         let mut reason = format!("NATS not connected ({what})");
-        if let Some(e) = self.last_error.recent() {
+        if let Some(e) = self.events.recent() {
             reason.push_str(": ");
             reason.push_str(&e);
             if e.contains("authorization") || e.contains("authentication") {
@@ -392,6 +403,19 @@ impl NatsUpstream {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Right after start the first connection is usually a few milliseconds away: an app's
+    /// `msg_check` or `wait:true` then waits for it (bounded) instead of failing.
+    async fn connected_soon(&self) -> bool {
+        let deadline = Instant::now() + self.first_connect_wait;
+        while !self.connected() {
+            if self.events.ever_connected() || Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Makes sure the stream exists and captures our subjects (creating or extending it when
     /// allowed). Cheap after the first success.
     async fn ensure_stream(&self) -> Result<(), UpstreamError> {
@@ -399,7 +423,7 @@ impl NatsUpstream {
         if *ready {
             return Ok(());
         }
-        if !self.connected() {
+        if !self.connected_soon().await {
             return Err(self.not_connected("stream check"));
         }
         let retry = |reason: String| UpstreamError::Retryable {
@@ -473,7 +497,7 @@ impl NatsUpstream {
     /// Classifies a failed publish.
     fn publish_error(&self, e: &jetstream::context::PublishError) -> UpstreamError {
         use jetstream::context::PublishErrorKind as K;
-        let recent = self.last_error.recent().unwrap_or_default();
+        let recent = self.events.recent().unwrap_or_default();
         if recent.contains("Permissions Violation") {
             return UpstreamError::Rejected {
                 status: 403,
@@ -677,7 +701,7 @@ impl Upstream for NatsUpstream {
     }
 
     async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
-        if !self.connected() {
+        if !self.connected_soon().await {
             return Err(self.not_connected("msg_check"));
         }
         let consumer = self.pull_consumer().await?;

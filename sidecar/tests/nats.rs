@@ -1,0 +1,396 @@
+//! The `nats` upstream against a real `nats-server -js` (Debian `nats-server`) and the real
+//! nano-agent binary: 100,000 messages with the server killed and restarted mid-run, then
+//! every message exactly once in the stream; `msg_check` from the durable consumer;
+//! `wait:true`; `dest` subjects; bad credentials. Skipped, loudly, without nats-server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use common::*;
+use futures::StreamExt as _;
+use nanogate_tests::agent::{Agent, AgentConfig};
+use nanogate_tests::nats::{NatsServer, nats_server_bin};
+
+const GATEWAY: &str = "orders";
+/// `nanogate.{namespace}.{gateway}` with the namespace the test agent runs in.
+const SUBJECT: &str = "nanogate.test-ns.orders";
+const INBOX: &str = "nanogate-inbox.test-ns.orders";
+
+fn have_nats() -> bool {
+    if nats_server_bin().is_some() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED: nats-server is not installed (apt-get install -y nats-server; e2e/scripts/setup.sh does it)"
+    );
+    false
+}
+
+fn start_agent(nats: &NatsServer, dir: &Path, extra: &[&str]) -> anyhow::Result<Agent> {
+    let mut args: Vec<String> = [
+        "--upstream-kind",
+        "nats",
+        "--gateway",
+        GATEWAY,
+        "--backoff-max",
+        "1s",
+        "--upstream-timeout",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Agent::start(AgentConfig {
+        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        dir: dir.to_owned(),
+        upstream_url: nats.url(),
+        api_key: String::new(),
+        extra_args: args,
+    })
+}
+
+/// Writes `ids` as publishes on one connection and half-closes: an empty answer means every
+/// one was accepted (queued in the spool).
+fn send(socket: &Path, ids: std::ops::Range<u64>) -> Vec<u8> {
+    let mut buf = String::new();
+    for id in ids {
+        buf.push_str(&publish(id));
+    }
+    oneshot(socket, buf.as_bytes())
+}
+
+/// One request on its own connection; the reply (the agent answers and the client closes).
+fn request(socket: &Path, msg: &str) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(msg.as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+async fn js(nats: &NatsServer) -> jetstream::Context {
+    jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+}
+
+/// Every message of `stream`, in order, through an ordered consumer: (subject, msg id, payload).
+async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<(String, String, Vec<u8>)> {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    let total = stream.info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::with_capacity(total as usize);
+    while (out.len() as u64) < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("reading the stream stalled")
+            .expect("stream ended")
+            .expect("message");
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        out.push((m.subject.to_string(), id, m.payload.to_vec()));
+    }
+    out
+}
+
+/// The acceptance run: 100,000 messages through the app socket, nats-server killed (-9) and
+/// restarted on the same store mid-delivery, then every message present exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_messages_exactly_once_across_a_server_restart() {
+    if !have_nats() {
+        return;
+    }
+    const TOTAL: u64 = 100_000;
+    const CHUNK: u64 = 5_000;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(&dir.path().join("nats")).unwrap();
+    let agent = start_agent(
+        &nats,
+        &dir.path().join("agent"),
+        &[
+            "--batch-size",
+            "500",
+            "--min-batch-size",
+            "100",
+            "--max-batch-size",
+            "1000",
+            "--max-queue-size",
+            "10000",
+            "--min-batch-interval",
+            "0s",
+            "--flush-interval",
+            "50ms",
+        ],
+    )
+    .unwrap();
+
+    // Senders: chunks of 5,000 on fresh connections, paced so that sending spans the restart.
+    let socket = agent.socket.clone();
+    let sender = std::thread::spawn(move || {
+        let mut refused = 0;
+        for k in 0..TOTAL / CHUNK {
+            let reply = send(&socket, k * CHUNK..(k + 1) * CHUNK);
+            if !reply.is_empty() {
+                refused += 1;
+                eprintln!("chunk {k} got {}", String::from_utf8_lossy(&reply));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        refused
+    });
+
+    // Kill the server once a fair share is delivered, while batches are in flight.
+    let delivered = |a: &Agent| a.metric("nanogate_sidecar_delivered_total").unwrap_or(0.0) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered(&agent) < 20_000 {
+        assert!(
+            Instant::now() < deadline,
+            "no delivery: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_kill = delivered(&agent);
+    nats.kill9();
+    // Longer than the ack timeout (2 s): the batch in flight fails and is retried, and what
+    // the client had buffered reaches the restarted server too — the same ids, twice.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during_outage = delivered(&agent);
+    nats.restart().unwrap();
+    let restarted_at = started.elapsed();
+
+    assert_eq!(sender.join().unwrap(), 0, "some publishes were refused");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while delivered(&agent) < TOTAL {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {TOTAL} delivered; log:\n{}",
+            delivered(&agent),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered_total = delivered(&agent);
+    let spool_retries = agent
+        .metric("nanogate_sidecar_upstream_errors_total{kind=\"retryable\"}")
+        .unwrap_or(0.0);
+
+    // Read the stream back: ids, payloads, duplicates.
+    let js = js(&nats).await;
+    let stored = read_stream(&js, "NANOGATE").await;
+    let mut by_data_id: HashMap<u64, usize> = HashMap::new();
+    let mut by_msg_id: HashMap<String, usize> = HashMap::new();
+    for (subject, msg_id, payload) in &stored {
+        assert_eq!(subject, SUBJECT);
+        let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        let id = v["data"]["id"].as_u64().expect("data.id");
+        assert_eq!(
+            v["data"]["payload"],
+            "the quick brown fox jumps over the lazy dog"
+        );
+        assert_eq!(v["source"], "test-ns/test-pod");
+        *by_data_id.entry(id).or_default() += 1;
+        *by_msg_id.entry(msg_id.clone()).or_default() += 1;
+    }
+    let duplicates: usize = by_data_id.values().map(|c| c - 1).sum();
+    let missing = (0..TOTAL).filter(|i| !by_data_id.contains_key(i)).count();
+    let dedup_hits: usize = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("de-duplicated"))
+        .filter_map(|l| l.split("duplicates=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    println!(
+        "nats acceptance: sent {TOTAL}, delivered (agent) {delivered_total}, in stream {}, distinct ids {}, \
+         duplicates {duplicates}, missing {missing}, distinct Nats-Msg-Id {}, server-side de-duplicated \
+         retries {dedup_hits}; killed at {at_kill} delivered ({during_outage} during the outage), \
+         restarted at {:.1}s, retryable upstream errors {spool_retries}, total {:.1}s",
+        stored.len(),
+        by_data_id.len(),
+        by_msg_id.len(),
+        restarted_at.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(missing, 0);
+    assert_eq!(duplicates, 0);
+    assert_eq!(stored.len() as u64, TOTAL);
+    assert_eq!(
+        by_msg_id.len() as u64,
+        TOTAL,
+        "every message has its own Nats-Msg-Id"
+    );
+    assert!(
+        spool_retries >= 1.0,
+        "the restart should have forced at least one retry"
+    );
+}
+
+/// `msg_check` pulls what the platform published to the inbox subject (durable consumer,
+/// each message handed out once); `wait:true` relays the JetStream ack; `dest` becomes
+/// subject tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msg_check_wait_and_dest() {
+    if !have_nats() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(&dir.path().join("nats")).unwrap();
+    let agent = start_agent(&nats, &dir.path().join("agent"), &[]).unwrap();
+    let socket = agent.socket.clone();
+    let req = |m: &'static str| {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || request(&socket, m))
+    };
+
+    // Empty inbox: the Tendrl `204` (and the stream and consumer now exist).
+    assert_eq!(req(r#"{"msg_type":"msg_check"}"#).await.unwrap(), "204");
+
+    let js = js(&nats).await;
+    for i in 0..3 {
+        js.publish(INBOX, format!(r#"{{"command":"reboot","n":{i}}}"#).into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let reply = req(r#"{"msg_type":"msg_check","context":{"limit":10}}"#)
+        .await
+        .unwrap();
+    let got: Vec<serde_json::Value> =
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    let ns: Vec<u64> = got.iter().map(|m| m["n"].as_u64().unwrap()).collect();
+    assert_eq!(ns, vec![0, 1, 2]);
+    // Acknowledged: not handed out again.
+    assert_eq!(req(r#"{"msg_type":"msg_check"}"#).await.unwrap(), "204");
+
+    // wait:true publishes at once and relays the ack.
+    let reply =
+        req(r#"{"msg_type":"publish","data":{"x":1},"context":{"wait":true},"dest":"eu/berlin"}"#)
+            .await
+            .unwrap();
+    let ack: serde_json::Value =
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    assert_eq!(ack["status"], "ok", "{reply}");
+    assert_eq!(ack["stream"], "NANOGATE");
+    assert_eq!(ack["subject"], format!("{SUBJECT}.eu.berlin"));
+    let seq = ack["seq"].as_u64().unwrap();
+    let stored = js
+        .get_stream("NANOGATE")
+        .await
+        .unwrap()
+        .get_raw_message(seq)
+        .await
+        .unwrap();
+    assert_eq!(stored.subject.as_str(), format!("{SUBJECT}.eu.berlin"));
+    println!("wait:true ack: {reply}");
+}
+
+/// Wrong password: the agent starts (the spool still accepts), says why nothing is delivered,
+/// and `wait:true` answers an error that names the cause. A missing credentials file stops
+/// the agent at start with the option's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_a_clear_error() {
+    if !have_nats() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nats =
+        NatsServer::start_with_auth(&dir.path().join("nats"), Some(("agent", "s3cret"))).unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    let agent = start_agent(
+        &nats,
+        &dir.path().join("agent"),
+        &[
+            "--nats-user",
+            "agent",
+            "--nats-password-file",
+            pw.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    // Accepted into the spool even though the upstream refuses us.
+    assert!(send(&agent.socket, 0..10).is_empty());
+    // The first connection attempt may still be under way: ask until it has failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let socket = agent.socket.clone();
+        let reply = tokio::task::spawn_blocking(move || {
+            request(
+                &socket,
+                r#"{"msg_type":"publish","data":{"x":1},"context":{"wait":true}}"#,
+            )
+        })
+        .await
+        .unwrap();
+        if reply.contains("authorization") || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("wait:true with a wrong password: {reply}");
+    assert!(reply.contains("\"status\":\"error\""), "{reply}");
+    assert!(reply.contains("authorization violation"), "{reply}");
+    assert!(reply.contains("check the credentials"), "{reply}");
+    assert_eq!(
+        agent
+            .metric("nanogate_sidecar_delivered_total")
+            .unwrap_or(0.0),
+        0.0
+    );
+
+    // The right password later: the spooled messages go out.
+    drop(agent);
+    std::fs::write(&pw, "s3cret").unwrap();
+    let agent = start_agent(
+        &nats,
+        &dir.path().join("agent"),
+        &[
+            "--nats-user",
+            "agent",
+            "--nats-password-file",
+            pw.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent
+        .metric("nanogate_sidecar_delivered_total")
+        .unwrap_or(0.0)
+        < 10.0
+    {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A credentials file that does not exist: refuses to start, naming the option.
+    let e = start_agent(
+        &nats,
+        &dir.path().join("agent2"),
+        &["--nats-creds-file", "/nonexistent/user.creds"],
+    )
+    .err()
+    .expect("the agent must not start")
+    .to_string();
+    assert!(e.contains("nats_creds_file"), "{e}");
+}
