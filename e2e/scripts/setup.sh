@@ -50,6 +50,17 @@ if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x
   rustup target add x86_64-unknown-linux-musl >&2
 fi
 
+# NATS JetStream (issue 8): Debian's nats-server is the real peer of the sidecar's `nats`
+# upstream in sidecar/tests/nats.rs and its benchmark line; the tests start their own
+# `nats-server -js` on a free loopback port (without it they print SKIPPED).
+if [ ! -x /usr/sbin/nats-server ] && ! command -v nats-server >/dev/null; then
+  log "installing Debian package: nats-server"
+  $SUDO apt-get update -qq >&2
+  $SUDO apt-get install -y -qq nats-server >&2
+else
+  log "Debian package present (nats-server)"
+fi
+
 assets=$(bash "$here/k8s-assets.sh")
 log "control-plane binaries: $assets"
 
