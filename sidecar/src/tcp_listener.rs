@@ -34,8 +34,9 @@ use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Secret};
+use crate::metrics::Metrics;
 use crate::socket::server::Shared;
-use crate::spool::{AppendError, RecordBuf};
+use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;
 
 /// How long connections get to finish after shutdown was requested.
@@ -132,6 +133,27 @@ pub struct TcpSettings {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub max_connections: usize,
+}
+
+/// What the listener shares with the app socket: data frames are validated with the same
+/// limits, stamped with the same `source`, appended to the same spool and counted in the same
+/// metrics. (No upstream: `msg_check` and `wait:true` are not served over TCP.)
+pub struct Ingest {
+    pub limits: nanogate_protocol::app::Limits,
+    pub spool: Arc<Spool>,
+    pub metrics: Arc<Metrics>,
+    pub source: String,
+}
+
+impl<U: Upstream> From<&Shared<U>> for Ingest {
+    fn from(shared: &Shared<U>) -> Self {
+        Ingest {
+            limits: shared.limits,
+            spool: shared.spool.clone(),
+            metrics: shared.metrics.clone(),
+            source: shared.source.clone(),
+        }
+    }
 }
 
 /// A bound TCP listener, not serving yet.
@@ -231,7 +253,8 @@ impl TcpServer {
         let metrics = Arc::new(TcpMetrics::register(registry)?);
         let stop = Arc::new(Notify::new());
         let stopped = stop.clone();
-        let task = tokio::spawn(self.run(shared, metrics, async move {
+        let ingest = Arc::new(Ingest::from(&*shared));
+        let task = tokio::spawn(self.run(ingest, metrics, async move {
             stopped.notified().await;
         }));
         Ok(TcpHandle { stop, task })
@@ -239,9 +262,9 @@ impl TcpServer {
 
     /// Serves until `shutdown` completes, then stops accepting, tells connections to close
     /// (what they already read is committed to the spool) and waits briefly for them.
-    pub async fn run<U: Upstream>(
+    pub async fn run(
         self,
-        shared: Arc<Shared<U>>,
+        shared: Arc<Ingest>,
         metrics: Arc<TcpMetrics>,
         shutdown: impl Future<Output = ()>,
     ) {
@@ -362,14 +385,14 @@ struct Step {
     authenticated: bool,
 }
 
-struct Connection<U: Upstream> {
-    shared: Arc<Shared<U>>,
+struct Connection {
+    shared: Arc<Ingest>,
     metrics: Arc<TcpMetrics>,
     settings: Arc<TcpSettings>,
     peer: SocketAddr,
 }
 
-impl<U: Upstream> Connection<U> {
+impl Connection {
     /// Serves one connection; returns why it ended (`disconnects_total{reason}`).
     async fn serve<S>(&self, stream: S, mut stop: watch::Receiver<bool>) -> &'static str
     where
@@ -589,5 +612,159 @@ impl<U: Upstream> Connection<U> {
             None => true,
             Some(t) => tcp::token_matches(t.expose().as_bytes(), presented.as_bytes()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::SpoolOptions;
+    use serde_json::Value;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, Lines, ReadHalf};
+
+    fn connection(dir: &std::path::Path, token: Option<&str>) -> Connection {
+        let spool = Spool::open(SpoolOptions {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            segment_bytes: 1 << 16,
+            sync_interval: Duration::from_secs(1),
+        })
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        Connection {
+            metrics: Arc::new(TcpMetrics::register(&metrics.registry).unwrap()),
+            shared: Arc::new(Ingest {
+                limits: Default::default(),
+                spool,
+                metrics,
+                source: "ns/pod".into(),
+            }),
+            settings: Arc::new(TcpSettings {
+                token: token.map(Secret::new),
+                keepalive_interval: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(30),
+                max_connections: 1,
+            }),
+            peer: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    type Reader = Lines<BufReader<ReadHalf<DuplexStream>>>;
+
+    /// Serves `conn` over an in-memory stream: (frames from the agent, writer to it, stop,
+    /// the task returning the disconnect reason).
+    fn serve(
+        conn: Connection,
+    ) -> (
+        Reader,
+        WriteHalf<DuplexStream>,
+        watch::Sender<bool>,
+        JoinHandle<&'static str>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(async move { conn.serve(server, stop_rx).await });
+        let (rd, wr) = tokio::io::split(client);
+        (BufReader::new(rd).lines(), wr, stop_tx, task)
+    }
+
+    async fn frame(r: &mut Reader) -> Option<Value> {
+        r.next_line()
+            .await
+            .unwrap()
+            .map(|l| serde_json::from_str(&l).unwrap())
+    }
+
+    /// Keep-alive timing on tokio's paused clock with the default 10 s / 30 s: the agent's
+    /// keep-alives go out every 10 s, do not keep the peer alive, and the peer's own frame
+    /// moves the deadline to 30 s after it.
+    #[tokio::test(start_paused = true)]
+    async fn dead_peer_is_measured_from_the_peers_last_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rd, mut wr, _stop, task) = serve(connection(dir.path(), None));
+        let start = Instant::now();
+        wr.write_all(b"{\"type\":\"ping\",\"id\":1}\n")
+            .await
+            .unwrap();
+        let pong = frame(&mut rd).await.unwrap();
+        assert_eq!(
+            (pong["type"].as_str(), pong["id"].as_u64()),
+            (Some("pong"), Some(1))
+        );
+        for at in [10, 20] {
+            assert_eq!(frame(&mut rd).await.unwrap()["type"], "keepalive");
+            assert_eq!(start.elapsed(), Duration::from_secs(at));
+        }
+        // The peer speaks at t=20 s: it now has until t=50 s.
+        wr.write_all(b"{\"type\":\"keepalive\"}\n").await.unwrap();
+        let close = loop {
+            let f = frame(&mut rd).await.expect("a close frame before EOF");
+            if f["type"] == "close" {
+                break f;
+            }
+            assert_eq!(f["type"], "keepalive");
+            assert_eq!(start.elapsed().as_secs() % 10, 0);
+        };
+        assert_eq!(start.elapsed(), Duration::from_secs(50));
+        assert_eq!(
+            close["payload"]["reason"],
+            "keep-alive timeout: no frame from the peer for 30s"
+        );
+        assert!(
+            frame(&mut rd).await.is_none(),
+            "closed after the close frame"
+        );
+        assert_eq!(task.await.unwrap(), "keepalive_timeout");
+    }
+
+    #[tokio::test]
+    async fn token_is_required_first_and_data_is_acked_after_the_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let data =
+            b"{\"type\":\"data\",\"id\":\"d\",\"payload\":{\"msg_type\":\"publish\",\"data\":1}}\n";
+
+        // Data before auth: refused, closed, nothing spooled.
+        let conn = connection(&dir.path().join("a"), Some("s3cret"));
+        let spool = conn.shared.spool.clone();
+        let (mut rd, mut wr, _stop, task) = serve(conn);
+        wr.write_all(data).await.unwrap();
+        let e = frame(&mut rd).await.unwrap();
+        assert_eq!(
+            (e["type"].as_str(), e["id"].as_str()),
+            (Some("error"), Some("d"))
+        );
+        assert!(frame(&mut rd).await.is_none());
+        assert_eq!(task.await.unwrap(), "unauthorized");
+        assert_eq!(spool.pending_msgs(), 0);
+
+        // Wrong token: refused.
+        let (mut rd, mut wr, _stop, task) =
+            serve(connection(&dir.path().join("b"), Some("s3cret")));
+        wr.write_all(b"{\"type\":\"auth\",\"token\":\"s3creT\"}\n")
+            .await
+            .unwrap();
+        assert_eq!(frame(&mut rd).await.unwrap()["type"], "error");
+        assert_eq!(task.await.unwrap(), "unauthorized");
+
+        // Right token, then data in the same write: auth ok, ack, one message spooled.
+        let conn = connection(&dir.path().join("c"), Some("s3cret"));
+        let spool = conn.shared.spool.clone();
+        let (mut rd, mut wr, stop, task) = serve(conn);
+        let mut both = b"{\"type\":\"auth\",\"id\":0,\"token\":\"s3cret\"}\n".to_vec();
+        both.extend_from_slice(data);
+        wr.write_all(&both).await.unwrap();
+        let ok = frame(&mut rd).await.unwrap();
+        assert_eq!(
+            (ok["type"].as_str(), ok["id"].as_u64()),
+            (Some("auth"), Some(0))
+        );
+        assert_eq!(frame(&mut rd).await.unwrap()["type"], "ack");
+        assert_eq!(spool.pending_msgs(), 1);
+
+        // Shutdown: close "shutting down".
+        stop.send(true).unwrap();
+        let close = frame(&mut rd).await.unwrap();
+        assert_eq!(close["payload"]["reason"], "shutting down");
+        assert_eq!(task.await.unwrap(), "shutdown");
     }
 }
