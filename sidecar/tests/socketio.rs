@@ -780,3 +780,63 @@ fn wait_all(second: &Platform, before: &[u64], total: u64) -> bool {
         ids.len() as u64 == total
     })
 }
+
+/// Mutual TLS is enforced end to end: an agent without a client certificate is refused by the
+/// platform's TLS, stays disconnected, keeps every message spooled and says why in `/healthz`.
+#[test]
+fn without_a_client_certificate_the_platform_refuses_the_agent() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let port = free_port();
+    let platform = Platform::start(&py, port, &certs, &[]);
+    let agent = Agent::start(AgentConfig {
+        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        dir: dir.path().join("agent"),
+        upstream_url: format!("wss://localhost:{port}"),
+        api_key: API_KEY.into(),
+        extra_args: [
+            "--upstream-kind",
+            "socketio",
+            "--upstream-ca",
+            certs.ca.to_str().unwrap(),
+            "--flush-interval",
+            "50ms",
+            "--socketio-ack-timeout",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })
+    .expect("starting nano-agent");
+    send(&agent.socket, 0..5);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        platform.events("connect").is_empty(),
+        "the platform let an agent without a client certificate in"
+    );
+    assert_ne!(
+        agent.metric("nanogate_sidecar_upstream_connection_state"),
+        Some(2.0)
+    );
+    assert!(
+        agent
+            .metric("nanogate_sidecar_upstream_reconnects_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(0.0));
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(5.0));
+    let (_, health) = agent.http_get("/healthz").unwrap();
+    let health: Value = serde_json::from_str(&health).unwrap();
+    let error = health["upstream"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("socketio") || error.contains("Socket.IO"),
+        "{health}"
+    );
+    println!("refused agent's last_error: {error}");
+}
