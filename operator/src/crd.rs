@@ -212,15 +212,23 @@ pub struct SocketIoOptions {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NatsOptions {
-    /// Subject messages are published to. Default `nanogate.messages`.
+    /// Subject template messages are published to: `{namespace}` and `{gateway}` are
+    /// replaced by the gateway's (and `{pod}` by the pod's); a message's `dest` is appended as
+    /// further tokens. Default `nanogate.{namespace}.{gateway}`.
     #[serde(default = "default_nats_subject")]
     pub subject: String,
-    /// JetStream stream name. Default `NANOGATE`.
+    /// JetStream stream name; the sidecar creates it when missing. Default `NANOGATE`.
     #[serde(default = "default_nats_stream")]
     pub stream: String,
-    /// Durable consumer used for `msg_check`. Default `nanogate`.
+    /// Durable pull consumer `msg_check` reads from (placeholders as in `subject`); it is
+    /// filtered on the gateway's inbox subject `nanogate-inbox.{namespace}.{gateway}`.
+    /// Default `nanogate-{namespace}-{gateway}`.
     #[serde(default = "default_nats_consumer")]
     pub durable_consumer: String,
+    /// Secret and key holding a NATS credentials file (`.creds`: JWT and NKey seed), mounted
+    /// into the sidecar. Default: none; the API key is then sent as a NATS token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeySelector>,
 }
 
 /// Dynamic batch sizing (Tendrl client configuration).
@@ -457,13 +465,13 @@ fn default_socketio_namespace() -> String {
     "/".into()
 }
 fn default_nats_subject() -> String {
-    "nanogate.messages".into()
+    "nanogate.{namespace}.{gateway}".into()
 }
 fn default_nats_stream() -> String {
     "NANOGATE".into()
 }
 fn default_nats_consumer() -> String {
-    "nanogate".into()
+    "nanogate-{namespace}-{gateway}".into()
 }
 fn default_flush_interval() -> String {
     "250ms".into()
@@ -921,6 +929,13 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
             ),
         );
     }
+    if let Some(creds) = u
+        .nats
+        .as_ref()
+        .and_then(|n| n.credentials_secret_ref.as_ref())
+    {
+        c.secret_key("spec.upstream.nats.credentialsSecretRef", creds);
+    }
     if u.nats.is_some() && u.kind != UpstreamKind::Nats {
         c.fail(
             "spec.upstream.nats",
@@ -1116,6 +1131,8 @@ pub struct InjectionSettings {
     pub api_key_secret: SecretKeySelector,
     /// TLS Secrets the sidecar mounts, if any.
     pub tls: Option<UpstreamTls>,
+    /// Secret with the NATS credentials file the sidecar mounts (`kind: nats`), if any.
+    pub nats_credentials: Option<SecretKeySelector>,
     /// `metadata.generation` of the gateway, if known.
     pub generation: Option<i64>,
 }
@@ -1148,6 +1165,11 @@ impl AgentGateway {
             config_hash: cfg.hash(),
             api_key_secret: spec.upstream.api_key_secret_ref.clone(),
             tls: spec.upstream.tls.clone(),
+            nats_credentials: spec
+                .upstream
+                .nats
+                .as_ref()
+                .and_then(|n| n.credentials_secret_ref.clone()),
             generation: self.metadata.generation,
         })
     }

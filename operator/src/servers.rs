@@ -136,6 +136,14 @@ pub fn injection_config(
             });
         }
     }
+    if let Some(creds) = &settings.nats_credentials {
+        secret_mounts.push(SecretMount {
+            volume_name: "nanogate-nats-credentials".into(),
+            secret_name: creds.name.clone(),
+            mount_path: crate::controller::build::NATS_CREDENTIALS_DIR.into(),
+            items: Vec::new(),
+        });
+    }
     let mut cfg = InjectionConfig::with_defaults(
         &settings.gateway,
         &settings.image,
@@ -584,5 +592,25 @@ mod tests {
             }))
         );
         assert!(!cfg.cluster_supports_native_sidecars);
+    }
+
+    #[test]
+    fn nats_credentials_secret_is_mounted_where_the_config_points() {
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: nats, url: 'tls://nats:4222', apiKeySecretRef: {name: key}, nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}}\n",
+        )
+        .unwrap();
+        let cfg = injection_config(&gw.injection_settings().unwrap(), "127.0.0.1:7051", false);
+        let mount = cfg
+            .secret_mounts
+            .iter()
+            .find(|m| m.secret_name == "nats-user")
+            .expect("credentials Secret mounted");
+        let file = crate::controller::build::sidecar_config(&gw.spec)
+            .unwrap()
+            .upstream
+            .nats_creds_file
+            .unwrap();
+        assert_eq!(file, format!("{}/user.creds", mount.mount_path));
     }
 }

@@ -123,6 +123,14 @@ fn full_config_maps_every_field_and_never_the_key() {
     );
     assert_eq!(cfg.upstream.nats_subject.as_deref(), Some("apps.messages"));
     assert_eq!(cfg.upstream.nats_stream.as_deref(), Some("NANOGATE"));
+    assert_eq!(
+        cfg.upstream.nats_durable_consumer.as_deref(),
+        Some("nanogate-{namespace}-{gateway}")
+    );
+    assert_eq!(
+        cfg.upstream.nats_creds_file.as_deref(),
+        Some("/etc/nanogate/nats-credentials/user.creds")
+    );
     assert_eq!(cfg.batching.max_batch_size, 400);
     assert_eq!(cfg.batching.max_batch_interval_ms, 2000);
     assert_eq!(cfg.delivery.spool_size_limit_bytes, 128 << 20);

@@ -23,6 +23,8 @@ pub const API_KEY_ENV: &str = "TENDRL_KEY";
 pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
 /// Where the injector mounts `spec.upstream.tls.clientCertSecretRef` (`tls.crt`, `tls.key`).
 pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
+/// Where the injector mounts `spec.upstream.nats.credentialsSecretRef` (file name = the key).
+pub const NATS_CREDENTIALS_DIR: &str = "/etc/nanogate/nats-credentials";
 /// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
 pub const CONFIG_DIR: &str = "/etc/nanogate/agent";
 
@@ -85,6 +87,9 @@ pub struct UpstreamConfig {
     /// NATS durable consumer (`nats` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats_durable_consumer: Option<String>,
+    /// NATS credentials file (`nats` only), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_creds_file: Option<String>,
 }
 
 /// Batching part of [`SidecarConfig`].
@@ -181,6 +186,11 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
             nats_subject: u.nats.as_ref().map(|o| o.subject.clone()),
             nats_stream: u.nats.as_ref().map(|o| o.stream.clone()),
             nats_durable_consumer: u.nats.as_ref().map(|o| o.durable_consumer.clone()),
+            nats_creds_file: u
+                .nats
+                .as_ref()
+                .and_then(|o| o.credentials_secret_ref.as_ref())
+                .map(|s| format!("{NATS_CREDENTIALS_DIR}/{}", s.key)),
         },
         batching: BatchingConfig {
             flush_interval_ms: ms(&b.flush_interval),

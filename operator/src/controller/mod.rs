@@ -171,6 +171,18 @@ async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Resu
             ));
         }
     }
+    if let Some(creds) = spec
+        .upstream
+        .nats
+        .as_ref()
+        .and_then(|n| n.credentials_secret_ref.as_ref())
+    {
+        wanted.push((
+            "spec.upstream.nats.credentialsSecretRef",
+            &creds.name,
+            vec![&creds.key],
+        ));
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for (field, name, keys) in wanted {
         let secret = secrets
