@@ -331,10 +331,30 @@ async fn opted_out_pods_are_left_alone_and_invalid_gateways_are_denied() -> Resu
     Ok(())
 }
 
+/// Reasons of the events about object `name` in `ns`, with their notes.
+async fn events_about(client: &Client, ns: &str, name: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect())
+}
+
+/// `failurePolicy: Ignore` with the webhook down: the pod is admitted without a sidecar. Once
+/// the operator runs, the gateway's status counts it (`notInjected`) and an event names it;
+/// `nanogate.io/repair: rollout` on the gateway restarts its Deployment, whose new pod is
+/// injected.
 #[tokio::test]
-async fn webhook_down_with_ignore_admits_the_pod_without_injection() -> Result<()> {
+async fn webhook_down_with_ignore_admits_uninjected_pods_which_are_reported_and_repaired()
+-> Result<()> {
     let cp = ControlPlane::shared().await?;
     let client = cp.client().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let operator_ns = TestNamespace::create(&client, "down-op").await?;
     let ns = TestNamespace::create(&client, "down").await?;
     cp.kubectl(&[
         "label",
@@ -342,7 +362,7 @@ async fn webhook_down_with_ignore_admits_the_pod_without_injection() -> Result<(
         ns.name(),
         &format!("{SELECTOR_LABEL}={}", ns.name()),
     ])?;
-    // Nothing listens on this port.
+    // Nothing listens on this port yet.
     let port = nanogate_e2e::free_port()?;
     let name = format!("nanogate-{}", ns.name());
     nanogate_e2e::apply_yaml(
@@ -354,12 +374,158 @@ async fn webhook_down_with_ignore_admits_the_pod_without_injection() -> Result<(
         .create(&PostParams::default(), &app_pod("unserved")?)
         .await?;
     assert!(sidecar(&stored).is_none(), "admitted, not injected");
+    pods.delete("unserved", &Default::default()).await?;
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: platform-key, namespace: {ns}}}
+stringData: {{apiKey: e2e-key}}
+---
+apiVersion: nanogate.io/v1alpha1
+kind: AgentGateway
+metadata: {{name: shop, namespace: {ns}}}
+spec:
+  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  replicas: 1
+  # Pods never become ready here (no kubelet): Recreate replaces them without waiting.
+  strategy: {{type: Recreate}}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata:
+      labels: {{app: web}}
+      annotations: {{nanogate.io/inject: "true"}}
+    spec:
+      containers: [{{name: web, image: "python:3.12-slim"}}]
+"#,
+            ns = ns.name()
+        ),
+    )?;
+    let first = wait_for("the Deployment's pod", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels("app=web")).await?;
+            Ok(list.items.into_iter().next())
+        }
+    })
+    .await?;
     assert!(
-        stored
-            .metadata
-            .annotations
-            .unwrap_or_default()
-            .contains_key("nanogate.io/inject")
+        sidecar(&first).is_none(),
+        "created while the webhook was down"
+    );
+    let first_name = first.metadata.name.clone().context("pod name")?;
+
+    // The operator comes up (controller + webhook on the registered port).
+    let operator = nanogate_e2e::Process::spawn_with_env(
+        "nanogate-operator",
+        &nanogate_e2e::workspace_binary("nanogate-operator")?,
+        &[
+            "run".into(),
+            format!("--admin-addr=127.0.0.1:{}", nanogate_e2e::free_port()?),
+            format!("--namespace={}", ns.name()),
+            "--leader-elect=false".into(),
+            format!("--operator-namespace={}", operator_ns.name()),
+            format!("--webhook-addr=127.0.0.1:{port}"),
+            format!("--mutating-webhook-configs={name}"),
+            format!("--validating-webhook-configs={name}"),
+            "--extra-sans=127.0.0.1".into(),
+        ],
+        &[("KUBECONFIG", cp.kubeconfig_path().display().to_string())],
+        cp.dir(),
+    )?;
+    let gateways = nanogate_e2e::agentgateways(&client, ns.name());
+    let counts = wait_for(
+        "the uninjected pod counted in the gateway status",
+        Duration::from_secs(30),
+        || {
+            let gateways = gateways.clone();
+            async move {
+                let sidecars = gateways.get("shop").await?.data["status"]["sidecars"].clone();
+                Ok((sidecars["notInjected"] == 1).then_some(sidecars))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(operator.log_tail(20)))?;
+    assert_eq!(counts["expected"], 1, "{counts}");
+    let events = wait_for("a PodsNotInjected event", Duration::from_secs(20), || {
+        let client = client.clone();
+        let ns = ns.name().to_string();
+        async move {
+            let events = events_about(&client, &ns, "shop").await?;
+            Ok(events
+                .into_iter()
+                .find(|(reason, _)| reason == "PodsNotInjected"))
+        }
+    })
+    .await?;
+    assert!(
+        events.1.contains(&first_name),
+        "names the pod: {}",
+        events.1
+    );
+    assert!(
+        events.1.contains("nanogate.io/repair=rollout"),
+        "says what to do: {}",
+        events.1
+    );
+
+    // Opt in to repair: the operator restarts the Deployment; its new pod gets the sidecar.
+    cp.kubectl(&[
+        "annotate",
+        "agw",
+        "shop",
+        "-n",
+        ns.name(),
+        "nanogate.io/repair=rollout",
+    ])?;
+    let replacement = wait_for(
+        "an injected replacement pod",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels("app=web")).await?;
+                Ok(list.items.into_iter().find(|p| sidecar(p).is_some()))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(operator.log_tail(20)))?;
+    let restarted = events_about(&client, ns.name(), "shop")
+        .await?
+        .into_iter()
+        .find(|(reason, _)| reason == "RolloutRestarted")
+        .context("a RolloutRestarted event")?;
+    assert!(restarted.1.contains("Deployment web"), "{}", restarted.1);
+    let template = Api::<Deployment>::namespaced(client.clone(), ns.name())
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert!(
+        template.contains_key("nanogate.io/restartedAt"),
+        "{template:?}"
+    );
+    wait_for("notInjected back to 0", Duration::from_secs(30), || {
+        let gateways = gateways.clone();
+        async move {
+            let sidecars = gateways.get("shop").await?.data["status"]["sidecars"].clone();
+            Ok((sidecars["notInjected"] == 0 && sidecars["expected"] == 1).then_some(()))
+        }
+    })
+    .await?;
+    eprintln!(
+        "[injection] {first_name} admitted without sidecar → reported → Deployment restarted → {} injected",
+        replacement.metadata.name.unwrap_or_default()
     );
     Ok(())
 }

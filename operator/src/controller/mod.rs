@@ -486,6 +486,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     }
     let controller = Controller::new(gateways, watcher::Config::default().any_semantic());
     let store = controller.store();
+    let pod_store = store.clone();
     controller
         .owns(
             ctx.api::<ConfigMap>(),
@@ -507,15 +508,38 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                     .collect::<Vec<_>>()
             },
         )
-        .watches(ctx.api::<Pod>(), watcher::Config::default(), |pod: Pod| {
-            let ns = pod.namespace();
-            pod.metadata
-                .annotations
-                .as_ref()
-                .and_then(build::pod_gateway)
-                .zip(ns)
-                .map(|(gw, ns)| ObjectRef::<AgentGateway>::new(&gw).within(&ns))
-        })
+        .watches(
+            ctx.api::<Pod>(),
+            watcher::Config::default(),
+            move |pod: Pod| {
+                let ns = pod.namespace().unwrap_or_default();
+                if let Some(gateway) = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(build::pod_gateway)
+                {
+                    return vec![ObjectRef::<AgentGateway>::new(&gateway).within(&ns)];
+                }
+                // A pod naming no gateway may still expect its namespace's only one (opted in by
+                // the namespace label, or injected while the webhook was down): recount them all.
+                let opted_out = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::crd::INJECT_ANNOTATION))
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+                if opted_out {
+                    return Vec::new();
+                }
+                pod_store
+                    .state()
+                    .into_iter()
+                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+                    .map(|gw| ObjectRef::from_obj(&*gw))
+                    .collect()
+            },
+        )
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -19,7 +19,8 @@ use serde_json::json;
 
 use super::{Error, Result, build};
 use crate::FIELD_MANAGER;
-use crate::crd::INJECTED_ANNOTATION;
+use crate::crd::{AgentGateway, GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION};
+use crate::webhook::inject::NAMESPACE_INJECTION_LABEL;
 
 /// Gateway annotation that opts into automatic repair; the only value is `rollout`.
 pub const REPAIR_ANNOTATION: &str = "nanogate.io/repair";
@@ -40,26 +41,67 @@ pub struct Census {
     pub not_injected: Vec<ObjectMeta>,
 }
 
+/// What decides pod membership besides the pod's own annotations.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scope {
+    /// The namespace carries `nanogate.io/injection=enabled`.
+    pub namespace_opted_in: bool,
+    /// The gateway is its namespace's only one (pods naming no gateway get it).
+    pub only_gateway: bool,
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(|v| v.trim())
+}
+
+/// The pod's own opt-in: `Some(true/false)` from `nanogate.io/inject`, `None` when the
+/// namespace label decides.
+fn pod_opt_in(meta: &ObjectMeta) -> Option<bool> {
+    match annotation(meta, INJECT_ANNOTATION) {
+        Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    }
+}
+
+fn is_injected(meta: &ObjectMeta) -> bool {
+    annotation(meta, INJECTED_ANNOTATION).is_some()
+}
+
+/// Whether the pod expects a sidecar of gateway `name` — the webhook's decision, replayed.
+pub fn belongs(meta: &ObjectMeta, name: &str, scope: Scope) -> bool {
+    if meta.deletion_timestamp.is_some() {
+        return false;
+    }
+    if is_injected(meta) {
+        return meta
+            .annotations
+            .as_ref()
+            .and_then(build::pod_gateway)
+            .is_some_and(|g| g == name);
+    }
+    if !pod_opt_in(meta).unwrap_or(scope.namespace_opted_in) {
+        return false;
+    }
+    match annotation(meta, GATEWAY_ANNOTATION).filter(|g| !g.is_empty()) {
+        Some(gateway) => gateway == name,
+        None => scope.only_gateway,
+    }
+}
+
 impl Census {
     /// Counts `pods` (metadata only) that belong to gateway `name`.
-    pub fn of(pods: impl IntoIterator<Item = ObjectMeta>, name: &str) -> Self {
+    pub fn of(pods: impl IntoIterator<Item = ObjectMeta>, name: &str, scope: Scope) -> Self {
         let mut census = Self::default();
         for meta in pods {
-            let belongs = meta.deletion_timestamp.is_none()
-                && meta
-                    .annotations
-                    .as_ref()
-                    .and_then(build::pod_gateway)
-                    .is_some_and(|g| g == name);
-            if !belongs {
+            if !belongs(&meta, name, scope) {
                 continue;
             }
             census.expected = census.expected.saturating_add(1);
-            let injected = meta
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
-            if !injected {
+            if !is_injected(&meta) {
                 census.not_injected.push(meta);
             }
         }
@@ -98,14 +140,48 @@ impl Census {
     }
 }
 
-/// Lists the metadata of the namespace's pods and counts those of gateway `name`.
+/// Lists the metadata of the namespace's pods and counts those of gateway `name`. The
+/// namespace's label and its other gateways are read only when some pod's membership depends
+/// on them (a pod without `nanogate.io/inject`, or without `nanogate.io/gateway`).
 pub async fn census(client: &Client, ns: &str, name: &str) -> Result<Census> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list = pods
         .list_metadata(&ListParams::default())
         .await
         .map_err(Error::PodList)?;
-    Ok(Census::of(list.items.into_iter().map(|p| p.metadata), name))
+    let undecided = || {
+        list.items
+            .iter()
+            .map(|p| &p.metadata)
+            .filter(|m| m.deletion_timestamp.is_none() && !is_injected(m))
+    };
+    let mut scope = Scope::default();
+    if undecided().any(|m| pod_opt_in(m).is_none()) {
+        let namespace = Api::<Namespace>::all(client.clone())
+            .get_metadata_opt(ns)
+            .await
+            .map_err(Error::PodList)?;
+        scope.namespace_opted_in = namespace
+            .and_then(|n| n.metadata.labels)
+            .and_then(|l| l.get(NAMESPACE_INJECTION_LABEL).cloned())
+            .is_some_and(|v| v == "enabled");
+    }
+    let needs_gateways = undecided().any(|m| {
+        pod_opt_in(m) != Some(false) && annotation(m, GATEWAY_ANNOTATION).is_none_or(str::is_empty)
+    });
+    if needs_gateways {
+        let gateways = Api::<AgentGateway>::namespaced(client.clone(), ns)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(Error::PodList)?;
+        scope.only_gateway = matches!(gateways.items.as_slice(),
+            [only] if only.metadata.name.as_deref() == Some(name));
+    }
+    Ok(Census::of(
+        list.items.into_iter().map(|p| p.metadata),
+        name,
+        scope,
+    ))
 }
 
 /// Whether the gateway asked for automatic repair.
@@ -248,7 +324,7 @@ mod tests {
                 ],
             ),
         ];
-        let census = Census::of(pods, "shop");
+        let census = Census::of(pods, "shop", Scope::default());
         assert_eq!(census.expected, 3);
         let names: Vec<_> = census
             .not_injected
@@ -257,6 +333,50 @@ mod tests {
             .collect();
         assert_eq!(names, ["a-plain", "b-plain"]);
         assert_eq!(census.not_injected_count(), 2);
+    }
+
+    #[test]
+    fn namespace_label_and_only_gateway_decide_like_the_webhook() {
+        let plain = pod("plain", &[]);
+        let opted = pod("opted", &[("nanogate.io/inject", "TRUE")]);
+        let out = pod("out", &[("nanogate.io/inject", "false")]);
+        let elsewhere = pod("elsewhere", &[("nanogate.io/gateway", "other")]);
+        let both = Scope {
+            namespace_opted_in: true,
+            only_gateway: true,
+        };
+        assert!(belongs(&plain, "shop", both));
+        assert!(!belongs(
+            &plain,
+            "shop",
+            Scope {
+                namespace_opted_in: false,
+                ..both
+            }
+        ));
+        assert!(!belongs(
+            &plain,
+            "shop",
+            Scope {
+                only_gateway: false,
+                ..both
+            }
+        ));
+        assert!(belongs(
+            &opted,
+            "shop",
+            Scope {
+                namespace_opted_in: false,
+                ..both
+            }
+        ));
+        assert!(!belongs(&out, "shop", both));
+        assert!(!belongs(&elsewhere, "shop", both));
+        let mut gone = opted.clone();
+        gone.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Timestamp::now(),
+        ));
+        assert!(!belongs(&gone, "shop", both));
     }
 
     #[test]
@@ -270,7 +390,7 @@ mod tests {
                 ],
             )
         });
-        let census = Census::of(pods, "shop");
+        let census = Census::of(pods, "shop", Scope::default());
         let note = census.event_note(false);
         assert!(
             note.starts_with("7 pod(s) opted in but run without a sidecar"),
