@@ -250,6 +250,78 @@ fn socketio_delivery(rt: &tokio::runtime::Runtime, dir: &Path, n: u64) {
     );
 }
 
+/// `nats` upstream: `n` messages written at full speed over one connection to an agent
+/// publishing to a local `nats-server -js`; delivered msgs/s = n / time until JetStream has
+/// acknowledged all of them (the agent's delivered counter). Skipped without nats-server.
+fn nats_delivery(dir: &Path, n: u64) {
+    use nanogate_tests::nats::{NatsServer, nats_server_bin};
+    if nats_server_bin().is_none() {
+        println!(
+            "delivery, nats upstream: SKIPPED (nats-server not installed: apt-get install -y nats-server)"
+        );
+        return;
+    }
+    let nats = NatsServer::start(&dir.join("nats")).expect("starting nats-server");
+    let mut args: Vec<String> = [
+        "--upstream-kind",
+        "nats",
+        "--gateway",
+        "bench",
+        "--spool-max-bytes",
+        "8GiB",
+        "--log-level",
+        "warn",
+        "--max-batch-size",
+        "1000",
+        "--min-batch-size",
+        "100",
+        "--batch-size",
+        "500",
+        "--min-batch-interval",
+        "0s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(env_args());
+    let agent = Agent::start(AgentConfig {
+        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        dir: dir.join("agent"),
+        upstream_url: nats.url(),
+        api_key: String::new(),
+        extra_args: args,
+    })
+    .expect("starting nano-agent (nats)");
+    // A msg_check answered 204 means connected, stream and consumer in place.
+    let mut c = UnixStream::connect(&agent.socket).unwrap();
+    c.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
+    let mut reply = [0u8; 1024];
+    let got = c.read(&mut reply).unwrap();
+    assert_eq!(&reply[..got], b"204", "agent not connected to nats-server");
+    let (buf, per) = batch_buffer();
+    let delivered = || {
+        agent
+            .metric("nanogate_sidecar_delivered_total")
+            .unwrap_or(0.0) as u64
+    };
+    let t = Instant::now();
+    for _ in 0..n / per {
+        c.write_all(&buf).unwrap();
+    }
+    while delivered() < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "nats delivery stalled"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let took = t.elapsed().as_secs_f64();
+    println!(
+        "delivery, nats upstream to a local nats-server -js (JetStream ack per message, Nats-Msg-Id; tuned knobs as above): {:.0} msgs/s ({n} msgs in {took:.2} s)",
+        n as f64 / took
+    );
+}
+
 /// TCP listener (seed 004 frames): data frames (the same messages) written over one TCP
 /// connection for `secs` while a reader thread counts the agent's acks. Acknowledged frames/s is
 /// ingest (an ack means appended to the spool); delivered frames/s runs until the local platform
@@ -559,5 +631,6 @@ fn main() {
         );
     }
     socketio_delivery(&rt, &tmp.path().join("sio"), 200_000);
+    nats_delivery(&tmp.path().join("nats"), 200_000);
     drop(rt);
 }
