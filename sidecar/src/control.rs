@@ -375,7 +375,13 @@ impl AgentControl {
         let restart_needed = new.app_url != self.config.app_url
             || new.upstream_ca != self.config.upstream_ca
             || new.upstream_client_cert != self.config.upstream_client_cert
-            || new.socket_path != self.config.socket_path;
+            || new.socket_path != self.config.socket_path
+            || new.upstream_kind != self.config.upstream_kind
+            || new.nats_subject != self.config.nats_subject
+            || new.nats_stream != self.config.nats_stream
+            || new.nats_consumer != self.config.nats_consumer
+            || new.nats_inbox_subject != self.config.nats_inbox_subject
+            || new.nats_creds_file != self.config.nats_creds_file;
         self.tuning
             .send_replace(crate::batcher::Tuning::from_config(&new));
         let generation = i64::from(crc32fast::hash(text.as_bytes()));
@@ -443,7 +449,7 @@ impl ControlHandler for AgentControl {
             "gateway": self.config.gateway,
             "node": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
             "socket_path": self.config.socket_path,
-            "upstream": {"kind": "http"},
+            "upstream": {"kind": self.config.upstream_kind.as_str()},
             "capabilities": ["reload", "flush", "drain", "status"],
         })
     }
