@@ -278,14 +278,23 @@ pub async fn create_injected_pod(
     ns: &str,
     name: &str,
 ) -> Result<k8s_openapi::api::core::v1::Pod> {
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::api::PostParams;
-    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
+    let pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "annotations": {"nanogate.io/inject": "true"}},
         "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
     }))?;
+    create_injected(client, ns, pod).await
+}
+
+/// Creates `pod` once the webhook injects it (see [`create_injected_pod`]).
+pub async fn create_injected(
+    client: &kube::Client,
+    ns: &str,
+    pod: k8s_openapi::api::core::v1::Pod,
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::PostParams;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
     let dry_run = PostParams {
         dry_run: true,
         ..Default::default()

@@ -306,6 +306,91 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     Ok(())
 }
 
+/// A run-to-completion pod in legacy mode (1.20 has no native sidecars): once its app
+/// container has terminated, the hub tells the sidecar to drain and it exits 0, so a Job
+/// would complete instead of hanging on the sidecar.
+#[tokio::test]
+async fn run_to_completion_sidecar_exits_once_its_apps_finished() -> Result<()> {
+    let f = fleet("hubjob").await?;
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "batch-1", "annotations": {"nanogate.io/inject": "true"}},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "work", "image": "python:3.12-slim"}]}
+    }))?;
+    let pod = nanogate_e2e::create_injected(&f.client, f.ns.name(), pod).await?;
+    let sidecar = nanogate_e2e::kubelet::sidecar_container(&pod).context("sidecar")?;
+    let env = |name: &str| {
+        sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("NANOGATE_EXIT_WHEN_APPS_DONE").as_deref(), Some("true"));
+    assert_eq!(env("NANOGATE_APP_CONTAINERS").as_deref(), Some("work"));
+    let workdir = f.cp.dir().join(format!("{}-batch-1", f.ns.name()));
+    let mut agent = run_sidecar(
+        &f.client,
+        &pod,
+        &nanogate_e2e::workspace_binary("nano-agent")?,
+        &workdir,
+    )
+    .await?;
+    wait_for("the sidecar connected", Duration::from_secs(10), || async {
+        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    // The kubelet reports: app terminated, sidecar still running.
+    let status = |name: &str, state: Value| {
+        json!({"name": name, "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+               "state": state})
+    };
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns.name());
+    let running = status("nano-agent", json!({"running": {}}));
+    pods.patch_status(
+        "batch-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "containerStatuses": [
+            status("work", json!({"running": {}})), running.clone()]}})),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        agent.process.exited().is_none(),
+        "the sidecar stays while its app runs"
+    );
+    pods.patch_status(
+        "batch-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"containerStatuses": [
+            status("work", json!({"terminated": {"exitCode": 0}})), running]}})),
+    )
+    .await?;
+    let finished = Instant::now();
+    let exit = wait_for(
+        "the sidecar to drain and exit",
+        Duration::from_secs(20),
+        || {
+            let exited = agent.process.exited();
+            async move { Ok(exited) }
+        },
+    )
+    .await
+    .map_err(|e| {
+        e.context(agent.process.log_tail(10))
+            .context(f.operator.log_tail(10))
+    })?;
+    assert!(exit.success(), "exits 0 so the pod can succeed: {exit}");
+    eprintln!(
+        "[hub] app terminated → sidecar drained and exited 0 in {:.1}s",
+        finished.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Minimal HTTP GET over a TCP socket (the agent's admin server), avoiding a client dependency.
 async fn reqwest_free_get(addr: &str, path: &str) -> Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;

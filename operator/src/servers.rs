@@ -362,6 +362,11 @@ pub async fn start(
             auth,
             shutdown.clone(),
         ));
+        tokio::spawn(hub::jobs::run(
+            client.clone(),
+            hub.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(hub::status::run(
             client.clone(),
             hub.clone(),

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod connection;
 pub mod index;
+pub mod jobs;
 pub mod status;
 
 use std::collections::HashMap;
