@@ -394,3 +394,65 @@ async fn bad_credentials_are_a_clear_error() {
     .to_string();
     assert!(e.contains("nats_creds_file"), "{e}");
 }
+
+/// A subject the server's permissions forbid: the batch is rejected and dead-lettered (not
+/// retried forever), and delivery goes on with the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_subject_is_dead_lettered() {
+    if !have_nats() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with_config(
+        &dir.path().join("nats"),
+        r#"authorization {
+  users = [
+    { user: agent, password: pw, permissions: {
+        publish: { allow: ["$JS.API.>", "nanogate.test-ns.orders", "nanogate.test-ns.orders.ok.>"] }
+        subscribe: { allow: ["_INBOX.>"] } } }
+  ]
+}"#,
+    )
+    .unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "pw").unwrap();
+    let agent = start_agent(
+        &nats,
+        &dir.path().join("agent"),
+        &[
+            "--nats-user",
+            "agent",
+            "--nats-password-file",
+            pw.to_str().unwrap(),
+            "--flush-interval",
+            "20ms",
+        ],
+    )
+    .unwrap();
+    let metric = |name: &str| agent.metric(name).unwrap_or(0.0) as u64;
+    let wait_for = |name: &'static str, want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metric(name) < want {
+            assert!(
+                Instant::now() < deadline,
+                "{name} < {want}; log:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let one = |dest: &str| format!(r#"{{"msg_type":"publish","data":{{"x":1}},"dest":"{dest}"}}"#);
+    assert!(oneshot(&agent.socket, one("ok/1").as_bytes()).is_empty());
+    wait_for("nanogate_sidecar_delivered_total", 1);
+    assert!(oneshot(&agent.socket, one("secret").as_bytes()).is_empty());
+    wait_for("nanogate_sidecar_dead_lettered_total", 1);
+    assert!(oneshot(&agent.socket, one("ok/2").as_bytes()).is_empty());
+    wait_for("nanogate_sidecar_delivered_total", 2);
+    let dead = std::fs::read_to_string(agent.spool.join("dead-letter.jsonl")).unwrap();
+    println!("dead letter: {}", dead.trim());
+    assert!(
+        dead.contains("Permissions Violation for Publish to") && dead.contains("\"secret\""),
+        "{dead}"
+    );
+    assert_eq!(dead.lines().count(), 1);
+}

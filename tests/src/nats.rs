@@ -65,6 +65,8 @@ pub struct NatsServer {
     pub store: PathBuf,
     pub log: PathBuf,
     auth: Option<(String, String)>,
+    /// Extra configuration-file text (e.g. `authorization { … }`), when started with one.
+    config: Option<String>,
     child: Option<Child>,
 }
 
@@ -76,6 +78,20 @@ impl NatsServer {
 
     /// [`NatsServer::start`] requiring `user`/`password` from every client.
     pub fn start_with_auth(dir: &Path, auth: Option<(&str, &str)>) -> anyhow::Result<Self> {
+        Self::start_inner(dir, auth, None)
+    }
+
+    /// [`NatsServer::start`] with `config` appended to a configuration file that sets the
+    /// port and the JetStream store (for `authorization { users = [ … permissions … ] }`).
+    pub fn start_with_config(dir: &Path, config: &str) -> anyhow::Result<Self> {
+        Self::start_inner(dir, None, Some(config))
+    }
+
+    fn start_inner(
+        dir: &Path,
+        auth: Option<(&str, &str)>,
+        config: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let bin =
             nats_server_bin().context("nats-server not found: apt-get install -y nats-server")?;
         std::fs::create_dir_all(dir)?;
@@ -86,6 +102,7 @@ impl NatsServer {
             store: dir.join("store"),
             log: dir.join("nats.log"),
             auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            config: config.map(str::to_string),
             child: None,
         };
         s.spawn()?;
@@ -103,12 +120,24 @@ impl NatsServer {
             .append(true)
             .open(&self.log)?;
         let mut cmd = Command::new("setpriv");
-        cmd.args(["--pdeathsig", "KILL", "--"])
-            .arg(&self.bin)
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.addr.port().to_string())
-            .arg("-sd")
-            .arg(&self.store);
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&self.bin);
+        if let Some(extra) = &self.config {
+            let file = self.log.with_file_name("nats.conf");
+            std::fs::write(
+                &file,
+                format!(
+                    "listen: \"{}\"\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+                    self.addr,
+                    self.store.display().to_string()
+                ),
+            )?;
+            cmd.arg("-c").arg(file);
+        } else {
+            cmd.args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.addr.port().to_string())
+                .arg("-sd")
+                .arg(&self.store);
+        }
         if let Some((user, pass)) = &self.auth {
             cmd.args(["--user", user, "--pass", pass]);
         }

@@ -494,11 +494,15 @@ impl NatsUpstream {
         *self.consumer.lock().await = None;
     }
 
-    /// Classifies a failed publish.
-    fn publish_error(&self, e: &jetstream::context::PublishError) -> UpstreamError {
+    /// Classifies a failed publish to `subject`.
+    fn publish_error(&self, e: &jetstream::context::PublishError, subject: &str) -> UpstreamError {
         use jetstream::context::PublishErrorKind as K;
         let recent = self.events.recent().unwrap_or_default();
-        if recent.contains("Permissions Violation") {
+        // A denied publish gets no reply, only an asynchronous `-ERR` naming the subject; the
+        // ack then times out.
+        if recent.contains(&format!(
+            "Permissions Violation for Publish to \"{subject}\""
+        )) {
             return UpstreamError::Rejected {
                 status: 403,
                 body: format!("NATS refused the publish: {recent}"),
@@ -557,15 +561,17 @@ impl NatsUpstream {
         self.ensure_stream().await?;
         let start = Instant::now();
         let mut pending = Vec::new();
+        let mut subjects = Vec::new();
         for (subject, payload, id) in messages {
             let mut publish = PublishMessage::build().payload(payload);
             if let Some(id) = id {
                 publish = publish.message_id(id);
             }
-            match self.js.send_publish(subject, publish).await {
+            match self.js.send_publish(subject.clone(), publish).await {
                 Ok(ack) => pending.push(ack.into_future()),
-                Err(e) => return Err(self.publish_error(&e)),
+                Err(e) => return Err(self.publish_error(&e, &subject)),
             }
+            subjects.push(subject);
         }
         let results = futures::future::join_all(pending).await;
         self.metrics
@@ -574,14 +580,14 @@ impl NatsUpstream {
             .observe(start.elapsed().as_secs_f64());
         let mut acks = Vec::with_capacity(results.len());
         let mut worst: Option<UpstreamError> = None;
-        for r in results {
+        for (r, subject) in results.into_iter().zip(&subjects) {
             match r {
                 Ok(ack) => acks.push(ack),
                 Err(e) => {
                     if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
                         self.forget_stream().await;
                     }
-                    let err = self.publish_error(&e);
+                    let err = self.publish_error(&e, subject);
                     // One rejection decides the batch; otherwise keep the first reason.
                     if worst.is_none() || matches!(err, UpstreamError::Rejected { .. }) {
                         worst = Some(err);
