@@ -381,7 +381,11 @@ impl AgentControl {
             || new.nats_stream != self.config.nats_stream
             || new.nats_consumer != self.config.nats_consumer
             || new.nats_inbox_subject != self.config.nats_inbox_subject
-            || new.nats_creds_file != self.config.nats_creds_file;
+            || new.nats_creds_file != self.config.nats_creds_file
+            || new.socketio_namespace != self.config.socketio_namespace
+            || new.socketio_heartbeat_interval != self.config.socketio_heartbeat_interval
+            || new.socketio_ack_timeout != self.config.socketio_ack_timeout
+            || new.socketio_inbox_size != self.config.socketio_inbox_size;
         self.tuning
             .send_replace(crate::batcher::Tuning::from_config(&new));
         let generation = i64::from(crc32fast::hash(text.as_bytes()));

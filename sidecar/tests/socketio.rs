@@ -373,16 +373,17 @@ fn heartbeats_every_five_seconds_with_the_seed_fields_over_mtls() {
     assert_eq!(health["upstream"]["connection"], "connected", "{health}");
 }
 
-/// Batches are delivered as acknowledged events; `wait:true` relays the acknowledgement; each
-/// command is answered through its acknowledgement, every contract violation with the right
-/// error; `deliver` reaches an app through `msg_check`.
+/// Batches are delivered as acknowledged events (split under the server's 20 kB maxPayload);
+/// `wait:true` relays the acknowledgement; each command is answered through its
+/// acknowledgement, every contract violation with the right error; `deliver` reaches an app
+/// through `msg_check`.
 #[test]
 fn batches_acknowledged_commands_answered_and_contracts_enforced() {
     let Some(py) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
     let port = free_port();
-    let mut platform = Platform::start(&py, port, &certs, &[]);
+    let mut platform = Platform::start(&py, port, &certs, &["--max-payload", "20000"]);
     let agent = start_agent(
         &dir.path().join("agent"),
         port,
@@ -410,6 +411,23 @@ fn batches_acknowledged_commands_answered_and_contracts_enforced() {
     );
     let got: BTreeSet<u64> = platform.ids().into_iter().collect();
     assert_eq!(got, (0..500).collect());
+    // 500 messages of ~250 bytes with a 20 kB maxPayload: several events, no oversize packet
+    // (the server would have closed the connection).
+    let events = platform.events("messages");
+    let counts: Vec<u64> = events
+        .iter()
+        .map(|e| e["count"].as_u64().unwrap())
+        .collect();
+    println!("messages per acknowledged event under a 20 kB maxPayload: {counts:?}");
+    // A message is ~200 bytes here, so at most ~100 fit; unsplit batches would be 200.
+    assert!(
+        counts.iter().all(|&c| c <= 110),
+        "batch over maxPayload: {counts:?}"
+    );
+    assert_eq!(
+        agent.metric("nanogate_sidecar_upstream_reconnects_total"),
+        Some(0.0)
+    );
 
     // wait:true: the acknowledgement's argument is the reply.
     let mut s = UnixStream::connect(&agent.socket).unwrap();

@@ -59,6 +59,8 @@ async def main():
     p.add_argument("--namespace", default="/")
     p.add_argument("--ping-interval", type=float, default=25)
     p.add_argument("--ping-timeout", type=float, default=20)
+    p.add_argument("--max-payload", type=int, default=1_000_000,
+                   help="largest packet accepted (announced as maxPayload; bigger ones close the connection)")
     p.add_argument("--quiet", action="store_true", help="do not print per-batch events")
     args = p.parse_args()
     ns = args.namespace
@@ -67,6 +69,7 @@ async def main():
         async_mode="aiohttp",
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        max_http_buffer_size=args.max_payload,
         logger=False,
         engineio_logger=False,
     )
