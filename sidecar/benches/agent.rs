@@ -322,35 +322,13 @@ fn nats_delivery(dir: &Path, n: u64) {
     );
 }
 
-/// TCP listener (seed 004 frames): data frames (the same messages) written over one TCP
-/// connection for `secs` while a reader thread counts the agent's acks. Acknowledged frames/s is
-/// ingest (an ack means appended to the spool); delivered frames/s runs until the local platform
-/// has every one of them (tuned delivery knobs, delivery running concurrently with ingest).
+/// TCP listener (seed 004 frames): the same messages as data frames, written over one TCP
+/// connection for `secs` while a reader thread counts the agent's acks (an ack means appended
+/// to the spool). Run twice: with the platform down, acknowledged frames/s is ingest alone
+/// (comparable with the socket line above); with the platform up, delivered frames/s runs until
+/// the local platform has every frame (tuned delivery knobs, delivery concurrent with ingest).
 fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
     use std::io::BufRead as _;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    platform.faults().set_down(false);
-    let listen = format!("127.0.0.1:{port}");
-    let agent = start_agent(
-        platform,
-        dir,
-        &[
-            "--tcp-listen",
-            &listen,
-            "--max-batch-size",
-            "1000",
-            "--min-batch-size",
-            "100",
-            "--batch-size",
-            "500",
-            "--min-batch-interval",
-            "0s",
-        ],
-    );
     let mut buf = Vec::new();
     let per = 1000u64;
     for i in 0..per {
@@ -362,55 +340,92 @@ fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
             .as_bytes(),
         );
     }
-    let base = platform.received_count();
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_nodelay(true).unwrap();
-    let acks = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let (acks, stream) = (acks.clone(), conn.try_clone().unwrap());
-        thread::spawn(move || {
-            let mut r = std::io::BufReader::with_capacity(256 * 1024, stream);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line).unwrap() == 0 {
-                    return;
-                }
-                if line.starts_with("{\"type\":\"ack\"") {
-                    acks.fetch_add(1, Ordering::Relaxed);
-                } else if !line.starts_with("{\"type\":\"keepalive\"") {
-                    panic!("unexpected frame {line}");
-                }
-            }
-        })
-    };
-    let t = Instant::now();
-    let mut sent = 0;
-    while t.elapsed() < secs {
-        conn.write_all(&buf).unwrap();
-        sent += per;
-    }
-    while acks.load(Ordering::Relaxed) < sent {
-        assert!(t.elapsed() < secs + Duration::from_secs(60), "acks stalled");
-        thread::sleep(Duration::from_millis(1));
-    }
-    let acked = t.elapsed().as_secs_f64();
-    while platform.received_count() < base + sent as usize {
-        assert!(
-            t.elapsed() < secs + Duration::from_secs(120),
-            "TCP delivery stalled"
+    for platform_up in [false, true] {
+        platform.faults().set_down(!platform_up);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let agent = start_agent(
+            platform,
+            &dir.join(if platform_up { "up" } else { "down" }),
+            &[
+                "--tcp-listen",
+                &listen,
+                "--max-batch-size",
+                "1000",
+                "--min-batch-size",
+                "100",
+                "--batch-size",
+                "500",
+                "--min-batch-interval",
+                "0s",
+                "--backoff-max",
+                "100ms",
+                "--backoff-initial",
+                "10ms",
+            ],
         );
-        thread::sleep(Duration::from_millis(2));
+        let base = platform.received_count();
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_nodelay(true).unwrap();
+        let acks = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let (acks, stream) = (acks.clone(), conn.try_clone().unwrap());
+            thread::spawn(move || {
+                let mut r = std::io::BufReader::with_capacity(256 * 1024, stream);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    if r.read_until(b'\n', &mut line).unwrap() == 0 {
+                        return;
+                    }
+                    if line.starts_with(b"{\"type\":\"ack\"") {
+                        acks.fetch_add(1, Ordering::Relaxed);
+                    } else if !line.starts_with(b"{\"type\":\"keepalive\"") {
+                        panic!("unexpected frame {}", String::from_utf8_lossy(&line));
+                    }
+                }
+            })
+        };
+        let t = Instant::now();
+        let mut sent = 0;
+        while t.elapsed() < secs {
+            conn.write_all(&buf).unwrap();
+            sent += per;
+        }
+        while acks.load(Ordering::Relaxed) < sent {
+            assert!(t.elapsed() < secs + Duration::from_secs(60), "acks stalled");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let acked = t.elapsed().as_secs_f64();
+        if !platform_up {
+            println!(
+                "  nano-agent TCP listener:   {:>12.0} data frames/s acknowledged (same messages as data frames, one TCP connection, an ack per frame; {sent} frames)",
+                sent as f64 / acked
+            );
+        } else {
+            while platform.received_count() < base + sent as usize {
+                assert!(
+                    t.elapsed() < secs + Duration::from_secs(120),
+                    "TCP delivery stalled"
+                );
+                thread::sleep(Duration::from_millis(2));
+            }
+            let delivered = t.elapsed().as_secs_f64();
+            println!(
+                "delivery, TCP listener end to end (data frames written for {} s, platform up, tuned knobs): {:.0} frames/s delivered to the local platform ({:.0} frames/s acknowledged meanwhile; {sent} frames in {delivered:.2} s)",
+                secs.as_secs(),
+                sent as f64 / delivered,
+                sent as f64 / acked
+            );
+        }
+        conn.shutdown(std::net::Shutdown::Both).unwrap();
+        reader.join().unwrap();
+        drop(agent);
     }
-    let delivered = t.elapsed().as_secs_f64();
-    conn.shutdown(std::net::Shutdown::Both).unwrap();
-    reader.join().unwrap();
-    println!(
-        "  nano-agent TCP listener:   {:>12.0} data frames/s acknowledged; delivered to the local platform {:.0} frames/s ({sent} frames, one connection, tuned delivery knobs, {acked:.2} s / {delivered:.2} s)",
-        sent as f64 / acked,
-        sent as f64 / delivered
-    );
-    drop(agent);
 }
 
 /// One publish per connection from 2 client threads for `secs`; returns connections/s.
