@@ -221,3 +221,39 @@ pub async fn token_for_pod(
         .with_context(|| format!("TokenRequest for {namespace}/{account}"))?;
     Ok(issued.status.context("TokenRequest without status")?.token)
 }
+
+/// Re-signs the service-account token `token` with the control plane's own signing key
+/// (`sa.key` in `cp_dir`) after `edit` changed its claims — e.g. an `exp` in the past, which
+/// a TokenRequest cannot produce (it refuses lifetimes under 10 minutes). Re-signing with no
+/// change yields a token the apiserver accepts, which is how a test shows the signing is right.
+pub fn resign_token(
+    cp_dir: &Path,
+    token: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let mut parts = token.split('.');
+    let (Some(header), Some(claims)) = (parts.next(), parts.next()) else {
+        bail!("not a JWT");
+    };
+    let mut claims: serde_json::Value = serde_json::from_slice(&B64.decode(claims)?)?;
+    edit(&mut claims);
+    let signing_input = format!("{header}.{}", B64.encode(serde_json::to_vec(&claims)?));
+    let pem = std::fs::read(cp_dir.join("sa.key"))?;
+    let key = rustls_pemfile::private_key(&mut pem.as_slice())?.context("no key in sa.key")?;
+    let rng = ring::rand::SystemRandom::new();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        key.secret_der(),
+        &rng,
+    )
+    .map_err(|e| anyhow::anyhow!("sa.key is not a P-256 PKCS#8 key: {e}"))?;
+    let signature = pair
+        .sign(&rng, signing_input.as_bytes())
+        .map_err(|e| anyhow::anyhow!("signing failed: {e}"))?;
+    Ok(format!(
+        "{signing_input}.{}",
+        B64.encode(signature.as_ref())
+    ))
+}
