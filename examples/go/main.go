@@ -71,6 +71,9 @@ func Send(message any) (json.RawMessage, error) {
 func Publish(data any, tags []string, wait bool) (json.RawMessage, error) {
 	msg := map[string]any{"msg_type": "publish", "data": data}
 	if len(tags) > 0 || wait {
+		if tags == nil {
+			tags = []string{} // "tags": [] rather than null
+		}
 		msg["context"] = map[string]any{"tags": tags, "wait": wait}
 	}
 	return Send(msg)
