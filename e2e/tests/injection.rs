@@ -55,12 +55,17 @@ fn sidecar(pod: &Pod) -> Option<&Container> {
 /// Everything a test needs: namespaces, webhook registered and served, a valid gateway.
 struct Setup {
     ns: TestNamespace,
-    _operator_ns: TestNamespace,
+    operator_ns: TestNamespace,
     _stop: watch::Sender<bool>,
     client: Client,
 }
 
 async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
+    setup_with(cp, prefix, ServerOptions::default().webhook_cert_validity).await
+}
+
+/// [`setup`] with the serving certificate's lifetime.
+async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) -> Result<Setup> {
     nanogate_e2e::install_crd(cp)?;
     let client = cp.client().await?;
     let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
@@ -98,6 +103,7 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
         status_interval: Duration::from_secs(5),
         native_sidecars: None,
         webhook_cert_dir: None,
+        webhook_cert_validity: cert_validity,
     };
     let (stop, stopped) = watch::channel(false);
     let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
@@ -145,7 +151,7 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
     .await?;
     Ok(Setup {
         ns,
-        _operator_ns: operator_ns,
+        operator_ns,
         _stop: stop,
         client,
     })
@@ -526,6 +532,62 @@ spec:
     eprintln!(
         "[injection] {first_name} admitted without sidecar → reported → Deployment restarted → {} injected",
         replacement.metadata.name.unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// The serving certificate rotates (every ~4 s here: 156 s validity, 5 min backdated, renewed
+/// at two thirds) while 200 pods are created through the apiserver with `failurePolicy: Fail`:
+/// every creation succeeds and is injected.
+#[tokio::test]
+async fn certificate_rotation_during_200_pod_creations_fails_none() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let s = setup_with(cp, "rotate", Duration::from_secs(156)).await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(s.client.clone(), s.operator_ns.name());
+    // Record every serving certificate the operator writes while the pods are created.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let recorder = tokio::spawn({
+        let (secrets, seen) = (secrets.clone(), seen.clone());
+        async move {
+            loop {
+                if let Ok(Some(secret)) = secrets.get_opt("nanogate-webhook-certs").await {
+                    if let Some(cert) = secret.data.and_then(|d| d.get("tls.crt").cloned()) {
+                        seen.lock().unwrap().insert(cert.0);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    let started = std::time::Instant::now();
+    let (mut failures, mut uninjected) = (Vec::new(), 0);
+    for i in 0..200 {
+        match pods
+            .create(&PostParams::default(), &app_pod(&format!("rot-{i}"))?)
+            .await
+        {
+            Ok(pod) if sidecar(&pod).is_some() => {}
+            Ok(_) => uninjected += 1,
+            Err(error) => failures.push(format!("rot-{i}: {error}")),
+        }
+        // ~15 s in all: several rotations happen in the middle of the stream.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let elapsed = started.elapsed();
+    recorder.abort();
+    let certificates = seen.lock().unwrap().len();
+    eprintln!(
+        "[injection] 200 pods in {:.1}s across {certificates} serving certificates: {} failed, {uninjected} uninjected",
+        elapsed.as_secs_f64(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failed admissions: {failures:?}");
+    assert_eq!(uninjected, 0);
+    assert!(
+        certificates >= 3,
+        "the certificate rotated at least twice during the stream (saw {certificates})"
     );
     Ok(())
 }
