@@ -551,10 +551,10 @@ async fn certificate_rotation_during_200_pod_creations_fails_none() -> Result<()
         let (secrets, seen) = (secrets.clone(), seen.clone());
         async move {
             loop {
-                if let Ok(Some(secret)) = secrets.get_opt("nanogate-webhook-certs").await {
-                    if let Some(cert) = secret.data.and_then(|d| d.get("tls.crt").cloned()) {
-                        seen.lock().unwrap().insert(cert.0);
-                    }
+                if let Ok(Some(secret)) = secrets.get_opt("nanogate-webhook-certs").await
+                    && let Some(cert) = secret.data.and_then(|d| d.get("tls.crt").cloned())
+                {
+                    seen.lock().unwrap().insert(cert.0);
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
