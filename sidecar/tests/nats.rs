@@ -473,12 +473,13 @@ async fn agent_kill9_and_restart_keeps_every_message_once() {
     let mut agent = start_agent(
         &nats,
         &dir.path().join("agent"),
-        // Large batches: a publish takes long enough that the kill lands in one.
+        // Large batches: a publish takes long enough that the kill lands in one; and larger
+        // than the client's 5,000 acks in flight, which the upstream must publish in windows.
         &[
             "--batch-size",
-            "5000",
+            "6000",
             "--max-batch-size",
-            "5000",
+            "6000",
             "--min-batch-interval",
             "0s",
         ],
@@ -494,7 +495,7 @@ async fn agent_kill9_and_restart_keeps_every_message_once() {
         assert!(Instant::now() < deadline, "{}", agent.log_text());
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Into the next batch (5,000 messages take a while): part of it is stored, none acked.
+    // Into the next batch (6,000 messages take a while): part of it is stored, none acked.
     tokio::time::sleep(Duration::from_millis(300)).await;
     agent.restart().unwrap(); // kill -9, then start on the same spool
     let recovered = agent

@@ -28,6 +28,8 @@ use crate::metrics::Metrics;
 
 /// How recent a server error must be to explain a failed publish.
 const ERROR_MEMORY: Duration = Duration::from_secs(60);
+/// Most JetStream acks awaited at once (the context allows 5,000 in flight).
+const ACK_WINDOW: usize = 4096;
 /// Longest wait for the messages of one `msg_check` pull.
 const PULL_WAIT: Duration = Duration::from_millis(500);
 
@@ -560,41 +562,54 @@ impl NatsUpstream {
     ) -> Result<Vec<jetstream::publish::PublishAck>, UpstreamError> {
         self.ensure_stream().await?;
         let start = Instant::now();
+        let mut acks = Vec::new();
+        let mut worst: Option<UpstreamError> = None;
         let mut pending = Vec::new();
         let mut subjects = Vec::new();
-        for (subject, payload, id) in messages {
-            let mut publish = PublishMessage::build().payload(payload);
-            if let Some(id) = id {
-                publish = publish.message_id(id);
+        // Collected first: the iterator's closures need not live across the awaits below.
+        let mut messages = messages.collect::<Vec<_>>().into_iter();
+        loop {
+            // At most ACK_WINDOW acks outstanding: each holds one of the context's in-flight
+            // permits, so a batch larger than the permits would otherwise wait on itself.
+            let window: Vec<_> = messages.by_ref().take(ACK_WINDOW).collect();
+            if window.is_empty() {
+                break;
             }
-            match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => pending.push(ack.into_future()),
-                Err(e) => return Err(self.publish_error(&e, &subject)),
+            for (subject, payload, id) in window {
+                let mut publish = PublishMessage::build().payload(payload);
+                if let Some(id) = id {
+                    publish = publish.message_id(id);
+                }
+                match self.js.send_publish(subject.clone(), publish).await {
+                    Ok(ack) => pending.push(ack.into_future()),
+                    Err(e) => return Err(self.publish_error(&e, &subject)),
+                }
+                subjects.push(subject);
             }
-            subjects.push(subject);
+            let results = futures::future::join_all(pending.drain(..)).await;
+            for (r, subject) in results.into_iter().zip(subjects.drain(..)) {
+                match r {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                            self.forget_stream().await;
+                        }
+                        let err = self.publish_error(&e, &subject);
+                        // One rejection decides the batch; otherwise keep the first reason.
+                        if worst.is_none() || matches!(err, UpstreamError::Rejected { .. }) {
+                            worst = Some(err);
+                        }
+                    }
+                }
+            }
+            if worst.is_some() {
+                break;
+            }
         }
-        let results = futures::future::join_all(pending).await;
         self.metrics
             .upstream_duration
             .with_label_values(&["nats_publish"])
             .observe(start.elapsed().as_secs_f64());
-        let mut acks = Vec::with_capacity(results.len());
-        let mut worst: Option<UpstreamError> = None;
-        for (r, subject) in results.into_iter().zip(&subjects) {
-            match r {
-                Ok(ack) => acks.push(ack),
-                Err(e) => {
-                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                        self.forget_stream().await;
-                    }
-                    let err = self.publish_error(&e, subject);
-                    // One rejection decides the batch; otherwise keep the first reason.
-                    if worst.is_none() || matches!(err, UpstreamError::Rejected { .. }) {
-                        worst = Some(err);
-                    }
-                }
-            }
-        }
         match worst {
             Some(e) => Err(e),
             None => Ok(acks),
