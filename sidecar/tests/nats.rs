@@ -33,6 +33,11 @@ fn have_nats() -> bool {
 }
 
 fn start_agent(nats: &NatsServer, dir: &Path, extra: &[&str]) -> anyhow::Result<Agent> {
+    start_agent_at(&nats.url(), dir, extra)
+}
+
+/// [`start_agent`] with the server URL given (e.g. `tls://…`).
+fn start_agent_at(url: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Agent> {
     let mut args: Vec<String> = [
         "--upstream-kind",
         "nats",
@@ -50,7 +55,7 @@ fn start_agent(nats: &NatsServer, dir: &Path, extra: &[&str]) -> anyhow::Result<
     Agent::start(AgentConfig {
         bin: env!("CARGO_BIN_EXE_nano-agent").into(),
         dir: dir.to_owned(),
-        upstream_url: nats.url(),
+        upstream_url: url.to_string(),
         api_key: String::new(),
         extra_args: args,
     })
@@ -522,4 +527,106 @@ async fn agent_kill9_and_restart_keeps_every_message_once() {
     );
     assert_eq!(seen.len() as u64, TOTAL);
     assert_eq!(duplicates, 0);
+}
+
+/// PEM files of a throw-away CA, a server certificate for 127.0.0.1 and a client certificate.
+fn tls_files(dir: &Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "nanogate nats test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issue = |sans: Vec<String>, purpose: ExtendedKeyUsagePurpose| {
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "nano-agent");
+        p.extended_key_usages = vec![purpose];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server, server_key) = issue(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = issue(vec![], ExtendedKeyUsagePurpose::ClientAuth);
+    [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server),
+        ("server.key", server_key),
+        ("client.pem", client),
+        ("client.key", client_key),
+    ]
+    .map(|(name, text)| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    })
+}
+
+/// TLS with a client certificate (mTLS) against a server that verifies it: the CA and the
+/// client certificate come from files (the Secrets the injector mounts); without the client
+/// certificate the server refuses the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_from_files() {
+    if !have_nats() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key, client, client_key] = tls_files(dir.path());
+    let nats = NatsServer::start_with_config(
+        &dir.path().join("nats"),
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true, timeout: 2 }}",
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    let url = nats.url().replace("nats://", "tls://");
+    let path = |p: &std::path::PathBuf| p.to_str().unwrap().to_string();
+    let wait_publish = r#"{"msg_type":"publish","data":{"x":1},"context":{"wait":true}}"#;
+
+    let agent = start_agent_at(
+        &url,
+        &dir.path().join("agent"),
+        &[
+            "--upstream-ca",
+            &path(&ca),
+            "--upstream-client-cert",
+            &path(&client),
+            "--upstream-client-key",
+            &path(&client_key),
+        ],
+    )
+    .unwrap();
+    let socket = agent.socket.clone();
+    let reply = tokio::task::spawn_blocking(move || request(&socket, wait_publish))
+        .await
+        .unwrap();
+    println!("mTLS wait:true: {reply}");
+    assert!(
+        reply.contains("\"status\":\"ok\""),
+        "{reply}\n{}",
+        agent.log_text()
+    );
+    drop(agent);
+
+    let agent = start_agent_at(
+        &url,
+        &dir.path().join("agent-no-cert"),
+        &["--upstream-ca", &path(&ca)],
+    )
+    .unwrap();
+    let socket = agent.socket.clone();
+    let reply = tokio::task::spawn_blocking(move || request(&socket, wait_publish))
+        .await
+        .unwrap();
+    println!("TLS without a client certificate: {reply}");
+    assert!(reply.contains("\"status\":\"error\""), "{reply}");
+    assert!(reply.contains("check TLS"), "{reply}");
 }

@@ -260,6 +260,8 @@ pub struct NatsUpstream {
     metrics: Arc<Metrics>,
     events: Arc<ConnectionEvents>,
     first_connect_wait: Duration,
+    /// Whether the connection uses TLS (for error hints).
+    tls: bool,
     /// Set once the stream is known to exist; cleared when a publish finds no stream. The
     /// async mutex makes concurrent callers wait for one check instead of racing to create.
     stream_ready: tokio::sync::Mutex<bool>,
@@ -374,6 +376,7 @@ impl NatsUpstream {
             metrics,
             events,
             first_connect_wait: config.upstream_timeout.min(Duration::from_secs(2)),
+            tls,
             stream_ready: tokio::sync::Mutex::new(false),
             consumer: tokio::sync::Mutex::new(None),
         })
@@ -392,6 +395,12 @@ impl NatsUpstream {
             if e.contains("authorization") || e.contains("authentication") {
                 reason.push_str(
                     " — check the credentials (nats_creds_file, nats_user/nats_password_file, nats_token_file or the API key)",
+                );
+            } else if self.tls && (e.contains("TLS") || e.contains("IO error")) {
+                // A refused handshake (e.g. no or an untrusted client certificate) surfaces
+                // as an I/O error of the connection.
+                reason.push_str(
+                    " — check TLS: upstream_ca, upstream_client_cert/upstream_client_key and what the server requires",
                 );
             }
         }
