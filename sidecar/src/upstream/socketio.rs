@@ -590,7 +590,6 @@ impl Inner {
     /// Waits (at most the ack timeout) for a connection, emits `event` with an
     /// acknowledgement id and returns the acknowledgement's arguments.
     async fn emit_acked(&self, event: &str, args_json: &str) -> Result<Value, UpstreamError> {
-        let deadline = Instant::now() + self.opts.ack_timeout;
         let mut rx = self.conn.subscribe();
         let conn = match timeout(self.opts.ack_timeout, rx.wait_for(Option::is_some)).await {
             Ok(Ok(c)) => c.clone().expect("waited for Some"),
@@ -609,6 +608,8 @@ impl Inner {
             .insert(id, (conn.generation, tx));
         let frame = packet::event(&self.ep.nsp_prefix, Some(id), event, args_json);
         let start = std::time::Instant::now();
+        // The acknowledgement gets the whole timeout, however long the connection took.
+        let deadline = Instant::now() + self.opts.ack_timeout;
         let sent = timeout(
             deadline.saturating_duration_since(Instant::now()),
             conn.tx.send(frame),
