@@ -1396,6 +1396,107 @@ mod tests {
     }
 
     #[test]
+    fn reconnect_backoff_is_one_to_thirty_seconds() {
+        let mut b = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
+        let caps: Vec<u64> = (0..8)
+            .map(|_| {
+                let cap = b.cap();
+                assert!(b.next_delay() <= cap);
+                cap.as_secs()
+            })
+            .collect();
+        assert_eq!(caps, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    /// Commands, the inbox and heartbeats work without a platform; a batch without a
+    /// connection is a retryable error after the ack timeout.
+    #[tokio::test]
+    async fn commands_inbox_and_heartbeat_without_a_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let config = Config::load_from([
+            "nano-agent",
+            "--upstream-kind",
+            "socketio",
+            "--app-url",
+            "ws://127.0.0.1:9",
+            "--socketio-inbox-size",
+            "1",
+            "--socketio-ack-timeout",
+            "100ms",
+            "--pod-uid",
+            "uid-1",
+            "--spool-dir",
+            spool_dir.to_str().unwrap(),
+        ])
+        .unwrap();
+        let spool = Spool::open(crate::spool::SpoolOptions {
+            dir: spool_dir,
+            max_bytes: 1 << 20,
+            segment_bytes: 1 << 20,
+            sync_interval: Duration::from_secs(1),
+        })
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let up = SocketIoUpstream::start(
+            SocketIoOptions::from_config(&config).unwrap(),
+            metrics.clone(),
+            Arc::new(Health::default()),
+            spool,
+        )
+        .unwrap();
+        assert!(!up.connected());
+
+        let deliver = json!({"correlation_id": 1, "action": "deliver",
+            "requested_at": "2025-11-20T20:30:45", "data": {"x": 1}, "dest": "app"});
+        let r = up.inner.command("deliver", deliver.clone()).await;
+        assert_eq!(
+            r,
+            json!({"action": "deliver", "correlation_id": 1, "status": "ok", "queued": 1})
+        );
+        let r = up.inner.command("deliver", deliver).await;
+        assert!(
+            r["error"].as_str().unwrap().starts_with("Inbox full"),
+            "{r}"
+        );
+        let msgs = up.check_messages(5).await.unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(
+            (msgs[0]["data"].clone(), msgs[0]["dest"].clone()),
+            (json!({"x": 1}), json!("app"))
+        );
+        assert!(up.check_messages(5).await.unwrap().is_empty());
+
+        let flush = json!({"correlation_id": 2, "action": "flush", "requested_at": "2025-11-20"});
+        let r = up.inner.command("flush", flush).await;
+        assert_eq!(
+            r,
+            json!({"action": "flush", "correlation_id": 2, "status": "ok", "pending": 0})
+        );
+        assert_eq!(
+            metrics
+                .commands
+                .with_label_values(&["deliver", "error"])
+                .get(),
+            1
+        );
+
+        let hb = up.heartbeat();
+        assert_eq!(
+            (hb["agent_id"].as_str(), hb["status"].as_str()),
+            (Some("uid-1"), Some("online"))
+        );
+        assert!(hb["memory_total"].as_f64().unwrap() > 0.0);
+
+        let e = up
+            .send_batch(Bytes::from_static(b"[{}]"), 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UpstreamError::Retryable { .. }), "{e}");
+        assert!(e.to_string().contains("not connected"), "{e}");
+    }
+
+    #[test]
     fn error_acks_reject_and_others_deliver() {
         assert!(check_ack(&json!([])).is_ok());
         assert!(check_ack(&json!([{"status": "ok"}])).is_ok());
