@@ -168,11 +168,11 @@ impl Metrics {
             )),
             upstream_connection_state: reg!(gauge(
                 "upstream_connection_state",
-                "Persistent upstream connection (socketio): 0 disconnected, 1 connecting, 2 connected."
+                "Persistent upstream connection (socketio, nats): 0 disconnected, 1 connecting, 2 connected."
             )),
             upstream_reconnects: reg!(counter(
                 "upstream_reconnects_total",
-                "Persistent upstream connections (socketio) lost or refused, each followed by a reconnect."
+                "Persistent upstream connections (socketio, nats) lost or refused, each followed by a reconnect."
             )),
             commands: reg!(
                 IntCounterVec::new(

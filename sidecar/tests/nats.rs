@@ -204,6 +204,9 @@ async fn hundred_thousand_messages_exactly_once_across_a_server_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let delivered_total = delivered(&agent);
+    let reconnects = agent
+        .metric("nanogate_sidecar_upstream_reconnects_total")
+        .unwrap_or(0.0);
     let spool_retries = agent
         .metric("nanogate_sidecar_upstream_errors_total{kind=\"retryable\"}")
         .unwrap_or(0.0);
@@ -232,7 +235,7 @@ async fn hundred_thousand_messages_exactly_once_across_a_server_restart() {
         "nats acceptance: sent {TOTAL}, delivered (agent) {delivered_total}, in stream {}, distinct ids {}, \
          duplicates {duplicates}, missing {missing}, distinct Nats-Msg-Id {}, server-side de-duplicated \
          retries {dedup_hits}; killed at {at_kill} delivered ({during_outage} during the outage), \
-         restarted at {:.1}s, retryable upstream errors {spool_retries}, total {:.1}s",
+         restarted at {:.1}s, retryable upstream errors {spool_retries}, reconnects {reconnects}, total {:.1}s",
         stored.len(),
         by_data_id.len(),
         by_msg_id.len(),
@@ -246,6 +249,10 @@ async fn hundred_thousand_messages_exactly_once_across_a_server_restart() {
         by_msg_id.len() as u64,
         TOTAL,
         "every message has its own Nats-Msg-Id"
+    );
+    assert!(
+        reconnects >= 1.0,
+        "the agent should have seen the connection drop"
     );
     assert!(
         spool_retries >= 1.0,
@@ -272,6 +279,19 @@ async fn msg_check_wait_and_dest() {
 
     // Empty inbox: the Tendrl `204` (and the stream and consumer now exist).
     assert_eq!(req(r#"{"msg_type":"msg_check"}"#).await.unwrap(), "204");
+    assert_eq!(
+        agent.metric("nanogate_sidecar_upstream_connection_state"),
+        Some(2.0)
+    );
+    assert!(
+        agent
+            .http_get("/healthz")
+            .unwrap()
+            .1
+            .contains("\"connection\":\"connected\""),
+        "{:?}",
+        agent.http_get("/healthz")
+    );
 
     let js = js(&nats).await;
     for i in 0..3 {

@@ -150,9 +150,9 @@ impl AnyUpstream {
     ) -> anyhow::Result<Self> {
         Ok(match config.upstream_kind {
             UpstreamKind::Http => Self::Http(HttpUpstream::new(config, metrics)?),
-            UpstreamKind::Nats => {
-                Self::Nats(Box::new(NatsUpstream::connect(config, metrics).await?))
-            }
+            UpstreamKind::Nats => Self::Nats(Box::new(
+                NatsUpstream::connect(config, metrics, health.clone()).await?,
+            )),
             UpstreamKind::Socketio => Self::Socketio(SocketIoUpstream::start(
                 SocketIoOptions::from_config(config)?,
                 metrics,

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::{Batch, Upstream, UpstreamError};
+use crate::admin::Health;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -281,9 +282,22 @@ impl NatsUpstream {
     /// Connects in the background: returns at once; publishes fail (retryably) until the
     /// server is reachable. Credential and TLS files are read now, so a missing file is a
     /// start-up error naming the option.
-    pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> anyhow::Result<Self> {
         let names = Names::from_config(config)?;
         let events = Arc::new(ConnectionEvents::default());
+        // The connection's state, as for the other persistent transport (socketio).
+        let state = {
+            let (metrics, health) = (metrics.clone(), health);
+            move |value: i64, name: &'static str| {
+                metrics.upstream_connection_state.set(value);
+                health.set_connection(name);
+            }
+        };
+        state(1, "connecting");
         let (initial, max) = (config.backoff_initial, config.backoff_max);
         let mut opts = ConnectOptions::new()
             .name(format!("nano-agent {}", config.source()))
@@ -297,18 +311,21 @@ impl NatsUpstream {
                 cap.mul_f64(rand::random::<f64>())
             })
             .event_callback({
-                let events = events.clone();
+                let (events, metrics) = (events.clone(), metrics.clone());
                 move |event| {
-                    let events = events.clone();
+                    let (events, metrics, state) = (events.clone(), metrics.clone(), state.clone());
                     async move {
                         match &event {
                             async_nats::Event::Connected => {
                                 tracing::info!("NATS connected");
                                 events.connected();
+                                state(2, "connected");
                             }
                             async_nats::Event::Disconnected => {
                                 tracing::warn!("NATS disconnected; reconnecting");
                                 events.set("disconnected".into());
+                                metrics.upstream_reconnects.inc();
+                                state(1, "connecting");
                             }
                             async_nats::Event::ServerError(e) => {
                                 tracing::error!(error = %e, "NATS server error");
