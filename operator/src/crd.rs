@@ -231,6 +231,46 @@ pub struct NatsOptions {
     pub credentials_secret_ref: Option<SecretKeySelector>,
 }
 
+/// What a NATS option names, for [`nats_name_problem`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NatsName {
+    Subject,
+    Stream,
+    Consumer,
+}
+
+/// Why `value` is not usable as a NATS subject template, stream or consumer name (the same
+/// rules the sidecar applies at start), or `None`.
+fn nats_name_problem(value: &str, kind: NatsName) -> Option<&'static str> {
+    let filled = if kind == NatsName::Stream {
+        value.to_string()
+    } else {
+        ["{namespace}", "{gateway}", "{pod}"]
+            .iter()
+            .fold(value.to_string(), |v, p| v.replace(p, "x"))
+    };
+    if filled.contains(['{', '}']) {
+        return Some(if kind == NatsName::Stream {
+            "must be a plain name (no placeholders)"
+        } else {
+            "has an unknown placeholder; use {namespace}, {gateway} or {pod}"
+        });
+    }
+    let bad_char = |c: char| c.is_whitespace() || c == '*' || c == '>';
+    match kind {
+        NatsName::Subject if filled.split('.').any(str::is_empty) || filled.contains(bad_char) => {
+            Some("must be dot-separated tokens without spaces or wildcards (* and >)")
+        }
+        NatsName::Stream | NatsName::Consumer
+            if filled.is_empty()
+                || filled.contains(|c| bad_char(c) || matches!(c, '.' | '/' | '\\')) =>
+        {
+            Some("must be a name without '.', '*', '>', '/' or spaces")
+        }
+        _ => None,
+    }
+}
+
 /// Dynamic batch sizing (Tendrl client configuration).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -936,6 +976,21 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
     {
         c.secret_key("spec.upstream.nats.credentialsSecretRef", creds);
     }
+    if let Some(n) = &u.nats {
+        for (field, value, kind) in [
+            ("spec.upstream.nats.subject", &n.subject, NatsName::Subject),
+            ("spec.upstream.nats.stream", &n.stream, NatsName::Stream),
+            (
+                "spec.upstream.nats.durableConsumer",
+                &n.durable_consumer,
+                NatsName::Consumer,
+            ),
+        ] {
+            if let Some(problem) = nats_name_problem(value, kind) {
+                c.fail(field, format!("{field} ({value:?}) {problem}"));
+            }
+        }
+    }
     if u.nats.is_some() && u.kind != UpstreamKind::Nats {
         c.fail(
             "spec.upstream.nats",
@@ -1189,6 +1244,31 @@ mod tests {
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn nats_names_follow_the_sidecar_rules() {
+        assert_eq!(
+            nats_name_problem("nanogate.{namespace}.{gateway}", NatsName::Subject),
+            None
+        );
+        assert_eq!(
+            nats_name_problem("nanogate-{namespace}-{gateway}", NatsName::Consumer),
+            None
+        );
+        assert_eq!(nats_name_problem("NANOGATE", NatsName::Stream), None);
+        for (value, kind) in [
+            ("a..b", NatsName::Subject),
+            ("a.*", NatsName::Subject),
+            ("a b", NatsName::Subject),
+            ("a.{cluster}", NatsName::Subject),
+            ("A.B", NatsName::Stream),
+            ("S-{gateway}", NatsName::Stream),
+            ("c.d", NatsName::Consumer),
+            ("", NatsName::Consumer),
+        ] {
+            assert!(nats_name_problem(value, kind).is_some(), "{value}");
+        }
     }
 
     #[test]
