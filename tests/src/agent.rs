@@ -172,6 +172,23 @@ impl Agent {
         Ok(c.wait()?)
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself (e.g. after a `drain`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        let child = self.child.as_mut().context("agent not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "agent still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the agent again with the same directory, flags and admin port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();

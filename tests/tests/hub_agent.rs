@@ -1,0 +1,237 @@
+//! The real `nano-agent` binary against the operator's real hub over TLS (issue 6): handshake
+//! and register, heartbeats with live counts, `status`, `reload` (accepted and refused with the
+//! validation error), `flush` (what was queued is delivered before the answer) and `drain` (the
+//! agent delivers and exits 0). The hub runs in this process with the operator's own
+//! certificate code; only the TokenReview is replaced by a fixed token, which the e2e tests
+//! cover against the real apiserver.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nanogate_operator::hub::{self, AgentIdentity, Authenticator, Denial, Hub, HubConfig};
+use nanogate_tests::agent::{Agent, AgentConfig, agent_bin};
+use nanogate_tests::platform::PlatformServer;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+const TOKEN: &str = "projected-token-of-pod-1";
+
+/// Accepts exactly one pod's token, as a TokenReview would.
+struct OnePod;
+
+impl Authenticator for OnePod {
+    async fn authenticate(&self, agent_id: &str, token: &str) -> Result<AgentIdentity, Denial> {
+        if token != TOKEN {
+            return Err(Denial::TokenRejected("unknown token".into()));
+        }
+        Ok(AgentIdentity {
+            agent_id: agent_id.into(),
+            namespace: "test-ns".into(),
+            pod: "test-pod".into(),
+            gateway: "shop".into(),
+        })
+    }
+}
+
+struct TestHub {
+    hub: Arc<Hub>,
+    addr: std::net::SocketAddr,
+    ca_file: std::path::PathBuf,
+    _stop: watch::Sender<bool>,
+}
+
+async fn start_hub(dir: &std::path::Path) -> Result<TestHub> {
+    let bundle = nanogate_operator::certs::generate_bundle(
+        &["127.0.0.1".to_string()],
+        nanogate_operator::certs::unix_now(),
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    )?;
+    let ca_file = dir.join("hub-ca.crt");
+    std::fs::write(&ca_file, &bundle.ca_cert_pem)?;
+    let resolver = Arc::new(nanogate_operator::webhook::CertResolver::from_pem(
+        &bundle.cert_pem,
+        &bundle.key_pem,
+    )?);
+    let tls = tokio_rustls::TlsAcceptor::from(nanogate_operator::webhook::tls_config(resolver));
+    let hub = Hub::new(HubConfig::default(), &prometheus::Registry::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(hub::serve(
+        listener,
+        tls,
+        hub.clone(),
+        Arc::new(OnePod),
+        stopped,
+    ));
+    Ok(TestHub {
+        hub,
+        addr,
+        ca_file,
+        _stop: stop,
+    })
+}
+
+async fn publish(socket: &std::path::Path, n: usize) -> Result<()> {
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    for i in 0..n {
+        stream
+            .write_all(format!(r#"{{"msg_type":"publish","data":{{"i":{i}}}}}"#).as_bytes())
+            .await?;
+    }
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await?;
+    anyhow::ensure!(
+        rest.is_empty(),
+        "publish answered {}",
+        String::from_utf8_lossy(&rest)
+    );
+    Ok(())
+}
+
+fn field<'a>(map: &'a rmpv::Value, key: &str) -> Option<&'a rmpv::Value> {
+    map.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(dir.path()).await?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN)?;
+    let platform = PlatformServer::start().await?;
+    let mut agent = Agent::start(AgentConfig {
+        bin: agent_bin(),
+        dir: dir.path().join("agent"),
+        upstream_url: platform.url(),
+        api_key: platform.api_key().to_string(),
+        extra_args: vec![
+            format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
+            format!("--hub-ca-file={}", hub.ca_file.display()),
+            format!("--hub-token-file={}", token_file.display()),
+            "--pod-uid=uid-1".into(),
+            "--gateway=shop".into(),
+            "--heartbeat-interval=1s".into(),
+            // Slow batches so `flush` has something to wait for.
+            "--flush-interval=3s".into(),
+            "--batch-size=1000".into(),
+            "--min-batch-size=1000".into(),
+            "--max-batch-size=1000".into(),
+        ],
+    })?;
+
+    // Handshake → the index knows the agent; heartbeats carry its counts.
+    let connected = Instant::now();
+    while hub.hub.agents_of("test-ns", "shop").is_empty() {
+        anyhow::ensure!(
+            connected.elapsed() < Duration::from_secs(10),
+            "agent never connected: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish(&agent.socket, 25).await?;
+    let status = hub
+        .hub
+        .request("uid-1", "status", Vec::new(), Duration::from_secs(5))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let status: nanogate_protocol::control::Heartbeat =
+        nanogate_protocol::control::from_value(status)?;
+    assert_eq!(
+        (
+            status.received_total,
+            status.pod.as_str(),
+            status.agent_id.as_str()
+        ),
+        (25, "test-ns/test-pod", "uid-1")
+    );
+
+    // flush: answered once what was queued has been delivered (the flush interval is 3 s).
+    let started = Instant::now();
+    let flushed = hub
+        .hub
+        .request("uid-1", "flush", Vec::new(), Duration::from_secs(15))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(field(&flushed, "pending").and_then(|v| v.as_u64()), Some(0));
+    assert_eq!(
+        platform.received_count(),
+        25,
+        "delivered before flush answered"
+    );
+    eprintln!(
+        "[hub-agent] flush answered after {:.2}s with 25 delivered",
+        started.elapsed().as_secs_f64()
+    );
+
+    // reload: a valid change is applied; an invalid one is refused with the validation error.
+    // The hub always sends the whole file; transport and socket stay, so no restart is needed.
+    let full_config = format!(
+        "app_url: {}\nsocket_path: {}\nflush_interval: 100ms\n",
+        platform.url(),
+        agent.socket.display()
+    );
+    let reload = |config: &str| vec![("config".to_string(), rmpv::Value::from(config.to_string()))];
+    let applied = hub
+        .hub
+        .request(
+            "uid-1",
+            "reload",
+            reload(&full_config),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert!(
+        field(&applied, "restart_needed").is_some_and(|v| v.as_bool() == Some(false)),
+        "{applied}"
+    );
+    let refused = hub
+        .hub
+        .request(
+            "uid-1",
+            "reload",
+            reload("max_batch_size: 0\n"),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("an invalid configuration is refused");
+    assert!(
+        refused.contains("max_batch_size"),
+        "names the field: {refused}"
+    );
+    // The applied 100 ms flush interval is live: a new message arrives quickly.
+    publish(&agent.socket, 1).await?;
+    let sent = Instant::now();
+    while platform.received_count() < 26 {
+        anyhow::ensure!(
+            sent.elapsed() < Duration::from_secs(2),
+            "reloaded flush interval not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // drain: the agent delivers what it holds and exits 0.
+    publish(&agent.socket, 4).await?;
+    hub.hub
+        .request("uid-1", "drain", Vec::new(), Duration::from_secs(5))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let exit = agent
+        .wait_exit(Duration::from_secs(20))
+        .context("agent exit")?;
+    assert!(exit.success(), "drained agent exits 0: {exit}");
+    assert_eq!(
+        platform.received_count(),
+        30,
+        "everything delivered before exit"
+    );
+    Ok(())
+}
