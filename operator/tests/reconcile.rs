@@ -273,7 +273,10 @@ async fn new_gateway_creates_config_map_event_and_status() {
         assert_eq!(st["sidecars"]["notInjected"], 1);
         let ev = api.create_event("PodsNotInjected").await;
         let note = ev["note"].as_str().unwrap();
-        assert!(note.starts_with("1 pod(s) opted in but run without a sidecar"), "{note}");
+        assert!(
+            note.starts_with("1 pod(s) opted in but run without a sidecar"),
+            "{note}"
+        );
         assert!(note.contains(": b;"), "{note}");
     })
     .await
