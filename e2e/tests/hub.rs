@@ -237,8 +237,9 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
                     .unwrap_or_default()
                     .to_string();
                 // The new configuration is recorded and the agent reports running it.
-                let current =
-                    hash != old_hash && message.contains("1 of 1 on the current configuration");
+                let current = hash != old_hash
+                    && message.contains("1 of 1 on the current configuration")
+                    && gw.data["status"]["sidecars"]["currentConfig"] == 1;
                 Ok(current.then_some(hash))
             }
         },
