@@ -54,6 +54,11 @@ impl ControlPlane {
     /// Starts a fresh control plane and waits until it is ready, including the
     /// controller-manager (the `default` ServiceAccount appears).
     pub async fn start() -> Result<ControlPlane> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`ControlPlane::start`] with extra kube-apiserver flags (e.g. admission plugins).
+    pub async fn start_with(extra_apiserver_args: &[&str]) -> Result<ControlPlane> {
         let started = Instant::now();
         clean_stale_runs();
         let assets = crate::k8s_assets()?;
@@ -135,7 +140,10 @@ impl ControlPlane {
                 "--endpoint-reconciler-type=none".into(),
                 "--allow-privileged=true".into(),
                 "--v=1".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra_apiserver_args.iter().map(|a| a.to_string()))
+            .collect(),
         )?;
         cp.wait_apiserver_ready().await?;
         cp.spawn(

@@ -591,3 +591,87 @@ async fn certificate_rotation_during_200_pod_creations_fails_none() -> Result<()
     );
     Ok(())
 }
+
+/// The Pod Security "restricted" rules, enforced by the apiserver itself. Kubernetes 1.20 has
+/// no Pod Security admission yet (1.23+), so this control plane runs the admission plugin of
+/// its time, PodSecurityPolicy, with the upstream "restricted" policy: non-root, no privilege
+/// escalation, all capabilities dropped, RuntimeDefault seccomp, safe volume types only. Its
+/// validation runs after mutating webhooks, so it judges the pod with our sidecar in it.
+#[tokio::test]
+async fn injected_pods_pass_the_restricted_policy_enforced_by_the_apiserver() -> Result<()> {
+    let cp = ControlPlane::start_with(&["--enable-admission-plugins=PodSecurityPolicy"]).await?;
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        r#"apiVersion: policy/v1beta1
+kind: PodSecurityPolicy
+metadata:
+  name: restricted
+  annotations:
+    seccomp.security.alpha.kubernetes.io/allowedProfileNames: runtime/default
+    seccomp.security.alpha.kubernetes.io/defaultProfileName: runtime/default
+spec:
+  privileged: false
+  allowPrivilegeEscalation: false
+  requiredDropCapabilities: [ALL]
+  volumes: [configMap, emptyDir, projected, secret, downwardAPI, persistentVolumeClaim]
+  hostNetwork: false
+  hostIPC: false
+  hostPID: false
+  runAsUser: {rule: MustRunAsNonRoot}
+  seLinux: {rule: RunAsAny}
+  supplementalGroups: {rule: MustRunAs, ranges: [{min: 1, max: 65535}]}
+  fsGroup: {rule: MustRunAs, ranges: [{min: 1, max: 65535}]}
+"#,
+    )?;
+    let s = setup(&cp, "restricted").await?;
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        s.ns.name(),
+        "pod-security.kubernetes.io/enforce=restricted",
+    ])?;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    // The policy is enforced: a privileged container is refused.
+    let privileged: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "privileged", "annotations": {"nanogate.io/inject": "false"}},
+        "spec": {"containers": [{"name": "x", "image": "busybox",
+                                  "securityContext": {"privileged": true}}]}
+    }))?;
+    let refused = pods
+        .create(&PostParams::default(), &privileged)
+        .await
+        .expect_err("a privileged pod violates the restricted policy");
+    assert!(
+        refused.to_string().contains("PodSecurityPolicy"),
+        "{refused}"
+    );
+    // Our injected pod is admitted with its sidecar, under that policy.
+    let stored = pods
+        .create(&PostParams::default(), &app_pod("restricted-app")?)
+        .await?;
+    let sidecar = sidecar(&stored).context("admitted with the sidecar")?;
+    let policy = stored
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubernetes.io/psp"))
+        .cloned();
+    assert_eq!(
+        policy.as_deref(),
+        Some("restricted"),
+        "admitted by the restricted policy"
+    );
+    let sc = sidecar
+        .security_context
+        .as_ref()
+        .context("securityContext")?;
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    eprintln!(
+        "[injection] restricted policy: privileged pod refused, injected pod admitted ({})",
+        stored.metadata.name.unwrap_or_default()
+    );
+    Ok(())
+}
