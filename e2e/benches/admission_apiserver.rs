@@ -105,20 +105,7 @@ async fn main() -> Result<()> {
     .await?;
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: platform-key, namespace: {ns}}}
-stringData: {{apiKey: bench}}
----
-apiVersion: nanogate.io/v1alpha1
-kind: AgentGateway
-metadata: {{name: shop, namespace: {ns}}}
-spec:
-  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
-"#,
-            ns = ns.name()
-        ),
+        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
     )?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     wait_for(

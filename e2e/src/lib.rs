@@ -354,3 +354,40 @@ pub async fn hub_hello(
         decoder.extend(&buf[..n]);
     }
 }
+
+/// YAML for a Secret `platform-key` (key `apiKey`) and an `http` AgentGateway `name` in `ns`
+/// that uses it, pointing at the discard port; `spec_extra` lines go under `spec:` (e.g.
+/// `"  heartbeatInterval: 1s\n"`).
+pub fn gateway_yaml(ns: &str, name: &str, spec_extra: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: platform-key, namespace: {ns}}}
+stringData: {{apiKey: e2e-key}}
+---
+apiVersion: nanogate.io/v1alpha1
+kind: AgentGateway
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
+{spec_extra}"#
+    )
+}
+
+/// Reasons and notes of the events about object `name` in `ns` (events.k8s.io/v1).
+pub async fn events_about(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<(String, String)>> {
+    use k8s_openapi::api::events::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), ns);
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect())
+}

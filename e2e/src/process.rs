@@ -116,6 +116,27 @@ impl Process {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; the error carries its log tail.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{} still running after {timeout:?}\n{}",
+                    self.name,
+                    self.log_tail(10)
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The last `lines` lines of the process log, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

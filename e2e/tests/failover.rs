@@ -177,21 +177,7 @@ async fn sidecars_follow_the_leader_and_counts_never_double() -> Result<()> {
 
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: platform-key, namespace: {ns}}}
-stringData: {{apiKey: e2e-key}}
----
-apiVersion: nanogate.io/v1alpha1
-kind: AgentGateway
-metadata: {{name: shop, namespace: {ns}}}
-spec:
-  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
-  heartbeatInterval: 1s
-"#,
-            ns = ns.name()
-        ),
+        &nanogate_e2e::gateway_yaml(ns.name(), "shop", "  heartbeatInterval: 1s\n"),
     )?;
     let gateways = nanogate_e2e::agentgateways(&client, ns.name());
     wait_for("the gateway ConfigMap", Duration::from_secs(60), || {

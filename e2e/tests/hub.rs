@@ -83,21 +83,7 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
     )?;
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: platform-key, namespace: {ns}}}
-stringData: {{apiKey: e2e-key}}
----
-apiVersion: nanogate.io/v1alpha1
-kind: AgentGateway
-metadata: {{name: shop, namespace: {ns}}}
-spec:
-  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
-  heartbeatInterval: 1s
-"#,
-            ns = ns.name()
-        ),
+        &nanogate_e2e::gateway_yaml(ns.name(), "shop", "  heartbeatInterval: 1s\n"),
     )?;
     // The operator made its CA; sidecars get it through the gateway's ConfigMap.
     let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
@@ -289,16 +275,7 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     .await?;
     api.delete("shop", &Default::default()).await?;
     let deleted = Instant::now();
-    let status = wait_for(
-        "the sidecar to drain and exit",
-        Duration::from_secs(20),
-        || {
-            let exited = again.process.exited();
-            async move { Ok(exited) }
-        },
-    )
-    .await
-    .map_err(|e| e.context(again.process.log_tail(10)))?;
+    let status = again.process.wait_exit(Duration::from_secs(20)).await?;
     assert!(status.success(), "drained agent exits cleanly: {status}");
     eprintln!(
         "[hub] gateway deleted → sidecar drained and exited in {:.1}s",
@@ -371,19 +348,11 @@ async fn run_to_completion_sidecar_exits_once_its_apps_finished() -> Result<()> 
     )
     .await?;
     let finished = Instant::now();
-    let exit = wait_for(
-        "the sidecar to drain and exit",
-        Duration::from_secs(20),
-        || {
-            let exited = agent.process.exited();
-            async move { Ok(exited) }
-        },
-    )
-    .await
-    .map_err(|e| {
-        e.context(agent.process.log_tail(10))
-            .context(f.operator.log_tail(10))
-    })?;
+    let exit = agent
+        .process
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .map_err(|e| e.context(f.operator.log_tail(10)))?;
     assert!(exit.success(), "exits 0 so the pod can succeed: {exit}");
     eprintln!(
         "[hub] app terminated → sidecar drained and exited 0 in {:.1}s",

@@ -337,19 +337,6 @@ async fn opted_out_pods_are_left_alone_and_invalid_gateways_are_denied() -> Resu
     Ok(())
 }
 
-/// Reasons of the events about object `name` in `ns`, with their notes.
-async fn events_about(client: &Client, ns: &str, name: &str) -> Result<Vec<(String, String)>> {
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect())
-}
-
 /// `failurePolicy: Ignore` with the webhook down: the pod is admitted without a sidecar. Once
 /// the operator runs, the gateway's status counts it (`notInjected`) and an event names it;
 /// `nanogate.io/repair: rollout` on the gateway restarts its Deployment, whose new pod is
@@ -384,17 +371,7 @@ async fn webhook_down_with_ignore_admits_uninjected_pods_which_are_reported_and_
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
         &format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: platform-key, namespace: {ns}}}
-stringData: {{apiKey: e2e-key}}
----
-apiVersion: nanogate.io/v1alpha1
-kind: AgentGateway
-metadata: {{name: shop, namespace: {ns}}}
-spec:
-  upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
----
+            r#"{gateway}---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: web, namespace: {ns}}}
@@ -410,6 +387,7 @@ spec:
     spec:
       containers: [{{name: web, image: "python:3.12-slim"}}]
 "#,
+            gateway = nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
             ns = ns.name()
         ),
     )?;
@@ -464,7 +442,7 @@ spec:
         let client = client.clone();
         let ns = ns.name().to_string();
         async move {
-            let events = events_about(&client, &ns, "shop").await?;
+            let events = nanogate_e2e::events_about(&client, &ns, "shop").await?;
             Ok(events
                 .into_iter()
                 .find(|(reason, _)| reason == "PodsNotInjected"))
@@ -504,7 +482,7 @@ spec:
     )
     .await
     .map_err(|e| e.context(operator.log_tail(20)))?;
-    let restarted = events_about(&client, ns.name(), "shop")
+    let restarted = nanogate_e2e::events_about(&client, ns.name(), "shop")
         .await?
         .into_iter()
         .find(|(reason, _)| reason == "RolloutRestarted")

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
@@ -225,15 +224,8 @@ async fn wait_condition(
 }
 
 async fn events_for(client: &Client, ns: &str, name: &str) -> Result<Vec<String>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .filter_map(|e| e.reason)
-        .collect())
+    let events = nanogate_e2e::events_about(client, ns, name).await?;
+    Ok(events.into_iter().map(|(reason, _)| reason).collect())
 }
 
 #[tokio::test]
