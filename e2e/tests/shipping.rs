@@ -182,6 +182,25 @@ impl Dockerfile {
         image
     }
 
+    /// `ENV` variables of the stage that runs `cargo build` (`ENV K=V …` form).
+    fn cargo_build_env(&self) -> Result<Vec<(String, String)>> {
+        let stage = self
+            .stages
+            .iter()
+            .find(|s| s.all("RUN").iter().any(|r| r.starts_with("cargo build")))
+            .context("no stage runs cargo build")?;
+        let mut vars = Vec::new();
+        for env in stage.all("ENV") {
+            for pair in env.split_whitespace() {
+                let (k, v) = pair
+                    .split_once('=')
+                    .with_context(|| format!("ENV {env}: use the K=V form"))?;
+                vars.push((k.to_string(), v.to_string()));
+            }
+        }
+        Ok(vars)
+    }
+
     /// The arguments of the single `RUN cargo build …` instruction (after `cargo`).
     fn cargo_build(&self) -> Result<Vec<String>> {
         let runs: Vec<&str> = self
@@ -307,14 +326,26 @@ fn dockerfile_build_command_makes_static_binaries_of_the_workspace_version() -> 
         );
         return Ok(());
     }
+    let env = docker.cargo_build_env()?;
+    for (k, _) in &env {
+        ensure!(
+            k.starts_with("CARGO_PROFILE_RELEASE_"),
+            "{DOCKERFILE}: ENV {k} in the build stage; only release-profile settings are expected"
+        );
+    }
     let target_dir = cache_dir().join("target-static");
     let started = Instant::now();
     progress!(
-        "[shipping] cargo {} --target-dir {} (the Dockerfile's build; cached after the first run)",
+        "[shipping] {} cargo {} --target-dir {} (the Dockerfile's build; cached after the first run)",
+        env.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         args.join(" "),
         target_dir.display()
     );
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(&args)
         .arg("--target-dir")
         .arg(&target_dir)
