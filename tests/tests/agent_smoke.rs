@@ -53,7 +53,8 @@ async fn publish_check_and_auth() {
     );
     assert_eq!(platform.unauthorized(), 0);
 
-    // A wrong key: the platform refuses, the agent keeps the message spooled and says why.
+    // A wrong key: the platform refuses with 401, a 4xx other than 408/429, so the batch is
+    // dead-lettered (issue 3) and the log says to check the API key Secret.
     let dir2 = tempfile::tempdir().unwrap();
     let wrong = Agent::start(AgentConfig {
         bin: agent_bin(),
@@ -74,14 +75,19 @@ async fn publish_check_and_auth() {
         roundtrip(&wrong.socket, br#"{"msg_type":"publish","data":1}"#),
         b""
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(platform.unauthorized() >= 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wrong.metric("nanogate_sidecar_dead_lettered_total") != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(platform.unauthorized() >= 1);
     assert_eq!(platform.received_count(), 1);
-    assert_eq!(wrong.metric("nanogate_sidecar_queue_depth"), Some(1.0));
-    assert_eq!(
-        wrong.metric("nanogate_sidecar_dead_lettered_total"),
-        Some(0.0)
+    assert_eq!(wrong.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+    let dead = std::fs::read_to_string(wrong.spool.join("dead-letter.jsonl")).unwrap();
+    assert!(dead.contains("\"status\":401"), "{dead}");
+    assert!(
+        wrong.log_text().contains("check the API key Secret"),
+        "{}",
+        wrong.log_text()
     );
-    let (_, health) = wrong.http_get("/healthz").unwrap();
-    assert!(health.contains("check the API key"), "{health}");
 }

@@ -131,32 +131,42 @@ impl HttpUpstream {
             .with_label_values(&[endpoint])
             .observe(start.elapsed().as_secs_f64());
         let (status, body, retry_after) = res?;
-        if status.is_success() {
-            return Ok((status, body));
-        }
-        let code = status.as_u16();
-        if code == 401 || code == 403 {
-            // A wrong or revoked key is fixed by configuration, not by the message: keep the
-            // batch spooled and retry (the circuit opens and health shows the reason) rather
-            // than dead-lettering everything the pod sends meanwhile.
-            return Err(UpstreamError::Retryable {
-                reason: format!(
-                    "HTTP {code} from {endpoint}: authentication failed, check the API key"
-                ),
-                retry_after,
-            });
-        }
-        if status.is_server_error() || code == 429 || code == 408 {
-            return Err(UpstreamError::Retryable {
-                reason: format!("HTTP {code} from {endpoint}"),
-                retry_after,
-            });
-        }
-        Err(UpstreamError::Rejected {
-            status: code,
-            body: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
-        })
+        classify(endpoint, status, retry_after, &body)?;
+        Ok((status, body))
     }
+}
+
+/// Classifies a non-2xx answer (issue 3): 5xx, 429 and 408 are retried forever; every other
+/// 4xx — 401/403 included — is refused for good, so delivery dead-letters the batch.
+fn classify(
+    endpoint: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<(), UpstreamError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let code = status.as_u16();
+    if status.is_server_error() || code == 429 || code == 408 {
+        return Err(UpstreamError::Retryable {
+            reason: format!("HTTP {code} from {endpoint}"),
+            retry_after,
+        });
+    }
+    if code == 401 || code == 403 {
+        // Repeats for every batch until the key is corrected: say what to fix.
+        tracing::error!(
+            status = code,
+            endpoint,
+            "the platform refused the API key (HTTP {code}); batches are dead-lettered until it \
+             is fixed: check the API key Secret (TENDRL_KEY / --api-key)"
+        );
+    }
+    Err(UpstreamError::Rejected {
+        status: code,
+        body: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
+    })
 }
 
 fn network(e: reqwest::Error) -> UpstreamError {
@@ -239,6 +249,29 @@ impl Upstream for HttpUpstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classification_follows_issue_3() {
+        let class = |code: u16| match classify(
+            "messages",
+            StatusCode::from_u16(code).unwrap(),
+            None,
+            b"{}",
+        ) {
+            Ok(()) => "ok",
+            Err(UpstreamError::Retryable { .. }) => "retry",
+            Err(UpstreamError::Rejected { .. }) => "dead-letter",
+        };
+        for code in [200, 202, 204] {
+            assert_eq!(class(code), "ok", "{code}");
+        }
+        for code in [500, 502, 503, 504, 429, 408] {
+            assert_eq!(class(code), "retry", "{code}");
+        }
+        for code in [400, 401, 403, 404, 409, 413, 422] {
+            assert_eq!(class(code), "dead-letter", "{code}");
+        }
+    }
 
     #[test]
     fn retry_after_forms() {
