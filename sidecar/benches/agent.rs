@@ -428,38 +428,67 @@ fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
     }
 }
 
-/// One publish per connection from 2 client threads for `secs`; returns connections/s.
-fn connections_per_sec(path: &Path, secs: Duration) -> f64 {
+/// Client threads and connections each keeps in flight for the connections line: enough
+/// concurrency that the client is not what is measured (the bare baseline below uses the
+/// same client and shows its ceiling).
+const CONN_CLIENT_THREADS: usize = 2;
+const CONN_IN_FLIGHT: usize = 16;
+
+/// One publish per connection (the seed's stateless pattern: connect, write, shutdown(WR),
+/// read to EOF) from `CONN_CLIENT_THREADS` threads with `CONN_IN_FLIGHT` connections in
+/// flight each, for `secs`. Counts only connections answered with EOF and nothing else
+/// (accepted); any other answer fails the bench. Returns (connections/s, accepted count).
+fn connections_per_sec(path: &Path, secs: Duration) -> (f64, u64) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let stop = Arc::new(AtomicBool::new(false));
     let conns = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let workers: Vec<_> = (0..2)
+    let workers: Vec<_> = (0..CONN_CLIENT_THREADS)
         .map(|_| {
             let (stop, conns, path) = (stop.clone(), conns.clone(), path.to_owned());
-            let msg = message(7);
             thread::spawn(move || {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let mut c = UnixStream::connect(&path).unwrap();
-                    c.write_all(msg.as_bytes()).unwrap();
-                    c.shutdown(std::net::Shutdown::Write).unwrap();
-                    out.clear();
-                    c.read_to_end(&mut out).unwrap();
-                    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
-                    conns.fetch_add(1, Ordering::Relaxed);
-                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let tasks: Vec<_> = (0..CONN_IN_FLIGHT)
+                        .map(|_| {
+                            let (stop, conns, path) = (stop.clone(), conns.clone(), path.clone());
+                            tokio::spawn(async move {
+                                let msg = message(7);
+                                let mut out = Vec::new();
+                                while !stop.load(Ordering::Relaxed) {
+                                    let mut c =
+                                        tokio::net::UnixStream::connect(&path).await.unwrap();
+                                    c.write_all(msg.as_bytes()).await.unwrap();
+                                    c.shutdown().await.unwrap();
+                                    out.clear();
+                                    c.read_to_end(&mut out).await.unwrap();
+                                    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+                                    conns.fetch_add(1, Ordering::Relaxed);
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                });
             })
         })
         .collect();
     thread::sleep(secs);
     stop.store(true, Ordering::Relaxed);
     workers.into_iter().for_each(|w| w.join().unwrap());
-    conns.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let n = conns.load(Ordering::Relaxed);
+    (n as f64 / start.elapsed().as_secs_f64(), n)
 }
 
 /// Baseline for connections/s: a bare server thread that accepts, reads to EOF and closes.
 fn bare_connections_per_sec(dir: &Path, secs: Duration) -> f64 {
     let path = dir.join("bare.sock");
+    let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
     listener.set_nonblocking(false).unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -476,11 +505,130 @@ fn bare_connections_per_sec(dir: &Path, secs: Duration) -> f64 {
             }
         })
     };
-    let cps = connections_per_sec(&path, secs);
+    let (cps, _) = connections_per_sec(&path, secs);
     done.store(true, Ordering::Relaxed);
     let _ = UnixStream::connect(&path);
     server.join().unwrap();
     cps
+}
+
+/// The connections line: the agent and the bare baseline, alternated `rounds` times in the
+/// same run (the machine is shared; alternating spreads the noise over both). Every
+/// connection counted must be in the agent's `received_total`.
+fn connections_line(agent: &Agent, dir: &Path, secs: Duration, rounds: usize) {
+    let base = agent
+        .metric("nanogate_sidecar_received_total")
+        .unwrap_or(0.0) as u64;
+    let (mut agent_cps, mut bare_cps, mut total) = (vec![], vec![], 0);
+    for _ in 0..rounds {
+        let (cps, n) = connections_per_sec(&agent.socket, secs);
+        agent_cps.push(cps);
+        total += n;
+        bare_cps.push(bare_connections_per_sec(dir, secs));
+    }
+    let received = agent
+        .metric("nanogate_sidecar_received_total")
+        .unwrap_or(0.0) as u64;
+    assert_eq!(
+        received - base,
+        total,
+        "every connection counted was accepted (received_total)"
+    );
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "connections (one publish per connection, {CONN_CLIENT_THREADS} client threads x {CONN_IN_FLIGHT} in flight, {rounds} alternated rounds of {} s):",
+        secs.as_secs()
+    );
+    println!(
+        "  nano-agent:                    {}/s  (median {:.0}; {total} connections, all in received_total)",
+        fmt(&agent_cps),
+        mid(&mut agent_cps.clone())
+    );
+    println!(
+        "  bare accept-read-close thread: {}/s  (median {:.0})",
+        fmt(&bare_cps),
+        mid(&mut bare_cps.clone())
+    );
+    println!(
+        "  ratio of medians: {:.0}%",
+        mid(&mut agent_cps) * 100.0 / mid(&mut bare_cps)
+    );
+}
+
+/// `msg_check` round trips over one persistent connection to an idle agent (each includes
+/// the agent's HTTP request to the local platform), next to the bare HTTP round trip from
+/// this process to the same platform endpoint over one kept-alive TCP connection (the
+/// platform's and loopback's share). `rounds` alternated rounds of 10,000 (after 1,000 of
+/// warm-up); the agent's figure over all rounds.
+fn msg_check_latency(agent: &Agent, platform: &PlatformServer, rounds: usize) {
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let mut http =
+        std::net::TcpStream::connect(platform.url().trim_start_matches("http://")).unwrap();
+    http.set_nodelay(true).unwrap();
+    let get = format!(
+        "GET /entities/check_messages?limit=1 HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {}\r\n\r\n",
+        platform.api_key()
+    );
+    let mut buf = [0u8; 1024];
+    let (mut all, mut all_http) = (vec![], vec![]);
+    let mut per_round = vec![];
+    for _ in 0..rounds {
+        let mut lat = Vec::with_capacity(10_000);
+        for i in 0..11_000 {
+            let t = Instant::now();
+            s.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
+            let n = s.read(&mut buf).unwrap();
+            if i >= 1000 {
+                lat.push(t.elapsed());
+            }
+            assert_eq!(&buf[..n], b"204");
+        }
+        for i in 0..11_000 {
+            let t = Instant::now();
+            http.write_all(get.as_bytes()).unwrap();
+            let n = http.read(&mut buf).unwrap();
+            if i >= 1000 {
+                all_http.push(t.elapsed());
+            }
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 204"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+        lat.sort();
+        per_round.push(format!(
+            "p50 {:?} p99 {:?}",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99)
+        ));
+        all.extend(lat);
+    }
+    all.sort();
+    all_http.sort();
+    println!(
+        "msg_check round trip (idle agent, incl. HTTP to the local platform): p50 {:?}  p90 {:?}  p99 {:?}  (n={}; rounds: {})",
+        percentile(&all, 0.5),
+        percentile(&all, 0.9),
+        percentile(&all, 0.99),
+        all.len(),
+        per_round.join(" | ")
+    );
+    println!(
+        "  baseline, the same GET from this process to the platform (kept-alive TCP): p50 {:?}  p90 {:?}  p99 {:?}",
+        percentile(&all_http, 0.5),
+        percentile(&all_http, 0.9),
+        percentile(&all_http, 0.99)
+    );
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -496,6 +644,13 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5u64);
     let secs = Duration::from_secs(secs);
+    // `--only latency,connections,ingest,tcp,delivery` runs a subset (default: all).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -511,90 +666,84 @@ fn main() {
 
     // ---- idle memory and msg_check latency on a fresh agent ----
     let agent = start_agent(&platform, &tmp.path().join("a1"), &[]);
-    let pid = agent.pid().unwrap();
-    thread::sleep(Duration::from_millis(1500));
-    let rss_idle = rss_kib(pid);
-    let mut s = UnixStream::connect(&agent.socket).unwrap();
-    let mut lat = Vec::with_capacity(10_000);
-    let mut buf = [0u8; 1024];
-    for i in 0..11_000 {
-        let t = Instant::now();
-        s.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
-        let n = s.read(&mut buf).unwrap();
-        if i >= 1000 {
-            lat.push(t.elapsed());
-        }
-        assert_eq!(&buf[..n], b"204");
+    if want("latency") {
+        let pid = agent.pid().unwrap();
+        thread::sleep(Duration::from_millis(1500));
+        let rss_idle = rss_kib(pid);
+        msg_check_latency(&agent, &platform, 3);
+        println!("RSS idle: {:.1} MiB", rss_idle as f64 / 1024.0);
     }
-    drop(s);
-    lat.sort();
-    println!(
-        "msg_check round trip (idle agent, incl. HTTP to the local platform): p50 {:?}  p99 {:?}  (n={})",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        lat.len()
-    );
-    println!("RSS idle: {:.1} MiB", rss_idle as f64 / 1024.0);
 
     // ---- connections per second (one message per connection) ----
-    let cps = connections_per_sec(&agent.socket, secs);
-    let bare = bare_connections_per_sec(tmp.path(), secs);
-    println!(
-        "connections (one publish per connection, 2 client threads): nano-agent {cps:.0}/s, bare accept-read-close thread {bare:.0}/s ({:.0}%)",
-        cps * 100.0 / bare
-    );
+    if want("connections") {
+        // Ingest alone, as for the ingest line: the local platform server shares this
+        // process and the 2 cores with the clients, so delivery (measured below) is paused.
+        platform.faults().set_down(true);
+        connections_line(&agent, tmp.path(), secs, 3);
+        platform.faults().set_down(false);
+    }
     drop(agent);
+    if !(want("ingest") || want("tcp") || want("delivery")) {
+        return;
+    }
 
     // ---- ingest: baselines and agent over one persistent connection ----
-    let discard = baseline(tmp.path(), "discard", secs);
-    let parse = baseline(tmp.path(), "parse", secs);
-    platform.faults().set_down(true); // measure ingest alone; delivery is measured below
-    let agent = start_agent(&platform, &tmp.path().join("a2"), &[]);
-    let pid = agent.pid().unwrap();
-    let peak = Arc::new(AtomicU64::new(0));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        thread::spawn(move || {
-            while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
     let (buf, per) = batch_buffer();
-    let mut c = UnixStream::connect(&agent.socket).unwrap();
-    let t = Instant::now();
-    let sent = write_for(&mut c, &buf, per, secs);
-    // The reply to a request written after the publishes proves they were all processed
-    // (appended to the spool); with the platform down it is an upstream error.
-    c.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
-    let n = c.read(&mut [0u8; 1024]).unwrap();
-    let took = t.elapsed();
-    assert!(n > 0);
-    sampling.store(false, Ordering::Relaxed);
-    sampler.join().unwrap();
-    let ingest = sent as f64 / took.as_secs_f64();
-    let received = agent
-        .metric("nanogate_sidecar_received_total")
-        .unwrap_or(0.0) as u64;
-    assert_eq!(received, sent, "every message accepted");
-    println!("ingest, one persistent connection, publish wait=false, spool on:");
-    println!("  read-and-discard baseline: {discard:>12.0} msgs/s");
-    println!("  parse-only baseline:       {parse:>12.0} msgs/s");
-    println!(
-        "  nano-agent:                {ingest:>12.0} msgs/s  ({:.0}% of parse-only, {:.0}% of discard; {sent} msgs, spool {:.0} MiB)",
-        ingest * 100.0 / parse,
-        ingest * 100.0 / discard,
-        agent.metric("nanogate_sidecar_spool_bytes").unwrap_or(0.0) / 1048576.0
-    );
-    println!(
-        "RSS during ingest (peak): {:.1} MiB",
-        peak.load(Ordering::Relaxed) as f64 / 1024.0
-    );
-    drop(c);
-    drop(agent);
-    tcp_listener_ingest(&platform, &tmp.path().join("tcp"), secs);
+    if want("ingest") {
+        let discard = baseline(tmp.path(), "discard", secs);
+        let parse = baseline(tmp.path(), "parse", secs);
+        platform.faults().set_down(true); // measure ingest alone; delivery is measured below
+        let agent = start_agent(&platform, &tmp.path().join("a2"), &[]);
+        let pid = agent.pid().unwrap();
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling) = (peak.clone(), sampling.clone());
+            thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let mut c = UnixStream::connect(&agent.socket).unwrap();
+        let t = Instant::now();
+        let sent = write_for(&mut c, &buf, per, secs);
+        // The reply to a request written after the publishes proves they were all processed
+        // (appended to the spool); with the platform down it is an upstream error.
+        c.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
+        let n = c.read(&mut [0u8; 1024]).unwrap();
+        let took = t.elapsed();
+        assert!(n > 0);
+        sampling.store(false, Ordering::Relaxed);
+        sampler.join().unwrap();
+        let ingest = sent as f64 / took.as_secs_f64();
+        let received = agent
+            .metric("nanogate_sidecar_received_total")
+            .unwrap_or(0.0) as u64;
+        assert_eq!(received, sent, "every message accepted");
+        println!("ingest, one persistent connection, publish wait=false, spool on:");
+        println!("  read-and-discard baseline: {discard:>12.0} msgs/s");
+        println!("  parse-only baseline:       {parse:>12.0} msgs/s");
+        println!(
+            "  nano-agent:                {ingest:>12.0} msgs/s  ({:.0}% of parse-only, {:.0}% of discard; {sent} msgs, spool {:.0} MiB)",
+            ingest * 100.0 / parse,
+            ingest * 100.0 / discard,
+            agent.metric("nanogate_sidecar_spool_bytes").unwrap_or(0.0) / 1048576.0
+        );
+        println!(
+            "RSS during ingest (peak): {:.1} MiB",
+            peak.load(Ordering::Relaxed) as f64 / 1024.0
+        );
+        drop(c);
+        drop(agent);
+    }
+    if want("tcp") {
+        tcp_listener_ingest(&platform, &tmp.path().join("tcp"), secs);
+    }
+    if !want("delivery") {
+        return;
+    }
 
     // ---- delivery: preload the spool with the platform down, then time the drain ----
     for (label, extra, n) in [

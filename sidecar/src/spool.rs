@@ -89,6 +89,18 @@ impl RecordBuf {
         self.buf.clear();
         self.count = 0;
     }
+
+    /// The current end, for [`RecordBuf::truncate`] (the socket's group commit collects
+    /// many connections' records in one buffer and drops those of a connection it hands on).
+    pub fn mark(&self) -> (usize, u64) {
+        (self.buf.len(), self.count)
+    }
+
+    /// Drops every record pushed after `mark` was taken.
+    pub fn truncate(&mut self, mark: (usize, u64)) {
+        self.buf.truncate(mark.0);
+        self.count = mark.1;
+    }
 }
 
 #[derive(Debug, Clone)]

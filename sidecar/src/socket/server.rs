@@ -4,16 +4,29 @@
 //! decoded completely; all `publish` (wait:false) messages of that read are appended to the
 //! spool in one write — that is the moment they are accepted — and the replies produced by
 //! the read are written back before the next read.
+//!
+//! Stateless connections (seed 000: connect, write one publish, close) take a fast path in
+//! the accept loop itself, without a task, a timer or a reactor registration: the loop accepts
+//! every pending connection (up to [`BURST`]), reads what each already sent without waiting,
+//! and when that is only `publish` wait:false messages it appends all of them — every
+//! connection of the burst — to the spool in one write (group commit). Only then are the
+//! connections that already sent EOF closed, so a client that half-closes and reads to EOF
+//! still learns "accepted" only once its message is in the spool. Anything else (no data
+//! yet, `msg_check`, `wait:true`, an error to answer, a spool error, a value still incomplete)
+//! goes to a per-connection task exactly as before, with the bytes already read.
 
 use std::future::Future;
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nanogate_protocol::app::{self, AppError, Decoded, Limits, Request, StreamDecoder};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::net::unix::WriteHalf;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::timeout;
 
 use crate::metrics::Metrics;
@@ -27,6 +40,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// First read size: most stateless connections carry one small message, and a small buffer
 /// keeps them off the allocator's slow path; a read that fills it switches to `READ_CHUNK`.
 const FIRST_READ: usize = 4 * 1024;
+/// Most connections the accept loop takes in one burst, committed with one spool write.
+const BURST: usize = 64;
+/// What the accept loop reads from one connection at most; more goes to the connection's task.
+const INLINE_BYTES: usize = 16 * 1024;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared<U: Upstream> {
@@ -39,6 +56,18 @@ pub struct Shared<U: Upstream> {
     pub source: String,
 }
 
+/// A connection of the current burst whose records wait for the group commit.
+struct Held {
+    stream: StdUnixStream,
+    permit: OwnedSemaphorePermit,
+    /// Messages it contributed to the burst's records.
+    count: u64,
+    /// The peer already half-closed: close once committed.
+    eof: bool,
+    /// An incomplete value after the committed ones (connection still open).
+    rest: Vec<u8>,
+}
+
 /// Serves `listener` until `shutdown` completes, then stops accepting, tells connections to
 /// finish (what they already read is committed to the spool) and waits briefly for them.
 pub async fn run<U: Upstream>(
@@ -47,38 +76,73 @@ pub async fn run<U: Upstream>(
     max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
+    // The accept loop reads stateless connections itself without registering them with the
+    // reactor, so it accepts on the std listener (non-blocking) behind an `AsyncFd`.
+    // `AsyncFd::new` is deprecated for inner types that might not own their descriptor; a std
+    // `UnixListener` owns it for as long as the `AsyncFd` lives, which is what `register`
+    // (unsafe, forbidden here) asks the caller to promise.
+    #[allow(deprecated)]
+    let listener = match listener.into_std().and_then(AsyncFd::new) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the socket listener");
+            return;
+        }
+    };
     // The semaphore caps concurrent connections; further clients wait in the kernel's accept
     // backlog instead of costing memory here.
     let limit = Arc::new(Semaphore::new(max_connections));
     // Connections watch this to stop reading when the agent shuts down.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut inline = Inline::new(shared.limits);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = &mut shutdown => break,
         };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+        let mut guard = tokio::select! {
+            r = listener.readable() => match r {
+                Ok(g) => g,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %e, "waiting on the listener failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
-        shared.metrics.connections_total.inc();
-        shared.metrics.connections.inc();
-        let shared = shared.clone();
-        let stop = stop_rx.clone();
-        tokio::spawn(async move {
-            handle(stream, &shared, stop).await;
-            shared.metrics.connections.dec();
-            drop(permit);
-        });
+        let mut permit = Some(permit);
+        let mut failed = false;
+        for _ in 0..BURST {
+            let Some(p) = permit
+                .take()
+                .or_else(|| limit.clone().try_acquire_owned().ok())
+            else {
+                break;
+            };
+            match guard.try_io(|l| l.get_ref().accept()) {
+                Ok(Ok((stream, _))) => {
+                    shared.metrics.connections_total.inc();
+                    shared.metrics.connections.inc();
+                    if let Some((stream, dec, out, p)) = inline.take(stream, p, &shared) {
+                        spawn(stream, dec, out, p, &shared, &stop_rx);
+                    }
+                }
+                Ok(Err(e)) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    failed = true;
+                    break;
+                }
+                Err(_would_block) => break, // readiness cleared by try_io
+            }
+        }
+        drop(guard);
+        inline.commit(&shared, &stop_rx);
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -91,6 +155,216 @@ pub async fn run<U: Upstream>(
     }
 }
 
+/// The accept loop's fast path for stateless connections (see the module documentation).
+struct Inline {
+    limits: Limits,
+    /// Reused for every connection; replaced when a connection leaves it unclean.
+    dec: StreamDecoder,
+    buf: Box<[u8]>,
+    recs: RecordBuf,
+    held: Vec<Held>,
+    /// The burst's timestamp, made when its first publish needs it.
+    now: Option<String>,
+}
+
+/// A connection for a task: stream, decoder holding what was read, replies due, permit.
+type Handoff = (StdUnixStream, StreamDecoder, Vec<u8>, OwnedSemaphorePermit);
+
+enum ReadState {
+    /// The peer half-closed.
+    Eof,
+    /// Nothing more right now (or the inline limit reached).
+    Open,
+}
+
+impl Inline {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            dec: StreamDecoder::new(limits),
+            buf: vec![0; INLINE_BYTES].into_boxed_slice(),
+            recs: RecordBuf::new(),
+            held: Vec::with_capacity(BURST),
+            now: None,
+        }
+    }
+
+    /// Reads what the connection already sent without waiting.
+    fn read(&mut self, stream: &mut StdUnixStream) -> io::Result<(usize, ReadState)> {
+        let mut len = 0;
+        while len < self.buf.len() {
+            match stream.read(&mut self.buf[len..]) {
+                Ok(0) => return Ok((len, ReadState::Eof)),
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((len, ReadState::Open))
+    }
+
+    /// Takes a freshly accepted connection: holds it for the group commit, closes it (a read
+    /// error), or returns it for a task with what was read.
+    fn take<U: Upstream>(
+        &mut self,
+        mut stream: StdUnixStream,
+        permit: OwnedSemaphorePermit,
+        shared: &Shared<U>,
+    ) -> Option<Handoff> {
+        if let Err(e) = stream.set_nonblocking(true) {
+            tracing::debug!(error = %e, "connection setup failed");
+            shared.metrics.connections.dec();
+            return None;
+        }
+        let (len, state) = match self.read(&mut stream) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection read failed");
+                shared.metrics.connections.dec();
+                return None;
+            }
+        };
+        let eof = matches!(state, ReadState::Eof);
+        if len == 0 && !eof {
+            // Nothing sent yet: a task waits for it.
+            return Some((stream, StreamDecoder::new(self.limits), Vec::new(), permit));
+        }
+        let mark = self.recs.mark();
+        self.dec.feed(&self.buf[..len]);
+        let mut plain = true;
+        loop {
+            match self.dec.next() {
+                Decoded::NeedMore => break,
+                Decoded::Request(Request::Publish(p)) if !p.wait => {
+                    let now = self.now.get_or_insert_with(now_rfc3339);
+                    self.recs
+                        .push_with(|b| p.write_envelope(b, now, &shared.source));
+                }
+                _ => {
+                    plain = false;
+                    break;
+                }
+            }
+        }
+        let rest = self.dec.buffered();
+        if plain && eof && rest > 0 {
+            // A truncated value at EOF is answered by the task (`finish`).
+            plain = false;
+        }
+        if !plain || len == self.buf.len() {
+            // Not a plain stateless publish (or more to read): the task decodes it all again;
+            // nothing of it was committed.
+            self.recs.truncate(mark);
+            self.dec = StreamDecoder::new(self.limits);
+            let mut dec = StreamDecoder::new(self.limits);
+            dec.feed(&self.buf[..len]);
+            return Some((stream, dec, Vec::new(), permit));
+        }
+        let rest = if rest > 0 {
+            // Keep the incomplete tail for the task; the shared decoder starts clean.
+            self.dec = StreamDecoder::new(self.limits);
+            self.buf[len - rest..len].to_vec()
+        } else {
+            Vec::new()
+        };
+        self.held.push(Held {
+            stream,
+            permit,
+            count: self.recs.count() - mark.1,
+            eof,
+            rest,
+        });
+        None
+    }
+
+    /// Appends the burst's records in one write, then closes the connections that sent EOF
+    /// and hands the others to tasks. On a spool error every message gets its error reply.
+    fn commit<U: Upstream>(&mut self, shared: &Arc<Shared<U>>, stop: &watch::Receiver<bool>) {
+        self.now = None;
+        if self.held.is_empty() {
+            return;
+        }
+        let res = if self.recs.is_empty() {
+            Ok(())
+        } else {
+            shared.spool.append(&self.recs)
+        };
+        let reply = match res {
+            Ok(()) => {
+                shared.metrics.received.inc_by(self.recs.count());
+                None
+            }
+            Err(AppendError::Full) => {
+                shared.metrics.reject("queue_full", self.recs.count());
+                Some(AppError::QueueFull.reply())
+            }
+            Err(AppendError::Io(e)) => {
+                tracing::error!(error = %e, "spool append failed");
+                shared.metrics.reject("spool_error", self.recs.count());
+                Some(app::error_reply("spool write failed, try again later"))
+            }
+        };
+        self.recs.clear();
+        for h in self.held.drain(..) {
+            let mut out = Vec::new();
+            if let Some(r) = &reply {
+                for _ in 0..h.count {
+                    out.extend_from_slice(r);
+                }
+                // A small reply to a fresh socket fits its buffer; whatever does not is left
+                // to the task.
+                match (&h.stream).write(&out) {
+                    Ok(n) => {
+                        out.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        shared.metrics.connections.dec();
+                        continue;
+                    }
+                }
+            }
+            if h.eof && out.is_empty() {
+                drop(h.stream); // EOF to the client: its messages are accepted (or answered)
+                shared.metrics.connections.dec();
+                continue;
+            }
+            let mut dec = StreamDecoder::new(self.limits);
+            if !h.rest.is_empty() {
+                dec.feed(&h.rest);
+            }
+            spawn(h.stream, dec, out, h.permit, shared, stop);
+        }
+    }
+}
+
+/// Runs a connection in its own task, starting with `out` (replies due) and what `dec` holds.
+fn spawn<U: Upstream>(
+    stream: StdUnixStream,
+    dec: StreamDecoder,
+    out: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+    shared: &Arc<Shared<U>>,
+    stop: &watch::Receiver<bool>,
+) {
+    let stream = match tokio::net::UnixStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register a connection");
+            shared.metrics.connections.dec();
+            return;
+        }
+    };
+    let shared = shared.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        handle(stream, &shared, stop, dec, out).await;
+        shared.metrics.connections.dec();
+        drop(permit);
+    });
+}
+
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -99,14 +373,24 @@ async fn handle<U: Upstream>(
     mut stream: tokio::net::UnixStream,
     shared: &Shared<U>,
     mut stop: watch::Receiver<bool>,
+    mut dec: StreamDecoder,
+    mut out: Vec<u8>,
 ) {
     if *stop.borrow_and_update() {
         return;
     }
     let (mut rd, mut wr) = stream.split();
-    let mut dec = StreamDecoder::new(shared.limits);
     let mut recs = RecordBuf::new();
-    let mut out = Vec::new();
+    // What the accept loop already read and the replies it left are dealt with first.
+    if write(&mut wr, &mut out, shared.idle_timeout).await.is_err() {
+        return;
+    }
+    if dec.buffered() > 0 {
+        let close = process(&mut dec, shared, &mut recs, &mut out, &mut wr).await;
+        if write(&mut wr, &mut out, shared.idle_timeout).await.is_err() || close {
+            return;
+        }
+    }
     let mut chunk = FIRST_READ;
     loop {
         let read = tokio::select! {
@@ -192,17 +476,19 @@ async fn process<U: Upstream>(
         Check(u32),
         Close,
     }
-    let now = now_rfc3339();
+    // Made when the first publish of this read needs it (msg_check never does).
+    let mut now: Option<String> = None;
     loop {
         // Decide synchronously (the request borrows the decoder's buffer), act afterwards.
         let action = match dec.next() {
             Decoded::NeedMore => break,
             Decoded::Request(Request::Publish(p)) if !p.wait => {
-                recs.push_with(|b| p.write_envelope(b, &now, &shared.source));
+                let now = now.get_or_insert_with(now_rfc3339);
+                recs.push_with(|b| p.write_envelope(b, now, &shared.source));
                 continue;
             }
             Decoded::Request(Request::Publish(p)) => {
-                Action::Wait(p.to_envelope(&now, &shared.source))
+                Action::Wait(p.to_envelope(now.get_or_insert_with(now_rfc3339), &shared.source))
             }
             Decoded::Request(Request::MsgCheck { limit }) => Action::Check(limit),
             Decoded::Rejected(e) => {
