@@ -87,7 +87,7 @@ impl Agent {
         Ok(agent)
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
+    fn spawn_once(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,6 +123,28 @@ impl Agent {
         self.wait_ready(Duration::from_secs(30))
     }
 
+    /// Starts the process; if the free admin port was taken meanwhile by someone else (ports
+    /// are found by binding and releasing them), tries again on another one.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 0;
+        loop {
+            let before = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+            match self.spawn_once() {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 3 => {
+                    let log = std::fs::read(&self.log).unwrap_or_default();
+                    let new = String::from_utf8_lossy(log.get(before as usize..).unwrap_or(&[]));
+                    if !new.contains("admin_listen") {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    self.admin = free_port();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Waits for `/readyz` 200.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -137,7 +159,9 @@ impl Agent {
                     self.log_text()
                 );
             }
-            if self.http_get("/readyz").is_ok_and(|(code, _)| code == 200) {
+            // The socket file proves the answer came from this agent, not from another test's
+            // agent that took the same (released, then reused) admin port.
+            if self.socket.exists() && self.http_get("/readyz").is_ok_and(|(code, _)| code == 200) {
                 return Ok(());
             }
             if Instant::now() > deadline {
