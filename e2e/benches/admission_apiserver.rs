@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
-use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
+use nanogate_e2e::{ControlPlane, TestNamespace};
 use nanogate_operator::servers::{self, ServerOptions};
 use serde_json::json;
 
@@ -108,29 +108,7 @@ async fn main() -> Result<()> {
         &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
     )?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    wait_for(
-        "the webhook to know the gateway",
-        Duration::from_secs(30),
-        || {
-            let pods = pods.clone();
-            async move {
-                let dry = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..Default::default()
-                        },
-                        &pod("probe")?,
-                    )
-                    .await?;
-                Ok(dry
-                    .spec
-                    .is_some_and(|s| s.containers.iter().any(|c| c.name == "nano-agent"))
-                    .then_some(()))
-            }
-        },
-    )
-    .await?;
+    nanogate_e2e::wait_for_injection(&client, ns.name(), &pod("probe")?).await?;
 
     // Alternate halves so drift of the machine hits both sides alike.
     let plain_pods: Api<Pod> = Api::namespaced(client.clone(), plain.name());

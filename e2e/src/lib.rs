@@ -292,6 +292,19 @@ pub async fn create_injected(
     ns: &str,
     pod: k8s_openapi::api::core::v1::Pod,
 ) -> Result<k8s_openapi::api::core::v1::Pod> {
+    wait_for_injection(client, ns, &pod).await?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), ns);
+    Ok(pods.create(&Default::default(), &pod).await?)
+}
+
+/// Waits until a server-side dry run of `pod` comes back injected: the webhook learns about
+/// gateways through a watch, so right after a gateway is created it may not know it yet.
+pub async fn wait_for_injection(
+    client: &kube::Client,
+    ns: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<()> {
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::PostParams;
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
@@ -299,15 +312,18 @@ pub async fn create_injected(
         dry_run: true,
         ..Default::default()
     };
-    wait_for("an injected pod", Duration::from_secs(30), || {
-        let (pods, pod, dry_run) = (pods.clone(), pod.clone(), dry_run.clone());
-        async move {
-            let dry = pods.create(&dry_run, &pod).await?;
-            Ok(kubelet::sidecar_container(&dry).map(|_| ()))
-        }
-    })
-    .await?;
-    Ok(pods.create(&PostParams::default(), &pod).await?)
+    wait_for(
+        "the webhook to inject a dry-run pod",
+        Duration::from_secs(30),
+        || {
+            let (pods, pod, dry_run) = (pods.clone(), pod.clone(), dry_run.clone());
+            async move {
+                let dry = pods.create(&dry_run, &pod).await?;
+                Ok(kubelet::sidecar_container(&dry).map(|_| ()))
+            }
+        },
+    )
+    .await
 }
 
 /// Says AgentHello with `token` to the hub on loopback `port` over TLS (trusting `ca_pem`)

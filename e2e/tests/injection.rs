@@ -127,28 +127,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
         .create(&PostParams::default(), &gateway("shop", json!({}))?)
         .await?;
 
-    // The webhook learns about gateways through a watch; wait until a dry-run pod is injected.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    wait_for(
-        "the webhook to know the gateway",
-        Duration::from_secs(30),
-        || {
-            let pods = pods.clone();
-            async move {
-                let dry = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..Default::default()
-                        },
-                        &app_pod("probe")?,
-                    )
-                    .await?;
-                Ok(sidecar(&dry).map(|_| ()))
-            }
-        },
-    )
-    .await?;
+    nanogate_e2e::wait_for_injection(&client, ns.name(), &app_pod("probe")?).await?;
     Ok(Setup {
         ns,
         operator_ns,
