@@ -55,6 +55,7 @@ pub async fn run_sidecar(
 
     // Volumes → local directories, filled as the kubelet would.
     let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    let mut config_files: Vec<PathBuf> = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
         let volume = spec
             .volumes
@@ -70,7 +71,8 @@ pub async fn run_sidecar(
                 .await?;
             for (key, value) in map.data.unwrap_or_default() {
                 if let Some(path) = item_path(&source.items, &key) {
-                    std::fs::write(local.join(path), value)?;
+                    std::fs::write(local.join(&path), value)?;
+                    config_files.push(local.join(path));
                 }
             }
         } else if let Some(source) = &volume.secret {
@@ -109,6 +111,16 @@ pub async fn run_sidecar(
     }
     // Longest mount path first, so nested mounts map to the right directory.
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    // Paths inside configuration files (e.g. the TCP listener's certificate in the gateway's
+    // config file) point into mount points too; a file without any is left byte-identical,
+    // so its content hash (the config generation) is unchanged.
+    for file in &config_files {
+        let mut text = std::fs::read_to_string(file)?;
+        for (path, local) in &mounts {
+            text = text.replace(&format!("\"{path}/"), &format!("\"{}/", local.display()));
+        }
+        std::fs::write(file, text)?;
+    }
     let remap = |value: &str| -> String {
         for (path, local) in &mounts {
             if let Some(rest) = value.strip_prefix(path.as_str()) {

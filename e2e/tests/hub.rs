@@ -361,6 +361,180 @@ async fn run_to_completion_sidecar_exits_once_its_apps_finished() -> Result<()> 
     Ok(())
 }
 
+/// `spec.tcpListener` end to end: the gateway names a token Secret and a TLS Secret; the
+/// injected sidecar (run by the stand-in kubelet with exactly the env and mounts the webhook
+/// wrote) serves TLS on the port, asks for the token, and acknowledges a data frame.
+#[tokio::test]
+async fn tcp_listener_configured_in_the_gateway_serves_tls_with_a_token() -> Result<()> {
+    let f = fleet("hubtcp").await?;
+    // A TLS certificate for the listener, signed by a CA the client trusts.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])?
+        .signed_by(&key, &ca, &ca_key)?;
+    let port = nanogate_e2e::free_port()?;
+    nanogate_e2e::apply_yaml(
+        f.cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: tcp-auth, namespace: {ns}}}
+stringData: {{token: s3cret-token}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: tcp-tls, namespace: {ns}}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: {cert:?}
+  tls.key: {key:?}
+"#,
+            ns = f.ns.name(),
+            cert = cert.pem(),
+            key = key.serialize_pem(),
+        ),
+    )?;
+    nanogate_e2e::agentgateways(&f.client, f.ns.name())
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"tcpListener": {
+                "port": port, "keepaliveInterval": "2s", "keepaliveTimeout": "6s",
+                "tokenSecretRef": {"name": "tcp-auth", "key": "token"},
+                "tlsSecretRef": {"name": "tcp-tls"}}}})),
+        )
+        .await?;
+    // The reconciler writes the listener into the ConfigMap the sidecar reads at start…
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(f.client.clone(), f.ns.name());
+    wait_for(
+        "the TCP listener in the sidecar's config file",
+        Duration::from_secs(30),
+        || {
+            let maps = maps.clone();
+            async move {
+                let file = maps
+                    .get_opt("shop-agent-config")
+                    .await?
+                    .and_then(|m| m.data?.get("config.json").cloned())
+                    .unwrap_or_default();
+                Ok(file.contains("\"tcp\"").then_some(()))
+            }
+        },
+    )
+    .await?;
+    // …and the webhook injects from its gateway store; wait until it sees the listener too.
+    let probe: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "tcp-1", "annotations": {"nanogate.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns.name());
+    wait_for(
+        "injection with the TCP port",
+        Duration::from_secs(30),
+        || {
+            let (pods, probe) = (pods.clone(), probe.clone());
+            async move {
+                let dry = pods
+                    .create(
+                        &kube::api::PostParams {
+                            dry_run: true,
+                            ..Default::default()
+                        },
+                        &probe,
+                    )
+                    .await?;
+                let has_port = nanogate_e2e::kubelet::sidecar_container(&dry).is_some_and(|c| {
+                    c.ports
+                        .iter()
+                        .flatten()
+                        .any(|p| p.container_port == port as i32)
+                });
+                Ok(has_port.then_some(()))
+            }
+        },
+    )
+    .await?;
+    let pod = pods.create(&Default::default(), &probe).await?;
+    let workdir = f.cp.dir().join(format!("{}-tcp-1", f.ns.name()));
+    let mut agent = run_sidecar(
+        &f.client,
+        &pod,
+        &nanogate_e2e::workspace_binary("nano-agent")?,
+        &workdir,
+    )
+    .await?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone())?;
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        Ok::<_, anyhow::Error>(
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.clone()))
+                .connect(name, tcp)
+                .await?,
+        )
+    };
+    let exchange = |mut stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+                    frames: String| async move {
+        stream.write_all(frames.as_bytes()).await?;
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut replies = Vec::new();
+        for _ in 0..2 {
+            let mut line = String::new();
+            if tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line).await? == 0 {
+                break;
+            }
+            replies.push(serde_json::from_str::<Value>(&line)?);
+        }
+        Ok::<_, anyhow::Error>(replies)
+    };
+    let stream = wait_for("the TCP listener", Duration::from_secs(10), || async {
+        Ok(connect().await.ok())
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    let replies = exchange(
+        stream,
+        concat!(
+            r#"{"type":"auth","token":"s3cret-token"}"#,
+            "\n",
+            r#"{"type":"data","id":"d1","payload":{"msg_type":"publish","data":{"order":7}}}"#,
+            "\n"
+        )
+        .to_string(),
+    )
+    .await?;
+    assert_eq!(replies[0]["type"], "auth", "{replies:?}");
+    assert_eq!(replies[1]["type"], "ack", "{replies:?}");
+    assert_eq!(replies[1]["id"], "d1", "{replies:?}");
+    // A wrong token is refused.
+    let refused = exchange(
+        connect().await?,
+        "{\"type\":\"auth\",\"token\":\"guess\"}\n".to_string(),
+    )
+    .await?;
+    assert_eq!(refused[0]["type"], "error", "{refused:?}");
+    let metrics = reqwest_free_get(&agent.admin_addr, "/metrics").await?;
+    assert!(
+        metrics.contains("nanogate_sidecar_received_total 1"),
+        "the data frame was accepted into the spool"
+    );
+    agent.process.stop();
+    Ok(())
+}
+
 /// Minimal HTTP GET over a TCP socket (the agent's admin server), avoiding a client dependency.
 async fn reqwest_free_get(addr: &str, path: &str) -> Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;

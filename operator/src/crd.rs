@@ -104,6 +104,35 @@ pub struct AgentGatewaySpec {
     #[serde(default = "default_heartbeat_interval")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub heartbeat_interval: String,
+    /// A TCP listener in each sidecar for clients outside the pod (newline-delimited JSON
+    /// frames `data`/`ping`/`pong`/`keepalive`/`close`, seed 004). Off when absent. It listens
+    /// on all interfaces, so it always requires TLS and a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_listener: Option<TcpListenerSpec>,
+}
+
+/// The sidecar's optional TCP listener.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpListenerSpec {
+    /// Container port. Default `7070`.
+    #[serde(default = "default_tcp_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+    /// The sidecar sends `keepalive` this often. Default `10s`.
+    #[serde(default = "default_tcp_keepalive_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub keepalive_interval: String,
+    /// A peer silent for this long (counted from its last frame) is dropped. Default `30s`;
+    /// must exceed `keepaliveInterval`.
+    #[serde(default = "default_tcp_keepalive_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub keepalive_timeout: String,
+    /// Secret and key holding the token clients present in their first frame
+    /// (`{"type":"auth","token":…}`). Required.
+    pub token_secret_ref: SecretKeySelector,
+    /// Secret of type `kubernetes.io/tls` (`tls.crt`, `tls.key`) the listener serves. Required.
+    pub tls_secret_ref: SecretReference,
 }
 
 /// Which transport the sidecars use to reach the platform.
@@ -491,6 +520,15 @@ impl Default for SidecarSpec {
 
 fn default_heartbeat_interval() -> String {
     "5s".into()
+}
+fn default_tcp_port() -> i32 {
+    7070
+}
+fn default_tcp_keepalive_interval() -> String {
+    "10s".into()
+}
+fn default_tcp_keepalive_timeout() -> String {
+    "30s".into()
 }
 fn default_upstream_url() -> String {
     "https://app.tendrl.com/api".into()
@@ -1147,6 +1185,25 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         );
     }
 
+    if let Some(tcp) = &spec.tcp_listener {
+        let interval = c.duration(
+            "spec.tcpListener.keepaliveInterval",
+            &tcp.keepalive_interval,
+        );
+        let timeout = c.duration("spec.tcpListener.keepaliveTimeout", &tcp.keepalive_timeout);
+        if let (Some(interval), Some(timeout)) = (interval, timeout)
+            && timeout <= interval
+        {
+            c.fail(
+                "spec.tcpListener.keepaliveTimeout",
+                format!(
+                    "spec.tcpListener.keepaliveTimeout ({}) must be longer than keepaliveInterval ({})",
+                    tcp.keepalive_timeout, tcp.keepalive_interval
+                ),
+            );
+        }
+    }
+
     if c.errors.is_empty() {
         Ok(())
     } else {
@@ -1188,6 +1245,8 @@ pub struct InjectionSettings {
     pub tls: Option<UpstreamTls>,
     /// Secret with the NATS credentials file the sidecar mounts (`kind: nats`), if any.
     pub nats_credentials: Option<SecretKeySelector>,
+    /// The optional TCP listener (token and TLS Secrets, port).
+    pub tcp_listener: Option<TcpListenerSpec>,
     /// `metadata.generation` of the gateway, if known.
     pub generation: Option<i64>,
 }
@@ -1225,6 +1284,7 @@ impl AgentGateway {
                 .nats
                 .as_ref()
                 .and_then(|n| n.credentials_secret_ref.clone()),
+            tcp_listener: spec.tcp_listener.clone(),
             generation: self.metadata.generation,
         })
     }

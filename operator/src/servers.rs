@@ -149,6 +149,14 @@ pub fn injection_config(
             items: Vec::new(),
         });
     }
+    if let Some(tcp) = &settings.tcp_listener {
+        secret_mounts.push(SecretMount {
+            volume_name: "nanogate-tcp-tls".into(),
+            secret_name: tcp.tls_secret_ref.name.clone(),
+            mount_path: crate::controller::build::TCP_TLS_DIR.into(),
+            items: Vec::new(),
+        });
+    }
     let mut cfg = InjectionConfig::with_defaults(
         &settings.gateway,
         &settings.image,
@@ -183,6 +191,13 @@ pub fn injection_config(
         key: HUB_CA_KEY.into(),
     }));
     cfg.secret_mounts = secret_mounts;
+    if let Some(tcp) = &settings.tcp_listener {
+        cfg.tcp_port = u16::try_from(tcp.port).ok();
+        cfg.tcp_token_secret = Some(KeyRef {
+            name: tcp.token_secret_ref.name.clone(),
+            key: tcp.token_secret_ref.key.clone(),
+        });
+    }
     cfg
 }
 
@@ -604,6 +619,95 @@ mod tests {
             }))
         );
         assert!(!cfg.cluster_supports_native_sidecars);
+    }
+
+    #[test]
+    fn tcp_listener_gets_its_port_token_and_tls_where_the_config_points() {
+        use crate::webhook::inject::{Decision, InjectorSettings, inject};
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {port: 7443, tokenSecretRef: {name: tcp-auth, key: token}, tlsSecretRef: {name: tcp-tls}}\n",
+        )
+        .unwrap();
+        let cfg = injection_config(&gw.injection_settings().unwrap(), "127.0.0.1:7051", false);
+        let file = crate::controller::build::sidecar_config(&gw.spec)
+            .unwrap()
+            .tcp
+            .expect("tcp section in the sidecar file");
+        assert_eq!(file.listen, "0.0.0.0:7443");
+        assert_eq!(
+            (file.keepalive_interval_ms, file.keepalive_timeout_ms),
+            (10_000, 30_000)
+        );
+        let mount = cfg
+            .secret_mounts
+            .iter()
+            .find(|m| m.secret_name == "tcp-tls")
+            .expect("TLS Secret mounted");
+        assert_eq!(file.tls_cert_file, format!("{}/tls.crt", mount.mount_path));
+
+        // The injected container: the port declared, the token from the Secret, the mount.
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "annotations": {"nanogate.io/inject": "true"}},
+            "spec": {"containers": [{"name": "app", "image": "app"}]}
+        }))
+        .unwrap();
+        let Decision::Inject(injection) = inject(
+            &pod,
+            "apps",
+            &BTreeMap::new(),
+            std::slice::from_ref(&cfg),
+            &InjectorSettings::new("nanogate-system"),
+        ) else {
+            panic!("not injected");
+        };
+        let mut doc = serde_json::to_value(&pod).unwrap();
+        json_patch::patch(&mut doc, &injection.patch).unwrap();
+        let sidecar = doc["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "nano-agent")
+            .unwrap()
+            .clone();
+        let token = sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "NANOGATE_TCP_TOKEN")
+            .expect("token env");
+        assert_eq!(
+            token["valueFrom"]["secretKeyRef"],
+            serde_json::json!({"name": "tcp-auth", "key": "token"})
+        );
+        assert!(
+            sidecar["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "nanogate-tcp" && p["containerPort"] == 7443)
+        );
+        assert!(
+            sidecar["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == crate::controller::build::TCP_TLS_DIR)
+        );
+    }
+
+    #[test]
+    fn tcp_keepalive_timeout_must_exceed_the_interval() {
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {keepaliveInterval: 30s, keepaliveTimeout: 10s, tokenSecretRef: {name: a}, tlsSecretRef: {name: b}}\n",
+        )
+        .unwrap();
+        let errors = crate::crd::validate(&gw.spec).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == "spec.tcpListener.keepaliveTimeout"),
+            "{errors:?}"
+        );
     }
 
     #[test]

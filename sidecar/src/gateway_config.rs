@@ -161,6 +161,26 @@ pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
     if let Some(v) = map.get("log_level").and_then(Value::as_str) {
         put("log_level", v.to_string());
     }
+
+    // The TCP listener (absent: off). Its token comes from NANOGATE_TCP_TOKEN, not the file.
+    let tcp = section("tcp");
+    for (from, to) in [
+        ("listen", "tcp_listen"),
+        ("tls_cert_file", "tcp_tls_cert"),
+        ("tls_key_file", "tcp_tls_key"),
+    ] {
+        if let Some(v) = text(&tcp, from) {
+            put(to, v);
+        }
+    }
+    for (from, to) in [
+        ("keepalive_interval_ms", "tcp_keepalive_interval"),
+        ("keepalive_timeout_ms", "tcp_keepalive_timeout"),
+    ] {
+        if let Some(v) = millis(&tcp, from)? {
+            put(to, v);
+        }
+    }
     Ok(out)
 }
 
@@ -213,6 +233,38 @@ mod tests {
         assert_eq!(get("max_message_bytes"), "1048576");
         assert_eq!(get("heartbeat_interval"), "5000ms");
         assert_eq!(get("socket_path"), "/var/lib/tendrl/tendrl_agent.sock");
+    }
+
+    #[test]
+    fn tcp_listener_section_becomes_a_valid_tcp_listener_config() {
+        let file = MINIMAL.replace(
+            r#""log_level": "info""#,
+            r#""log_level": "info",
+      "tcp": {"listen": "0.0.0.0:7070", "keepalive_interval_ms": 10000,
+              "keepalive_timeout_ms": 30000, "tls_cert_file": "/etc/nanogate/tcp-tls/tls.crt",
+              "tls_key_file": "/etc/nanogate/tcp-tls/tls.key"}"#,
+        );
+        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
+        let mut args = vec!["nano-agent".to_string()];
+        for (k, v) in &flat {
+            args.push(format!(
+                "--{}={}",
+                k.as_str().unwrap().replace('_', "-"),
+                v.as_str().unwrap()
+            ));
+        }
+        // The token comes from the Secret through NANOGATE_TCP_TOKEN in a pod.
+        args.push("--tcp-token=from-the-secret".into());
+        let config = crate::config::Config::load_from(args).expect("valid with TLS and token");
+        assert_eq!(config.tcp_listen, Some("0.0.0.0:7070".parse().unwrap()));
+        assert_eq!(
+            config.tcp_keepalive_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(
+            config.tcp_tls_key.as_deref(),
+            Some(std::path::Path::new("/etc/nanogate/tcp-tls/tls.key"))
+        );
     }
 
     #[test]

@@ -51,7 +51,24 @@ pub struct SidecarConfig {
     pub heartbeat_interval_ms: u64,
     /// Log level.
     pub log_level: String,
+    /// The optional TCP listener (absent: off, and the file of such gateways is unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpConfig>,
 }
+
+/// TCP listener part of [`SidecarConfig`]. The token comes from the environment
+/// (`NANOGATE_TCP_TOKEN`, from the gateway's Secret), never from this file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TcpConfig {
+    pub listen: String,
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+/// Where the TCP listener's TLS Secret is mounted in the sidecar.
+pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
 
 /// Upstream part of [`SidecarConfig`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -221,6 +238,13 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
         },
         heartbeat_interval_ms: ms(&spec.heartbeat_interval),
         log_level: spec.sidecar.log_level.as_str().into(),
+        tcp: spec.tcp_listener.as_ref().map(|t| TcpConfig {
+            listen: format!("0.0.0.0:{}", t.port),
+            keepalive_interval_ms: ms(&t.keepalive_interval),
+            keepalive_timeout_ms: ms(&t.keepalive_timeout),
+            tls_cert_file: format!("{TCP_TLS_DIR}/tls.crt"),
+            tls_key_file: format!("{TCP_TLS_DIR}/tls.key"),
+        }),
     })
 }
 

@@ -183,6 +183,19 @@ async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Resu
             vec![&creds.key],
         ));
     }
+    if let Some(tcp) = &spec.tcp_listener {
+        let token = &tcp.token_secret_ref;
+        wanted.push((
+            "spec.tcpListener.tokenSecretRef",
+            &token.name,
+            vec![&token.key],
+        ));
+        wanted.push((
+            "spec.tcpListener.tlsSecretRef",
+            &tcp.tls_secret_ref.name,
+            vec!["tls.crt", "tls.key"],
+        ));
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for (field, name, keys) in wanted {
         let secret = secrets
@@ -556,7 +569,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
 /// Whether `spec` references Secret `name` (same namespace).
 pub fn references_secret(spec: &AgentGatewaySpec, name: &str) -> bool {
     let u = &spec.upstream;
-    u.api_key_secret_ref.name == name
+    let tcp = spec
+        .tcp_listener
+        .as_ref()
+        .is_some_and(|t| t.token_secret_ref.name == name || t.tls_secret_ref.name == name);
+    tcp || u.api_key_secret_ref.name == name
         || u.tls.as_ref().is_some_and(|t| {
             t.ca_secret_ref.as_ref().is_some_and(|s| s.name == name)
                 || t.client_cert_secret_ref

@@ -16,7 +16,8 @@
 //!   `NANOGATE_HUB_TOKEN_FILE` (projected token, audience `nanogate-hub`, 1 h, refreshed by
 //!   the kubelet: re-read it on every hub connection), `NANOGATE_HUB_CA_FILE` (when a hub CA
 //!   is configured), `TENDRL_SOCKET_PATH`, `NANOGATE_SPOOL_DIR` (on the shared `emptyDir`),
-//!   `NANOGATE_ADMIN_PORT`, `NANOGATE_LOG_LEVEL`.
+//!   `NANOGATE_ADMIN_PORT`, `NANOGATE_LOG_LEVEL`; with a TCP listener in the gateway,
+//!   `NANOGATE_TCP_TOKEN` (from its Secret) and the TLS Secret at `/etc/nanogate/tcp-tls`.
 //! - `/readyz` on the admin port must mean "the app socket accepts connections" (not "the
 //!   upstream is reachable"): in native mode it is also the startup probe that holds the app
 //!   containers, so an upstream outage must not keep pods from starting.
@@ -217,6 +218,12 @@ pub struct InjectionConfig {
     /// Further Secrets for the sidecar (upstream CA, client certificate).
     #[serde(default)]
     pub secret_mounts: Vec<SecretMount>,
+    /// Port of the optional TCP listener (declared on the container as `nanogate-tcp`).
+    #[serde(default)]
+    pub tcp_port: Option<u16>,
+    /// Secret key with the TCP listener's token (`NANOGATE_TCP_TOKEN`, sidecar only).
+    #[serde(default)]
+    pub tcp_token_secret: Option<KeyRef>,
 }
 
 impl InjectionConfig {
@@ -241,6 +248,8 @@ impl InjectionConfig {
             hub_ca: None,
             api_key_secret,
             secret_mounts: Vec::new(),
+            tcp_port: None,
+            tcp_token_secret: None,
         }
     }
 
@@ -726,6 +735,13 @@ fn sidecar_container(
         json!({"name": "NANOGATE_ADMIN_PORT", "value": cfg.admin_port.to_string()}),
         json!({"name": "NANOGATE_LOG_LEVEL", "value": cfg.log_level}),
     ]);
+    if let Some(token) = &cfg.tcp_token_secret {
+        env.push(
+            json!({"name": "NANOGATE_TCP_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": token.name, "key": token.key,
+            }}}),
+        );
+    }
     if let Some(apps) = exit_when_done {
         env.push(json!({"name": EXIT_WHEN_APPS_DONE_ENV, "value": "true"}));
         env.push(json!({"name": APP_CONTAINERS_ENV, "value": apps.join(",")}));
@@ -752,11 +768,16 @@ fn sidecar_container(
         })
     };
 
+    let mut ports =
+        vec![json!({"name": "nanogate-admin", "containerPort": cfg.admin_port, "protocol": "TCP"})];
+    if let Some(port) = cfg.tcp_port {
+        ports.push(json!({"name": "nanogate-tcp", "containerPort": port, "protocol": "TCP"}));
+    }
     let mut c = json!({
         "name": SIDECAR_NAME,
         "image": cfg.image,
         "env": env,
-        "ports": [{"name": "nanogate-admin", "containerPort": cfg.admin_port, "protocol": "TCP"}],
+        "ports": ports,
         "volumeMounts": mounts,
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 3),
