@@ -385,7 +385,13 @@ impl AgentControl {
             || new.socketio_namespace != self.config.socketio_namespace
             || new.socketio_heartbeat_interval != self.config.socketio_heartbeat_interval
             || new.socketio_ack_timeout != self.config.socketio_ack_timeout
-            || new.socketio_inbox_size != self.config.socketio_inbox_size;
+            || new.socketio_inbox_size != self.config.socketio_inbox_size
+            // The TCP listener is bound once at start.
+            || new.tcp_listen != self.config.tcp_listen
+            || new.tcp_tls_cert != self.config.tcp_tls_cert
+            || new.tcp_tls_key != self.config.tcp_tls_key
+            || new.tcp_keepalive_interval != self.config.tcp_keepalive_interval
+            || new.tcp_keepalive_timeout != self.config.tcp_keepalive_timeout;
         self.tuning
             .send_replace(crate::batcher::Tuning::from_config(&new));
         let generation = i64::from(crc32fast::hash(text.as_bytes()));
