@@ -56,6 +56,7 @@ pub async fn run_sidecar(
     // Volumes → local directories, filled as the kubelet would.
     let mut mounts: Vec<(String, PathBuf)> = Vec::new();
     let mut config_files: Vec<PathBuf> = Vec::new();
+    let mut secret_mounts: Vec<(String, PathBuf)> = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
         let volume = spec
             .volumes
@@ -88,6 +89,7 @@ pub async fn run_sidecar(
                     std::fs::write(local.join(path), value.0)?;
                 }
             }
+            secret_mounts.push((mount.mount_path.clone(), local.clone()));
         } else if let Some(projected) = &volume.projected {
             for source in projected.sources.iter().flatten() {
                 if let Some(token) = &source.service_account_token {
@@ -111,12 +113,13 @@ pub async fn run_sidecar(
     }
     // Longest mount path first, so nested mounts map to the right directory.
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-    // Paths inside configuration files (e.g. the TCP listener's certificate in the gateway's
-    // config file) point into mount points too; a file without any is left byte-identical,
-    // so its content hash (the config generation) is unchanged.
+    // Paths to Secret files inside configuration files (e.g. the TCP listener's certificate
+    // in the gateway's config file) point into mount points too. Only those are rewritten (the
+    // socket path is overridden by env already): a file without any stays byte-identical, so
+    // its content hash, the config generation the hub compares, is unchanged.
     for file in &config_files {
         let mut text = std::fs::read_to_string(file)?;
-        for (path, local) in &mounts {
+        for (path, local) in &secret_mounts {
             text = text.replace(&format!("\"{path}/"), &format!("\"{}/", local.display()));
         }
         std::fs::write(file, text)?;
