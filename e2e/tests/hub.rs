@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
-use nanogate_e2e::kubelet::{run_sidecar, token_for_pod};
+use nanogate_e2e::kubelet::{LocalSidecar, run_sidecar, token_for_pod};
 use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
 use nanogate_protocol::control::Message;
 use serde_json::{Value, json};
@@ -118,6 +118,13 @@ async fn injected_pod(f: &Fleet, name: &str) -> Result<Pod> {
     nanogate_e2e::create_injected_pod(&f.client, f.ns.name(), name).await
 }
 
+/// Runs `pod`'s injected sidecar with the stand-in kubelet in `<run dir>/<ns>-<label>`.
+async fn start_sidecar(f: &Fleet, pod: &Pod, label: &str) -> Result<LocalSidecar> {
+    let workdir = f.cp.dir().join(format!("{}-{label}", f.ns.name()));
+    let binary = nanogate_e2e::workspace_binary("nano-agent")?;
+    run_sidecar(&f.client, pod, &binary, &workdir).await
+}
+
 async fn sidecars(f: &Fleet) -> Result<Value> {
     Ok(nanogate_e2e::agentgateways(&f.client, f.ns.name())
         .get("shop")
@@ -130,14 +137,7 @@ async fn sidecars(f: &Fleet) -> Result<Value> {
 async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -> Result<()> {
     let f = fleet("hub").await?;
     let pod = injected_pod(&f, "app-1").await?;
-    let workdir = f.cp.dir().join(format!("{}-app-1", f.ns.name()));
-    let mut agent = run_sidecar(
-        &f.client,
-        &pod,
-        &nanogate_e2e::workspace_binary("nano-agent")?,
-        &workdir,
-    )
-    .await?;
+    let mut agent = start_sidecar(&f, &pod, "app-1").await?;
 
     let started = Instant::now();
     wait_for(
@@ -259,14 +259,7 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     );
 
     // Deleting the gateway tells its connected sidecars to drain: the agent exits by itself.
-    let workdir = f.cp.dir().join(format!("{}-app-1-again", f.ns.name()));
-    let mut again = run_sidecar(
-        &f.client,
-        &pod,
-        &nanogate_e2e::workspace_binary("nano-agent")?,
-        &workdir,
-    )
-    .await?;
+    let mut again = start_sidecar(&f, &pod, "app-1-again").await?;
     wait_for(
         "the restarted sidecar connected",
         Duration::from_secs(10),
@@ -308,14 +301,7 @@ async fn run_to_completion_sidecar_exits_once_its_apps_finished() -> Result<()> 
     };
     assert_eq!(env("NANOGATE_EXIT_WHEN_APPS_DONE").as_deref(), Some("true"));
     assert_eq!(env("NANOGATE_APP_CONTAINERS").as_deref(), Some("work"));
-    let workdir = f.cp.dir().join(format!("{}-batch-1", f.ns.name()));
-    let mut agent = run_sidecar(
-        &f.client,
-        &pod,
-        &nanogate_e2e::workspace_binary("nano-agent")?,
-        &workdir,
-    )
-    .await?;
+    let mut agent = start_sidecar(&f, &pod, "batch-1").await?;
     wait_for("the sidecar connected", Duration::from_secs(10), || async {
         Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
     })
@@ -460,14 +446,7 @@ stringData:
     )
     .await?;
     let pod = pods.create(&Default::default(), &probe).await?;
-    let workdir = f.cp.dir().join(format!("{}-tcp-1", f.ns.name()));
-    let mut agent = run_sidecar(
-        &f.client,
-        &pod,
-        &nanogate_e2e::workspace_binary("nano-agent")?,
-        &workdir,
-    )
-    .await?;
+    let mut agent = start_sidecar(&f, &pod, "tcp-1").await?;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone())?;
