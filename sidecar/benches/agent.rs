@@ -133,13 +133,22 @@ fn start_agent(platform: &PlatformServer, dir: &Path, extra: &[&str]) -> Agent {
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(env_args());
     Agent::start(AgentConfig {
-        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        bin: agent_bin(),
         dir: dir.to_owned(),
         upstream_url: platform.url(),
         api_key: platform.api_key().to_owned(),
         extra_args: args,
     })
     .expect("starting nano-agent")
+}
+
+/// The binary under test: `$NANO_AGENT_BIN` (e.g. the shipped static build,
+/// `~/.cache/nanogate/target-static/x86_64-unknown-linux-musl/release/nano-agent`), else this
+/// profile's build.
+fn agent_bin() -> std::path::PathBuf {
+    std::env::var_os("NANO_AGENT_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_nano-agent").into())
 }
 
 /// A minimal Socket.IO v5 peer for the `socketio` delivery line: plain `ws://` on loopback,
@@ -214,7 +223,7 @@ fn socketio_delivery(rt: &tokio::runtime::Runtime, dir: &Path, n: u64) {
     .collect();
     args.extend(env_args());
     let agent = Agent::start(AgentConfig {
-        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+        bin: agent_bin(),
         dir: dir.to_owned(),
         upstream_url: format!("ws://127.0.0.1:{port}"),
         api_key: String::new(),
@@ -564,13 +573,36 @@ fn connections_line(agent: &Agent, dir: &Path, secs: Duration, rounds: usize) {
     );
 }
 
-/// `msg_check` round trips over one persistent connection to an idle agent (each includes
-/// the agent's HTTP request to the local platform), next to the bare HTTP round trip from
-/// this process to the same platform endpoint over one kept-alive TCP connection (the
-/// platform's and loopback's share). `rounds` alternated rounds of 10,000 (after 1,000 of
-/// warm-up); the agent's figure over all rounds.
-fn msg_check_latency(agent: &Agent, platform: &PlatformServer, rounds: usize) {
-    let mut s = UnixStream::connect(&agent.socket).unwrap();
+/// Round trips of `request` over one persistent Unix connection: `rounds` rounds of 10,000
+/// after 1,000 of warm-up; every reply must equal `expect`.
+fn unix_round_trips(socket: &Path, request: &[u8], expect: &[u8], rounds: usize) -> Vec<Duration> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    let mut buf = [0u8; 1024];
+    let mut lat = Vec::with_capacity(rounds * 10_000);
+    for _ in 0..rounds {
+        for i in 0..11_000 {
+            let t = Instant::now();
+            s.write_all(request).unwrap();
+            let n = s.read(&mut buf).unwrap();
+            if i >= 1000 {
+                lat.push(t.elapsed());
+            }
+            assert_eq!(&buf[..n], expect);
+        }
+    }
+    lat.sort();
+    lat
+}
+
+/// `msg_check` round trips on an idle agent (empty platform queue) with the default
+/// `--msg-check-cache` (polls answered from the platform's last empty answer), next to the
+/// same agent setup asking the platform on every poll (`--msg-check-cache 0s`) and to the
+/// bare HTTP round trip from this process to the same platform endpoint over one kept-alive
+/// TCP connection (the platform's and loopback's share of the uncached figure).
+fn msg_check_latency(agent: &Agent, uncached: &Agent, platform: &PlatformServer, rounds: usize) {
+    let check: &[u8] = br#"{"msg_type":"msg_check"}"#;
+    let cached = unix_round_trips(&agent.socket, check, b"204", rounds);
+    let uncached_lat = unix_round_trips(&uncached.socket, check, b"204", rounds);
     let mut http =
         std::net::TcpStream::connect(platform.url().trim_start_matches("http://")).unwrap();
     http.set_nodelay(true).unwrap();
@@ -579,55 +611,73 @@ fn msg_check_latency(agent: &Agent, platform: &PlatformServer, rounds: usize) {
         platform.api_key()
     );
     let mut buf = [0u8; 1024];
-    let (mut all, mut all_http) = (vec![], vec![]);
-    let mut per_round = vec![];
-    for _ in 0..rounds {
-        let mut lat = Vec::with_capacity(10_000);
-        for i in 0..11_000 {
-            let t = Instant::now();
-            s.write_all(br#"{"msg_type":"msg_check"}"#).unwrap();
-            let n = s.read(&mut buf).unwrap();
-            if i >= 1000 {
-                lat.push(t.elapsed());
-            }
-            assert_eq!(&buf[..n], b"204");
+    let mut direct = Vec::with_capacity(rounds * 10_000);
+    for i in 0..(rounds * 10_000 + 1000) {
+        let t = Instant::now();
+        http.write_all(get.as_bytes()).unwrap();
+        let n = http.read(&mut buf).unwrap();
+        if i >= 1000 {
+            direct.push(t.elapsed());
         }
-        for i in 0..11_000 {
-            let t = Instant::now();
-            http.write_all(get.as_bytes()).unwrap();
-            let n = http.read(&mut buf).unwrap();
-            if i >= 1000 {
-                all_http.push(t.elapsed());
-            }
-            assert!(
-                buf[..n].starts_with(b"HTTP/1.1 204"),
-                "{}",
-                String::from_utf8_lossy(&buf[..n])
-            );
-        }
-        lat.sort();
-        per_round.push(format!(
-            "p50 {:?} p99 {:?}",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99)
-        ));
-        all.extend(lat);
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 204"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
     }
-    all.sort();
-    all_http.sort();
+    direct.sort();
+    // A bare echo thread answering `204` on its own Unix socket: the floor of any
+    // request/reply between two processes' threads on this machine.
+    let echo_path = agent.socket.with_file_name("echo.sock");
+    let echo = UnixListener::bind(&echo_path).unwrap();
+    thread::spawn(move || {
+        let (mut c, _) = echo.accept().unwrap();
+        let mut b = [0u8; 1024];
+        while let Ok(n) = c.read(&mut b) {
+            if n == 0 || c.write_all(b"204").is_err() {
+                break;
+            }
+        }
+    });
+    let echo_lat = unix_round_trips(&echo_path, check, b"204", rounds);
+    let line = |lat: &[Duration]| {
+        format!(
+            "p50 {:>9.1?}  p90 {:>9.1?}  p99 {:>9.1?}  p99.9 {:>9.1?}  max {:>9.1?}",
+            percentile(lat, 0.5),
+            percentile(lat, 0.9),
+            percentile(lat, 0.99),
+            percentile(lat, 0.999),
+            lat[lat.len() - 1]
+        )
+    };
     println!(
-        "msg_check round trip (idle agent, incl. HTTP to the local platform): p50 {:?}  p90 {:?}  p99 {:?}  (n={}; rounds: {})",
-        percentile(&all, 0.5),
-        percentile(&all, 0.9),
-        percentile(&all, 0.99),
-        all.len(),
-        per_round.join(" | ")
+        "msg_check round trip on an idle agent, one persistent connection (n={} each):",
+        cached.len()
     );
     println!(
-        "  baseline, the same GET from this process to the platform (kept-alive TCP): p50 {:?}  p90 {:?}  p99 {:?}",
-        percentile(&all_http, 0.5),
-        percentile(&all_http, 0.9),
-        percentile(&all_http, 0.99)
+        "  nano-agent (default --msg-check-cache 100ms): {}",
+        line(&cached)
+    );
+    println!(
+        "  nano-agent --msg-check-cache 0s (HTTP each): {}",
+        line(&uncached_lat)
+    );
+    println!(
+        "  baseline: the GET alone, bench → platform:   {}",
+        line(&direct)
+    );
+    println!(
+        "  baseline: bare echo thread, same socket kind: {}",
+        line(&echo_lat)
+    );
+    println!(
+        "  platform requests for the cached polls: about one per 100 ms (nanogate_sidecar_msg_check_cached_total {} of {})",
+        agent
+            .metric("nanogate_sidecar_msg_check_cached_total")
+            .unwrap_or(0.0),
+        agent
+            .metric("nanogate_sidecar_msg_check_total")
+            .unwrap_or(0.0)
     );
 }
 
@@ -658,10 +708,13 @@ fn main() {
         .unwrap();
     let platform = rt.block_on(PlatformServer::start()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
+    let bin = agent_bin();
     println!(
-        "nano-agent bench ({} s per throughput run, message size {} bytes)",
+        "nano-agent bench ({} s per throughput run, message size {} bytes)\n  binary: {} ({:.1} MiB; set NANO_AGENT_BIN to bench another build)",
         secs.as_secs(),
-        message(1).len()
+        message(1).len(),
+        bin.display(),
+        std::fs::metadata(&bin).map_or(0, |m| m.len()) as f64 / (1024.0 * 1024.0)
     );
 
     // ---- idle memory and msg_check latency on a fresh agent ----
@@ -670,7 +723,12 @@ fn main() {
         let pid = agent.pid().unwrap();
         thread::sleep(Duration::from_millis(1500));
         let rss_idle = rss_kib(pid);
-        msg_check_latency(&agent, &platform, 3);
+        let uncached = start_agent(
+            &platform,
+            &tmp.path().join("a1-uncached"),
+            &["--msg-check-cache", "0s"],
+        );
+        msg_check_latency(&agent, &uncached, &platform, 3);
         println!("RSS idle: {:.1} MiB", rss_idle as f64 / 1024.0);
     }
 

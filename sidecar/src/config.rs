@@ -76,6 +76,12 @@ pub struct Config {
     /// A connection that sends nothing for this long is closed.
     #[arg(long, env = "NANOGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// How long an empty `msg_check` answer from the platform is repeated locally before
+    /// the platform is asked again (polling apps then cost the platform one request per
+    /// window, not one per poll); 0s asks every time. Not used with upstream_kind socketio,
+    /// whose messages are pushed into the agent.
+    #[arg(long, env = "NANOGATE_MSG_CHECK_CACHE", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub msg_check_cache: Duration,
     /// On SIGTERM/SIGINT: time allowed to deliver what is queued before exiting (the rest
     /// stays in the spool for the next start).
     #[arg(long, env = "NANOGATE_SHUTDOWN_DEADLINE", default_value = "20s", value_parser = humantime::parse_duration)]

@@ -168,6 +168,11 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         upstream,
         metrics: metrics.clone(),
         source: config.source(),
+        // socketio's msg_check reads messages already pushed into the agent: nothing to save.
+        empty_check: socket::empty_check::EmptyCheckCache::new(match config.upstream_kind {
+            config::UpstreamKind::Socketio => std::time::Duration::ZERO,
+            _ => config.msg_check_cache,
+        }),
     });
     let tcp = match tcp_server {
         Some(server) => Some(server.spawn(shared.clone(), &metrics.registry)?),

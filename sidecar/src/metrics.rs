@@ -30,6 +30,7 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub connections_total: IntCounter,
     pub msg_check: IntCounter,
+    pub msg_check_cached: IntCounter,
     pub publish_wait: IntCounter,
     pub spool_recovered: IntCounter,
     pub spool_torn_bytes: IntCounter,
@@ -139,6 +140,10 @@ impl Metrics {
             connections: reg!(gauge("connections", "Open app connections.")),
             connections_total: reg!(counter("connections_total", "App connections accepted.")),
             msg_check: reg!(counter("msg_check_total", "msg_check requests served.")),
+            msg_check_cached: reg!(counter(
+                "msg_check_cached_total",
+                "msg_check requests answered 204 from a recent empty platform answer (--msg-check-cache), without a platform request."
+            )),
             publish_wait: reg!(counter(
                 "publish_wait_total",
                 "publish requests with wait:true relayed."

@@ -270,7 +270,13 @@ async fn msg_check_wait_and_dest() {
     }
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(&dir.path().join("nats")).unwrap();
-    let agent = start_agent(&nats, &dir.path().join("agent"), &[]).unwrap();
+    // A 2 s window so the cached answer below does not depend on how fast this machine is.
+    let agent = start_agent(
+        &nats,
+        &dir.path().join("agent"),
+        &["--msg-check-cache", "2s"],
+    )
+    .unwrap();
     let socket = agent.socket.clone();
     let req = |m: &'static str| {
         let socket = socket.clone();
@@ -279,6 +285,7 @@ async fn msg_check_wait_and_dest() {
 
     // Empty inbox: the Tendrl `204` (and the stream and consumer now exist).
     assert_eq!(req(r#"{"msg_type":"msg_check"}"#).await.unwrap(), "204");
+    let empty_at = Instant::now();
     assert_eq!(
         agent.metric("nanogate_sidecar_upstream_connection_state"),
         Some(2.0)
@@ -301,6 +308,13 @@ async fn msg_check_wait_and_dest() {
             .await
             .unwrap();
     }
+    // Within --msg-check-cache of the empty answer the agent repeats it without a pull.
+    assert_eq!(req(r#"{"msg_type":"msg_check"}"#).await.unwrap(), "204");
+    assert_eq!(
+        agent.metric("nanogate_sidecar_msg_check_cached_total"),
+        Some(1.0)
+    );
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(empty_at.elapsed())).await;
     let reply = req(r#"{"msg_type":"msg_check","context":{"limit":10}}"#)
         .await
         .unwrap();

@@ -344,6 +344,52 @@ async fn bad_inputs_table() {
     );
 }
 
+/// An app polling `msg_check` in a loop costs the platform one request per
+/// `--msg-check-cache` window; a message queued meanwhile is handed out after the window, and
+/// a non-empty answer ends the window at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_msg_check_asks_the_platform_once_per_window() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_secs(2);
+    let agent = start_agent(&platform, dir.path(), &["--msg-check-cache", "2s"]);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let mut buf = [0u8; 1024];
+    let mut check = || {
+        s.write_all(br#"{"msg_type":"msg_check","context":{"limit":5}}"#)
+            .unwrap();
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let before = platform.requests();
+    assert_eq!(check(), "204");
+    let empty_at = Instant::now();
+    for _ in 0..500 {
+        assert_eq!(check(), "204");
+    }
+    platform.queue_for_check(json!({"n": 1}));
+    assert_eq!(check(), "204", "still inside the window");
+    assert!(
+        empty_at.elapsed() < window,
+        "502 local polls took {:?}",
+        empty_at.elapsed()
+    );
+    assert_eq!(platform.requests() - before, 1, "one platform request");
+    assert_eq!(
+        agent.metric("nanogate_sidecar_msg_check_cached_total"),
+        Some(501.0)
+    );
+    assert_eq!(
+        agent.metric("nanogate_sidecar_msg_check_total"),
+        Some(502.0)
+    );
+
+    std::thread::sleep(window.saturating_sub(empty_at.elapsed()));
+    assert_eq!(check(), r#"[{"n":1}]"#, "asked again after the window");
+    assert_eq!(check(), "204", "the platform was asked: its queue is empty");
+    assert_eq!(platform.requests() - before, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_file_lifecycle_and_key_hygiene() {
     let platform = PlatformServer::start().await.unwrap();

@@ -1,5 +1,6 @@
 //! The app-facing Unix socket (ARCHITECTURE §3).
 
+pub mod empty_check;
 pub mod server;
 
 use std::fs;

@@ -29,6 +29,8 @@ use tokio::net::unix::WriteHalf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::timeout;
 
+use super::empty_check::EmptyCheckCache;
+
 use crate::metrics::Metrics;
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;
@@ -54,6 +56,8 @@ pub struct Shared<U: Upstream> {
     pub metrics: Arc<Metrics>,
     /// `source` stamped on messages.
     pub source: String,
+    /// Recent empty `msg_check` answers, repeated without asking the platform.
+    pub empty_check: EmptyCheckCache,
 }
 
 /// A connection of the current burst whose records wait for the group commit.
@@ -490,6 +494,13 @@ async fn process<U: Upstream>(
             Decoded::Request(Request::Publish(p)) => {
                 Action::Wait(p.to_envelope(now.get_or_insert_with(now_rfc3339), &shared.source))
             }
+            Decoded::Request(Request::MsgCheck { .. }) if shared.empty_check.is_fresh() => {
+                // The platform said "nothing" moments ago: answer like it without asking.
+                shared.metrics.msg_check.inc();
+                shared.metrics.msg_check_cached.inc();
+                out.extend_from_slice(&app::msg_check_reply(&[]));
+                continue;
+            }
             Decoded::Request(Request::MsgCheck { limit }) => Action::Check(limit),
             Decoded::Rejected(e) => {
                 shared.metrics.reject(e.reason(), 1);
@@ -527,7 +538,10 @@ async fn process<U: Upstream>(
             Action::Check(limit) => {
                 shared.metrics.msg_check.inc();
                 match shared.upstream.check_messages(limit).await {
-                    Ok(msgs) => out.extend_from_slice(&app::msg_check_reply(&msgs)),
+                    Ok(msgs) => {
+                        shared.empty_check.record(msgs.is_empty());
+                        out.extend_from_slice(&app::msg_check_reply(&msgs))
+                    }
                     Err(e) => {
                         shared.metrics.reject("upstream", 1);
                         AppError::Upstream(e.to_string()).write_reply(out);
