@@ -573,25 +573,42 @@ fn connections_line(agent: &Agent, dir: &Path, secs: Duration, rounds: usize) {
     );
 }
 
-/// Round trips of `request` over one persistent Unix connection: `rounds` rounds of 10,000
-/// after 1,000 of warm-up; every reply must equal `expect`.
-fn unix_round_trips(socket: &Path, request: &[u8], expect: &[u8], rounds: usize) -> Vec<Duration> {
-    let mut s = UnixStream::connect(socket).unwrap();
+/// Round trips of `request` over one persistent connection: `rounds` rounds of 10,000 after
+/// 1,000 of warm-up; every reply must satisfy `reply_ok`.
+fn round_trips(
+    stream: &mut (impl Read + Write),
+    request: &[u8],
+    reply_ok: impl Fn(&[u8]) -> bool,
+    rounds: usize,
+) -> Vec<Duration> {
     let mut buf = [0u8; 1024];
     let mut lat = Vec::with_capacity(rounds * 10_000);
-    for _ in 0..rounds {
-        for i in 0..11_000 {
-            let t = Instant::now();
-            s.write_all(request).unwrap();
-            let n = s.read(&mut buf).unwrap();
-            if i >= 1000 {
-                lat.push(t.elapsed());
-            }
-            assert_eq!(&buf[..n], expect);
+    for i in 0..(rounds * 10_000 + 1000) {
+        let t = Instant::now();
+        stream.write_all(request).unwrap();
+        let n = stream.read(&mut buf).unwrap();
+        if i >= 1000 {
+            lat.push(t.elapsed());
         }
+        assert!(
+            reply_ok(&buf[..n]),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
     }
     lat.sort();
     lat
+}
+
+/// [`round_trips`] of `msg_check` over a new connection to `socket`, expecting `204`.
+fn msg_check_round_trips(socket: &Path, rounds: usize) -> Vec<Duration> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    round_trips(
+        &mut s,
+        br#"{"msg_type":"msg_check"}"#,
+        |r| r == b"204",
+        rounds,
+    )
 }
 
 /// `msg_check` round trips on an idle agent (empty platform queue) with the default
@@ -600,9 +617,8 @@ fn unix_round_trips(socket: &Path, request: &[u8], expect: &[u8], rounds: usize)
 /// bare HTTP round trip from this process to the same platform endpoint over one kept-alive
 /// TCP connection (the platform's and loopback's share of the uncached figure).
 fn msg_check_latency(agent: &Agent, uncached: &Agent, platform: &PlatformServer, rounds: usize) {
-    let check: &[u8] = br#"{"msg_type":"msg_check"}"#;
-    let cached = unix_round_trips(&agent.socket, check, b"204", rounds);
-    let uncached_lat = unix_round_trips(&uncached.socket, check, b"204", rounds);
+    let cached = msg_check_round_trips(&agent.socket, rounds);
+    let uncached_lat = msg_check_round_trips(&uncached.socket, rounds);
     let mut http =
         std::net::TcpStream::connect(platform.url().trim_start_matches("http://")).unwrap();
     http.set_nodelay(true).unwrap();
@@ -610,22 +626,12 @@ fn msg_check_latency(agent: &Agent, uncached: &Agent, platform: &PlatformServer,
         "GET /entities/check_messages?limit=1 HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {}\r\n\r\n",
         platform.api_key()
     );
-    let mut buf = [0u8; 1024];
-    let mut direct = Vec::with_capacity(rounds * 10_000);
-    for i in 0..(rounds * 10_000 + 1000) {
-        let t = Instant::now();
-        http.write_all(get.as_bytes()).unwrap();
-        let n = http.read(&mut buf).unwrap();
-        if i >= 1000 {
-            direct.push(t.elapsed());
-        }
-        assert!(
-            buf[..n].starts_with(b"HTTP/1.1 204"),
-            "{}",
-            String::from_utf8_lossy(&buf[..n])
-        );
-    }
-    direct.sort();
+    let direct = round_trips(
+        &mut http,
+        get.as_bytes(),
+        |r| r.starts_with(b"HTTP/1.1 204"),
+        rounds,
+    );
     // A bare echo thread answering `204` on its own Unix socket: the floor of any
     // request/reply between two processes' threads on this machine.
     let echo_path = agent.socket.with_file_name("echo.sock");
@@ -639,7 +645,7 @@ fn msg_check_latency(agent: &Agent, uncached: &Agent, platform: &PlatformServer,
             }
         }
     });
-    let echo_lat = unix_round_trips(&echo_path, check, b"204", rounds);
+    let echo_lat = msg_check_round_trips(&echo_path, rounds);
     let line = |lat: &[Duration]| {
         format!(
             "p50 {:>9.1?}  p90 {:>9.1?}  p99 {:>9.1?}  p99.9 {:>9.1?}  max {:>9.1?}",

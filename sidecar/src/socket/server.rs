@@ -494,14 +494,16 @@ async fn process<U: Upstream>(
             Decoded::Request(Request::Publish(p)) => {
                 Action::Wait(p.to_envelope(now.get_or_insert_with(now_rfc3339), &shared.source))
             }
-            Decoded::Request(Request::MsgCheck { .. }) if shared.empty_check.is_fresh() => {
-                // The platform said "nothing" moments ago: answer like it without asking.
+            Decoded::Request(Request::MsgCheck { limit }) => {
                 shared.metrics.msg_check.inc();
-                shared.metrics.msg_check_cached.inc();
-                out.extend_from_slice(&app::msg_check_reply(&[]));
-                continue;
+                if shared.empty_check.is_fresh() {
+                    // The platform said "nothing" moments ago: answer like it without asking.
+                    shared.metrics.msg_check_cached.inc();
+                    out.extend_from_slice(&app::msg_check_reply(&[]));
+                    continue;
+                }
+                Action::Check(limit)
             }
-            Decoded::Request(Request::MsgCheck { limit }) => Action::Check(limit),
             Decoded::Rejected(e) => {
                 shared.metrics.reject(e.reason(), 1);
                 e.write_reply(out);
@@ -535,19 +537,16 @@ async fn process<U: Upstream>(
                     }
                 }
             }
-            Action::Check(limit) => {
-                shared.metrics.msg_check.inc();
-                match shared.upstream.check_messages(limit).await {
-                    Ok(msgs) => {
-                        shared.empty_check.record(msgs.is_empty());
-                        out.extend_from_slice(&app::msg_check_reply(&msgs))
-                    }
-                    Err(e) => {
-                        shared.metrics.reject("upstream", 1);
-                        AppError::Upstream(e.to_string()).write_reply(out);
-                    }
+            Action::Check(limit) => match shared.upstream.check_messages(limit).await {
+                Ok(msgs) => {
+                    shared.empty_check.record(msgs.is_empty());
+                    out.extend_from_slice(&app::msg_check_reply(&msgs))
                 }
-            }
+                Err(e) => {
+                    shared.metrics.reject("upstream", 1);
+                    AppError::Upstream(e.to_string()).write_reply(out);
+                }
+            },
             Action::Close => unreachable!(),
         }
     }
