@@ -239,6 +239,20 @@ async fn main() -> Result<()> {
     for message in &received {
         note(&format!("  {message}"));
     }
+    // An app polling an empty queue (delivery is done, so every platform request now is a
+    // msg_check): the agent asks the platform once, then repeats its empty answer for
+    // --msg-check-cache (100 ms) instead of one platform request per poll.
+    let before = platform.requests();
+    let polls = 5;
+    let mut replies = Vec::new();
+    for _ in 0..polls {
+        replies.push(send(&socket, &json!({"msg_type": "msg_check"}), true)?);
+    }
+    note(&format!(
+        "{polls} more msg_checks in a row -> {}; platform requests they caused: {} (the rest answered from --msg-check-cache)",
+        replies.join(" "),
+        platform.requests() - before
+    ));
 
     say(
         "8/8",
