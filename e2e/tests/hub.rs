@@ -277,6 +277,118 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     Ok(())
 }
 
+/// The reconciler and the hub's status writer both write whole statuses computed from what they
+/// read. While spec changes make the reconciler write and a sidecar's growing counts make the
+/// hub write every second, no stored version of the gateway may go back on either writer's
+/// fields: `messages.receivedTotal` (the hub's) and `observedGeneration` (the reconciler's)
+/// never decrease. Every version is seen through a watch.
+#[tokio::test]
+async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+
+    let f = fleet("race").await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let agent = start_sidecar(&f, &pod, "app-1").await?;
+    wait_for(
+        "sidecar connected and healthy in the gateway status",
+        Duration::from_secs(10),
+        || async { Ok((sidecars(&f).await?["healthy"] == 1).then_some(())) },
+    )
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    // (resourceVersion, receivedTotal, observedGeneration) of every version stored.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watching = tokio::spawn({
+        let stream = watcher(
+            api.clone(),
+            watcher::Config::default().fields("metadata.name=shop"),
+        )
+        .applied_objects();
+        let seen = seen.clone();
+        async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(gw)) = stream.next().await {
+                let status = &gw.data["status"];
+                seen.lock().unwrap().push((
+                    gw.metadata.resource_version.clone().unwrap_or_default(),
+                    status["messages"]["receivedTotal"].as_i64().unwrap_or(0),
+                    status["observedGeneration"].as_i64().unwrap_or(0),
+                ));
+            }
+        }
+    });
+    // An app publishes all along, so each hub pass has a new total to write.
+    let socket = agent.socket.clone();
+    let publishing = tokio::task::spawn_blocking(move || -> Result<u64> {
+        use std::io::{Read as _, Write as _};
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(12) {
+            let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
+            c.write_all(br#"{"msg_type":"publish","data":{"n":1}}"#)?;
+            c.shutdown(std::net::Shutdown::Write)?;
+            c.read_to_end(&mut Vec::new())?;
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(sent)
+    });
+    // Spec changes: each makes the reconciler write observedGeneration and its conditions.
+    let changes = 40;
+    for i in 0..changes {
+        api.patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"batching": {"maxBatchSize": 100 + i % 2}}})),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let sent = publishing.await??;
+    let generation = api.get("shop").await?.metadata.generation.unwrap_or(0);
+    wait_for(
+        "the reconciler to observe the last generation",
+        Duration::from_secs(10),
+        || async {
+            let gw = api.get("shop").await?;
+            Ok((gw.data["status"]["observedGeneration"] == generation).then_some(()))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    watching.abort();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    if seen.is_empty() {
+        anyhow::bail!("the watch saw no version of the gateway");
+    }
+    let received_steps = seen.windows(2).filter(|w| w[1].1 > w[0].1).count();
+    let generation_steps = seen.windows(2).filter(|w| w[1].2 > w[0].2).count();
+    eprintln!(
+        "[hub] {} versions watched during {changes} spec changes and {sent} publishes: \
+         receivedTotal rose {received_steps} times, observedGeneration {generation_steps} times",
+        seen.len()
+    );
+    for w in seen.windows(2) {
+        let ((v0, r0, g0), (v1, r1, g1)) = (&w[0], &w[1]);
+        assert!(
+            r1 >= r0,
+            "version {v1} put receivedTotal back from {r0} to {r1} (a stale hub field)"
+        );
+        assert!(
+            g1 >= g0,
+            "version {v1} put observedGeneration back from {g0} to {g1} (after {v0})"
+        );
+    }
+    assert!(
+        received_steps >= 5 && generation_steps >= 10,
+        "both writers wrote while watched"
+    );
+    Ok(())
+}
+
 /// A run-to-completion pod in legacy mode (1.20 has no native sidecars): once its app
 /// container has terminated, the hub tells the sidecar to drain and it exits 0, so a Job
 /// would complete instead of hanging on the sidecar.

@@ -326,27 +326,38 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
 
     let census = repair::census(&ctx.client, ns, name).await?;
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
+    let desired = |current: Option<&AgentGatewayStatus>| {
+        build::desired_status(current, gw.metadata.generation, &verdict, &census, &now())
+    };
     let mut current = gw.status.clone();
-    let mut status = build::desired_status(
-        current.as_ref(),
-        gw.metadata.generation,
-        &verdict,
-        &census,
-        &now(),
-    );
-    if current.as_ref() != Some(&status) {
-        // The cached object may predate our previous status write (its watch event is still
-        // in flight). Compare against the live status before writing, so a write is only sent
-        // when the stored status really differs.
-        let live = api.get_status(name).await.map_err(Error::StatusGet)?;
-        current = live.status;
-        status = build::desired_status(
-            current.as_ref(),
-            gw.metadata.generation,
-            &verdict,
-            &census,
-            &now(),
-        );
+    let mut status = desired(current.as_ref());
+    // `None` until the live object was read: the cached one may predate our previous status
+    // write (its watch event is still in flight), so a write is only sent when the stored
+    // status really differs.
+    let mut live_version: Option<Option<String>> = None;
+    let mut conflicts = 0;
+    while current.as_ref() != Some(&status) {
+        let Some(version) = &live_version else {
+            let live = api.get_status(name).await.map_err(Error::StatusGet)?;
+            live_version = Some(live.metadata.resource_version);
+            current = live.status;
+            status = desired(current.as_ref());
+            continue;
+        };
+        ctx.metrics.write("agentgateways/status", "patch");
+        match write_status(&api, name, version.as_deref(), &status).await {
+            Ok(()) => {
+                debug!(%ns, %name, "status updated");
+                break;
+            }
+            // The hub's status writer wrote in between: start again from what it wrote.
+            Err(e) if is_conflict(&e) && conflicts < MAX_STATUS_CONFLICTS => {
+                conflicts += 1;
+                debug!(%ns, %name, "status changed while being written; retrying");
+                live_version = None;
+            }
+            Err(e) => return Err(Error::StatusPatch(e)),
+        }
     }
 
     let old_valid = current
@@ -362,18 +373,6 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         .iter()
         .find(|c| c.type_ == conditions::CONFIG_VALID)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
-
-    if current.as_ref() != Some(&status) {
-        let pp = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        api.patch_status(name, &pp, &Patch::Merge(json!({ "status": status })))
-            .await
-            .map_err(Error::StatusPatch)?;
-        ctx.metrics.write("agentgateways/status", "patch");
-        debug!(%ns, %name, "status updated");
-    }
 
     if old_valid != new_valid {
         match &verdict {
@@ -460,6 +459,37 @@ async fn report_not_injected(
             .await;
         }
     }
+}
+
+/// Conflicting status writes retried within one reconcile before it fails (and is requeued).
+const MAX_STATUS_CONFLICTS: u32 = 3;
+
+/// Writes `status` only if the gateway is still at `resource_version` (a merge patch carrying
+/// `metadata.resourceVersion` is conditional). The reconciler and the hub's status writer each
+/// write a whole status computed from what they read; without the precondition, one of them
+/// could put back the other's fields as they were before its latest write.
+pub(crate) async fn write_status(
+    api: &Api<AgentGateway>,
+    name: &str,
+    resource_version: Option<&str>,
+    status: &AgentGatewayStatus,
+) -> Result<(), kube::Error> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let patch = json!({
+        "metadata": { "resourceVersion": resource_version },
+        "status": status,
+    });
+    api.patch_status(name, &params, &Patch::Merge(patch))
+        .await
+        .map(drop)
+}
+
+/// The API server refused a write because the object changed since it was read.
+pub(crate) fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_conflict())
 }
 
 /// Log, count, and back off exponentially per gateway (1 s, 2 s, 4 s … 5 min).

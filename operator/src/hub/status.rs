@@ -4,23 +4,24 @@
 //!
 //! The reconciler owns `observedGeneration`, `Ready`, `ConfigValid`, `configHash` and
 //! `sidecars.expected`; this writer owns the rest and keeps the reconciler's fields as read.
+//! Both write conditionally on the `resourceVersion` they read, so neither can put back the
+//! other's fields as they were before its latest write.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
-use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::index::FleetHealth;
 use super::{Hub, stopped};
-use crate::FIELD_MANAGER;
 use crate::controller::build::set_condition;
+use crate::controller::{is_conflict, write_status};
 use crate::crd::{
     AgentGateway, AgentGatewayStatus, MessageStats, SidecarCounts, UnhealthySidecar,
     UpstreamStatus, conditions, parse_duration,
@@ -242,7 +243,7 @@ pub async fn run(
                 .unwrap_or_else(|_| Timestamp::now()),
         );
         drain_orphans(&hub, &list.items, &mut drains);
-        for gateway in list.items {
+        for mut gateway in list.items {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
             };
@@ -254,30 +255,41 @@ pub async fn run(
                 now_instant,
                 heartbeat * SILENT_HEARTBEATS,
             );
-            let desired = fleet_status(
-                gateway.status.as_ref(),
-                &fleet,
-                gateway.metadata.generation,
-                &now,
-            );
             push_config(&hub, &gateway, &namespace, &name, &mut reloads);
-            if !needs_write(gateway.status.as_ref(), &desired) {
-                continue;
-            }
             let api: Api<AgentGateway> = Api::namespaced(client.clone(), &namespace);
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            };
-            match api
-                .patch_status(&name, &params, &Patch::Merge(json!({ "status": desired })))
-                .await
-            {
-                Ok(_) => {
-                    writes.inc();
-                    debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
+            // One retry: the reconciler may write between our list and our patch.
+            for attempt in 0..2 {
+                let desired = fleet_status(
+                    gateway.status.as_ref(),
+                    &fleet,
+                    gateway.metadata.generation,
+                    &now,
+                );
+                if !needs_write(gateway.status.as_ref(), &desired) {
+                    break;
                 }
-                Err(error) => warn!(%error, %namespace, %name, "status writer: patch failed"),
+                let version = gateway.metadata.resource_version.as_deref();
+                match write_status(&api, &name, version, &desired).await {
+                    Ok(()) => {
+                        writes.inc();
+                        debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
+                        break;
+                    }
+                    Err(error) if is_conflict(&error) && attempt == 0 => {
+                        debug!(%namespace, %name, "status changed since listed; re-reading");
+                        match api.get_status(&name).await {
+                            Ok(live) => gateway = live,
+                            Err(error) => {
+                                warn!(%error, %namespace, %name, "status writer: reading status failed");
+                                break;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, %namespace, %name, "status writer: patch failed");
+                        break;
+                    }
+                }
             }
         }
     }
