@@ -33,16 +33,27 @@
 # distroless layer differs in detail (its os-release, package versions), so image sizes
 # measured on top of the stand-in are approximate for that layer; the layers our Dockerfile
 # adds are real. Needs root (debootstrap), podman, runc and debootstrap (setup.sh installs them),
-# about 3 minutes and 2 GB of scratch space once; the images take about 1.1 GB.
+# about 2 minutes and 2 GB of scratch space once; the images take about 1 GB.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-CACHE_ROOT="${NANOGATE_CACHE:-$HOME/.cache/nanogate}"
-RUST_REF=docker.io/library/rust:1.95-bookworm
-DISTROLESS_REF=gcr.io/distroless/static-debian12:nonroot
-RUST_VERSION=1.95.0
-HOST_TRIPLE=x86_64-unknown-linux-gnu
-MIRROR=http://deb.debian.org/debian
 log() { printf '[base-images] %s\n' "$*" >&2; }
+CACHE_ROOT="${NANOGATE_CACHE:-$HOME/.cache/nanogate}"
+# The references, as build/Dockerfile spells them (its ARG defaults substituted).
+dockerfile="$here/../../build/Dockerfile"
+arg() { sed -n "s/^ARG $1=//p" "$dockerfile" | head -n 1; }
+RUST_MINOR=$(arg RUST_VERSION)                # e.g. 1.95: the official tag follows 1.95.x
+DISTROLESS_REF=$(arg BASE_IMAGE)
+RUST_REF=$(sed -n 's/^FROM \(docker.io\/library\/rust:[^ ]*\) AS build$/\1/p' "$dockerfile" | head -n 1)
+# shellcheck disable=SC2016 # the literal text ${RUST_VERSION} of the FROM line
+RUST_REF=${RUST_REF//'${RUST_VERSION}'/$RUST_MINOR}
+SUITE=${RUST_REF##*-}                         # bookworm
+if [ -z "$RUST_MINOR" ] || [ -z "$DISTROLESS_REF" ] || [ -z "$RUST_REF" ]; then
+  log "cannot read the base images from $dockerfile"
+  exit 1
+fi
+HOST_TRIPLE=x86_64-unknown-linux-gnu
+HOST_RUSTUP="${RUSTUP_HOME:-$HOME/.rustup}"
+MIRROR=http://deb.debian.org/debian
 podman() { bash "$here/podman.sh" "$@"; }
 t0=$(date +%s)
 
@@ -66,9 +77,9 @@ trap 'rm -rf "$work"' EXIT
 rootfs="$work/rust"
 
 # --- Debian bookworm, minbase + the build's packages ----------------------------------------
-log "debootstrap --variant=minbase bookworm from $MIRROR (a few minutes)"
+log "debootstrap --variant=minbase $SUITE from $MIRROR (a few minutes)"
 debootstrap --variant=minbase --include=ca-certificates,gcc,libc6-dev,tzdata,netbase \
-  bookworm "$rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
+  "$SUITE" "$rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
   tail -n 30 "$work/debootstrap.log" >&2
   exit 1
 }
@@ -77,13 +88,13 @@ rm -f "$rootfs/etc/apt/sources.list" "$rootfs/etc/resolv.conf"
 cat >"$rootfs/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
+Suites: $SUITE $SUITE-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
 URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
+Suites: $SUITE-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
@@ -104,19 +115,20 @@ import() {
 
 # --- rust:1.95-bookworm ------------------------------------------------------------------------
 if [[ " ${need[*]} " == *" rust "* ]]; then
+  # This machine's Rust $RUST_MINOR.x (rustup's $RUST_MINOR.x or stable), else rustup installs it.
   toolchain=""
-  for name in "$RUST_VERSION-$HOST_TRIPLE" "stable-$HOST_TRIPLE"; do
-    dir="$HOME/.rustup/toolchains/$name"
-    if [ -x "$dir/bin/rustc" ] && "$dir/bin/rustc" --version | grep -q "^rustc $RUST_VERSION "; then
+  for dir in "$HOST_RUSTUP"/toolchains/*-"$HOST_TRIPLE"; do
+    if [ -x "$dir/bin/rustc" ] && "$dir/bin/rustc" --version | grep -q "^rustc $RUST_MINOR\.[0-9]* "; then
       toolchain=$(readlink -f "$dir")
       break
     fi
   done
   if [ -z "$toolchain" ]; then
-    log "no Rust $RUST_VERSION toolchain on this machine; installing it with rustup (minimal)"
-    rustup toolchain install "$RUST_VERSION" --profile minimal >&2
-    toolchain=$(readlink -f "$HOME/.rustup/toolchains/$RUST_VERSION-$HOST_TRIPLE")
+    log "no Rust $RUST_MINOR toolchain on this machine; installing it with rustup (minimal)"
+    rustup toolchain install "$RUST_MINOR" --profile minimal >&2
+    toolchain=$(readlink -f "$HOST_RUSTUP/toolchains/$RUST_MINOR-$HOST_TRIPLE")
   fi
+  RUST_VERSION=$("$toolchain/bin/rustc" --version | cut -d' ' -f2)
   rustup_bin=$(command -v rustup)
   log "Rust $RUST_VERSION from $toolchain, rustup $("$rustup_bin" --version 2>/dev/null | cut -d' ' -f2)"
   export RUSTUP_HOME="$rootfs/usr/local/rustup" CARGO_HOME="$rootfs/usr/local/cargo"
@@ -152,7 +164,7 @@ if [[ " ${need[*]} " == *" rust "* ]]; then
     'ENV CARGO_HOME=/usr/local/cargo' \
     'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     "ENV RUST_VERSION=$RUST_VERSION" \
-    "LABEL io.nanogate.stand-in=$RUST_REF: debootstrap bookworm minbase + gcc libc6-dev ca-certificates, Rust $RUST_VERSION (minimal)" \
+    "LABEL io.nanogate.stand-in=$RUST_REF: debootstrap $SUITE minbase + gcc libc6-dev ca-certificates, Rust $RUST_VERSION (minimal)" \
     'CMD ["bash"]'
 fi
 
@@ -212,7 +224,7 @@ EOF
     'WORKDIR /home/nonroot' \
     'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
-    "LABEL io.nanogate.stand-in=$DISTROLESS_REF: passwd/group, CA bundle, tzdata, netbase from Debian 12"
+    "LABEL io.nanogate.stand-in=$DISTROLESS_REF: passwd/group, CA bundle, tzdata, netbase from Debian $SUITE"
 fi
 
 log "stand-in base images ready in $(($(date +%s) - t0))s"

@@ -68,7 +68,7 @@ if [ ${#img_missing[@]} -gt 0 ]; then
 else
   log "Debian packages present (podman, runc, debootstrap)"
 fi
-# Once per machine (about 3 minutes); a no-op when both images are in the store. It needs root
+# Once per machine (about 2 minutes); a no-op when both images are in the store. It needs root
 # (debootstrap, rootful podman); elsewhere the shipping test fails and says what to run.
 if [ "$(id -u)" = 0 ]; then
   bash "$here/base-images.sh"
