@@ -299,7 +299,7 @@ async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
     .map_err(|e| e.context(agent.process.log_tail(15)))?;
 
     let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
-    // (resourceVersion, receivedTotal, observedGeneration) of every version stored.
+    // (resourceVersion, receivedTotal, observedGeneration, connected) of every version stored.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let watching = tokio::spawn({
         let stream = watcher(
@@ -316,6 +316,7 @@ async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
                     gw.metadata.resource_version.clone().unwrap_or_default(),
                     status["messages"]["receivedTotal"].as_i64().unwrap_or(0),
                     status["observedGeneration"].as_i64().unwrap_or(0),
+                    status["sidecars"]["connected"].as_i64().unwrap_or(0),
                 ));
             }
         }
@@ -366,20 +367,28 @@ async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
     }
     let received_steps = seen.windows(2).filter(|w| w[1].1 > w[0].1).count();
     let generation_steps = seen.windows(2).filter(|w| w[1].2 > w[0].2).count();
+    let disconnected = seen.iter().filter(|v| v.3 == 0).count();
     eprintln!(
         "[hub] {} versions watched during {changes} spec changes and {sent} publishes: \
-         receivedTotal rose {received_steps} times, observedGeneration {generation_steps} times",
+         receivedTotal rose {received_steps} times, observedGeneration {generation_steps} \
+         times; {disconnected} versions without the sidecar connected",
         seen.len()
     );
     for w in seen.windows(2) {
-        let ((v0, r0, g0), (v1, r1, g1)) = (&w[0], &w[1]);
-        assert!(
-            r1 >= r0,
-            "version {v1} put receivedTotal back from {r0} to {r1} (a stale hub field)"
-        );
+        let ((v0, _, g0, _), (v1, _, g1, _)) = (&w[0], &w[1]);
         assert!(
             g1 >= g0,
             "version {v1} put observedGeneration back from {g0} to {g1} (after {v0})"
+        );
+    }
+    // Totals are the connected sidecars' (a sidecar silent for 3 heartbeats on a loaded
+    // machine counts as gone); while it is connected its own counter only grows.
+    let connected: Vec<_> = seen.iter().filter(|v| v.3 == 1).collect();
+    for w in connected.windows(2) {
+        let ((_, r0, _, _), (v1, r1, _, _)) = (w[0], w[1]);
+        assert!(
+            r1 >= r0,
+            "version {v1} put receivedTotal back from {r0} to {r1} (a stale hub field)"
         );
     }
     assert!(

@@ -181,6 +181,14 @@ pub struct UpstreamSpec {
     #[serde(default = "default_upstream_timeout")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub timeout: String,
+    /// How long a sidecar repeats the platform's empty `msg_check` answer before asking it
+    /// again: apps polling an empty inbox then cost the platform one request per window, not
+    /// one per poll, and a message arriving meanwhile waits at most this long. `0s` asks on
+    /// every poll. Not used with `kind: socketio`, whose messages are pushed to the sidecar.
+    /// Default `100ms`, at most `10s`.
+    #[serde(default = "default_msg_check_cache")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub msg_check_cache: String,
     /// Options for `kind: socketio`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socketio: Option<SocketIoOptions>,
@@ -235,6 +243,11 @@ pub struct SocketIoOptions {
     /// Socket.IO namespace. Default `/`.
     #[serde(default = "default_socketio_namespace")]
     pub namespace: String,
+    /// Interval of the sidecar's `heartbeat` event to the platform. Default `5s`, between
+    /// `1s` and `5m`. (A batch's acknowledgement is awaited for `spec.upstream.timeout`.)
+    #[serde(default = "default_socketio_heartbeat_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub heartbeat_interval: String,
 }
 
 /// NATS JetStream options.
@@ -541,6 +554,20 @@ fn default_upstream_timeout() -> String {
 }
 fn default_socketio_namespace() -> String {
     "/".into()
+}
+impl Default for SocketIoOptions {
+    fn default() -> Self {
+        Self {
+            namespace: default_socketio_namespace(),
+            heartbeat_interval: default_socketio_heartbeat_interval(),
+        }
+    }
+}
+fn default_socketio_heartbeat_interval() -> String {
+    "5s".into()
+}
+fn default_msg_check_cache() -> String {
+    "100ms".into()
 }
 fn default_nats_subject() -> String {
     "nanogate.{namespace}.{gateway}".into()
@@ -996,6 +1023,35 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         c.fail(
             "spec.upstream.timeout",
             format!("spec.upstream.timeout ({}) must be at most 10m", u.timeout),
+        );
+    }
+    match parse_duration(&u.msg_check_cache) {
+        Ok(window) if window > Duration::from_secs(10) => c.fail(
+            "spec.upstream.msgCheckCache",
+            format!(
+                "spec.upstream.msgCheckCache ({}) must be at most 10s: inbound messages wait up to this long",
+                u.msg_check_cache
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => c.fail(
+            "spec.upstream.msgCheckCache",
+            format!("spec.upstream.msgCheckCache: {e}"),
+        ),
+    }
+    if let Some(o) = &u.socketio
+        && let Some(hb) = c.duration(
+            "spec.upstream.socketio.heartbeatInterval",
+            &o.heartbeat_interval,
+        )
+        && !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&hb)
+    {
+        c.fail(
+            "spec.upstream.socketio.heartbeatInterval",
+            format!(
+                "spec.upstream.socketio.heartbeatInterval ({}) must be between 1s and 5m",
+                o.heartbeat_interval
+            ),
         );
     }
     if u.socketio.is_some() && u.kind != UpstreamKind::Socketio {

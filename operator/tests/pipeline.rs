@@ -82,7 +82,7 @@ fn minimal_config_is_golden() {
     let want = serde_json::json!({
         "version": 1,
         "upstream": {
-            "kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000,
+            "kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000, "msg_check_cache_ms": 100,
             "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false
         },
         "batching": {

@@ -319,6 +319,10 @@ pub struct Config {
     /// number the operator records as `status.configHash`; reported in heartbeats.
     #[arg(skip)]
     pub config_generation: i64,
+    /// The command line this configuration was parsed from (a reload starts from it, so
+    /// settings given as flags keep their values).
+    #[arg(skip)]
+    pub start_args: StartArgs,
     /// Runtime worker threads (the agent is I/O-bound; two are plenty and keep memory low).
     #[arg(long, env = "NANOGATE_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
@@ -328,6 +332,17 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "NANOGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// The command line a [`Config`] was parsed from. Its `Debug` shows only the count: flags can
+/// carry secrets (`--tcp-token`).
+#[derive(Clone, Default, PartialEq)]
+pub struct StartArgs(pub Vec<OsString>);
+
+impl std::fmt::Debug for StartArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} arguments]", self.0.len())
+    }
 }
 
 impl Config {
@@ -342,7 +357,18 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        Self::parse(args.into_iter().map(Into::into).collect(), None)
+    }
+
+    /// The configuration this process would have if it had started with `file_text` as its
+    /// config file: the start's flags and environment keep their precedence over the file
+    /// (a hub reload).
+    pub fn with_file_text(&self, file_text: &str) -> anyhow::Result<Config> {
+        Self::parse(self.start_args.0.clone(), Some(file_text))
+    }
+
+    /// Flags and environment, then the config file — `file_text`, else the `--config` file.
+    fn parse(args: Vec<OsString>, file_text: Option<&str>) -> anyhow::Result<Config> {
         let matches = Config::command()
             .try_get_matches_from(&args)
             .map_err(exit_on_help)?;
@@ -353,13 +379,20 @@ impl Config {
         // parsers and error messages as flags.
         let mut extra: Vec<OsString> = Vec::new();
         let mut config_generation = 0;
-        if let Some(path) = &first.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("config: cannot read {}: {e}", path.display()))?;
+        let file = match (file_text, &first.config) {
+            (Some(text), _) => Some((text.to_string(), PathBuf::from("(from the hub)"))),
+            (None, Some(path)) => Some((
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("config: cannot read {}: {e}", path.display()))?,
+                path.clone(),
+            )),
+            (None, None) => None,
+        };
+        if let Some((text, path)) = &file {
             let mut map: serde_yaml::Mapping = if text.trim().is_empty() {
                 serde_yaml::Mapping::new()
             } else {
-                serde_yaml::from_str(&text).map_err(|e| {
+                serde_yaml::from_str(text).map_err(|e| {
                     anyhow::anyhow!(
                         "config file {}: not a YAML/JSON mapping: {e}",
                         path.display()
@@ -432,6 +465,7 @@ impl Config {
             config.admin_listen = SocketAddr::from(([0, 0, 0, 0], port));
         }
         config.config_generation = config_generation;
+        config.start_args = StartArgs(args);
         config.validate()?;
         Ok(config)
     }

@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::config::Config;
+
 /// Where and how to reach the hub. Defaults follow the architecture (3 s hello, 30 s/5 s ping).
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -343,71 +345,115 @@ impl AgentControl {
     }
 
     /// Applies a configuration file sent by the hub. Batching knobs apply from the next batch;
-    /// settings that need new connections (upstream URL, TLS) are reported as pending a restart.
+    /// settings the agent sets up once (socket, spool, connections) are named as pending a
+    /// restart, and the agent keeps reporting the generation it really runs.
     fn reload(&self, kwargs: &[(String, Value)]) -> Result<Value, String> {
         let text = kwargs
             .iter()
             .find(|(k, _)| k == "config")
             .and_then(|(_, v)| v.as_str())
             .ok_or("reload needs kwargs.config: the configuration file's text")?;
-        let mut map: serde_yaml::Mapping = serde_yaml::from_str(text)
-            .map_err(|e| format!("config is not a YAML/JSON mapping: {e}"))?;
-        if crate::gateway_config::is_gateway_config(&map) {
-            map = crate::gateway_config::flatten(&map)?;
-        }
-        // Parse through the same flags as at start, so validation and messages are the same.
-        let mut args = vec!["nano-agent".to_string()];
-        for (key, value) in &map {
-            let key = key.as_str().ok_or("config keys must be strings")?;
-            let value = match value {
-                serde_yaml::Value::String(s) => s.clone(),
-                serde_yaml::Value::Number(n) => n.to_string(),
-                serde_yaml::Value::Bool(b) => b.to_string(),
-                _ => {
-                    return Err(format!(
-                        "config field `{key}` must be a string, number or boolean"
-                    ));
-                }
-            };
-            args.push(format!("--{}={value}", key.replace('_', "-")));
-        }
-        let new = crate::config::Config::load_from(args).map_err(|e| format!("{e:#}"))?;
-        let restart_needed = new.app_url != self.config.app_url
-            || new.upstream_ca != self.config.upstream_ca
-            || new.upstream_client_cert != self.config.upstream_client_cert
-            || new.socket_path != self.config.socket_path
-            || new.upstream_kind != self.config.upstream_kind
-            || new.nats_subject != self.config.nats_subject
-            || new.nats_stream != self.config.nats_stream
-            || new.nats_consumer != self.config.nats_consumer
-            || new.nats_inbox_subject != self.config.nats_inbox_subject
-            || new.nats_creds_file != self.config.nats_creds_file
-            || new.socketio_namespace != self.config.socketio_namespace
-            || new.socketio_heartbeat_interval != self.config.socketio_heartbeat_interval
-            || new.socketio_ack_timeout != self.config.socketio_ack_timeout
-            || new.socketio_inbox_size != self.config.socketio_inbox_size
-            // The TCP listener is bound once at start.
-            || new.tcp_listen != self.config.tcp_listen
-            || new.tcp_tls_cert != self.config.tcp_tls_cert
-            || new.tcp_tls_key != self.config.tcp_tls_key
-            || new.tcp_keepalive_interval != self.config.tcp_keepalive_interval
-            || new.tcp_keepalive_timeout != self.config.tcp_keepalive_timeout;
+        // The same precedence as at start: the process's flags and environment, then this
+        // file, so a reload gives what a restart with the new file would.
+        let new = self
+            .config
+            .with_file_text(text)
+            .map_err(|e| format!("{e:#}"))?;
+        let pending = needs_restart(&new, &self.config);
+        let restart_needed = !pending.is_empty();
         self.tuning
             .send_replace(crate::batcher::Tuning::from_config(&new));
         let generation = i64::from(crc32fast::hash(text.as_bytes()));
-        self.generation
-            .store(generation, std::sync::atomic::Ordering::Relaxed);
-        info!(
-            generation,
-            restart_needed, "configuration reloaded from the hub"
-        );
+        if restart_needed {
+            // Only the batching knobs took effect: keep reporting the generation in use, so
+            // the gateway's status does not count this sidecar as on the new configuration.
+            warn!(
+                generation,
+                fields = %pending.join(", "),
+                "configuration from the hub needs a restart of the pod to take full effect; batching knobs applied"
+            );
+        } else {
+            self.generation
+                .store(generation, std::sync::atomic::Ordering::Relaxed);
+            info!(generation, "configuration reloaded from the hub");
+        }
         Ok(Value::Map(vec![
             (Value::from("generation"), Value::from(generation)),
             (Value::from("applied"), Value::from("batching")),
             (Value::from("restart_needed"), Value::from(restart_needed)),
+            (
+                Value::from("pending_fields"),
+                Value::Array(pending.into_iter().map(Value::from).collect()),
+            ),
         ]))
     }
 }
+
+/// Declares which settings a running agent cannot change (sockets, connections and the spool
+/// are set up once at start): [`needs_restart`] names those that differ, and
+/// [`RESTART_FIELDS`] lists them for the test that every gateway setting is covered.
+macro_rules! restart_fields {
+    ($($field:ident),* $(,)?) => {
+        /// Settings a reload cannot apply to the running agent.
+        pub const RESTART_FIELDS: &[&str] = &[$(stringify!($field)),*];
+
+        /// The settings of `new` that differ from the running `old` and need a restart.
+        pub fn needs_restart(new: &Config, old: &Config) -> Vec<&'static str> {
+            let mut changed = Vec::new();
+            $(if new.$field != old.$field {
+                changed.push(stringify!($field));
+            })*
+            changed
+        }
+    };
+}
+
+restart_fields!(
+    upstream_kind,
+    app_url,
+    upstream_timeout,
+    upstream_ca,
+    upstream_client_cert,
+    upstream_client_key,
+    nats_subject,
+    nats_stream,
+    nats_consumer,
+    nats_inbox_subject,
+    nats_creds_file,
+    socketio_namespace,
+    socketio_heartbeat_interval,
+    socketio_ack_timeout,
+    socketio_inbox_size,
+    socket_path,
+    max_message_bytes,
+    max_tags,
+    msg_check_cache,
+    spool_max_bytes,
+    spool_sync_interval,
+    backoff_initial,
+    backoff_max,
+    heartbeat_interval,
+    log_level,
+    tcp_listen,
+    tcp_tls_cert,
+    tcp_tls_key,
+    tcp_keepalive_interval,
+    tcp_keepalive_timeout,
+);
+
+/// Settings a reload applies to the running agent: the batcher's live tuning.
+pub const LIVE_FIELDS: &[&str] = &[
+    "flush_interval",
+    "batch_size",
+    "min_batch_size",
+    "max_batch_size",
+    "scale_factor",
+    "max_queue_size",
+    "target_cpu_percent",
+    "target_mem_percent",
+    "min_batch_interval",
+    "max_batch_interval",
+];
 
 impl ControlHandler for AgentControl {
     fn heartbeat(&self) -> Heartbeat {
@@ -681,5 +727,70 @@ mod tests {
                     <= Duration::from_secs(30)
             );
         }
+    }
+
+    /// A gateway file with every section and field the operator can write.
+    const EVERY_FIELD: &str = r#"{
+      "version": 1,
+      "upstream": {"kind": "socketio", "url": "wss://cloud.example", "timeout_ms": 4000,
+                   "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false,
+                   "ca_file": "/ca.pem", "client_cert_file": "/c.crt", "client_key_file": "/c.key",
+                   "msg_check_cache_ms": 100, "socketio_heartbeat_interval_ms": 5000,
+                   "socketio_namespace": "/agents", "nats_subject": "a.b", "nats_stream": "S",
+                   "nats_durable_consumer": "c", "nats_inbox_subject": "i.n",
+                   "nats_creds_file": "/u.creds"},
+      "batching": {"flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
+                   "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
+                   "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
+                   "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000},
+      "delivery": {"spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
+                   "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
+                   "overflow_policy": "reject"},
+      "socket": {"path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10},
+      "tcp": {"listen": "0.0.0.0:7070", "keepalive_interval_ms": 10000,
+              "keepalive_timeout_ms": 30000, "tls_cert_file": "/t.crt", "tls_key_file": "/t.key"},
+      "heartbeat_interval_ms": 5000,
+      "log_level": "info"
+    }"#;
+
+    #[test]
+    fn every_gateway_setting_is_either_live_or_needs_a_restart() {
+        let flat =
+            crate::gateway_config::flatten(&serde_yaml::from_str(EVERY_FIELD).unwrap()).unwrap();
+        let keys: Vec<&str> = flat.keys().filter_map(|k| k.as_str()).collect();
+        assert!(keys.len() >= 39, "the sample covers the file: {keys:?}");
+        for key in keys {
+            assert!(
+                LIVE_FIELDS.contains(&key) || RESTART_FIELDS.contains(&key),
+                "`{key}` can arrive in a reload: list it in LIVE_FIELDS (and apply it) or in \
+                 restart_fields!"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reload_names_exactly_the_settings_that_need_a_restart() {
+        let running = Config::load_from([
+            "nano-agent",
+            "--socket-path=/tmp/a.sock",
+            "--spool-dir=/tmp/s",
+            "--flush-interval=3s",
+        ])
+        .unwrap();
+        // Batching knobs are live; the start's flags keep their precedence over the file.
+        let new = running
+            .with_file_text("max_batch_size: 500\nflush_interval: 100ms\n")
+            .unwrap();
+        assert_eq!(new.max_batch_size, 500);
+        assert_eq!(new.flush_interval, Duration::from_secs(3));
+        assert!(needs_restart(&new, &running).is_empty());
+        // The socket's limits are set up once.
+        let new = running.with_file_text("max_tags: 5\n").unwrap();
+        assert_eq!(needs_restart(&new, &running), ["max_tags"]);
+        let refused = running.with_file_text("max_batch_size: 0\n").unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("max_batch_size"),
+            "{refused:#}"
+        );
     }
 }

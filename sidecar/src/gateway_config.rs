@@ -86,6 +86,17 @@ pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
         put("socketio_namespace", v);
     }
     for (from, to) in [
+        ("msg_check_cache_ms", "msg_check_cache"),
+        (
+            "socketio_heartbeat_interval_ms",
+            "socketio_heartbeat_interval",
+        ),
+    ] {
+        if let Some(v) = millis(&upstream, from)? {
+            put(to, v);
+        }
+    }
+    for (from, to) in [
         ("ca_file", "upstream_ca"),
         ("client_cert_file", "upstream_client_cert"),
         ("client_key_file", "upstream_client_key"),
@@ -199,7 +210,7 @@ mod tests {
     /// pins the same content on the operator side).
     const MINIMAL: &str = r#"{
       "version": 1,
-      "upstream": {"kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000,
+      "upstream": {"kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000, "msg_check_cache_ms": 100,
                    "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false},
       "batching": {"flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
                    "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
@@ -232,6 +243,7 @@ mod tests {
         assert_eq!(get("backoff_max"), "30000ms");
         assert_eq!(get("max_message_bytes"), "1048576");
         assert_eq!(get("heartbeat_interval"), "5000ms");
+        assert_eq!(get("msg_check_cache"), "100ms");
         assert_eq!(get("socket_path"), "/var/lib/tendrl/tendrl_agent.sock");
     }
 
@@ -298,7 +310,7 @@ mod tests {
         let file = MINIMAL.replace(
             r#""kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000,"#,
             r#""kind": "socketio", "url": "wss://cloud.example:8443", "timeout_ms": 4000,
-               "socketio_namespace": "/agents",
+               "socketio_namespace": "/agents", "socketio_heartbeat_interval_ms": 2000,
                "client_cert_file": "/etc/nanogate/upstream-client/tls.crt",
                "client_key_file": "/etc/nanogate/upstream-client/tls.key","#,
         );
@@ -308,6 +320,10 @@ mod tests {
         assert_eq!(get("app_url").as_deref(), Some("wss://cloud.example:8443"));
         assert_eq!(get("socketio_namespace").as_deref(), Some("/agents"));
         assert_eq!(get("socketio_ack_timeout").as_deref(), Some("4000ms"));
+        assert_eq!(
+            get("socketio_heartbeat_interval").as_deref(),
+            Some("2000ms")
+        );
         assert_eq!(
             get("upstream_client_cert").as_deref(),
             Some("/etc/nanogate/upstream-client/tls.crt")
@@ -327,7 +343,7 @@ mod tests {
         assert_eq!(c.socketio_ack_timeout, std::time::Duration::from_secs(4));
         assert_eq!(
             c.socketio_heartbeat_interval,
-            std::time::Duration::from_secs(5)
+            std::time::Duration::from_secs(2)
         );
     }
 

@@ -99,6 +99,19 @@ fn field<'a>(map: &'a rmpv::Value, key: &str) -> Option<&'a rmpv::Value> {
         .map(|(_, v)| v)
 }
 
+/// The configuration generation the agent reports (`status`, the same as its heartbeats).
+async fn reported_generation(hub: &TestHub) -> Result<i64> {
+    let status = hub
+        .hub
+        .request("uid-1", "status", Vec::new(), Duration::from_secs(5))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(
+        nanogate_protocol::control::from_value::<nanogate_protocol::control::Heartbeat>(status)?
+            .config_generation,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -106,6 +119,12 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, TOKEN)?;
     let platform = PlatformServer::start().await?;
+    // Slow batches so `flush` has something to wait for.
+    let start_file = dir.path().join("agent.yaml");
+    std::fs::write(
+        &start_file,
+        "flush_interval: 3s\nbatch_size: 1000\nmin_batch_size: 1000\nmax_batch_size: 1000\n",
+    )?;
     let mut agent = Agent::start(AgentConfig {
         bin: agent_bin(),
         dir: dir.path().join("agent"),
@@ -118,11 +137,8 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
             "--pod-uid=uid-1".into(),
             "--gateway=shop".into(),
             "--heartbeat-interval=1s".into(),
-            // Slow batches so `flush` has something to wait for.
-            "--flush-interval=3s".into(),
-            "--batch-size=1000".into(),
-            "--min-batch-size=1000".into(),
-            "--max-batch-size=1000".into(),
+            // In a file, as in a pod, so a reload can change them (flags would win over it).
+            format!("--config={}", start_file.display()),
         ],
     })?;
 
@@ -192,6 +208,40 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
     assert!(
         field(&applied, "restart_needed").is_some_and(|v| v.as_bool() == Some(false)),
         "{applied}"
+    );
+    let applied_generation = reported_generation(&hub).await?;
+    assert_eq!(
+        Some(applied_generation),
+        field(&applied, "generation").and_then(|v| v.as_i64()),
+        "a reload applied in full is the generation the agent reports"
+    );
+    // A socket limit is set up once: the reply names it, the batching part still applies,
+    // and the agent keeps reporting the generation it really runs.
+    let pending = hub
+        .hub
+        .request(
+            "uid-1",
+            "reload",
+            reload(&format!("{full_config}max_tags: 3\n")),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert!(
+        field(&pending, "restart_needed").is_some_and(|v| v.as_bool() == Some(true)),
+        "{pending}"
+    );
+    assert_eq!(
+        field(&pending, "pending_fields")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>()),
+        Some(vec!["max_tags"]),
+        "{pending}"
+    );
+    assert_eq!(
+        reported_generation(&hub).await?,
+        applied_generation,
+        "a reload that needs a restart does not count as running the new configuration"
     );
     let refused = hub
         .hub

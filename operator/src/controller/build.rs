@@ -92,9 +92,14 @@ pub struct UpstreamConfig {
     pub client_key_file: Option<String>,
     /// Skip certificate verification.
     pub insecure_skip_verify: bool,
+    /// How long an empty `msg_check` answer is repeated locally (0: ask every time).
+    pub msg_check_cache_ms: u64,
     /// Socket.IO namespace (`socketio` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socketio_namespace: Option<String>,
+    /// Interval of the `heartbeat` event to the platform (`socketio` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socketio_heartbeat_interval_ms: Option<u64>,
     /// NATS subject (`nats` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats_subject: Option<String>,
@@ -173,6 +178,9 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
     let d = &spec.delivery;
     let tls = u.tls.clone().unwrap_or_default();
     let kind = u.kind.as_str().to_string();
+    // Socket.IO settings (with their defaults) only for `kind: socketio`.
+    let socketio = (u.kind == crate::crd::UpstreamKind::Socketio)
+        .then(|| u.socketio.clone().unwrap_or_default());
     Ok(SidecarConfig {
         version: 1,
         upstream: UpstreamConfig {
@@ -193,13 +201,9 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
                 .as_ref()
                 .map(|_| format!("{UPSTREAM_CLIENT_CERT_DIR}/tls.key")),
             insecure_skip_verify: tls.insecure_skip_verify,
-            socketio_namespace: u
-                .socketio
-                .as_ref()
-                .map(|o| o.namespace.clone())
-                .or_else(|| {
-                    (u.kind == crate::crd::UpstreamKind::Socketio).then(|| "/".to_string())
-                }),
+            msg_check_cache_ms: ms(&u.msg_check_cache),
+            socketio_heartbeat_interval_ms: socketio.as_ref().map(|o| ms(&o.heartbeat_interval)),
+            socketio_namespace: socketio.as_ref().map(|o| o.namespace.clone()),
             nats_subject: u.nats.as_ref().map(|o| o.subject.clone()),
             nats_stream: u.nats.as_ref().map(|o| o.stream.clone()),
             nats_durable_consumer: u.nats.as_ref().map(|o| o.durable_consumer.clone()),
