@@ -188,6 +188,7 @@ fn more_semantic_rules() {
     gw.spec.upstream.nats = Some(serde_json::from_str("{}").unwrap());
     gw.spec.batching.flush_interval = "0s".into();
     gw.spec.delivery.spool_size_limit = "10Ki".into();
+    gw.spec.upstream.msg_check_cache = "30s".into();
     let errs = validate(&gw.spec).unwrap_err();
     let msgs: Vec<_> = errs.iter().map(|e| e.message.as_str()).collect();
     assert!(msgs.contains(&"spec.batching.batchSize (500) must be between spec.batching.minBatchSize (10) and spec.batching.maxBatchSize (200)"), "{msgs:?}");
@@ -210,6 +211,41 @@ fn more_semantic_rules() {
         msgs.contains(&"spec.delivery.spoolSizeLimit (10Ki) must be at least 1Mi"),
         "{msgs:?}"
     );
+    assert!(
+        msgs.contains(&"spec.upstream.msgCheckCache (30s) must be at most 10s: inbound messages wait up to this long"),
+        "{msgs:?}"
+    );
+
+    // `0s` turns the cache off; a socketio heartbeat must stay between 1s and 5m.
+    let mut gw = fixture("minimal.yaml");
+    gw.spec.upstream.msg_check_cache = "0s".into();
+    gw.spec.upstream.kind = nanogate_operator::crd::UpstreamKind::Socketio;
+    gw.spec.upstream.url = "wss://cloud.example".into();
+    assert_eq!(
+        sidecar_config(&gw.spec)
+            .unwrap()
+            .upstream
+            .msg_check_cache_ms,
+        0
+    );
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    assert_eq!(
+        cfg.upstream.socketio_heartbeat_interval_ms,
+        Some(5000),
+        "default"
+    );
+    gw.spec.upstream.socketio =
+        Some(serde_json::from_str(r#"{"heartbeatInterval": "500ms"}"#).unwrap());
+    let errs = validate(&gw.spec).unwrap_err();
+    assert_eq!(
+        errs[0].message,
+        "spec.upstream.socketio.heartbeatInterval (500ms) must be between 1s and 5m"
+    );
+    gw.spec.upstream.socketio =
+        Some(serde_json::from_str(r#"{"heartbeatInterval": "15s"}"#).unwrap());
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    assert_eq!(cfg.upstream.socketio_heartbeat_interval_ms, Some(15_000));
+    assert_eq!(cfg.upstream.socketio_namespace.as_deref(), Some("/"));
 }
 
 #[test]

@@ -142,8 +142,8 @@ fn start_agent(platform: &PlatformServer, dir: &Path, extra: &[&str]) -> Agent {
     .expect("starting nano-agent")
 }
 
-/// The binary under test: `$NANO_AGENT_BIN` (e.g. the shipped static build,
-/// `~/.cache/nanogate/target-static/x86_64-unknown-linux-musl/release/nano-agent`), else this
+/// The binary under test: `$NANO_AGENT_BIN` (e.g. the shipped one, which the shipping test
+/// copies out of the nano-agent image to `~/.cache/nanogate/image-bin/nano-agent`), else this
 /// profile's build.
 fn agent_bin() -> std::path::PathBuf {
     std::env::var_os("NANO_AGENT_BIN")
