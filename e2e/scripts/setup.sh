@@ -15,6 +15,18 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 log() { printf '[setup] %s\n' "$*" >&2; }
 t0=$(date +%s)
+# install_missing WHAT PACKAGE...: installs the Debian packages given (those found missing),
+# or says that everything for WHAT is present.
+install_missing() {
+  local what=$1; shift
+  if [ $# -gt 0 ]; then
+    log "installing Debian packages for $what: $*"
+    $SUDO apt-get update -qq >&2
+    $SUDO apt-get install -y -qq "$@" >&2
+  else
+    log "Debian packages for $what present"
+  fi
+}
 
 missing=()
 command -v socat >/dev/null || missing+=(socat)
@@ -22,13 +34,7 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 # A real Prometheus scrapes the operator and sidecars in the chart test (dashboard queries).
 [ -x /usr/bin/prometheus ] || missing+=(prometheus)
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  $SUDO apt-get update -qq >&2
-  $SUDO apt-get install -y -qq "${missing[@]}" >&2
-else
-  log "Debian packages present (socat, setpriv, python3, prometheus)"
-fi
+install_missing "the tests (socat, setpriv, python3, prometheus)" "${missing[@]}"
 
 # Shipping (issue 9): toolchains of the example clients and of the static release build.
 #   - golang-go: examples/go, run by tests/tests/examples.rs (Python and Node.js come with the
@@ -40,13 +46,7 @@ command -v go >/dev/null || ship_missing+=(golang-go)
 command -v x86_64-linux-musl-gcc >/dev/null || ship_missing+=(musl-tools)
 # file(1) tells e2e/tests/shipping.rs that the release binaries are statically linked.
 command -v file >/dev/null || ship_missing+=(file)
-if [ ${#ship_missing[@]} -gt 0 ]; then
-  log "installing Debian packages for the examples and the static build: ${ship_missing[*]}"
-  $SUDO apt-get update -qq >&2
-  $SUDO apt-get install -y -qq "${ship_missing[@]}" >&2
-else
-  log "Debian packages present (golang-go, musl-tools, file)"
-fi
+install_missing "the examples and the static build (golang-go, musl-tools, file)" "${ship_missing[@]}"
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   log "adding Rust target x86_64-unknown-linux-musl (static release build)"
   rustup target add x86_64-unknown-linux-musl >&2
@@ -61,13 +61,7 @@ img_missing=()
 command -v podman >/dev/null || img_missing+=(podman)
 [ -x /usr/sbin/runc ] || command -v runc >/dev/null || img_missing+=(runc)
 [ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null || img_missing+=(debootstrap)
-if [ ${#img_missing[@]} -gt 0 ]; then
-  log "installing Debian packages for the container images: ${img_missing[*]}"
-  $SUDO apt-get update -qq >&2
-  $SUDO apt-get install -y -qq "${img_missing[@]}" >&2
-else
-  log "Debian packages present (podman, runc, debootstrap)"
-fi
+install_missing "the container images (podman, runc, debootstrap)" "${img_missing[@]}"
 # Once per machine (about 2 minutes); a no-op when both images are in the store. It needs root
 # (debootstrap, rootful podman); elsewhere the shipping test fails and says what to run.
 if [ "$(id -u)" = 0 ]; then
@@ -79,13 +73,9 @@ fi
 # NATS JetStream (issue 8): Debian's nats-server is the real peer of the sidecar's `nats`
 # upstream in sidecar/tests/nats.rs and its benchmark line; the tests start their own
 # `nats-server -js` on a free loopback port (without it they print SKIPPED).
-if [ ! -x /usr/sbin/nats-server ] && ! command -v nats-server >/dev/null; then
-  log "installing Debian package: nats-server"
-  $SUDO apt-get update -qq >&2
-  $SUDO apt-get install -y -qq nats-server >&2
-else
-  log "Debian package present (nats-server)"
-fi
+nats_missing=()
+[ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || nats_missing+=(nats-server)
+install_missing "the nats upstream's tests (nats-server)" "${nats_missing[@]}"
 
 assets=$(bash "$here/k8s-assets.sh")
 log "control-plane binaries: $assets"

@@ -393,6 +393,8 @@ fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
                     }
                     if line.starts_with(b"{\"type\":\"ack\"") {
                         acks.fetch_add(1, Ordering::Relaxed);
+                    } else if line.starts_with(b"{\"type\":\"close\"") {
+                        return; // the agent's answer to our half-close
                     } else if !line.starts_with(b"{\"type\":\"keepalive\"") {
                         panic!("unexpected frame {}", String::from_utf8_lossy(&line));
                     }
@@ -410,6 +412,9 @@ fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
             thread::sleep(Duration::from_millis(1));
         }
         let acked = t.elapsed().as_secs_f64();
+        // Done sending: waiting silently for delivery would end in the agent's keep-alive
+        // timeout (30 s) once delivery takes that long.
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
         if !platform_up {
             println!(
                 "  nano-agent TCP listener:   {:>12.0} data frames/s acknowledged (same messages as data frames, one TCP connection, an ack per frame; {sent} frames)",
@@ -431,7 +436,6 @@ fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
                 sent as f64 / acked
             );
         }
-        conn.shutdown(std::net::Shutdown::Both).unwrap();
         reader.join().unwrap();
         drop(agent);
     }

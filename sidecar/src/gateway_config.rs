@@ -225,6 +225,39 @@ mod tests {
     }"#;
 
     #[test]
+    fn every_setting_of_the_file_is_either_live_or_needs_a_restart() {
+        use crate::control::{LIVE_FIELDS, RESTART_FIELDS};
+        // MINIMAL plus every optional field and section the operator can write.
+        let file = MINIMAL
+            .replace(r#""kind": "http""#, r#""kind": "socketio""#)
+            .replace(
+                r#""insecure_skip_verify": false}"#,
+                r#""insecure_skip_verify": false,
+                   "ca_file": "/ca.pem", "client_cert_file": "/c.crt", "client_key_file": "/c.key",
+                   "socketio_heartbeat_interval_ms": 5000, "socketio_namespace": "/agents",
+                   "nats_subject": "a.b", "nats_stream": "S", "nats_durable_consumer": "c",
+                   "nats_inbox_subject": "i.n", "nats_creds_file": "/u.creds"}"#,
+            )
+            .replace(
+                r#""log_level": "info""#,
+                r#""log_level": "info",
+                   "tcp": {"listen": "0.0.0.0:7070", "keepalive_interval_ms": 10000,
+                           "keepalive_timeout_ms": 30000, "tls_cert_file": "/t.crt",
+                           "tls_key_file": "/t.key"}"#,
+            );
+        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
+        let keys: Vec<&str> = flat.keys().filter_map(|k| k.as_str()).collect();
+        assert!(keys.len() >= 39, "the sample covers the file: {keys:?}");
+        for key in keys {
+            assert!(
+                LIVE_FIELDS.contains(&key) || RESTART_FIELDS.contains(&key),
+                "`{key}` can arrive in a reload: list it in LIVE_FIELDS (and apply it) or in \
+                 restart_fields! (sidecar/src/control.rs)"
+            );
+        }
+    }
+
+    #[test]
     fn operator_file_becomes_agent_options() {
         let map: Mapping = serde_yaml::from_str(MINIMAL).unwrap();
         assert!(is_gateway_config(&map));
