@@ -224,6 +224,17 @@ mod tests {
       "log_level": "info"
     }"#;
 
+    /// `file` with the `tcp` section the operator writes for `spec.tcpListener`.
+    fn with_tcp(file: &str) -> String {
+        file.replace(
+            r#""log_level": "info""#,
+            r#""log_level": "info",
+      "tcp": {"listen": "0.0.0.0:7070", "keepalive_interval_ms": 10000,
+              "keepalive_timeout_ms": 30000, "tls_cert_file": "/etc/nanogate/tcp-tls/tls.crt",
+              "tls_key_file": "/etc/nanogate/tcp-tls/tls.key"}"#,
+        )
+    }
+
     #[test]
     fn every_setting_of_the_file_is_either_live_or_needs_a_restart() {
         use crate::control::{LIVE_FIELDS, RESTART_FIELDS};
@@ -237,15 +248,8 @@ mod tests {
                    "socketio_heartbeat_interval_ms": 5000, "socketio_namespace": "/agents",
                    "nats_subject": "a.b", "nats_stream": "S", "nats_durable_consumer": "c",
                    "nats_inbox_subject": "i.n", "nats_creds_file": "/u.creds"}"#,
-            )
-            .replace(
-                r#""log_level": "info""#,
-                r#""log_level": "info",
-                   "tcp": {"listen": "0.0.0.0:7070", "keepalive_interval_ms": 10000,
-                           "keepalive_timeout_ms": 30000, "tls_cert_file": "/t.crt",
-                           "tls_key_file": "/t.key"}"#,
             );
-        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
+        let flat = flatten(&serde_yaml::from_str(&with_tcp(&file)).unwrap()).unwrap();
         let keys: Vec<&str> = flat.keys().filter_map(|k| k.as_str()).collect();
         assert!(keys.len() >= 39, "the sample covers the file: {keys:?}");
         for key in keys {
@@ -282,13 +286,7 @@ mod tests {
 
     #[test]
     fn tcp_listener_section_becomes_a_valid_tcp_listener_config() {
-        let file = MINIMAL.replace(
-            r#""log_level": "info""#,
-            r#""log_level": "info",
-      "tcp": {"listen": "0.0.0.0:7070", "keepalive_interval_ms": 10000,
-              "keepalive_timeout_ms": 30000, "tls_cert_file": "/etc/nanogate/tcp-tls/tls.crt",
-              "tls_key_file": "/etc/nanogate/tcp-tls/tls.key"}"#,
-        );
+        let file = with_tcp(MINIMAL);
         let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
         let mut args = vec!["nano-agent".to_string()];
         for (k, v) in &flat {
