@@ -240,8 +240,8 @@ async fn main() -> Result<()> {
         note(&format!("  {message}"));
     }
     // An app polling an empty queue (delivery is done, so every platform request now is a
-    // msg_check): the agent asks the platform once, then repeats its empty answer for
-    // --msg-check-cache (100 ms) instead of one platform request per poll.
+    // msg_check): the agent asks the platform once, then repeats its empty answer for the
+    // gateway's spec.upstream.msgCheckCache (default 100 ms) instead of asking on every poll.
     let before = platform.requests();
     let polls = 5;
     let mut replies = Vec::new();
@@ -249,7 +249,7 @@ async fn main() -> Result<()> {
         replies.push(send(&socket, &json!({"msg_type": "msg_check"}), true)?);
     }
     note(&format!(
-        "{polls} more msg_checks in a row -> {}; platform requests they caused: {} (the rest answered from --msg-check-cache)",
+        "{polls} more msg_checks in a row -> {}; platform requests they caused: {} (the rest answered by the sidecar within spec.upstream.msgCheckCache, 100ms)",
         replies.join(" "),
         platform.requests() - before
     ));
