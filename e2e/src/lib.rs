@@ -31,6 +31,7 @@ mod assets;
 mod cluster;
 pub mod kubelet;
 mod namespace;
+pub mod podman;
 pub mod process;
 
 pub use assets::k8s_assets;

@@ -38,6 +38,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use nanogate_e2e::podman::{
+    Container, compressed_size, copy_out, entrypoint, image_config, image_files, image_size,
+    podman, podman_command, podman_ok,
+};
 use nanogate_e2e::{ControlPlane, TestNamespace, progress, run_kubectl, workspace_root};
 use serde_json::Value;
 
@@ -400,8 +404,6 @@ fn final_stages_are_distroless_static_nonroot_exec_form() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Images: build/Dockerfile built and run with podman
 
-/// podman on nanogate's own image store, with the runtime and ulimits these machines need.
-const PODMAN_SCRIPT: &str = "e2e/scripts/podman.sh";
 /// Makes the stand-ins of the Dockerfile's base images (setup.sh runs it).
 const BASE_IMAGES_SCRIPT: &str = "e2e/scripts/base-images.sh";
 /// The label the stand-in base images carry (what they stand in for).
@@ -413,58 +415,6 @@ const BUILD_CACHE_TAG: &str = "localhost/nanogate/build-cache:latest";
 /// shipped nano-agent (`NANO_AGENT_BIN=…/image-bin/nano-agent`).
 fn image_bin_dir() -> PathBuf {
     cache_dir().join("image-bin")
-}
-
-fn podman_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new("bash");
-    cmd.arg(workspace_root().join(PODMAN_SCRIPT))
-        .args(args)
-        .current_dir(workspace_root());
-    cmd
-}
-
-/// Runs podman to completion: (success, stdout, stderr).
-fn podman(args: &[&str]) -> Result<(bool, String, String)> {
-    let out = podman_command(args)
-        .output()
-        .with_context(|| format!("running {PODMAN_SCRIPT}"))?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-/// Runs podman; its stdout, or an error with what it printed.
-fn podman_ok(args: &[&str]) -> Result<String> {
-    let (ok, stdout, stderr) = podman(args)?;
-    ensure!(
-        ok,
-        "podman {} failed: {}",
-        args.join(" "),
-        format!("{stdout}{stderr}").trim()
-    );
-    Ok(stdout)
-}
-
-/// `podman <args> | <filter>` through bash with pipefail: the filter's stdout.
-fn podman_piped(args: &[&str], filter: &str) -> Result<String> {
-    let script = format!("set -o pipefail; bash \"$0\" \"$@\" | {filter}");
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .arg(workspace_root().join(PODMAN_SCRIPT))
-        .args(args)
-        .current_dir(workspace_root())
-        .output()
-        .context("running bash")?;
-    ensure!(
-        out.status.success(),
-        "podman {} | {filter} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The built images of the Dockerfile's two final stages.
@@ -661,105 +611,8 @@ fn build_images() -> Result<Images> {
     Ok(Images { images, version })
 }
 
-/// `podman image inspect --format '{{json .Config}}'`.
-fn image_config(reference: &str) -> Result<Value> {
-    let config = podman_ok(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{json .Config}}",
-        reference,
-    ])?;
-    serde_json::from_str(&config).with_context(|| format!("config of {reference}: {config}"))
-}
-
-/// The program an image's exec-form ENTRYPOINT starts.
-fn entrypoint(reference: &str) -> Result<String> {
-    let config = image_config(reference)?;
-    Ok(config["Entrypoint"][0]
-        .as_str()
-        .with_context(|| format!("{reference} has no exec-form entrypoint: {config}"))?
-        .to_string())
-}
-
-fn image_size(reference: &str) -> Result<u64> {
-    let size = podman_ok(&["image", "inspect", "--format", "{{.Size}}", reference])?;
-    size.trim()
-        .parse()
-        .with_context(|| format!("size of {reference}: {size:?}"))
-}
-
-/// Bytes of `podman save <image> | gzip -9`: about what a registry stores and a node pulls.
-fn compressed_size(reference: &str) -> Result<u64> {
-    let bytes = podman_piped(&["save", reference], "gzip -9 | wc -c")?;
-    bytes
-        .trim()
-        .parse()
-        .with_context(|| format!("gzip size of {reference}: {bytes:?}"))
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// A container removed (with its directory, if any) when dropped.
-struct Container {
-    name: String,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = podman(&["rm", "--force", "--time", "0", &self.name]);
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// The bytes of `path` in `image` (`podman create` + `podman cp`).
-fn copy_out(image: &str, path: &str) -> Result<Vec<u8>> {
-    let container = Container {
-        name: format!(
-            "nanogate-shipping-copy-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ),
-        dir: None,
-    };
-    podman_ok(&["create", "--name", &container.name, image])?;
-    let local = std::env::temp_dir().join(&container.name);
-    podman_ok(&[
-        "cp",
-        &format!("{}:{path}", container.name),
-        &local.display().to_string(),
-    ])?;
-    let bytes = std::fs::read(&local);
-    let _ = std::fs::remove_file(&local);
-    bytes.with_context(|| format!("{path} of {image}"))
-}
-
-/// The paths and modes of an image's file system (`podman export | tar -tv`).
-fn image_files(reference: &str, name: &str) -> Result<Vec<(String, String)>> {
-    let container = Container {
-        name: format!("nanogate-shipping-files-{}-{name}", std::process::id()),
-        dir: None,
-    };
-    podman_ok(&["create", "--name", &container.name, reference])?;
-    let listing = podman_piped(&["export", &container.name], "tar -tv --numeric-owner")?;
-    let mut files = Vec::new();
-    for line in listing.lines() {
-        // -rwxr-xr-x 0/0 6912345 2026-11-22 10:00 usr/local/bin/nano-agent
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        ensure!(fields.len() >= 6, "unexpected tar listing line {line:?}");
-        let path = fields[5..].join(" ");
-        let path = path.split(" -> ").next().unwrap_or_default();
-        files.push((
-            fields[0].to_string(),
-            path.trim_start_matches("./").to_string(),
-        ));
-    }
-    Ok(files)
 }
 
 #[test]
