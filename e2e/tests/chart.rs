@@ -1558,23 +1558,6 @@ fn send(socket: &Path, message: &Value, expect_reply: bool) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-/// A plain HTTP/1.0 GET (no chunked encoding); the status code and the body.
-fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out.split_once("\r\n\r\n").context("HTTP response")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status")?;
-    Ok((code, body.to_string()))
-}
-
 fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -1771,11 +1754,14 @@ async fn fleet_and_dashboard(
 }
 
 async fn evaluate_dashboard(addr: &str) -> Result<()> {
+    let addr: std::net::SocketAddr = addr.parse()?;
+    // Prometheus evaluates a query within its own timeout; allow it that long.
+    let http_get = |path: &str| nanogate_tests::http::http_get(addr, path, Duration::from_secs(10));
     wait_for(
         "Prometheus to be ready",
         Duration::from_secs(30),
         || async move {
-            Ok(http_get(addr, "/-/ready")
+            Ok(http_get("/-/ready")
                 .ok()
                 .filter(|(c, _)| *c == 200)
                 .map(|_| ()))
@@ -1794,7 +1780,7 @@ async fn evaluate_dashboard(addr: &str) -> Result<()> {
                 let mut missing = Vec::new();
                 for (what, query, label) in &queries {
                     let (code, body) =
-                        http_get(addr, &format!("/api/v1/query?query={}", url_encode(query)))?;
+                        http_get(&format!("/api/v1/query?query={}", url_encode(query)))?;
                     ensure!(code == 200, "{what}: HTTP {code} for {query}: {body}");
                     let answer: Value = serde_json::from_str(&body)?;
                     ensure!(answer["status"] == "success", "{what}: {query}: {body}");

@@ -86,20 +86,10 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
         &nanogate_e2e::gateway_yaml(ns.name(), "shop", "  heartbeatInterval: 1s\n"),
     )?;
     // The operator made its CA; sidecars get it through the gateway's ConfigMap.
-    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(client.clone(), ns.name());
     let ca_pem = wait_for(
         "the gateway ConfigMap with the hub CA",
         Duration::from_secs(60),
-        || {
-            let maps = maps.clone();
-            async move {
-                Ok(maps
-                    .get_opt("shop-agent-config")
-                    .await?
-                    .and_then(|m| m.data?.get("hub-ca.crt").cloned()))
-            }
-        },
+        || async { Ok(agent_config(&client, ns.name()).await?.remove("hub-ca.crt")) },
     )
     .await
     .map_err(|e| e.context(operator.log_tail(20)))?;
@@ -112,6 +102,19 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
         hub_port,
         ca_pem,
     })
+}
+
+/// The data of the gateway's ConfigMap `shop-agent-config` (empty until the reconciler made it).
+async fn agent_config(
+    client: &Client,
+    ns: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
+    Ok(maps
+        .get_opt("shop-agent-config")
+        .await?
+        .and_then(|m| m.data)
+        .unwrap_or_default())
 }
 
 async fn injected_pod(f: &Fleet, name: &str) -> Result<Pod> {
@@ -426,18 +429,12 @@ async fn nats_gateway_publishes_to_jetstream() -> Result<()> {
         }}})),
     )
     .await?;
-    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(f.client.clone(), f.ns.name());
     wait_for(
         "the sidecar file to carry the nats settings",
         Duration::from_secs(20),
         || async {
-            let map = maps.get_opt("shop-agent-config").await?;
-            let file = map
-                .and_then(|m| m.data)
-                .map(|d| d.values().cloned().collect::<String>())
-                .unwrap_or_default();
-            Ok(file.contains("SHOPE2E").then_some(()))
+            let data = agent_config(&f.client, f.ns.name()).await?;
+            Ok(data.values().any(|v| v.contains("SHOPE2E")).then_some(()))
         },
     )
     .await

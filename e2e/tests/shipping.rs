@@ -907,21 +907,6 @@ fn proc_status(pid: &str) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// `GET <path>` on a loopback port: the status code.
-fn http_status(port: u16, path: &str) -> Result<u16> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    Ok(response
-        .split_whitespace()
-        .nth(1)
-        .context("status line")?
-        .parse()?)
-}
-
 /// Every entry under `dir`, recursively: (path, uid, gid).
 fn owners(dir: &Path) -> Result<Vec<(PathBuf, u32, u32)>> {
     use std::os::unix::fs::MetadataExt as _;
@@ -1056,10 +1041,13 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
         || async {
             let status = state("Status")?;
             ensure!(status == "running", "the container is {status}");
-            Ok(
-                (host_socket.exists() && http_status(admin_port, "/readyz").ok() == Some(200))
-                    .then_some(()),
-            )
+            let readyz = || {
+                let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+                nanogate_tests::http::http_get(admin, "/readyz", Duration::from_secs(5))
+                    .ok()
+                    .map(|(code, _)| code)
+            };
+            Ok((host_socket.exists() && readyz() == Some(200)).then_some(()))
         },
     )
     .await;

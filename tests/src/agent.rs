@@ -1,8 +1,7 @@
 //! Runs the real `nano-agent` binary for tests: socket, spool and log in one directory, the
 //! API key passed through `TENDRL_KEY` as in a pod, admin on a free loopback port.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -225,21 +224,7 @@ impl Agent {
 
     /// A plain HTTP/1.0 GET against the admin port: (status, body).
     pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .context("status line")?
-            .parse()?;
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|x| x.1.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
+        crate::http::http_get(self.admin, path, Duration::from_secs(5))
     }
 
     /// Prometheus text from `/metrics`.

@@ -5,7 +5,9 @@
 //!   sidecar's `http` upstream talks to, with fault injection.
 //! - [`agent::Agent`]: runs the real `nano-agent` binary as a child process.
 //! - [`nats::NatsServer`]: a real `nats-server -js` the sidecar's `nats` upstream talks to.
+//! - [`http::http_get`]: a plain GET for admin and monitoring endpoints.
 
 pub mod agent;
+pub mod http;
 pub mod nats;
 pub mod platform;
