@@ -363,7 +363,8 @@ impl AgentControl {
         let restart_needed = !pending.is_empty();
         self.tuning
             .send_replace(crate::batcher::Tuning::from_config(&new));
-        let generation = i64::from(crc32fast::hash(text.as_bytes()));
+        // The crc32 of the file's text, computed while parsing it.
+        let generation = new.config_generation;
         if restart_needed {
             // Only the batching knobs took effect: keep reporting the generation in use, so
             // the gateway's status does not count this sidecar as on the new configuration.
