@@ -103,38 +103,113 @@ pub struct Context<'a> {
     pub limit: Option<u32>,
 }
 
-/// `Some(value)` whenever the key is present, even when its value is `null`.
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: de::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    T::deserialize(d).map(Some)
-}
-
-fn present_any<'de, D: de::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    IgnoredAny::deserialize(d).map(|_| true)
-}
-
 /// A message as the app wrote it, before validation. Only what the sidecar checks is
 /// decoded; the message itself travels upstream as the app's own bytes (see
 /// [`Publish::write_envelope`]), so unknown fields pass through untouched.
-#[derive(Debug, Deserialize)]
+///
+/// Every top-level value is first taken as raw JSON text, which checks its syntax and UTF-8
+/// once, and the fields the sidecar needs are decoded from that text. So whatever this parse
+/// accepts, the envelope can copy: stamping never parses again.
+#[derive(Debug, Default)]
 pub struct RawMessage<'a> {
-    #[serde(borrow, default)]
     pub data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     pub context: Option<Context<'a>>,
-    #[serde(borrow, default)]
     pub msg_type: Option<CowStr<'a>>,
-    #[serde(borrow, default)]
     pub dest: Option<CowStr<'a>>,
     /// `None`: absent; `Some(None)`: `null`.
-    #[serde(borrow, default, deserialize_with = "present")]
     pub timestamp: Option<Option<CowStr<'a>>>,
     /// The app sent its own `source` (which the sidecar overrides).
-    #[serde(default, deserialize_with = "present_any")]
     pub source: bool,
+    /// Entries the envelope leaves out: the app's `source` and a `null` timestamp.
+    dropped: [Option<Entry>; 2],
+}
+
+/// Where an entry of the message object lies, as addresses in the parsed input: from the end
+/// of the previous value (`None`: the object's opening brace) to the end of its own value.
+/// Its key and separators lie in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    after: Option<usize>,
+    end: usize,
+}
+
+impl RawMessage<'_> {
+    fn drop_entry(&mut self, entry: Entry) {
+        if let Some(slot) = self.dropped.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(entry);
+        }
+    }
+}
+
+/// Decodes one field from its raw JSON text; errors keep serde's wording without a position.
+fn field<'de, T: Deserialize<'de>, E: de::Error>(text: &'de str) -> Result<T, E> {
+    serde_json::from_str(text).map_err(|e| E::custom(strip_location(&e.to_string())))
+}
+
+/// Marks a field as seen; a repeated key is refused like serde's derive does.
+fn first_time<E: de::Error>(seen: &mut bool, name: &'static str) -> Result<(), E> {
+    if std::mem::replace(seen, true) {
+        return Err(E::duplicate_field(name));
+    }
+    Ok(())
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawMessage<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut m = RawMessage::default();
+                let mut seen = [false; 6];
+                let mut after = None;
+                while let Some(key) = map.next_key::<CowStr<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    let text = value.get();
+                    let end = text.as_ptr() as usize + text.len();
+                    let [msg_type, context, data, dest, timestamp, source] = &mut seen;
+                    match key.as_str() {
+                        "msg_type" => {
+                            first_time(msg_type, "msg_type")?;
+                            m.msg_type = field(text)?;
+                        }
+                        "context" => {
+                            first_time(context, "context")?;
+                            m.context = field(text)?;
+                        }
+                        "data" => {
+                            first_time(data, "data")?;
+                            m.data = Some(value);
+                        }
+                        "dest" => {
+                            first_time(dest, "dest")?;
+                            m.dest = field(text)?;
+                        }
+                        "timestamp" => {
+                            first_time(timestamp, "timestamp")?;
+                            let v: Option<CowStr> = field(text)?;
+                            if v.is_none() {
+                                m.drop_entry(Entry { after, end });
+                            }
+                            m.timestamp = Some(v);
+                        }
+                        "source" => {
+                            first_time(source, "source")?;
+                            m.source = true;
+                            m.drop_entry(Entry { after, end });
+                        }
+                        _ => {}
+                    }
+                    after = Some(end);
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
 }
 
 /// The message types the socket understands.
@@ -155,6 +230,8 @@ impl MsgType {
 }
 
 /// A validated request.
+// Returned by value once per message: boxing the large variant would allocate per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Request<'a> {
     /// `publish`; `wait` true means the platform's reply is relayed to the app.
@@ -176,34 +253,55 @@ impl Publish<'_> {
     /// Appends the upstream form of this message to `out`: the app's object with `timestamp`
     /// (`now`, RFC 3339) when it had none and `source` (`namespace/pod`, omitted when empty).
     ///
-    /// The common case copies the app's bytes and appends the two fields before the closing
-    /// brace, which keeps ingest close to parse speed; a message that carries its own
-    /// `source` or a `null` timestamp is rebuilt as a map so no key appears twice.
+    /// The app's bytes are copied as they are, less the entries the parse marked (its own
+    /// `source`, a `null` timestamp) so no key appears twice; nothing is parsed again, so
+    /// whatever was accepted can be written.
     pub fn write_envelope(&self, out: &mut Vec<u8>, now: &str, source: &str) {
-        let m = &self.message;
-        if m.source || matches!(m.timestamp, Some(None)) {
-            let mut map: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(self.raw).expect("validated message is a JSON object");
-            if !matches!(m.timestamp, Some(Some(_))) {
-                map.insert("timestamp".into(), now.into());
-            }
-            if source.is_empty() {
-                map.remove("source");
+        let raw = self.raw;
+        let base = raw.as_ptr() as usize;
+        // Byte ranges to leave out, in order; the object's braces are written here.
+        let mut cuts = self
+            .message
+            .dropped
+            .map(|e| e.map(|e| (e.after.map_or(1, |a| a - base), e.end - base)));
+        cuts.sort_unstable();
+        out.push(b'{');
+        let mut empty = true;
+        let mut from = 1;
+        let mut copy = |out: &mut Vec<u8>, piece: &[u8]| {
+            let piece = if empty {
+                // Leaving out the first entry leaves its successor's comma in front.
+                let piece = trim_json_ws(piece);
+                piece.strip_prefix(b",").map_or(piece, trim_json_ws)
             } else {
-                map.insert("source".into(), source.into());
-            }
-            serde_json::to_writer(out, &map).expect("serialising into memory");
-            return;
+                piece
+            };
+            empty &= piece.is_empty();
+            out.extend_from_slice(piece);
+        };
+        for (start, end) in cuts.into_iter().flatten() {
+            copy(out, raw.get(from..start).unwrap_or_default());
+            from = end;
         }
-        // `raw` ends with `}` and holds at least `msg_type`, so a comma always fits.
-        out.extend_from_slice(&self.raw[..self.raw.len() - 1]);
-        if m.timestamp.is_none() {
-            out.extend_from_slice(br#","timestamp":"#);
-            serde_json::to_writer(&mut *out, now).expect("serialising into memory");
+        copy(
+            out,
+            raw.get(from..raw.len().saturating_sub(1))
+                .unwrap_or_default(),
+        );
+        if !matches!(self.message.timestamp, Some(Some(_))) {
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#""timestamp":"#);
+            push_json_str(out, now);
+            empty = false;
         }
         if !source.is_empty() {
-            out.extend_from_slice(br#","source":"#);
-            serde_json::to_writer(&mut *out, source).expect("serialising into memory");
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#""source":"#);
+            push_json_str(out, source);
         }
         out.push(b'}');
     }
@@ -214,6 +312,32 @@ impl Publish<'_> {
         self.write_envelope(&mut out, now, source);
         out
     }
+}
+
+/// Appends `s` as a JSON string. Serialising a `str` into a `Vec` cannot fail (serde_json
+/// fails only on I/O errors and non-string map keys), so there is no error to pass on.
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    let _infallible = serde_json::to_writer(out, s);
+}
+
+/// JSON's whitespace (RFC 8259 §2); `u8::is_ascii_whitespace` also takes form feed, which
+/// JSON does not.
+fn is_json_ws(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn trim_json_ws(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s
+        && is_json_ws(first)
+    {
+        s = rest;
+    }
+    while let [rest @ .., last] = s
+        && is_json_ws(last)
+    {
+        s = rest;
+    }
+    s
 }
 
 /// Limits applied while validating.
@@ -255,6 +379,10 @@ pub enum AppError {
     Upstream(String),
     #[error("shutting down, try again later")]
     ShuttingDown,
+    /// A message began but did not end within the idle timeout (a stalled or trickling
+    /// client): the connection closes so it cannot hold a slot forever.
+    #[error("message not completed within {}s; send each message whole", .0.as_secs_f64())]
+    Incomplete(std::time::Duration),
 }
 
 impl AppError {
@@ -271,6 +399,7 @@ impl AppError {
             Self::QueueFull => "queue_full",
             Self::Upstream(_) => "upstream",
             Self::ShuttingDown => "shutting_down",
+            Self::Incomplete(_) => "incomplete",
         }
     }
 
@@ -299,14 +428,14 @@ pub fn error_reply(message: &str) -> Vec<u8> {
 }
 
 fn write_error_reply(out: &mut Vec<u8>, message: &str) {
-    serde_json::to_writer(
+    // Serialising strings into memory cannot fail (see `push_json_str`).
+    let _infallible = serde_json::to_writer(
         out,
         &ErrorReply {
             status: "error",
             message,
         },
-    )
-    .expect("serialising an error reply into memory");
+    );
 }
 
 /// Validates a parsed message; `raw` is its JSON text.
@@ -358,6 +487,11 @@ pub fn validate<'a>(
     }
 }
 
+/// Deepest nesting a message may have; the top-level object is level 1. serde_json refuses
+/// to parse past 128 levels, so a platform built on it would refuse a deeper message, and the
+/// sidecar says so at once instead.
+pub const MAX_DEPTH: u32 = 100;
+
 /// One step of [`StreamDecoder::next`].
 #[derive(Debug)]
 pub enum Decoded<'a> {
@@ -375,13 +509,21 @@ pub enum Decoded<'a> {
 /// Incremental decoder for a stream of JSON values.
 ///
 /// Bytes go in through [`StreamDecoder::read_buf`] (or [`StreamDecoder::feed`]); complete
-/// values come out of [`StreamDecoder::next`]. The buffer never holds more than one partial
-/// value plus what one read brought in, and a partial value larger than the message limit is
-/// fatal, so a client cannot make the sidecar buffer without bound.
+/// values come out of [`StreamDecoder::next`]. A [`Framer`] finds where each value ends,
+/// looking at every byte once however the stream was split into reads, and only a complete
+/// value is parsed (once). So where a read ends — inside a number, a string, an escape —
+/// cannot change what is decoded, and decoding costs time linear in the bytes received. The
+/// buffer never holds more than one partial value plus what one read brought in, and a
+/// partial value larger than the message limit is fatal, so a client cannot make the sidecar
+/// buffer without bound.
 #[derive(Debug)]
 pub struct StreamDecoder {
     buf: Vec<u8>,
+    /// Start of the first value not consumed yet.
     pos: usize,
+    framer: Framer,
+    /// Values decoded so far (see [`StreamDecoder::values_begun`]).
+    begun: u64,
     limits: Limits,
     failed: bool,
 }
@@ -391,6 +533,8 @@ impl StreamDecoder {
         Self {
             buf: Vec::new(),
             pos: 0,
+            framer: Framer::default(),
+            begun: 0,
             limits,
             failed: false,
         }
@@ -414,17 +558,36 @@ impl StreamDecoder {
 
     /// Bytes received but not consumed yet.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.pos
+        self.buf.len().saturating_sub(self.pos)
     }
 
-    /// Call when the peer closed its side: an unfinished value is an error.
+    /// A value has begun and not ended yet (its first byte has been decoded).
+    pub fn in_value(&self) -> bool {
+        !self.failed && self.framer.kind != Kind::Start
+    }
+
+    /// How many values have begun so far: with [`StreamDecoder::in_value`], tells a caller
+    /// timing each message whether the partial value is still the one it started timing.
+    pub fn values_begun(&self) -> u64 {
+        self.begun + u64::from(self.in_value())
+    }
+
+    /// Call when the peer closed its side: an unfinished value is an error. A number or
+    /// literal that ends the stream ends there, as it would for a parser given the whole
+    /// stream at once.
     pub fn finish(&mut self) -> Option<AppError> {
-        let rest = &self.buf[self.pos..];
-        if self.failed || rest.iter().all(u8::is_ascii_whitespace) {
-            None
-        } else {
-            self.pos = self.buf.len();
-            Some(AppError::Truncated)
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        self.pos = self.buf.len();
+        if self.failed || rest.iter().all(is_json_ws) {
+            return None;
+        }
+        let framer = std::mem::take(&mut self.framer);
+        if framer.kind != Kind::Scalar {
+            return Some(AppError::Truncated);
+        }
+        match decode_value(rest, &framer, &self.limits) {
+            Decoded::Rejected(e) | Decoded::Fatal(e) => Some(e),
+            Decoded::Request(_) | Decoded::NeedMore => None,
         }
     }
 
@@ -434,109 +597,312 @@ impl StreamDecoder {
         if self.failed {
             return Decoded::NeedMore;
         }
-        let limits = self.limits;
-        // Disjoint field borrows: the returned request borrows `buf` while `pos` moves on.
-        let buf: &[u8] = &self.buf;
-        let pos = &mut self.pos;
-        let failed = &mut self.failed;
-
-        let ws = buf[*pos..]
-            .iter()
-            .take_while(|b| b.is_ascii_whitespace())
-            .count();
-        *pos += ws;
-        let rest = &buf[*pos..];
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        if self.framer.kind == Kind::Start {
+            let ws = rest.iter().take_while(|b| is_json_ws(b)).count();
+            self.pos += ws;
+        }
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
         if rest.is_empty() {
             return Decoded::NeedMore;
         }
-
-        if rest[0] != b'{' {
-            // serde would read `[…]` as a struct in tuple form; a message is an object.
-            return skip_value(rest, pos, failed, &limits, "expected a JSON object".into());
-        }
-        let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<RawMessage>();
-        match stream.next() {
-            Some(Ok(message)) => {
-                let size = stream.byte_offset();
-                *pos += size;
-                if size > limits.max_message_bytes {
-                    return Decoded::Rejected(AppError::TooLarge {
-                        size,
-                        max: limits.max_message_bytes,
-                    });
+        match self.framer.scan(rest) {
+            Scan::Partial if rest.len() > self.limits.max_message_bytes => {
+                self.failed = true;
+                Decoded::Fatal(AppError::TooLarge {
+                    size: rest.len(),
+                    max: self.limits.max_message_bytes,
+                })
+            }
+            Scan::Partial => Decoded::NeedMore,
+            Scan::Invalid(n) => {
+                self.failed = true;
+                Decoded::Fatal(AppError::InvalidJson(invalid_json(rest.get(..n))))
+            }
+            Scan::Complete(size) => {
+                let framer = std::mem::take(&mut self.framer);
+                self.begun += 1;
+                self.pos += size;
+                let value = rest.get(..size).unwrap_or_default();
+                let decoded = decode_value(value, &framer, &self.limits);
+                if matches!(decoded, Decoded::Fatal(_)) {
+                    self.failed = true;
                 }
-                match validate(message, &rest[..size], &limits) {
-                    Ok(req) => Decoded::Request(req),
-                    Err(e) => Decoded::Rejected(e),
-                }
+                decoded
             }
-            Some(Err(e)) if e.is_eof() => {
-                if rest.len() > limits.max_message_bytes {
-                    *failed = true;
-                    Decoded::Fatal(AppError::TooLarge {
-                        size: rest.len(),
-                        max: limits.max_message_bytes,
-                    })
-                } else {
-                    Decoded::NeedMore
-                }
-            }
-            Some(Err(e)) if e.is_data() => {
-                // Well-formed JSON of the wrong shape: find where the value ends so the
-                // connection can go on with the next one.
-                let text = e.to_string();
-                skip_value(rest, pos, failed, &limits, strip_location(&text).to_owned())
-            }
-            Some(Err(e)) => {
-                *failed = true;
-                Decoded::Fatal(AppError::InvalidJson(e.to_string()))
-            }
-            None => Decoded::NeedMore,
         }
     }
 }
 
-/// Skips one complete JSON value that is not a valid message, rejecting it with `why`.
-fn skip_value<'a>(
-    rest: &[u8],
-    pos: &mut usize,
-    failed: &mut bool,
-    limits: &Limits,
-    why: String,
-) -> Decoded<'a> {
-    let mut skip = serde_json::Deserializer::from_slice(rest).into_iter::<IgnoredAny>();
-    match skip.next() {
-        Some(Ok(_)) => {
-            let size = skip.byte_offset();
-            if size == rest.len() && matches!(rest[0], b'-' | b'0'..=b'9') {
-                // A number at the end of the buffer may continue in the next read.
-                return Decoded::NeedMore;
-            }
-            *pos += size;
-            if size > limits.max_message_bytes {
-                return Decoded::Rejected(AppError::TooLarge {
-                    size,
-                    max: limits.max_message_bytes,
-                });
-            }
-            Decoded::Rejected(AppError::InvalidMessage(why))
+/// serde_json's own words for the bytes up to the first one that cannot be JSON.
+fn invalid_json(prefix: Option<&[u8]>) -> String {
+    match serde_json::from_slice::<IgnoredAny>(prefix.unwrap_or_default()) {
+        Err(e) if !e.is_eof() => e.to_string(),
+        _ => "unexpected byte".to_owned(),
+    }
+}
+
+/// Decodes one complete value that the framer delimited.
+fn decode_value<'a>(value: &'a [u8], framer: &Framer, limits: &Limits) -> Decoded<'a> {
+    if value.len() > limits.max_message_bytes {
+        return Decoded::Rejected(AppError::TooLarge {
+            size: value.len(),
+            max: limits.max_message_bytes,
+        });
+    }
+    if framer.deepest > MAX_DEPTH {
+        // Checked before parsing: serde_json would stop at its recursion limit and call that
+        // invalid JSON, which would close the connection for a valid value.
+        return Decoded::Rejected(AppError::InvalidMessage(format!(
+            "nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    if value.first() != Some(&b'{') {
+        // serde would read `[…]` as a struct in tuple form; a message is an object.
+        return match serde_json::from_slice::<IgnoredAny>(value) {
+            Ok(_) => Decoded::Rejected(AppError::InvalidMessage("expected a JSON object".into())),
+            Err(e) => Decoded::Fatal(AppError::InvalidJson(e.to_string())),
+        };
+    }
+    let message = match serde_json::from_slice::<RawMessage>(value) {
+        Ok(m) => m,
+        // Well-formed JSON of the wrong shape: the framer knows where it ends, so the
+        // connection goes on with the next value.
+        Err(e) if e.is_data() => {
+            return Decoded::Rejected(AppError::InvalidMessage(
+                strip_location(&e.to_string()).to_owned(),
+            ));
         }
-        Some(Err(e)) if e.is_eof() => {
-            if rest.len() > limits.max_message_bytes {
-                *failed = true;
-                Decoded::Fatal(AppError::TooLarge {
-                    size: rest.len(),
-                    max: limits.max_message_bytes,
-                })
-            } else {
-                Decoded::NeedMore
+        Err(e) => return Decoded::Fatal(AppError::InvalidJson(e.to_string())),
+    };
+    if framer.lone_surrogate {
+        return Decoded::Rejected(AppError::InvalidMessage(
+            "a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which \
+             JSON parsers refuse; send valid Unicode"
+                .into(),
+        ));
+    }
+    match validate(message, value, limits) {
+        Ok(req) => Decoded::Request(req),
+        Err(e) => Decoded::Rejected(e),
+    }
+}
+
+/// Parses and validates one complete message given on its own (the TCP listener's `data`
+/// payload), with exactly the checks of the socket's stream.
+pub fn parse_message<'a>(payload: &'a [u8], limits: &Limits) -> Result<Request<'a>, AppError> {
+    let payload = trim_json_ws(payload);
+    let mut framer = Framer::default();
+    match framer.scan(payload) {
+        Scan::Complete(size) if size == payload.len() => {}
+        Scan::Invalid(n) => return Err(AppError::InvalidJson(invalid_json(payload.get(..n)))),
+        _ => {
+            return Err(AppError::InvalidMessage("expected one JSON object".into()));
+        }
+    }
+    match decode_value(payload, &framer, limits) {
+        Decoded::Request(req) => Ok(req),
+        Decoded::Rejected(e) | Decoded::Fatal(e) => Err(e),
+        Decoded::NeedMore => Err(AppError::Truncated),
+    }
+}
+
+/// What kind of value the framer is in.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Between values.
+    #[default]
+    Start,
+    /// An object or array: ends at the bracket that closes the first one.
+    Container,
+    /// A top-level string: ends at its closing quote.
+    Str,
+    /// A number or literal: ends before the first byte that cannot continue it.
+    Scalar,
+}
+
+/// Where the framer is inside a string.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum InString {
+    #[default]
+    No,
+    Yes,
+    /// After a backslash.
+    Escape,
+    /// Inside `\uXXXX`: hex digits read so far and their value.
+    Hex {
+        digits: u8,
+        value: u16,
+    },
+}
+
+/// The framer's answer for the bytes of one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// The value is the first `n` bytes.
+    Complete(usize),
+    /// The value goes on past the bytes given.
+    Partial,
+    /// The first `n` bytes are already not JSON (a byte no JSON text has at that place).
+    Invalid(usize),
+}
+
+/// Finds where a JSON value ends, resuming where the previous call stopped, so every byte is
+/// looked at once however the value arrives. It follows only the structure — brackets,
+/// strings, escapes — and leaves the syntax to the parse of the complete value. On the way
+/// it notes what a JSON parser would refuse later although the syntax allows it: nesting
+/// deeper than [`MAX_DEPTH`] and unpaired UTF-16 surrogate escapes.
+#[derive(Debug, Default, Clone)]
+struct Framer {
+    /// Bytes of the current value looked at so far.
+    scanned: usize,
+    kind: Kind,
+    depth: u32,
+    deepest: u32,
+    string: InString,
+    /// The last escape was a high surrogate: a low one must follow at once.
+    want_low: bool,
+    lone_surrogate: bool,
+}
+
+impl Framer {
+    fn scan(&mut self, value: &[u8]) -> Scan {
+        if self.kind == Kind::Start {
+            let Some(&first) = value.first() else {
+                return Scan::Partial;
+            };
+            self.kind = match first {
+                b'{' | b'[' => {
+                    self.depth = 1;
+                    self.deepest = 1;
+                    Kind::Container
+                }
+                b'"' => {
+                    self.string = InString::Yes;
+                    Kind::Str
+                }
+                b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => Kind::Scalar,
+                _ => return Scan::Invalid(1),
+            };
+            self.scanned = 1;
+        }
+        if self.kind == Kind::Scalar {
+            let rest = value.get(self.scanned..).unwrap_or_default();
+            return match rest
+                .iter()
+                .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
+            {
+                Some(n) => Scan::Complete(self.scanned + n),
+                None => {
+                    self.scanned = value.len();
+                    Scan::Partial
+                }
+            };
+        }
+        let mut i = self.scanned;
+        while let Some(&b) = value.get(i) {
+            i += 1;
+            match self.string {
+                InString::No => match b {
+                    b'"' => self.string = InString::Yes,
+                    b'{' | b'[' => {
+                        self.depth += 1;
+                        self.deepest = self.deepest.max(self.depth);
+                    }
+                    b'}' | b']' => {
+                        self.depth = self.depth.saturating_sub(1);
+                        if self.depth == 0 {
+                            return Scan::Complete(i);
+                        }
+                    }
+                    // Whitespace, separators, numbers and the letters of true/false/null:
+                    // anything else is not JSON, and the stream ends here rather than when the
+                    // value would have.
+                    b' '
+                    | b'\t'
+                    | b'\n'
+                    | b'\r'
+                    | b','
+                    | b':'
+                    | b'0'..=b'9'
+                    | b'-'
+                    | b'+'
+                    | b'.' => {}
+                    b'a' | b'e' | b'f' | b'l' | b'n' | b'r' | b's' | b't' | b'u' | b'E' => {}
+                    _ => return Scan::Invalid(i),
+                },
+                InString::Yes => {
+                    if self.want_low && b != b'\\' {
+                        self.lone_surrogate = true;
+                        self.want_low = false;
+                    }
+                    match b {
+                        b'"' => {
+                            self.string = InString::No;
+                            if self.kind == Kind::Str {
+                                return Scan::Complete(i);
+                            }
+                        }
+                        b'\\' => self.string = InString::Escape,
+                        // JSON strings hold no raw control characters.
+                        0..=0x1f => return Scan::Invalid(i),
+                        // Plain text: skip to the next byte that matters.
+                        _ => {
+                            let rest = value.get(i..).unwrap_or_default();
+                            i += memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                        }
+                    }
+                }
+                InString::Escape => {
+                    if b == b'u' {
+                        self.string = InString::Hex {
+                            digits: 0,
+                            value: 0,
+                        };
+                    } else {
+                        if self.want_low {
+                            self.lone_surrogate = true;
+                            self.want_low = false;
+                        }
+                        self.string = InString::Yes;
+                    }
+                }
+                InString::Hex { digits, value } => match char::from(b).to_digit(16) {
+                    Some(d) => {
+                        // At most 4 digits: the value fits in 16 bits.
+                        let value = (value << 4) | d as u16;
+                        if digits == 3 {
+                            self.string = InString::Yes;
+                            self.escape(value);
+                        } else {
+                            self.string = InString::Hex {
+                                digits: digits + 1,
+                                value,
+                            };
+                        }
+                    }
+                    None => {
+                        // Not an escape JSON allows (the parse will say so): look at this
+                        // byte again as string text.
+                        self.string = InString::Yes;
+                        i -= 1;
+                    }
+                },
             }
         }
-        Some(Err(e)) => {
-            *failed = true;
-            Decoded::Fatal(AppError::InvalidJson(e.to_string()))
+        self.scanned = i;
+        Scan::Partial
+    }
+
+    /// Pairs UTF-16 surrogate escapes: a high one (D800–DBFF) must be followed by a low one
+    /// (DC00–DFFF), and a low one must follow a high one.
+    fn escape(&mut self, unit: u16) {
+        let high = (0xD800..=0xDBFF).contains(&unit);
+        let low = (0xDC00..=0xDFFF).contains(&unit);
+        if (self.want_low && !low) || (!self.want_low && low) {
+            self.lone_surrogate = true;
         }
-        None => Decoded::NeedMore,
+        self.want_low = high;
     }
 }
 
@@ -544,7 +910,7 @@ fn skip_value<'a>(
 /// app and make replies differ between identical messages.
 fn strip_location(s: &str) -> &str {
     match s.rfind(" at line ") {
-        Some(i) => &s[..i],
+        Some(i) => s.get(..i).unwrap_or(s),
         None => s,
     }
 }
@@ -555,7 +921,8 @@ pub fn msg_check_reply(messages: &[serde_json::Value]) -> Vec<u8> {
     if messages.is_empty() {
         NO_CONTENT_REPLY.to_vec()
     } else {
-        serde_json::to_vec(messages).expect("serialising JSON values")
+        // JSON values always serialise; an empty answer is the safe fallback all the same.
+        serde_json::to_vec(messages).unwrap_or_else(|_| NO_CONTENT_REPLY.to_vec())
     }
 }
 

@@ -242,7 +242,7 @@ pub fn is_iso8601(s: &str) -> bool {
     if b.len() == 10 {
         return true;
     }
-    if !matches!(b[10], b'T' | b't' | b' ') {
+    if !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
         return false;
     }
     let (Some(hour), Some(minute)) = (digits(11, 2), digits(14, 2)) else {
@@ -272,13 +272,13 @@ pub fn is_iso8601(s: &str) -> bool {
         None => true,
         Some(b'Z' | b'z') => i + 1 == b.len(),
         Some(b'+' | b'-') => {
-            let zone = &s[i + 1..];
+            let zone = s.get(i + 1..).unwrap_or_default();
             let ok = |h: u32, m: u32| h <= 23 && m <= 59;
             match zone.len() {
                 2 => digits(i + 1, 2).is_some_and(|h| ok(h, 0)),
                 4 => matches!((digits(i + 1, 2), digits(i + 3, 2)), (Some(h), Some(m)) if ok(h, m)),
                 5 => {
-                    zone.as_bytes()[2] == b':'
+                    zone.as_bytes().get(2) == Some(&b':')
                         && matches!((digits(i + 1, 2), digits(i + 4, 2)), (Some(h), Some(m)) if ok(h, m))
                 }
                 _ => false,

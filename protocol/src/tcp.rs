@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 
-use crate::app::{self, AppError, CowStr, Limits, Publish, RawMessage, Request};
+use crate::app::{self, AppError, CowStr, Limits, Publish, Request};
 
 /// Bytes a frame may add around its payload (type, id, timestamp, token, whitespace): the
 /// frame limit is the message limit plus this.
@@ -318,23 +318,7 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Decoded<'a> {
 
 /// Validates a `data` payload exactly as the app socket validates a message.
 fn parse_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Publish<'a>, FrameError> {
-    if payload.len() > limits.max_message_bytes {
-        return Err(FrameError::App(AppError::TooLarge {
-            size: payload.len(),
-            max: limits.max_message_bytes,
-        }));
-    }
-    if payload.first() != Some(&b'{') {
-        return Err(FrameError::App(AppError::InvalidMessage(
-            "expected a JSON object".into(),
-        )));
-    }
-    let message: RawMessage = serde_json::from_slice(payload).map_err(|e| {
-        FrameError::App(AppError::InvalidMessage(
-            strip_location(&e.to_string()).into(),
-        ))
-    })?;
-    match app::validate(message, payload, limits).map_err(FrameError::App)? {
+    match app::parse_message(payload, limits).map_err(FrameError::App)? {
         Request::Publish(p) if !p.wait => Ok(p),
         Request::Publish(_) => Err(FrameError::Unsupported(
             "context.wait:true is not served over TCP (the ack confirms acceptance); use the app socket to wait for the platform's reply",

@@ -468,3 +468,120 @@ fn invalid_config_fails_naming_the_field() {
     let out = Command::new(bin).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("nano-agent "));
 }
+
+/// Issue 15, defect 1: one message the envelope could not re-parse (a lone surrogate with an
+/// app `source`) aborted the agent and every connection with it. It is now answered, on the
+/// socket and the agent alike, and the next message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_json_parsers_refuse_is_answered_and_the_agent_lives_on() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    let deep = format!(
+        r#"{{"msg_type":"publish","source":"x","data":{}0{}}}"#,
+        "[".repeat(300),
+        "]".repeat(300)
+    );
+    for bad in [
+        br#"{"msg_type":"publish","source":"x","data":"\udc00"}"#.to_vec(),
+        br#"{"msg_type":"publish","data":{"k":"\ud800"},"timestamp":null}"#.to_vec(),
+        deep.into_bytes(),
+    ] {
+        let reply = oneshot(&agent.socket, &bad);
+        let reply: serde_json::Value = serde_json::from_slice(&reply)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&reply)));
+        assert_eq!(reply["status"], "error", "{reply}");
+    }
+    assert!(
+        agent.child_running(),
+        "the agent died:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(oneshot(&agent.socket, publish(1).as_bytes()), b"");
+    assert!(platform.wait_for(1, Duration::from_secs(10)).await);
+    assert_eq!(ids(&platform.received()), [1]);
+    assert_eq!(
+        agent.metric("nanogate_sidecar_rejected_total{reason=\"invalid_message\"}"),
+        Some(3.0)
+    );
+}
+
+/// Issue 15, defect 2: 200,000 telemetry messages with floats on one connection, as JSON lines
+/// and back to back. A read boundary after `21.` used to cut the stream ("invalid number").
+/// Every message is accepted, none is answered with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_of_floats_is_never_cut() {
+    const N: usize = 200_000;
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &["--spool-max-bytes", "512MiB", "--flush-interval", "1h"],
+    );
+    for (round, sep) in [(0usize, "\n"), (1, "")] {
+        let mut text = String::new();
+        for i in 0..N {
+            text.push_str(&format!(
+                r#"{{"msg_type":"publish","data":{{"sensor":"s{i}","value":{}.{},"scale":-1.5e-3}}}}{sep}"#,
+                i % 97,
+                i % 10 + 1,
+            ));
+        }
+        let socket = agent.socket.clone();
+        let reply = tokio::task::spawn_blocking(move || {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            // Odd-sized writes move every read boundary to a new place in the numbers.
+            for chunk in text.as_bytes().chunks(4093) {
+                s.write_all(chunk).unwrap();
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply).unwrap();
+            reply
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            "",
+            "round {round}: the agent answered an error"
+        );
+        assert_eq!(
+            agent.metric("nanogate_sidecar_received_total"),
+            Some(((round + 1) * N) as f64)
+        );
+    }
+}
+
+/// A client that trickles one message a byte at a time cannot hold a connection slot for
+/// longer than the idle timeout: the timeout applies to the whole message.
+#[test]
+fn a_message_must_arrive_whole_within_the_idle_timeout() {
+    let platform = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(PlatformServer::start())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--idle-timeout", "1s"]);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let started = Instant::now();
+    let mut closed = None;
+    for b in br#"{"msg_type":"publish","data":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"# {
+        std::thread::sleep(Duration::from_millis(200));
+        if s.write_all(&[*b]).is_err() {
+            closed = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed = closed.expect("the agent let a trickling client hold its connection");
+    assert!(closed < Duration::from_secs(4), "closed after {closed:?}");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("not completed within 1s"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+}

@@ -173,6 +173,13 @@ impl Agent {
         }
     }
 
+    /// The process has not exited (a panic with `panic = "abort"` ends it at once).
+    pub fn child_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

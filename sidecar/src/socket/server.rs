@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::net::unix::WriteHalf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout, timeout_at};
 
 use super::empty_check::EmptyCheckCache;
 
@@ -37,6 +37,9 @@ use crate::upstream::Upstream;
 
 /// How long connections get to finish after shutdown was requested.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(5);
+/// While stopping, how long a connection may stay quiet before it is closed: what a client
+/// already sent is still read and answered, and nothing more is waited for.
+const STOP_READ_GRACE: Duration = Duration::from_millis(200);
 /// Read size of a busy connection.
 const READ_CHUNK: usize = 64 * 1024;
 /// First read size: most stateless connections carry one small message, and a small buffer
@@ -380,12 +383,11 @@ async fn handle<U: Upstream>(
     mut dec: StreamDecoder,
     mut out: Vec<u8>,
 ) {
-    if *stop.borrow_and_update() {
-        return;
-    }
     let (mut rd, mut wr) = stream.split();
     let mut recs = RecordBuf::new();
-    // What the accept loop already read and the replies it left are dealt with first.
+    // What the accept loop already read and the replies it left are dealt with first, even
+    // when the agent is stopping: those bytes were taken from the client, so it gets its
+    // answers (its publishes go to the spool, which delivery drains or keeps).
     if write(&mut wr, &mut out, shared.idle_timeout).await.is_err() {
         return;
     }
@@ -395,22 +397,59 @@ async fn handle<U: Upstream>(
             return;
         }
     }
+    enum Read {
+        Done(io::Result<usize>),
+        /// Nothing arrived in time.
+        Idle,
+        Stop,
+    }
     let mut chunk = FIRST_READ;
+    let mut stopping = *stop.borrow_and_update();
+    // The idle timeout runs between messages from the last read, and within a message from
+    // its first byte, so a client trickling one message cannot hold its slot forever.
+    let mut message = (dec.values_begun(), Instant::now());
     loop {
+        let now = Instant::now();
+        if dec.values_begun() != message.0 {
+            message = (dec.values_begun(), now);
+        }
+        let deadline = if stopping {
+            // Stopping: take what the client already sent, then close.
+            now + STOP_READ_GRACE
+        } else if dec.in_value() {
+            message.1 + shared.idle_timeout
+        } else {
+            now + shared.idle_timeout
+        };
         let read = tokio::select! {
-            r = timeout(shared.idle_timeout, rd.read_buf(dec.read_buf(chunk))) => r,
-            _ = stop.changed() => break,
+            r = timeout_at(deadline, rd.read_buf(dec.read_buf(chunk))) => r.map_or(Read::Idle, Read::Done),
+            _ = stop.changed(), if !stopping => Read::Stop,
         };
         let n = match read {
-            Err(_) => {
-                tracing::debug!("closing idle connection");
+            Read::Done(Ok(n)) => n,
+            Read::Stop => {
+                stopping = true;
+                continue;
+            }
+            Read::Idle => {
+                // A message half received is answered, never dropped silently.
+                let error = if stopping {
+                    AppError::ShuttingDown
+                } else {
+                    AppError::Incomplete(shared.idle_timeout)
+                };
+                if dec.in_value() {
+                    shared.metrics.reject(error.reason(), 1);
+                    error.write_reply(&mut out);
+                    let _ = write(&mut wr, &mut out, shared.idle_timeout).await;
+                }
+                tracing::debug!(reason = error.reason(), "closing the connection");
                 break;
             }
-            Ok(Err(e)) => {
+            Read::Done(Err(e)) => {
                 tracing::debug!(error = %e, "connection read failed");
                 break;
             }
-            Ok(Ok(n)) => n,
         };
         if n >= chunk {
             chunk = READ_CHUNK;
