@@ -46,7 +46,7 @@ fn wait_ready(args: &[String]) -> ExitCode {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("wait-ready") {
-        return wait_ready(&args[2..]);
+        return wait_ready(args.get(2..).unwrap_or_default());
     }
     let config = match Config::load() {
         Ok(c) => c,
@@ -56,11 +56,17 @@ fn main() -> ExitCode {
         }
     };
     nanogate_sidecar::init_tracing(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()
         .build()
-        .expect("building the tokio runtime");
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nano-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match runtime.block_on(nanogate_sidecar::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -122,7 +122,16 @@ impl TcpMetrics {
             FrameKind::Close => 4,
             FrameKind::Auth { .. } => 5,
         };
-        self.frames[i].inc();
+        if let Some(c) = self.frames.get(i) {
+            c.inc();
+        }
+    }
+
+    /// Counts a frame that was refused (the last label of `FRAME_TYPES`).
+    fn frame_error(&self) {
+        if let Some(c) = self.frames.last() {
+            c.inc();
+        }
     }
 }
 
@@ -281,7 +290,10 @@ impl TcpServer {
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+                p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_closed) => break,
+            },
                 _ = &mut shutdown => break,
             };
             let (stream, peer) = tokio::select! {
@@ -368,7 +380,7 @@ impl PendingAcks {
 
     fn drain(&mut self, mut each: impl FnMut(Option<&[u8]>)) {
         for span in &self.spans {
-            each(span.map(|(a, b)| &self.ids[a..b]));
+            each(span.map(|(a, b)| self.ids.get(a..b).unwrap_or_default()));
         }
         self.ids.clear();
         self.spans.clear();
@@ -584,7 +596,7 @@ impl Connection {
                 }
                 Decoded::Rejected { id, error } => {
                     step.frames += 1;
-                    self.metrics.frames[FRAME_TYPES.len() - 1].inc();
+                    self.metrics.frame_error();
                     self.commit(recs, acks, out);
                     if !*authed {
                         tracing::warn!(peer = %self.peer, "TCP peer refused: first frame is not auth");
@@ -595,7 +607,7 @@ impl Connection {
                     self.reject(&error, id, out);
                 }
                 Decoded::Fatal(error) => {
-                    self.metrics.frames[FRAME_TYPES.len() - 1].inc();
+                    self.metrics.frame_error();
                     self.commit(recs, acks, out);
                     self.reject(&error, None, out);
                     step.close = Some(error.reason());

@@ -105,7 +105,10 @@ pub async fn run<U: Upstream>(
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_closed) => break,
+            },
             _ = &mut shutdown => break,
         };
         let mut guard = tokio::select! {
@@ -200,7 +203,10 @@ impl Inline {
     fn read(&mut self, stream: &mut StdUnixStream) -> io::Result<(usize, ReadState)> {
         let mut len = 0;
         while len < self.buf.len() {
-            match stream.read(&mut self.buf[len..]) {
+            let Some(free) = self.buf.get_mut(len..) else {
+                break;
+            };
+            match stream.read(free) {
                 Ok(0) => return Ok((len, ReadState::Eof)),
                 Ok(n) => len += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -238,7 +244,8 @@ impl Inline {
             return Some((stream, StreamDecoder::new(self.limits), Vec::new(), permit));
         }
         let mark = self.recs.mark();
-        self.dec.feed(&self.buf[..len]);
+        let read = self.buf.get(..len).unwrap_or_default();
+        self.dec.feed(read);
         let mut plain = true;
         loop {
             match self.dec.next() {
@@ -265,13 +272,13 @@ impl Inline {
             self.recs.truncate(mark);
             self.dec = StreamDecoder::new(self.limits);
             let mut dec = StreamDecoder::new(self.limits);
-            dec.feed(&self.buf[..len]);
+            dec.feed(read);
             return Some((stream, dec, Vec::new(), permit));
         }
         let rest = if rest > 0 {
             // Keep the incomplete tail for the task; the shared decoder starts clean.
             self.dec = StreamDecoder::new(self.limits);
-            self.buf[len - rest..len].to_vec()
+            read.get(len - rest..).unwrap_or_default().to_vec()
         } else {
             Vec::new()
         };

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -236,16 +236,25 @@ struct ConnectionEvents {
 impl ConnectionEvents {
     fn connected(&self) {
         self.ever_connected.store(true, Ordering::Relaxed);
-        *self.last_error.lock().expect("last error lock") = None;
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
     fn ever_connected(&self) -> bool {
         self.ever_connected.load(Ordering::Relaxed)
     }
     fn set(&self, text: String) {
-        *self.last_error.lock().expect("last error lock") = Some((Instant::now(), text));
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), text));
     }
     fn recent(&self) -> Option<String> {
-        let g = self.last_error.lock().expect("last error lock");
+        let g = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         g.as_ref()
             .filter(|(at, _)| at.elapsed() < ERROR_MEMORY)
             .map(|(_, t)| t.clone())
@@ -700,7 +709,8 @@ impl Upstream for NatsUpstream {
             })?;
         debug_assert_eq!(items.len() as u64, count);
         let messages = items.iter().map(|v| {
-            let payload = Bytes::from(serde_json::to_vec(v).expect("JSON"));
+            // Re-serialising a parsed JSON value cannot fail; `null` would be the fallback.
+            let payload = Bytes::from(serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec()));
             (
                 self.names.subject_for(dest_of(&payload).as_deref()),
                 payload,
@@ -744,7 +754,7 @@ impl Upstream for NatsUpstream {
             "duplicate": ack.duplicate,
             "subject": subject,
         });
-        Ok(Bytes::from(serde_json::to_vec(&reply).expect("JSON")))
+        Ok(Bytes::from(reply.to_string()))
     }
 
     async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {

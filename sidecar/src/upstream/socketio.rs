@@ -27,7 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -401,9 +401,13 @@ impl History {
         );
         m.insert("samples".into(), n.into());
         let mut cpu = stats(in_period.iter().map(|s| s.1).collect());
-        cpu["unit"] = "percent".into();
+        if let Some(cpu) = cpu.as_object_mut() {
+            cpu.insert("unit".into(), "percent".into());
+        }
         let mut mem = stats(in_period.iter().map(|s| s.2 as f64 / 1048576.0).collect());
-        mem["unit"] = "MiB".into();
+        if let Some(mem) = mem.as_object_mut() {
+            mem.insert("unit".into(), "MiB".into());
+        }
         m.insert("cpu_usage".into(), cpu);
         m.insert("memory_usage".into(), mem);
         m
@@ -566,6 +570,11 @@ impl SocketIoUpstream {
     }
 }
 
+/// A field of a platform request, `null` when absent.
+fn field(request: &Value, name: &str) -> Value {
+    request.get(name).cloned().unwrap_or(Value::Null)
+}
+
 fn retryable(reason: impl Into<String>) -> UpstreamError {
     UpstreamError::Retryable {
         reason: reason.into(),
@@ -592,8 +601,12 @@ impl Inner {
     async fn emit_acked(&self, event: &str, args_json: &str) -> Result<Value, UpstreamError> {
         let mut rx = self.conn.subscribe();
         let conn = match timeout(self.opts.ack_timeout, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(c)) => c.clone().expect("waited for Some"),
-            _ => {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        };
+        let conn = match conn {
+            Some(c) => c,
+            None => {
                 return Err(retryable(format!(
                     "not connected to the Socket.IO server {} within {:?}",
                     self.opts.url, self.opts.ack_timeout
@@ -604,7 +617,7 @@ impl Inner {
         let (tx, ack) = oneshot::channel();
         self.acks
             .lock()
-            .expect("acks lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(id, (conn.generation, tx));
         let frame = packet::event(&self.ep.nsp_prefix, Some(id), event, args_json);
         let start = std::time::Instant::now();
@@ -629,7 +642,10 @@ impl Inner {
             Ok(Err(_)) => Err(retryable("Socket.IO connection closed")),
             Err(_) => Err(retryable("Socket.IO connection too slow to write")),
         };
-        self.acks.lock().expect("acks lock").remove(&id);
+        self.acks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
         self.metrics
             .upstream_duration
             .with_label_values(&[event])
@@ -663,7 +679,7 @@ impl Inner {
     /// Runs a command and returns its reply (the acknowledgement's argument).
     async fn command(&self, action: &str, request: Value) -> Value {
         let reply = self.command_inner(action, &request).await;
-        let result = if reply["status"] == "error" {
+        let result = if reply.get("status").and_then(Value::as_str) == Some("error") {
             "error"
         } else {
             "ok"
@@ -737,22 +753,22 @@ impl Inner {
                 out = self
                     .history
                     .lock()
-                    .expect("history lock")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .summary(start, end);
             }
             "deliver" => {
                 let mut msg = Map::new();
                 msg.insert("msg_type".into(), "message".into());
-                msg.insert("data".into(), request["data"].clone());
+                msg.insert("data".into(), field(request, "data"));
                 if let Some(d) = request.get("dest").filter(|d| !d.is_null()) {
                     msg.insert("dest".into(), d.clone());
                 }
                 if let Some(t) = request.get("tags").filter(|t| !t.is_null()) {
                     msg.insert("context".into(), json!({ "tags": t }));
                 }
-                msg.insert("correlation_id".into(), request["correlation_id"].clone());
-                msg.insert("timestamp".into(), request["requested_at"].clone());
-                let mut inbox = self.inbox.lock().expect("inbox lock");
+                msg.insert("correlation_id".into(), field(request, "correlation_id"));
+                msg.insert("timestamp".into(), field(request, "requested_at"));
+                let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
                 if inbox.len() >= self.opts.inbox_size {
                     return contract::error_reply(
                         &format!(
@@ -828,7 +844,7 @@ async fn sample_history(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         inner
             .history
             .lock()
-            .expect("history lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .push(chrono::Utc::now(), cpu, rss);
     }
 }
@@ -851,7 +867,7 @@ async fn supervise(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         inner
             .acks
             .lock()
-            .expect("acks lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, (g, _)| *g != generation);
         let reason = match result {
             Ok(()) => {
@@ -948,15 +964,19 @@ async fn session(
         };
         let open: Value =
             serde_json::from_str(json).map_err(|e| format!("Engine.IO open packet: {e}"))?;
-        let ms = |k: &str, d: u64| Duration::from_millis(open[k].as_u64().unwrap_or(d));
+        let ms = |k: &str, d: u64| {
+            Duration::from_millis(open.get(k).and_then(Value::as_u64).unwrap_or(d))
+        };
         let liveness = ms("pingInterval", 25_000) + ms("pingTimeout", 20_000);
-        if let Some(max) = open["maxPayload"].as_u64() {
+        if let Some(max) = open.get("maxPayload").and_then(Value::as_u64) {
             inner.max_payload.store(max, Ordering::Relaxed);
         }
-        let mut auth = json!({"agent_id": inner.opts.agent_id});
+        let mut auth = Map::new();
+        auth.insert("agent_id".into(), inner.opts.agent_id.clone().into());
         if !inner.opts.api_key.is_empty() {
-            auth["token"] = inner.opts.api_key.clone().into();
+            auth.insert("token".into(), inner.opts.api_key.clone().into());
         }
+        let auth = Value::Object(auth);
         ws.send(Message::text(packet::connect(
             &inner.ep.nsp_prefix,
             Some(&auth),
@@ -1080,7 +1100,11 @@ fn on_packet(inner: &Arc<Inner>, text: &str, tx: &mpsc::Sender<String>) -> Resul
     match p.kind {
         packet::Kind::Ack => {
             if let Some(id) = p.id {
-                let waiter = inner.acks.lock().expect("acks lock").remove(&id);
+                let waiter = inner
+                    .acks
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
                 if let Some((_, w)) = waiter {
                     let _ = w.send(p.data.unwrap_or(Value::Array(vec![])));
                 }
@@ -1195,7 +1219,11 @@ impl Upstream for SocketIoUpstream {
     }
 
     async fn check_messages(&self, limit: u32) -> Result<Vec<Value>, UpstreamError> {
-        let mut inbox = self.inner.inbox.lock().expect("inbox lock");
+        let mut inbox = self
+            .inner
+            .inbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = inbox.len().min(limit as usize);
         Ok(inbox.drain(..n).collect())
     }
