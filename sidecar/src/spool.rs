@@ -22,7 +22,9 @@
 //! The spool never writes a hole: an append is written at the writer's known end with a
 //! positional write (no file cursor that a short write could leave past it), and an append
 //! that fails (ENOSPC, EDQUOT, any error part-way) is cut back off the file before the writer
-//! goes on, so a segment is always its magic followed by whole, accepted records.
+//! goes on, so a segment is always its magic followed by whole, accepted records. (Should the
+//! cut fail as well, the failed append's first header is zeroed, which recovery treats as
+//! corruption, and the next append retries the cut before it writes anything.)
 //!
 //! Segments are fsync'ed by the periodic sync, not when the writer moves on to a new one, so
 //! an append never waits for a whole segment to reach the disk (that wait cost ingest a quarter
