@@ -675,6 +675,19 @@ impl SpoolReader {
     /// Reads up to `max` more records into `batch`; returns how many were added. Only reads
     /// what the writer has completely written.
     pub fn read_into(&mut self, batch: &mut PendingBatch, max: u64) -> io::Result<u64> {
+        self.read_bounded(batch, max, usize::MAX)
+    }
+
+    /// Like [`SpoolReader::read_into`], and stops before the batch's JSON array would pass
+    /// `max_bytes` — except that an empty batch always takes one record, whatever its size, so
+    /// a large message still goes out (alone). This bounds delivery's memory by bytes, not only
+    /// by the number of messages.
+    pub fn read_bounded(
+        &mut self,
+        batch: &mut PendingBatch,
+        max: u64,
+        max_bytes: usize,
+    ) -> io::Result<u64> {
         let mut added = 0;
         while added < max {
             let committed = self.spool.committed();
@@ -740,6 +753,11 @@ impl SpoolReader {
                     }
                 };
                 let len = payload.len();
+                if batch.count > 0 && batch.body.len() + 1 + len + 2 > max_bytes {
+                    // Full by bytes: this record starts the next batch.
+                    batch.end = Some(self.pos);
+                    return Ok(added);
+                }
                 if batch.count > 0 {
                     batch.body.push(b',');
                 }
@@ -794,6 +812,27 @@ mod tests {
         let mut b = PendingBatch::default();
         reader.read_into(&mut b, max).unwrap();
         b
+    }
+
+    #[test]
+    fn a_byte_budget_bounds_the_batch_but_never_starves_a_large_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(opts(dir.path())).unwrap();
+        append_n(&spool, 0, 10); // {"i":0} … {"i":9}: 7 bytes each
+        let mut reader = spool.reader();
+        let mut b = PendingBatch::default();
+        // "[" + 3 × 7 + 2 commas + "]" = 25 bytes: a fourth record would make 33.
+        assert_eq!(reader.read_bounded(&mut b, 100, 30).unwrap(), 3);
+        assert_eq!(ids(&b), [0, 1, 2]);
+        assert!(b.json_array().len() <= 30);
+        // The next batch starts where this one stopped; a budget smaller than one record
+        // still takes one.
+        let mut b = PendingBatch::default();
+        assert_eq!(reader.read_bounded(&mut b, 100, 1).unwrap(), 1);
+        assert_eq!(ids(&b), [3]);
+        let mut b = PendingBatch::default();
+        assert_eq!(reader.read_bounded(&mut b, 100, usize::MAX).unwrap(), 6);
+        assert_eq!(ids(&b), [4, 5, 6, 7, 8, 9]);
     }
 
     fn ids(b: &PendingBatch) -> Vec<u64> {
