@@ -124,7 +124,12 @@ impl HttpUpstream {
         let res = match res {
             Ok(r) => {
                 let status = r.status();
-                let headers = r.headers().clone();
+                // Only a failure needs its headers (Location, Retry-After): no copy per 2xx.
+                let headers = if status.is_success() {
+                    HeaderMap::new()
+                } else {
+                    r.headers().clone()
+                };
                 match r.bytes().await {
                     Ok(body) => Ok((status, headers, body)),
                     Err(e) => Err(network(e)),
