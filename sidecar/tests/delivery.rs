@@ -165,34 +165,403 @@ async fn injected_faults_are_retried() {
     );
 }
 
-/// A 4xx other than 408/429: the batch goes to the dead-letter file and is counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_batch_is_dead_lettered() {
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
-    platform.faults().reject_next(1, 400);
-    assert_eq!(send_persistent(&agent.socket, 0..5), b"204");
-    // Wait for the dead letter, then send more: those are delivered normally.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.metric("nanogate_sidecar_dead_lettered_total") != Some(5.0) {
+/// Waits until `cond` holds; panics with `what` and the agent's metrics on timeout.
+async fn wait_until(
+    agent: &nanogate_tests::agent::Agent,
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
         assert!(
             Instant::now() < deadline,
-            "no dead letter: {}",
-            agent.metrics()
+            "timed out waiting for {what}\nmetrics:\n{}\nlog:\n{}",
+            agent.metrics(),
+            agent.log_text()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let dl = std::fs::read_to_string(agent.spool.join("dead-letter.jsonl")).unwrap();
-    let line: serde_json::Value = serde_json::from_str(dl.lines().next().unwrap()).unwrap();
-    assert_eq!(line["status"], 400);
-    assert_eq!(
-        ids(line["messages"].as_array().unwrap()),
-        vec![0, 1, 2, 3, 4]
+}
+
+/// `/healthz` as JSON.
+fn healthz(agent: &nanogate_tests::agent::Agent) -> serde_json::Value {
+    let (status, body) = agent.http_get("/healthz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until the platform holds every id of `expected`, then checks it holds exactly those,
+/// each once.
+async fn assert_exactly_once(platform: &PlatformServer, expected: &BTreeSet<u64>) {
+    assert!(
+        platform
+            .wait_for(expected.len(), Duration::from_secs(30))
+            .await,
+        "only {} of {} arrived: {:?}",
+        platform.received_count(),
+        expected.len(),
+        ids(&platform.received())
     );
-    assert_eq!(send_persistent(&agent.socket, 5..10), b"204");
-    assert!(platform.wait_for(5, Duration::from_secs(10)).await);
-    assert_eq!(ids(&platform.received()), vec![5, 6, 7, 8, 9]);
+    tokio::time::sleep(Duration::from_millis(300)).await; // anything extra would show up now
+    let got = ids(&platform.received());
+    let (unique, dups) = dup_stats(&got);
+    assert_eq!(dups, 0, "duplicates: {got:?}");
+    assert_eq!(unique, got.len());
+    let got: BTreeSet<u64> = got.into_iter().collect();
+    assert_eq!(&got, expected, "exactly the accepted messages arrive");
+}
+
+/// The dead-letter file's lines as JSON.
+fn dead_letters(agent: &nanogate_tests::agent::Agent) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(agent.spool.join("dead-letter.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A publish whose `data` is `data` (an object literal with an `id`).
+fn publish_data(data: &str) -> String {
+    format!(r#"{{"msg_type":"publish","data":{data}}}"#)
+}
+
+/// A platform that answers the batch POST with `302 Location: /ok` is not a delivery (the
+/// defect: reqwest followed it with a body-less GET, got 200 and the batch was acked): the
+/// agent never follows, keeps the messages, retries, names the Location in its log and shows
+/// the redirect in `/healthz`. Once the platform answers properly, all arrive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_is_a_failure_not_a_delivery() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &["--flush-interval", "50ms", "--backoff-max", "500ms"],
+    );
+    platform.faults().set_redirect(true);
+    let replies = send_persistent(&agent.socket, 0..20);
+    assert!(
+        only_check_reply(&replies),
+        "{}",
+        String::from_utf8_lossy(&replies)
+    );
+    wait_until(&agent, Duration::from_secs(10), "redirects counted", || {
+        agent.metric(r#"nanogate_sidecar_upstream_errors_total{kind="redirect"}"#) >= Some(3.0)
+    })
+    .await;
+    assert_eq!(platform.received_count(), 0);
+    assert!(
+        !platform.request_log().iter().any(|r| r.ends_with(" /ok")),
+        "the redirect was followed: {:?}",
+        platform.request_log()
+    );
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(20.0));
+    assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(0.0));
+    assert_eq!(
+        agent.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+    let health = healthz(&agent);
+    let last_error = health["upstream"]["last_error"].as_str().unwrap_or("");
+    assert!(
+        last_error.starts_with("redirected") && last_error.contains("/ok"),
+        "{health}"
+    );
+    assert_ne!(health["upstream"]["state"], "closed", "{health}");
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("redirect") && l.contains("/ok")),
+        "{log}"
+    );
+    platform.faults().set_redirect(false);
+    assert_exactly_once(&platform, &(0..20).collect()).await;
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+    assert_eq!(healthz(&agent)["upstream"]["state"], "closed", "recovered");
+}
+
+/// 401/403 hold the spool (a rotated key must not empty it): nothing is dead-lettered, the
+/// agent retries with capped backoff, says to check the API key Secret, counts it and shows
+/// it in `/healthz`; once the key works again every message arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_holds_the_spool_until_the_key_works() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &["--flush-interval", "50ms", "--backoff-max", "500ms"],
+    );
+    platform.faults().set_unauthorized(true);
+    let replies = send_persistent(&agent.socket, 0..30);
+    assert!(
+        only_check_reply(&replies),
+        "{}",
+        String::from_utf8_lossy(&replies)
+    );
+    wait_until(&agent, Duration::from_secs(10), "401s counted", || {
+        agent.metric(r#"nanogate_sidecar_upstream_errors_total{kind="unauthorized"}"#) >= Some(4.0)
+    })
+    .await;
+    assert_eq!(
+        agent.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+    assert!(dead_letters(&agent).is_empty());
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(30.0));
+    let health = healthz(&agent);
+    let last_error = health["upstream"]["last_error"].as_str().unwrap_or("");
+    assert!(last_error.starts_with("unauthorized"), "{health}");
+    assert_ne!(health["upstream"]["state"], "closed", "{health}");
+    assert!(
+        agent.log_text().contains("check the API key Secret"),
+        "{}",
+        agent.log_text()
+    );
+    platform.faults().set_unauthorized(false);
+    assert_exactly_once(&platform, &(0..30).collect()).await;
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+}
+
+/// With the key refused for long, the held spool fills and apps get `queue full` (back
+/// pressure, never loss); when the key works again exactly the accepted messages arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_fills_the_spool_then_apps_get_queue_full() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &[
+            "--flush-interval",
+            "50ms",
+            "--spool-max-bytes",
+            "64KiB",
+            "--max-message-bytes",
+            "4KiB",
+            "--backoff-max",
+            "500ms",
+        ],
+    );
+    platform.faults().set_unauthorized(true);
+    let (mut accepted, mut refused) = (BTreeSet::new(), 0u64);
+    for id in 0..600u64 {
+        let reply = oneshot(&agent.socket, publish(id).as_bytes());
+        if reply.is_empty() {
+            accepted.insert(id);
+        } else {
+            assert_eq!(
+                reply,
+                br#"{"status":"error","message":"queue full, try again later"}"#
+            );
+            refused += 1;
+        }
+    }
+    println!(
+        "unauthorized, spool full: accepted {}, refused {refused}",
+        accepted.len()
+    );
+    assert!(refused > 0 && !accepted.is_empty());
+    assert_eq!(
+        agent.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+    platform.faults().set_unauthorized(false);
+    assert_exactly_once(&platform, &accepted).await;
+    assert_eq!(oneshot(&agent.socket, publish(10_000).as_bytes()), b"");
+}
+
+/// 413 for batches over 3 messages: batches are halved until they fit; nothing is
+/// dead-lettered and every message arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_batches_are_split_until_they_fit() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "200ms"]);
+    platform.faults().set_max_batch_messages(3);
+    assert_eq!(send_persistent(&agent.socket, 0..50), b"204");
+    assert_exactly_once(&platform, &(0..50).collect()).await;
+    assert_eq!(
+        agent.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+    assert!(dead_letters(&agent).is_empty());
+    assert!(
+        agent.metric(r#"nanogate_sidecar_upstream_errors_total{kind="too_large"}"#) >= Some(1.0),
+        "{}",
+        agent.metrics()
+    );
+    assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(50.0));
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+}
+
+/// 413 over 2,000 bytes: one message is too large on its own. It alone is dead-lettered, with
+/// status and reason; the rest of its batch is delivered, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_dead_lettered_alone() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "200ms"]);
+    platform.faults().set_max_batch_bytes(2000);
+    let big = publish_data(&format!(r#"{{"id":100,"blob":"{}"}}"#, "x".repeat(3000)));
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let mut buf = String::new();
+    for id in 0..10 {
+        buf.push_str(&publish(id));
+    }
+    buf.push_str(&big);
+    for id in 10..20 {
+        buf.push_str(&publish(id));
+    }
+    s.write_all(buf.as_bytes()).unwrap();
+    drop(s);
+    wait_until(&agent, Duration::from_secs(15), "the dead letter", || {
+        agent.metric("nanogate_sidecar_dead_lettered_total") == Some(1.0)
+    })
+    .await;
+    assert_exactly_once(&platform, &(0..20).collect()).await;
+    let dl = dead_letters(&agent);
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    let line = &dl[0];
+    assert_eq!(line["status"], 413, "{line}");
+    assert!(
+        line["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{line}"
+    );
+    assert!(line["id"].as_str().is_some_and(|r| !r.is_empty()), "{line}");
+    assert_eq!(ids(line["messages"].as_array().unwrap()), vec![100]);
+    assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(20.0));
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+}
+
+/// A batch refused for good (422 because of one invalid message): it is split until the
+/// offending message is alone; only that one is dead-lettered, with its status and reason,
+/// and counted; the others are delivered once, and later messages flow normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_message_is_dead_lettered_alone() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "200ms"]);
+    platform.faults().set_poison(true);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let mut buf = String::new();
+    for id in 0..20 {
+        if id == 7 {
+            buf.push_str(&publish_data(r#"{"id":7,"poison":true}"#));
+        } else {
+            buf.push_str(&publish(id));
+        }
+    }
+    s.write_all(buf.as_bytes()).unwrap();
+    drop(s);
+    wait_until(&agent, Duration::from_secs(15), "the dead letter", || {
+        agent.metric("nanogate_sidecar_dead_lettered_total") == Some(1.0)
+    })
+    .await;
+    let expected: BTreeSet<u64> = (0..20).filter(|i| *i != 7).collect();
+    assert_exactly_once(&platform, &expected).await;
+    let dl = dead_letters(&agent);
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert_eq!(dl[0]["status"], 422, "{}", dl[0]);
+    assert!(
+        dl[0]["reply"]
+            .as_str()
+            .is_some_and(|r| r.contains("poison")),
+        "{}",
+        dl[0]
+    );
+    assert_eq!(ids(dl[0]["messages"].as_array().unwrap()), vec![7]);
+    assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(19.0));
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+    // Later messages are delivered normally.
+    assert_eq!(send_persistent(&agent.socket, 20..25), b"204");
+    let expected: BTreeSet<u64> = (0..25).filter(|i| *i != 7).collect();
+    assert_exactly_once(&platform, &expected).await;
+}
+
+/// The connection reset in the middle of the 200's body: retried, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_mid_body_is_retried() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &["--flush-interval", "50ms", "--backoff-max", "500ms"],
+    );
+    platform.faults().reset_next(3);
+    assert_eq!(send_persistent(&agent.socket, 0..30), b"204");
+    assert_exactly_once(&platform, &(0..30).collect()).await;
+    assert!(
+        agent.metric(r#"nanogate_sidecar_upstream_errors_total{kind="retryable"}"#) >= Some(3.0),
+        "{}",
+        agent.metrics()
+    );
+    assert_eq!(
+        agent.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+}
+
+/// A 200 with a body that is not JSON: for a batch the body does not matter (delivered); for
+/// `check_messages` it is an error answered to the app, not a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_body_delivers_a_batch_and_fails_a_msg_check() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    platform.faults().set_garbage(true);
+    let replies = send_persistent(&agent.socket, 0..10);
+    let replies = String::from_utf8_lossy(&replies);
+    assert!(
+        replies.contains(r#""status":"error""#) && replies.contains("upstream error"),
+        "{replies}"
+    );
+    assert_exactly_once(&platform, &(0..10).collect()).await;
+    wait_until(&agent, Duration::from_secs(5), "delivered_total", || {
+        agent.metric("nanogate_sidecar_delivered_total") == Some(10.0)
+    })
+    .await;
+    assert_eq!(
+        agent.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+    // Still serving.
+    platform.faults().set_garbage(false);
+    assert_eq!(
+        oneshot(&agent.socket, br#"{"msg_type":"msg_check"}"#),
+        b"204"
+    );
+}
+
+/// A huge `Retry-After` (about 30 years) is capped at `--backoff-max`: delivery resumes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_retry_after_is_capped() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &["--flush-interval", "50ms", "--backoff-max", "1s"],
+    );
+    platform
+        .faults()
+        .rate_limit_next(2, Duration::from_secs(1_000_000_000));
+    let t = Instant::now();
+    let replies = send_persistent(&agent.socket, 0..10);
+    assert!(
+        only_check_reply(&replies),
+        "{}",
+        String::from_utf8_lossy(&replies)
+    );
+    assert!(
+        platform.wait_for(10, Duration::from_secs(15)).await,
+        "Retry-After not capped: {} arrived",
+        platform.received_count()
+    );
+    println!("huge Retry-After: delivered after {:?}", t.elapsed());
+    assert_exactly_once(&platform, &(0..10).collect()).await;
 }
 
 /// kill -9 in the middle of delivery, restart on the same spool: every accepted message

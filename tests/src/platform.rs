@@ -9,8 +9,12 @@
 //!
 //! Every request must carry `Authorization: Bearer <key>` ([`PlatformServer::api_key`]);
 //! otherwise 401. Faults ([`Faults`]) apply to all three endpoints, checked in this order:
-//! down / drop connection, delay, 500-style failures, 429 + Retry-After, 4xx rejection
-//! (batch endpoint only).
+//! down / drop connection, delay, unauthorized (401 while set, as if the key were revoked),
+//! redirect (`302 Location: /ok`), 500-style failures, 429 + Retry-After; then on the batch
+//! endpoint only: 4xx rejection, 413 over a size limit, 422 for a batch holding a "poison"
+//! message, reset mid-body, 200 with a garbage body. `check_messages` honours the garbage
+//! body too. `/ok` (the redirect's target) answers 200 to any method and stores nothing: a
+//! client that follows the redirect believes it delivered.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -20,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -46,6 +51,13 @@ pub struct Faults {
     delay_ms: AtomicU64,
     ack_delay_ms: AtomicU64,
     down: AtomicBool,
+    unauthorized: AtomicBool,
+    redirect: AtomicBool,
+    max_batch_messages: AtomicU64,
+    max_batch_bytes: AtomicU64,
+    poison: AtomicBool,
+    reset_next: AtomicU32,
+    garbage: AtomicBool,
 }
 
 fn take(counter: &AtomicU32) -> bool {
@@ -100,6 +112,46 @@ impl Faults {
         self.down.load(Ordering::SeqCst)
     }
 
+    /// While set, every request is answered 401 (a revoked or rotated key), even one with the
+    /// right key.
+    pub fn set_unauthorized(&self, on: bool) {
+        self.unauthorized.store(on, Ordering::SeqCst);
+    }
+
+    /// While set, every request to `/entities/…` is answered `302 Location: /ok`; `/ok` answers
+    /// 200 to anything and stores nothing.
+    pub fn set_redirect(&self, on: bool) {
+        self.redirect.store(on, Ordering::SeqCst);
+    }
+
+    /// Batches of more than `n` messages are answered 413 (0 turns it off).
+    pub fn set_max_batch_messages(&self, n: u64) {
+        self.max_batch_messages.store(n, Ordering::SeqCst);
+    }
+
+    /// Batches whose body is longer than `n` bytes are answered 413 (0 turns it off).
+    pub fn set_max_batch_bytes(&self, n: u64) {
+        self.max_batch_bytes.store(n, Ordering::SeqCst);
+    }
+
+    /// While set, a batch holding a message whose `data.poison` is true is refused with 422
+    /// (and nothing of it is stored), as a platform validating each message would.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::SeqCst);
+    }
+
+    /// The next `n` batches are read but not stored; the answer is `200` with a
+    /// `Content-Length` longer than what is sent, then the connection is closed mid-body.
+    pub fn reset_next(&self, n: u32) {
+        self.reset_next.store(n, Ordering::SeqCst);
+    }
+
+    /// While set, batches are stored and answered 200 with a body that is not JSON, and
+    /// `check_messages` answers 200 with the same garbage.
+    pub fn set_garbage(&self, on: bool) {
+        self.garbage.store(on, Ordering::SeqCst);
+    }
+
     /// Turns every fault off.
     pub fn clear(&self) {
         for c in [
@@ -107,12 +159,19 @@ impl Faults {
             &self.rate_limit_next,
             &self.reject_next,
             &self.drop_next,
+            &self.reset_next,
         ] {
             c.store(0, Ordering::SeqCst);
         }
         self.set_delay(Duration::ZERO);
         self.set_ack_delay(Duration::ZERO);
         self.set_down(false);
+        self.set_unauthorized(false);
+        self.set_redirect(false);
+        self.set_max_batch_messages(0);
+        self.set_max_batch_bytes(0);
+        self.set_poison(false);
+        self.set_garbage(false);
     }
 }
 
@@ -125,6 +184,8 @@ struct State {
     batches: AtomicU64,
     requests: AtomicU64,
     unauthorized: AtomicU64,
+    /// Method and path of every request, in arrival order.
+    log: Mutex<Vec<String>>,
 }
 
 /// The platform test server. Dropping it stops the server.
@@ -193,6 +254,11 @@ impl PlatformServer {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// `METHOD /path` of every request seen, in arrival order.
+    pub fn request_log(&self) -> Vec<String> {
+        self.state.log.lock().expect("lock").clone()
+    }
+
     pub fn faults(&self) -> &Faults {
         &self.state.faults
     }
@@ -242,20 +308,67 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-fn json(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn json(status: StatusCode, body: Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(full(body.to_string()))
         .expect("valid response")
+}
+
+/// What the garbage mode answers with status 200.
+pub const GARBAGE_BODY: &str = "<html><body>Bad gateway? {\"mess";
+
+/// A body that sends `chunk` and then fails, so the server closes the connection before the
+/// promised `Content-Length` is complete.
+struct Truncated {
+    chunk: Option<Bytes>,
+}
+
+impl hyper::body::Body for Truncated {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(Some(match self.chunk.take() {
+            Some(chunk) => Ok(hyper::body::Frame::data(chunk)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected reset mid-body",
+            )),
+        }))
+    }
+}
+
+fn is_poison(msg: &Value) -> bool {
+    msg.get("data")
+        .and_then(|d| d.get("poison"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
     kill: Arc<Notify>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    state
+        .log
+        .lock()
+        .expect("lock")
+        .push(format!("{} {}", req.method(), req.uri().path()));
     let f = &state.faults;
     if f.is_down() || take(&f.drop_next) {
         kill.notify_one();
@@ -271,12 +384,21 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|k| k == state.api_key);
-    if !authorized {
+    if !authorized || f.unauthorized.load(Ordering::SeqCst) {
         state.unauthorized.fetch_add(1, Ordering::SeqCst);
         return Ok(json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "invalid API key"}),
         ));
+    }
+    if req.uri().path() == "/ok" {
+        return Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"})));
+    }
+    if f.redirect.load(Ordering::SeqCst) {
+        let mut r = json(StatusCode::FOUND, serde_json::json!({"error": "moved"}));
+        r.headers_mut()
+            .insert("location", "/ok".parse().expect("header value"));
+        return Ok(r);
     }
     if take(&f.fail_next) {
         let status = StatusCode::from_u16(f.fail_status.load(Ordering::SeqCst))
@@ -324,12 +446,49 @@ async fn handle(
                     serde_json::json!({"error": "injected rejection"}),
                 ));
             }
+            let max_msgs = f.max_batch_messages.load(Ordering::SeqCst);
+            let max_bytes = f.max_batch_bytes.load(Ordering::SeqCst);
+            if (max_msgs > 0 && msgs.len() as u64 > max_msgs)
+                || (max_bytes > 0 && body.len() as u64 > max_bytes)
+            {
+                return Ok(json(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    serde_json::json!({"error": "payload too large"}),
+                ));
+            }
+            if f.poison.load(Ordering::SeqCst) && msgs.iter().any(is_poison) {
+                return Ok(json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({"error": "invalid message: poison"}),
+                ));
+            }
+            if take(&f.reset_next) {
+                let r = Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "application/json")
+                    .header("content-length", "64")
+                    .body(
+                        Truncated {
+                            chunk: Some(Bytes::from_static(b"{\"status\":\"o")),
+                        }
+                        .boxed(),
+                    )
+                    .expect("valid response");
+                return Ok(r);
+            }
             let n = msgs.len();
             state.received.lock().expect("lock").extend(msgs);
             state.batches.fetch_add(1, Ordering::SeqCst);
             let ack_delay = f.ack_delay_ms.load(Ordering::SeqCst);
             if ack_delay > 0 {
                 tokio::time::sleep(Duration::from_millis(ack_delay)).await;
+            }
+            if f.garbage.load(Ordering::SeqCst) {
+                return Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "application/json")
+                    .body(full(GARBAGE_BODY))
+                    .expect("valid response"));
             }
             Ok(json(
                 StatusCode::OK,
@@ -349,6 +508,13 @@ async fn handle(
                 serde_json::json!({"status": "ok", "received": 1}),
             ))
         }
+        ("GET", "/entities/check_messages") if f.garbage.load(Ordering::SeqCst) => {
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(full(GARBAGE_BODY))
+                .expect("valid response"))
+        }
         ("GET", "/entities/check_messages") => {
             let limit = query
                 .split('&')
@@ -361,7 +527,7 @@ async fn handle(
             if msgs.is_empty() {
                 Ok(Response::builder()
                     .status(StatusCode::NO_CONTENT)
-                    .body(Full::new(Bytes::new()))
+                    .body(full(Bytes::new()))
                     .expect("valid response"))
             } else {
                 Ok(json(

@@ -53,8 +53,9 @@ async fn publish_check_and_auth() {
     );
     assert_eq!(platform.unauthorized(), 0);
 
-    // A wrong key: the platform refuses with 401, a 4xx other than 408/429, so the batch is
-    // dead-lettered (issue 3) and the log says to check the API key Secret.
+    // A wrong key: the platform refuses with 401. The message stays in the spool and is
+    // retried (issue 15: a rotated key must not empty the spool), nothing is dead-lettered,
+    // and the log and /healthz say to check the API key Secret.
     let dir2 = tempfile::tempdir().unwrap();
     let wrong = Agent::start(AgentConfig {
         bin: agent_bin(),
@@ -76,15 +77,24 @@ async fn publish_check_and_auth() {
         b""
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while wrong.metric("nanogate_sidecar_dead_lettered_total") != Some(1.0) {
-        assert!(std::time::Instant::now() < deadline, "not dead-lettered");
+    while wrong.metric(r#"nanogate_sidecar_upstream_errors_total{kind="unauthorized"}"#) < Some(3.0)
+    {
+        assert!(std::time::Instant::now() < deadline, "401 not retried");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(platform.unauthorized() >= 1);
+    assert!(platform.unauthorized() >= 3);
     assert_eq!(platform.received_count(), 1);
-    assert_eq!(wrong.metric("nanogate_sidecar_queue_depth"), Some(0.0));
-    let dead = std::fs::read_to_string(wrong.spool.join("dead-letter.jsonl")).unwrap();
-    assert!(dead.contains("\"status\":401"), "{dead}");
+    assert_eq!(
+        wrong.metric("nanogate_sidecar_dead_lettered_total"),
+        Some(0.0)
+    );
+    assert_eq!(wrong.metric("nanogate_sidecar_queue_depth"), Some(1.0));
+    assert!(!wrong.spool.join("dead-letter.jsonl").exists());
+    let (_, health) = wrong.http_get("/healthz").unwrap();
+    assert!(
+        health.contains(r#""last_error":"unauthorized: HTTP 401"#),
+        "{health}"
+    );
     assert!(
         wrong.log_text().contains("check the API key Secret"),
         "{}",

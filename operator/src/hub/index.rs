@@ -52,6 +52,9 @@ pub struct FleetHealth {
     pub last_heartbeat_unix: Option<i64>,
     /// Sidecars whose upstream circuit is closed, out of those that reported one.
     pub upstream_reachable: Option<bool>,
+    /// The last upstream error of a sidecar whose circuit is not closed (the first such pod by
+    /// name), for the `UpstreamReachable` reason and `status.upstream.lastError`.
+    pub upstream_error: Option<String>,
     /// Unhealthy sidecars, longest-unhealthy first, at most [`MAX_UNHEALTHY`].
     pub unhealthy: Vec<UnhealthyAgent>,
     /// How many sidecars run each config generation.
@@ -208,6 +211,7 @@ impl HealthIndex {
         let mut reachable = 0u32;
         let mut reporting = 0u32;
         let mut unhealthy = Vec::new();
+        let mut upstream_errors: Vec<(String, String)> = Vec::new();
         for record in agents
             .values_mut()
             .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
@@ -237,6 +241,9 @@ impl HealthIndex {
                     reporting += 1;
                     let circuit_closed = hb.upstream.state == "closed";
                     reachable += u32::from(circuit_closed);
+                    if let (false, Some(e)) = (circuit_closed, &hb.upstream.last_error) {
+                        upstream_errors.push((record.identity.pod.clone(), e.clone()));
+                    }
                     match hb.status {
                         AgentStatus::Ready if circuit_closed => None,
                         AgentStatus::Ready => Some("UpstreamUnreachable"),
@@ -266,6 +273,7 @@ impl HealthIndex {
         if reporting > 0 {
             fleet.upstream_reachable = Some(reachable > 0);
         }
+        fleet.upstream_error = upstream_errors.into_iter().min().map(|(_, e)| e);
         unhealthy.sort_by(|a, b| {
             b.for_duration
                 .cmp(&a.for_duration)
@@ -430,5 +438,30 @@ pub(crate) mod tests {
         assert_eq!(first.unhealthy.len(), MAX_UNHEALTHY);
         let later = index.fleet("ns", "gw", t0 + Duration::from_secs(4), SILENCE);
         assert_eq!(later.unhealthy[0].for_duration, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn the_error_of_an_unreachable_sidecar_is_kept() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            index.connected(identity(n, "gw"), n.into(), t0);
+        }
+        let failing = |n: u32, e: &str| {
+            let mut hb = heartbeat(1, AgentStatus::Degraded, "open");
+            hb.upstream.last_error = Some(e.into());
+            index.heartbeat(&format!("uid-{n}"), n.into(), hb, t0);
+        };
+        failing(2, "unauthorized: HTTP 401");
+        failing(3, "HTTP 503 from messages");
+        let mut ok = heartbeat(1, AgentStatus::Ready, "closed");
+        ok.upstream.last_error = Some("old error".into());
+        index.heartbeat("uid-1", 1, ok, t0);
+        let fleet = index.fleet("ns", "gw", t0, SILENCE);
+        assert_eq!(
+            fleet.upstream_error.as_deref(),
+            Some("unauthorized: HTTP 401")
+        );
+        assert_eq!(fleet.upstream_reachable, Some(true));
     }
 }

@@ -68,31 +68,37 @@ pub fn fleet_status(
         received_per_second: round1(fleet.received_per_second),
         delivered_per_second: round1(fleet.delivered_per_second),
     });
-    let (upstream_state, upstream_status, upstream_reason, upstream_message) =
-        match fleet.upstream_reachable {
-            Some(true) => (
-                "Reachable",
-                "True",
-                "Delivering",
-                "Sidecars deliver to the upstream".to_string(),
-            ),
-            Some(false) => (
+    let (upstream_state, upstream_status, upstream_reason, upstream_message) = match fleet
+        .upstream_reachable
+    {
+        Some(true) => (
+            "Reachable",
+            "True",
+            "Delivering",
+            "Sidecars deliver to the upstream".to_string(),
+        ),
+        Some(false) => {
+            let (reason, why) = unreachable_reason(fleet.upstream_error.as_deref());
+            (
                 "Unreachable",
                 "False",
-                "DeliveryFailing",
-                "No sidecar can reach the upstream; messages wait in their spools".to_string(),
-            ),
-            None => (
-                "Unknown",
-                "Unknown",
-                "AwaitingSidecars",
-                "No sidecar has reported yet".to_string(),
-            ),
-        };
-    let last_error = st
-        .upstream
-        .as_ref()
-        .and_then(|u| u.last_error.clone())
+                reason,
+                format!(
+                    "No sidecar can deliver to the upstream ({why}); messages wait in their spools"
+                ),
+            )
+        }
+        None => (
+            "Unknown",
+            "Unknown",
+            "AwaitingSidecars",
+            "No sidecar has reported yet".to_string(),
+        ),
+    };
+    let last_error = fleet
+        .upstream_error
+        .as_deref()
+        .map(bounded)
         .filter(|_| upstream_state == "Unreachable");
     st.upstream = Some(UpstreamStatus {
         state: upstream_state.into(),
@@ -195,6 +201,28 @@ fn config_note(fleet: &FleetHealth, current: Option<i64>) -> String {
     } else {
         format!("; {on_current} of {reporting} on the current configuration")
     }
+}
+
+/// The `UpstreamReachable` reason and a short explanation, from a sidecar's last upstream
+/// error: the agent starts it with `unauthorized:` for 401/403 (its spool is held until the
+/// API key works) and `redirected:` for a 3xx (never followed).
+fn unreachable_reason(last_error: Option<&str>) -> (&'static str, &'static str) {
+    match last_error {
+        Some(e) if e.starts_with("unauthorized:") => (
+            "Unauthorized",
+            "the platform refuses the API key: check the API key Secret",
+        ),
+        Some(e) if e.starts_with("redirected:") => (
+            "Redirected",
+            "the platform answers with a redirect, which is not followed: check the upstream URL",
+        ),
+        _ => ("DeliveryFailing", "delivery fails"),
+    }
+}
+
+/// At most 256 characters of an error for the status.
+fn bounded(e: &str) -> String {
+    e.chars().take(256).collect()
 }
 
 fn round1(x: f64) -> f64 {
@@ -398,6 +426,7 @@ mod tests {
             delivered_per_second: 11.0,
             last_heartbeat_unix: Some(1_000),
             upstream_reachable: Some(true),
+            upstream_error: None,
             unhealthy: Vec::new(),
             config_generations: Default::default(),
         }
@@ -495,5 +524,65 @@ mod tests {
         let first = fleet_status(Some(&with_expected(2)), &fleet(2, 2), Some(1), &time(1_000));
         let second = fleet_status(Some(&first), &fleet(1, 1), Some(1), &time(1_005));
         assert!(needs_write(Some(&first), &second));
+    }
+
+    fn upstream(st: &AgentGatewayStatus) -> (String, String, Option<String>) {
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::UPSTREAM_REACHABLE)
+            .unwrap();
+        (
+            c.status.clone(),
+            c.reason.clone(),
+            st.upstream.as_ref().and_then(|u| u.last_error.clone()),
+        )
+    }
+
+    #[test]
+    fn unreachable_reason_follows_the_sidecars_last_error() {
+        let unreachable = |error: Option<&str>| {
+            let mut f = fleet(2, 0);
+            f.upstream_reachable = Some(false);
+            f.upstream_error = error.map(str::to_string);
+            fleet_status(Some(&with_expected(2)), &f, Some(1), &time(1_000))
+        };
+        let e401 = "unauthorized: HTTP 401 from messages; check the API key Secret (TENDRL_KEY / --api-key)";
+        let st = unreachable(Some(e401));
+        assert_eq!(
+            upstream(&st),
+            ("False".into(), "Unauthorized".into(), Some(e401.into()))
+        );
+        let cond = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::UPSTREAM_REACHABLE)
+            .unwrap();
+        assert!(cond.message.contains("API key Secret"), "{}", cond.message);
+        let e302 = "redirected: HTTP 302 from messages to /ok; redirects are not followed";
+        assert_eq!(
+            upstream(&unreachable(Some(e302))).1,
+            "Redirected".to_string()
+        );
+        assert_eq!(
+            upstream(&unreachable(Some("HTTP 503 from messages"))).1,
+            "DeliveryFailing".to_string()
+        );
+        assert_eq!(
+            upstream(&unreachable(None)).1,
+            "DeliveryFailing".to_string()
+        );
+        // A long error is bounded; a reachable fleet shows none.
+        let long = format!("unauthorized: {}", "x".repeat(1000));
+        assert_eq!(
+            upstream(&unreachable(Some(&long)))
+                .2
+                .map(|e| e.chars().count()),
+            Some(256)
+        );
+        let mut f = fleet(2, 2);
+        f.upstream_error = Some(e401.into());
+        let st = fleet_status(Some(&with_expected(2)), &f, Some(1), &time(1_000));
+        assert_eq!(upstream(&st), ("True".into(), "Delivering".into(), None));
     }
 }

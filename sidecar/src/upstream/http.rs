@@ -3,6 +3,10 @@
 //! - `POST {url}/entities/messages` — batch (JSON array); any 2xx delivers it.
 //! - `POST {url}/entities/message` — one message (`wait:true`); the body is relayed.
 //! - `GET {url}/entities/check_messages?limit=N` — 204 when empty, 200 `{"messages":[…]}`.
+//!
+//! Redirects are never followed (a POST followed by a body-less GET once acked batches that
+//! never reached the platform): a 3xx is an error like any other. [`classify`] turns every
+//! answer into `Ok` (delivered) or an [`UpstreamError`]; delivery acts on it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER};
 
 use super::{Upstream, UpstreamError};
 use crate::config::Config;
@@ -92,6 +96,8 @@ impl HttpUpstream {
             .timeout(config.upstream_timeout)
             .connect_timeout(config.upstream_timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))
+            // Never follow: a followed POST becomes a GET without the batch (issue 15).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("nano-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("building the HTTP client")?;
@@ -118,9 +124,14 @@ impl HttpUpstream {
         let res = match res {
             Ok(r) => {
                 let status = r.status();
-                let retry_after = retry_after(r.headers());
+                // Only a failure needs its headers (Location, Retry-After): no copy per 2xx.
+                let headers = if status.is_success() {
+                    HeaderMap::new()
+                } else {
+                    r.headers().clone()
+                };
                 match r.bytes().await {
-                    Ok(body) => Ok((status, body, retry_after)),
+                    Ok(body) => Ok((status, headers, body)),
                     Err(e) => Err(network(e)),
                 }
             }
@@ -130,43 +141,79 @@ impl HttpUpstream {
             .upstream_duration
             .with_label_values(&[endpoint])
             .observe(start.elapsed().as_secs_f64());
-        let (status, body, retry_after) = res?;
-        classify(endpoint, status, retry_after, &body)?;
+        let (status, headers, body) = res?;
+        classify(endpoint, status, &headers, &body)?;
         Ok((status, body))
     }
 }
 
-/// Classifies a non-2xx answer (issue 3): 5xx, 429 and 408 are retried forever; every other
-/// 4xx — 401/403 included — is refused for good, so delivery dead-letters the batch.
+/// At most this much of a refusal's body is kept (logs, dead-letter lines, replies).
+const MAX_REPLY_BYTES: usize = 1024;
+
+/// What the platform's answer means (issue 15):
+///
+/// - 2xx: delivered (`Ok`); the body is the caller's business (a batch ignores it).
+/// - 3xx: [`UpstreamError::Redirected`] with its `Location` — never followed, retried.
+/// - 401, 403: [`UpstreamError::Unauthorized`] — retried, the spool is held.
+/// - 408, 429, 5xx (and anything else unexpected): [`UpstreamError::Retryable`], with
+///   `Retry-After`.
+/// - 413: [`UpstreamError::TooLarge`] — delivery splits the batch.
+/// - any other 4xx: [`UpstreamError::Rejected`] — delivery splits the batch; a single
+///   message is dead-lettered.
 fn classify(
-    endpoint: &str,
+    endpoint: &'static str,
     status: StatusCode,
-    retry_after: Option<Duration>,
+    headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(), UpstreamError> {
+    let code = status.as_u16();
     if status.is_success() {
         return Ok(());
     }
-    let code = status.as_u16();
-    if status.is_server_error() || code == 429 || code == 408 {
-        return Err(UpstreamError::Retryable {
-            reason: format!("HTTP {code} from {endpoint}"),
-            retry_after,
+    if status.is_redirection() {
+        let location = headers
+            .get(LOCATION)
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(256)
+                    .collect()
+            })
+            .unwrap_or_else(|| "(none)".to_owned());
+        return Err(UpstreamError::Redirected {
+            status: code,
+            endpoint,
+            location,
         });
     }
-    if code == 401 || code == 403 {
-        // Repeats for every batch until the key is corrected: say what to fix.
-        tracing::error!(
-            status = code,
+    match code {
+        401 | 403 => Err(UpstreamError::Unauthorized {
+            status: code,
             endpoint,
-            "the platform refused the API key (HTTP {code}); batches are dead-lettered until it \
-             is fixed: check the API key Secret (TENDRL_KEY / --api-key)"
-        );
+        }),
+        408 | 429 => Err(retry(endpoint, code, headers)),
+        413 => Err(UpstreamError::TooLarge {
+            body: reply_text(body),
+        }),
+        400..=499 => Err(UpstreamError::Rejected {
+            status: code,
+            body: reply_text(body),
+        }),
+        _ => Err(retry(endpoint, code, headers)),
     }
-    Err(UpstreamError::Rejected {
-        status: code,
-        body: String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
-    })
+}
+
+fn retry(endpoint: &str, code: u16, headers: &HeaderMap) -> UpstreamError {
+    UpstreamError::Retryable {
+        reason: format!("HTTP {code} from {endpoint}"),
+        retry_after: retry_after(headers),
+    }
+}
+
+/// The start of a reply body as text, for logs and the dead-letter file.
+fn reply_text(body: &[u8]) -> String {
+    let head = body.get(..MAX_REPLY_BYTES).unwrap_or(body);
+    String::from_utf8_lossy(head).into_owned()
 }
 
 fn network(e: reqwest::Error) -> UpstreamError {
@@ -250,26 +297,65 @@ impl Upstream for HttpUpstream {
 mod tests {
     use super::*;
 
-    #[test]
-    fn classification_follows_issue_3() {
-        let class = |code: u16| match classify(
+    fn class(code: u16) -> &'static str {
+        let mut headers = HeaderMap::new();
+        headers.insert(LOCATION, "/ok".parse().unwrap());
+        match classify(
             "messages",
             StatusCode::from_u16(code).unwrap(),
-            None,
+            &headers,
             b"{}",
         ) {
             Ok(()) => "ok",
-            Err(UpstreamError::Retryable { .. }) => "retry",
-            Err(UpstreamError::Rejected { .. }) => "dead-letter",
-        };
-        for code in [200, 202, 204] {
+            Err(e) => e.kind(),
+        }
+    }
+
+    #[test]
+    fn classification_follows_issue_15() {
+        for code in [200, 201, 202, 204] {
             assert_eq!(class(code), "ok", "{code}");
         }
         for code in [500, 502, 503, 504, 429, 408] {
-            assert_eq!(class(code), "retry", "{code}");
+            assert_eq!(class(code), "retryable", "{code}");
         }
-        for code in [400, 401, 403, 404, 409, 413, 422] {
-            assert_eq!(class(code), "dead-letter", "{code}");
+        for code in [300, 301, 302, 303, 307, 308] {
+            assert_eq!(class(code), "redirect", "{code}");
+        }
+        for code in [401, 403] {
+            assert_eq!(class(code), "unauthorized", "{code}");
+        }
+        assert_eq!(class(413), "too_large");
+        for code in [400, 404, 409, 422] {
+            assert_eq!(class(code), "rejected", "{code}");
+        }
+    }
+
+    #[test]
+    fn redirect_names_its_location_and_refusals_keep_a_bounded_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert(LOCATION, "https://elsewhere.example/ok".parse().unwrap());
+        let e = classify("messages", StatusCode::FOUND, &headers, b"").unwrap_err();
+        assert!(
+            matches!(&e, UpstreamError::Redirected { status: 302, location, .. } if location == "https://elsewhere.example/ok"),
+            "{e:?}"
+        );
+        let e = classify("messages", StatusCode::FOUND, &HeaderMap::new(), b"").unwrap_err();
+        assert!(e.to_string().contains("(none)"), "{e}");
+        let big = vec![b'x'; 10_000];
+        match classify("messages", StatusCode::BAD_REQUEST, &HeaderMap::new(), &big) {
+            Err(UpstreamError::Rejected { status: 400, body }) => {
+                assert_eq!(body.len(), MAX_REPLY_BYTES)
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "1000000000".parse().unwrap());
+        match classify("messages", StatusCode::TOO_MANY_REQUESTS, &headers, b"") {
+            Err(UpstreamError::Retryable { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(1_000_000_000)))
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -25,7 +25,19 @@ use http::HttpUpstream;
 use nats::NatsUpstream;
 use socketio::{SocketIoOptions, SocketIoUpstream};
 
-/// Outcome of a failed upstream attempt.
+/// Outcome of a failed upstream attempt. What delivery does with each (see `batcher.rs`):
+///
+/// | variant | HTTP | delivery |
+/// |---|---|---|
+/// | `Retryable` | 5xx, 429, 408, network, timeout, reset | retry with backoff (≥ `Retry-After`, capped) |
+/// | `Unauthorized` | 401, 403 | hold the spool, retry with capped backoff, never dead-letter |
+/// | `Redirected` | 3xx (never followed) | retry with backoff |
+/// | `TooLarge` | 413 | split the batch; a single message is dead-lettered |
+/// | `Rejected` | other 4xx | split the batch; a single message is dead-lettered |
+///
+/// The `Display` of `Unauthorized` and `Redirected` starts with `unauthorized:` and
+/// `redirected:`: it becomes the agent's `last_error`, and the operator reads the prefix for
+/// the gateway's `UpstreamReachable` reason.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     /// Worth retrying (5xx, 429, 408, network, timeout); `retry_after` from the platform.
@@ -34,16 +46,39 @@ pub enum UpstreamError {
         reason: String,
         retry_after: Option<Duration>,
     },
-    /// The platform refused the request for good (other 4xx): dead-letter it.
+    /// The platform refused the credentials (401/403). Retried: a rotated or mistyped key must
+    /// not empty the spool.
+    #[error(
+        "unauthorized: HTTP {status} from {endpoint}; check the API key Secret (TENDRL_KEY / --api-key)"
+    )]
+    Unauthorized { status: u16, endpoint: &'static str },
+    /// A 3xx. Never followed (a POST must not turn into a body-less GET); retried.
+    #[error(
+        "redirected: HTTP {status} from {endpoint} to {location}; redirects are not followed, check the platform URL (--app-url)"
+    )]
+    Redirected {
+        status: u16,
+        endpoint: &'static str,
+        /// The `Location` header (at most 256 characters), or `(none)`.
+        location: String,
+    },
+    /// 413: the request is too large. A batch is split; a single message is dead-lettered.
+    #[error("too large: HTTP 413: {body}")]
+    TooLarge { body: String },
+    /// The platform refused the request for good (other 4xx). A batch is split to find the
+    /// messages it refuses; a single message is dead-lettered.
     #[error("rejected with HTTP {status}: {body}")]
     Rejected { status: u16, body: String },
 }
 
 impl UpstreamError {
-    /// Metric label.
+    /// Metric label (`upstream_errors_total{kind}`).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Retryable { .. } => "retryable",
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::Redirected { .. } => "redirect",
+            Self::TooLarge { .. } => "too_large",
             Self::Rejected { .. } => "rejected",
         }
     }
@@ -90,6 +125,43 @@ impl Batch {
     /// The JSON of one message (no copy).
     pub fn payload(&self, message: &BatchMessage) -> Bytes {
         self.body.slice(message.range.clone())
+    }
+
+    /// The batch of `messages` (taken from this one): a new JSON array, the same stable ids.
+    /// `None` when a message's range is not inside the body (a bug, never expected).
+    fn subset(&self, messages: &[BatchMessage]) -> Option<Batch> {
+        let mut body =
+            Vec::with_capacity(messages.iter().map(|m| m.range.len() + 1).sum::<usize>() + 1);
+        body.push(b'[');
+        let mut out = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            let json = self.body.get(m.range.clone())?;
+            if i > 0 {
+                body.push(b',');
+            }
+            let start = body.len();
+            body.extend_from_slice(json);
+            out.push(BatchMessage {
+                id: m.id.clone(),
+                range: start..body.len(),
+            });
+        }
+        body.push(b']');
+        Some(Batch {
+            body: Bytes::from(body),
+            count: out.len() as u64,
+            messages: out,
+        })
+    }
+
+    /// The two halves of a batch of at least two messages (the first half first), each with
+    /// its messages' stable ids. `None` for a single message (or an inconsistent batch).
+    pub fn split(&self) -> Option<(Batch, Batch)> {
+        if self.messages.len() < 2 {
+            return None;
+        }
+        let (first, second) = self.messages.split_at(self.messages.len() / 2);
+        Some((self.subset(first)?, self.subset(second)?))
     }
 }
 
@@ -187,5 +259,91 @@ impl Upstream for AnyUpstream {
 
     async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
         each_upstream!(self, u => u.check_messages(limit).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{RecordBuf, SpoolOptions};
+
+    fn batch_of(n: usize) -> (tempfile::TempDir, Batch) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(SpoolOptions {
+            dir: dir.path().to_owned(),
+            max_bytes: 1 << 20,
+            segment_bytes: 1 << 20,
+            sync_interval: Duration::from_secs(1),
+        })
+        .unwrap();
+        let mut r = RecordBuf::new();
+        for i in 0..n {
+            r.push(format!("{{\"i\":{i},\"s\":\"{}\"}}", "x".repeat(i)).as_bytes());
+        }
+        spool.append(&r).unwrap();
+        let mut pending = PendingBatch::default();
+        spool.reader().read_into(&mut pending, n as u64).unwrap();
+        let batch = Batch::from_pending(spool.id(), &pending);
+        (dir, batch)
+    }
+
+    fn values(b: &Batch) -> Vec<serde_json::Value> {
+        serde_json::from_slice(&b.body).unwrap()
+    }
+
+    #[test]
+    fn split_halves_keep_order_ids_and_payloads() {
+        let (_dir, batch) = batch_of(5);
+        assert_eq!(batch.count, 5);
+        let (a, b) = batch.split().unwrap();
+        assert_eq!((a.count, b.count), (2, 3));
+        let all: Vec<_> = values(&a).into_iter().chain(values(&b)).collect();
+        assert_eq!(all, values(&batch));
+        let ids: Vec<_> = a
+            .messages
+            .iter()
+            .chain(&b.messages)
+            .map(|m| &m.id)
+            .collect();
+        let orig: Vec<_> = batch.messages.iter().map(|m| &m.id).collect();
+        assert_eq!(ids, orig, "stable ids survive the split");
+        for part in [&a, &b] {
+            for (m, v) in part.messages.iter().zip(values(part)) {
+                let p: serde_json::Value = serde_json::from_slice(&part.payload(m)).unwrap();
+                assert_eq!(p, v);
+            }
+        }
+        // Down to single messages; a single message does not split.
+        let (c, d) = a.split().unwrap();
+        assert_eq!((c.count, d.count), (1, 1));
+        assert!(c.split().is_none());
+        assert_eq!(values(&c), vec![values(&batch)[0].clone()]);
+    }
+
+    #[test]
+    fn inconsistent_batch_does_not_split() {
+        let (_dir, mut batch) = batch_of(3);
+        if let Some(m) = batch.messages.last_mut() {
+            m.range = 0..batch.body.len() + 10;
+        }
+        assert!(batch.split().is_none());
+    }
+
+    #[test]
+    fn error_display_carries_the_operator_prefixes() {
+        let e = UpstreamError::Unauthorized {
+            status: 401,
+            endpoint: "messages",
+        };
+        assert!(e.to_string().starts_with("unauthorized:"), "{e}");
+        assert!(e.to_string().contains("API key Secret"), "{e}");
+        let e = UpstreamError::Redirected {
+            status: 302,
+            endpoint: "messages",
+            location: "/ok".into(),
+        };
+        assert!(e.to_string().starts_with("redirected:"), "{e}");
+        assert!(e.to_string().contains("/ok"), "{e}");
+        assert_eq!(e.kind(), "redirect");
     }
 }
