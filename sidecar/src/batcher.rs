@@ -6,13 +6,20 @@
 //!
 //! ```text
 //! backlog  = min(queue_depth, max_queue_size)            messages waiting in the spool
-//! pressure = max(1, cpu% / target_cpu_percent, mem% / target_mem_percent)
-//! target   = clamp(round((batch_size + scale_factor × backlog) × pressure),
+//! cpu      = max(1, cpu% / target_cpu_percent)
+//! mem      = max(1, mem% / target_mem_percent)           mem% is the working set
+//! target   = clamp(round((batch_size + scale_factor × backlog) × cpu / mem),
 //!                  min_batch_size, max_batch_size)
-//! spacing  = clamp(min_batch_interval × pressure, min_batch_interval, max_batch_interval)
+//! bytes    = max(1 message, max_batch_bytes / mem)
+//! spacing  = clamp(min_batch_interval × max(cpu, mem), min_batch_interval, max_batch_interval)
 //! ```
 //!
-//! A batch is sent as soon as it holds `target` messages, but never sooner than `spacing`
+//! CPU pressure grows batches (fewer requests for the same messages); memory pressure shrinks
+//! them, by count and by bytes, because a batch is what delivery holds in memory — growing it
+//! near the container's limit (as the seed's formula did) is how a backlog of large messages
+//! gets the agent OOM-killed. The byte budget bounds a batch whatever the message sizes.
+//!
+//! A batch is sent as soon as it holds `target` messages (or `bytes`), but never sooner than `spacing`
 //! after the previous send; a partial batch is sent `flush_interval` after its first message
 //! was read, whatever the load (a steady trickle is never held back). Throughput is therefore
 //! bounded by `max_batch_size / min_batch_interval` (2,000 msgs/s with the seed's defaults),
@@ -49,12 +56,15 @@ pub struct Sizer {
     pub target_mem_percent: f64,
     pub min_batch_interval: Duration,
     pub max_batch_interval: Duration,
+    pub max_batch_bytes: usize,
 }
 
 /// What the sizer decided for the next batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
     pub target: usize,
+    /// Most bytes of the batch's JSON array (one message always fits, whatever its size).
+    pub max_bytes: usize,
     pub spacing: Duration,
 }
 
@@ -70,22 +80,30 @@ impl Sizer {
             target_mem_percent: c.target_mem_percent,
             min_batch_interval: c.min_batch_interval,
             max_batch_interval: c.max_batch_interval,
+            max_batch_bytes: c.max_batch_bytes,
         }
     }
 
     pub fn plan(&self, queue_depth: u64, cpu_percent: f64, mem_percent: f64) -> Plan {
         let backlog = queue_depth.min(self.max_queue_size as u64) as f64;
-        let pressure = (cpu_percent / self.target_cpu_percent)
-            .max(mem_percent / self.target_mem_percent)
-            .max(1.0);
-        let pressure = if pressure.is_finite() { pressure } else { 1.0 };
-        let size = ((self.batch_size as f64 + self.scale_factor * backlog) * pressure).round();
+        let pressure = |used: f64, target: f64| {
+            let p = (used / target).max(1.0);
+            if p.is_finite() { p } else { 1.0 }
+        };
+        let cpu = pressure(cpu_percent, self.target_cpu_percent);
+        let mem = pressure(mem_percent, self.target_mem_percent);
+        let size = ((self.batch_size as f64 + self.scale_factor * backlog) * cpu / mem).round();
         let target = (size as usize).clamp(self.min_batch_size, self.max_batch_size);
+        let max_bytes = (self.max_batch_bytes as f64 / mem) as usize;
         let spacing = self
             .min_batch_interval
-            .mul_f64(pressure)
+            .mul_f64(cpu.max(mem))
             .clamp(self.min_batch_interval, self.max_batch_interval);
-        Plan { target, spacing }
+        Plan {
+            target,
+            max_bytes,
+            spacing,
+        }
     }
 }
 
@@ -112,7 +130,7 @@ impl Resources {
 /// CPU ticks (user + system) of this process from /proc/self/stat.
 fn cpu_ticks() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &s[s.rfind(')')? + 1..];
+    let rest = s.get(s.rfind(')')? + 1..)?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
@@ -127,13 +145,10 @@ fn read_u64(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Memory use in percent of the cgroup limit, or of the host when there is none.
+/// Memory use in percent of the container's limit, or of the host when there is none.
 fn mem_percent() -> Option<f64> {
-    if let (Some(cur), Some(max)) = (
-        read_u64("/sys/fs/cgroup/memory.current"),
-        read_u64("/sys/fs/cgroup/memory.max"),
-    ) {
-        return Some(cur as f64 * 100.0 / max as f64);
+    if let Some((working_set, limit)) = cgroup_memory() {
+        return Some(working_set as f64 * 100.0 / limit as f64);
     }
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<f64> {
@@ -142,6 +157,65 @@ fn mem_percent() -> Option<f64> {
     };
     let (total, avail) = (field("MemTotal:")?, field("MemAvailable:")?);
     Some((total - avail) * 100.0 / total)
+}
+
+/// The working set and limit of this process's memory cgroup (v2 or v1), as the kubelet
+/// counts it: usage less inactive page cache. The spool's writes fill the page cache, which
+/// the kernel reclaims before it OOM-kills; counting it would read as constant pressure.
+fn cgroup_memory() -> Option<(u64, u64)> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in cgroups.lines() {
+        // `0::/path` (v2) or `4:memory:/path` (v1).
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, usage, limit, inactive) = if controllers.is_empty() {
+            (
+                "/sys/fs/cgroup",
+                "memory.current",
+                "memory.max",
+                "inactive_file",
+            )
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let v1 = "/sys/fs/cgroup/memory";
+            (
+                v1,
+                "memory.usage_in_bytes",
+                "memory.limit_in_bytes",
+                "total_inactive_file",
+            )
+        } else {
+            continue;
+        };
+        // A container sees its own cgroup at the mount's root; a host process under its path.
+        for dir in [format!("{root}{path}"), root.to_owned()] {
+            let (Some(used), Some(max)) = (
+                read_u64(&format!("{dir}/{usage}")),
+                read_u64(&format!("{dir}/{limit}")),
+            ) else {
+                continue;
+            };
+            // v2 writes `max` (no number) and v1 a huge number when there is no limit.
+            if max == 0 || max >= 1 << 60 {
+                return None;
+            }
+            let stat = std::fs::read_to_string(format!("{dir}/memory.stat")).unwrap_or_default();
+            let cache = stat
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(inactive)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0u64);
+            return Some((used.saturating_sub(cache), max));
+        }
+    }
+    None
 }
 
 /// Samples CPU and memory every `interval` until `shutdown` flips.
@@ -294,7 +368,7 @@ impl<U: Upstream> Delivery<U> {
             self.metrics.target_batch_size.set(plan.target as i64);
             let want = (plan.target as u64).saturating_sub(batch.count);
             if want > 0
-                && let Err(e) = reader.read_into(&mut batch, want)
+                && let Err(e) = reader.read_bounded(&mut batch, want, plan.max_bytes)
             {
                 tracing::error!(error = %e, "reading the spool failed; retrying in 1s");
                 sleep(Duration::from_secs(1)).await;
@@ -515,6 +589,7 @@ mod tests {
             target_mem_percent: 80.0,
             min_batch_interval: Duration::from_millis(100),
             max_batch_interval: Duration::from_secs(1),
+            max_batch_bytes: 4 << 20,
         }
     }
 
@@ -526,6 +601,7 @@ mod tests {
             s.plan(0, 0.0, 0.0),
             Plan {
                 target: 10,
+                max_bytes: 4 << 20,
                 spacing: ms(100)
             }
         );
@@ -533,6 +609,7 @@ mod tests {
             s.plan(100, 10.0, 10.0),
             Plan {
                 target: 60,
+                max_bytes: 4 << 20,
                 spacing: ms(100)
             }
         );
@@ -540,6 +617,7 @@ mod tests {
             s.plan(100_000, 0.0, 0.0),
             Plan {
                 target: 200,
+                max_bytes: 4 << 20,
                 spacing: ms(100)
             }
         );
@@ -548,11 +626,25 @@ mod tests {
             s.plan(20, 140.0, 0.0),
             Plan {
                 target: 40,
+                max_bytes: 4 << 20,
                 spacing: ms(200)
             }
         );
         // Memory far over target: spacing saturates at max_batch_interval.
         assert_eq!(s.plan(0, 0.0, 8000.0).spacing, ms(1000));
+        // Memory at twice the target: batches halve, by count and by bytes, and sends are
+        // spaced out — a batch is what delivery holds in memory (the seed's formula grew it).
+        assert_eq!(
+            s.plan(380, 0.0, 160.0),
+            Plan {
+                target: 100,
+                max_bytes: 2 << 20,
+                spacing: ms(200)
+            }
+        );
+        // Both: CPU grows the count, memory shrinks it; the byte budget follows memory alone.
+        let both = s.plan(380, 140.0, 160.0);
+        assert_eq!((both.target, both.max_bytes), (200, 2 << 20));
         let s = Sizer {
             batch_size: 50,
             min_batch_size: 20,

@@ -210,14 +210,24 @@ pub struct Config {
     /// Batch growth per queued message (target = batch_size + scale_factor × backlog).
     #[arg(long, env = "NANOGATE_SCALE_FACTOR", default_value_t = 0.5)]
     pub scale_factor: f64,
+    /// Most bytes in one batch (its JSON array). Delivery holds one batch in memory, plus a
+    /// copy or two while sending or splitting it, so this bounds delivery's memory whatever
+    /// the message sizes: 4 MiB keeps a backlog of 1 MiB messages far inside the default
+    /// 64 MiB container limit. A single message larger than this still goes out, alone.
+    /// Shrinks under memory pressure (see --target-mem-percent).
+    #[arg(long, env = "NANOGATE_MAX_BATCH_BYTES", default_value = "4MiB", value_parser = parse_bytes_usize)]
+    pub max_batch_bytes: usize,
     /// Backlog (messages waiting in the spool) at which dynamic sizing saturates. The spool,
     /// not memory, holds the queue: at most one batch is in memory at a time.
     #[arg(long, env = "NANOGATE_MAX_QUEUE_SIZE", default_value_t = 1000)]
     pub max_queue_size: usize,
-    /// CPU use (percent of one core) above which batches grow and sends are spaced out.
+    /// CPU use (percent of one core) above which batches grow (fewer requests) and sends are
+    /// spaced out.
     #[arg(long, env = "NANOGATE_TARGET_CPU_PERCENT", default_value_t = 70.0)]
     pub target_cpu_percent: f64,
-    /// Memory use (percent of the cgroup limit, or of the host) above which batches grow.
+    /// Memory use (the working set, in percent of the container's memory limit, or of the
+    /// host without one) above which batches shrink, in messages and bytes, and sends are
+    /// spaced out.
     #[arg(long, env = "NANOGATE_TARGET_MEM_PERCENT", default_value_t = 80.0)]
     pub target_mem_percent: f64,
     /// Minimum time between two batch sends.
@@ -524,6 +534,9 @@ impl Config {
         }
         if self.backoff_initial > self.backoff_max {
             bail!("invalid config: backoff_initial must not exceed backoff_max");
+        }
+        if self.max_batch_bytes < 1024 {
+            bail!("invalid config: max_batch_bytes must be at least 1KiB");
         }
         if self.max_message_bytes < 64 {
             bail!("invalid config: max_message_bytes must be at least 64");

@@ -709,3 +709,77 @@ async fn sigterm_drains_or_persists() {
     let got: BTreeSet<u64> = ids(&platform.received()).into_iter().collect();
     assert_eq!(got, (0..80).collect());
 }
+
+/// Issue 15: delivery's memory is bounded by bytes, not message counts. The agent runs under
+/// the injector's default memory limit (a 64 MiB cgroup), the platform is down while 300
+/// messages of 900 KiB (270 MB) pile up in the spool, then it comes back. With the old sizing
+/// (200 messages a batch, grown under memory pressure) the first batch alone was 180 MB and
+/// the kernel killed the agent; now every message arrives once and nothing is OOM-killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_backlog_is_delivered_inside_a_64mib_memory_limit() {
+    const N: u64 = 300;
+    let cgroup = match nanogate_tests::cgroup::MemoryCgroup::create("nanogate-agent", 64 << 20) {
+        Ok(cg) => cg,
+        Err(why) => {
+            eprintln!(
+                "!!!!! SKIPPING large_backlog_is_delivered_inside_a_64mib_memory_limit: {why} !!!!!"
+            );
+            return;
+        }
+    };
+    let platform = PlatformServer::start().await.unwrap();
+    platform.faults().set_down(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = start_agent(
+        &platform,
+        dir.path(),
+        &[
+            "--spool-max-bytes",
+            "512MiB",
+            "--flush-interval",
+            "50ms",
+            "--backoff-max",
+            "500ms",
+        ],
+    );
+    cgroup.add(agent.pid().unwrap()).unwrap();
+    let filler = "x".repeat(900 * 1024);
+    let socket = agent.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        for id in 0..N {
+            let msg = publish_data(&format!(r#"{{"id":{id},"blob":"{filler}"}}"#));
+            assert_eq!(
+                oneshot(&socket, msg.as_bytes()),
+                b"",
+                "message {id} refused"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    platform.faults().set_down(false);
+    let delivered = platform
+        .wait_for(N as usize, Duration::from_secs(180))
+        .await;
+    let peak = cgroup.peak_bytes().unwrap_or(0);
+    eprintln!(
+        "backlog of {N} × 900 KiB: {} delivered in {} batches; cgroup peak {:.1} MiB of 64 MiB",
+        platform.received_count(),
+        platform.batches(),
+        peak as f64 / 1048576.0
+    );
+    assert!(
+        agent.child_running(),
+        "the agent died (OOM kills: {}):\n{}",
+        cgroup.oom_kills(),
+        agent.log_text()
+    );
+    assert_eq!(cgroup.oom_kills(), 0);
+    assert!(
+        delivered,
+        "only {} of {N} arrived",
+        platform.received_count()
+    );
+    let expected: BTreeSet<u64> = (0..N).collect();
+    assert_exactly_once(&platform, &expected).await;
+}

@@ -6,8 +6,10 @@
 //! - [`agent::Agent`]: runs the real `nano-agent` binary as a child process.
 //! - [`nats::NatsServer`]: a real `nats-server -js` the sidecar's `nats` upstream talks to.
 //! - [`http::http_get`]: a plain GET for admin and monitoring endpoints.
+//! - [`cgroup::MemoryCgroup`]: a memory limit like a container's, for the agent's process.
 
 pub mod agent;
+pub mod cgroup;
 pub mod http;
 pub mod nats;
 pub mod platform;

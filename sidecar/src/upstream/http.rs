@@ -192,6 +192,16 @@ fn classify(
             endpoint,
         }),
         408 | 429 => Err(retry(endpoint, code, headers)),
+        // The endpoint itself is wrong (a mistyped --app-url, a proxy in front of the
+        // platform): no message is at fault, so the spool is held and retried, never
+        // dead-lettered message by message.
+        404 | 405 | 410 => Err(UpstreamError::Retryable {
+            reason: format!(
+                "HTTP {code} from {endpoint}: the platform has no such endpoint; check the \
+                 gateway's upstream URL (--app-url)"
+            ),
+            retry_after: retry_after(headers),
+        }),
         413 => Err(UpstreamError::TooLarge {
             body: reply_text(body),
         }),
@@ -316,7 +326,8 @@ mod tests {
         for code in [200, 201, 202, 204] {
             assert_eq!(class(code), "ok", "{code}");
         }
-        for code in [500, 502, 503, 504, 429, 408] {
+        // A missing endpoint is a configuration error: held and retried, not dead-lettered.
+        for code in [500, 502, 503, 504, 429, 408, 404, 405, 410] {
             assert_eq!(class(code), "retryable", "{code}");
         }
         for code in [300, 301, 302, 303, 307, 308] {
@@ -326,7 +337,7 @@ mod tests {
             assert_eq!(class(code), "unauthorized", "{code}");
         }
         assert_eq!(class(413), "too_large");
-        for code in [400, 404, 409, 422] {
+        for code in [400, 409, 422] {
             assert_eq!(class(code), "rejected", "{code}");
         }
     }
