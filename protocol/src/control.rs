@@ -11,6 +11,12 @@
 //! deeper than [`MAX_DEPTH`], truncated or trailing data, unknown types and missing or mistyped
 //! fields are errors, never panics or unbounded allocations.
 
+// Input comes from peers: no panicking accessors outside tests (issue 15).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use rmpv::Value;
 
 /// Largest frame payload either side accepts (the architecture's 1 MiB).
@@ -254,10 +260,13 @@ impl FrameError {
 /// Encodes `message` as one frame (length prefix included).
 pub fn encode(message: &Message) -> Vec<u8> {
     let mut body = Vec::with_capacity(64);
-    // Writing into a Vec cannot fail.
-    rmpv::encode::write_value(&mut body, &message.to_value()).expect("writing to a Vec");
+    // Writing into a Vec cannot fail: rmpv's only errors are the writer's.
+    let _ = rmpv::encode::write_value(&mut body, &message.to_value());
     let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    // A body over 4 GiB (far over MAX_FRAME_LEN) gets a length the peer refuses, not one
+    // wrapped around that would make it read the rest of the stream as frames.
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(&body);
     frame
 }
@@ -305,10 +314,10 @@ impl FrameDecoder {
         if len > MAX_FRAME_LEN {
             return Err(FrameError::TooLarge(len));
         }
-        if self.buffer.len() < 4 + len {
+        let Some(body) = self.buffer.get(4..4 + len) else {
             return Ok(None);
-        }
-        let result = decode_body(&self.buffer[4..4 + len]);
+        };
+        let result = decode_body(body);
         self.buffer.drain(..4 + len);
         result.map(Some)
     }

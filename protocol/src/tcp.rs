@@ -25,6 +25,12 @@
 //! Types from the sidecar: `ack`, `error` (payload `{"status":"error","message":…}`, the app
 //! socket's error reply), `pong`, `keepalive`, `close` (payload `{"reason":…}`), `auth`.
 
+// Input comes from peers: no panicking accessors outside tests (issue 15).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::io::Write as _;
 
 use serde::Deserialize;
@@ -207,7 +213,8 @@ impl FrameDecoder {
         }
         loop {
             let from = self.scanned.max(self.pos);
-            let Some(nl) = self.buf[from..].iter().position(|&b| b == b'\n') else {
+            let unscanned = self.buf.get(from..).unwrap_or_default();
+            let Some(nl) = unscanned.iter().position(|&b| b == b'\n') else {
                 self.scanned = self.buf.len();
                 if self.buf.len() - self.pos > self.max_frame {
                     self.failed = true;
@@ -227,12 +234,11 @@ impl FrameDecoder {
                     max: self.max_frame,
                 });
             }
-            let line = &self.buf[start..end];
+            let line = self.buf.get(start..end).unwrap_or_default();
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let limits = self.limits;
-            return parse_line(&self.buf[start..end], &limits);
+            return parse_line(line, &self.limits);
         }
     }
 }
@@ -348,10 +354,7 @@ fn parse_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Publish<'a>, Fra
 /// serde_json appends " at line L column C"; positions mean little to the peer and make
 /// replies differ between identical frames.
 fn strip_location(s: &str) -> &str {
-    match s.rfind(" at line ") {
-        Some(i) => &s[..i],
-        None => s,
-    }
+    s.rsplit_once(" at line ").map_or(s, |(message, _)| message)
 }
 
 /// Appends `{"type":<kind>,"id":<id>,"payload":<payload>,"timestamp":<ms>}\n` to `out`.
@@ -364,7 +367,7 @@ pub fn write_frame(
     timestamp_ms: u64,
 ) {
     out.extend_from_slice(b"{\"type\":");
-    serde_json::to_writer(&mut *out, kind).expect("serialising into memory");
+    push_json_str(out, kind);
     if let Some(id) = id {
         out.extend_from_slice(b",\"id\":");
         out.extend_from_slice(id);
@@ -374,6 +377,12 @@ pub fn write_frame(
         out.extend_from_slice(p);
     }
     let _ = writeln!(out, ",\"timestamp\":{timestamp_ms}}}");
+}
+
+/// Appends `value` as a JSON string. Serialising a `str` into a `Vec` cannot fail (no I/O, and
+/// every string has a JSON form), so there is no error to handle.
+fn push_json_str(out: &mut Vec<u8>, value: &str) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 /// `ack`: the data frame's message is appended to the spool (accepted).
@@ -409,8 +418,9 @@ pub fn write_keepalive(out: &mut Vec<u8>, timestamp_ms: u64) {
 
 /// `close` with `{"reason":…}`; the sidecar closes the connection after writing it.
 pub fn write_close(out: &mut Vec<u8>, id: Option<&[u8]>, reason: &str, timestamp_ms: u64) {
-    let payload = serde_json::to_vec(&serde_json::json!({ "reason": reason }))
-        .expect("serialising into memory");
+    let mut payload = b"{\"reason\":".to_vec();
+    push_json_str(&mut payload, reason);
+    payload.push(b'}');
     write_frame(out, "close", id, Some(&payload), timestamp_ms);
 }
 
