@@ -38,6 +38,10 @@ fi
 fuzz=("${cargo[@]}" fuzz)
 opts=(--fuzz-dir fuzz --target-dir "$CARGO_TARGET_DIR")
 
+# The workspace's lock file: the targets fuzz the dependency versions nano-agent is built with
+# (cargo adds libfuzzer-sys and arbitrary, and drops what the fuzz crate does not use).
+cp Cargo.lock fuzz/Cargo.lock
+
 read -r -a targets <<<"${FUZZ_TARGETS:-$("${fuzz[@]}" list --fuzz-dir fuzz | tr '\n' ' ')}"
 t0=$(date +%s)
 log "building ${targets[*]} (target dir $CARGO_TARGET_DIR)"
