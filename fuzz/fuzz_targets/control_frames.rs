@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
     let split = data.first().map_or(0, |b| *b as usize % (data.len() + 1));
     let whole = run(&[data]);
     let (a, b) = data.split_at(split);
-    assert_eq!(whole, run(&[a, b]), "decoding depends on how the bytes arrive");
+    assert_eq!(
+        whole,
+        run(&[a, b]),
+        "decoding depends on how the bytes arrive"
+    );
     for frame in whole.into_iter().flatten() {
         let again: Message = decode_body(&frame[4..]).expect("our own encoding decodes");
         assert_eq!(encode(&again), frame, "re-encoding round-trips");

@@ -69,7 +69,11 @@ fuzz_target!(|data: &[u8]| {
     let split = data.first().map_or(0, |b| *b as usize % (data.len() + 1));
     let whole = run(&[data]);
     let (a, b) = data.split_at(split);
-    assert_eq!(whole, run(&[a, b]), "decoding depends on how the bytes arrive");
+    assert_eq!(
+        whole,
+        run(&[a, b]),
+        "decoding depends on how the bytes arrive"
+    );
     if data.len() <= 512 {
         let bytes: Vec<&[u8]> = data.chunks(1).collect();
         assert_eq!(whole, run(&bytes), "byte-at-a-time decoding differs");

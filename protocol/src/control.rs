@@ -11,6 +11,12 @@
 //! deeper than [`MAX_DEPTH`], truncated or trailing data, unknown types and missing or mistyped
 //! fields are errors, never panics or unbounded allocations.
 
+// Input comes from peers: no panicking accessors outside tests (issue 15).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use rmpv::Value;
 
 /// Largest frame payload either side accepts (the architecture's 1 MiB).
@@ -254,10 +260,13 @@ impl FrameError {
 /// Encodes `message` as one frame (length prefix included).
 pub fn encode(message: &Message) -> Vec<u8> {
     let mut body = Vec::with_capacity(64);
-    // Writing into a Vec cannot fail.
-    rmpv::encode::write_value(&mut body, &message.to_value()).expect("writing to a Vec");
+    // Writing into a Vec cannot fail: rmpv's only errors are the writer's.
+    let _ = rmpv::encode::write_value(&mut body, &message.to_value());
     let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    // A body over 4 GiB (far over MAX_FRAME_LEN) gets a length the peer refuses, not one
+    // wrapped around that would make it read the rest of the stream as frames.
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(&body);
     frame
 }
@@ -305,10 +314,10 @@ impl FrameDecoder {
         if len > MAX_FRAME_LEN {
             return Err(FrameError::TooLarge(len));
         }
-        if self.buffer.len() < 4 + len {
+        let Some(body) = self.buffer.get(4..4 + len) else {
             return Ok(None);
-        }
-        let result = decode_body(&self.buffer[4..4 + len]);
+        };
+        let result = decode_body(body);
         self.buffer.drain(..4 + len);
         result.map(Some)
     }
@@ -510,5 +519,177 @@ mod tests {
             panic!("not a notification")
         };
         assert_eq!(from_value::<Heartbeat>(data).unwrap(), heartbeat);
+    }
+
+    /// Differential property tests (issue 15): the same bytes fed whole, one byte at a time and
+    /// cut at arbitrary chunk boundaries decode to the same messages and the same first error.
+    mod chunking {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        /// Cuts `input` at the given points (taken modulo its length, sorted).
+        fn chunks<'a>(input: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
+            at.sort_unstable();
+            let mut out = Vec::with_capacity(at.len() + 1);
+            let mut from = 0;
+            for to in at {
+                out.push(&input[from..to]);
+                from = to;
+            }
+            out.push(&input[from..]);
+            out
+        }
+
+        /// Messages decoded from `chunks`, ending with the first error (the hub and the agent
+        /// close the connection on it), and what is left buffered.
+        fn decode(chunks: &[&[u8]]) -> (Vec<Result<Message, FrameError>>, usize) {
+            let mut decoder = FrameDecoder::new();
+            let mut out = Vec::new();
+            for chunk in chunks {
+                decoder.extend(chunk);
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(message)) => out.push(Ok(message)),
+                        Ok(None) => break,
+                        Err(error) => {
+                            out.push(Err(error));
+                            return (out, decoder.buffered());
+                        }
+                    }
+                }
+            }
+            (out, decoder.buffered())
+        }
+
+        /// Whole, byte at a time and at `cuts`: the messages and first error must agree (and,
+        /// without an error, what stays buffered); returns the whole result.
+        fn decode_every_way(input: &[u8], cuts: &[Index]) -> Vec<Result<Message, FrameError>> {
+            let (whole, left) = decode(&[input]);
+            let failed = matches!(whole.last(), Some(Err(_)));
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            for (how, (out, rest)) in [
+                ("byte at a time", decode(&bytes)),
+                ("chunked", decode(&chunks(input, cuts))),
+            ] {
+                assert_eq!(out, whole, "{how}");
+                if !failed {
+                    assert_eq!(rest, left, "{how}: bytes left buffered");
+                }
+            }
+            whole
+        }
+
+        /// A MessagePack value for `data` and `kwargs`: every kind a peer may send (floats
+        /// finite, so values compare equal), nested a few levels.
+        fn mp_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Nil),
+                any::<bool>().prop_map(Value::Boolean),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                (-1e9f64..1e9).prop_map(Value::F64),
+                (-1e3f32..1e3).prop_map(Value::F32),
+                ".{0,6}".prop_map(Value::from),
+                proptest::collection::vec(any::<u8>(), 0..6).prop_map(Value::Binary),
+                (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..4))
+                    .prop_map(|(t, d)| Value::Ext(t, d)),
+            ];
+            leaf.prop_recursive(3, 16, 3, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                    proptest::collection::vec((inner.clone(), inner), 0..3).prop_map(Value::Map),
+                ]
+            })
+        }
+
+        fn message() -> impl Strategy<Value = Message> {
+            let text = || ".{0,8}";
+            prop_oneof![
+                (text(), text(), text()).prop_map(|(id, version, credentials)| {
+                    Message::AgentHello {
+                        id,
+                        version,
+                        credentials,
+                    }
+                }),
+                text().prop_map(|version| Message::ManagerHello { version }),
+                any::<i64>().prop_map(|data| Message::Ping { data }),
+                any::<i64>().prop_map(|data| Message::Pong { data }),
+                text().prop_map(|reason| Message::Bye { reason }),
+                (
+                    text(),
+                    text(),
+                    proptest::collection::vec(text(), 0..3),
+                    proptest::collection::vec((text(), mp_value()), 0..3),
+                )
+                    .prop_map(|(id, method, args, kwargs)| Message::Request {
+                        id,
+                        method,
+                        args,
+                        kwargs,
+                    }),
+                (text(), any::<bool>(), mp_value())
+                    .prop_map(|(id, success, data)| Message::Response { id, success, data }),
+                (text(), mp_value()).prop_map(|(kind, data)| Message::Notification { kind, data }),
+            ]
+        }
+
+        /// A piece of a hostile stream: valid frames, frames with a corrupt body, length
+        /// prefixes over the limit or longer than what follows, and random bytes.
+        fn hostile_piece() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                3 => message().prop_map(|m| encode(&m)),
+                // A valid frame with one byte of its body changed.
+                2 => (message(), any::<Index>(), any::<u8>()).prop_map(|(m, at, byte)| {
+                    let mut frame = encode(&m);
+                    let i = 4 + at.index(frame.len() - 4);
+                    frame[i] = byte;
+                    frame
+                }),
+                // A valid frame whose prefix claims a different length.
+                1 => (message(), 0u32..64).prop_map(|(m, len)| {
+                    let mut frame = encode(&m);
+                    frame[..4].copy_from_slice(&len.to_be_bytes());
+                    frame
+                }),
+                // Bodies that are not messages.
+                1 => proptest::collection::vec(any::<u8>(), 0..12).prop_map(|body| {
+                    [&(body.len() as u32).to_be_bytes()[..], &body].concat()
+                }),
+                1 => ((MAX_FRAME_LEN as u32 + 1)..=u32::MAX)
+                    .prop_map(|len| len.to_be_bytes().to_vec()),
+                1 => Just(((MAX_FRAME_LEN as u32).to_be_bytes()).to_vec()),
+                1 => proptest::collection::vec(any::<u8>(), 0..12),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// A valid stream decodes to exactly its messages, however it is cut, and leaves
+            /// nothing buffered.
+            #[test]
+            fn valid_streams_decode_the_same_however_they_are_cut(
+                messages in proptest::collection::vec(message(), 0..8),
+                cuts in proptest::collection::vec(any::<Index>(), 0..12),
+            ) {
+                let input: Vec<u8> = messages.iter().flat_map(encode).collect();
+                let want: Vec<Result<Message, FrameError>> =
+                    messages.into_iter().map(Ok).collect();
+                prop_assert_eq!(decode_every_way(&input, &cuts), want);
+                prop_assert_eq!(decode(&[&input]).1, 0);
+            }
+
+            /// Any stream gives the same messages and the same first error, however it is cut.
+            #[test]
+            fn hostile_streams_give_the_same_error_however_they_are_cut(
+                pieces in proptest::collection::vec(hostile_piece(), 0..8),
+                cuts in proptest::collection::vec(any::<Index>(), 0..12),
+            ) {
+                decode_every_way(&pieces.concat(), &cuts);
+            }
+        }
     }
 }

@@ -25,6 +25,12 @@
 //! Types from the sidecar: `ack`, `error` (payload `{"status":"error","message":…}`, the app
 //! socket's error reply), `pong`, `keepalive`, `close` (payload `{"reason":…}`), `auth`.
 
+// Input comes from peers: no panicking accessors outside tests (issue 15).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::io::Write as _;
 
 use serde::Deserialize;
@@ -207,7 +213,8 @@ impl FrameDecoder {
         }
         loop {
             let from = self.scanned.max(self.pos);
-            let Some(nl) = self.buf[from..].iter().position(|&b| b == b'\n') else {
+            let unscanned = self.buf.get(from..).unwrap_or_default();
+            let Some(nl) = unscanned.iter().position(|&b| b == b'\n') else {
                 self.scanned = self.buf.len();
                 if self.buf.len() - self.pos > self.max_frame {
                     self.failed = true;
@@ -227,12 +234,11 @@ impl FrameDecoder {
                     max: self.max_frame,
                 });
             }
-            let line = &self.buf[start..end];
+            let line = self.buf.get(start..end).unwrap_or_default();
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let limits = self.limits;
-            return parse_line(&self.buf[start..end], &limits);
+            return parse_line(line, &self.limits);
         }
     }
 }
@@ -332,10 +338,7 @@ fn parse_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Publish<'a>, Fra
 /// serde_json appends " at line L column C"; positions mean little to the peer and make
 /// replies differ between identical frames.
 fn strip_location(s: &str) -> &str {
-    match s.rfind(" at line ") {
-        Some(i) => &s[..i],
-        None => s,
-    }
+    s.rsplit_once(" at line ").map_or(s, |(message, _)| message)
 }
 
 /// Appends `{"type":<kind>,"id":<id>,"payload":<payload>,"timestamp":<ms>}\n` to `out`.
@@ -348,7 +351,7 @@ pub fn write_frame(
     timestamp_ms: u64,
 ) {
     out.extend_from_slice(b"{\"type\":");
-    serde_json::to_writer(&mut *out, kind).expect("serialising into memory");
+    push_json_str(out, kind);
     if let Some(id) = id {
         out.extend_from_slice(b",\"id\":");
         out.extend_from_slice(id);
@@ -358,6 +361,12 @@ pub fn write_frame(
         out.extend_from_slice(p);
     }
     let _ = writeln!(out, ",\"timestamp\":{timestamp_ms}}}");
+}
+
+/// Appends `value` as a JSON string. Serialising a `str` into a `Vec` cannot fail (no I/O, and
+/// every string has a JSON form), so there is no error to handle.
+fn push_json_str(out: &mut Vec<u8>, value: &str) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 /// `ack`: the data frame's message is appended to the spool (accepted).
@@ -393,8 +402,9 @@ pub fn write_keepalive(out: &mut Vec<u8>, timestamp_ms: u64) {
 
 /// `close` with `{"reason":…}`; the sidecar closes the connection after writing it.
 pub fn write_close(out: &mut Vec<u8>, id: Option<&[u8]>, reason: &str, timestamp_ms: u64) {
-    let payload = serde_json::to_vec(&serde_json::json!({ "reason": reason }))
-        .expect("serialising into memory");
+    let mut payload = b"{\"reason\":".to_vec();
+    push_json_str(&mut payload, reason);
+    payload.push(b'}');
     write_frame(out, "close", id, Some(&payload), timestamp_ms);
 }
 
@@ -656,6 +666,252 @@ mod tests {
         assert!(!token_matches(b"s3cret", b"s3creT"));
         assert!(!token_matches(b"s3cret", b"s3cre"));
         assert!(!token_matches(b"s3cret", b""));
+    }
+
+    /// Differential property tests (issue 15): the same bytes fed whole, one byte at a time and
+    /// cut at arbitrary chunk boundaries decode to the same frames and the same errors.
+    mod chunking {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        /// Small limits for hostile streams, so oversized payloads and lines are reached.
+        const LIMITS: Limits = Limits {
+            max_message_bytes: 96,
+            max_tags: 3,
+        };
+
+        /// Cuts `input` at the given points (taken modulo its length, sorted).
+        fn chunks<'a>(input: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
+            at.sort_unstable();
+            let mut out = Vec::with_capacity(at.len() + 1);
+            let mut from = 0;
+            for to in at {
+                out.push(&input[from..to]);
+                from = to;
+            }
+            out.push(&input[from..]);
+            out
+        }
+
+        /// Decodes `input` fed as `chunks` with the frame limit `max_frame` (`None`: default).
+        fn decode(chunks: &[&[u8]], limits: Limits, max_frame: Option<usize>) -> Vec<String> {
+            let mut d = FrameDecoder::new(limits);
+            if let Some(max) = max_frame {
+                d.set_max_frame(max);
+            }
+            let mut out = vec![];
+            for c in chunks {
+                d.feed(c);
+                while let Some(s) = summary(d.next()) {
+                    out.push(s);
+                }
+            }
+            out
+        }
+
+        /// Whole, byte at a time and at `cuts`: all three must agree; returns the whole result.
+        fn decode_every_way(
+            input: &[u8],
+            cuts: &[Index],
+            limits: Limits,
+            max_frame: Option<usize>,
+        ) -> Vec<String> {
+            let whole = decode(&[input], limits, max_frame);
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            assert_eq!(decode(&bytes, limits, max_frame), whole, "byte at a time");
+            assert_eq!(
+                decode(&chunks(input, cuts), limits, max_frame),
+                whole,
+                "chunked at {:?}",
+                cuts.iter()
+                    .map(|i| i.index(input.len() + 1))
+                    .collect::<Vec<_>>()
+            );
+            whole
+        }
+
+        /// A JSON value for `data`: strings with escapes and non-ASCII text, numbers, nesting.
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                "[a-z\"\\\\\n\t\u{e9}\u{1F600}]{0,6}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 12, 3, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                    proptest::collection::btree_map("[a-z]{1,3}", inner, 0..3)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// An id as the peer writes it: none, a string or a number.
+        fn frame_id() -> impl Strategy<Value = Option<Value>> {
+            prop_oneof![
+                Just(None),
+                "[a-z0-9 \"\u{e9}]{0,8}".prop_map(|s| Some(Value::from(s))),
+                any::<i32>().prop_map(|n| Some(Value::from(n))),
+            ]
+        }
+
+        /// One valid frame line (without its terminator) and the summary it must decode to.
+        fn valid_frame() -> impl Strategy<Value = (String, String)> {
+            let kind = prop_oneof![
+                (json_value(), proptest::collection::vec("[a-z]{1,4}", 0..=3)).prop_map(
+                    |(data, tags)| {
+                        let payload =
+                            json!({"msg_type": "publish", "data": data, "context": {"tags": tags}});
+                        let text = payload.to_string();
+                        let envelope = format!(
+                            "{},\"timestamp\":\"T\",\"source\":\"s\"}}",
+                            &text[..text.len() - 1]
+                        );
+                        ("data", Some(payload), None, format!("data {envelope}"))
+                    }
+                ),
+                Just(("ping", None, None, "ping".to_string())),
+                Just(("pong", Some(json!("x")), None, "pong".to_string())),
+                Just(("keepalive", None, None, "keepalive".to_string())),
+                Just((
+                    "close",
+                    Some(json!({"reason": "done"})),
+                    None,
+                    "close".to_string()
+                )),
+                "[a-zA-Z0-9\u{e9}]{1,8}".prop_map(|t| (
+                    "auth",
+                    None,
+                    Some(t.clone()),
+                    format!("auth {t}")
+                )),
+            ];
+            (kind, frame_id(), any::<u64>()).prop_map(|((kind, payload, token, want), id, ts)| {
+                let mut frame = serde_json::Map::new();
+                frame.insert("type".into(), kind.into());
+                if let Some(p) = payload {
+                    frame.insert("payload".into(), p);
+                }
+                if let Some(t) = token {
+                    frame.insert("token".into(), t.into());
+                }
+                let id_text = id.map(|id| {
+                    let text = id.to_string();
+                    frame.insert("id".into(), id);
+                    text
+                });
+                frame.insert("timestamp".into(), ts.into());
+                (
+                    Value::Object(frame).to_string(),
+                    format!("{want} id={id_text:?}"),
+                )
+            })
+        }
+
+        /// How a line ends, and what may sit between lines.
+        fn terminator() -> impl Strategy<Value = &'static str> {
+            prop_oneof![
+                4 => Just("\n"),
+                2 => Just("\r\n"),
+                1 => Just("\n\n"),
+                1 => Just("\n  \t\r\n"),
+            ]
+        }
+
+        /// A piece of a hostile stream: valid lines, broken JSON, non-objects, bad frames,
+        /// lines over the limits, stray terminators and random bytes.
+        fn hostile_piece() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                valid_frame().prop_map(|(line, _)| line.into_bytes()),
+                Just(b"\n".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b"{".to_vec()),
+                Just(b"}".to_vec()),
+                Just(b"[1,{}]".to_vec()),
+                Just(b"null".to_vec()),
+                Just(br#"{"type":"nope","id":"q"}"#.to_vec()),
+                Just(br#"{"type":5}"#.to_vec()),
+                Just(br#"{"type":"ping","id":{}}"#.to_vec()),
+                Just(br#"{"type":"data","id":3,"payload":"s"}"#.to_vec()),
+                Just(br#"{"type":"data","payload":{"msg_type":"msg_check"}}"#.to_vec()),
+                Just(
+                    br#"{"type":"data","payload":{"msg_type":"publish","context":{"wait":true}}}"#
+                        .to_vec()
+                ),
+                Just(br#"{"type":"ping"} {"type":"ping"}"#.to_vec()),
+                Just(b"{\"type\":\"p\xffng\"}".to_vec()),
+                (1usize..200).prop_map(|n| vec![b'x'; n]),
+                (1usize..200).prop_map(|n| vec![b' '; n]),
+                proptest::collection::vec(any::<u8>(), 0..24),
+            ]
+        }
+
+        /// A frame limit for a hostile stream.
+        #[derive(Debug, Clone)]
+        enum Limit {
+            Fixed(usize),
+            /// The length of one of the stream's lines, plus -1, 0 or 1: the edges of the limit
+            /// (a line exactly at it is accepted, one byte more is fatal, whole or partial).
+            Line(Index, isize),
+        }
+
+        impl Limit {
+            fn resolve(&self, input: &[u8]) -> usize {
+                match self {
+                    Self::Fixed(n) => *n,
+                    Self::Line(i, delta) => {
+                        let lines: Vec<&[u8]> = input.split(|&b| b == b'\n').collect();
+                        lines[i.index(lines.len())]
+                            .len()
+                            .saturating_add_signed(*delta)
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// A valid stream decodes to exactly its frames, however it is cut.
+            #[test]
+            fn valid_streams_decode_the_same_however_they_are_cut(
+                frames in proptest::collection::vec((valid_frame(), terminator()), 0..8),
+                cuts in proptest::collection::vec(any::<Index>(), 0..12),
+            ) {
+                let mut input = Vec::new();
+                let mut want = Vec::new();
+                for ((line, summary), end) in &frames {
+                    input.extend_from_slice(line.as_bytes());
+                    input.extend_from_slice(end.as_bytes());
+                    want.push(summary.clone());
+                }
+                prop_assert_eq!(decode_every_way(&input, &cuts, Limits::default(), None), want);
+            }
+
+            /// Any stream gives the same frames and errors, in the same order, up to and
+            /// including the first fatal one (after which nothing is decoded), however it is
+            /// cut; with a small frame limit too, so oversized lines and tails are reached.
+            #[test]
+            fn hostile_streams_give_the_same_errors_however_they_are_cut(
+                pieces in proptest::collection::vec(hostile_piece(), 0..12),
+                cuts in proptest::collection::vec(any::<Index>(), 0..12),
+                max_frame in prop_oneof![
+                    Just(None),
+                    (0usize..160).prop_map(|n| Some(Limit::Fixed(n))),
+                    (any::<Index>(), -1isize..=1).prop_map(|(i, d)| Some(Limit::Line(i, d))),
+                ],
+            ) {
+                let input = pieces.concat();
+                let max_frame = max_frame.map(|limit| limit.resolve(&input));
+                let out = decode_every_way(&input, &cuts, LIMITS, max_frame);
+                if let Some(i) = out.iter().position(|s| s.starts_with("fatal")) {
+                    prop_assert_eq!(i + 1, out.len(), "nothing after a fatal error");
+                }
+            }
+        }
     }
 
     /// The fuzz target's property on pseudo-random inputs built from frame fragments, so plain

@@ -1,0 +1,130 @@
+//! Fuzzes the app socket's whole ingest path, as `sidecar/src/socket/server.rs` runs it: bytes
+//! arrive in reads (cut where the input's first byte says) → the stream decoder validates them
+//! → every publish is stamped (the upstream envelope: `timestamp`, `source`) → a `wait:false`
+//! publish is framed as a spool record (`RecordBuf::push_with`), a `wait:true` one is sent
+//! upstream as its envelope.
+//!
+//! Properties: nothing panics; every envelope is one JSON object with exactly one `source` key
+//! (ours) and exactly one `timestamp` key (the app's own string, else ours); the record buffer
+//! holds one record per accepted publish, each the record header plus the envelope's bytes.
+#![no_main]
+
+use std::fmt;
+
+use libfuzzer_sys::fuzz_target;
+use nanogate_protocol::app::{Decoded, Limits, Publish, Request, StreamDecoder};
+use nanogate_sidecar::spool::RecordBuf;
+use serde::Deserialize as _;
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+
+/// Small enough that oversized messages are reached often.
+const LIMITS: Limits = Limits {
+    max_message_bytes: 4096,
+    max_tags: 10,
+};
+const NOW: &str = "2026-01-01T00:00:00.000Z";
+const SOURCE: &str = "ns/pod";
+/// `[len u32 LE][crc32 u32 LE]` before each record's payload (sidecar/src/spool.rs).
+const RECORD_HEADER: u64 = 8;
+
+/// The stamping step, in one place: the only call that changes when `write_envelope`'s
+/// signature does.
+fn stamp(publish: &Publish<'_>, out: &mut Vec<u8>) {
+    publish.write_envelope(out, NOW, SOURCE);
+}
+
+/// The top-level keys `source` and `timestamp` of an object: how often each appears (a JSON
+/// parser into a map would hide a duplicate) and their last values.
+#[derive(Default)]
+struct Stamped {
+    sources: Vec<serde_json::Value>,
+    timestamps: Vec<serde_json::Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Stamped {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Stamped;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Stamped, A::Error> {
+                let mut out = Stamped::default();
+                // Keys decoded (escapes resolved): `"sourc\u0065"` is `source`.
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "source" => out.sources.push(map.next_value()?),
+                        "timestamp" => out.timestamps.push(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Checks one envelope against the message it was stamped from.
+fn check_envelope(publish: &Publish<'_>, envelope: &[u8]) {
+    let mut de = serde_json::Deserializer::from_slice(envelope);
+    let stamped = match Stamped::deserialize(&mut de) {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "envelope is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(envelope)
+        ),
+    };
+    if let Err(e) = de.end() {
+        panic!(
+            "trailing bytes after the envelope ({e}): {}",
+            String::from_utf8_lossy(envelope)
+        );
+    }
+    let text = || String::from_utf8_lossy(envelope).into_owned();
+    assert_eq!(stamped.sources, [SOURCE], "one source, ours: {}", text());
+    // The app's own timestamp string is kept; an absent or null one is ours.
+    let want = match &publish.message.timestamp {
+        Some(Some(ts)) => ts.as_str(),
+        _ => NOW,
+    };
+    assert_eq!(stamped.timestamps, [want], "one timestamp: {}", text());
+}
+
+fuzz_target!(|data: &[u8]| {
+    // The first byte picks the read size (1 to 256 bytes), like a socket's partial reads.
+    let Some((&first, input)) = data.split_first() else {
+        return;
+    };
+    let read_size = usize::from(first) + 1;
+    let mut decoder = StreamDecoder::new(LIMITS);
+    let mut records = RecordBuf::new();
+    let (mut accepted, mut record_bytes) = (0u64, 0u64);
+    let mut envelope = Vec::new();
+    'reads: for read in input.chunks(read_size) {
+        decoder.feed(read);
+        loop {
+            match decoder.next() {
+                Decoded::NeedMore => break,
+                Decoded::Request(Request::Publish(publish)) => {
+                    envelope.clear();
+                    stamp(&publish, &mut envelope);
+                    check_envelope(&publish, &envelope);
+                    if !publish.wait {
+                        records.push_with(|buf| stamp(&publish, buf));
+                        accepted += 1;
+                        record_bytes += RECORD_HEADER + envelope.len() as u64;
+                    }
+                }
+                Decoded::Request(Request::MsgCheck { .. }) | Decoded::Rejected(_) => {}
+                Decoded::Fatal(_) => break 'reads,
+            }
+        }
+    }
+    let _ = decoder.finish();
+    assert_eq!(records.count(), accepted, "one record per accepted publish");
+    assert_eq!(records.bytes(), record_bytes, "records hold the envelopes");
+});
