@@ -585,3 +585,30 @@ fn a_message_must_arrive_whole_within_the_idle_timeout() {
         String::from_utf8_lossy(&reply)
     );
 }
+
+/// Stopping answers what it cut short: a client in the middle of a message when SIGTERM comes
+/// is told `shutting down, try again later` (it cannot otherwise know the message was not
+/// accepted), and a whole message sent before it is accepted and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_a_half_sent_message() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = start_agent(&platform, dir.path(), &["--flush-interval", "20ms"]);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    s.write_all(publish(7).as_bytes()).unwrap();
+    s.write_all(br#"{"msg_type":"publish","data":{"id":8,"half":"#)
+        .unwrap();
+    // The agent has read both (the second is incomplete) before it is told to stop.
+    std::thread::sleep(Duration::from_millis(300));
+    let status = agent.terminate().unwrap();
+    assert!(status.success(), "{status:?}");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        r#"{"status":"error","message":"shutting down, try again later"}"#
+    );
+    assert!(platform.wait_for(1, Duration::from_secs(5)).await);
+    assert_eq!(ids(&platform.received()), [7]);
+}
