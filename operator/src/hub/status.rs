@@ -251,7 +251,8 @@ pub async fn run(
         );
         drain_orphans(&hub, &list.items, &mut drains);
         hub.left_behind.forget_deleted(|ns, name| {
-            (list.items.iter())
+            list.items
+                .iter()
                 .any(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
         });
         for mut gateway in list.items {
