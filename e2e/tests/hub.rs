@@ -24,6 +24,8 @@ struct Fleet {
     _operator_ns: TestNamespace,
     operator: Process,
     hub_port: u16,
+    /// The operator's admin address (`/metrics`).
+    admin_addr: String,
     ca_pem: String,
 }
 
@@ -100,6 +102,7 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
         _operator_ns: operator_ns,
         operator,
         hub_port,
+        admin_addr: format!("127.0.0.1:{admin_port}"),
         ca_pem,
     })
 }
@@ -756,6 +759,136 @@ stringData:
         "the data frame was accepted into the spool"
     );
     agent.process.stop();
+    Ok(())
+}
+
+/// Issue 15: a pod deleted while the platform is down. Its sidecar cannot deliver what apps
+/// published; at its shutdown deadline it reports what is left to the hub, and the gateway —
+/// after the pod is gone — shows the count in `status.leftBehind` (and `kubectl get agw`),
+/// with a Warning event naming the pod, and the operator's metric counts it.
+#[tokio::test]
+async fn messages_left_at_shutdown_are_counted_on_the_gateway_after_the_pod_is_gone() -> Result<()>
+{
+    use k8s_openapi::api::core::v1::EnvVar;
+    use k8s_openapi::api::events::v1::Event;
+
+    // The gateway's upstream is the discard port: nothing is ever delivered.
+    let f = fleet("hubleft").await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    // What a kubelet would run, with a 1 s deadline instead of the default 20 s so the test
+    // does not wait (the gateway has no field for it; the flag's environment variable wins).
+    let mut local = pod.clone();
+    let spec = local.spec.as_mut().context("pod spec")?;
+    let sidecar = spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+        .find(|c| c.name == "nano-agent")
+        .context("the injected sidecar")?;
+    sidecar.env.get_or_insert_with(Vec::new).push(EnvVar {
+        name: "NANOGATE_SHUTDOWN_DEADLINE".into(),
+        value: Some("1s".into()),
+        value_from: None,
+    });
+    let mut agent = start_sidecar(&f, &local, "app-1").await?;
+    wait_for("the sidecar connected", Duration::from_secs(15), || async {
+        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+
+    let sent: i64 = 25;
+    {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::os::unix::net::UnixStream::connect(&agent.socket)?;
+        for i in 0..sent {
+            write!(c, r#"{{"msg_type":"publish","data":{{"order":{i}}}}}"#)?;
+        }
+        c.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply)?;
+        anyhow::ensure!(reply.is_empty(), "publish refused: {reply}");
+    }
+
+    // The pod is deleted: the kubelet sends SIGTERM to the sidecar, and the pod is gone.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.process.pid())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let deleted = Instant::now();
+    let exit = agent.process.wait_exit(Duration::from_secs(15)).await?;
+    assert!(exit.success(), "exits 0 after its deadline: {exit}");
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns.name());
+    pods.delete("app-1", &Default::default()).await?;
+
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    let left = wait_for(
+        "the gateway status to count the messages left behind",
+        Duration::from_secs(20),
+        || async {
+            let left = api.get("shop").await?.data["status"]["leftBehind"].clone();
+            Ok((left["messagesTotal"] == sent).then_some(left))
+        },
+    )
+    .await
+    .map_err(|e| {
+        e.context(agent.process.log_tail(15))
+            .context(f.operator.log_tail(15))
+    })?;
+    assert_eq!(left["shutdownsTotal"], 1, "{left}");
+    assert_eq!(left["lastPod"], "app-1", "{left}");
+    assert!(left["bytesTotal"].as_i64().unwrap_or(0) > 0, "{left}");
+    eprintln!(
+        "[hub] {:.1}s after SIGTERM the gateway shows leftBehind {left}",
+        deleted.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(&agent.process.log)?;
+    assert!(
+        log.contains(&format!("shutdown deadline: {sent} messages (")),
+        "the agent logs the count: {log}"
+    );
+
+    // A Warning event on the gateway names the pod and the count.
+    let events: Api<Event> = Api::namespaced(f.client.clone(), f.ns.name());
+    let event = wait_for(
+        "a MessagesLeftBehind event on the gateway",
+        Duration::from_secs(20),
+        || async {
+            Ok(events
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("MessagesLeftBehind")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("shop")
+                }))
+        },
+    )
+    .await?;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains(&format!("pod app-1 left {sent} messages")),
+        "{note}"
+    );
+    eprintln!("[hub] event MessagesLeftBehind: {note}");
+
+    // `kubectl get agw` shows it; the operator's metric counts it.
+    let table = f.cp.kubectl(&["get", "agw", "-n", f.ns.name()])?;
+    eprintln!(
+        "[hub] {}",
+        table.lines().collect::<Vec<_>>().join("\n[hub] ")
+    );
+    assert!(table.contains("LEFT-BEHIND"), "{table}");
+    let metrics = reqwest_free_get(&f.admin_addr, "/metrics").await?;
+    assert!(
+        metrics.contains(&format!("nanogate_hub_left_behind_messages_total {sent}")),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("left_behind"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     Ok(())
 }
 

@@ -308,6 +308,7 @@ async fn gateway_gets_config_map_status_columns_and_is_garbage_collected() -> Re
             "SIDECARS",
             "RECEIVED/S",
             "DROPPED",
+            "LEFT-BEHIND",
             "UPSTREAM",
             "AGE"
         ]
@@ -318,7 +319,7 @@ async fn gateway_gets_config_map_status_columns_and_is_garbage_collected() -> Re
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    assert_eq!(&row[..6], ["demo", "True", "0/1", "0", "0", "Unknown"]);
+    assert_eq!(&row[..7], ["demo", "True", "0/1", "0", "0", "0", "Unknown"]);
     // `kubectl explain` shows the documented defaults.
     // (1.20 publishes OpenAPI v2 only, a few seconds after the CRD is established.)
     let explain = wait_for("kubectl explain", Duration::from_secs(60), || async {

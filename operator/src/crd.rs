@@ -72,6 +72,12 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         description = "Messages rejected or dead-lettered"
     ),
     printcolumn(
+        name = "Left-Behind",
+        type_ = "integer",
+        json_path = ".status.leftBehind.messagesTotal",
+        description = "Messages sidecars still held undelivered when they shut down"
+    ),
+    printcolumn(
         name = "Upstream",
         type_ = "string",
         json_path = ".status.upstream.state",
@@ -696,6 +702,10 @@ pub struct AgentGatewayStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub unhealthy_sidecars: Vec<UnhealthySidecar>,
+    /// Messages sidecars still held undelivered when they shut down, over the gateway's life
+    /// (kept when the pods are gone; written by the hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_behind: Option<LeftBehindStats>,
 }
 
 /// Sidecar counts.
@@ -772,6 +782,27 @@ pub struct MessageStats {
     pub received_per_second: f64,
     /// Messages delivered per second (recent average).
     pub delivered_per_second: f64,
+}
+
+/// Messages sidecars left undelivered at their shutdown deadline (each sidecar reports it to
+/// the hub as it stops). They stay in the pod's spool volume and are lost unless it survives:
+/// the injected `emptyDir` survives a container restart (and the next start delivers them, so
+/// they may be counted again if that start is cut short too), not a pod deletion.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeftBehindStats {
+    /// Messages left undelivered.
+    pub messages_total: i64,
+    /// Their bytes in the spools.
+    pub bytes_total: i64,
+    /// Sidecar shutdowns that left messages behind.
+    pub shutdowns_total: i64,
+    /// Pod of the most recent such shutdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pod: Option<String>,
+    /// When the hub heard of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<Time>,
 }
 
 /// Upstream state.

@@ -311,6 +311,7 @@ fn status_from_nothing() {
         (3, 0, "0/3")
     );
     assert_eq!(st.upstream.as_ref().unwrap().state, "Unknown");
+    assert_eq!(st.left_behind.as_ref().unwrap().messages_total, 0);
     let _ = gw;
 }
 

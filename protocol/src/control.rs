@@ -56,7 +56,7 @@ pub enum Message {
         success: bool,
         data: Value,
     },
-    /// 22 — one-way event (`register`, `heartbeat`).
+    /// 22 — one-way event (`register`, `heartbeat`, `left_behind`).
     Notification { kind: String, data: Value },
 }
 
@@ -372,6 +372,23 @@ pub enum AgentStatus {
     Ready,
     Degraded,
     Draining,
+}
+
+/// Notification kind of [`LeftBehind`].
+pub const LEFT_BEHIND: &str = "left_behind";
+
+/// The `left_behind` notification's payload: what an agent still held undelivered when it
+/// stopped (its shutdown deadline passed). Sent once, just before the agent's `Bye`, and only
+/// when `messages > 0`. The messages stay in the agent's spool directory: they are lost unless
+/// that volume outlives the pod (an `emptyDir` survives a container restart, not a deletion).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeftBehind {
+    /// Messages accepted but not acknowledged by the platform.
+    pub messages: u64,
+    /// Their bytes in the spool.
+    pub bytes: u64,
+    /// Why they were left, e.g. `shutdown deadline`.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

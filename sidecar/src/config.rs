@@ -82,8 +82,10 @@ pub struct Config {
     /// whose messages are pushed into the agent.
     #[arg(long, env = "NANOGATE_MSG_CHECK_CACHE", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub msg_check_cache: Duration,
-    /// On SIGTERM/SIGINT: time allowed to deliver what is queued before exiting (the rest
-    /// stays in the spool for the next start).
+    /// On SIGTERM/SIGINT: time allowed to deliver what is queued before exiting. The rest stays
+    /// in the spool — delivered by the next start if the spool's volume survives (an emptyDir
+    /// survives a container restart, not a pod deletion) — and is counted: an error log line,
+    /// the `left_behind` gauges and a notification to the hub.
     #[arg(long, env = "NANOGATE_SHUTDOWN_DEADLINE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_deadline: Duration,
 

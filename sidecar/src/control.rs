@@ -1,6 +1,7 @@
 //! Control-channel client (agent side of ARCHITECTURE §5): one authenticated TLS connection to
 //! the operator hub, kept up with backoff, carrying `register` once per connection, a
 //! `heartbeat` every interval, and the hub's `reload`/`flush`/`drain`/`status` requests.
+//! Other notifications (`left_behind` at shutdown) go out through a [`Notifier`].
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode, to_va
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -77,6 +78,70 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Value, String>> + Send;
 }
 
+/// One notification waiting for the control channel; `written` fires once its frame has been
+/// written and flushed to a hub connection.
+#[derive(Debug)]
+struct Outgoing {
+    kind: String,
+    data: Value,
+    written: oneshot::Sender<()>,
+}
+
+/// Sends notifications through the running control channel (see [`outbox`]).
+#[derive(Debug, Clone)]
+pub struct Notifier(mpsc::Sender<Outgoing>);
+
+/// The control channel's end of [`outbox`]: handed to [`run`], it outlives every connection,
+/// so a notification queued while the hub is unreachable goes out on the next connection.
+#[derive(Debug)]
+pub struct Outbox(mpsc::Receiver<Outgoing>);
+
+#[cfg(test)]
+impl Outbox {
+    /// Takes the next queued notification and marks it written, as a connection would.
+    pub(crate) async fn next_written(&mut self) -> Option<(String, Value)> {
+        let out = self.0.recv().await?;
+        let _ = out.written.send(());
+        Some((out.kind, out.data))
+    }
+}
+
+/// A [`Notifier`] and the [`Outbox`] it feeds.
+pub fn outbox() -> (Notifier, Outbox) {
+    // A handful: notifications other than heartbeats are rare (one at shutdown).
+    let (tx, rx) = mpsc::channel(4);
+    (Notifier(tx), Outbox(rx))
+}
+
+impl Notifier {
+    /// Sends notification `kind` with `data` and waits until it has been flushed to the hub,
+    /// at most `timeout`. A connection that breaks before the frame is written gets it again
+    /// on the next connection; one still queued when `timeout` passes is dropped unsent.
+    /// Returns whether the frame was flushed to a hub connection.
+    pub async fn notify(&self, kind: &str, data: Value, timeout: Duration) -> bool {
+        let attempts = async {
+            loop {
+                let (written, flushed) = oneshot::channel();
+                let outgoing = Outgoing {
+                    kind: kind.to_string(),
+                    data: data.clone(),
+                    written,
+                };
+                if self.0.send(outgoing).await.is_err() {
+                    return false; // the control channel has stopped
+                }
+                if flushed.await.is_ok() {
+                    return true;
+                }
+                // Dropped unwritten: that connection failed; queue it for the next one.
+            }
+        };
+        tokio::time::timeout(timeout, attempts)
+            .await
+            .unwrap_or(false)
+    }
+}
+
 /// Resolves once `shutdown` holds true (or its sender is gone); returns no watch guard, so the
 /// futures that `select!` on it stay `Send`.
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
@@ -94,12 +159,13 @@ pub enum Ended {
 pub async fn run<H: ControlHandler>(
     cfg: ControlConfig,
     handler: Arc<H>,
+    mut outbox: Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
     loop {
         let result = tokio::select! {
-            result = connect_and_serve(&cfg, handler.clone(), shutdown.clone()) => result,
+            result = connect_and_serve(&cfg, handler.clone(), &mut outbox, shutdown.clone()) => result,
             _ = stopped(&mut shutdown) => return,
         };
         match result {
@@ -124,6 +190,9 @@ pub async fn run<H: ControlHandler>(
     }
 }
 
+/// After its `Bye` at shutdown, how long the agent waits for the hub to close the connection.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Full-jitter exponential backoff: uniform in [0, min(max, initial·2^attempt)].
 fn full_jitter(initial: Duration, max: Duration, attempt: u32) -> Duration {
     let cap = initial.saturating_mul(1u32 << attempt.min(16)).min(max);
@@ -133,6 +202,7 @@ fn full_jitter(initial: Duration, max: Duration, attempt: u32) -> Duration {
 async fn connect_and_serve<H: ControlHandler>(
     cfg: &ControlConfig,
     handler: Arc<H>,
+    outbox: &mut Outbox,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Ended> {
     let token = std::fs::read_to_string(&cfg.token_file)
@@ -149,7 +219,7 @@ async fn connect_and_serve<H: ControlHandler>(
         .await
         .context("TLS handshake with the hub timed out")?
         .context("TLS handshake with the hub")?;
-    serve(stream, cfg, token.trim(), handler, shutdown).await
+    serve(stream, cfg, token.trim(), handler, outbox, shutdown).await
 }
 
 fn tls_connector(ca_file: &PathBuf) -> anyhow::Result<tokio_rustls::TlsConnector> {
@@ -203,6 +273,7 @@ pub async fn serve<S, H>(
     cfg: &ControlConfig,
     token: &str,
     handler: Arc<H>,
+    outbox: &mut Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Ended>
 where
@@ -289,6 +360,14 @@ where
                 Some(other) => debug!(kind = other.name(), "ignoring frame from the hub"),
             },
             Some(answer) = answers.recv() => send(&mut writer, &answer).await?,
+            Some(out) = outbox.0.recv() => {
+                if out.written.is_closed() {
+                    continue; // its sender gave up waiting and was told it was not sent
+                }
+                let frame = Message::Notification { kind: out.kind, data: out.data };
+                send(&mut writer, &frame).await?;
+                let _ = out.written.send(());
+            }
             _ = heartbeat.tick() => {
                 let data = to_value(&handler.heartbeat())?;
                 send(&mut writer, &Message::Notification { kind: "heartbeat".into(), data }).await?;
@@ -305,7 +384,18 @@ where
                 bail!("hub did not answer a ping within {:?}", cfg.pong_timeout);
             }
             _ = stopped(&mut shutdown) => {
-                let _ = send(&mut writer, &Message::Bye { reason: "agent shutting down".into() }).await;
+                if send(&mut writer, &Message::Bye { reason: "agent shutting down".into() }).await.is_ok() {
+                    // Wait (briefly) for the hub to close in answer: it then has read every
+                    // frame before the Bye, e.g. a `left_behind` sent just before. Closing
+                    // first could also reset the connection and lose them in its buffers.
+                    let closed = async {
+                        let _ = writer.shutdown().await;
+                        while let Ok(Some(_)) = read_frame(&mut reader, &mut decoder, &mut buf).await {}
+                    };
+                    if tokio::time::timeout(CLOSE_TIMEOUT, closed).await.is_err() {
+                        debug!(hub = %cfg.hub_addr, "hub did not close within {CLOSE_TIMEOUT:?} after Bye");
+                    }
+                }
                 return Ok(Ended::Shutdown);
             }
         }
@@ -620,7 +710,11 @@ mod tests {
         });
         let (stop, stopped) = watch::channel(false);
         let h = handler.clone();
-        let agent = tokio::spawn(async move { serve(agent_side, &cfg, "tok", h, stopped).await });
+        let (_notifier, mut outbox) = outbox();
+        let agent =
+            tokio::spawn(
+                async move { serve(agent_side, &cfg, "tok", h, &mut outbox, stopped).await },
+            );
         let mut hub = Hub {
             stream: hub_side,
             decoder: FrameDecoder::new(),
@@ -704,8 +798,10 @@ mod tests {
             flushes: AtomicU32::new(0),
         });
         let (_stop, stopped) = watch::channel(false);
-        let agent =
-            tokio::spawn(async move { serve(agent_side, &cfg, "bad", handler, stopped).await });
+        let (_notifier, mut outbox) = outbox();
+        let agent = tokio::spawn(async move {
+            serve(agent_side, &cfg, "bad", handler, &mut outbox, stopped).await
+        });
         let mut hub = Hub {
             stream: hub_side,
             decoder: FrameDecoder::new(),
@@ -718,6 +814,133 @@ mod tests {
         assert!(
             matches!(agent.await.unwrap(), Ok(Ended::Bye(reason)) if reason == "authentication failed")
         );
+    }
+
+    fn left_behind(messages: u64) -> Value {
+        to_value(&nanogate_protocol::control::LeftBehind {
+            messages,
+            bytes: messages * 40,
+            reason: "shutdown deadline".into(),
+        })
+        .unwrap()
+    }
+
+    /// Connects `hub` and answers the handshake; returns once `register` arrived.
+    async fn handshake(hub: &mut Hub) {
+        assert!(matches!(hub.recv().await, Some(Message::AgentHello { .. })));
+        hub.send(Message::ManagerHello {
+            version: "0.1.0".into(),
+        })
+        .await;
+        assert!(
+            matches!(hub.recv().await, Some(Message::Notification { kind, .. }) if kind == "register")
+        );
+    }
+
+    /// Frames until the next notification of `kind` (heartbeats come in between).
+    async fn next_notification(hub: &mut Hub, kind: &str) -> Value {
+        loop {
+            match hub.recv().await {
+                Some(Message::Notification { kind: k, data }) if k == kind => return data,
+                Some(_) => {}
+                None => panic!("closed before a {kind} notification"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_notification_goes_out_before_the_bye_and_the_agent_waits_for_the_hub_to_close() {
+        let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
+        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
+        let handler = Arc::new(Fake {
+            flushes: AtomicU32::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let (notifier, mut outbox) = outbox();
+        let agent = tokio::spawn(async move {
+            serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await
+        });
+        let mut hub = Hub {
+            stream: hub_side,
+            decoder: FrameDecoder::new(),
+        };
+        handshake(&mut hub).await;
+
+        let notified = tokio::spawn(async move {
+            notifier
+                .notify("left_behind", left_behind(7), Duration::from_secs(2))
+                .await
+        });
+        assert_eq!(
+            next_notification(&mut hub, "left_behind").await,
+            left_behind(7)
+        );
+        assert!(notified.await.unwrap(), "reported as flushed");
+
+        stop.send(true).unwrap();
+        loop {
+            match hub.recv().await {
+                Some(Message::Bye { reason }) => {
+                    assert_eq!(reason, "agent shutting down");
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("closed without Bye"),
+            }
+        }
+        // The agent lingers until the hub closes (it has then read everything)…
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!agent.is_finished(), "waits for the hub to close");
+        let closing = tokio::time::Instant::now();
+        drop(hub);
+        assert!(matches!(agent.await.unwrap(), Ok(Ended::Shutdown)));
+        // …and no longer.
+        assert!(closing.elapsed() < CLOSE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_notification_waits_for_the_next_connection_within_its_timeout() {
+        let (notifier, mut outbox) = outbox();
+        // Not connected: the notification waits, then the caller gives up after its timeout.
+        let started = tokio::time::Instant::now();
+        assert!(
+            !notifier
+                .notify("left_behind", left_behind(3), Duration::from_secs(2))
+                .await
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+        // Queued while disconnected, it goes out once a connection is up.
+        let queued = tokio::spawn({
+            let notifier = notifier.clone();
+            async move {
+                notifier
+                    .notify("left_behind", left_behind(5), Duration::from_secs(10))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
+        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
+        let handler = Arc::new(Fake {
+            flushes: AtomicU32::new(0),
+        });
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(
+            async move { serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await },
+        );
+        let mut hub = Hub {
+            stream: hub_side,
+            decoder: FrameDecoder::new(),
+        };
+        handshake(&mut hub).await;
+        // The one given up on is dropped (its sender was told it was not sent); the queued
+        // one goes out.
+        assert_eq!(
+            next_notification(&mut hub, "left_behind").await,
+            left_behind(5)
+        );
+        assert!(queued.await.unwrap());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolOptions};
 use crate::upstream::AnyUpstream;
+use nanogate_protocol::control::LeftBehind;
 
 /// Installs the global tracing subscriber (stderr, text or JSON).
 pub fn init_tracing(config: &Config) {
@@ -60,7 +61,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Runs the agent until `shutdown` completes: then stops accepting, removes the socket,
-/// delivers what it can within `shutdown_deadline` and leaves the rest in the spool.
+/// delivers what it can within `shutdown_deadline` and leaves the rest in the spool — counted,
+/// logged, and reported to the hub (see [`report_left_behind`]).
 pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -178,7 +180,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         Some(server) => Some(server.spawn(shared.clone(), &metrics.registry)?),
         None => None,
     };
-    if let (Some(hub_addr), Some(ca), Some(agent_id)) =
+    let control = if let (Some(hub_addr), Some(ca), Some(agent_id)) =
         (&config.hub_addr, &config.hub_ca_file, &config.pod_uid)
     {
         let mut control = control::ControlConfig::new(
@@ -199,10 +201,13 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             generation: std::sync::atomic::AtomicI64::new(config.config_generation),
         });
         tracing::info!(hub = %hub_addr, "control channel enabled");
-        tokio::spawn(control::run(control, handler, stop_rx.clone()));
+        let (notifier, outbox) = control::outbox();
+        let task = tokio::spawn(control::run(control, handler, outbox, stop_rx.clone()));
+        Some((notifier, task))
     } else {
         drop(tuning_tx);
-    }
+        None
+    };
     let shutdown = async move {
         tokio::select! {
             _ = shutdown => {}
@@ -227,20 +232,37 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let _ = drain_tx.send(true);
     tracing::info!(pending = spool.pending_msgs(), deadline = ?config.shutdown_deadline,
         "stopped accepting; delivering what is queued");
-    match tokio::time::timeout(config.shutdown_deadline, &mut delivery).await {
-        Ok(_) => tracing::info!("spool drained"),
+    let reason = match tokio::time::timeout(config.shutdown_deadline, &mut delivery).await {
+        Ok(_) => "delivery ended",
         Err(_) => {
             delivery.abort();
-            tracing::warn!(
-                pending = spool.pending_msgs(),
-                "shutdown deadline reached; undelivered messages stay in the spool for the next start"
-            );
+            // Wait until it really stopped: an ack in flight would change the count.
+            let _ = (&mut delivery).await;
+            "shutdown deadline"
         }
-    }
+    };
     if let Err(e) = spool.sync() {
         tracing::error!(error = %e, "final spool fsync failed");
     }
+    let left = LeftBehind {
+        messages: spool.pending_msgs(),
+        bytes: spool.pending_bytes(),
+        reason: reason.to_string(),
+    };
+    // Reported while the control channel is still up; it closes with `stop` below.
+    report_left_behind(
+        &left,
+        &config,
+        &metrics,
+        control.as_ref().map(|(notifier, _)| notifier),
+    )
+    .await;
     let _ = stop_tx.send(true);
+    if let Some((_, task)) = control {
+        // The channel says Bye and waits (bounded) for the hub to close; let it finish.
+        let bound = control::CLOSE_TIMEOUT + std::time::Duration::from_millis(500);
+        let _ = tokio::time::timeout(bound, task).await;
+    }
     admin.abort();
     tracing::info!(
         received = metrics.received.get(),
@@ -248,4 +270,135 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         "nano-agent stopped"
     );
     Ok(())
+}
+
+/// How long the agent waits at shutdown for its `left_behind` notification to reach the hub.
+const LEFT_BEHIND_NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What is still undelivered when the agent stops is counted where an operator sees it: an
+/// error log line with the numbers, the `left_behind_*` gauges, and a `left_behind`
+/// notification to the hub (which counts it in the gateway's status and records an event).
+/// The messages stay in the spool directory; whether that survives is up to its volume (the
+/// injected `emptyDir` survives a container restart, not the pod's deletion), which the agent
+/// cannot know. Nothing is reported when nothing is left.
+pub async fn report_left_behind(
+    left: &LeftBehind,
+    config: &Config,
+    metrics: &Metrics,
+    notifier: Option<&control::Notifier>,
+) {
+    if left.messages == 0 {
+        tracing::info!("spool drained; nothing left behind");
+        return;
+    }
+    metrics.left_behind_messages.set(gauge(left.messages));
+    metrics.left_behind_bytes.set(gauge(left.bytes));
+    tracing::error!(
+        messages = left.messages,
+        bytes = left.bytes,
+        reason = %left.reason,
+        spool = %config.spool_dir.display(),
+        "{}: {} messages ({} bytes) left undelivered in the spool; they are lost unless the spool's volume outlives this pod (an emptyDir survives a container restart, not a pod deletion)",
+        left.reason,
+        left.messages,
+        left.bytes,
+    );
+    let Some(notifier) = notifier else { return };
+    let reported = match nanogate_protocol::control::to_value(left) {
+        Ok(data) => {
+            notifier
+                .notify(
+                    nanogate_protocol::control::LEFT_BEHIND,
+                    data,
+                    LEFT_BEHIND_NOTIFY_TIMEOUT,
+                )
+                .await
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "encoding the left_behind notification failed");
+            false
+        }
+    };
+    if reported {
+        tracing::info!(
+            messages = left.messages,
+            "left-behind messages reported to the hub"
+        );
+    } else {
+        tracing::warn!(
+            messages = left.messages,
+            timeout = ?LEFT_BEHIND_NOTIFY_TIMEOUT,
+            "could not report the left-behind messages to the hub (not connected); this log line and the agent's metrics are the only record"
+        );
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn left(messages: u64) -> LeftBehind {
+        LeftBehind {
+            messages,
+            bytes: messages * 100,
+            reason: "shutdown deadline".into(),
+        }
+    }
+
+    fn config() -> Config {
+        Config::load_from([
+            "nano-agent",
+            "--socket-path=/tmp/a.sock",
+            "--spool-dir=/tmp/s",
+        ])
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_left_is_counted_and_sent_to_the_hub() {
+        let (metrics, config) = (Metrics::new(), config());
+        let (notifier, mut outbox) = control::outbox();
+        let twelve = left(12);
+        let ((), sent) = tokio::join!(
+            report_left_behind(&twelve, &config, &metrics, Some(&notifier)),
+            outbox.next_written()
+        );
+        let (kind, data) = sent.unwrap();
+        assert_eq!(kind, "left_behind");
+        assert_eq!(
+            nanogate_protocol::control::from_value::<LeftBehind>(data).unwrap(),
+            left(12)
+        );
+        assert_eq!(metrics.left_behind_messages.get(), 12);
+        assert_eq!(metrics.left_behind_bytes.get(), 1200);
+        assert!(
+            metrics
+                .render()
+                .contains("nanogate_sidecar_left_behind_messages 12")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_hub_delays_the_exit_by_the_notify_timeout_only() {
+        let (metrics, config) = (Metrics::new(), config());
+        let (notifier, _outbox) = control::outbox(); // nothing serves it: no connection
+        let started = tokio::time::Instant::now();
+        report_left_behind(&left(3), &config, &metrics, Some(&notifier)).await;
+        assert_eq!(started.elapsed(), LEFT_BEHIND_NOTIFY_TIMEOUT);
+        assert_eq!(metrics.left_behind_messages.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_left_reports_nothing() {
+        let metrics = Metrics::new();
+        let (notifier, _outbox) = control::outbox();
+        let started = tokio::time::Instant::now();
+        report_left_behind(&left(0), &config(), &metrics, Some(&notifier)).await;
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO, "no wait");
+        assert_eq!(metrics.left_behind_messages.get(), 0);
+    }
 }

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub publish_wait: IntCounter,
     pub spool_recovered: IntCounter,
     pub spool_torn_bytes: IntCounter,
+    /// Set once at shutdown: what the spool still held when the agent stopped delivering.
+    pub left_behind_messages: IntGauge,
+    pub left_behind_bytes: IntGauge,
     pub cpu_percent: Gauge,
     pub memory_percent: Gauge,
     pub resident_memory_bytes: IntGauge,
@@ -155,6 +158,14 @@ impl Metrics {
             spool_torn_bytes: reg!(counter(
                 "spool_torn_bytes_total",
                 "Bytes of torn or corrupt spool records discarded at recovery."
+            )),
+            left_behind_messages: reg!(gauge(
+                "left_behind_messages",
+                "Messages still undelivered when the agent stopped (set at its shutdown deadline, 0 while running); they stay in the spool, lost unless its volume outlives the pod."
+            )),
+            left_behind_bytes: reg!(gauge(
+                "left_behind_bytes",
+                "Bytes of the messages counted in left_behind_messages."
             )),
             cpu_percent: reg!(
                 Gauge::new(name("cpu_percent"), "Sampled CPU use, percent of one core.")

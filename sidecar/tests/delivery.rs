@@ -673,8 +673,8 @@ async fn queue_and_spool_full() {
     assert_eq!(oneshot(&agent.socket, publish(10_000).as_bytes()), b"");
 }
 
-/// SIGTERM drains within the deadline; with the platform down the rest stays in the spool and
-/// is delivered by the next start.
+/// SIGTERM drains within the deadline; with the platform down the rest stays in the spool,
+/// counted in the log, and is delivered by the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_or_persists() {
     let platform = PlatformServer::start().await.unwrap();
@@ -703,6 +703,12 @@ async fn sigterm_drains_or_persists() {
     assert!(agent.terminate().unwrap().success());
     let took = t.elapsed();
     assert!(took < Duration::from_secs(4), "deadline honoured: {took:?}");
+    // Left behind, counted in the log (issue 15): the 30 accepted while the platform was down.
+    let log = agent.log_text();
+    assert!(
+        log.contains("shutdown deadline: 30 messages ("),
+        "the count of what is left: {log}"
+    );
     platform.faults().set_down(false);
     agent.restart().unwrap();
     assert!(platform.wait_for(80, Duration::from_secs(20)).await);

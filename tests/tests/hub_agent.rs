@@ -285,3 +285,76 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
     );
     Ok(())
 }
+
+/// Issue 15: a pod deleted while the platform is down. What the agent still holds at its
+/// shutdown deadline is counted: the agent logs the number and reports it to the hub before
+/// its Bye, and the hub keeps it for the gateway after the agent is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_left_at_the_shutdown_deadline_reach_the_hub_before_the_agent_exits() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(dir.path()).await?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN)?;
+    let mut agent = Agent::start(AgentConfig {
+        bin: agent_bin(),
+        dir: dir.path().join("agent"),
+        // Nothing listens on the discard port: every delivery fails and is retried.
+        upstream_url: "http://127.0.0.1:9".into(),
+        api_key: "key".into(),
+        extra_args: vec![
+            format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
+            format!("--hub-ca-file={}", hub.ca_file.display()),
+            format!("--hub-token-file={}", token_file.display()),
+            "--pod-uid=uid-1".into(),
+            "--gateway=shop".into(),
+            "--heartbeat-interval=1s".into(),
+            "--shutdown-deadline=1s".into(),
+        ],
+    })?;
+    let connected = Instant::now();
+    while hub.hub.agents_of("test-ns", "shop").is_empty() {
+        anyhow::ensure!(
+            connected.elapsed() < Duration::from_secs(10),
+            "agent never connected: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = 40;
+    publish(&agent.socket, sent).await?;
+    anyhow::ensure!(
+        hub.hub.left_behind.unwritten("test-ns", "shop").is_empty(),
+        "nothing is reported while the agent runs"
+    );
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid().context("pid")?)?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let exit = agent.wait_exit(Duration::from_secs(10))?;
+    assert!(exit.success(), "exits 0 after the deadline: {exit}");
+
+    // The report reached the hub before the agent exited (it waits for the hub to close
+    // after its Bye), and the hub keeps it although the agent has left the index.
+    let left = hub.hub.left_behind.unwritten("test-ns", "shop");
+    assert_eq!(
+        (left.messages, left.shutdowns),
+        (sent as u64, 1),
+        "{}",
+        agent.log_text()
+    );
+    assert!(left.bytes > 0);
+    assert_eq!(left.last.map(|(pod, _)| pod), Some("test-pod".into()));
+    assert!(hub.hub.agents_of("test-ns", "shop").is_empty());
+    let log = agent.log_text();
+    let line = format!(
+        "shutdown deadline: {sent} messages ({} bytes) left undelivered in the spool",
+        left.bytes
+    );
+    assert!(log.contains(&line), "the log names the numbers: {log}");
+    assert!(
+        log.contains("left-behind messages reported to the hub"),
+        "{log}"
+    );
+    eprintln!("[hub-agent] {line}; the hub counted {sent} for test-ns/shop");
+    Ok(())
+}

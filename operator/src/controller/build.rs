@@ -9,8 +9,8 @@ use kube::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{
-    AgentGateway, AgentGatewaySpec, AgentGatewayStatus, FieldError, MessageStats, SidecarCounts,
-    UpstreamStatus, conditions, parse_bytes, parse_duration, validate,
+    AgentGateway, AgentGatewaySpec, AgentGatewayStatus, FieldError, LeftBehindStats, MessageStats,
+    SidecarCounts, UpstreamStatus, conditions, parse_bytes, parse_duration, validate,
 };
 
 /// Key of the sidecar configuration in the ConfigMap. The value is JSON (therefore also YAML).
@@ -475,6 +475,10 @@ pub fn desired_status(
             state: "Unknown".into(),
             last_error: None,
         });
+    }
+    // Zero until a sidecar reports (the hub adds to it), so `kubectl get` shows 0, not <none>.
+    if st.left_behind.is_none() {
+        st.left_behind = Some(LeftBehindStats::default());
     }
     st
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nanogate_protocol::control::{FrameDecoder, FrameError, Message, encode, from_value};
+use nanogate_protocol::control::{
+    FrameDecoder, FrameError, LEFT_BEHIND, LeftBehind, Message, encode, from_value,
+};
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -13,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::auth::Authenticator;
 use super::index::AgentIdentity;
+use super::left_behind::Report;
 use super::{Hub, HubMetrics};
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -340,6 +343,44 @@ fn handle_notification(
                 warn!(%error, agent_id = %identity.agent_id, "invalid heartbeat");
             }
         },
+        LEFT_BEHIND => match from_value::<LeftBehind>(data) {
+            Ok(left) if left.messages > 0 => {
+                hub.metrics
+                    .notifications
+                    .with_label_values(&[LEFT_BEHIND, "ok"])
+                    .inc();
+                hub.metrics.left_behind.inc_by(left.messages);
+                warn!(agent_id = %identity.agent_id, namespace = %identity.namespace,
+                      pod = %identity.pod, gateway = %identity.gateway, messages = left.messages,
+                      bytes = left.bytes, reason = %left.reason,
+                      "sidecar left messages undelivered at shutdown");
+                hub.left_behind.record(
+                    &identity.namespace,
+                    &identity.gateway,
+                    Report {
+                        pod: identity.pod.clone(),
+                        messages: left.messages,
+                        bytes: left.bytes,
+                        reason: left.reason,
+                        at_unix: unix_now(),
+                    },
+                );
+            }
+            Ok(_) => {
+                // Agents report only when something is left; nothing to count.
+                hub.metrics
+                    .notifications
+                    .with_label_values(&[LEFT_BEHIND, "ignored"])
+                    .inc();
+            }
+            Err(error) => {
+                hub.metrics
+                    .notifications
+                    .with_label_values(&[LEFT_BEHIND, "invalid"])
+                    .inc();
+                warn!(%error, agent_id = %identity.agent_id, "invalid left_behind notification");
+            }
+        },
         "register" => {
             hub.metrics
                 .notifications
@@ -386,4 +427,11 @@ fn value_text(value: &Value) -> String {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| value.to_string())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
 }

@@ -7,13 +7,14 @@ pub mod auth;
 pub mod connection;
 pub mod index;
 pub mod jobs;
+pub mod left_behind;
 pub mod status;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rmpv::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,6 +66,8 @@ pub struct HubMetrics {
     pub connected: IntGauge,
     /// Time to decode and apply one notification (heartbeats dominate).
     pub handling: Histogram,
+    /// Messages sidecars reported left undelivered at shutdown (`left_behind`).
+    pub left_behind: IntCounter,
 }
 
 impl HubMetrics {
@@ -100,11 +103,17 @@ impl HubMetrics {
             ]),
         )
         .expect("valid metric");
+        let left_behind = IntCounter::new(
+            "nanogate_hub_left_behind_messages_total",
+            "Messages sidecars reported still undelivered when they shut down",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(notifications.clone()),
             Box::new(connected.clone()),
             Box::new(handling.clone()),
+            Box::new(left_behind.clone()),
         ] {
             // Registering twice (a second hub in one process, in tests) is harmless.
             let _ = registry.register(collector);
@@ -114,6 +123,7 @@ impl HubMetrics {
             notifications,
             connected,
             handling,
+            left_behind,
         }
     }
 }
@@ -122,6 +132,8 @@ impl HubMetrics {
 pub struct Hub {
     pub config: HubConfig,
     pub index: HealthIndex,
+    /// Per-gateway reports of messages sidecars left behind, until the status shows them.
+    pub left_behind: left_behind::LeftBehindLedger,
     pub metrics: HubMetrics,
     /// Outbound request channel of each connected agent, with the connection id that owns it.
     agents: Mutex<HashMap<String, (u64, mpsc::Sender<OutboundRequest>)>>,
@@ -139,6 +151,7 @@ impl Hub {
         Arc::new(Self {
             config,
             index: HealthIndex::new(),
+            left_behind: Default::default(),
             metrics: HubMetrics::new(registry),
             agents: Mutex::new(HashMap::new()),
             leading: watch::channel(true).0,

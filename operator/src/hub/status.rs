@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::index::FleetHealth;
-use super::{Hub, stopped};
+use super::{Hub, left_behind, stopped};
 use crate::controller::build::set_condition;
 use crate::controller::{is_conflict, write_status};
 use crate::crd::{
@@ -246,6 +246,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let gateways: Api<AgentGateway> = Api::all(client.clone());
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: crate::FIELD_MANAGER.into(),
+            instance: None,
+        },
+    );
     let mut ticker = tokio::time::interval(interval);
     // Separate cooldowns: a recent reload must not hold back a drain.
     let (mut reloads, mut drains) = (Reloads::default(), Reloads::default());
@@ -271,6 +278,11 @@ pub async fn run(
                 .unwrap_or_else(|_| Timestamp::now()),
         );
         drain_orphans(&hub, &list.items, &mut drains);
+        hub.left_behind.forget_deleted(|ns, name| {
+            list.items
+                .iter()
+                .any(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
+        });
         for mut gateway in list.items {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
@@ -284,15 +296,18 @@ pub async fn run(
                 heartbeat * SILENT_HEARTBEATS,
             );
             push_config(&hub, &gateway, &namespace, &name, &mut reloads);
+            left_behind::announce(&recorder, &hub.left_behind, &gateway).await;
+            let left = hub.left_behind.unwritten(&namespace, &name);
             let api: Api<AgentGateway> = Api::namespaced(client.clone(), &namespace);
             // One retry: the reconciler may write between our list and our patch.
             for attempt in 0..2 {
-                let desired = fleet_status(
+                let mut desired = fleet_status(
                     gateway.status.as_ref(),
                     &fleet,
                     gateway.metadata.generation,
                     &now,
                 );
+                left_behind::add_to_status(&mut desired, &left);
                 if !needs_write(gateway.status.as_ref(), &desired) {
                     break;
                 }
@@ -300,6 +315,7 @@ pub async fn run(
                 match write_status(&api, &name, version, &desired).await {
                     Ok(()) => {
                         writes.inc();
+                        hub.left_behind.written(&namespace, &name, &left);
                         debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
                         break;
                     }

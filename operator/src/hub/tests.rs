@@ -265,3 +265,67 @@ async fn oversized_frame_is_refused() {
     assert!(matches!(agent.recv().await, Some(Message::Bye { .. })));
     assert_eq!(task.await.unwrap(), Closed::Protocol("too_large"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn left_behind_reports_outlive_the_connection_and_empty_ones_are_not_counted() {
+    use nanogate_protocol::control::LeftBehind;
+    let hub = hub();
+    let (mut agent, task, _stop) = start(&hub);
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    let left = |messages: u64| Message::Notification {
+        kind: "left_behind".into(),
+        data: to_value(&LeftBehind {
+            messages,
+            bytes: messages * 100,
+            reason: "shutdown deadline".into(),
+        })
+        .unwrap(),
+    };
+    agent.send(left(0)).await;
+    agent.send(left(12)).await;
+    agent
+        .send(Message::Notification {
+            kind: "left_behind".into(),
+            data: rmpv::Value::from("twelve"),
+        })
+        .await;
+    agent
+        .send(Message::Bye {
+            reason: "agent shutting down".into(),
+        })
+        .await;
+    assert_eq!(
+        task.await.unwrap(),
+        Closed::Bye("agent shutting down".into())
+    );
+
+    // The pod is gone from the index; its report stays with its gateway.
+    assert!(hub.index.is_empty());
+    let unwritten = hub.left_behind.unwritten("ns", "gw");
+    assert_eq!(
+        (unwritten.messages, unwritten.bytes, unwritten.shutdowns),
+        (12, 1200, 1)
+    );
+    assert_eq!(unwritten.last.map(|(pod, _)| pod), Some("pod-1".into()));
+    let reports = hub.left_behind.take_unannounced("ns", "gw");
+    assert_eq!(reports.len(), 1);
+    assert!(
+        reports[0]
+            .note()
+            .starts_with("pod pod-1 left 12 messages (1200 bytes) undelivered at shutdown"),
+        "{}",
+        reports[0].note()
+    );
+    assert_eq!(hub.metrics.left_behind.get(), 12);
+    let count = |outcome: &str| {
+        hub.metrics
+            .notifications
+            .with_label_values(&["left_behind", outcome])
+            .get()
+    };
+    assert_eq!((count("ok"), count("ignored"), count("invalid")), (1, 1, 1));
+}
