@@ -120,8 +120,6 @@ pub struct RawMessage<'a> {
     pub timestamp: Option<Option<CowStr<'a>>>,
     /// The app sent its own `source` (which the sidecar overrides).
     pub source: bool,
-    /// Entries the envelope leaves out: the app's `source` and a `null` timestamp.
-    dropped: [Option<Entry>; 2],
 }
 
 /// Where an entry of the message object lies, as addresses in the parsed input: from the end
@@ -131,19 +129,6 @@ pub struct RawMessage<'a> {
 struct Entry {
     after: Option<usize>,
     end: usize,
-}
-
-impl RawMessage<'_> {
-    fn drop_entry(&mut self, entry: Entry) {
-        if let Some(slot) = self.dropped.iter_mut().find(|s| s.is_none()) {
-            *slot = Some(entry);
-        }
-    }
-}
-
-/// Decodes one field from its raw JSON text; errors keep serde's wording without a position.
-fn field<'de, T: Deserialize<'de>, E: de::Error>(text: &'de str) -> Result<T, E> {
-    serde_json::from_str(text).map_err(|e| E::custom(strip_location(&e.to_string())))
 }
 
 /// Marks a field as seen; a repeated key is refused like serde's derive does.
@@ -164,52 +149,95 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut m = RawMessage::default();
-                let mut seen = [false; 6];
-                let mut after = None;
+                let [
+                    mut msg_type,
+                    mut context,
+                    mut data,
+                    mut dest,
+                    mut timestamp,
+                    mut source,
+                ] = [false; 6];
                 while let Some(key) = map.next_key::<CowStr<'de>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    let text = value.get();
-                    let end = text.as_ptr() as usize + text.len();
-                    let [msg_type, context, data, dest, timestamp, source] = &mut seen;
                     match key.as_str() {
                         "msg_type" => {
-                            first_time(msg_type, "msg_type")?;
-                            m.msg_type = field(text)?;
+                            first_time(&mut msg_type, "msg_type")?;
+                            m.msg_type = map.next_value()?;
                         }
                         "context" => {
-                            first_time(context, "context")?;
-                            m.context = field(text)?;
+                            first_time(&mut context, "context")?;
+                            m.context = map.next_value()?;
                         }
                         "data" => {
-                            first_time(data, "data")?;
-                            m.data = Some(value);
+                            first_time(&mut data, "data")?;
+                            m.data = Some(map.next_value()?);
                         }
                         "dest" => {
-                            first_time(dest, "dest")?;
-                            m.dest = field(text)?;
+                            first_time(&mut dest, "dest")?;
+                            m.dest = map.next_value()?;
                         }
                         "timestamp" => {
-                            first_time(timestamp, "timestamp")?;
-                            let v: Option<CowStr> = field(text)?;
-                            if v.is_none() {
-                                m.drop_entry(Entry { after, end });
-                            }
-                            m.timestamp = Some(v);
+                            first_time(&mut timestamp, "timestamp")?;
+                            m.timestamp = Some(map.next_value()?);
                         }
                         "source" => {
-                            first_time(source, "source")?;
+                            first_time(&mut source, "source")?;
                             m.source = true;
-                            m.drop_entry(Entry { after, end });
+                            map.next_value::<&RawValue>()?;
                         }
-                        _ => {}
+                        // Raw, not ignored: that checks the value's UTF-8, which the envelope
+                        // copies as it is.
+                        _ => {
+                            map.next_value::<&RawValue>()?;
+                        }
                     }
-                    after = Some(end);
                 }
                 Ok(m)
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
     }
+}
+
+/// Where the entries the envelope leaves out lie in a message that has them (an app `source`,
+/// a `null` timestamp): a second look at a message the first parse accepted, taking every
+/// value as raw text, which accepts whatever the typed first parse did. Runs before the
+/// message is accepted, so a message whose entries cannot be found is refused, never written
+/// wrong.
+fn dropped_entries(raw: &[u8]) -> Result<[Option<Entry>; 2], serde_json::Error> {
+    struct Entries([Option<Entry>; 2]);
+    impl<'de> Deserialize<'de> for Entries {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Entries;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a message object")
+                }
+                fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                    let mut found = [None; 2];
+                    let mut slots = found.iter_mut();
+                    let mut after = None;
+                    while let Some(key) = map.next_key::<CowStr<'de>>()? {
+                        let value: &'de RawValue = map.next_value()?;
+                        let text = value.get();
+                        let end = text.as_ptr() as usize + text.len();
+                        let drop = match key.as_str() {
+                            "source" => true,
+                            "timestamp" => text == "null",
+                            _ => false,
+                        };
+                        if drop && let Some(slot) = slots.next() {
+                            *slot = Some(Entry { after, end });
+                        }
+                        after = Some(end);
+                    }
+                    Ok(Entries(found))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_slice::<Entries>(raw).map(|e| e.0)
 }
 
 /// The message types the socket understands.
@@ -230,8 +258,6 @@ impl MsgType {
 }
 
 /// A validated request.
-// Returned by value once per message: boxing the large variant would allocate per message.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Request<'a> {
     /// `publish`; `wait` true means the platform's reply is relayed to the app.
@@ -240,13 +266,18 @@ pub enum Request<'a> {
     MsgCheck { limit: u32 },
 }
 
-/// A validated `publish`.
+/// A validated `publish`: what the envelope needs, nothing more (it is returned once per
+/// message, so it stays small).
 #[derive(Debug)]
 pub struct Publish<'a> {
-    pub message: RawMessage<'a>,
     pub wait: bool,
     /// The message's JSON text as received: one object, `{` … `}`.
     pub raw: &'a [u8],
+    /// The app gave its own timestamp (a string), which the envelope keeps.
+    pub has_timestamp: bool,
+    /// Byte ranges of `raw` the envelope leaves out, in order: the app's `source` and a `null`
+    /// timestamp, each from the end of the previous value to the end of its own.
+    cuts: [Option<(u32, u32)>; 2],
 }
 
 impl Publish<'_> {
@@ -258,13 +289,6 @@ impl Publish<'_> {
     /// whatever was accepted can be written.
     pub fn write_envelope(&self, out: &mut Vec<u8>, now: &str, source: &str) {
         let raw = self.raw;
-        let base = raw.as_ptr() as usize;
-        // Byte ranges to leave out, in order; the object's braces are written here.
-        let mut cuts = self
-            .message
-            .dropped
-            .map(|e| e.map(|e| (e.after.map_or(1, |a| a - base), e.end - base)));
-        cuts.sort_unstable();
         out.push(b'{');
         let mut empty = true;
         let mut from = 1;
@@ -279,7 +303,8 @@ impl Publish<'_> {
             empty &= piece.is_empty();
             out.extend_from_slice(piece);
         };
-        for (start, end) in cuts.into_iter().flatten() {
+        for (start, end) in self.cuts.into_iter().flatten() {
+            let (start, end) = (start as usize, end as usize);
             copy(out, raw.get(from..start).unwrap_or_default());
             from = end;
         }
@@ -288,7 +313,7 @@ impl Publish<'_> {
             raw.get(from..raw.len().saturating_sub(1))
                 .unwrap_or_default(),
         );
-        if !matches!(self.message.timestamp, Some(Some(_))) {
+        if !self.has_timestamp {
             if !empty {
                 out.push(b',');
             }
@@ -472,7 +497,12 @@ pub fn validate<'a>(
                 .as_ref()
                 .and_then(|c| c.wait)
                 .unwrap_or(false);
-            Ok(Request::Publish(Publish { message, wait, raw }))
+            Ok(Request::Publish(Publish {
+                wait,
+                raw,
+                has_timestamp: matches!(message.timestamp, Some(Some(_))),
+                cuts: [None; 2],
+            }))
         }
         MsgType::MsgCheck => {
             let limit = message
@@ -606,6 +636,13 @@ impl StreamDecoder {
         if rest.is_empty() {
             return Decoded::NeedMore;
         }
+        if self.framer.kind == Kind::Start
+            && let Some((size, decoded)) = decode_whole(rest, &self.limits)
+        {
+            self.begun += 1;
+            self.pos += size;
+            return decoded;
+        }
         match self.framer.scan(rest) {
             Scan::Partial if rest.len() > self.limits.max_message_bytes => {
                 self.failed = true;
@@ -650,12 +687,11 @@ fn decode_value<'a>(value: &'a [u8], framer: &Framer, limits: &Limits) -> Decode
             max: limits.max_message_bytes,
         });
     }
-    if framer.deepest > MAX_DEPTH {
-        // Checked before parsing: serde_json would stop at its recursion limit and call that
-        // invalid JSON, which would close the connection for a valid value.
-        return Decoded::Rejected(AppError::InvalidMessage(format!(
-            "nested deeper than {MAX_DEPTH} levels"
-        )));
+    // Both checked before parsing: serde_json would call them invalid JSON (its recursion
+    // limit, or a lone surrogate in a field it decodes), which would close the connection
+    // for a value the framer knows the end of.
+    if let Some(refused) = refuse_shape(framer) {
+        return Decoded::Rejected(refused);
     }
     if value.first() != Some(&b'{') {
         // serde would read `[…]` as a struct in tuple form; a message is an object.
@@ -664,28 +700,97 @@ fn decode_value<'a>(value: &'a [u8], framer: &Framer, limits: &Limits) -> Decode
             Err(e) => Decoded::Fatal(AppError::InvalidJson(e.to_string())),
         };
     }
-    let message = match serde_json::from_slice::<RawMessage>(value) {
-        Ok(m) => m,
+    match serde_json::from_slice::<RawMessage>(value) {
+        Ok(message) => accept(message, value, limits),
         // Well-formed JSON of the wrong shape: the framer knows where it ends, so the
         // connection goes on with the next value.
-        Err(e) if e.is_data() => {
-            return Decoded::Rejected(AppError::InvalidMessage(
-                strip_location(&e.to_string()).to_owned(),
-            ));
-        }
-        Err(e) => return Decoded::Fatal(AppError::InvalidJson(e.to_string())),
-    };
-    if framer.lone_surrogate {
-        return Decoded::Rejected(AppError::InvalidMessage(
-            "a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which \
-             JSON parsers refuse; send valid Unicode"
+        Err(e) if e.is_data() => Decoded::Rejected(AppError::InvalidMessage(
+            strip_location(&e.to_string()).to_owned(),
+        )),
+        Err(e) => Decoded::Fatal(AppError::InvalidJson(e.to_string())),
+    }
+}
+
+/// What the framer saw that a JSON parser would refuse later, although the syntax allows it.
+fn refuse_shape(framer: &Framer) -> Option<AppError> {
+    if framer.deepest > MAX_DEPTH {
+        return Some(AppError::InvalidMessage(format!(
+            "nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    framer.lone_surrogate.then(|| {
+        AppError::InvalidMessage(
+            "a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which JSON \
+             parsers refuse; send valid Unicode"
                 .into(),
-        ));
+        )
+    })
+}
+
+/// The common case, in one parse: a message object that arrived whole. serde_json finds its
+/// end while parsing it; the framer is run over it only when a cheap look says it could
+/// matter (a `\u` escape, or more brackets than [`MAX_DEPTH`]). `None` when the buffer does
+/// not start with a whole message object: the framer takes over.
+fn decode_whole<'a>(rest: &'a [u8], limits: &Limits) -> Option<(usize, Decoded<'a>)> {
+    if rest.first() != Some(&b'{') {
+        return None;
     }
-    match validate(message, value, limits) {
-        Ok(req) => Decoded::Request(req),
-        Err(e) => Decoded::Rejected(e),
+    let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<RawMessage>();
+    let message = stream.next()?.ok()?;
+    let size = stream.byte_offset();
+    let value = rest.get(..size)?;
+    if size > limits.max_message_bytes {
+        let max = limits.max_message_bytes;
+        return Some((size, Decoded::Rejected(AppError::TooLarge { size, max })));
     }
+    let brackets = memchr::memchr2_iter(b'{', b'[', value).count();
+    let unicode_escape = memchr::memchr_iter(b'\\', value).any(|i| value.get(i + 1) == Some(&b'u'));
+    if brackets > MAX_DEPTH as usize || unicode_escape {
+        let mut framer = Framer::default();
+        if framer.scan(value) != Scan::Complete(size) {
+            return None;
+        }
+        if let Some(refused) = refuse_shape(&framer) {
+            return Some((size, Decoded::Rejected(refused)));
+        }
+    }
+    Some((size, accept(message, value, limits)))
+}
+
+/// Accepts a parsed message object: validates it, then finds the entries its envelope leaves
+/// out (before it is accepted, so a message whose entries cannot be found is refused, never
+/// written wrong).
+fn accept<'a>(message: RawMessage<'a>, value: &'a [u8], limits: &Limits) -> Decoded<'a> {
+    let rebuild = message.source || matches!(message.timestamp, Some(None));
+    let mut request = match validate(message, value, limits) {
+        Ok(req) => req,
+        Err(e) => return Decoded::Rejected(e),
+    };
+    if rebuild && let Request::Publish(p) = &mut request {
+        match cuts(value) {
+            Some(cuts) => p.cuts = cuts,
+            None => {
+                return Decoded::Rejected(AppError::InvalidMessage(
+                    "cannot locate the message's source or timestamp".into(),
+                ));
+            }
+        }
+    }
+    Decoded::Request(request)
+}
+
+/// The byte ranges of `value` its envelope leaves out (see [`Publish::cuts`]).
+fn cuts(value: &[u8]) -> Option<[Option<(u32, u32)>; 2]> {
+    let base = value.as_ptr() as usize;
+    let offset = |addr: usize| u32::try_from(addr.checked_sub(base)?).ok();
+    let mut cuts = [None; 2];
+    for (slot, entry) in cuts.iter_mut().zip(dropped_entries(value).ok()?) {
+        if let Some(Entry { after, end }) = entry {
+            *slot = Some((after.map_or(Some(1), offset)?, offset(end)?));
+        }
+    }
+    cuts.sort_unstable();
+    Some(cuts)
 }
 
 /// Parses and validates one complete message given on its own (the TCP listener's `data`

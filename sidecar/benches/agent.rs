@@ -63,6 +63,51 @@ fn write_for(stream: &mut UnixStream, buf: &[u8], per_buf: u64, secs: Duration) 
     n
 }
 
+/// The app-socket decoder alone, in memory, next to serde_json's own stream deserializer over
+/// the same bytes (the floor of any decoder built on it), for whole buffers and for reads of
+/// 4,093 bytes (boundaries land inside numbers and strings).
+fn decoder_in_memory(buf: &[u8], per: u64, secs: Duration) {
+    let rate = |f: &mut dyn FnMut() -> u64| {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < secs {
+            n += f();
+        }
+        n as f64 / t.elapsed().as_secs_f64()
+    };
+    let serde_stream = rate(&mut || {
+        serde_json::Deserializer::from_slice(buf)
+            .into_iter::<&serde_json::value::RawValue>()
+            .map(|v| v.map(|_| 1).unwrap_or(0))
+            .sum()
+    });
+    let decoded = |chunk: usize| {
+        rate(&mut || {
+            let mut dec = StreamDecoder::new(Limits::default());
+            let mut n = 0;
+            for part in buf.chunks(chunk) {
+                dec.feed(part);
+                while let Decoded::Request(_) = dec.next() {
+                    n += 1;
+                }
+            }
+            assert_eq!(n, per);
+            n
+        })
+    };
+    let (whole, split) = (decoded(buf.len()), decoded(4093));
+    println!("app-socket decoder in memory, {per} messages a pass:");
+    println!("  serde_json stream, raw values (no validation): {serde_stream:>12.0} msgs/s");
+    println!(
+        "  StreamDecoder, whole buffer:                   {whole:>12.0} msgs/s  ({:.0}% of serde_json)",
+        whole * 100.0 / serde_stream
+    );
+    println!(
+        "  StreamDecoder, 4,093-byte reads:               {split:>12.0} msgs/s  ({:.0}% of serde_json)",
+        split * 100.0 / serde_stream
+    );
+}
+
 /// Baseline server: `mode` "discard" reads and drops bytes; "parse" runs the agent's decoder.
 fn baseline(dir: &Path, mode: &'static str, secs: Duration) -> f64 {
     let path = dir.join(format!("{mode}.sock"));
@@ -758,6 +803,7 @@ fn main() {
     // ---- ingest: baselines and agent over one persistent connection ----
     let (buf, per) = batch_buffer();
     if want("ingest") {
+        decoder_in_memory(&buf, per, secs);
         let discard = baseline(tmp.path(), "discard", secs);
         let parse = baseline(tmp.path(), "parse", secs);
         platform.faults().set_down(true); // measure ingest alone; delivery is measured below

@@ -3,8 +3,8 @@
 //! recovered, 503 before and while draining).
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::State;
@@ -51,7 +51,10 @@ impl Health {
     pub fn success(&self, m: &Metrics) {
         self.failures.store(0, Ordering::Relaxed);
         self.set_circuit(m, CIRCUIT_CLOSED);
-        *self.last_success.lock().expect("health lock") = Some(chrono::Utc::now());
+        *self
+            .last_success
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(chrono::Utc::now());
     }
 
     pub fn failure(&self, m: &Metrics, reason: &str) {
@@ -63,12 +66,18 @@ impl Health {
     }
 
     pub fn set_error(&self, reason: String) {
-        *self.last_error.lock().expect("health lock") = Some(reason);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason);
     }
 
     /// Records the state of a persistent upstream connection, shown in `/healthz`.
     pub fn set_connection(&self, state: &'static str) {
-        *self.connection.lock().expect("health lock") = Some(state);
+        *self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(state);
     }
 
     pub fn circuit_name(&self) -> &'static str {
@@ -86,9 +95,9 @@ impl Health {
             "upstream": {
                 "state": self.circuit_name(),
                 "consecutive_failures": self.failures.load(Ordering::Relaxed),
-                "last_error": *self.last_error.lock().expect("health lock"),
-                "last_success": self.last_success.lock().expect("health lock").map(|t| t.to_rfc3339()),
-                "connection": *self.connection.lock().expect("health lock"),
+                "last_error": *self.last_error.lock().unwrap_or_else(PoisonError::into_inner),
+                "last_success": self.last_success.lock().unwrap_or_else(PoisonError::into_inner).map(|t| t.to_rfc3339()),
+                "connection": *self.connection.lock().unwrap_or_else(PoisonError::into_inner),
             }
         })
     }
@@ -123,9 +132,11 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
     let mut body = s.health.snapshot();
-    body["status"] = "ok".into();
-    body["queue_depth"] = s.spool.pending_msgs().into();
-    body["spool_bytes"] = s.spool.pending_bytes().into();
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("status".into(), "ok".into());
+        fields.insert("queue_depth".into(), s.spool.pending_msgs().into());
+        fields.insert("spool_bytes".into(), s.spool.pending_bytes().into());
+    }
     axum::Json(body)
 }
 

@@ -263,7 +263,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
         if n == 0 {
             return Ok(None);
         }
-        decoder.extend(&buf[..n]);
+        decoder.extend(buf.get(..n).unwrap_or_default());
     }
 }
 
@@ -550,7 +550,7 @@ impl ControlHandler for AgentControl {
     fn heartbeat(&self) -> Heartbeat {
         use std::sync::atomic::Ordering;
         let snapshot = self.health.snapshot();
-        let upstream = &snapshot["upstream"];
+        let upstream = snapshot.get("upstream").unwrap_or(&serde_json::Value::Null);
         let rejected: u64 = {
             use prometheus::core::Collector;
             self.metrics

@@ -2,6 +2,14 @@
 //!
 //! Data path: app socket ([`socket`]) → spool ([`spool`], accepted = appended) → delivery
 //! ([`batcher`]) → platform ([`upstream`]). [`admin`] serves metrics and health.
+//!
+//! Apps, the platform and the hub all send bytes the agent must survive: `unwrap`, `expect`
+//! and indexing that can panic are refused outside tests (with `panic = "abort"` one panic
+//! would end every connection of the pod).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod admin;
 pub mod batcher;
@@ -48,7 +56,14 @@ pub fn init_tracing(config: &Config) {
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),

@@ -1,3 +1,9 @@
+//! `nano-agent`: parses flags and runs the library (see `lib.rs`).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 

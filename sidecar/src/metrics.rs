@@ -52,6 +52,9 @@ fn name(n: &str) -> String {
 }
 
 impl Metrics {
+    // Metric names and help texts are constants: a failure here is a programming error that
+    // every test run would show, never something input can cause.
+    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {
@@ -212,10 +215,10 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("encoding metrics");
-        String::from_utf8(buf).expect("metrics are UTF-8")
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding the metrics failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
     }
 }
 
