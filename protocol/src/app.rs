@@ -743,9 +743,16 @@ fn decode_whole<'a>(rest: &'a [u8], limits: &Limits) -> Option<(usize, Decoded<'
         let max = limits.max_message_bytes;
         return Some((size, Decoded::Rejected(AppError::TooLarge { size, max })));
     }
-    let brackets = memchr::memchr2_iter(b'{', b'[', value).count();
-    let unicode_escape = memchr::memchr_iter(b'\\', value).any(|i| value.get(i + 1) == Some(&b'u'));
-    if brackets > MAX_DEPTH as usize || unicode_escape {
+    // One pass over the bytes that could matter: opening brackets and backslashes.
+    let (mut brackets, mut unicode_escape) = (0, false);
+    for i in memchr::memchr3_iter(b'{', b'[', b'\\', value) {
+        if value.get(i) == Some(&b'\\') {
+            unicode_escape |= value.get(i + 1) == Some(&b'u');
+        } else {
+            brackets += 1;
+        }
+    }
+    if brackets > MAX_DEPTH || unicode_escape {
         let mut framer = Framer::default();
         if framer.scan(value) != Scan::Complete(size) {
             return None;
