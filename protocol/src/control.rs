@@ -542,22 +542,9 @@ mod tests {
     /// cut at arbitrary chunk boundaries decode to the same messages and the same first error.
     mod chunking {
         use super::*;
+        use crate::testing::chunks;
         use proptest::prelude::*;
         use proptest::sample::Index;
-
-        /// Cuts `input` at the given points (taken modulo its length, sorted).
-        fn chunks<'a>(input: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
-            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
-            at.sort_unstable();
-            let mut out = Vec::with_capacity(at.len() + 1);
-            let mut from = 0;
-            for to in at {
-                out.push(&input[from..to]);
-                from = to;
-            }
-            out.push(&input[from..]);
-            out
-        }
 
         /// Messages decoded from `chunks`, ending with the first error (the hub and the agent
         /// close the connection on it), and what is left buffered.

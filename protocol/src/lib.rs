@@ -15,3 +15,24 @@ pub mod control;
 pub mod app;
 pub mod contract;
 pub mod tcp;
+
+/// Helpers of the codecs' property tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use proptest::sample::Index;
+
+    /// Cuts `input` at the given points (taken modulo its length, sorted): the reads a stream
+    /// might arrive in.
+    pub fn chunks<'a>(input: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
+        at.sort_unstable();
+        let mut out = Vec::with_capacity(at.len() + 1);
+        let mut from = 0;
+        for to in at {
+            out.push(&input[from..to]);
+            from = to;
+        }
+        out.push(&input[from..]);
+        out
+    }
+}

@@ -672,6 +672,7 @@ mod tests {
     /// cut at arbitrary chunk boundaries decode to the same frames and the same errors.
     mod chunking {
         use super::*;
+        use crate::testing::chunks;
         use proptest::prelude::*;
         use proptest::sample::Index;
 
@@ -680,20 +681,6 @@ mod tests {
             max_message_bytes: 96,
             max_tags: 3,
         };
-
-        /// Cuts `input` at the given points (taken modulo its length, sorted).
-        fn chunks<'a>(input: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
-            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
-            at.sort_unstable();
-            let mut out = Vec::with_capacity(at.len() + 1);
-            let mut from = 0;
-            for to in at {
-                out.push(&input[from..to]);
-                from = to;
-            }
-            out.push(&input[from..]);
-            out
-        }
 
         /// Decodes `input` fed as `chunks` with the frame limit `max_frame` (`None`: default).
         fn decode(chunks: &[&[u8]], limits: Limits, max_frame: Option<usize>) -> Vec<String> {

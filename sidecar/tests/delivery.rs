@@ -212,6 +212,26 @@ async fn assert_exactly_once(platform: &PlatformServer, expected: &BTreeSet<u64>
     assert_eq!(&got, expected, "exactly the accepted messages arrive");
 }
 
+/// Publishes ids `0..n`, one stateless connection each (a refusal is answered, acceptance is
+/// not): the ids accepted, and how many were refused with `queue full` (the only refusal
+/// allowed).
+fn publish_until_queue_full(agent: &nanogate_tests::agent::Agent, n: u64) -> (BTreeSet<u64>, u64) {
+    let (mut accepted, mut refused) = (BTreeSet::new(), 0u64);
+    for id in 0..n {
+        let reply = oneshot(&agent.socket, publish(id).as_bytes());
+        if reply.is_empty() {
+            accepted.insert(id);
+        } else {
+            assert_eq!(
+                reply,
+                br#"{"status":"error","message":"queue full, try again later"}"#
+            );
+            refused += 1;
+        }
+    }
+    (accepted, refused)
+}
+
 /// The dead-letter file's lines as JSON.
 fn dead_letters(agent: &nanogate_tests::agent::Agent) -> Vec<serde_json::Value> {
     std::fs::read_to_string(agent.spool.join("dead-letter.jsonl"))
@@ -345,19 +365,7 @@ async fn unauthorized_fills_the_spool_then_apps_get_queue_full() {
         ],
     );
     platform.faults().set_unauthorized(true);
-    let (mut accepted, mut refused) = (BTreeSet::new(), 0u64);
-    for id in 0..600u64 {
-        let reply = oneshot(&agent.socket, publish(id).as_bytes());
-        if reply.is_empty() {
-            accepted.insert(id);
-        } else {
-            assert_eq!(
-                reply,
-                br#"{"status":"error","message":"queue full, try again later"}"#
-            );
-            refused += 1;
-        }
-    }
+    let (accepted, refused) = publish_until_queue_full(&agent, 600);
     println!(
         "unauthorized, spool full: accepted {}, refused {refused}",
         accepted.len()
@@ -640,20 +648,7 @@ async fn queue_and_spool_full() {
         ],
     );
     platform.faults().set_down(true);
-    let (mut accepted, mut refused) = (BTreeSet::new(), 0u64);
-    for id in 0..600u64 {
-        // Stateless use: one message per connection; a refusal is answered, acceptance is not.
-        let reply = oneshot(&agent.socket, publish(id).as_bytes());
-        if reply.is_empty() {
-            accepted.insert(id);
-        } else {
-            assert_eq!(
-                reply,
-                br#"{"status":"error","message":"queue full, try again later"}"#
-            );
-            refused += 1;
-        }
-    }
+    let (accepted, refused) = publish_until_queue_full(&agent, 600);
     println!("spool full: accepted {}, refused {refused}", accepted.len());
     assert!(refused > 0 && !accepted.is_empty());
     assert_eq!(
