@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -220,6 +220,28 @@ fn unreachable_reason(last_error: Option<&str>) -> (&'static str, &'static str) 
     }
 }
 
+/// A Warning event for the gateway when its `UpstreamReachable` condition has just turned to
+/// a reason that needs a person (a refused API key, a redirect): delivery holds the spool and
+/// retries, so nothing else would tell anyone until apps get `queue full`. `None` when the
+/// reason did not change or needs no one.
+fn upstream_warning(
+    before: Option<&AgentGatewayStatus>,
+    after: &AgentGatewayStatus,
+) -> Option<(String, String)> {
+    let reason = |st: &AgentGatewayStatus| {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == conditions::UPSTREAM_REACHABLE && c.status == "False")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let (now, message) = reason(after)?;
+    if !matches!(now.as_str(), "Unauthorized" | "Redirected") {
+        return None;
+    }
+    let was = before.and_then(reason).map(|(r, _)| r);
+    (was.as_deref() != Some(now.as_str())).then_some((now, message))
+}
+
 /// At most 256 characters of an error for the status.
 fn bounded(e: &str) -> String {
     e.chars().take(256).collect()
@@ -315,6 +337,22 @@ pub async fn run(
                 match write_status(&api, &name, version, &desired).await {
                     Ok(()) => {
                         writes.inc();
+                        if let Some((reason, note)) =
+                            upstream_warning(gateway.status.as_ref(), &desired)
+                        {
+                            let event = kube::runtime::events::Event {
+                                type_: kube::runtime::events::EventType::Warning,
+                                reason: format!("Upstream{reason}"),
+                                note: Some(note),
+                                action: "Deliver".into(),
+                                secondary: None,
+                            };
+                            if let Err(error) =
+                                recorder.publish(&event, &gateway.object_ref(&())).await
+                            {
+                                warn!(%error, %namespace, %name, "publishing the upstream event failed");
+                            }
+                        }
                         hub.left_behind.written(&namespace, &name, &left);
                         debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
                         break;
@@ -587,6 +625,18 @@ mod tests {
         assert_eq!(
             upstream(&unreachable(None)).1,
             "DeliveryFailing".to_string()
+        );
+        // A Warning event when the reason turns to one that needs a person, once.
+        let refused = unreachable(Some(e401));
+        let warning = upstream_warning(Some(&with_expected(2)), &refused);
+        assert_eq!(warning.as_ref().map(|w| w.0.as_str()), Some("Unauthorized"));
+        assert!(warning.is_some_and(|w| w.1.contains("API key Secret")));
+        assert_eq!(upstream_warning(Some(&refused), &refused), None);
+        let failing = unreachable(Some("HTTP 503 from messages"));
+        assert_eq!(upstream_warning(Some(&with_expected(2)), &failing), None);
+        assert_eq!(
+            upstream_warning(Some(&refused), &unreachable(Some(e302))).map(|w| w.0),
+            Some("Redirected".into())
         );
         // A long error is bounded; a reachable fleet shows none.
         let long = format!("unauthorized: {}", "x".repeat(1000));
