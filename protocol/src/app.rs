@@ -182,12 +182,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
                         "source" => {
                             first_time(&mut source, "source")?;
                             m.source = true;
-                            map.next_value::<&RawValue>()?;
+                            map.next_value::<IgnoredAny>()?;
                         }
-                        // Raw, not ignored: that checks the value's UTF-8, which the envelope
-                        // copies as it is.
+                        // Skipped without a UTF-8 check: `accept` checks the whole message.
                         _ => {
-                            map.next_value::<&RawValue>()?;
+                            map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
@@ -768,6 +767,14 @@ fn decode_whole<'a>(rest: &'a [u8], limits: &Limits) -> Option<(usize, Decoded<'
 /// out (before it is accepted, so a message whose entries cannot be found is refused, never
 /// written wrong).
 fn accept<'a>(message: RawMessage<'a>, value: &'a [u8], limits: &Limits) -> Decoded<'a> {
+    // serde_json skips ignored strings (unknown fields, anywhere) without checking their
+    // UTF-8, and the envelope copies them: one check over the whole message instead.
+    if let Err(e) = std::str::from_utf8(value) {
+        return Decoded::Rejected(AppError::InvalidMessage(format!(
+            "not valid UTF-8 at byte {}; JSON text is UTF-8",
+            e.valid_up_to()
+        )));
+    }
     let rebuild = message.source || matches!(message.timestamp, Some(None));
     let mut request = match validate(message, value, limits) {
         Ok(req) => req,
