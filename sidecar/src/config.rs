@@ -73,7 +73,8 @@ pub struct Config {
     /// Most concurrent app connections; further connections wait in the accept backlog.
     #[arg(long, env = "NANOGATE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
-    /// A connection that sends nothing for this long is closed.
+    /// A connection that sends nothing for this long is closed; a message must also arrive
+    /// whole within this long of its first byte (a trickling client is answered and closed).
     #[arg(long, env = "NANOGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
     /// How long an empty `msg_check` answer from the platform is repeated locally before
