@@ -452,7 +452,11 @@ mod tests {
     }
 
     fn run(limits: Limits, chunks: &[&[u8]]) -> Vec<String> {
-        let mut d = FrameDecoder::new(limits);
+        feed_all(FrameDecoder::new(limits), chunks)
+    }
+
+    /// Feeds `chunks` one at a time, summarising every step after each.
+    fn feed_all(mut d: FrameDecoder, chunks: &[&[u8]]) -> Vec<String> {
         let mut out = vec![];
         for c in chunks {
             d.feed(c);
@@ -688,14 +692,7 @@ mod tests {
             if let Some(max) = max_frame {
                 d.set_max_frame(max);
             }
-            let mut out = vec![];
-            for c in chunks {
-                d.feed(c);
-                while let Some(s) = summary(d.next()) {
-                    out.push(s);
-                }
-            }
-            out
+            feed_all(d, chunks)
         }
 
         /// Whole, byte at a time and at `cuts`: all three must agree; returns the whole result.

@@ -704,7 +704,7 @@ mod tests {
         }
     }
 
-    fn setup(dir: &std::path::Path, up: Arc<Recorder>) -> (Arc<Spool>, Delivery<Recorder>) {
+    fn setup<U: Upstream>(dir: &std::path::Path, up: Arc<U>) -> (Arc<Spool>, Delivery<U>) {
         let spool = Spool::open(SpoolOptions {
             dir: dir.to_owned(),
             max_bytes: 1 << 20,
@@ -886,23 +886,19 @@ mod tests {
         }
     }
 
-    fn setup_scripted(
+    /// Appends `n` messages and starts delivering them to `up`. Keep the sender: dropping it
+    /// tells delivery to drain.
+    fn start_scripted(
         dir: &std::path::Path,
         up: Arc<Scripted>,
-    ) -> (Arc<Spool>, Delivery<Scripted>) {
-        let (spool, d) = setup(dir, Arc::new(Recorder::default()));
-        let d = Delivery {
-            spool: d.spool,
-            upstream: up,
-            tuning: d.tuning,
-            backoff_initial: d.backoff_initial,
-            backoff_max: d.backoff_max,
-            metrics: d.metrics,
-            health: d.health,
-            resources: d.resources,
-            dead_letter: d.dead_letter,
-        };
-        (spool, d)
+        n: usize,
+    ) -> (Arc<Spool>, Arc<Metrics>, Arc<Health>, watch::Sender<bool>) {
+        let (spool, d) = setup(dir, up);
+        let (metrics, health) = (d.metrics.clone(), d.health.clone());
+        append(&spool, n);
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(d.run(rx));
+        (spool, metrics, health, tx)
     }
 
     fn dead_letter_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
@@ -923,11 +919,7 @@ mod tests {
                 Ok(())
             }
         });
-        let (spool, d) = setup_scripted(dir.path(), up.clone());
-        let metrics = d.metrics.clone();
-        append(&spool, 10);
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(d.run(rx));
+        let (spool, metrics, _health, _tx) = start_scripted(dir.path(), up.clone(), 10);
         sleep(Duration::from_secs(5)).await;
         assert_eq!(
             up.accepted_is(),
@@ -960,11 +952,7 @@ mod tests {
                 Ok(())
             }
         });
-        let (spool, d) = setup_scripted(dir.path(), up.clone());
-        let metrics = d.metrics.clone();
-        append(&spool, 10);
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(d.run(rx));
+        let (spool, metrics, _health, _tx) = start_scripted(dir.path(), up.clone(), 10);
         sleep(Duration::from_secs(5)).await;
         assert_eq!(up.accepted_is(), vec![0, 1, 2, 3, 5, 6, 7, 8, 9]);
         assert_eq!(metrics.delivered.get(), 9);
@@ -985,11 +973,7 @@ mod tests {
     async fn single_message_too_large_is_dead_lettered_with_413() {
         let dir = tempfile::tempdir().unwrap();
         let up = Scripted::new(|_, _| Err(UpstreamError::TooLarge { body: "no".into() }));
-        let (spool, d) = setup_scripted(dir.path(), up.clone());
-        let metrics = d.metrics.clone();
-        append(&spool, 3);
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(d.run(rx));
+        let (spool, metrics, _health, _tx) = start_scripted(dir.path(), up.clone(), 3);
         sleep(Duration::from_secs(5)).await;
         let dl = dead_letter_lines(dir.path());
         assert_eq!(dl.len(), 3, "each alone: {dl:?}");
@@ -1027,11 +1011,7 @@ mod tests {
                 }
             }
         });
-        let (spool, d) = setup_scripted(dir.path(), up.clone());
-        let (metrics, health) = (d.metrics.clone(), d.health.clone());
-        append(&spool, 10);
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(d.run(rx));
+        let (spool, metrics, health, _tx) = start_scripted(dir.path(), up.clone(), 10);
         sleep(Duration::from_secs(600)).await;
         assert_eq!(up.accepted_is(), vec![0, 1, 2, 3, 4]);
         assert_eq!(
@@ -1076,11 +1056,7 @@ mod tests {
                 Ok(())
             }
         });
-        let (spool, d) = setup_scripted(dir.path(), up.clone());
-        let (metrics, health) = (d.metrics.clone(), d.health.clone());
-        append(&spool, 10);
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(d.run(rx));
+        let (spool, metrics, health, _tx) = start_scripted(dir.path(), up.clone(), 10);
         sleep(Duration::from_millis(400)).await; // past the 250 ms flush interval
         assert!(up.accepted_is().is_empty());
         assert_eq!(spool.pending_msgs(), 10);
