@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Provides a directory with etcd, kube-apiserver and kube-controller-manager and prints its path
-# on the last line of stdout. Order of preference:
+# Provides a directory with the Kubernetes binaries of the e2e harness and prints its path on the
+# last line of stdout: the control plane (etcd, kube-apiserver, kube-controller-manager) and a real
+# node (kubelet, kube-scheduler, kube-proxy, and `pause`, the static sandbox binary of the pause
+# image, compiled from the same source's build/pause/linux/pause.c). Order of preference:
 #   1. $NANOGATE_K8S_ASSETS or $KUBEBUILDER_ASSETS (used as is);
 #   2. the cache under ~/.cache/nanogate/k8s-<version> (a second run never rebuilds);
 #   3. a build from Debian's `kubernetes` source package (about 5 minutes on 2 cores).
@@ -13,12 +15,13 @@ CACHE_ROOT="${NANOGATE_CACHE:-$HOME/.cache/nanogate}"
 ASSETS="$CACHE_ROOT/k8s-$K8S_GIT_VERSION"
 
 log() { printf '[k8s-assets] %s\n' "$*" >&2; }
-have_all() { [ -x "$1/kube-apiserver" ] && [ -x "$1/kube-controller-manager" ] && [ -x "$1/etcd" ]; }
+BINARIES="etcd kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy pause"
+have_all() { local b; for b in $BINARIES; do [ -x "$1/$b" ] || return 1; done; }
 
 for dir in "${NANOGATE_K8S_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
   if [ -n "$dir" ]; then
     if have_all "$dir"; then log "using binaries from $dir (environment)"; echo "$dir"; exit 0; fi
-    log "$dir lacks etcd/kube-apiserver/kube-controller-manager; ignoring it"
+    log "$dir lacks one of $BINARIES; ignoring it"
   fi
 done
 
@@ -48,7 +51,7 @@ if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-s
 fi
 log "apt-get update + build dependencies"
 $SUDO apt-get update -qq >&2
-$SUDO apt-get install -y -qq golang-1.19-go rsync golang-github-modern-go-reflect2-dev etcd-server >&2
+$SUDO apt-get install -y -qq golang-1.19-go rsync golang-github-modern-go-reflect2-dev etcd-server gcc libc6-dev >&2
 
 work="$CACHE_ROOT/build-k8s"
 rm -rf "$work"; mkdir -p "$work"
@@ -62,11 +65,15 @@ cd "$tree"
 rm -rf vendor/github.com/modern-go/reflect2
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
 rm -f vendor/github.com/modern-go/reflect2/go.mod
-log "building kube-apiserver and kube-controller-manager (about 5 minutes on 2 cores)"
+log "building kube-apiserver, kube-controller-manager, kubelet, kube-scheduler, kube-proxy (about 10 minutes on 2 cores)"
 PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 KUBE_GIT_VERSION=$K8S_GIT_VERSION \
-  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
+  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubelet cmd/kube-scheduler cmd/kube-proxy" >&2
 mkdir -p "$ASSETS.tmp"
-cp _output/local/bin/linux/amd64/kube-apiserver _output/local/bin/linux/amd64/kube-controller-manager "$ASSETS.tmp/"
+for b in kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy; do
+  cp "_output/local/bin/linux/amd64/$b" "$ASSETS.tmp/"
+done
+# The pod sandbox's process: static, so the pause image is this one file FROM scratch.
+gcc -Os -static -o "$ASSETS.tmp/pause" build/pause/linux/pause.c
 cp /usr/bin/etcd "$ASSETS.tmp/etcd"  # self-contained cache: survives removal of etcd-server
 rm -rf "$ASSETS"; mv "$ASSETS.tmp" "$ASSETS"
 cd /; rm -rf "$work"
