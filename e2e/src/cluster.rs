@@ -17,8 +17,9 @@ use tokio::sync::OnceCell;
 
 use crate::process::{Process, kill_pid, pid_alive, running_with_marker};
 
-/// Where run directories live; each is named `run-<owner pid>-<random>`.
-fn runs_root() -> PathBuf {
+/// Where run directories live; each is named `run-<owner pid>-<random>` (a control plane) or
+/// `node-<owner pid>-<random>` (a real node, [`crate::Node`]).
+pub(crate) fn runs_root() -> PathBuf {
     std::env::temp_dir().join("nanogate-e2e")
 }
 
@@ -60,7 +61,7 @@ impl ControlPlane {
     /// [`ControlPlane::start`] with extra kube-apiserver flags (e.g. admission plugins).
     pub async fn start_with(extra_apiserver_args: &[&str]) -> Result<ControlPlane> {
         let started = Instant::now();
-        clean_stale_runs();
+        clean_stale_runs(None);
         let assets = crate::k8s_assets()?;
         let dir = runs_root().join(format!(
             "run-{}-{:08x}",
@@ -139,6 +140,9 @@ impl ControlPlane {
                 // default ServiceAccount's token so pods can be created right away.
                 "--endpoint-reconciler-type=none".into(),
                 "--allow-privileged=true".into(),
+                // `kubectl logs/exec` through a real node's kubelet (crate::Node): by its
+                // InternalIP, as the node's name resolves nowhere. No effect without a node.
+                "--kubelet-preferred-address-types=InternalIP".into(),
                 "--v=1".into(),
             ]
             .into_iter()
@@ -294,8 +298,10 @@ impl Drop for ControlPlane {
 
 /// Removes run directories whose owning test process is gone, killing anything still running
 /// from them (a run killed with SIGKILL before its parent-death signal could act, or started by
-/// an older harness).
-fn clean_stale_runs() {
+/// an older harness). A real node's directory gets the node's whole teardown
+/// (`crate::node`), only under the machine-wide node lock: `node_lock` if the caller holds it,
+/// else taken here if free (if another live node holds it, that node cleaned up at its start).
+pub(crate) fn clean_stale_runs(node_lock: Option<&crate::node::NodeLock>) {
     let Ok(entries) = std::fs::read_dir(runs_root()) else {
         return;
     };
@@ -305,6 +311,10 @@ fn clean_stale_runs() {
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
         if owner.is_some_and(pid_alive) {
+            continue;
+        }
+        if crate::node::is_node_dir(&dir) {
+            crate::node::clean_stale_dir(&dir, node_lock);
             continue;
         }
         let marker = dir.display().to_string();

@@ -9,6 +9,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With [`Node`] (module [`node`]) the control plane gets a real node — kubelet, kube-scheduler, a
+//! private containerd and a CNI bridge — on which pods really run:
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! let node = nanogate_e2e::Node::shared().await?; // and ControlPlane::shared()
+//! node.import_image(nanogate_e2e::node::BUSYBOX_IMAGE)?;
+//! # Ok(()) }
+//! ```
+//!
 //! Clean-up is layered so that no etcd or apiserver outlives a test run, however it ends:
 //! - every process is started through `setpriv --pdeathsig KILL` from a thread that lives as
 //!   long as the test process, so the kernel kills it when the test process dies (even on
@@ -16,6 +26,11 @@
 //! - `ControlPlane::drop` stops its processes and removes its directory;
 //! - each run directory records its owner's pid; [`ControlPlane::start`] removes directories
 //!   (and any processes still running from them) whose owner is gone.
+//!
+//! A node also changes the host (mounts, cgroups, a bridge, sysctls, `/var/log/pods`) and its
+//! containers' shims outlive any parent; it records what it found, and its teardown — on drop,
+//! by its reaper process when the test process exits, or by the next run — undoes it (see
+//! [`node`]). One node runs per machine at a time (a lock file; a second starter waits).
 
 /// Progress line on the real stderr: the test harness captures `eprintln!`, but how long setup
 /// took and where the binaries came from should show on every run.
@@ -31,12 +46,14 @@ mod assets;
 mod cluster;
 pub mod kubelet;
 mod namespace;
+pub mod node;
 pub mod podman;
 pub mod process;
 
 pub use assets::k8s_assets;
 pub use cluster::ControlPlane;
 pub use namespace::TestNamespace;
+pub use node::Node;
 pub use process::Process;
 
 use std::future::Future;

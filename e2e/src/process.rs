@@ -173,8 +173,16 @@ pub fn running_with_marker(pid: i32, marker: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// True if process `pid` exists and is not a zombie (a killed test process stays a zombie until
+/// its parent reaps it, but it owns nothing any more).
 pub fn pid_alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S …`: the state follows the last ')' (comm may contain one).
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 pub fn kill_pid(pid: i32) {
