@@ -307,6 +307,9 @@ pub(crate) fn clean_stale_runs(node_lock: Option<&crate::node::NodeLock>) {
     };
     for entry in entries.flatten() {
         let dir = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue; // the node reapers' log
+        }
         let owner = std::fs::read_to_string(dir.join("owner"))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());

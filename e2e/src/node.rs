@@ -15,8 +15,8 @@
 //! certificates, the CNI config and IPAM state, logs) except what the kubelet, containerd and
 //! the CNI plugins put on the host: mounts (under the run directory), the `kubepods` cgroups,
 //! the bridge [`BRIDGE`], the sysctls the kubelet sets, `/var/log/pods` and
-//! `/var/log/containers`, the CNI result cache in `/var/lib/cni` and shim sockets in
-//! `/run/containerd/s`. Before touching any of that the node records a [`HostSnapshot`] in its
+//! `/var/log/containers`, the kubelet's device-plugin socket in `/var/lib/kubelet` (hard-coded
+//! in 1.20), the CNI result cache in `/var/lib/cni` and shim sockets in `/run/containerd/s`. Before touching any of that the node records a [`HostSnapshot`] in its
 //! run directory, and teardown undoes it in the order a node needs (pods first while the
 //! kubelet runs, then kubelet and scheduler, containerd's tasks, containerd, the shims — which
 //! daemonize, so the parent-death signal never reaches them — mounts deepest first, cgroups,
@@ -24,7 +24,8 @@
 //! - when a [`Node`] is dropped;
 //! - in `nanogate-node-reaper`, a small process each node starts in its own session that waits
 //!   for the owning test process to exit (normally — [`Node::shared`] is never dropped — or by
-//!   `kill -9`) and then tears the node down from its record;
+//!   `kill -9`) and then tears the node down from its record (its log:
+//!   `<tmp>/nanogate-e2e/reaper.log`);
 //! - in the next run's stale clean-up (`ControlPlane::start`, `Node::start`), for a node whose
 //!   owner is gone and whose reaper did not finish (killed too, or never built).
 //!
@@ -92,6 +93,14 @@ const SYSCTLS: [&str; 7] = [
 const LOG_DIRS: [&str; 2] = ["/var/log/pods", "/var/log/containers"];
 const CNI_CACHE: &str = "/var/lib/cni";
 const SHIM_SOCKETS: &str = "/run/containerd/s";
+/// Host directories the node's programs create whatever their configuration: the kubelet's
+/// device-plugin socket (`/var/lib/kubelet/device-plugins`, hard-coded in 1.20), the CNI
+/// result cache of containerd's CNI library, and the shims' sockets (`/run/containerd/s`).
+/// Removed by teardown if they did not exist before; otherwise only the node's entries go.
+const HOST_DIRS: [&str; 3] = ["/var/lib/kubelet", CNI_CACHE, "/run/containerd"];
+/// CNI result cache entries of the node's pods (`<network>-<container id>-<interface>`): its
+/// own network and containerd's loopback network.
+const CNI_CACHE_PREFIXES: [&str; 2] = ["nanogate-e2e-", "cni-loopback-"];
 /// How long the node may take to become Ready (≈ 25 s on an idle 2-core machine).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -378,7 +387,7 @@ impl Node {
             );
             return;
         };
-        let log_path = crate::cluster::runs_root().join("node-reaper.log");
+        let log_path = crate::cluster::runs_root().join("reaper.log");
         let log = OpenOptions::new().create(true).append(true).open(&log_path);
         let Ok((out, err)) = log.and_then(|out| Ok((out.try_clone()?, out))) else {
             crate::progress!("[e2e] warning: cannot open {}", log_path.display());
@@ -450,34 +459,55 @@ impl Node {
             .any(|p| p.name == "kubelet" && p.exited().is_none())
     }
 
-    /// Lets the kubelet stop this node's pods (CNI DEL, unmounts, log directories) while it
-    /// still runs. The node is cordoned first so that controllers' replacements stay Pending.
+    /// Lets the kubelet stop this node's pods (containers, CNI DEL, sandboxes, volume unmounts)
+    /// while it still runs. The node is cordoned first so that controllers' replacements stay
+    /// Pending. Waits (up to 20 s) for what the host sees — no task left in containerd, no
+    /// volume mounted — rather than for the API objects, which the kubelet deletes only after
+    /// its next housekeeping (several seconds more).
     fn drain(&self) {
         if !self.kubelet_running() {
             return;
         }
-        let kubectl = |args: &[&str]| {
-            let _ = crate::kubectl_command(&self.kubeconfig)
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        };
-        kubectl(&["cordon", NODE_NAME]);
+        self.kubectl_quietly(&["cordon", NODE_NAME]);
         let selector = format!("--field-selector=spec.nodeName={NODE_NAME}");
-        kubectl(&[
+        self.kubectl_quietly(&[
             "delete",
             "pods",
             "--all-namespaces",
             &selector,
             "--grace-period=1",
-            "--wait=true",
-            "--timeout=30s",
+            "--wait=false",
         ]);
+        let pods_dir = self.dir.join("kubelet/pods");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && self.kubelet_running() {
+            let tasks = self.ctr(&["tasks", "ls", "-q"]).unwrap_or_default();
+            if tasks.trim().is_empty() && mounts_under(&pods_dir).is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
-    fn teardown(&mut self) -> Vec<String> {
+    fn kubectl_quietly(&self, args: &[&str]) {
+        let _ = crate::kubectl_command(&self.kubeconfig)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// The whole teardown (see the [module documentation](self)); what it could not undo, and
+    /// how long each phase took.
+    fn teardown(&mut self) -> (Vec<String>, Vec<(&'static str, Duration)>) {
+        let mut phases = Vec::new();
+        let mut phase_started = Instant::now();
+        let mut phase = |name: &'static str| {
+            phases.push((name, phase_started.elapsed()));
+            phase_started = Instant::now();
+        };
         self.drain();
+        phase("pods");
         let processes = self.processes.get_mut().unwrap_or_else(|e| e.into_inner());
         // kubelet and kube-scheduler; containerd stays up to kill what is left.
         let mut containerd = None;
@@ -488,24 +518,36 @@ impl Node {
                 process.stop();
             }
         }
-        let _ = crate::kubectl_command(&self.kubeconfig)
-            .args([
-                "delete",
-                "node",
-                NODE_NAME,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        phase("kubelet");
+        // The kubelet is gone: pods it did not finish deleting, and the node itself, go
+        // from the apiserver now (the control plane may outlive the node).
+        let selector = format!("--field-selector=spec.nodeName={NODE_NAME}");
+        self.kubectl_quietly(&[
+            "delete",
+            "pods",
+            "--all-namespaces",
+            &selector,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ]);
+        self.kubectl_quietly(&[
+            "delete",
+            "node",
+            NODE_NAME,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
+        phase("api");
         if let Some(mut containerd) = containerd {
             if containerd.exited().is_none() {
                 kill_containerd_tasks(&self.socket);
             }
             containerd.stop();
         }
+        phase("containerd");
         let mut problems = teardown_host(&self.dir, Some(&self.snapshot));
+        phase("host");
         problems.extend(leftovers(&self.dir, &self.snapshot));
         if let Some(mut reaper) = self
             .reaper
@@ -516,14 +558,18 @@ impl Node {
             let _ = reaper.kill();
             let _ = reaper.wait();
         }
-        problems
+        (problems, phases)
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
         let started = Instant::now();
-        let problems = self.teardown();
+        let (problems, phases) = self.teardown();
+        let phases: Vec<String> = phases
+            .iter()
+            .map(|(name, took)| format!("{name} {:.1}s", took.as_secs_f64()))
+            .collect();
         if std::env::var_os("NANOGATE_E2E_KEEP").is_some() {
             crate::progress!(
                 "[e2e] keeping {} (NANOGATE_E2E_KEEP is set; the next run removes it)",
@@ -532,18 +578,16 @@ impl Drop for Node {
         } else {
             remove_run_dir(&self.dir);
         }
-        if problems.is_empty() {
-            crate::progress!(
-                "[e2e] real node torn down in {:.1}s",
-                started.elapsed().as_secs_f64()
-            );
+        let left = if problems.is_empty() {
+            String::new()
         } else {
-            crate::progress!(
-                "[e2e] real node torn down in {:.1}s, but left: {}",
-                started.elapsed().as_secs_f64(),
-                problems.join("; ")
-            );
-        }
+            format!(", but left: {}", problems.join("; "))
+        };
+        crate::progress!(
+            "[e2e] real node torn down in {:.1}s ({}){left}",
+            started.elapsed().as_secs_f64(),
+            phases.join(", ")
+        );
         // Last: the next node may start now.
         drop(
             self.lock
@@ -561,8 +605,8 @@ pub struct HostSnapshot {
     pub sysctls: BTreeMap<String, String>,
     /// Entries of each of [`LOG_DIRS`] (`None`: the directory did not exist).
     log_entries: BTreeMap<String, Option<BTreeSet<String>>>,
-    cni_cache_existed: bool,
-    shim_sockets_existed: bool,
+    /// Which of [`HOST_DIRS`] existed.
+    host_dirs: BTreeMap<String, bool>,
 }
 
 impl HostSnapshot {
@@ -578,8 +622,10 @@ impl HostSnapshot {
         Self {
             sysctls,
             log_entries,
-            cni_cache_existed: Path::new(CNI_CACHE).exists(),
-            shim_sockets_existed: Path::new(SHIM_SOCKETS).exists(),
+            host_dirs: HOST_DIRS
+                .iter()
+                .map(|dir| (dir.to_string(), Path::new(dir).exists()))
+                .collect(),
         }
     }
 
@@ -587,8 +633,7 @@ impl HostSnapshot {
         json!({
             "sysctls": self.sysctls,
             "logEntries": self.log_entries,
-            "cniCacheExisted": self.cni_cache_existed,
-            "shimSocketsExisted": self.shim_sockets_existed,
+            "hostDirs": self.host_dirs,
         })
     }
 
@@ -616,8 +661,11 @@ impl HostSnapshot {
         Some(Self {
             sysctls,
             log_entries,
-            cni_cache_existed: value["cniCacheExisted"].as_bool()?,
-            shim_sockets_existed: value["shimSocketsExisted"].as_bool()?,
+            host_dirs: value["hostDirs"]
+                .as_object()?
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_bool()?)))
+                .collect(),
         })
     }
 }
@@ -664,6 +712,11 @@ pub fn leftovers(dir: &Path, snapshot: &HostSnapshot) -> Vec<String> {
     }
     for socket in stale_shim_sockets() {
         found.push(format!("socket {}", socket.display()));
+    }
+    for (host_dir, existed) in &snapshot.host_dirs {
+        if !existed && Path::new(host_dir).exists() {
+            found.push(format!("directory {host_dir}"));
+        }
     }
     found
 }
@@ -788,20 +841,24 @@ fn teardown_host(dir: &Path, snapshot: Option<&HostSnapshot>) -> Vec<String> {
     }
     let results = Path::new(CNI_CACHE).join("results");
     for entry in dir_entries(&results).unwrap_or_default() {
-        if entry.starts_with(&format!("{CNI_NETWORK}-")) {
+        if CNI_CACHE_PREFIXES.iter().any(|p| entry.starts_with(p)) {
             let _ = std::fs::remove_file(results.join(entry));
         }
-    }
-    if !snapshot.cni_cache_existed {
-        let _ = std::fs::remove_dir(&results);
-        let _ = std::fs::remove_dir(CNI_CACHE);
     }
     for socket in stale_shim_sockets() {
         let _ = std::fs::remove_file(socket);
     }
-    if !snapshot.shim_sockets_existed {
-        let _ = std::fs::remove_dir(SHIM_SOCKETS);
-        let _ = std::fs::remove_dir("/run/containerd");
+    for (dir, existed) in &snapshot.host_dirs {
+        let dir = Path::new(dir);
+        // Never through a mount, nor a socket someone still listens on.
+        let busy = !mounts_under(dir).is_empty() || !bound_sockets_under(dir).is_empty();
+        if !existed
+            && dir.exists()
+            && !busy
+            && let Err(error) = std::fs::remove_dir_all(dir)
+        {
+            problems.push(format!("removing {}: {error}", dir.display()));
+        }
     }
     problems
 }
@@ -971,19 +1028,31 @@ fn remove_kubepods_cgroups() -> Vec<String> {
     }
 }
 
-/// Shim sockets in `/run/containerd/s` no process has bound any more.
-fn stale_shim_sockets() -> Vec<PathBuf> {
-    let bound: BTreeSet<String> = std::fs::read_to_string("/proc/net/unix")
+/// Paths of the Unix sockets some process has bound (`/proc/net/unix`).
+fn bound_sockets() -> BTreeSet<PathBuf> {
+    std::fs::read_to_string("/proc/net/unix")
         .unwrap_or_default()
         .lines()
         .skip(1)
-        .filter_map(|line| line.split_whitespace().nth(7).map(str::to_string))
-        .collect();
+        .filter_map(|line| line.split_whitespace().nth(7).map(PathBuf::from))
+        .collect()
+}
+
+fn bound_sockets_under(dir: &Path) -> Vec<PathBuf> {
+    bound_sockets()
+        .into_iter()
+        .filter(|socket| socket.starts_with(dir))
+        .collect()
+}
+
+/// Shim sockets in `/run/containerd/s` no process has bound any more.
+fn stale_shim_sockets() -> Vec<PathBuf> {
+    let bound = bound_sockets();
     dir_entries(Path::new(SHIM_SOCKETS))
         .unwrap_or_default()
         .into_iter()
         .map(|name| Path::new(SHIM_SOCKETS).join(name))
-        .filter(|path| !bound.contains(&path.display().to_string()))
+        .filter(|path| !bound.contains(path))
         .collect()
 }
 
