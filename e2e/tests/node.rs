@@ -336,6 +336,7 @@ spec:
     let pods: Api<Pod> = Api::namespaced(setup.client.clone(), ns);
     let list = pods.list(&ListParams::default().labels("app=web")).await?;
     assert_eq!(list.items.len(), 2);
+    let mut gates = Vec::new();
     for pod in &list.items {
         let name = pod.metadata.name.clone().unwrap_or_default();
         // Ready no sooner than the page exists: the probe, not the container start, decided.
@@ -357,6 +358,7 @@ spec:
             gated >= 3,
             "{name} became Ready {gated}s after its container started, before the page existed"
         );
+        gates.push(gated);
 
         // This machine reaches the pod on its IP (the bridge, no proxy).
         let ip = pod
@@ -367,6 +369,7 @@ spec:
         let body = http_get(&ip, 8080).await?;
         assert_eq!(body.trim(), name, "GET http://{ip}:8080/");
     }
+    nanogate_e2e::progress!("[node] pods Ready {gates:?} s after their containers started");
     Ok(())
 }
 
