@@ -373,6 +373,8 @@ impl Pki {
             "kubernetes".to_string(),
             "kubernetes.default".to_string(),
             "kubernetes.default.svc".to_string(),
+            // What in-cluster clients on a real node (crate::Node) may dial.
+            "kubernetes.default.svc.cluster.local".to_string(),
         ])?;
         serving
             .distinguished_name

@@ -49,6 +49,7 @@ mod namespace;
 pub mod node;
 pub mod podman;
 pub mod process;
+pub mod service_network;
 
 pub use assets::k8s_assets;
 pub use cluster::ControlPlane;

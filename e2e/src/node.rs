@@ -54,6 +54,7 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 use crate::process::{Process, kill_pid, pid_alive, running_with_marker};
+use crate::service_network::{self, NodeHelpers};
 use crate::{ControlPlane, workspace_root};
 
 /// The node's name in the apiserver.
@@ -80,7 +81,7 @@ const CNI_NETWORK: &str = "nanogate-e2e";
 /// The host snapshot in the run directory; also what marks a run directory as a node's.
 const RECORD: &str = "node.json";
 /// The sysctls the kubelet (protect-kernel-defaults) and the bridge plugin may change.
-const SYSCTLS: [&str; 7] = [
+const SYSCTLS: [&str; 8] = [
     "vm.overcommit_memory",
     "vm.panic_on_oom",
     "kernel.panic",
@@ -88,6 +89,8 @@ const SYSCTLS: [&str; 7] = [
     "kernel.keys.root_maxkeys",
     "kernel.keys.root_maxbytes",
     "net.ipv4.ip_forward",
+    // kube-proxy sets it (iptables mode, localhost NodePorts).
+    "net.ipv4.conf.all.route_localnet",
 ];
 /// Host directories the kubelet writes pod logs to, whatever its root directory.
 const LOG_DIRS: [&str; 2] = ["/var/log/pods", "/var/log/containers"];
@@ -117,6 +120,8 @@ pub struct Node {
     /// Reference → podman image id of what [`Node::import_image`] imported.
     imported: Mutex<BTreeMap<String, String>>,
     reaper: Mutex<Option<Child>>,
+    /// The apiserver forwarder and the cluster DNS feeder (`crate::service_network`).
+    helpers: Mutex<Option<NodeHelpers>>,
     /// Released last, after teardown.
     lock: Mutex<Option<NodeLock>>,
 }
@@ -143,7 +148,7 @@ impl Node {
             "a real node needs root (bridge, mounts, cgroups); run the tests as root"
         );
         let assets = crate::k8s_assets()?;
-        for binary in ["kubelet", "kube-scheduler", "pause"] {
+        for binary in ["kubelet", "kube-scheduler", "kube-proxy", "pause"] {
             ensure!(
                 assets.join(binary).exists(),
                 "{} has no {binary}: run `bash e2e/scripts/setup.sh` (it builds the node's \
@@ -152,6 +157,21 @@ impl Node {
             );
         }
         ensure_images(&assets)?;
+        ensure!(
+            Command::new("dnsmasq")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            "no dnsmasq (the node's cluster DNS): run `bash e2e/scripts/setup.sh` (installs \
+             Debian's dnsmasq-base)"
+        );
+        service_network::check_bridge_netfilter()?;
+        let api_port: u16 = cp
+            .server()
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .context("the apiserver's port")?;
 
         let wait = std::env::var("NANOGATE_E2E_NODE_WAIT")
             .ok()
@@ -192,6 +212,7 @@ impl Node {
             processes: Mutex::new(Vec::new()),
             imported: Mutex::new(BTreeMap::new()),
             reaper: Mutex::new(None),
+            helpers: Mutex::new(None),
             lock: Mutex::new(Some(lock)),
         };
         // From here on, dropping `node` (an error below) undoes what was done.
@@ -200,6 +221,7 @@ impl Node {
         let containerd_up = started.elapsed();
         node.import_image(PAUSE_IMAGE)?;
         node.create_bridge()?;
+        node.start_services(&assets, api_port)?;
         node.spawn(
             "kube-scheduler",
             &assets.join("kube-scheduler"),
@@ -213,9 +235,12 @@ impl Node {
         )?;
         node.spawn("kubelet", &assets.join("kubelet"), node.kubelet_args())?;
         node.wait_ready(cp).await?;
+        let ready = started.elapsed();
+        node.wait_services().await?;
         crate::progress!(
-            "[e2e] real node {NODE_NAME} Ready in {:.1}s (waited {:.1}s for the node lock, \
-             containerd up at {:.1}s; dir {})",
+            "[e2e] real node {NODE_NAME} Ready in {:.1}s, Services and DNS at {:.1}s (waited \
+             {:.1}s for the node lock, containerd up at {:.1}s; dir {})",
+            ready.as_secs_f64(),
             started.elapsed().as_secs_f64(),
             waited.as_secs_f64(),
             containerd_up.as_secs_f64(),
@@ -328,8 +353,65 @@ impl Node {
             // The first status says NotReady (runtime not checked yet); the default 10 s
             // until the next one is most of the time to Ready.
             "--node-status-update-frequency=2s".into(),
+            // Cluster DNS (crate::service_network); none of this machine's resolvers.
+            format!("--cluster-dns={}", service_network::DNS_IP),
+            format!("--cluster-domain={}", service_network::CLUSTER_DOMAIN),
+            "--resolv-conf=".into(),
             "--v=1".into(),
         ]
+    }
+
+    /// Services on the node (`crate::service_network`): the route to the Service range, the
+    /// apiserver forwarder and the `kubernetes` Endpoints, kube-proxy, dnsmasq and its feeder.
+    fn start_services(&self, assets: &Path, api_port: u16) -> Result<()> {
+        service_network::route_services_to_bridge()?;
+        // Pods reach Services through this machine (bridge → DNAT → bridge).
+        if read_sysctl("net.ipv4.ip_forward").as_deref() != Some("1") {
+            std::fs::write(sysctl_path("net.ipv4.ip_forward"), "1")?;
+        }
+        let helpers = NodeHelpers::start(
+            (HOST_IP.parse::<std::net::Ipv4Addr>()?, api_port).into(),
+            (std::net::Ipv4Addr::LOCALHOST, api_port).into(),
+            &self.kubeconfig,
+            &service_network::hosts_dir(&self.dir),
+        )?;
+        *self.helpers.lock().unwrap_or_else(|e| e.into_inner()) = Some(helpers);
+        crate::apply_yaml(
+            &self.kubeconfig,
+            &service_network::kubernetes_endpoints_yaml(api_port),
+        )?;
+        self.spawn(
+            "kube-proxy",
+            &assets.join("kube-proxy"),
+            service_network::kube_proxy_args(&self.dir),
+        )?;
+        self.spawn(
+            "dnsmasq",
+            Path::new("dnsmasq"),
+            service_network::dnsmasq_args(&self.dir),
+        )?;
+        Ok(())
+    }
+
+    /// Waits until kube-proxy routes the `kubernetes` Service and cluster DNS answers its name.
+    async fn wait_services(&self) -> Result<()> {
+        let name = format!(
+            "kubernetes.default.svc.{}",
+            service_network::CLUSTER_DOMAIN
+        );
+        let result = crate::wait_for(
+            "kube-proxy and cluster DNS (the kubernetes Service)",
+            READY_TIMEOUT,
+            || async {
+                self.fail_if_exited()?;
+                let programmed = service_network::kubernetes_service_programmed();
+                let resolved = service_network::resolve(&name)?
+                    == Some(service_network::KUBERNETES_SERVICE_IP.parse()?);
+                Ok((programmed && resolved).then_some(()))
+            },
+        )
+        .await;
+        result.map_err(|e| self.with_logs(e))
     }
 
     async fn start_containerd(&self) -> Result<()> {
@@ -518,6 +600,13 @@ impl Node {
                 process.stop();
             }
         }
+        // The forwarder and the DNS feeder; the kubelet, kube-proxy and dnsmasq are stopped.
+        drop(
+            self.helpers
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         phase("kubelet");
         // The kubelet is gone: pods it did not finish deleting, and the node itself, go
         // from the apiserver now (the control plane may outlive the node).
@@ -537,6 +626,16 @@ impl Node {
             NODE_NAME,
             "--wait=false",
             "--ignore-not-found",
+        ]);
+        // The `kubernetes` Endpoints pointed at this node's forwarder.
+        self.kubectl_quietly(&[
+            "delete",
+            "endpoints",
+            "-n",
+            "default",
+            "-l",
+            &format!("nanogate.io/e2e-node={NODE_NAME}"),
+            "--wait=false",
         ]);
         phase("api");
         if let Some(mut containerd) = containerd {
@@ -607,6 +706,8 @@ pub struct HostSnapshot {
     log_entries: BTreeMap<String, Option<BTreeSet<String>>>,
     /// Which of [`HOST_DIRS`] existed.
     host_dirs: BTreeMap<String, bool>,
+    /// The `KUBE-*` iptables chains there were ([`service_network::kube_chains`]; normally none).
+    kube_chains: BTreeSet<String>,
 }
 
 impl HostSnapshot {
@@ -626,6 +727,7 @@ impl HostSnapshot {
                 .iter()
                 .map(|dir| (dir.to_string(), Path::new(dir).exists()))
                 .collect(),
+            kube_chains: service_network::kube_chains(),
         }
     }
 
@@ -634,6 +736,7 @@ impl HostSnapshot {
             "sysctls": self.sysctls,
             "logEntries": self.log_entries,
             "hostDirs": self.host_dirs,
+            "kubeChains": self.kube_chains,
         })
     }
 
@@ -665,6 +768,13 @@ impl HostSnapshot {
                 .as_object()?
                 .iter()
                 .filter_map(|(k, v)| Some((k.clone(), v.as_bool()?)))
+                .collect(),
+            // Absent from the records of older harnesses: no chains then.
+            kube_chains: value["kubeChains"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str().map(str::to_string))
                 .collect(),
         })
     }
@@ -717,6 +827,9 @@ pub fn leftovers(dir: &Path, snapshot: &HostSnapshot) -> Vec<String> {
         if !existed && Path::new(host_dir).exists() {
             found.push(format!("directory {host_dir}"));
         }
+    }
+    for chain in service_network::kube_chains().difference(&snapshot.kube_chains) {
+        found.push(format!("chain {chain}"));
     }
     found
 }
@@ -815,6 +928,8 @@ fn teardown_host(dir: &Path, snapshot: Option<&HostSnapshot>) -> Vec<String> {
     let Some(snapshot) = snapshot else {
         return problems;
     };
+    // kube-proxy is stopped: its chains and the jumps into them go.
+    problems.extend(service_network::remove_kube_chains(&snapshot.kube_chains));
     if Path::new(&format!("/sys/class/net/{BRIDGE}")).exists()
         && let Err(error) = run("ip", &["link", "del", BRIDGE])
     {
@@ -1119,7 +1234,7 @@ fn remove_run_dir(dir: &Path) {
     }
 }
 
-fn run(program: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
     let output = Command::new(program)
         .args(args)
         .output()
@@ -1247,6 +1362,8 @@ fn cni_conflist(ipam_dir: &str) -> Value {
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{"subnet": POD_SUBNET, "gateway": HOST_IP}]],
+                // Services through this machine (kube-proxy); still no default route.
+                "routes": [{"dst": service_network::SERVICE_CIDR, "gw": HOST_IP}],
                 "dataDir": ipam_dir,
             }
         }]

@@ -373,6 +373,139 @@ spec:
     Ok(())
 }
 
+/// Services on the node (`nanogate_e2e::service_network`): kube-proxy routes a ClusterIP from
+/// pods and from this machine, cluster DNS resolves `<svc>.<ns>.svc` (and the short name through
+/// the search path), a pod reaches itself through its Service (hairpin), the apiserver answers
+/// at `kubernetes.default.svc:443`, and nothing outside the cluster resolves.
+#[tokio::test]
+async fn services_route_and_resolve_from_pods_and_the_host() -> Result<()> {
+    let setup = setup("node-svc").await?;
+    let ns = setup.ns.name();
+    let started = std::time::Instant::now();
+    apply_yaml(
+        setup.cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: httpd
+        image: {BUSYBOX_IMAGE}
+        imagePullPolicy: Never
+        command: ["/bin/sh", "-c", "mkdir -p /www; hostname > /www/index.html; exec httpd -f -p 8080 -h /www"]
+        readinessProbe:
+          tcpSocket: {{port: 8080}}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"#
+        ),
+    )?;
+    let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), ns);
+    wait_for("deployment web 2/2 available", POD_TIMEOUT, || async {
+        let deployment = deployments.get("web").await?;
+        let available = deployment
+            .status
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0);
+        Ok((available == 2).then_some(()))
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(setup.client.clone(), ns);
+    let names: Vec<String> = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    ensure!(names.len() == 2, "{names:?}");
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(setup.client.clone(), ns);
+    let cluster_ip = services
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("web's ClusterIP")?;
+
+    // DNS as the node serves it, and this machine through the ClusterIP (nat OUTPUT).
+    let fqdn = format!("web.{ns}.svc.cluster.local");
+    let resolved = wait_for("web's DNS record", POD_TIMEOUT, || async {
+        Ok(nanogate_e2e::service_network::resolve(&fqdn)?)
+    })
+    .await?;
+    assert_eq!(resolved.to_string(), cluster_ip);
+    let body = wait_for("this machine to reach web's ClusterIP", POD_TIMEOUT, || async {
+        Ok(http_get(&cluster_ip, 80).await.ok())
+    })
+    .await?;
+    assert!(names.contains(&body.trim().to_string()), "{body}");
+    nanogate_e2e::progress!(
+        "[node] Service web routed from the host and resolvable {:.1}s after apply",
+        started.elapsed().as_secs_f64()
+    );
+
+    // From a pod: every replica through the Service, itself included (hairpin), by its full and
+    // its short name; the pod's resolv.conf is the kubelet's.
+    let client = &names[0];
+    let resolv = kubectl(&setup, &["exec", client, "--", "cat", "/etc/resolv.conf"])?;
+    assert!(resolv.contains("nameserver 10.244.0.1"), "{resolv}");
+    assert!(
+        resolv.contains(&format!("search {ns}.svc.cluster.local svc.cluster.local cluster.local")),
+        "{resolv}"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for attempt in 0..40 {
+        let url = if attempt % 2 == 0 {
+            format!("http://web.{ns}.svc/")
+        } else {
+            "http://web/".to_string()
+        };
+        let body = kubectl(&setup, &["exec", client, "--", "wget", "-q", "-T", "3", "-O", "-", &url])?;
+        seen.insert(body.trim().to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, names.iter().cloned().collect(), "replicas answering web from {client}");
+
+    // The apiserver through the `kubernetes` Service: plain HTTP to its TLS port gets Go's
+    // "HTTP request to an HTTPS server" answer (busybox wget speaks no TLS).
+    let out = setup
+        .cp
+        .kubectl(&[
+            "-n",
+            ns,
+            "exec",
+            client,
+            "--",
+            "sh",
+            "-c",
+            "wget -q -T 3 -O - http://kubernetes.default.svc:443/ 2>&1; true",
+        ])?;
+    assert!(out.contains("400 Bad Request"), "{out}");
+    // Nothing outside the cluster resolves.
+    let out = kubectl(
+        &setup,
+        &["exec", client, "--", "sh", "-c", "nslookup example.com 2>&1; true"],
+    )?;
+    assert!(!out.contains("Address: ") || out.contains("can't"), "{out}");
+    Ok(())
+}
+
 /// The body of `GET /` (HTTP/1.0) from `ip:port`.
 async fn http_get(ip: &str, port: u16) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
