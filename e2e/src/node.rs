@@ -395,19 +395,22 @@ impl Node {
 
     /// Waits until kube-proxy routes the `kubernetes` Service and cluster DNS answers its name.
     async fn wait_services(&self) -> Result<()> {
-        let name = format!(
-            "kubernetes.default.svc.{}",
-            service_network::CLUSTER_DOMAIN
-        );
+        let name = format!("kubernetes.default.svc.{}", service_network::CLUSTER_DOMAIN);
         let result = crate::wait_for(
             "kube-proxy and cluster DNS (the kubernetes Service)",
-            READY_TIMEOUT,
+            Duration::from_secs(60),
             || async {
                 self.fail_if_exited()?;
-                let programmed = service_network::kubernetes_service_programmed();
-                let resolved = service_network::resolve(&name)?
-                    == Some(service_network::KUBERNETES_SERVICE_IP.parse()?);
-                Ok((programmed && resolved).then_some(()))
+                ensure!(
+                    service_network::kubernetes_service_programmed(),
+                    "kube-proxy has not programmed the kubernetes Service's endpoint"
+                );
+                let resolved = service_network::resolve(&name)?;
+                ensure!(
+                    resolved == Some(service_network::KUBERNETES_SERVICE_IP.parse()?),
+                    "cluster DNS answers {resolved:?} for {name}"
+                );
+                Ok(Some(()))
             },
         )
         .await;

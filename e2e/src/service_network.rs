@@ -258,8 +258,7 @@ async fn feed_dns(kubeconfig: &Path, hosts_dir: &Path) -> Result<()> {
         writer,
         watcher(Api::<Service>::all(client), watcher::Config::default()),
     )
-    .default_backoff()
-    .touched_objects();
+    .default_backoff();
     futures::pin_mut!(stream);
     let file = hosts_dir.join("services");
     let staging = hosts_dir
@@ -267,7 +266,11 @@ async fn feed_dns(kubeconfig: &Path, hosts_dir: &Path) -> Result<()> {
         .context("hosts dir has a parent")?
         .join("services.tmp");
     let mut written = None;
-    while stream.try_next().await?.is_some() {
+    while let Some(event) = stream.try_next().await? {
+        // The store takes a (re)list in at its end.
+        if matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+            continue;
+        }
         let hosts = hosts_file(store.state().iter().map(|s| s.as_ref()));
         if written.as_ref() != Some(&hosts) {
             std::fs::write(&staging, &hosts)?;
@@ -325,7 +328,8 @@ pub fn resolve(name: &str) -> Result<Option<Ipv4Addr>> {
 /// The first A record of a DNS response to query `id`.
 fn parse_a_answer(msg: &[u8], id: u16) -> Result<Option<Ipv4Addr>> {
     let byte = |i: usize| msg.get(i).copied().context("short DNS answer");
-    let word = |i: usize| -> Result<usize> { Ok(usize::from(byte(i)?) << 8 | usize::from(byte(i + 1)?)) };
+    let word =
+        |i: usize| -> Result<usize> { Ok(usize::from(byte(i)?) << 8 | usize::from(byte(i + 1)?)) };
     ensure!(word(0)? == usize::from(id), "DNS answer to another query");
     match byte(3)? & 0x0f {
         0 => {}
@@ -410,7 +414,9 @@ fn parse_save(text: &str) -> BTreeMap<String, Table> {
     for line in text.lines() {
         if let Some(table) = line.strip_prefix('*') {
             current = Some(table.trim().to_string());
-        } else if let Some(table) = current.as_ref().map(|t| tables.entry(t.clone()).or_default())
+        } else if let Some(table) = current
+            .as_ref()
+            .map(|t| tables.entry(t.clone()).or_default())
         {
             if let Some(decl) = line.strip_prefix(':') {
                 if let Some(chain) = decl.split_whitespace().next() {
@@ -446,7 +452,9 @@ pub(crate) fn remove_kube_chains(keep: &BTreeSet<String>) -> Vec<String> {
                 .declared
                 .iter()
                 .map(String::as_str)
-                .filter(|c| c.starts_with("KUBE-") && !keep.contains(&format!("{family} {table} {c}")))
+                .filter(|c| {
+                    c.starts_with("KUBE-") && !keep.contains(&format!("{family} {table} {c}"))
+                })
                 .collect();
             if doomed.is_empty() {
                 continue;
@@ -458,7 +466,8 @@ pub(crate) fn remove_kube_chains(keep: &BTreeSet<String>) -> Vec<String> {
             }
             for rule in &chains.rules {
                 let chain = rule.split_whitespace().nth(1).unwrap_or_default();
-                if !doomed.contains(chain) && rule_target(rule).is_some_and(|t| doomed.contains(t)) {
+                if !doomed.contains(chain) && rule_target(rule).is_some_and(|t| doomed.contains(t))
+                {
                     script.push_str(&format!("-D{}\n", &rule[2..]));
                 }
             }
@@ -467,7 +476,9 @@ pub(crate) fn remove_kube_chains(keep: &BTreeSet<String>) -> Vec<String> {
             }
             script.push_str("COMMIT\n");
             if let Err(error) = run_restore(restore, &script) {
-                problems.push(format!("removing {family} {table} KUBE-* chains: {error:#}"));
+                problems.push(format!(
+                    "removing {family} {table} KUBE-* chains: {error:#}"
+                ));
             }
         }
     }
@@ -539,10 +550,15 @@ mod tests {
     #[test]
     fn rule_targets() {
         assert_eq!(
-            rule_target(r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#),
+            rule_target(
+                r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#
+            ),
             Some("KUBE-SERVICES")
         );
-        assert_eq!(rule_target("-A FORWARD -g KUBE-FORWARD"), Some("KUBE-FORWARD"));
+        assert_eq!(
+            rule_target("-A FORWARD -g KUBE-FORWARD"),
+            Some("KUBE-FORWARD")
+        );
         assert_eq!(rule_target("-A INPUT -p tcp"), None);
     }
 }

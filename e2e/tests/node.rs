@@ -409,7 +409,7 @@ kind: Service
 metadata: {{name: web, namespace: {ns}}}
 spec:
   selector: {{app: web}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
 "#
         ),
     )?;
@@ -448,9 +448,11 @@ spec:
     })
     .await?;
     assert_eq!(resolved.to_string(), cluster_ip);
-    let body = wait_for("this machine to reach web's ClusterIP", POD_TIMEOUT, || async {
-        Ok(http_get(&cluster_ip, 80).await.ok())
-    })
+    let body = wait_for(
+        "this machine to reach web's ClusterIP",
+        POD_TIMEOUT,
+        || async { Ok(http_get(&cluster_ip, 80).await.ok()) },
+    )
     .await?;
     assert!(names.contains(&body.trim().to_string()), "{body}");
     nanogate_e2e::progress!(
@@ -458,52 +460,74 @@ spec:
         started.elapsed().as_secs_f64()
     );
 
-    // From a pod: every replica through the Service, itself included (hairpin), by its full and
-    // its short name; the pod's resolv.conf is the kubelet's.
+    // From a pod: the name (busybox's nslookup: its own resolver on the pod's resolv.conf), and
+    // every replica through the ClusterIP, itself included (hairpin). With `nc`: the static
+    // busybox's wget crashes in a FROM-scratch image (glibc's NSS for getservbyname is missing).
     let client = &names[0];
     let resolv = kubectl(&setup, &["exec", client, "--", "cat", "/etc/resolv.conf"])?;
     assert!(resolv.contains("nameserver 10.244.0.1"), "{resolv}");
     assert!(
-        resolv.contains(&format!("search {ns}.svc.cluster.local svc.cluster.local cluster.local")),
+        resolv.contains(&format!(
+            "search {ns}.svc.cluster.local svc.cluster.local cluster.local"
+        )),
         "{resolv}"
     );
+    let lookup = kubectl(&setup, &["exec", client, "--", "nslookup", &fqdn])?;
+    assert!(
+        lookup.contains(&format!("Address: {cluster_ip}")),
+        "{lookup}"
+    );
     let mut seen = std::collections::BTreeSet::new();
-    for attempt in 0..40 {
-        let url = if attempt % 2 == 0 {
-            format!("http://web.{ns}.svc/")
-        } else {
-            "http://web/".to_string()
-        };
-        let body = kubectl(&setup, &["exec", client, "--", "wget", "-q", "-T", "3", "-O", "-", &url])?;
+    for _ in 0..40 {
+        let response = pod_http_get(&setup, client, &cluster_ip, 80)?;
+        let (_, body) = response.split_once("\r\n\r\n").context(response.clone())?;
         seen.insert(body.trim().to_string());
         if seen.len() == 2 {
             break;
         }
     }
-    assert_eq!(seen, names.iter().cloned().collect(), "replicas answering web from {client}");
+    assert_eq!(
+        seen,
+        names.iter().cloned().collect(),
+        "replicas answering web's ClusterIP from {client}"
+    );
 
-    // The apiserver through the `kubernetes` Service: plain HTTP to its TLS port gets Go's
-    // "HTTP request to an HTTPS server" answer (busybox wget speaks no TLS).
-    let out = setup
-        .cp
-        .kubectl(&[
-            "-n",
-            ns,
+    // The apiserver through the `kubernetes` Service: its name resolves to 10.0.0.1, and plain
+    // HTTP to its TLS port gets Go's "HTTP request to an HTTPS server" answer.
+    let lookup = kubectl(
+        &setup,
+        &[
+            "exec",
+            client,
+            "--",
+            "nslookup",
+            "kubernetes.default.svc.cluster.local",
+        ],
+    )?;
+    assert!(lookup.contains("Address: 10.0.0.1"), "{lookup}");
+    let out = pod_http_get(&setup, client, "10.0.0.1", 443)?;
+    assert!(out.starts_with("HTTP/1.0 400 Bad Request"), "{out}");
+    assert!(out.contains("HTTP request to an HTTPS server"), "{out}");
+    // Nothing outside the cluster resolves.
+    let out = kubectl(
+        &setup,
+        &[
             "exec",
             client,
             "--",
             "sh",
             "-c",
-            "wget -q -T 3 -O - http://kubernetes.default.svc:443/ 2>&1; true",
-        ])?;
-    assert!(out.contains("400 Bad Request"), "{out}");
-    // Nothing outside the cluster resolves.
-    let out = kubectl(
-        &setup,
-        &["exec", client, "--", "sh", "-c", "nslookup example.com 2>&1; true"],
+            "nslookup example.com 2>&1; true",
+        ],
     )?;
-    assert!(!out.contains("Address: ") || out.contains("can't"), "{out}");
+    assert!(out.contains("can't find example.com"), "{out}");
     Ok(())
+}
+
+/// The whole response to `GET /` (HTTP/1.0) sent from pod `pod` to `ip:port` with busybox's `nc`.
+fn pod_http_get(setup: &Setup, pod: &str, ip: &str, port: u16) -> Result<String> {
+    let script = format!("printf 'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' | nc -w 3 {ip} {port}");
+    kubectl(setup, &["exec", pod, "--", "sh", "-c", &script])
 }
 
 /// The body of `GET /` (HTTP/1.0) from `ip:port`.

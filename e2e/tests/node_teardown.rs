@@ -1,8 +1,9 @@
 //! A real node leaves nothing behind: not when it is dropped, not when its test process is
 //! killed with SIGKILL (its reaper cleans up at once; with the reaper killed too, the next node's
 //! start does). "Nothing" is `nanogate_e2e::node::leftovers`: mounts under the run directory,
-//! processes started from it (containerd, kubelet, scheduler, shims), the bridge, `kubepods`
-//! cgroups, sysctls other than before, new `/var/log/pods` entries, stale shim sockets. Each
+//! processes started from it (containerd, kubelet, scheduler, kube-proxy, dnsmasq, shims), the
+//! bridge, `kubepods` cgroups, sysctls other than before, new `/var/log/pods` entries, stale shim
+//! sockets, kube-proxy's `KUBE-*` iptables chains. Each
 //! test first sees those leftovers while the node runs, so an empty list afterwards means
 //! something.
 //!
@@ -76,7 +77,9 @@ spec:
 /// `leftovers` for a node that is still running (or just killed): must find its traces.
 fn assert_traces(dir: &Path, snapshot: &HostSnapshot) -> Vec<String> {
     let found = leftovers(dir, snapshot);
-    for trace in ["mount ", "process ", "bridge ", "cgroup ", "sysctl "] {
+    for trace in [
+        "mount ", "process ", "bridge ", "cgroup ", "sysctl ", "chain ",
+    ] {
         assert!(
             found.iter().any(|f| f.starts_with(trace)),
             "no {trace:?} trace of the running node in {found:?}"
