@@ -1,0 +1,630 @@
+//! The chart's operator runs **in** the cluster (issue 16), on the real node
+//! (`nanogate_e2e::Node`: kubelet, containerd, kube-proxy, cluster DNS): `helm install` of
+//! `charts/nanogate` with the real Helm engine (`e2e/scripts/helm.py`, as `chart.rs`), default
+//! values but for the operator image (the one the shipping test builds) and a 1 s status interval.
+//!
+//! - both operator pods (2 replicas) run and are Ready; exactly one holds the leader Lease, wears
+//!   the `nanogate.io/hub-leader` label and reports `nanogate_operator_leader 1`;
+//! - the apiserver reaches the webhooks through their Service (`clientConfig.service`; routed by
+//!   kube-proxy, see `nanogate_e2e::service_network` for why not `--enable-aggregator-routing`):
+//!   an invalid AgentGateway is refused by `validate.nanogate.io`, and an annotated Deployment's
+//!   pod is injected;
+//! - that pod runs the real nano-agent image, which dials the hub through its Service by DNS name
+//!   (`nanogate-hub.<ns>.svc:7051`) and shows as connected in the gateway's status;
+//! - deleting the leader pod hands the Lease to the other pod, the hub Service follows the label,
+//!   and the sidecar reconnects to the new leader;
+//! - `helm uninstall` leaves nothing behind (see [`leftovers`] for the list): not the chart's
+//!   objects, its webhook configurations and cluster-scoped RBAC, nor what the operator created
+//!   itself — its certificate Secret and Lease, owned by the release's
+//!   MutatingWebhookConfiguration, go with it through the garbage collector — nor the
+//!   Services' DNS records and kube-proxy rules on the node. What stays, by design: the CRD (Helm
+//!   never deletes CRDs) and with it the AgentGateways and the ConfigMaps the operator derived
+//!   from them (owned by their gateway: they go when it is deleted, checked here too), the users'
+//!   injected pods, and Events about users' objects until the apiserver's event TTL (1 h).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams};
+use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
+use nanogate_e2e::service_network::{self, CLUSTER_DOMAIN};
+use nanogate_e2e::{ControlPlane, Node, TestNamespace, helm, wait_for, workspace_root};
+
+/// The operator and nano-agent images (what `e2e/tests/shipping.rs` builds from
+/// `build/Dockerfile`, in nanogate's podman store).
+const OPERATOR_IMAGE: &str = "ghcr.io/nanogate/nanogate-operator:0.1.0";
+const AGENT_IMAGE: &str = "ghcr.io/nanogate/nano-agent:0.1.0";
+const RELEASE: &str = "nanogate";
+const OPERATORS: &str = "app.kubernetes.io/instance=nanogate,app.kubernetes.io/component=operator";
+const LEADER_LABEL: &str = "nanogate.io/hub-leader";
+/// The chart's names for release `nanogate` (`_helpers.tpl`).
+const LEASE: &str = "nanogate-operator";
+const CERT_SECRET: &str = "nanogate-webhook-certs";
+const SERVICES: [&str; 3] = ["nanogate-webhook", "nanogate-hub", "nanogate-metrics"];
+const CLUSTER_OBJECTS: [&str; 4] = [
+    "clusterrole/nanogate-operator",
+    "clusterrolebinding/nanogate-operator",
+    "mutatingwebhookconfiguration/nanogate-injector",
+    "validatingwebhookconfiguration/nanogate-validator",
+];
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+fn pod_ip(pod: &Pod) -> Option<String> {
+    pod.status.as_ref().and_then(|s| s.pod_ip.clone())
+}
+
+fn has_sidecar(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == "nano-agent")
+    })
+}
+
+/// Both operator pods Ready (and no other operator pod around); returns them.
+async fn two_ready_operators(pods: &Api<Pod>) -> Result<Vec<Pod>> {
+    wait_for("two Ready operator pods", TIMEOUT, || async {
+        let list = pods.list(&ListParams::default().labels(OPERATORS)).await?;
+        let all = list.items.len();
+        let ready: Vec<Pod> = list.items.into_iter().filter(ready).collect();
+        Ok((ready.len() == 2 && all == 2).then_some(ready))
+    })
+    .await
+}
+
+/// Sum of the samples of `metric` on `ip:8080/metrics` (the operator's admin port).
+fn scrape(ip: &str, metric: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("{ip}:8080").parse()?,
+        Duration::from_secs(3),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(metric))
+        .filter(|l| matches!(l.as_bytes().get(metric.len()), Some(b' ' | b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The one leader among `operators`: the Lease holder, the only pod labelled hub leader and the
+/// only one reporting `nanogate_operator_leader 1`. `None` while they disagree.
+async fn the_leader(leases: &Api<Lease>, operators: &[Pod]) -> Result<Option<Pod>> {
+    let holder = leases
+        .get_opt(LEASE)
+        .await?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    let labelled: Vec<&Pod> = operators
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LEADER_LABEL))
+                .is_some_and(|v| v == "true")
+        })
+        .collect();
+    let mut leading = Vec::new();
+    for pod in operators {
+        let ip = pod_ip(pod).context("operator pod IP")?;
+        if scrape(&ip, "nanogate_operator_leader")? == 1.0 {
+            leading.push(name(pod));
+        }
+    }
+    match labelled.as_slice() {
+        [pod] if name(pod) == holder && leading == [holder.clone()] => Ok(Some((*pod).clone())),
+        _ => Ok(None),
+    }
+}
+
+/// `kubectl get <what> -o name` (empty lines dropped).
+fn names(cp: &ControlPlane, args: &[&str]) -> Result<Vec<String>> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend(["-o", "name", "--ignore-not-found"]);
+    Ok(cp
+        .kubectl(&all)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// What a release `nanogate` in `ns` left behind:
+/// - in `ns`: Deployments, ReplicaSets, Pods, Services, Endpoints, EndpointSlices,
+///   ServiceAccounts, ConfigMaps, Secrets (Helm's release records, the ServiceAccount's token, the
+///   operator's certificate Secret), Roles, RoleBindings, PodDisruptionBudgets, NetworkPolicies,
+///   Leases — all but what every namespace has (`default` ServiceAccount and token,
+///   `kube-root-ca.crt`);
+/// - in `ns`, Events the operator reported (`reportingController` nanogate-*);
+/// - cluster-scoped, by the release's label and by the chart's names: ClusterRoles,
+///   ClusterRoleBindings, Mutating- and ValidatingWebhookConfigurations;
+/// - on the node: DNS records of the chart's Services, kube-proxy rules naming `ns`.
+fn leftovers(cp: &ControlPlane, ns: &str) -> Result<Vec<String>> {
+    let mut left: Vec<String> = names(
+        cp,
+        &[
+            "deployments,replicasets,pods,services,endpoints,endpointslices.discovery.k8s.io,\
+             serviceaccounts,configmaps,secrets,roles,rolebindings,poddisruptionbudgets,\
+             networkpolicies,leases",
+            "-n",
+            ns,
+        ],
+    )?
+    .into_iter()
+    .filter(|n| {
+        n != "serviceaccount/default"
+            && n != "configmap/kube-root-ca.crt"
+            && !n.starts_with("secret/default-token-")
+    })
+    .collect();
+    let events = cp.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={range .items[*]}{.reportingController} {.metadata.name}{\"\\n\"}{end}",
+    ])?;
+    left.extend(
+        events
+            .lines()
+            .filter(|l| l.starts_with("nanogate"))
+            .map(|l| format!("event {l}")),
+    );
+    let selector = format!("app.kubernetes.io/instance={RELEASE}");
+    left.extend(names(
+        cp,
+        &[
+            "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,\
+             validatingwebhookconfigurations",
+            "-l",
+            &selector,
+        ],
+    )?);
+    for object in CLUSTER_OBJECTS {
+        left.extend(names(cp, &[object])?);
+    }
+    for service in SERVICES {
+        let fqdn = format!("{service}.{ns}.svc.{CLUSTER_DOMAIN}");
+        if let Some(ip) = service_network::resolve(&fqdn)? {
+            left.push(format!("DNS record {fqdn} → {ip}"));
+        }
+    }
+    let nat = std::process::Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let marker = format!("{ns}/");
+    left.extend(
+        String::from_utf8_lossy(&nat.stdout)
+            .lines()
+            .filter(|l| l.contains(&marker))
+            .map(|l| format!("kube-proxy rule {l}")),
+    );
+    left.sort();
+    left.dedup();
+    Ok(left)
+}
+
+/// A values file for the release (deleted on drop).
+struct Values(PathBuf);
+
+impl Values {
+    fn new(yaml: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "nanogate-in-cluster-values-{}-{:08x}.yaml",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::write(&path, yaml)?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Values {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
+#[tokio::test]
+async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
+    let started = Instant::now();
+    let node = Node::shared().await?;
+    for image in [OPERATOR_IMAGE, AGENT_IMAGE, BUSYBOX_IMAGE] {
+        node.import_image(image)?;
+    }
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let rel = TestNamespace::create(&client, "in-cluster").await?;
+    let apps = TestNamespace::create(&client, "in-cluster-apps").await?;
+    let ns = rel.name();
+    nanogate_e2e::progress!(
+        "[in-cluster] node, images and namespaces ready in {:.1}s",
+        secs(started)
+    );
+
+    // helm install: the chart's defaults (2 replicas, leader election, Service-backed webhooks
+    // with failurePolicy Ignore, hub behind its Service), with the images in the node.
+    let (repository, tag) = OPERATOR_IMAGE.rsplit_once(':').context("image tag")?;
+    let values = Values::new(&format!(
+        "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\nstatusInterval: 1s\n"
+    ))?;
+    let step = Instant::now();
+    let chart = workspace_root().join("charts/nanogate");
+    let installed = helm(
+        cp.kubeconfig_path(),
+        &[
+            "install",
+            chart.to_str().context("chart path")?,
+            RELEASE,
+            ns,
+            "--values",
+            values.path().to_str().context("values path")?,
+        ],
+    )?;
+    ensure!(installed.to_string().contains("deployed"), "{installed}");
+    nanogate_e2e::progress!("[in-cluster] helm install in {:.1}s", secs(step));
+
+    let result = in_cluster(cp, &client, ns, apps.name()).await;
+    if result.is_err() {
+        dump(cp, ns, apps.name());
+    }
+    result?;
+
+    // helm uninstall leaves nothing behind.
+    let step = Instant::now();
+    helm(cp.kubeconfig_path(), &["uninstall", RELEASE, ns])?;
+    let gone = wait_for("nothing left of the release", TIMEOUT, || async {
+        let left = leftovers(cp, ns)?;
+        if left.is_empty() {
+            Ok(Some(()))
+        } else {
+            bail!("still present: {left:#?}")
+        }
+    })
+    .await;
+    if gone.is_err() {
+        dump(cp, ns, apps.name());
+    }
+    gone?;
+    nanogate_e2e::progress!(
+        "[in-cluster] helm uninstall: nothing left after {:.1}s",
+        secs(step)
+    );
+    // By design: the CRD stays, and with it the gateway; its derived ConfigMap is the gateway's
+    // and goes with it.
+    cp.kubectl(&["get", "crd", "agentgateways.nanogate.io"])?;
+    let managed = "app.kubernetes.io/managed-by=nanogate-operator";
+    ensure!(
+        !names(cp, &["configmaps", "-n", apps.name(), "-l", managed])?.is_empty(),
+        "the gateway's ConfigMap went before the gateway"
+    );
+    cp.kubectl(&["delete", "agentgateway", "shop", "-n", apps.name()])?;
+    wait_for("the gateway's ConfigMap to go with it", TIMEOUT, || async {
+        Ok(
+            names(cp, &["configmaps", "-n", apps.name(), "-l", managed])?
+                .is_empty()
+                .then_some(()),
+        )
+    })
+    .await?;
+    nanogate_e2e::progress!("[in-cluster] whole test {:.1}s", secs(started));
+    Ok(())
+}
+
+async fn in_cluster(
+    cp: &ControlPlane,
+    client: &kube::Client,
+    ns: &str,
+    apps_ns: &str,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+
+    // Both operator pods Running and Ready, exactly one leader.
+    let step = Instant::now();
+    let operators = two_ready_operators(&pods).await?;
+    nanogate_e2e::progress!(
+        "[in-cluster] 2/2 operator pods Ready {:.1}s after install",
+        secs(step)
+    );
+    for pod in &operators {
+        let status = pod.status.as_ref().context("status")?;
+        ensure!(status.phase.as_deref() == Some("Running"), "{}", name(pod));
+        let image = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.image.clone())
+            .collect::<Vec<_>>();
+        ensure!(image == [OPERATOR_IMAGE], "{}: {image:?}", name(pod));
+    }
+    let leader = wait_for("exactly one leader", TIMEOUT, || async {
+        let operators = pods
+            .list(&ListParams::default().labels(OPERATORS))
+            .await?
+            .items;
+        the_leader(&leases, &operators).await
+    })
+    .await?;
+    let follower = operators
+        .iter()
+        .find(|p| name(p) != name(&leader))
+        .context("a follower")?
+        .clone();
+    nanogate_e2e::progress!(
+        "[in-cluster] leader {} (follower {}) {:.1}s after install",
+        name(&leader),
+        name(&follower),
+        secs(step)
+    );
+
+    // The webhooks are called through their Service, never a URL.
+    for kind in [
+        "mutatingwebhookconfiguration/nanogate-injector",
+        "validatingwebhookconfiguration/nanogate-validator",
+    ] {
+        let config = cp.kubectl(&[
+            "get",
+            kind,
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.service.namespace}/{.webhooks[0].clientConfig.service.name} {.webhooks[0].clientConfig.url}",
+        ])?;
+        ensure!(
+            config.trim() == format!("{ns}/nanogate-webhook"),
+            "{kind}: {config}"
+        );
+    }
+    // The validating webhook through the Service: an invalid gateway is refused by the operator.
+    let step = Instant::now();
+    let invalid = format!(
+        "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {{name: bad, namespace: {apps_ns}}}\nspec:\n  upstream: {{kind: http, url: 'http://{HOST_IP}:9', apiKeySecretRef: {{name: platform-key, key: apiKey}}}}\n  batching: {{minBatchSize: 300, maxBatchSize: 200}}\n"
+    );
+    let refused = wait_for("the validating webhook to refuse", TIMEOUT, || async {
+        match nanogate_e2e::apply_yaml(cp.kubeconfig_path(), &invalid) {
+            Ok(_) => {
+                // Admitted while no webhook answered (failurePolicy Ignore): try again.
+                cp.kubectl(&["delete", "agentgateway", "bad", "-n", apps_ns])?;
+                Ok(None)
+            }
+            Err(error) => Ok(Some(format!("{error:#}"))),
+        }
+    })
+    .await?;
+    ensure!(refused.contains("validate.nanogate.io"), "{refused}");
+    nanogate_e2e::progress!(
+        "[in-cluster] the apiserver reached the validating webhook through its Service in {:.1}s",
+        secs(step)
+    );
+
+    // A gateway whose sidecars run the nano-agent image; its upstream is this machine's discard
+    // port (nothing listens: the sidecar still connects to the hub).
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &format!(
+            "{}  sidecar: {{image: {AGENT_IMAGE}}}\n",
+            nanogate_e2e::gateway_yaml(apps_ns, "shop", "  heartbeatInterval: 1s\n")
+                .replace("http://127.0.0.1:9", &format!("http://{HOST_IP}:9"))
+        ),
+    )?;
+    // An annotated Deployment, created once a dry run of its pod comes back injected (the
+    // mutating webhook through its Service, once the operator's watch knows the gateway).
+    let step = Instant::now();
+    let app_pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "probe", "annotations": {"nanogate.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": BUSYBOX_IMAGE}]}
+    }))?;
+    nanogate_e2e::wait_for_injection(client, apps_ns, &app_pod).await?;
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: shop, namespace: {apps_ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: shop}}}}
+  template:
+    metadata:
+      labels: {{app: shop}}
+      annotations: {{nanogate.io/inject: "true"}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: app
+        image: {BUSYBOX_IMAGE}
+        imagePullPolicy: Never
+        command: ["sleep", "100000"]
+"#
+        ),
+    )?;
+    let app_pods: Api<Pod> = Api::namespaced(client.clone(), apps_ns);
+    let app = wait_for("the injected app pod 2/2 Ready", TIMEOUT, || async {
+        let list = app_pods
+            .list(&ListParams::default().labels("app=shop"))
+            .await?;
+        Ok(list.items.into_iter().find(ready))
+    })
+    .await?;
+    ensure!(has_sidecar(&app), "{} was not injected", name(&app));
+    let statuses = app
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default();
+    ensure!(
+        statuses.len() == 2 && statuses.iter().all(|c| c.ready),
+        "{statuses:?}"
+    );
+    let agent = statuses
+        .iter()
+        .find(|c| c.name == "nano-agent")
+        .context("nano-agent status")?;
+    ensure!(agent.image == AGENT_IMAGE, "{}", agent.image);
+    let hub_addr = app
+        .spec
+        .as_ref()
+        .into_iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .filter(|c| c.name == "nano-agent")
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == "NANOGATE_HUB_ADDR")
+        .and_then(|e| e.value.clone());
+    ensure!(
+        hub_addr.as_deref() == Some(format!("nanogate-hub.{ns}.svc:7051").as_str()),
+        "{hub_addr:?}"
+    );
+    nanogate_e2e::progress!(
+        "[in-cluster] app pod {} injected and 2/2 Ready in {:.1}s",
+        name(&app),
+        secs(step)
+    );
+
+    // The sidecar reached the hub through its Service: the gateway's status counts it.
+    let step = Instant::now();
+    let gateways = nanogate_e2e::agentgateways(client, apps_ns);
+    let connected = |gateways: kube::Api<kube::api::DynamicObject>| async move {
+        let gateway = gateways.get("shop").await?;
+        let sidecars = &gateway.data["status"]["sidecars"];
+        Ok((sidecars["connected"] == 1 && sidecars["expected"] == 1).then(|| sidecars.to_string()))
+    };
+    let sidecars = wait_for(
+        "the gateway's status to count the sidecar connected",
+        TIMEOUT,
+        || connected(gateways.clone()),
+    )
+    .await?;
+    let leader_ip = pod_ip(&leader).context("leader IP")?;
+    ensure!(
+        scrape(&leader_ip, "nanogate_hub_connected_agents")? == 1.0,
+        "the leader's hub has no agent"
+    );
+    nanogate_e2e::progress!(
+        "[in-cluster] sidecar connected to the hub through its Service in {:.1}s: {sidecars}",
+        secs(step)
+    );
+
+    // Hand-over: the leader pod goes; the follower takes the Lease and the label, the hub
+    // Service follows, the sidecar reconnects, and the replacement pod comes up as a follower.
+    let step = Instant::now();
+    pods.delete(&name(&leader), &DeleteParams::default())
+        .await?;
+    let new_leader = wait_for("the follower to take over", TIMEOUT, || async {
+        let operators: Vec<Pod> = pods
+            .list(&ListParams::default().labels(OPERATORS))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| name(p) != name(&leader) && pod_ip(p).is_some() && ready(p))
+            .collect();
+        Ok(the_leader(&leases, &operators)
+            .await?
+            .filter(|p| name(p) == name(&follower)))
+    })
+    .await?;
+    let took_over = secs(step);
+    let new_ip = pod_ip(&new_leader).context("new leader IP")?;
+    wait_for(
+        "the sidecar to reconnect to the new leader",
+        TIMEOUT,
+        || async { Ok((scrape(&new_ip, "nanogate_hub_connected_agents")? == 1.0).then_some(())) },
+    )
+    .await?;
+    let reconnected = secs(step);
+    let operators = two_ready_operators(&pods).await?;
+    ensure!(
+        !operators.iter().any(|p| name(p) == name(&leader)),
+        "the old leader is still listed"
+    );
+    let again = the_leader(&leases, &operators)
+        .await?
+        .context("not exactly one leader after the hand-over")?;
+    ensure!(name(&again) == name(&follower), "{}", name(&again));
+    wait_for("the status to count the sidecar again", TIMEOUT, || {
+        connected(gateways.clone())
+    })
+    .await?;
+    nanogate_e2e::progress!(
+        "[in-cluster] leader pod deleted: {} took over in {took_over:.1}s, the sidecar \
+         reconnected at {reconnected:.1}s, 2/2 Ready again at {:.1}s",
+        name(&new_leader),
+        secs(step)
+    );
+    Ok(())
+}
+
+/// On failure: what the pods and the operators said.
+fn dump(cp: &ControlPlane, ns: &str, apps_ns: &str) {
+    for args in [
+        vec![
+            "get",
+            "pods,svc,endpoints,leases",
+            "-n",
+            ns,
+            "-o",
+            "wide",
+            "--show-labels",
+        ],
+        vec!["get", "pods", "-n", apps_ns, "-o", "wide"],
+        vec!["get", "agentgateways", "-n", apps_ns, "-o", "yaml"],
+        vec!["logs", "-n", ns, "-l", OPERATORS, "--tail=40", "--prefix"],
+        vec![
+            "logs",
+            "-n",
+            apps_ns,
+            "-l",
+            "app=shop",
+            "-c",
+            "nano-agent",
+            "--tail=40",
+        ],
+        vec!["get", "events", "-n", ns],
+    ] {
+        match cp.kubectl(&args) {
+            Ok(out) => eprintln!("$ kubectl {}\n{out}", args.join(" ")),
+            Err(error) => eprintln!("$ kubectl {}\n{error:#}", args.join(" ")),
+        }
+    }
+}
