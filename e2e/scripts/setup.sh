@@ -5,7 +5,8 @@
 #     etcd, kube-apiserver, kube-controller-manager, and for the real node kubelet,
 #     kube-scheduler, kube-proxy and the static `pause`;
 #   - for the real node (e2e/src/node.rs): Debian packages containerd, containernetworking-plugins,
-#     runc, conntrack, busybox-static, gcc and libc6-dev, and its two images in nanogate's podman
+#     runc, conntrack, iptables (kube-proxy), dnsmasq-base (cluster DNS), busybox-static, gcc and
+#     libc6-dev, and its two images in nanogate's podman
 #     store (e2e/scripts/node-images.sh): localhost/nanogate-e2e/pause:3.2 and
 #     localhost/nanogate-e2e/busybox:1 (FROM scratch, built once);
 #   - a Python virtualenv under ~/.cache/nanogate/venv with the real Helm engine
@@ -86,17 +87,22 @@ install_missing "the nats upstream's tests (nats-server)" "${nats_missing[@]}"
 
 # A real node (issue 16): e2e/src/node.rs runs kubelet + kube-scheduler against the test control
 # plane with a private containerd (its CRI plugin; `ctr` imports images), runc, the CNI plugins
-# bridge + host-local, and conntrack (the kubelet looks for it). busybox-static is the test
-# workload image; gcc + libc6-dev compile its static Unix-socket tool (e2e/images/usock.c).
+# bridge + host-local, and conntrack (the kubelet and kube-proxy look for it). Services on the
+# node (e2e/src/service_network.rs): kube-proxy drives iptables; cluster DNS is dnsmasq from
+# dnsmasq-base (the binary only: no system service that would take port 53). busybox-static is
+# the test workload image; gcc + libc6-dev compile its static Unix-socket tool
+# (e2e/images/usock.c).
 node_missing=()
 command -v containerd >/dev/null || node_missing+=(containerd)
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || node_missing+=(containernetworking-plugins)
 [ -x /usr/sbin/runc ] || command -v runc >/dev/null || node_missing+=(runc)
 [ -x /usr/sbin/conntrack ] || command -v conntrack >/dev/null || node_missing+=(conntrack)
+[ -x /usr/sbin/iptables ] || command -v iptables >/dev/null || node_missing+=(iptables)
+[ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null || node_missing+=(dnsmasq-base)
 dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || node_missing+=(busybox-static)
 command -v gcc >/dev/null || node_missing+=(gcc)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || node_missing+=(libc6-dev)
-install_missing "the real node (containerd, CNI plugins, runc, conntrack, busybox-static, gcc)" "${node_missing[@]}"
+install_missing "the real node (containerd, CNI plugins, runc, conntrack, iptables, dnsmasq-base, busybox-static, gcc)" "${node_missing[@]}"
 # Debian's package enables a system-wide containerd; the harness runs its own. Where systemd is
 # the init and this run installed the package, that service is stopped and disabled again.
 if [[ " ${node_missing[*]} " == *" containerd "* ]] && [ -d /run/systemd/system ]; then

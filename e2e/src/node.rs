@@ -1,7 +1,9 @@
 //! A real node attached to a [`ControlPlane`]: kubelet 1.20 + kube-scheduler + a private
 //! containerd (CRI plugin, runc, cgroupfs) + the CNI `bridge` and `host-local` plugins on a bridge
-//! of its own. Pods scheduled on it really run: container statuses, `kubectl logs`/`exec`,
-//! probes, Jobs and pod IPs are the kubelet's, not the harness's.
+//! of its own, and Services: kube-proxy 1.20 (iptables), cluster DNS (dnsmasq) and the
+//! `kubernetes` Service (see [`crate::service_network`]). Pods scheduled on it really run:
+//! container statuses, `kubectl logs`/`exec`, probes, Jobs, pod IPs and Service routing are the
+//! kubelet's and kube-proxy's, not the harness's.
 //!
 //! ```no_run
 //! # async fn t() -> anyhow::Result<()> {
@@ -14,13 +16,14 @@
 //! pid>-<random>`: containerd's root, state and socket, runc's state, the kubelet's root and
 //! certificates, the CNI config and IPAM state, logs) except what the kubelet, containerd and
 //! the CNI plugins put on the host: mounts (under the run directory), the `kubepods` cgroups,
-//! the bridge [`BRIDGE`], the sysctls the kubelet sets, `/var/log/pods` and
+//! the bridge [`BRIDGE`] (and the route to the Service range on it), kube-proxy's `KUBE-*`
+//! iptables chains, the sysctls the kubelet and kube-proxy set, `/var/log/pods` and
 //! `/var/log/containers`, the kubelet's device-plugin socket in `/var/lib/kubelet` (hard-coded
 //! in 1.20), the CNI result cache in `/var/lib/cni` and shim sockets in `/run/containerd/s`. Before touching any of that the node records a [`HostSnapshot`] in its
 //! run directory, and teardown undoes it in the order a node needs (pods first while the
 //! kubelet runs, then kubelet and scheduler, containerd's tasks, containerd, the shims — which
 //! daemonize, so the parent-death signal never reaches them — mounts deepest first, cgroups,
-//! bridge, sysctls, log directories). Teardown runs:
+//! iptables chains, bridge, sysctls, log directories). Teardown runs:
 //! - when a [`Node`] is dropped;
 //! - in `nanogate-node-reaper`, a small process each node starts in its own session that waits
 //!   for the owning test process to exit (normally — [`Node::shared`] is never dropped — or by
@@ -115,7 +118,7 @@ pub struct Node {
     kubeconfig: PathBuf,
     socket: PathBuf,
     snapshot: HostSnapshot,
-    /// containerd, kube-scheduler, kubelet (start order).
+    /// containerd, kube-proxy, dnsmasq, kube-scheduler, kubelet (start order).
     processes: Mutex<Vec<Process>>,
     /// Reference → podman image id of what [`Node::import_image`] imported.
     imported: Mutex<BTreeMap<String, String>>,
@@ -784,9 +787,9 @@ impl HostSnapshot {
 }
 
 /// What a node with run directory `dir` left on the host compared with `snapshot`: mounts
-/// under `dir`, processes started from it (containerd, kubelet, scheduler, shims), the bridge,
-/// `kubepods` cgroups, changed sysctls, new `/var/log/pods` entries, stale shim sockets. Empty
-/// after a complete teardown.
+/// under `dir`, processes started from it (containerd, kubelet, scheduler, kube-proxy, dnsmasq,
+/// shims), the bridge, `kubepods` cgroups, changed sysctls, new `/var/log/pods` entries, stale
+/// shim sockets, `KUBE-*` iptables chains. Empty after a complete teardown.
 pub fn leftovers(dir: &Path, snapshot: &HostSnapshot) -> Vec<String> {
     let mut found = Vec::new();
     for mount in mounts_under(dir) {

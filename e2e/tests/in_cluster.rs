@@ -308,7 +308,22 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     }
     result?;
 
-    // helm uninstall leaves nothing behind.
+    // helm uninstall leaves nothing behind — what `leftovers` looks for is there first.
+    let before = leftovers(cp, ns)?;
+    for trace in [
+        "deployment.apps/nanogate-operator".to_string(),
+        format!("secret/{CERT_SECRET}"),
+        format!("lease.coordination.k8s.io/{LEASE}"),
+        "clusterrole.rbac.authorization.k8s.io/nanogate-operator".to_string(),
+        "mutatingwebhookconfiguration.admissionregistration.k8s.io/nanogate-injector".to_string(),
+        format!("DNS record nanogate-hub.{ns}.svc.{CLUSTER_DOMAIN}"),
+        "kube-proxy rule -A KUBE-SERVICES -d".to_string(),
+    ] {
+        ensure!(
+            before.iter().any(|l| l.starts_with(&trace)),
+            "{trace:?} is not among the release's traces before uninstall: {before:#?}"
+        );
+    }
     let step = Instant::now();
     helm(cp.kubeconfig_path(), &["uninstall", RELEASE, ns])?;
     let gone = wait_for("nothing left of the release", TIMEOUT, || async {

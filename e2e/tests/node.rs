@@ -444,7 +444,7 @@ spec:
     // DNS as the node serves it, and this machine through the ClusterIP (nat OUTPUT).
     let fqdn = format!("web.{ns}.svc.cluster.local");
     let resolved = wait_for("web's DNS record", POD_TIMEOUT, || async {
-        Ok(nanogate_e2e::service_network::resolve(&fqdn)?)
+        nanogate_e2e::service_network::resolve(&fqdn)
     })
     .await?;
     assert_eq!(resolved.to_string(), cluster_ip);
