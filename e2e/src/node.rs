@@ -84,7 +84,7 @@ const CNI_NETWORK: &str = "nanogate-e2e";
 /// The host snapshot in the run directory; also what marks a run directory as a node's.
 const RECORD: &str = "node.json";
 /// The sysctls the kubelet (protect-kernel-defaults) and the bridge plugin may change.
-const SYSCTLS: [&str; 8] = [
+const SYSCTLS: [&str; 9] = [
     "vm.overcommit_memory",
     "vm.panic_on_oom",
     "kernel.panic",
@@ -94,6 +94,8 @@ const SYSCTLS: [&str; 8] = [
     "net.ipv4.ip_forward",
     // kube-proxy sets it (iptables mode, localhost NodePorts).
     "net.ipv4.conf.all.route_localnet",
+    // The node sets it: bridged pod traffic passes iptables (crate::service_network).
+    "net.bridge.bridge-nf-call-iptables",
 ];
 /// Host directories the kubelet writes pod logs to, whatever its root directory.
 const LOG_DIRS: [&str; 2] = ["/var/log/pods", "/var/log/containers"];
@@ -368,9 +370,13 @@ impl Node {
     /// apiserver forwarder and the `kubernetes` Endpoints, kube-proxy, dnsmasq and its feeder.
     fn start_services(&self, assets: &Path, api_port: u16) -> Result<()> {
         service_network::route_services_to_bridge()?;
-        // Pods reach Services through this machine (bridge → DNAT → bridge).
-        if read_sysctl("net.ipv4.ip_forward").as_deref() != Some("1") {
-            std::fs::write(sysctl_path("net.ipv4.ip_forward"), "1")?;
+        // Pods reach Services through this machine (bridge → DNAT → bridge), and the replies
+        // of a pod on the same bridge pass iptables to be un-NATed.
+        for name in ["net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables"] {
+            if read_sysctl(name).as_deref() != Some("1") {
+                std::fs::write(sysctl_path(name), "1")
+                    .with_context(|| format!("setting {name}"))?;
+            }
         }
         let helpers = NodeHelpers::start(
             (HOST_IP.parse::<std::net::Ipv4Addr>()?, api_port).into(),

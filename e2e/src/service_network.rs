@@ -12,8 +12,9 @@
 //!   `host-local` `routes`), and still no default route. The host routes [`SERVICE_CIDR`] onto the
 //!   bridge ([`BRIDGE`]), so a ClusterIP that no rule rewrites goes nowhere rather than out
 //!   through the default route: nothing a pod sends leaves this machine. Pod → ClusterIP → pod on
-//!   the same bridge needs the bridge's traffic to pass iptables (`br_netfilter`,
-//!   `net.bridge.bridge-nf-call-iptables=1`, as on any node; checked at start); a pod reaching
+//!   the same bridge needs the bridge's traffic to pass iptables (`br_netfilter` loaded, as on any
+//!   node, checked at start; the node sets `net.bridge.bridge-nf-call-iptables=1` and
+//!   `net.ipv4.ip_forward=1` and restores them on teardown); a pod reaching
 //!   itself through a Service is masqueraded by kube-proxy (`--cluster-cidr`, hairpin mode).
 //! - **The `kubernetes` Service.** The control plane knows no node: its apiserver listens on
 //!   loopback only and runs with `--endpoint-reconciler-type=none`. A node forwards
@@ -120,15 +121,12 @@ pub(crate) fn hosts_dir(dir: &Path) -> PathBuf {
     dir.join("dns/hosts")
 }
 
-/// Fails with what to do when the bridge's traffic does not pass iptables.
+/// Fails with what to do when the bridge's traffic cannot pass iptables (no `br_netfilter`).
 pub(crate) fn check_bridge_netfilter() -> Result<()> {
-    let value = std::fs::read_to_string(BRIDGE_NF).unwrap_or_default();
     ensure!(
-        value.trim() == "1",
-        "{BRIDGE_NF} is {:?}: a pod reaching another pod through a Service needs the bridge's \
-         traffic to pass iptables (`modprobe br_netfilter; sysctl -w \
-         net.bridge.bridge-nf-call-iptables=1`, as on any Kubernetes node)",
-        value.trim()
+        Path::new(BRIDGE_NF).exists(),
+        "{BRIDGE_NF} is missing: a pod reaching another pod through a Service needs the \
+         bridge's traffic to pass iptables (`modprobe br_netfilter`, as on any Kubernetes node)"
     );
     Ok(())
 }

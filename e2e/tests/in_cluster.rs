@@ -11,8 +11,9 @@
 //!   pod is injected;
 //! - that pod runs the real nano-agent image, which dials the hub through its Service by DNS name
 //!   (`nanogate-hub.<ns>.svc:7051`) and shows as connected in the gateway's status;
-//! - deleting the leader pod hands the Lease to the other pod, the hub Service follows the label,
-//!   and the sidecar reconnects to the new leader;
+//! - deleting the leader pod hands the Lease to another pod (the follower or the replacement,
+//!   whichever asks first), the hub Service follows the label, and the sidecar reconnects to the
+//!   new leader;
 //! - `helm uninstall` leaves nothing behind (see [`leftovers`] for the list): not the chart's
 //!   objects, its webhook configurations and cluster-scoped RBAC, nor what the operator created
 //!   itself — its certificate Secret and Lease, owned by the release's
@@ -561,12 +562,14 @@ spec:
         secs(step)
     );
 
-    // Hand-over: the leader pod goes; the follower takes the Lease and the label, the hub
-    // Service follows, the sidecar reconnects, and the replacement pod comes up as a follower.
+    // Hand-over: the leader pod goes (and releases the Lease on SIGTERM); another pod takes the
+    // Lease and the label — the follower, or the Deployment's replacement pod when its first
+    // round comes before the follower's next retry (every 2 s) — the hub Service follows, the
+    // sidecar reconnects, and two pods are Ready again with exactly one leader.
     let step = Instant::now();
     pods.delete(&name(&leader), &DeleteParams::default())
         .await?;
-    let new_leader = wait_for("the follower to take over", TIMEOUT, || async {
+    let new_leader = wait_for("another pod to take over", TIMEOUT, || async {
         let operators: Vec<Pod> = pods
             .list(&ListParams::default().labels(OPERATORS))
             .await?
@@ -574,9 +577,7 @@ spec:
             .into_iter()
             .filter(|p| name(p) != name(&leader) && pod_ip(p).is_some() && ready(p))
             .collect();
-        Ok(the_leader(&leases, &operators)
-            .await?
-            .filter(|p| name(p) == name(&follower)))
+        the_leader(&leases, &operators).await
     })
     .await?;
     let took_over = secs(step);
@@ -596,15 +597,20 @@ spec:
     let again = the_leader(&leases, &operators)
         .await?
         .context("not exactly one leader after the hand-over")?;
-    ensure!(name(&again) == name(&follower), "{}", name(&again));
+    ensure!(name(&again) == name(&new_leader), "{}", name(&again));
     wait_for("the status to count the sidecar again", TIMEOUT, || {
         connected(gateways.clone())
     })
     .await?;
     nanogate_e2e::progress!(
-        "[in-cluster] leader pod deleted: {} took over in {took_over:.1}s, the sidecar \
+        "[in-cluster] leader pod deleted: {} ({}) took over in {took_over:.1}s, the sidecar \
          reconnected at {reconnected:.1}s, 2/2 Ready again at {:.1}s",
         name(&new_leader),
+        if name(&new_leader) == name(&follower) {
+            "the follower"
+        } else {
+            "the replacement pod"
+        },
         secs(step)
     );
     Ok(())
