@@ -145,6 +145,35 @@ async fn the_leader(leases: &Api<Lease>, operators: &[Pod]) -> Result<Option<Pod
     }
 }
 
+/// Connections kube-proxy's rules sent to the endpoints of Service `ns/service` so far: the
+/// packet counters of its `KUBE-SVC-*` → `KUBE-SEP-*` jumps (the nat table sees the first packet
+/// of each connection only).
+fn service_connections(ns: &str, service: &str) -> Result<u64> {
+    let out = std::process::Command::new("iptables-save")
+        .args(["-c", "-t", "nat"])
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let comment = format!("\"{ns}/{service}:");
+    let mut total = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((counters, rule)) = line.split_once(' ') else {
+            continue;
+        };
+        if rule.starts_with("-A KUBE-SVC-")
+            && rule.contains(&comment)
+            && rule.contains("-j KUBE-SEP-")
+        {
+            let packets = counters
+                .trim_start_matches('[')
+                .split(':')
+                .next()
+                .context("iptables counters")?;
+            total += packets.parse::<u64>()?;
+        }
+    }
+    Ok(total)
+}
+
 /// `kubectl get <what> -o name` (empty lines dropped).
 fn names(cp: &ControlPlane, args: &[&str]) -> Result<Vec<String>> {
     let mut all = vec!["get"];
@@ -445,8 +474,15 @@ async fn in_cluster(
     })
     .await?;
     ensure!(refused.contains("validate.nanogate.io"), "{refused}");
+    // Only the apiserver calls the webhook Service: kube-proxy's rules carried those calls.
+    let calls = service_connections(ns, "nanogate-webhook")?;
+    ensure!(
+        calls >= 1,
+        "kube-proxy routed no connection to the webhook Service"
+    );
     nanogate_e2e::progress!(
-        "[in-cluster] the apiserver reached the validating webhook through its Service in {:.1}s",
+        "[in-cluster] the apiserver reached the validating webhook through its Service in {:.1}s \
+         ({calls} connections through kube-proxy's rules)",
         secs(step)
     );
 
@@ -557,8 +593,14 @@ spec:
         scrape(&leader_ip, "nanogate_hub_connected_agents")? == 1.0,
         "the leader's hub has no agent"
     );
+    let dials = service_connections(ns, "nanogate-hub")?;
+    ensure!(
+        dials >= 1,
+        "kube-proxy routed no connection to the hub Service"
+    );
     nanogate_e2e::progress!(
-        "[in-cluster] sidecar connected to the hub through its Service in {:.1}s: {sidecars}",
+        "[in-cluster] sidecar connected to the hub through its Service in {:.1}s ({dials} \
+         connections through kube-proxy's rules): {sidecars}",
         secs(step)
     );
 
