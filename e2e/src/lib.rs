@@ -29,6 +29,7 @@ macro_rules! progress {
 
 mod assets;
 mod cluster;
+pub mod images;
 pub mod kubelet;
 mod namespace;
 pub mod podman;
