@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Local stand-ins for the two base images of build/Dockerfile, so that e2e/tests/shipping.rs
-# builds and runs the real images with podman (`bash e2e/scripts/base-images.sh`; setup.sh
-# runs it). Idempotent: when both references exist in nanogate's image store
-# (e2e/scripts/podman.sh, under ~/.cache/nanogate/containers) it does nothing.
+# Local stand-ins for the base images of build/Dockerfile and examples/Dockerfile, so that
+# e2e/tests/shipping.rs (through e2e/src/images.rs) builds and runs the real images with podman
+# (`bash e2e/scripts/base-images.sh`; setup.sh runs it). Idempotent: when every reference exists
+# in nanogate's image store (e2e/scripts/podman.sh, under ~/.cache/nanogate/containers) it does
+# nothing; otherwise it makes the missing ones.
 #
 # Why stand-ins: the test machines reach Debian's mirrors, crates.io and static.rust-lang.org but
 # no container registry (docker.io, gcr.io, ghcr.io), so the Dockerfile's base images cannot be
 # pulled. They are assembled here from Debian packages and tagged with exactly the references the
-# Dockerfile names, which then builds unchanged with `podman build --pull=never`:
+# Dockerfiles name, which then build unchanged with `podman build --pull=never`:
 #
 #   docker.io/library/rust:1.95-bookworm
 #     `debootstrap --variant=minbase bookworm` from deb.debian.org plus the packages of the
