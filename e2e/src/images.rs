@@ -360,14 +360,21 @@ pub fn images() -> Result<&'static Images> {
 /// Writes `reference` as a `docker-archive` tar at `path` (`podman save --format
 /// docker-archive`): what `ctr -n k8s.io images import` and `docker load` read; the archive
 /// names the image by `reference`, so a pod's `image:` finds it with `imagePullPolicy: Never`
-/// or `IfNotPresent`. Written to a temporary file next to `path`, then renamed.
+/// or `IfNotPresent`. Creates `path`'s directory; writes a temporary file next to `path`, then
+/// renames it.
 pub fn save_docker_archive(reference: &str, path: &Path) -> Result<()> {
     let path = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir()?.join(path)
     };
-    let partial = path.with_extension(format!("partial-{}", std::process::id()));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut partial = path.clone().into_os_string();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
     let _ = std::fs::remove_file(&partial);
     let started = Instant::now();
     let saved = podman_ok(&[

@@ -29,6 +29,8 @@
 //!   nano-agent image on a shared bind-mounted directory (no fsGroup; it also runs as an
 //!   OpenShift-style uid with gid 0) its messages reach the platform, counters without gaps.
 //!   hadolint lints it too.
+//! - `save_docker_archive` writes a docker-archive tar whose manifest names the image by its
+//!   reference (what a node imports).
 //!
 //!   `NANOGATE_SKIP_RELEASE_BUILD=1` reuses the images already in the store instead of
 //!   building (loudly), for quick local runs.
@@ -1209,6 +1211,35 @@ async fn example_app_image_publishes_through_the_nano_agent_image() -> Result<()
         "[shipping] {app} next to the nano-agent image, no fsGroup: retried until the socket \
          appeared, then published without gaps ({}); exit 0 on SIGTERM",
         summary.join("; ")
+    );
+    Ok(())
+}
+
+/// `save_docker_archive`, what a node imports (`ctr -n k8s.io images import`): a docker-archive
+/// tar whose manifest names the image by its reference, so `image:` in a pod finds it.
+#[test]
+fn images_save_as_docker_archives_named_by_reference() -> Result<()> {
+    let images = images()?;
+    let dir =
+        std::env::temp_dir().join(format!("nanogate-shipping-archive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.join("example-app.tar");
+    nanogate_e2e::images::save_docker_archive(&images.app, &file)?;
+    let out = Command::new("tar")
+        .arg("-xOf")
+        .arg(&file)
+        .arg("manifest.json")
+        .output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        manifest[0]["RepoTags"] == serde_json::json!([images.app]),
+        "the archive's manifest: {manifest}"
     );
     Ok(())
 }
