@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Local stand-ins for the two base images of build/Dockerfile, so that e2e/tests/shipping.rs
-# builds and runs the real images with podman (`bash e2e/scripts/base-images.sh`; setup.sh
-# runs it). Idempotent: when both references exist in nanogate's image store
-# (e2e/scripts/podman.sh, under ~/.cache/nanogate/containers) it does nothing.
+# Local stand-ins for the base images of build/Dockerfile and examples/Dockerfile, so that
+# e2e/tests/shipping.rs (through e2e/src/images.rs) builds and runs the real images with podman
+# (`bash e2e/scripts/base-images.sh`; setup.sh runs it). Idempotent: when every reference exists
+# in nanogate's image store (e2e/scripts/podman.sh, under ~/.cache/nanogate/containers) it does
+# nothing; otherwise it makes the missing ones.
 #
 # Why stand-ins: the test machines reach Debian's mirrors, crates.io and static.rust-lang.org but
 # no container registry (docker.io, gcr.io, ghcr.io), so the Dockerfile's base images cannot be
 # pulled. They are assembled here from Debian packages and tagged with exactly the references the
-# Dockerfile names, which then builds unchanged with `podman build --pull=never`:
+# Dockerfiles name, which then build unchanged with `podman build --pull=never`:
 #
 #   docker.io/library/rust:1.95-bookworm
 #     `debootstrap --variant=minbase bookworm` from deb.debian.org plus the packages of the
@@ -29,11 +30,18 @@
 #     /home/nonroot (65532, 0700). Config: USER 65532:65532, WORKDIR /home/nonroot, PATH and
 #     SSL_CERT_FILE as distroless sets them. No shell, no package manager, no libc.
 #
-# Both images carry the label io.nanogate.stand-in (what they stand in for). The real
+#   docker.io/library/debian:bookworm-slim (the first stage of examples/Dockerfile, the example
+#   app's image)
+#     `debootstrap --variant=minbase bookworm`, slimmed as the official image is: no man pages,
+#     info, locales or docs but copyright files, and a dpkg.cfg.d file keeping later installs
+#     so; apt sources as in debian:bookworm.
+#
+# The images carry the label io.nanogate.stand-in (what they stand in for). The real
 # distroless layer differs in detail (its os-release, package versions), so image sizes
 # measured on top of the stand-in are approximate for that layer; the layers our Dockerfile
 # adds are real. Needs root (debootstrap), podman, runc and debootstrap (setup.sh installs them),
-# about 2 minutes and 2 GB of scratch space once; the images take about 1 GB.
+# about 3 minutes and 2 GB of scratch space once (the two debootstraps share one package
+# download); the images take about 1.1 GB.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 log() { printf '[base-images] %s\n' "$*" >&2; }
@@ -47,8 +55,16 @@ RUST_REF=$(sed -n 's/^FROM \(docker.io\/library\/rust:[^ ]*\) AS build$/\1/p' "$
 # shellcheck disable=SC2016 # the literal text ${RUST_VERSION} of the FROM line
 RUST_REF=${RUST_REF//'${RUST_VERSION}'/$RUST_MINOR}
 SUITE=${RUST_REF##*-}                         # bookworm
-if [ -z "$RUST_MINOR" ] || [ -z "$DISTROLESS_REF" ] || [ -z "$RUST_REF" ]; then
-  log "cannot read the base images from $dockerfile"
+# The example app's Dockerfile: its Debian stage, and the same distroless base.
+examples_dockerfile="$here/../../examples/Dockerfile"
+DEBIAN_REF=$(sed -n 's/^ARG DEBIAN_IMAGE=//p' "$examples_dockerfile" | head -n 1)
+EXAMPLES_BASE=$(sed -n 's/^ARG BASE_IMAGE=//p' "$examples_dockerfile" | head -n 1)
+if [ -z "$RUST_MINOR" ] || [ -z "$DISTROLESS_REF" ] || [ -z "$RUST_REF" ] || [ -z "$DEBIAN_REF" ]; then
+  log "cannot read the base images from $dockerfile and $examples_dockerfile"
+  exit 1
+fi
+if [ "$EXAMPLES_BASE" != "$DISTROLESS_REF" ] || [ "${DEBIAN_REF##*:}" != "$SUITE-slim" ]; then
+  log "$examples_dockerfile: expected BASE_IMAGE=$DISTROLESS_REF and a debian:$SUITE-slim stage"
   exit 1
 fi
 HOST_TRIPLE=x86_64-unknown-linux-gnu
@@ -60,10 +76,12 @@ t0=$(date +%s)
 need=()
 podman image exists "$RUST_REF" || need+=(rust)
 podman image exists "$DISTROLESS_REF" || need+=(distroless)
+podman image exists "$DEBIAN_REF" || need+=(debian)
 if [ ${#need[@]} -eq 0 ]; then
-  log "stand-in base images present: $RUST_REF, $DISTROLESS_REF"
+  log "stand-in base images present: $RUST_REF, $DISTROLESS_REF, $DEBIAN_REF"
   exit 0
 fi
+needs() { [[ " ${need[*]} " == *" $1 "* ]]; }
 [ "$(id -u)" = 0 ] || { log "needs root (debootstrap, rootful podman)"; exit 1; }
 for tool in debootstrap runc; do
   command -v "$tool" >/dev/null || { log "$tool missing: run bash e2e/scripts/setup.sh"; exit 1; }
@@ -76,16 +94,22 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 rootfs="$work/rust"
 
-# --- Debian bookworm, minbase + the build's packages ----------------------------------------
-log "debootstrap --variant=minbase $SUITE from $MIRROR (a few minutes)"
-debootstrap --variant=minbase --include=ca-certificates,gcc,libc6-dev,tzdata,netbase \
-  "$SUITE" "$rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
-  tail -n 30 "$work/debootstrap.log" >&2
-  exit 1
-}
-rm -f "$rootfs/etc/apt/sources.list" "$rootfs/etc/resolv.conf"
-: >"$rootfs/etc/hostname"
-cat >"$rootfs/etc/apt/sources.list.d/debian.sources" <<EOF
+# debootstrap_root DIR [PACKAGES]: Debian $SUITE minbase (+ PACKAGES) in DIR, with the apt
+# sources of the official images and without package lists, caches, logs, man and info pages or
+# docs but copyright files. The downloaded packages are shared between calls.
+debootstrap_root() {
+  local dir=$1 include=${2:-}
+  [ -n "$dir" ] || { log "BUG: debootstrap_root without a directory"; exit 1; }
+  log "debootstrap --variant=minbase ${include:+--include=$include }$SUITE from $MIRROR (a few minutes)"
+  mkdir -p "$work/debs"
+  debootstrap --variant=minbase --cache-dir="$work/debs" ${include:+--include="$include"} \
+    "$SUITE" "$dir" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
+    tail -n 30 "$work/debootstrap.log" >&2
+    exit 1
+  }
+  rm -f "$dir/etc/apt/sources.list" "$dir/etc/resolv.conf"
+  : >"$dir/etc/hostname"
+  cat >"$dir/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: $SUITE $SUITE-updates
@@ -98,10 +122,16 @@ Suites: $SUITE-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
-  "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/*.log \
-  "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
-find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
+  rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*.bin \
+    "$dir"/var/cache/apt/archives/*.deb "$dir"/var/log/*.log \
+    "$dir"/usr/share/man/* "$dir"/usr/share/info/*
+  find "$dir/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
+}
+
+# --- Debian bookworm, minbase + the build's packages (the rust image; distroless' files) -------
+if needs rust || needs distroless; then
+  debootstrap_root "$rootfs" ca-certificates,gcc,libc6-dev,tzdata,netbase
+fi
 
 # Packs a root directory into an image: `import DIR REF --change … …`.
 import() {
@@ -114,7 +144,7 @@ import() {
 }
 
 # --- rust:1.95-bookworm ------------------------------------------------------------------------
-if [[ " ${need[*]} " == *" rust "* ]]; then
+if needs rust; then
   # This machine's Rust $RUST_MINOR.x (rustup's $RUST_MINOR.x or stable), else rustup installs it.
   toolchain=""
   for dir in "$HOST_RUSTUP"/toolchains/*-"$HOST_TRIPLE"; do
@@ -169,7 +199,7 @@ if [[ " ${need[*]} " == *" rust "* ]]; then
 fi
 
 # --- distroless/static-debian12:nonroot ----------------------------------------------------
-if [[ " ${need[*]} " == *" distroless "* ]]; then
+if needs distroless; then
   d="$work/distroless"
   mkdir -p "$d"/etc/ssl/certs "$d"/usr/share/doc "$d"/var/lib/dpkg/status.d "$d"/home/nonroot \
     "$d"/root "$d"/tmp
@@ -225,6 +255,29 @@ EOF
     'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
     "LABEL io.nanogate.stand-in=$DISTROLESS_REF: passwd/group, CA bundle, tzdata, netbase from Debian $SUITE"
+fi
+
+# --- debian:bookworm-slim ---------------------------------------------------------------------
+if needs debian; then
+  slim="$work/debian"
+  debootstrap_root "$slim"
+  rm -rf "$slim"/usr/share/locale/* "$slim"/usr/share/lintian "$slim"/usr/share/linda \
+    "$slim"/usr/share/groff/*
+  # As in the official slim images: packages installed later stay slim too.
+  cat >"$slim/etc/dpkg/dpkg.cfg.d/docker" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/man/*
+EOF
+  import "$slim" "$DEBIAN_REF" \
+    'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    "LABEL io.nanogate.stand-in=$DEBIAN_REF: debootstrap $SUITE minbase, slimmed" \
+    'CMD ["bash"]'
 fi
 
 log "stand-in base images ready in $(($(date +%s) - t0))s"

@@ -44,6 +44,7 @@ macro_rules! progress {
 
 mod assets;
 mod cluster;
+pub mod images;
 pub mod kubelet;
 mod namespace;
 pub mod node;

@@ -1,6 +1,8 @@
-//! What ships (issue 9): the container images built from `build/Dockerfile`, one version
-//! everywhere, and `deploy/nanogate.yaml`.
+//! What ships (issue 9): the container images built from `build/Dockerfile`, the example app's
+//! image built from `examples/Dockerfile`, one version everywhere, and `deploy/nanogate.yaml`.
 //!
+//! - The images are built by `nanogate_e2e::images` (e2e/src/images.rs), which other tests and
+//!   the demo use too, so what a node runs is what this test checks.
 //! - `build/Dockerfile` is really built and run, with podman on nanogate's own image store
 //!   (`e2e/scripts/podman.sh`, under `~/.cache/nanogate/containers`). The test machines reach
 //!   no container registry, so the two base images are local stand-ins assembled from Debian
@@ -17,10 +19,18 @@
 //!     (`--entrypoint /bin/sh` and `sh` fail, and the only executable in the file system is the
 //!     binary). nano-agent runs as the injector runs it (read-only root, `--cap-drop ALL`,
 //!     no-new-privileges, a bind-mounted /var/lib/tendrl): it serves its Unix socket on the bind
-//!     mount as uid 65532, takes a publish from the host and delivers it to a local platform,
-//!     and exits 0 on SIGTERM.
+//!     mount as uid 65532 (socket mode 0666, spool 0700), takes a publish from the host and
+//!     delivers it to a local platform, and exits 0 on SIGTERM.
 //!   - The Dockerfile is also parsed (final stages distroless/static or scratch, 65532, exec
 //!     form) and linted by hadolint.
+//! - `examples/Dockerfile` (on a `debian:bookworm-slim` stand-in from the same script): the
+//!   example app runs as 10001:10001, has `sh`, OpenBSD nc and the shell client, no package
+//!   manager, and stays small; without a socket it retries, SIGTERM ends it with 0. Next to the
+//!   nano-agent image on a shared bind-mounted directory (no fsGroup; it also runs as an
+//!   OpenShift-style uid with gid 0) its messages reach the platform, counters without gaps.
+//!   hadolint lints it too.
+//! - `save_docker_archive` writes a docker-archive tar whose manifest names the image by its
+//!   reference (what a node imports).
 //!
 //!   `NANOGATE_SKIP_RELEASE_BUILD=1` reuses the images already in the store instead of
 //!   building (loudly), for quick local runs.
@@ -33,48 +43,26 @@
 //!   as are the sample manifests of `examples/k8s/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use nanogate_e2e::images::{
+    AGENT_IMAGE, APP_DOCKERFILE, APP_IMAGE, APP_TARGET, APP_UID, BINARIES, DOCKERFILE,
+    OPERATOR_IMAGE, app_dockerfile, dockerfile, image_bin_dir, images, read, workspace_version,
+};
 use nanogate_e2e::podman::{
     Container, compressed_size, copy_out, entrypoint, image_config, image_files, image_size,
-    podman, podman_command, podman_ok,
+    podman, podman_ok,
 };
 use nanogate_e2e::{ControlPlane, TestNamespace, progress, run_kubectl, workspace_root};
 use serde_json::Value;
 
-const DOCKERFILE: &str = "build/Dockerfile";
 const DEPLOY: &str = "deploy/nanogate.yaml";
 const CHART: &str = "charts/nanogate";
 /// Release name and namespace of `deploy/nanogate.yaml` (what the README's `helm install` uses).
 const RELEASE: &str = "nanogate";
 const NAMESPACE: &str = "nanogate-system";
-const OPERATOR_IMAGE: &str = "ghcr.io/nanogate/nanogate-operator";
-const AGENT_IMAGE: &str = "ghcr.io/nanogate/nano-agent";
-/// The two images: Dockerfile target = binary name.
-const BINARIES: [&str; 2] = ["nanogate-operator", "nano-agent"];
-
-fn read(rel: &str) -> Result<String> {
-    std::fs::read_to_string(workspace_root().join(rel)).with_context(|| format!("reading {rel}"))
-}
-
-/// `[workspace.package] version` of the root Cargo.toml.
-fn workspace_version() -> Result<String> {
-    let manifest = read("Cargo.toml")?;
-    let mut in_package = false;
-    for line in manifest.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_package = line == "[workspace.package]";
-        } else if in_package && let Some(v) = line.strip_prefix("version") {
-            let v = v.trim_start().strip_prefix('=').context("version = …")?;
-            return Ok(v.trim().trim_matches('"').to_string());
-        }
-    }
-    bail!("no version in [workspace.package] of Cargo.toml")
-}
 
 /// `members = [...]` of the root Cargo.toml.
 fn workspace_members() -> Result<Vec<String>> {
@@ -97,191 +85,6 @@ fn workspace_members() -> Result<Vec<String>> {
 // ---------------------------------------------------------------------------------------------
 // Dockerfile
 
-/// One stage of a Dockerfile: `FROM <image> AS <name>` and its instructions.
-#[derive(Debug, Default)]
-struct Stage {
-    from: String,
-    name: String,
-    /// (INSTRUCTION in upper case, arguments), continuation lines joined.
-    instructions: Vec<(String, String)>,
-}
-
-impl Stage {
-    fn all(&self, instruction: &str) -> Vec<&str> {
-        self.instructions
-            .iter()
-            .filter(|(i, _)| i == instruction)
-            .map(|(_, a)| a.as_str())
-            .collect()
-    }
-
-    fn one(&self, instruction: &str) -> Result<&str> {
-        let found = self.all(instruction);
-        ensure!(
-            found.len() == 1,
-            "stage {:?} has {} {instruction} instructions, expected one",
-            self.name,
-            found.len()
-        );
-        Ok(found[0])
-    }
-}
-
-struct Dockerfile {
-    /// ARGs declared before the first FROM, with their defaults.
-    global_args: Vec<(String, String)>,
-    stages: Vec<Stage>,
-}
-
-impl Dockerfile {
-    fn parse(text: &str) -> Result<Self> {
-        // Logical lines: comments dropped (also inside continuations), `\` continuations joined.
-        let mut logical = Vec::new();
-        let mut current = String::new();
-        for line in text.lines() {
-            let trimmed = line.trim();
-            if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-                continue;
-            }
-            if let Some(part) = trimmed.strip_suffix('\\') {
-                current.push_str(part.trim());
-                current.push(' ');
-            } else {
-                current.push_str(trimmed);
-                logical.push(std::mem::take(&mut current));
-            }
-        }
-        ensure!(current.is_empty(), "Dockerfile ends in a continuation");
-
-        let mut global_args = Vec::new();
-        let mut stages: Vec<Stage> = Vec::new();
-        for line in logical {
-            let (instruction, args) = line.split_once(char::is_whitespace).unwrap_or((&line, ""));
-            let instruction = instruction.to_ascii_uppercase();
-            let args = args.trim().to_string();
-            if instruction == "FROM" {
-                let words: Vec<&str> = args.split_whitespace().collect();
-                let (from, name) = match words.as_slice() {
-                    [image] => (image.to_string(), String::new()),
-                    [image, as_, name] if as_.eq_ignore_ascii_case("as") => {
-                        (image.to_string(), name.to_string())
-                    }
-                    _ => bail!("unexpected FROM {args}"),
-                };
-                stages.push(Stage {
-                    from,
-                    name,
-                    instructions: Vec::new(),
-                });
-            } else if let Some(stage) = stages.last_mut() {
-                stage.instructions.push((instruction, args));
-            } else if instruction == "ARG" {
-                let (k, v) = args.split_once('=').unwrap_or((&args, ""));
-                global_args.push((k.to_string(), v.to_string()));
-            }
-        }
-        Ok(Self {
-            global_args,
-            stages,
-        })
-    }
-
-    fn stage(&self, name: &str) -> Result<&Stage> {
-        self.stages
-            .iter()
-            .find(|s| s.name == name)
-            .with_context(|| format!("no stage named {name:?} in {DOCKERFILE}"))
-    }
-
-    /// A stage's base image with the global ARG defaults substituted.
-    fn base_image(&self, stage: &Stage) -> String {
-        let mut image = stage.from.clone();
-        for (k, v) in &self.global_args {
-            image = image
-                .replace(&format!("${{{k}}}"), v)
-                .replace(&format!("${k}"), v);
-        }
-        image
-    }
-
-    /// The stage whose RUN builds with cargo, and that RUN split into its flags and commands.
-    fn cargo_build_run(&self) -> Result<(&Stage, RunParts<'_>)> {
-        let mut found = Vec::new();
-        for stage in &self.stages {
-            for run in stage.all("RUN") {
-                let parts = RunParts::parse(run);
-                if parts.commands.iter().any(|c| c.starts_with("cargo build")) {
-                    found.push((stage, parts));
-                }
-            }
-        }
-        ensure!(
-            found.len() == 1,
-            "{DOCKERFILE} must build with exactly one `RUN … cargo build …` (found {})",
-            found.len()
-        );
-        Ok(found.remove(0))
-    }
-
-    /// `ENV` variables of the stage that runs `cargo build` (`ENV K=V …` form).
-    fn cargo_build_env(&self) -> Result<Vec<(String, String)>> {
-        let (stage, _) = self.cargo_build_run()?;
-        let mut vars = Vec::new();
-        for env in stage.all("ENV") {
-            for pair in env.split_whitespace() {
-                let (k, v) = pair
-                    .split_once('=')
-                    .with_context(|| format!("ENV {env}: use the K=V form"))?;
-                vars.push((k.to_string(), v.to_string()));
-            }
-        }
-        Ok(vars)
-    }
-
-    /// The arguments of the `cargo build …` command (after `cargo`).
-    fn cargo_build(&self) -> Result<Vec<String>> {
-        let (_, run) = self.cargo_build_run()?;
-        let command = run
-            .commands
-            .iter()
-            .find(|c| c.starts_with("cargo build"))
-            .context("cargo build")?;
-        let words: Vec<String> = command.split_whitespace().map(str::to_string).collect();
-        ensure!(
-            !words
-                .iter()
-                .any(|w| w.contains(['&', '|', ';', '$', '"', '\''])),
-            "the cargo build command must be one plain command (the test checks its flags): \
-             {command}"
-        );
-        Ok(words[1..].to_vec())
-    }
-}
-
-/// A shell-form RUN instruction: its leading flags (`--mount=…`) and its `&&`-joined commands.
-struct RunParts<'a> {
-    flags: Vec<&'a str>,
-    commands: Vec<&'a str>,
-}
-
-impl<'a> RunParts<'a> {
-    fn parse(run: &'a str) -> Self {
-        let mut rest = run.trim_start();
-        let mut flags = Vec::new();
-        while rest.starts_with("--") {
-            let (flag, tail) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-            flags.push(flag);
-            rest = tail.trim_start();
-        }
-        let commands = rest.split("&&").map(str::trim).collect();
-        Self { flags, commands }
-    }
-}
-
-fn dockerfile() -> Result<Dockerfile> {
-    Dockerfile::parse(&read(DOCKERFILE)?)
-}
-
 /// The value following `flag` in `args` (`--flag value` or `--flag=value`).
 fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.iter().enumerate().find_map(|(i, a)| {
@@ -299,14 +102,6 @@ fn all_flag_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         .filter(|(_, a)| *a == flag)
         .filter_map(|(i, _)| args.get(i + 1).map(String::as_str))
         .collect()
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("NANOGATE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nanogate")
-        })
 }
 
 fn output(program: &str, args: &[&str]) -> Result<(bool, String)> {
@@ -332,26 +127,29 @@ fn assert_version(bin: &Path, name: &str, version: &str) -> Result<()> {
     Ok(())
 }
 
-/// hadolint (from the virtualenv of `e2e/scripts/setup.sh`) parses the Dockerfile with its own
-/// grammar and lints it: a syntax error or a finding fails the test.
+/// hadolint (from the virtualenv of `e2e/scripts/setup.sh`) parses both Dockerfiles (nanogate's
+/// and the example app's) with its own grammar and lints them: a syntax error or a finding
+/// fails the test.
 #[test]
-fn dockerfile_passes_hadolint() -> Result<()> {
+fn dockerfiles_pass_hadolint() -> Result<()> {
     let hadolint = nanogate_e2e::venv_python().with_file_name("hadolint");
     ensure!(
         hadolint.exists(),
         "{} is missing: run `bash e2e/scripts/setup.sh` (make test does)",
         hadolint.display()
     );
-    let out = Command::new(&hadolint)
-        .arg("--no-color")
-        .arg(workspace_root().join(DOCKERFILE))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "hadolint {DOCKERFILE}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for file in [DOCKERFILE, APP_DOCKERFILE] {
+        let out = Command::new(&hadolint)
+            .arg("--no-color")
+            .arg(workspace_root().join(file))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "hadolint {file}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }
 
@@ -401,215 +199,7 @@ fn final_stages_are_distroless_static_nonroot_exec_form() -> Result<()> {
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Images: build/Dockerfile built and run with podman
-
-/// Makes the stand-ins of the Dockerfile's base images (setup.sh runs it).
-const BASE_IMAGES_SCRIPT: &str = "e2e/scripts/base-images.sh";
-/// The label the stand-in base images carry (what they stand in for).
-const STAND_IN_LABEL: &str = "io.nanogate.stand-in";
-/// Tags the build stage, so that pruning the previous builds' layers keeps its cache.
-const BUILD_CACHE_TAG: &str = "localhost/nanogate/build-cache:latest";
-
-/// Where the binaries taken out of the images are kept: the sidecar benchmark measures the
-/// shipped nano-agent (`NANO_AGENT_BIN=…/image-bin/nano-agent`).
-fn image_bin_dir() -> PathBuf {
-    cache_dir().join("image-bin")
-}
-
-/// The built images of the Dockerfile's two final stages.
-struct Images {
-    /// (Dockerfile target = binary name, image reference).
-    images: Vec<(&'static str, String)>,
-    version: String,
-}
-
-impl Images {
-    fn reference(&self, name: &str) -> &str {
-        self.images
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, r)| r.as_str())
-            .expect("one image per binary")
-    }
-}
-
-/// The images, built once per test process (the other tests wait for the first).
-fn images() -> Result<&'static Images> {
-    static IMAGES: OnceLock<Result<Images, String>> = OnceLock::new();
-    IMAGES
-        .get_or_init(|| build_images().map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| anyhow!("the images of {DOCKERFILE} are not available: {e}"))
-}
-
-/// The base images of the Dockerfile's stages (ARG defaults applied, stages and scratch left
-/// out).
-fn base_images(docker: &Dockerfile) -> Vec<String> {
-    let mut bases: Vec<String> = Vec::new();
-    for stage in &docker.stages {
-        let base = docker.base_image(stage);
-        if base != "scratch"
-            && !docker.stages.iter().any(|s| s.name == base)
-            && !bases.contains(&base)
-        {
-            bases.push(base);
-        }
-    }
-    bases
-}
-
-/// Fails, naming what to run, when podman or a base image is missing.
-fn check_podman_setup(docker: &Dockerfile) -> Result<()> {
-    let runtime = podman(&["info", "--format", "{{.Host.OCIRuntime.Path}}"]);
-    ensure!(
-        matches!(&runtime, Ok((true, ..))),
-        "podman does not work here ({}): run `bash e2e/scripts/setup.sh` (installs podman, runc \
-         and debootstrap; make test runs it)",
-        match &runtime {
-            Ok((_, out, err)) => format!("{out}{err}").trim().to_string(),
-            Err(e) => format!("{e:#}"),
-        }
-    );
-    for base in base_images(docker) {
-        let (exists, ..) = podman(&["image", "exists", &base])?;
-        ensure!(
-            exists,
-            "the base image {base} is not in nanogate's image store: run `bash \
-             {BASE_IMAGES_SCRIPT}` (setup.sh does). No registry is reachable from the test \
-             machines; the script assembles a stand-in from Debian packages."
-        );
-        let label = podman_ok(&[
-            "image",
-            "inspect",
-            "--format",
-            &format!("{{{{index .Labels \"{STAND_IN_LABEL}\"}}}}"),
-            &base,
-        ])?;
-        let label = label.trim();
-        progress!(
-            "[shipping] base image {base}: {}",
-            if label.is_empty() || label == "<no value>" {
-                "as pulled from its registry".to_string()
-            } else {
-                format!("local stand-in ({label})")
-            }
-        );
-    }
-    Ok(())
-}
-
-/// This process's stderr as a child's stdout: podman build's output shows as progress.
-fn stderr_for_child() -> Result<Stdio> {
-    use std::os::fd::AsFd as _;
-    Ok(Stdio::from(std::io::stderr().as_fd().try_clone_to_owned()?))
-}
-
-fn build_images() -> Result<Images> {
-    let docker = dockerfile()?;
-    check_podman_setup(&docker)?;
-    let version = workspace_version()?;
-    let images: Vec<(&'static str, String)> = BINARIES
-        .iter()
-        .map(|&name| {
-            let repository = if name == "nano-agent" {
-                AGENT_IMAGE
-            } else {
-                OPERATOR_IMAGE
-            };
-            (name, format!("{repository}:{version}"))
-        })
-        .collect();
-    if std::env::var_os("NANOGATE_SKIP_RELEASE_BUILD").is_some() {
-        progress!(
-            "\n*** NOT REBUILT: NANOGATE_SKIP_RELEASE_BUILD is set, so the images already in \
-             nanogate's store are tested as they are (they may be older than the sources). ***\n"
-        );
-        for (_, reference) in &images {
-            ensure!(
-                podman(&["image", "exists", reference])?.0,
-                "{reference} is not in nanogate's image store: unset NANOGATE_SKIP_RELEASE_BUILD"
-            );
-        }
-        return Ok(Images { images, version });
-    }
-
-    let (build_stage, _) = docker.cargo_build_run()?;
-    // RUN steps see this machine's CA bundle: where egress goes through a TLS-inspecting proxy,
-    // rustup and cargo trust only the machine's store, which Debian's bundle in the base image
-    // lacks. A RUN mount is not part of any layer.
-    let ca = std::env::var("SSL_CERT_FILE")
-        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".to_string());
-    let ca_mount = format!("{ca}:/etc/ssl/certs/ca-certificates.crt:ro");
-    let mut targets = vec![(build_stage.name.as_str(), BUILD_CACHE_TAG.to_string())];
-    targets.extend(images.iter().map(|(n, r)| (*n, r.clone())));
-    // Every `podman build` sends the context anew: sources edited meanwhile (a shared working
-    // tree) would put two builds' binaries into the two images. Each image must hold what the
-    // build stage built, or everything is built again.
-    for attempt in 1..=3 {
-        for (target, reference) in &targets {
-            let started = Instant::now();
-            progress!(
-                "[shipping] podman build --target {target} -t {reference} (a first build \
-                 compiles every crate: 5 to 8 minutes on 2 cores; later ones reuse the layers \
-                 and the cargo caches, and compile only what changed)"
-            );
-            let mut args = vec!["build", "--pull=never", "--network", "host"];
-            if Path::new(&ca).is_file() {
-                args.extend(["--volume", &ca_mount]);
-            }
-            args.extend([
-                "--file", DOCKERFILE, "--target", target, "--tag", reference, ".",
-            ]);
-            let status = podman_command(&args)
-                .stdout(stderr_for_child()?)
-                .status()
-                .context("running podman build")?;
-            ensure!(
-                status.success(),
-                "podman build --target {target} of {DOCKERFILE} failed (output above)"
-            );
-            progress!(
-                "[shipping] built {reference} in {:.0}s",
-                started.elapsed().as_secs_f64()
-            );
-        }
-        let mut differing = Vec::new();
-        for (name, reference) in &images {
-            let copy = docker.stage(name)?.one("COPY")?;
-            let built = copy
-                .split_whitespace()
-                .nth(1)
-                .with_context(|| format!("COPY {copy}"))?;
-            let from_build = copy_out(BUILD_CACHE_TAG, built)?;
-            let shipped = copy_out(reference, &entrypoint(reference)?)?;
-            if from_build != shipped {
-                differing.push(*name);
-            }
-        }
-        if differing.is_empty() {
-            break;
-        }
-        ensure!(
-            attempt < 3,
-            "the images' binaries {differing:?} still differ from the build stage's after 3 \
-             builds (are the sources being edited?)"
-        );
-        progress!(
-            "[shipping] {differing:?} differ from the build stage's binaries: the sources \
-             changed during the builds; building again"
-        );
-    }
-    // Each build after a change of the sources leaves the previous images' layers untagged;
-    // without this the store would grow with every CI run. The current build's layers are
-    // parents of tagged images (the build stage's too, through BUILD_CACHE_TAG) and stay.
-    let pruned = podman_ok(&["image", "prune", "--force"])?;
-    progress!(
-        "[shipping] podman image prune: {} untagged images of earlier builds removed",
-        pruned.lines().filter(|l| !l.trim().is_empty()).count()
-    );
-    Ok(Images { images, version })
-}
+// Images: build/Dockerfile and examples/Dockerfile built (e2e/src/images.rs) and run with podman
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -922,47 +512,51 @@ fn owners(dir: &Path) -> Result<Vec<(PathBuf, u32, u32)>> {
     Ok(found)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -> Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+/// How the injector's nano-agent container runs under podman: the `podman run` arguments and
+/// where the socket is in the container.
+struct AgentRun {
+    args: Vec<String>,
+    /// The socket volume's mount path.
+    socket_dir: String,
+    /// `TENDRL_SOCKET_PATH`, as the injector sets it in the sidecar and in every app container.
+    socket_path: String,
+}
 
-    let images = tokio::task::spawn_blocking(images).await??;
-    let reference = images.reference("nano-agent");
-    let sidecar = injected_sidecar(reference)?;
-    ensure!(
-        sidecar["image"] == reference,
-        "the injector runs {}",
-        sidecar["image"]
-    );
+impl AgentRun {
+    /// The socket's path on the host, under `dir` (the bind-mounted socket volume).
+    fn host_socket(&self, dir: &Path) -> Result<PathBuf> {
+        let name = self
+            .socket_path
+            .strip_prefix(&format!("{}/", self.socket_dir))
+            .with_context(|| {
+                format!(
+                    "socket {} outside the socket volume {}",
+                    self.socket_path, self.socket_dir
+                )
+            })?;
+        Ok(dir.join(name))
+    }
+}
+
+/// `podman run --detach` arguments for the injected container `sidecar` (from the operator's
+/// own patch) as container `name`: its securityContext as podman flags, its socket volume as a
+/// bind mount of `dir`, its environment, standalone (no hub, no config file; the platform from
+/// `TENDRL_APP_URL`), on the host network with the admin port `admin_port`.
+fn injected_agent_run(
+    sidecar: &Value,
+    name: &str,
+    dir: &Path,
+    platform: &nanogate_tests::platform::PlatformServer,
+    admin_port: u16,
+) -> Result<AgentRun> {
+    let reference = sidecar["image"].as_str().context("image")?;
     ensure!(
         sidecar.get("command").is_none() && sidecar.get("args").is_none(),
         "the injected container overrides the entrypoint; translate it: {sidecar}"
     );
-    let platform = nanogate_tests::platform::PlatformServer::start_with_key("shipping-key").await?;
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-
-    // The socket volume (an emptyDir, created 0777) becomes a bind-mounted host directory.
-    let dir = std::env::temp_dir().join(format!("nanogate-shipping-agent-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
-    let container = Container {
-        name: format!("nanogate-shipping-agent-{}", std::process::id()),
-        dir: Some(dir.clone()),
-    };
-    let mut run: Vec<String> = [
-        "run",
-        "--detach",
-        "--name",
-        &container.name,
-        "--network",
-        "host",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut run: Vec<String> = ["run", "--detach", "--name", name, "--network", "host"]
+        .map(String::from)
+        .to_vec();
     run.extend(security_flags(&sidecar["securityContext"])?);
     let mut socket_dir = None;
     for mount in sidecar["volumeMounts"].as_array().context("volumeMounts")? {
@@ -1010,36 +604,41 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
         format!("TENDRL_APP_URL={}", platform.url()),
         reference.to_string(),
     ]);
-    let socket_path = socket_path.context("the injector sets TENDRL_SOCKET_PATH")?;
-    let socket_name = socket_path
-        .strip_prefix(&format!("{socket_dir}/"))
-        .with_context(|| format!("socket {socket_path} outside the socket volume {socket_dir}"))?;
-    let host_socket = dir.join(socket_name);
-    progress!("[shipping] podman {}", run.join(" "));
-    let run: Vec<&str> = run.iter().map(String::as_str).collect();
-    podman_ok(&run)?;
+    Ok(AgentRun {
+        args: run,
+        socket_dir,
+        socket_path: socket_path.context("the injector sets TENDRL_SOCKET_PATH")?,
+    })
+}
 
-    let logs = || {
-        podman(&["logs", &container.name])
-            .map(|(_, out, err)| format!("{out}{err}"))
-            .unwrap_or_default()
-    };
-    let state = |field: &str| -> Result<String> {
-        Ok(podman_ok(&[
-            "inspect",
-            "--format",
-            &format!("{{{{.State.{field}}}}}"),
-            &container.name,
-        ])?
-        .trim()
-        .to_string())
-    };
+/// What container `name` printed (stdout and stderr).
+fn container_logs(name: &str) -> String {
+    podman(&["logs", name])
+        .map(|(_, out, err)| format!("{out}{err}"))
+        .unwrap_or_default()
+}
+
+/// A field of container `name`'s `.State` (`Status`, `Pid`, `ExitCode`, …).
+fn container_state(name: &str, field: &str) -> Result<String> {
+    Ok(podman_ok(&[
+        "inspect",
+        "--format",
+        &format!("{{{{.State.{field}}}}}"),
+        name,
+    ])?
+    .trim()
+    .to_string())
+}
+
+/// Waits until nano-agent in container `name` serves `host_socket` and its `/readyz` on
+/// `admin_port` answers 200; the seconds it took, or an error with the container's log.
+async fn wait_until_agent_ready(name: &str, host_socket: &Path, admin_port: u16) -> Result<f64> {
     let started = Instant::now();
     let ready = nanogate_e2e::wait_for(
         "nano-agent in its container to serve its socket and /readyz",
         Duration::from_secs(60),
         || async {
-            let status = state("Status")?;
+            let status = container_state(name, "Status")?;
             ensure!(status == "running", "the container is {status}");
             let readyz = || {
                 let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
@@ -1052,12 +651,49 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
     )
     .await;
     if let Err(e) = ready {
-        bail!("{e:#}\ncontainer log:\n{}", logs());
+        bail!("{e:#}\ncontainer log:\n{}", container_logs(name));
     }
-    progress!(
-        "[shipping] nano-agent ready in its container after {:.1}s",
-        started.elapsed().as_secs_f64()
+    Ok(started.elapsed().as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let images = tokio::task::spawn_blocking(images).await??;
+    let reference = images.reference("nano-agent");
+    let sidecar = injected_sidecar(reference)?;
+    ensure!(
+        sidecar["image"] == reference,
+        "the injector runs {}",
+        sidecar["image"]
     );
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key("shipping-key").await?;
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+
+    // The socket volume (an emptyDir, created 0777) becomes a bind-mounted host directory.
+    let dir = std::env::temp_dir().join(format!("nanogate-shipping-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    let container = Container {
+        name: format!("nanogate-shipping-agent-{}", std::process::id()),
+        dir: Some(dir.clone()),
+    };
+    let run = injected_agent_run(&sidecar, &container.name, &dir, &platform, admin_port)?;
+    let socket_dir = run.socket_dir.clone();
+    let host_socket = run.host_socket(&dir)?;
+    progress!("[shipping] podman {}", run.args.join(" "));
+    let args: Vec<&str> = run.args.iter().map(String::as_str).collect();
+    podman_ok(&args)?;
+
+    let logs = || container_logs(&container.name);
+    let state = |field: &str| container_state(&container.name, field);
+    let waited = wait_until_agent_ready(&container.name, &host_socket, admin_port).await?;
+    progress!("[shipping] nano-agent ready in its container after {waited:.1}s");
 
     // The process, as the kernel sees it.
     let pid = state("Pid")?;
@@ -1182,6 +818,20 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
         foreign.is_empty(),
         "files on the volume not owned by 65532:65532: {foreign:?}"
     );
+    // Open to every app of the pod, whatever its uid: the socket; the spool: the agent's alone.
+    let mode =
+        |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o7777) };
+    let spool = made
+        .iter()
+        .find(|(p, ..)| p.file_name().is_some_and(|n| n == "spool"))
+        .map(|(p, ..)| p.clone())
+        .context("spool")?;
+    ensure!(
+        (mode(&host_socket)?, mode(&spool)?) == (0o666, 0o700),
+        "socket mode {:o}, spool mode {:o}: expected 666 and 700",
+        mode(&host_socket)?,
+        mode(&spool)?
+    );
 
     // SIGTERM, as the kubelet stops a container: a clean exit.
     podman_ok(&["stop", "--time", "30", &container.name])?;
@@ -1197,6 +847,399 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
          from the host delivered with source {}, exit 0 on SIGTERM",
         made.len(),
         delivered["source"]
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example app's image (examples/Dockerfile)
+
+/// The example app's image: user 10001:10001 (not root, not the sidecar's 65532) in the
+/// Dockerfile and in the running process, the loop as exec-form entrypoint on
+/// distroless/static, `sh` and the shell client with OpenBSD nc (what `kubectl exec` needs),
+/// no package manager; small. Without a socket it keeps retrying, and SIGTERM ends it with 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_app_image_runs_as_10001_with_sh_and_the_shell_client() -> Result<()> {
+    let docker = app_dockerfile()?;
+    let stage = docker.stage(APP_TARGET)?;
+    let base = docker.base_image(stage);
+    ensure!(
+        base.starts_with("gcr.io/distroless/static") && !base.contains("debug"),
+        "{APP_DOCKERFILE}: {APP_TARGET} FROM {base}, expected distroless/static"
+    );
+    ensure!(
+        stage.one("USER")? == format!("{APP_UID}:{APP_UID}"),
+        "{APP_DOCKERFILE}: USER {}",
+        stage.one("USER")?
+    );
+    ensure!(
+        stage.all("RUN").is_empty(),
+        "{APP_DOCKERFILE}: the final stage has no RUN (nothing but copies on distroless)"
+    );
+
+    let images = tokio::task::spawn_blocking(images).await??;
+    let reference = images.app.as_str();
+    ensure!(reference == format!("{APP_IMAGE}:{}", images.version));
+    let config = image_config(reference)?;
+    ensure!(
+        config["User"] == format!("{APP_UID}:{APP_UID}"),
+        "{reference} runs as user {}",
+        config["User"]
+    );
+    ensure!(
+        config["Entrypoint"] == serde_json::json!(["/usr/local/bin/publish-loop.sh"]),
+        "{reference}: entrypoint {}",
+        config["Entrypoint"]
+    );
+
+    // What `kubectl exec … -- sh` finds.
+    let (ok, out, err) = podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        reference,
+        "-c",
+        "id -u; id -g; command -v nc; nc -h 2>&1 | head -n 1; \
+         test -r /usr/local/bin/nanogate.sh && echo client; \
+         sh /usr/local/bin/nanogate.sh publish '{\"by\":\"hand\"}'; echo \"exit $?\"",
+    ])?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(ok && lines.len() == 6, "sh in {reference}: {out}{err}");
+    ensure!(
+        lines[0] == APP_UID.to_string() && lines[1] == APP_UID.to_string(),
+        "sh in {reference} runs as uid {} gid {}",
+        lines[0],
+        lines[1]
+    );
+    ensure!(
+        lines[2] == "/usr/bin/nc" && lines[3].starts_with("OpenBSD netcat"),
+        "{reference}: nc is {} ({})",
+        lines[2],
+        lines[3]
+    );
+    ensure!(lines[4] == "client", "{reference} lacks the shell client");
+    // No agent here: the shell client says so and exits 1 (its "unreachable").
+    ensure!(
+        lines[5] == "exit 1"
+            && err.contains("cannot talk to nano-agent at /var/lib/tendrl/tendrl_agent.sock"),
+        "the shell client without an agent: {out}{err}"
+    );
+
+    // The file system: no package manager, no second shell.
+    let files = image_files(reference, "app")?;
+    let executables: Vec<&str> = files
+        .iter()
+        .filter(|(mode, _)| mode.starts_with('-') && mode.contains('x'))
+        .map(|(_, path)| path.as_str())
+        .collect();
+    for absent in [
+        "usr/bin/apt",
+        "usr/bin/dpkg",
+        "bin/bash",
+        "usr/bin/bash",
+        "usr/bin/perl",
+    ] {
+        ensure!(
+            !files.iter().any(|(_, p)| p == absent),
+            "{reference} has /{absent}"
+        );
+    }
+
+    // The loop without a socket: retries, as the kernel's uid 10001, and exits 0 on SIGTERM.
+    let container = Container {
+        name: format!("nanogate-shipping-app-alone-{}", std::process::id()),
+        dir: None,
+    };
+    podman_ok(&[
+        "run",
+        "--detach",
+        "--name",
+        &container.name,
+        "--network",
+        "none",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--env",
+        "PUBLISH_INTERVAL=1",
+        reference,
+    ])?;
+    nanogate_e2e::wait_for(
+        "the app to retry without a socket",
+        Duration::from_secs(30),
+        || async {
+            let log = container_logs(&container.name);
+            Ok((log.matches("counter=1 not published, retrying").count() >= 2).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| container_logs(&container.name))?;
+    let pid = container_state(&container.name, "Pid")?;
+    let status = proc_status(&pid)?;
+    let field = |name: &str| {
+        status
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let ids = format!("{APP_UID} {APP_UID} {APP_UID} {APP_UID}");
+    ensure!(
+        field("Uid") == ids && field("Gid") == ids,
+        "the app runs as uid {:?} gid {:?}",
+        field("Uid"),
+        field("Gid")
+    );
+    let stop = Instant::now();
+    podman_ok(&["stop", "--time", "30", &container.name])?;
+    let stopped_in = stop.elapsed();
+    let code = container_state(&container.name, "ExitCode")?;
+    let log = container_logs(&container.name);
+    ensure!(
+        code == "0" && log.contains("publish-loop: SIGTERM: 0 messages published, exiting"),
+        "the app exited with {code} on SIGTERM; log:\n{log}"
+    );
+    ensure!(
+        stopped_in < Duration::from_secs(10),
+        "the app took {stopped_in:?} to stop on SIGTERM"
+    );
+
+    let size = image_size(reference)?;
+    let base_size = image_size(&base)?;
+    let gz = compressed_size(reference)?;
+    let gz_base = compressed_size(&base)?;
+    progress!(
+        "[shipping] {reference}: uid {APP_UID}, sh + OpenBSD nc + the shell client, {} \
+         executables; {} ({size} bytes) = base {} + our layers {}; podman save | gzip -9: {} \
+         ({gz} bytes) = base {} + ours {}; retries without a socket, exit 0 on SIGTERM in \
+         {:.1}s",
+        executables.len(),
+        mib(size),
+        mib(base_size),
+        mib(size.saturating_sub(base_size)),
+        mib(gz),
+        mib(gz_base),
+        mib(gz.saturating_sub(gz_base)),
+        stopped_in.as_secs_f64()
+    );
+    ensure!(
+        size < 16 * 1024 * 1024,
+        "{reference} is {}: the example app should stay small",
+        mib(size)
+    );
+    Ok(())
+}
+
+/// The example app's image next to the nano-agent image, as in an injected pod without an
+/// fsGroup: the socket volume a bind-mounted directory (0777, as an emptyDir), the agent as the
+/// injector runs it (uid 65532), the apps with a restricted pod's settings (read-only root, no
+/// capabilities, no-new-privileges, no network: the socket is all they use), one as the
+/// image's 10001:10001 and one as an OpenShift-style uid with gid 0. The apps start first (no
+/// socket yet: they retry), then the agent; the platform receives each app's counter 1, 2, 3, …
+/// without a gap, `podman logs` shows what they published, and SIGTERM ends them with 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_app_image_publishes_through_the_nano_agent_image() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let images = tokio::task::spawn_blocking(images).await??;
+    let app = images.app.as_str();
+    let sidecar = injected_sidecar(images.reference("nano-agent"))?;
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key("shipping-key").await?;
+    let admin_port = nanogate_e2e::free_port()?;
+    let dir = std::env::temp_dir().join(format!("nanogate-shipping-app-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    // Dropped last: removes the agent's container and the directory.
+    let agent = Container {
+        name: format!("nanogate-shipping-app-agent-{}", std::process::id()),
+        dir: Some(dir.clone()),
+    };
+    let run = injected_agent_run(&sidecar, &agent.name, &dir, &platform, admin_port)?;
+    let host_socket = run.host_socket(&dir)?;
+
+    // (container, --user, the uid it publishes as)
+    let apps: Vec<(Container, Option<&str>, u64)> = vec![
+        (
+            Container {
+                name: format!("nanogate-shipping-app-{}", std::process::id()),
+                dir: None,
+            },
+            None,
+            APP_UID.into(),
+        ),
+        (
+            Container {
+                name: format!("nanogate-shipping-app-openshift-{}", std::process::id()),
+                dir: None,
+            },
+            Some("1000680000:0"),
+            1_000_680_000,
+        ),
+    ];
+    for (container, user, _) in &apps {
+        let volume = format!("{}:{}", dir.display(), run.socket_dir);
+        let socket_env = format!("TENDRL_SOCKET_PATH={}", run.socket_path);
+        let mut args = vec![
+            "run",
+            "--detach",
+            "--name",
+            &container.name,
+            "--network",
+            "none",
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--volume",
+            &volume,
+            "--env",
+            &socket_env,
+            "--env",
+            "PUBLISH_INTERVAL=1",
+        ];
+        if let Some(user) = user {
+            args.extend(["--user", user]);
+        }
+        args.push(app);
+        podman_ok(&args)?;
+    }
+    for (container, ..) in &apps {
+        nanogate_e2e::wait_for(
+            "the app to retry while there is no socket",
+            Duration::from_secs(30),
+            || async {
+                Ok(container_logs(&container.name)
+                    .contains("counter=1 not published, retrying")
+                    .then_some(()))
+            },
+        )
+        .await
+        .with_context(|| container_logs(&container.name))?;
+    }
+
+    let args: Vec<&str> = run.args.iter().map(String::as_str).collect();
+    podman_ok(&args)?;
+    wait_until_agent_ready(&agent.name, &host_socket, admin_port).await?;
+
+    let counters = |uid: u64| -> Vec<u64> {
+        let mut found: Vec<u64> = platform
+            .received()
+            .iter()
+            .filter(|m| m["data"]["app"] == "example-app" && m["data"]["uid"] == uid)
+            .filter_map(|m| m["data"]["counter"].as_u64())
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    let delivered = nanogate_e2e::wait_for(
+        "the platform to receive counters 1 to 3 of each app",
+        Duration::from_secs(60),
+        || async {
+            Ok(apps
+                .iter()
+                .all(|(_, _, uid)| counters(*uid).len() >= 3)
+                .then_some(()))
+        },
+    )
+    .await;
+    if let Err(e) = delivered {
+        let logs: Vec<String> = apps
+            .iter()
+            .map(|(c, ..)| format!("{}:\n{}", c.name, container_logs(&c.name)))
+            .collect();
+        bail!(
+            "{e:#}\nagent log:\n{}\n{}",
+            container_logs(&agent.name),
+            logs.join("\n")
+        );
+    }
+    for (container, _, uid) in &apps {
+        let got = counters(*uid);
+        let expected: Vec<u64> = (1..=got.len() as u64).collect();
+        ensure!(
+            got == expected,
+            "uid {uid}: the platform received counters {got:?} (gaps or repeats)"
+        );
+        let log = container_logs(&container.name);
+        ensure!(
+            log.contains("publish-loop: published counter=3 (accepted)"),
+            "{}: no `published counter=3` line:\n{log}",
+            container.name
+        );
+    }
+    for message in platform.received() {
+        ensure!(
+            message["source"] == "shipping/shop-0"
+                && message["context"]["tags"] == serde_json::json!(["example-app"]),
+            "unexpected message {message}"
+        );
+    }
+    ensure!(
+        platform.unauthorized() == 0,
+        "the agent sent a wrong API key"
+    );
+
+    let mut summary = Vec::new();
+    for (container, _, uid) in &apps {
+        let stop = Instant::now();
+        podman_ok(&["stop", "--time", "30", &container.name])?;
+        let stopped_in = stop.elapsed();
+        let code = container_state(&container.name, "ExitCode")?;
+        let log = container_logs(&container.name);
+        ensure!(
+            code == "0" && log.contains("publish-loop: SIGTERM: "),
+            "{} exited with {code} on SIGTERM; log:\n{log}",
+            container.name
+        );
+        summary.push(format!(
+            "uid {uid}: {} messages, stopped in {:.1}s",
+            counters(*uid).len(),
+            stopped_in.as_secs_f64()
+        ));
+    }
+    podman_ok(&["stop", "--time", "30", &agent.name])?;
+    progress!(
+        "[shipping] {app} next to the nano-agent image, no fsGroup: retried until the socket \
+         appeared, then published without gaps ({}); exit 0 on SIGTERM",
+        summary.join("; ")
+    );
+    Ok(())
+}
+
+/// `save_docker_archive`, what a node imports (`ctr -n k8s.io images import`): a docker-archive
+/// tar whose manifest names the image by its reference, so `image:` in a pod finds it.
+#[test]
+fn images_save_as_docker_archives_named_by_reference() -> Result<()> {
+    let images = images()?;
+    let dir =
+        std::env::temp_dir().join(format!("nanogate-shipping-archive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.join("example-app.tar");
+    nanogate_e2e::images::save_docker_archive(&images.app, &file)?;
+    let out = Command::new("tar")
+        .arg("-xOf")
+        .arg(&file)
+        .arg("manifest.json")
+        .output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        manifest[0]["RepoTags"] == serde_json::json!([images.app]),
+        "the archive's manifest: {manifest}"
     );
     Ok(())
 }
@@ -1270,6 +1313,12 @@ fn one_version_everywhere() -> Result<()> {
             "{DOCKERFILE}: {target} must be tagged {image}:{version}: {line}"
         );
     }
+    // The example app's documented build command tags the image the tests build.
+    let app_line = format!("docker build -f {APP_DOCKERFILE} -t {APP_IMAGE}:{version} examples");
+    ensure!(
+        read(APP_DOCKERFILE)?.lines().any(|l| l.contains(&app_line)),
+        "{APP_DOCKERFILE}: no `{app_line}` line"
+    );
     ensure!(
         read("CHANGELOG.md")?.contains(&format!("## [{version}]")),
         "CHANGELOG.md has no `## [{version}]` section"

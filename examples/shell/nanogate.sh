@@ -6,6 +6,15 @@
 #
 #   TENDRL_SOCKET_PATH=/var/lib/tendrl/tendrl_agent.sock sh nanogate.sh
 #
+# or to make one call (e.g. by hand in an app container: `kubectl exec POD -c app -- sh
+# /usr/local/bin/nanogate.sh publish '{"by":"hand"}'` in the example app of examples/Dockerfile):
+#
+#   sh nanogate.sh publish DATA_JSON [TAGS_JSON_ARRAY] [wait]   prints the reply, or "accepted"
+#   sh nanogate.sh check [LIMIT]                                prints the waiting messages
+#   sh nanogate.sh send JSON                                    prints the reply, if any
+#
+# The exit status is the helper's: 0, 1 (agent unreachable) or 2 (error reply).
+#
 # The protocol (ARCHITECTURE §3, sidecar/README.md): write one JSON message; replies have no
 # delimiter, so every call is one connection: write, half-close, read until the agent closes.
 # An empty reply means "accepted". Build JSON with a real encoder (jq) when values come from
@@ -61,4 +70,15 @@ main() {
   echo "error: $error"
 }
 
-main "$@"
+case ${1:-} in
+  '') main ;;
+  publish)
+    shift
+    reply=$(nanogate_publish "$@") || exit
+    if [ -n "$reply" ]; then printf '%s\n' "$reply"; else echo accepted; fi ;;
+  check) shift; nanogate_check "$@" && echo ;;
+  send) shift; nanogate_send "$@" && echo ;;
+  *)
+    echo "usage: sh nanogate.sh [publish DATA [TAGS] [wait] | check [LIMIT] | send JSON]" >&2
+    exit 64 ;;
+esac

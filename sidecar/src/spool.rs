@@ -44,13 +44,19 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt as _, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+
+/// Mode of a spool directory the agent creates: the agent's alone. In a pod the spool shares
+/// the socket's volume with the app containers, and the socket is open to all of them
+/// ([`crate::socket::SOCKET_MODE`]); what the spool holds (every app's accepted messages,
+/// dead letters) is not theirs to read or change.
+pub const SPOOL_DIR_MODE: u32 = 0o700;
 
 const MAGIC: &[u8; 8] = b"NGSPOOL1";
 const SEG_HEADER: u64 = MAGIC.len() as u64;
@@ -332,10 +338,19 @@ fn scan(data: &[u8], from: usize) -> (usize, u64) {
 }
 
 impl Spool {
-    /// Opens (creating if needed) and recovers the spool in `opts.dir`.
+    /// Opens (creating if needed, mode 0700: see [`SPOOL_DIR_MODE`]) and recovers the spool
+    /// in `opts.dir`.
     pub fn open(opts: SpoolOptions) -> io::Result<Arc<Spool>> {
         let dir = opts.dir.clone();
-        fs::create_dir_all(&dir)?;
+        if !dir.exists() {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent)?;
+            }
+            match fs::DirBuilder::new().mode(SPOOL_DIR_MODE).create(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
         let _ = fs::remove_file(dir.join("ack.tmp"));
         let id = spool_id(&dir)?;
         let seqs = list_segments(&dir)?;

@@ -401,7 +401,7 @@ async fn socket_file_lifecycle_and_key_hygiene() {
     let mut agent = start_agent(&platform, dir.path(), &["--log-format", "json"]);
     let md = std::fs::metadata(&agent.socket).unwrap();
     assert!(md.file_type().is_socket());
-    assert_eq!(md.permissions().mode() & 0o777, 0o660);
+    assert_eq!(md.permissions().mode() & 0o777, 0o666);
     assert_eq!(
         oneshot(&agent.socket, br#"{"msg_type":"msg_check"}"#),
         b"204"

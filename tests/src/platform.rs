@@ -209,7 +209,13 @@ impl PlatformServer {
 
     /// Like [`PlatformServer::start`] with another expected API key.
     pub async fn start_with_key(api_key: &str) -> anyhow::Result<PlatformServer> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0", api_key).await
+    }
+
+    /// Binds `addr` (e.g. the real node's bridge address, where pods reach this machine)
+    /// and serves plain HTTP, expecting `api_key`.
+    pub async fn start_on(addr: &str, api_key: &str) -> anyhow::Result<PlatformServer> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             api_key: api_key.to_owned(),

@@ -252,3 +252,153 @@ async fn rust_example() {
 async fn shell_example() {
     check_example("shell").await;
 }
+
+/// The shell client's one-call form (what `kubectl exec … -- sh nanogate.sh publish …` in the
+/// example app's image uses) and the example app's loop (`shell/publish-loop.sh`, the image's
+/// entrypoint): started before the agent it retries, then publishes counters 1, 2, 3, … without
+/// a gap, says so on stdout, and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_one_call_form_and_publish_loop() {
+    if let Err(reason) = example_command("shell") {
+        eprintln!("\n*** SKIPPED: the shell example was NOT run: {reason}. ***\n");
+        return;
+    }
+    let platform = PlatformServer::start().await.expect("platform server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let shell = examples_dir().join("shell");
+
+    // The loop first: no agent yet.
+    let looping = std::process::Command::new("sh")
+        .arg(shell.join("publish-loop.sh"))
+        .env("TENDRL_SOCKET_PATH", &socket)
+        .env_remove("TENDRL_SOCKET")
+        .env("PUBLISH_INTERVAL", "0.2")
+        .env("HOSTNAME", "loop-host")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting publish-loop.sh");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let agent = Agent::start(AgentConfig {
+        bin: agent_bin(),
+        dir: dir.path().to_owned(),
+        upstream_url: platform.url(),
+        api_key: platform.api_key().to_owned(),
+        extra_args: vec!["--flush-interval".into(), "20ms".into()],
+    })
+    .expect("nano-agent");
+    assert_eq!(agent.socket, socket);
+    let counters = || -> Vec<u64> {
+        let mut c: Vec<u64> = platform
+            .received()
+            .iter()
+            .filter(|m| m["data"]["app"] == "example-app")
+            .filter_map(|m| m["data"]["counter"].as_u64())
+            .collect();
+        c.sort_unstable();
+        c
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while counters().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loop's messages did not arrive: {:?}\nagent log:\n{}",
+            platform.received(),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped = Command::new("kill")
+        .args(["-TERM", &looping.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let out = tokio::task::spawn_blocking(move || looping.wait_with_output())
+        .await
+        .expect("thread")
+        .expect("publish-loop.sh output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {} on SIGTERM:\n{stdout}",
+        out.status
+    );
+    assert!(
+        stdout.contains("counter=1 not published, retrying in 0.2s: cannot talk to nano-agent"),
+        "no retry before the agent started:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("publish-loop: published counter=3 (accepted)"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("publish-loop: SIGTERM: ")
+            && last.ends_with(" messages published, exiting"),
+        "{stdout}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = counters();
+    assert_eq!(
+        got,
+        (1..=got.len() as u64).collect::<Vec<_>>(),
+        "gaps or repeats"
+    );
+    let first = platform
+        .received()
+        .into_iter()
+        .find(|m| m["data"]["counter"] == 1)
+        .expect("counter 1");
+    assert_eq!(first["data"]["host"], "loop-host");
+    assert_eq!(first["context"]["tags"], json!(["example-app"]));
+
+    // One call at a time, as by hand.
+    let call = |args: &[&str]| {
+        let out = Command::new("sh")
+            .arg(shell.join("nanogate.sh"))
+            .args(args)
+            .env("TENDRL_SOCKET_PATH", &socket)
+            .env_remove("TENDRL_SOCKET")
+            .output()
+            .expect("nanogate.sh");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        call(&["publish", r#"{"by":"hand"}"#, r#"["manual"]"#]),
+        (Some(0), "accepted\n".into(), String::new())
+    );
+    let (code, out, _) = call(&["publish", r#"{"by":"hand","wait":1}"#, "[]", "wait"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("JSON reply"),
+        json!({"status": "ok", "received": 1})
+    );
+    platform.queue_for_check(json!({"cmd": "by-hand"}));
+    let (code, out, _) = call(&["check", "5"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("JSON array"),
+        json!([{"cmd": "by-hand"}])
+    );
+    assert_eq!(call(&["check"]).1, "[]\n");
+    let tags = r#"["0","1","2","3","4","5","6","7","8","9","10"]"#;
+    assert_eq!(
+        call(&["publish", "{}", tags]),
+        (
+            Some(2),
+            String::new(),
+            "too many tags provided; maximum is 10\n".into()
+        )
+    );
+    assert_eq!(call(&["frobnicate"]).0, Some(64));
+    assert!(
+        platform
+            .received()
+            .iter()
+            .any(|m| m["data"]["by"] == "hand" && m["context"]["tags"] == json!(["manual"]))
+    );
+}

@@ -1,36 +1,56 @@
-//! `make demo`: nanogate end to end on a local, real control plane.
+//! `make demo`: nanogate end to end on a local, real control plane and a real node.
 //!
-//! Everything is real except the kubelet: the demo starts etcd, kube-apiserver and
-//! kube-controller-manager, runs the operator (controller, admission webhook, hub) as a local
-//! process, registers the webhook by URL, creates a gateway and an annotated Deployment, and
-//! then plays the kubelet for the one container we ship: it runs the pod's injected
-//! `nano-agent` locally with the pod's configuration, Secret and service-account token, and
-//! talks to it through the pod's socket like an app would. Every step prints what it did.
+//! Nothing is played: the demo starts etcd, kube-apiserver, kube-controller-manager and a real
+//! node (kubelet, kube-scheduler, containerd, CNI bridge; `e2e/src/node.rs`), builds the
+//! images the shipping test builds (nano-agent, operator, the example app; `e2e/src/images.rs`)
+//! and imports them into the node, runs the operator (controller, admission webhook, hub) as a
+//! local process with the webhooks registered by URL, and applies the samples of
+//! `examples/k8s/` as a user would: a gateway and an annotated Deployment whose app runs as
+//! UID 10001. The kubelet runs the injected pod; its app publishes through the socket, the
+//! platform receiver on this machine gets the messages. Every step prints what it did.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{DynamicObject, ListParams};
-use nanogate_e2e::kubelet::{run_sidecar, sidecar_container};
-use nanogate_e2e::{ControlPlane, Process, apply_yaml, wait_for};
+use kube::api::DynamicObject;
+use nanogate_e2e::images::images;
+use nanogate_e2e::node::HOST_IP;
+use nanogate_e2e::{ControlPlane, Node, Process, apply_yaml, wait_for};
 use nanogate_tests::platform::PlatformServer;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const NAMESPACE: &str = "demo";
 const OPERATOR_NAMESPACE: &str = "nanogate-system";
 const API_KEY: &str = "demo-api-key-not-a-secret";
+const STEPS: usize = 9;
 
-fn say(step: &str, text: &str) {
-    println!("\n==> [{step}] {text}");
+fn say(step: usize, text: &str) {
+    println!("\n==> [{step}/{STEPS}] {text}");
 }
 
 fn note(text: &str) {
     println!("    {text}");
+}
+
+/// Prints a command as a user would type it, then its output, indented.
+fn show(cp: &ControlPlane, args: &[&str]) -> Result<String> {
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains(|c: char| " {}\"'$*?".contains(c)) {
+                format!("'{a}'")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    note(&format!("$ kubectl {}", quoted.join(" ")));
+    let out = cp.kubectl(args)?;
+    for line in out.lines() {
+        note(&format!("  {line}"));
+    }
+    Ok(out)
 }
 
 #[tokio::main]
@@ -40,7 +60,7 @@ async fn main() -> Result<()> {
         .parent()
         .context("demo binary has no directory")?
         .to_path_buf();
-    for binary in ["nanogate-operator", "nano-agent"] {
+    for binary in ["nanogate-operator", "nanogate-node-reaper"] {
         if !bin_dir.join(binary).exists() {
             bail!(
                 "{} is missing next to the demo; run `make demo` (it builds every binary)",
@@ -51,18 +71,49 @@ async fn main() -> Result<()> {
     let root = nanogate_e2e::workspace_root();
 
     say(
-        "1/8",
-        "starting a real control plane (etcd + kube-apiserver + kube-controller-manager)",
+        1,
+        "starting a real control plane (etcd, kube-apiserver, kube-controller-manager) and a real node (kubelet, kube-scheduler, containerd)",
     );
     let cp = ControlPlane::start().await?;
+    let node = Node::start(&cp).await?;
     let client = cp.client().await?;
     note(&format!(
-        "kubeconfig: {}  (try: KUBECONFIG=… kubectl get agw -A)",
+        "kubeconfig: {}  (try: KUBECONFIG=… kubectl get nodes,pods,agw -A)",
         cp.kubeconfig_path().display()
     ));
+    show(&cp, &["get", "nodes", "-o", "wide"])?;
+    let outcome = run(&cp, &node, &client, &bin_dir, root).await;
+    // The node goes first: its pods are deleted through the kubelet, then the control plane.
+    drop(node);
+    drop(cp);
+    outcome?;
+    println!(
+        "\ndemo finished in {:.1}s; node and control plane stopped and cleaned up",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn run(
+    cp: &ControlPlane,
+    node: &Node,
+    client: &kube::Client,
+    bin_dir: &Path,
+    root: &Path,
+) -> Result<()> {
+    say(
+        2,
+        "building the images (build/Dockerfile, examples/Dockerfile; cached after the first build) and importing them into the node",
+    );
+    let images = images()?;
+    let agent_image = images.reference("nano-agent");
+    for image in [agent_image, images.app.as_str()] {
+        node.import_image(image)?;
+        note(&format!("{image}: in the node's containerd"));
+    }
 
     say(
-        "2/8",
+        3,
         "installing nanogate: CRD, namespace, webhook configurations (by URL), operator",
     );
     let (webhook_port, hub_port, admin_port) = (
@@ -70,17 +121,15 @@ async fn main() -> Result<()> {
         nanogate_e2e::free_port()?,
         nanogate_e2e::free_port()?,
     );
-    nanogate_e2e::install_crd(&cp)?;
+    nanogate_e2e::install_crd(cp)?;
     apply_yaml(cp.kubeconfig_path(), &install_objects(webhook_port))?;
     note(
         "CRD agentgateways.nanogate.io, namespace nanogate-system, MutatingWebhookConfiguration nanogate-injector, ValidatingWebhookConfiguration nanogate-validator",
     );
-    if root.join("charts/nanogate/Chart.yaml").exists() {
-        note(
-            "(the Helm chart installs the same objects in a cluster; here the operator runs as a local process)",
-        );
-    }
-    let mut operator = start_operator(&cp, &bin_dir, webhook_port, hub_port, admin_port)?;
+    note(
+        "(the Helm chart installs the same objects and runs the operator as pods; here it is a local process, which the node's pods reach at the bridge address)",
+    );
+    let mut operator = start_operator(cp, bin_dir, webhook_port, hub_port, admin_port)?;
     wait_for(
         "the operator to patch the webhook caBundle",
         Duration::from_secs(60),
@@ -106,195 +155,209 @@ async fn main() -> Result<()> {
     note("operator ready: it made its CA and serving certificate and patched caBundle itself");
 
     say(
-        "3/8",
-        "starting a local platform receiver (the Tendrl platform HTTP API)",
+        4,
+        "starting a platform receiver (the Tendrl platform HTTP API) where pods reach this machine",
     );
-    let platform = PlatformServer::start_with_key(API_KEY).await?;
+    let platform = PlatformServer::start_on(&format!("{HOST_IP}:0"), API_KEY).await?;
     note(&format!("platform listening at {}", platform.url()));
 
     say(
-        "4/8",
-        "creating the app namespace, the API-key Secret and an AgentGateway",
+        5,
+        "kubectl apply -n demo -f examples/k8s/agentgateway.yaml (platform URL and API key filled in)",
     );
-    apply_yaml(cp.kubeconfig_path(), &gateway_objects(&platform.url()))?;
-    let gateways = nanogate_e2e::agentgateways(&client, NAMESPACE);
-    wait_for("gateway demo Ready", Duration::from_secs(60), || {
+    cp.kubectl(&["create", "namespace", NAMESPACE])?;
+    let gateway_yaml = std::fs::read_to_string(root.join("examples/k8s/agentgateway.yaml"))?
+        .replace("https://platform.example/api", &platform.url())
+        .replace("replace-me", API_KEY);
+    apply_in_namespace(cp, &gateway_yaml)?;
+    let gateways = nanogate_e2e::agentgateways(client, NAMESPACE);
+    wait_for("gateway shop Ready", Duration::from_secs(60), || {
         let gateways = gateways.clone();
-        async move { Ok(condition(&gateways.get("demo").await?, "Ready").filter(|s| s == "True")) }
+        async move { Ok(condition(&gateways.get("shop").await?, "Ready").filter(|s| s == "True")) }
     })
     .await?;
-    note("AgentGateway demo: Ready=True, ConfigMap demo-agent-config written by the operator");
+    note("AgentGateway shop: Ready=True, ConfigMap shop-agent-config written by the operator");
 
     say(
-        "5/8",
-        "creating a Deployment annotated nanogate.io/inject=true",
+        6,
+        "kubectl apply -n demo -f examples/k8s/deployment.yaml (annotated nanogate.io/inject; the app runs as UID 10001, no fsGroup)",
     );
-    apply_yaml(cp.kubeconfig_path(), &deployment())?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let pod = wait_for("the shop pod", Duration::from_secs(60), || {
-        let pods = pods.clone();
-        async move {
-            Ok(pods
-                .list(&ListParams::default().labels("app=shop"))
-                .await?
-                .items
-                .into_iter()
-                .next())
-        }
-    })
-    .await?;
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
-    let injected = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get("nanogate.io/injected"))
-        .cloned();
-    let containers: Vec<String> = pod
-        .spec
-        .iter()
-        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
-        .collect();
-    note(&format!(
-        "pod {pod_name}: containers {containers:?}, nanogate.io/injected={}",
-        injected.as_deref().unwrap_or("-")
-    ));
-    if sidecar_container(&pod).is_none() {
-        bail!(
-            "the pod was not injected; see the operator log {}",
-            operator.log.display()
-        );
-    }
-
-    say(
-        "6/8",
-        "running the pod's injected nano-agent as a local process (standing in for the kubelet)",
-    );
-    let workdir = cp.dir().join("pod-shop");
-    let mut agent = run_sidecar(&client, &pod, &bin_dir.join("nano-agent"), &workdir).await?;
-    note(&format!(
-        "nano-agent pid {}, admin http://{}/metrics, log {}",
-        agent.process.pid(),
-        agent.admin_addr,
-        agent.process.log.display()
-    ));
-    let socket = agent.socket.clone();
-    wait_for("the agent's socket", Duration::from_secs(20), || {
-        let (socket, exited) = (socket.clone(), agent.process.exited());
-        async move {
-            if let Some(status) = exited {
-                bail!("nano-agent exited ({status})");
+    let deployment_yaml = std::fs::read_to_string(root.join("examples/k8s/deployment.yaml"))?;
+    apply_in_namespace(cp, &deployment_yaml)?;
+    let pod_name = wait_for(
+        "the shop-orders pod 2/2 Running and Ready",
+        Duration::from_secs(120),
+        || {
+            let out = cp.kubectl(&[
+                "get", "pods", "-n", NAMESPACE, "-l", "app=shop-orders", "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.status.containerStatuses[*].ready}{\"\\n\"}{end}",
+            ]);
+            let exited = operator.exited();
+            async move {
+                if let Some(status) = exited {
+                    bail!("the operator exited ({status})");
+                }
+                Ok(out?.lines().find_map(|line| {
+                    let mut words = line.split_whitespace();
+                    let name = words.next()?;
+                    let running = words.next() == Some("Running");
+                    let ready: Vec<&str> = words.collect();
+                    (running && ready.len() == 2 && ready.iter().all(|r| *r == "true"))
+                        .then(|| name.to_string())
+                }))
             }
-            Ok(UnixStream::connect(&socket).ok().map(|_| ()))
-        }
-    })
+        },
+    )
     .await
-    .map_err(|e| e.context(agent.process.log_tail(20)))?;
-    note(&format!("socket ready: {}", socket.display()));
+    .map_err(|e| {
+        let pods = cp
+            .kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])
+            .unwrap_or_default();
+        let events = cp
+            .kubectl(&["get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp"])
+            .unwrap_or_default();
+        e.context(format!("pods:\n{pods}\nevents:\n{events}\noperator log:\n{}", operator.log_tail(20)))
+    })?;
+    show(cp, &["get", "pods", "-n", NAMESPACE, "-o", "wide"])?;
+    show(
+        cp,
+        &[
+            "get",
+            "pod",
+            "-n",
+            NAMESPACE,
+            &pod_name,
+            "-o",
+            "jsonpath={.metadata.annotations.nanogate\\.io/injected}",
+        ],
+    )?;
 
     say(
-        "7/8",
-        "apps send messages through the socket (Tendrl protocol)",
+        7,
+        "the app publishes through the socket; the platform receives",
     );
-    for (i, item) in ["espresso", "croissant", "baguette"].iter().enumerate() {
-        let msg = json!({"msg_type": "publish", "data": {"order": i + 1, "item": item}, "context": {"tags": ["orders"]}});
-        send(&socket, &msg, false)?;
-        note(&format!("publish (wait=false) {msg}"));
-    }
-    let reply = send(
-        &socket,
-        &json!({"msg_type": "publish", "data": {"event": "checkout"}, "context": {"wait": true}}),
-        true,
-    )?;
-    note(&format!(
-        "publish (wait=true) -> the platform answered {reply}"
-    ));
-    platform.queue_for_check(json!({"command": "restock", "item": "croissant"}));
-    let reply = send(
-        &socket,
-        &json!({"msg_type": "msg_check", "context": {"limit": 5}}),
-        true,
-    )?;
-    note(&format!("msg_check -> {reply}"));
-    let tags: Vec<String> = (0..11).map(|i| format!("t{i}")).collect();
-    let reply = send(
-        &socket,
-        &json!({"msg_type": "publish", "context": {"tags": tags}}),
-        true,
-    )?;
-    note(&format!("publish with 11 tags -> {reply}"));
-    let received = wait_for(
-        "the platform to receive 4 messages",
-        Duration::from_secs(15),
+    let from_app = wait_for(
+        "the platform to receive 3 messages from the app",
+        Duration::from_secs(60),
         || {
             let got = platform.received();
-            async move { Ok((got.len() >= 4).then_some(got)) }
+            async move {
+                let app: Vec<Value> = got
+                    .into_iter()
+                    .filter(|m| message_data(m)["app"] == "example-app")
+                    .collect();
+                Ok((app.len() >= 3).then_some(app))
+            }
         },
     )
     .await?;
-    note(&format!(
-        "the platform received {} messages:",
-        received.len()
-    ));
-    for message in &received {
-        note(&format!("  {message}"));
+    for message in from_app.iter().take(3) {
+        note(&format!("platform received: {message}"));
     }
-    // An app polling an empty queue (delivery is done, so every platform request now is a
-    // msg_check): the agent asks the platform once, then repeats its empty answer for the
-    // gateway's spec.upstream.msgCheckCache (default 100 ms) instead of asking on every poll.
-    let before = platform.requests();
-    let polls = 5;
-    let mut replies = Vec::new();
-    for _ in 0..polls {
-        replies.push(send(&socket, &json!({"msg_type": "msg_check"}), true)?);
-    }
+    let uid = &message_data(&from_app[0])["uid"];
     note(&format!(
-        "{polls} more msg_checks in a row -> {}; platform requests they caused: {} (the rest answered by the sidecar within spec.upstream.msgCheckCache, 100ms)",
-        replies.join(" "),
-        platform.requests() - before
+        "sent by the app container as uid {uid}, not the sidecar's 65532"
     ));
+    show(
+        cp,
+        &["logs", "-n", NAMESPACE, &pod_name, "-c", "app", "--tail=3"],
+    )?;
+    show(
+        cp,
+        &[
+            "logs",
+            "-n",
+            NAMESPACE,
+            &pod_name,
+            "-c",
+            "nano-agent",
+            "--tail=3",
+        ],
+    )?;
 
     say(
-        "8/8",
+        8,
+        "kubectl exec into the app container: publish with the shell example",
+    );
+    let before = platform.received_count();
+    show(
+        cp,
+        &[
+            "exec",
+            "-n",
+            NAMESPACE,
+            &pod_name,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "/usr/local/bin/nanogate.sh",
+            "publish",
+            r#"{"by":"kubectl exec"}"#,
+        ],
+    )?;
+    let by_hand = wait_for(
+        "the platform to receive the message published by hand",
+        Duration::from_secs(30),
+        || {
+            let got = platform.received();
+            async move {
+                Ok(got
+                    .into_iter()
+                    .skip(before)
+                    .find(|m| message_data(m)["by"] == "kubectl exec"))
+            }
+        },
+    )
+    .await?;
+    note(&format!("platform received: {by_hand}"));
+
+    say(
+        9,
         "fleet health, reported by the sidecar to the operator's hub",
     );
-    let connected = wait_for(
-        "the gateway status to show the sidecar connected",
-        Duration::from_secs(30),
+    wait_for(
+        "the gateway status to show 1/1 sidecars connected",
+        Duration::from_secs(60),
         || {
             let gateways = gateways.clone();
             async move {
-                let gw = gateways.get("demo").await?;
+                let gw = gateways.get("shop").await?;
                 let connected = gw.data["status"]["sidecars"]["connected"]
                     .as_i64()
                     .unwrap_or(0);
-                Ok((connected >= 1).then_some(gw))
+                Ok((connected >= 1).then_some(()))
             }
         },
     )
-    .await;
-    match connected {
-        Ok(gw) => note(&format!(
-            "status.sidecars = {}",
-            gw.data["status"]["sidecars"]
-        )),
-        Err(error) => note(&format!("the sidecar did not show as connected: {error:#}")),
-    }
-    note("$ kubectl get agentgateways -n demo");
-    for line in cp
-        .kubectl(&["get", "agentgateways", "-n", NAMESPACE])?
-        .lines()
-    {
-        note(line);
-    }
+    .await?;
+    show(cp, &["get", "agentgateways", "-n", NAMESPACE])?;
 
-    agent.process.stop();
+    cp.kubectl(&[
+        "delete",
+        "deployment",
+        "-n",
+        NAMESPACE,
+        "shop-orders",
+        "--wait=false",
+    ])?;
     operator.stop();
-    println!(
-        "\ndemo finished in {:.1}s; control plane stopped and cleaned up",
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
+}
+
+/// `kubectl apply -n demo -f -` of `yaml`.
+fn apply_in_namespace(cp: &ControlPlane, yaml: &str) -> Result<()> {
+    let file = cp
+        .dir()
+        .join(format!("demo-{:08x}.yaml", rand::random::<u32>()));
+    std::fs::write(&file, yaml)?;
+    cp.kubectl(&["apply", "-n", NAMESPACE, "-f", &file.display().to_string()])?;
+    Ok(())
+}
+
+/// The app's `data` of a message the platform received.
+fn message_data(message: &Value) -> &Value {
+    &message["data"]
 }
 
 fn condition(gw: &DynamicObject, kind: &str) -> Option<String> {
@@ -318,9 +381,9 @@ fn start_operator(
         format!("--operator-namespace={OPERATOR_NAMESPACE}"),
         format!("--lease-namespace={OPERATOR_NAMESPACE}"),
         format!("--webhook-addr=127.0.0.1:{webhook}"),
-        format!("--hub-addr=127.0.0.1:{hub}"),
-        format!("--hub-advertise=127.0.0.1:{hub}"),
-        "--extra-sans=127.0.0.1".into(),
+        format!("--hub-addr={HOST_IP}:{hub}"),
+        format!("--hub-advertise={HOST_IP}:{hub}"),
+        format!("--extra-sans=127.0.0.1,{HOST_IP}"),
         "--status-interval=2s".into(),
     ];
     let process = Process::spawn_with_env(
@@ -334,24 +397,10 @@ fn start_operator(
         cp.dir(),
     )?;
     note(&format!(
-        "operator: webhook 127.0.0.1:{webhook}, hub 127.0.0.1:{hub}, metrics http://127.0.0.1:{admin}/metrics, log {}",
+        "operator: webhook 127.0.0.1:{webhook}, hub {HOST_IP}:{hub}, metrics http://127.0.0.1:{admin}/metrics, log {}",
         process.log.display()
     ));
     Ok(process)
-}
-
-/// One request on its own connection, as the seed's Python example does; reads one reply when
-/// `expect_reply`.
-fn send(socket: &PathBuf, message: &Value, expect_reply: bool) -> Result<String> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.write_all(message.to_string().as_bytes())?;
-    if !expect_reply {
-        return Ok(String::new());
-    }
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = stream.read(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// What the Helm chart installs besides the operator Deployment, with the webhooks registered
@@ -401,64 +450,6 @@ webhooks:
   sideEffects: None
   timeoutSeconds: 5
   admissionReviewVersions: ["v1"]
-"#
-    )
-}
-
-fn gateway_objects(platform_url: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: {NAMESPACE}
----
-apiVersion: v1
-kind: Secret
-metadata:
-  name: platform-api-key
-  namespace: {NAMESPACE}
-stringData:
-  api-key: {API_KEY}
----
-apiVersion: nanogate.io/v1alpha1
-kind: AgentGateway
-metadata:
-  name: demo
-  namespace: {NAMESPACE}
-spec:
-  upstream:
-    kind: http
-    url: {platform_url}
-    apiKeySecretRef: {{name: platform-api-key, key: api-key}}
-  batching:
-    flushInterval: 250ms
-  heartbeatInterval: 2s
-"#
-    )
-}
-
-fn deployment() -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: shop
-  namespace: {NAMESPACE}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: shop}}
-  template:
-    metadata:
-      labels: {{app: shop}}
-      annotations:
-        nanogate.io/inject: "true"
-        nanogate.io/gateway: demo
-    spec:
-      containers:
-      - name: shop
-        image: python:3.12-slim
-        command: ["python", "-c", "print('writes to $TENDRL_SOCKET_PATH')"]
 "#
     )
 }

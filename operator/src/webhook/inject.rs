@@ -18,6 +18,9 @@
 //!   is configured), `TENDRL_SOCKET_PATH`, `NANOGATE_SPOOL_DIR` (on the shared `emptyDir`),
 //!   `NANOGATE_ADMIN_PORT`, `NANOGATE_LOG_LEVEL`; with a TCP listener in the gateway,
 //!   `NANOGATE_TCP_TOKEN` (from its Secret) and the TLS Secret at `/etc/nanogate/tcp-tls`.
+//! - The socket must accept every app container, whatever its uid and gid: the agent creates it
+//!   with mode 0666 on the pod's own `emptyDir` (the boundary), so the injector adds no
+//!   `fsGroup` or `supplementalGroups` and leaves the pod's `securityContext` alone.
 //! - `/readyz` on the admin port must mean "the app socket accepts connections" (not "the
 //!   upstream is reachable"): in native mode it is also the startup probe that holds the app
 //!   containers, so an upstream outage must not keep pods from starting.
