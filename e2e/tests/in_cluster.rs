@@ -1,7 +1,9 @@
 //! The chart's operator runs **in** the cluster (issue 16), on the real node
 //! (`nanogate_e2e::Node`: kubelet, containerd, kube-proxy, cluster DNS): `helm install` of
 //! `charts/nanogate` with the real Helm engine (`e2e/scripts/helm.py`, as `chart.rs`), default
-//! values but for the operator image (the one the shipping test builds) and a 1 s status interval.
+//! values but for the operator image and a 1 s status interval. The operator and nano-agent
+//! images are `nanogate_e2e::images`' (what the shipping test builds and checks), imported into
+//! the node.
 //!
 //! - both operator pods (2 replicas) run and are Ready; exactly one holds the leader Lease, wears
 //!   the `nanogate.io/hub-leader` label and reports `nanogate_operator_leader 1`;
@@ -35,10 +37,6 @@ use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
 use nanogate_e2e::service_network::{self, CLUSTER_DOMAIN};
 use nanogate_e2e::{ControlPlane, Node, TestNamespace, helm, wait_for, workspace_root};
 
-/// The operator and nano-agent images (what `e2e/tests/shipping.rs` builds from
-/// `build/Dockerfile`, in nanogate's podman store).
-const OPERATOR_IMAGE: &str = "ghcr.io/nanogate/nanogate-operator:0.1.0";
-const AGENT_IMAGE: &str = "ghcr.io/nanogate/nano-agent:0.1.0";
 const RELEASE: &str = "nanogate";
 const OPERATORS: &str = "app.kubernetes.io/instance=nanogate,app.kubernetes.io/component=operator";
 const LEADER_LABEL: &str = "nanogate.io/hub-leader";
@@ -296,8 +294,13 @@ fn secs(since: Instant) -> f64 {
 #[tokio::test]
 async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     let started = Instant::now();
+    // The operator and nano-agent images the shipping test builds and checks.
+    let images = tokio::task::spawn_blocking(nanogate_e2e::images::images).await??;
+    let operator_image = images.reference("nanogate-operator");
+    let agent_image = images.reference("nano-agent");
+    nanogate_e2e::progress!("[in-cluster] images ready in {:.1}s", secs(started));
     let node = Node::shared().await?;
-    for image in [OPERATOR_IMAGE, AGENT_IMAGE, BUSYBOX_IMAGE] {
+    for image in [operator_image, agent_image, BUSYBOX_IMAGE] {
         node.import_image(image)?;
     }
     let cp = ControlPlane::shared().await?;
@@ -312,7 +315,7 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
 
     // helm install: the chart's defaults (2 replicas, leader election, Service-backed webhooks
     // with failurePolicy Ignore, hub behind its Service), with the images in the node.
-    let (repository, tag) = OPERATOR_IMAGE.rsplit_once(':').context("image tag")?;
+    let (repository, tag) = operator_image.rsplit_once(':').context("image tag")?;
     let values = Values::new(&format!(
         "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\nstatusInterval: 1s\n"
     ))?;
@@ -332,7 +335,7 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     ensure!(installed.to_string().contains("deployed"), "{installed}");
     nanogate_e2e::progress!("[in-cluster] helm install in {:.1}s", secs(step));
 
-    let result = in_cluster(cp, &client, ns, apps.name()).await;
+    let result = in_cluster(cp, &client, ns, apps.name(), operator_image, agent_image).await;
     if result.is_err() {
         dump(cp, ns, apps.name());
     }
@@ -399,6 +402,8 @@ async fn in_cluster(
     client: &kube::Client,
     ns: &str,
     apps_ns: &str,
+    operator_image: &str,
+    agent_image: &str,
 ) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
@@ -419,7 +424,7 @@ async fn in_cluster(
             .flatten()
             .map(|c| c.image.clone())
             .collect::<Vec<_>>();
-        ensure!(image == [OPERATOR_IMAGE], "{}: {image:?}", name(pod));
+        ensure!(image == [operator_image], "{}: {image:?}", name(pod));
     }
     let leader = wait_for("exactly one leader", TIMEOUT, || async {
         let operators = pods
@@ -491,7 +496,7 @@ async fn in_cluster(
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
         &format!(
-            "{}  sidecar: {{image: {AGENT_IMAGE}}}\n",
+            "{}  sidecar: {{image: {agent_image}}}\n",
             nanogate_e2e::gateway_yaml(apps_ns, "shop", "  heartbeatInterval: 1s\n")
                 .replace("http://127.0.0.1:9", &format!("http://{HOST_IP}:9"))
         ),
@@ -550,7 +555,7 @@ spec:
         .iter()
         .find(|c| c.name == "nano-agent")
         .context("nano-agent status")?;
-    ensure!(agent.image == AGENT_IMAGE, "{}", agent.image);
+    ensure!(agent.image == agent_image, "{}", agent.image);
     let hub_addr = app
         .spec
         .as_ref()
