@@ -1328,10 +1328,8 @@ pub struct InjectionSettings {
     pub config_hash: String,
     /// Secret and key with the API key (env of the sidecar only).
     pub api_key_secret: SecretKeySelector,
-    /// TLS Secrets the sidecar mounts, if any.
-    pub tls: Option<UpstreamTls>,
-    /// Secret with the NATS credentials file the sidecar mounts (`kind: nats`), if any.
-    pub nats_credentials: Option<SecretKeySelector>,
+    /// Every Secret the gateway references, and how each reaches the sidecar.
+    pub secret_refs: Vec<crate::gateway::refs::SecretRef>,
     /// The optional TCP listener (token and TLS Secrets, port).
     pub tcp_listener: Option<TcpListenerSpec>,
     /// `metadata.generation` of the gateway, if known.
@@ -1365,12 +1363,7 @@ impl AgentGateway {
             config_key: crate::controller::build::CONFIG_KEY,
             config_hash: cfg.hash(),
             api_key_secret: spec.upstream.api_key_secret_ref.clone(),
-            tls: spec.upstream.tls.clone(),
-            nats_credentials: spec
-                .upstream
-                .nats
-                .as_ref()
-                .and_then(|n| n.credentials_secret_ref.clone()),
+            secret_refs: crate::gateway::refs::secret_refs(spec),
             tcp_listener: spec.tcp_listener.clone(),
             generation: self.metadata.generation,
         })

@@ -19,12 +19,10 @@ pub const CONFIG_KEY: &str = "config.json";
 pub const CONFIG_HASH_ANNOTATION: &str = "nanogate.io/config-hash";
 /// Environment variable that carries the API key into the sidecar (seed 000 `TENDRL_KEY`).
 pub const API_KEY_ENV: &str = "TENDRL_KEY";
-/// Where the injector mounts `spec.upstream.tls.caSecretRef` (file name = the Secret key).
-pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
-/// Where the injector mounts `spec.upstream.tls.clientCertSecretRef` (`tls.crt`, `tls.key`).
-pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
-/// Where the injector mounts `spec.upstream.nats.credentialsSecretRef` (file name = the key).
-pub const NATS_CREDENTIALS_DIR: &str = "/etc/nanogate/nats-credentials";
+/// Where the injector mounts the gateway's Secrets (the file paths in the sidecar's file).
+pub use crate::gateway::refs::{
+    NATS_CREDENTIALS_DIR, TCP_TLS_DIR, UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
+};
 /// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
 pub const CONFIG_DIR: &str = "/etc/nanogate/agent";
 
@@ -66,9 +64,6 @@ pub struct TcpConfig {
     pub tls_cert_file: String,
     pub tls_key_file: String,
 }
-
-/// Where the TCP listener's TLS Secret is mounted in the sidecar.
-pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
 
 /// Upstream part of [`SidecarConfig`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
