@@ -118,6 +118,11 @@ pub struct Config {
     /// PEM private key of the client certificate.
     #[arg(long, env = "NANOGATE_UPSTREAM_CLIENT_KEY")]
     pub upstream_client_key: Option<PathBuf>,
+    /// Do not verify the platform's TLS certificate: any certificate for any name is accepted
+    /// (http, socketio and nats). The connection is then encrypted but not authenticated:
+    /// for test platforms only. The agent logs a warning at start while it is on.
+    #[arg(long, env = "NANOGATE_UPSTREAM_INSECURE_SKIP_VERIFY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub upstream_insecure_skip_verify: bool,
     /// Timeout of one upstream HTTP request.
     #[arg(long, env = "NANOGATE_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,

@@ -506,6 +506,7 @@ restart_fields!(
     upstream_ca,
     upstream_client_cert,
     upstream_client_key,
+    upstream_insecure_skip_verify,
     nats_subject,
     nats_stream,
     nats_consumer,
@@ -596,7 +597,10 @@ impl ControlHandler for AgentControl {
             "gateway": self.config.gateway,
             "node": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
             "socket_path": self.config.socket_path,
-            "upstream": {"kind": self.config.upstream_kind.as_str()},
+            "upstream": {
+                "kind": self.config.upstream_kind.as_str(),
+                "insecure_skip_verify": self.config.upstream_insecure_skip_verify,
+            },
             "capabilities": ["reload", "flush", "drain", "status"],
         })
     }

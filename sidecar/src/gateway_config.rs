@@ -80,9 +80,7 @@ pub fn apply(
     if let Some(v) = &u.client_key_file {
         fill!(upstream_client_key = path(v));
     }
-    if u.insecure_skip_verify {
-        return Err("upstream.insecure_skip_verify is not supported; give the upstream's CA in spec.upstream.tls.caSecretRef instead".into());
-    }
+    fill!(upstream_insecure_skip_verify = u.insecure_skip_verify);
     fill!(msg_check_cache = ms(u.msg_check_cache_ms));
     if let Some(v) = &u.socketio_namespace {
         fill!(socketio_namespace = v.clone());
@@ -320,16 +318,22 @@ mod tests {
     }
 
     #[test]
+    fn insecure_skip_verify_turns_verification_off() {
+        let file = MINIMAL.replace(
+            r#""insecure_skip_verify": false"#,
+            r#""insecure_skip_verify": true"#,
+        );
+        assert!(load(&file, &[]).unwrap().upstream_insecure_skip_verify);
+        assert!(!load(MINIMAL, &[]).unwrap().upstream_insecure_skip_verify);
+    }
+
+    #[test]
     fn unsupported_settings_are_refused_with_a_way_out() {
         for (patch, needle) in [
             (r#""kind": "http""#, r#""kind": "carrier-pigeon""#),
             (
                 r#""overflow_policy": "reject""#,
                 r#""overflow_policy": "dropOldest""#,
-            ),
-            (
-                r#""insecure_skip_verify": false"#,
-                r#""insecure_skip_verify": true"#,
             ),
         ] {
             let error = applied(&MINIMAL.replace(patch, needle)).unwrap_err();

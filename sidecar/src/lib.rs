@@ -114,6 +114,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
 
     let upstream =
         Arc::new(AnyUpstream::from_config(&config, metrics.clone(), &health, &spool).await?);
+    if config.upstream_insecure_skip_verify {
+        tracing::warn!(upstream = %config.app_url,
+            "upstream TLS certificates are NOT verified (upstream_insecure_skip_verify, spec.upstream.tls.insecureSkipVerify): anyone on the path to the platform can read and change the messages and the API key; give the platform's CA (spec.upstream.tls.caSecretRef) instead");
+    }
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await

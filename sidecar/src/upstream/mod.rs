@@ -9,6 +9,7 @@
 pub mod http;
 pub mod nats;
 pub mod socketio;
+pub mod tls;
 
 use std::future::Future;
 use std::ops::Range;
