@@ -237,7 +237,13 @@ pub struct UpstreamTls {
     /// certificate (mTLS). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_secret_ref: Option<SecretReference>,
-    /// Skip verification of the upstream's certificate. Default `false`. For tests only.
+    /// Skip verification of the upstream's certificate: the sidecars accept any certificate
+    /// for any name, so the connection is encrypted but anyone on the path can read and change
+    /// the messages and the API key. Default `false`. For test platforms with self-signed
+    /// certificates; give their CA in `caSecretRef` instead where you can. While it is set the
+    /// gateway has the condition `UpstreamTLSVerified=False` (reason `InsecureSkipVerify`), the
+    /// operator records a Warning event `InsecureUpstreamTLS`, and every sidecar logs a warning
+    /// at start.
     #[serde(default)]
     pub insecure_skip_verify: bool,
 }
@@ -670,6 +676,10 @@ pub mod conditions {
     pub const UPSTREAM_REACHABLE: &str = "UpstreamReachable";
     /// All expected sidecars are connected and healthy (written by the hub).
     pub const SIDECARS_HEALTHY: &str = "SidecarsHealthy";
+    /// Sidecars verify the upstream's TLS certificate: `False` (reason `InsecureSkipVerify`)
+    /// while `spec.upstream.tls.insecureSkipVerify` is set. Written only for gateways that
+    /// have skipped verification (`True` once they stop).
+    pub const UPSTREAM_TLS_VERIFIED: &str = "UpstreamTLSVerified";
 }
 
 /// Observed state of an AgentGateway.
@@ -679,7 +689,8 @@ pub struct AgentGatewayStatus {
     /// The `metadata.generation` the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`.
+    /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`, and
+    /// `UpstreamTLSVerified` for gateways that skip certificate verification.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Content hash of the derived sidecar configuration currently applied; injected pods and

@@ -369,6 +369,50 @@ pub fn desired_status(
     st
 }
 
+/// Message of `UpstreamTLSVerified=False` and of the `InsecureUpstreamTLS` event.
+pub const INSECURE_TLS_MESSAGE: &str = "spec.upstream.tls.insecureSkipVerify is true: sidecars accept any certificate from the upstream, so anyone on the path can read and change the messages and the API key; give the upstream's CA in spec.upstream.tls.caSecretRef and set insecureSkipVerify to false";
+
+/// Sets `UpstreamTLSVerified` from the spec: `False` (reason `InsecureSkipVerify`) while the
+/// sidecars skip certificate verification; `True` once they stop; left out for gateways that
+/// never skipped it (their status is unchanged).
+pub fn set_tls_verified(
+    status: &mut AgentGatewayStatus,
+    spec: &AgentGatewaySpec,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let insecure = spec
+        .upstream
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.insecure_skip_verify);
+    let c = &mut status.conditions;
+    if insecure {
+        set_condition(
+            c,
+            conditions::UPSTREAM_TLS_VERIFIED,
+            "False",
+            "InsecureSkipVerify",
+            INSECURE_TLS_MESSAGE,
+            generation,
+            now,
+        );
+    } else if c
+        .iter()
+        .any(|x| x.type_ == conditions::UPSTREAM_TLS_VERIFIED)
+    {
+        set_condition(
+            c,
+            conditions::UPSTREAM_TLS_VERIFIED,
+            "True",
+            "Verified",
+            "Sidecars verify the upstream's certificate",
+            generation,
+            now,
+        );
+    }
+}
+
 /// Which gateway a pod belongs to, from its annotations: `nanogate.io/gateway`, else the
 /// gateway recorded in `nanogate.io/injected` (`{"gateway":"x",…}` JSON, or `x` / `x/<hash>`
 /// / `gateway=x,…`). Pods opted out (`nanogate.io/inject: "false"`) or neither injected nor

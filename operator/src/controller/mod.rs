@@ -290,7 +290,11 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     let census = repair::census(&ctx.client, ns, name).await?;
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
     let desired = |current: Option<&AgentGatewayStatus>| {
-        build::desired_status(current, gw.metadata.generation, &verdict, &census, &now())
+        let now = now();
+        let mut status =
+            build::desired_status(current, gw.metadata.generation, &verdict, &census, &now);
+        build::set_tls_verified(&mut status, &gw.spec, gw.metadata.generation, &now);
+        status
     };
     let mut current = gw.status.clone();
     let mut status = desired(current.as_ref());
@@ -359,6 +363,28 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
             }
             Verdict::Applied { .. } => {}
         }
+    }
+
+    let tls_verified = |s: Option<&AgentGatewayStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == conditions::UPSTREAM_TLS_VERIFIED)
+        })
+        .map(|c| c.status.clone())
+    };
+    if tls_verified(Some(&status)).as_deref() == Some("False")
+        && tls_verified(current.as_ref()).as_deref() != Some("False")
+    {
+        warn!(%ns, %name, "sidecars skip verification of the upstream's certificate");
+        publish(
+            &ctx,
+            &gw,
+            EventType::Warning,
+            "InsecureUpstreamTLS",
+            build::INSECURE_TLS_MESSAGE.into(),
+        )
+        .await;
     }
 
     report_not_injected(&ctx, &gw, ns, current.as_ref(), &census).await;
