@@ -69,7 +69,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         name = "Dropped",
         type_ = "integer",
         json_path = ".status.messages.droppedTotal",
-        description = "Messages rejected or dead-lettered"
+        description = "Messages rejected, dead-lettered or dropped from a full spool"
     ),
     printcolumn(
         name = "Left-Behind",
@@ -390,14 +390,19 @@ impl Default for BatchingSpec {
     }
 }
 
-/// What the sidecar does when its queue and spool are both full.
+/// What the sidecar does when its spool is full.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub enum OverflowPolicy {
-    /// Answer `queue full, try again later` to the sender (default; nothing is lost silently).
+    /// Answer `queue full, try again later` to the sender (default): nothing accepted is
+    /// lost, the application decides what to do.
     #[default]
     Reject,
-    /// Drop the oldest spooled batch (counted as dropped) to accept the new message.
+    /// Keep accepting: drop the oldest undelivered messages to make room for new ones, as a
+    /// telemetry pipeline that prefers fresh data does during a long outage. The batch being
+    /// delivered is never dropped. Dropped messages are counted (sidecar metric
+    /// `nanogate_sidecar_dropped_oldest_total`, `status.messages.droppedOldestTotal` and
+    /// `droppedTotal`) and logged as warnings.
     DropOldest,
 }
 
@@ -422,7 +427,13 @@ pub struct DeliverySpec {
     #[serde(default = "default_retry_max_backoff")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub retry_max_backoff: String,
-    /// What to do when queue and spool are full: `reject` (default) or `dropOldest`.
+    /// What to do when the spool (`spoolSizeLimit`) is full: `reject` (default) answers
+    /// `queue full, try again later` to the sender and loses nothing it accepted;
+    /// `dropOldest` accepts the new message and drops the oldest undelivered ones (never the
+    /// batch being delivered), counted in `status.messages.droppedOldestTotal` and the sidecar
+    /// metric `nanogate_sidecar_dropped_oldest_total`, and logged as warnings. Choose
+    /// `dropOldest` when fresh data matters more than old data (metrics, status), `reject` when
+    /// every message must arrive or be refused to its sender.
     #[serde(default)]
     pub overflow_policy: OverflowPolicy,
 }
@@ -787,8 +798,12 @@ pub struct MessageStats {
     pub received_total: i64,
     /// Messages acknowledged by the upstream.
     pub delivered_total: i64,
-    /// Messages rejected or dead-lettered.
+    /// Messages rejected, dead-lettered, or dropped to make room in a full spool.
     pub dropped_total: i64,
+    /// Of `droppedTotal`, messages dropped undelivered to make room in a full spool
+    /// (`spec.delivery.overflowPolicy: dropOldest`).
+    #[serde(default)]
+    pub dropped_oldest_total: i64,
     /// Messages received per second (recent average).
     pub received_per_second: f64,
     /// Messages delivered per second (recent average).

@@ -20,6 +20,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the agent does when its spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OverflowPolicy {
+    /// Answer "queue full, try again later" to the sender; nothing accepted is dropped.
+    Reject,
+    /// Drop the oldest undelivered messages (never the batch being delivered) to make room.
+    DropOldest,
+}
+
 /// Transport to the platform (ARCHITECTURE §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UpstreamKind {
@@ -257,9 +266,15 @@ pub struct Config {
         default_value = "/var/lib/tendrl/spool"
     )]
     pub spool_dir: PathBuf,
-    /// Most bytes of undelivered messages kept; beyond it senders get "queue full".
+    /// Most bytes of undelivered messages kept; beyond it senders get "queue full" (or the
+    /// oldest are dropped, see overflow_policy).
     #[arg(long, env = "NANOGATE_SPOOL_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes_u64)]
     pub spool_max_bytes: u64,
+    /// When the spool is full: `reject` answers "queue full" to the sender (nothing accepted is
+    /// lost); `drop-oldest` drops the oldest undelivered messages to make room (never the
+    /// batch being delivered), counted in `dropped_oldest_total` and logged as a warning.
+    #[arg(long, env = "NANOGATE_OVERFLOW_POLICY", value_enum, default_value_t = OverflowPolicy::Reject)]
+    pub overflow_policy: OverflowPolicy,
     /// Size at which the spool starts a new segment file.
     #[arg(long, env = "NANOGATE_SPOOL_SEGMENT_BYTES", default_value = "8MiB", value_parser = parse_bytes_u64)]
     pub spool_segment_bytes: u64,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nanogate_protocol::sidecar_config::{self as file, SidecarConfig};
 
-use crate::config::{Config, UpstreamKind};
+use crate::config::{Config, OverflowPolicy, UpstreamKind};
 
 /// Whether a config file's top-level keys are the operator's format (it has a `version`; the
 /// agent's own flat format has no such option).
@@ -121,12 +121,12 @@ pub fn apply(
     fill!(spool_sync_interval = ms(d.sync_interval_ms));
     fill!(backoff_initial = ms(d.retry_initial_backoff_ms));
     fill!(backoff_max = ms(d.retry_max_backoff_ms));
-    if d.overflow_policy != file::OverflowPolicy::Reject {
-        return Err(format!(
-            "delivery.overflow_policy {:?} is not supported by this nano-agent (it never drops accepted messages); use \"reject\"",
-            d.overflow_policy.as_str()
-        ));
-    }
+    fill!(
+        overflow_policy = match d.overflow_policy {
+            file::OverflowPolicy::Reject => OverflowPolicy::Reject,
+            file::OverflowPolicy::DropOldest => OverflowPolicy::DropOldest,
+        }
+    );
 
     let s = &gw.socket;
     fill!(socket_path = PathBuf::from(&s.path));
@@ -328,14 +328,21 @@ mod tests {
     }
 
     #[test]
+    fn drop_oldest_becomes_the_overflow_policy() {
+        let file = MINIMAL.replace(r#""reject""#, r#""dropOldest""#);
+        assert_eq!(
+            load(&file, &[]).unwrap().overflow_policy,
+            OverflowPolicy::DropOldest
+        );
+        assert_eq!(
+            load(MINIMAL, &[]).unwrap().overflow_policy,
+            OverflowPolicy::Reject
+        );
+    }
+
+    #[test]
     fn unsupported_settings_are_refused_with_a_way_out() {
-        for (patch, needle) in [
-            (r#""kind": "http""#, r#""kind": "carrier-pigeon""#),
-            (
-                r#""overflow_policy": "reject""#,
-                r#""overflow_policy": "dropOldest""#,
-            ),
-        ] {
+        for (patch, needle) in [(r#""kind": "http""#, r#""kind": "carrier-pigeon""#)] {
             let error = applied(&MINIMAL.replace(patch, needle)).unwrap_err();
             assert!(error.contains("spec.") || error.contains("use"), "{error}");
         }

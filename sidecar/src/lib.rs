@@ -99,6 +99,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         max_bytes: config.spool_max_bytes,
         segment_bytes: config.spool_segment_bytes,
         sync_interval: config.spool_sync_interval,
+        overflow: match config.overflow_policy {
+            config::OverflowPolicy::Reject => spool::Overflow::Reject,
+            config::OverflowPolicy::DropOldest => spool::Overflow::DropOldest,
+        },
     })
     .with_context(|| {
         format!(
@@ -106,6 +110,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             config.spool_dir.display()
         )
     })?;
+    spool.on_drop(drop_reporter(metrics.clone()));
     let rec = spool.recovery().clone();
     metrics.spool_recovered.inc_by(rec.messages);
     metrics.spool_torn_bytes.inc_by(rec.torn_bytes);
@@ -302,6 +307,41 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     );
     Ok(())
 }
+
+/// What the agent does with every drop of the spool's oldest messages (`overflow_policy
+/// drop-oldest`): counts them (`dropped_oldest_total`, which heartbeats carry to the gateway's
+/// status) and logs a warning — at most one per [`DROP_LOG_INTERVAL`], with the counts since
+/// the previous one, so a spool that stays full does not flood the log.
+fn drop_reporter(metrics: Arc<Metrics>) -> impl Fn(spool::Dropped) + Send + Sync + 'static {
+    // (last warning, messages and bytes dropped since it)
+    let since = std::sync::Mutex::new((None::<std::time::Instant>, 0u64, 0u64));
+    move |dropped| {
+        metrics.dropped_oldest.inc_by(dropped.messages);
+        let mut since = since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.1 += dropped.messages;
+        since.2 += dropped.bytes;
+        let now = std::time::Instant::now();
+        if since
+            .0
+            .is_none_or(|last| now.duration_since(last) >= DROP_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                messages = since.1,
+                bytes = since.2,
+                total = metrics.dropped_oldest.get(),
+                "spool full: dropped the {} oldest undelivered messages ({} bytes) to accept new ones (overflow_policy drop-oldest); the platform is not keeping up or not reachable",
+                since.1,
+                since.2
+            );
+            *since = (Some(now), 0, 0);
+        }
+    }
+}
+
+/// At most one warning about dropped messages this often.
+const DROP_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long the agent waits at shutdown for its `left_behind` notification to reach the hub.
 const LEFT_BEHIND_NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
