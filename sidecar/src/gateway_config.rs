@@ -67,7 +67,7 @@ pub fn apply(
     }
     if u.api_key_env != "TENDRL_KEY" {
         return Err(format!(
-            "upstream.api_key_env {:?}: this nano-agent reads the API key from TENDRL_KEY only",
+            "upstream.api_key_env {:?}: this nano-agent reads the API key from TENDRL_KEY only; use the sidecar image of the operator's release (spec.sidecar.image)",
             u.api_key_env
         ));
     }
@@ -342,7 +342,11 @@ mod tests {
 
     #[test]
     fn unsupported_settings_are_refused_with_a_way_out() {
-        for (patch, needle) in [(r#""kind": "http""#, r#""kind": "carrier-pigeon""#)] {
+        for (patch, needle) in [
+            (r#""kind": "http""#, r#""kind": "carrier-pigeon""#),
+            (r#""max_tags": 10"#, r#""max_tags": 10, "max_tagz": 1"#),
+            (r#""TENDRL_KEY""#, r#""PLATFORM_KEY""#),
+        ] {
             let error = applied(&MINIMAL.replace(patch, needle)).unwrap_err();
             assert!(error.contains("spec.") || error.contains("use"), "{error}");
         }

@@ -114,7 +114,7 @@ fn required_object(schema: &Value, path: &[String]) -> Value {
     let mut obj = serde_json::Map::new();
     for (name, prop) in properties(schema) {
         if is_required(schema, name) {
-            let path = [path, &[name.clone()]].concat();
+            let path = [path, std::slice::from_ref(name)].concat();
             if let Some(v) = sample(prop, &path) {
                 obj.insert(name.clone(), v);
             }
@@ -126,7 +126,7 @@ fn required_object(schema: &Value, path: &[String]) -> Value {
 /// Every variant the schema under `path` offers; `skipped` gets what the walk cannot vary.
 fn walk(schema: &Value, path: &[String], out: &mut Vec<Variant>, skipped: &mut Vec<String>) {
     for (name, prop) in properties(schema) {
-        let path = [path, &[name.clone()]].concat();
+        let path = [path, std::slice::from_ref(name)].concat();
         let mut push = |value: Value, why: Why| {
             out.push(Variant {
                 path: path.clone(),
