@@ -69,7 +69,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         name = "Dropped",
         type_ = "integer",
         json_path = ".status.messages.droppedTotal",
-        description = "Messages rejected or dead-lettered"
+        description = "Messages rejected, dead-lettered or dropped from a full spool"
     ),
     printcolumn(
         name = "Left-Behind",
@@ -237,7 +237,13 @@ pub struct UpstreamTls {
     /// certificate (mTLS). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_secret_ref: Option<SecretReference>,
-    /// Skip verification of the upstream's certificate. Default `false`. For tests only.
+    /// Skip verification of the upstream's certificate: the sidecars accept any certificate
+    /// for any name, so the connection is encrypted but anyone on the path can read and change
+    /// the messages and the API key. Default `false`. For test platforms with self-signed
+    /// certificates; give their CA in `caSecretRef` instead where you can. While it is set the
+    /// gateway has the condition `UpstreamTLSVerified=False` (reason `InsecureSkipVerify`), the
+    /// operator records a Warning event `InsecureUpstreamTLS`, and every sidecar logs a warning
+    /// at start.
     #[serde(default)]
     pub insecure_skip_verify: bool,
 }
@@ -384,14 +390,19 @@ impl Default for BatchingSpec {
     }
 }
 
-/// What the sidecar does when its queue and spool are both full.
+/// What the sidecar does when its spool is full.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub enum OverflowPolicy {
-    /// Answer `queue full, try again later` to the sender (default; nothing is lost silently).
+    /// Answer `queue full, try again later` to the sender (default): nothing accepted is
+    /// lost, the application decides what to do.
     #[default]
     Reject,
-    /// Drop the oldest spooled batch (counted as dropped) to accept the new message.
+    /// Keep accepting: drop the oldest undelivered messages to make room for new ones, as a
+    /// telemetry pipeline that prefers fresh data does during a long outage. The batch being
+    /// delivered is never dropped. Dropped messages are counted (sidecar metric
+    /// `nanogate_sidecar_dropped_oldest_total`, `status.messages.droppedOldestTotal` and
+    /// `droppedTotal`) and logged as warnings.
     DropOldest,
 }
 
@@ -416,7 +427,13 @@ pub struct DeliverySpec {
     #[serde(default = "default_retry_max_backoff")]
     #[schemars(pattern(DURATION_PATTERN))]
     pub retry_max_backoff: String,
-    /// What to do when queue and spool are full: `reject` (default) or `dropOldest`.
+    /// What to do when the spool (`spoolSizeLimit`) is full: `reject` (default) answers
+    /// `queue full, try again later` to the sender and loses nothing it accepted;
+    /// `dropOldest` accepts the new message and drops the oldest undelivered ones (never the
+    /// batch being delivered), counted in `status.messages.droppedOldestTotal` and the sidecar
+    /// metric `nanogate_sidecar_dropped_oldest_total`, and logged as warnings. Choose
+    /// `dropOldest` when fresh data matters more than old data (metrics, status), `reject` when
+    /// every message must arrive or be refused to its sender.
     #[serde(default)]
     pub overflow_policy: OverflowPolicy,
 }
@@ -670,6 +687,10 @@ pub mod conditions {
     pub const UPSTREAM_REACHABLE: &str = "UpstreamReachable";
     /// All expected sidecars are connected and healthy (written by the hub).
     pub const SIDECARS_HEALTHY: &str = "SidecarsHealthy";
+    /// Sidecars verify the upstream's TLS certificate: `False` (reason `InsecureSkipVerify`)
+    /// while `spec.upstream.tls.insecureSkipVerify` is set. Written only for gateways that
+    /// have skipped verification (`True` once they stop).
+    pub const UPSTREAM_TLS_VERIFIED: &str = "UpstreamTLSVerified";
 }
 
 /// Observed state of an AgentGateway.
@@ -679,7 +700,8 @@ pub struct AgentGatewayStatus {
     /// The `metadata.generation` the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`.
+    /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`, and
+    /// `UpstreamTLSVerified` for gateways that skip certificate verification.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Content hash of the derived sidecar configuration currently applied; injected pods and
@@ -776,8 +798,12 @@ pub struct MessageStats {
     pub received_total: i64,
     /// Messages acknowledged by the upstream.
     pub delivered_total: i64,
-    /// Messages rejected or dead-lettered.
+    /// Messages rejected, dead-lettered, or dropped to make room in a full spool.
     pub dropped_total: i64,
+    /// Of `droppedTotal`, messages dropped undelivered to make room in a full spool
+    /// (`spec.delivery.overflowPolicy: dropOldest`).
+    #[serde(default)]
+    pub dropped_oldest_total: i64,
     /// Messages received per second (recent average).
     pub received_per_second: f64,
     /// Messages delivered per second (recent average).
@@ -1328,10 +1354,8 @@ pub struct InjectionSettings {
     pub config_hash: String,
     /// Secret and key with the API key (env of the sidecar only).
     pub api_key_secret: SecretKeySelector,
-    /// TLS Secrets the sidecar mounts, if any.
-    pub tls: Option<UpstreamTls>,
-    /// Secret with the NATS credentials file the sidecar mounts (`kind: nats`), if any.
-    pub nats_credentials: Option<SecretKeySelector>,
+    /// Every Secret the gateway references, and how each reaches the sidecar.
+    pub secret_refs: Vec<crate::gateway::refs::SecretRef>,
     /// The optional TCP listener (token and TLS Secrets, port).
     pub tcp_listener: Option<TcpListenerSpec>,
     /// `metadata.generation` of the gateway, if known.
@@ -1365,12 +1389,7 @@ impl AgentGateway {
             config_key: crate::controller::build::CONFIG_KEY,
             config_hash: cfg.hash(),
             api_key_secret: spec.upstream.api_key_secret_ref.clone(),
-            tls: spec.upstream.tls.clone(),
-            nats_credentials: spec
-                .upstream
-                .nats
-                .as_ref()
-                .and_then(|n| n.credentials_secret_ref.clone()),
+            secret_refs: crate::gateway::refs::secret_refs(spec),
             tcp_listener: spec.tcp_listener.clone(),
             generation: self.metadata.generation,
         })

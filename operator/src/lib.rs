@@ -2,6 +2,7 @@
 //!
 //! - [`crd`]: the `AgentGateway` resource, defaults, [`crd::validate`] and the injector's view
 //!   ([`crd::AgentGateway::injection_settings`]).
+//! - [`gateway`]: rules of a gateway shared by reconciler and injector (its Secret references).
 //! - [`controller`]: the reconciler (dereference → validate → build → apply → status).
 //! - [`leader`]: Lease-based leader election; only the leader runs the controller.
 //! - [`admin`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
@@ -10,6 +11,7 @@ pub mod admin;
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod gateway;
 pub mod hub;
 pub mod leader;
 pub mod metrics;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::certs::{self, CertConfig};
 use crate::crd::{AgentGateway, InjectionSettings, LogLevel, NativeSidecar};
+use crate::gateway::refs::SidecarUse;
 use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
 use crate::webhook::inject::{
     HubCaSource, InjectionConfig, InjectorSettings, KeyRef, NativeSidecarMode, SecretMount,
@@ -122,41 +123,20 @@ pub fn injection_config(
     native_supported: bool,
 ) -> InjectionConfig {
     let resources = SidecarResources::from_requirements(&settings.resources);
-    let mut secret_mounts = Vec::new();
-    if let Some(tls) = &settings.tls {
-        if let Some(ca) = &tls.ca_secret_ref {
-            secret_mounts.push(SecretMount {
-                volume_name: "nanogate-upstream-ca".into(),
-                secret_name: ca.name.clone(),
-                mount_path: "/etc/nanogate/upstream-ca".into(),
+    // The gateway's Secrets the sidecar reads as files (the others come as environment).
+    let secret_mounts = settings
+        .secret_refs
+        .iter()
+        .filter_map(|r| match r.sidecar {
+            SidecarUse::Mount { volume, dir } => Some(SecretMount {
+                volume_name: volume.into(),
+                secret_name: r.name.clone(),
+                mount_path: dir.into(),
                 items: Vec::new(),
-            });
-        }
-        if let Some(client) = &tls.client_cert_secret_ref {
-            secret_mounts.push(SecretMount {
-                volume_name: "nanogate-upstream-client".into(),
-                secret_name: client.name.clone(),
-                mount_path: "/etc/nanogate/upstream-client".into(),
-                items: Vec::new(),
-            });
-        }
-    }
-    if let Some(creds) = &settings.nats_credentials {
-        secret_mounts.push(SecretMount {
-            volume_name: "nanogate-nats-credentials".into(),
-            secret_name: creds.name.clone(),
-            mount_path: crate::controller::build::NATS_CREDENTIALS_DIR.into(),
-            items: Vec::new(),
-        });
-    }
-    if let Some(tcp) = &settings.tcp_listener {
-        secret_mounts.push(SecretMount {
-            volume_name: "nanogate-tcp-tls".into(),
-            secret_name: tcp.tls_secret_ref.name.clone(),
-            mount_path: crate::controller::build::TCP_TLS_DIR.into(),
-            items: Vec::new(),
-        });
-    }
+            }),
+            SidecarUse::Env(_) => None,
+        })
+        .collect();
     let mut cfg = InjectionConfig::with_defaults(
         &settings.gateway,
         &settings.image,

@@ -460,3 +460,42 @@ fn injection_settings_resolve_defaults() {
     assert_eq!(s.resources.limits.unwrap()["memory"].0, "64Mi");
     assert!(fixture("invalid.yaml").injection_settings().is_err());
 }
+
+#[test]
+fn skipping_tls_verification_is_a_warning_condition_until_turned_off() {
+    let applied = Verdict::Applied {
+        config_map: "demo-agent-config".into(),
+        hash: "h1".into(),
+    };
+    let mut gw = fixture("minimal.yaml");
+    let mut st = desired_status(None, Some(1), &applied, &pods(0), &t(10));
+    build::set_tls_verified(&mut st, &gw.spec, Some(1), &t(10));
+    let cond =
+        |s: &AgentGatewayStatus, ty: &str| s.conditions.iter().find(|c| c.type_ == ty).cloned();
+    assert_eq!(
+        cond(&st, "UpstreamTLSVerified"),
+        None,
+        "absent while verifying"
+    );
+
+    gw.spec.upstream.tls = Some(serde_json::from_str(r#"{"insecureSkipVerify": true}"#).unwrap());
+    assert!(validate(&gw.spec).is_ok());
+    build::set_tls_verified(&mut st, &gw.spec, Some(2), &t(20));
+    let c = cond(&st, "UpstreamTLSVerified").unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "InsecureSkipVerify")
+    );
+    assert!(c.message.contains("caSecretRef"), "{}", c.message);
+    assert_eq!(
+        cond(&st, "Ready").unwrap().status,
+        "True",
+        "the gateway still works"
+    );
+
+    gw.spec.upstream.tls = None;
+    build::set_tls_verified(&mut st, &gw.spec, Some(3), &t(30));
+    let c = cond(&st, "UpstreamTLSVerified").unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Verified"));
+    assert_eq!(c.last_transition_time, t(30));
+}

@@ -475,3 +475,34 @@ async fn stale_cache_does_not_cause_a_second_status_write() {
     .unwrap();
     assert_eq!(ctx.metrics.writes_total(), 0);
 }
+
+#[tokio::test]
+async fn skipping_tls_verification_is_a_warning_condition_and_event() {
+    let (ctx, mut api) = mock_context();
+    let mut gw = fixture("minimal.yaml");
+    gw.spec.upstream.tls =
+        Some(serde_json::from_value(json!({"insecureSkipVerify": true})).unwrap());
+    let action = run(gw, ctx.clone(), async {
+        api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
+            .await;
+        api.get_config_map(None).await;
+        let cm = api.apply_config_map().await;
+        let file = cm["data"]["config.json"].as_str().unwrap();
+        assert!(file.contains("\"insecure_skip_verify\": true"), "{file}");
+        api.create_event("Created").await;
+        api.list_pods(json!([])).await;
+        api.get_status("demo", None).await;
+        let patch = api.patch_status("demo").await;
+        let st = &patch["status"];
+        assert_eq!(condition(st, "Ready")["status"], "True");
+        let tls = condition(st, "UpstreamTLSVerified");
+        assert_eq!(tls["status"], "False");
+        assert_eq!(tls["reason"], "InsecureSkipVerify");
+        let ev = api.create_event("InsecureUpstreamTLS").await;
+        assert_eq!(ev["type"], "Warning");
+        assert!(ev["note"].as_str().unwrap().contains("caSecretRef"), "{ev}");
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}

@@ -357,6 +357,10 @@ pub struct Heartbeat {
     pub delivered_total: u64,
     pub rejected_total: u64,
     pub dead_lettered_total: u64,
+    /// Messages dropped undelivered to make room in a full spool (`overflowPolicy:
+    /// dropOldest`). Absent from agents that never drop.
+    #[serde(default)]
+    pub dropped_oldest_total: u64,
     pub upstream: UpstreamHealth,
     /// Generation of the gateway config the agent runs (for "N of M on the current config").
     #[serde(default)]
@@ -519,6 +523,7 @@ mod tests {
             delivered_total: 10,
             rejected_total: 0,
             dead_lettered_total: 0,
+            dropped_oldest_total: 0,
             upstream: UpstreamHealth {
                 state: "closed".into(),
                 last_error: None,

@@ -1,4 +1,6 @@
-//! Wire types and codecs shared by `nano-agent` and `nanogate-operator`.
+//! Wire types and codecs shared by `nano-agent` and `nanogate-operator`: the app socket
+//! ([`app`]), the TCP listener's frames ([`tcp`]), the control channel ([`control`]), command
+//! contracts ([`contract`]) and the sidecar's configuration file ([`sidecar_config`]).
 //!
 //! Nothing in this crate performs I/O: it turns bytes into typed messages and back, and
 //! validates them, so both binaries (and the fuzz targets) agree on one definition.
@@ -14,6 +16,7 @@ pub mod control;
 
 pub mod app;
 pub mod contract;
+pub mod sidecar_config;
 pub mod tcp;
 
 /// Helpers of the codecs' property tests.

@@ -20,6 +20,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the agent does when its spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OverflowPolicy {
+    /// Answer "queue full, try again later" to the sender; nothing accepted is dropped.
+    Reject,
+    /// Drop the oldest undelivered messages (never the batch being delivered) to make room.
+    DropOldest,
+}
+
 /// Transport to the platform (ARCHITECTURE §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UpstreamKind {
@@ -52,7 +61,8 @@ impl UpstreamKind {
 #[command(name = "nano-agent", version, about, long_about = None)]
 pub struct Config {
     /// Config file (YAML or JSON): the agent's own option names, or the per-gateway file the
-    /// operator writes (ConfigMap `<gateway>-agent-config`, `version: 1`).
+    /// operator writes (ConfigMap `<gateway>-agent-config`, key `config.json`, with a
+    /// `version`; see nanogate_protocol::sidecar_config).
     #[arg(long, env = "NANOGATE_CONFIG_FILE")]
     pub config: Option<PathBuf>,
 
@@ -117,6 +127,11 @@ pub struct Config {
     /// PEM private key of the client certificate.
     #[arg(long, env = "NANOGATE_UPSTREAM_CLIENT_KEY")]
     pub upstream_client_key: Option<PathBuf>,
+    /// Do not verify the platform's TLS certificate: any certificate for any name is accepted
+    /// (http, socketio and nats). The connection is then encrypted but not authenticated:
+    /// for test platforms only. The agent logs a warning at start while it is on.
+    #[arg(long, env = "NANOGATE_UPSTREAM_INSECURE_SKIP_VERIFY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub upstream_insecure_skip_verify: bool,
     /// Timeout of one upstream HTTP request.
     #[arg(long, env = "NANOGATE_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
@@ -251,9 +266,15 @@ pub struct Config {
         default_value = "/var/lib/tendrl/spool"
     )]
     pub spool_dir: PathBuf,
-    /// Most bytes of undelivered messages kept; beyond it senders get "queue full".
+    /// Most bytes of undelivered messages kept; beyond it senders get "queue full" (or the
+    /// oldest are dropped, see overflow_policy).
     #[arg(long, env = "NANOGATE_SPOOL_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes_u64)]
     pub spool_max_bytes: u64,
+    /// When the spool is full: `reject` answers "queue full" to the sender (nothing accepted is
+    /// lost); `drop-oldest` drops the oldest undelivered messages to make room (never the
+    /// batch being delivered), counted in `dropped_oldest_total` and logged as a warning.
+    #[arg(long, env = "NANOGATE_OVERFLOW_POLICY", value_enum, default_value_t = OverflowPolicy::Reject)]
+    pub overflow_policy: OverflowPolicy,
     /// Size at which the spool starts a new segment file.
     #[arg(long, env = "NANOGATE_SPOOL_SEGMENT_BYTES", default_value = "8MiB", value_parser = parse_bytes_u64)]
     pub spool_segment_bytes: u64,
@@ -387,9 +408,8 @@ impl Config {
             .map_err(exit_on_help)?;
         let first = Config::from_arg_matches(&matches)?;
 
-        // The file only fills options that came from neither a flag nor the environment:
-        // append them as flags and parse again, so file values go through the very same
-        // parsers and error messages as flags.
+        // The file only fills options that came from neither a flag nor the environment: the
+        // agent's own format as flags parsed again, the operator's typed file applied.
         let mut extra: Vec<OsString> = Vec::new();
         let mut config_generation = 0;
         let file = match (file_text, &first.config) {
@@ -401,8 +421,9 @@ impl Config {
             )),
             (None, None) => None,
         };
+        let mut gateway_file = None;
         if let Some((text, path)) = &file {
-            let mut map: serde_yaml::Mapping = if text.trim().is_empty() {
+            let map: serde_yaml::Mapping = if text.trim().is_empty() {
                 serde_yaml::Mapping::new()
             } else {
                 serde_yaml::from_str(text).map_err(|e| {
@@ -412,40 +433,14 @@ impl Config {
                     )
                 })?
             };
-            if crate::gateway_config::is_gateway_config(&map) {
-                map = crate::gateway_config::flatten(&map)
-                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-            }
             config_generation = i64::from(crc32fast::hash(text.as_bytes()));
-            let cmd = Config::command();
-            for (key, value) in map {
-                let key = key.as_str().ok_or_else(|| {
-                    anyhow::anyhow!("config file {}: keys must be strings", path.display())
-                })?;
-                let id = key.replace('-', "_");
-                if id == "config" || !cmd.get_arguments().any(|a| a.get_id().as_str() == id) {
-                    anyhow::bail!(
-                        "config file {}: unknown field `{key}` (see --help for the option names)",
-                        path.display()
-                    );
-                }
-                let value = match value {
-                    serde_yaml::Value::String(s) => s,
-                    serde_yaml::Value::Number(n) => n.to_string(),
-                    serde_yaml::Value::Bool(b) => b.to_string(),
-                    _ => anyhow::bail!(
-                        "config file {}: field `{key}` must be a string, number or boolean",
-                        path.display()
-                    ),
-                };
-                let from_default = matches!(
-                    matches.value_source(&id),
-                    Some(ValueSource::DefaultValue) | None
-                );
-                let socket_env = id == "socket_path" && std::env::var_os("TENDRL_SOCKET").is_some();
-                if from_default && !socket_env {
-                    extra.push(format!("--{}={value}", id.replace('_', "-")).into());
-                }
+            if crate::gateway_config::is_gateway_config(&map) {
+                // The operator's file: read typed, applied below.
+                let gw = crate::gateway_config::read(text)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+                gateway_file = Some((gw, path));
+            } else {
+                extra = flat_file_flags(map, path, &matches)?;
             }
         }
         let mut config = if extra.is_empty() {
@@ -461,6 +456,17 @@ impl Config {
             })?;
             Config::from_arg_matches(&m)?
         };
+        if let Some((gw, path)) = gateway_file {
+            let socket_env = std::env::var_os("TENDRL_SOCKET").is_some();
+            crate::gateway_config::apply(&gw, &mut config, |id| {
+                let given = matches!(
+                    matches.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
+                given || (id == "socket_path" && socket_env)
+            })
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        }
         // `TENDRL_SOCKET` is the older name; `TENDRL_SOCKET_PATH` and the flag win over it.
         if matches!(
             matches.value_source("socket_path"),
@@ -647,6 +653,48 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.spool_dir.join("dead-letter.jsonl"))
     }
+}
+
+/// The agent's own config file (option names as keys) as flags for the options that came from
+/// neither a flag nor the environment: parsed again with them, file values go through the very
+/// same parsers and error messages as flags.
+fn flat_file_flags(
+    map: serde_yaml::Mapping,
+    path: &std::path::Path,
+    matches: &clap::ArgMatches,
+) -> anyhow::Result<Vec<OsString>> {
+    let mut extra = Vec::new();
+    let cmd = Config::command();
+    for (key, value) in map {
+        let key = key.as_str().ok_or_else(|| {
+            anyhow::anyhow!("config file {}: keys must be strings", path.display())
+        })?;
+        let id = key.replace('-', "_");
+        if id == "config" || !cmd.get_arguments().any(|a| a.get_id().as_str() == id) {
+            anyhow::bail!(
+                "config file {}: unknown field `{key}` (see --help for the option names)",
+                path.display()
+            );
+        }
+        let value = match value {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            _ => anyhow::bail!(
+                "config file {}: field `{key}` must be a string, number or boolean",
+                path.display()
+            ),
+        };
+        let from_default = matches!(
+            matches.value_source(&id),
+            Some(ValueSource::DefaultValue) | None
+        );
+        let socket_env = id == "socket_path" && std::env::var_os("TENDRL_SOCKET").is_some();
+        if from_default && !socket_env {
+            extra.push(format!("--{}={value}", id.replace('_', "-")).into());
+        }
+    }
+    Ok(extra)
 }
 
 /// `--help` and `--version` are not errors: print and exit 0.

@@ -506,6 +506,7 @@ restart_fields!(
     upstream_ca,
     upstream_client_cert,
     upstream_client_key,
+    upstream_insecure_skip_verify,
     nats_subject,
     nats_stream,
     nats_consumer,
@@ -521,6 +522,7 @@ restart_fields!(
     msg_check_cache,
     spool_max_bytes,
     spool_sync_interval,
+    overflow_policy,
     backoff_initial,
     backoff_max,
     heartbeat_interval,
@@ -579,6 +581,7 @@ impl ControlHandler for AgentControl {
             delivered_total: self.metrics.delivered.get(),
             rejected_total: rejected,
             dead_lettered_total: self.metrics.dead_lettered.get(),
+            dropped_oldest_total: self.metrics.dropped_oldest.get(),
             upstream: nanogate_protocol::control::UpstreamHealth {
                 state: upstream["state"].as_str().unwrap_or("closed").to_string(),
                 last_error: upstream["last_error"].as_str().map(str::to_string),
@@ -596,7 +599,10 @@ impl ControlHandler for AgentControl {
             "gateway": self.config.gateway,
             "node": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
             "socket_path": self.config.socket_path,
-            "upstream": {"kind": self.config.upstream_kind.as_str()},
+            "upstream": {
+                "kind": self.config.upstream_kind.as_str(),
+                "insecure_skip_verify": self.config.upstream_insecure_skip_verify,
+            },
             "capabilities": ["reload", "flush", "drain", "status"],
         })
     }
@@ -657,6 +663,7 @@ mod tests {
                 delivered_total: 7,
                 rejected_total: 0,
                 dead_lettered_total: 0,
+                dropped_oldest_total: 0,
                 upstream: UpstreamHealth {
                     state: "closed".into(),
                     last_error: None,

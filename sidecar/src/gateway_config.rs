@@ -1,205 +1,155 @@
-//! The operator's per-gateway configuration file (ConfigMap `<gateway>-agent-config`, key
-//! `config.json`, `version: 1`): nested sections with integer milliseconds and bytes. The agent
-//! reads it through the same path as its own flat config file by translating it into the
-//! agent's option names first, so every value goes through the same parsers and error
-//! messages as a flag would.
+//! The operator's per-gateway file (ConfigMap `<gateway>-agent-config`, key `config.json`):
+//! [`SidecarConfig`] from `nanogate-protocol`, the type the operator writes it with. The agent
+//! reads it typed ([`read`]) and builds its [`Config`] from it ([`apply`]): each setting fills
+//! the agent option it stands for, unless a flag or the environment set that option — the
+//! same precedence as the agent's own config file.
 
-use serde_yaml::{Mapping, Value};
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Whether `map` is the operator's format rather than the agent's flat one.
-pub fn is_gateway_config(map: &Mapping) -> bool {
-    map.contains_key("version") && map.contains_key("batching")
+use nanogate_protocol::sidecar_config::{self as file, SidecarConfig};
+
+use crate::config::{Config, OverflowPolicy, UpstreamKind};
+
+/// Whether a config file's top-level keys are the operator's format (it has a `version`; the
+/// agent's own flat format has no such option).
+pub fn is_gateway_config(keys: &serde_yaml::Mapping) -> bool {
+    keys.contains_key("version")
 }
 
-/// Translates a `version: 1` gateway config into agent options (`option name → value`).
-/// Errors name the field and say what to do.
-pub fn flatten(map: &Mapping) -> Result<Mapping, String> {
-    let version = map.get("version").and_then(Value::as_u64);
-    if version != Some(1) {
+/// Reads the operator's file from its text: JSON as the operator writes it (errors with line
+/// and column), or the same content as YAML.
+pub fn read(text: &str) -> Result<SidecarConfig, file::ReadError> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(_) => SidecarConfig::from_json(text),
+        Err(json_error) => match serde_yaml::from_str::<serde_json::Value>(text) {
+            Ok(value) => SidecarConfig::from_value(value),
+            Err(_) => Err(json_error.into()),
+        },
+    }
+}
+
+/// Applies `gw` to `config`: every setting of the file fills its agent option, except those
+/// for which `set_elsewhere(option)` holds (a flag or environment variable gave them). Returns
+/// the options the file sets (for the reload rules: each is live or needs a restart). Errors
+/// name the file's field and say what to do.
+pub fn apply(
+    gw: &SidecarConfig,
+    config: &mut Config,
+    set_elsewhere: impl Fn(&str) -> bool,
+) -> Result<Vec<&'static str>, String> {
+    let mut applied = Vec::new();
+    // `fill!(option = value)`: the file's value for the agent's `option`.
+    macro_rules! fill {
+        ($option:ident = $value:expr) => {{
+            let value = $value;
+            if !set_elsewhere(stringify!($option)) {
+                config.$option = value;
+            }
+            applied.push(stringify!($option));
+        }};
+    }
+    let path = |p: &String| Some(PathBuf::from(p));
+    let ms = Duration::from_millis;
+
+    let u = &gw.upstream;
+    let kind = match u.kind {
+        file::UpstreamKind::Http => UpstreamKind::Http,
+        file::UpstreamKind::Socketio => UpstreamKind::Socketio,
+        file::UpstreamKind::Nats => UpstreamKind::Nats,
+    };
+    fill!(upstream_kind = kind);
+    fill!(app_url = u.url.clone());
+    fill!(upstream_timeout = ms(u.timeout_ms));
+    if kind == UpstreamKind::Socketio {
+        // For socketio the request timeout is the wait for a batch's acknowledgement.
+        fill!(socketio_ack_timeout = ms(u.timeout_ms));
+    }
+    if u.api_key_env != "TENDRL_KEY" {
         return Err(format!(
-            "gateway config version {:?} is not supported by nano-agent {}; upgrade the sidecar image",
-            map.get("version"),
-            env!("CARGO_PKG_VERSION")
+            "upstream.api_key_env {:?}: this nano-agent reads the API key from TENDRL_KEY only; use the sidecar image of the operator's release (spec.sidecar.image)",
+            u.api_key_env
         ));
     }
-    let mut out = Mapping::new();
-    let section = |name: &str| {
-        map.get(name)
-            .and_then(Value::as_mapping)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let mut put = |key: &str, value: String| {
-        out.insert(Value::from(key), Value::from(value));
-    };
-
-    let upstream = section("upstream");
-    match upstream.get("kind").and_then(Value::as_str) {
-        None => {}
-        Some(kind @ ("http" | "nats" | "socketio")) => put("upstream_kind", kind.to_string()),
-        Some(other) => {
-            return Err(format!(
-                "upstream.kind {other:?} is not supported by this nano-agent (http, nats or socketio); set spec.upstream.kind to one of them"
-            ));
-        }
+    if let Some(v) = &u.ca_file {
+        fill!(upstream_ca = path(v));
     }
-    if upstream
-        .get("insecure_skip_verify")
-        .and_then(Value::as_bool)
-        == Some(true)
-    {
-        return Err("upstream.insecure_skip_verify is not supported; give the upstream's CA in spec.upstream.tls.caSecretRef instead".into());
+    if let Some(v) = &u.client_cert_file {
+        fill!(upstream_client_cert = path(v));
     }
-    let text = |section: &Mapping, field: &str| {
-        section
-            .get(field)
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    };
-    let number = |section: &Mapping, field: &str| section.get(field).map(number_text).transpose();
-    let millis = |section: &Mapping, field: &str| -> Result<Option<String>, String> {
-        Ok(number(section, field)?.map(|ms| format!("{ms}ms")))
-    };
-
-    if let Some(url) = text(&upstream, "url") {
-        put("app_url", url);
+    if let Some(v) = &u.client_key_file {
+        fill!(upstream_client_key = path(v));
     }
-    for (from, to) in [
-        ("nats_subject", "nats_subject"),
-        ("nats_stream", "nats_stream"),
-        ("nats_durable_consumer", "nats_consumer"),
-        ("nats_inbox_subject", "nats_inbox_subject"),
-        ("nats_creds_file", "nats_creds_file"),
-    ] {
-        if let Some(v) = text(&upstream, from) {
-            put(to, v);
-        }
+    fill!(upstream_insecure_skip_verify = u.insecure_skip_verify);
+    fill!(msg_check_cache = ms(u.msg_check_cache_ms));
+    if let Some(v) = &u.socketio_namespace {
+        fill!(socketio_namespace = v.clone());
     }
-    if let Some(v) = millis(&upstream, "timeout_ms")? {
-        put("upstream_timeout", v.clone());
-        // For socketio the request timeout is the wait for a batch's acknowledgement.
-        if upstream.get("kind").and_then(Value::as_str) == Some("socketio") {
-            put("socketio_ack_timeout", v);
-        }
+    if let Some(v) = u.socketio_heartbeat_interval_ms {
+        fill!(socketio_heartbeat_interval = ms(v));
     }
-    if let Some(v) = text(&upstream, "socketio_namespace") {
-        put("socketio_namespace", v);
+    if let Some(v) = &u.nats_subject {
+        fill!(nats_subject = v.clone());
     }
-    for (from, to) in [
-        ("msg_check_cache_ms", "msg_check_cache"),
-        (
-            "socketio_heartbeat_interval_ms",
-            "socketio_heartbeat_interval",
-        ),
-    ] {
-        if let Some(v) = millis(&upstream, from)? {
-            put(to, v);
-        }
+    if let Some(v) = &u.nats_stream {
+        fill!(nats_stream = v.clone());
     }
-    for (from, to) in [
-        ("ca_file", "upstream_ca"),
-        ("client_cert_file", "upstream_client_cert"),
-        ("client_key_file", "upstream_client_key"),
-    ] {
-        if let Some(v) = text(&upstream, from) {
-            put(to, v);
-        }
+    if let Some(v) = &u.nats_durable_consumer {
+        fill!(nats_consumer = v.clone());
+    }
+    if let Some(v) = &u.nats_inbox_subject {
+        fill!(nats_inbox_subject = v.clone());
+    }
+    if let Some(v) = &u.nats_creds_file {
+        fill!(nats_creds_file = path(v));
     }
 
-    let batching = section("batching");
-    for (from, to) in [
-        ("flush_interval_ms", "flush_interval"),
-        ("min_batch_interval_ms", "min_batch_interval"),
-        ("max_batch_interval_ms", "max_batch_interval"),
-    ] {
-        if let Some(v) = millis(&batching, from)? {
-            put(to, v);
-        }
-    }
-    for field in [
-        "batch_size",
-        "min_batch_size",
-        "max_batch_size",
-        "scale_factor",
-        "max_queue_size",
-        "target_cpu_percent",
-        "target_mem_percent",
-    ] {
-        if let Some(v) = number(&batching, field)? {
-            put(field, v);
-        }
-    }
+    let b = &gw.batching;
+    fill!(flush_interval = ms(b.flush_interval_ms));
+    fill!(batch_size = b.batch_size as usize);
+    fill!(min_batch_size = b.min_batch_size as usize);
+    fill!(max_batch_size = b.max_batch_size as usize);
+    fill!(scale_factor = b.scale_factor);
+    fill!(max_queue_size = b.max_queue_size as usize);
+    fill!(target_cpu_percent = b.target_cpu_percent);
+    fill!(target_mem_percent = b.target_mem_percent);
+    fill!(min_batch_interval = ms(b.min_batch_interval_ms));
+    fill!(max_batch_interval = ms(b.max_batch_interval_ms));
 
-    let delivery = section("delivery");
-    if let Some(v) = number(&delivery, "spool_size_limit_bytes")? {
-        put("spool_max_bytes", v);
-    }
-    for (from, to) in [
-        ("sync_interval_ms", "spool_sync_interval"),
-        ("retry_initial_backoff_ms", "backoff_initial"),
-        ("retry_max_backoff_ms", "backoff_max"),
-    ] {
-        if let Some(v) = millis(&delivery, from)? {
-            put(to, v);
+    let d = &gw.delivery;
+    fill!(spool_max_bytes = d.spool_size_limit_bytes);
+    fill!(spool_sync_interval = ms(d.sync_interval_ms));
+    fill!(backoff_initial = ms(d.retry_initial_backoff_ms));
+    fill!(backoff_max = ms(d.retry_max_backoff_ms));
+    fill!(
+        overflow_policy = match d.overflow_policy {
+            file::OverflowPolicy::Reject => OverflowPolicy::Reject,
+            file::OverflowPolicy::DropOldest => OverflowPolicy::DropOldest,
         }
-    }
-    match delivery.get("overflow_policy").and_then(Value::as_str) {
-        None | Some("reject") => {}
-        Some(other) => {
-            return Err(format!(
-                "delivery.overflow_policy {other:?} is not supported by this nano-agent (it never drops accepted messages); use \"reject\""
-            ));
-        }
-    }
+    );
 
-    let socket = section("socket");
-    if let Some(v) = text(&socket, "path") {
-        put("socket_path", v);
-    }
-    if let Some(v) = number(&socket, "max_message_size")? {
-        put("max_message_bytes", v);
-    }
-    if let Some(v) = number(&socket, "max_tags")? {
-        put("max_tags", v);
-    }
-    if let Some(v) = map
-        .get("heartbeat_interval_ms")
-        .map(number_text)
-        .transpose()?
-    {
-        put("heartbeat_interval", format!("{v}ms"));
-    }
-    if let Some(v) = map.get("log_level").and_then(Value::as_str) {
-        put("log_level", v.to_string());
-    }
+    let s = &gw.socket;
+    fill!(socket_path = PathBuf::from(&s.path));
+    fill!(max_message_bytes = s.max_message_size as usize);
+    fill!(max_tags = s.max_tags as usize);
+    fill!(heartbeat_interval = ms(gw.heartbeat_interval_ms));
+    fill!(log_level = gw.log_level.as_str().to_string());
 
     // The TCP listener (absent: off). Its token comes from NANOGATE_TCP_TOKEN, not the file.
-    let tcp = section("tcp");
-    for (from, to) in [
-        ("listen", "tcp_listen"),
-        ("tls_cert_file", "tcp_tls_cert"),
-        ("tls_key_file", "tcp_tls_key"),
-    ] {
-        if let Some(v) = text(&tcp, from) {
-            put(to, v);
-        }
+    if let Some(t) = &gw.tcp {
+        let listen = t.listen.parse().map_err(|e| {
+            format!(
+                "tcp.listen {:?} is not an address:port (e.g. 0.0.0.0:7070): {e}",
+                t.listen
+            )
+        })?;
+        fill!(tcp_listen = Some(listen));
+        fill!(tcp_tls_cert = path(&t.tls_cert_file));
+        fill!(tcp_tls_key = path(&t.tls_key_file));
+        fill!(tcp_keepalive_interval = ms(t.keepalive_interval_ms));
+        fill!(tcp_keepalive_timeout = ms(t.keepalive_timeout_ms));
     }
-    for (from, to) in [
-        ("keepalive_interval_ms", "tcp_keepalive_interval"),
-        ("keepalive_timeout_ms", "tcp_keepalive_timeout"),
-    ] {
-        if let Some(v) = millis(&tcp, from)? {
-            put(to, v);
-        }
-    }
-    Ok(out)
-}
-
-fn number_text(value: &Value) -> Result<String, String> {
-    match value {
-        Value::Number(n) => Ok(n.to_string()),
-        other => Err(format!("expected a number, got {other:?}")),
-    }
+    Ok(applied)
 }
 
 #[cfg(test)]
@@ -235,6 +185,25 @@ mod tests {
         )
     }
 
+    /// The agent's defaults with `file` applied (no validation), and the options it set.
+    fn applied(file: &str) -> Result<(Config, Vec<&'static str>), String> {
+        let mut config = Config::load_from(["nano-agent"]).unwrap();
+        let gw = read(file).map_err(|e| e.to_string())?;
+        let set = apply(&gw, &mut config, |_| false)?;
+        Ok((config, set))
+    }
+
+    /// The agent started with `file` as its config file and `flags`.
+    fn load(file: &str, flags: &[&str]) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, file).unwrap();
+        let mut args = vec!["nano-agent".to_string(), "--config".into()];
+        args.push(path.display().to_string());
+        args.extend(flags.iter().map(|f| f.to_string()));
+        Config::load_from(args)
+    }
+
     #[test]
     fn every_setting_of_the_file_is_either_live_or_needs_a_restart() {
         use crate::control::{LIVE_FIELDS, RESTART_FIELDS};
@@ -249,8 +218,7 @@ mod tests {
                    "nats_subject": "a.b", "nats_stream": "S", "nats_durable_consumer": "c",
                    "nats_inbox_subject": "i.n", "nats_creds_file": "/u.creds"}"#,
             );
-        let flat = flatten(&serde_yaml::from_str(&with_tcp(&file)).unwrap()).unwrap();
-        let keys: Vec<&str> = flat.keys().filter_map(|k| k.as_str()).collect();
+        let (_, keys) = applied(&with_tcp(&file)).unwrap();
         assert!(keys.len() >= 39, "the sample covers the file: {keys:?}");
         for key in keys {
             assert!(
@@ -263,47 +231,34 @@ mod tests {
 
     #[test]
     fn operator_file_becomes_agent_options() {
-        let map: Mapping = serde_yaml::from_str(MINIMAL).unwrap();
+        let map: serde_yaml::Mapping = serde_yaml::from_str(MINIMAL).unwrap();
         assert!(is_gateway_config(&map));
-        let flat = flatten(&map).unwrap();
-        let get = |k: &str| {
-            flat.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        assert_eq!(get("app_url"), "https://app.tendrl.com/api");
-        assert_eq!(get("flush_interval"), "250ms");
-        assert_eq!(get("max_batch_size"), "200");
-        assert_eq!(get("scale_factor"), "0.5");
-        assert_eq!(get("spool_max_bytes"), "67108864");
-        assert_eq!(get("backoff_max"), "30000ms");
-        assert_eq!(get("max_message_bytes"), "1048576");
-        assert_eq!(get("heartbeat_interval"), "5000ms");
-        assert_eq!(get("msg_check_cache"), "100ms");
-        assert_eq!(get("socket_path"), "/var/lib/tendrl/tendrl_agent.sock");
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.app_url, "https://app.tendrl.com/api");
+        assert_eq!(c.flush_interval, Duration::from_millis(250));
+        assert_eq!(c.max_batch_size, 200);
+        assert_eq!(c.scale_factor, 0.5);
+        assert_eq!(c.spool_max_bytes, 67108864);
+        assert_eq!(c.backoff_max, Duration::from_millis(30000));
+        assert_eq!(c.max_message_bytes, 1048576);
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(5000));
+        assert_eq!(c.msg_check_cache, Duration::from_millis(100));
+        assert_eq!(
+            c.socket_path,
+            std::path::Path::new("/var/lib/tendrl/tendrl_agent.sock")
+        );
+        // Flags keep their precedence over the file.
+        let c = load(MINIMAL, &["--max-batch-size=300"]).unwrap();
+        assert_eq!((c.max_batch_size, c.min_batch_size), (300, 10));
     }
 
     #[test]
     fn tcp_listener_section_becomes_a_valid_tcp_listener_config() {
-        let file = with_tcp(MINIMAL);
-        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
-        let mut args = vec!["nano-agent".to_string()];
-        for (k, v) in &flat {
-            args.push(format!(
-                "--{}={}",
-                k.as_str().unwrap().replace('_', "-"),
-                v.as_str().unwrap()
-            ));
-        }
         // The token comes from the Secret through NANOGATE_TCP_TOKEN in a pod.
-        args.push("--tcp-token=from-the-secret".into());
-        let config = crate::config::Config::load_from(args).expect("valid with TLS and token");
+        let config = load(&with_tcp(MINIMAL), &["--tcp-token=from-the-secret"])
+            .expect("valid with TLS and token");
         assert_eq!(config.tcp_listen, Some("0.0.0.0:7070".parse().unwrap()));
-        assert_eq!(
-            config.tcp_keepalive_timeout,
-            std::time::Duration::from_secs(30)
-        );
+        assert_eq!(config.tcp_keepalive_timeout, Duration::from_secs(30));
         assert_eq!(
             config.tcp_tls_key.as_deref(),
             Some(std::path::Path::new("/etc/nanogate/tcp-tls/tls.key"))
@@ -319,19 +274,15 @@ mod tests {
                "nats_durable_consumer": "acme-{gateway}",
                "nats_creds_file": "/etc/nanogate/nats/user.creds","#,
         );
-        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
-        let get = |k: &str| flat.get(k).and_then(Value::as_str).map(str::to_string);
-        assert_eq!(get("upstream_kind").as_deref(), Some("nats"));
-        assert_eq!(get("app_url").as_deref(), Some("tls://nats.platform:4222"));
+        let (c, _) = applied(&file).unwrap();
+        assert_eq!(c.upstream_kind, UpstreamKind::Nats);
+        assert_eq!(c.app_url, "tls://nats.platform:4222");
+        assert_eq!(c.nats_subject, "acme.{namespace}.{gateway}");
+        assert_eq!(c.nats_stream, "ACME");
+        assert_eq!(c.nats_consumer, "acme-{gateway}");
         assert_eq!(
-            get("nats_subject").as_deref(),
-            Some("acme.{namespace}.{gateway}")
-        );
-        assert_eq!(get("nats_stream").as_deref(), Some("ACME"));
-        assert_eq!(get("nats_consumer").as_deref(), Some("acme-{gateway}"));
-        assert_eq!(
-            get("nats_creds_file").as_deref(),
-            Some("/etc/nanogate/nats/user.creds")
+            c.nats_creds_file.as_deref(),
+            Some(std::path::Path::new("/etc/nanogate/nats/user.creds"))
         );
     }
 
@@ -345,30 +296,18 @@ mod tests {
                "client_cert_file": "/etc/nanogate/upstream-client/tls.crt",
                "client_key_file": "/etc/nanogate/upstream-client/tls.key","#,
         );
-        let flat = flatten(&serde_yaml::from_str(&file).unwrap()).unwrap();
-        let get = |k: &str| flat.get(k).and_then(Value::as_str).map(str::to_string);
-        assert_eq!(get("upstream_kind").as_deref(), Some("socketio"));
-        assert_eq!(get("app_url").as_deref(), Some("wss://cloud.example:8443"));
-        assert_eq!(get("socketio_namespace").as_deref(), Some("/agents"));
-        assert_eq!(get("socketio_ack_timeout").as_deref(), Some("4000ms"));
+        let (flat, _) = applied(&file).unwrap();
+        assert_eq!(flat.upstream_kind, UpstreamKind::Socketio);
+        assert_eq!(flat.app_url, "wss://cloud.example:8443");
+        assert_eq!(flat.socketio_ack_timeout, Duration::from_millis(4000));
         assert_eq!(
-            get("socketio_heartbeat_interval").as_deref(),
-            Some("2000ms")
-        );
-        assert_eq!(
-            get("upstream_client_cert").as_deref(),
-            Some("/etc/nanogate/upstream-client/tls.crt")
+            flat.upstream_client_cert.as_deref(),
+            Some(std::path::Path::new(
+                "/etc/nanogate/upstream-client/tls.crt"
+            ))
         );
         // The agent's own parser accepts the result.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        std::fs::write(&path, &file).unwrap();
-        let c = crate::config::Config::load_from([
-            "nano-agent".as_ref(),
-            "--config".as_ref(),
-            path.as_os_str(),
-        ])
-        .unwrap();
+        let c = load(&file, &[]).unwrap();
         assert_eq!(c.upstream_kind, crate::config::UpstreamKind::Socketio);
         assert_eq!(c.socketio_namespace, "/agents");
         assert_eq!(c.socketio_ack_timeout, std::time::Duration::from_secs(4));
@@ -379,24 +318,39 @@ mod tests {
     }
 
     #[test]
+    fn insecure_skip_verify_turns_verification_off() {
+        let file = MINIMAL.replace(
+            r#""insecure_skip_verify": false"#,
+            r#""insecure_skip_verify": true"#,
+        );
+        assert!(load(&file, &[]).unwrap().upstream_insecure_skip_verify);
+        assert!(!load(MINIMAL, &[]).unwrap().upstream_insecure_skip_verify);
+    }
+
+    #[test]
+    fn drop_oldest_becomes_the_overflow_policy() {
+        let file = MINIMAL.replace(r#""reject""#, r#""dropOldest""#);
+        assert_eq!(
+            load(&file, &[]).unwrap().overflow_policy,
+            OverflowPolicy::DropOldest
+        );
+        assert_eq!(
+            load(MINIMAL, &[]).unwrap().overflow_policy,
+            OverflowPolicy::Reject
+        );
+    }
+
+    #[test]
     fn unsupported_settings_are_refused_with_a_way_out() {
         for (patch, needle) in [
             (r#""kind": "http""#, r#""kind": "carrier-pigeon""#),
-            (
-                r#""overflow_policy": "reject""#,
-                r#""overflow_policy": "dropOldest""#,
-            ),
-            (
-                r#""insecure_skip_verify": false"#,
-                r#""insecure_skip_verify": true"#,
-            ),
+            (r#""max_tags": 10"#, r#""max_tags": 10, "max_tagz": 1"#),
+            (r#""TENDRL_KEY""#, r#""PLATFORM_KEY""#),
         ] {
-            let map: Mapping = serde_yaml::from_str(&MINIMAL.replace(patch, needle)).unwrap();
-            let error = flatten(&map).unwrap_err();
+            let error = applied(&MINIMAL.replace(patch, needle)).unwrap_err();
             assert!(error.contains("spec.") || error.contains("use"), "{error}");
         }
-        let map: Mapping =
-            serde_yaml::from_str(&MINIMAL.replace(r#""version": 1"#, r#""version": 2"#)).unwrap();
-        assert!(flatten(&map).unwrap_err().contains("upgrade"));
+        let error = load(&MINIMAL.replace(r#""version": 1"#, r#""version": 2"#), &[]).unwrap_err();
+        assert!(format!("{error:#}").contains("upgrade"), "{error:#}");
     }
 }

@@ -53,20 +53,32 @@ pub fn init_tracing(config: &Config) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled: the agent is ready (and may be sent SIGTERM) before its socket
+/// server polls it, and a SIGTERM before the handler exists would kill it without a shutdown.
+/// Call it inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (mut term, mut int) = match (term, int) {
+            (Ok(term), Ok(int)) => (term, int),
+            (Err(e), Ok(mut int)) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
+                int.recv().await;
+                return;
+            }
+            (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot watch SIGINT; falling back to ctrl_c");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
     }
 }
 
@@ -87,6 +99,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         max_bytes: config.spool_max_bytes,
         segment_bytes: config.spool_segment_bytes,
         sync_interval: config.spool_sync_interval,
+        overflow: match config.overflow_policy {
+            config::OverflowPolicy::Reject => spool::Overflow::Reject,
+            config::OverflowPolicy::DropOldest => spool::Overflow::DropOldest,
+        },
     })
     .with_context(|| {
         format!(
@@ -94,6 +110,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             config.spool_dir.display()
         )
     })?;
+    spool.on_drop(drop_reporter(metrics.clone()));
     let rec = spool.recovery().clone();
     metrics.spool_recovered.inc_by(rec.messages);
     metrics.spool_torn_bytes.inc_by(rec.torn_bytes);
@@ -102,6 +119,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
 
     let upstream =
         Arc::new(AnyUpstream::from_config(&config, metrics.clone(), &health, &spool).await?);
+    if config.upstream_insecure_skip_verify {
+        tracing::warn!(upstream = %config.app_url,
+            "upstream TLS certificates are NOT verified (upstream_insecure_skip_verify, spec.upstream.tls.insecureSkipVerify): anyone on the path to the platform can read and change the messages and the API key; give the platform's CA (spec.upstream.tls.caSecretRef) instead");
+    }
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -286,6 +307,41 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     );
     Ok(())
 }
+
+/// What the agent does with every drop of the spool's oldest messages (`overflow_policy
+/// drop-oldest`): counts them (`dropped_oldest_total`, which heartbeats carry to the gateway's
+/// status) and logs a warning — at most one per [`DROP_LOG_INTERVAL`], with the counts since
+/// the previous one, so a spool that stays full does not flood the log.
+fn drop_reporter(metrics: Arc<Metrics>) -> impl Fn(spool::Dropped) + Send + Sync + 'static {
+    // (last warning, messages and bytes dropped since it)
+    let since = std::sync::Mutex::new((None::<std::time::Instant>, 0u64, 0u64));
+    move |dropped| {
+        metrics.dropped_oldest.inc_by(dropped.messages);
+        let mut since = since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.1 += dropped.messages;
+        since.2 += dropped.bytes;
+        let now = std::time::Instant::now();
+        if since
+            .0
+            .is_none_or(|last| now.duration_since(last) >= DROP_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                messages = since.1,
+                bytes = since.2,
+                total = metrics.dropped_oldest.get(),
+                "spool full: dropped the {} oldest undelivered messages ({} bytes) to accept new ones (overflow_policy drop-oldest); the platform is not keeping up or not reachable",
+                since.1,
+                since.2
+            );
+            *since = (Some(now), 0, 0);
+        }
+    }
+}
+
+/// At most one warning about dropped messages this often.
+const DROP_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long the agent waits at shutdown for its `left_behind` notification to reach the hub.
 const LEFT_BEHIND_NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub delivered: IntCounter,
     pub rejected: IntCounterVec,
     pub dead_lettered: IntCounter,
+    /// Messages dropped by `overflow_policy drop-oldest`.
+    pub dropped_oldest: IntCounter,
     pub queue_depth: IntGauge,
     pub spool_bytes: IntGauge,
     pub batch_size: Histogram,
@@ -87,6 +89,10 @@ impl Metrics {
                 )
                 .expect("valid metric")
             ),
+            dropped_oldest: reg!(counter(
+                "dropped_oldest_total",
+                "Accepted messages dropped undelivered to make room in a full spool (overflow_policy drop-oldest)."
+            )),
             dead_lettered: reg!(counter(
                 "dead_lettered_total",
                 "Messages the platform rejected (4xx), written to the dead-letter file."

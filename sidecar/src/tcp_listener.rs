@@ -640,6 +640,7 @@ mod tests {
             max_bytes: 1 << 20,
             segment_bytes: 1 << 16,
             sync_interval: Duration::from_secs(1),
+            overflow: crate::spool::Overflow::Reject,
         })
         .unwrap();
         let metrics = Arc::new(Metrics::new());

@@ -668,6 +668,61 @@ async fn queue_and_spool_full() {
     assert_eq!(oneshot(&agent.socket, publish(10_000).as_bytes()), b"");
 }
 
+/// `overflow_policy drop-oldest` (a gateway's `overflowPolicy: dropOldest`): with the platform
+/// down and the spool full, senders are never refused; the oldest undelivered messages make
+/// room, counted and logged. Once the platform is back it receives the batch that was being
+/// delivered and the newest messages: exactly the ones not counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_accepting_and_delivers_the_newest() {
+    let platform = PlatformServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(
+        &platform,
+        dir.path(),
+        &[
+            "--flush-interval",
+            "50ms",
+            "--spool-max-bytes",
+            "64KiB",
+            "--max-message-bytes",
+            "4KiB",
+            "--backoff-max",
+            "1s",
+            "--overflow-policy",
+            "drop-oldest",
+        ],
+    );
+    platform.faults().set_down(true);
+    let (accepted, refused) = publish_until_queue_full(&agent, 600);
+    assert_eq!((accepted.len(), refused), (600, 0), "never queue full");
+    let dropped = agent
+        .metric("nanogate_sidecar_dropped_oldest_total")
+        .unwrap_or_default() as usize;
+    assert!(dropped > 0, "{}", agent.metrics());
+    assert!(
+        agent.log_text().contains("spool full: dropped the"),
+        "{}",
+        agent.log_text()
+    );
+    platform.faults().set_down(false);
+    assert!(
+        platform
+            .wait_for(600 - dropped, Duration::from_secs(30))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: BTreeSet<u64> = ids(&platform.received()).into_iter().collect();
+    assert_eq!(got.len(), 600 - dropped, "delivered + dropped = accepted");
+    // The batch in flight (the oldest) and the newest: one run of dropped ids between them.
+    let gaps = got
+        .iter()
+        .zip(got.iter().skip(1))
+        .filter(|(a, b)| **b != **a + 1)
+        .count();
+    assert!(gaps <= 1 && got.contains(&599), "{got:?}");
+    assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(0.0));
+}
+
 /// SIGTERM drains within the deadline; with the platform down the rest stays in the spool,
 /// counted in the log, and is delivered by the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,6 +426,7 @@ async fn agent(
             delivered_total: received_total,
             rejected_total: 0,
             dead_lettered_total: 0,
+            dropped_oldest_total: 0,
             upstream: UpstreamHealth {
                 state: "closed".into(),
                 last_error: None,

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use kube::Resource;
-use serde::{Deserialize, Serialize};
 
 use crate::crd::{
     AgentGateway, AgentGatewaySpec, AgentGatewayStatus, FieldError, LeftBehindStats, MessageStats,
@@ -19,12 +18,10 @@ pub const CONFIG_KEY: &str = "config.json";
 pub const CONFIG_HASH_ANNOTATION: &str = "nanogate.io/config-hash";
 /// Environment variable that carries the API key into the sidecar (seed 000 `TENDRL_KEY`).
 pub const API_KEY_ENV: &str = "TENDRL_KEY";
-/// Where the injector mounts `spec.upstream.tls.caSecretRef` (file name = the Secret key).
-pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
-/// Where the injector mounts `spec.upstream.tls.clientCertSecretRef` (`tls.crt`, `tls.key`).
-pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
-/// Where the injector mounts `spec.upstream.nats.credentialsSecretRef` (file name = the key).
-pub const NATS_CREDENTIALS_DIR: &str = "/etc/nanogate/nats-credentials";
+/// Where the injector mounts the gateway's Secrets (the file paths in the sidecar's file).
+pub use crate::gateway::refs::{
+    NATS_CREDENTIALS_DIR, TCP_TLS_DIR, UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
+};
 /// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
 pub const CONFIG_DIR: &str = "/etc/nanogate/agent";
 
@@ -33,134 +30,12 @@ pub fn config_map_name(gateway: &str) -> String {
     format!("{gateway}-agent-config")
 }
 
-/// The sidecar's configuration file, derived from a valid spec. Durations are integer
-/// milliseconds, sizes integer bytes; never contains the API key.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct SidecarConfig {
-    /// Format version of this file.
-    pub version: u32,
-    /// Upstream transport.
-    pub upstream: UpstreamConfig,
-    /// Dynamic batching.
-    pub batching: BatchingConfig,
-    /// Spool and retry.
-    pub delivery: DeliveryConfig,
-    /// Application socket.
-    pub socket: SocketConfig,
-    /// Heartbeat interval to the hub.
-    pub heartbeat_interval_ms: u64,
-    /// Log level.
-    pub log_level: String,
-    /// The optional TCP listener (absent: off, and the file of such gateways is unchanged).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<TcpConfig>,
-}
-
-/// TCP listener part of [`SidecarConfig`]. The token comes from the environment
-/// (`NANOGATE_TCP_TOKEN`, from the gateway's Secret), never from this file.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct TcpConfig {
-    pub listen: String,
-    pub keepalive_interval_ms: u64,
-    pub keepalive_timeout_ms: u64,
-    pub tls_cert_file: String,
-    pub tls_key_file: String,
-}
-
-/// Where the TCP listener's TLS Secret is mounted in the sidecar.
-pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
-
-/// Upstream part of [`SidecarConfig`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct UpstreamConfig {
-    /// `http`, `socketio` or `nats`.
-    pub kind: String,
-    /// Endpoint.
-    pub url: String,
-    /// Request timeout.
-    pub timeout_ms: u64,
-    /// Env var holding the API key (`TENDRL_KEY`).
-    pub api_key_env: String,
-    /// PEM CA bundle file, when configured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<String>,
-    /// Client certificate file (mTLS), when configured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_cert_file: Option<String>,
-    /// Client key file (mTLS), when configured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_key_file: Option<String>,
-    /// Skip certificate verification.
-    pub insecure_skip_verify: bool,
-    /// How long an empty `msg_check` answer is repeated locally (0: ask every time).
-    pub msg_check_cache_ms: u64,
-    /// Socket.IO namespace (`socketio` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socketio_namespace: Option<String>,
-    /// Interval of the `heartbeat` event to the platform (`socketio` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socketio_heartbeat_interval_ms: Option<u64>,
-    /// NATS subject (`nats` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats_subject: Option<String>,
-    /// NATS stream (`nats` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats_stream: Option<String>,
-    /// NATS durable consumer (`nats` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats_durable_consumer: Option<String>,
-    /// NATS credentials file (`nats` only), when configured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats_creds_file: Option<String>,
-}
-
-/// Batching part of [`SidecarConfig`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct BatchingConfig {
-    pub flush_interval_ms: u64,
-    pub batch_size: u32,
-    pub min_batch_size: u32,
-    pub max_batch_size: u32,
-    pub scale_factor: f64,
-    pub max_queue_size: u32,
-    pub target_cpu_percent: f64,
-    pub target_mem_percent: f64,
-    pub min_batch_interval_ms: u64,
-    pub max_batch_interval_ms: u64,
-}
-
-/// Delivery part of [`SidecarConfig`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct DeliveryConfig {
-    pub spool_size_limit_bytes: u64,
-    pub sync_interval_ms: u64,
-    pub retry_initial_backoff_ms: u64,
-    pub retry_max_backoff_ms: u64,
-    /// `reject` or `dropOldest`.
-    pub overflow_policy: String,
-}
-
-/// Socket part of [`SidecarConfig`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct SocketConfig {
-    pub path: String,
-    pub max_message_size: u32,
-    pub max_tags: u32,
-}
-
-impl SidecarConfig {
-    /// The file content written under [`CONFIG_KEY`] (pretty JSON, stable key order).
-    pub fn to_file(&self) -> String {
-        // Serialising plain structs of strings and numbers cannot fail.
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
-    /// Content hash (crc32, hex) of [`Self::to_file`]: the "config generation" recorded on
-    /// injected pods, the ConfigMap annotation and `status.configHash`.
-    pub fn hash(&self) -> String {
-        format!("{:08x}", crc32fast::hash(self.to_file().as_bytes()))
-    }
-}
+use nanogate_protocol::sidecar_config::{self as file, LogLevel, OverflowPolicy, UpstreamKind};
+/// The sidecar's configuration file and its parts: one definition shared with nano-agent,
+/// which reads what [`sidecar_config`] derives (see `nanogate_protocol::sidecar_config`).
+pub use nanogate_protocol::sidecar_config::{
+    BatchingConfig, DeliveryConfig, SidecarConfig, SocketConfig, TcpConfig, UpstreamConfig,
+};
 
 fn ms(s: &str) -> u64 {
     parse_duration(s).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -177,12 +52,16 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
     let b = &spec.batching;
     let d = &spec.delivery;
     let tls = u.tls.clone().unwrap_or_default();
-    let kind = u.kind.as_str().to_string();
+    let kind = match u.kind {
+        crate::crd::UpstreamKind::Http => UpstreamKind::Http,
+        crate::crd::UpstreamKind::Socketio => UpstreamKind::Socketio,
+        crate::crd::UpstreamKind::Nats => UpstreamKind::Nats,
+    };
     // Socket.IO settings (with their defaults) only for `kind: socketio`.
     let socketio = (u.kind == crate::crd::UpstreamKind::Socketio)
         .then(|| u.socketio.clone().unwrap_or_default());
     Ok(SidecarConfig {
-        version: 1,
+        version: file::VERSION,
         upstream: UpstreamConfig {
             kind,
             url: u.url.clone(),
@@ -207,6 +86,7 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
             nats_subject: u.nats.as_ref().map(|o| o.subject.clone()),
             nats_stream: u.nats.as_ref().map(|o| o.stream.clone()),
             nats_durable_consumer: u.nats.as_ref().map(|o| o.durable_consumer.clone()),
+            nats_inbox_subject: None,
             nats_creds_file: u
                 .nats
                 .as_ref()
@@ -231,8 +111,8 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
             retry_initial_backoff_ms: ms(&d.retry_initial_backoff),
             retry_max_backoff_ms: ms(&d.retry_max_backoff),
             overflow_policy: match d.overflow_policy {
-                crate::crd::OverflowPolicy::Reject => "reject".into(),
-                crate::crd::OverflowPolicy::DropOldest => "dropOldest".into(),
+                crate::crd::OverflowPolicy::Reject => OverflowPolicy::Reject,
+                crate::crd::OverflowPolicy::DropOldest => OverflowPolicy::DropOldest,
             },
         },
         socket: SocketConfig {
@@ -241,7 +121,13 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
             max_tags: u32_of(spec.socket.max_tags),
         },
         heartbeat_interval_ms: ms(&spec.heartbeat_interval),
-        log_level: spec.sidecar.log_level.as_str().into(),
+        log_level: match spec.sidecar.log_level {
+            crate::crd::LogLevel::Error => LogLevel::Error,
+            crate::crd::LogLevel::Warn => LogLevel::Warn,
+            crate::crd::LogLevel::Info => LogLevel::Info,
+            crate::crd::LogLevel::Debug => LogLevel::Debug,
+            crate::crd::LogLevel::Trace => LogLevel::Trace,
+        },
         tcp: spec.tcp_listener.as_ref().map(|t| TcpConfig {
             listen: format!("0.0.0.0:{}", t.port),
             keepalive_interval_ms: ms(&t.keepalive_interval),
@@ -481,6 +367,50 @@ pub fn desired_status(
         st.left_behind = Some(LeftBehindStats::default());
     }
     st
+}
+
+/// Message of `UpstreamTLSVerified=False` and of the `InsecureUpstreamTLS` event.
+pub const INSECURE_TLS_MESSAGE: &str = "spec.upstream.tls.insecureSkipVerify is true: sidecars accept any certificate from the upstream, so anyone on the path can read and change the messages and the API key; give the upstream's CA in spec.upstream.tls.caSecretRef and set insecureSkipVerify to false";
+
+/// Sets `UpstreamTLSVerified` from the spec: `False` (reason `InsecureSkipVerify`) while the
+/// sidecars skip certificate verification; `True` once they stop; left out for gateways that
+/// never skipped it (their status is unchanged).
+pub fn set_tls_verified(
+    status: &mut AgentGatewayStatus,
+    spec: &AgentGatewaySpec,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let insecure = spec
+        .upstream
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.insecure_skip_verify);
+    let c = &mut status.conditions;
+    if insecure {
+        set_condition(
+            c,
+            conditions::UPSTREAM_TLS_VERIFIED,
+            "False",
+            "InsecureSkipVerify",
+            INSECURE_TLS_MESSAGE,
+            generation,
+            now,
+        );
+    } else if c
+        .iter()
+        .any(|x| x.type_ == conditions::UPSTREAM_TLS_VERIFIED)
+    {
+        set_condition(
+            c,
+            conditions::UPSTREAM_TLS_VERIFIED,
+            "True",
+            "Verified",
+            "Sidecars verify the upstream's certificate",
+            generation,
+            now,
+        );
+    }
 }
 
 /// Which gateway a pod belongs to, from its annotations: `nanogate.io/gateway`, else the

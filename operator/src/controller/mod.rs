@@ -26,6 +26,8 @@ use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
 use crate::crd::{AgentGateway, AgentGatewaySpec, AgentGatewayStatus, conditions, join_errors};
+pub use crate::gateway::refs::references_secret;
+use crate::gateway::refs::{SecretRef, secret_refs};
 use crate::metrics::Metrics;
 use build::{GatewayRef, Verdict};
 
@@ -154,55 +156,16 @@ fn now() -> Time {
 /// Check that every Secret the spec references exists and has its key(s). `Ok(Some(msg))`
 /// when something is missing.
 async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Result<Option<String>> {
-    let mut wanted: Vec<(&str, &str, Vec<&str>)> = vec![(
-        "spec.upstream.apiKeySecretRef",
-        spec.upstream.api_key_secret_ref.name.as_str(),
-        vec![spec.upstream.api_key_secret_ref.key.as_str()],
-    )];
-    if let Some(tls) = &spec.upstream.tls {
-        if let Some(ca) = &tls.ca_secret_ref {
-            wanted.push(("spec.upstream.tls.caSecretRef", &ca.name, vec![&ca.key]));
-        }
-        if let Some(cc) = &tls.client_cert_secret_ref {
-            wanted.push((
-                "spec.upstream.tls.clientCertSecretRef",
-                &cc.name,
-                vec!["tls.crt", "tls.key"],
-            ));
-        }
-    }
-    if let Some(creds) = spec
-        .upstream
-        .nats
-        .as_ref()
-        .and_then(|n| n.credentials_secret_ref.as_ref())
-    {
-        wanted.push((
-            "spec.upstream.nats.credentialsSecretRef",
-            &creds.name,
-            vec![&creds.key],
-        ));
-    }
-    if let Some(tcp) = &spec.tcp_listener {
-        let token = &tcp.token_secret_ref;
-        wanted.push((
-            "spec.tcpListener.tokenSecretRef",
-            &token.name,
-            vec![&token.key],
-        ));
-        wanted.push((
-            "spec.tcpListener.tlsSecretRef",
-            &tcp.tls_secret_ref.name,
-            vec!["tls.crt", "tls.key"],
-        ));
-    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    for (field, name, keys) in wanted {
+    for SecretRef {
+        field, name, keys, ..
+    } in secret_refs(spec)
+    {
         let secret = secrets
-            .get_opt(name)
+            .get_opt(&name)
             .await
             .map_err(|source| Error::SecretGet {
-                name: name.to_string(),
+                name: name.clone(),
                 source,
             })?;
         let Some(secret) = secret else {
@@ -212,11 +175,11 @@ async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Resu
             )));
         };
         for key in keys {
-            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
                 || secret
                     .string_data
                     .as_ref()
-                    .is_some_and(|d| d.contains_key(key));
+                    .is_some_and(|d| d.contains_key(&key));
             if !has {
                 return Ok(Some(format!(
                     "Secret {ns}/{name} referenced by {field} has no key {key:?}; add the key to the Secret or change {field}"
@@ -327,7 +290,11 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     let census = repair::census(&ctx.client, ns, name).await?;
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
     let desired = |current: Option<&AgentGatewayStatus>| {
-        build::desired_status(current, gw.metadata.generation, &verdict, &census, &now())
+        let now = now();
+        let mut status =
+            build::desired_status(current, gw.metadata.generation, &verdict, &census, &now);
+        build::set_tls_verified(&mut status, &gw.spec, gw.metadata.generation, &now);
+        status
     };
     let mut current = gw.status.clone();
     let mut status = desired(current.as_ref());
@@ -396,6 +363,28 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
             }
             Verdict::Applied { .. } => {}
         }
+    }
+
+    let tls_verified = |s: Option<&AgentGatewayStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == conditions::UPSTREAM_TLS_VERIFIED)
+        })
+        .map(|c| c.status.clone())
+    };
+    if tls_verified(Some(&status)).as_deref() == Some("False")
+        && tls_verified(current.as_ref()).as_deref() != Some("False")
+    {
+        warn!(%ns, %name, "sidecars skip verification of the upstream's certificate");
+        publish(
+            &ctx,
+            &gw,
+            EventType::Warning,
+            "InsecureUpstreamTLS",
+            build::INSECURE_TLS_MESSAGE.into(),
+        )
+        .await;
     }
 
     report_not_injected(&ctx, &gw, ns, current.as_ref(), &census).await;
@@ -594,20 +583,4 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         })
         .await;
     info!("controller stopped");
-}
-
-/// Whether `spec` references Secret `name` (same namespace).
-pub fn references_secret(spec: &AgentGatewaySpec, name: &str) -> bool {
-    let u = &spec.upstream;
-    let tcp = spec
-        .tcp_listener
-        .as_ref()
-        .is_some_and(|t| t.token_secret_ref.name == name || t.tls_secret_ref.name == name);
-    tcp || u.api_key_secret_ref.name == name
-        || u.tls.as_ref().is_some_and(|t| {
-            t.ca_secret_ref.as_ref().is_some_and(|s| s.name == name)
-                || t.client_cert_secret_ref
-                    .as_ref()
-                    .is_some_and(|s| s.name == name)
-        })
 }

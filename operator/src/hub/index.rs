@@ -46,6 +46,7 @@ pub struct FleetHealth {
     pub delivered_total: u64,
     pub rejected_total: u64,
     pub dead_lettered_total: u64,
+    pub dropped_oldest_total: u64,
     pub received_per_second: f64,
     pub delivered_per_second: f64,
     /// Most recent heartbeat from any sidecar, as Unix seconds.
@@ -230,6 +231,7 @@ impl HealthIndex {
                     fleet.delivered_total += hb.delivered_total;
                     fleet.rejected_total += hb.rejected_total;
                     fleet.dead_lettered_total += hb.dead_lettered_total;
+                    fleet.dropped_oldest_total += hb.dropped_oldest_total;
                     fleet.received_per_second += record.received_rate;
                     fleet.delivered_per_second += record.delivered_rate;
                     fleet.last_heartbeat_unix =
@@ -326,6 +328,7 @@ pub(crate) mod tests {
             delivered_total: received,
             rejected_total: 1,
             dead_lettered_total: 0,
+            dropped_oldest_total: 0,
             upstream: UpstreamHealth {
                 state: circuit.into(),
                 last_error: None,

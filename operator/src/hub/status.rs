@@ -64,7 +64,10 @@ pub fn fleet_status(
     st.messages = Some(MessageStats {
         received_total: fleet.received_total as i64,
         delivered_total: fleet.delivered_total as i64,
-        dropped_total: (fleet.rejected_total + fleet.dead_lettered_total) as i64,
+        dropped_total: (fleet.rejected_total
+            + fleet.dead_lettered_total
+            + fleet.dropped_oldest_total) as i64,
+        dropped_oldest_total: fleet.dropped_oldest_total as i64,
         received_per_second: round1(fleet.received_per_second),
         delivered_per_second: round1(fleet.delivered_per_second),
     });
@@ -476,6 +479,7 @@ mod tests {
             delivered_total: 90,
             rejected_total: 2,
             dead_lettered_total: 1,
+            dropped_oldest_total: 0,
             received_per_second: 12.345,
             delivered_per_second: 11.0,
             last_heartbeat_unix: Some(1_000),
@@ -491,6 +495,18 @@ mod tests {
             sidecars: Some(SidecarCounts::new(expected, 0, 0)),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn messages_dropped_from_a_full_spool_count_as_dropped_and_on_their_own() {
+        let mut f = fleet(2, 2);
+        f.dropped_oldest_total = 5;
+        let st = fleet_status(Some(&with_expected(2)), &f, Some(1), &time(1_000));
+        let messages = st.messages.unwrap();
+        assert_eq!(
+            (messages.dropped_total, messages.dropped_oldest_total),
+            (8, 5)
+        );
     }
 
     #[test]

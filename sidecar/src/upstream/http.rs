@@ -36,63 +36,10 @@ impl std::fmt::Debug for HttpUpstream {
     }
 }
 
-pub(crate) fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = &config.upstream_ca {
-        let pem = std::fs::read(ca)
-            .with_context(|| format!("upstream_ca: cannot read {}", ca.display()))?;
-        let mut n = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert =
-                cert.with_context(|| format!("upstream_ca: {} is not valid PEM", ca.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("upstream_ca: bad certificate in {}", ca.display()))?;
-            n += 1;
-        }
-        anyhow::ensure!(
-            n > 0,
-            "upstream_ca: no certificate found in {}",
-            ca.display()
-        );
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots);
-    let mut tls = match (&config.upstream_client_cert, &config.upstream_client_key) {
-        (Some(cert), Some(key)) => {
-            let pem = std::fs::read(cert)
-                .with_context(|| format!("upstream_client_cert: cannot read {}", cert.display()))?;
-            let chain = rustls_pemfile::certs(&mut pem.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| {
-                    format!("upstream_client_cert: {} is not valid PEM", cert.display())
-                })?;
-            let pem = std::fs::read(key)
-                .with_context(|| format!("upstream_client_key: cannot read {}", key.display()))?;
-            let key = rustls_pemfile::private_key(&mut pem.as_slice())
-                .ok()
-                .flatten()
-                .with_context(|| {
-                    format!("upstream_client_key: no private key in {}", key.display())
-                })?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .context("upstream_client_cert/key")?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tls)
-}
-
 impl HttpUpstream {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls_config(config)?)
+            .use_preconfigured_tls(super::tls::client_config(config)?)
             .timeout(config.upstream_timeout)
             .connect_timeout(config.upstream_timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))

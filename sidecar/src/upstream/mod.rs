@@ -9,6 +9,7 @@
 pub mod http;
 pub mod nats;
 pub mod socketio;
+pub mod tls;
 
 use std::future::Future;
 use std::ops::Range;
@@ -274,6 +275,7 @@ mod tests {
             max_bytes: 1 << 20,
             segment_bytes: 1 << 20,
             sync_interval: Duration::from_secs(1),
+            overflow: crate::spool::Overflow::Reject,
         })
         .unwrap();
         let mut r = RecordBuf::new();

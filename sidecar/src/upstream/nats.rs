@@ -382,6 +382,13 @@ impl NatsUpstream {
         if tls {
             opts = opts.require_tls(true);
         }
+        if config.upstream_insecure_skip_verify {
+            // The agent's own TLS configuration (it carries the client certificate too):
+            // async-nats has no switch of its own to skip verification.
+            let mut client = super::tls::client_config(config)?;
+            client.alpn_protocols.clear();
+            opts = opts.tls_client_config(client);
+        }
         let addrs: Vec<ServerAddr> = names
             .servers
             .iter()

@@ -126,7 +126,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<()> {
 impl SocketIoOptions {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         check_config(config)?;
-        let mut tls = super::http::tls_config(config)?;
+        let mut tls = super::tls::client_config(config)?;
         // A WebSocket upgrade is an HTTP/1.1 request.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
@@ -1463,6 +1463,7 @@ mod tests {
             max_bytes: 1 << 20,
             segment_bytes: 1 << 20,
             sync_interval: Duration::from_secs(1),
+            overflow: crate::spool::Overflow::Reject,
         })
         .unwrap();
         let metrics = Arc::new(Metrics::new());

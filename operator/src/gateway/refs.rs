@@ -1,0 +1,157 @@
+//! The Secrets a gateway references, as one list. The reconciler reads it to check that each
+//! exists with its keys (`dereference`) and to find the gateways a created or changed Secret
+//! wakes (`references_secret`); the injector reads it for the Secrets it mounts into the
+//! sidecar and where. A new Secret reference in the spec is added here, once, and every one of
+//! them follows.
+
+use crate::crd::AgentGatewaySpec;
+
+/// Where the injector mounts `spec.upstream.tls.caSecretRef` (file name = the Secret key).
+pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
+/// Where the injector mounts `spec.upstream.tls.clientCertSecretRef` (`tls.crt`, `tls.key`).
+pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
+/// Where the injector mounts `spec.upstream.nats.credentialsSecretRef` (file name = the key).
+pub const NATS_CREDENTIALS_DIR: &str = "/etc/nanogate/nats-credentials";
+/// Where the TCP listener's TLS Secret is mounted in the sidecar.
+pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
+
+/// How a referenced Secret reaches the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidecarUse {
+    /// One key, as this environment variable of the sidecar (`valueFrom.secretKeyRef`).
+    Env(&'static str),
+    /// The Secret as a read-only volume `volume`, mounted at `dir`.
+    Mount {
+        volume: &'static str,
+        dir: &'static str,
+    },
+}
+
+/// One Secret a gateway references (same namespace as the gateway).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRef {
+    /// The spec field that names it, e.g. `spec.upstream.apiKeySecretRef`.
+    pub field: &'static str,
+    /// Name of the Secret.
+    pub name: String,
+    /// Keys the sidecar needs in it.
+    pub keys: Vec<String>,
+    /// How the sidecar gets it.
+    pub sidecar: SidecarUse,
+}
+
+/// Every Secret `spec` references, in a stable order (the API key first).
+pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
+    let u = &spec.upstream;
+    let mut refs = vec![SecretRef {
+        field: "spec.upstream.apiKeySecretRef",
+        name: u.api_key_secret_ref.name.clone(),
+        keys: vec![u.api_key_secret_ref.key.clone()],
+        sidecar: SidecarUse::Env(crate::controller::build::API_KEY_ENV),
+    }];
+    if let Some(tls) = &u.tls {
+        if let Some(ca) = &tls.ca_secret_ref {
+            refs.push(SecretRef {
+                field: "spec.upstream.tls.caSecretRef",
+                name: ca.name.clone(),
+                keys: vec![ca.key.clone()],
+                sidecar: SidecarUse::Mount {
+                    volume: "nanogate-upstream-ca",
+                    dir: UPSTREAM_CA_DIR,
+                },
+            });
+        }
+        if let Some(client) = &tls.client_cert_secret_ref {
+            refs.push(SecretRef {
+                field: "spec.upstream.tls.clientCertSecretRef",
+                name: client.name.clone(),
+                keys: vec!["tls.crt".into(), "tls.key".into()],
+                sidecar: SidecarUse::Mount {
+                    volume: "nanogate-upstream-client",
+                    dir: UPSTREAM_CLIENT_CERT_DIR,
+                },
+            });
+        }
+    }
+    if let Some(creds) = u
+        .nats
+        .as_ref()
+        .and_then(|n| n.credentials_secret_ref.as_ref())
+    {
+        refs.push(SecretRef {
+            field: "spec.upstream.nats.credentialsSecretRef",
+            name: creds.name.clone(),
+            keys: vec![creds.key.clone()],
+            sidecar: SidecarUse::Mount {
+                volume: "nanogate-nats-credentials",
+                dir: NATS_CREDENTIALS_DIR,
+            },
+        });
+    }
+    if let Some(tcp) = &spec.tcp_listener {
+        refs.push(SecretRef {
+            field: "spec.tcpListener.tokenSecretRef",
+            name: tcp.token_secret_ref.name.clone(),
+            keys: vec![tcp.token_secret_ref.key.clone()],
+            sidecar: SidecarUse::Env(TCP_TOKEN_ENV),
+        });
+        refs.push(SecretRef {
+            field: "spec.tcpListener.tlsSecretRef",
+            name: tcp.tls_secret_ref.name.clone(),
+            keys: vec!["tls.crt".into(), "tls.key".into()],
+            sidecar: SidecarUse::Mount {
+                volume: "nanogate-tcp-tls",
+                dir: TCP_TLS_DIR,
+            },
+        });
+    }
+    refs
+}
+
+/// Environment variable that carries the TCP listener's token into the sidecar.
+pub const TCP_TOKEN_ENV: &str = "NANOGATE_TCP_TOKEN";
+
+/// Whether `spec` references Secret `name` (same namespace).
+pub fn references_secret(spec: &AgentGatewaySpec, name: &str) -> bool {
+    secret_refs(spec).iter().any(|r| r.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> AgentGatewaySpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn every_secret_a_gateway_names_wakes_it() {
+        let s = spec(
+            "upstream:\n  kind: nats\n  url: tls://nats:4222\n  apiKeySecretRef: {name: key}\n  tls: {caSecretRef: {name: ca, key: ca.crt}, clientCertSecretRef: {name: client}}\n  nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}\ntcpListener: {tokenSecretRef: {name: tcp-token, key: token}, tlsSecretRef: {name: tcp-tls}}\n",
+        );
+        for name in ["key", "ca", "client", "nats-user", "tcp-token", "tcp-tls"] {
+            assert!(references_secret(&s, name), "{name}");
+        }
+        assert!(!references_secret(&s, "other"));
+        let fields: Vec<_> = secret_refs(&s).iter().map(|r| r.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.upstream.apiKeySecretRef",
+                "spec.upstream.tls.caSecretRef",
+                "spec.upstream.tls.clientCertSecretRef",
+                "spec.upstream.nats.credentialsSecretRef",
+                "spec.tcpListener.tokenSecretRef",
+                "spec.tcpListener.tlsSecretRef",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_nats_credentials_secret_wakes_its_gateway() {
+        let s = spec(
+            "upstream:\n  kind: nats\n  url: nats://nats:4222\n  apiKeySecretRef: {name: key}\n  nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}\n",
+        );
+        assert!(references_secret(&s, "nats-user"));
+    }
+}
