@@ -636,6 +636,43 @@ spec:
     )
     .await?;
     let reconnected = secs(step);
+    // The old leader's container exits at once (SIGTERM); when its pod leaves the API is the
+    // kubelet's business (seen: 5 s, sometimes 45 s on a busy machine). Both are reported.
+    let old = name(&leader);
+    let exited = std::sync::Mutex::new(None::<f64>);
+    wait_for("the old leader's pod to leave the API", TIMEOUT, || {
+        let (pods, old) = (pods.clone(), old.clone());
+        let exited = &exited;
+        async move {
+            let Some(pod) = pods.get_opt(&old).await? else {
+                return Ok(Some(()));
+            };
+            let running = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+            let mut exited = exited.lock().expect("lock");
+            if !running && exited.is_none() {
+                *exited = Some(secs(step));
+            }
+            Ok(None)
+        }
+    })
+    .await?;
+    let gone = secs(step);
+    if gone > 20.0 {
+        // What the kubelet did with the pod meanwhile.
+        let log = std::fs::read_to_string(Node::shared().await?.dir().join("kubelet.log"))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&old)).collect();
+        nanogate_e2e::progress!(
+            "[in-cluster] the old leader's pod left the API only {gone:.1}s after its deletion; \
+             the kubelet's last lines about it:\n{}",
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        );
+    }
     let operators = two_ready_operators(&pods).await?;
     ensure!(
         !operators.iter().any(|p| name(p) == name(&leader)),
@@ -651,13 +688,18 @@ spec:
     .await?;
     nanogate_e2e::progress!(
         "[in-cluster] leader pod deleted: {} ({}) took over in {took_over:.1}s, the sidecar \
-         reconnected at {reconnected:.1}s, 2/2 Ready again at {:.1}s",
+         reconnected at {reconnected:.1}s; the old leader's container stopped by {}, its pod \
+         left the API at {gone:.1}s; 2/2 Ready again at {:.1}s",
         name(&new_leader),
         if name(&new_leader) == name(&follower) {
             "the follower"
         } else {
             "the replacement pod"
         },
+        exited
+            .into_inner()
+            .expect("lock")
+            .map_or("its removal".to_string(), |t| format!("{t:.1}s")),
         secs(step)
     );
     Ok(())
