@@ -31,6 +31,9 @@
 //! containers' shims outlive any parent; it records what it found, and its teardown — on drop,
 //! by its reaper process when the test process exits, or by the next run — undoes it (see
 //! [`node`]). One node runs per machine at a time (a lock file; a second starter waits).
+//!
+//! [`LocalOperator`] (module [`local_operator`]) installs nanogate for the node's pods as
+//! `make demo` does: webhooks by URL, the operator as a local process, its hub on the bridge.
 
 /// Progress line on the real stderr: the test harness captures `eprintln!`, but how long setup
 /// took and where the binaries came from should show on every run.
@@ -46,6 +49,7 @@ mod assets;
 mod cluster;
 pub mod images;
 pub mod kubelet;
+pub mod local_operator;
 mod namespace;
 pub mod node;
 pub mod podman;
@@ -54,6 +58,7 @@ pub mod service_network;
 
 pub use assets::k8s_assets;
 pub use cluster::ControlPlane;
+pub use local_operator::LocalOperator;
 pub use namespace::TestNamespace;
 pub use node::Node;
 pub use process::Process;

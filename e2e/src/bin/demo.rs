@@ -13,15 +13,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kube::api::DynamicObject;
 use nanogate_e2e::images::images;
+use nanogate_e2e::local_operator::{
+    EXAMPLE_DEPLOYMENT, apply_in_namespace, example_gateway_yaml, wait_gateway_ready,
+};
 use nanogate_e2e::node::HOST_IP;
-use nanogate_e2e::{ControlPlane, Node, Process, apply_yaml, wait_for};
+use nanogate_e2e::{ControlPlane, LocalOperator, Node, wait_for};
 use nanogate_tests::platform::PlatformServer;
 use serde_json::Value;
 
 const NAMESPACE: &str = "demo";
-const OPERATOR_NAMESPACE: &str = "nanogate-system";
 const API_KEY: &str = "demo-api-key-not-a-secret";
 const STEPS: usize = 9;
 
@@ -116,42 +117,20 @@ async fn run(
         3,
         "installing nanogate: CRD, namespace, webhook configurations (by URL), operator",
     );
-    let (webhook_port, hub_port, admin_port) = (
-        nanogate_e2e::free_port()?,
-        nanogate_e2e::free_port()?,
-        nanogate_e2e::free_port()?,
-    );
-    nanogate_e2e::install_crd(cp)?;
-    apply_yaml(cp.kubeconfig_path(), &install_objects(webhook_port))?;
+    let operator = LocalOperator::install(cp, &bin_dir.join("nanogate-operator")).await?;
     note(
         "CRD agentgateways.nanogate.io, namespace nanogate-system, MutatingWebhookConfiguration nanogate-injector, ValidatingWebhookConfiguration nanogate-validator",
     );
     note(
         "(the Helm chart installs the same objects and runs the operator as pods; here it is a local process, which the node's pods reach at the bridge address)",
     );
-    let mut operator = start_operator(cp, bin_dir, webhook_port, hub_port, admin_port)?;
-    wait_for(
-        "the operator to patch the webhook caBundle",
-        Duration::from_secs(60),
-        || {
-            let out = cp.kubectl(&[
-                "get",
-                "mutatingwebhookconfiguration",
-                "nanogate-injector",
-                "-o",
-                "jsonpath={.webhooks[0].clientConfig.caBundle}",
-            ]);
-            let exited = operator.exited();
-            async move {
-                if let Some(status) = exited {
-                    bail!("the operator exited ({status})");
-                }
-                Ok(out.ok().filter(|b| !b.is_empty()).map(|_| ()))
-            }
-        },
-    )
-    .await
-    .map_err(|e| e.context(operator.log_tail(20)))?;
+    note(&format!(
+        "operator: webhook 127.0.0.1:{}, hub {}, metrics http://127.0.0.1:{}/metrics, log {}",
+        operator.webhook_port,
+        operator.hub_addr(),
+        operator.admin_port,
+        operator.log().display()
+    ));
     note("operator ready: it made its CA and serving certificate and patched caBundle itself");
 
     say(
@@ -166,24 +145,21 @@ async fn run(
         "kubectl apply -n demo -f examples/k8s/agentgateway.yaml (platform URL and API key filled in)",
     );
     cp.kubectl(&["create", "namespace", NAMESPACE])?;
-    let gateway_yaml = std::fs::read_to_string(root.join("examples/k8s/agentgateway.yaml"))?
-        .replace("https://platform.example/api", &platform.url())
-        .replace("replace-me", API_KEY);
-    apply_in_namespace(cp, &gateway_yaml)?;
+    apply_in_namespace(
+        cp,
+        NAMESPACE,
+        &example_gateway_yaml(&platform.url(), API_KEY)?,
+    )?;
     let gateways = nanogate_e2e::agentgateways(client, NAMESPACE);
-    wait_for("gateway shop Ready", Duration::from_secs(60), || {
-        let gateways = gateways.clone();
-        async move { Ok(condition(&gateways.get("shop").await?, "Ready").filter(|s| s == "True")) }
-    })
-    .await?;
+    wait_gateway_ready(client, NAMESPACE, "shop").await?;
     note("AgentGateway shop: Ready=True, ConfigMap shop-agent-config written by the operator");
 
     say(
         6,
         "kubectl apply -n demo -f examples/k8s/deployment.yaml (annotated nanogate.io/inject; the app runs as UID 10001, no fsGroup)",
     );
-    let deployment_yaml = std::fs::read_to_string(root.join("examples/k8s/deployment.yaml"))?;
-    apply_in_namespace(cp, &deployment_yaml)?;
+    let deployment_yaml = std::fs::read_to_string(root.join(EXAMPLE_DEPLOYMENT))?;
+    apply_in_namespace(cp, NAMESPACE, &deployment_yaml)?;
     let pod_name = wait_for(
         "the shop-orders pod 2/2 Running and Ready",
         Duration::from_secs(120),
@@ -192,11 +168,9 @@ async fn run(
                 "get", "pods", "-n", NAMESPACE, "-l", "app=shop-orders", "-o",
                 "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.status.containerStatuses[*].ready}{\"\\n\"}{end}",
             ]);
-            let exited = operator.exited();
+            let running = operator.ensure_running();
             async move {
-                if let Some(status) = exited {
-                    bail!("the operator exited ({status})");
-                }
+                running?;
                 Ok(out?.lines().find_map(|line| {
                     let mut words = line.split_whitespace();
                     let name = words.next()?;
@@ -345,111 +319,7 @@ async fn run(
     Ok(())
 }
 
-/// `kubectl apply -n demo -f -` of `yaml`.
-fn apply_in_namespace(cp: &ControlPlane, yaml: &str) -> Result<()> {
-    let file = cp
-        .dir()
-        .join(format!("demo-{:08x}.yaml", rand::random::<u32>()));
-    std::fs::write(&file, yaml)?;
-    cp.kubectl(&["apply", "-n", NAMESPACE, "-f", &file.display().to_string()])?;
-    Ok(())
-}
-
 /// The app's `data` of a message the platform received.
 fn message_data(message: &Value) -> &Value {
     &message["data"]
-}
-
-fn condition(gw: &DynamicObject, kind: &str) -> Option<String> {
-    gw.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == kind)
-        .and_then(|c| c["status"].as_str().map(str::to_string))
-}
-
-fn start_operator(
-    cp: &ControlPlane,
-    bin_dir: &Path,
-    webhook: u16,
-    hub: u16,
-    admin: u16,
-) -> Result<Process> {
-    let args: Vec<String> = vec![
-        "run".into(),
-        format!("--admin-addr=127.0.0.1:{admin}"),
-        format!("--operator-namespace={OPERATOR_NAMESPACE}"),
-        format!("--lease-namespace={OPERATOR_NAMESPACE}"),
-        format!("--webhook-addr=127.0.0.1:{webhook}"),
-        format!("--hub-addr={HOST_IP}:{hub}"),
-        format!("--hub-advertise={HOST_IP}:{hub}"),
-        format!("--extra-sans=127.0.0.1,{HOST_IP}"),
-        "--status-interval=2s".into(),
-    ];
-    let process = Process::spawn_with_env(
-        "nanogate-operator",
-        &bin_dir.join("nanogate-operator"),
-        &args,
-        &[
-            ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
-            ("RUST_LOG", "info".into()),
-        ],
-        cp.dir(),
-    )?;
-    note(&format!(
-        "operator: webhook 127.0.0.1:{webhook}, hub {HOST_IP}:{hub}, metrics http://127.0.0.1:{admin}/metrics, log {}",
-        process.log.display()
-    ));
-    Ok(process)
-}
-
-/// What the Helm chart installs besides the operator Deployment, with the webhooks registered
-/// by URL (the operator runs on this machine, not behind a Service).
-fn install_objects(webhook_port: u16) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: {OPERATOR_NAMESPACE}
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: nanogate-injector
-webhooks:
-- name: inject.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{webhook_port}/mutate
-  rules:
-  - operations: ["CREATE"]
-    apiGroups: [""]
-    apiVersions: ["v1"]
-    resources: ["pods"]
-  namespaceSelector:
-    matchExpressions:
-    - {{key: nanogate.io/system, operator: DoesNotExist}}
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
-metadata:
-  name: nanogate-validator
-webhooks:
-- name: validate.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{webhook_port}/validate
-  rules:
-  - operations: ["CREATE", "UPDATE"]
-    apiGroups: ["nanogate.io"]
-    apiVersions: ["v1alpha1"]
-    resources: ["agentgateways"]
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
-"#
-    )
 }
