@@ -30,6 +30,14 @@
 //!   container only after the hook returns, so apps find the socket ready. Init containers
 //!   run before any regular container, so in legacy mode they get the env and mount but no
 //!   agent to talk to.
+//! - Shutdown: the kubelet kills the agent when the pod's `terminationGracePeriodSeconds` (30 s
+//!   by default) has passed since SIGTERM, and the agent must have reported what it leaves
+//!   behind by then (`left_behind`, issue 15). Its default `--shutdown-deadline` (20 s) fits a
+//!   grace period of [`AGENT_SHUTDOWN_DEADLINE_SECONDS`] + [`SHUTDOWN_REPORT_SECONDS`] or more;
+//!   for a shorter one the injector sets `NANOGATE_SHUTDOWN_DEADLINE` to the grace period minus
+//!   [`SHUTDOWN_REPORT_SECONDS`] (at least 0 s: report at once). Seen on a real node: a pod with
+//!   a 10 s grace period lost its agent to SIGKILL with nothing reported
+//!   (`e2e/tests/real_pods.rs`).
 //! - Legacy mode in a run-to-completion pod (owned by a Job, or `restartPolicy` `Never` /
 //!   `OnFailure`): `NANOGATE_EXIT_WHEN_APPS_DONE=true` and `NANOGATE_APP_CONTAINERS=a,b,…`.
 //!   The agent must then flush and exit 0 once every listed container has terminated, so the
@@ -79,6 +87,17 @@ pub const HUB_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 /// once every app container has terminated; `NANOGATE_APP_CONTAINERS` lists them.
 pub const EXIT_WHEN_APPS_DONE_ENV: &str = "NANOGATE_EXIT_WHEN_APPS_DONE";
 pub const APP_CONTAINERS_ENV: &str = "NANOGATE_APP_CONTAINERS";
+/// Env var of the agent's shutdown deadline (`nano-agent --shutdown-deadline`), set when the
+/// pod's grace period is too short for the agent's default.
+pub const SHUTDOWN_DEADLINE_ENV: &str = "NANOGATE_SHUTDOWN_DEADLINE";
+/// The agent's default shutdown deadline, in seconds.
+pub const AGENT_SHUTDOWN_DEADLINE_SECONDS: i64 = 20;
+/// What the agent needs after its deadline, within the pod's grace period: the `left_behind`
+/// notification (up to 2 s with a slow hub), its `Bye` and the hub's close (up to 1.5 s), the
+/// final spool fsync and the exit.
+pub const SHUTDOWN_REPORT_SECONDS: i64 = 5;
+/// Kubernetes' default `terminationGracePeriodSeconds`.
+const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// The non-root UID/GID the sidecar runs as (the distroless `nonroot` user).
 pub const SIDECAR_UID: i64 = 65532;
@@ -738,6 +757,14 @@ fn sidecar_container(
         json!({"name": "NANOGATE_ADMIN_PORT", "value": cfg.admin_port.to_string()}),
         json!({"name": "NANOGATE_LOG_LEVEL", "value": cfg.log_level}),
     ]);
+    if let Some(seconds) = shutdown_deadline_seconds(pod) {
+        env.push(json!({"name": SHUTDOWN_DEADLINE_ENV, "value": format!("{seconds}s")}));
+        if seconds == 0 {
+            warnings.push(format!(
+                "nanogate: terminationGracePeriodSeconds is shorter than {SHUTDOWN_REPORT_SECONDS}s: the sidecar gets no time to deliver what it holds at shutdown, and may not report what it leaves behind"
+            ));
+        }
+    }
     if let Some(token) = &cfg.tcp_token_secret {
         env.push(
             json!({"name": "NANOGATE_TCP_TOKEN", "valueFrom": {"secretKeyRef": {
@@ -818,6 +845,18 @@ fn sidecar_container(
         );
     }
     c
+}
+
+/// The shutdown deadline (seconds) the sidecar of `pod` needs when the agent's default does not
+/// fit in the pod's grace period (see the contract at the top); `None` when it fits.
+fn shutdown_deadline_seconds(pod: &Pod) -> Option<i64> {
+    let grace = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(DEFAULT_GRACE_SECONDS);
+    let fits = grace.saturating_sub(SHUTDOWN_REPORT_SECONDS).max(0);
+    (fits < AGENT_SHUTDOWN_DEADLINE_SECONDS).then_some(fits)
 }
 
 fn resources(pod: &Pod, defaults: &SidecarResources, warnings: &mut Vec<String>) -> Value {
@@ -940,6 +979,23 @@ mod tests {
                 "protected_namespace"
             ]
         );
+    }
+
+    #[test]
+    fn shutdown_deadline_fits_the_grace_period() {
+        let pod = |grace: Option<i64>| -> Pod {
+            serde_json::from_value(json!({
+                "spec": {"terminationGracePeriodSeconds": grace, "containers": []}
+            }))
+            .unwrap()
+        };
+        assert_eq!(shutdown_deadline_seconds(&pod(None)), None, "30 s default");
+        assert_eq!(shutdown_deadline_seconds(&pod(Some(25))), None);
+        assert_eq!(shutdown_deadline_seconds(&pod(Some(120))), None);
+        assert_eq!(shutdown_deadline_seconds(&pod(Some(24))), Some(19));
+        assert_eq!(shutdown_deadline_seconds(&pod(Some(10))), Some(5));
+        assert_eq!(shutdown_deadline_seconds(&pod(Some(3))), Some(0));
+        assert_eq!(shutdown_deadline_seconds(&pod(Some(0))), Some(0));
     }
 
     #[test]
