@@ -877,16 +877,16 @@ async fn deleted_with_the_platform_down(prefix: &str, grace_seconds: i64) -> Res
     s.kubectl(&["delete", "pod", "doomed", "--wait=false"])?;
     // Until the pod is gone: the last agent status the kubelet reported.
     let pods = s.pods();
-    let mut agent_end = None;
+    let (mut agent_end, mut app_end) = (None, None);
     wait_for("pod doomed gone", Duration::from_secs(90), || {
         let pod = s.kubectl(&["get", "pod", "doomed", "-o", "json", "--ignore-not-found"]);
-        let seen = pod.as_deref().ok().and_then(|p| {
-            let pod: Pod = serde_json::from_str(p).ok()?;
-            status_of(&pod, AGENT)?.state?.terminated
-        });
-        if seen.is_some() {
-            agent_end = seen;
-        }
+        let pod: Option<Pod> = pod.ok().and_then(|p| serde_json::from_str(&p).ok());
+        let ended = |name: &str| {
+            let state = status_of(pod.as_ref()?, name)?.state?;
+            state.terminated
+        };
+        agent_end = ended(AGENT).or(agent_end.take());
+        app_end = ended(APP).or(app_end.take());
         let pods = pods.clone();
         async move { Ok(pods.get_opt("doomed").await?.is_none().then_some(())) }
     })
@@ -986,8 +986,9 @@ async fn deleted_with_the_platform_down(prefix: &str, grace_seconds: i64) -> Res
         .with_context(|| format!("no LEFT-BEHIND column:\n{table}"))?;
     assert_eq!(row.get(column), Some(&"10"), "{table}");
     progress!(
-        "[real-pods] {prefix}: grace {grace_seconds}s, {stopping} (exit {:?}), pod gone {:.1}s after delete, leftBehind {left} after {:.1}s; event: {}",
+        "[real-pods] {prefix}: grace {grace_seconds}s, {stopping} (exit {:?}; the app's exit {:?}), pod gone {:.1}s after delete, leftBehind {left} after {:.1}s; event: {}",
         agent_end.map(|t| t.exit_code),
+        app_end.map(|t| t.exit_code),
         gone.as_secs_f64(),
         counted.as_secs_f64(),
         events.1
