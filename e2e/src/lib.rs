@@ -240,11 +240,28 @@ pub fn webhook_configurations(
     port: u16,
     failure_policy: &str,
 ) -> String {
+    webhook_configurations_for(
+        [name, name],
+        &format!("matchLabels: {{{label}: {ns}}}"),
+        port,
+        failure_policy,
+    )
+}
+
+/// A Mutating (pods) and a Validating (AgentGateways) webhook configuration named `names`
+/// (mutating, validating), calling the operator on loopback `port` by URL, for the namespaces
+/// `namespace_selector` (one line of YAML, e.g. `matchLabels: {a: b}`) selects.
+pub fn webhook_configurations_for(
+    [mutating, validating]: [&str; 2],
+    namespace_selector: &str,
+    port: u16,
+    failure_policy: &str,
+) -> String {
     format!(
         r#"apiVersion: admissionregistration.k8s.io/v1
 kind: MutatingWebhookConfiguration
 metadata:
-  name: {name}
+  name: {mutating}
 webhooks:
 - name: inject.nanogate.io
   clientConfig:
@@ -255,7 +272,7 @@ webhooks:
     apiVersions: ["v1"]
     resources: ["pods"]
   namespaceSelector:
-    matchLabels: {{{label}: {ns}}}
+    {namespace_selector}
   failurePolicy: {failure_policy}
   sideEffects: None
   timeoutSeconds: 5
@@ -265,7 +282,7 @@ webhooks:
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingWebhookConfiguration
 metadata:
-  name: {name}
+  name: {validating}
 webhooks:
 - name: validate.nanogate.io
   clientConfig:
@@ -276,7 +293,7 @@ webhooks:
     apiVersions: ["v1alpha1"]
     resources: ["agentgateways"]
   namespaceSelector:
-    matchLabels: {{{label}: {ns}}}
+    {namespace_selector}
   failurePolicy: {failure_policy}
   sideEffects: None
   timeoutSeconds: 5

@@ -177,69 +177,54 @@ pub fn condition(gw: &DynamicObject, kind: &str) -> Option<String> {
 
 /// Waits until gateway `name` of `ns` is `Ready=True`.
 pub async fn wait_gateway_ready(client: &kube::Client, ns: &str, name: &str) -> Result<()> {
+    wait_gateway(client, ns, name, "Ready", |gw| {
+        condition(gw, "Ready").is_some_and(|s| s == "True")
+    })
+    .await
+}
+
+/// Waits until gateway `name` of `ns` counts `n` sidecars connected to the hub
+/// (`status.sidecars.connected`).
+pub async fn wait_sidecars_connected(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    n: i64,
+) -> Result<()> {
+    wait_gateway(client, ns, name, &format!("{n} sidecars connected"), |gw| {
+        gw.data["status"]["sidecars"]["connected"] == n
+    })
+    .await
+}
+
+async fn wait_gateway(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    done: impl Fn(&DynamicObject) -> bool,
+) -> Result<()> {
     let gateways = crate::agentgateways(client, ns);
+    let (gateways, done) = (&gateways, &done);
     wait_for(
-        &format!("gateway {ns}/{name} Ready"),
+        &format!("gateway {ns}/{name}: {what}"),
         Duration::from_secs(60),
-        || {
-            let gateways = gateways.clone();
-            async move {
-                Ok(condition(&gateways.get(name).await?, "Ready")
-                    .filter(|s| s == "True")
-                    .map(|_| ()))
-            }
-        },
+        || async move { Ok(done(&gateways.get(name).await?).then_some(())) },
     )
     .await
 }
 
 /// What the Helm chart installs besides the operator Deployment, with the webhooks registered
-/// by URL (the operator runs on this machine, not behind a Service).
+/// by URL (the operator runs on this machine, not behind a Service): every namespace but those
+/// labelled `nanogate.io/system`, failures ignored, as the chart's.
 fn install_objects(webhook_port: u16) -> String {
+    let webhooks = crate::webhook_configurations_for(
+        ["nanogate-injector", "nanogate-validator"],
+        "matchExpressions: [{key: nanogate.io/system, operator: DoesNotExist}]",
+        webhook_port,
+        "Ignore",
+    );
     format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: {OPERATOR_NAMESPACE}
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: nanogate-injector
-webhooks:
-- name: inject.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{webhook_port}/mutate
-  rules:
-  - operations: ["CREATE"]
-    apiGroups: [""]
-    apiVersions: ["v1"]
-    resources: ["pods"]
-  namespaceSelector:
-    matchExpressions:
-    - {{key: nanogate.io/system, operator: DoesNotExist}}
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
-metadata:
-  name: nanogate-validator
-webhooks:
-- name: validate.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{webhook_port}/validate
-  rules:
-  - operations: ["CREATE", "UPDATE"]
-    apiGroups: ["nanogate.io"]
-    apiVersions: ["v1alpha1"]
-    resources: ["agentgateways"]
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
-"#
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {OPERATOR_NAMESPACE}}}\n---\n{webhooks}"
     )
 }

@@ -25,7 +25,9 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use nanogate_e2e::images::{Images, images};
-use nanogate_e2e::local_operator::{apply_in_namespace, example_gateway_yaml, wait_gateway_ready};
+use nanogate_e2e::local_operator::{
+    apply_in_namespace, example_gateway_yaml, wait_gateway_ready, wait_sidecars_connected,
+};
 use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
 use nanogate_e2e::{ControlPlane, LocalOperator, Node, TestNamespace, progress, wait_for};
 use nanogate_tests::platform::PlatformServer;
@@ -849,18 +851,7 @@ async fn deleted_with_the_platform_down(prefix: &str, grace_seconds: i64) -> Res
     .await?;
     ensure!(s.received_from("doomed").is_empty(), "the platform is down");
     let gateways = nanogate_e2e::agentgateways(&s.client, s.ns());
-    wait_for(
-        "the sidecar connected to the hub",
-        Duration::from_secs(60),
-        || {
-            let gateways = gateways.clone();
-            async move {
-                let gw = gateways.get("shop").await?;
-                Ok((gw.data["status"]["sidecars"]["connected"] == 1).then_some(()))
-            }
-        },
-    )
-    .await?;
+    wait_sidecars_connected(&s.client, s.ns(), "shop", 1).await?;
 
     // The agent's log, followed until the container ends (the pod and its logs go away).
     let log_file = s

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use nanogate_e2e::images::images;
 use nanogate_e2e::local_operator::{
     EXAMPLE_DEPLOYMENT, apply_in_namespace, example_gateway_yaml, wait_gateway_ready,
+    wait_sidecars_connected,
 };
 use nanogate_e2e::node::HOST_IP;
 use nanogate_e2e::{ControlPlane, LocalOperator, Node, wait_for};
@@ -150,7 +151,6 @@ async fn run(
         NAMESPACE,
         &example_gateway_yaml(&platform.url(), API_KEY)?,
     )?;
-    let gateways = nanogate_e2e::agentgateways(client, NAMESPACE);
     wait_gateway_ready(client, NAMESPACE, "shop").await?;
     note("AgentGateway shop: Ready=True, ConfigMap shop-agent-config written by the operator");
 
@@ -290,21 +290,7 @@ async fn run(
         9,
         "fleet health, reported by the sidecar to the operator's hub",
     );
-    wait_for(
-        "the gateway status to show 1/1 sidecars connected",
-        Duration::from_secs(60),
-        || {
-            let gateways = gateways.clone();
-            async move {
-                let gw = gateways.get("shop").await?;
-                let connected = gw.data["status"]["sidecars"]["connected"]
-                    .as_i64()
-                    .unwrap_or(0);
-                Ok((connected >= 1).then_some(()))
-            }
-        },
-    )
-    .await?;
+    wait_sidecars_connected(client, NAMESPACE, "shop", 1).await?;
     show(cp, &["get", "agentgateways", "-n", NAMESPACE])?;
 
     cp.kubectl(&[
