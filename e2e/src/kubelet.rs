@@ -6,6 +6,14 @@
 //! Paths inside the container (mount points) are mapped to directories under `workdir`, and env
 //! values that point into a mount point are rewritten accordingly, so the agent runs exactly
 //! the configuration the webhook injected.
+//!
+//! Pods really run on the real node ([`crate::Node`]: `make demo`, `tests/real_pods.rs`,
+//! `tests/in_cluster.rs`). This stand-in stays only where a test needs the agent as a process
+//! of its own, which a container does not give: `hub.rs` runs many agents of one gateway
+//! against a host-process operator and forges and re-signs their tokens; `failover.rs` kills
+//! and restarts a specific agent while the hub leader moves, reading its admin port on
+//! loopback; `chart.rs` needs the workspace's debug binary scraped by a host Prometheus for
+//! every dashboard series. None of them checks what only a kubelet does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
