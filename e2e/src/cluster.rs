@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -253,29 +253,15 @@ impl ControlPlane {
     }
 
     fn fail_if_exited(&self) -> Result<()> {
-        let mut processes = self.processes.lock().expect("process list lock");
-        for process in processes.iter_mut() {
-            if let Some(status) = process.exited() {
-                bail!(
-                    "{} exited early ({status}):\n{}",
-                    process.name,
-                    process.log_tail(20)
-                );
-            }
-        }
-        Ok(())
+        crate::process::fail_if_any_exited(&mut self.processes.lock().expect("process list lock"))
     }
 
     fn with_logs(&self, error: anyhow::Error) -> anyhow::Error {
-        let processes = self.processes.lock().expect("process list lock");
-        let logs: Vec<String> = processes
-            .iter()
-            .map(|p| format!("--- {} ({}):\n{}", p.name, p.log.display(), p.log_tail(15)))
-            .collect();
-        error.context(format!(
-            "control plane did not become ready\n{}",
-            logs.join("\n")
-        ))
+        crate::process::with_logs(
+            &self.processes.lock().expect("process list lock"),
+            "control plane did not become ready",
+            error,
+        )
     }
 }
 

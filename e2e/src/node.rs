@@ -524,26 +524,17 @@ impl Node {
     }
 
     fn fail_if_exited(&self) -> Result<()> {
-        let mut processes = self.processes.lock().unwrap_or_else(|e| e.into_inner());
-        for process in processes.iter_mut() {
-            if let Some(status) = process.exited() {
-                bail!(
-                    "{} exited early ({status}):\n{}",
-                    process.name,
-                    process.log_tail(20)
-                );
-            }
-        }
-        Ok(())
+        crate::process::fail_if_any_exited(
+            &mut self.processes.lock().unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     fn with_logs(&self, error: anyhow::Error) -> anyhow::Error {
-        let processes = self.processes.lock().unwrap_or_else(|e| e.into_inner());
-        let logs: Vec<String> = processes
-            .iter()
-            .map(|p| format!("--- {} ({}):\n{}", p.name, p.log.display(), p.log_tail(15)))
-            .collect();
-        error.context(format!("the real node did not start\n{}", logs.join("\n")))
+        crate::process::with_logs(
+            &self.processes.lock().unwrap_or_else(|e| e.into_inner()),
+            "the real node did not start",
+            error,
+        )
     }
 
     fn kubelet_running(&self) -> bool {

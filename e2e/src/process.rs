@@ -188,3 +188,27 @@ pub fn pid_alive(pid: i32) -> bool {
 pub fn kill_pid(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
+
+/// Fails naming the first of `processes` that has exited, with the tail of its log: a
+/// start-up wait stops at once instead of timing out.
+pub(crate) fn fail_if_any_exited(processes: &mut [Process]) -> anyhow::Result<()> {
+    for process in processes.iter_mut() {
+        if let Some(status) = process.exited() {
+            anyhow::bail!(
+                "{} exited early ({status}):\n{}",
+                process.name,
+                process.log_tail(20)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `error` with `what` failed and the tail of every process's log as context.
+pub(crate) fn with_logs(processes: &[Process], what: &str, error: anyhow::Error) -> anyhow::Error {
+    let logs: Vec<String> = processes
+        .iter()
+        .map(|p| format!("--- {} ({}):\n{}", p.name, p.log.display(), p.log_tail(15)))
+        .collect();
+    error.context(format!("{what}\n{}", logs.join("\n")))
+}
