@@ -90,29 +90,112 @@ impl<'de> Deserialize<'de> for TagCount {
     }
 }
 
-/// `context` of a message. Unknown fields are ignored.
-#[derive(Debug, Default, Deserialize)]
+/// `context` of a message. Unknown fields pass through (read as [`AnyValue`]).
+#[derive(Debug, Default)]
 pub struct Context<'a> {
-    #[serde(default)]
     pub tags: Option<TagCount>,
-    #[serde(default)]
     pub wait: Option<bool>,
-    #[serde(borrow, default)]
     pub entity: Option<CowStr<'a>>,
-    #[serde(default)]
     pub limit: Option<u32>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Context<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Context<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a context object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut c = Context::default();
+                let [mut tags, mut wait, mut entity, mut limit] = [false; 4];
+                while let Some(key) = map.next_key::<CowStr<'de>>()? {
+                    match key.as_str() {
+                        "tags" => {
+                            first_time(&mut tags, "tags")?;
+                            c.tags = map.next_value()?;
+                        }
+                        "wait" => {
+                            first_time(&mut wait, "wait")?;
+                            c.wait = map.next_value()?;
+                        }
+                        "entity" => {
+                            first_time(&mut entity, "entity")?;
+                            c.entity = map.next_value()?;
+                        }
+                        "limit" => {
+                            first_time(&mut limit, "limit")?;
+                            c.limit = map.next_value()?;
+                        }
+                        _ => {
+                            map.next_value::<AnyValue>()?;
+                        }
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Any JSON value, read the way a platform's parser reads it, then dropped. serde's
+/// `IgnoredAny` and `RawValue` skip a number without converting it, so `1e400` would pass
+/// here and be refused by the platform (serde_json and Go's encoding/json both refuse a
+/// number beyond a 64-bit float); this converts every number, so the sidecar accepts
+/// exactly what such a parser accepts.
+struct AnyValue;
+
+impl<'de> Deserialize<'de> for AnyValue {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyValue)
+    }
+}
+
+impl<'de> Visitor<'de> for AnyValue {
+    type Value = AnyValue;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<AnyValue, A::Error> {
+        while seq.next_element::<AnyValue>()?.is_some() {}
+        Ok(AnyValue)
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<AnyValue, A::Error> {
+        while map.next_entry::<AnyValue, AnyValue>()?.is_some() {}
+        Ok(AnyValue)
+    }
 }
 
 /// A message as the app wrote it, before validation. Only what the sidecar checks is
 /// decoded; the message itself travels upstream as the app's own bytes (see
 /// [`Publish::write_envelope`]), so unknown fields pass through untouched.
 ///
-/// Every top-level value is first taken as raw JSON text, which checks its syntax and UTF-8
-/// once, and the fields the sidecar needs are decoded from that text. So whatever this parse
-/// accepts, the envelope can copy: stamping never parses again.
+/// Every value is read the way a platform's parser would read it (values the sidecar does not
+/// need as [`AnyValue`]), and [`accept`] checks the UTF-8 of the whole text once. So whatever
+/// this parse accepts, the envelope can copy and the platform can parse: stamping never
+/// parses again.
 #[derive(Debug, Default)]
 pub struct RawMessage<'a> {
-    pub data: Option<&'a RawValue>,
     pub context: Option<Context<'a>>,
     pub msg_type: Option<CowStr<'a>>,
     pub dest: Option<CowStr<'a>>,
@@ -169,7 +252,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
                         }
                         "data" => {
                             first_time(&mut data, "data")?;
-                            m.data = Some(map.next_value()?);
+                            map.next_value::<AnyValue>()?;
                         }
                         "dest" => {
                             first_time(&mut dest, "dest")?;
@@ -182,11 +265,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
                         "source" => {
                             first_time(&mut source, "source")?;
                             m.source = true;
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<AnyValue>()?;
                         }
                         // Skipped without a UTF-8 check: `accept` checks the whole message.
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<AnyValue>()?;
                         }
                     }
                 }
@@ -706,6 +789,17 @@ fn decode_value<'a>(value: &'a [u8], framer: &Framer, limits: &Limits) -> Decode
         Err(e) if e.is_data() => Decoded::Rejected(AppError::InvalidMessage(
             strip_location(&e.to_string()).to_owned(),
         )),
+        // Well-formed (the parse that skips values accepts it) yet refused by the one that
+        // reads them: a number beyond a 64-bit float, since depth and lone surrogates were
+        // refused above. The framer knows where the value ends: the connection goes on.
+        Err(e) if serde_json::from_slice::<IgnoredAny>(value).is_ok() => {
+            Decoded::Rejected(not_utf8(value).unwrap_or_else(|| {
+                AppError::InvalidMessage(format!(
+                    "a number is beyond the range of a 64-bit float (about ±1.8e308), which \
+                     JSON parsers refuse; send it as a string ({e})"
+                ))
+            }))
+        }
         Err(e) => Decoded::Fatal(AppError::InvalidJson(e.to_string())),
     }
 }
@@ -767,13 +861,10 @@ fn decode_whole<'a>(rest: &'a [u8], limits: &Limits) -> Option<(usize, Decoded<'
 /// out (before it is accepted, so a message whose entries cannot be found is refused, never
 /// written wrong).
 fn accept<'a>(message: RawMessage<'a>, value: &'a [u8], limits: &Limits) -> Decoded<'a> {
-    // serde_json skips ignored strings (unknown fields, anywhere) without checking their
-    // UTF-8, and the envelope copies them: one check over the whole message instead.
-    if let Err(e) = std::str::from_utf8(value) {
-        return Decoded::Rejected(AppError::InvalidMessage(format!(
-            "not valid UTF-8 at byte {}; JSON text is UTF-8",
-            e.valid_up_to()
-        )));
+    // The envelope copies the message's bytes: one UTF-8 check over all of them, whatever
+    // the parse looked at.
+    if let Some(refused) = not_utf8(value) {
+        return Decoded::Rejected(refused);
     }
     let rebuild = message.source || matches!(message.timestamp, Some(None));
     let mut request = match validate(message, value, limits) {
@@ -791,6 +882,15 @@ fn accept<'a>(message: RawMessage<'a>, value: &'a [u8], limits: &Limits) -> Deco
         }
     }
     Decoded::Request(request)
+}
+
+/// Refuses a value that is not UTF-8, saying where.
+fn not_utf8(value: &[u8]) -> Option<AppError> {
+    let e = std::str::from_utf8(value).err()?;
+    Some(AppError::InvalidMessage(format!(
+        "not valid UTF-8 at byte {}; JSON text is UTF-8",
+        e.valid_up_to()
+    )))
 }
 
 /// The byte ranges of `value` its envelope leaves out (see [`Publish::cuts`]).
@@ -1143,7 +1243,13 @@ mod tests {
             ),
             (b"{nope", &["fatal invalid_json"]),
             (b"{\"msg_type\":\"publish\"", &["finish truncated"]),
-            (b"{\"msg_type\":\"pub\xfflish\"}", &["fatal invalid_json"]),
+            (
+                b"{\"msg_type\":\"pub\xfflish\"}{\"msg_type\":\"msg_check\"}",
+                &[
+                    "rejected invalid message: not valid UTF-8 at byte 16; JSON text is UTF-8",
+                    "msg_check 1",
+                ],
+            ),
             (b"\x00\x01\x02", &["fatal invalid_json"]),
             (b"   \n ", &[]),
         ];
@@ -1154,6 +1260,49 @@ mod tests {
                 "input {:?}",
                 String::from_utf8_lossy(input)
             );
+        }
+    }
+
+    /// JSON's grammar allows any number, but the parsers platforms use (serde_json, Go's
+    /// encoding/json) refuse one beyond a 64-bit float's range. Such a message is refused
+    /// wherever the number is (data, an unknown field, `context`, `source`), the connection
+    /// goes on, and every message that is accepted parses as a `serde_json::Value`.
+    #[test]
+    fn numbers_beyond_a_float_are_refused_wherever_they_are() {
+        let long_integer = format!("{{\"msg_type\":\"publish\",\"data\":{}}}", "9".repeat(400));
+        let cases = [
+            r#"{"msg_type":"publish","data":1e400}"#.to_owned(),
+            r#"{"msg_type":"publish","data":[{"x":-2E+309}]}"#.to_owned(),
+            r#"{"msg_type":"publish","extra":{"y":1e999}}"#.to_owned(),
+            r#"{"msg_type":"publish","context":{"wait":false,"other":[1e400]}}"#.to_owned(),
+            r#"{"msg_type":"publish","source":1e400}"#.to_owned(),
+            long_integer,
+        ];
+        for case in &cases {
+            let input = format!("{case} {{\"msg_type\":\"msg_check\"}}");
+            let got = decode_all(input.as_bytes());
+            assert_eq!(got.len(), 2, "{case}: {got:?}");
+            assert!(
+                got[0].starts_with("rejected invalid message: a number is beyond"),
+                "{case}: {got:?}"
+            );
+            assert_eq!(got[1], "msg_check 1", "{case}");
+            let tcp = parse_message(case.as_bytes(), &Limits::default());
+            assert!(
+                matches!(tcp, Err(AppError::InvalidMessage(_))),
+                "{case}: {tcp:?}"
+            );
+        }
+        // In range, however written: accepted.
+        for ok in [
+            "1e308",
+            "-1.7976931348623157e308",
+            "1e-400",
+            "0e99999",
+            "123456789012345678901234567890",
+        ] {
+            let input = format!("{{\"msg_type\":\"publish\",\"data\":{ok}}}");
+            assert_eq!(decode_all(input.as_bytes()), ["publish wait=false"], "{ok}");
         }
     }
 

@@ -274,8 +274,15 @@ async fn bad_inputs_table() {
         (
             "non-UTF-8 bytes",
             b"{\"msg_type\":\"publish\",\"data\":\"\xff\xfe\"}".to_vec(),
-            err("invalid JSON: invalid unicode code point").replace("\"}", ""),
-            false,
+            err("invalid message: not valid UTF-8 at byte 30; JSON text is UTF-8"),
+            true,
+        ),
+        (
+            "a number beyond a 64-bit float",
+            br#"{"msg_type":"publish","data":{"t":1e400}}"#.to_vec(),
+            err("invalid message: a number is beyond the range of a 64-bit float")
+                .replace("\"}", ""),
+            true,
         ),
         (
             "binary garbage",
