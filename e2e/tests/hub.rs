@@ -283,6 +283,107 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
     Ok(())
 }
 
+/// What `kubectl get agw` shows as RECEIVED/S (and the status's delivered rate) is what an app
+/// really sends: an app publishes ~50 msgs/s for 20 s through a sidecar delivering to a real
+/// HTTP platform, and the rates in the status match the measured send rate (they were always 0:
+/// every frame marked the agent seen before its heartbeat was applied, so no time had passed).
+#[tokio::test]
+async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
+    let f = fleet("rates").await?;
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key("e2e-key").await?;
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"upstream": {"url": platform.url()}}})),
+    )
+    .await?;
+    // The pod is created after the change, so its sidecar starts with the platform's URL.
+    wait_for(
+        "the reconciler to apply the new URL",
+        Duration::from_secs(30),
+        || async {
+            Ok(agent_config(&f.client, f.ns.name())
+                .await?
+                .values()
+                .any(|v| v.contains(&platform.url()))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let agent = start_sidecar(&f, &pod, "app-1").await?;
+    wait_for(
+        "sidecar connected and healthy in the gateway status",
+        Duration::from_secs(20),
+        || async { Ok((sidecars(&f).await?["healthy"] == 1).then_some(())) },
+    )
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+
+    let socket = agent.socket.clone();
+    let publishing = tokio::task::spawn_blocking(move || -> Result<f64> {
+        use std::io::{Read as _, Write as _};
+        let started = Instant::now();
+        let mut sent = 0u32;
+        while started.elapsed() < Duration::from_secs(20) {
+            let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
+            c.write_all(br#"{"msg_type":"publish","data":{"temperature":21.5}}"#)?;
+            c.shutdown(std::net::Shutdown::Write)?;
+            c.read_to_end(&mut Vec::new())?;
+            sent += 1;
+            // ~50 msgs/s, paced on the clock so a slow loop catches up.
+            let due = started + Duration::from_millis(20) * sent;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        Ok(f64::from(sent) / started.elapsed().as_secs_f64())
+    });
+    // Read the rates while the app still publishes (the hub averages over the last minute, so
+    // after 16 s they cover 15 s of steady sending).
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let messages = api.get("shop").await?.data["status"]["messages"].clone();
+    let table = f.cp.kubectl(&["get", "agw", "shop", "-n", f.ns.name()])?;
+    let rate = publishing.await??;
+    let received = messages["receivedPerSecond"].as_f64().unwrap_or(0.0);
+    let delivered = messages["deliveredPerSecond"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "[hub] an app sent {rate:.1} msgs/s; status: received {received}/s, delivered \
+         {delivered}/s\n[hub] {}",
+        table.lines().collect::<Vec<_>>().join("\n[hub] ")
+    );
+    assert!(
+        (0.6 * rate..=1.4 * rate).contains(&received),
+        "receivedPerSecond {received} for {rate:.1} msgs/s sent: {messages}"
+    );
+    assert!(
+        (0.5 * rate..=1.5 * rate).contains(&delivered),
+        "deliveredPerSecond {delivered} for {rate:.1} msgs/s sent: {messages}"
+    );
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "RECEIVED/S")
+        .with_context(|| format!("no RECEIVED/S column:\n{table}"))?;
+    let shown: f64 = row.get(column).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(shown > 0.5 * rate, "RECEIVED/S shows {shown}:\n{table}");
+    assert!(
+        platform.received_count() > 0,
+        "the platform received the messages"
+    );
+    Ok(())
+}
+
 /// The reconciler and the hub's status writer both write whole statuses computed from what they
 /// read. While spec changes make the reconciler write and a sidecar's growing counts make the
 /// hub write every second, no stored version of the gateway may go back on either writer's

@@ -5,7 +5,7 @@
 //! record and counts never double; a closing connection removes the record only if it is still
 //! the connection that owns it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -29,12 +29,57 @@ struct AgentRecord {
     last_seen: Instant,
     heartbeat: Option<Heartbeat>,
     last_heartbeat_unix: Option<i64>,
-    /// Messages per second received and delivered by this agent, from its last two heartbeats.
-    received_rate: f64,
-    delivered_rate: f64,
+    /// This agent's counters as its heartbeats reported them over the last [`RATE_WINDOW`],
+    /// oldest first: the rates are taken from them.
+    samples: VecDeque<Sample>,
     /// When this agent last went from healthy to unhealthy, monotonic and as Unix seconds (the
     /// wall-clock value is taken once so `unhealthySidecars.since` stays stable between writes).
     unhealthy_since: Option<(Instant, i64)>,
+}
+
+/// The window the per-second rates in the status average over: long enough to smooth a
+/// 5 s heartbeat's jitter, short enough that a stopped app shows 0 within a minute.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// One heartbeat's counters and when it arrived.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    received: u64,
+    delivered: u64,
+    /// Refused at the socket, dead-lettered, or dropped to make room.
+    dropped: u64,
+}
+
+impl Sample {
+    fn of(heartbeat: &Heartbeat, at: Instant) -> Self {
+        Sample {
+            at,
+            received: heartbeat.received_total,
+            delivered: heartbeat.delivered_total,
+            dropped: heartbeat
+                .rejected_total
+                .saturating_add(heartbeat.dead_lettered_total)
+                .saturating_add(heartbeat.dropped_oldest_total),
+        }
+    }
+}
+
+/// Received, delivered and dropped per second between the oldest and newest sample.
+fn rates(samples: &VecDeque<Sample>) -> (f64, f64, f64) {
+    let (Some(old), Some(new)) = (samples.front(), samples.back()) else {
+        return (0.0, 0.0, 0.0);
+    };
+    let elapsed = new.at.duration_since(old.at).as_secs_f64();
+    if elapsed <= 0.0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let per_second = |new: u64, old: u64| new.saturating_sub(old) as f64 / elapsed;
+    (
+        per_second(new.received, old.received),
+        per_second(new.delivered, old.delivered),
+        per_second(new.dropped, old.dropped),
+    )
 }
 
 /// Aggregate of one gateway's connected sidecars.
@@ -47,8 +92,11 @@ pub struct FleetHealth {
     pub rejected_total: u64,
     pub dead_lettered_total: u64,
     pub dropped_oldest_total: u64,
+    /// Averages over [`RATE_WINDOW`].
     pub received_per_second: f64,
     pub delivered_per_second: f64,
+    /// Refused at the socket, dead-lettered or dropped to make room, per second.
+    pub dropped_per_second: f64,
     /// Most recent heartbeat from any sidecar, as Unix seconds.
     pub last_heartbeat_unix: Option<i64>,
     /// Sidecars whose upstream circuit is closed, out of those that reported one.
@@ -94,8 +142,7 @@ impl HealthIndex {
             last_seen: now,
             heartbeat: None,
             last_heartbeat_unix: None,
-            received_rate: 0.0,
-            delivered_rate: 0.0,
+            samples: VecDeque::new(),
             unhealthy_since: None,
         };
         self.write().insert(identity.agent_id, record);
@@ -111,18 +158,13 @@ impl HealthIndex {
         else {
             return;
         };
-        if let Some(previous) = &record.heartbeat {
-            let elapsed = now.duration_since(record.last_seen).as_secs_f64();
-            if elapsed > 0.0 {
-                let received = heartbeat
-                    .received_total
-                    .saturating_sub(previous.received_total);
-                let delivered = heartbeat
-                    .delivered_total
-                    .saturating_sub(previous.delivered_total);
-                record.received_rate = received as f64 / elapsed;
-                record.delivered_rate = delivered as f64 / elapsed;
-            }
+        record.samples.push_back(Sample::of(&heartbeat, now));
+        while record
+            .samples
+            .front()
+            .is_some_and(|s| now.duration_since(s.at) > RATE_WINDOW)
+        {
+            record.samples.pop_front();
         }
         record.last_seen = now;
         record.last_heartbeat_unix = Some(unix_now());
@@ -232,8 +274,10 @@ impl HealthIndex {
                     fleet.rejected_total += hb.rejected_total;
                     fleet.dead_lettered_total += hb.dead_lettered_total;
                     fleet.dropped_oldest_total += hb.dropped_oldest_total;
-                    fleet.received_per_second += record.received_rate;
-                    fleet.delivered_per_second += record.delivered_rate;
+                    let (received, delivered, dropped) = rates(&record.samples);
+                    fleet.received_per_second += received;
+                    fleet.delivered_per_second += delivered;
+                    fleet.dropped_per_second += dropped;
                     fleet.last_heartbeat_unix =
                         fleet.last_heartbeat_unix.max(record.last_heartbeat_unix);
                     *fleet
@@ -340,6 +384,45 @@ pub(crate) mod tests {
     }
 
     const SILENCE: Duration = Duration::from_secs(15);
+
+    /// As the connection calls it: every frame marks the agent seen before a heartbeat is
+    /// applied, so the rate cannot be taken from `last_seen` (it was always 0).
+    #[test]
+    fn rates_are_averaged_over_the_window_whatever_else_the_agent_sent() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        let mut hb = heartbeat(0, AgentStatus::Ready, "closed");
+        for step in 0..=30u64 {
+            let at = t0 + Duration::from_secs(5 * step);
+            // 50 msgs/s received, 40 delivered, 1 rejected and 1 dead-lettered every 5 s.
+            hb.received_total = 250 * step;
+            hb.delivered_total = 200 * step;
+            hb.rejected_total = step;
+            hb.dead_lettered_total = step;
+            index.seen("uid-1", 1, at - Duration::from_millis(1));
+            index.seen("uid-1", 1, at);
+            index.heartbeat("uid-1", 1, hb.clone(), at);
+        }
+        let fleet = index.fleet("ns", "gw", t0 + Duration::from_secs(151), SILENCE);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(fleet.received_per_second, 50.0), "{fleet:?}");
+        assert!(close(fleet.delivered_per_second, 40.0), "{fleet:?}");
+        assert!(close(fleet.dropped_per_second, 0.4), "{fleet:?}");
+        // A burst shows within the window, then fades out of it.
+        hb.received_total += 6000;
+        index.heartbeat("uid-1", 1, hb.clone(), t0 + Duration::from_secs(155));
+        let fleet = index.fleet("ns", "gw", t0 + Duration::from_secs(156), SILENCE);
+        assert!(
+            close(fleet.received_per_second, (250.0 * 11.0 + 6000.0) / 60.0),
+            "{fleet:?}"
+        );
+        for step in 32..=50u64 {
+            index.heartbeat("uid-1", 1, hb.clone(), t0 + Duration::from_secs(5 * step));
+        }
+        let fleet = index.fleet("ns", "gw", t0 + Duration::from_secs(251), SILENCE);
+        assert!(close(fleet.received_per_second, 0.0), "{fleet:?}");
+    }
 
     #[test]
     fn aggregates_per_gateway_with_rates_and_unhealthy_reasons() {

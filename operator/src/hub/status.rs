@@ -482,6 +482,7 @@ mod tests {
             dropped_oldest_total: 0,
             received_per_second: 12.345,
             delivered_per_second: 11.0,
+            dropped_per_second: 0.5,
             last_heartbeat_unix: Some(1_000),
             upstream_reachable: Some(true),
             upstream_error: None,
