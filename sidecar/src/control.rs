@@ -16,8 +16,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
-
 /// Where and how to reach the hub. Defaults follow the architecture (3 s hello, 30 s/5 s ping).
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -407,7 +405,7 @@ where
 pub struct AgentControl {
     pub config: crate::config::Config,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub health: Arc<crate::admin::Health>,
+    pub health: Arc<crate::health::Health>,
     pub spool: Arc<crate::spool::Spool>,
     /// Live batching knobs read by delivery; `reload` replaces them.
     pub tuning: watch::Sender<crate::batcher::Tuning>,
@@ -449,7 +447,7 @@ impl AgentControl {
             .config
             .with_file_text(text)
             .map_err(|e| format!("{e:#}"))?;
-        let pending = needs_restart(&new, &self.config);
+        let pending = crate::config::reload::needs_restart(&new, &self.config);
         let restart_needed = !pending.is_empty();
         self.tuning
             .send_replace(crate::batcher::Tuning::from_config(&new));
@@ -479,74 +477,6 @@ impl AgentControl {
         ]))
     }
 }
-
-/// Declares which settings a running agent cannot change (sockets, connections and the spool
-/// are set up once at start): [`needs_restart`] names those that differ, and
-/// [`RESTART_FIELDS`] lists them for the test that every gateway setting is covered.
-macro_rules! restart_fields {
-    ($($field:ident),* $(,)?) => {
-        /// Settings a reload cannot apply to the running agent.
-        pub const RESTART_FIELDS: &[&str] = &[$(stringify!($field)),*];
-
-        /// The settings of `new` that differ from the running `old` and need a restart.
-        pub fn needs_restart(new: &Config, old: &Config) -> Vec<&'static str> {
-            let mut changed = Vec::new();
-            $(if new.$field != old.$field {
-                changed.push(stringify!($field));
-            })*
-            changed
-        }
-    };
-}
-
-restart_fields!(
-    upstream_kind,
-    app_url,
-    upstream_timeout,
-    upstream_ca,
-    upstream_client_cert,
-    upstream_client_key,
-    upstream_insecure_skip_verify,
-    nats_subject,
-    nats_stream,
-    nats_consumer,
-    nats_inbox_subject,
-    nats_creds_file,
-    socketio_namespace,
-    socketio_heartbeat_interval,
-    socketio_ack_timeout,
-    socketio_inbox_size,
-    socket_path,
-    max_message_bytes,
-    max_tags,
-    msg_check_cache,
-    spool_max_bytes,
-    spool_sync_interval,
-    overflow_policy,
-    backoff_initial,
-    backoff_max,
-    heartbeat_interval,
-    log_level,
-    tcp_listen,
-    tcp_tls_cert,
-    tcp_tls_key,
-    tcp_keepalive_interval,
-    tcp_keepalive_timeout,
-);
-
-/// Settings a reload applies to the running agent: the batcher's live tuning.
-pub const LIVE_FIELDS: &[&str] = &[
-    "flush_interval",
-    "batch_size",
-    "min_batch_size",
-    "max_batch_size",
-    "scale_factor",
-    "max_queue_size",
-    "target_cpu_percent",
-    "target_mem_percent",
-    "min_batch_interval",
-    "max_batch_interval",
-];
 
 impl ControlHandler for AgentControl {
     fn heartbeat(&self) -> Heartbeat {
@@ -640,6 +570,8 @@ impl ControlHandler for AgentControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::config::reload::needs_restart;
     use nanogate_protocol::control::{AgentStatus, UpstreamHealth, from_value};
     use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -12,13 +12,15 @@
 )]
 
 pub mod admin;
+pub mod backoff;
 pub mod batcher;
 pub mod config;
 pub mod control;
-pub mod gateway_config;
+pub mod health;
 pub mod metrics;
 pub mod socket;
 pub mod spool;
+pub mod system;
 pub mod tcp_listener;
 pub mod upstream;
 
@@ -30,11 +32,13 @@ use anyhow::Context as _;
 use nanogate_protocol::app::Limits;
 use tokio::sync::watch;
 
-use crate::admin::{AdminState, Health};
-use crate::batcher::{Delivery, Resources, Tuning};
+use crate::admin::AdminState;
+use crate::batcher::{Delivery, Tuning};
 use crate::config::{Config, LogFormat};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolOptions};
+use crate::system::Resources;
 use crate::upstream::AnyUpstream;
 use nanogate_protocol::control::LeftBehind;
 
@@ -152,7 +156,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain_tx, drain_rx) = watch::channel(false);
     let resources = Arc::new(Resources::default());
-    tokio::spawn(batcher::run_resource_sampler(
+    tokio::spawn(system::run_resource_sampler(
         resources.clone(),
         metrics.clone(),
         config.resource_sample_interval,

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::admin::Health;
 use crate::config::{Config, UpstreamKind};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{PendingBatch, Spool};
 use http::HttpUpstream;

@@ -41,9 +41,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use super::{Upstream, UpstreamError};
-use crate::admin::Health;
-use crate::batcher::Backoff;
+use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::config::upstream::{SocketIoEndpoint as Endpoint, socketio_endpoint as endpoint};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::Spool;
 
@@ -108,24 +109,9 @@ impl std::fmt::Debug for SocketIoOptions {
     }
 }
 
-/// Checks of the socketio options (`Config::validate` with upstream_kind socketio).
-pub fn check_config(config: &Config) -> anyhow::Result<()> {
-    endpoint(&config.app_url, &config.socketio_namespace)
-        .map_err(|e| anyhow::anyhow!("invalid config: app_url / socketio_namespace: {e}"))?;
-    if config.socketio_heartbeat_interval.is_zero() || config.socketio_ack_timeout.is_zero() {
-        anyhow::bail!(
-            "invalid config: socketio_heartbeat_interval and socketio_ack_timeout must be greater than 0"
-        );
-    }
-    if config.socketio_inbox_size == 0 {
-        anyhow::bail!("invalid config: socketio_inbox_size must be at least 1");
-    }
-    Ok(())
-}
-
 impl SocketIoOptions {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
-        check_config(config)?;
+        crate::config::upstream::check_socketio(config)?;
         let mut tls = super::tls::client_config(config)?;
         // A WebSocket upgrade is an HTTP/1.1 request.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -142,66 +128,6 @@ impl SocketIoOptions {
             tls: Arc::new(tls),
         })
     }
-}
-
-/// Where to connect: parsed once from the URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Endpoint {
-    tls: bool,
-    host: String,
-    port: u16,
-    /// `ws(s)://host:port/path/?EIO=4&transport=websocket`
-    request_url: String,
-    /// Namespace as written in packets: empty for `/`, else `/name,`.
-    nsp_prefix: String,
-}
-
-fn endpoint(url: &str, namespace: &str) -> Result<Endpoint, String> {
-    let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let (tls, scheme) = match u.scheme() {
-        "wss" | "https" => (true, "wss"),
-        "ws" | "http" => (false, "ws"),
-        other => {
-            return Err(format!(
-                "scheme {other:?} is not supported by the socketio upstream; use wss:// (or ws://, https://, http://)"
-            ));
-        }
-    };
-    let host = u
-        .host_str()
-        .ok_or_else(|| format!("{url:?} has no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = u
-        .port_or_known_default()
-        .unwrap_or(if tls { 443 } else { 80 });
-    let path = match u.path() {
-        "" | "/" => "/socket.io/".to_owned(),
-        p if p.ends_with('/') => p.to_owned(),
-        p => format!("{p}/"),
-    };
-    let mut query = String::from("EIO=4&transport=websocket");
-    if let Some(q) = u.query() {
-        query = format!("{q}&{query}");
-    }
-    let host_in_url = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.clone()
-    };
-    if !namespace.starts_with('/') || namespace.contains(',') {
-        return Err(format!(
-            "socketio namespace {namespace:?} must start with / and contain no comma"
-        ));
-    }
-    Ok(Endpoint {
-        tls,
-        request_url: format!("{scheme}://{host_in_url}:{port}{path}?{query}"),
-        host,
-        port,
-        nsp_prefix: packet::nsp_prefix(namespace),
-    })
 }
 
 /// The Engine.IO v4 / Socket.IO v5 text packets the agent uses. Pure.
@@ -317,15 +243,6 @@ pub mod packet {
             end -= 1;
         }
         &s[..end]
-    }
-
-    /// The namespace as written in a packet: nothing for `/`, else `/name,`.
-    pub fn nsp_prefix(namespace: &str) -> String {
-        if namespace == "/" || namespace.is_empty() {
-            String::new()
-        } else {
-            format!("{namespace},")
-        }
     }
 
     /// Engine MESSAGE + socket CONNECT, with an optional auth payload.
@@ -839,7 +756,7 @@ async fn sample_history(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let rss = crate::batcher::rss_bytes().unwrap_or(0);
+        let rss = crate::system::rss_bytes().unwrap_or(0);
         let cpu = inner.metrics.cpu_percent.get();
         inner
             .history
@@ -1317,36 +1234,6 @@ mod tests {
             .unwrap();
         assert_eq!((p.nsp.as_str(), p.id), ("/cloud", Some(9)));
         assert_eq!(p.data, Some(json!(["e\"v", {"x": [1]}])));
-    }
-
-    #[test]
-    fn endpoints() {
-        let e = endpoint("wss://platform.example", "/").unwrap();
-        assert_eq!(
-            e,
-            Endpoint {
-                tls: true,
-                host: "platform.example".into(),
-                port: 443,
-                request_url: "wss://platform.example:443/socket.io/?EIO=4&transport=websocket"
-                    .into(),
-                nsp_prefix: String::new(),
-            }
-        );
-        let e = endpoint("http://127.0.0.1:8080/edge/socket.io?x=1", "/cloud").unwrap();
-        assert!(!e.tls);
-        assert_eq!(
-            e.request_url,
-            "ws://127.0.0.1:8080/edge/socket.io/?x=1&EIO=4&transport=websocket"
-        );
-        assert_eq!(e.nsp_prefix, "/cloud,");
-        assert_eq!(endpoint("wss://[::1]:9/", "/").unwrap().host, "::1");
-        assert!(endpoint("nats://x", "/").unwrap_err().contains("wss://"));
-        assert!(
-            endpoint("wss://x", "cloud")
-                .unwrap_err()
-                .contains("start with /")
-        );
     }
 
     #[test]

@@ -13,6 +13,10 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+pub mod gateway_file;
+pub mod reload;
+pub mod upstream;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -434,9 +438,9 @@ impl Config {
                 })?
             };
             config_generation = i64::from(crc32fast::hash(text.as_bytes()));
-            if crate::gateway_config::is_gateway_config(&map) {
+            if gateway_file::is_gateway_config(&map) {
                 // The operator's file: read typed, applied below.
-                let gw = crate::gateway_config::read(text)
+                let gw = gateway_file::read(text)
                     .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
                 gateway_file = Some((gw, path));
             } else {
@@ -458,7 +462,7 @@ impl Config {
         };
         if let Some((gw, path)) = gateway_file {
             let socket_env = std::env::var_os("TENDRL_SOCKET").is_some();
-            crate::gateway_config::apply(&gw, &mut config, |id| {
+            gateway_file::apply(&gw, &mut config, |id| {
                 let given = matches!(
                     matches.value_source(id),
                     Some(ValueSource::CommandLine | ValueSource::EnvVariable)
@@ -571,8 +575,8 @@ impl Config {
                     self.app_url
                 ),
             },
-            UpstreamKind::Nats => crate::upstream::nats::check_config(self)?,
-            UpstreamKind::Socketio => crate::upstream::socketio::check_config(self)?,
+            UpstreamKind::Nats => upstream::check_nats(self)?,
+            UpstreamKind::Socketio => upstream::check_socketio(self)?,
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             bail!("invalid config: upstream_client_cert and upstream_client_key go together");
