@@ -13,15 +13,14 @@
 
 pub mod admin;
 pub mod backoff;
-pub mod batcher;
 pub mod config;
 pub mod control;
+pub mod delivery;
 pub mod health;
+pub mod ingest;
 pub mod metrics;
-pub mod socket;
 pub mod spool;
 pub mod system;
-pub mod tcp_listener;
 pub mod upstream;
 
 use std::future::Future;
@@ -33,8 +32,8 @@ use nanogate_protocol::app::Limits;
 use tokio::sync::watch;
 
 use crate::admin::AdminState;
-use crate::batcher::{Delivery, Tuning};
 use crate::config::{Config, LogFormat};
+use crate::delivery::{Delivery, Tuning};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolOptions};
@@ -131,9 +130,9 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("admin_listen {}: cannot bind", config.admin_listen))?;
-    let (listener, socket_file) = socket::bind(&config.socket_path)?;
+    let (listener, socket_file) = ingest::socket_file::bind(&config.socket_path)?;
     // Bound before readiness: ready means every configured listener accepts.
-    let tcp_server = tcp_listener::TcpServer::bind(&config).await?;
+    let tcp_server = ingest::tcp::TcpServer::bind(&config).await?;
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(socket = %config.socket_path.display(), admin = %admin_listener.local_addr()?,
         upstream = %config.app_url, upstream_kind = upstream.kind(), source = %config.source(), version = env!("CARGO_PKG_VERSION"),
@@ -200,7 +199,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         .run(drain_rx),
     );
 
-    let shared = Arc::new(socket::server::Shared {
+    let shared = Arc::new(ingest::unix::Shared {
         limits: Limits {
             max_message_bytes: config.max_message_bytes,
             max_tags: config.max_tags,
@@ -211,7 +210,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         metrics: metrics.clone(),
         source: config.source(),
         // socketio's msg_check reads messages already pushed into the agent: nothing to save.
-        empty_check: socket::empty_check::EmptyCheckCache::new(match config.upstream_kind {
+        empty_check: ingest::empty_check::EmptyCheckCache::new(match config.upstream_kind {
             config::UpstreamKind::Socketio => std::time::Duration::ZERO,
             _ => config.msg_check_cache,
         }),
@@ -230,7 +229,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             agent_id,
         );
         control.heartbeat_interval = config.heartbeat_interval;
-        let handler = Arc::new(control::AgentControl {
+        let handler = Arc::new(control::agent::AgentControl {
             config: config.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
@@ -255,14 +254,14 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         }
     };
     // The TCP listener stops accepting at the same moment as the socket.
-    let tcp_stop = tcp.as_ref().map(tcp_listener::TcpHandle::stop_signal);
+    let tcp_stop = tcp.as_ref().map(ingest::tcp::TcpHandle::stop_signal);
     let shutdown = async move {
         shutdown.await;
         if let Some(stop) = tcp_stop {
             stop.notify_one();
         }
     };
-    socket::server::run(listener, shared, config.max_connections, shutdown).await;
+    ingest::unix::run(listener, shared, config.max_connections, shutdown).await;
     if let Some(tcp) = tcp {
         tcp.stop().await;
     }

@@ -72,3 +72,35 @@ pub const LIVE_FIELDS: &[&str] = &[
     "min_batch_interval",
     "max_batch_interval",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reload_names_exactly_the_settings_that_need_a_restart() {
+        let running = Config::load_from([
+            "nano-agent",
+            "--socket-path=/tmp/a.sock",
+            "--spool-dir=/tmp/s",
+            "--flush-interval=3s",
+        ])
+        .unwrap();
+        // Batching knobs are live; the start's flags keep their precedence over the file.
+        let new = running
+            .with_file_text("max_batch_size: 500\nflush_interval: 100ms\n")
+            .unwrap();
+        assert_eq!(new.max_batch_size, 500);
+        assert_eq!(new.flush_interval, Duration::from_secs(3));
+        assert!(needs_restart(&new, &running).is_empty());
+        // The socket's limits are set up once.
+        let new = running.with_file_text("max_tags: 5\n").unwrap();
+        assert_eq!(needs_restart(&new, &running), ["max_tags"]);
+        let refused = running.with_file_text("max_batch_size: 0\n").unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("max_batch_size"),
+            "{refused:#}"
+        );
+    }
+}

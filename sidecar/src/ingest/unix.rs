@@ -30,7 +30,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::empty_check::EmptyCheckCache;
-
 use crate::metrics::Metrics;
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;

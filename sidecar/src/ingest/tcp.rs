@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 
+use super::unix::Shared;
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
-use crate::socket::server::Shared;
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;
 
