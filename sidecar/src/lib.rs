@@ -1,7 +1,23 @@
-//! nano-agent library; `main.rs` only parses flags and calls into it.
+//! nano-agent, the sidecar next to every app: `main.rs` parses flags and calls [`run`]; this
+//! file wires the parts together at start and takes them down in order at shutdown.
 //!
-//! Data path: app socket ([`socket`]) → spool ([`spool`], accepted = appended) → delivery
-//! ([`batcher`]) → platform ([`upstream`]). [`admin`] serves metrics and health.
+//! Data path: [`ingest`] (app socket, TCP listener) → [`spool`] (accepted = appended) →
+//! [`delivery`] (batches, retries, dead letters, ack) → [`upstream`] (http, nats, socketio).
+//! The design in one page: `docs/architecture.md`, part "nano-agent".
+//!
+//! Modules, lowest first; each uses only modules above it in this list:
+//! - [`config`]: flags, environment, config files (the operator's per-gateway file too),
+//!   each transport's options, what a reload may change.
+//! - [`metrics`]: the Prometheus registry (`nanogate_sidecar_*`).
+//! - [`backoff`]: the one retry backoff.
+//! - [`health`]: ready, draining, and the upstream circuit breaker.
+//! - [`system`]: CPU and memory sampling.
+//! - [`spool`]: the durable on-disk queue.
+//! - [`upstream`]: the transports to the platform.
+//! - [`ingest`]: where messages enter (app socket, TCP listener).
+//! - [`delivery`]: from the spool to the platform, and batch sizing.
+//! - [`control`]: the hub connection, and what the hub may ask of the agent.
+//! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
 //!
 //! Apps, the platform and the hub all send bytes the agent must survive: `unwrap`, `expect`
 //! and indexing that can panic are refused outside tests (with `panic = "abort"` one panic
@@ -11,17 +27,22 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-pub mod admin;
+// Foundations, used by everything below.
 pub mod backoff;
 pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod system;
+
+// Storage and transports.
+pub mod spool;
+pub mod upstream;
+
+// The agent's tasks.
+pub mod admin;
 pub mod control;
 pub mod delivery;
-pub mod health;
 pub mod ingest;
-pub mod metrics;
-pub mod spool;
-pub mod system;
-pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
-//! Control-channel client (agent side of ARCHITECTURE §5): one authenticated TLS connection to
-//! the operator hub, kept up with backoff, carrying `register` once per connection, a
+//! Control-channel client (the agent side of the RedPepper manager/agent protocol): one
+//! authenticated TLS connection to the operator hub, kept up with backoff, carrying `register` once per connection, a
 //! `heartbeat` every interval, and the hub's `reload`/`flush`/`drain`/`status` requests.
 //! Other notifications (`left_behind` at shutdown) go out through a [`Notifier`].
 

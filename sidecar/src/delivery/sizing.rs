@@ -2,7 +2,7 @@
 //! previous send it may go, from the backlog and the last CPU/memory sample; and [`Tuning`],
 //! the knobs a reload from the hub may change while the agent runs.
 //!
-//! Every knob of the seed's client configuration table is honoured:
+//! Every knob of the Tendrl client configuration table is honoured:
 //!
 //! ```text
 //! backlog  = min(queue_depth, max_queue_size)            messages waiting in the spool
@@ -16,13 +16,13 @@
 //!
 //! CPU pressure grows batches (fewer requests for the same messages); memory pressure shrinks
 //! them, by count and by bytes, because a batch is what delivery holds in memory — growing it
-//! near the container's limit (as the seed's formula did) is how a backlog of large messages
+//! near the container's limit (as the Tendrl agent's formula did) is how a backlog of large messages
 //! gets the agent OOM-killed. The byte budget bounds a batch whatever the message sizes.
 //!
 //! A batch is sent as soon as it holds `target` messages (or `bytes`), but never sooner than `spacing`
 //! after the previous send; a partial batch is sent `flush_interval` after its first message
 //! was read, whatever the load (a steady trickle is never held back). Throughput is therefore
-//! bounded by `max_batch_size / min_batch_interval` (2,000 msgs/s with the seed's defaults),
+//! bounded by `max_batch_size / min_batch_interval` (2,000 msgs/s with the defaults),
 //! which is the point of those knobs: raise them for chattier pods.
 //!
 //! CPU and memory are sampled by [`crate::system::run_resource_sampler`] on a timer, never per message; the
@@ -177,7 +177,7 @@ pub(crate) mod tests {
         // Memory far over target: spacing saturates at max_batch_interval.
         assert_eq!(s.plan(0, 0.0, 8000.0).spacing, ms(1000));
         // Memory at twice the target: batches halve, by count and by bytes, and sends are
-        // spaced out — a batch is what delivery holds in memory (the seed's formula grew it).
+        // spaced out — a batch is what delivery holds in memory (the Tendrl agent's formula grew it).
         assert_eq!(
             s.plan(380, 0.0, 160.0),
             Plan {

@@ -1,4 +1,4 @@
-//! `nats` upstream: NATS JetStream (ARCHITECTURE §4).
+//! `nats` upstream: NATS JetStream.
 //!
 //! - A batch is delivered when JetStream acknowledged every one of its messages. Each message
 //!   is published with `Nats-Msg-Id` = its stable spool id, so a batch retried after a lost

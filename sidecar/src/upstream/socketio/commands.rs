@@ -98,7 +98,8 @@ fn parse_date(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         .map(|t| t.and_utc())
 }
 
-/// The commands the agent serves and their contracts (seed 003 "Contract Validation").
+/// The commands the agent serves and their contracts (a command is checked against its
+/// contract before it runs; a missing or mistyped field is answered with its name).
 pub fn contract_for(action: &str) -> Option<Contract> {
     Some(match action {
         // Deliver what is queued now; `wait` (default true) answers once the spool is empty

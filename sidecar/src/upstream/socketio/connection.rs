@@ -200,7 +200,7 @@ async fn session(
     inner.set_state(STATE_CONNECTED, None);
     tracing::info!(url = %inner.opts.url, namespace = %inner.opts.namespace, "Socket.IO connected");
 
-    // The first heartbeat goes out right away (the seed starts the emitter on `connect`).
+    // The first heartbeat goes out right away (the cloud protocol starts the emitter on `connect`).
     let mut heartbeat = tokio::time::interval(inner.opts.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();

@@ -1,12 +1,12 @@
-//! `socketio` upstream: the cloud protocol of seed 003 (ARCHITECTURE §4).
+//! `socketio` upstream: the cloud protocol (Socket.IO v5 over WebSocket, mTLS).
 //!
 //! One Socket.IO v5 / Engine.IO v4 connection over WebSocket (`wss://` with mTLS, or `ws://`)
 //! carries everything:
-//! - `heartbeat` events every `heartbeat_interval` (seed fields: agent id, CPU %, memory and
+//! - `heartbeat` events every `heartbeat_interval` (the cloud protocol's fields: agent id, CPU %, memory and
 //!   disk in GB, uptime, status, ISO-8601 UTC timestamp), the first right after connecting;
 //! - batches as `messages` events with an acknowledgement id: the acknowledgement is the
 //!   delivery receipt; none within `ack_timeout` (or a connection lost first) is a retryable
-//!   error, so the batcher retries and nothing is lost; `wait:true` publishes as `message`;
+//!   error, so delivery retries and nothing is lost; `wait:true` publishes as `message`;
 //! - commands from the platform (`flush`, `get_consumption`, `deliver`), validated against
 //!   their contracts ([`nanogate_protocol::contract`]) and answered through the
 //!   acknowledgement with `{action, correlation_id, status:"ok", …}` or
