@@ -36,7 +36,7 @@ pub enum OverflowPolicy {
     DropOldest,
 }
 
-/// Transport to the platform (see `crate::upstream`).
+/// Transport to the platform (one module each under upstream/).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UpstreamKind {
     /// The Tendrl platform HTTP API.

@@ -59,7 +59,7 @@ restart_fields!(
     tcp_keepalive_timeout,
 );
 
-/// Settings a reload applies to the running agent: delivery's live tuning (`crate::delivery::Tuning`).
+/// Settings a reload applies to the running agent: delivery's live tuning (`Tuning`, delivery/sizing.rs).
 pub const LIVE_FIELDS: &[&str] = &[
     "flush_interval",
     "batch_size",

@@ -1,5 +1,5 @@
 //! Transports from the agent to the platform. One trait; `http` is the Tendrl platform API,
-//! `nats` JetStream, `socketio` the cloud protocol. Retry policy lives in `crate::delivery`, not in the
+//! `nats` JetStream, `socketio` the cloud protocol. Retry policy lives in delivery (delivery/mod.rs), not in the
 //! transports: a transport makes one attempt and classifies the outcome.
 //!
 //! [`Upstream`] returns `impl Future` and so cannot be a trait object; [`AnyUpstream`] is the
@@ -26,7 +26,7 @@ use http::HttpUpstream;
 use nats::NatsUpstream;
 use socketio::{SocketIoOptions, SocketIoUpstream};
 
-/// Outcome of a failed upstream attempt. What delivery does with each (see `crate::delivery`):
+/// Outcome of a failed upstream attempt. What delivery does with each (see delivery/mod.rs):
 ///
 /// | variant | HTTP | delivery |
 /// |---|---|---|
