@@ -1,4 +1,4 @@
-//! Fuzzes the app socket's whole ingest path, as `sidecar/src/socket/server.rs` runs it: bytes
+//! Fuzzes the app socket's whole ingest path, as `sidecar/src/ingest/unix.rs` runs it: bytes
 //! arrive in reads (cut where the input's first byte says) → the stream decoder validates them
 //! → every publish is stamped (the upstream envelope: `timestamp`, `source`) → a `wait:false`
 //! publish is framed as a spool record (`RecordBuf::push_with`), a `wait:true` one is sent

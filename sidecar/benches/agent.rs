@@ -376,7 +376,7 @@ fn nats_delivery(dir: &Path, n: u64) {
     );
 }
 
-/// TCP listener (seed 004 frames): the same messages as data frames, written over one TCP
+/// TCP listener (SecureAgentMessaging frames): the same messages as data frames, written over one TCP
 /// connection for `secs` while a reader thread counts the agent's acks (an ack means appended
 /// to the spool). Run twice: with the platform down, acknowledged frames/s is ingest alone
 /// (comparable with the socket line above); with the platform up, delivered frames/s runs until
@@ -492,7 +492,7 @@ fn tcp_listener_ingest(platform: &PlatformServer, dir: &Path, secs: Duration) {
 const CONN_CLIENT_THREADS: usize = 2;
 const CONN_IN_FLIGHT: usize = 16;
 
-/// One publish per connection (the seed's stateless pattern: connect, write, shutdown(WR),
+/// One publish per connection (the Tendrl SDKs' stateless pattern: connect, write, shutdown(WR),
 /// read to EOF) from `CONN_CLIENT_THREADS` threads with `CONN_IN_FLIGHT` connections in
 /// flight each, for `secs`. Counts only connections answered with EOF and nothing else
 /// (accepted); any other answer fails the bench. Returns (connections/s, accepted count).
@@ -862,7 +862,7 @@ fn main() {
     // ---- delivery: preload the spool with the platform down, then time the drain ----
     for (label, extra, n) in [
         (
-            "seed default knobs (max_batch_size 200, min_batch_interval 100ms)",
+            "default knobs (max_batch_size 200, min_batch_interval 100ms)",
             vec![],
             10_000u64,
         ),

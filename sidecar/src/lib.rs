@@ -1,7 +1,23 @@
-//! nano-agent library; `main.rs` only parses flags and calls into it.
+//! nano-agent, the sidecar next to every app: `main.rs` parses flags and calls [`run`]; this
+//! file wires the parts together at start and takes them down in order at shutdown.
 //!
-//! Data path: app socket ([`socket`]) → spool ([`spool`], accepted = appended) → delivery
-//! ([`batcher`]) → platform ([`upstream`]). [`admin`] serves metrics and health.
+//! Data path: [`ingest`] (app socket, TCP listener) → [`spool`] (accepted = appended) →
+//! [`delivery`] (batches, retries, dead letters, ack) → [`upstream`] (http, nats, socketio).
+//! The design in one page: `docs/architecture.md`, part "nano-agent".
+//!
+//! Modules, lowest first; each uses only modules above it in this list:
+//! - [`config`]: flags, environment, config files (the operator's per-gateway file too),
+//!   each transport's options, what a reload may change.
+//! - [`metrics`]: the Prometheus registry (`nanogate_sidecar_*`).
+//! - [`backoff`]: the one retry backoff.
+//! - [`health`]: ready, draining, and the upstream circuit breaker.
+//! - [`system`]: CPU and memory sampling.
+//! - [`spool`]: the durable on-disk queue.
+//! - [`upstream`]: the transports to the platform.
+//! - [`ingest`]: where messages enter (app socket, TCP listener).
+//! - [`delivery`]: from the spool to the platform, and batch sizing.
+//! - [`control`]: the hub connection, and what the hub may ask of the agent.
+//! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
 //!
 //! Apps, the platform and the hub all send bytes the agent must survive: `unwrap`, `expect`
 //! and indexing that can panic are refused outside tests (with `panic = "abort"` one panic
@@ -11,16 +27,22 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-pub mod admin;
-pub mod batcher;
+// Foundations, used by everything below.
+pub mod backoff;
 pub mod config;
-pub mod control;
-pub mod gateway_config;
+pub mod health;
 pub mod metrics;
-pub mod socket;
+pub mod system;
+
+// Storage and transports.
 pub mod spool;
-pub mod tcp_listener;
 pub mod upstream;
+
+// The agent's tasks.
+pub mod admin;
+pub mod control;
+pub mod delivery;
+pub mod ingest;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,11 +52,13 @@ use anyhow::Context as _;
 use nanogate_protocol::app::Limits;
 use tokio::sync::watch;
 
-use crate::admin::{AdminState, Health};
-use crate::batcher::{Delivery, Resources, Tuning};
+use crate::admin::AdminState;
 use crate::config::{Config, LogFormat};
+use crate::delivery::{Delivery, Tuning};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolOptions};
+use crate::system::Resources;
 use crate::upstream::AnyUpstream;
 use nanogate_protocol::control::LeftBehind;
 
@@ -127,9 +151,9 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("admin_listen {}: cannot bind", config.admin_listen))?;
-    let (listener, socket_file) = socket::bind(&config.socket_path)?;
+    let (listener, socket_file) = ingest::socket_file::bind(&config.socket_path)?;
     // Bound before readiness: ready means every configured listener accepts.
-    let tcp_server = tcp_listener::TcpServer::bind(&config).await?;
+    let tcp_server = ingest::tcp::TcpServer::bind(&config).await?;
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(socket = %config.socket_path.display(), admin = %admin_listener.local_addr()?,
         upstream = %config.app_url, upstream_kind = upstream.kind(), source = %config.source(), version = env!("CARGO_PKG_VERSION"),
@@ -152,7 +176,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain_tx, drain_rx) = watch::channel(false);
     let resources = Arc::new(Resources::default());
-    tokio::spawn(batcher::run_resource_sampler(
+    tokio::spawn(system::run_resource_sampler(
         resources.clone(),
         metrics.clone(),
         config.resource_sample_interval,
@@ -196,7 +220,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         .run(drain_rx),
     );
 
-    let shared = Arc::new(socket::server::Shared {
+    let shared = Arc::new(ingest::unix::Shared {
         limits: Limits {
             max_message_bytes: config.max_message_bytes,
             max_tags: config.max_tags,
@@ -207,7 +231,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         metrics: metrics.clone(),
         source: config.source(),
         // socketio's msg_check reads messages already pushed into the agent: nothing to save.
-        empty_check: socket::empty_check::EmptyCheckCache::new(match config.upstream_kind {
+        empty_check: ingest::empty_check::EmptyCheckCache::new(match config.upstream_kind {
             config::UpstreamKind::Socketio => std::time::Duration::ZERO,
             _ => config.msg_check_cache,
         }),
@@ -226,7 +250,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             agent_id,
         );
         control.heartbeat_interval = config.heartbeat_interval;
-        let handler = Arc::new(control::AgentControl {
+        let handler = Arc::new(control::agent::AgentControl {
             config: config.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
@@ -251,14 +275,14 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         }
     };
     // The TCP listener stops accepting at the same moment as the socket.
-    let tcp_stop = tcp.as_ref().map(tcp_listener::TcpHandle::stop_signal);
+    let tcp_stop = tcp.as_ref().map(ingest::tcp::TcpHandle::stop_signal);
     let shutdown = async move {
         shutdown.await;
         if let Some(stop) = tcp_stop {
             stop.notify_one();
         }
     };
-    socket::server::run(listener, shared, config.max_connections, shutdown).await;
+    ingest::unix::run(listener, shared, config.max_connections, shutdown).await;
     if let Some(tcp) = tcp {
         tcp.stop().await;
     }

@@ -62,7 +62,7 @@ use tokio::sync::Notify;
 
 /// Mode of a spool directory the agent creates: the agent's alone. In a pod the spool shares
 /// the socket's volume with the app containers, and the socket is open to all of them
-/// ([`crate::socket::SOCKET_MODE`]); what the spool holds (every app's accepted messages,
+/// (`SOCKET_MODE` of the ingest); what the spool holds (every app's accepted messages,
 /// dead letters) is not theirs to read or change.
 pub const SPOOL_DIR_MODE: u32 = 0o700;
 

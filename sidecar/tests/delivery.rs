@@ -1,4 +1,4 @@
-//! Delivery guarantees (ARCHITECTURE §6) against the real binary and a real HTTP platform:
+//! Delivery guarantees (docs/architecture.md, part nano-agent) against the real binary and a real HTTP platform:
 //! outages, injected faults, dead letters, kill -9 and restart, queue/spool full, SIGTERM.
 
 mod common;

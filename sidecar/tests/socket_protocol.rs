@@ -1,5 +1,5 @@
-//! The app socket protocol (ARCHITECTURE §3) against the real binary: Python stdlib clients
-//! as in seed 000, a persistent client like the Tendrl Python SDK, socat, every message type
+//! The app socket protocol against the real binary: Python stdlib clients
+//! as in the Tendrl documentation, a persistent client like the Tendrl Python SDK, socat, every message type
 //! and error, bad inputs, idle clients, socket file handling.
 
 mod common;
@@ -25,7 +25,7 @@ async fn python_clients_every_message_type() {
     let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
     let sock = agent.socket.to_str().unwrap().to_owned();
 
-    // 1. The seed's example, verbatim except for the socket path: a request that has a reply.
+    // 1. The Tendrl documentation's example, verbatim except for the socket path: a request that has a reply.
     platform.queue_for_check(json!({"msg_type": "command", "data": {"cmd": "reload"}}));
     let seed = r#"
 import socket, json, sys
@@ -52,7 +52,7 @@ sock.close()
         json!([{"msg_type": "command", "data": {"cmd": "reload"}}])
     );
 
-    // 2. The seed's publish example. wait:false has no reply, so the stateless client
+    // 2. The Tendrl documentation's publish example. wait:false has no reply, so the stateless client
     //    half-closes (or times out its recv) instead of waiting forever.
     let seed_publish = r#"
 import socket, json, sys

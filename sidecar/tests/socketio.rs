@@ -1,4 +1,4 @@
-//! `socketio` upstream (seed 003) against a real Socket.IO server: python-socketio + aiohttp
+//! `socketio` upstream (the cloud protocol) against a real Socket.IO server: python-socketio + aiohttp
 //! (`tests/support/socketio_platform.py`) over TLS that requires a client certificate, driving
 //! the real `nano-agent` binary. Certificates (CA, server, client) are made here with rcgen.
 //!
@@ -296,7 +296,7 @@ fn wait_metric(agent: &Agent, sample: &str, want: f64, limit: Duration) -> bool 
     false
 }
 
-/// Heartbeats with the default interval arrive every 5 s ± 10% and carry the seed's fields;
+/// Heartbeats with the default interval arrive every 5 s ± 10% and carry the cloud protocol's fields;
 /// the connection is mutual TLS (the server saw the client certificate) and authenticated.
 #[test]
 fn heartbeats_every_five_seconds_with_the_seed_fields_over_mtls() {

@@ -1,4 +1,4 @@
-//! The TCP listener (seed 004 frames) against the real binary on real sockets: framing that
+//! The TCP listener (SecureAgentMessaging frames) against the real binary on real sockets: framing that
 //! survives split and coalesced writes, data reaching the platform, ping/pong, keep-alive and
 //! dead-peer timing, close, oversized frames, bad JSON, token and TLS on a non-loopback
 //! address.

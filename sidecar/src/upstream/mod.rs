@@ -1,5 +1,5 @@
-//! Transports from the sidecar to the platform (ARCHITECTURE §4). One trait; `http` is the
-//! Tendrl platform API, `nats` JetStream. Retry policy lives in the batcher, not in the
+//! Transports from the agent to the platform. One trait; `http` is the Tendrl platform API,
+//! `nats` JetStream, `socketio` the cloud protocol. Retry policy lives in delivery (delivery/mod.rs), not in the
 //! transports: a transport makes one attempt and classifies the outcome.
 //!
 //! [`Upstream`] returns `impl Future` and so cannot be a trait object; [`AnyUpstream`] is the
@@ -18,15 +18,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::admin::Health;
 use crate::config::{Config, UpstreamKind};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{PendingBatch, Spool};
 use http::HttpUpstream;
 use nats::NatsUpstream;
 use socketio::{SocketIoOptions, SocketIoUpstream};
 
-/// Outcome of a failed upstream attempt. What delivery does with each (see `batcher.rs`):
+/// Outcome of a failed upstream attempt. What delivery does with each (see delivery/mod.rs):
 ///
 /// | variant | HTTP | delivery |
 /// |---|---|---|

@@ -1,4 +1,4 @@
-//! `nats` upstream: NATS JetStream (ARCHITECTURE §4).
+//! `nats` upstream: NATS JetStream.
 //!
 //! - A batch is delivered when JetStream acknowledged every one of its messages. Each message
 //!   is published with `Nats-Msg-Id` = its stable spool id, so a batch retried after a lost
@@ -23,8 +23,9 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::{Batch, Upstream, UpstreamError};
-use crate::admin::Health;
 use crate::config::Config;
+use crate::config::upstream::NatsNames;
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// How recent a server error must be to explain a failed publish.
@@ -33,161 +34,6 @@ const ERROR_MEMORY: Duration = Duration::from_secs(60);
 const ACK_WINDOW: usize = 4096;
 /// Longest wait for the messages of one `msg_check` pull.
 const PULL_WAIT: Duration = Duration::from_millis(500);
-
-/// Replaces the characters a subject token (or stream/consumer name) must not contain.
-pub fn safe_token(s: &str) -> String {
-    let t: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if t.is_empty() { "_".into() } else { t }
-}
-
-/// Fills `{namespace}`, `{gateway}` and `{pod}` in `template`.
-fn render(template: &str, config: &Config, field: &str) -> anyhow::Result<String> {
-    let mut out = template.to_string();
-    for (name, value, flag) in [
-        (
-            "{namespace}",
-            config.pod_namespace.as_deref(),
-            "--pod-namespace",
-        ),
-        ("{gateway}", config.gateway.as_deref(), "--gateway"),
-        ("{pod}", config.pod_name.as_deref(), "--pod-name"),
-    ] {
-        if out.contains(name) {
-            let Some(value) = value else {
-                anyhow::bail!(
-                    "invalid config: {field} ({template}) uses {name} but it is not known; set {flag} or remove {name}"
-                );
-            };
-            out = out.replace(name, &safe_token(value));
-        }
-    }
-    if out.contains('{') || out.contains('}') {
-        anyhow::bail!(
-            "invalid config: {field} ({template}) has an unknown placeholder; use {{namespace}}, {{gateway}} or {{pod}}"
-        );
-    }
-    Ok(out)
-}
-
-/// A publishable subject: dot-separated non-empty tokens, no wildcards, no whitespace.
-fn check_subject(subject: &str, field: &str) -> anyhow::Result<()> {
-    let bad = subject.is_empty()
-        || subject
-            .split('.')
-            .any(|t| t.is_empty() || t == "*" || t == ">" || t.chars().any(|c| c.is_whitespace()))
-        || subject.contains(['*', '>']);
-    anyhow::ensure!(
-        !bad,
-        "invalid config: {field} ({subject}) is not a NATS subject: dot-separated tokens without spaces or wildcards"
-    );
-    Ok(())
-}
-
-/// A stream or consumer name: no `.`, `*`, `>`, whitespace or path separators.
-fn check_name(name: &str, field: &str) -> anyhow::Result<()> {
-    let bad = name.is_empty()
-        || name
-            .chars()
-            .any(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace());
-    anyhow::ensure!(
-        !bad,
-        "invalid config: {field} ({name}) must be a name without '.', '*', '>', '/' or spaces"
-    );
-    Ok(())
-}
-
-/// The resolved names (templates filled and checked).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Names {
-    pub subject: String,
-    pub inbox: String,
-    pub stream: String,
-    pub consumer: String,
-    pub servers: Vec<String>,
-}
-
-impl Names {
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let subject = render(&config.nats_subject, config, "nats_subject")?;
-        check_subject(&subject, "nats_subject")?;
-        let inbox = render(&config.nats_inbox_subject, config, "nats_inbox_subject")?;
-        check_subject(&inbox, "nats_inbox_subject")?;
-        anyhow::ensure!(
-            inbox != subject && !inbox.starts_with(&format!("{subject}.")),
-            "invalid config: nats_inbox_subject ({inbox}) must not be nats_subject or under it, or msg_check would return the agent's own messages"
-        );
-        let stream = config.nats_stream.clone();
-        check_name(&stream, "nats_stream")?;
-        let consumer = render(&config.nats_consumer, config, "nats_consumer")?;
-        check_name(&consumer, "nats_consumer")?;
-        let servers: Vec<String> = config
-            .app_url
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        anyhow::ensure!(
-            !servers.is_empty(),
-            "invalid config: app_url must name a NATS server (nats://host:4222 or tls://host:4222)"
-        );
-        for s in &servers {
-            anyhow::ensure!(
-                (s.starts_with("nats://") || s.starts_with("tls://"))
-                    && s.parse::<ServerAddr>().is_ok(),
-                "invalid config: app_url ({s}) must be nats://host:port or tls://host:port with upstream_kind nats"
-            );
-        }
-        Ok(Self {
-            subject,
-            inbox,
-            stream,
-            consumer,
-            servers,
-        })
-    }
-
-    /// Subject of a message with destination `dest`.
-    pub fn subject_for(&self, dest: Option<&str>) -> String {
-        let mut s = self.subject.clone();
-        if let Some(dest) = dest {
-            for token in dest.split(['.', '/']).filter(|t| !t.trim().is_empty()) {
-                s.push('.');
-                s.push_str(&safe_token(token.trim()));
-            }
-        }
-        s
-    }
-
-    /// Subjects a stream needs to capture everything this agent publishes and reads.
-    fn stream_subjects(&self) -> [String; 3] {
-        [
-            self.subject.clone(),
-            format!("{}.>", self.subject),
-            self.inbox.clone(),
-        ]
-    }
-}
-
-/// Checks the nats options of `config` (called by `Config::validate`).
-pub fn check_config(config: &Config) -> anyhow::Result<()> {
-    Names::from_config(config)?;
-    if config.nats_user.is_some() != config.nats_password_file.is_some() {
-        anyhow::bail!("invalid config: nats_user and nats_password_file go together");
-    }
-    if config.nats_duplicate_window.is_zero() {
-        anyhow::bail!("invalid config: nats_duplicate_window must be greater than 0");
-    }
-    Ok(())
-}
 
 /// Whether NATS subject pattern `pattern` (with `*` and `>`) matches `subject`.
 fn subject_matches(pattern: &str, subject: &str) -> bool {
@@ -264,7 +110,7 @@ impl ConnectionEvents {
 pub struct NatsUpstream {
     client: async_nats::Client,
     js: jetstream::Context,
-    names: Names,
+    names: NatsNames,
     create_stream: bool,
     duplicate_window: Duration,
     metrics: Arc<Metrics>,
@@ -296,7 +142,7 @@ impl NatsUpstream {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> anyhow::Result<Self> {
-        let names = Names::from_config(config)?;
+        let names = NatsNames::from_config(config)?;
         let events = Arc::new(ConnectionEvents::default());
         // The connection's state, as for the other persistent transport (socketio).
         let state = {
@@ -415,7 +261,7 @@ impl NatsUpstream {
         })
     }
 
-    pub fn names(&self) -> &Names {
+    pub fn names(&self) -> &NatsNames {
         &self.names
     }
 
@@ -817,66 +663,6 @@ impl Upstream for NatsUpstream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
-
-    fn config(args: &[&str]) -> Config {
-        let base = [
-            "--upstream-kind=nats",
-            "--app-url=nats://127.0.0.1:4222",
-            "--pod-namespace=shop",
-            "--gateway=orders",
-        ];
-        let name = |a: &str| a.split('=').next().unwrap_or_default().to_string();
-        let mut all = vec!["nano-agent"];
-        all.extend(
-            base.iter()
-                .filter(|b| !args.iter().any(|a| name(a) == name(b))),
-        );
-        all.extend_from_slice(args);
-        Config::parse_from(all)
-    }
-
-    #[test]
-    fn subjects_from_template_and_dest() {
-        let names = Names::from_config(&config(&[])).unwrap();
-        assert_eq!(names.subject, "nanogate.shop.orders");
-        assert_eq!(names.inbox, "nanogate-inbox.shop.orders");
-        assert_eq!(names.consumer, "nanogate-shop-orders");
-        assert_eq!(names.subject_for(None), "nanogate.shop.orders");
-        assert_eq!(
-            names.subject_for(Some("eu/berlin.42")),
-            "nanogate.shop.orders.eu.berlin.42"
-        );
-        assert_eq!(
-            names.subject_for(Some("a b.*.>..x")),
-            "nanogate.shop.orders.a_b._._.x"
-        );
-        let c = config(&["--pod-namespace=we.ird ns", "--nats-subject=p.{namespace}"]);
-        assert_eq!(Names::from_config(&c).unwrap().subject, "p.we_ird_ns");
-    }
-
-    #[test]
-    fn bad_settings_name_the_field() {
-        for (args, needle) in [
-            (vec!["--nats-subject=a..b"], "nats_subject"),
-            (vec!["--nats-subject=a.*"], "nats_subject"),
-            (vec!["--nats-subject=a.{nope}"], "placeholder"),
-            (vec!["--nats-stream=A.B"], "nats_stream"),
-            (
-                vec!["--nats-inbox-subject=nanogate.{namespace}.{gateway}.in"],
-                "nats_inbox_subject",
-            ),
-            (vec!["--app-url=https://x"], "app_url"),
-            (vec!["--nats-user=u"], "nats_password_file"),
-        ] {
-            let e = check_config(&config(&args)).unwrap_err().to_string();
-            assert!(e.contains(needle), "{args:?}: {e}");
-        }
-        let mut c = config(&[]);
-        c.gateway = None;
-        let e = check_config(&c).unwrap_err().to_string();
-        assert!(e.contains("--gateway"), "{e}");
-    }
 
     #[test]
     fn stream_coverage() {

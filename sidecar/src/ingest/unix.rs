@@ -5,7 +5,7 @@
 //! spool in one write — that is the moment they are accepted — and the replies produced by
 //! the read are written back before the next read.
 //!
-//! Stateless connections (seed 000: connect, write one publish, close) take a fast path in
+//! Stateless connections (the Tendrl SDKs' way: connect, write one publish, close) take a fast path in
 //! the accept loop itself, without a task, a timer or a reactor registration: the loop accepts
 //! every pending connection (up to [`BURST`]), reads what each already sent without waiting,
 //! and when that is only `publish` wait:false messages it appends all of them — every
@@ -30,7 +30,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::empty_check::EmptyCheckCache;
-
 use crate::metrics::Metrics;
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;

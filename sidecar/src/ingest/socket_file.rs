@@ -1,7 +1,5 @@
-//! The app-facing Unix socket (ARCHITECTURE §3).
-
-pub mod empty_check;
-pub mod server;
+//! The app socket's file: created with its directories and modes, a stale one from a previous
+//! run replaced, one a live agent serves refused, removed when the agent exits.
 
 use std::fs;
 use std::io;

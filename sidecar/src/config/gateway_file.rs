@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nanogate_protocol::sidecar_config::{self as file, SidecarConfig};
 
-use crate::config::{Config, OverflowPolicy, UpstreamKind};
+use super::{Config, OverflowPolicy, UpstreamKind};
 
 /// Whether a config file's top-level keys are the operator's format (it has a `version`; the
 /// agent's own flat format has no such option).
@@ -206,7 +206,7 @@ mod tests {
 
     #[test]
     fn every_setting_of_the_file_is_either_live_or_needs_a_restart() {
-        use crate::control::{LIVE_FIELDS, RESTART_FIELDS};
+        use super::super::reload::{LIVE_FIELDS, RESTART_FIELDS};
         // MINIMAL plus every optional field and section the operator can write.
         let file = MINIMAL
             .replace(r#""kind": "http""#, r#""kind": "socketio""#)
@@ -224,7 +224,7 @@ mod tests {
             assert!(
                 LIVE_FIELDS.contains(&key) || RESTART_FIELDS.contains(&key),
                 "`{key}` can arrive in a reload: list it in LIVE_FIELDS (and apply it) or in \
-                 restart_fields! (sidecar/src/control.rs)"
+                 restart_fields! (sidecar/src/config/reload.rs)"
             );
         }
     }
@@ -308,7 +308,7 @@ mod tests {
         );
         // The agent's own parser accepts the result.
         let c = load(&file, &[]).unwrap();
-        assert_eq!(c.upstream_kind, crate::config::UpstreamKind::Socketio);
+        assert_eq!(c.upstream_kind, UpstreamKind::Socketio);
         assert_eq!(c.socketio_namespace, "/agents");
         assert_eq!(c.socketio_ack_timeout, std::time::Duration::from_secs(4));
         assert_eq!(

@@ -1,4 +1,4 @@
-//! The optional TCP listener (seed 004 "SecureAgentMessaging"; off unless `tcp_listen` is set).
+//! The optional TCP listener (SecureAgentMessaging frames; off unless `tcp_listen` is set).
 //!
 //! Peers send newline-delimited JSON frames (`nanogate_protocol::tcp`). A `data` frame carries
 //! an app socket message and goes the socket's way: same validation, same stamping, appended to
@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 
+use super::unix::Shared;
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
-use crate::socket::server::Shared;
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;
 

@@ -1,4 +1,7 @@
-//! nano-agent configuration.
+//! The agent's settings ([`Config`]): flags, environment and a config file — the agent's own
+//! (option names as keys) or the operator's per-gateway file ([`gateway_file`]) — checked
+//! as a whole ([`Config::validate`], with each transport's options in [`upstream`]); what a
+//! reload from the hub may change is in [`reload`].
 //!
 //! Sources, lowest to highest precedence: built-in defaults < config file (`--config`, YAML or
 //! JSON, keys are the long flag names in snake_case or kebab-case) < environment < flags.
@@ -12,6 +15,10 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+pub mod gateway_file;
+pub mod reload;
+pub mod upstream;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -29,7 +36,7 @@ pub enum OverflowPolicy {
     DropOldest,
 }
 
-/// Transport to the platform (ARCHITECTURE §4).
+/// Transport to the platform (one module each under upstream/).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UpstreamKind {
     /// The Tendrl platform HTTP API.
@@ -194,7 +201,7 @@ pub struct Config {
     #[arg(long, env = "NANOGATE_NATS_TOKEN_FILE")]
     pub nats_token_file: Option<PathBuf>,
 
-    // ----- upstream_kind socketio (cloud protocol, seed 003) -----
+    // ----- upstream_kind socketio (cloud protocol: Socket.IO over WebSocket) -----
     /// Socket.IO namespace joined on the platform. With upstream_kind socketio, app_url is
     /// `wss://host[:port][/path]` (path default /socket.io/); the client certificate is
     /// upstream_client_cert/key and the platform's CA upstream_ca.
@@ -212,7 +219,7 @@ pub struct Config {
     #[arg(long, env = "NANOGATE_SOCKETIO_INBOX_SIZE", default_value_t = 1000)]
     pub socketio_inbox_size: usize,
 
-    // ----- batching (seed 000 client configuration table) -----
+    // ----- batching (the Tendrl client configuration table; the formula is in delivery/sizing.rs) -----
     /// A partial batch is sent at the latest this long after its first message was queued.
     #[arg(long, env = "NANOGATE_FLUSH_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
@@ -287,7 +294,7 @@ pub struct Config {
     #[arg(long, env = "NANOGATE_DEAD_LETTER_PATH")]
     pub dead_letter_path: Option<PathBuf>,
 
-    // ----- TCP listener (seed 004; off by default) -----
+    // ----- TCP listener (SecureAgentMessaging frames; off by default) -----
     /// Address of the TCP listener (newline-delimited JSON frames, see the sidecar README),
     /// e.g. `127.0.0.1:7070`; off when unset. A non-loopback address (anything outside
     /// 127.0.0.0/8 and ::1, including 0.0.0.0) requires tcp_token and tcp_tls_cert/key.
@@ -434,9 +441,9 @@ impl Config {
                 })?
             };
             config_generation = i64::from(crc32fast::hash(text.as_bytes()));
-            if crate::gateway_config::is_gateway_config(&map) {
+            if gateway_file::is_gateway_config(&map) {
                 // The operator's file: read typed, applied below.
-                let gw = crate::gateway_config::read(text)
+                let gw = gateway_file::read(text)
                     .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
                 gateway_file = Some((gw, path));
             } else {
@@ -458,7 +465,7 @@ impl Config {
         };
         if let Some((gw, path)) = gateway_file {
             let socket_env = std::env::var_os("TENDRL_SOCKET").is_some();
-            crate::gateway_config::apply(&gw, &mut config, |id| {
+            gateway_file::apply(&gw, &mut config, |id| {
                 let given = matches!(
                     matches.value_source(id),
                     Some(ValueSource::CommandLine | ValueSource::EnvVariable)
@@ -571,8 +578,8 @@ impl Config {
                     self.app_url
                 ),
             },
-            UpstreamKind::Nats => crate::upstream::nats::check_config(self)?,
-            UpstreamKind::Socketio => crate::upstream::socketio::check_config(self)?,
+            UpstreamKind::Nats => upstream::check_nats(self)?,
+            UpstreamKind::Socketio => upstream::check_socketio(self)?,
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             bail!("invalid config: upstream_client_cert and upstream_client_key go together");

@@ -1,291 +1,26 @@
-//! Delivery: reads the spool in order, forms batches, sends them upstream, retries, acks.
+//! Delivery: reads the spool in order, forms batches ([`sizing`] decides how large and how
+//! often), sends them upstream, retries with backoff, splits refused batches, dead-letters
+//! what the platform refuses for good, and acks the spool only once a batch is done.
 //!
-//! # Batch sizing
-//!
-//! Every knob of the seed's client configuration table is honoured:
-//!
-//! ```text
-//! backlog  = min(queue_depth, max_queue_size)            messages waiting in the spool
-//! cpu      = max(1, cpu% / target_cpu_percent)
-//! mem      = max(1, mem% / target_mem_percent)           mem% is the working set
-//! target   = clamp(round((batch_size + scale_factor × backlog) × cpu / mem),
-//!                  min_batch_size, max_batch_size)
-//! bytes    = max(1 message, max_batch_bytes / mem)
-//! spacing  = clamp(min_batch_interval × max(cpu, mem), min_batch_interval, max_batch_interval)
-//! ```
-//!
-//! CPU pressure grows batches (fewer requests for the same messages); memory pressure shrinks
-//! them, by count and by bytes, because a batch is what delivery holds in memory — growing it
-//! near the container's limit (as the seed's formula did) is how a backlog of large messages
-//! gets the agent OOM-killed. The byte budget bounds a batch whatever the message sizes.
-//!
-//! A batch is sent as soon as it holds `target` messages (or `bytes`), but never sooner than `spacing`
-//! after the previous send; a partial batch is sent `flush_interval` after its first message
-//! was read, whatever the load (a steady trickle is never held back). Throughput is therefore
-//! bounded by `max_batch_size / min_batch_interval` (2,000 msgs/s with the seed's defaults),
-//! which is the point of those knobs: raise them for chattier pods.
-//!
-//! CPU and memory are sampled by [`run_resource_sampler`] on a timer, never per message; the
-//! sizer only reads the last sample.
+//! What each upstream error leads to is tabled at [`UpstreamError`].
+
+pub mod sizing;
 
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rand::Rng as _;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 
-use crate::admin::Health;
-use crate::config::Config;
+use crate::backoff::Backoff;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{PendingBatch, Spool};
+use crate::system::Resources;
 use crate::upstream::{Batch, Upstream, UpstreamError};
-
-/// The sizing knobs (see the module documentation for the formula).
-#[derive(Debug, Clone)]
-pub struct Sizer {
-    pub batch_size: usize,
-    pub min_batch_size: usize,
-    pub max_batch_size: usize,
-    pub scale_factor: f64,
-    pub max_queue_size: usize,
-    pub target_cpu_percent: f64,
-    pub target_mem_percent: f64,
-    pub min_batch_interval: Duration,
-    pub max_batch_interval: Duration,
-    pub max_batch_bytes: usize,
-}
-
-/// What the sizer decided for the next batch.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Plan {
-    pub target: usize,
-    /// Most bytes of the batch's JSON array (one message always fits, whatever its size).
-    pub max_bytes: usize,
-    pub spacing: Duration,
-}
-
-impl Sizer {
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            batch_size: c.batch_size,
-            min_batch_size: c.min_batch_size,
-            max_batch_size: c.max_batch_size,
-            scale_factor: c.scale_factor,
-            max_queue_size: c.max_queue_size,
-            target_cpu_percent: c.target_cpu_percent,
-            target_mem_percent: c.target_mem_percent,
-            min_batch_interval: c.min_batch_interval,
-            max_batch_interval: c.max_batch_interval,
-            max_batch_bytes: c.max_batch_bytes,
-        }
-    }
-
-    pub fn plan(&self, queue_depth: u64, cpu_percent: f64, mem_percent: f64) -> Plan {
-        let backlog = queue_depth.min(self.max_queue_size as u64) as f64;
-        let pressure = |used: f64, target: f64| {
-            let p = (used / target).max(1.0);
-            if p.is_finite() { p } else { 1.0 }
-        };
-        let cpu = pressure(cpu_percent, self.target_cpu_percent);
-        let mem = pressure(mem_percent, self.target_mem_percent);
-        let size = ((self.batch_size as f64 + self.scale_factor * backlog) * cpu / mem).round();
-        let target = (size as usize).clamp(self.min_batch_size, self.max_batch_size);
-        let max_bytes = (self.max_batch_bytes as f64 / mem) as usize;
-        let spacing = self
-            .min_batch_interval
-            .mul_f64(cpu.max(mem))
-            .clamp(self.min_batch_interval, self.max_batch_interval);
-        Plan {
-            target,
-            max_bytes,
-            spacing,
-        }
-    }
-}
-
-/// Last CPU/memory sample, shared between the sampler and the sizer.
-#[derive(Debug, Default)]
-pub struct Resources {
-    cpu: AtomicU64,
-    mem: AtomicU64,
-}
-
-impl Resources {
-    pub fn cpu_percent(&self) -> f64 {
-        f64::from_bits(self.cpu.load(Ordering::Relaxed))
-    }
-    pub fn mem_percent(&self) -> f64 {
-        f64::from_bits(self.mem.load(Ordering::Relaxed))
-    }
-    pub fn set(&self, cpu: f64, mem: f64) {
-        self.cpu.store(cpu.to_bits(), Ordering::Relaxed);
-        self.mem.store(mem.to_bits(), Ordering::Relaxed);
-    }
-}
-
-/// CPU ticks (user + system) of this process from /proc/self/stat.
-fn cpu_ticks() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = s.get(s.rfind(')')? + 1..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// Resident set size in bytes.
-pub fn rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
-    Some(s.split_whitespace().nth(1)?.parse::<u64>().ok()? * 4096)
-}
-
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Memory use in percent of the container's limit, or of the host when there is none.
-fn mem_percent() -> Option<f64> {
-    if let Some((working_set, limit)) = cgroup_memory() {
-        return Some(working_set as f64 * 100.0 / limit as f64);
-    }
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<f64> {
-        let line = info.lines().find(|l| l.starts_with(name))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    };
-    let (total, avail) = (field("MemTotal:")?, field("MemAvailable:")?);
-    Some((total - avail) * 100.0 / total)
-}
-
-/// The working set and limit of this process's memory cgroup (v2 or v1), as the kubelet
-/// counts it: usage less inactive page cache. The spool's writes fill the page cache, which
-/// the kernel reclaims before it OOM-kills; counting it would read as constant pressure.
-fn cgroup_memory() -> Option<(u64, u64)> {
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    for line in cgroups.lines() {
-        // `0::/path` (v2) or `4:memory:/path` (v1).
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let (root, usage, limit, inactive) = if controllers.is_empty() {
-            (
-                "/sys/fs/cgroup",
-                "memory.current",
-                "memory.max",
-                "inactive_file",
-            )
-        } else if controllers.split(',').any(|c| c == "memory") {
-            let v1 = "/sys/fs/cgroup/memory";
-            (
-                v1,
-                "memory.usage_in_bytes",
-                "memory.limit_in_bytes",
-                "total_inactive_file",
-            )
-        } else {
-            continue;
-        };
-        // A container sees its own cgroup at the mount's root; a host process under its path.
-        for dir in [format!("{root}{path}"), root.to_owned()] {
-            let (Some(used), Some(max)) = (
-                read_u64(&format!("{dir}/{usage}")),
-                read_u64(&format!("{dir}/{limit}")),
-            ) else {
-                continue;
-            };
-            // v2 writes `max` (no number) and v1 a huge number when there is no limit.
-            if max == 0 || max >= 1 << 60 {
-                return None;
-            }
-            let stat = std::fs::read_to_string(format!("{dir}/memory.stat")).unwrap_or_default();
-            let cache = stat
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(inactive)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse()
-                        .ok()
-                })
-                .unwrap_or(0u64);
-            return Some((used.saturating_sub(cache), max));
-        }
-    }
-    None
-}
-
-/// Samples CPU and memory every `interval` until `shutdown` flips.
-pub async fn run_resource_sampler(
-    res: Arc<Resources>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    const TICKS_PER_SEC: f64 = 100.0; // USER_HZ, 100 on every Linux ABI we run on
-    let mut last = (std::time::Instant::now(), cpu_ticks().unwrap_or(0));
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let now = (std::time::Instant::now(), cpu_ticks().unwrap_or(last.1));
-        let secs = now.0.duration_since(last.0).as_secs_f64();
-        let cpu = if secs > 0.0 {
-            (now.1 - last.1) as f64 / TICKS_PER_SEC / secs * 100.0
-        } else {
-            0.0
-        };
-        last = now;
-        let mem = mem_percent().unwrap_or(0.0);
-        res.set(cpu, mem);
-        metrics.cpu_percent.set(cpu);
-        metrics.memory_percent.set(mem);
-        if let Some(rss) = rss_bytes() {
-            metrics.resident_memory_bytes.set(rss as i64);
-        }
-    }
-}
-
-/// Full-jitter exponential backoff: delay ∈ [0, min(max, initial × 2^attempt)].
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            attempt: 0,
-        }
-    }
-
-    /// The upper bound of the next delay.
-    pub fn cap(&self) -> Duration {
-        self.initial
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max)
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let cap = self.cap();
-        self.attempt = self.attempt.saturating_add(1);
-        cap.mul_f64(rand::rng().random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
+pub use sizing::Tuning;
 
 /// Longest `Retry-After` honoured, whatever `backoff_max` is; beyond it the platform is
 /// probably misconfigured. In practice the cap is `min(backoff_max, MAX_RETRY_AFTER)` (see
@@ -312,27 +47,6 @@ enum PartOutcome {
 }
 
 /// The delivery loop and its dependencies.
-/// The batching knobs a `reload` from the hub may change while the agent runs.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    pub sizer: Sizer,
-    pub flush_interval: Duration,
-}
-
-impl Tuning {
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            sizer: Sizer::from_config(c),
-            flush_interval: c.flush_interval,
-        }
-    }
-
-    /// A fixed tuning (tests, benches): the sender is dropped, the value stays.
-    pub fn fixed(self) -> watch::Receiver<Tuning> {
-        watch::channel(self).1
-    }
-}
-
 pub struct Delivery<U: Upstream> {
     pub spool: Arc<Spool>,
     pub upstream: Arc<U>,
@@ -576,99 +290,9 @@ mod tests {
     use super::*;
     use crate::spool::{RecordBuf, SpoolOptions};
     use bytes::Bytes;
+    use sizing::tests::sizer;
     use std::sync::Mutex;
-
-    fn sizer() -> Sizer {
-        Sizer {
-            batch_size: 10,
-            min_batch_size: 10,
-            max_batch_size: 200,
-            scale_factor: 0.5,
-            max_queue_size: 1000,
-            target_cpu_percent: 70.0,
-            target_mem_percent: 80.0,
-            min_batch_interval: Duration::from_millis(100),
-            max_batch_interval: Duration::from_secs(1),
-            max_batch_bytes: 4 << 20,
-        }
-    }
-
-    #[test]
-    fn sizing_formula() {
-        let s = sizer();
-        let ms = Duration::from_millis;
-        assert_eq!(
-            s.plan(0, 0.0, 0.0),
-            Plan {
-                target: 10,
-                max_bytes: 4 << 20,
-                spacing: ms(100)
-            }
-        );
-        assert_eq!(
-            s.plan(100, 10.0, 10.0),
-            Plan {
-                target: 60,
-                max_bytes: 4 << 20,
-                spacing: ms(100)
-            }
-        );
-        assert_eq!(
-            s.plan(100_000, 0.0, 0.0),
-            Plan {
-                target: 200,
-                max_bytes: 4 << 20,
-                spacing: ms(100)
-            }
-        );
-        // CPU at twice the target: batches and spacing double.
-        assert_eq!(
-            s.plan(20, 140.0, 0.0),
-            Plan {
-                target: 40,
-                max_bytes: 4 << 20,
-                spacing: ms(200)
-            }
-        );
-        // Memory far over target: spacing saturates at max_batch_interval.
-        assert_eq!(s.plan(0, 0.0, 8000.0).spacing, ms(1000));
-        // Memory at twice the target: batches halve, by count and by bytes, and sends are
-        // spaced out — a batch is what delivery holds in memory (the seed's formula grew it).
-        assert_eq!(
-            s.plan(380, 0.0, 160.0),
-            Plan {
-                target: 100,
-                max_bytes: 2 << 20,
-                spacing: ms(200)
-            }
-        );
-        // Both: CPU grows the count, memory shrinks it; the byte budget follows memory alone.
-        let both = s.plan(380, 140.0, 160.0);
-        assert_eq!((both.target, both.max_bytes), (200, 2 << 20));
-        let s = Sizer {
-            batch_size: 50,
-            min_batch_size: 20,
-            scale_factor: 0.0,
-            ..sizer()
-        };
-        assert_eq!(s.plan(500, 0.0, 0.0).target, 50);
-    }
-
-    #[test]
-    fn backoff_is_bounded_and_grows() {
-        let mut b = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        let caps: Vec<_> = (0..10)
-            .map(|_| {
-                let c = b.cap();
-                assert!(b.next_delay() <= c);
-                c.as_millis()
-            })
-            .collect();
-        assert_eq!(
-            caps,
-            [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
-        );
-    }
+    use std::sync::atomic::Ordering;
 
     /// Records batches with the (paused) time they arrived.
     #[derive(Default)]
