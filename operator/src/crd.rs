@@ -701,8 +701,10 @@ pub struct AgentGatewayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`, and
-    /// `UpstreamTLSVerified` for gateways that skip certificate verification.
+    /// `UpstreamTLSVerified` for gateways that skip certificate verification. A list map keyed
+    /// on `type`: the reconciler and the hub each own the conditions they write.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Content hash of the derived sidecar configuration currently applied; injected pods and
     /// sidecars report it so stale configurations can be found.
@@ -730,11 +732,13 @@ pub struct AgentGatewayStatus {
     pub left_behind: Option<LeftBehindStats>,
 }
 
-/// Sidecar counts.
+/// Sidecar counts. The reconciler writes `expected` and `notInjected`, the hub the others, so
+/// none is required.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarCounts {
     /// Pods injected (or opted in) for this gateway that are not being deleted.
+    #[serde(default)]
     pub expected: i32,
     /// Of `expected`, pods that opted in but run without a sidecar: they were admitted while
     /// the webhook was unreachable (`failurePolicy: Ignore`). Restart their workloads, or set
@@ -742,13 +746,16 @@ pub struct SidecarCounts {
     #[serde(default)]
     pub not_injected: i32,
     /// Sidecars holding a control-channel connection.
+    #[serde(default)]
     pub connected: i32,
     /// Connected sidecars reporting `ready`.
+    #[serde(default)]
     pub healthy: i32,
     /// Connected sidecars running the gateway's current configuration (`status.configHash`).
     #[serde(default)]
     pub current_config: i32,
     /// `connected/expected`, for `kubectl get`.
+    #[serde(default)]
     pub summary: String,
 }
 

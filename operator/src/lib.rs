@@ -16,6 +16,7 @@ pub mod hub;
 pub mod leader;
 pub mod metrics;
 pub mod servers;
+pub mod status;
 pub mod webhook;
 
 use std::future::Future;

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
 
 use crate::crd::{
     AgentGateway, AgentGatewaySpec, AgentGatewayStatus, FieldError, LeftBehindStats, MessageStats,
     SidecarCounts, UpstreamStatus, conditions, parse_bytes, parse_duration, validate,
 };
+use crate::status::set_condition;
 
 /// Key of the sidecar configuration in the ConfigMap. The value is JSON (therefore also YAML).
 pub const CONFIG_KEY: &str = "config.json";
@@ -235,37 +236,6 @@ pub enum Verdict {
     SecretMissing(String),
     /// The spec failed semantic validation.
     Invalid(String),
-}
-
-/// Set a condition, changing `lastTransitionTime` only when the status flips.
-pub fn set_condition(
-    conds: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: &Time,
-) {
-    match conds.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            if c.status != status {
-                c.last_transition_time = now.clone();
-            }
-            c.status = status.into();
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
-        }
-        None => conds.push(Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.into(),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        }),
-    }
 }
 
 /// Message for conditions/events, bounded to the API's 32 KiB condition message limit.

@@ -21,7 +21,6 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
@@ -29,6 +28,7 @@ use crate::crd::{AgentGateway, AgentGatewaySpec, AgentGatewayStatus, conditions,
 pub use crate::gateway::refs::references_secret;
 use crate::gateway::refs::{SecretRef, secret_refs};
 use crate::metrics::Metrics;
+use crate::status;
 use build::{GatewayRef, Verdict};
 
 /// Errors of the reconciler. Each has a metric label.
@@ -291,42 +291,40 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
     let desired = |current: Option<&AgentGatewayStatus>| {
         let now = now();
-        let mut status =
+        let mut desired =
             build::desired_status(current, gw.metadata.generation, &verdict, &census, &now);
-        build::set_tls_verified(&mut status, &gw.spec, gw.metadata.generation, &now);
-        status
+        build::set_tls_verified(&mut desired, &gw.spec, gw.metadata.generation, &now);
+        desired
+    };
+    // Only the fields this writer applies are compared (see `crate::status`).
+    let unchanged = |current: Option<&AgentGatewayStatus>,
+                     desired: &AgentGatewayStatus,
+                     hub_has_written: bool| {
+        current.map(|c| status::operator_part(c, hub_has_written))
+            == Some(status::operator_part(desired, hub_has_written))
     };
     let mut current = gw.status.clone();
-    let mut status = desired(current.as_ref());
-    // `None` until the live object was read: the cached one may predate our previous status
-    // write (its watch event is still in flight), so a write is only sent when the stored
-    // status really differs.
-    let mut live_version: Option<Option<String>> = None;
-    let mut conflicts = 0;
-    while current.as_ref() != Some(&status) {
-        let Some(version) = &live_version else {
-            let live = api.get_status(name).await.map_err(Error::StatusGet)?;
-            live_version = Some(live.metadata.resource_version);
-            current = live.status;
-            status = desired(current.as_ref());
-            continue;
-        };
-        ctx.metrics.write("agentgateways/status", "patch");
-        match write_status(&api, name, version.as_deref(), &status).await {
-            Ok(()) => {
-                debug!(%ns, %name, "status updated");
-                break;
-            }
-            // The hub's status writer wrote in between: start again from what it wrote.
-            Err(e) if is_conflict(&e) && conflicts < MAX_STATUS_CONFLICTS => {
-                conflicts += 1;
-                debug!(%ns, %name, "status changed while being written; retrying");
-                live_version = None;
-            }
-            Err(e) => return Err(Error::StatusPatch(e)),
+    let mut new_status = desired(current.as_ref());
+    // The cached gateway may predate our previous status write (its watch event is still in
+    // flight), so a difference is confirmed on the live object before anything is written.
+    if !unchanged(
+        current.as_ref(),
+        &new_status,
+        status::hub_has_written(&gw.metadata),
+    ) {
+        let live = api.get_status(name).await.map_err(Error::StatusGet)?;
+        let hub_has_written = status::hub_has_written(&live.metadata);
+        current = live.status;
+        new_status = desired(current.as_ref());
+        if !unchanged(current.as_ref(), &new_status, hub_has_written) {
+            ctx.metrics.write("agentgateways/status", "patch");
+            let part = status::operator_part(&new_status, hub_has_written);
+            status::apply(&api, name, status::OPERATOR_MANAGER, part, None)
+                .await
+                .map_err(Error::StatusPatch)?;
+            debug!(%ns, %name, "status updated");
         }
     }
-
     let old_valid = current
         .as_ref()
         .and_then(|s| {
@@ -335,7 +333,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
                 .find(|c| c.type_ == conditions::CONFIG_VALID)
         })
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
-    let new_valid = status
+    let new_valid = new_status
         .conditions
         .iter()
         .find(|c| c.type_ == conditions::CONFIG_VALID)
@@ -373,7 +371,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         })
         .map(|c| c.status.clone())
     };
-    if tls_verified(Some(&status)).as_deref() == Some("False")
+    if tls_verified(Some(&new_status)).as_deref() == Some("False")
         && tls_verified(current.as_ref()).as_deref() != Some("False")
     {
         warn!(%ns, %name, "sidecars skip verification of the upstream's certificate");
@@ -448,37 +446,6 @@ async fn report_not_injected(
             .await;
         }
     }
-}
-
-/// Conflicting status writes retried within one reconcile before it fails (and is requeued).
-const MAX_STATUS_CONFLICTS: u32 = 3;
-
-/// Writes `status` only if the gateway is still at `resource_version` (a merge patch carrying
-/// `metadata.resourceVersion` is conditional). The reconciler and the hub's status writer each
-/// write a whole status computed from what they read; without the precondition, one of them
-/// could put back the other's fields as they were before its latest write.
-pub(crate) async fn write_status(
-    api: &Api<AgentGateway>,
-    name: &str,
-    resource_version: Option<&str>,
-    status: &AgentGatewayStatus,
-) -> Result<(), kube::Error> {
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    let patch = json!({
-        "metadata": { "resourceVersion": resource_version },
-        "status": status,
-    });
-    api.patch_status(name, &params, &Patch::Merge(patch))
-        .await
-        .map(drop)
-}
-
-/// The API server refused a write because the object changed since it was read.
-pub(crate) fn is_conflict(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_conflict())
 }
 
 /// Log, count, and back off exponentially per gateway (1 s, 2 s, 4 s … 5 min).
