@@ -17,14 +17,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// API group of our resources.
-pub const GROUP: &str = "nanogate.io";
-/// Annotation naming the gateway a pod belongs to (same namespace).
-pub const GATEWAY_ANNOTATION: &str = "nanogate.io/gateway";
-/// Annotation set by the injector on every injected pod.
-pub const INJECTED_ANNOTATION: &str = "nanogate.io/injected";
-/// Pod opt-in / opt-out annotation (`"true"` / `"false"`).
-pub const INJECT_ANNOTATION: &str = "nanogate.io/inject";
+pub use crate::names::DEFAULT_SOCKET_PATH;
 
 /// Duration strings: one or more `<number><unit>` groups, units `ms`, `s`, `m`, `h`
 /// (e.g. `250ms`, `5s`, `1m30s`).
@@ -643,8 +636,6 @@ fn default_retry_initial_backoff() -> String {
 fn default_retry_max_backoff() -> String {
     "30s".into()
 }
-/// Default socket path (seed 000 `SocketPath`).
-pub const DEFAULT_SOCKET_PATH: &str = "/var/lib/tendrl/tendrl_agent.sock";
 fn default_socket_path() -> String {
     DEFAULT_SOCKET_PATH.into()
 }
@@ -1385,7 +1376,7 @@ impl AgentGateway {
             .to_string();
         let cfg = crate::controller::build::sidecar_config(spec)?;
         Ok(InjectionSettings {
-            config_map_name: crate::controller::build::config_map_name(&name),
+            config_map_name: crate::names::config_map_name(&name),
             gateway: name,
             image: spec.sidecar.image.clone(),
             resources: spec.sidecar.resources.clone(),
@@ -1393,7 +1384,7 @@ impl AgentGateway {
             native_sidecar: spec.sidecar.native_sidecar,
             socket_path: spec.socket.path.clone(),
             socket_dir,
-            config_key: crate::controller::build::CONFIG_KEY,
+            config_key: crate::names::CONFIG_KEY,
             config_hash: cfg.hash(),
             api_key_secret: spec.upstream.api_key_secret_ref.clone(),
             secret_refs: crate::gateway::refs::secret_refs(spec),

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod hub;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod servers;
 pub mod status;
 pub mod webhook;
@@ -34,8 +35,7 @@ use tracing::{info, warn};
 pub use controller::{Error, Result};
 pub use metrics::Metrics;
 
-/// The one field manager for every write of the operator.
-pub const FIELD_MANAGER: &str = "nanogate-operator";
+pub use names::FIELD_MANAGER;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]

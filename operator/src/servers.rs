@@ -28,8 +28,7 @@ use crate::webhook::inject::{
 };
 use crate::webhook::{self, GatewayLookup, WebhookState};
 
-/// Key of the gateway's ConfigMap that carries the hub's CA for its sidecars.
-pub const HUB_CA_KEY: &str = "hub-ca.crt";
+use crate::names::HUB_CA_KEY;
 
 /// Flags of the webhook, hub and certificates (`nanogate-operator run`).
 #[derive(Clone, Debug, clap::Args)]
@@ -671,7 +670,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|m| m["mountPath"] == crate::controller::build::TCP_TLS_DIR)
+                .any(|m| m["mountPath"] == crate::names::TCP_TLS_DIR)
         );
     }
 

@@ -28,9 +28,9 @@ use serde_json::{Map, Value, json};
 use crate::crd::{AgentGateway, AgentGatewayStatus, conditions};
 
 /// Field manager of the reconciler's writes (status and the objects it applies).
-pub const OPERATOR_MANAGER: &str = crate::FIELD_MANAGER;
+pub const OPERATOR_MANAGER: &str = crate::names::FIELD_MANAGER;
 /// Field manager of the hub's status writer.
-pub const HUB_MANAGER: &str = "nanogate-hub";
+pub const HUB_MANAGER: &str = crate::names::HUB_FIELD_MANAGER;
 
 /// Conditions the reconciler owns.
 const OPERATOR_CONDITIONS: [&str; 3] = [

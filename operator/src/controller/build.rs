@@ -13,23 +13,11 @@ use crate::crd::{
 };
 use crate::status::set_condition;
 
-/// Key of the sidecar configuration in the ConfigMap. The value is JSON (therefore also YAML).
-pub const CONFIG_KEY: &str = "config.json";
-/// Annotation on the ConfigMap with the content hash of the configuration.
-pub const CONFIG_HASH_ANNOTATION: &str = "nanogate.io/config-hash";
-/// Environment variable that carries the API key into the sidecar (seed 000 `TENDRL_KEY`).
-pub const API_KEY_ENV: &str = "TENDRL_KEY";
-/// Where the injector mounts the gateway's Secrets (the file paths in the sidecar's file).
-pub use crate::gateway::refs::{
-    NATS_CREDENTIALS_DIR, TCP_TLS_DIR, UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
+use crate::names::{
+    API_KEY_ENV, CONFIG_HASH_ANNOTATION, GATEWAY_ANNOTATION, HUB_CA_KEY, MANAGED_BY,
+    MANAGED_BY_LABEL, NATS_CREDENTIALS_DIR, TCP_TLS_DIR, UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
 };
-/// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
-pub const CONFIG_DIR: &str = "/etc/nanogate/agent";
-
-/// Name of the ConfigMap derived from gateway `gateway`.
-pub fn config_map_name(gateway: &str) -> String {
-    format!("{gateway}-agent-config")
-}
+pub use crate::names::{CONFIG_DIR, CONFIG_KEY, config_map_name};
 
 use nanogate_protocol::sidecar_config::{self as file, LogLevel, OverflowPolicy, UpstreamKind};
 /// The sidecar's configuration file and its parts: one definition shared with nano-agent,
@@ -163,14 +151,8 @@ impl GatewayRef {
 /// Labels on everything the operator creates for a gateway.
 pub fn child_labels(gateway: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            crate::FIELD_MANAGER.to_string(),
-        ),
-        (
-            crate::crd::GATEWAY_ANNOTATION.to_string(),
-            gateway.to_string(),
-        ),
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (GATEWAY_ANNOTATION.to_string(), gateway.to_string()),
     ])
 }
 
@@ -194,13 +176,13 @@ pub fn config_map(gw: &GatewayRef, cfg: &SidecarConfig) -> ConfigMap {
     }
 }
 
-/// Adds the hub's CA (PEM) under [`crate::servers::HUB_CA_KEY`]; the injector mounts that key
+/// Adds the hub's CA (PEM) under [`HUB_CA_KEY`]; the injector mounts that key
 /// into the sidecar (`/etc/nanogate-hub-ca/ca.crt`).
 pub fn with_hub_ca(mut cm: ConfigMap, hub_ca: Option<&str>) -> ConfigMap {
     if let Some(pem) = hub_ca {
         cm.data
             .get_or_insert_with(BTreeMap::new)
-            .insert(crate::servers::HUB_CA_KEY.to_string(), pem.to_string());
+            .insert(HUB_CA_KEY.to_string(), pem.to_string());
     }
     cm
 }
@@ -381,39 +363,4 @@ pub fn set_tls_verified(
             now,
         );
     }
-}
-
-/// Which gateway a pod belongs to, from its annotations: `nanogate.io/gateway`, else the
-/// gateway recorded in `nanogate.io/injected` (`{"gateway":"x",…}` JSON, or `x` / `x/<hash>`
-/// / `gateway=x,…`). Pods opted out (`nanogate.io/inject: "false"`) or neither injected nor
-/// opted in belong to none.
-pub fn pod_gateway(annotations: &BTreeMap<String, String>) -> Option<String> {
-    use crate::crd::{GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION};
-    let injected = annotations.get(INJECTED_ANNOTATION);
-    let opt = annotations.get(INJECT_ANNOTATION).map(String::as_str);
-    if injected.is_none() && opt != Some("true") {
-        return None;
-    }
-    if injected.is_none() && opt == Some("false") {
-        return None;
-    }
-    if let Some(g) = annotations
-        .get(GATEWAY_ANNOTATION)
-        .filter(|g| !g.is_empty())
-    {
-        return Some(g.clone());
-    }
-    let v = injected?.trim();
-    if v.starts_with('{') {
-        return serde_json::from_str::<serde_json::Value>(v)
-            .ok()?
-            .get("gateway")?
-            .as_str()
-            .map(str::to_string);
-    }
-    if let Some(kv) = v.split(',').find_map(|p| p.trim().strip_prefix("gateway=")) {
-        return Some(kv.to_string());
-    }
-    let name = v.split('/').next()?.trim();
-    (!name.is_empty() && name != "true").then(|| name.to_string())
 }

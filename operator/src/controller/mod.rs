@@ -25,9 +25,11 @@ use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
 use crate::crd::{AgentGateway, AgentGatewaySpec, AgentGatewayStatus, conditions, join_errors};
+use crate::gateway::membership::{self, Recount};
 pub use crate::gateway::refs::references_secret;
 use crate::gateway::refs::{SecretRef, secret_refs};
 use crate::metrics::Metrics;
+use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::status;
 use build::{GatewayRef, Verdict};
 
@@ -489,8 +491,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     controller
         .owns(
             ctx.api::<ConfigMap>(),
-            watcher::Config::default()
-                .labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}")),
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
         .watches(
             ctx.api::<Secret>(),
@@ -512,31 +513,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             watcher::Config::default(),
             move |pod: Pod| {
                 let ns = pod.namespace().unwrap_or_default();
-                if let Some(gateway) = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(build::pod_gateway)
-                {
-                    return vec![ObjectRef::<AgentGateway>::new(&gateway).within(&ns)];
+                match membership::to_recount(pod.metadata.annotations.as_ref()) {
+                    Recount::Gateway(gateway) => {
+                        vec![ObjectRef::<AgentGateway>::new(&gateway).within(&ns)]
+                    }
+                    Recount::Nothing => Vec::new(),
+                    Recount::Namespace => pod_store
+                        .state()
+                        .into_iter()
+                        .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+                        .map(|gw| ObjectRef::from_obj(&*gw))
+                        .collect(),
                 }
-                // A pod naming no gateway may still expect its namespace's only one (opted in by
-                // the namespace label, or injected while the webhook was down): recount them all.
-                let opted_out = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(crate::crd::INJECT_ANNOTATION))
-                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
-                if opted_out {
-                    return Vec::new();
-                }
-                pod_store
-                    .state()
-                    .into_iter()
-                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
-                    .map(|gw| ObjectRef::from_obj(&*gw))
-                    .collect()
             },
         )
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
