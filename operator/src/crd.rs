@@ -747,7 +747,14 @@ pub struct SidecarCounts {
     pub current_config: i32,
     /// `connected/expected`, for `kubectl get`.
     #[serde(default)]
+    #[schemars(transform = no_default)]
     pub summary: String,
+}
+
+/// Leaves a field's default out of the schema: the API server refuses the empty string as a
+/// default, and the writers always write the field.
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 impl SidecarCounts {
