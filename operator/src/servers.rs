@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::certs::{self, CertConfig};
-use crate::crd::{AgentGateway, InjectionSettings, LogLevel, NativeSidecar};
+use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
+use crate::gateway::InjectionSettings;
 use crate::gateway::refs::SidecarUse;
 use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
 use crate::webhook::inject::{

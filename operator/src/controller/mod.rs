@@ -24,10 +24,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
-use crate::crd::{AgentGateway, AgentGatewaySpec, AgentGatewayStatus, conditions, join_errors};
+use crate::crd::{AgentGateway, AgentGatewayStatus, conditions, join_errors};
+use crate::gateway::ValidatedGateway;
 use crate::gateway::membership::{self, Recount};
+use crate::gateway::refs::SecretRef;
 pub use crate::gateway::refs::references_secret;
-use crate::gateway::refs::{SecretRef, secret_refs};
 use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::status;
@@ -155,16 +156,16 @@ fn now() -> Time {
     Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()))
 }
 
-/// Check that every Secret the spec references exists and has its key(s). `Ok(Some(msg))`
+/// Check that every Secret the gateway references exists and has its key(s). `Ok(Some(msg))`
 /// when something is missing.
-async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Result<Option<String>> {
+async fn dereference(client: &Client, ns: &str, refs: &[SecretRef]) -> Result<Option<String>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for SecretRef {
         field, name, keys, ..
-    } in secret_refs(spec)
+    } in refs
     {
         let secret = secrets
-            .get_opt(&name)
+            .get_opt(name)
             .await
             .map_err(|source| Error::SecretGet {
                 name: name.clone(),
@@ -177,11 +178,11 @@ async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Resu
             )));
         };
         for key in keys {
-            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
+            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
                 || secret
                     .string_data
                     .as_ref()
-                    .is_some_and(|d| d.contains_key(&key));
+                    .is_some_and(|d| d.contains_key(key));
             if !has {
                 return Ok(Some(format!(
                     "Secret {ns}/{name} referenced by {field} has no key {key:?}; add the key to the Secret or change {field}"
@@ -241,13 +242,15 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     };
 
     // validate → dereference → build → apply
-    let verdict = match build::sidecar_config(&gw.spec) {
+    let verdict = match ValidatedGateway::new(&gw) {
         Err(errors) => Verdict::Invalid(join_errors(&errors)),
-        Ok(cfg) => match dereference(&ctx.client, ns, &gw.spec).await? {
+        Ok(valid) => match dereference(&ctx.client, ns, &valid.secret_refs).await? {
             Some(missing) => Verdict::SecretMissing(missing),
             None => {
-                let desired =
-                    build::with_hub_ca(build::config_map(&gref, &cfg), ctx.hub_ca.as_deref());
+                let desired = build::with_hub_ca(
+                    build::config_map(&gref, &valid.sidecar_config),
+                    ctx.hub_ca.as_deref(),
+                );
                 let cm_name = build::config_map_name(name);
                 let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
                 let live = cms.get_opt(&cm_name).await.map_err(Error::ConfigMapGet)?;
@@ -268,7 +271,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
                     } else {
                         ("ConfigUpdated", "Updated")
                     };
-                    info!(%ns, %name, hash = %cfg.hash(), "{verb} ConfigMap {cm_name}");
+                    info!(%ns, %name, hash = %valid.config_hash, "{verb} ConfigMap {cm_name}");
                     publish(
                         &ctx,
                         &gw,
@@ -276,14 +279,14 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
                         reason,
                         format!(
                             "{verb} ConfigMap {cm_name} with sidecar configuration {}",
-                            cfg.hash()
+                            valid.config_hash
                         ),
                     )
                     .await;
                 }
                 Verdict::Applied {
                     config_map: cm_name,
-                    hash: cfg.hash(),
+                    hash: valid.config_hash,
                 }
             }
         },

@@ -28,6 +28,7 @@ use crate::crd::{
     AgentGateway, AgentGatewayStatus, LeftBehindStats, MessageStats, SidecarCounts,
     UnhealthySidecar, UpstreamStatus, conditions, parse_duration,
 };
+use crate::gateway::ValidatedGateway;
 use crate::status::{self, set_condition};
 
 /// Default pause between status passes (the architecture's "at most every few seconds").
@@ -317,15 +318,25 @@ pub async fn run(
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
             };
-            let heartbeat =
-                parse_duration(&gateway.spec.heartbeat_interval).unwrap_or(Duration::from_secs(5));
+            let valid = ValidatedGateway::new(&gateway).ok();
+            // An invalid spec leaves its sidecars on their last valid configuration; its
+            // heartbeat interval is still the best guess of theirs.
+            let heartbeat = valid.as_ref().map_or_else(
+                || {
+                    parse_duration(&gateway.spec.heartbeat_interval)
+                        .unwrap_or(Duration::from_secs(5))
+                },
+                |v| v.heartbeat_interval,
+            );
             let fleet = hub.index.fleet(
                 &namespace,
                 &name,
                 now_instant,
                 heartbeat * SILENT_HEARTBEATS,
             );
-            push_config(&hub, &gateway, &namespace, &name, &mut reloads);
+            if let Some(valid) = &valid {
+                push_config(&hub, valid, &namespace, &name, &mut reloads);
+            }
             left_behind::announce(&recorder, &hub.left_behind, &gateway).await;
             let left = hub.left_behind.unwritten(&namespace, &name);
             let mut desired = fleet_status(
@@ -423,16 +434,14 @@ fn drain_orphans(hub: &Arc<Hub>, gateways: &[AgentGateway], sent: &mut Reloads) 
 /// current configuration file (the same bytes the ConfigMap holds), at most every 30 s each.
 fn push_config(
     hub: &Arc<Hub>,
-    gateway: &AgentGateway,
+    gateway: &ValidatedGateway,
     namespace: &str,
     name: &str,
     reloads: &mut Reloads,
 ) {
     const COOLDOWN: Duration = Duration::from_secs(30);
-    let Ok(config) = crate::controller::build::sidecar_config(&gateway.spec) else {
-        return;
-    };
-    let Some(generation) = config_generation(&config.hash()) else {
+    let config = &gateway.sidecar_config;
+    let Some(generation) = config_generation(&gateway.config_hash) else {
         return;
     };
     let now = Instant::now();
