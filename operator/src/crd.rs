@@ -1,8 +1,8 @@
 //! The `AgentGateway` custom resource (`nanogate.io/v1alpha1`).
 //!
 //! Defaults live here and only here: every field documents its default, and the documentation
-//! becomes the `kubectl explain` description. Defaults follow the Tendrl client configuration
-//! table (seed 000). Bounds the schema can express are schema bounds; cross-field rules and
+//! becomes the `kubectl explain` description. Defaults follow the Tendrl agent's client
+//! configuration (its socket path, batch sizes and intervals). Bounds the schema can express are schema bounds; cross-field rules and
 //! string formats are checked by [`validate`], which both the reconciler and the validating
 //! webhook call so users see the same message everywhere.
 
@@ -104,7 +104,8 @@ pub struct AgentGatewaySpec {
     #[schemars(pattern(DURATION_PATTERN))]
     pub heartbeat_interval: String,
     /// A TCP listener in each sidecar for clients outside the pod (newline-delimited JSON
-    /// frames `data`/`ping`/`pong`/`keepalive`/`close`, seed 004). Off when absent. It listens
+    /// frames `data`/`ping`/`pong`/`keepalive`/`close`, as in SecureAgentMessaging). Off when
+    /// absent. It listens
     /// on all interfaces, so it always requires TLS and a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_listener: Option<TcpListenerSpec>,

@@ -32,7 +32,7 @@
 //!   agent to talk to.
 //! - Shutdown: the kubelet kills the agent when the pod's `terminationGracePeriodSeconds` (30 s
 //!   by default) has passed since SIGTERM, and the agent must have reported what it leaves
-//!   behind by then (`left_behind`, issue 15). Its default `--shutdown-deadline` (20 s) fits a
+//!   behind by then (the `left_behind` notification, `hub/left_behind.rs`). Its default `--shutdown-deadline` (20 s) fits a
 //!   grace period of [`AGENT_SHUTDOWN_DEADLINE_SECONDS`] + [`SHUTDOWN_REPORT_SECONDS`] or more;
 //!   for a shorter one the injector sets `NANOGATE_SHUTDOWN_DEADLINE` to the grace period minus
 //!   [`SHUTDOWN_REPORT_SECONDS`] (at least 0 s: report at once). Seen on a real node: a pod with
