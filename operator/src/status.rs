@@ -16,9 +16,11 @@
 //! always applies `unhealthySidecars` (an empty list clears it).
 //!
 //! Until the hub has written a gateway's status once, the reconciler also writes the hub's
-//! fields as it shows them (initial values such as `UpstreamReachable=Unknown`, kept as read
-//! afterwards), so a new gateway shows them at once; the hub's first forced apply takes them
-//! over. `leftBehind` is a running total the hub adds to, so only the hub ever writes it.
+//! fields as it shows them (initial values such as `UpstreamReachable=Unknown` and a zero
+//! `leftBehind`, kept as read afterwards), so a new gateway shows them at once; the hub's first
+//! forced apply takes them over. Those writes are conditional on the `resourceVersion` read
+//! (the reconciler retries a refused one as any failed reconcile), so the reconciler never puts
+//! back a value the hub wrote in between — `leftBehind` is a running total the hub adds to.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Patch, PatchParams};
@@ -45,7 +47,7 @@ const OPERATOR_SIDECAR_FIELDS: [&str; 2] = ["expected", "notInjected"];
 /// `status.sidecars` fields the hub owns (it counts connections).
 const HUB_SIDECAR_FIELDS: [&str; 4] = ["connected", "healthy", "currentConfig", "summary"];
 /// Top-level status fields the hub owns that the reconciler initialises.
-const HUB_INITIALISED_FIELDS: [&str; 2] = ["messages", "upstream"];
+const HUB_INITIALISED_FIELDS: [&str; 3] = ["messages", "upstream", "leftBehind"];
 /// Top-level status fields only the hub writes (besides conditions and `sidecars`).
 const HUB_FIELDS: [&str; 5] = [
     "messages",
@@ -64,7 +66,7 @@ pub fn hub_has_written(meta: &ObjectMeta) -> bool {
 }
 
 /// The part of `status` the reconciler applies; with `hub_has_written: false` it includes the
-/// hub's fields as `status` shows them (but never `leftBehind`, see the module comment).
+/// hub's fields as `status` shows them (apply it conditionally then, see the module comment).
 pub fn operator_part(status: &AgentGatewayStatus, hub_has_written: bool) -> Value {
     let full = to_map(status);
     let mut part = Map::new();
@@ -76,15 +78,7 @@ pub fn operator_part(status: &AgentGatewayStatus, hub_has_written: bool) -> Valu
         sidecar_fields.extend(HUB_SIDECAR_FIELDS);
         copy(&full, &mut part, &HUB_INITIALISED_FIELDS);
     }
-    part.insert(
-        "conditions".into(),
-        conditions_of(&status.conditions, &condition_types),
-    );
-    if let Some(Value::Object(sidecars)) = full.get("sidecars") {
-        let mut owned = Map::new();
-        copy(sidecars, &mut owned, &sidecar_fields);
-        part.insert("sidecars".into(), Value::Object(owned));
-    }
+    owned_conditions_and_counts(status, &full, &condition_types, &sidecar_fields, &mut part);
     Value::Object(part)
 }
 
@@ -98,16 +92,36 @@ pub fn hub_part(status: &AgentGatewayStatus) -> Value {
         "unhealthySidecars".into(),
         serde_json::to_value(&status.unhealthy_sidecars).unwrap_or(Value::Array(Vec::new())),
     );
-    part.insert(
-        "conditions".into(),
-        conditions_of(&status.conditions, &HUB_CONDITIONS),
+    owned_conditions_and_counts(
+        status,
+        &full,
+        &HUB_CONDITIONS,
+        &HUB_SIDECAR_FIELDS,
+        &mut part,
     );
+    Value::Object(part)
+}
+
+/// Adds to `part` the conditions of `condition_types` and the `sidecars` fields named.
+fn owned_conditions_and_counts(
+    status: &AgentGatewayStatus,
+    full: &Map<String, Value>,
+    condition_types: &[&str],
+    sidecar_fields: &[&str],
+    part: &mut Map<String, Value>,
+) {
+    let conditions = status
+        .conditions
+        .iter()
+        .filter(|c| condition_types.contains(&c.type_.as_str()))
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect();
+    part.insert("conditions".into(), Value::Array(conditions));
     if let Some(Value::Object(sidecars)) = full.get("sidecars") {
         let mut owned = Map::new();
-        copy(sidecars, &mut owned, &HUB_SIDECAR_FIELDS);
+        copy(sidecars, &mut owned, sidecar_fields);
         part.insert("sidecars".into(), Value::Object(owned));
     }
-    Value::Object(part)
 }
 
 fn to_map(status: &AgentGatewayStatus) -> Map<String, Value> {
@@ -123,15 +137,6 @@ fn copy(from: &Map<String, Value>, to: &mut Map<String, Value>, keys: &[&str]) {
             to.insert((*key).to_string(), value.clone());
         }
     }
-}
-
-fn conditions_of(all: &[Condition], types: &[&str]) -> Value {
-    Value::Array(
-        all.iter()
-            .filter(|c| types.contains(&c.type_.as_str()))
-            .filter_map(|c| serde_json::to_value(c).ok())
-            .collect(),
-    )
 }
 
 /// Applies `part` (from [`operator_part`] or [`hub_part`]) to the status of gateway `name` as
@@ -261,7 +266,7 @@ mod tests {
         let op = operator_part(&st, false);
         assert_eq!(types(&op).len(), 5);
         assert_eq!(op["sidecars"]["summary"], "1/2");
-        assert!(op.get("leftBehind").is_none(), "only the hub adds to it");
+        assert!(op.get("leftBehind").is_some(), "zero until the hub writes");
         assert!(op.get("unhealthySidecars").is_none());
 
         let mut meta = ObjectMeta::default();

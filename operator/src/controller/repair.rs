@@ -223,21 +223,8 @@ fn controller_of(meta: &ObjectMeta, kind: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::membership::test_pod as pod;
     use crate::names::INJECTED_ANNOTATION;
-    use std::collections::BTreeMap;
-
-    fn pod(name: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
-        ObjectMeta {
-            name: Some(name.into()),
-            annotations: Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect::<BTreeMap<_, _>>(),
-            ),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn census_separates_injected_from_merely_opted_in_pods() {

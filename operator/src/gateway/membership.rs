@@ -163,22 +163,25 @@ pub fn to_recount(annotations: Option<&Annotations>) -> Recount {
     Recount::Namespace
 }
 
+/// A pod's metadata with `name` and `annotations`, for tests of membership rules.
+#[cfg(test)]
+pub(crate) fn test_pod(name: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        annotations: Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_pod as pod;
     use super::*;
-
-    fn pod(name: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
-        ObjectMeta {
-            name: Some(name.into()),
-            annotations: Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn namespace_label_and_only_gateway_decide_like_the_webhook() {

@@ -549,8 +549,8 @@ mod tests {
         assert_eq!(st.upstream.unwrap().state, "Reachable");
     }
 
-    #[test]
-    fn missing_and_unhealthy_sidecars_are_named() {
+    /// One connected sidecar, degraded: pod `p1` since 997.
+    fn one_degraded() -> FleetHealth {
         let mut f = fleet(1, 0);
         f.unhealthy = vec![UnhealthyAgent {
             pod: "p1".into(),
@@ -558,6 +558,12 @@ mod tests {
             for_duration: Duration::from_secs(3),
             since_unix: 997,
         }];
+        f
+    }
+
+    #[test]
+    fn missing_and_unhealthy_sidecars_are_named() {
+        let f = one_degraded();
         let st = fleet_status(Some(&with_expected(3)), &f, Some(1), &time(1_000));
         let healthy = st
             .conditions
@@ -600,14 +606,12 @@ mod tests {
 
     #[test]
     fn a_stale_unhealthy_list_is_cleared_once() {
-        let mut f = fleet(1, 0);
-        f.unhealthy = vec![UnhealthyAgent {
-            pod: "p1".into(),
-            reason: "Degraded",
-            for_duration: Duration::from_secs(3),
-            since_unix: 997,
-        }];
-        let stored = fleet_status(Some(&with_expected(1)), &f, Some(1), &time(1_000));
+        let stored = fleet_status(
+            Some(&with_expected(1)),
+            &one_degraded(),
+            Some(1),
+            &time(1_000),
+        );
         let healed = fleet_status(Some(&stored), &fleet(1, 1), Some(1), &time(1_005));
         assert!(needs_write(Some(&stored), &healed));
         // The apply carries an empty list, which clears the stored one…
