@@ -398,6 +398,7 @@ fn images_run_as_65532_without_a_shell() -> Result<()> {
 /// The container the injector adds to a pod (from the operator's own patch).
 fn injected_sidecar(image: &str) -> Result<Value> {
     use k8s_openapi::api::core::v1::Pod;
+    use nanogate_operator::names;
     use nanogate_operator::webhook::inject;
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
@@ -405,7 +406,7 @@ fn injected_sidecar(image: &str) -> Result<Value> {
         "metadata": {
             "name": "shop-0",
             "namespace": "shipping",
-            "annotations": {(inject::INJECT_ANNOTATION): "true"},
+            "annotations": {(names::INJECT_ANNOTATION): "true"},
         },
         "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
     }))?;
@@ -428,21 +429,16 @@ fn injected_sidecar(image: &str) -> Result<Value> {
     };
     fn find(v: &Value) -> Option<&Value> {
         match v {
-            Value::Object(o) if o.get("name") == Some(&Value::from(inject::SIDECAR_NAME)) => {
-                Some(v)
-            }
+            Value::Object(o) if o.get("name") == Some(&Value::from(names::SIDECAR_NAME)) => Some(v),
             Value::Object(o) => o.values().find_map(find),
             Value::Array(a) => a.iter().find_map(find),
             _ => None,
         }
     }
     let patch = serde_json::to_value(&injection.patch)?;
-    find(&patch).cloned().with_context(|| {
-        format!(
-            "no {} container in the patch: {patch}",
-            inject::SIDECAR_NAME
-        )
-    })
+    find(&patch)
+        .cloned()
+        .with_context(|| format!("no {} container in the patch: {patch}", names::SIDECAR_NAME))
 }
 
 /// `podman run` flags for the injected container's securityContext: every field translated,
@@ -561,7 +557,7 @@ fn injected_agent_run(
     let mut socket_dir = None;
     for mount in sidecar["volumeMounts"].as_array().context("volumeMounts")? {
         // The config, hub token and hub CA volumes serve the hub, which this test does not run.
-        if mount["name"] == nanogate_operator::webhook::inject::SOCKET_VOLUME {
+        if mount["name"] == nanogate_operator::names::SOCKET_VOLUME {
             let path = mount["mountPath"].as_str().context("mountPath")?;
             run.extend(["--volume".into(), format!("{}:{path}", dir.display())]);
             socket_dir = Some(path.to_string());

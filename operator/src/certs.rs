@@ -39,13 +39,12 @@ use serde_json::json;
 use crate::webhook::CertResolver;
 
 pub const CA_COMMON_NAME: &str = "nanogate-webhook-ca";
-pub const ANNOTATION_CA_NOT_AFTER: &str = "nanogate.io/ca-not-after";
-pub const ANNOTATION_CERT_NOT_BEFORE: &str = "nanogate.io/cert-not-before";
-pub const ANNOTATION_CERT_NOT_AFTER: &str = "nanogate.io/cert-not-after";
-pub const ANNOTATION_CERT_SANS: &str = "nanogate.io/cert-sans";
-/// Label marking the Secret as ours: only such a Secret is ever overwritten.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "nanogate-operator";
+/// The label marking the Secret as ours ([`MANAGED_BY_LABEL`]=[`MANAGED_BY`]): only such a
+/// Secret is ever overwritten.
+use crate::names::{
+    ANNOTATION_CA_NOT_AFTER, ANNOTATION_CERT_NOT_AFTER, ANNOTATION_CERT_NOT_BEFORE,
+    ANNOTATION_CERT_SANS, MANAGED_BY, MANAGED_BY_LABEL,
+};
 /// Clock-skew allowance: certificates are valid from a little before they are made.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 

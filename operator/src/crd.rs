@@ -1,8 +1,8 @@
 //! The `AgentGateway` custom resource (`nanogate.io/v1alpha1`).
 //!
 //! Defaults live here and only here: every field documents its default, and the documentation
-//! becomes the `kubectl explain` description. Defaults follow the Tendrl client configuration
-//! table (seed 000). Bounds the schema can express are schema bounds; cross-field rules and
+//! becomes the `kubectl explain` description. Defaults follow the Tendrl agent's client
+//! configuration (its socket path, batch sizes and intervals). Bounds the schema can express are schema bounds; cross-field rules and
 //! string formats are checked by [`validate`], which both the reconciler and the validating
 //! webhook call so users see the same message everywhere.
 
@@ -17,14 +17,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// API group of our resources.
-pub const GROUP: &str = "nanogate.io";
-/// Annotation naming the gateway a pod belongs to (same namespace).
-pub const GATEWAY_ANNOTATION: &str = "nanogate.io/gateway";
-/// Annotation set by the injector on every injected pod.
-pub const INJECTED_ANNOTATION: &str = "nanogate.io/injected";
-/// Pod opt-in / opt-out annotation (`"true"` / `"false"`).
-pub const INJECT_ANNOTATION: &str = "nanogate.io/inject";
+pub use crate::names::DEFAULT_SOCKET_PATH;
 
 /// Duration strings: one or more `<number><unit>` groups, units `ms`, `s`, `m`, `h`
 /// (e.g. `250ms`, `5s`, `1m30s`).
@@ -111,7 +104,8 @@ pub struct AgentGatewaySpec {
     #[schemars(pattern(DURATION_PATTERN))]
     pub heartbeat_interval: String,
     /// A TCP listener in each sidecar for clients outside the pod (newline-delimited JSON
-    /// frames `data`/`ping`/`pong`/`keepalive`/`close`, seed 004). Off when absent. It listens
+    /// frames `data`/`ping`/`pong`/`keepalive`/`close`, as in SecureAgentMessaging). Off when
+    /// absent. It listens
     /// on all interfaces, so it always requires TLS and a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_listener: Option<TcpListenerSpec>,
@@ -643,8 +637,6 @@ fn default_retry_initial_backoff() -> String {
 fn default_retry_max_backoff() -> String {
     "30s".into()
 }
-/// Default socket path (seed 000 `SocketPath`).
-pub const DEFAULT_SOCKET_PATH: &str = "/var/lib/tendrl/tendrl_agent.sock";
 fn default_socket_path() -> String {
     DEFAULT_SOCKET_PATH.into()
 }
@@ -701,8 +693,10 @@ pub struct AgentGatewayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `ConfigValid`, `UpstreamReachable`, `SidecarsHealthy`, and
-    /// `UpstreamTLSVerified` for gateways that skip certificate verification.
+    /// `UpstreamTLSVerified` for gateways that skip certificate verification. A list map keyed
+    /// on `type`: the reconciler and the hub each own the conditions they write.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Content hash of the derived sidecar configuration currently applied; injected pods and
     /// sidecars report it so stale configurations can be found.
@@ -730,11 +724,13 @@ pub struct AgentGatewayStatus {
     pub left_behind: Option<LeftBehindStats>,
 }
 
-/// Sidecar counts.
+/// Sidecar counts. The reconciler writes `expected` and `notInjected`, the hub the others, so
+/// none is required.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarCounts {
     /// Pods injected (or opted in) for this gateway that are not being deleted.
+    #[serde(default)]
     pub expected: i32,
     /// Of `expected`, pods that opted in but run without a sidecar: they were admitted while
     /// the webhook was unreachable (`failurePolicy: Ignore`). Restart their workloads, or set
@@ -742,14 +738,24 @@ pub struct SidecarCounts {
     #[serde(default)]
     pub not_injected: i32,
     /// Sidecars holding a control-channel connection.
+    #[serde(default)]
     pub connected: i32,
     /// Connected sidecars reporting `ready`.
+    #[serde(default)]
     pub healthy: i32,
     /// Connected sidecars running the gateway's current configuration (`status.configHash`).
     #[serde(default)]
     pub current_config: i32,
     /// `connected/expected`, for `kubectl get`.
+    #[serde(default)]
+    #[schemars(transform = no_default)]
     pub summary: String,
+}
+
+/// Leaves a field's default out of the schema: the API server refuses the empty string as a
+/// default, and the writers always write the field.
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 impl SidecarCounts {
@@ -1321,78 +1327,6 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         Ok(())
     } else {
         Err(c.errors)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The view the injector needs
-// ---------------------------------------------------------------------------------------------
-
-/// Everything the sidecar injector needs from a gateway, resolved with defaults. Build it with
-/// [`AgentGateway::injection_settings`]; the webhook maps it onto its own `InjectionConfig`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct InjectionSettings {
-    /// Gateway name (same namespace as the pod).
-    pub gateway: String,
-    /// nano-agent image.
-    pub image: String,
-    /// Sidecar resources (before per-pod annotation overrides).
-    pub resources: ResourceRequirements,
-    /// Sidecar log level (`info`, …).
-    pub log_level: LogLevel,
-    /// Native sidecar mode.
-    pub native_sidecar: NativeSidecar,
-    /// Socket path in every container (`TENDRL_SOCKET_PATH`).
-    pub socket_path: String,
-    /// Directory of the socket: mount point of the shared `emptyDir`.
-    pub socket_dir: String,
-    /// ConfigMap holding the derived sidecar configuration.
-    pub config_map_name: String,
-    /// Key in that ConfigMap.
-    pub config_key: &'static str,
-    /// Content hash of the derived configuration ("config generation" for the annotation).
-    pub config_hash: String,
-    /// Secret and key with the API key (env of the sidecar only).
-    pub api_key_secret: SecretKeySelector,
-    /// Every Secret the gateway references, and how each reaches the sidecar.
-    pub secret_refs: Vec<crate::gateway::refs::SecretRef>,
-    /// The optional TCP listener (token and TLS Secrets, port).
-    pub tcp_listener: Option<TcpListenerSpec>,
-    /// `metadata.generation` of the gateway, if known.
-    pub generation: Option<i64>,
-}
-
-impl AgentGateway {
-    /// Resolve everything the injector needs. Pure; the config hash is the same one the
-    /// reconciler writes to the ConfigMap annotation and `status.configHash`. Fails with the
-    /// same field errors as [`validate`] when the spec is invalid (do not inject then).
-    pub fn injection_settings(&self) -> Result<InjectionSettings, Vec<FieldError>> {
-        let name = self.metadata.name.clone().unwrap_or_default();
-        let spec = &self.spec;
-        let socket_dir = spec
-            .socket
-            .path
-            .rsplit_once('/')
-            .map(|(d, _)| if d.is_empty() { "/" } else { d })
-            .unwrap_or("/")
-            .to_string();
-        let cfg = crate::controller::build::sidecar_config(spec)?;
-        Ok(InjectionSettings {
-            config_map_name: crate::controller::build::config_map_name(&name),
-            gateway: name,
-            image: spec.sidecar.image.clone(),
-            resources: spec.sidecar.resources.clone(),
-            log_level: spec.sidecar.log_level,
-            native_sidecar: spec.sidecar.native_sidecar,
-            socket_path: spec.socket.path.clone(),
-            socket_dir,
-            config_key: crate::controller::build::CONFIG_KEY,
-            config_hash: cfg.hash(),
-            api_key_secret: spec.upstream.api_key_secret_ref.clone(),
-            secret_refs: crate::gateway::refs::secret_refs(spec),
-            tcp_listener: spec.tcp_listener.clone(),
-            generation: self.metadata.generation,
-        })
     }
 }
 

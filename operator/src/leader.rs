@@ -191,9 +191,9 @@ impl LeaderElector {
     }
 }
 
-/// Label the leader puts on its own pod; the chart's hub Service selects it, so sidecars
+/// The label the leader puts on its own pod; the chart's hub Service selects it, so sidecars
 /// always reach the replica whose index feeds gateway status.
-pub const LEADER_LABEL: &str = "nanogate.io/hub-leader";
+pub use crate::names::LEADER_LABEL;
 
 /// Keeps [`LEADER_LABEL`] on the leader's pod only.
 pub struct LeaderPodLabel {

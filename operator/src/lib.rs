@@ -1,11 +1,24 @@
-//! The nanogate operator library; `main.rs` only parses flags and calls into it.
+//! The nanogate operator library; `main.rs` only parses flags and calls into it. How the parts
+//! fit together is in `docs/architecture.md` ("Operator"). Lower modules first; none imports a
+//! module listed above it (`tests/layout.rs` checks there is no cycle):
 //!
-//! - [`crd`]: the `AgentGateway` resource, defaults, [`crd::validate`] and the injector's view
-//!   ([`crd::AgentGateway::injection_settings`]).
-//! - [`gateway`]: rules of a gateway shared by reconciler and injector (its Secret references).
-//! - [`controller`]: the reconciler (dereference → validate → build → apply → status).
-//! - [`leader`]: Lease-based leader election; only the leader runs the controller.
-//! - [`admin`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`names`]: every annotation, label, environment variable, mount path and ConfigMap key
+//!   shared with pods, users and the sidecar.
+//! - [`crd`]: the `AgentGateway` resource, its defaults, status types and [`crd::validate`].
+//! - [`gateway`]: pure rules of a gateway — [`gateway::ValidatedGateway`] (validated spec and
+//!   everything derived from it: sidecar configuration, injector's view, Secret references) and
+//!   pod membership.
+//! - [`status`]: which status field each writer owns, and the server-side apply of each part.
+//! - [`metrics`], [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`controller`]: the reconciler (validate → dereference → build → apply → status).
+//! - [`webhook`]: admission (`/mutate` injects the sidecar, `/validate` checks gateways).
+//! - [`certs`]: the self-made CA and serving certificate, rotation, `caBundle`.
+//! - [`hub`]: the control-channel server for the sidecars, the fleet's health index and the
+//!   status writer.
+//! - [`leader`]: Lease-based leader election; only the leader runs the controller and the
+//!   status writer.
+//! - [`servers`]: start-up of certificates, webhook and hub, with their flags.
+//! - This file: the `run` flags and the run loop (admin server, leader election, controller).
 
 pub mod admin;
 pub mod certs;
@@ -15,7 +28,9 @@ pub mod gateway;
 pub mod hub;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod servers;
+pub mod status;
 pub mod webhook;
 
 use std::future::Future;
@@ -33,8 +48,7 @@ use tracing::{info, warn};
 pub use controller::{Error, Result};
 pub use metrics::Metrics;
 
-/// The one field manager for every write of the operator.
-pub const FIELD_MANAGER: &str = "nanogate-operator";
+pub use names::FIELD_MANAGER;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]

@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::certs::{self, CertConfig};
-use crate::crd::{AgentGateway, InjectionSettings, LogLevel, NativeSidecar};
+use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
+use crate::gateway::InjectionSettings;
 use crate::gateway::refs::SidecarUse;
 use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
 use crate::webhook::inject::{
@@ -28,8 +29,7 @@ use crate::webhook::inject::{
 };
 use crate::webhook::{self, GatewayLookup, WebhookState};
 
-/// Key of the gateway's ConfigMap that carries the hub's CA for its sidecars.
-pub const HUB_CA_KEY: &str = "hub-ca.crt";
+use crate::names::HUB_CA_KEY;
 
 /// Flags of the webhook, hub and certificates (`nanogate-operator run`).
 #[derive(Clone, Debug, clap::Args)]
@@ -671,7 +671,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|m| m["mountPath"] == crate::controller::build::TCP_TLS_DIR)
+                .any(|m| m["mountPath"] == crate::names::TCP_TLS_DIR)
         );
     }
 

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use nanogate_operator::controller::build::{
-    self, GatewayRef, Verdict, config_map, config_map_up_to_date, desired_status, pod_gateway,
-    sidecar_config,
+    self, GatewayRef, Verdict, config_map, config_map_up_to_date, desired_status, sidecar_config,
 };
 use nanogate_operator::controller::repair::Census;
 use nanogate_operator::crd::{AgentGateway, AgentGatewayStatus, validate};
+use nanogate_operator::gateway::membership::pod_gateway;
 
 /// A census of `expected` injected pods.
 fn pods(expected: i32) -> Census {

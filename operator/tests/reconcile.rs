@@ -167,6 +167,25 @@ impl ApiServerVerifier {
         send.send_response(json_response(StatusCode::OK, &obj));
     }
 
+    /// As [`Self::get_status`], for a gateway whose status the hub has written.
+    async fn get_status_written_by_hub(&mut self, gw: &str, status: Value) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::GET);
+        assert!(
+            req.uri()
+                .path()
+                .ends_with(&format!("/agentgateways/{gw}/status"))
+        );
+        send.send_response(json_response(StatusCode::OK, &json!({
+            "apiVersion":"nanogate.io/v1alpha1","kind":"AgentGateway",
+            "metadata":{"name":gw,"namespace":"apps","managedFields":[
+                {"manager":"nanogate-hub","operation":"Apply","apiVersion":"nanogate.io/v1alpha1",
+                 "fieldsType":"FieldsV1","fieldsV1":{"f:status":{"f:messages":{}}}}]},
+            "spec":{"upstream":{"apiKeySecretRef":{"name":"x"}}},
+            "status": status
+        })));
+    }
+
     async fn patch_status(&mut self, gw: &str) -> Value {
         let (req, send) = self.next().await;
         assert_eq!(req.method(), Method::PATCH);
@@ -179,9 +198,10 @@ impl ApiServerVerifier {
             "{}",
             req.uri()
         );
+        assert!(query_has(&req, "force=true"), "{}", req.uri());
         assert_eq!(
             req.headers()["content-type"],
-            "application/merge-patch+json"
+            "application/apply-patch+yaml"
         );
         let body: Value =
             serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
@@ -505,4 +525,46 @@ async fn skipping_tls_verification_is_a_warning_condition_and_event() {
     .await
     .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn the_reconciler_applies_only_its_fields_once_the_hub_wrote() {
+    let (ctx, mut api) = mock_context();
+    let gw = fixture("minimal.yaml");
+    let hub_wrote = json!({
+        "conditions":[{"type":"UpstreamReachable","status":"True","reason":"Delivering",
+                       "message":"m","lastTransitionTime":"2024-01-01T00:00:00Z"}],
+        "sidecars":{"expected":0,"connected":3,"healthy":3,"currentConfig":3,"summary":"3/0"},
+        "messages":{"receivedTotal":5,"deliveredTotal":5,"droppedTotal":0,
+                    "receivedPerSecond":0.0,"deliveredPerSecond":0.0},
+        "leftBehind":{"messagesTotal":7,"bytesTotal":70,"shutdownsTotal":1}
+    });
+    run(gw, ctx, async {
+        api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
+            .await;
+        api.get_config_map(None).await;
+        api.apply_config_map().await;
+        api.create_event("Created").await;
+        api.list_pods(json!([pod(
+            "a",
+            json!({"nanogate.io/injected":"true","nanogate.io/gateway":"demo"})
+        )]))
+        .await;
+        api.get_status_written_by_hub("demo", hub_wrote).await;
+        let patch = api.patch_status("demo").await;
+        let st = &patch["status"];
+        let types: Vec<&str> = st["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, vec!["ConfigValid", "Ready"]);
+        assert_eq!(st["sidecars"], json!({"expected": 1, "notInjected": 0}));
+        for hub_field in ["messages", "upstream", "leftBehind", "unhealthySidecars"] {
+            assert!(st.get(hub_field).is_none(), "{hub_field} in {st}");
+        }
+    })
+    .await
+    .unwrap();
 }

@@ -1,142 +1,25 @@
-//! Pure steps of the pipeline: the derived sidecar configuration, the ConfigMap that carries
-//! it, and the desired status. No client here; everything is unit-tested from YAML fixtures.
+//! Pure steps of the reconciler: the ConfigMap that carries a validated gateway's sidecar
+//! configuration, and the desired status. No client here; everything is unit-tested from YAML
+//! fixtures.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
 
 use crate::crd::{
-    AgentGateway, AgentGatewaySpec, AgentGatewayStatus, FieldError, LeftBehindStats, MessageStats,
-    SidecarCounts, UpstreamStatus, conditions, parse_bytes, parse_duration, validate,
+    AgentGateway, AgentGatewaySpec, AgentGatewayStatus, LeftBehindStats, MessageStats,
+    SidecarCounts, UpstreamStatus, conditions,
+};
+use crate::status::set_condition;
+
+pub use crate::names::{CONFIG_DIR, CONFIG_KEY, config_map_name};
+use crate::names::{
+    CONFIG_HASH_ANNOTATION, GATEWAY_ANNOTATION, HUB_CA_KEY, MANAGED_BY, MANAGED_BY_LABEL,
 };
 
-/// Key of the sidecar configuration in the ConfigMap. The value is JSON (therefore also YAML).
-pub const CONFIG_KEY: &str = "config.json";
-/// Annotation on the ConfigMap with the content hash of the configuration.
-pub const CONFIG_HASH_ANNOTATION: &str = "nanogate.io/config-hash";
-/// Environment variable that carries the API key into the sidecar (seed 000 `TENDRL_KEY`).
-pub const API_KEY_ENV: &str = "TENDRL_KEY";
-/// Where the injector mounts the gateway's Secrets (the file paths in the sidecar's file).
-pub use crate::gateway::refs::{
-    NATS_CREDENTIALS_DIR, TCP_TLS_DIR, UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
-};
-/// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
-pub const CONFIG_DIR: &str = "/etc/nanogate/agent";
-
-/// Name of the ConfigMap derived from gateway `gateway`.
-pub fn config_map_name(gateway: &str) -> String {
-    format!("{gateway}-agent-config")
-}
-
-use nanogate_protocol::sidecar_config::{self as file, LogLevel, OverflowPolicy, UpstreamKind};
-/// The sidecar's configuration file and its parts: one definition shared with nano-agent,
-/// which reads what [`sidecar_config`] derives (see `nanogate_protocol::sidecar_config`).
-pub use nanogate_protocol::sidecar_config::{
-    BatchingConfig, DeliveryConfig, SidecarConfig, SocketConfig, TcpConfig, UpstreamConfig,
-};
-
-fn ms(s: &str) -> u64 {
-    parse_duration(s).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn u32_of(v: i32) -> u32 {
-    u32::try_from(v).unwrap_or(0)
-}
-
-/// Derive the sidecar configuration. Validates first, so every duration parses.
-pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<FieldError>> {
-    validate(spec)?;
-    let u = &spec.upstream;
-    let b = &spec.batching;
-    let d = &spec.delivery;
-    let tls = u.tls.clone().unwrap_or_default();
-    let kind = match u.kind {
-        crate::crd::UpstreamKind::Http => UpstreamKind::Http,
-        crate::crd::UpstreamKind::Socketio => UpstreamKind::Socketio,
-        crate::crd::UpstreamKind::Nats => UpstreamKind::Nats,
-    };
-    // Socket.IO settings (with their defaults) only for `kind: socketio`.
-    let socketio = (u.kind == crate::crd::UpstreamKind::Socketio)
-        .then(|| u.socketio.clone().unwrap_or_default());
-    Ok(SidecarConfig {
-        version: file::VERSION,
-        upstream: UpstreamConfig {
-            kind,
-            url: u.url.clone(),
-            timeout_ms: ms(&u.timeout),
-            api_key_env: API_KEY_ENV.into(),
-            ca_file: tls
-                .ca_secret_ref
-                .as_ref()
-                .map(|s| format!("{UPSTREAM_CA_DIR}/{}", s.key)),
-            client_cert_file: tls
-                .client_cert_secret_ref
-                .as_ref()
-                .map(|_| format!("{UPSTREAM_CLIENT_CERT_DIR}/tls.crt")),
-            client_key_file: tls
-                .client_cert_secret_ref
-                .as_ref()
-                .map(|_| format!("{UPSTREAM_CLIENT_CERT_DIR}/tls.key")),
-            insecure_skip_verify: tls.insecure_skip_verify,
-            msg_check_cache_ms: ms(&u.msg_check_cache),
-            socketio_heartbeat_interval_ms: socketio.as_ref().map(|o| ms(&o.heartbeat_interval)),
-            socketio_namespace: socketio.as_ref().map(|o| o.namespace.clone()),
-            nats_subject: u.nats.as_ref().map(|o| o.subject.clone()),
-            nats_stream: u.nats.as_ref().map(|o| o.stream.clone()),
-            nats_durable_consumer: u.nats.as_ref().map(|o| o.durable_consumer.clone()),
-            nats_inbox_subject: None,
-            nats_creds_file: u
-                .nats
-                .as_ref()
-                .and_then(|o| o.credentials_secret_ref.as_ref())
-                .map(|s| format!("{NATS_CREDENTIALS_DIR}/{}", s.key)),
-        },
-        batching: BatchingConfig {
-            flush_interval_ms: ms(&b.flush_interval),
-            batch_size: u32_of(b.batch_size),
-            min_batch_size: u32_of(b.min_batch_size),
-            max_batch_size: u32_of(b.max_batch_size),
-            scale_factor: b.scale_factor,
-            max_queue_size: u32_of(b.max_queue_size),
-            target_cpu_percent: b.target_cpu_percent,
-            target_mem_percent: b.target_mem_percent,
-            min_batch_interval_ms: ms(&b.min_batch_interval),
-            max_batch_interval_ms: ms(&b.max_batch_interval),
-        },
-        delivery: DeliveryConfig {
-            spool_size_limit_bytes: parse_bytes(&d.spool_size_limit).unwrap_or(0),
-            sync_interval_ms: ms(&d.sync_interval),
-            retry_initial_backoff_ms: ms(&d.retry_initial_backoff),
-            retry_max_backoff_ms: ms(&d.retry_max_backoff),
-            overflow_policy: match d.overflow_policy {
-                crate::crd::OverflowPolicy::Reject => OverflowPolicy::Reject,
-                crate::crd::OverflowPolicy::DropOldest => OverflowPolicy::DropOldest,
-            },
-        },
-        socket: SocketConfig {
-            path: spec.socket.path.clone(),
-            max_message_size: u32_of(spec.socket.max_message_size),
-            max_tags: u32_of(spec.socket.max_tags),
-        },
-        heartbeat_interval_ms: ms(&spec.heartbeat_interval),
-        log_level: match spec.sidecar.log_level {
-            crate::crd::LogLevel::Error => LogLevel::Error,
-            crate::crd::LogLevel::Warn => LogLevel::Warn,
-            crate::crd::LogLevel::Info => LogLevel::Info,
-            crate::crd::LogLevel::Debug => LogLevel::Debug,
-            crate::crd::LogLevel::Trace => LogLevel::Trace,
-        },
-        tcp: spec.tcp_listener.as_ref().map(|t| TcpConfig {
-            listen: format!("0.0.0.0:{}", t.port),
-            keepalive_interval_ms: ms(&t.keepalive_interval),
-            keepalive_timeout_ms: ms(&t.keepalive_timeout),
-            tls_cert_file: format!("{TCP_TLS_DIR}/tls.crt"),
-            tls_key_file: format!("{TCP_TLS_DIR}/tls.key"),
-        }),
-    })
-}
+pub use crate::gateway::sidecar_config::{SidecarConfig, sidecar_config};
 
 /// Identity of the gateway a child is built for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,14 +45,8 @@ impl GatewayRef {
 /// Labels on everything the operator creates for a gateway.
 pub fn child_labels(gateway: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            crate::FIELD_MANAGER.to_string(),
-        ),
-        (
-            crate::crd::GATEWAY_ANNOTATION.to_string(),
-            gateway.to_string(),
-        ),
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (GATEWAY_ANNOTATION.to_string(), gateway.to_string()),
     ])
 }
 
@@ -193,13 +70,13 @@ pub fn config_map(gw: &GatewayRef, cfg: &SidecarConfig) -> ConfigMap {
     }
 }
 
-/// Adds the hub's CA (PEM) under [`crate::servers::HUB_CA_KEY`]; the injector mounts that key
+/// Adds the hub's CA (PEM) under [`HUB_CA_KEY`]; the injector mounts that key
 /// into the sidecar (`/etc/nanogate-hub-ca/ca.crt`).
 pub fn with_hub_ca(mut cm: ConfigMap, hub_ca: Option<&str>) -> ConfigMap {
     if let Some(pem) = hub_ca {
         cm.data
             .get_or_insert_with(BTreeMap::new)
-            .insert(crate::servers::HUB_CA_KEY.to_string(), pem.to_string());
+            .insert(HUB_CA_KEY.to_string(), pem.to_string());
     }
     cm
 }
@@ -235,37 +112,6 @@ pub enum Verdict {
     SecretMissing(String),
     /// The spec failed semantic validation.
     Invalid(String),
-}
-
-/// Set a condition, changing `lastTransitionTime` only when the status flips.
-pub fn set_condition(
-    conds: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: &Time,
-) {
-    match conds.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            if c.status != status {
-                c.last_transition_time = now.clone();
-            }
-            c.status = status.into();
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
-        }
-        None => conds.push(Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.into(),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        }),
-    }
 }
 
 /// Message for conditions/events, bounded to the API's 32 KiB condition message limit.
@@ -411,39 +257,4 @@ pub fn set_tls_verified(
             now,
         );
     }
-}
-
-/// Which gateway a pod belongs to, from its annotations: `nanogate.io/gateway`, else the
-/// gateway recorded in `nanogate.io/injected` (`{"gateway":"x",…}` JSON, or `x` / `x/<hash>`
-/// / `gateway=x,…`). Pods opted out (`nanogate.io/inject: "false"`) or neither injected nor
-/// opted in belong to none.
-pub fn pod_gateway(annotations: &BTreeMap<String, String>) -> Option<String> {
-    use crate::crd::{GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION};
-    let injected = annotations.get(INJECTED_ANNOTATION);
-    let opt = annotations.get(INJECT_ANNOTATION).map(String::as_str);
-    if injected.is_none() && opt != Some("true") {
-        return None;
-    }
-    if injected.is_none() && opt == Some("false") {
-        return None;
-    }
-    if let Some(g) = annotations
-        .get(GATEWAY_ANNOTATION)
-        .filter(|g| !g.is_empty())
-    {
-        return Some(g.clone());
-    }
-    let v = injected?.trim();
-    if v.starts_with('{') {
-        return serde_json::from_str::<serde_json::Value>(v)
-            .ok()?
-            .get("gateway")?
-            .as_str()
-            .map(str::to_string);
-    }
-    if let Some(kv) = v.split(',').find_map(|p| p.trim().strip_prefix("gateway=")) {
-        return Some(kv.to_string());
-    }
-    let name = v.split('/').next()?.trim();
-    (!name.is_empty() && name != "true").then(|| name.to_string())
 }

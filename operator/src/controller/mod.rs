@@ -21,14 +21,17 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
-use crate::crd::{AgentGateway, AgentGatewaySpec, AgentGatewayStatus, conditions, join_errors};
+use crate::crd::{AgentGateway, AgentGatewayStatus, conditions, join_errors};
+use crate::gateway::ValidatedGateway;
+use crate::gateway::membership::{self, Recount};
+use crate::gateway::refs::SecretRef;
 pub use crate::gateway::refs::references_secret;
-use crate::gateway::refs::{SecretRef, secret_refs};
 use crate::metrics::Metrics;
+use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::status;
 use build::{GatewayRef, Verdict};
 
 /// Errors of the reconciler. Each has a metric label.
@@ -153,16 +156,16 @@ fn now() -> Time {
     Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()))
 }
 
-/// Check that every Secret the spec references exists and has its key(s). `Ok(Some(msg))`
+/// Check that every Secret the gateway references exists and has its key(s). `Ok(Some(msg))`
 /// when something is missing.
-async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Result<Option<String>> {
+async fn dereference(client: &Client, ns: &str, refs: &[SecretRef]) -> Result<Option<String>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for SecretRef {
         field, name, keys, ..
-    } in secret_refs(spec)
+    } in refs
     {
         let secret = secrets
-            .get_opt(&name)
+            .get_opt(name)
             .await
             .map_err(|source| Error::SecretGet {
                 name: name.clone(),
@@ -175,11 +178,11 @@ async fn dereference(client: &Client, ns: &str, spec: &AgentGatewaySpec) -> Resu
             )));
         };
         for key in keys {
-            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
+            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
                 || secret
                     .string_data
                     .as_ref()
-                    .is_some_and(|d| d.contains_key(&key));
+                    .is_some_and(|d| d.contains_key(key));
             if !has {
                 return Ok(Some(format!(
                     "Secret {ns}/{name} referenced by {field} has no key {key:?}; add the key to the Secret or change {field}"
@@ -239,13 +242,15 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     };
 
     // validate → dereference → build → apply
-    let verdict = match build::sidecar_config(&gw.spec) {
+    let verdict = match ValidatedGateway::new(&gw) {
         Err(errors) => Verdict::Invalid(join_errors(&errors)),
-        Ok(cfg) => match dereference(&ctx.client, ns, &gw.spec).await? {
+        Ok(valid) => match dereference(&ctx.client, ns, &valid.secret_refs).await? {
             Some(missing) => Verdict::SecretMissing(missing),
             None => {
-                let desired =
-                    build::with_hub_ca(build::config_map(&gref, &cfg), ctx.hub_ca.as_deref());
+                let desired = build::with_hub_ca(
+                    build::config_map(&gref, &valid.sidecar_config),
+                    ctx.hub_ca.as_deref(),
+                );
                 let cm_name = build::config_map_name(name);
                 let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
                 let live = cms.get_opt(&cm_name).await.map_err(Error::ConfigMapGet)?;
@@ -266,7 +271,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
                     } else {
                         ("ConfigUpdated", "Updated")
                     };
-                    info!(%ns, %name, hash = %cfg.hash(), "{verb} ConfigMap {cm_name}");
+                    info!(%ns, %name, hash = %valid.config_hash, "{verb} ConfigMap {cm_name}");
                     publish(
                         &ctx,
                         &gw,
@@ -274,14 +279,14 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
                         reason,
                         format!(
                             "{verb} ConfigMap {cm_name} with sidecar configuration {}",
-                            cfg.hash()
+                            valid.config_hash
                         ),
                     )
                     .await;
                 }
                 Verdict::Applied {
                     config_map: cm_name,
-                    hash: cfg.hash(),
+                    hash: valid.config_hash,
                 }
             }
         },
@@ -291,42 +296,46 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
     let desired = |current: Option<&AgentGatewayStatus>| {
         let now = now();
-        let mut status =
+        let mut desired =
             build::desired_status(current, gw.metadata.generation, &verdict, &census, &now);
-        build::set_tls_verified(&mut status, &gw.spec, gw.metadata.generation, &now);
-        status
+        build::set_tls_verified(&mut desired, &gw.spec, gw.metadata.generation, &now);
+        desired
+    };
+    // Only the fields this writer applies are compared (see `crate::status`).
+    let unchanged = |current: Option<&AgentGatewayStatus>,
+                     desired: &AgentGatewayStatus,
+                     hub_has_written: bool| {
+        current.map(|c| status::operator_part(c, hub_has_written))
+            == Some(status::operator_part(desired, hub_has_written))
     };
     let mut current = gw.status.clone();
-    let mut status = desired(current.as_ref());
-    // `None` until the live object was read: the cached one may predate our previous status
-    // write (its watch event is still in flight), so a write is only sent when the stored
-    // status really differs.
-    let mut live_version: Option<Option<String>> = None;
-    let mut conflicts = 0;
-    while current.as_ref() != Some(&status) {
-        let Some(version) = &live_version else {
-            let live = api.get_status(name).await.map_err(Error::StatusGet)?;
-            live_version = Some(live.metadata.resource_version);
-            current = live.status;
-            status = desired(current.as_ref());
-            continue;
-        };
-        ctx.metrics.write("agentgateways/status", "patch");
-        match write_status(&api, name, version.as_deref(), &status).await {
-            Ok(()) => {
-                debug!(%ns, %name, "status updated");
-                break;
-            }
-            // The hub's status writer wrote in between: start again from what it wrote.
-            Err(e) if is_conflict(&e) && conflicts < MAX_STATUS_CONFLICTS => {
-                conflicts += 1;
-                debug!(%ns, %name, "status changed while being written; retrying");
-                live_version = None;
-            }
-            Err(e) => return Err(Error::StatusPatch(e)),
+    let mut new_status = desired(current.as_ref());
+    // The cached gateway may predate our previous status write (its watch event is still in
+    // flight), so a difference is confirmed on the live object before anything is written.
+    if !unchanged(
+        current.as_ref(),
+        &new_status,
+        status::hub_has_written(&gw.metadata),
+    ) {
+        let live = api.get_status(name).await.map_err(Error::StatusGet)?;
+        let hub_has_written = status::hub_has_written(&live.metadata);
+        current = live.status;
+        new_status = desired(current.as_ref());
+        if !unchanged(current.as_ref(), &new_status, hub_has_written) {
+            ctx.metrics.write("agentgateways/status", "patch");
+            let part = status::operator_part(&new_status, hub_has_written);
+            // While it also writes the hub's fields, only over what it read.
+            let version = live
+                .metadata
+                .resource_version
+                .as_deref()
+                .filter(|_| !hub_has_written);
+            status::apply(&api, name, status::OPERATOR_MANAGER, part, version)
+                .await
+                .map_err(Error::StatusPatch)?;
+            debug!(%ns, %name, "status updated");
         }
     }
-
     let old_valid = current
         .as_ref()
         .and_then(|s| {
@@ -335,7 +344,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
                 .find(|c| c.type_ == conditions::CONFIG_VALID)
         })
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
-    let new_valid = status
+    let new_valid = new_status
         .conditions
         .iter()
         .find(|c| c.type_ == conditions::CONFIG_VALID)
@@ -373,7 +382,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         })
         .map(|c| c.status.clone())
     };
-    if tls_verified(Some(&status)).as_deref() == Some("False")
+    if tls_verified(Some(&new_status)).as_deref() == Some("False")
         && tls_verified(current.as_ref()).as_deref() != Some("False")
     {
         warn!(%ns, %name, "sidecars skip verification of the upstream's certificate");
@@ -450,37 +459,6 @@ async fn report_not_injected(
     }
 }
 
-/// Conflicting status writes retried within one reconcile before it fails (and is requeued).
-const MAX_STATUS_CONFLICTS: u32 = 3;
-
-/// Writes `status` only if the gateway is still at `resource_version` (a merge patch carrying
-/// `metadata.resourceVersion` is conditional). The reconciler and the hub's status writer each
-/// write a whole status computed from what they read; without the precondition, one of them
-/// could put back the other's fields as they were before its latest write.
-pub(crate) async fn write_status(
-    api: &Api<AgentGateway>,
-    name: &str,
-    resource_version: Option<&str>,
-    status: &AgentGatewayStatus,
-) -> Result<(), kube::Error> {
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    let patch = json!({
-        "metadata": { "resourceVersion": resource_version },
-        "status": status,
-    });
-    api.patch_status(name, &params, &Patch::Merge(patch))
-        .await
-        .map(drop)
-}
-
-/// The API server refused a write because the object changed since it was read.
-pub(crate) fn is_conflict(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_conflict())
-}
-
 /// Log, count, and back off exponentially per gateway (1 s, 2 s, 4 s … 5 min).
 pub fn error_policy(gw: Arc<AgentGateway>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
@@ -522,8 +500,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     controller
         .owns(
             ctx.api::<ConfigMap>(),
-            watcher::Config::default()
-                .labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}")),
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
         .watches(
             ctx.api::<Secret>(),
@@ -545,31 +522,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             watcher::Config::default(),
             move |pod: Pod| {
                 let ns = pod.namespace().unwrap_or_default();
-                if let Some(gateway) = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(build::pod_gateway)
-                {
-                    return vec![ObjectRef::<AgentGateway>::new(&gateway).within(&ns)];
+                match membership::to_recount(pod.metadata.annotations.as_ref()) {
+                    Recount::Gateway(gateway) => {
+                        vec![ObjectRef::<AgentGateway>::new(&gateway).within(&ns)]
+                    }
+                    Recount::Nothing => Vec::new(),
+                    Recount::Namespace => pod_store
+                        .state()
+                        .into_iter()
+                        .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+                        .map(|gw| ObjectRef::from_obj(&*gw))
+                        .collect(),
                 }
-                // A pod naming no gateway may still expect its namespace's only one (opted in by
-                // the namespace label, or injected while the webhook was down): recount them all.
-                let opted_out = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(crate::crd::INJECT_ANNOTATION))
-                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
-                if opted_out {
-                    return Vec::new();
-                }
-                pod_store
-                    .state()
-                    .into_iter()
-                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
-                    .map(|gw| ObjectRef::from_obj(&*gw))
-                    .collect()
             },
         )
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))

@@ -17,15 +17,17 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use super::{Error, Result, build};
+use super::{Error, Result};
 use crate::FIELD_MANAGER;
-use crate::crd::{AgentGateway, GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION};
-use crate::webhook::inject::NAMESPACE_INJECTION_LABEL;
+use crate::crd::AgentGateway;
+use crate::gateway::membership::{
+    self, Scope, belongs, namespace_opted_in, pod_opt_in, requested_gateway,
+};
+use crate::names::{REPAIR_ANNOTATION, RESTARTED_AT_ANNOTATION};
 
-/// Gateway annotation that opts into automatic repair; the only value is `rollout`.
-pub const REPAIR_ANNOTATION: &str = "nanogate.io/repair";
-/// Pod-template annotation the repair sets (the time of the restart, RFC 3339).
-pub const RESTARTED_AT_ANNOTATION: &str = "nanogate.io/restartedAt";
+fn is_injected(meta: &ObjectMeta) -> bool {
+    membership::is_injected(meta.annotations.as_ref())
+}
 /// A Deployment is restarted at most this often: if its new pods are still not injected
 /// (webhook down again), restarting faster would only churn the workload.
 pub const REPAIR_COOLDOWN: Duration = Duration::from_secs(600);
@@ -39,57 +41,6 @@ pub struct Census {
     pub expected: i32,
     /// Of those, pods without our `nanogate.io/injected` annotation, sorted by name.
     pub not_injected: Vec<ObjectMeta>,
-}
-
-/// What decides pod membership besides the pod's own annotations.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Scope {
-    /// The namespace carries `nanogate.io/injection=enabled`.
-    pub namespace_opted_in: bool,
-    /// The gateway is its namespace's only one (pods naming no gateway get it).
-    pub only_gateway: bool,
-}
-
-fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
-    meta.annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(|v| v.trim())
-}
-
-/// The pod's own opt-in: `Some(true/false)` from `nanogate.io/inject`, `None` when the
-/// namespace label decides.
-fn pod_opt_in(meta: &ObjectMeta) -> Option<bool> {
-    match annotation(meta, INJECT_ANNOTATION) {
-        Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
-        Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
-        _ => None,
-    }
-}
-
-fn is_injected(meta: &ObjectMeta) -> bool {
-    annotation(meta, INJECTED_ANNOTATION).is_some()
-}
-
-/// Whether the pod expects a sidecar of gateway `name` — the webhook's decision, replayed.
-pub fn belongs(meta: &ObjectMeta, name: &str, scope: Scope) -> bool {
-    if meta.deletion_timestamp.is_some() {
-        return false;
-    }
-    if is_injected(meta) {
-        return meta
-            .annotations
-            .as_ref()
-            .and_then(build::pod_gateway)
-            .is_some_and(|g| g == name);
-    }
-    if !pod_opt_in(meta).unwrap_or(scope.namespace_opted_in) {
-        return false;
-    }
-    match annotation(meta, GATEWAY_ANNOTATION).filter(|g| !g.is_empty()) {
-        Some(gateway) => gateway == name,
-        None => scope.only_gateway,
-    }
 }
 
 impl Census {
@@ -156,18 +107,17 @@ pub async fn census(client: &Client, ns: &str, name: &str) -> Result<Census> {
             .filter(|m| m.deletion_timestamp.is_none() && !is_injected(m))
     };
     let mut scope = Scope::default();
-    if undecided().any(|m| pod_opt_in(m).is_none()) {
+    if undecided().any(|m| pod_opt_in(m.annotations.as_ref()).is_none()) {
         let namespace = Api::<Namespace>::all(client.clone())
             .get_metadata_opt(ns)
             .await
             .map_err(Error::PodList)?;
-        scope.namespace_opted_in = namespace
-            .and_then(|n| n.metadata.labels)
-            .and_then(|l| l.get(NAMESPACE_INJECTION_LABEL).cloned())
-            .is_some_and(|v| v == "enabled");
+        scope.namespace_opted_in =
+            namespace_opted_in(namespace.and_then(|n| n.metadata.labels).as_ref());
     }
     let needs_gateways = undecided().any(|m| {
-        pod_opt_in(m) != Some(false) && annotation(m, GATEWAY_ANNOTATION).is_none_or(str::is_empty)
+        pod_opt_in(m.annotations.as_ref()) != Some(false)
+            && requested_gateway(m.annotations.as_ref()).is_none()
     });
     if needs_gateways {
         let gateways = Api::<AgentGateway>::namespaced(client.clone(), ns)
@@ -273,20 +223,8 @@ fn controller_of(meta: &ObjectMeta, kind: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-
-    fn pod(name: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
-        ObjectMeta {
-            name: Some(name.into()),
-            annotations: Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect::<BTreeMap<_, _>>(),
-            ),
-            ..Default::default()
-        }
-    }
+    use crate::gateway::membership::test_pod as pod;
+    use crate::names::INJECTED_ANNOTATION;
 
     #[test]
     fn census_separates_injected_from_merely_opted_in_pods() {
@@ -333,50 +271,6 @@ mod tests {
             .collect();
         assert_eq!(names, ["a-plain", "b-plain"]);
         assert_eq!(census.not_injected_count(), 2);
-    }
-
-    #[test]
-    fn namespace_label_and_only_gateway_decide_like_the_webhook() {
-        let plain = pod("plain", &[]);
-        let opted = pod("opted", &[("nanogate.io/inject", "TRUE")]);
-        let out = pod("out", &[("nanogate.io/inject", "false")]);
-        let elsewhere = pod("elsewhere", &[("nanogate.io/gateway", "other")]);
-        let both = Scope {
-            namespace_opted_in: true,
-            only_gateway: true,
-        };
-        assert!(belongs(&plain, "shop", both));
-        assert!(!belongs(
-            &plain,
-            "shop",
-            Scope {
-                namespace_opted_in: false,
-                ..both
-            }
-        ));
-        assert!(!belongs(
-            &plain,
-            "shop",
-            Scope {
-                only_gateway: false,
-                ..both
-            }
-        ));
-        assert!(belongs(
-            &opted,
-            "shop",
-            Scope {
-                namespace_opted_in: false,
-                ..both
-            }
-        ));
-        assert!(!belongs(&out, "shop", both));
-        assert!(!belongs(&elsewhere, "shop", both));
-        let mut gone = opted.clone();
-        gone.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            Timestamp::now(),
-        ));
-        assert!(!belongs(&gone, "shop", both));
     }
 
     #[test]

@@ -6,14 +6,11 @@
 
 use crate::crd::AgentGatewaySpec;
 
-/// Where the injector mounts `spec.upstream.tls.caSecretRef` (file name = the Secret key).
-pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
-/// Where the injector mounts `spec.upstream.tls.clientCertSecretRef` (`tls.crt`, `tls.key`).
-pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
-/// Where the injector mounts `spec.upstream.nats.credentialsSecretRef` (file name = the key).
-pub const NATS_CREDENTIALS_DIR: &str = "/etc/nanogate/nats-credentials";
-/// Where the TCP listener's TLS Secret is mounted in the sidecar.
-pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
+use crate::names::{
+    API_KEY_ENV, NATS_CREDENTIALS_DIR, NATS_CREDENTIALS_VOLUME, TCP_TLS_DIR, TCP_TLS_VOLUME,
+    TCP_TOKEN_ENV, UPSTREAM_CA_DIR, UPSTREAM_CA_VOLUME, UPSTREAM_CLIENT_CERT_DIR,
+    UPSTREAM_CLIENT_CERT_VOLUME,
+};
 
 /// How a referenced Secret reaches the sidecar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +44,7 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
         field: "spec.upstream.apiKeySecretRef",
         name: u.api_key_secret_ref.name.clone(),
         keys: vec![u.api_key_secret_ref.key.clone()],
-        sidecar: SidecarUse::Env(crate::controller::build::API_KEY_ENV),
+        sidecar: SidecarUse::Env(API_KEY_ENV),
     }];
     if let Some(tls) = &u.tls {
         if let Some(ca) = &tls.ca_secret_ref {
@@ -56,7 +53,7 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
                 name: ca.name.clone(),
                 keys: vec![ca.key.clone()],
                 sidecar: SidecarUse::Mount {
-                    volume: "nanogate-upstream-ca",
+                    volume: UPSTREAM_CA_VOLUME,
                     dir: UPSTREAM_CA_DIR,
                 },
             });
@@ -67,7 +64,7 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
                 name: client.name.clone(),
                 keys: vec!["tls.crt".into(), "tls.key".into()],
                 sidecar: SidecarUse::Mount {
-                    volume: "nanogate-upstream-client",
+                    volume: UPSTREAM_CLIENT_CERT_VOLUME,
                     dir: UPSTREAM_CLIENT_CERT_DIR,
                 },
             });
@@ -83,7 +80,7 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
             name: creds.name.clone(),
             keys: vec![creds.key.clone()],
             sidecar: SidecarUse::Mount {
-                volume: "nanogate-nats-credentials",
+                volume: NATS_CREDENTIALS_VOLUME,
                 dir: NATS_CREDENTIALS_DIR,
             },
         });
@@ -100,16 +97,13 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
             name: tcp.tls_secret_ref.name.clone(),
             keys: vec!["tls.crt".into(), "tls.key".into()],
             sidecar: SidecarUse::Mount {
-                volume: "nanogate-tcp-tls",
+                volume: TCP_TLS_VOLUME,
                 dir: TCP_TLS_DIR,
             },
         });
     }
     refs
 }
-
-/// Environment variable that carries the TCP listener's token into the sidecar.
-pub const TCP_TOKEN_ENV: &str = "NANOGATE_TCP_TOKEN";
 
 /// Whether `spec` references Secret `name` (same namespace).
 pub fn references_secret(spec: &AgentGatewaySpec, name: &str) -> bool {

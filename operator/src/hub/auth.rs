@@ -11,7 +11,7 @@ use kube::{Api, Client};
 
 use super::index::AgentIdentity;
 use crate::crd::AgentGateway;
-use crate::webhook::inject::{GATEWAY_ANNOTATION, HUB_TOKEN_AUDIENCE, INJECTED_GATEWAY_LABEL};
+use crate::names::{GATEWAY_ANNOTATION, HUB_TOKEN_AUDIENCE, INJECTED_GATEWAY_LABEL};
 
 /// Why an agent was refused. Said in the audit log, never to the agent (it only hears
 /// "authentication failed").

@@ -1,4 +1,6 @@
-//! One agent connection, from AgentHello to Bye (RedPepper flow, ARCHITECTURE §5).
+//! One agent connection, from AgentHello to Bye: TokenReview authentication, keep-alive pings,
+//! heartbeats into the index, requests and their responses (flow in `docs/architecture.md`,
+//! "Control channel").
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{Hub, stopped};
-use crate::webhook::inject::{APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, SIDECAR_NAME};
+use crate::names::{APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, SIDECAR_NAME};
 
 /// A drain is re-sent at most this often per pod (the agent may be reconnecting).
 const RESEND: Duration = Duration::from_secs(10);

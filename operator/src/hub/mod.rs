@@ -1,4 +1,5 @@
-//! The control-channel hub (manager side of ARCHITECTURE §5): every injected nano-agent holds
+//! The control-channel hub (the manager side of the RedPepper control channel; its frames and
+//! flow are in `docs/architecture.md`, "Control channel"): every injected nano-agent holds
 //! one authenticated TLS connection here; heartbeats feed the [`HealthIndex`], from which the
 //! status writer reports each gateway's fleet; `reload`/`flush`/`drain`/`status` go back out
 //! through [`Hub::request`].

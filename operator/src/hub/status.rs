@@ -1,11 +1,15 @@
 //! The status writer: turns the health index into each AgentGateway's status — sidecar counts,
 //! message totals and rates, upstream state, `UpstreamReachable`, `SidecarsHealthy`, unhealthy
-//! sidecars — at most once per interval per gateway and only when a shown value changed.
+//! sidecars, left-behind totals — at most once per interval per gateway and only when a shown
+//! value changed.
 //!
-//! The reconciler owns `observedGeneration`, `Ready`, `ConfigValid`, `configHash` and
-//! `sidecars.expected`; this writer owns the rest and keeps the reconciler's fields as read.
-//! Both write conditionally on the `resourceVersion` they read, so neither can put back the
-//! other's fields as they were before its latest write.
+//! It applies only the fields it owns, as field manager `nanogate-hub` (which fields are whose:
+//! `crate::status`); the reconciler's fields are read (e.g. `sidecars.expected` for the
+//! summary) but never written here. Each write is conditional on the `resourceVersion` listed:
+//! `status.leftBehind` is a running total this writer adds to, so a total read before another
+//! write (a previous leader's last pass) must not be written back. A refused write is
+//! written in the next pass, from a fresh list; nothing is subtracted from the ledger until a
+//! write carried it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +24,12 @@ use tracing::{debug, info, warn};
 
 use super::index::FleetHealth;
 use super::{Hub, left_behind, stopped};
-use crate::controller::build::set_condition;
-use crate::controller::{is_conflict, write_status};
 use crate::crd::{
-    AgentGateway, AgentGatewayStatus, MessageStats, SidecarCounts, UnhealthySidecar,
-    UpstreamStatus, conditions, parse_duration,
+    AgentGateway, AgentGatewayStatus, LeftBehindStats, MessageStats, SidecarCounts,
+    UnhealthySidecar, UpstreamStatus, conditions, parse_duration,
 };
+use crate::gateway::ValidatedGateway;
+use crate::status::{self, set_condition};
 
 /// Default pause between status passes (the architecture's "at most every few seconds").
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -170,11 +174,13 @@ pub fn fleet_status(
     if let Some(unix) = fleet.last_heartbeat_unix {
         st.last_heartbeat_time = Some(unix_time(unix));
     }
+    // Zero until a sidecar reports one (the writer adds to it), so `kubectl get` shows 0.
+    st.left_behind.get_or_insert_with(LeftBehindStats::default);
     st
 }
 
-/// Whether `desired` shows anything `current` does not (ignoring a merely newer heartbeat time
-/// unless the stored one is stale).
+/// Whether `desired` shows anything in this writer's fields that `current` does not (ignoring a
+/// merely newer heartbeat time unless the stored one is stale).
 pub fn needs_write(current: Option<&AgentGatewayStatus>, desired: &AgentGatewayStatus) -> bool {
     let Some(current) = current else { return true };
     let stale_heartbeat = match (&current.last_heartbeat_time, &desired.last_heartbeat_time) {
@@ -184,7 +190,7 @@ pub fn needs_write(current: Option<&AgentGatewayStatus>, desired: &AgentGatewayS
     };
     let mut without_time = desired.clone();
     without_time.last_heartbeat_time = current.last_heartbeat_time.clone();
-    stale_heartbeat || &without_time != current
+    stale_heartbeat || status::hub_part(&without_time) != status::hub_part(current)
 }
 
 /// The config generation sidecars report for a `status.configHash` (its crc32, hex).
@@ -308,73 +314,78 @@ pub async fn run(
                 .iter()
                 .any(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
         });
-        for mut gateway in list.items {
+        for gateway in list.items {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
             };
-            let heartbeat =
-                parse_duration(&gateway.spec.heartbeat_interval).unwrap_or(Duration::from_secs(5));
+            let valid = ValidatedGateway::new(&gateway).ok();
+            // An invalid spec leaves its sidecars on their last valid configuration; its
+            // heartbeat interval is still the best guess of theirs.
+            let heartbeat = valid.as_ref().map_or_else(
+                || {
+                    parse_duration(&gateway.spec.heartbeat_interval)
+                        .unwrap_or(Duration::from_secs(5))
+                },
+                |v| v.heartbeat_interval,
+            );
             let fleet = hub.index.fleet(
                 &namespace,
                 &name,
                 now_instant,
                 heartbeat * SILENT_HEARTBEATS,
             );
-            push_config(&hub, &gateway, &namespace, &name, &mut reloads);
+            if let Some(valid) = &valid {
+                push_config(&hub, valid, &namespace, &name, &mut reloads);
+            }
             left_behind::announce(&recorder, &hub.left_behind, &gateway).await;
             let left = hub.left_behind.unwritten(&namespace, &name);
+            let mut desired = fleet_status(
+                gateway.status.as_ref(),
+                &fleet,
+                gateway.metadata.generation,
+                &now,
+            );
+            left_behind::add_to_status(&mut desired, &left);
+            if !needs_write(gateway.status.as_ref(), &desired) {
+                continue;
+            }
             let api: Api<AgentGateway> = Api::namespaced(client.clone(), &namespace);
-            // One retry: the reconciler may write between our list and our patch.
-            for attempt in 0..2 {
-                let mut desired = fleet_status(
-                    gateway.status.as_ref(),
-                    &fleet,
-                    gateway.metadata.generation,
-                    &now,
-                );
-                left_behind::add_to_status(&mut desired, &left);
-                if !needs_write(gateway.status.as_ref(), &desired) {
-                    break;
-                }
-                let version = gateway.metadata.resource_version.as_deref();
-                match write_status(&api, &name, version, &desired).await {
-                    Ok(()) => {
-                        writes.inc();
-                        if let Some((reason, note)) =
-                            upstream_warning(gateway.status.as_ref(), &desired)
+            let version = gateway.metadata.resource_version.as_deref();
+            match status::apply(
+                &api,
+                &name,
+                status::HUB_MANAGER,
+                status::hub_part(&desired),
+                version,
+            )
+            .await
+            {
+                Ok(()) => {
+                    writes.inc();
+                    if let Some((reason, note)) =
+                        upstream_warning(gateway.status.as_ref(), &desired)
+                    {
+                        let event = kube::runtime::events::Event {
+                            type_: kube::runtime::events::EventType::Warning,
+                            reason: format!("Upstream{reason}"),
+                            note: Some(note),
+                            action: "Deliver".into(),
+                            secondary: None,
+                        };
+                        if let Err(error) = recorder.publish(&event, &gateway.object_ref(&())).await
                         {
-                            let event = kube::runtime::events::Event {
-                                type_: kube::runtime::events::EventType::Warning,
-                                reason: format!("Upstream{reason}"),
-                                note: Some(note),
-                                action: "Deliver".into(),
-                                secondary: None,
-                            };
-                            if let Err(error) =
-                                recorder.publish(&event, &gateway.object_ref(&())).await
-                            {
-                                warn!(%error, %namespace, %name, "publishing the upstream event failed");
-                            }
-                        }
-                        hub.left_behind.written(&namespace, &name, &left);
-                        debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
-                        break;
-                    }
-                    Err(error) if is_conflict(&error) && attempt == 0 => {
-                        debug!(%namespace, %name, "status changed since listed; re-reading");
-                        match api.get_status(&name).await {
-                            Ok(live) => gateway = live,
-                            Err(error) => {
-                                warn!(%error, %namespace, %name, "status writer: reading status failed");
-                                break;
-                            }
+                            warn!(%error, %namespace, %name, "publishing the upstream event failed");
                         }
                     }
-                    Err(error) => {
-                        warn!(%error, %namespace, %name, "status writer: patch failed");
-                        break;
-                    }
+                    hub.left_behind.written(&namespace, &name, &left);
+                    debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
                 }
+                // Changed since listed (the reconciler wrote): the next pass writes from a
+                // fresh list.
+                Err(error) if status::is_conflict(&error) => {
+                    debug!(%namespace, %name, "status changed since listed; writing next pass");
+                }
+                Err(error) => warn!(%error, %namespace, %name, "status writer: patch failed"),
             }
         }
     }
@@ -423,16 +434,14 @@ fn drain_orphans(hub: &Arc<Hub>, gateways: &[AgentGateway], sent: &mut Reloads) 
 /// current configuration file (the same bytes the ConfigMap holds), at most every 30 s each.
 fn push_config(
     hub: &Arc<Hub>,
-    gateway: &AgentGateway,
+    gateway: &ValidatedGateway,
     namespace: &str,
     name: &str,
     reloads: &mut Reloads,
 ) {
     const COOLDOWN: Duration = Duration::from_secs(30);
-    let Ok(config) = crate::controller::build::sidecar_config(&gateway.spec) else {
-        return;
-    };
-    let Some(generation) = config_generation(&config.hash()) else {
+    let config = &gateway.sidecar_config;
+    let Some(generation) = config_generation(&gateway.config_hash) else {
         return;
     };
     let now = Instant::now();
@@ -541,8 +550,8 @@ mod tests {
         assert_eq!(st.upstream.unwrap().state, "Reachable");
     }
 
-    #[test]
-    fn missing_and_unhealthy_sidecars_are_named() {
+    /// One connected sidecar, degraded: pod `p1` since 997.
+    fn one_degraded() -> FleetHealth {
         let mut f = fleet(1, 0);
         f.unhealthy = vec![UnhealthyAgent {
             pod: "p1".into(),
@@ -550,6 +559,12 @@ mod tests {
             for_duration: Duration::from_secs(3),
             since_unix: 997,
         }];
+        f
+    }
+
+    #[test]
+    fn missing_and_unhealthy_sidecars_are_named() {
+        let f = one_degraded();
         let st = fleet_status(Some(&with_expected(3)), &f, Some(1), &time(1_000));
         let healthy = st
             .conditions
@@ -588,6 +603,26 @@ mod tests {
             third.conditions, first.conditions,
             "lastTransitionTime changes only on a transition"
         );
+    }
+
+    #[test]
+    fn a_stale_unhealthy_list_is_cleared_once() {
+        let stored = fleet_status(
+            Some(&with_expected(1)),
+            &one_degraded(),
+            Some(1),
+            &time(1_000),
+        );
+        let healed = fleet_status(Some(&stored), &fleet(1, 1), Some(1), &time(1_005));
+        assert!(needs_write(Some(&stored), &healed));
+        // The apply carries an empty list, which clears the stored one…
+        assert_eq!(
+            crate::status::hub_part(&healed)["unhealthySidecars"],
+            serde_json::json!([])
+        );
+        // …after which nothing is written again.
+        let next = fleet_status(Some(&healed), &fleet(1, 1), Some(1), &time(1_010));
+        assert!(!needs_write(Some(&healed), &next));
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //!   agent to talk to.
 //! - Shutdown: the kubelet kills the agent when the pod's `terminationGracePeriodSeconds` (30 s
 //!   by default) has passed since SIGTERM, and the agent must have reported what it leaves
-//!   behind by then (`left_behind`, issue 15). Its default `--shutdown-deadline` (20 s) fits a
+//!   behind by then (the `left_behind` notification, `hub/left_behind.rs`). Its default `--shutdown-deadline` (20 s) fits a
 //!   grace period of [`AGENT_SHUTDOWN_DEADLINE_SECONDS`] + [`SHUTDOWN_REPORT_SECONDS`] or more;
 //!   for a shorter one the injector sets `NANOGATE_SHUTDOWN_DEADLINE` to the grace period minus
 //!   [`SHUTDOWN_REPORT_SECONDS`] (at least 0 s: report at once). Seen on a real node: a pod with
@@ -50,46 +50,19 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
 
-/// Pod annotation that opts a pod in (`"true"`) or out (`"false"`, which always wins).
-pub const INJECT_ANNOTATION: &str = "nanogate.io/inject";
-/// Namespace label that opts every pod of the namespace in (value `enabled`).
-pub const NAMESPACE_INJECTION_LABEL: &str = "nanogate.io/injection";
-/// Pod annotation naming the gateway (an `AgentGateway` in the pod's namespace).
-pub const GATEWAY_ANNOTATION: &str = "nanogate.io/gateway";
-/// Annotation written on injected pods; its value is an [`InjectedRecord`] as JSON.
-pub const INJECTED_ANNOTATION: &str = "nanogate.io/injected";
-/// Label written on injected pods with the gateway name, so the reconciler can count a
-/// gateway's expected sidecars with a label selector.
-pub const INJECTED_GATEWAY_LABEL: &str = "nanogate.io/injected-gateway";
-/// Per-pod resource overrides for the sidecar.
-pub const CPU_REQUEST_ANNOTATION: &str = "nanogate.io/sidecar-cpu-request";
-pub const CPU_LIMIT_ANNOTATION: &str = "nanogate.io/sidecar-cpu-limit";
-pub const MEMORY_REQUEST_ANNOTATION: &str = "nanogate.io/sidecar-memory-request";
-pub const MEMORY_LIMIT_ANNOTATION: &str = "nanogate.io/sidecar-memory-limit";
+use crate::gateway::membership::{self, NoGateway};
+use crate::names::{
+    ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV,
+    CONFIG_KEY, CONFIG_VOLUME, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_SOCKET_PATH,
+    EXIT_WHEN_APPS_DONE_ENV, GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR,
+    HUB_CA_FILE, HUB_CA_FILE_ENV, HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS,
+    HUB_TOKEN_FILE_ENV, INJECT_ANNOTATION, INJECTED_ANNOTATION, INJECTED_GATEWAY_LABEL,
+    LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL,
+    POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_NAME,
+    SOCKET_PATH_ENV, SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV, TOKEN_DIR,
+    TOKEN_FILE, TOKEN_VOLUME, config_map_name,
+};
 
-/// Name of the injected container.
-pub const SIDECAR_NAME: &str = "nano-agent";
-/// Volume names added to the pod.
-pub const SOCKET_VOLUME: &str = "nanogate-socket";
-pub const CONFIG_VOLUME: &str = "nanogate-config";
-pub const TOKEN_VOLUME: &str = "nanogate-hub-token";
-pub const HUB_CA_VOLUME: &str = "nanogate-hub-ca";
-/// Where the sidecar finds its hub token and hub CA (the config directory is per gateway,
-/// [`InjectionConfig::config_dir`]).
-pub const TOKEN_DIR: &str = "/var/run/secrets/nanogate-hub";
-pub const TOKEN_FILE: &str = "token";
-pub const HUB_CA_DIR: &str = "/etc/nanogate/hub-ca";
-pub const HUB_CA_FILE: &str = "ca.crt";
-/// Audience and lifetime of the projected service-account token presented to the hub.
-pub const HUB_TOKEN_AUDIENCE: &str = "nanogate-hub";
-pub const HUB_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
-/// Env var telling a legacy-mode sidecar in a run-to-completion pod to exit (after flushing)
-/// once every app container has terminated; `NANOGATE_APP_CONTAINERS` lists them.
-pub const EXIT_WHEN_APPS_DONE_ENV: &str = "NANOGATE_EXIT_WHEN_APPS_DONE";
-pub const APP_CONTAINERS_ENV: &str = "NANOGATE_APP_CONTAINERS";
-/// Env var of the agent's shutdown deadline (`nano-agent --shutdown-deadline`), set when the
-/// pod's grace period is too short for the agent's default.
-pub const SHUTDOWN_DEADLINE_ENV: &str = "NANOGATE_SHUTDOWN_DEADLINE";
 /// The agent's default shutdown deadline, in seconds.
 pub const AGENT_SHUTDOWN_DEADLINE_SECONDS: i64 = 20;
 /// What the agent needs after its deadline, within the pod's grace period: the `left_behind`
@@ -255,16 +228,16 @@ impl InjectionConfig {
             gateway_name: gateway_name.to_string(),
             config_generation: 1,
             config_hash: None,
-            config_map_name: format!("{gateway_name}-agent-config"),
-            config_key: "config.json".into(),
-            config_dir: "/etc/nanogate/agent".into(),
+            config_map_name: config_map_name(gateway_name),
+            config_key: CONFIG_KEY.into(),
+            config_dir: CONFIG_DIR.into(),
             image: image.to_string(),
             image_pull_policy: None,
             resources: SidecarResources::defaults(),
             log_level: "info".into(),
             native_sidecar: NativeSidecarMode::Auto,
             cluster_supports_native_sidecars: true,
-            socket_path: "/var/lib/tendrl/tendrl_agent.sock".into(),
+            socket_path: DEFAULT_SOCKET_PATH.into(),
             admin_port: 9091,
             hub_addr: "nanogate-hub.nanogate-system.svc:7051".into(),
             hub_ca: None,
@@ -459,43 +432,27 @@ fn decide<'g>(
         return Err(SkipReason::AlreadyInjected);
     }
     let annotations = pod.metadata.annotations.as_ref();
-    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
-    match annotation(INJECT_ANNOTATION) {
-        Some(v) if v.eq_ignore_ascii_case("false") => return Err(SkipReason::OptedOut),
-        Some(v) if v.eq_ignore_ascii_case("true") => {}
-        _ if ns_labels.get(NAMESPACE_INJECTION_LABEL).map(String::as_str) == Some("enabled") => {}
-        _ => return Err(SkipReason::NotOptedIn),
+    if membership::pod_opt_in(annotations) == Some(false) {
+        return Err(SkipReason::OptedOut);
+    }
+    if !membership::opts_in(annotations, membership::namespace_opted_in(Some(ns_labels))) {
+        return Err(SkipReason::NotOptedIn);
     }
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         return Err(SkipReason::HostNetwork);
     }
-    match annotation(GATEWAY_ANNOTATION).filter(|v| !v.is_empty()) {
-        Some(name) => gateways
-            .iter()
-            .find(|g| g.gateway_name == name)
-            .ok_or_else(|| SkipReason::NoGateway {
-                requested: Some(name.to_string()),
-            }),
-        None => match gateways {
-            [] => Err(SkipReason::NoGateway { requested: None }),
-            [only] => Ok(only),
-            many => {
-                let mut candidates: Vec<String> =
-                    many.iter().map(|g| g.gateway_name.clone()).collect();
-                candidates.sort();
-                Err(SkipReason::AmbiguousGateway { candidates })
-            }
-        },
-    }
+    membership::choose(membership::requested_gateway(annotations), gateways, |g| {
+        g.gateway_name.as_str()
+    })
+    .map_err(|no| match no {
+        NoGateway::Missing(requested) => SkipReason::NoGateway { requested },
+        NoGateway::Ambiguous(candidates) => SkipReason::AmbiguousGateway { candidates },
+    })
 }
 
 /// Whether the pod already carries our annotation or our container.
 pub fn is_injected(pod: &Pod) -> bool {
-    let annotated = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+    let annotated = membership::is_injected(pod.metadata.annotations.as_ref());
     let has_container = pod.spec.as_ref().is_some_and(|s| {
         s.containers
             .iter()
@@ -713,15 +670,11 @@ fn add_socket_to_app(
         );
     }
     let env = c.env.as_ref();
-    if !env
-        .into_iter()
-        .flatten()
-        .any(|e| e.name == "TENDRL_SOCKET_PATH")
-    {
+    if !env.into_iter().flatten().any(|e| e.name == SOCKET_PATH_ENV) {
         ops.append(
             &format!("{base}/env"),
             env.is_some(),
-            vec![json!({"name": "TENDRL_SOCKET_PATH", "value": cfg.socket_path})],
+            vec![json!({"name": SOCKET_PATH_ENV, "value": cfg.socket_path})],
         );
     }
 }
@@ -735,27 +688,25 @@ fn sidecar_container(
 ) -> Value {
     let field_env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let mut env = vec![
-        json!({"name": "TENDRL_KEY", "valueFrom": {"secretKeyRef": {
+        json!({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
             "name": cfg.api_key_secret.name, "key": cfg.api_key_secret.key,
         }}}),
-        field_env("NANOGATE_POD_NAME", "metadata.name"),
-        field_env("NANOGATE_POD_NAMESPACE", "metadata.namespace"),
-        field_env("NANOGATE_POD_UID", "metadata.uid"),
-        json!({"name": "NANOGATE_GATEWAY", "value": cfg.gateway_name}),
-        json!({"name": "NANOGATE_CONFIG_FILE", "value": format!("{}/{}", cfg.config_dir.trim_end_matches('/'), cfg.config_key)}),
-        json!({"name": "NANOGATE_HUB_ADDR", "value": cfg.hub_addr}),
-        json!({"name": "NANOGATE_HUB_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_FILE}")}),
+        field_env(POD_NAME_ENV, "metadata.name"),
+        field_env(POD_NAMESPACE_ENV, "metadata.namespace"),
+        field_env(POD_UID_ENV, "metadata.uid"),
+        json!({"name": GATEWAY_ENV, "value": cfg.gateway_name}),
+        json!({"name": CONFIG_FILE_ENV, "value": format!("{}/{}", cfg.config_dir.trim_end_matches('/'), cfg.config_key)}),
+        json!({"name": HUB_ADDR_ENV, "value": cfg.hub_addr}),
+        json!({"name": HUB_TOKEN_FILE_ENV, "value": format!("{TOKEN_DIR}/{TOKEN_FILE}")}),
     ];
     if cfg.hub_ca.is_some() {
-        env.push(
-            json!({"name": "NANOGATE_HUB_CA_FILE", "value": format!("{HUB_CA_DIR}/{HUB_CA_FILE}")}),
-        );
+        env.push(json!({"name": HUB_CA_FILE_ENV, "value": format!("{HUB_CA_DIR}/{HUB_CA_FILE}")}));
     }
     env.extend([
-        json!({"name": "TENDRL_SOCKET_PATH", "value": cfg.socket_path}),
-        json!({"name": "NANOGATE_SPOOL_DIR", "value": format!("{}/spool", cfg.socket_dir().trim_end_matches('/'))}),
-        json!({"name": "NANOGATE_ADMIN_PORT", "value": cfg.admin_port.to_string()}),
-        json!({"name": "NANOGATE_LOG_LEVEL", "value": cfg.log_level}),
+        json!({"name": SOCKET_PATH_ENV, "value": cfg.socket_path}),
+        json!({"name": SPOOL_DIR_ENV, "value": format!("{}/spool", cfg.socket_dir().trim_end_matches('/'))}),
+        json!({"name": ADMIN_PORT_ENV, "value": cfg.admin_port.to_string()}),
+        json!({"name": LOG_LEVEL_ENV, "value": cfg.log_level}),
     ]);
     if let Some(seconds) = shutdown_deadline_seconds(pod) {
         env.push(json!({"name": SHUTDOWN_DEADLINE_ENV, "value": format!("{seconds}s")}));
@@ -767,7 +718,7 @@ fn sidecar_container(
     }
     if let Some(token) = &cfg.tcp_token_secret {
         env.push(
-            json!({"name": "NANOGATE_TCP_TOKEN", "valueFrom": {"secretKeyRef": {
+            json!({"name": TCP_TOKEN_ENV, "valueFrom": {"secretKeyRef": {
                 "name": token.name, "key": token.key,
             }}}),
         );
@@ -799,9 +750,9 @@ fn sidecar_container(
     };
 
     let mut ports =
-        vec![json!({"name": "nanogate-admin", "containerPort": cfg.admin_port, "protocol": "TCP"})];
+        vec![json!({"name": ADMIN_PORT_NAME, "containerPort": cfg.admin_port, "protocol": "TCP"})];
     if let Some(port) = cfg.tcp_port {
-        ports.push(json!({"name": "nanogate-tcp", "containerPort": port, "protocol": "TCP"}));
+        ports.push(json!({"name": TCP_PORT_NAME, "containerPort": port, "protocol": "TCP"}));
     }
     let mut c = json!({
         "name": SIDECAR_NAME,

@@ -362,7 +362,7 @@ pub fn validate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObj
         }
     };
     let resp = AdmissionResponse::from(&req);
-    let is_gateway = req.kind.group == "nanogate.io" && req.kind.kind == "AgentGateway";
+    let is_gateway = req.kind.group == crate::names::GROUP && req.kind.kind == "AgentGateway";
     let object = match (&req.object, req.operation) {
         (Some(object), Operation::Create | Operation::Update) if is_gateway => object,
         _ => {

@@ -1,0 +1,264 @@
+//! Which pods belong to which gateway, from their annotations and their namespace's label.
+//!
+//! The injector applies these rules at admission (opt-in, then the gateway the pod names or its
+//! namespace's only one), the reconciler replays them to count a gateway's pods ([`belongs`]),
+//! and the controller's pod watch maps a pod to the gateways to recount ([`to_recount`]). A rule
+//! of membership changes here, once. Pure: metadata in, a decision out.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::names::{
+    GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION, NAMESPACE_INJECTION_ENABLED,
+    NAMESPACE_INJECTION_LABEL,
+};
+
+type Annotations = BTreeMap<String, String>;
+
+fn annotation<'a>(annotations: Option<&'a Annotations>, key: &str) -> Option<&'a str> {
+    annotations.and_then(|a| a.get(key)).map(|v| v.trim())
+}
+
+/// The pod's own choice from `nanogate.io/inject` (trimmed, any case): `Some(true)` opts in,
+/// `Some(false)` opts out (and always wins), `None` leaves it to the namespace label.
+pub fn pod_opt_in(annotations: Option<&Annotations>) -> Option<bool> {
+    match annotation(annotations, INJECT_ANNOTATION) {
+        Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether the namespace's labels opt all its pods in (`nanogate.io/injection=enabled`).
+pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(NAMESPACE_INJECTION_LABEL))
+        .is_some_and(|v| v == NAMESPACE_INJECTION_ENABLED)
+}
+
+/// Whether a pod asks for a sidecar: its own annotation, else its namespace's label.
+pub fn opts_in(annotations: Option<&Annotations>, namespace_opted_in: bool) -> bool {
+    pod_opt_in(annotations).unwrap_or(namespace_opted_in)
+}
+
+/// The gateway a pod names with `nanogate.io/gateway` (trimmed; empty names none).
+pub fn requested_gateway(annotations: Option<&Annotations>) -> Option<&str> {
+    annotation(annotations, GATEWAY_ANNOTATION).filter(|g| !g.is_empty())
+}
+
+/// Whether the injector has recorded an injection on the pod (`nanogate.io/injected`).
+pub fn is_injected(annotations: Option<&Annotations>) -> bool {
+    annotations.is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
+}
+
+/// Why no gateway could be chosen for a pod that opted in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoGateway {
+    /// The gateway the pod names does not exist, or (`None`) the namespace has none.
+    Missing(Option<String>),
+    /// Several gateways and the pod names none of them (sorted names).
+    Ambiguous(Vec<String>),
+}
+
+/// The gateway of a pod that opted in: the one it names, else the namespace's only one.
+pub fn choose<'g, G>(
+    requested: Option<&str>,
+    gateways: &'g [G],
+    name: impl Fn(&G) -> &str,
+) -> Result<&'g G, NoGateway> {
+    match requested {
+        Some(wanted) => gateways
+            .iter()
+            .find(|g| name(g) == wanted)
+            .ok_or_else(|| NoGateway::Missing(Some(wanted.to_string()))),
+        None => match gateways {
+            [] => Err(NoGateway::Missing(None)),
+            [only] => Ok(only),
+            many => {
+                let mut candidates: Vec<String> =
+                    many.iter().map(|g| name(g).to_string()).collect();
+                candidates.sort();
+                Err(NoGateway::Ambiguous(candidates))
+            }
+        },
+    }
+}
+
+/// Which gateway an injected or opted-in pod belongs to, from its annotations:
+/// `nanogate.io/gateway`, else the gateway recorded in `nanogate.io/injected`
+/// (`{"gateway":"x",…}` JSON, or `x` / `x/<hash>` / `gateway=x,…`). Pods opted out or neither
+/// injected nor opted in belong to none.
+pub fn pod_gateway(annotations: &Annotations) -> Option<String> {
+    let injected = annotations.get(INJECTED_ANNOTATION);
+    if injected.is_none() && pod_opt_in(Some(annotations)) != Some(true) {
+        return None;
+    }
+    if let Some(g) = requested_gateway(Some(annotations)) {
+        return Some(g.to_string());
+    }
+    let v = injected?.trim();
+    if v.starts_with('{') {
+        return serde_json::from_str::<serde_json::Value>(v)
+            .ok()?
+            .get("gateway")?
+            .as_str()
+            .map(str::to_string);
+    }
+    if let Some(kv) = v.split(',').find_map(|p| p.trim().strip_prefix("gateway=")) {
+        return Some(kv.to_string());
+    }
+    let name = v.split('/').next()?.trim();
+    (!name.is_empty() && name != "true").then(|| name.to_string())
+}
+
+/// What decides pod membership besides the pod's own annotations.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scope {
+    /// The namespace carries `nanogate.io/injection=enabled`.
+    pub namespace_opted_in: bool,
+    /// The gateway is its namespace's only one (pods naming no gateway get it).
+    pub only_gateway: bool,
+}
+
+/// Whether the pod expects a sidecar of gateway `name` — the webhook's decision, replayed.
+pub fn belongs(meta: &ObjectMeta, name: &str, scope: Scope) -> bool {
+    if meta.deletion_timestamp.is_some() {
+        return false;
+    }
+    let annotations = meta.annotations.as_ref();
+    if is_injected(annotations) {
+        return annotations.and_then(pod_gateway).is_some_and(|g| g == name);
+    }
+    if !opts_in(annotations, scope.namespace_opted_in) {
+        return false;
+    }
+    match requested_gateway(annotations) {
+        Some(gateway) => gateway == name,
+        None => scope.only_gateway,
+    }
+}
+
+/// The gateways whose pod counts a change of a pod may change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recount {
+    /// The gateway the pod belongs to (same namespace).
+    Gateway(String),
+    /// Every gateway of the pod's namespace: a pod naming none may still expect the
+    /// namespace's only one (opted in by the namespace label, or admitted while the webhook
+    /// was down).
+    Namespace,
+    /// None: the pod opted out.
+    Nothing,
+}
+
+/// Which gateways to recount when `pod` changes.
+pub fn to_recount(annotations: Option<&Annotations>) -> Recount {
+    if let Some(gateway) = annotations.and_then(pod_gateway) {
+        return Recount::Gateway(gateway);
+    }
+    if pod_opt_in(annotations) == Some(false) {
+        return Recount::Nothing;
+    }
+    Recount::Namespace
+}
+
+/// A pod's metadata with `name` and `annotations`, for tests of membership rules.
+#[cfg(test)]
+pub(crate) fn test_pod(name: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        annotations: Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_pod as pod;
+    use super::*;
+
+    #[test]
+    fn namespace_label_and_only_gateway_decide_like_the_webhook() {
+        let plain = pod("plain", &[]);
+        let opted = pod("opted", &[("nanogate.io/inject", "TRUE")]);
+        let out = pod("out", &[("nanogate.io/inject", "false")]);
+        let elsewhere = pod("elsewhere", &[("nanogate.io/gateway", "other")]);
+        let both = Scope {
+            namespace_opted_in: true,
+            only_gateway: true,
+        };
+        assert!(belongs(&plain, "shop", both));
+        assert!(!belongs(
+            &plain,
+            "shop",
+            Scope {
+                namespace_opted_in: false,
+                ..both
+            }
+        ));
+        assert!(!belongs(
+            &plain,
+            "shop",
+            Scope {
+                only_gateway: false,
+                ..both
+            }
+        ));
+        assert!(belongs(
+            &opted,
+            "shop",
+            Scope {
+                namespace_opted_in: false,
+                ..both
+            }
+        ));
+        assert!(!belongs(&out, "shop", both));
+        assert!(!belongs(&elsewhere, "shop", both));
+        let mut gone = opted.clone();
+        gone.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        assert!(!belongs(&gone, "shop", both));
+    }
+
+    #[test]
+    fn a_changed_pod_recounts_its_gateway_or_its_namespace() {
+        let a = |pairs: &[(&str, &str)]| pod("p", pairs).annotations;
+        assert_eq!(
+            to_recount(a(&[("nanogate.io/inject", "true"), ("nanogate.io/gateway", "g")]).as_ref()),
+            Recount::Gateway("g".into())
+        );
+        assert_eq!(
+            to_recount(a(&[("nanogate.io/inject", " False ")]).as_ref()),
+            Recount::Nothing
+        );
+        assert_eq!(to_recount(a(&[]).as_ref()), Recount::Namespace);
+        assert_eq!(to_recount(None), Recount::Namespace);
+    }
+
+    #[test]
+    fn the_gateway_is_the_named_one_or_the_only_one() {
+        let gateways =
+            |names: &[&str]| -> Vec<String> { names.iter().map(|n| n.to_string()).collect() };
+        let pick = |requested: Option<&str>, names: &[&str]| {
+            choose(requested, &gateways(names), String::as_str).cloned()
+        };
+        assert_eq!(pick(Some("b"), &["a", "b"]), Ok("b".to_string()));
+        assert_eq!(
+            pick(Some("c"), &["a"]),
+            Err(NoGateway::Missing(Some("c".into())))
+        );
+        assert_eq!(pick(None, &["a"]), Ok("a".to_string()));
+        assert_eq!(pick(None, &[]), Err(NoGateway::Missing(None)));
+        assert_eq!(
+            pick(None, &["b", "a"]),
+            Err(NoGateway::Ambiguous(vec!["a".into(), "b".into()]))
+        );
+    }
+}
