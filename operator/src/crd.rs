@@ -56,7 +56,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         name = "Received/s",
         type_ = "number",
         json_path = ".status.messages.receivedPerSecond",
-        description = "Messages received per second by all sidecars"
+        description = "Messages received per second by all sidecars (60 s average)"
     ),
     printcolumn(
         name = "Dropped",
@@ -810,10 +810,13 @@ pub struct MessageStats {
     /// (`spec.delivery.overflowPolicy: dropOldest`).
     #[serde(default)]
     pub dropped_oldest_total: i64,
-    /// Messages received per second (recent average).
+    /// Messages received per second, averaged over the sidecars' heartbeats of the last 60 s.
     pub received_per_second: f64,
-    /// Messages delivered per second (recent average).
+    /// Messages delivered per second, averaged over the last 60 s.
     pub delivered_per_second: f64,
+    /// Messages rejected, dead-lettered or dropped per second, averaged over the last 60 s.
+    #[serde(default)]
+    pub dropped_per_second: f64,
 }
 
 /// Messages sidecars left undelivered at their shutdown deadline (each sidecar reports it to

@@ -74,6 +74,7 @@ pub fn fleet_status(
         dropped_oldest_total: fleet.dropped_oldest_total as i64,
         received_per_second: round1(fleet.received_per_second),
         delivered_per_second: round1(fleet.delivered_per_second),
+        dropped_per_second: round1(fleet.dropped_per_second),
     });
     let (upstream_state, upstream_status, upstream_reason, upstream_message) = match fleet
         .upstream_reachable
