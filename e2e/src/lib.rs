@@ -432,6 +432,23 @@ spec:
     )
 }
 
+/// The cell of `column` in the first row of a `kubectl get` table (cells hold no spaces in the
+/// tables we read).
+pub fn table_cell(table: &str, column: &str) -> Result<String> {
+    let mut lines = table.lines();
+    let mut header = lines.next().unwrap_or_default().split_whitespace();
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    header
+        .position(|h| h == column)
+        .and_then(|i| row.get(i))
+        .map(|cell| cell.to_string())
+        .with_context(|| format!("no {column} cell:\n{table}"))
+}
+
 /// Reasons and notes of the events about object `name` in `ns` (events.k8s.io/v1).
 pub async fn events_about(
     client: &kube::Client,

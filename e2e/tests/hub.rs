@@ -359,23 +359,8 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
         (0.5 * rate..=1.5 * rate).contains(&delivered),
         "deliveredPerSecond {delivered} for {rate:.1} msgs/s sent: {messages}"
     );
-    let header: Vec<&str> = table
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let row: Vec<&str> = table
-        .lines()
-        .nth(1)
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let column = header
-        .iter()
-        .position(|h| *h == "RECEIVED/S")
-        .with_context(|| format!("no RECEIVED/S column:\n{table}"))?;
-    let shown: f64 = row.get(column).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let cell = nanogate_e2e::table_cell(&table, "RECEIVED/S")?;
+    let shown: f64 = cell.parse().unwrap_or(0.0);
     assert!(shown > 0.5 * rate, "RECEIVED/S shows {shown}:\n{table}");
     assert!(
         platform.received_count() > 0,

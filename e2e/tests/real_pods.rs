@@ -959,23 +959,8 @@ async fn deleted_with_the_platform_down(prefix: &str, grace_seconds: i64) -> Res
         "{events:?}"
     );
     let table = s.kubectl(&["get", "agw", "shop"])?;
-    let header: Vec<&str> = table
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let row: Vec<&str> = table
-        .lines()
-        .nth(1)
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let column = header
-        .iter()
-        .position(|h| *h == "LEFT-BEHIND")
-        .with_context(|| format!("no LEFT-BEHIND column:\n{table}"))?;
-    assert_eq!(row.get(column), Some(&"10"), "{table}");
+    let cell = nanogate_e2e::table_cell(&table, "LEFT-BEHIND")?;
+    assert_eq!(cell, "10", "{table}");
     progress!(
         "[real-pods] {prefix}: grace {grace_seconds}s, {stopping} (exit {:?}; the app's exit {:?}), pod gone {:.1}s after delete, leftBehind {left} after {:.1}s; event: {}",
         agent_end.map(|t| t.exit_code),
