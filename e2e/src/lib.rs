@@ -432,21 +432,27 @@ spec:
     )
 }
 
-/// The cell of `column` in the first row of a `kubectl get` table (cells hold no spaces in the
-/// tables we read).
+/// The cell of `column` in the first row of a `kubectl get` table. kubectl aligns every cell
+/// under its header, so the cell is read between its header's offset and the next one's (an
+/// empty cell, e.g. a condition not set yet, would shift a whitespace split).
 pub fn table_cell(table: &str, column: &str) -> Result<String> {
     let mut lines = table.lines();
-    let mut header = lines.next().unwrap_or_default().split_whitespace();
-    let row: Vec<&str> = lines
-        .next()
+    let header = lines.next().unwrap_or_default();
+    let row = lines.next().unwrap_or_default();
+    let start = header
+        .match_indices(column)
+        .map(|(i, _)| i)
+        .find(|&i| i == 0 || header.get(..i).is_some_and(|h| h.ends_with(' ')))
+        .with_context(|| format!("no {column} column:\n{table}"))?;
+    // The next header begins where the spaces after this one end.
+    let after = start + column.len();
+    let end = header
+        .get(after..)
         .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    header
-        .position(|h| h == column)
-        .and_then(|i| row.get(i))
-        .map(|cell| cell.to_string())
-        .with_context(|| format!("no {column} cell:\n{table}"))
+        .find(|c: char| c != ' ')
+        .map_or(usize::MAX, |gap| after + gap);
+    let cell = row.get(start..end.min(row.len())).unwrap_or_default();
+    Ok(cell.trim().to_string())
 }
 
 /// Reasons and notes of the events about object `name` in `ns` (events.k8s.io/v1).
@@ -465,4 +471,20 @@ pub async fn events_about(
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect())
+}
+
+#[cfg(test)]
+mod table_tests {
+    /// An empty cell (no Ready condition yet) must not shift the cells after it.
+    #[test]
+    fn table_cell_reads_under_the_header_even_after_an_empty_cell() {
+        let table = "NAME   READY   SIDECARS   RECEIVED/S   LEFT-BEHIND   AGE\n\
+                     shop           1/1        47.2         10            18s\n";
+        let cell = |c| super::table_cell(table, c).unwrap();
+        assert_eq!(cell("READY"), "");
+        assert_eq!(cell("RECEIVED/S"), "47.2");
+        assert_eq!(cell("LEFT-BEHIND"), "10");
+        assert_eq!(cell("AGE"), "18s");
+        assert!(super::table_cell(table, "DROPPED").is_err());
+    }
 }
