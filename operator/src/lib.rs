@@ -110,7 +110,24 @@ impl Default for RunOptions {
 
 /// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
 pub fn crd_yaml() -> anyhow::Result<String> {
-    Ok(serde_yaml::to_string(&crd::AgentGateway::crd())?)
+    let mut crd = crd::AgentGateway::crd();
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        // `status` is an `Option`, so the schema says `nullable`; the apiserver (1.20) then
+        // publishes it untyped and server-side apply treats everything under it as atomic:
+        // `conditions` would be one list owned by its last writer, not a map keyed on `type`
+        // (seen in e2e: the hub's apply removed the reconciler's `Ready`). A status is never
+        // written as null.
+        if let Some(status) = status {
+            status.nullable = None;
+        }
+    }
+    Ok(serde_yaml::to_string(&crd)?)
 }
 
 /// Initialise tracing (`RUST_LOG`, default `info`).

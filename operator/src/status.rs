@@ -2,7 +2,7 @@
 //!
 //! Two writers share the status, each with its own field manager and server-side apply (each
 //! apply carries only the fields its writer owns, with `force`, so neither can put back the
-//! other's fields and no write needs a conflict retry):
+//! other's fields):
 //!
 //! - the reconciler ([`OPERATOR_MANAGER`]): `observedGeneration`, `configHash`,
 //!   `sidecars.expected`, `sidecars.notInjected` and the conditions `Ready`, `ConfigValid` and
@@ -11,9 +11,14 @@
 //!   `SidecarsHealthy`, the other `sidecars` counts and `summary`, `messages`, `upstream`,
 //!   `lastHeartbeatTime`, `unhealthySidecars` and `leftBehind`.
 //!
-//! `status.conditions` is a list map keyed on `type` in the CRD schema, so each writer owns the
-//! conditions it applies. A writer that stops applying a field it owns removes it: the hub
-//! always applies `unhealthySidecars` (an empty list clears it).
+//! Conditions are the exception: each writer computes its own and applies the whole list (the
+//! other's as it read them). `status.conditions` is a list map keyed on `type` in the CRD
+//! schema, but the 1.20 apiserver treats it as one atomic list owned by its last writer (seen
+//! in e2e: the hub's apply removed the reconciler's `Ready`), so a list without the other's
+//! conditions would delete them. Both writers apply with the `resourceVersion` they read, so
+//! neither puts back a stale condition; a refused write is retried. A writer that stops
+//! applying a field it owns removes it: the hub always applies `unhealthySidecars` (an empty
+//! list clears it).
 //!
 //! Until the hub has written a gateway's status once, the reconciler also writes the hub's
 //! fields as it shows them (initial values such as `UpstreamReachable=Unknown` and a zero
@@ -27,21 +32,13 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use serde_json::{Map, Value, json};
 
-use crate::crd::{AgentGateway, AgentGatewayStatus, conditions};
+use crate::crd::{AgentGateway, AgentGatewayStatus};
 
 /// Field manager of the reconciler's writes (status and the objects it applies).
 pub const OPERATOR_MANAGER: &str = crate::names::FIELD_MANAGER;
 /// Field manager of the hub's status writer.
 pub const HUB_MANAGER: &str = crate::names::HUB_FIELD_MANAGER;
 
-/// Conditions the reconciler owns.
-const OPERATOR_CONDITIONS: [&str; 3] = [
-    conditions::READY,
-    conditions::CONFIG_VALID,
-    conditions::UPSTREAM_TLS_VERIFIED,
-];
-/// Conditions the hub owns.
-const HUB_CONDITIONS: [&str; 2] = [conditions::UPSTREAM_REACHABLE, conditions::SIDECARS_HEALTHY];
 /// `status.sidecars` fields the reconciler owns (it counts pods).
 const OPERATOR_SIDECAR_FIELDS: [&str; 2] = ["expected", "notInjected"];
 /// `status.sidecars` fields the hub owns (it counts connections).
@@ -71,14 +68,12 @@ pub fn operator_part(status: &AgentGatewayStatus, hub_has_written: bool) -> Valu
     let full = to_map(status);
     let mut part = Map::new();
     copy(&full, &mut part, &["observedGeneration", "configHash"]);
-    let mut condition_types = OPERATOR_CONDITIONS.to_vec();
     let mut sidecar_fields = OPERATOR_SIDECAR_FIELDS.to_vec();
     if !hub_has_written {
-        condition_types.extend(HUB_CONDITIONS);
         sidecar_fields.extend(HUB_SIDECAR_FIELDS);
         copy(&full, &mut part, &HUB_INITIALISED_FIELDS);
     }
-    owned_conditions_and_counts(status, &full, &condition_types, &sidecar_fields, &mut part);
+    owned_conditions_and_counts(status, &full, &sidecar_fields, &mut part);
     Value::Object(part)
 }
 
@@ -92,28 +87,26 @@ pub fn hub_part(status: &AgentGatewayStatus) -> Value {
         "unhealthySidecars".into(),
         serde_json::to_value(&status.unhealthy_sidecars).unwrap_or(Value::Array(Vec::new())),
     );
-    owned_conditions_and_counts(
-        status,
-        &full,
-        &HUB_CONDITIONS,
-        &HUB_SIDECAR_FIELDS,
-        &mut part,
-    );
+    owned_conditions_and_counts(status, &full, &HUB_SIDECAR_FIELDS, &mut part);
     Value::Object(part)
 }
 
-/// Adds to `part` the conditions of `condition_types` and the `sidecars` fields named.
+/// Adds to `part` every condition and the `sidecars` fields named.
 fn owned_conditions_and_counts(
     status: &AgentGatewayStatus,
     full: &Map<String, Value>,
-    condition_types: &[&str],
     sidecar_fields: &[&str],
     part: &mut Map<String, Value>,
 ) {
+    // Every condition, not only `condition_types`: the owner's are fresh, the others as read
+    // (each writer computes its status from the stored one). Where the apiserver treats the
+    // list as atomic (1.20 publishes a CRD's status schema without list types, seen in e2e),
+    // the last writer owns the whole list, and a list without the other's conditions would
+    // delete them; both writers apply with the resourceVersion they read, so neither can put
+    // back a stale one.
     let conditions = status
         .conditions
         .iter()
-        .filter(|c| condition_types.contains(&c.type_.as_str()))
         .filter_map(|c| serde_json::to_value(c).ok())
         .collect();
     part.insert("conditions".into(), Value::Array(conditions));
@@ -207,13 +200,22 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{LeftBehindStats, SidecarCounts, UnhealthySidecar};
+    use crate::crd::{LeftBehindStats, SidecarCounts, UnhealthySidecar, conditions};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 
     fn time() -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap())
     }
 
+    /// Conditions the reconciler computes.
+    const OPERATOR_CONDITIONS: [&str; 3] = [
+        conditions::READY,
+        conditions::CONFIG_VALID,
+        conditions::UPSTREAM_TLS_VERIFIED,
+    ];
+    /// Conditions the hub computes.
+    const HUB_CONDITIONS: [&str; 2] =
+        [conditions::UPSTREAM_REACHABLE, conditions::SIDECARS_HEALTHY];
     fn status() -> AgentGatewayStatus {
         let mut st = AgentGatewayStatus {
             observed_generation: Some(3),
@@ -241,16 +243,21 @@ mod tests {
     fn each_writer_applies_only_its_fields() {
         let st = status();
         let op = operator_part(&st, true);
-        assert_eq!(
-            types(&op),
-            vec!["Ready", "ConfigValid", "UpstreamTLSVerified"]
-        );
+        // Every condition: its own fresh, the hub's as read (an atomic list keeps both).
+        let all = vec![
+            "Ready",
+            "ConfigValid",
+            "UpstreamTLSVerified",
+            "UpstreamReachable",
+            "SidecarsHealthy",
+        ];
+        assert_eq!(types(&op), all);
         assert_eq!(op["sidecars"], json!({"expected": 2, "notInjected": 0}));
         assert_eq!(op["observedGeneration"], 3);
         assert!(op.get("leftBehind").is_none() && op.get("messages").is_none());
 
         let hub = hub_part(&st);
-        assert_eq!(types(&hub), vec!["UpstreamReachable", "SidecarsHealthy"]);
+        assert_eq!(types(&hub), all);
         assert_eq!(
             hub["sidecars"],
             json!({"connected": 1, "healthy": 1, "currentConfig": 0, "summary": "1/2"})

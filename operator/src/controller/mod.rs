@@ -324,12 +324,10 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         if !unchanged(current.as_ref(), &new_status, hub_has_written) {
             ctx.metrics.write("agentgateways/status", "patch");
             let part = status::operator_part(&new_status, hub_has_written);
-            // While it also writes the hub's fields, only over what it read.
-            let version = live
-                .metadata
-                .resource_version
-                .as_deref()
-                .filter(|_| !hub_has_written);
+            // Only over what it read: the conditions list it applies carries the hub's
+            // conditions as read (see `crate::status`), so a hub write in between must refuse
+            // it (the reconcile fails and is retried).
+            let version = live.metadata.resource_version.as_deref();
             status::apply(&api, name, status::OPERATOR_MANAGER, part, version)
                 .await
                 .map_err(Error::StatusPatch)?;
