@@ -550,16 +550,35 @@ async fn the_reconciler_applies_only_its_fields_once_the_hub_wrote() {
             json!({"nanogate.io/injected":"true","nanogate.io/gateway":"demo"})
         )]))
         .await;
-        api.get_status_written_by_hub("demo", hub_wrote).await;
+        api.get_status_written_by_hub("demo", hub_wrote.clone())
+            .await;
         let patch = api.patch_status("demo").await;
         let st = &patch["status"];
-        let types: Vec<&str> = st["conditions"]
+        let mut types: Vec<&str> = st["conditions"]
             .as_array()
             .unwrap()
             .iter()
             .map(|c| c["type"].as_str().unwrap())
             .collect();
-        assert_eq!(types, vec!["ConfigValid", "Ready"]);
+        types.sort_unstable();
+        // Its own conditions, the hub's exactly as read (the list may be atomic), and the
+        // starting value of a hub condition the hub has not written yet.
+        assert_eq!(
+            types,
+            vec![
+                "ConfigValid",
+                "Ready",
+                "SidecarsHealthy",
+                "UpstreamReachable"
+            ]
+        );
+        let hub_condition = st["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "UpstreamReachable")
+            .unwrap();
+        assert_eq!(hub_condition, &hub_wrote["conditions"][0]);
         assert_eq!(st["sidecars"], json!({"expected": 1, "notInjected": 0}));
         for hub_field in ["messages", "upstream", "leftBehind", "unhealthySidecars"] {
             assert!(st.get(hub_field).is_none(), "{hub_field} in {st}");
