@@ -344,9 +344,12 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(14)).await;
     let (mut messages, mut table) = (Value::Null, String::new());
     for _ in 0..16 {
-        messages = api.get("shop").await?.data["status"]["messages"].clone();
+        let status = api.get("shop").await?.data["status"].clone();
+        messages = status["messages"].clone();
         table = f.cp.kubectl(&["get", "agw", "shop", "-n", f.ns.name()])?;
-        if nanogate_e2e::table_cell(&table, "SIDECARS")? == "1/1" {
+        if status["sidecars"]["summary"] == "1/1"
+            && nanogate_e2e::table_cell(&table, "SIDECARS")? == "1/1"
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
