@@ -87,7 +87,7 @@ async fn main() -> Result<()> {
         &nanogate_e2e::webhook_configurations(LABEL, &config, ns.name(), port, "Fail"),
     )?;
     let registry = prometheus::Registry::new();
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let (_stop, stopped) = nanogate_operator::shutdown::channel();
     servers::start(
         client.clone(),
         &ServerOptions {

@@ -14,8 +14,8 @@ use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
 use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
 use nanogate_operator::servers::{self, ServerOptions};
+use nanogate_operator::shutdown;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
 
@@ -56,7 +56,7 @@ fn sidecar(pod: &Pod) -> Option<&Container> {
 struct Setup {
     ns: TestNamespace,
     operator_ns: TestNamespace,
-    _stop: watch::Sender<bool>,
+    _stop: shutdown::Trigger,
     client: Client,
 }
 
@@ -105,7 +105,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
         webhook_cert_dir: None,
         webhook_cert_validity: cert_validity,
     };
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = shutdown::channel();
     let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
     servers::start(
         client.clone(),

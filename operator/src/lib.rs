@@ -4,6 +4,9 @@
 //!
 //! - [`names`]: every annotation, label, environment variable, mount path and ConfigMap key
 //!   shared with pods, users and the sidecar.
+//! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes.
+//! - [`tls`]: the self-made CA and serving certificate, rotation, `caBundle`, the swappable
+//!   rustls certificate the webhook and the hub serve.
 //! - [`crd`]: the `AgentGateway` resource, its defaults, status types and [`crd::validate`].
 //! - [`gateway`]: pure rules of a gateway — [`gateway::ValidatedGateway`] (validated spec and
 //!   everything derived from it: sidecar configuration, injector's view, Secret references) and
@@ -12,7 +15,6 @@
 //! - [`metrics`], [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`controller`]: the reconciler (validate → dereference → build → apply → status).
 //! - [`webhook`]: admission (`/mutate` injects the sidecar, `/validate` checks gateways).
-//! - [`certs`]: the self-made CA and serving certificate, rotation, `caBundle`.
 //! - [`hub`]: the control-channel server for the sidecars, the fleet's health index and the
 //!   status writer.
 //! - [`leader`]: Lease-based leader election; only the leader runs the controller and the
@@ -21,7 +23,6 @@
 //! - This file: the `run` flags and the run loop (admin server, leader election, controller).
 
 pub mod admin;
-pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod gateway;
@@ -30,7 +31,9 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod servers;
+pub mod shutdown;
 pub mod status;
+pub mod tls;
 pub mod webhook;
 
 use std::future::Future;
@@ -41,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kube::{Client, CustomResourceExt};
-use tokio::sync::{oneshot, watch};
+
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -190,21 +193,19 @@ pub async fn run(
 
 /// A running controller task and the switch that stops it.
 struct Running {
-    stop: oneshot::Sender<()>,
+    stop: shutdown::Trigger,
     task: JoinHandle<()>,
 }
 
 impl Running {
     fn start(ctx: Arc<controller::Context>) -> Self {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(ctx, async move {
-            let _ = stopped.await;
-        }));
+        let (stop, stopped) = shutdown::channel();
+        let task = tokio::spawn(controller::run(ctx, stopped.into_future()));
         Self { stop, task }
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
+        self.stop.fire();
         let mut task = self.task;
         // The controller drains in-flight reconciles; do not wait forever for a stuck one.
         if tokio::time::timeout(Duration::from_secs(10), &mut task)
@@ -231,21 +232,19 @@ pub async fn run_with_client(
         .await
         .with_context(|| format!("binding admin address {}", opts.admin_addr))?;
     info!(addr = %listener.local_addr()?, %identity, "admin server listening");
-    let (admin_stop, mut admin_stopped) = watch::channel(false);
+    let (admin_stop, admin_stopped) = shutdown::channel();
     let admin = tokio::spawn(admin::serve(
         listener,
         admin::AdminState {
             metrics: metrics.clone(),
             ready: ready.clone(),
         },
-        async move {
-            let _ = admin_stopped.wait_for(|s| *s).await;
-        },
+        admin_stopped.into_future(),
     ));
     ready.store(true, Ordering::Relaxed);
 
     // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
-    let (servers_stop, servers_stopped) = watch::channel(false);
+    let (servers_stop, servers_stopped) = shutdown::channel();
     let (hub_ca, owner, hub) = if opts.servers.enabled() {
         let started = servers::start(
             client.clone(),
@@ -351,8 +350,8 @@ pub async fn run_with_client(
         }
         metrics.leader.set(0);
     }
-    let _ = servers_stop.send(true);
-    let _ = admin_stop.send(true);
+    servers_stop.fire();
+    admin_stop.fire();
     let _ = admin.await;
     info!("operator stopped");
     Ok(())

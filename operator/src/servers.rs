@@ -15,14 +15,14 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use prometheus::{IntCounter, Registry};
-use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::certs::{self, CertConfig};
 use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
 use crate::gateway::InjectionSettings;
 use crate::gateway::refs::SidecarUse;
 use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
+use crate::shutdown::Shutdown;
+use crate::tls::{self, CertConfig, CertFiles, follow_cert_dir};
 use crate::webhook::inject::{
     HubCaSource, InjectionConfig, InjectorSettings, KeyRef, NativeSidecarMode, SecretMount,
     SidecarResources, supports_native_sidecars,
@@ -239,7 +239,7 @@ pub async fn start(
     opts: &ServerOptions,
     registry: &Registry,
     leader: prometheus::IntGauge,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Servers> {
     let native_supported = match opts.native_sidecars {
         Some(forced) => forced,
@@ -270,7 +270,7 @@ pub async fn start(
         // cert-manager (or any issuer) owns the certificate and caBundle; follow its Secret.
         Some(dir) => {
             let files = CertFiles::read(dir)?;
-            let resolver = Arc::new(webhook::CertResolver::from_pem(&files.cert, &files.key)?);
+            let resolver = Arc::new(tls::CertResolver::from_pem(&files.cert, &files.key)?);
             tokio::spawn(follow_cert_dir(
                 dir.clone(),
                 files,
@@ -281,24 +281,21 @@ pub async fn start(
             (resolver, ca)
         }
         None => {
-            let (bundle, resolver) = certs::bootstrap(client.clone(), &cert_cfg)
+            let (bundle, resolver) = tls::bootstrap(client.clone(), &cert_cfg)
                 .await
                 .context("setting up the webhook and hub certificates")?;
             let ca_pem = bundle.ca_cert_pem.clone();
-            let (client, rotating, mut stop) = (client.clone(), resolver.clone(), shutdown.clone());
-            tokio::spawn(certs::run_rotation(
-                client,
+            tokio::spawn(tls::run_rotation(
+                client.clone(),
                 cert_cfg,
                 bundle,
-                rotating,
-                async move {
-                    hub::stopped(&mut stop).await;
-                },
+                resolver.clone(),
+                shutdown.clone().into_future(),
             ));
             (resolver, ca_pem)
         }
     };
-    let tls = webhook::tls_config(resolver);
+    let tls = tls::tls_config(resolver);
 
     let mut webhook_addr = None;
     if let Some(addr) = opts.webhook_addr {
@@ -328,13 +325,10 @@ pub async fn start(
             .with_context(|| format!("binding the webhook on {addr}"))?;
         let bound = listener.local_addr()?;
         info!(addr = %bound, "admission webhook listening");
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone().into_future();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let served = webhook::serve(listener, webhook::router(state), tls, async move {
-                hub::stopped(&mut stop).await
-            })
-            .await;
+            let served = webhook::serve(listener, webhook::router(state), tls, stop).await;
             if let Err(error) = served {
                 warn!(%error, "webhook server stopped");
             }
@@ -477,58 +471,6 @@ fn admission_events(client: Client) -> impl Fn(&webhook::InjectionOutcome) + Sen
     }
 }
 
-/// A certificate issued into a directory (a mounted `kubernetes.io/tls` Secret with `ca.crt`).
-#[derive(Debug, PartialEq)]
-struct CertFiles {
-    cert: String,
-    key: String,
-    ca: String,
-}
-
-impl CertFiles {
-    fn read(dir: &std::path::Path) -> anyhow::Result<Self> {
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).with_context(|| {
-                format!(
-                    "reading {} (--webhook-cert-dir expects tls.crt, tls.key and ca.crt)",
-                    dir.join(name).display()
-                )
-            })
-        };
-        Ok(Self {
-            cert: read("tls.crt")?,
-            key: read("tls.key")?,
-            ca: read("ca.crt")?,
-        })
-    }
-}
-
-/// Swaps in a renewed certificate from `dir` (the kubelet updates mounted Secrets in place).
-async fn follow_cert_dir(
-    dir: std::path::PathBuf,
-    mut current: CertFiles,
-    resolver: Arc<webhook::CertResolver>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-            _ = hub::stopped(&mut shutdown) => return,
-        }
-        match CertFiles::read(&dir) {
-            Ok(files) if files != current => match resolver.set_pem(&files.cert, &files.key) {
-                Ok(()) => {
-                    info!(dir = %dir.display(), "serving certificate reloaded");
-                    current = files;
-                }
-                Err(error) => warn!(%error, "new certificate unusable; keeping the old one"),
-            },
-            Ok(_) => {}
-            Err(error) => warn!(error = %format!("{error:#}"), "certificate directory unreadable"),
-        }
-    }
-}
-
 /// A reflector store fed by a watch that restarts on errors (with the watcher's backoff).
 fn watch_store<K>(api: Api<K>) -> Store<K>
 where
@@ -560,26 +502,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cert_dir_is_read_and_served_or_named_when_incomplete() {
-        let dir = std::env::temp_dir().join(format!("nanogate-cert-dir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert =
-            rcgen::CertificateParams::new(vec!["nanogate-webhook.nanogate-system.svc".to_string()])
-                .unwrap()
-                .self_signed(&key)
-                .unwrap();
-        std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-        let missing = CertFiles::read(&dir).unwrap_err();
-        assert!(format!("{missing:#}").contains("ca.crt"), "{missing:#}");
-        std::fs::write(dir.join("ca.crt"), cert.pem()).unwrap();
-        let files = CertFiles::read(&dir).unwrap();
-        assert!(webhook::CertResolver::from_pem(&files.cert, &files.key).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn gateway_settings_become_an_injection_config_with_the_hub_ca() {

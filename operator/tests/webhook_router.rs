@@ -1,5 +1,5 @@
 //! Router tests: captured `AdmissionReview` bodies (tests/fixtures/admission/) posted to the
-//! real webhook server over TLS, with a certificate from `certs.rs`, and a rotation stream.
+//! real webhook server over TLS, with a certificate from `tls/`, and a rotation stream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
-use nanogate_operator::certs::{self, CertBundle};
+use nanogate_operator::tls::{self, CertBundle, CertResolver};
 use nanogate_operator::webhook::{
-    self, CertResolver, InjectionConfig, InjectionOutcome, InjectorSettings, KeyRef, StaticLookup,
-    WebhookState,
+    self, InjectionConfig, InjectionOutcome, InjectorSettings, KeyRef, StaticLookup, WebhookState,
 };
 use prometheus::Registry;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -30,9 +29,9 @@ fn fixture(name: &str) -> Vec<u8> {
 
 fn bundle() -> CertBundle {
     let sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    certs::generate_bundle(
+    tls::generate_bundle(
         &sans,
-        certs::unix_now(),
+        tls::unix_now(),
         std::time::Duration::from_secs(3600 * 24),
         std::time::Duration::from_secs(3600),
     )
@@ -96,7 +95,7 @@ async fn start() -> (Harness, CertBundle) {
     tokio::spawn(webhook::serve(
         listener,
         webhook::router(state),
-        webhook::tls_config(resolver.clone()),
+        tls::tls_config(resolver.clone()),
         async move {
             let _ = stopped.await;
         },
@@ -359,10 +358,10 @@ async fn untrusted_client_fails_the_handshake_but_the_server_keeps_serving() {
 async fn rotation_during_a_stream_of_admissions_has_zero_failures() {
     let (h, first) = start().await;
     let tls = connector(&h.ca);
-    let second = certs::renew_serving(
+    let second = tls::renew_serving(
         &first,
         &first.sans,
-        certs::unix_now(),
+        tls::unix_now(),
         std::time::Duration::from_secs(3600),
     )
     .unwrap();

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nanogate_operator::hub::{self, AgentIdentity, Authenticator, Denial, Hub, HubConfig};
+use nanogate_operator::shutdown;
 use nanogate_tests::agent::{Agent, AgentConfig, agent_bin};
 use nanogate_tests::platform::PlatformServer;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 
 const TOKEN: &str = "projected-token-of-pod-1";
 
@@ -38,27 +38,27 @@ struct TestHub {
     hub: Arc<Hub>,
     addr: std::net::SocketAddr,
     ca_file: std::path::PathBuf,
-    _stop: watch::Sender<bool>,
+    _stop: shutdown::Trigger,
 }
 
 async fn start_hub(dir: &std::path::Path) -> Result<TestHub> {
-    let bundle = nanogate_operator::certs::generate_bundle(
+    let bundle = nanogate_operator::tls::generate_bundle(
         &["127.0.0.1".to_string()],
-        nanogate_operator::certs::unix_now(),
+        nanogate_operator::tls::unix_now(),
         Duration::from_secs(3600),
         Duration::from_secs(3600),
     )?;
     let ca_file = dir.join("hub-ca.crt");
     std::fs::write(&ca_file, &bundle.ca_cert_pem)?;
-    let resolver = Arc::new(nanogate_operator::webhook::CertResolver::from_pem(
+    let resolver = Arc::new(nanogate_operator::tls::CertResolver::from_pem(
         &bundle.cert_pem,
         &bundle.key_pem,
     )?);
-    let tls = tokio_rustls::TlsAcceptor::from(nanogate_operator::webhook::tls_config(resolver));
+    let tls = tokio_rustls::TlsAcceptor::from(nanogate_operator::tls::tls_config(resolver));
     let hub = Hub::new(HubConfig::default(), &prometheus::Registry::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = shutdown::channel();
     tokio::spawn(hub::serve(
         listener,
         tls,

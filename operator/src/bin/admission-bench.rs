@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use nanogate_operator::certs;
+use nanogate_operator::tls::{self, CertResolver};
 use nanogate_operator::webhook::{
-    self, CertResolver, InjectionConfig, InjectorSettings, KeyRef, StaticLookup, WebhookState,
+    self, InjectionConfig, InjectorSettings, KeyRef, StaticLookup, WebhookState,
 };
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -114,9 +114,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2./3. Through the rustls server on loopback.
     let sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let bundle = certs::generate_bundle(
+    let bundle = tls::generate_bundle(
         &sans,
-        certs::unix_now(),
+        tls::unix_now(),
         Duration::from_secs(86_400),
         Duration::from_secs(3_600),
     )?;
@@ -126,7 +126,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(webhook::serve(
         listener,
         webhook::router(state.clone()),
-        webhook::tls_config(resolver),
+        tls::tls_config(resolver),
         std::future::pending(),
     ));
     let mut roots = rustls::RootCertStore::empty();

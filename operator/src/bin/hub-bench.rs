@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nanogate_operator::hub::{self, AgentIdentity, Authenticator, Denial, Hub, HubConfig};
-use nanogate_operator::webhook::{CertResolver, tls_config};
+use nanogate_operator::tls::{CertResolver, tls_config};
 use nanogate_protocol::control::{
     AgentStatus, FrameDecoder, Heartbeat, Message, UpstreamHealth, encode, to_value,
 };
@@ -103,7 +103,7 @@ async fn serve_hub(opts: Options) -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let registry = prometheus::Registry::new();
     let hub = Hub::new(HubConfig::default(), &registry);
-    let (_stop, stopped) = watch::channel(false);
+    let (_stop, stopped) = nanogate_operator::shutdown::channel();
     println!("{}", listener.local_addr()?.port());
     println!("{}", cert.pem().replace('\n', "|"));
     tokio::spawn(hub::serve(

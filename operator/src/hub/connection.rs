@@ -19,6 +19,7 @@ use super::auth::Authenticator;
 use super::index::AgentIdentity;
 use super::left_behind::Report;
 use super::{Hub, HubMetrics};
+use crate::shutdown::Shutdown;
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
@@ -94,7 +95,7 @@ pub async fn serve<S, A>(
     peer: String,
     hub: Arc<Hub>,
     auth: Arc<A>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) -> Closed
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -299,7 +300,7 @@ where
                 let _ = send(&mut writer, &Message::Bye { reason: "ping timeout".into() }).await;
                 break Closed::PongTimeout;
             }
-            _ = shutdown.changed() => {
+            _ = shutdown.wait() => {
                 let _ = send(&mut writer, &Message::Bye { reason: "hub shutting down".into() }).await;
                 break Closed::Shutdown;
             }

@@ -13,11 +13,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Hub, stopped};
+use super::Hub;
 use crate::names::{APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, SIDECAR_NAME};
+use crate::shutdown::Shutdown;
 
 /// A drain is re-sent at most this often per pod (the agent may be reconnecting).
 const RESEND: Duration = Duration::from_secs(10);
@@ -65,14 +65,14 @@ pub fn apps_done(pod: &Pod) -> bool {
 
 /// Watches pods until `shutdown`; drains the sidecars whose apps are done (leader only: the
 /// agents are connected to it).
-pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: Shutdown) {
     let mut sent: HashMap<String, Instant> = HashMap::new();
     let pods = watcher(Api::<Pod>::all(client), watcher::Config::default());
     let mut pods = std::pin::pin!(pods);
     loop {
         let event = tokio::select! {
             event = pods.next() => event,
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.wait() => return,
         };
         let pod = match event {
             Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,

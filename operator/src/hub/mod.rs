@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
+use crate::shutdown::Shutdown;
+
 pub use auth::{Authenticator, Denial, TokenReviewAuthenticator};
 pub use connection::{Closed, OutboundRequest};
 pub use index::{AgentIdentity, FleetHealth, HealthIndex};
@@ -244,7 +246,7 @@ pub async fn serve<A: Authenticator>(
     tls: TlsAcceptor,
     hub: Arc<Hub>,
     auth: Arc<A>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -256,7 +258,7 @@ pub async fn serve<A: Authenticator>(
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.wait() => return,
         };
         let _ = tcp.set_nodelay(true);
         let (tls, hub, auth, shutdown) = (tls.clone(), hub.clone(), auth.clone(), shutdown.clone());
@@ -288,9 +290,3 @@ pub async fn serve<A: Authenticator>(
 
 #[cfg(test)]
 mod tests;
-
-/// Resolves once `shutdown` holds true (or its sender is gone). Returns nothing, so no
-/// non-`Send` watch guard ends up inside a `select!` of a spawned task.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}

@@ -19,16 +19,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::index::FleetHealth;
-use super::{Hub, left_behind, stopped};
+use super::{Hub, left_behind};
 use crate::crd::{
     AgentGateway, AgentGatewayStatus, LeftBehindStats, MessageStats, SidecarCounts,
     UnhealthySidecar, UpstreamStatus, conditions, parse_duration,
 };
 use crate::gateway::ValidatedGateway;
+use crate::shutdown::Shutdown;
 use crate::status::{self, set_condition};
 
 /// Default pause between status passes (the architecture's "at most every few seconds").
@@ -275,7 +275,7 @@ pub async fn run(
     interval: Duration,
     writes: IntCounter,
     leader: IntGauge,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let gateways: Api<AgentGateway> = Api::all(client.clone());
     let recorder = kube::runtime::events::Recorder::new(
@@ -292,7 +292,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.wait() => return,
         }
         if leader.get() != 1 {
             continue;

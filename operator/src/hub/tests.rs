@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::{self, Trigger};
 use nanogate_protocol::control::{AgentStatus, FrameDecoder, Message, encode, to_value};
 use prometheus::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::watch;
 
 use super::index::tests::{heartbeat, identity};
 use super::*;
@@ -57,9 +57,9 @@ impl Agent {
     }
 }
 
-fn start(hub: &Arc<Hub>) -> (Agent, tokio::task::JoinHandle<Closed>, watch::Sender<bool>) {
+fn start(hub: &Arc<Hub>) -> (Agent, tokio::task::JoinHandle<Closed>, Trigger) {
     let (client, server) = tokio::io::duplex(64 * 1024);
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = shutdown::channel();
     let task = tokio::spawn(connection::serve(
         server,
         "test".into(),

@@ -6,8 +6,8 @@
 //! Glue for the operator:
 //! ```ignore
 //! let state = WebhookState::new(lookup, validator, InjectorSettings::new(&ns), &registry)?;
-//! let resolver = Arc::new(CertResolver::from_pem(&cert_pem, &key_pem)?);
-//! let tls = server::tls_config(resolver.clone());
+//! let resolver = Arc::new(tls::CertResolver::from_pem(&cert_pem, &key_pem)?);
+//! let tls = tls::tls_config(resolver.clone());
 //! server::serve(TcpListener::bind(addr).await?, router(state), tls, shutdown).await?;
 //! ```
 
@@ -34,7 +34,7 @@ pub use inject::{
     KeyToPath, NativeSidecarMode, SecretMount, SidecarResources, SkipReason, inject,
     supports_native_sidecars,
 };
-pub use server::{CertResolver, serve, tls_config};
+pub use server::serve;
 
 /// What `/mutate` needs to know about a namespace. The operator backs it with reflector
 /// stores (Namespaces and AgentGateways); tests use fixed maps. Calls must be cheap and must

@@ -1,24 +1,15 @@
-//! HTTPS for the webhooks: rustls with a certificate that can be replaced while serving.
-//!
-//! rustls asks the [`CertResolver`] for a certificate on every handshake, so
-//! [`CertResolver::set_pem`] takes effect for the next handshake without closing anything:
-//! connections already open keep the certificate they negotiated (still valid — rotation
-//! happens long before expiry), new ones get the new one. No handshake ever fails for lack of
-//! a certificate, which is what "zero failed admissions during rotation" needs.
+//! HTTPS for the webhooks: each connection is its own task on a rustls acceptor whose
+//! certificate comes from [`crate::tls::CertResolver`], so a renewal needs no restart.
 
 use std::future::Future;
 use std::io;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
-use rustls::crypto::ring;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -35,69 +26,6 @@ pub enum TlsError {
     Pem(#[from] io::Error),
     #[error("unusable private key: {0}")]
     Key(#[from] rustls::Error),
-}
-
-/// The serving certificate, swappable at runtime.
-#[derive(Debug)]
-pub struct CertResolver {
-    // A lock, not an atomic swap crate: reads are one Arc clone per handshake and writes
-    // happen once per rotation, so contention is negligible.
-    current: RwLock<Arc<CertifiedKey>>,
-}
-
-impl CertResolver {
-    pub fn from_pem(cert_chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        Ok(Self {
-            current: RwLock::new(Arc::new(certified_key(cert_chain_pem, key_pem)?)),
-        })
-    }
-
-    /// Replace the certificate for subsequent handshakes. On error the old one stays.
-    pub fn set_pem(&self, cert_chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
-        let key = Arc::new(certified_key(cert_chain_pem, key_pem)?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
-        Ok(())
-    }
-
-    /// DER of the leaf certificate currently served.
-    pub fn current_leaf(&self) -> CertificateDer<'static> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).cert[0].clone()
-    }
-}
-
-impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
-    }
-}
-
-fn certified_key(cert_chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut cert_chain_pem.as_bytes()).collect::<Result<_, _>>()?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate);
-    }
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut key_pem.as_bytes())?.ok_or(TlsError::NoPrivateKey)?;
-    let signing_key = ring::sign::any_supported_type(&key)?;
-    Ok(CertifiedKey::new(certs, signing_key))
-}
-
-/// A rustls server config (ring, TLS 1.2/1.3, HTTP/1.1) that takes its certificate from
-/// `resolver`.
-pub fn tls_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
 }
 
 /// Serve `router` over TLS on `listener` until `shutdown` completes. Each connection is its
