@@ -200,7 +200,7 @@ struct Running {
 impl Running {
     fn start(ctx: Arc<controller::Context>) -> Self {
         let (stop, stopped) = shutdown::channel();
-        let task = tokio::spawn(controller::run(ctx, stopped.into_future()));
+        let task = tokio::spawn(controller::run(ctx, stopped.fired()));
         Self { stop, task }
     }
 
@@ -239,7 +239,7 @@ pub async fn run_with_client(
             metrics: metrics.clone(),
             ready: ready.clone(),
         },
-        admin_stopped.into_future(),
+        admin_stopped.fired(),
     ));
     ready.store(true, Ordering::Relaxed);
 

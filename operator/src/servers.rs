@@ -290,7 +290,7 @@ pub async fn start(
                 cert_cfg,
                 bundle,
                 resolver.clone(),
-                shutdown.clone().into_future(),
+                shutdown.clone().fired(),
             ));
             (resolver, ca_pem)
         }
@@ -325,7 +325,7 @@ pub async fn start(
             .with_context(|| format!("binding the webhook on {addr}"))?;
         let bound = listener.local_addr()?;
         info!(addr = %bound, "admission webhook listening");
-        let stop = shutdown.clone().into_future();
+        let stop = shutdown.clone().fired();
         let tls = tls.clone();
         tokio::spawn(async move {
             let served = webhook::serve(listener, webhook::router(state), tls, stop).await;

@@ -2,8 +2,6 @@
 //! returns once it fires; its owner keeps the [`Trigger`]. Dropping the trigger fires it
 //! too, so a task never outlives the code that started it.
 
-use std::future::Future;
-
 use tokio::sync::watch;
 
 /// Fires the [`Shutdown`]s made with it.
@@ -35,8 +33,8 @@ impl Shutdown {
     }
 
     /// [`Shutdown::wait`] as an owned future, for APIs that take one (servers, the controller).
-    pub fn into_future(mut self) -> impl Future<Output = ()> + Send + 'static {
-        async move { self.wait().await }
+    pub async fn fired(mut self) {
+        self.wait().await
     }
 }
 
@@ -60,7 +58,7 @@ mod tests {
 
         let (trigger, shutdown) = channel();
         drop(trigger);
-        tokio::time::timeout(Duration::from_secs(5), shutdown.into_future())
+        tokio::time::timeout(Duration::from_secs(5), shutdown.fired())
             .await
             .unwrap();
     }
