@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
+
 /// Where and how to reach the hub. Defaults follow the architecture (3 s hello, 30 s/5 s ping).
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -162,7 +164,7 @@ pub async fn run<H: ControlHandler>(
     mut outbox: Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut attempt: u32 = 0;
+    let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
     loop {
         let result = tokio::select! {
             result = connect_and_serve(&cfg, handler.clone(), &mut outbox, shutdown.clone()) => result,
@@ -173,16 +175,15 @@ pub async fn run<H: ControlHandler>(
             Ok(Ended::Bye(reason)) => {
                 warn!(%reason, hub = %cfg.hub_addr, "hub closed the control channel");
                 if reason != "authentication failed" {
-                    attempt = 0;
+                    backoff.reset();
                 }
             }
             Err(error) => {
                 warn!(error = %format!("{error:#}"), hub = %cfg.hub_addr, "control channel failed")
             }
         }
-        attempt = attempt.saturating_add(1);
-        let delay = full_jitter(cfg.backoff_initial, cfg.backoff_max, attempt);
-        debug!(?delay, attempt, "reconnecting to the hub");
+        let delay = backoff.next_delay();
+        debug!(?delay, "reconnecting to the hub");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stopped(&mut shutdown) => return,
@@ -192,12 +193,6 @@ pub async fn run<H: ControlHandler>(
 
 /// After its `Bye` at shutdown, how long the agent waits for the hub to close the connection.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Full-jitter exponential backoff: uniform in [0, min(max, initial·2^attempt)].
-fn full_jitter(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let cap = initial.saturating_mul(1u32 << attempt.min(16)).min(max);
-    cap.mul_f64(rand::random::<f64>())
-}
 
 async fn connect_and_serve<H: ControlHandler>(
     cfg: &ControlConfig,
@@ -713,15 +708,5 @@ mod tests {
             left_behind(5)
         );
         assert!(queued.await.unwrap());
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        for attempt in 0..40 {
-            assert!(
-                full_jitter(Duration::from_millis(250), Duration::from_secs(30), attempt)
-                    <= Duration::from_secs(30)
-            );
-        }
     }
 }
