@@ -38,7 +38,8 @@ pub struct ControlConfig {
     pub hello_timeout: Duration,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
-    /// Reconnect backoff bounds (full jitter).
+    /// Reconnect backoff ([`Backoff::spaced`]): no wait is shorter than `backoff_initial`;
+    /// waits double while the hub keeps refusing, up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -153,7 +154,11 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// Why one connection ended.
 #[derive(Debug)]
 pub enum Ended {
-    Bye(String),
+    /// The hub said `Bye`: in place of ManagerHello (a refusal) or later in the session.
+    Bye {
+        reason: String,
+        after_hello: bool,
+    },
     Shutdown,
 }
 
@@ -164,7 +169,9 @@ pub async fn run<H: ControlHandler>(
     mut outbox: Outbox,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
+    // Spaced: a hub that refuses at once (not the leader, authentication failed) is redialled
+    // no sooner than `backoff_initial`, and ever more slowly while it keeps refusing.
+    let mut backoff = Backoff::spaced(cfg.backoff_initial, cfg.backoff_max);
     loop {
         let result = tokio::select! {
             result = connect_and_serve(&cfg, handler.clone(), &mut outbox, shutdown.clone()) => result,
@@ -172,9 +179,16 @@ pub async fn run<H: ControlHandler>(
         };
         match result {
             Ok(Ended::Shutdown) => return,
-            Ok(Ended::Bye(reason)) => {
+            Ok(Ended::Bye {
+                reason,
+                after_hello,
+            }) => {
                 warn!(%reason, hub = %cfg.hub_addr, "hub closed the control channel");
-                if reason != "authentication failed" {
+                // Only a session the hub accepted counts as success. A `Bye` in place of
+                // ManagerHello ("not the leader; reconnect" from a follower, "authentication
+                // failed") is a refusal: resetting on it made every sidecar redial every
+                // 0–500 ms for as long as no replica led.
+                if after_hello {
                     backoff.reset();
                 }
             }
@@ -295,7 +309,12 @@ where
         Ok(Ok(Some(Message::ManagerHello { version }))) => {
             info!(hub = %cfg.hub_addr, %version, "connected to the hub")
         }
-        Ok(Ok(Some(Message::Bye { reason }))) => return Ok(Ended::Bye(reason)),
+        Ok(Ok(Some(Message::Bye { reason }))) => {
+            return Ok(Ended::Bye {
+                reason,
+                after_hello: false,
+            });
+        }
         Ok(Ok(Some(other))) => {
             let _ = send(
                 &mut writer,
@@ -341,7 +360,7 @@ where
                         outstanding_ping = None;
                     }
                 }
-                Some(Message::Bye { reason }) => return Ok(Ended::Bye(reason)),
+                Some(Message::Bye { reason }) => return Ok(Ended::Bye { reason, after_hello: true }),
                 Some(Message::Request { id, method, kwargs, .. }) => {
                     let (handler, answers_tx) = (handler.clone(), answers_tx.clone());
                     tokio::spawn(async move {
@@ -579,7 +598,7 @@ mod tests {
         })
         .await;
         assert!(
-            matches!(agent.await.unwrap(), Ok(Ended::Bye(reason)) if reason == "authentication failed")
+            matches!(agent.await.unwrap(), Ok(Ended::Bye { reason, after_hello: false }) if reason == "authentication failed")
         );
     }
 
