@@ -96,7 +96,7 @@ async fn not_the_leader_is_answered_with_a_growing_backoff() {
     let initial = cfg.backoff_initial;
 
     let (_notifier, outbox) = control::outbox();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = nanogate_sidecar::shutdown::channel();
     let agent = tokio::spawn(control::run(cfg, Arc::new(Refused), outbox, stopped));
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -108,7 +108,7 @@ async fn not_the_leader_is_answered_with_a_growing_backoff() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let _ = stop.send(true);
+    stop.trigger();
     agent.await.unwrap();
 
     let at = attempts.lock().unwrap().clone();

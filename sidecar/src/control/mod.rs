@@ -15,10 +15,11 @@ use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode, to_va
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::shutdown::Shutdown;
 
 /// Where and how to reach the hub. Defaults follow the architecture (3 s hello, 30 s/5 s ping).
 #[derive(Debug, Clone)]
@@ -145,12 +146,6 @@ impl Notifier {
     }
 }
 
-/// Resolves once `shutdown` holds true (or its sender is gone); returns no watch guard, so the
-/// futures that `select!` on it stay `Send`.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// Why one connection ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -162,12 +157,12 @@ pub enum Ended {
     Shutdown,
 }
 
-/// Keeps a hub connection up until `shutdown` flips to true.
+/// Keeps a hub connection up until `shutdown` fires.
 pub async fn run<H: ControlHandler>(
     cfg: ControlConfig,
     handler: Arc<H>,
     mut outbox: Outbox,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     // Spaced: a hub that refuses at once (not the leader, authentication failed) is redialled
     // no sooner than `backoff_initial`, and ever more slowly while it keeps refusing.
@@ -175,7 +170,7 @@ pub async fn run<H: ControlHandler>(
     loop {
         let result = tokio::select! {
             result = connect_and_serve(&cfg, handler.clone(), &mut outbox, shutdown.clone()) => result,
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.triggered() => return,
         };
         match result {
             Ok(Ended::Shutdown) => return,
@@ -200,7 +195,7 @@ pub async fn run<H: ControlHandler>(
         debug!(?delay, "reconnecting to the hub");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.triggered() => return,
         }
     }
 }
@@ -212,7 +207,7 @@ async fn connect_and_serve<H: ControlHandler>(
     cfg: &ControlConfig,
     handler: Arc<H>,
     outbox: &mut Outbox,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Ended> {
     let token = std::fs::read_to_string(&cfg.token_file)
         .with_context(|| format!("reading the hub token {}", cfg.token_file.display()))?;
@@ -283,7 +278,7 @@ pub async fn serve<S, H>(
     token: &str,
     handler: Arc<H>,
     outbox: &mut Outbox,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -397,7 +392,7 @@ where
                 let _ = send(&mut writer, &Message::Bye { reason: "ping timeout".into() }).await;
                 bail!("hub did not answer a ping within {:?}", cfg.pong_timeout);
             }
-            _ = stopped(&mut shutdown) => {
+            _ = shutdown.triggered() => {
                 if send(&mut writer, &Message::Bye { reason: "agent shutting down".into() }).await.is_ok() {
                     // Wait (briefly) for the hub to close in answer: it then has read every
                     // frame before the Bye, e.g. a `left_behind` sent just before. Closing
@@ -494,7 +489,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = crate::shutdown::channel();
         let h = handler.clone();
         let (_notifier, mut outbox) = outbox();
         let agent =
@@ -566,7 +561,7 @@ mod tests {
         }
         assert!(tokio::time::Instant::now() - before <= Duration::from_secs(5));
 
-        stop.send(true).unwrap();
+        stop.trigger();
         assert_eq!(
             hub.recv().await,
             Some(Message::Bye {
@@ -583,7 +578,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (_stop, stopped) = watch::channel(false);
+        let (_stop, stopped) = crate::shutdown::channel();
         let (_notifier, mut outbox) = outbox();
         let agent = tokio::spawn(async move {
             serve(agent_side, &cfg, "bad", handler, &mut outbox, stopped).await
@@ -641,7 +636,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = crate::shutdown::channel();
         let (notifier, mut outbox) = outbox();
         let agent = tokio::spawn(async move {
             serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await
@@ -663,7 +658,7 @@ mod tests {
         );
         assert!(notified.await.unwrap(), "reported as flushed");
 
-        stop.send(true).unwrap();
+        stop.trigger();
         loop {
             match hub.recv().await {
                 Some(Message::Bye { reason }) => {
@@ -711,7 +706,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (_stop, stopped) = watch::channel(false);
+        let (_stop, stopped) = crate::shutdown::channel();
         tokio::spawn(
             async move { serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await },
         );
