@@ -416,6 +416,7 @@ mod tests {
     use super::*;
     use nanogate_protocol::control::{AgentStatus, UpstreamHealth, from_value};
     use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio::time::Instant;
 
     struct Fake {
         flushes: AtomicU32,
@@ -677,6 +678,96 @@ mod tests {
         assert!(matches!(agent.await.unwrap(), Ok(Ended::Shutdown)));
         // …and no longer.
         assert!(closing.elapsed() < CLOSE_TIMEOUT);
+    }
+
+    /// A hub on a real TLS socket that answers every AgentHello with `Bye{"not the leader;
+    /// reconnect"}` (what an operator replica that lost the election says); returns its
+    /// address, its CA file and when each connection came in.
+    async fn follower_hub(
+        dir: &std::path::Path,
+    ) -> (String, PathBuf, Arc<std::sync::Mutex<Vec<Instant>>>) {
+        let (acceptor, ca_pem) = crate::upstream::tls::self_signed_acceptor("localhost");
+        let ca = dir.join("hub-ca.pem");
+        std::fs::write(&ca, ca_pem).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = attempts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                seen.lock().unwrap().push(Instant::now());
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 4096];
+                let hello = read_frame(&mut tls, &mut FrameDecoder::new(), &mut buf).await;
+                assert!(
+                    matches!(hello, Ok(Some(Message::AgentHello { .. }))),
+                    "the agent opens with AgentHello, got {hello:?}"
+                );
+                let bye = Message::Bye {
+                    reason: "not the leader; reconnect".into(),
+                };
+                let _ = send(&mut tls, &bye).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        (format!("localhost:{port}"), ca, attempts)
+    }
+
+    /// A refused hello is no session: the agent must not redial at once (every attempt costs
+    /// the hub a TLS handshake and an audit line) but back off, ever longer, never under
+    /// `backoff_initial`. Real time and sockets: the waits are short.
+    #[tokio::test]
+    async fn not_the_leader_is_answered_with_a_growing_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub_addr, ca, attempts) = follower_hub(dir.path()).await;
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok").unwrap();
+        let mut cfg = ControlConfig::new(&hub_addr, ca, token, "uid-1");
+        // Short, so five attempts take about a second.
+        cfg.backoff_initial = Duration::from_millis(50);
+        cfg.backoff_max = Duration::from_secs(5);
+        let initial = cfg.backoff_initial;
+        let handler = Arc::new(Fake {
+            flushes: AtomicU32::new(0),
+        });
+        let (_notifier, outbox) = outbox();
+        let (stop, stopped) = crate::shutdown::channel();
+        let agent = tokio::spawn(run(cfg, handler, outbox, stopped));
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while attempts.lock().unwrap().len() < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} attempts in 20 s",
+                attempts.lock().unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.trigger();
+        agent.await.unwrap();
+
+        let at = attempts.lock().unwrap().clone();
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, gap) in gaps.iter().enumerate() {
+            assert!(
+                *gap >= initial,
+                "attempts {} and {} only {gap:?} apart (minimum backoff {initial:?}); gaps {gaps:?}",
+                i + 1,
+                i + 2
+            );
+        }
+        assert!(
+            gaps[3] > gaps[0],
+            "the backoff does not grow: gaps {gaps:?}"
+        );
+        // Doubling from `initial`: the fourth wait is at least 8 × initial, whatever the jitter.
+        assert!(
+            gaps[3] >= initial * 8,
+            "the fourth wait is {:?}, under 8 × {initial:?}; gaps {gaps:?}",
+            gaps[3]
+        );
     }
 
     #[tokio::test(start_paused = true)]
