@@ -11,6 +11,7 @@
 //! - [`metrics`]: the Prometheus registry (`nanogate_sidecar_*`).
 //! - [`backoff`]: the one retry backoff.
 //! - [`health`]: ready, draining, and the upstream circuit breaker.
+//! - [`shutdown`]: the one shutdown signal every task stops on.
 //! - [`system`]: CPU and memory sampling.
 //! - [`spool`]: the durable on-disk queue.
 //! - [`upstream`]: the transports to the platform.
@@ -32,6 +33,7 @@ pub mod backoff;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod shutdown;
 pub mod system;
 
 // Storage and transports.
@@ -173,8 +175,8 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     });
 
     // `stop` ends the background tasks; `drain` tells delivery to empty the spool and return.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (drain_tx, drain_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = shutdown::channel();
+    let (drain_tx, drain_rx) = shutdown::channel();
     let resources = Arc::new(Resources::default());
     tokio::spawn(system::run_resource_sampler(
         resources.clone(),
@@ -185,13 +187,13 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     if !config.spool_sync_interval.is_zero() {
         let spool = spool.clone();
         let every = config.spool_sync_interval;
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.changed() => return,
+                    _ = stop.triggered() => return,
                 }
                 let s = spool.clone();
                 match tokio::task::spawn_blocking(move || s.sync()).await {
@@ -203,8 +205,9 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         });
     }
     let (tuning_tx, tuning_rx) = watch::channel(Tuning::from_config(&config));
-    // `drain` from the hub ends the agent like SIGTERM does.
-    let drain_request = Arc::new(tokio::sync::Notify::new());
+    // `drain` from the hub ends the agent like SIGTERM does. `drain_request` is held to the
+    // end of this function: were every trigger dropped (no hub configured), it would fire.
+    let (drain_request, drain_requested) = shutdown::channel();
     let mut delivery = tokio::spawn(
         Delivery {
             spool: spool.clone(),
@@ -236,8 +239,12 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
             _ => config.msg_check_cache,
         }),
     });
+    // Both listeners stop accepting at the same moment, when this fires.
+    let (stop_accepting, accepting_stopped) = shutdown::channel();
     let tcp = match tcp_server {
-        Some(server) => Some(server.spawn(shared.clone(), &metrics.registry)?),
+        Some(server) => {
+            Some(server.spawn(shared.clone(), &metrics.registry, accepting_stopped.clone())?)
+        }
         None => None,
     };
     let control = if let (Some(hub_addr), Some(ca), Some(agent_id)) =
@@ -271,25 +278,24 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     let shutdown = async move {
         tokio::select! {
             _ = shutdown => {}
-            _ = drain_request.notified() => tracing::info!("drain requested by the hub"),
+            _ = drain_requested.triggered() => tracing::info!("drain requested by the hub"),
         }
+        stop_accepting.trigger();
     };
-    // The TCP listener stops accepting at the same moment as the socket.
-    let tcp_stop = tcp.as_ref().map(ingest::tcp::TcpHandle::stop_signal);
-    let shutdown = async move {
-        shutdown.await;
-        if let Some(stop) = tcp_stop {
-            stop.notify_one();
-        }
-    };
-    ingest::unix::run(listener, shared, config.max_connections, shutdown).await;
+    let serve = ingest::unix::run(listener, shared, config.max_connections, accepting_stopped);
+    tokio::pin!(serve);
+    tokio::select! {
+        // Ended on its own (the listener failed): dropping `shutdown` stops the TCP listener.
+        () = &mut serve => {}
+        () = shutdown => serve.await,
+    }
     if let Some(tcp) = tcp {
-        tcp.stop().await;
+        tcp.stopped().await;
     }
 
     health.draining.store(true, Ordering::Relaxed);
     drop(socket_file);
-    let _ = drain_tx.send(true);
+    drain_tx.trigger();
     tracing::info!(pending = spool.pending_msgs(), deadline = ?config.shutdown_deadline,
         "stopped accepting; delivering what is queued");
     let reason = match tokio::time::timeout(config.shutdown_deadline, &mut delivery).await {
@@ -317,7 +323,8 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         control.as_ref().map(|(notifier, _)| notifier),
     )
     .await;
-    let _ = stop_tx.send(true);
+    stop_tx.trigger();
+    drop(drain_request);
     if let Some((_, task)) = control {
         // The channel says Bye and waits (bounded) for the hub to close; let it finish.
         let bound = control::CLOSE_TIMEOUT + std::time::Duration::from_millis(500);

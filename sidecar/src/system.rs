@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Last CPU/memory sample, shared between the sampler and the sizer.
 #[derive(Debug, Default)]
@@ -121,12 +120,12 @@ fn cgroup_memory() -> Option<(u64, u64)> {
     None
 }
 
-/// Samples CPU and memory every `interval` until `shutdown` flips.
+/// Samples CPU and memory every `interval` until `shutdown` fires.
 pub async fn run_resource_sampler(
     res: Arc<Resources>,
     metrics: Arc<Metrics>,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     const TICKS_PER_SEC: f64 = 100.0; // USER_HZ, 100 on every Linux ABI we run on
     let mut last = (std::time::Instant::now(), cpu_ticks().unwrap_or(0));
@@ -135,7 +134,7 @@ pub async fn run_resource_sampler(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.triggered() => return,
         }
         let now = (std::time::Instant::now(), cpu_ticks().unwrap_or(last.1));
         let secs = now.0.duration_since(last.0).as_secs_f64();

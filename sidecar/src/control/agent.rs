@@ -21,8 +21,8 @@ pub struct AgentControl {
     pub spool: Arc<crate::spool::Spool>,
     /// Live batching knobs read by delivery; `reload` replaces them.
     pub tuning: watch::Sender<crate::delivery::Tuning>,
-    /// `drain` wakes the agent's graceful shutdown (stop accepting, deliver, exit).
-    pub drain: Arc<tokio::sync::Notify>,
+    /// `drain` fires the agent's graceful shutdown (stop accepting, deliver, exit).
+    pub drain: crate::shutdown::ShutdownTrigger,
     pub started: std::time::Instant,
     /// Generation of the configuration in use (changes on reload).
     pub generation: std::sync::atomic::AtomicI64,
@@ -166,7 +166,7 @@ impl ControlHandler for AgentControl {
                 )]))
             }
             "drain" => {
-                self.drain.notify_one();
+                self.drain.trigger();
                 Ok(Value::Map(vec![(
                     Value::from("draining"),
                     Value::from(true),

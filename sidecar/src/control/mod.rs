@@ -15,8 +15,11 @@ use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode, to_va
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::shutdown::Shutdown;
 
 /// Where and how to reach the hub. Defaults follow the architecture (3 s hello, 30 s/5 s ping).
 #[derive(Debug, Clone)]
@@ -36,7 +39,8 @@ pub struct ControlConfig {
     pub hello_timeout: Duration,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
-    /// Reconnect backoff bounds (full jitter).
+    /// Reconnect backoff ([`Backoff::spaced`]): no wait is shorter than `backoff_initial`;
+    /// waits double while the hub keeps refusing, up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -142,50 +146,56 @@ impl Notifier {
     }
 }
 
-/// Resolves once `shutdown` holds true (or its sender is gone); returns no watch guard, so the
-/// futures that `select!` on it stay `Send`.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// Why one connection ended.
 #[derive(Debug)]
 pub enum Ended {
-    Bye(String),
+    /// The hub said `Bye`: in place of ManagerHello (a refusal) or later in the session.
+    Bye {
+        reason: String,
+        after_hello: bool,
+    },
     Shutdown,
 }
 
-/// Keeps a hub connection up until `shutdown` flips to true.
+/// Keeps a hub connection up until `shutdown` fires.
 pub async fn run<H: ControlHandler>(
     cfg: ControlConfig,
     handler: Arc<H>,
     mut outbox: Outbox,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
-    let mut attempt: u32 = 0;
+    // Spaced: a hub that refuses at once (not the leader, authentication failed) is redialled
+    // no sooner than `backoff_initial`, and ever more slowly while it keeps refusing.
+    let mut backoff = Backoff::spaced(cfg.backoff_initial, cfg.backoff_max);
     loop {
         let result = tokio::select! {
             result = connect_and_serve(&cfg, handler.clone(), &mut outbox, shutdown.clone()) => result,
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.triggered() => return,
         };
         match result {
             Ok(Ended::Shutdown) => return,
-            Ok(Ended::Bye(reason)) => {
+            Ok(Ended::Bye {
+                reason,
+                after_hello,
+            }) => {
                 warn!(%reason, hub = %cfg.hub_addr, "hub closed the control channel");
-                if reason != "authentication failed" {
-                    attempt = 0;
+                // Only a session the hub accepted counts as success. A `Bye` in place of
+                // ManagerHello ("not the leader; reconnect" from a follower, "authentication
+                // failed") is a refusal: resetting on it made every sidecar redial every
+                // 0–500 ms for as long as no replica led.
+                if after_hello {
+                    backoff.reset();
                 }
             }
             Err(error) => {
                 warn!(error = %format!("{error:#}"), hub = %cfg.hub_addr, "control channel failed")
             }
         }
-        attempt = attempt.saturating_add(1);
-        let delay = full_jitter(cfg.backoff_initial, cfg.backoff_max, attempt);
-        debug!(?delay, attempt, "reconnecting to the hub");
+        let delay = backoff.next_delay();
+        debug!(?delay, "reconnecting to the hub");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut shutdown) => return,
+            _ = shutdown.triggered() => return,
         }
     }
 }
@@ -193,17 +203,11 @@ pub async fn run<H: ControlHandler>(
 /// After its `Bye` at shutdown, how long the agent waits for the hub to close the connection.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Full-jitter exponential backoff: uniform in [0, min(max, initial·2^attempt)].
-fn full_jitter(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let cap = initial.saturating_mul(1u32 << attempt.min(16)).min(max);
-    cap.mul_f64(rand::random::<f64>())
-}
-
 async fn connect_and_serve<H: ControlHandler>(
     cfg: &ControlConfig,
     handler: Arc<H>,
     outbox: &mut Outbox,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Ended> {
     let token = std::fs::read_to_string(&cfg.token_file)
         .with_context(|| format!("reading the hub token {}", cfg.token_file.display()))?;
@@ -274,7 +278,7 @@ pub async fn serve<S, H>(
     token: &str,
     handler: Arc<H>,
     outbox: &mut Outbox,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Ended>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -300,7 +304,12 @@ where
         Ok(Ok(Some(Message::ManagerHello { version }))) => {
             info!(hub = %cfg.hub_addr, %version, "connected to the hub")
         }
-        Ok(Ok(Some(Message::Bye { reason }))) => return Ok(Ended::Bye(reason)),
+        Ok(Ok(Some(Message::Bye { reason }))) => {
+            return Ok(Ended::Bye {
+                reason,
+                after_hello: false,
+            });
+        }
         Ok(Ok(Some(other))) => {
             let _ = send(
                 &mut writer,
@@ -346,7 +355,7 @@ where
                         outstanding_ping = None;
                     }
                 }
-                Some(Message::Bye { reason }) => return Ok(Ended::Bye(reason)),
+                Some(Message::Bye { reason }) => return Ok(Ended::Bye { reason, after_hello: true }),
                 Some(Message::Request { id, method, kwargs, .. }) => {
                     let (handler, answers_tx) = (handler.clone(), answers_tx.clone());
                     tokio::spawn(async move {
@@ -383,7 +392,7 @@ where
                 let _ = send(&mut writer, &Message::Bye { reason: "ping timeout".into() }).await;
                 bail!("hub did not answer a ping within {:?}", cfg.pong_timeout);
             }
-            _ = stopped(&mut shutdown) => {
+            _ = shutdown.triggered() => {
                 if send(&mut writer, &Message::Bye { reason: "agent shutting down".into() }).await.is_ok() {
                     // Wait (briefly) for the hub to close in answer: it then has read every
                     // frame before the Bye, e.g. a `left_behind` sent just before. Closing
@@ -407,6 +416,7 @@ mod tests {
     use super::*;
     use nanogate_protocol::control::{AgentStatus, UpstreamHealth, from_value};
     use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio::time::Instant;
 
     struct Fake {
         flushes: AtomicU32,
@@ -480,7 +490,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = crate::shutdown::channel();
         let h = handler.clone();
         let (_notifier, mut outbox) = outbox();
         let agent =
@@ -552,7 +562,7 @@ mod tests {
         }
         assert!(tokio::time::Instant::now() - before <= Duration::from_secs(5));
 
-        stop.send(true).unwrap();
+        stop.trigger();
         assert_eq!(
             hub.recv().await,
             Some(Message::Bye {
@@ -569,7 +579,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (_stop, stopped) = watch::channel(false);
+        let (_stop, stopped) = crate::shutdown::channel();
         let (_notifier, mut outbox) = outbox();
         let agent = tokio::spawn(async move {
             serve(agent_side, &cfg, "bad", handler, &mut outbox, stopped).await
@@ -584,7 +594,7 @@ mod tests {
         })
         .await;
         assert!(
-            matches!(agent.await.unwrap(), Ok(Ended::Bye(reason)) if reason == "authentication failed")
+            matches!(agent.await.unwrap(), Ok(Ended::Bye { reason, after_hello: false }) if reason == "authentication failed")
         );
     }
 
@@ -627,7 +637,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = crate::shutdown::channel();
         let (notifier, mut outbox) = outbox();
         let agent = tokio::spawn(async move {
             serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await
@@ -649,7 +659,7 @@ mod tests {
         );
         assert!(notified.await.unwrap(), "reported as flushed");
 
-        stop.send(true).unwrap();
+        stop.trigger();
         loop {
             match hub.recv().await {
                 Some(Message::Bye { reason }) => {
@@ -668,6 +678,96 @@ mod tests {
         assert!(matches!(agent.await.unwrap(), Ok(Ended::Shutdown)));
         // …and no longer.
         assert!(closing.elapsed() < CLOSE_TIMEOUT);
+    }
+
+    /// A hub on a real TLS socket that answers every AgentHello with `Bye{"not the leader;
+    /// reconnect"}` (what an operator replica that lost the election says); returns its
+    /// address, its CA file and when each connection came in.
+    async fn follower_hub(
+        dir: &std::path::Path,
+    ) -> (String, PathBuf, Arc<std::sync::Mutex<Vec<Instant>>>) {
+        let (acceptor, ca_pem) = crate::upstream::tls::self_signed_acceptor("localhost");
+        let ca = dir.join("hub-ca.pem");
+        std::fs::write(&ca, ca_pem).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = attempts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                seen.lock().unwrap().push(Instant::now());
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 4096];
+                let hello = read_frame(&mut tls, &mut FrameDecoder::new(), &mut buf).await;
+                assert!(
+                    matches!(hello, Ok(Some(Message::AgentHello { .. }))),
+                    "the agent opens with AgentHello, got {hello:?}"
+                );
+                let bye = Message::Bye {
+                    reason: "not the leader; reconnect".into(),
+                };
+                let _ = send(&mut tls, &bye).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        (format!("localhost:{port}"), ca, attempts)
+    }
+
+    /// A refused hello is no session: the agent must not redial at once (every attempt costs
+    /// the hub a TLS handshake and an audit line) but back off, ever longer, never under
+    /// `backoff_initial`. Real time and sockets: the waits are short.
+    #[tokio::test]
+    async fn not_the_leader_is_answered_with_a_growing_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub_addr, ca, attempts) = follower_hub(dir.path()).await;
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok").unwrap();
+        let mut cfg = ControlConfig::new(&hub_addr, ca, token, "uid-1");
+        // Short, so five attempts take about a second.
+        cfg.backoff_initial = Duration::from_millis(50);
+        cfg.backoff_max = Duration::from_secs(5);
+        let initial = cfg.backoff_initial;
+        let handler = Arc::new(Fake {
+            flushes: AtomicU32::new(0),
+        });
+        let (_notifier, outbox) = outbox();
+        let (stop, stopped) = crate::shutdown::channel();
+        let agent = tokio::spawn(run(cfg, handler, outbox, stopped));
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while attempts.lock().unwrap().len() < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} attempts in 20 s",
+                attempts.lock().unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.trigger();
+        agent.await.unwrap();
+
+        let at = attempts.lock().unwrap().clone();
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, gap) in gaps.iter().enumerate() {
+            assert!(
+                *gap >= initial,
+                "attempts {} and {} only {gap:?} apart (minimum backoff {initial:?}); gaps {gaps:?}",
+                i + 1,
+                i + 2
+            );
+        }
+        assert!(
+            gaps[3] > gaps[0],
+            "the backoff does not grow: gaps {gaps:?}"
+        );
+        // Doubling from `initial`: the fourth wait is at least 8 × initial, whatever the jitter.
+        assert!(
+            gaps[3] >= initial * 8,
+            "the fourth wait is {:?}, under 8 × {initial:?}; gaps {gaps:?}",
+            gaps[3]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -697,7 +797,7 @@ mod tests {
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (_stop, stopped) = watch::channel(false);
+        let (_stop, stopped) = crate::shutdown::channel();
         tokio::spawn(
             async move { serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await },
         );
@@ -713,15 +813,5 @@ mod tests {
             left_behind(5)
         );
         assert!(queued.await.unwrap());
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        for attempt in 0..40 {
-            assert!(
-                full_jitter(Duration::from_millis(250), Duration::from_secs(30), attempt)
-                    <= Duration::from_secs(30)
-            );
-        }
     }
 }

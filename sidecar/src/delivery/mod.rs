@@ -17,6 +17,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use crate::backoff::Backoff;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::spool::{PendingBatch, Spool};
 use crate::system::Resources;
 use crate::upstream::{Batch, Upstream, UpstreamError};
@@ -61,18 +62,16 @@ pub struct Delivery<U: Upstream> {
 }
 
 impl<U: Upstream> Delivery<U> {
-    /// Runs until `drain` flips to true and the spool is empty. While draining, partial batches
+    /// Runs until `drain` fires and the spool is empty. While draining, partial batches
     /// go out at once. The caller bounds draining with its shutdown deadline.
-    pub async fn run(self, mut drain: watch::Receiver<bool>) {
+    pub async fn run(self, drain: Shutdown) {
         let mut reader = self.spool.reader();
         let mut batch = PendingBatch::default();
         let mut first_seen: Option<Instant> = None;
         let mut last_send: Option<Instant> = None;
-        let mut draining = *drain.borrow();
+        let mut draining = false;
         loop {
-            if !draining && (drain.has_changed().unwrap_or(true)) {
-                draining = *drain.borrow_and_update() || drain.has_changed().is_err();
-            }
+            draining = draining || drain.is_triggered();
             let tuning = self.tuning.borrow().clone();
             let plan = tuning.sizer.plan(
                 self.spool.pending_msgs(),
@@ -94,7 +93,7 @@ impl<U: Upstream> Delivery<U> {
                 }
                 tokio::select! {
                     _ = self.spool.appended() => {}
-                    r = drain.changed() => { draining = r.is_err() || *drain.borrow(); }
+                    _ = drain.triggered() => { draining = true; }
                 }
                 continue;
             }
@@ -106,7 +105,7 @@ impl<U: Upstream> Delivery<U> {
                         tokio::select! {
                             _ = self.spool.appended() => continue,
                             _ = sleep_until(deadline) => {}
-                            r = drain.changed() => { draining = r.is_err() || *drain.borrow(); continue; }
+                            _ = drain.triggered() => { draining = true; continue; }
                         }
                     }
                 } else if let Some(last) = last_send {
@@ -370,7 +369,7 @@ mod tests {
         let up = Arc::new(Recorder::default());
         *up.start.lock().unwrap() = Some(Instant::now());
         let (spool, d) = setup(dir.path(), up.clone());
-        let (_tx, rx) = watch::channel(false);
+        let (_tx, rx) = crate::shutdown::channel();
         tokio::spawn(d.run(rx));
         // One message every 100 ms: never fills a batch of 10 within 250 ms.
         for _ in 0..5 {
@@ -395,7 +394,7 @@ mod tests {
         *up.start.lock().unwrap() = Some(Instant::now());
         let (spool, d) = setup(dir.path(), up.clone());
         append(&spool, 1000);
-        let (_tx, rx) = watch::channel(false);
+        let (_tx, rx) = crate::shutdown::channel();
         tokio::spawn(d.run(rx));
         sleep(Duration::from_secs(5)).await;
         let got = up.batches.lock().unwrap().clone();
@@ -415,7 +414,7 @@ mod tests {
         let (spool, d) = setup(dir.path(), up.clone());
         let health = d.health.clone();
         append(&spool, 10);
-        let (_tx, rx) = watch::channel(false);
+        let (_tx, rx) = crate::shutdown::channel();
         tokio::spawn(d.run(rx));
         sleep(Duration::from_secs(10)).await;
         let got = up.batches.lock().unwrap().clone();
@@ -517,11 +516,16 @@ mod tests {
         dir: &std::path::Path,
         up: Arc<Scripted>,
         n: usize,
-    ) -> (Arc<Spool>, Arc<Metrics>, Arc<Health>, watch::Sender<bool>) {
+    ) -> (
+        Arc<Spool>,
+        Arc<Metrics>,
+        Arc<Health>,
+        crate::shutdown::ShutdownTrigger,
+    ) {
         let (spool, d) = setup(dir, up);
         let (metrics, health) = (d.metrics.clone(), d.health.clone());
         append(&spool, n);
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = crate::shutdown::channel();
         tokio::spawn(d.run(rx));
         (spool, metrics, health, tx)
     }

@@ -17,7 +17,6 @@
 //! are limited to [`tcp::AUTH_MAX_FRAME`]. Configuration validation refuses a non-loopback
 //! address without a token and TLS.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +27,7 @@ use nanogate_protocol::tcp::{self, Decoded, FrameDecoder, FrameError, FrameKind}
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +35,7 @@ use tokio_rustls::TlsAcceptor;
 use super::unix::Shared;
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
+use crate::shutdown::{self, Shutdown};
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;
 
@@ -172,22 +172,15 @@ pub struct TcpServer {
     settings: TcpSettings,
 }
 
-/// A serving TCP listener; [`TcpHandle::stop`] ends it.
+/// A serving TCP listener; it stops when the [`Shutdown`] it was spawned with fires.
 pub struct TcpHandle {
-    stop: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
 impl TcpHandle {
-    /// Notified once, it makes the listener stop accepting and tell its connections to close
-    /// (so the agent can stop both listeners at the same moment).
-    pub fn stop_signal(&self) -> Arc<Notify> {
-        self.stop.clone()
-    }
-
-    /// Stops accepting, tells connections to close and waits briefly for them.
-    pub async fn stop(self) {
-        self.stop.notify_one();
+    /// Waits until the listener has stopped: after its shutdown fired, it stops accepting,
+    /// tells connections to close and waits briefly for them.
+    pub async fn stopped(self) {
         let _ = self.task.await;
     }
 }
@@ -253,30 +246,23 @@ impl TcpServer {
         self.listener.local_addr()
     }
 
-    /// Serves in a background task, publishing through `shared` (the app socket's own).
+    /// Serves in a background task, publishing through `shared` (the app socket's own), until
+    /// `shutdown` fires.
     pub fn spawn<U: Upstream>(
         self,
         shared: Arc<Shared<U>>,
         registry: &Registry,
+        shutdown: Shutdown,
     ) -> anyhow::Result<TcpHandle> {
         let metrics = Arc::new(TcpMetrics::register(registry)?);
-        let stop = Arc::new(Notify::new());
-        let stopped = stop.clone();
         let ingest = Arc::new(Ingest::from(&*shared));
-        let task = tokio::spawn(self.run(ingest, metrics, async move {
-            stopped.notified().await;
-        }));
-        Ok(TcpHandle { stop, task })
+        let task = tokio::spawn(self.run(ingest, metrics, shutdown));
+        Ok(TcpHandle { task })
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, tells connections to close
+    /// Serves until `shutdown` fires, then stops accepting, tells connections to close
     /// (what they already read is committed to the spool) and waits briefly for them.
-    pub async fn run(
-        self,
-        shared: Arc<Ingest>,
-        metrics: Arc<TcpMetrics>,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    pub async fn run(self, shared: Arc<Ingest>, metrics: Arc<TcpMetrics>, shutdown: Shutdown) {
         let TcpServer {
             listener,
             tls,
@@ -286,7 +272,8 @@ impl TcpServer {
         // Caps concurrent connections; further peers wait in the kernel's accept backlog.
         let limit = Arc::new(Semaphore::new(settings.max_connections));
         // Connections watch this to say `close` and end when the agent shuts down.
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = shutdown::channel();
+        let shutdown = shutdown.triggered();
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -341,7 +328,7 @@ impl TcpServer {
             });
         }
         drop(listener);
-        let _ = stop_tx.send(true);
+        stop_tx.trigger();
         let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
         if timeout(CONNECTION_DRAIN, limit.acquire_many(all))
             .await
@@ -406,7 +393,7 @@ struct Connection {
 
 impl Connection {
     /// Serves one connection; returns why it ended (`disconnects_total{reason}`).
-    async fn serve<S>(&self, stream: S, mut stop: watch::Receiver<bool>) -> &'static str
+    async fn serve<S>(&self, stream: S, stop: Shutdown) -> &'static str
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -428,7 +415,7 @@ impl Connection {
         let dead = tokio::time::sleep(dead_after);
         tokio::pin!(dead);
         let reason = loop {
-            if *stop.borrow_and_update() {
+            if stop.is_triggered() {
                 tcp::write_close(&mut out, None, "shutting down", now_ms());
                 break "shutdown";
             }
@@ -460,7 +447,7 @@ impl Connection {
                     tcp::write_close(&mut out, None, &why, now_ms());
                     break "keepalive_timeout";
                 }
-                _ = stop.changed() => {
+                _ = stop.triggered() => {
                     tcp::write_close(&mut out, None, "shutting down", now_ms());
                     break "shutdown";
                 }
@@ -671,11 +658,11 @@ mod tests {
     ) -> (
         Reader,
         WriteHalf<DuplexStream>,
-        watch::Sender<bool>,
+        shutdown::ShutdownTrigger,
         JoinHandle<&'static str>,
     ) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = shutdown::channel();
         let task = tokio::spawn(async move { conn.serve(server, stop_rx).await });
         let (rd, wr) = tokio::io::split(client);
         (BufReader::new(rd).lines(), wr, stop_tx, task)
@@ -775,7 +762,7 @@ mod tests {
         assert_eq!(spool.pending_msgs(), 1);
 
         // Shutdown: close "shutting down".
-        stop.send(true).unwrap();
+        stop.trigger();
         let close = frame(&mut rd).await.unwrap();
         assert_eq!(close["payload"]["reason"], "shutting down");
         assert_eq!(task.await.unwrap(), "shutdown");

@@ -15,7 +15,6 @@
 //! yet, `msg_check`, `wait:true`, an error to answer, a spool error, a value still incomplete)
 //! goes to a per-connection task exactly as before, with the bytes already read.
 
-use std::future::Future;
 use std::io::{self, Read as _, Write as _};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
@@ -26,11 +25,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::net::unix::WriteHalf;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::empty_check::EmptyCheckCache;
 use crate::metrics::Metrics;
+use crate::shutdown::{self, Shutdown};
 use crate::spool::{AppendError, RecordBuf, Spool};
 use crate::upstream::Upstream;
 
@@ -74,13 +74,13 @@ struct Held {
     rest: Vec<u8>,
 }
 
-/// Serves `listener` until `shutdown` completes, then stops accepting, tells connections to
+/// Serves `listener` until `shutdown` fires, then stops accepting, tells connections to
 /// finish (what they already read is committed to the spool) and waits briefly for them.
 pub async fn run<U: Upstream>(
     listener: UnixListener,
     shared: Arc<Shared<U>>,
     max_connections: usize,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shutdown,
 ) {
     // The accept loop reads stateless connections itself without registering them with the
     // reactor, so it accepts on the std listener (non-blocking) behind an `AsyncFd`.
@@ -99,8 +99,9 @@ pub async fn run<U: Upstream>(
     // backlog instead of costing memory here.
     let limit = Arc::new(Semaphore::new(max_connections));
     // Connections watch this to stop reading when the agent shuts down.
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = shutdown::channel();
     let mut inline = Inline::new(shared.limits);
+    let shutdown = shutdown.triggered();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -154,7 +155,7 @@ pub async fn run<U: Upstream>(
         }
     }
     drop(listener);
-    let _ = stop_tx.send(true);
+    stop_tx.trigger();
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     if timeout(CONNECTION_DRAIN, limit.acquire_many(all))
         .await
@@ -293,7 +294,7 @@ impl Inline {
 
     /// Appends the burst's records in one write, then closes the connections that sent EOF
     /// and hands the others to tasks. On a spool error every message gets its error reply.
-    fn commit<U: Upstream>(&mut self, shared: &Arc<Shared<U>>, stop: &watch::Receiver<bool>) {
+    fn commit<U: Upstream>(&mut self, shared: &Arc<Shared<U>>, stop: &Shutdown) {
         self.now = None;
         if self.held.is_empty() {
             return;
@@ -359,7 +360,7 @@ fn spawn<U: Upstream>(
     out: Vec<u8>,
     permit: OwnedSemaphorePermit,
     shared: &Arc<Shared<U>>,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) {
     let stream = match tokio::net::UnixStream::from_std(stream) {
         Ok(s) => s,
@@ -385,7 +386,7 @@ fn now_rfc3339() -> String {
 async fn handle<U: Upstream>(
     mut stream: tokio::net::UnixStream,
     shared: &Shared<U>,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
     mut dec: StreamDecoder,
     mut out: Vec<u8>,
 ) {
@@ -410,7 +411,7 @@ async fn handle<U: Upstream>(
         Stop,
     }
     let mut chunk = FIRST_READ;
-    let mut stopping = *stop.borrow_and_update();
+    let mut stopping = stop.is_triggered();
     // The idle timeout runs between messages from the last read, and within a message from
     // its first byte, so a client trickling one message cannot hold its slot forever.
     let mut message = (dec.values_begun(), Instant::now());
@@ -429,7 +430,7 @@ async fn handle<U: Upstream>(
         };
         let read = tokio::select! {
             r = timeout_at(deadline, rd.read_buf(dec.read_buf(chunk))) => r.map_or(Read::Idle, Read::Done),
-            _ = stop.changed(), if !stopping => Read::Stop,
+            _ = stop.triggered(), if !stopping => Read::Stop,
         };
         let n = match read {
             Read::Done(Ok(n)) => n,

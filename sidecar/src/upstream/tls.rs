@@ -133,26 +133,35 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
+/// The server side of a test's TLS peer (a platform, a hub): an acceptor with a fresh
+/// self-signed certificate for `name`, and that certificate as PEM (the CA a client trusts).
+#[cfg(test)]
+pub(crate) fn self_signed_acceptor(name: &str) -> (tokio_rustls::TlsAcceptor, String) {
+    let c = rcgen::generate_simple_self_signed(vec![name.into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(c.key_pair.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![c.cert.der().clone()], key)
+    .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        c.cert.pem(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::PrivateKeyDer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A TLS server whose certificate (for `platform.test`) no root vouches for; it writes
     /// `hello` to each client that completes the handshake.
     async fn untrusted_platform() -> std::net::SocketAddr {
-        let c = rcgen::generate_simple_self_signed(vec!["platform.test".into()]).unwrap();
-        let key = PrivateKeyDer::Pkcs8(c.key_pair.serialize_der().into());
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![c.cert.der().clone()], key)
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let (acceptor, _) = self_signed_acceptor("platform.test");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use nanogate_protocol::contract::{self, Contract, FieldType};
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
 use super::{FLUSH_MAX_WAIT, HISTORY, Inner};
+use crate::shutdown::Shutdown;
 
 /// Bounded history of this process's CPU and memory for `get_consumption`.
 #[derive(Debug, Default)]
@@ -308,13 +308,13 @@ fn disk_gb(path: &std::path::Path) -> (f64, f64) {
     }
 }
 
-pub(super) async fn sample_history(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+pub(super) async fn sample_history(inner: Arc<Inner>, stop: Shutdown) {
     let mut tick = tokio::time::interval(inner.opts.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.changed() => return,
+            _ = stop.triggered() => return,
         }
         let rss = crate::system::rss_bytes().unwrap_or(0);
         let cpu = inner.metrics.cpu_percent.get();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -19,19 +19,20 @@ use super::{
     STABLE_CONNECTION, STATE_CONNECTED, STATE_CONNECTING, STATE_DISCONNECTED, packet,
 };
 use crate::backoff::Backoff;
+use crate::shutdown::Shutdown;
 
-/// Keeps one connection up until `stop` flips: connect, serve, back off, reconnect.
-pub(super) async fn supervise(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+/// Keeps one connection up until `stop` fires: connect, serve, back off, reconnect.
+pub(super) async fn supervise(inner: Arc<Inner>, stop: Shutdown) {
     let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
     let mut generation = 0u64;
     loop {
-        if *stop.borrow() {
+        if stop.is_triggered() {
             break;
         }
         generation += 1;
         inner.set_state(STATE_CONNECTING, None);
         let mut connected_at = None;
-        let result = session(&inner, generation, &mut stop, &mut connected_at).await;
+        let result = session(&inner, generation, &stop, &mut connected_at).await;
         // Drop the writer first so no new emit picks it up, then fail the emits still
         // waiting for an acknowledgement on this connection (they are retried).
         inner.conn.send_replace(None);
@@ -57,7 +58,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
             "Socket.IO connection lost or refused; reconnecting");
         tokio::select! {
             _ = sleep(delay) => {}
-            _ = stop.changed() => {}
+            _ = stop.triggered() => {}
         }
     }
     inner.conn.send_replace(None);
@@ -121,7 +122,7 @@ async fn next_text(ws: &mut Ws) -> Result<String, String> {
 async fn session(
     inner: &Arc<Inner>,
     generation: u64,
-    stop: &mut watch::Receiver<bool>,
+    stop: &Shutdown,
     connected_at: &mut Option<Instant>,
 ) -> Result<(), String> {
     let handshake = async {
@@ -188,7 +189,7 @@ async fn session(
             Ok(r) => r?,
             Err(_) => return Err(format!("no Socket.IO handshake within {:?}", inner.opts.connect_timeout)),
         },
-        _ = stop.changed() => return Ok(()),
+        _ = stop.triggered() => return Ok(()),
     };
 
     let (tx, mut outbox) = mpsc::channel::<String>(OUTBOX);
@@ -207,7 +208,7 @@ async fn session(
     let ws_err = |e: tokio_tungstenite::tungstenite::Error| format!("WebSocket: {e}");
     loop {
         tokio::select! {
-            _ = stop.changed() => {
+            _ = stop.triggered() => {
                 let _ = ws.send(Message::text(format!("41{}", inner.ep.nsp_prefix))).await;
                 let _ = ws.close(None).await;
                 return Ok(());

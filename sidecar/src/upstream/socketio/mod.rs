@@ -44,6 +44,7 @@ use crate::config::Config;
 use crate::config::upstream::{SocketIoEndpoint as Endpoint, socketio_endpoint as endpoint};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::shutdown::ShutdownTrigger;
 use crate::spool::Spool;
 use commands::{History, sample_history};
 use connection::supervise;
@@ -159,12 +160,12 @@ struct Inner {
 /// Socket.IO DISCONNECT) when this value is dropped.
 pub struct SocketIoUpstream {
     inner: Arc<Inner>,
-    stop: watch::Sender<bool>,
+    stop: ShutdownTrigger,
 }
 
 impl Drop for SocketIoUpstream {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.stop.trigger();
     }
 }
 
@@ -205,7 +206,7 @@ impl SocketIoUpstream {
             opts,
         });
         inner.set_state(STATE_DISCONNECTED, None);
-        let (stop_tx, stop) = watch::channel(false);
+        let (stop_tx, stop) = crate::shutdown::channel();
         tokio::spawn(sample_history(inner.clone(), stop.clone()));
         tokio::spawn(supervise(inner.clone(), stop));
         Ok(Self {
