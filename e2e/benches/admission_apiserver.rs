@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
 use nanogate_e2e::{ControlPlane, TestNamespace};
-use nanogate_operator::servers::{self, ServerOptions};
+use nanogate_operator::{ServerOptions, start};
 use serde_json::json;
 
 const N: usize = 2_000;
@@ -88,7 +88,7 @@ async fn main() -> Result<()> {
     )?;
     let registry = prometheus::Registry::new();
     let (_stop, stopped) = nanogate_operator::shutdown::channel();
-    servers::start(
+    start::start(
         client.clone(),
         &ServerOptions {
             operator_namespace: operator_ns.name().into(),

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
 use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
-use nanogate_operator::servers::{self, ServerOptions};
 use nanogate_operator::shutdown;
+use nanogate_operator::{ServerOptions, start};
 use serde_json::{Value, json};
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
@@ -107,7 +107,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
     };
     let (stop, stopped) = shutdown::channel();
     let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
-    servers::start(
+    start::start(
         client.clone(),
         &opts,
         &prometheus::Registry::new(),

@@ -4,7 +4,7 @@
 //!
 //! - [`names`]: every annotation, label, environment variable, mount path and ConfigMap key
 //!   shared with pods, users and the sidecar.
-//! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes.
+//! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes; SIGTERM.
 //! - [`tls`]: the self-made CA and serving certificate, rotation, `caBundle`, the swappable
 //!   rustls certificate the webhook and the hub serve.
 //! - [`crd`]: the `AgentGateway` resource, its defaults, status types and [`crd::validate`].
@@ -14,15 +14,18 @@
 //! - [`status`]: which status field each writer owns, and the server-side apply of each part.
 //! - [`metrics`], [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`controller`]: the reconciler (validate → dereference → build → apply → status).
-//! - [`webhook`]: admission (`/mutate` injects the sidecar, `/validate` checks gateways).
+//! - [`webhook`]: admission (`/mutate` injects the sidecar, `/validate` checks gateways), its
+//!   view of the cluster and its events.
 //! - [`hub`]: the control-channel server for the sidecars, the fleet's health index and the
 //!   status writer.
 //! - [`leader`]: Lease-based leader election; only the leader runs the controller and the
 //!   status writer.
-//! - [`servers`]: start-up of certificates, webhook and hub, with their flags.
-//! - This file: the `run` flags and the run loop (admin server, leader election, controller).
+//! - [`start`]: start-up of certificates, webhook and hub.
+//! - [`cli`]: the flags of `nanogate-operator run` and log set-up.
+//! - This file: the run loop (admin server, leader election, controller).
 
 pub mod admin;
+pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod gateway;
@@ -30,20 +33,19 @@ pub mod hub;
 pub mod leader;
 pub mod metrics;
 pub mod names;
-pub mod servers;
 pub mod shutdown;
+pub mod start;
 pub mod status;
 pub mod tls;
 pub mod webhook;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kube::{Client, CustomResourceExt};
+use kube::Client;
 
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -51,124 +53,10 @@ use tracing::{info, warn};
 pub use controller::{Error, Result};
 pub use metrics::Metrics;
 
+pub use cli::{LogFormat, RunOptions, ServerOptions, init_logging};
+pub use crd::crd_yaml;
 pub use names::FIELD_MANAGER;
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Flags of `nanogate-operator run`.
-#[derive(Clone, Debug, clap::Args)]
-pub struct RunOptions {
-    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`).
-    #[arg(long, env = "NANOGATE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
-    pub admin_addr: SocketAddr,
-    /// Name of the leader-election Lease.
-    #[arg(long, env = "NANOGATE_LEASE_NAME", default_value = "nanogate-operator")]
-    pub lease_name: String,
-    /// Namespace of the leader-election Lease (default: `POD_NAMESPACE`, else `default`).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
-    /// Identity of this replica in the Lease (default: `POD_NAME`, else hostname and pid).
-    #[arg(long, env = "POD_NAME")]
-    pub identity: Option<String>,
-    /// Lease duration in seconds; a dead leader is replaced after at most this long.
-    #[arg(long, default_value_t = 15)]
-    pub lease_duration: u64,
-    /// Run for leadership (disable only for a single replica in tests).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub leader_elect: bool,
-    /// Reconcile gateways of this namespace only (default: all namespaces).
-    #[arg(long, env = "NANOGATE_WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
-    /// Log format.
-    #[arg(long, value_enum, env = "NANOGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// Webhook, hub and certificates.
-    #[command(flatten)]
-    pub servers: servers::ServerOptions,
-}
-
-impl Default for RunOptions {
-    fn default() -> Self {
-        Self {
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            lease_name: "nanogate-operator".into(),
-            lease_namespace: "default".into(),
-            identity: None,
-            lease_duration: 15,
-            leader_elect: true,
-            namespace: None,
-            log_format: LogFormat::Text,
-            servers: servers::ServerOptions::default(),
-        }
-    }
-}
-
-/// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
-pub fn crd_yaml() -> anyhow::Result<String> {
-    let mut crd = crd::AgentGateway::crd();
-    for version in &mut crd.spec.versions {
-        let status = version
-            .schema
-            .as_mut()
-            .and_then(|s| s.open_api_v3_schema.as_mut())
-            .and_then(|s| s.properties.as_mut())
-            .and_then(|p| p.get_mut("status"));
-        // `status` is an `Option`, so the schema says `nullable`; the apiserver (1.20) then
-        // publishes it untyped and server-side apply treats everything under it as atomic:
-        // `conditions` would be one list owned by its last writer, not a map keyed on `type`
-        // (seen in e2e: the hub's apply removed the reconciler's `Ready`). A status is never
-        // written as null.
-        if let Some(status) = status {
-            status.nullable = None;
-        }
-    }
-    Ok(serde_yaml::to_string(&crd)?)
-}
-
-/// Initialise tracing (`RUST_LOG`, default `info`).
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: log files and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    info!("shutdown requested");
-}
+pub use shutdown::shutdown_signal;
 
 fn default_identity() -> String {
     let host = std::env::var("HOSTNAME")
@@ -246,7 +134,7 @@ pub async fn run_with_client(
     // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
     let (servers_stop, servers_stopped) = shutdown::channel();
     let (hub_ca, owner, hub) = if opts.servers.enabled() {
-        let started = servers::start(
+        let started = start::start(
             client.clone(),
             &opts.servers,
             &metrics.registry,

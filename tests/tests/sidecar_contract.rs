@@ -36,7 +36,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use nanogate_operator::controller::build::{self, GatewayRef};
 use nanogate_operator::crd::{AgentGateway, validate};
-use nanogate_operator::servers::injection_config;
+use nanogate_operator::webhook::cluster::injection_config;
 use nanogate_operator::webhook::inject::{Decision, InjectorSettings, inject};
 use nanogate_tests::agent::agent_bin;
 use serde_json::{Value, json};

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::CustomResource;
+use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,28 @@ mod validate;
 pub use status::*;
 pub use units::{parse_bytes, parse_duration};
 pub use validate::{FieldError, join_errors, validate};
+
+/// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
+pub fn crd_yaml() -> anyhow::Result<String> {
+    let mut crd = AgentGateway::crd();
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        // `status` is an `Option`, so the schema says `nullable`; the apiserver (1.20) then
+        // publishes it untyped and server-side apply treats everything under it as atomic:
+        // `conditions` would be one list owned by its last writer, not a map keyed on `type`
+        // (seen in e2e: the hub's apply removed the reconciler's `Ready`). A status is never
+        // written as null.
+        if let Some(status) = status {
+            status.nullable = None;
+        }
+    }
+    Ok(serde_yaml::to_string(&crd)?)
+}
 
 /// Duration strings: one or more `<number><unit>` groups, units `ms`, `s`, `m`, `h`
 /// (e.g. `250ms`, `5s`, `1m30s`).

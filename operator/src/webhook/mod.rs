@@ -11,6 +11,8 @@
 //! server::serve(TcpListener::bind(addr).await?, router(state), tls, shutdown).await?;
 //! ```
 
+pub mod cluster;
+pub mod events;
 pub mod inject;
 pub mod server;
 

@@ -1,0 +1,163 @@
+//! The operator's command-line flags and log set-up: `nanogate-operator run` ([`RunOptions`],
+//! with the webhook, hub and certificate flags in [`ServerOptions`]). Every default is stated
+//! beside its flag and shows in `--help`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `nanogate-operator run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunOptions {
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "NANOGATE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "NANOGATE_LEASE_NAME", default_value = "nanogate-operator")]
+    pub lease_name: String,
+    /// Namespace of the leader-election Lease (default: `POD_NAMESPACE`, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Identity of this replica in the Lease (default: `POD_NAME`, else hostname and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Lease duration in seconds; a dead leader is replaced after at most this long.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration: u64,
+    /// Run for leadership (disable only for a single replica in tests).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Reconcile gateways of this namespace only (default: all namespaces).
+    #[arg(long, env = "NANOGATE_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, env = "NANOGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Webhook, hub and certificates.
+    #[command(flatten)]
+    pub servers: ServerOptions,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            lease_name: "nanogate-operator".into(),
+            lease_namespace: "default".into(),
+            identity: None,
+            lease_duration: 15,
+            leader_elect: true,
+            namespace: None,
+            log_format: LogFormat::Text,
+            servers: ServerOptions::default(),
+        }
+    }
+}
+
+/// Flags of the webhook, hub and certificates (`nanogate-operator run`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServerOptions {
+    /// Namespace the operator runs in: holds the certificate Secret; never injected.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "nanogate-system",
+        id = "operator-namespace"
+    )]
+    pub operator_namespace: String,
+    /// Admission webhook listen address (the chart sets 0.0.0.0:9443); off when not set.
+    #[arg(long, env = "NANOGATE_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// Service in front of the webhook; its DNS names go into the serving certificate.
+    #[arg(long, default_value = "nanogate-webhook")]
+    pub webhook_service: String,
+    /// MutatingWebhookConfigurations whose `caBundle` the operator keeps current.
+    #[arg(long, value_delimiter = ',', default_value = "nanogate-injector")]
+    pub mutating_webhook_configs: Vec<String>,
+    /// ValidatingWebhookConfigurations whose `caBundle` the operator keeps current.
+    #[arg(long, value_delimiter = ',', default_value = "nanogate-validator")]
+    pub validating_webhook_configs: Vec<String>,
+    /// Extra names for the serving certificate (DNS names or IPs, e.g. 127.0.0.1 when the
+    /// webhook is registered by URL).
+    #[arg(long, value_delimiter = ',')]
+    pub extra_sans: Vec<String>,
+    /// Control-channel hub listen address (the chart sets 0.0.0.0:7051); off when not set.
+    #[arg(long, env = "NANOGATE_HUB_ADDR")]
+    pub hub_addr: Option<SocketAddr>,
+    /// `host:port` injected sidecars dial to reach the hub.
+    #[arg(
+        long,
+        env = "NANOGATE_HUB_ADVERTISE",
+        default_value = "nanogate-hub.nanogate-system.svc:7051"
+    )]
+    pub hub_advertise: String,
+    /// How often the hub writes fleet health into gateway statuses.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_flag)]
+    pub status_interval: Duration,
+    /// Lifetime of the serving certificate the operator issues itself; it is renewed two
+    /// thirds of the way through (counted from its 5-minute backdated start). Default 90 days.
+    #[arg(long, default_value = "2160h", value_parser = parse_duration_flag)]
+    pub webhook_cert_validity: Duration,
+    /// Serve the certificate in this directory (`tls.crt`, `tls.key`, `ca.crt`: a cert-manager
+    /// Secret) instead of making one; it is re-read every minute. The issuer keeps `caBundle`.
+    #[arg(long)]
+    pub webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Whether the cluster runs native sidecars (default: detected from the server version,
+    /// ≥ 1.29).
+    #[arg(long)]
+    pub native_sidecars: Option<bool>,
+}
+
+impl Default for ServerOptions {
+    /// Everything off; the same defaults as the flags otherwise.
+    fn default() -> Self {
+        Self {
+            operator_namespace: "nanogate-system".into(),
+            webhook_addr: None,
+            webhook_service: "nanogate-webhook".into(),
+            mutating_webhook_configs: vec!["nanogate-injector".into()],
+            validating_webhook_configs: vec!["nanogate-validator".into()],
+            extra_sans: Vec::new(),
+            hub_addr: None,
+            hub_advertise: "nanogate-hub.nanogate-system.svc:7051".into(),
+            status_interval: Duration::from_secs(5),
+            native_sidecars: None,
+            webhook_cert_dir: None,
+            webhook_cert_validity: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Whether the webhook or the hub (and so the certificates) are wanted.
+    pub fn enabled(&self) -> bool {
+        self.webhook_addr.is_some() || self.hub_addr.is_some()
+    }
+}
+
+fn parse_duration_flag(s: &str) -> Result<Duration, String> {
+    crate::crd::parse_duration(s)
+}
+
+/// Initialise tracing (`RUST_LOG`, default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,287 @@
+//! `/mutate`'s view of the cluster: namespaces and gateways from reflector stores (no API
+//! call on the admission path), each valid gateway turned into the [`InjectionConfig`] the
+//! pure injector takes.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tracing::warn;
+
+use super::GatewayLookup;
+use super::inject::{
+    HubCaSource, InjectionConfig, KeyRef, NativeSidecarMode, SecretMount, SidecarResources,
+    supports_native_sidecars,
+};
+use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
+use crate::gateway::InjectionSettings;
+use crate::gateway::refs::SidecarUse;
+use crate::names::HUB_CA_KEY;
+
+/// `InjectionSettings` (from the gateway) + cluster facts → what `inject()` needs.
+pub fn injection_config(
+    settings: &InjectionSettings,
+    hub_advertise: &str,
+    native_supported: bool,
+) -> InjectionConfig {
+    let resources = SidecarResources::from_requirements(&settings.resources);
+    // The gateway's Secrets the sidecar reads as files (the others come as environment).
+    let secret_mounts = settings
+        .secret_refs
+        .iter()
+        .filter_map(|r| match r.sidecar {
+            SidecarUse::Mount { volume, dir } => Some(SecretMount {
+                volume_name: volume.into(),
+                secret_name: r.name.clone(),
+                mount_path: dir.into(),
+                items: Vec::new(),
+            }),
+            SidecarUse::Env(_) => None,
+        })
+        .collect();
+    let mut cfg = InjectionConfig::with_defaults(
+        &settings.gateway,
+        &settings.image,
+        KeyRef {
+            name: settings.api_key_secret.name.clone(),
+            key: settings.api_key_secret.key.clone(),
+        },
+    );
+    cfg.config_generation = settings.generation.unwrap_or(1);
+    cfg.config_hash = Some(settings.config_hash.clone());
+    cfg.config_map_name = settings.config_map_name.clone();
+    cfg.config_key = settings.config_key.to_string();
+    cfg.resources = resources;
+    cfg.log_level = match settings.log_level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    }
+    .into();
+    cfg.native_sidecar = match settings.native_sidecar {
+        NativeSidecar::Auto => NativeSidecarMode::Auto,
+        NativeSidecar::Always => NativeSidecarMode::Always,
+        NativeSidecar::Never => NativeSidecarMode::Never,
+    };
+    cfg.cluster_supports_native_sidecars = native_supported;
+    cfg.socket_path = settings.socket_path.clone();
+    cfg.hub_addr = hub_advertise.to_string();
+    cfg.hub_ca = Some(HubCaSource::ConfigMap(KeyRef {
+        name: settings.config_map_name.clone(),
+        key: HUB_CA_KEY.into(),
+    }));
+    cfg.secret_mounts = secret_mounts;
+    if let Some(tcp) = &settings.tcp_listener {
+        cfg.tcp_port = u16::try_from(tcp.port).ok();
+        cfg.tcp_token_secret = Some(KeyRef {
+            name: tcp.token_secret_ref.name.clone(),
+            key: tcp.token_secret_ref.key.clone(),
+        });
+    }
+    cfg
+}
+
+/// `/mutate`'s view of the cluster, from reflector stores (no API call on the admission path).
+pub struct StoreLookup {
+    pub namespaces: Store<Namespace>,
+    pub gateways: Store<AgentGateway>,
+    pub hub_advertise: String,
+    pub native_supported: bool,
+}
+
+impl GatewayLookup for StoreLookup {
+    fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        self.namespaces
+            .get(&reflector::ObjectRef::new(namespace))
+            .map(|ns| ns.labels().clone())
+    }
+
+    fn gateways(&self, namespace: &str) -> Vec<InjectionConfig> {
+        self.gateways
+            .state()
+            .iter()
+            .filter(|gw| gw.namespace().as_deref() == Some(namespace))
+            // An invalid gateway injects nothing; its status says why.
+            .filter_map(|gw| gw.injection_settings().ok())
+            .map(|settings| injection_config(&settings, &self.hub_advertise, self.native_supported))
+            .collect()
+    }
+}
+
+/// Cluster ≥ 1.29 runs native sidecars (init containers with `restartPolicy: Always`).
+pub async fn detect_native_sidecars(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(info) => supports_native_sidecars(&info),
+        Err(error) => {
+            warn!(%error, "server version unknown; assuming no native sidecars");
+            false
+        }
+    }
+}
+
+/// A reflector store fed by a watch that restarts on errors (with the watcher's backoff).
+pub fn watch_store<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(error) = event {
+                warn!(%error, "watch error; retrying");
+            }
+        }
+    });
+    reader
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_settings_become_an_injection_config_with_the_hub_ca() {
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps, generation: 3}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n",
+        )
+        .unwrap();
+        let settings = gw.injection_settings().unwrap();
+        let cfg = injection_config(&settings, "127.0.0.1:7051", false);
+        assert_eq!(cfg.config_generation, 3);
+        assert_eq!(cfg.hub_addr, "127.0.0.1:7051");
+        assert_eq!(
+            cfg.hub_ca,
+            Some(HubCaSource::ConfigMap(KeyRef {
+                name: "shop-agent-config".into(),
+                key: HUB_CA_KEY.into()
+            }))
+        );
+        assert!(!cfg.cluster_supports_native_sidecars);
+    }
+
+    #[test]
+    fn tcp_listener_gets_its_port_token_and_tls_where_the_config_points() {
+        use crate::webhook::inject::{Decision, InjectorSettings, inject};
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {port: 7443, tokenSecretRef: {name: tcp-auth, key: token}, tlsSecretRef: {name: tcp-tls}}\n",
+        )
+        .unwrap();
+        let cfg = injection_config(&gw.injection_settings().unwrap(), "127.0.0.1:7051", false);
+        let file = crate::controller::build::sidecar_config(&gw.spec)
+            .unwrap()
+            .tcp
+            .expect("tcp section in the sidecar file");
+        assert_eq!(file.listen, "0.0.0.0:7443");
+        assert_eq!(
+            (file.keepalive_interval_ms, file.keepalive_timeout_ms),
+            (10_000, 30_000)
+        );
+        let mount = cfg
+            .secret_mounts
+            .iter()
+            .find(|m| m.secret_name == "tcp-tls")
+            .expect("TLS Secret mounted");
+        assert_eq!(file.tls_cert_file, format!("{}/tls.crt", mount.mount_path));
+
+        // The injected container: the port declared, the token from the Secret, the mount.
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "annotations": {"nanogate.io/inject": "true"}},
+            "spec": {"containers": [{"name": "app", "image": "app"}]}
+        }))
+        .unwrap();
+        let Decision::Inject(injection) = inject(
+            &pod,
+            "apps",
+            &BTreeMap::new(),
+            std::slice::from_ref(&cfg),
+            &InjectorSettings::new("nanogate-system"),
+        ) else {
+            panic!("not injected");
+        };
+        let mut doc = serde_json::to_value(&pod).unwrap();
+        json_patch::patch(&mut doc, &injection.patch).unwrap();
+        let sidecar = doc["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "nano-agent")
+            .unwrap()
+            .clone();
+        let token = sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "NANOGATE_TCP_TOKEN")
+            .expect("token env");
+        assert_eq!(
+            token["valueFrom"]["secretKeyRef"],
+            serde_json::json!({"name": "tcp-auth", "key": "token"})
+        );
+        assert!(
+            sidecar["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "nanogate-tcp" && p["containerPort"] == 7443)
+        );
+        assert!(
+            sidecar["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == crate::names::TCP_TLS_DIR)
+        );
+    }
+
+    #[test]
+    fn tcp_keepalive_timeout_must_exceed_the_interval() {
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {keepaliveInterval: 30s, keepaliveTimeout: 10s, tokenSecretRef: {name: a}, tlsSecretRef: {name: b}}\n",
+        )
+        .unwrap();
+        let errors = crate::crd::validate(&gw.spec).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == "spec.tcpListener.keepaliveTimeout"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn nats_credentials_secret_is_mounted_where_the_config_points() {
+        let gw: AgentGateway = serde_yaml::from_str(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: nats, url: 'tls://nats:4222', apiKeySecretRef: {name: key}, nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}}\n",
+        )
+        .unwrap();
+        let cfg = injection_config(&gw.injection_settings().unwrap(), "127.0.0.1:7051", false);
+        let mount = cfg
+            .secret_mounts
+            .iter()
+            .find(|m| m.secret_name == "nats-user")
+            .expect("credentials Secret mounted");
+        let file = crate::controller::build::sidecar_config(&gw.spec)
+            .unwrap()
+            .upstream
+            .nats_creds_file
+            .unwrap();
+        assert_eq!(file, format!("{}/user.creds", mount.mount_path));
+    }
+}
