@@ -387,6 +387,137 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     Ok(())
 }
 
+/// `status.upstream` and `UpstreamReachable` say what the sidecars saw: Unknown until a call to
+/// the platform ended (a sidecar that never sent anything knows nothing about a closed port),
+/// Unreachable with `lastError` after one failed call (an app's `wait:true` publish, not only
+/// batches), and Unknown naming the cause once the sidecar is gone.
+#[tokio::test]
+async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
+    let f = fleet("upstate").await?;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{closed}");
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"upstream": {"url": url}}})),
+    )
+    .await?;
+    wait_for(
+        "the reconciler to apply the new URL",
+        Duration::from_secs(30),
+        || async {
+            Ok(agent_config(&f.client, f.ns.name())
+                .await?
+                .values()
+                .any(|v| v.contains(&url))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let mut agent = start_sidecar(&f, &pod, "app-1").await?;
+    let reachable = |status: &Value| -> (String, String, String) {
+        let condition = status["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "UpstreamReachable"))
+            .cloned()
+            .unwrap_or_default();
+        (
+            status["upstream"]["state"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+            condition["reason"].as_str().unwrap_or_default().into(),
+            status["upstream"]["lastError"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+        )
+    };
+    let status = wait_for(
+        "the sidecar connected and heartbeating",
+        Duration::from_secs(20),
+        || async {
+            let status = api.get("shop").await?.data["status"].clone();
+            Ok(
+                (status["sidecars"]["connected"] == 1 && status["lastHeartbeatTime"].is_string())
+                    .then_some(status),
+            )
+        },
+    )
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    // A few heartbeats later it is still unknown: nothing has been tried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = api
+        .get("shop")
+        .await
+        .map(|g| g.data["status"].clone())
+        .unwrap_or(status);
+    assert_eq!(
+        reachable(&status),
+        ("Unknown".into(), "NotTriedYet".into(), String::new()),
+        "before any call: {status}"
+    );
+
+    // One app publishes with wait:true; the platform is not there.
+    let socket = agent.socket.clone();
+    let reply = tokio::task::spawn_blocking(move || -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
+        c.write_all(br#"{"msg_type":"publish","data":{"n":1},"context":{"wait":true}}"#)?;
+        c.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+    .await??;
+    assert!(
+        reply.contains("error"),
+        "the app is told: {reply}\n{}",
+        agent.process.log_tail(20)
+    );
+    let (state, reason, last_error) = wait_for(
+        "the failed call in the status",
+        Duration::from_secs(20),
+        || async {
+            let seen = reachable(&api.get("shop").await?.data["status"]);
+            Ok((seen.0 == "Unreachable").then_some(seen))
+        },
+    )
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    eprintln!("[hub] after a failed wait:true publish: {state} ({reason}): {last_error}");
+    assert!(!last_error.is_empty(), "lastError says what failed");
+    let table = f.cp.kubectl(&["get", "agw", "shop", "-n", f.ns.name()])?;
+    assert_eq!(
+        nanogate_e2e::table_cell(&table, "UPSTREAM")?,
+        "Unreachable",
+        "{table}"
+    );
+
+    // The sidecar goes away: the state is unknown again, and the reason says why.
+    agent.process.stop();
+    let (state, reason, _) = wait_for(
+        "the status to notice the sidecar is gone",
+        Duration::from_secs(30),
+        || async {
+            let seen = reachable(&api.get("shop").await?.data["status"]);
+            Ok((seen.0 == "Unknown").then_some(seen))
+        },
+    )
+    .await?;
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("Unknown", "NoSidecarConnected")
+    );
+    Ok(())
+}
+
 /// The reconciler and the hub's status writer both write whole statuses computed from what they
 /// read. While spec changes make the reconciler write and a sidecar's growing counts make the
 /// hub write every second, no stored version of the gateway may go back on either writer's

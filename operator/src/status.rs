@@ -73,7 +73,7 @@ pub fn operator_part(status: &AgentGatewayStatus, hub_has_written: bool) -> Valu
         sidecar_fields.extend(HUB_SIDECAR_FIELDS);
         copy(&full, &mut part, &HUB_INITIALISED_FIELDS);
     }
-    owned_conditions_and_counts(status, &full, &sidecar_fields, &mut part);
+    conditions_and_counts(status, &full, &sidecar_fields, &mut part);
     Value::Object(part)
 }
 
@@ -87,12 +87,12 @@ pub fn hub_part(status: &AgentGatewayStatus) -> Value {
         "unhealthySidecars".into(),
         serde_json::to_value(&status.unhealthy_sidecars).unwrap_or(Value::Array(Vec::new())),
     );
-    owned_conditions_and_counts(status, &full, &HUB_SIDECAR_FIELDS, &mut part);
+    conditions_and_counts(status, &full, &HUB_SIDECAR_FIELDS, &mut part);
     Value::Object(part)
 }
 
 /// Adds to `part` every condition and the `sidecars` fields named.
-fn owned_conditions_and_counts(
+fn conditions_and_counts(
     status: &AgentGatewayStatus,
     full: &Map<String, Value>,
     sidecar_fields: &[&str],

@@ -369,6 +369,16 @@ pub struct Heartbeat {
     pub timestamp: String,
 }
 
+impl Heartbeat {
+    /// Messages the agent will never deliver: refused at the socket, dead-lettered, or dropped
+    /// to make room. The one definition of "dropped" in status and rates.
+    pub fn dropped_total(&self) -> u64 {
+        self.rejected_total
+            .saturating_add(self.dead_lettered_total)
+            .saturating_add(self.dropped_oldest_total)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentStatus {

@@ -232,6 +232,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         spool: spool.clone(),
         upstream,
         metrics: metrics.clone(),
+        health: health.clone(),
         source: config.source(),
         // socketio's msg_check reads messages already pushed into the agent: nothing to save.
         empty_check: ingest::empty_check::EmptyCheckCache::new(match config.upstream_kind {

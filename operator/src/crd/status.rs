@@ -179,9 +179,11 @@ pub struct LeftBehindStats {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamStatus {
-    /// `Reachable`, `Unreachable` or `Unknown`.
+    /// `Reachable` (a sidecar's last call to the platform succeeded), `Unreachable` (every
+    /// sidecar's last call failed) or `Unknown` (no call has ended yet, or no sidecar is
+    /// connected; the `UpstreamReachable` condition's reason says which).
     pub state: String,
-    /// Most recent delivery error, if any.
+    /// The last error a sidecar met calling the platform, kept after a recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }

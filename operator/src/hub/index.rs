@@ -57,10 +57,7 @@ impl Sample {
             at,
             received: heartbeat.received_total,
             delivered: heartbeat.delivered_total,
-            dropped: heartbeat
-                .rejected_total
-                .saturating_add(heartbeat.dead_lettered_total)
-                .saturating_add(heartbeat.dropped_oldest_total),
+            dropped: heartbeat.dropped_total(),
         }
     }
 }
@@ -89,8 +86,8 @@ pub struct FleetHealth {
     pub healthy: u32,
     pub received_total: u64,
     pub delivered_total: u64,
-    pub rejected_total: u64,
-    pub dead_lettered_total: u64,
+    /// [`Heartbeat::dropped_total`] summed.
+    pub dropped_total: u64,
     pub dropped_oldest_total: u64,
     /// Averages over [`RATE_WINDOW`].
     pub received_per_second: f64,
@@ -99,10 +96,11 @@ pub struct FleetHealth {
     pub dropped_per_second: f64,
     /// Most recent heartbeat from any sidecar, as Unix seconds.
     pub last_heartbeat_unix: Option<i64>,
-    /// Sidecars whose upstream circuit is closed, out of those that reported one.
+    /// Whether some sidecar's last call to the platform succeeded; `None` until a sidecar has
+    /// called it (delivery, `wait:true` or `msg_check`).
     pub upstream_reachable: Option<bool>,
-    /// The last upstream error of a sidecar whose circuit is not closed (the first such pod by
-    /// name), for the `UpstreamReachable` reason and `status.upstream.lastError`.
+    /// A sidecar's last upstream error, from a failing sidecar when there is one (the first
+    /// such pod by name), for the `UpstreamReachable` reason and `status.upstream.lastError`.
     pub upstream_error: Option<String>,
     /// Unhealthy sidecars, longest-unhealthy first, at most [`MAX_UNHEALTHY`].
     pub unhealthy: Vec<UnhealthyAgent>,
@@ -252,9 +250,9 @@ impl HealthIndex {
         let mut agents = self.write();
         let mut fleet = FleetHealth::default();
         let mut reachable = 0u32;
-        let mut reporting = 0u32;
+        let mut tried = 0u32;
         let mut unhealthy = Vec::new();
-        let mut upstream_errors: Vec<(String, String)> = Vec::new();
+        let mut upstream_errors: Vec<(bool, String, String)> = Vec::new();
         for record in agents
             .values_mut()
             .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
@@ -271,8 +269,7 @@ impl HealthIndex {
                 Some(hb) => {
                     fleet.received_total += hb.received_total;
                     fleet.delivered_total += hb.delivered_total;
-                    fleet.rejected_total += hb.rejected_total;
-                    fleet.dead_lettered_total += hb.dead_lettered_total;
+                    fleet.dropped_total += hb.dropped_total();
                     fleet.dropped_oldest_total += hb.dropped_oldest_total;
                     let (received, delivered, dropped) = rates(&record.samples);
                     fleet.received_per_second += received;
@@ -284,14 +281,18 @@ impl HealthIndex {
                         .config_generations
                         .entry(hb.config_generation)
                         .or_default() += 1;
-                    reporting += 1;
-                    let circuit_closed = hb.upstream.state == "closed";
-                    reachable += u32::from(circuit_closed);
-                    if let (false, Some(e)) = (circuit_closed, &hb.upstream.last_error) {
-                        upstream_errors.push((record.identity.pod.clone(), e.clone()));
+                    // `untried`: no call to the platform has ended yet; `closed`: the last
+                    // succeeded; anything else (`failing`, `open`, `half_open`): it failed.
+                    let untried = hb.upstream.state == "untried";
+                    let delivering = hb.upstream.state == "closed";
+                    tried += u32::from(!untried);
+                    reachable += u32::from(delivering);
+                    if let Some(e) = &hb.upstream.last_error {
+                        // A failing sidecar's error first: it explains the state shown.
+                        upstream_errors.push((delivering, record.identity.pod.clone(), e.clone()));
                     }
                     match hb.status {
-                        AgentStatus::Ready if circuit_closed => None,
+                        AgentStatus::Ready if delivering || untried => None,
                         AgentStatus::Ready => Some("UpstreamUnreachable"),
                         AgentStatus::Starting => Some("Starting"),
                         AgentStatus::Degraded => Some("Degraded"),
@@ -316,10 +317,11 @@ impl HealthIndex {
                 }
             }
         }
-        if reporting > 0 {
+        // Unknown until some sidecar has called the platform.
+        if tried > 0 {
             fleet.upstream_reachable = Some(reachable > 0);
         }
-        fleet.upstream_error = upstream_errors.into_iter().min().map(|(_, e)| e);
+        fleet.upstream_error = upstream_errors.into_iter().min().map(|(_, _, e)| e);
         unhealthy.sort_by(|a, b| {
             b.for_duration
                 .cmp(&a.for_duration)
@@ -448,7 +450,7 @@ pub(crate) mod tests {
         let fleet = index.fleet("ns", "gw", t0 + Duration::from_secs(6), SILENCE);
         assert_eq!((fleet.connected, fleet.healthy), (2, 1));
         assert_eq!(fleet.received_total, 160);
-        assert_eq!(fleet.rejected_total, 2);
+        assert_eq!(fleet.dropped_total, 2);
         assert!(
             (fleet.received_per_second - 10.0).abs() < 1e-9,
             "{}",
@@ -549,5 +551,29 @@ pub(crate) mod tests {
             Some("unauthorized: HTTP 401")
         );
         assert_eq!(fleet.upstream_reachable, Some(true));
+    }
+
+    /// Reachability comes from calls that ended: none yet is unknown (and healthy); one failed
+    /// call (`failing`, circuit still closed) is unreachable, and its error is kept.
+    #[test]
+    fn the_upstream_is_unknown_until_a_call_ended_and_a_failed_call_counts() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        index.heartbeat("uid-1", 1, heartbeat(0, AgentStatus::Ready, "untried"), t0);
+        let fleet = index.fleet("ns", "gw", t0, SILENCE);
+        assert_eq!(fleet.upstream_reachable, None, "nothing tried yet");
+        assert_eq!(
+            fleet.healthy, 1,
+            "an agent that has not called the platform is healthy"
+        );
+
+        let mut failed = heartbeat(1, AgentStatus::Ready, "failing");
+        failed.upstream.last_error = Some("connect refused".into());
+        index.heartbeat("uid-1", 1, failed, t0 + Duration::from_secs(1));
+        let fleet = index.fleet("ns", "gw", t0 + Duration::from_secs(1), SILENCE);
+        assert_eq!(fleet.upstream_reachable, Some(false));
+        assert_eq!(fleet.healthy, 0);
+        assert_eq!(fleet.upstream_error.as_deref(), Some("connect refused"));
     }
 }

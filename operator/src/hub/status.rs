@@ -68,9 +68,7 @@ pub fn fleet_status(
     st.messages = Some(MessageStats {
         received_total: fleet.received_total as i64,
         delivered_total: fleet.delivered_total as i64,
-        dropped_total: (fleet.rejected_total
-            + fleet.dead_lettered_total
-            + fleet.dropped_oldest_total) as i64,
+        dropped_total: fleet.dropped_total as i64,
         dropped_oldest_total: fleet.dropped_oldest_total as i64,
         received_per_second: round1(fleet.received_per_second),
         delivered_per_second: round1(fleet.delivered_per_second),
@@ -96,18 +94,27 @@ pub fn fleet_status(
                 ),
             )
         }
+        None if connected > 0 => (
+            "Unknown",
+            "Unknown",
+            "NotTriedYet",
+            "No sidecar has called the upstream yet".to_string(),
+        ),
+        None if expected > 0 => (
+            "Unknown",
+            "Unknown",
+            "NoSidecarConnected",
+            format!("None of the {expected} expected sidecars is connected"),
+        ),
         None => (
             "Unknown",
             "Unknown",
             "AwaitingSidecars",
-            "No sidecar has reported yet".to_string(),
+            "No pod is injected for this gateway yet".to_string(),
         ),
     };
-    let last_error = fleet
-        .upstream_error
-        .as_deref()
-        .map(bounded)
-        .filter(|_| upstream_state == "Unreachable");
+    // The last error stays visible after a recovery: it says what went wrong last time.
+    let last_error = fleet.upstream_error.as_deref().map(bounded);
     st.upstream = Some(UpstreamStatus {
         state: upstream_state.into(),
         last_error,
@@ -487,8 +494,7 @@ mod tests {
             healthy,
             received_total: 100,
             delivered_total: 90,
-            rejected_total: 2,
-            dead_lettered_total: 1,
+            dropped_total: 3,
             dropped_oldest_total: 0,
             received_per_second: 12.345,
             delivered_per_second: 11.0,
@@ -511,7 +517,9 @@ mod tests {
     #[test]
     fn messages_dropped_from_a_full_spool_count_as_dropped_and_on_their_own() {
         let mut f = fleet(2, 2);
+        // As the index sums them: `Heartbeat::dropped_total` includes the dropped-oldest.
         f.dropped_oldest_total = 5;
+        f.dropped_total += 5;
         let st = fleet_status(Some(&with_expected(2)), &f, Some(1), &time(1_000));
         let messages = st.messages.unwrap();
         assert_eq!(
@@ -691,7 +699,7 @@ mod tests {
             upstream_warning(Some(&refused), &unreachable(Some(e302))).map(|w| w.0),
             Some("Redirected".into())
         );
-        // A long error is bounded; a reachable fleet shows none.
+        // A long error is bounded; a reachable fleet still shows the last one.
         let long = format!("unauthorized: {}", "x".repeat(1000));
         assert_eq!(
             upstream(&unreachable(Some(&long)))
@@ -702,6 +710,30 @@ mod tests {
         let mut f = fleet(2, 2);
         f.upstream_error = Some(e401.into());
         let st = fleet_status(Some(&with_expected(2)), &f, Some(1), &time(1_000));
-        assert_eq!(upstream(&st), ("True".into(), "Delivering".into(), None));
+        assert_eq!(
+            upstream(&st),
+            ("True".into(), "Delivering".into(), Some(e401.into()))
+        );
+    }
+
+    /// Unknown says why: nothing tried yet, every sidecar gone, or no pod injected.
+    #[test]
+    fn an_unknown_upstream_names_its_cause() {
+        let unknown = |connected: u32, expected: i32| {
+            let mut f = fleet(connected, connected);
+            f.upstream_reachable = None;
+            f.upstream_error = None;
+            let st = fleet_status(Some(&with_expected(expected)), &f, Some(1), &time(1_000));
+            let (status, reason, _) = upstream(&st);
+            assert_eq!(status, "Unknown");
+            assert_eq!(
+                st.upstream.as_ref().map(|u| u.state.as_str()),
+                Some("Unknown")
+            );
+            reason
+        };
+        assert_eq!(unknown(1, 1), "NotTriedYet");
+        assert_eq!(unknown(0, 2), "NoSidecarConnected");
+        assert_eq!(unknown(0, 0), "AwaitingSidecars");
     }
 }

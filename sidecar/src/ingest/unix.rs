@@ -29,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::empty_check::EmptyCheckCache;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
 use crate::spool::{AppendError, RecordBuf, Spool};
@@ -56,6 +57,8 @@ pub struct Shared<U: Upstream> {
     pub spool: Arc<Spool>,
     pub upstream: Arc<U>,
     pub metrics: Arc<Metrics>,
+    /// Where the outcome of an app's own call to the platform is recorded.
+    pub health: Arc<Health>,
     /// `source` stamped on messages.
     pub source: String,
     /// Recent empty `msg_check` answers, repeated without asking the platform.
@@ -572,7 +575,9 @@ async fn process<U: Upstream>(
         match action {
             Action::Wait(body) => {
                 shared.metrics.publish_wait.inc();
-                match shared.upstream.send_one(body.into()).await {
+                let sent = shared.upstream.send_one(body.into()).await;
+                shared.health.record(&shared.metrics, &sent);
+                match sent {
                     Ok(reply) if reply.iter().all(u8::is_ascii_whitespace) => {
                         out.extend_from_slice(br#"{"status":"ok"}"#)
                     }
@@ -583,16 +588,23 @@ async fn process<U: Upstream>(
                     }
                 }
             }
-            Action::Check(limit) => match shared.upstream.check_messages(limit).await {
-                Ok(msgs) => {
-                    shared.empty_check.record(msgs.is_empty());
-                    out.extend_from_slice(&app::msg_check_reply(&msgs))
+            Action::Check(limit) => {
+                let checked = shared.upstream.check_messages(limit).await;
+                // socketio answers from messages the platform already pushed: not a call.
+                if shared.upstream.checks_call_the_platform() {
+                    shared.health.record(&shared.metrics, &checked);
                 }
-                Err(e) => {
-                    shared.metrics.reject("upstream", 1);
-                    AppError::Upstream(e.to_string()).write_reply(out);
+                match checked {
+                    Ok(msgs) => {
+                        shared.empty_check.record(msgs.is_empty());
+                        out.extend_from_slice(&app::msg_check_reply(&msgs))
+                    }
+                    Err(e) => {
+                        shared.metrics.reject("upstream", 1);
+                        AppError::Upstream(e.to_string()).write_reply(out);
+                    }
                 }
-            },
+            }
             Action::Close => unreachable!(),
         }
     }

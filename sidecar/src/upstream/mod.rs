@@ -184,6 +184,12 @@ pub trait Upstream: Send + Sync + 'static {
     /// Delivers one message for `wait:true` and returns the platform's reply body.
     fn send_one(&self, body: Bytes) -> impl Future<Output = Result<Bytes, UpstreamError>> + Send;
 
+    /// Whether [`Upstream::check_messages`] asks the platform (its outcome then tells whether
+    /// the platform is reachable).
+    fn checks_call_the_platform(&self) -> bool {
+        true
+    }
+
     /// Fetches up to `limit` messages waiting for this agent (empty when there are none).
     fn check_messages(
         &self,
@@ -260,6 +266,10 @@ impl Upstream for AnyUpstream {
 
     async fn check_messages(&self, limit: u32) -> Result<Vec<serde_json::Value>, UpstreamError> {
         each_upstream!(self, u => u.check_messages(limit).await)
+    }
+
+    fn checks_call_the_platform(&self) -> bool {
+        each_upstream!(self, u => u.checks_call_the_platform())
     }
 }
 

@@ -375,6 +375,10 @@ impl Upstream for SocketIoUpstream {
         })
     }
 
+    fn checks_call_the_platform(&self) -> bool {
+        false
+    }
+
     async fn check_messages(&self, limit: u32) -> Result<Vec<Value>, UpstreamError> {
         let mut inbox = self
             .inner
