@@ -1,4 +1,4 @@
-//! App socket messages (ARCHITECTURE §3, Tendrl-compatible): types, validation, error replies
+//! App socket messages (Tendrl-compatible; `docs/architecture.md`, "App socket"): types, validation, error replies
 //! and the incremental stream decoder. No I/O happens here: the sidecar feeds bytes in and
 //! gets typed requests or error replies out, so the fuzz target exercises exactly this code.
 //!
@@ -13,7 +13,7 @@ use serde::de::{self, IgnoredAny, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-/// Maximum number of tags in `context.tags` (seed 000, "Implementation Notes").
+/// Maximum number of tags in `context.tags` (the Tendrl SDK's limit).
 pub const DEFAULT_MAX_TAGS: usize = 10;
 /// Largest accepted message, in bytes of JSON as written by the app.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;

@@ -1,4 +1,5 @@
-//! Contract validation of the cloud protocol's commands (seed 003, ARCHITECTURE §4 `socketio`).
+//! Contract validation of the cloud protocol's commands (the `socketio` upstream,
+//! `sidecar/README.md`).
 //!
 //! Every command the platform sends is checked against a declared [`Contract`] before it runs:
 //! required fields, their types (number, string, non-empty string, ISO-8601 date, boolean,

@@ -338,7 +338,8 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Fra
     rmpv::ext::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
-/// The `heartbeat` notification's payload (ARCHITECTURE §5), sent every heartbeat interval.
+/// The `heartbeat` notification's payload, sent every heartbeat interval (`docs/architecture.md`,
+/// "Control channel").
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Heartbeat {
     pub agent_id: String,

@@ -1,5 +1,5 @@
-//! Frames of the sidecar's optional TCP listener (seed 004 "SecureAgentMessaging", with the
-//! framing, auth and acknowledgements the seed lacks). No I/O happens here: the listener feeds
+//! Frames of the sidecar's optional TCP listener (the "SecureAgentMessaging" frame shape, with
+//! the framing, auth and acknowledgements it lacked). No I/O happens here: the listener feeds
 //! bytes in and gets typed frames or errors out, and builds its replies with the `write_*`
 //! functions, so the fuzz target exercises exactly this code.
 //!
@@ -16,7 +16,7 @@
 //!
 //! | type | payload | answer |
 //! |---|---|---|
-//! | `data` | an app socket message (`{"msg_type":"publish",…}`, ARCHITECTURE §3) | `ack` once appended to the spool, else `error` |
+//! | `data` | an app socket message (`{"msg_type":"publish",…}`, see `docs/architecture.md`) | `ack` once appended to the spool, else `error` |
 //! | `ping` | anything | `pong` with the same id |
 //! | `pong`, `keepalive` | anything | none (they only prove the peer is alive) |
 //! | `close` | anything | `close`, then the sidecar closes the connection |

@@ -1,4 +1,5 @@
-//! A platform test server: the three endpoints of ARCHITECTURE §4 `http`, on 127.0.0.1:0,
+//! A platform test server: the three endpoints of the `http` upstream (`docs/architecture.md`,
+//! "Upstream"), on 127.0.0.1:0,
 //! plain HTTP, with fault injection.
 //!
 //! - `POST /entities/messages`: JSON array, appended to [`PlatformServer::received`].
