@@ -131,6 +131,30 @@ async fn start_sidecar(f: &Fleet, pod: &Pod, label: &str) -> Result<LocalSidecar
     run_sidecar(&f.client, pod, &binary, &workdir).await
 }
 
+/// Points the gateway at `url` and waits until its ConfigMap has it (pods created after this
+/// start with it).
+async fn set_upstream_url(f: &Fleet, url: &str) -> Result<()> {
+    nanogate_e2e::agentgateways(&f.client, f.ns.name())
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"upstream": {"url": url}}})),
+        )
+        .await?;
+    wait_for(
+        "the reconciler to apply the new URL",
+        Duration::from_secs(30),
+        || async {
+            Ok(agent_config(&f.client, f.ns.name())
+                .await?
+                .values()
+                .any(|v| v.contains(url))
+                .then_some(()))
+        },
+    )
+    .await
+}
+
 async fn sidecars(f: &Fleet) -> Result<Value> {
     Ok(nanogate_e2e::agentgateways(&f.client, f.ns.name())
         .get("shop")
@@ -292,25 +316,8 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     let f = fleet("rates").await?;
     let platform = nanogate_tests::platform::PlatformServer::start_with_key("e2e-key").await?;
     let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
-    api.patch(
-        "shop",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"upstream": {"url": platform.url()}}})),
-    )
-    .await?;
     // The pod is created after the change, so its sidecar starts with the platform's URL.
-    wait_for(
-        "the reconciler to apply the new URL",
-        Duration::from_secs(30),
-        || async {
-            Ok(agent_config(&f.client, f.ns.name())
-                .await?
-                .values()
-                .any(|v| v.contains(&platform.url()))
-                .then_some(()))
-        },
-    )
-    .await?;
+    set_upstream_url(&f, &platform.url()).await?;
     let pod = injected_pod(&f, "app-1").await?;
     let agent = start_sidecar(&f, &pod, "app-1").await?;
     wait_for(
@@ -400,24 +407,7 @@ async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
         .port();
     let url = format!("http://127.0.0.1:{closed}");
     let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
-    api.patch(
-        "shop",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"upstream": {"url": url}}})),
-    )
-    .await?;
-    wait_for(
-        "the reconciler to apply the new URL",
-        Duration::from_secs(30),
-        || async {
-            Ok(agent_config(&f.client, f.ns.name())
-                .await?
-                .values()
-                .any(|v| v.contains(&url))
-                .then_some(()))
-        },
-    )
-    .await?;
+    set_upstream_url(&f, &url).await?;
     let pod = injected_pod(&f, "app-1").await?;
     let mut agent = start_sidecar(&f, &pod, "app-1").await?;
     let reachable = |status: &Value| -> (String, String, String) {

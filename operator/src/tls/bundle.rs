@@ -413,14 +413,15 @@ pub fn next_check(bundle: &CertBundle, now: u64, check_interval: Duration) -> Du
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tls::CertResolver;
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use std::sync::Arc;
 
-    fn cfg() -> CertConfig {
+    /// The configuration the tests of this module and of `rotation` issue for.
+    pub(crate) fn cfg() -> CertConfig {
         let mut cfg = CertConfig::new("nanogate-system", "nanogate-webhook");
         cfg.extra_dns = vec!["localhost".into()];
         cfg.extra_ips = vec!["127.0.0.1".parse().unwrap()];

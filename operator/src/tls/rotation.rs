@@ -224,16 +224,10 @@ pub async fn run_rotation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::bundle::tests::cfg;
     use k8s_openapi::ByteString;
     use serde_json::json;
     use std::time::Duration;
-
-    fn cfg() -> CertConfig {
-        let mut cfg = CertConfig::new("nanogate-system", "nanogate-webhook");
-        cfg.extra_dns = vec!["localhost".into()];
-        cfg.extra_ips = vec!["127.0.0.1".parse().unwrap()];
-        cfg
-    }
 
     /// Kubernetes API interactions against a mocked API server (`tower_test`): each step
     /// asserts method, path and body, then answers as the API server would.

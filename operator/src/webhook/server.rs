@@ -16,18 +16,6 @@ use tokio_rustls::TlsAcceptor;
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("no certificate found in the PEM data")]
-    NoCertificate,
-    #[error("no private key found in the PEM data")]
-    NoPrivateKey,
-    #[error("unreadable PEM: {0}")]
-    Pem(#[from] io::Error),
-    #[error("unusable private key: {0}")]
-    Key(#[from] rustls::Error),
-}
-
 /// Serve `router` over TLS on `listener` until `shutdown` completes. Each connection is its
 /// own task; a failed handshake only ends that connection. After `shutdown`, no new
 /// connections are accepted; requests in flight finish on their tasks.
