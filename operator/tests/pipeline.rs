@@ -79,27 +79,9 @@ fn crd_schema_defaults_equal_rust_defaults() {
 fn minimal_config_is_golden() {
     let gw = fixture("minimal.yaml");
     let cfg = sidecar_config(&gw.spec).unwrap();
-    let want = serde_json::json!({
-        "version": 1,
-        "upstream": {
-            "kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000, "msg_check_cache_ms": 100,
-            "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false
-        },
-        "batching": {
-            "flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
-            "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
-            "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
-            "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000
-        },
-        "delivery": {
-            "spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
-            "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
-            "overflow_policy": "reject"
-        },
-        "socket": { "path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10 },
-        "heartbeat_interval_ms": 5000,
-        "log_level": "info"
-    });
+    // The same file the agent's config reader is tested with: one contract.
+    let want: serde_json::Value =
+        serde_json::from_str(nanogate_protocol::sidecar_config::DEFAULTS_FILE).unwrap();
     let got: serde_json::Value = serde_json::from_str(&cfg.to_file()).unwrap();
     assert_eq!(got, want);
     // Readable as YAML too (JSON is YAML).

@@ -260,30 +260,32 @@ impl SidecarConfig {
     }
 }
 
+/// The file the operator writes for a gateway with every default: tests on both sides pin it
+/// (the operator's in `operator/tests/pipeline.rs`, the agent's in its config reader).
+#[doc(hidden)]
+pub const DEFAULTS_FILE: &str = r#"{
+  "version": 1,
+  "upstream": {"kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000, "msg_check_cache_ms": 100,
+               "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false},
+  "batching": {"flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
+               "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
+               "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
+               "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000},
+  "delivery": {"spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
+               "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
+               "overflow_policy": "reject"},
+  "socket": {"path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10},
+  "heartbeat_interval_ms": 5000,
+  "log_level": "info"
+}"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The file the operator writes for a gateway with defaults.
-    const MINIMAL: &str = r#"{
-      "version": 1,
-      "upstream": {"kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000, "msg_check_cache_ms": 100,
-                   "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false},
-      "batching": {"flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
-                   "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
-                   "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
-                   "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000},
-      "delivery": {"spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
-                   "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
-                   "overflow_policy": "reject"},
-      "socket": {"path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10},
-      "heartbeat_interval_ms": 5000,
-      "log_level": "info"
-    }"#;
-
     #[test]
     fn a_file_reads_and_writes_back_the_same() {
-        let file = SidecarConfig::from_json(MINIMAL).unwrap();
+        let file = SidecarConfig::from_json(DEFAULTS_FILE).unwrap();
         assert_eq!(file.upstream.kind, "http");
         assert_eq!(file.delivery.overflow_policy, OverflowPolicy::Reject);
         assert_eq!(file.log_level, LogLevel::Info);
@@ -291,7 +293,7 @@ mod tests {
         assert_eq!(again, file);
         assert_eq!(again.hash(), file.hash());
         assert_eq!(file.hash().len(), 8);
-        let every_enum = MINIMAL
+        let every_enum = DEFAULTS_FILE
             .replace(r#""kind": "http""#, r#""kind": "socketio""#)
             .replace(r#""reject""#, r#""dropOldest""#)
             .replace(r#""info""#, r#""trace""#);
@@ -313,15 +315,16 @@ mod tests {
     #[test]
     fn other_versions_and_unknown_settings_are_refused_by_name() {
         let error = |text: &str| SidecarConfig::from_json(text).unwrap_err().to_string();
-        let e = error(&MINIMAL.replace(r#""version": 1"#, r#""version": 2"#));
+        let e = error(&DEFAULTS_FILE.replace(r#""version": 1"#, r#""version": 2"#));
         assert!(e.contains("version 2") && e.contains("upgrade"), "{e}");
-        let e = error(&MINIMAL.replace(r#""version": 1,"#, ""));
+        let e = error(&DEFAULTS_FILE.replace(r#""version": 1,"#, ""));
         assert!(e.contains("`version`"), "{e}");
-        let e = error(&MINIMAL.replace(r#""max_tags": 10"#, r#""max_tags": 10, "max_tagz": 1"#));
+        let e =
+            error(&DEFAULTS_FILE.replace(r#""max_tags": 10"#, r#""max_tags": 10, "max_tagz": 1"#));
         assert!(e.contains("max_tagz"), "{e}");
-        let e = error(&MINIMAL.replace(r#""reject""#, r#""dropNewest""#));
+        let e = error(&DEFAULTS_FILE.replace(r#""reject""#, r#""dropNewest""#));
         assert!(e.contains("dropNewest") && e.contains("dropOldest"), "{e}");
-        let e = error(&MINIMAL.replace(r#""heartbeat_interval_ms": 5000,"#, ""));
+        let e = error(&DEFAULTS_FILE.replace(r#""heartbeat_interval_ms": 5000,"#, ""));
         assert!(e.contains("heartbeat_interval_ms"), "{e}");
     }
 }

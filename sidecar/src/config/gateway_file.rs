@@ -156,23 +156,8 @@ pub fn apply(
 mod tests {
     use super::*;
 
-    /// The file the operator writes for a gateway with defaults (operator/tests/pipeline.rs
-    /// pins the same content on the operator side).
-    const MINIMAL: &str = r#"{
-      "version": 1,
-      "upstream": {"kind": "http", "url": "https://app.tendrl.com/api", "timeout_ms": 10000, "msg_check_cache_ms": 100,
-                   "api_key_env": "TENDRL_KEY", "insecure_skip_verify": false},
-      "batching": {"flush_interval_ms": 250, "batch_size": 10, "min_batch_size": 10,
-                   "max_batch_size": 200, "scale_factor": 0.5, "max_queue_size": 1000,
-                   "target_cpu_percent": 70.0, "target_mem_percent": 80.0,
-                   "min_batch_interval_ms": 100, "max_batch_interval_ms": 1000},
-      "delivery": {"spool_size_limit_bytes": 67108864, "sync_interval_ms": 1000,
-                   "retry_initial_backoff_ms": 250, "retry_max_backoff_ms": 30000,
-                   "overflow_policy": "reject"},
-      "socket": {"path": "/var/lib/tendrl/tendrl_agent.sock", "max_message_size": 1048576, "max_tags": 10},
-      "heartbeat_interval_ms": 5000,
-      "log_level": "info"
-    }"#;
+    /// The file the operator writes for a gateway with defaults.
+    const MINIMAL: &str = nanogate_protocol::sidecar_config::DEFAULTS_FILE;
 
     /// `file` with the `tcp` section the operator writes for `spec.tcpListener`.
     fn with_tcp(file: &str) -> String {
