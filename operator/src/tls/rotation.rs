@@ -99,36 +99,36 @@ pub async fn ensure_certificates(client: kube::Client, cfg: &CertConfig) -> Resu
     Err(CertError::Contended(what))
 }
 
+/// Each webhook's name and current `caBundle` in a webhook configuration. A macro: the two kinds
+/// hold their webhooks in different types with the same fields.
+macro_rules! webhook_bundles {
+    ($config:expr) => {
+        $config
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
+                )
+            })
+            .collect()
+    };
+}
+
 /// Set `caBundle` on every webhook of the configured Mutating/ValidatingWebhookConfigurations.
 /// A configuration that does not exist is skipped with a warning (e.g. a local run that
 /// registers webhooks itself).
 pub async fn patch_ca_bundles(client: kube::Client, cfg: &CertConfig, ca_pem: &str) -> Result<()> {
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     patch_ca_bundles_of(&mutating, &cfg.mutating_webhooks, ca_pem, |c| {
-        c.webhooks
-            .iter()
-            .flatten()
-            .map(|w| {
-                (
-                    w.name.clone(),
-                    w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
-                )
-            })
-            .collect()
+        webhook_bundles!(c)
     })
     .await?;
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client);
     patch_ca_bundles_of(&validating, &cfg.validating_webhooks, ca_pem, |c| {
-        c.webhooks
-            .iter()
-            .flatten()
-            .map(|w| {
-                (
-                    w.name.clone(),
-                    w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
-                )
-            })
-            .collect()
+        webhook_bundles!(c)
     })
     .await
 }

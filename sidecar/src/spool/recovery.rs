@@ -135,7 +135,6 @@ mod tests {
     use std::fs::{self, OpenOptions};
     use std::io::Write;
 
-    use super::super::format::{list_segments, seg_path};
     use super::super::test_support::*;
     use super::*;
 
@@ -170,11 +169,7 @@ mod tests {
 
     #[test]
     fn torn_tail_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(opts(dir.path())).unwrap();
-        append_n(&spool, 0, 3);
-        drop(spool);
-        let seg = seg_path(dir.path(), list_segments(dir.path()).unwrap()[0]);
+        let (dir, seg) = three_records_closed();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, b'{']).unwrap(); // half a record
         drop(f);
@@ -188,11 +183,7 @@ mod tests {
 
     #[test]
     fn corrupt_record_is_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(opts(dir.path())).unwrap();
-        append_n(&spool, 0, 3);
-        drop(spool);
-        let seg = seg_path(dir.path(), list_segments(dir.path()).unwrap()[0]);
+        let (dir, seg) = three_records_closed();
         let mut data = fs::read(&seg).unwrap();
         let n = data.len();
         data[n - 2] ^= 0xff; // flip a byte in the last record
@@ -203,12 +194,8 @@ mod tests {
 
     #[test]
     fn zeroed_region_is_corruption_for_recovery() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(opts(dir.path())).unwrap();
-        append_n(&spool, 0, 3);
-        drop(spool);
+        let (dir, seg) = three_records_closed();
         // A preallocated or hole-filled tail reads as zeros: [len 0][crc32("") = 0]...
-        let seg = seg_path(dir.path(), list_segments(dir.path()).unwrap()[0]);
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[0; 64]).unwrap();
         drop(f);

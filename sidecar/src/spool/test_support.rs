@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use super::format::seg_path;
+use super::format::{list_segments, seg_path};
 use super::{Overflow, PendingBatch, RecordBuf, Spool, SpoolOptions, SpoolReader};
 
 pub(super) fn opts(dir: &Path) -> SpoolOptions {
@@ -39,4 +39,14 @@ pub(super) fn ids(b: &PendingBatch) -> Vec<u64> {
 
 pub(super) fn seg_file(dir: &Path, seq: u64) -> u64 {
     fs::metadata(seg_path(dir, seq)).unwrap().len()
+}
+
+/// A spool in a new directory holding records 0..3, closed; and its one segment's path.
+pub(super) fn three_records_closed() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(opts(dir.path())).unwrap();
+    append_n(&spool, 0, 3);
+    drop(spool);
+    let seg = seg_path(dir.path(), list_segments(dir.path()).unwrap()[0]);
+    (dir, seg)
 }
