@@ -50,6 +50,7 @@ fn lookup() -> StaticLookup {
     StaticLookup {
         namespace_labels: BTreeMap::from([("apps".to_string(), BTreeMap::new())]),
         gateways: BTreeMap::from([("apps".to_string(), vec![gw])]),
+        ..Default::default()
     }
 }
 

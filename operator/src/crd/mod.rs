@@ -24,8 +24,8 @@ mod units;
 mod validate;
 
 pub use status::*;
-pub use units::{parse_bytes, parse_duration};
-pub use validate::{FieldError, join_errors, validate};
+pub use units::{parse_bytes, parse_duration, parse_quantity};
+pub use validate::{FieldError, join_errors, validate, validate_gateway};
 
 /// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
 pub fn crd_yaml() -> anyhow::Result<String> {
