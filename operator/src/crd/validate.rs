@@ -140,14 +140,13 @@ impl Checker {
         }
     }
 
-    fn secret_key(&mut self, field: &str, sel: &SecretKeySelector) {
-        self.secret_name(field, &sel.name);
-        if !is_config_key(&sel.key) {
+    fn secret_key(&mut self, field: &str, name: &str, key: &str) {
+        self.secret_name(field, name);
+        if !is_config_key(key) {
             self.fail(
                 &format!("{field}.key"),
                 format!(
-                    "{field}.key ({:?}) must be a valid Secret key (letters, digits, '-', '_' or '.')",
-                    sel.key
+                    "{field}.key ({key:?}) must be a valid Secret key (letters, digits, '-', '_' or '.')"
                 ),
             );
         }
@@ -315,10 +314,14 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
             ),
         );
     }
-    c.secret_key("spec.upstream.apiKeySecretRef", &u.api_key_secret_ref);
+    c.secret_key(
+        "spec.upstream.apiKeySecretRef",
+        &u.api_key_secret_ref.name,
+        &u.api_key_secret_ref.key,
+    );
     if let Some(tls) = &u.tls {
         if let Some(ca) = &tls.ca_secret_ref {
-            c.secret_key("spec.upstream.tls.caSecretRef", ca);
+            c.secret_key("spec.upstream.tls.caSecretRef", &ca.name, &ca.key);
         }
         if let Some(cert) = &tls.client_cert_secret_ref {
             c.secret_name("spec.upstream.tls.clientCertSecretRef", &cert.name);
@@ -375,7 +378,11 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         .as_ref()
         .and_then(|n| n.credentials_secret_ref.as_ref())
     {
-        c.secret_key("spec.upstream.nats.credentialsSecretRef", creds);
+        c.secret_key(
+            "spec.upstream.nats.credentialsSecretRef",
+            &creds.name,
+            &creds.key,
+        );
     }
     if let Some(n) = &u.nats {
         for (field, value, kind) in [
@@ -566,7 +573,11 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
     }
 
     if let Some(tcp) = &spec.tcp_listener {
-        c.secret_key("spec.tcpListener.tokenSecretRef", &tcp.token_secret_ref);
+        c.secret_key(
+            "spec.tcpListener.tokenSecretRef",
+            &tcp.token_secret_ref.name,
+            &tcp.token_secret_ref.key,
+        );
         c.secret_name("spec.tcpListener.tlsSecretRef", &tcp.tls_secret_ref.name);
         if !(1024..=65535).contains(&tcp.port) {
             c.fail(
