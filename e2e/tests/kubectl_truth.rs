@@ -5,7 +5,7 @@
 //! stored pods; `nanogate.io/inject` understands yes/no words and an opt-out always wins.
 //!
 //! The webhook runs in-process (as in `injection.rs`), scoped to each test's namespace by a
-//! label; the reconciler is the real `nanogate-operator` binary restricted to the namespace
+//! label; tests run kubectl synchronously, so their runtime has worker threads left to serve it; the reconciler is the real `nanogate-operator` binary restricted to the namespace
 //! (build it first: `cargo build -p nanogate-operator -p nanogate-sidecar --bins`).
 
 use std::io::Write;
@@ -216,7 +216,7 @@ fn condition(gw: &Value, ty: &str) -> Option<(String, String)> {
         })
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_the_field()
 -> Result<()> {
     let cp = ControlPlane::shared().await?;
@@ -281,7 +281,7 @@ async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_
 /// A gateway that got in while the webhook was down: `ConfigValid=False` naming the field; a
 /// pod asking for it is told (warning, annotation, event on the pod with its UID) that the
 /// gateway is invalid, and `PodsNotInjected` does not blame an unreachable webhook.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods() -> Result<()> {
     let cp = ControlPlane::shared().await?;
     nanogate_e2e::install_crd(cp)?;
@@ -386,7 +386,7 @@ async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods
 
 /// `Injected` is recorded on the stored pod (with its UID), never for a pod the apiserver
 /// refused after the webhook injected it.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_is_said_only_of_pods_the_apiserver_stored() -> Result<()> {
     let cp = ControlPlane::shared().await?;
     nanogate_e2e::install_crd(cp)?;
@@ -461,7 +461,7 @@ async fn injected_is_said_only_of_pods_the_apiserver_stored() -> Result<()> {
 
 /// `nanogate.io/inject` understands yes/no words in any case; an explicit opt-out wins over the
 /// namespace label; a value it does not understand is warned about and not injected.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inject_annotation_values_and_opt_out_over_the_namespace_label() -> Result<()> {
     let cp = ControlPlane::shared().await?;
     nanogate_e2e::install_crd(cp)?;
