@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
 use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
+use nanogate_operator::ServerOptions;
 use nanogate_operator::shutdown;
-use nanogate_operator::{ServerOptions, start};
 use serde_json::{Value, json};
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
@@ -105,16 +105,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
         webhook_cert_dir: None,
         webhook_cert_validity: cert_validity,
     };
-    let (stop, stopped) = shutdown::channel();
-    let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
-    start::start(
-        client.clone(),
-        &opts,
-        &prometheus::Registry::new(),
-        leader,
-        stopped,
-    )
-    .await?;
+    let stop = nanogate_e2e::start_servers(&client, &opts).await?;
 
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "platform-key"},

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kube::Client;
 use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
+use nanogate_operator::ServerOptions;
 use nanogate_operator::shutdown;
-use nanogate_operator::{ServerOptions, start};
 use serde_json::Value;
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
@@ -46,27 +46,13 @@ async fn serve_webhook(cp: &ControlPlane, client: &Client, ns: &str) -> Result<W
     let opts = ServerOptions {
         operator_namespace: operator_ns.name().to_string(),
         webhook_addr: Some(format!("127.0.0.1:{port}").parse()?),
-        webhook_service: "nanogate-webhook".into(),
         mutating_webhook_configs: vec![config_name.clone()],
         validating_webhook_configs: vec![config_name],
         extra_sans: vec!["127.0.0.1".into()],
-        hub_addr: None,
         hub_advertise: "127.0.0.1:7051".into(),
-        status_interval: Duration::from_secs(5),
-        native_sidecars: None,
-        webhook_cert_dir: None,
-        webhook_cert_validity: ServerOptions::default().webhook_cert_validity,
+        ..ServerOptions::default()
     };
-    let (stop, stopped) = shutdown::channel();
-    let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
-    start::start(
-        client.clone(),
-        &opts,
-        &prometheus::Registry::new(),
-        leader,
-        stopped,
-    )
-    .await?;
+    let stop = nanogate_e2e::start_servers(client, &opts).await?;
     // Served once the apiserver trusts the certificate (the operator patches the caBundle) and
     // both webhooks answer: a server-side dry run of a plain pod and of a valid gateway.
     let probes = [
@@ -96,22 +82,12 @@ async fn serve_webhook(cp: &ControlPlane, client: &Client, ns: &str) -> Result<W
 
 /// The real operator binary reconciling namespace `ns` only (no webhook, no hub).
 fn reconciler(cp: &ControlPlane, ns: &str) -> Result<Process> {
-    let args: Vec<String> = [
-        "run",
-        "--admin-addr",
-        &format!("127.0.0.1:{}", nanogate_e2e::free_port()?),
-        "--namespace",
-        ns,
-        "--lease-name",
-        "nanogate-operator",
-        "--lease-namespace",
-        ns,
-        "--identity",
-        "truth-0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let port = nanogate_e2e::free_port()?;
+    let args: Vec<String> =
+        format!("run --admin-addr 127.0.0.1:{port} --namespace {ns} --lease-namespace {ns}")
+            .split(' ')
+            .map(str::to_string)
+            .collect();
     Process::spawn_with_env(
         "operator-truth",
         &nanogate_e2e::workspace_binary("nanogate-operator")?,
@@ -201,6 +177,26 @@ async fn wait_injecting(cp: &ControlPlane, yaml: &str) -> Result<()> {
         },
     )
     .await
+}
+
+/// A namespace served by the webhooks, with the Secret and a valid gateway `shop`.
+async fn namespace_with_gateway(
+    prefix: &str,
+) -> Result<(&'static ControlPlane, Client, TestNamespace, Webhook)> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, prefix).await?;
+    let webhook = serve_webhook(cp, &client, ns.name()).await?;
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
+    )?;
+    if !out.ok {
+        bail!("applying gateway shop: {}", out.stderr);
+    }
+    Ok((cp, client, ns, webhook))
 }
 
 fn condition(gw: &Value, ty: &str) -> Option<(String, String)> {
@@ -388,17 +384,7 @@ async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods
 /// refused after the webhook injected it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_is_said_only_of_pods_the_apiserver_stored() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-injected").await?;
-    let _webhook = serve_webhook(cp, &client, ns.name()).await?;
-    let out = kubectl(
-        cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
-    )?;
-    assert!(out.ok, "{}", out.stderr);
+    let (cp, client, ns, _webhook) = namespace_with_gateway("truth-injected").await?;
     let good = pod_yaml(ns.name(), "stored", &[("nanogate.io/inject", "true")]);
     wait_injecting(cp, &good).await?;
 
@@ -463,17 +449,7 @@ async fn injected_is_said_only_of_pods_the_apiserver_stored() -> Result<()> {
 /// namespace label; a value it does not understand is warned about and not injected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inject_annotation_values_and_opt_out_over_the_namespace_label() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-values").await?;
-    let _webhook = serve_webhook(cp, &client, ns.name()).await?;
-    let out = kubectl(
-        cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
-    )?;
-    assert!(out.ok, "{}", out.stderr);
+    let (cp, _, ns, _webhook) = namespace_with_gateway("truth-values").await?;
     wait_injecting(
         cp,
         &pod_yaml(ns.name(), "probe", &[("nanogate.io/inject", "true")]),

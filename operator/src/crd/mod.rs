@@ -227,10 +227,10 @@ pub struct UpstreamSpec {
     pub nats: Option<NatsOptions>,
 }
 
-/// A reference to one key of a Secret in the gateway's namespace, as its own type so that its
+/// References to one key of a Secret in the gateway's namespace, each its own type so that its
 /// key defaults to what that Secret usually holds (`kubectl explain` shows each default).
-macro_rules! secret_key_ref {
-    ($(#[$doc:meta])* $name:ident, key default $default:literal, $default_fn:literal, $key_doc:literal) => {
+macro_rules! secret_key_refs {
+    ($($(#[$doc:meta])* $name:ident: $default:literal, $default_fn:literal, $key_doc:literal;)*) => {$(
         $(#[$doc])*
         #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
         #[serde(rename_all = "camelCase")]
@@ -248,29 +248,20 @@ macro_rules! secret_key_ref {
             /// The key this reference uses when none is given.
             pub const DEFAULT_KEY: &'static str = $default;
         }
-    };
+    )*};
 }
 
-secret_key_ref!(
+secret_key_refs! {
     /// The Secret and key holding the platform API key.
-    SecretKeySelector, key default "apiKey", "default_api_key_key",
-    "Key within the Secret. Default `apiKey`."
-);
-secret_key_ref!(
+    SecretKeySelector: "apiKey", "default_api_key_key", "Key within the Secret. Default `apiKey`.";
     /// The Secret and key holding a PEM CA bundle.
-    CaSecretKeySelector, key default "ca.crt", "default_ca_key",
-    "Key within the Secret. Default `ca.crt`."
-);
-secret_key_ref!(
+    CaSecretKeySelector: "ca.crt", "default_ca_key", "Key within the Secret. Default `ca.crt`.";
     /// The Secret and key holding the TCP listener's client token.
-    TokenSecretKeySelector, key default "token", "default_token_key",
-    "Key within the Secret. Default `token`."
-);
-secret_key_ref!(
+    TokenSecretKeySelector: "token", "default_token_key", "Key within the Secret. Default `token`.";
     /// The Secret and key holding a NATS credentials file.
-    CredentialsSecretKeySelector, key default "nats.creds", "default_credentials_key",
-    "Key within the Secret. Default `nats.creds`."
-);
+    CredentialsSecretKeySelector: "nats.creds", "default_credentials_key",
+        "Key within the Secret. Default `nats.creds`.";
+}
 
 /// A Secret in the gateway's namespace.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
