@@ -215,11 +215,12 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
             );
         }
     }
-    // The injection is recorded as an event on the pods' owner (the ReplicaSet).
+    // The pods had no name at admission, so the decision is recorded on their owner (the
+    // ReplicaSet), worded as a decision: the webhook cannot know the apiserver stored them.
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(s.client.clone(), s.ns.name());
     let injected = wait_for(
-        "Injected events on the ReplicaSet",
+        "InjectionDecided events on the ReplicaSet",
         Duration::from_secs(20),
         || {
             let events = events.clone();
@@ -228,7 +229,7 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
                 let found: Vec<_> = list
                     .items
                     .into_iter()
-                    .filter(|e| e.reason.as_deref() == Some("Injected"))
+                    .filter(|e| e.reason.as_deref() == Some("InjectionDecided"))
                     .filter(|e| {
                         e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ReplicaSet")
                     })
@@ -240,7 +241,7 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
     .await?;
     let note = injected[0].note.clone().unwrap_or_default();
     assert!(
-        note.contains("gateway shop"),
+        note.contains("will be injected") && note.contains("gateway shop"),
         "event says which gateway: {note}"
     );
     Ok(())
