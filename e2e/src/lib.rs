@@ -302,6 +302,25 @@ webhooks:
     )
 }
 
+/// Starts the operator's webhook (and certificates) in-process with `opts`, as `start::start`
+/// does in the binary; they stop when the returned trigger is fired or dropped.
+pub async fn start_servers(
+    client: &kube::Client,
+    opts: &nanogate_operator::ServerOptions,
+) -> Result<nanogate_operator::shutdown::Trigger> {
+    let (stop, stopped) = nanogate_operator::shutdown::channel();
+    let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
+    nanogate_operator::start::start(
+        client.clone(),
+        opts,
+        &prometheus::Registry::new(),
+        leader,
+        stopped,
+    )
+    .await?;
+    Ok(stop)
+}
+
 /// AgentGateways of namespace `ns`, untyped (tests see exactly what the apiserver stores).
 pub fn agentgateways(client: &kube::Client, ns: &str) -> kube::Api<kube::api::DynamicObject> {
     let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(

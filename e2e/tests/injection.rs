@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
 use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
+use nanogate_operator::ServerOptions;
 use nanogate_operator::shutdown;
-use nanogate_operator::{ServerOptions, start};
 use serde_json::{Value, json};
 
 const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
@@ -105,16 +105,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
         webhook_cert_dir: None,
         webhook_cert_validity: cert_validity,
     };
-    let (stop, stopped) = shutdown::channel();
-    let leader = prometheus::IntGauge::new("leader", "test").context("gauge")?;
-    start::start(
-        client.clone(),
-        &opts,
-        &prometheus::Registry::new(),
-        leader,
-        stopped,
-    )
-    .await?;
+    let stop = nanogate_e2e::start_servers(&client, &opts).await?;
 
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "platform-key"},
@@ -224,11 +215,12 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
             );
         }
     }
-    // The injection is recorded as an event on the pods' owner (the ReplicaSet).
+    // The pods had no name at admission, so the decision is recorded on their owner (the
+    // ReplicaSet), worded as a decision: the webhook cannot know the apiserver stored them.
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(s.client.clone(), s.ns.name());
     let injected = wait_for(
-        "Injected events on the ReplicaSet",
+        "InjectionDecided events on the ReplicaSet",
         Duration::from_secs(20),
         || {
             let events = events.clone();
@@ -237,7 +229,7 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
                 let found: Vec<_> = list
                     .items
                     .into_iter()
-                    .filter(|e| e.reason.as_deref() == Some("Injected"))
+                    .filter(|e| e.reason.as_deref() == Some("InjectionDecided"))
                     .filter(|e| {
                         e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ReplicaSet")
                     })
@@ -249,7 +241,7 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
     .await?;
     let note = injected[0].note.clone().unwrap_or_default();
     assert!(
-        note.contains("gateway shop"),
+        note.contains("will be injected") && note.contains("gateway shop"),
         "event says which gateway: {note}"
     );
     Ok(())

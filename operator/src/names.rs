@@ -10,8 +10,13 @@
 /// API group of our resources.
 pub const GROUP: &str = "nanogate.io";
 
-/// Pod annotation that opts a pod in (`"true"`) or out (`"false"`, which always wins).
+/// Pod annotation that opts a pod in (`true`, `yes`, `enabled`, `on`) or out (`false`, `no`,
+/// `disabled`, `off`, which always win), any case; another value is warned about and not
+/// injected (`gateway::membership::parse_inject_value`).
 pub const INJECT_ANNOTATION: &str = "nanogate.io/inject";
+/// Annotation the webhook writes on a pod that asked for a sidecar and did not get one: why.
+/// The reconciler tells these pods apart from pods that never met the webhook.
+pub const INJECTION_SKIPPED_ANNOTATION: &str = "nanogate.io/injection-skipped";
 /// Namespace label that opts every pod of the namespace in (value
 /// [`NAMESPACE_INJECTION_ENABLED`]).
 pub const NAMESPACE_INJECTION_LABEL: &str = "nanogate.io/injection";
@@ -102,6 +107,8 @@ pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
 /// Audience and lifetime of the projected service-account token presented to the hub.
 pub const HUB_TOKEN_AUDIENCE: &str = "nanogate-hub";
 pub const HUB_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+/// The sidecar's admin port (`/metrics`, `/healthz`, `/readyz`).
+pub const SIDECAR_ADMIN_PORT: u16 = 9091;
 /// Names of the sidecar's container ports.
 pub const ADMIN_PORT_NAME: &str = "nanogate-admin";
 pub const TCP_PORT_NAME: &str = "nanogate-tcp";

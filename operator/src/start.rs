@@ -112,7 +112,7 @@ pub async fn start(
         let validator = |object: &serde_json::Value| -> Result<(), Vec<String>> {
             let gateway: AgentGateway = serde_json::from_value(object.clone())
                 .map_err(|e| vec![format!("not an AgentGateway: {e}")])?;
-            crate::crd::validate(&gateway.spec)
+            crate::crd::validate_gateway(&gateway)
                 .map_err(|errors| errors.iter().map(|e| e.to_string()).collect())
         };
         let state = WebhookState::new(

@@ -50,6 +50,7 @@ fn lookup() -> StaticLookup {
     StaticLookup {
         namespace_labels: BTreeMap::from([("apps".to_string(), BTreeMap::new())]),
         gateways: BTreeMap::from([("apps".to_string(), vec![gw])]),
+        ..Default::default()
     }
 }
 
@@ -247,17 +248,48 @@ async fn mutate_injects_a_pod_and_the_patch_applies() {
 async fn mutate_skips_with_named_reasons() {
     let (h, _) = start().await;
     let tls = connector(&h.ca);
-    for (file, reason) in [
-        ("pod-create-not-opted-in.json", "not_opted_in"),
-        ("pod-create-host-network.json", "host_network"),
+    for (file, reason, asked) in [
+        ("pod-create-not-opted-in.json", "not_opted_in", false),
+        ("pod-create-host-network.json", "host_network", true),
     ] {
         let body = fixture(file);
         let (_, review, _) = post(h.addr, &tls, "/mutate", body.clone()).await.unwrap();
         let resp = &review["response"];
         assert_eq!(resp["uid"], uid_of(&body), "{file}");
         assert_eq!(resp["allowed"], true, "{file}");
-        assert!(resp.get("patch").is_none(), "{file}");
         assert_eq!(metric(&h.registry, "skipped", reason), 1, "{file}");
+        if !asked {
+            assert!(resp.get("patch").is_none(), "{file}");
+            assert!(resp.get("warnings").is_none(), "{file}");
+            continue;
+        }
+        // A pod that asked for a sidecar is told why it gets none (a warning), and the reason
+        // is written on it; nothing else changes.
+        let warning = resp["warnings"][0].as_str().unwrap_or_default();
+        assert!(
+            warning.starts_with("nanogate: sidecar not injected: ")
+                && warning.contains("hostNetwork"),
+            "{file}: {resp}"
+        );
+        let mut pod = serde_json::from_slice::<Value>(&body).unwrap()["request"]["object"].clone();
+        let before = pod.clone();
+        let patch: json_patch::Patch = serde_json::from_value(decode_patch(resp)).unwrap();
+        json_patch::patch(&mut pod, &patch).unwrap();
+        let skipped = pod["metadata"]["annotations"]["nanogate.io/injection-skipped"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(skipped.contains("hostNetwork"), "{file}: {pod}");
+        pod["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove("nanogate.io/injection-skipped");
+        if before["metadata"].get("annotations").is_none() {
+            pod["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("annotations");
+        }
+        assert_eq!(pod, before, "{file}: only the annotation is added");
     }
 }
 

@@ -48,6 +48,7 @@ fn state() -> WebhookState {
     let lookup = StaticLookup {
         namespace_labels: BTreeMap::from([("apps".to_string(), BTreeMap::new())]),
         gateways: BTreeMap::from([("apps".to_string(), vec![gw])]),
+        ..Default::default()
     };
     WebhookState::new(
         Arc::new(lookup),

@@ -23,7 +23,7 @@ use crate::crd::AgentGateway;
 use crate::gateway::membership::{
     self, Scope, belongs, namespace_opted_in, pod_opt_in, requested_gateway,
 };
-use crate::names::{REPAIR_ANNOTATION, RESTARTED_AT_ANNOTATION};
+use crate::names::{INJECTION_SKIPPED_ANNOTATION, REPAIR_ANNOTATION, RESTARTED_AT_ANNOTATION};
 
 fn is_injected(meta: &ObjectMeta) -> bool {
     membership::is_injected(meta.annotations.as_ref())
@@ -65,28 +65,57 @@ impl Census {
         i32::try_from(self.not_injected.len()).unwrap_or(i32::MAX)
     }
 
-    /// The `PodsNotInjected` event text: how many, which, and what to do.
+    /// The `PodsNotInjected` event text: how many, which, why, and what to do. A pod the
+    /// webhook skipped on purpose carries its reason (`nanogate.io/injection-skipped`); only the
+    /// others can have been admitted without the webhook.
     pub fn event_note(&self, repair_enabled: bool) -> String {
-        let names: Vec<&str> = self
+        let list = |pods: &[&ObjectMeta]| {
+            let names: Vec<&str> = pods
+                .iter()
+                .take(NAMED_PODS)
+                .filter_map(|m| m.name.as_deref())
+                .collect();
+            let more = pods.len().saturating_sub(names.len());
+            if more > 0 {
+                format!("{} and {more} more", names.join(", "))
+            } else {
+                names.join(", ")
+            }
+        };
+        let skip_reason = |m: &ObjectMeta| {
+            m.annotations
+                .as_ref()
+                .and_then(|a| a.get(INJECTION_SKIPPED_ANNOTATION))
+                .cloned()
+        };
+        let (skipped, unseen): (Vec<&ObjectMeta>, Vec<&ObjectMeta>) = self
             .not_injected
             .iter()
-            .take(NAMED_PODS)
-            .filter_map(|m| m.name.as_deref())
-            .collect();
-        let more = self.not_injected.len().saturating_sub(names.len());
-        let list = if more > 0 {
-            format!("{} and {more} more", names.join(", "))
-        } else {
-            names.join(", ")
-        };
+            .partition(|m| skip_reason(m).is_some());
+        let mut parts = Vec::new();
+        if let Some(first) = skipped.first().and_then(|m| skip_reason(m)) {
+            parts.push(format!(
+                "{} skipped by the webhook, each for the reason in its {INJECTION_SKIPPED_ANNOTATION} annotation (first: {first}): {}",
+                skipped.len(),
+                list(&skipped)
+            ));
+        }
+        if !unseen.is_empty() {
+            parts.push(format!(
+                "{} admitted without the webhook's decision (it was unreachable or not yet installed): {}",
+                unseen.len(),
+                list(&unseen)
+            ));
+        }
         let action = if repair_enabled {
             "the operator restarts their Deployments (nanogate.io/repair: rollout)"
         } else {
-            "restart their workloads, or annotate the gateway with nanogate.io/repair=rollout to have the operator do it"
+            "once the cause is fixed, restart their workloads, or annotate the gateway with nanogate.io/repair=rollout to have the operator do it"
         };
         format!(
-            "{} pod(s) opted in but run without a sidecar, probably admitted while the webhook was unreachable: {list}; {action}",
-            self.not_injected.len()
+            "{} pod(s) opted in but run without a sidecar: {}; {action}",
+            self.not_injected.len(),
+            parts.join("; ")
         )
     }
 }
@@ -297,6 +326,29 @@ mod tests {
                 .event_note(true)
                 .contains("the operator restarts their Deployments")
         );
+        assert!(
+            note.contains("admitted without the webhook's decision"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn pods_the_webhook_skipped_are_not_blamed_on_an_unreachable_webhook() {
+        let pods = [pod(
+            "skipped",
+            &[
+                ("nanogate.io/inject", "true"),
+                ("nanogate.io/gateway", "shop"),
+                (
+                    INJECTION_SKIPPED_ANNOTATION,
+                    "the AgentGateway \"shop\" is invalid (…)",
+                ),
+            ],
+        )];
+        let note = Census::of(pods, "shop", Scope::default()).event_note(false);
+        assert!(note.contains("1 skipped by the webhook"), "{note}");
+        assert!(note.contains("is invalid"), "{note}");
+        assert!(!note.contains("unreachable"), "{note}");
     }
 
     #[test]

@@ -24,8 +24,8 @@ mod units;
 mod validate;
 
 pub use status::*;
-pub use units::{parse_bytes, parse_duration};
-pub use validate::{FieldError, join_errors, validate};
+pub use units::{parse_bytes, parse_duration, parse_quantity};
+pub use validate::{FieldError, join_errors, validate, validate_gateway};
 
 /// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
 pub fn crd_yaml() -> anyhow::Result<String> {
@@ -160,7 +160,7 @@ pub struct TcpListenerSpec {
     pub keepalive_timeout: String,
     /// Secret and key holding the token clients present in their first frame
     /// (`{"type":"auth","token":…}`). Required.
-    pub token_secret_ref: SecretKeySelector,
+    pub token_secret_ref: TokenSecretKeySelector,
     /// Secret of type `kubernetes.io/tls` (`tls.crt`, `tls.key`) the listener serves. Required.
     pub tls_secret_ref: SecretReference,
 }
@@ -227,17 +227,40 @@ pub struct UpstreamSpec {
     pub nats: Option<NatsOptions>,
 }
 
-/// A key in a Secret in the gateway's namespace.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretKeySelector {
-    /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
-    pub name: String,
-    /// Key within the Secret. Default `apiKey`.
-    #[serde(default = "default_api_key_key")]
-    #[schemars(length(min = 1, max = 253))]
-    pub key: String,
+/// References to one key of a Secret in the gateway's namespace, each its own type so that its
+/// key defaults to what that Secret usually holds (`kubectl explain` shows each default).
+macro_rules! secret_key_refs {
+    ($($(#[$doc:meta])* $name:ident: $default:literal, $default_fn:literal, $key_doc:literal;)*) => {$(
+        $(#[$doc])*
+        #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct $name {
+            /// Name of the Secret.
+            #[schemars(length(min = 1, max = 253))]
+            pub name: String,
+            #[doc = $key_doc]
+            #[serde(default = $default_fn)]
+            #[schemars(length(min = 1, max = 253))]
+            pub key: String,
+        }
+
+        impl $name {
+            /// The key this reference uses when none is given.
+            pub const DEFAULT_KEY: &'static str = $default;
+        }
+    )*};
+}
+
+secret_key_refs! {
+    /// The Secret and key holding the platform API key.
+    SecretKeySelector: "apiKey", "default_api_key_key", "Key within the Secret. Default `apiKey`.";
+    /// The Secret and key holding a PEM CA bundle.
+    CaSecretKeySelector: "ca.crt", "default_ca_key", "Key within the Secret. Default `ca.crt`.";
+    /// The Secret and key holding the TCP listener's client token.
+    TokenSecretKeySelector: "token", "default_token_key", "Key within the Secret. Default `token`.";
+    /// The Secret and key holding a NATS credentials file.
+    CredentialsSecretKeySelector: "nats.creds", "default_credentials_key",
+        "Key within the Secret. Default `nats.creds`.";
 }
 
 /// A Secret in the gateway's namespace.
@@ -256,7 +279,7 @@ pub struct UpstreamTls {
     /// Secret and key holding a PEM CA bundle to trust instead of the system roots.
     /// Default: none (system roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_secret_ref: Option<SecretKeySelector>,
+    pub ca_secret_ref: Option<CaSecretKeySelector>,
     /// Secret of type `kubernetes.io/tls` (`tls.crt`, `tls.key`) presented as the client
     /// certificate (mTLS). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,7 +329,7 @@ pub struct NatsOptions {
     /// Secret and key holding a NATS credentials file (`.creds`: JWT and NKey seed), mounted
     /// into the sidecar. Default: none; the API key is then sent as a NATS token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_secret_ref: Option<SecretKeySelector>,
+    pub credentials_secret_ref: Option<CredentialsSecretKeySelector>,
 }
 
 /// Dynamic batch sizing (Tendrl client configuration).
@@ -554,7 +577,16 @@ fn default_upstream_url() -> String {
     "https://app.tendrl.com/api".into()
 }
 fn default_api_key_key() -> String {
-    "apiKey".into()
+    SecretKeySelector::DEFAULT_KEY.into()
+}
+fn default_ca_key() -> String {
+    CaSecretKeySelector::DEFAULT_KEY.into()
+}
+fn default_token_key() -> String {
+    TokenSecretKeySelector::DEFAULT_KEY.into()
+}
+fn default_credentials_key() -> String {
+    CredentialsSecretKeySelector::DEFAULT_KEY.into()
 }
 fn default_upstream_timeout() -> String {
     "10s".into()

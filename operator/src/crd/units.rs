@@ -1,4 +1,4 @@
-//! Duration and byte-size strings as users write them in a gateway spec.
+//! Duration, byte-size and Kubernetes quantity strings as users write them in a gateway spec.
 
 use std::time::Duration;
 
@@ -70,6 +70,59 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Parse a Kubernetes resource quantity (`10m`, `64Mi`, `1.5`, `2e3`) the way the API server
+/// reads one: a signed decimal number, then one optional suffix, binary (`Ki` … `Ei`), decimal
+/// (`n u m k M G T P E`) or an exponent (`e3`, `E-2`). The value is returned as a float, which
+/// is exact enough to compare a request with a limit.
+pub fn parse_quantity(s: &str) -> Result<f64, String> {
+    let bad = || format!("{s:?} is not a Kubernetes quantity such as \"50m\" or \"64Mi\"");
+    let (sign, body) = match s.strip_prefix('-') {
+        Some(rest) => (-1.0, rest),
+        None => (1.0, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let number_end = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (number, suffix) = body.split_at(number_end);
+    if !number.chars().any(|c| c.is_ascii_digit()) || number.matches('.').count() > 1 {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let factor = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exp => {
+            let digits = exp.strip_prefix(['e', 'E']).ok_or_else(bad)?;
+            let unsigned = digits.strip_prefix(['+', '-']).unwrap_or(digits);
+            if unsigned.is_empty() || !unsigned.chars().all(|c| c.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let e: i32 = digits.parse().map_err(|_| bad())?;
+            10f64.powi(e)
+        }
+    };
+    let out = sign * value * factor;
+    if out.is_finite() {
+        Ok(out)
+    } else {
+        Err(format!("{s:?} is too large"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +145,28 @@ mod tests {
         assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
         assert_eq!(parse_bytes("1024").unwrap(), 1024);
         assert!(parse_bytes("1Ti").is_err());
+    }
+
+    #[test]
+    fn quantities_parse_like_the_api_server() {
+        for (ok, value) in [
+            ("10m", 0.01),
+            ("1", 1.0),
+            ("0.5", 0.5),
+            (".5", 0.5),
+            ("64Mi", 64.0 * 1024.0 * 1024.0),
+            ("1Gi", 1024.0 * 1024.0 * 1024.0),
+            ("1e3", 1000.0),
+            ("100k", 1e5),
+            ("2E-2", 0.02),
+            ("-1", -1.0),
+        ] {
+            assert_eq!(parse_quantity(ok), Ok(value), "{ok}");
+        }
+        for bad in [
+            "", "m", "banana", "lots", "10 m", "1.2.3", "64MB", "1e", "Mi", "1e+",
+        ] {
+            assert!(parse_quantity(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -5,6 +5,27 @@ use std::fmt;
 use std::time::Duration;
 
 use super::*;
+use crate::names::{
+    CONFIG_DIR, HUB_CA_DIR, NATS_CREDENTIALS_DIR, SIDECAR_ADMIN_PORT, TCP_TLS_DIR, TOKEN_DIR,
+    UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
+};
+
+/// The directories the injector mounts into the sidecar besides the socket's: the socket's
+/// directory must be none of them, nor inside or above one (the API server refuses a container
+/// with two mounts at one path, and a nested mount would hide the other).
+const SIDECAR_MOUNT_DIRS: [&str; 7] = [
+    CONFIG_DIR,
+    TOKEN_DIR,
+    HUB_CA_DIR,
+    UPSTREAM_CA_DIR,
+    UPSTREAM_CLIENT_CERT_DIR,
+    NATS_CREDENTIALS_DIR,
+    TCP_TLS_DIR,
+];
+
+/// The longest gateway name: it becomes the value of the pod label
+/// `nanogate.io/injected-gateway`, and label values are at most 63 characters.
+const MAX_GATEWAY_NAME: usize = 63;
 
 /// What a NATS option names, for [`nats_name_problem`].
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,12 +103,23 @@ impl Checker {
         });
     }
 
+    /// A duration that must be > 0. The sidecar receives whole milliseconds, so a value that
+    /// rounds down to 0 ms (`0.1ms`) would reach it as 0.
     fn duration(&mut self, field: &str, value: &str) -> Option<Duration> {
         match parse_duration(value) {
             Ok(d) if d.is_zero() => {
                 self.fail(
                     field,
                     format!("{field} ({value}) must be greater than zero"),
+                );
+                None
+            }
+            Ok(d) if d.as_millis() == 0 => {
+                self.fail(
+                    field,
+                    format!(
+                        "{field} ({value}) rounds to 0ms; the sidecar counts whole milliseconds, so use at least 1ms"
+                    ),
                 );
                 None
             }
@@ -108,22 +140,131 @@ impl Checker {
         }
     }
 
-    fn secret_key(&mut self, field: &str, sel: &SecretKeySelector) {
-        if !is_dns_subdomain(&sel.name) {
+    fn secret_key(&mut self, field: &str, name: &str, key: &str) {
+        self.secret_name(field, name);
+        if !is_config_key(key) {
             self.fail(
-                &format!("{field}.name"),
+                &format!("{field}.key"),
                 format!(
-                    "{field}.name ({:?}) must be a valid Secret name (lower-case DNS subdomain)",
-                    sel.name
+                    "{field}.key ({key:?}) must be a valid Secret key (letters, digits, '-', '_' or '.')"
                 ),
             );
         }
-        if sel.key.is_empty() {
+    }
+
+    fn secret_name(&mut self, field: &str, name: &str) {
+        if !is_dns_subdomain(name) {
             self.fail(
-                &format!("{field}.key"),
-                format!("{field}.key must not be empty"),
+                &format!("{field}.name"),
+                format!(
+                    "{field}.name ({name:?}) must be a valid Secret name (lower-case DNS subdomain)"
+                ),
             );
         }
+    }
+
+    /// `spec.sidecar.resources`, as the API server will check the injected container: only
+    /// `cpu` and `memory` (the injector copies nothing else), valid non-negative quantities,
+    /// and each request at most its limit.
+    fn resources(&mut self, r: &ResourceRequirements) {
+        const FIELD: &str = "spec.sidecar.resources";
+        let mut parsed = |section: &str, map: &Option<BTreeMap<String, Quantity>>| {
+            let mut values = BTreeMap::new();
+            for (name, q) in map.iter().flatten() {
+                let field = format!("{FIELD}.{section}.{name}");
+                if name != "cpu" && name != "memory" {
+                    self.fail(
+                        &field,
+                        format!("{field}: only cpu and memory can be set for the sidecar"),
+                    );
+                    continue;
+                }
+                match parse_quantity(&q.0) {
+                    Ok(v) if v < 0.0 => {
+                        self.fail(&field, format!("{field} ({}) must not be negative", q.0))
+                    }
+                    Ok(v) => {
+                        values.insert(name.clone(), (v, q.0.clone()));
+                    }
+                    Err(e) => self.fail(&field, format!("{field}: {e}")),
+                }
+            }
+            values
+        };
+        let requests = parsed("requests", &r.requests);
+        let limits = parsed("limits", &r.limits);
+        for (name, (request, request_text)) in &requests {
+            if let Some((limit, limit_text)) = limits.get(name)
+                && request > limit
+            {
+                let field = format!("{FIELD}.requests.{name}");
+                self.fail(
+                    &field,
+                    format!(
+                        "{field} ({request_text}) must be less than or equal to {FIELD}.limits.{name} ({limit_text})"
+                    ),
+                );
+            }
+        }
+        if r.claims.as_ref().is_some_and(|c| !c.is_empty()) {
+            self.fail(
+                &format!("{FIELD}.claims"),
+                format!("{FIELD}.claims: resource claims are not supported for the sidecar"),
+            );
+        }
+    }
+}
+
+/// A Secret or ConfigMap key as the API server accepts it (also the file name it is mounted as).
+fn is_config_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether a label value of `s` is valid (at most 63 characters, alphanumerics at the ends).
+fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && (s.is_empty()
+            || (s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())))
+}
+
+/// Whether directories `a` and `b` are the same, or one contains the other.
+fn dirs_overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+    let inside = |inner: &str, outer: &str| {
+        inner == outer
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|r| r.starts_with('/'))
+    };
+    inside(a, b) || inside(b, a)
+}
+
+/// [`validate`] plus the rules on the gateway's name: it is written into every injected pod
+/// (label `nanogate.io/injected-gateway`) and names its ConfigMap. The validating webhook and
+/// the reconciler both call this.
+pub fn validate_gateway(gateway: &AgentGateway) -> Result<(), Vec<FieldError>> {
+    let mut errors = validate(&gateway.spec).err().unwrap_or_default();
+    let name = gateway.metadata.name.as_deref().unwrap_or_default();
+    if !is_label_value(name) || name.len() > MAX_GATEWAY_NAME {
+        errors.push(FieldError {
+            field: "metadata.name".into(),
+            message: format!(
+                "metadata.name ({name:?}) must be at most {MAX_GATEWAY_NAME} characters: it becomes the value of the pod label nanogate.io/injected-gateway"
+            ),
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
     }
 }
 
@@ -173,21 +314,17 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
             ),
         );
     }
-    c.secret_key("spec.upstream.apiKeySecretRef", &u.api_key_secret_ref);
+    c.secret_key(
+        "spec.upstream.apiKeySecretRef",
+        &u.api_key_secret_ref.name,
+        &u.api_key_secret_ref.key,
+    );
     if let Some(tls) = &u.tls {
         if let Some(ca) = &tls.ca_secret_ref {
-            c.secret_key("spec.upstream.tls.caSecretRef", ca);
+            c.secret_key("spec.upstream.tls.caSecretRef", &ca.name, &ca.key);
         }
-        if let Some(cert) = &tls.client_cert_secret_ref
-            && !is_dns_subdomain(&cert.name)
-        {
-            c.fail(
-                "spec.upstream.tls.clientCertSecretRef.name",
-                format!(
-                    "spec.upstream.tls.clientCertSecretRef.name ({:?}) must be a valid Secret name",
-                    cert.name
-                ),
-            );
+        if let Some(cert) = &tls.client_cert_secret_ref {
+            c.secret_name("spec.upstream.tls.clientCertSecretRef", &cert.name);
         }
     }
     if let Some(t) = c.duration("spec.upstream.timeout", &u.timeout)
@@ -241,7 +378,11 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         .as_ref()
         .and_then(|n| n.credentials_secret_ref.as_ref())
     {
-        c.secret_key("spec.upstream.nats.credentialsSecretRef", creds);
+        c.secret_key(
+            "spec.upstream.nats.credentialsSecretRef",
+            &creds.name,
+            &creds.key,
+        );
     }
     if let Some(n) = &u.nats {
         for (field, value, kind) in [
@@ -391,7 +532,24 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         16 << 20,
     );
 
+    let socket_dir = s.path.rsplit_once('/').map(|(dir, _)| dir);
+    if let Some(dir) = SIDECAR_MOUNT_DIRS
+        .iter()
+        .find(|dir| socket_dir.is_some_and(|s| dirs_overlap(s, dir)))
+    {
+        {
+            c.fail(
+                "spec.socket.path",
+                format!(
+                    "spec.socket.path ({:?}) must not be in or above {dir}, where the sidecar mounts its own files",
+                    s.path
+                ),
+            );
+        }
+    }
+
     // sidecar
+    c.resources(&spec.sidecar.resources);
     let img = &spec.sidecar.image;
     if img.is_empty() || img.chars().any(char::is_whitespace) {
         c.fail(
@@ -415,6 +573,29 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
     }
 
     if let Some(tcp) = &spec.tcp_listener {
+        c.secret_key(
+            "spec.tcpListener.tokenSecretRef",
+            &tcp.token_secret_ref.name,
+            &tcp.token_secret_ref.key,
+        );
+        c.secret_name("spec.tcpListener.tlsSecretRef", &tcp.tls_secret_ref.name);
+        if !(1024..=65535).contains(&tcp.port) {
+            c.fail(
+                "spec.tcpListener.port",
+                format!(
+                    "spec.tcpListener.port ({}) must be between 1024 and 65535",
+                    tcp.port
+                ),
+            );
+        } else if tcp.port == i32::from(SIDECAR_ADMIN_PORT) {
+            c.fail(
+                "spec.tcpListener.port",
+                format!(
+                    "spec.tcpListener.port ({}) is the sidecar's admin port; choose another",
+                    tcp.port
+                ),
+            );
+        }
         let interval = c.duration(
             "spec.tcpListener.keepaliveInterval",
             &tcp.keepalive_interval,
@@ -443,6 +624,129 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gateway(yaml_spec: &str) -> AgentGateway {
+        serde_yaml::from_str(&format!(
+            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {{name: shop}}\nspec:\n  upstream: {{url: 'https://p.example/api', apiKeySecretRef: {{name: key}}}}\n{yaml_spec}"
+        ))
+        .expect("test gateway parses")
+    }
+
+    fn fields(yaml_spec: &str) -> Vec<String> {
+        match validate_gateway(&gateway(yaml_spec)) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn the_default_gateway_is_valid() {
+        assert_eq!(fields(""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn sidecar_resources_are_checked_as_the_api_server_will() {
+        assert_eq!(
+            fields("  sidecar: {resources: {requests: {cpu: banana}}}\n"),
+            ["spec.sidecar.resources.requests.cpu"]
+        );
+        assert_eq!(
+            fields("  sidecar: {resources: {requests: {memory: 1Gi}, limits: {memory: 64Mi}}}\n"),
+            ["spec.sidecar.resources.requests.memory"]
+        );
+        assert_eq!(
+            fields("  sidecar: {resources: {limits: {ephemeral-storage: 1Gi, cpu: '-1'}}}\n"),
+            [
+                "spec.sidecar.resources.limits.cpu",
+                "spec.sidecar.resources.limits.ephemeral-storage"
+            ]
+        );
+        assert_eq!(
+            fields(
+                "  sidecar: {resources: {requests: {cpu: 100m, memory: 64Mi}, limits: {cpu: '0.1', memory: 64Mi}}}\n"
+            ),
+            Vec::<String>::new()
+        );
+        let errors = validate_gateway(&gateway(
+            "  sidecar: {resources: {requests: {memory: 1Gi}, limits: {memory: 64Mi}}}\n",
+        ))
+        .unwrap_err();
+        assert!(
+            errors[0]
+                .message
+                .contains("spec.sidecar.resources.requests.memory (1Gi)")
+                && errors[0].message.contains("limits.memory (64Mi)"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn every_positive_duration_must_be_at_least_one_millisecond() {
+        let spec = "  heartbeatInterval: 0.5ms\n  batching: {flushInterval: 0.0001ms, minBatchInterval: 0.1ms, maxBatchInterval: 0.9ms}\n  delivery: {syncInterval: 0.3ms, retryInitialBackoff: 0.3ms, retryMaxBackoff: 0.3ms}\n  tcpListener: {keepaliveInterval: 0.1ms, keepaliveTimeout: 0.2ms, tokenSecretRef: {name: t}, tlsSecretRef: {name: c}}\n";
+        let mut got = fields(spec);
+        got.sort();
+        got.dedup();
+        assert_eq!(
+            got,
+            [
+                "spec.batching.flushInterval",
+                "spec.batching.maxBatchInterval",
+                "spec.batching.minBatchInterval",
+                "spec.delivery.retryInitialBackoff",
+                "spec.delivery.retryMaxBackoff",
+                "spec.delivery.syncInterval",
+                "spec.heartbeatInterval",
+                "spec.tcpListener.keepaliveInterval",
+                "spec.tcpListener.keepaliveTimeout",
+            ]
+        );
+        assert_eq!(
+            fields("  batching: {flushInterval: 1ms}\n"),
+            Vec::<String>::new()
+        );
+        let upstream = gateway("").spec.upstream;
+        let mut spec = gateway("").spec;
+        spec.upstream = UpstreamSpec {
+            kind: UpstreamKind::Socketio,
+            timeout: "0.01ms".into(),
+            socketio: Some(SocketIoOptions::default()),
+            ..upstream
+        };
+        let errors = validate(&spec).unwrap_err();
+        assert_eq!(errors[0].field, "spec.upstream.timeout");
+        assert!(errors[0].message.contains("rounds to 0ms"), "{errors:?}");
+    }
+
+    #[test]
+    fn names_ports_and_paths_copied_into_the_pod_are_checked() {
+        assert_eq!(
+            fields(
+                "  tcpListener: {port: 9091, tokenSecretRef: {name: T, key: 'a b'}, tlsSecretRef: {name: 'x y'}}\n"
+            ),
+            [
+                "spec.tcpListener.tokenSecretRef.name",
+                "spec.tcpListener.tokenSecretRef.key",
+                "spec.tcpListener.tlsSecretRef.name",
+                "spec.tcpListener.port",
+            ]
+        );
+        assert_eq!(
+            fields("  socket: {path: /etc/nanogate/agent/a.sock}\n"),
+            ["spec.socket.path"]
+        );
+        assert_eq!(
+            fields("  socket: {path: /etc/a.sock}\n"),
+            ["spec.socket.path"]
+        );
+        assert_eq!(
+            fields("  socket: {path: /run/app/a.sock}\n"),
+            Vec::<String>::new()
+        );
+        let mut long = gateway("");
+        long.metadata.name = Some("a".repeat(64));
+        let errors = validate_gateway(&long).unwrap_err();
+        assert_eq!(errors[0].field, "metadata.name");
+    }
 
     #[test]
     fn nats_names_follow_the_sidecar_rules() {

@@ -20,14 +20,33 @@ fn annotation<'a>(annotations: Option<&'a Annotations>, key: &str) -> Option<&'a
     annotations.and_then(|a| a.get(key)).map(|v| v.trim())
 }
 
-/// The pod's own choice from `nanogate.io/inject` (trimmed, any case): `Some(true)` opts in,
-/// `Some(false)` opts out (and always wins), `None` leaves it to the namespace label.
-pub fn pod_opt_in(annotations: Option<&Annotations>) -> Option<bool> {
-    match annotation(annotations, INJECT_ANNOTATION) {
-        Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
-        Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
-        _ => None,
+/// A value of `nanogate.io/inject` (trimmed, any case): `true`/`yes`/`enabled`/`on` opt in,
+/// `false`/`no`/`disabled`/`off` opt out; anything else is `None` (not understood).
+pub fn parse_inject_value(value: &str) -> Option<bool> {
+    const YES: [&str; 4] = ["true", "yes", "enabled", "on"];
+    const NO: [&str; 4] = ["false", "no", "disabled", "off"];
+    let value = value.trim();
+    if YES.iter().any(|y| value.eq_ignore_ascii_case(y)) {
+        Some(true)
+    } else if NO.iter().any(|n| value.eq_ignore_ascii_case(n)) {
+        Some(false)
+    } else {
+        None
     }
+}
+
+/// The `nanogate.io/inject` value of a pod when it is set but not understood (the webhook
+/// warns and does not inject).
+pub fn unrecognised_inject_value(annotations: Option<&Annotations>) -> Option<&str> {
+    annotation(annotations, INJECT_ANNOTATION).filter(|v| parse_inject_value(v).is_none())
+}
+
+/// The pod's own choice from `nanogate.io/inject` ([`parse_inject_value`]): `Some(true)` opts
+/// in, `Some(false)` opts out and always wins over the namespace label — so does a value that
+/// is not understood, which is never injected — and `None` (no annotation) leaves it to the
+/// namespace label.
+pub fn pod_opt_in(annotations: Option<&Annotations>) -> Option<bool> {
+    annotation(annotations, INJECT_ANNOTATION).map(|v| parse_inject_value(v).unwrap_or(false))
 }
 
 /// Whether the namespace's labels opt all its pods in (`nanogate.io/injection=enabled`).
@@ -225,6 +244,36 @@ mod tests {
             k8s_openapi::jiff::Timestamp::now(),
         ));
         assert!(!belongs(&gone, "shop", both));
+    }
+
+    #[test]
+    fn inject_values_and_an_explicit_opt_out_wins_over_the_namespace() {
+        for yes in ["true", "TRUE", " yes ", "Enabled", "on"] {
+            assert_eq!(parse_inject_value(yes), Some(true), "{yes}");
+        }
+        for no in ["false", "No", "DISABLED", "off"] {
+            assert_eq!(parse_inject_value(no), Some(false), "{no}");
+        }
+        for odd in ["", "1", "y", "sure", "enable"] {
+            assert_eq!(parse_inject_value(odd), None, "{odd:?}");
+        }
+        let both = Scope {
+            namespace_opted_in: true,
+            only_gateway: true,
+        };
+        for out in ["no", "No", "disabled", "off", "maybe"] {
+            let meta = pod("p", &[("nanogate.io/inject", out)]);
+            assert!(!belongs(&meta, "shop", both), "{out}");
+            assert!(!opts_in(meta.annotations.as_ref(), true), "{out}");
+        }
+        let maybe = pod("p", &[("nanogate.io/inject", "maybe")]);
+        assert_eq!(
+            unrecognised_inject_value(maybe.annotations.as_ref()),
+            Some("maybe")
+        );
+        let yes = pod("p", &[("nanogate.io/inject", "yes")]);
+        assert_eq!(unrecognised_inject_value(yes.annotations.as_ref()), None);
+        assert!(opts_in(yes.annotations.as_ref(), false));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct ValidatedGateway {
 impl ValidatedGateway {
     /// Validates `gateway` and derives its parts; the field errors when the spec is invalid.
     pub fn new(gateway: &AgentGateway) -> Result<Self, Vec<FieldError>> {
+        // The name goes into every injected pod too; the spec is checked by `sidecar_config`.
+        crate::crd::validate_gateway(gateway)?;
         let config = sidecar_config(&gateway.spec)?;
         Ok(Self {
             config_hash: config.hash(),

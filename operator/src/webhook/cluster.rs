@@ -111,6 +111,18 @@ impl GatewayLookup for StoreLookup {
             .map(|settings| injection_config(&settings, &self.hub_advertise, self.native_supported))
             .collect()
     }
+
+    fn invalid_gateways(&self, namespace: &str) -> Vec<(String, String)> {
+        self.gateways
+            .state()
+            .iter()
+            .filter(|gw| gw.namespace().as_deref() == Some(namespace))
+            .filter_map(|gw| {
+                let errors = gw.injection_settings().err()?;
+                Some((gw.name_any(), crate::crd::join_errors(&errors)))
+            })
+            .collect()
+    }
 }
 
 /// Cluster ≥ 1.29 runs native sidecars (init containers with `restartPolicy: Always`).

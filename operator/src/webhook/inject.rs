@@ -50,6 +50,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
 
+use crate::crd::parse_quantity;
 use crate::gateway::membership::{self, NoGateway};
 use crate::names::{
     ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV,
@@ -57,10 +58,11 @@ use crate::names::{
     EXIT_WHEN_APPS_DONE_ENV, GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR,
     HUB_CA_FILE, HUB_CA_FILE_ENV, HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS,
     HUB_TOKEN_FILE_ENV, INJECT_ANNOTATION, INJECTED_ANNOTATION, INJECTED_GATEWAY_LABEL,
-    LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL,
-    POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_NAME,
-    SOCKET_PATH_ENV, SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV, TOKEN_DIR,
-    TOKEN_FILE, TOKEN_VOLUME, config_map_name,
+    INJECTION_SKIPPED_ANNOTATION, LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION,
+    MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL, POD_NAME_ENV, POD_NAMESPACE_ENV,
+    POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_ADMIN_PORT, SIDECAR_NAME, SOCKET_PATH_ENV,
+    SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV, TOKEN_DIR, TOKEN_FILE,
+    TOKEN_VOLUME, config_map_name,
 };
 
 /// The agent's default shutdown deadline, in seconds.
@@ -238,7 +240,7 @@ impl InjectionConfig {
             native_sidecar: NativeSidecarMode::Auto,
             cluster_supports_native_sidecars: true,
             socket_path: DEFAULT_SOCKET_PATH.into(),
-            admin_port: 9091,
+            admin_port: SIDECAR_ADMIN_PORT,
             hub_addr: "nanogate-hub.nanogate-system.svc:7051".into(),
             hub_ca: None,
             api_key_secret,
@@ -307,12 +309,17 @@ pub enum SkipReason {
     AlreadyInjected,
     /// Uses the host network: the sidecar's admin port would collide on the node.
     HostNetwork,
-    /// `nanogate.io/inject: "false"`.
+    /// `nanogate.io/inject: "false"` (or `no`, `disabled`, `off`).
     OptedOut,
+    /// `nanogate.io/inject` carries a value that is neither a yes nor a no.
+    InvalidInjectValue { value: String },
     /// Neither the pod annotation nor the namespace label asks for injection.
     NotOptedIn,
     /// No gateway in the namespace, or the one named by `nanogate.io/gateway` does not exist.
     NoGateway { requested: Option<String> },
+    /// The gateway exists but its spec is invalid (`reason`: the validation messages), so it
+    /// injects nothing. The webhook refines a `NoGateway` into this (see `webhook::mutate`).
+    InvalidGateway { name: String, reason: String },
     /// Several gateways in the namespace and the pod names none of them.
     AmbiguousGateway { candidates: Vec<String> },
     /// `kube-system` or the operator's own namespace.
@@ -326,20 +333,25 @@ impl SkipReason {
             SkipReason::AlreadyInjected => "already_injected",
             SkipReason::HostNetwork => "host_network",
             SkipReason::OptedOut => "opted_out",
+            SkipReason::InvalidInjectValue { .. } => "invalid_inject_value",
             SkipReason::NotOptedIn => "not_opted_in",
             SkipReason::NoGateway { .. } => "no_gateway",
+            SkipReason::InvalidGateway { .. } => "invalid_gateway",
             SkipReason::AmbiguousGateway { .. } => "ambiguous_gateway",
             SkipReason::ProtectedNamespace => "protected_namespace",
         }
     }
 
     /// Whether a user asked for injection and did not get it (worth an `InjectionSkipped`
-    /// event); `NotOptedIn`, `AlreadyInjected` and `ProtectedNamespace` are routine.
+    /// event, an admission warning and the `nanogate.io/injection-skipped` annotation);
+    /// `NotOptedIn`, `OptedOut`, `AlreadyInjected` and `ProtectedNamespace` are routine.
     pub fn is_notable(&self) -> bool {
         matches!(
             self,
             SkipReason::HostNetwork
+                | SkipReason::InvalidInjectValue { .. }
                 | SkipReason::NoGateway { .. }
+                | SkipReason::InvalidGateway { .. }
                 | SkipReason::AmbiguousGateway { .. }
         )
     }
@@ -354,9 +366,15 @@ impl std::fmt::Display for SkipReason {
             SkipReason::HostNetwork => f.write_str(
                 "the pod uses hostNetwork; the sidecar is not injected into host-network pods",
             ),
-            SkipReason::OptedOut => {
-                write!(f, "the pod opted out with {INJECT_ANNOTATION}: \"false\"")
-            }
+            SkipReason::OptedOut => write!(f, "the pod opted out with {INJECT_ANNOTATION}"),
+            SkipReason::InvalidInjectValue { value } => write!(
+                f,
+                "{INJECT_ANNOTATION}: {value:?} is not understood, so the sidecar is not injected; use true/false, yes/no, enabled/disabled or on/off"
+            ),
+            SkipReason::InvalidGateway { name, reason } => write!(
+                f,
+                "the AgentGateway {name:?} is invalid ({reason}); fix it, then recreate the pod"
+            ),
             SkipReason::NotOptedIn => write!(
                 f,
                 "injection not requested (annotate the pod {INJECT_ANNOTATION}: \"true\" or label the namespace {NAMESPACE_INJECTION_LABEL}=enabled)"
@@ -432,6 +450,11 @@ fn decide<'g>(
         return Err(SkipReason::AlreadyInjected);
     }
     let annotations = pod.metadata.annotations.as_ref();
+    if let Some(value) = membership::unrecognised_inject_value(annotations) {
+        return Err(SkipReason::InvalidInjectValue {
+            value: value.to_string(),
+        });
+    }
     if membership::pod_opt_in(annotations) == Some(false) {
         return Err(SkipReason::OptedOut);
     }
@@ -448,6 +471,29 @@ fn decide<'g>(
         NoGateway::Missing(requested) => SkipReason::NoGateway { requested },
         NoGateway::Ambiguous(candidates) => SkipReason::AmbiguousGateway { candidates },
     })
+}
+
+/// The patch for a pod that asked for a sidecar and is skipped: the reason in the
+/// `nanogate.io/injection-skipped` annotation, so `kubectl describe pod` shows it and the
+/// reconciler knows the webhook saw the pod.
+pub fn skip_patch(pod: &Pod, reason: &SkipReason) -> json_patch::Patch {
+    let mut ops = Ops::default();
+    let text = reason.to_string();
+    if pod.metadata.annotations.is_some() {
+        ops.add(
+            format!(
+                "/metadata/annotations/{}",
+                pointer_key(INJECTION_SKIPPED_ANNOTATION)
+            ),
+            Value::String(text),
+        );
+    } else {
+        ops.add(
+            "/metadata/annotations".into(),
+            json!({ INJECTION_SKIPPED_ANNOTATION: text }),
+        );
+    }
+    ops.into_patch()
 }
 
 /// Whether the pod already carries our annotation or our container.
@@ -817,7 +863,7 @@ fn resources(pod: &Pod, defaults: &SidecarResources, warnings: &mut Vec<String>)
             .and_then(|a| a.get(annotation))
             .map(|v| v.trim())
         {
-            Some(v) if is_quantity(v) => Some(v.to_string()),
+            Some(v) if parse_quantity(v).is_ok_and(|q| q >= 0.0) => Some(v.to_string()),
             Some(v) => {
                 warnings.push(format!(
                     "nanogate: ignored {annotation}: {v:?} is not a Kubernetes quantity (e.g. \"50m\", \"64Mi\")"
@@ -827,10 +873,28 @@ fn resources(pod: &Pod, defaults: &SidecarResources, warnings: &mut Vec<String>)
             None => default.clone(),
         }
     };
-    let cpu_req = pick(CPU_REQUEST_ANNOTATION, &defaults.cpu_request);
     let cpu_lim = pick(CPU_LIMIT_ANNOTATION, &defaults.cpu_limit);
-    let mem_req = pick(MEMORY_REQUEST_ANNOTATION, &defaults.memory_request);
     let mem_lim = pick(MEMORY_LIMIT_ANNOTATION, &defaults.memory_limit);
+    let cpu_req = pick(CPU_REQUEST_ANNOTATION, &defaults.cpu_request);
+    let mem_req = pick(MEMORY_REQUEST_ANNOTATION, &defaults.memory_request);
+    // The API server refuses a container whose request exceeds its limit; an override may
+    // produce one (a lower limit, a higher request), so the request comes down to the limit.
+    let mut at_most_limit = |resource: &str, request: Option<String>, limit: &Option<String>| {
+        let value = |q: &Option<String>| q.as_deref().and_then(|q| parse_quantity(q).ok());
+        match (value(&request), value(limit)) {
+            (Some(r), Some(l)) if r > l => {
+                warnings.push(format!(
+                    "nanogate: the sidecar's {resource} request ({}) exceeds its limit ({}); the request is set to the limit",
+                    request.as_deref().unwrap_or_default(),
+                    limit.as_deref().unwrap_or_default()
+                ));
+                limit.clone()
+            }
+            _ => request,
+        }
+    };
+    let cpu_req = at_most_limit("cpu", cpu_req, &cpu_lim);
+    let mem_req = at_most_limit("memory", mem_req, &mem_lim);
     let section = |cpu: Option<String>, mem: Option<String>| {
         let mut m = serde_json::Map::new();
         if let Some(cpu) = cpu {
@@ -853,26 +917,9 @@ fn resources(pod: &Pod, defaults: &SidecarResources, warnings: &mut Vec<String>)
     Value::Object(out)
 }
 
-/// A conservative check of the Kubernetes quantity syntax: a decimal number followed by an
-/// optional binary (`Ki`…`Ei`), decimal (`n u m k M G T P E`) or exponent suffix.
+/// Whether `s` is a Kubernetes quantity (see [`parse_quantity`]).
 pub fn is_quantity(s: &str) -> bool {
-    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
-    let digits_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, suffix) = s.split_at(digits_end);
-    let number_ok = !number.is_empty()
-        && number.matches('.').count() <= 1
-        && number.chars().any(|c| c.is_ascii_digit());
-    let suffix_ok = match suffix {
-        "" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
-        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => true,
-        exp => exp
-            .strip_prefix(['e', 'E'])
-            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
-            .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())),
-    };
-    number_ok && suffix_ok
+    parse_quantity(s).is_ok()
 }
 
 #[cfg(test)]
@@ -887,6 +934,29 @@ mod tests {
         for bad in ["", "m", "lots", "10 m", "1.2.3", "64MB", "1e"] {
             assert!(!is_quantity(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_override_never_leaves_a_request_above_its_limit() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"annotations": {
+                "nanogate.io/sidecar-memory-limit": "8Mi",
+                "nanogate.io/sidecar-cpu-request": "banana",
+            }},
+            "spec": {"containers": []}
+        }))
+        .unwrap();
+        let mut warnings = Vec::new();
+        let out = resources(&pod, &SidecarResources::defaults(), &mut warnings);
+        assert_eq!(
+            out,
+            json!({"requests": {"cpu": "10m", "memory": "8Mi"}, "limits": {"memory": "8Mi"}})
+        );
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[1].contains("memory request (16Mi) exceeds its limit (8Mi)"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
@@ -910,8 +980,13 @@ mod tests {
             SkipReason::AlreadyInjected,
             SkipReason::HostNetwork,
             SkipReason::OptedOut,
+            SkipReason::InvalidInjectValue { value: "x".into() },
             SkipReason::NotOptedIn,
             SkipReason::NoGateway { requested: None },
+            SkipReason::InvalidGateway {
+                name: "g".into(),
+                reason: "r".into(),
+            },
             SkipReason::AmbiguousGateway { candidates: vec![] },
             SkipReason::ProtectedNamespace,
         ]
@@ -924,8 +999,10 @@ mod tests {
                 "already_injected",
                 "host_network",
                 "opted_out",
+                "invalid_inject_value",
                 "not_opted_in",
                 "no_gateway",
+                "invalid_gateway",
                 "ambiguous_gateway",
                 "protected_namespace"
             ]

@@ -33,7 +33,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 pub use inject::{
     Decision, HubCaSource, InjectedRecord, Injection, InjectionConfig, InjectorSettings, KeyRef,
-    KeyToPath, NativeSidecarMode, SecretMount, SidecarResources, SkipReason, inject,
+    KeyToPath, NativeSidecarMode, SecretMount, SidecarResources, SkipReason, inject, skip_patch,
     supports_native_sidecars,
 };
 pub use server::serve;
@@ -44,8 +44,13 @@ pub use server::serve;
 pub trait GatewayLookup: Send + Sync + 'static {
     /// Labels of the namespace, or `None` when it is unknown (treated as no labels).
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>>;
-    /// Injection configs of every AgentGateway in the namespace (any order).
+    /// Injection configs of every valid AgentGateway in the namespace (any order).
     fn gateways(&self, namespace: &str) -> Vec<InjectionConfig>;
+    /// The namespace's AgentGateways whose spec is invalid, each with its validation messages:
+    /// they inject nothing, and a pod asking for one is told why, not that it does not exist.
+    fn invalid_gateways(&self, _namespace: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// A lookup from fixed maps, for tests and local runs.
@@ -53,6 +58,8 @@ pub trait GatewayLookup: Send + Sync + 'static {
 pub struct StaticLookup {
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub gateways: BTreeMap<String, Vec<InjectionConfig>>,
+    /// Per namespace: invalid gateways and why.
+    pub invalid_gateways: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl GatewayLookup for StaticLookup {
@@ -62,6 +69,38 @@ impl GatewayLookup for StaticLookup {
 
     fn gateways(&self, namespace: &str) -> Vec<InjectionConfig> {
         self.gateways.get(namespace).cloned().unwrap_or_default()
+    }
+
+    fn invalid_gateways(&self, namespace: &str) -> Vec<(String, String)> {
+        self.invalid_gateways
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A `NoGateway` skip told truly: the gateway the pod names (or the namespace's only one)
+/// may exist but be invalid, which is not the same as missing. `invalid` lists the namespace's
+/// invalid gateways with their validation messages; `valid` counts its valid ones.
+pub fn refine_skip(reason: SkipReason, invalid: &[(String, String)], valid: usize) -> SkipReason {
+    let invalid_one = |name: &str| {
+        invalid
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(name, why)| SkipReason::InvalidGateway {
+                name: name.clone(),
+                reason: why.clone(),
+            })
+    };
+    match &reason {
+        SkipReason::NoGateway {
+            requested: Some(name),
+        } => invalid_one(name).unwrap_or(reason),
+        SkipReason::NoGateway { requested: None } if valid == 0 => match invalid {
+            [(only, _)] => invalid_one(only).unwrap_or(reason),
+            _ => reason,
+        },
+        _ => reason,
     }
 }
 
@@ -81,13 +120,16 @@ where
     }
 }
 
-/// One `/mutate` decision, handed to the [`AdmissionObserver`] (to emit `Injected` /
-/// `InjectionSkipped` events on the pod's owner).
+/// One `/mutate` decision, handed to the [`AdmissionObserver`] (to emit events once the pod
+/// exists, or on its owner when the pod has no name yet).
 #[derive(Clone, Debug)]
 pub struct InjectionOutcome {
     pub namespace: String,
     /// `metadata.name`, or `metadata.generateName` for pods created by controllers.
     pub pod_name: String,
+    /// Whether `pod_name` is only the `generateName` prefix: the apiserver names (and gives a
+    /// UID to) such a pod after admission, so the webhook cannot find it afterwards.
+    pub generated_name: bool,
     /// The controller owner (e.g. the ReplicaSet), if any.
     pub owner: Option<OwnerReference>,
     pub dry_run: bool,
@@ -294,7 +336,14 @@ pub fn mutate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObjec
         .namespace_labels(&namespace)
         .unwrap_or_default();
     let gateways = state.lookup.gateways(&namespace);
-    let decision = inject(&pod, &namespace, &labels, &gateways, &state.settings);
+    let decision = match inject(&pod, &namespace, &labels, &gateways, &state.settings) {
+        Decision::Skip(reason @ SkipReason::NoGateway { .. }) => Decision::Skip(refine_skip(
+            reason,
+            &state.lookup.invalid_gateways(&namespace),
+            gateways.len(),
+        )),
+        decision => decision,
+    };
 
     let pod_name = pod
         .metadata
@@ -310,7 +359,25 @@ pub fn mutate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObjec
             } else {
                 tracing::debug!(%namespace, pod = %pod_name, reason = reason.metric_label(), "injection skipped");
             }
-            (resp.into_review(), Err(reason))
+            if !reason.is_notable() {
+                (resp.into_review(), Err(reason))
+            } else {
+                // The pod asked for a sidecar: say why it gets none, to whoever creates it
+                // (a warning) and on the pod itself (an annotation `kubectl describe` shows).
+                let warning = format!("nanogate: sidecar not injected: {reason}");
+                match resp.clone().with_patch(inject::skip_patch(&pod, &reason)) {
+                    Ok(mut patched) => {
+                        patched.warnings = Some(vec![warning]);
+                        (patched.into_review(), Err(reason))
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "mutate: skip annotation does not serialise");
+                        let mut warned = resp;
+                        warned.warnings = Some(vec![warning]);
+                        (warned.into_review(), Err(reason))
+                    }
+                }
+            }
         }
         Decision::Inject(injection) => {
             let summary = InjectedSummary {
@@ -346,6 +413,7 @@ pub fn mutate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObjec
         observer.observe(&InjectionOutcome {
             namespace,
             pod_name,
+            generated_name: pod.metadata.name.is_none(),
             owner,
             dry_run: req.dry_run,
             result,
@@ -391,5 +459,39 @@ pub fn validate(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObj
             tracing::info!(namespace = ?req.namespace, name = %req.name, ?messages, "AgentGateway denied");
             resp.deny(messages.join("; ")).into_review()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_gateway_that_exists_but_is_invalid_is_called_invalid() {
+        let invalid = vec![(
+            "shop".to_string(),
+            "spec.batching.flushInterval …".to_string(),
+        )];
+        let named = SkipReason::NoGateway {
+            requested: Some("shop".into()),
+        };
+        let refined = refine_skip(named, &invalid, 1);
+        assert_eq!(refined.metric_label(), "invalid_gateway");
+        assert!(
+            refined
+                .to_string()
+                .contains("\"shop\" is invalid (spec.batching.flushInterval"),
+            "{refined}"
+        );
+        let unnamed = SkipReason::NoGateway { requested: None };
+        assert_eq!(
+            refine_skip(unnamed.clone(), &invalid, 0).metric_label(),
+            "invalid_gateway"
+        );
+        let other = SkipReason::NoGateway {
+            requested: Some("other".into()),
+        };
+        assert_eq!(refine_skip(other.clone(), &invalid, 0), other);
+        assert_eq!(refine_skip(unnamed.clone(), &[], 0), unnamed);
     }
 }

@@ -1,0 +1,492 @@
+//! Issue 21, "what kubectl shows is true", on the real apiserver: a gateway that would make
+//! pods inadmissible is refused at `kubectl apply` (or, if it got in, is `ConfigValid=False`);
+//! injection decisions show on the pod (`kubectl describe pod`: events with the pod's UID, the
+//! skip annotation) and to whoever creates it (admission warnings); `Injected` is said only of
+//! stored pods; `nanogate.io/inject` understands yes/no words and an opt-out always wins.
+//!
+//! The webhook runs in-process (as in `injection.rs`), scoped to each test's namespace by a
+//! label; tests run kubectl synchronously, so their runtime has worker threads left to serve it; the reconciler is the real `nanogate-operator` binary restricted to the namespace
+//! (build it first: `cargo build -p nanogate-operator -p nanogate-sidecar --bins`).
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kube::Client;
+use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
+use nanogate_operator::ServerOptions;
+use nanogate_operator::shutdown;
+use serde_json::Value;
+
+const SELECTOR_LABEL: &str = "nanogate.io/e2e-webhook";
+
+/// The in-process webhook for one test namespace; stops when dropped.
+struct Webhook {
+    _stop: shutdown::Trigger,
+    _operator_ns: TestNamespace,
+}
+
+/// Registers (failure policy `Fail`) and serves the webhooks for namespace `ns`.
+async fn serve_webhook(cp: &ControlPlane, client: &Client, ns: &str) -> Result<Webhook> {
+    let operator_ns = TestNamespace::create(client, "truth-op").await?;
+    cp.kubectl(&[
+        "label",
+        "--overwrite",
+        "namespace",
+        ns,
+        &format!("{SELECTOR_LABEL}={ns}"),
+    ])?;
+    let port = nanogate_e2e::free_port()?;
+    let config_name = format!("nanogate-{ns}");
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &nanogate_e2e::webhook_configurations(SELECTOR_LABEL, &config_name, ns, port, "Fail"),
+    )?;
+    let opts = ServerOptions {
+        operator_namespace: operator_ns.name().to_string(),
+        webhook_addr: Some(format!("127.0.0.1:{port}").parse()?),
+        mutating_webhook_configs: vec![config_name.clone()],
+        validating_webhook_configs: vec![config_name],
+        extra_sans: vec!["127.0.0.1".into()],
+        hub_advertise: "127.0.0.1:7051".into(),
+        ..ServerOptions::default()
+    };
+    let stop = nanogate_e2e::start_servers(client, &opts).await?;
+    // Served once the apiserver trusts the certificate (the operator patches the caBundle) and
+    // both webhooks answer: a server-side dry run of a plain pod and of a valid gateway.
+    let probes = [
+        pod_yaml(ns, "webhook-probe", &[]),
+        nanogate_e2e::gateway_yaml(ns, "webhook-probe", ""),
+    ];
+    wait_for(
+        "the webhooks to answer",
+        Duration::from_secs(60),
+        || async {
+            for probe in &probes {
+                let out = kubectl(cp, &["apply", "--dry-run=server", "-f", "-"], probe)?;
+                if !out.ok {
+                    println!("webhook not answering yet: {}", out.stderr.trim());
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    Ok(Webhook {
+        _stop: stop,
+        _operator_ns: operator_ns,
+    })
+}
+
+/// The real operator binary reconciling namespace `ns` only (no webhook, no hub).
+fn reconciler(cp: &ControlPlane, ns: &str) -> Result<Process> {
+    let port = nanogate_e2e::free_port()?;
+    let args: Vec<String> =
+        format!("run --admin-addr 127.0.0.1:{port} --namespace {ns} --lease-namespace {ns}")
+            .split(' ')
+            .map(str::to_string)
+            .collect();
+    Process::spawn_with_env(
+        "operator-truth",
+        &nanogate_e2e::workspace_binary("nanogate-operator")?,
+        &args,
+        &[
+            ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
+            ("RUST_LOG", "info,kube=warn".into()),
+        ],
+        cp.dir(),
+    )
+}
+
+/// What kubectl printed: exit success, stdout, stderr (where warnings go).
+struct Kubectl {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs kubectl with `args`, feeding `stdin`.
+fn kubectl(cp: &ControlPlane, args: &[&str], stdin: &str) -> Result<Kubectl> {
+    let mut child = nanogate_e2e::kubectl_command(cp.kubeconfig_path())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(Kubectl {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn pod_yaml(ns: &str, name: &str, annotations: &[(&str, &str)]) -> String {
+    let annotations: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k}: {v:?}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{}}}\nspec:\n  containers: [{{name: app, image: python:3.12-slim}}]\n",
+        annotations.join(", ")
+    )
+}
+
+/// Whether a pod as kubectl printed it (JSON) carries the sidecar.
+fn has_sidecar(pod_json: &str) -> Result<bool> {
+    let pod: Value = serde_json::from_str(pod_json).context("pod JSON")?;
+    let names = |field: &str| -> Vec<String> {
+        pod["spec"][field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    Ok(names("containers")
+        .iter()
+        .chain(names("initContainers").iter())
+        .any(|n| n == "nano-agent"))
+}
+
+/// A server-side dry-run create of `yaml`.
+fn dry_run(cp: &ControlPlane, yaml: &str) -> Result<Kubectl> {
+    kubectl(
+        cp,
+        &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+        yaml,
+    )
+}
+
+/// Waits until a dry-run of `yaml` is injected (the webhook's gateway store has caught up).
+async fn wait_injecting(cp: &ControlPlane, yaml: &str) -> Result<()> {
+    wait_for(
+        "the webhook to inject a dry-run pod",
+        Duration::from_secs(30),
+        || async {
+            let out = dry_run(cp, yaml)?;
+            Ok((out.ok && has_sidecar(&out.stdout)?).then_some(()))
+        },
+    )
+    .await
+}
+
+/// A namespace served by the webhooks, with the Secret and a valid gateway `shop`.
+async fn namespace_with_gateway(
+    prefix: &str,
+) -> Result<(&'static ControlPlane, Client, TestNamespace, Webhook)> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, prefix).await?;
+    let webhook = serve_webhook(cp, &client, ns.name()).await?;
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
+    )?;
+    if !out.ok {
+        bail!("applying gateway shop: {}", out.stderr);
+    }
+    Ok((cp, client, ns, webhook))
+}
+
+fn condition(gw: &Value, ty: &str) -> Option<(String, String)> {
+    gw["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_the_field()
+-> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "truth-refuse").await?;
+    let _webhook = serve_webhook(cp, &client, ns.name()).await?;
+    for (name, spec, field) in [
+        (
+            "banana",
+            "  sidecar: {resources: {requests: {cpu: banana}}}\n",
+            "spec.sidecar.resources.requests.cpu",
+        ),
+        (
+            "inverted",
+            "  sidecar: {resources: {requests: {memory: 1Gi}, limits: {memory: 64Mi}}}\n",
+            "spec.sidecar.resources.requests.memory",
+        ),
+        (
+            "tiny-flush",
+            "  batching: {flushInterval: 0.0001ms}\n",
+            "spec.batching.flushInterval",
+        ),
+        (
+            "tiny-sync",
+            "  delivery: {syncInterval: 0.5ms}\n",
+            "spec.delivery.syncInterval",
+        ),
+        (
+            "admin-port",
+            "  tcpListener: {port: 9091, tokenSecretRef: {name: t, key: token}, tlsSecretRef: {name: c}}\n",
+            "spec.tcpListener.port",
+        ),
+    ] {
+        let out = kubectl(
+            cp,
+            &["apply", "-f", "-"],
+            &nanogate_e2e::gateway_yaml(ns.name(), name, spec),
+        )?;
+        println!("{name}: {}", out.stderr.trim());
+        assert!(!out.ok, "{name} was accepted: {}", out.stdout);
+        assert!(
+            out.stderr.contains("denied the request") && out.stderr.contains(field),
+            "{name}: {}",
+            out.stderr
+        );
+    }
+    // The same gateway with sane values is accepted.
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(
+            ns.name(),
+            "sane",
+            "  sidecar: {resources: {requests: {memory: 32Mi}, limits: {memory: 64Mi}}}\n  batching: {flushInterval: 1ms}\n",
+        ),
+    )?;
+    assert!(out.ok, "{}", out.stderr);
+    Ok(())
+}
+
+/// A gateway that got in while the webhook was down: `ConfigValid=False` naming the field; a
+/// pod asking for it is told (warning, annotation, event on the pod with its UID) that the
+/// gateway is invalid, and `PodsNotInjected` does not blame an unreachable webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "truth-invalid").await?;
+    let _operator = reconciler(cp, ns.name())?;
+    // No validating webhook yet: the apiserver's schema alone lets it in.
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(
+            ns.name(),
+            "shop",
+            "  sidecar: {resources: {requests: {memory: 1Gi}, limits: {memory: 64Mi}}}\n",
+        ),
+    )?;
+    assert!(out.ok, "{}", out.stderr);
+    let message = wait_for(
+        "shop: ConfigValid=False",
+        Duration::from_secs(30),
+        || async {
+            let out = kubectl(
+                cp,
+                &["-n", ns.name(), "get", "agw", "shop", "-o", "json"],
+                "",
+            )?;
+            let gw: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            Ok(condition(&gw, "ConfigValid")
+                .filter(|(status, _)| status == "False")
+                .map(|(_, message)| message))
+        },
+    )
+    .await?;
+    assert!(
+        message.contains("spec.sidecar.resources.requests.memory (1Gi)"),
+        "{message}"
+    );
+
+    let _webhook = serve_webhook(cp, &client, ns.name()).await?;
+    let pod = pod_yaml(ns.name(), "app", &[("nanogate.io/inject", "true")]);
+    // The webhook learns gateways through a watch: wait until it names this one invalid.
+    let warned = wait_for(
+        "the webhook to call the gateway invalid",
+        Duration::from_secs(30),
+        || async {
+            let out = dry_run(cp, &pod)?;
+            Ok(out.stderr.contains("is invalid").then_some(out))
+        },
+    )
+    .await?;
+    assert!(!has_sidecar(&warned.stdout)?);
+    let created = kubectl(cp, &["create", "-f", "-"], &pod)?;
+    println!("create: {}", created.stderr.trim());
+    assert!(created.ok, "{}", created.stderr);
+    assert!(
+        created
+            .stderr
+            .contains("Warning: nanogate: sidecar not injected")
+            && created
+                .stderr
+                .contains("\"shop\" is invalid (spec.sidecar.resources.requests.memory")
+            && !created.stderr.contains("does not exist"),
+        "{}",
+        created.stderr
+    );
+    let describe = wait_for(
+        "an InjectionSkipped event on the pod",
+        Duration::from_secs(30),
+        || async {
+            let out = kubectl(cp, &["-n", ns.name(), "describe", "pod", "app"], "")?;
+            Ok(out
+                .stdout
+                .contains("InjectionSkipped")
+                .then_some(out.stdout))
+        },
+    )
+    .await?;
+    println!("{describe}");
+    assert!(
+        describe.contains("nanogate.io/injection-skipped") && describe.contains("is invalid"),
+        "{describe}"
+    );
+
+    let note = wait_for(
+        "a PodsNotInjected event on the gateway",
+        Duration::from_secs(60),
+        || async {
+            let events = nanogate_e2e::events_about(&client, ns.name(), "shop").await?;
+            Ok(events
+                .into_iter()
+                .find(|(reason, _)| reason == "PodsNotInjected")
+                .map(|(_, note)| note))
+        },
+    )
+    .await?;
+    assert!(
+        note.contains("skipped by the webhook") && !note.contains("unreachable"),
+        "{note}"
+    );
+    Ok(())
+}
+
+/// `Injected` is recorded on the stored pod (with its UID), never for a pod the apiserver
+/// refused after the webhook injected it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_is_said_only_of_pods_the_apiserver_stored() -> Result<()> {
+    let (cp, client, ns, _webhook) = namespace_with_gateway("truth-injected").await?;
+    let good = pod_yaml(ns.name(), "stored", &[("nanogate.io/inject", "true")]);
+    wait_injecting(cp, &good).await?;
+
+    // Injected by the webhook, then refused by the apiserver's validation (bad container name).
+    let refused = pod_yaml(ns.name(), "refused", &[("nanogate.io/inject", "true")])
+        .replace("name: app", "name: Not_A_Name");
+    let out = kubectl(cp, &["create", "-f", "-"], &refused)?;
+    assert!(!out.ok, "the invalid pod was stored");
+    let out = kubectl(cp, &["create", "-f", "-"], &good)?;
+    assert!(out.ok, "{}", out.stderr);
+
+    let uid = kubectl(
+        cp,
+        &[
+            "-n",
+            ns.name(),
+            "get",
+            "pod",
+            "stored",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ],
+        "",
+    )?
+    .stdout;
+    let describe = wait_for(
+        "an Injected event on the stored pod",
+        Duration::from_secs(30),
+        || async {
+            let out = kubectl(cp, &["-n", ns.name(), "describe", "pod", "stored"], "")?;
+            Ok(out.stdout.contains("Injected").then_some(out.stdout))
+        },
+    )
+    .await?;
+    assert!(
+        describe.contains("nano-agent injected for gateway shop"),
+        "{describe}"
+    );
+    let events = kubectl(cp, &["-n", ns.name(), "get", "events", "-o", "json"], "")?;
+    let events: Value = serde_json::from_str(&events.stdout)?;
+    let items = events["items"].as_array().cloned().unwrap_or_default();
+    let about = |name: &str| -> Vec<&Value> {
+        items
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == name)
+            .collect()
+    };
+    assert!(
+        about("stored")
+            .iter()
+            .any(|e| e["reason"] == "Injected" && e["involvedObject"]["uid"] == uid.as_str()),
+        "{items:#?}"
+    );
+    // The webhook gives up on a pod that never appears; wait out its search to be sure.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let events = nanogate_e2e::events_about(&client, ns.name(), "refused").await?;
+    assert!(events.is_empty(), "events about a refused pod: {events:?}");
+    Ok(())
+}
+
+/// `nanogate.io/inject` understands yes/no words in any case; an explicit opt-out wins over the
+/// namespace label; a value it does not understand is warned about and not injected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inject_annotation_values_and_opt_out_over_the_namespace_label() -> Result<()> {
+    let (cp, _, ns, _webhook) = namespace_with_gateway("truth-values").await?;
+    wait_injecting(
+        cp,
+        &pod_yaml(ns.name(), "probe", &[("nanogate.io/inject", "true")]),
+    )
+    .await?;
+
+    for yes in ["true", "YES", "Enabled", "on"] {
+        let out = dry_run(
+            cp,
+            &pod_yaml(ns.name(), "p", &[("nanogate.io/inject", yes)]),
+        )?;
+        assert!(out.ok && has_sidecar(&out.stdout)?, "{yes}: {}", out.stderr);
+    }
+    cp.kubectl(&[
+        "label",
+        "--overwrite",
+        "namespace",
+        ns.name(),
+        "nanogate.io/injection=enabled",
+    ])?;
+    wait_injecting(cp, &pod_yaml(ns.name(), "probe", &[])).await?;
+    for no in ["false", "no", "No", "DISABLED", "off"] {
+        let out = dry_run(cp, &pod_yaml(ns.name(), "p", &[("nanogate.io/inject", no)]))?;
+        assert!(out.ok, "{no}: {}", out.stderr);
+        assert!(!has_sidecar(&out.stdout)?, "{no} was injected");
+        assert!(!out.stderr.contains("Warning"), "{no}: {}", out.stderr);
+    }
+    let out = dry_run(
+        cp,
+        &pod_yaml(ns.name(), "p", &[("nanogate.io/inject", "maybe")]),
+    )?;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(!has_sidecar(&out.stdout)?, "\"maybe\" was injected");
+    if !out.stderr.contains(
+        "Warning: nanogate: sidecar not injected: nanogate.io/inject: \"maybe\" is not understood",
+    ) {
+        bail!("no warning for \"maybe\": {}", out.stderr);
+    }
+    Ok(())
+}
