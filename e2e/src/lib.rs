@@ -248,6 +248,46 @@ pub fn webhook_configurations(
     )
 }
 
+/// Labels `ns` with `label=<ns>` and registers both webhook configurations, named `config`,
+/// for it alone, calling the operator on loopback `port` with `failurePolicy: Fail`.
+pub fn register_namespace_webhooks(
+    cp: &ControlPlane,
+    label: &str,
+    config: &str,
+    ns: &str,
+    port: u16,
+) -> Result<()> {
+    cp.kubectl(&["label", "namespace", ns, &format!("{label}={ns}")])?;
+    apply_yaml(
+        cp.kubeconfig_path(),
+        &webhook_configurations(label, config, ns, port, "Fail"),
+    )?;
+    Ok(())
+}
+
+/// `nanogate-operator run` flags for one test namespace `ns`, without leader election: admin
+/// server and webhook on loopback, the webhook configurations named `config`, the certificate
+/// Secret in `operator_ns`. Callers add the hub's flags.
+pub fn namespace_operator_args(
+    admin_port: u16,
+    ns: &str,
+    operator_ns: &str,
+    webhook_port: u16,
+    config: &str,
+) -> Vec<String> {
+    vec![
+        "run".into(),
+        format!("--admin-addr=127.0.0.1:{admin_port}"),
+        format!("--namespace={ns}"),
+        "--leader-elect=false".into(),
+        format!("--operator-namespace={operator_ns}"),
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+        format!("--mutating-webhook-configs={config}"),
+        format!("--validating-webhook-configs={config}"),
+        "--extra-sans=127.0.0.1".into(),
+    ]
+}
+
 /// A Mutating (pods) and a Validating (AgentGateways) webhook configuration named `names`
 /// (mutating, validating), calling the operator on loopback `port` by URL, for the namespaces
 /// `namespace_selector` (one line of YAML, e.g. `matchLabels: {a: b}`) selects.

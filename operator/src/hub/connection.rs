@@ -50,6 +50,8 @@ pub enum Closed {
     HandshakeTimeout,
     /// More than the pre-authentication byte cap came without a complete AgentHello.
     PreAuthBytes,
+    /// Closed at once: the hub serves its maximum of connections.
+    ConnectionLimit,
 }
 
 /// Token bucket for notifications: `rate` per second, bursts of `burst`.
@@ -134,6 +136,7 @@ pub(crate) fn refused(metrics: &HubMetrics, peer: &str, closed: Closed) -> Close
         Closed::Evicted => "dropped for a newer handshake (handshake limit)",
         Closed::HandshakeTimeout => "handshake not done within the handshake timeout",
         Closed::PreAuthBytes => "too many bytes before AgentHello",
+        Closed::ConnectionLimit => "connection limit reached",
         _ => "refused",
     };
     metrics
@@ -543,6 +546,7 @@ fn deny_label(closed: &Closed) -> &'static str {
         Closed::Evicted => "handshake_evicted",
         Closed::HandshakeTimeout => "handshake_timeout",
         Closed::PreAuthBytes => "pre_auth_bytes",
+        Closed::ConnectionLimit => "connection_limit",
         Closed::NotHello => "not_hello",
         Closed::Denied(_) => "authentication_failed",
         Closed::Protocol(label) => label,

@@ -21,7 +21,7 @@ use rmpv::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::shutdown::Shutdown;
 
@@ -286,12 +286,7 @@ pub async fn serve<A: Authenticator>(
         };
         // The caps are checked before any work is spent on the peer.
         let Some(permit) = hub.admission.connection() else {
-            hub.metrics
-                .auth
-                .with_label_values(&["deny", "connection_limit"])
-                .inc();
-            debug!(target: "nanogate::audit", decision = "deny", %peer,
-                   reason = "connection limit reached", "hub connection");
+            connection::refused(&hub.metrics, &peer.to_string(), Closed::ConnectionLimit);
             drop(tcp);
             continue;
         };

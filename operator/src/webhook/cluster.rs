@@ -226,6 +226,50 @@ where
 mod tests {
     use super::*;
 
+    /// Serves `sync` in front of a `/mutate` that answers; POST /mutate gives its status line.
+    async fn guarded(sync: CacheSync) -> std::net::SocketAddr {
+        let router = axum::Router::new()
+            .route("/mutate", axum::routing::post(|| async { "answered" }))
+            .layer(axum::middleware::from_fn_with_state(sync, wait_for_caches));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    async fn mutate_status(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn mutate_waits_for_the_first_list_then_fails_with_503() {
+        let (synced, rx) = watch::channel(false);
+        let addr = guarded(CacheSync(rx)).await;
+        // Never synced: 503 after the wait, never a "no gateway here" answer.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            mutate_status(addr).await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert!(started.elapsed() >= SYNC_WAIT);
+        // Synced while a request waits: it is answered.
+        let waiting = tokio::spawn(mutate_status(addr));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        synced.send(true).unwrap();
+        assert_eq!(waiting.await.unwrap(), "HTTP/1.1 200 OK");
+        let addr = guarded(CacheSync::synced()).await;
+        assert_eq!(mutate_status(addr).await, "HTTP/1.1 200 OK");
+    }
+
     #[test]
     fn gateway_settings_become_an_injection_config_with_the_hub_ca() {
         let gw: AgentGateway = serde_yaml::from_str(
