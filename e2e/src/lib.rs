@@ -248,34 +248,32 @@ pub fn webhook_configurations(
     )
 }
 
-/// Labels `ns` with `label=<ns>` and registers both webhook configurations, named `config`,
-/// for it alone, calling the operator on loopback `port` with `failurePolicy: Fail`.
-pub fn register_namespace_webhooks(
+/// An operator for one test namespace, not yet started: its ports and `nanogate-operator run`
+/// flags (admin server and webhook on loopback, no leader election, the certificate Secret in
+/// the operator namespace). Callers add the hub's flags.
+pub struct NamespaceOperator {
+    pub webhook_port: u16,
+    pub admin_port: u16,
+    pub args: Vec<String>,
+}
+
+/// Labels `ns` with `label=<ns>`, registers both webhook configurations (`nanogate-<ns>`) for
+/// it alone with `failurePolicy: Fail`, calling loopback ports picked here, and returns the
+/// flags of an operator serving them.
+pub fn namespace_operator(
     cp: &ControlPlane,
     label: &str,
-    config: &str,
     ns: &str,
-    port: u16,
-) -> Result<()> {
+    operator_ns: &str,
+) -> Result<NamespaceOperator> {
+    let (webhook_port, admin_port) = (free_port()?, free_port()?);
+    let config = format!("nanogate-{ns}");
     cp.kubectl(&["label", "namespace", ns, &format!("{label}={ns}")])?;
     apply_yaml(
         cp.kubeconfig_path(),
-        &webhook_configurations(label, config, ns, port, "Fail"),
+        &webhook_configurations(label, &config, ns, webhook_port, "Fail"),
     )?;
-    Ok(())
-}
-
-/// `nanogate-operator run` flags for one test namespace `ns`, without leader election: admin
-/// server and webhook on loopback, the webhook configurations named `config`, the certificate
-/// Secret in `operator_ns`. Callers add the hub's flags.
-pub fn namespace_operator_args(
-    admin_port: u16,
-    ns: &str,
-    operator_ns: &str,
-    webhook_port: u16,
-    config: &str,
-) -> Vec<String> {
-    vec![
+    let args = vec![
         "run".into(),
         format!("--admin-addr=127.0.0.1:{admin_port}"),
         format!("--namespace={ns}"),
@@ -285,7 +283,12 @@ pub fn namespace_operator_args(
         format!("--mutating-webhook-configs={config}"),
         format!("--validating-webhook-configs={config}"),
         "--extra-sans=127.0.0.1".into(),
-    ]
+    ];
+    Ok(NamespaceOperator {
+        webhook_port,
+        admin_port,
+        args,
+    })
 }
 
 /// A Mutating (pods) and a Validating (AgentGateways) webhook configuration named `names`

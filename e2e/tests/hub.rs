@@ -37,26 +37,10 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
     nanogate_e2e::install_crd(cp)?;
     let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
     let ns = TestNamespace::create(&client, prefix).await?;
-    let (webhook_port, hub_port, admin_port) = (
-        nanogate_e2e::free_port()?,
-        nanogate_e2e::free_port()?,
-        nanogate_e2e::free_port()?,
-    );
-    let config = format!("nanogate-hub-{}", ns.name());
-    nanogate_e2e::register_namespace_webhooks(
-        cp,
-        "nanogate.io/e2e-hub",
-        &config,
-        ns.name(),
-        webhook_port,
-    )?;
-    let mut args = nanogate_e2e::namespace_operator_args(
-        admin_port,
-        ns.name(),
-        operator_ns.name(),
-        webhook_port,
-        &config,
-    );
+    let operator =
+        nanogate_e2e::namespace_operator(cp, "nanogate.io/e2e-hub", ns.name(), operator_ns.name())?;
+    let (hub_port, admin_port) = (nanogate_e2e::free_port()?, operator.admin_port);
+    let mut args = operator.args;
     args.extend([
         format!("--hub-addr=127.0.0.1:{hub_port}"),
         format!("--hub-advertise=127.0.0.1:{hub_port}"),

@@ -691,22 +691,14 @@ async fn a_pod_created_as_the_operator_starts_is_injected() -> Result<()> {
     gateways(&client, ns.name())
         .create(&PostParams::default(), &gateway("gw", minimal_spec("key"))?)
         .await?;
-    let (webhook_port, admin_port) = (nanogate_e2e::free_port()?, nanogate_e2e::free_port()?);
-    let config = format!("nanogate-{}", ns.name());
-    nanogate_e2e::register_namespace_webhooks(
+    let operator = nanogate_e2e::namespace_operator(
         cp,
         "nanogate.io/e2e-webhook",
-        &config,
-        ns.name(),
-        webhook_port,
-    )?;
-    let mut args = nanogate_e2e::namespace_operator_args(
-        admin_port,
         ns.name(),
         operator_ns.name(),
-        webhook_port,
-        &config,
-    );
+    )?;
+    let (webhook_port, admin_port) = (operator.webhook_port, operator.admin_port);
+    let mut args = operator.args;
     args.push("--hub-advertise=127.0.0.1:7051".into());
     let _operator = Process::spawn_with_env(
         "operator-op-start",

@@ -184,15 +184,7 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
     })?;
 
     // Handshake → the index knows the agent; heartbeats carry its counts.
-    let connected = Instant::now();
-    while hub.hub.agents_of("test-ns", "shop").is_empty() {
-        anyhow::ensure!(
-            connected.elapsed() < Duration::from_secs(10),
-            "agent never connected: {}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&hub, &agent).await?;
     publish(&agent.socket, 25).await?;
     let status = hub
         .hub
