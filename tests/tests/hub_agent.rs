@@ -78,19 +78,24 @@ async fn start_hub_with(dir: &std::path::Path, config: HubConfig) -> Result<Test
     })
 }
 
-/// A real agent (pod uid `uid-1` of gateway `shop`) on `hub`, whose deliveries all fail (nothing
-/// listens on the discard port), with `extra` flags.
-fn start_undelivering_agent(dir: &std::path::Path, hub: &TestHub, extra: &[&str]) -> Result<Agent> {
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN)?;
-    let mut extra_args = vec![
+/// The agent's flags for `hub`: pod uid `uid-1` of gateway `shop`, 1 s heartbeats.
+fn hub_flags(hub: &TestHub, token_file: &std::path::Path) -> Vec<String> {
+    vec![
         format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
         format!("--hub-ca-file={}", hub.ca_file.display()),
         format!("--hub-token-file={}", token_file.display()),
         "--pod-uid=uid-1".into(),
         "--gateway=shop".into(),
         "--heartbeat-interval=1s".into(),
-    ];
+    ]
+}
+
+/// A real agent (pod uid `uid-1` of gateway `shop`) on `hub`, whose deliveries all fail (nothing
+/// listens on the discard port), with `extra` flags.
+fn start_undelivering_agent(dir: &std::path::Path, hub: &TestHub, extra: &[&str]) -> Result<Agent> {
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN)?;
+    let mut extra_args = hub_flags(hub, &token_file);
     extra_args.extend(extra.iter().map(|a| a.to_string()));
     Agent::start(AgentConfig {
         bin: agent_bin(),
@@ -171,16 +176,12 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
         dir: dir.path().join("agent"),
         upstream_url: platform.url(),
         api_key: platform.api_key().to_string(),
-        extra_args: vec![
-            format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
-            format!("--hub-ca-file={}", hub.ca_file.display()),
-            format!("--hub-token-file={}", token_file.display()),
-            "--pod-uid=uid-1".into(),
-            "--gateway=shop".into(),
-            "--heartbeat-interval=1s".into(),
+        extra_args: [
+            hub_flags(&hub, &token_file),
             // In a file, as in a pod, so a reload can change them (flags would win over it).
-            format!("--config={}", start_file.display()),
-        ],
+            vec![format!("--config={}", start_file.display())],
+        ]
+        .concat(),
     })?;
 
     // Handshake → the index knows the agent; heartbeats carry its counts.
