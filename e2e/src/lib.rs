@@ -248,6 +248,49 @@ pub fn webhook_configurations(
     )
 }
 
+/// An operator for one test namespace, not yet started: its ports and `nanogate-operator run`
+/// flags (admin server and webhook on loopback, no leader election, the certificate Secret in
+/// the operator namespace). Callers add the hub's flags.
+pub struct NamespaceOperator {
+    pub webhook_port: u16,
+    pub admin_port: u16,
+    pub args: Vec<String>,
+}
+
+/// Labels `ns` with `label=<ns>`, registers both webhook configurations (`nanogate-<ns>`) for
+/// it alone with `failurePolicy: Fail`, calling loopback ports picked here, and returns the
+/// flags of an operator serving them.
+pub fn namespace_operator(
+    cp: &ControlPlane,
+    label: &str,
+    ns: &str,
+    operator_ns: &str,
+) -> Result<NamespaceOperator> {
+    let (webhook_port, admin_port) = (free_port()?, free_port()?);
+    let config = format!("nanogate-{ns}");
+    cp.kubectl(&["label", "namespace", ns, &format!("{label}={ns}")])?;
+    apply_yaml(
+        cp.kubeconfig_path(),
+        &webhook_configurations(label, &config, ns, webhook_port, "Fail"),
+    )?;
+    let args = vec![
+        "run".into(),
+        format!("--admin-addr=127.0.0.1:{admin_port}"),
+        format!("--namespace={ns}"),
+        "--leader-elect=false".into(),
+        format!("--operator-namespace={operator_ns}"),
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+        format!("--mutating-webhook-configs={config}"),
+        format!("--validating-webhook-configs={config}"),
+        "--extra-sans=127.0.0.1".into(),
+    ];
+    Ok(NamespaceOperator {
+        webhook_port,
+        admin_port,
+        args,
+    })
+}
+
 /// A Mutating (pods) and a Validating (AgentGateways) webhook configuration named `names`
 /// (mutating, validating), calling the operator on loopback `port` by URL, for the namespaces
 /// `namespace_selector` (one line of YAML, e.g. `matchLabels: {a: b}`) selects.

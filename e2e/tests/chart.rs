@@ -322,6 +322,14 @@ fn check_common(objects: &[Value], ns: &str, failure_policy: &str) -> Result<()>
                         !verbs.contains("create") && !verbs.contains("update"),
                         "cluster-wide Secret writes: {text}"
                     );
+                    // Listing or watching every Secret reads every Secret's data.
+                    ensure!(
+                        !verbs.contains("\"list\"") && !verbs.contains("\"watch\""),
+                        "cluster-wide Secret list/watch: {text}"
+                    );
+                }
+                if k == "ClusterRole" && resources.contains("\"pods\"") {
+                    ensure!(!verbs.contains("patch"), "cluster-wide pod patch: {text}");
                 }
             }
         }
@@ -1094,6 +1102,11 @@ async fn helm_install_upgrade_uninstall_leaves_only_the_crd() -> Result<()> {
         "mutatingwebhookconfigurations/someone-elses"
     ])?);
     assert!(!can(&["update", "secrets/anything", "-n", "kube-system"])?);
+    assert!(!can(&["list", "secrets", "-A"])?);
+    assert!(!can(&["watch", "secrets", "-A"])?);
+    assert!(!can(&["list", "secrets", "-n", ns.name()])?);
+    assert!(can(&["get", "secrets/api-key", "-n", "default"])?);
+    assert!(!can(&["patch", "pods", "-n", "default"])?);
     assert!(!can(&["delete", "pods", "-A"])?);
 
     // Upgrade to the in-cluster mode: 2 replicas, Service-backed webhooks, and a

@@ -37,42 +37,15 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
     nanogate_e2e::install_crd(cp)?;
     let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
     let ns = TestNamespace::create(&client, prefix).await?;
-    cp.kubectl(&[
-        "label",
-        "namespace",
-        ns.name(),
-        &format!("nanogate.io/e2e-hub={}", ns.name()),
-    ])?;
-    let (webhook_port, hub_port, admin_port) = (
-        nanogate_e2e::free_port()?,
-        nanogate_e2e::free_port()?,
-        nanogate_e2e::free_port()?,
-    );
-    let config = format!("nanogate-hub-{}", ns.name());
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::webhook_configurations(
-            "nanogate.io/e2e-hub",
-            &config,
-            ns.name(),
-            webhook_port,
-            "Fail",
-        ),
-    )?;
-    let args: Vec<String> = vec![
-        "run".into(),
-        format!("--admin-addr=127.0.0.1:{admin_port}"),
-        format!("--namespace={}", ns.name()),
-        "--leader-elect=false".into(),
-        format!("--operator-namespace={}", operator_ns.name()),
-        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+    let operator =
+        nanogate_e2e::namespace_operator(cp, "nanogate.io/e2e-hub", ns.name(), operator_ns.name())?;
+    let (hub_port, admin_port) = (nanogate_e2e::free_port()?, operator.admin_port);
+    let mut args = operator.args;
+    args.extend([
         format!("--hub-addr=127.0.0.1:{hub_port}"),
         format!("--hub-advertise=127.0.0.1:{hub_port}"),
-        format!("--mutating-webhook-configs={config}"),
-        format!("--validating-webhook-configs={config}"),
-        "--extra-sans=127.0.0.1".into(),
         "--status-interval=1s".into(),
-    ];
+    ]);
     let operator = Process::spawn_with_env(
         "nanogate-operator",
         &nanogate_e2e::workspace_binary("nanogate-operator")?,

@@ -104,6 +104,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
         native_sidecars: None,
         webhook_cert_dir: None,
         webhook_cert_validity: cert_validity,
+        ..ServerOptions::default()
     };
     let stop = nanogate_e2e::start_servers(&client, &opts).await?;
 

@@ -70,15 +70,7 @@ impl Operator {
 
     /// GET `path` on the admin server.
     fn get(&self, path: &str) -> Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+        admin_get(self.admin_port, path)
     }
 
     /// Sum of all samples of metric `name` (0 when absent).
@@ -124,6 +116,19 @@ impl Operator {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// GET `path` on an operator's admin server on loopback `port`; the whole response.
+fn admin_get(port: u16, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 static CRD: OnceCell<()> = OnceCell::const_new();
@@ -417,7 +422,13 @@ async fn missing_secret_is_reported_then_fixed_by_creating_it() -> Result<()> {
 
     // Creating the Secret alone (the gateway is not touched) makes it Ready.
     create_secret(&client, ns.name(), "later").await?;
+    let created = Instant::now();
     let gw = wait_condition(&api, "gw", "Ready", "True").await?;
+    // Secrets are not watched: the operator's next look (2 s doubling to 60 s) finds it.
+    eprintln!(
+        "[op-secret] Ready {:.1}s after the Secret was created",
+        created.elapsed().as_secs_f64()
+    );
     assert_eq!(
         gw.metadata.generation, generation,
         "the gateway spec was not touched"
@@ -664,5 +675,62 @@ async fn cold_start_200_gateways() -> Result<()> {
         writes2, 0.0,
         "a pass over unchanged gateways must not write"
     );
+    Ok(())
+}
+
+/// Issue 18: the webhook answers only from listed caches. The operator starts with a gateway
+/// already there and an opted-in pod is created the moment its webhook listens: the pod is
+/// injected (`/mutate` waits for the first list instead of seeing no gateway), and `/readyz`
+/// turns ready once the caches are synced.
+#[tokio::test]
+async fn a_pod_created_as_the_operator_starts_is_injected() -> Result<()> {
+    let (cp, client) = setup().await?;
+    let ns = TestNamespace::create(&client, "op-start").await?;
+    let operator_ns = TestNamespace::create(&client, "op-start-sys").await?;
+    create_secret(&client, ns.name(), "key").await?;
+    gateways(&client, ns.name())
+        .create(&PostParams::default(), &gateway("gw", minimal_spec("key"))?)
+        .await?;
+    let operator = nanogate_e2e::namespace_operator(
+        cp,
+        "nanogate.io/e2e-webhook",
+        ns.name(),
+        operator_ns.name(),
+    )?;
+    let (webhook_port, admin_port) = (operator.webhook_port, operator.admin_port);
+    let mut args = operator.args;
+    args.push("--hub-advertise=127.0.0.1:7051".into());
+    let _operator = Process::spawn_with_env(
+        "operator-op-start",
+        &nanogate_e2e::workspace_binary("nanogate-operator")?,
+        &args,
+        &[("KUBECONFIG", cp.kubeconfig_path().display().to_string())],
+        cp.dir(),
+    )?;
+    // The moment the webhook listens (its certificate and caBundle are in place by then).
+    wait_for("the webhook to listen", Duration::from_secs(60), || async {
+        Ok(TcpStream::connect(("127.0.0.1", webhook_port))
+            .is_ok()
+            .then_some(()))
+    })
+    .await?;
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "early", "annotations": {"nanogate.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "app"}]}
+    }))?;
+    let created = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns.name())
+        .create(&PostParams::default(), &pod)
+        .await?;
+    assert!(
+        nanogate_e2e::kubelet::sidecar_container(&created).is_some(),
+        "the pod created as the operator started was not injected"
+    );
+    // Ready once synced.
+    wait_for("/readyz to say ready", Duration::from_secs(30), || async {
+        let out = admin_get(admin_port, "/readyz")?;
+        Ok(out.starts_with("HTTP/1.1 200").then_some(()))
+    })
+    .await?;
     Ok(())
 }

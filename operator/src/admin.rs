@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 pub struct AdminState {
     /// Metrics rendered on `/metrics`.
     pub metrics: Metrics,
-    /// Set once the replica can serve (API client ready). Followers are ready too: they serve
+    /// Set once the replica can serve: the API client is ready and the webhook's namespace
+    /// and gateway caches have had their first list. Followers are ready too: they serve
     /// webhooks even though they do not reconcile.
     pub ready: Arc<AtomicBool>,
 }

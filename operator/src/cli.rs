@@ -77,6 +77,10 @@ pub struct ServerOptions {
     /// Admission webhook listen address (the chart sets 0.0.0.0:9443); off when not set.
     #[arg(long, env = "NANOGATE_WEBHOOK_ADDR")]
     pub webhook_addr: Option<SocketAddr>,
+    /// Webhook connections at most; more wait in the listen backlog until one closes (the API
+    /// server keeps a few keep-alive connections per replica).
+    #[arg(long, default_value_t = 256)]
+    pub webhook_max_connections: usize,
     /// Service in front of the webhook; its DNS names go into the serving certificate.
     #[arg(long, default_value = "nanogate-webhook")]
     pub webhook_service: String,
@@ -100,6 +104,31 @@ pub struct ServerOptions {
         default_value = "nanogate-hub.nanogate-system.svc:7051"
     )]
     pub hub_advertise: String,
+    /// Hub connections at most, authenticated or not; more are closed at once (counted as
+    /// `nanogate_hub_connections_total{decision="deny",reason="connection_limit"}`).
+    #[arg(long, default_value_t = 10_000)]
+    pub hub_max_connections: usize,
+    /// Hub handshakes (TLS, AgentHello, TokenReview) in progress at most; a new one drops the
+    /// oldest (`reason="handshake_evicted"`).
+    #[arg(long, default_value_t = 256)]
+    pub hub_max_handshakes: usize,
+    /// A hub handshake must be done within this long (`reason="handshake_timeout"`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_flag)]
+    pub hub_handshake_timeout: Duration,
+    /// Bytes a peer may send the hub before its AgentHello is complete
+    /// (`reason="pre_auth_bytes"`); a hello with its token is 1–2 KiB.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub hub_pre_auth_bytes: usize,
+    /// One TokenReview (with the pod and gateway lookups) gets this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_flag)]
+    pub hub_token_review_timeout: Duration,
+    /// TokenReviews in flight at most.
+    #[arg(long, default_value_t = 16)]
+    pub hub_token_review_concurrency: usize,
+    /// An accepted token is trusted again without a TokenReview until its expiry, but for this
+    /// long at most.
+    #[arg(long, default_value = "5m", value_parser = parse_duration_flag)]
+    pub hub_token_cache_ttl: Duration,
     /// How often the hub writes fleet health into gateway statuses.
     #[arg(long, default_value = "5s", value_parser = parse_duration_flag)]
     pub status_interval: Duration,
@@ -123,6 +152,7 @@ impl Default for ServerOptions {
         Self {
             operator_namespace: "nanogate-system".into(),
             webhook_addr: None,
+            webhook_max_connections: 256,
             webhook_service: "nanogate-webhook".into(),
             mutating_webhook_configs: vec!["nanogate-injector".into()],
             validating_webhook_configs: vec!["nanogate-validator".into()],
@@ -130,6 +160,13 @@ impl Default for ServerOptions {
             hub_addr: None,
             hub_advertise: "nanogate-hub.nanogate-system.svc:7051".into(),
             status_interval: Duration::from_secs(5),
+            hub_max_connections: 10_000,
+            hub_max_handshakes: 256,
+            hub_handshake_timeout: Duration::from_secs(10),
+            hub_pre_auth_bytes: 64 * 1024,
+            hub_token_review_timeout: Duration::from_secs(5),
+            hub_token_review_concurrency: 16,
+            hub_token_cache_ttl: Duration::from_secs(300),
             native_sidecars: None,
             webhook_cert_dir: None,
             webhook_cert_validity: Duration::from_secs(90 * 24 * 3600),
@@ -141,6 +178,27 @@ impl ServerOptions {
     /// Whether the webhook or the hub (and so the certificates) are wanted.
     pub fn enabled(&self) -> bool {
         self.webhook_addr.is_some() || self.hub_addr.is_some()
+    }
+
+    /// The hub's settings from these flags.
+    pub fn hub_config(&self) -> crate::hub::HubConfig {
+        crate::hub::HubConfig {
+            max_connections: self.hub_max_connections,
+            max_handshakes: self.hub_max_handshakes,
+            handshake_timeout: self.hub_handshake_timeout,
+            pre_auth_bytes: self.hub_pre_auth_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// The limits around the hub's TokenReviews from these flags.
+    pub fn auth_limits(&self) -> crate::hub::AuthLimits {
+        crate::hub::AuthLimits {
+            timeout: self.hub_token_review_timeout,
+            concurrency: self.hub_token_review_concurrency,
+            cache_ttl: self.hub_token_cache_ttl,
+            ..Default::default()
+        }
     }
 }
 

@@ -1,16 +1,22 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease.
 //!
 //! The holder renews every `lease_duration / 3`; others poll more often and take the lease
-//! once its `renewTime + leaseDurationSeconds` has passed (or it was released). Every write
-//! is a `replace` carrying the `resourceVersion` that was read, so two candidates can never
-//! both win: the API server rejects the slower one with a conflict. A leader that cannot
-//! renew for 2/3 of the lease duration stops leading before anyone else may start.
+//! once they have seen it unchanged (same holder, `renewTime` and `resourceVersion`) for
+//! `leaseDurationSeconds` by their own clock, or it was released. Another replica's
+//! `renewTime` is never compared with the local clock: clocks of two nodes may disagree by
+//! more than a lease. Every write is a `replace` carrying the `resourceVersion` that was read,
+//! so two candidates can never both win: the API server rejects the slower one with a
+//! conflict. Every round is bounded by a timeout that ends before the renew deadline, so a
+//! leader that cannot renew for 2/3 of the lease duration stops leading, even when the API
+//! server stops answering, before anyone else may start.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::{debug, info, warn};
@@ -46,6 +52,30 @@ impl LeaseConfig {
     pub fn renew_deadline(&self) -> Duration {
         self.lease_duration * 2 / 3
     }
+
+    /// One round (read, then write) gets at most this long: a renewal that starts on time
+    /// (`renew_interval`) ends well before the `renew_deadline`.
+    pub fn round_timeout(&self) -> Duration {
+        self.lease_duration / 5
+    }
+}
+
+/// Why a round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease request failed: {0}")]
+    Api(#[from] kube::Error),
+    #[error("no answer from the API server within {0:?}")]
+    Timeout(Duration),
+    #[error("not renewed within the renew deadline; stepping down")]
+    DeadlinePassed,
+}
+
+/// Another replica's lease as this replica last saw it, and since when (local clock).
+#[derive(Debug)]
+struct Observed {
+    key: (Option<String>, Option<MicroTime>, Option<String>),
+    since: Instant,
 }
 
 /// Outcome of one election round.
@@ -62,6 +92,7 @@ pub struct LeaderElector {
     api: Api<Lease>,
     cfg: LeaseConfig,
     last_renew: Option<Instant>,
+    observed: Option<Observed>,
 }
 
 impl LeaderElector {
@@ -71,6 +102,7 @@ impl LeaderElector {
             api: Api::namespaced(client, &cfg.namespace),
             cfg,
             last_renew: None,
+            observed: None,
         }
     }
 
@@ -79,17 +111,70 @@ impl LeaderElector {
         &self.cfg
     }
 
-    /// When we last renewed successfully.
+    /// When we last renewed successfully (`None` when we do not hold the lease).
     pub fn last_renew(&self) -> Option<Instant> {
         self.last_renew
+    }
+
+    /// How long a leader still leads without renewing: until `renew_deadline` after its last
+    /// renewal (`None` when it does not lead).
+    pub fn time_left(&self) -> Option<Duration> {
+        self.last_renew
+            .map(|t| self.cfg.renew_deadline().saturating_sub(t.elapsed()))
+    }
+
+    /// One round: create, renew or take over the lease if we may; never longer than
+    /// [`LeaseConfig::round_timeout`], and for a leader never past its renew deadline.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Round, LeaseError> {
+        let budget = match self.time_left() {
+            Some(left) if left.is_zero() => {
+                // Too late to renew first: step down now, try again as a candidate next time.
+                self.last_renew = None;
+                return Err(LeaseError::DeadlinePassed);
+            }
+            Some(left) => self.cfg.round_timeout().min(left),
+            None => self.cfg.round_timeout(),
+        };
+        let round = tokio::time::timeout(budget, self.round()).await;
+        let round = match round {
+            Ok(round) => round.map_err(LeaseError::Api),
+            Err(_) => Err(LeaseError::Timeout(budget)),
+        };
+        if let Ok(Round::Following(_)) = round {
+            self.last_renew = None;
+        }
+        round
+    }
+
+    /// Whether another replica's lease has expired, judged only by how long this replica has
+    /// seen it unchanged.
+    fn expired(&mut self, lease: &Lease, holder: &Option<String>, duration: Duration) -> bool {
+        let spec = lease.spec.as_ref();
+        let renewed = spec.and_then(|s| s.renew_time.clone());
+        if holder.is_none() || renewed.is_none() {
+            // Released (or never held).
+            return true;
+        }
+        let key = (
+            holder.clone(),
+            renewed,
+            lease.metadata.resource_version.clone(),
+        );
+        let now = Instant::now();
+        match &self.observed {
+            Some(seen) if seen.key == key => now.duration_since(seen.since) >= duration,
+            _ => {
+                self.observed = Some(Observed { key, since: now });
+                false
+            }
+        }
     }
 
     fn duration_secs(&self) -> i32 {
         i32::try_from(self.cfg.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
 
-    /// One round: create, renew or take over the lease if we may.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<Round, kube::Error> {
+    async fn round(&mut self) -> Result<Round, kube::Error> {
         let now = Timestamp::now();
         let me = self.cfg.identity.clone();
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
@@ -127,20 +212,13 @@ impl LeaderElector {
         } else {
             let duration = spec
                 .lease_duration_seconds
-                .map(|s| SignedDuration::from_secs(i64::from(s)))
-                .unwrap_or_else(|| {
-                    SignedDuration::from_secs(self.cfg.lease_duration.as_secs() as i64)
-                });
-            let expired = match (&holder, &spec.renew_time) {
-                (None, _) | (_, None) => true,
-                (Some(_), Some(MicroTime(renewed))) => renewed
-                    .checked_add(duration)
-                    .map(|end| end < now)
-                    .unwrap_or(true),
-            };
-            if !expired {
+                .and_then(|s| u64::try_from(s).ok())
+                .map(Duration::from_secs)
+                .unwrap_or(self.cfg.lease_duration);
+            if !self.expired(&lease, &holder, duration) {
                 return Ok(Round::Following(holder));
             }
+            let spec = lease.spec.get_or_insert_with(Default::default);
             spec.holder_identity = Some(me.clone());
             spec.acquire_time = Some(MicroTime(now));
             spec.renew_time = Some(MicroTime(now));
@@ -165,8 +243,17 @@ impl LeaderElector {
         }
     }
 
-    /// Give the lease up (on shutdown) so another replica takes over at once.
+    /// Give the lease up (on shutdown) so another replica takes over at once; bounded by the
+    /// round timeout (an unanswered release only means the others wait for expiry).
     pub async fn release(&mut self) {
+        let budget = self.cfg.round_timeout();
+        if tokio::time::timeout(budget, self.give_up()).await.is_err() {
+            warn!(timeout = ?budget, "releasing the lease timed out");
+        }
+        self.last_renew = None;
+    }
+
+    async fn give_up(&mut self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
             return;
         };
@@ -187,7 +274,6 @@ impl LeaderElector {
             Ok(_) => info!(identity = %self.cfg.identity, "lease released"),
             Err(error) => warn!(%error, "releasing lease failed"),
         }
-        self.last_renew = None;
     }
 }
 
@@ -214,13 +300,20 @@ impl LeaderPodLabel {
         }
     }
 
-    /// Brings the label in line with `leading`; cheap when nothing changed. Errors are logged
-    /// and retried on the next call.
-    pub async fn sync(&mut self, leading: bool) {
+    /// Brings the label in line with `leading`, waiting at most `timeout`; cheap when nothing
+    /// changed. Errors are logged and retried on the next call.
+    pub async fn sync(&mut self, leading: bool, timeout: Duration) {
         if self.applied == Some(leading) {
             return;
         }
-        match self.write(leading).await {
+        let written = tokio::time::timeout(timeout, self.write(leading))
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    format!("no answer within {timeout:?}").into(),
+                ))
+            });
+        match written {
             Ok(()) => {
                 info!(pod = %self.pod, leading, "hub leader label updated");
                 self.applied = Some(leading);

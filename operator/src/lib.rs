@@ -79,6 +79,9 @@ pub async fn run(
     run_with_client(client, opts, Metrics::default(), shutdown).await
 }
 
+/// How long in-flight reconciles may finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A running controller task and the switch that stops it.
 struct Running {
     stop: shutdown::Trigger,
@@ -92,14 +95,12 @@ impl Running {
         Self { stop, task }
     }
 
-    async fn stop(self) {
+    /// Stops the controller, letting in-flight reconciles finish for up to `grace`.
+    async fn stop(self, grace: Duration) {
         self.stop.fire();
         let mut task = self.task;
-        // The controller drains in-flight reconciles; do not wait forever for a stuck one.
-        if tokio::time::timeout(Duration::from_secs(10), &mut task)
-            .await
-            .is_err()
-        {
+        // Do not wait forever for a stuck reconcile.
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
         }
     }
@@ -129,7 +130,6 @@ pub async fn run_with_client(
         },
         admin_stopped.fired(),
     ));
-    ready.store(true, Ordering::Relaxed);
 
     // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
     let (servers_stop, servers_stopped) = shutdown::channel();
@@ -142,8 +142,15 @@ pub async fn run_with_client(
             servers_stopped,
         )
         .await?;
+        // Ready once the webhook can answer from listed caches (at once without a webhook).
+        let (ready, synced) = (ready.clone(), started.webhook_synced.clone());
+        tokio::spawn(async move {
+            synced.ready().await;
+            ready.store(true, Ordering::Relaxed);
+        });
         (Some(started.ca_pem), started.owner, started.hub)
     } else {
+        ready.store(true, Ordering::Relaxed);
         (None, None, None)
     };
     let set_hub_leading = |leading: bool| {
@@ -163,12 +170,12 @@ pub async fn run_with_client(
         metrics.leader.set(1);
         if let (Some(pod), Some(_)) = (&opts.identity, &hub) {
             leader::LeaderPodLabel::new(client.clone(), &opts.lease_namespace, pod)
-                .sync(true)
+                .sync(true, Duration::from_secs(10))
                 .await;
         }
         let running = Running::start(ctx);
         shutdown.as_mut().await;
-        running.stop().await;
+        running.stop(SHUTDOWN_GRACE).await;
     } else {
         let cfg = leader::LeaseConfig {
             name: opts.lease_name.clone(),
@@ -186,16 +193,17 @@ pub async fn run_with_client(
         set_hub_leading(false);
         let mut elector = leader::LeaderElector::new(client, cfg.clone());
         let mut running: Option<Running> = None;
+        // A leader that steps down lets reconciles finish for a moment only: the next leader
+        // may start once the lease expires, a third of the lease after the renew deadline.
+        let step_down_grace = cfg.lease_duration / 10;
         loop {
             let leading = match elector.try_acquire_or_renew().await {
                 Ok(leader::Round::Leading) => true,
                 Ok(leader::Round::Following(_)) => false,
                 Err(error) => {
                     // Keep leading only while the lease we hold is certainly still ours.
-                    let still = running.is_some()
-                        && elector
-                            .last_renew()
-                            .is_some_and(|t| t.elapsed() < cfg.renew_deadline());
+                    let still =
+                        running.is_some() && elector.time_left().is_some_and(|l| !l.is_zero());
                     warn!(%error, still_leading = still, "lease round failed");
                     still
                 }
@@ -211,18 +219,26 @@ pub async fn run_with_client(
                     warn!(%identity, "lost leadership; stopping controller");
                     metrics.leader.set(0);
                     set_hub_leading(false);
-                    r.stop().await;
+                    r.stop(step_down_grace).await;
                 }
                 (_, r) => running = r,
             }
             if let Some(label) = pod_label.as_mut() {
-                label.sync(running.is_some()).await;
+                // Not past the renew deadline either.
+                let budget = elector
+                    .time_left()
+                    .map_or(cfg.round_timeout(), |l| l.min(cfg.round_timeout()));
+                label.sync(running.is_some(), budget).await;
             }
-            let wait = if running.is_some() {
+            let mut wait = if running.is_some() {
                 cfg.renew_interval()
             } else {
                 cfg.retry_interval()
             };
+            // A leader looks again before its deadline, so it steps down by it.
+            if let (Some(_), Some(left)) = (&running, elector.time_left()) {
+                wait = wait.min(left);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.as_mut() => break,
@@ -231,9 +247,9 @@ pub async fn run_with_client(
         if let Some(r) = running.take() {
             set_hub_leading(false);
             if let Some(label) = pod_label.as_mut() {
-                label.sync(false).await;
+                label.sync(false, cfg.round_timeout()).await;
             }
-            r.stop().await;
+            r.stop(SHUTDOWN_GRACE).await;
             elector.release().await;
         }
         metrics.leader.set(0);

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::cli::ServerOptions;
 use crate::crd::AgentGateway;
-use crate::hub::{self, Hub, HubConfig, TokenReviewAuthenticator};
+use crate::hub::{self, Bounded, Hub, TokenReviewAuthenticator};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, CertConfig, CertFiles, follow_cert_dir};
 use crate::webhook::inject::InjectorSettings;
@@ -30,6 +30,9 @@ pub struct Servers {
     pub ca_pem: String,
     /// Status patches written by the hub's status writer.
     pub status_writes: IntCounter,
+    /// Whether the webhook's caches have had their first list (already synced without a
+    /// webhook); `/readyz` waits for it.
+    pub webhook_synced: cluster::CacheSync,
     /// The MutatingWebhookConfiguration, as owner of what the operator creates at runtime in
     /// its namespace (certificate Secret, Lease): uninstalling it cleans them up.
     pub owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
@@ -100,9 +103,11 @@ pub async fn start(
     let tls = tls::tls_config(resolver);
 
     let mut webhook_addr = None;
+    let mut webhook_synced = cluster::CacheSync::synced();
     if let Some(addr) = opts.webhook_addr {
         let namespaces = cluster::watch_store(Api::<Namespace>::all(client.clone()));
         let gateways = cluster::watch_store(Api::<AgentGateway>::all(client.clone()));
+        webhook_synced = cluster::CacheSync::follow(&namespaces, &gateways);
         let lookup = cluster::StoreLookup {
             namespaces,
             gateways,
@@ -129,8 +134,16 @@ pub async fn start(
         info!(addr = %bound, "admission webhook listening");
         let stop = shutdown.clone().fired();
         let tls = tls.clone();
+        let router = webhook::router(state).layer(axum::middleware::from_fn_with_state(
+            webhook_synced.clone(),
+            cluster::wait_for_caches,
+        ));
+        let limits = webhook::server::Limits {
+            max_connections: opts.webhook_max_connections,
+            ..Default::default()
+        };
         tokio::spawn(async move {
-            let served = webhook::serve(listener, webhook::router(state), tls, stop).await;
+            let served = webhook::server::serve_with(listener, router, tls, limits, stop).await;
             if let Err(error) = served {
                 warn!(%error, "webhook server stopped");
             }
@@ -146,13 +159,16 @@ pub async fn start(
     let _ = registry.register(Box::new(status_writes.clone()));
     let (mut hub_state, mut hub_addr) = (None, None);
     if let Some(addr) = opts.hub_addr {
-        let hub = Hub::new(HubConfig::default(), registry);
+        let hub = Hub::new(opts.hub_config(), registry);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the hub on {addr}"))?;
         let bound = listener.local_addr()?;
         info!(addr = %bound, "control-channel hub listening");
-        let auth = Arc::new(TokenReviewAuthenticator::new(client.clone()));
+        let auth = Arc::new(Bounded::new(
+            TokenReviewAuthenticator::new(client.clone()),
+            opts.auth_limits(),
+        ));
         tokio::spawn(hub::serve(
             listener,
             tokio_rustls::TlsAcceptor::from(tls),
@@ -177,6 +193,7 @@ pub async fn start(
         hub_addr = Some(bound);
     }
     Ok(Servers {
+        webhook_synced,
         owner,
         hub: hub_state,
         webhook_addr,

@@ -7,7 +7,7 @@ use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::client::Body;
-use nanogate_operator::leader::{LeaderElector, LeaseConfig, Round};
+use nanogate_operator::leader::{LeaderElector, LeaseConfig, LeaseError, Round};
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
 
@@ -97,25 +97,90 @@ async fn live_lease_of_another_is_respected_without_writing() {
     assert_eq!(r, Round::Following(Some("other".into())));
 }
 
-#[tokio::test]
+/// Answers one GET of the lease with `lease`.
+async fn answer_get(api: &mut ApiHandle, lease: Value) {
+    let (req, send) = api.next_request().await.unwrap();
+    assert_eq!((req.method(), req.uri().path()), (&Method::GET, PATH));
+    respond(send, StatusCode::OK, &lease);
+}
+
+/// Answers the takeover PUT, checking it.
+async fn answer_takeover(api: &mut ApiHandle, version: &str) {
+    let (req, send) = api.next_request().await.unwrap();
+    assert_eq!((req.method(), req.uri().path()), (&Method::PUT, PATH));
+    let b = body(req).await;
+    assert_eq!(
+        b["metadata"]["resourceVersion"], version,
+        "replace carries what we read"
+    );
+    assert_eq!(b["spec"]["holderIdentity"], "me");
+    assert_eq!(b["spec"]["leaseTransitions"], 4);
+    respond(send, StatusCode::OK, &b);
+}
+
+fn with_version(mut lease: Value, version: &str) -> Value {
+    lease["metadata"]["resourceVersion"] = json!(version);
+    lease
+}
+
+#[tokio::test(start_paused = true)]
 async fn expired_lease_is_taken_over_with_optimistic_concurrency() {
     let (mut el, mut api) = elector();
+    // Its renewTime is 20 s old by our clock, but our clock is not the holder's: it counts
+    // only once we have seen the lease unchanged for its duration.
+    let stale = lease(Some("other"), 20);
+    let r = round_with(&mut el, answer_get(&mut api, stale.clone())).await;
+    assert_eq!(r, Round::Following(Some("other".into())));
+    tokio::time::advance(Duration::from_secs(15)).await;
     let r = round_with(&mut el, async {
-        let (_req, send) = api.next_request().await.unwrap();
-        respond(send, StatusCode::OK, &lease(Some("other"), 20));
-        let (req, send) = api.next_request().await.unwrap();
-        assert_eq!((req.method(), req.uri().path()), (&Method::PUT, PATH));
-        let b = body(req).await;
-        assert_eq!(
-            b["metadata"]["resourceVersion"], "42",
-            "replace carries what we read"
-        );
-        assert_eq!(b["spec"]["holderIdentity"], "me");
-        assert_eq!(b["spec"]["leaseTransitions"], 4);
-        respond(send, StatusCode::OK, &b);
+        answer_get(&mut api, stale).await;
+        answer_takeover(&mut api, "42").await;
     })
     .await;
     assert_eq!(r, Round::Leading);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_from_a_clock_ahead_of_ours_still_expires() {
+    let (mut el, mut api) = elector();
+    // The holder's clock runs an hour ahead and it died right after renewing.
+    let ahead = lease(Some("other"), -3600);
+    let r = round_with(&mut el, answer_get(&mut api, ahead.clone())).await;
+    assert_eq!(r, Round::Following(Some("other".into())));
+    tokio::time::advance(Duration::from_secs(14)).await;
+    let r = round_with(&mut el, answer_get(&mut api, ahead.clone())).await;
+    assert_eq!(r, Round::Following(Some("other".into())), "14 s < 15 s");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let r = round_with(&mut el, async {
+        answer_get(&mut api, ahead).await;
+        answer_takeover(&mut api, "42").await;
+    })
+    .await;
+    assert_eq!(r, Round::Leading);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_keeps_changing_is_never_taken() {
+    let (mut el, mut api) = elector();
+    // Its renewTime looks ancient by our clock, yet the holder keeps renewing it.
+    for version in ["42", "43", "44", "45"] {
+        let renewed = with_version(lease(Some("other"), 100), version);
+        let r = round_with(&mut el, answer_get(&mut api, renewed)).await;
+        assert_eq!(r, Round::Following(Some("other".into())));
+        tokio::time::advance(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_without_an_answer_ends_at_the_round_timeout() {
+    let (mut el, mut api) = elector();
+    let started = tokio::time::Instant::now();
+    let (r, _held) = tokio::join!(el.try_acquire_or_renew(), async {
+        // Take the request and never answer it.
+        api.next_request().await
+    });
+    assert!(matches!(r, Err(LeaseError::Timeout(_))), "{r:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(3), "15 s / 5");
 }
 
 #[tokio::test]
@@ -169,4 +234,88 @@ async fn holder_renews_and_releases() {
     .await
     .unwrap();
     assert!(el.last_renew().is_none());
+}
+
+/// The run loop against an API server that answers the first lease rounds and then stops
+/// answering anything: the leader stops leading by its renew deadline, not whenever the hung
+/// call returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_api_server_stops_answering_steps_down_by_the_renew_deadline() {
+    use nanogate_operator::{Metrics, RunOptions, run_with_client};
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let metrics = Metrics::default();
+    let opts = RunOptions {
+        lease_namespace: "ops".into(),
+        identity: Some("me".into()),
+        // Renew every 1 s, step down 2 s after the last renewal, rounds of 0.6 s at most.
+        lease_duration: 3,
+        ..RunOptions::default()
+    };
+    let last_answer: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let seen = last_answer.clone();
+    // Plays the API server: creates the lease, answers one renewal, then holds every request.
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut stored: Option<Value> = None;
+        let mut renewals = 0;
+        while let Some((req, send)) = api.next_request().await {
+            let lease_call = req.uri().path().starts_with("/apis/coordination.k8s.io/");
+            if !lease_call || renewals >= 2 {
+                held.push(send);
+                continue;
+            }
+            match (req.method().clone(), stored.clone()) {
+                (Method::GET, None) => respond(
+                    send,
+                    StatusCode::NOT_FOUND,
+                    &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"NotFound","code":404}),
+                ),
+                (Method::GET, Some(lease)) => respond(send, StatusCode::OK, &lease),
+                (_, _) => {
+                    let mut b = body(req).await;
+                    b["metadata"]["resourceVersion"] = json!(renewals.to_string());
+                    stored = Some(b.clone());
+                    renewals += 1;
+                    respond(send, StatusCode::OK, &b);
+                    *seen.lock().unwrap() = Some(Instant::now());
+                }
+            }
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(run_with_client(client, opts, metrics.clone(), async {
+        let _ = stopped.await;
+    }));
+    // Leading after the first write …
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics.leader.get() != 1 {
+        assert!(Instant::now() < deadline, "never became leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // … and no longer leading within the renew deadline of the last renewal.
+    while metrics.leader.get() != 0 {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(5),
+            "never stepped down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stepped_down = Instant::now();
+    let renewed = last_answer.lock().unwrap().expect("the lease was written");
+    let after = stepped_down.duration_since(renewed);
+    assert!(
+        after <= Duration::from_millis(2_400),
+        "stepped down {after:?} after the last renewal; the deadline is 2 s"
+    );
+    assert!(
+        after >= Duration::from_millis(1_500),
+        "{after:?}: too early"
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(15), operator).await;
+    server.abort();
 }

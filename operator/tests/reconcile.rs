@@ -350,6 +350,7 @@ async fn unchanged_gateway_makes_no_write() {
 async fn missing_secret_flags_status_and_waits() {
     let (ctx, mut api) = mock_context();
     let gw = fixture("minimal.yaml");
+    let mut written = Value::Null;
     let action = run(gw, ctx.clone(), async {
         api.get_secret("tendrl-key", None).await;
         api.list_pods(json!([])).await;
@@ -364,10 +365,31 @@ async fn missing_secret_flags_status_and_waits() {
         assert_eq!(condition(&patch["status"], "Ready")["status"], "False");
         let ev = api.create_event("SecretMissing").await;
         assert_eq!(ev["type"], "Warning");
+        written = patch["status"].clone();
     })
     .await
     .unwrap();
-    assert_eq!(action, Action::await_change());
+    // No Secret watch (no cluster-wide list/watch on Secrets): the gateway is looked at again
+    // soon, then less and less often.
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+
+    // Still missing at the next look (status as written: nothing to write): a longer wait.
+    let mut gw = fixture("minimal.yaml");
+    gw.status = Some(serde_json::from_value(written).unwrap());
+    let action = run(gw, ctx.clone(), async {
+        api.get_secret("tendrl-key", None).await;
+        api.list_pods(json!([])).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(4)));
+}
+
+#[test]
+fn missing_secret_retry_grows_to_a_minute() {
+    use nanogate_operator::controller::secret_retry;
+    let delays: Vec<u64> = (1..=8).map(|n| secret_retry(n).as_secs()).collect();
+    assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
 }
 
 #[tokio::test]

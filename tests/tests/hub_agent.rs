@@ -42,6 +42,10 @@ struct TestHub {
 }
 
 async fn start_hub(dir: &std::path::Path) -> Result<TestHub> {
+    start_hub_with(dir, HubConfig::default()).await
+}
+
+async fn start_hub_with(dir: &std::path::Path, config: HubConfig) -> Result<TestHub> {
     let bundle = nanogate_operator::tls::generate_bundle(
         &["127.0.0.1".to_string()],
         nanogate_operator::tls::unix_now(),
@@ -55,7 +59,7 @@ async fn start_hub(dir: &std::path::Path) -> Result<TestHub> {
         &bundle.key_pem,
     )?);
     let tls = tokio_rustls::TlsAcceptor::from(nanogate_operator::tls::tls_config(resolver));
-    let hub = Hub::new(HubConfig::default(), &prometheus::Registry::new());
+    let hub = Hub::new(config, &prometheus::Registry::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = shutdown::channel();
@@ -72,6 +76,48 @@ async fn start_hub(dir: &std::path::Path) -> Result<TestHub> {
         ca_file,
         _stop: stop,
     })
+}
+
+/// The agent's flags for `hub`: pod uid `uid-1` of gateway `shop`, 1 s heartbeats.
+fn hub_flags(hub: &TestHub, token_file: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
+        format!("--hub-ca-file={}", hub.ca_file.display()),
+        format!("--hub-token-file={}", token_file.display()),
+        "--pod-uid=uid-1".into(),
+        "--gateway=shop".into(),
+        "--heartbeat-interval=1s".into(),
+    ]
+}
+
+/// A real agent (pod uid `uid-1` of gateway `shop`) on `hub`, whose deliveries all fail (nothing
+/// listens on the discard port), with `extra` flags.
+fn start_undelivering_agent(dir: &std::path::Path, hub: &TestHub, extra: &[&str]) -> Result<Agent> {
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN)?;
+    let mut extra_args = hub_flags(hub, &token_file);
+    extra_args.extend(extra.iter().map(|a| a.to_string()));
+    Agent::start(AgentConfig {
+        bin: agent_bin(),
+        dir: dir.join("agent"),
+        upstream_url: "http://127.0.0.1:9".into(),
+        api_key: "key".into(),
+        extra_args,
+    })
+}
+
+/// Waits up to 10 s until the hub's index knows the agent.
+async fn wait_connected(hub: &TestHub, agent: &Agent) -> Result<()> {
+    let connected = Instant::now();
+    while hub.hub.agents_of("test-ns", "shop").is_empty() {
+        anyhow::ensure!(
+            connected.elapsed() < Duration::from_secs(10),
+            "agent never connected: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 async fn publish(socket: &std::path::Path, n: usize) -> Result<()> {
@@ -130,28 +176,16 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
         dir: dir.path().join("agent"),
         upstream_url: platform.url(),
         api_key: platform.api_key().to_string(),
-        extra_args: vec![
-            format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
-            format!("--hub-ca-file={}", hub.ca_file.display()),
-            format!("--hub-token-file={}", token_file.display()),
-            "--pod-uid=uid-1".into(),
-            "--gateway=shop".into(),
-            "--heartbeat-interval=1s".into(),
+        extra_args: [
+            hub_flags(&hub, &token_file),
             // In a file, as in a pod, so a reload can change them (flags would win over it).
-            format!("--config={}", start_file.display()),
-        ],
+            vec![format!("--config={}", start_file.display())],
+        ]
+        .concat(),
     })?;
 
     // Handshake → the index knows the agent; heartbeats carry its counts.
-    let connected = Instant::now();
-    while hub.hub.agents_of("test-ns", "shop").is_empty() {
-        anyhow::ensure!(
-            connected.elapsed() < Duration::from_secs(10),
-            "agent never connected: {}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&hub, &agent).await?;
     publish(&agent.socket, 25).await?;
     let status = hub
         .hub
@@ -294,33 +328,8 @@ async fn messages_left_at_the_shutdown_deadline_reach_the_hub_before_the_agent_e
 {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(dir.path()).await?;
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, TOKEN)?;
-    let mut agent = Agent::start(AgentConfig {
-        bin: agent_bin(),
-        dir: dir.path().join("agent"),
-        // Nothing listens on the discard port: every delivery fails and is retried.
-        upstream_url: "http://127.0.0.1:9".into(),
-        api_key: "key".into(),
-        extra_args: vec![
-            format!("--hub-addr=127.0.0.1:{}", hub.addr.port()),
-            format!("--hub-ca-file={}", hub.ca_file.display()),
-            format!("--hub-token-file={}", token_file.display()),
-            "--pod-uid=uid-1".into(),
-            "--gateway=shop".into(),
-            "--heartbeat-interval=1s".into(),
-            "--shutdown-deadline=1s".into(),
-        ],
-    })?;
-    let connected = Instant::now();
-    while hub.hub.agents_of("test-ns", "shop").is_empty() {
-        anyhow::ensure!(
-            connected.elapsed() < Duration::from_secs(10),
-            "agent never connected: {}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut agent = start_undelivering_agent(dir.path(), &hub, &["--shutdown-deadline=1s"])?;
+    wait_connected(&hub, &agent).await?;
     let sent = 40;
     publish(&agent.socket, sent).await?;
     anyhow::ensure!(
@@ -356,5 +365,70 @@ async fn messages_left_at_the_shutdown_deadline_reach_the_hub_before_the_agent_e
         "{log}"
     );
     eprintln!("[hub-agent] {line}; the hub counted {sent} for test-ns/shop");
+    Ok(())
+}
+
+/// Issue 18: silent connections beyond the hub's caps are dropped (counted), and neither a
+/// flood before the agent connects nor one while it is connected keeps the hub from serving
+/// the real agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_connections_leaves_the_hub_serving_a_real_agent() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub_with(
+        dir.path(),
+        HubConfig {
+            max_connections: 64,
+            max_handshakes: 8,
+            ..HubConfig::default()
+        },
+    )
+    .await?;
+    // 100 connections that never say anything, held open: more than both caps.
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(tokio::net::TcpStream::connect(hub.addr).await?);
+    }
+    let agent = start_undelivering_agent(dir.path(), &hub, &[])?;
+    wait_connected(&hub, &agent)
+        .await
+        .map_err(|e| e.context("through the flood"))?;
+    let denied = |reason: &str| {
+        hub.hub
+            .metrics
+            .auth
+            .with_label_values(&["deny", reason])
+            .get()
+    };
+    let refused =
+        denied("connection_limit") + denied("handshake_evicted") + denied("hello_timeout");
+    anyhow::ensure!(
+        refused >= 92,
+        "at most 8 flood connections may still wait; refused {refused}"
+    );
+    anyhow::ensure!(
+        hub.hub.admission.handshakes() <= 8,
+        "handshakes in progress over the cap"
+    );
+
+    // A second flood while the agent is connected: it keeps answering.
+    let addr = hub.addr;
+    let flooding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..500 {
+            if let Ok(c) = tokio::net::TcpStream::connect(addr).await {
+                held.push(c);
+            }
+        }
+        held
+    });
+    for _ in 0..5 {
+        hub.hub
+            .request("uid-1", "status", Vec::new(), Duration::from_secs(5))
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    drop(flooding.await?);
+    drop(flood);
     Ok(())
 }

@@ -82,8 +82,18 @@ impl Error {
 /// Result of the reconciler.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Requeue interval of a healthy gateway (drift check).
+/// Requeue interval of a healthy gateway (drift check). It is also when a deleted or emptied
+/// Secret of a Ready gateway is noticed: Secrets are not watched (see [`secret_retry`]).
 pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Delay before look number `n` (1-based) at a gateway whose Secret is missing: 2 s doubling to
+/// a minute. The operator has no cluster-wide list/watch on Secrets (that would let it read
+/// every Secret in the cluster), so it cannot be told when the Secret appears; it looks again
+/// with `get` instead, soon after the gateway was created and rarely for one left broken.
+pub fn secret_retry(n: u32) -> Duration {
+    let secs = 2u64 << n.saturating_sub(1).min(5);
+    Duration::from_secs(secs.min(60))
+}
 
 /// Shared state of all reconciles.
 pub struct Context {
@@ -100,6 +110,8 @@ pub struct Context {
     pub hub_ca: Option<String>,
     /// Consecutive failures per gateway, for exponential backoff in [`error_policy`].
     failures: Mutex<HashMap<(String, String), u32>>,
+    /// Consecutive reconciles per gateway that found a Secret missing ([`secret_retry`]).
+    missing_secrets: Mutex<HashMap<(String, String), u32>>,
 }
 
 impl Context {
@@ -116,6 +128,7 @@ impl Context {
             namespace: None,
             hub_ca: None,
             failures: Mutex::new(HashMap::new()),
+            missing_secrets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -147,6 +160,23 @@ impl Context {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(&(ns.to_string(), name.to_string()));
         }
+    }
+
+    /// Counts one more look that found a Secret missing (or forgets the count: `missing`
+    /// false) and says when to look again.
+    fn secret_missing(&self, ns: &str, name: &str, missing: bool) -> Option<Duration> {
+        let mut counts = self
+            .missing_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (ns.to_string(), name.to_string());
+        if !missing {
+            counts.remove(&key);
+            return None;
+        }
+        let n = counts.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        Some(secret_retry(*n))
     }
 }
 
@@ -233,6 +263,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         .ok_or(Error::MissingObjectKey(".metadata.uid"))?;
     if gw.metadata.deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove the ConfigMap.
+        ctx.secret_missing(ns, name, false);
         return Ok(Action::await_change());
     }
     let gref = GatewayRef {
@@ -397,10 +428,13 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     report_not_injected(&ctx, &gw, ns, current.as_ref(), &census).await;
 
     ctx.reset_failures(ns, name);
+    let retry = ctx.secret_missing(ns, name, matches!(verdict, Verdict::SecretMissing(_)));
     Ok(match verdict {
         Verdict::Applied { .. } => Action::requeue(RESYNC),
-        // Nothing to retry until the gateway or a watched Secret changes.
-        Verdict::Invalid(_) | Verdict::SecretMissing(_) => Action::await_change(),
+        // Secrets are not watched: look again for the missing one.
+        Verdict::SecretMissing(_) => Action::requeue(retry.unwrap_or(RESYNC)),
+        // Nothing to retry until the gateway changes.
+        Verdict::Invalid(_) => Action::await_change(),
     })
 }
 
@@ -484,36 +518,21 @@ pub fn backoff(n: u32) -> Duration {
     Duration::from_secs(secs.min(300))
 }
 
-/// Run the controller until `shutdown` resolves. Watches gateways, owned ConfigMaps, Secrets
-/// (a created/changed Secret reconciles the gateways that reference it) and pods (sidecar
-/// counts).
+/// Run the controller until `shutdown` resolves. Watches gateways, owned ConfigMaps and pods
+/// (sidecar counts). Secrets are not watched: that needs list/watch on every Secret in the
+/// cluster; a gateway whose Secret is missing is looked at again ([`secret_retry`]), a Ready
+/// one every [`RESYNC`].
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let gateways: Api<AgentGateway> = ctx.api();
     if let Err(error) = gateways.list(&ListParams::default().limit(1)).await {
         warn!(%error, "cannot list AgentGateways; is the CRD installed? (nanogate-operator crd | kubectl apply -f -)");
     }
     let controller = Controller::new(gateways, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    let pod_store = store.clone();
+    let pod_store = controller.store();
     controller
         .owns(
             ctx.api::<ConfigMap>(),
             watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
-        )
-        .watches(
-            ctx.api::<Secret>(),
-            watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
-            move |secret: Secret| {
-                let ns = secret.namespace().unwrap_or_default();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
-                    .filter(|gw| references_secret(&gw.spec, &name))
-                    .map(|gw| ObjectRef::from_obj(&*gw))
-                    .collect::<Vec<_>>()
-            },
         )
         .watches(
             ctx.api::<Pod>(),

@@ -1,8 +1,17 @@
 //! Agent authentication: the AgentHello credentials are the pod's projected service-account
 //! token (audience `nanogate-hub`); a TokenReview proves it, and the pod it is bound to must be
-//! the one the agent claims to be and must be injected for an existing gateway.
+//! the one the agent claims to be and must be injected for an existing gateway. [`Bounded`]
+//! puts a timeout, a concurrency limit and a cache of accepted tokens around it, so a slow API
+//! server or a reconnect storm cannot pile up TokenReviews.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
@@ -140,5 +149,184 @@ impl Authenticator for TokenReviewAuthenticator {
             pod,
             gateway,
         })
+    }
+}
+
+/// Limits of [`Bounded`]; defaults beside each field.
+#[derive(Clone, Debug)]
+pub struct AuthLimits {
+    /// One authentication (TokenReview and lookups) gets this long (5 s); waiting for a turn
+    /// is bounded by the hub's handshake timeout.
+    pub timeout: Duration,
+    /// Authentications in flight at most (16).
+    pub concurrency: usize,
+    /// An accepted token is trusted again without a TokenReview until it expires (its JWT
+    /// `exp`), but for this long at most (5 min).
+    pub cache_ttl: Duration,
+    /// Accepted tokens remembered at most (one per agent; 50000).
+    pub cache_entries: usize,
+}
+
+impl Default for AuthLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            concurrency: 16,
+            cache_ttl: Duration::from_secs(300),
+            cache_entries: 50_000,
+        }
+    }
+}
+
+/// An accepted token of one agent.
+struct Accepted {
+    token: String,
+    identity: AgentIdentity,
+    until: Instant,
+}
+
+/// Wraps an [`Authenticator`] with a timeout, bounded concurrency and a cache of accepted
+/// tokens (per agent id, until the token's expiry or the cache TTL).
+pub struct Bounded<A> {
+    inner: A,
+    limits: AuthLimits,
+    turns: Semaphore,
+    accepted: Mutex<HashMap<String, Accepted>>,
+}
+
+impl<A: Authenticator> Bounded<A> {
+    pub fn new(inner: A, limits: AuthLimits) -> Self {
+        Self {
+            inner,
+            turns: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
+            limits,
+            accepted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The wrapped authenticator.
+    pub fn inner(&self) -> &A {
+        &self.inner
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Accepted>> {
+        self.accepted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached(&self, agent_id: &str, token: &str, now: Instant) -> Option<AgentIdentity> {
+        let cache = self.lock();
+        let hit = cache.get(agent_id)?;
+        (hit.token == token && now < hit.until).then(|| hit.identity.clone())
+    }
+
+    fn remember(&self, agent_id: &str, token: &str, identity: &AgentIdentity, now: Instant) {
+        let mut lifetime = self.limits.cache_ttl;
+        if let Some(left) = token_lifetime(token) {
+            lifetime = lifetime.min(left);
+        }
+        if lifetime.is_zero() {
+            return;
+        }
+        let mut cache = self.lock();
+        if cache.len() >= self.limits.cache_entries {
+            cache.retain(|_, a| now < a.until);
+        }
+        // Still full of live entries: this one is simply not cached.
+        if cache.len() < self.limits.cache_entries || cache.contains_key(agent_id) {
+            cache.insert(
+                agent_id.to_string(),
+                Accepted {
+                    token: token.to_string(),
+                    identity: identity.clone(),
+                    until: now + lifetime,
+                },
+            );
+        }
+    }
+}
+
+impl<A: Authenticator> Authenticator for Bounded<A> {
+    async fn authenticate(
+        &self,
+        agent_id: &str,
+        credentials: &str,
+    ) -> Result<AgentIdentity, Denial> {
+        if let Some(identity) = self.cached(agent_id, credentials, Instant::now()) {
+            return Ok(identity);
+        }
+        // Waiting for a turn is bounded by the connection's handshake deadline; the timeout
+        // starts with the call, so calls that hang free their turns for the next ones.
+        let _turn = self
+            .turns
+            .acquire()
+            .await
+            .map_err(|_| Denial::Unavailable("authentication is shutting down".into()))?;
+        let checked = tokio::time::timeout(
+            self.limits.timeout,
+            self.inner.authenticate(agent_id, credentials),
+        )
+        .await
+        .map_err(|_| {
+            Denial::Unavailable(format!(
+                "no answer within {:?} (TokenReview too slow)",
+                self.limits.timeout
+            ))
+        })?;
+        if let Ok(identity) = &checked {
+            self.remember(agent_id, credentials, identity, Instant::now());
+        }
+        checked
+    }
+}
+
+/// How long a JWT is still valid by its `exp` claim (zero once expired); `None` when the token
+/// is no JWT or has no `exp`. Read only after the token was accepted, to bound the cache.
+fn token_lifetime(token: &str) -> Option<Duration> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: serde_json::Value) -> String {
+        let part = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        format!(
+            "{}.{}.signature",
+            part(&serde_json::json!({"alg": "RS256"})),
+            part(&claims)
+        )
+    }
+
+    #[test]
+    fn token_lifetime_comes_from_exp() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let left = token_lifetime(&jwt(serde_json::json!({"exp": now + 600})));
+        assert!(
+            left.is_some_and(|l| l > Duration::from_secs(590)),
+            "{left:?}"
+        );
+        assert_eq!(
+            token_lifetime(&jwt(serde_json::json!({"exp": now - 1}))),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(token_lifetime(&jwt(serde_json::json!({"sub": "x"}))), None);
+        assert_eq!(token_lifetime("not-a-jwt"), None);
+        assert_eq!(token_lifetime("a.%%%.c"), None);
     }
 }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::admission::Handshake;
 use super::auth::Authenticator;
 use super::index::AgentIdentity;
 use super::left_behind::Report;
@@ -43,6 +44,14 @@ pub enum Closed {
     Shutdown,
     /// This replica does not lead (any more): the agent was sent to reconnect.
     NotLeader,
+    /// Dropped before authentication to make room for a newer handshake (handshake cap).
+    Evicted,
+    /// TLS, hello and authentication took longer than the handshake timeout.
+    HandshakeTimeout,
+    /// More than the pre-authentication byte cap came without a complete AgentHello.
+    PreAuthBytes,
+    /// Closed at once: the hub serves its maximum of connections.
+    ConnectionLimit,
 }
 
 /// Token bucket for notifications: `rate` per second, bursts of `burst`.
@@ -89,13 +98,66 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Serves one agent until it leaves, fails keep-alive or `shutdown` fires.
+/// Like [`read_frame`], but gives up (`Err`) once more than `cap` bytes came without a
+/// complete frame: before authentication a peer may not make the hub buffer a full frame.
+async fn read_hello<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+    cap: usize,
+) -> Result<Result<Option<Message>, FrameError>, Closed> {
+    let mut received = 0usize;
+    loop {
+        match decoder.next_message() {
+            Ok(Some(message)) => return Ok(Ok(Some(message))),
+            Ok(None) => {}
+            Err(error) => return Ok(Err(error)),
+        }
+        if received > cap {
+            return Err(Closed::PreAuthBytes);
+        }
+        // Never read past the cap by more than one byte: that is enough to tell.
+        let room = buf
+            .len()
+            .min(cap.saturating_sub(received).saturating_add(1));
+        match reader.read(&mut buf[..room]).await {
+            Ok(0) | Err(_) => return Ok(Ok(None)),
+            Ok(n) => {
+                received += n;
+                decoder.extend(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// Counts and logs a connection the hub's limits refused before authentication.
+pub(crate) fn refused(metrics: &HubMetrics, peer: &str, closed: Closed) -> Closed {
+    let reason = match closed {
+        Closed::Evicted => "dropped for a newer handshake (handshake limit)",
+        Closed::HandshakeTimeout => "handshake not done within the handshake timeout",
+        Closed::PreAuthBytes => "too many bytes before AgentHello",
+        Closed::ConnectionLimit => "connection limit reached",
+        _ => "refused",
+    };
+    metrics
+        .auth
+        .with_label_values(&["deny", deny_label(&closed)])
+        .inc();
+    // Debug, not warn: a flood would otherwise flood the log too; the metric counts them.
+    debug!(target: "nanogate::audit", decision = "deny", %peer, %reason, "hub connection");
+    closed
+}
+
+/// Serves one agent until it leaves, fails keep-alive or `shutdown` fires. `handshake` is its
+/// place among the handshakes in progress ([`super::Admission`]), given up once the agent is
+/// authenticated.
 pub async fn serve<S, A>(
     stream: S,
     peer: String,
     hub: Arc<Hub>,
     auth: Arc<A>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
+    mut handshake: Handshake,
 ) -> Closed
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -107,90 +169,15 @@ where
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 16 * 1024];
 
-    // 1. AgentHello within the hello timeout.
-    let hello = tokio::time::timeout(
-        cfg.hello_timeout,
-        read_frame(&mut reader, &mut decoder, &mut buf),
-    )
-    .await;
-    let (agent_id, credentials) = match hello {
-        Err(_) => return audit_deny(metrics, &peer, None, "hello timeout", Closed::HelloTimeout),
-        Ok(Ok(Some(Message::AgentHello {
-            id, credentials, ..
-        }))) => (id, credentials),
-        Ok(Ok(Some(other))) => {
-            let _ = send(
-                &mut writer,
-                &Message::Bye {
-                    reason: "expected AgentHello".into(),
-                },
-            )
-            .await;
-            return audit_deny(
-                metrics,
-                &peer,
-                None,
-                &format!("first frame was {}", other.name()),
-                Closed::NotHello,
-            );
-        }
-        Ok(Err(error)) => {
-            return audit_deny(
-                metrics,
-                &peer,
-                None,
-                &error.to_string(),
-                Closed::Protocol(error.metric_label()),
-            );
-        }
-        Ok(Ok(None)) => {
-            return audit_deny(
-                metrics,
-                &peer,
-                None,
-                "closed before hello",
-                Closed::PeerClosed,
-            );
-        }
+    // 1–3: hello, leadership, authentication, all by the handshake deadline.
+    let greeted = tokio::select! {
+        greeted = greet(&mut reader, &mut writer, &mut decoder, &mut buf, &peer, &hub, auth.as_ref()) => greeted,
+        closed = handshake.interrupted() => Err(refused(metrics, &peer, closed)),
     };
-
-    // 2. Only the leader serves agents; a follower sends them back to the Service.
-    if !hub.is_leading() {
-        let _ = send(
-            &mut writer,
-            &Message::Bye {
-                reason: super::NOT_LEADER.into(),
-            },
-        )
-        .await;
-        metrics
-            .auth
-            .with_label_values(&["redirect", "not_leader"])
-            .inc();
-        info!(target: "nanogate::audit", decision = "redirect", %peer, %agent_id,
-              reason = "this replica is not the leader", "hub connection");
-        return Closed::NotLeader;
-    }
-
-    // 3. Authenticate; the token itself is never logged.
-    let identity = match auth.authenticate(&agent_id, &credentials).await {
+    drop(handshake);
+    let identity = match greeted {
         Ok(identity) => identity,
-        Err(denial) => {
-            // Audit first: the decision is on record before the agent hears of it.
-            let reason = denial.to_string();
-            let closed = audit_deny(
-                metrics,
-                &peer,
-                Some(&agent_id),
-                &reason,
-                Closed::Denied(reason.clone()),
-            );
-            let bye = Message::Bye {
-                reason: "authentication failed".into(),
-            };
-            let _ = send(&mut writer, &bye).await;
-            return closed;
-        }
+        Err(closed) => return closed,
     };
     if send(
         &mut writer,
@@ -206,7 +193,145 @@ where
     metrics.auth.with_label_values(&["accept", "ok"]).inc();
     info!(target: "nanogate::audit", decision = "accept", %peer, agent_id = %identity.agent_id,
           namespace = %identity.namespace, pod = %identity.pod, gateway = %identity.gateway, "hub connection");
+    serve_agent(reader, writer, decoder, buf, peer, hub, identity, shutdown).await
+}
 
+/// AgentHello, the leader check and authentication: who the agent is, or how it ended.
+async fn greet<R, W, A>(
+    reader: &mut R,
+    writer: &mut W,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+    peer: &str,
+    hub: &Hub,
+    auth: &A,
+) -> Result<AgentIdentity, Closed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    A: Authenticator,
+{
+    let cfg = &hub.config;
+    let metrics = &hub.metrics;
+    let peer = peer.to_string();
+    // 1. AgentHello within the hello timeout.
+    let hello = tokio::time::timeout(
+        cfg.hello_timeout,
+        read_hello(reader, decoder, buf, cfg.pre_auth_bytes),
+    )
+    .await;
+    let hello = match hello {
+        Ok(Err(closed)) => return Err(refused(metrics, &peer, closed)),
+        Ok(Ok(frame)) => Ok(frame),
+        Err(elapsed) => Err(elapsed),
+    };
+    let (agent_id, credentials) = match hello {
+        Err(_) => {
+            return Err(audit_deny(
+                metrics,
+                &peer,
+                None,
+                "hello timeout",
+                Closed::HelloTimeout,
+            ));
+        }
+        Ok(Ok(Some(Message::AgentHello {
+            id, credentials, ..
+        }))) => (id, credentials),
+        Ok(Ok(Some(other))) => {
+            let _ = send(
+                &mut *writer,
+                &Message::Bye {
+                    reason: "expected AgentHello".into(),
+                },
+            )
+            .await;
+            return Err(audit_deny(
+                metrics,
+                &peer,
+                None,
+                &format!("first frame was {}", other.name()),
+                Closed::NotHello,
+            ));
+        }
+        Ok(Err(error)) => {
+            return Err(audit_deny(
+                metrics,
+                &peer,
+                None,
+                &error.to_string(),
+                Closed::Protocol(error.metric_label()),
+            ));
+        }
+        Ok(Ok(None)) => {
+            return Err(audit_deny(
+                metrics,
+                &peer,
+                None,
+                "closed before hello",
+                Closed::PeerClosed,
+            ));
+        }
+    };
+
+    // 2. Only the leader serves agents; a follower sends them back to the Service.
+    if !hub.is_leading() {
+        let _ = send(
+            &mut *writer,
+            &Message::Bye {
+                reason: super::NOT_LEADER.into(),
+            },
+        )
+        .await;
+        metrics
+            .auth
+            .with_label_values(&["redirect", "not_leader"])
+            .inc();
+        info!(target: "nanogate::audit", decision = "redirect", %peer, %agent_id,
+              reason = "this replica is not the leader", "hub connection");
+        return Err(Closed::NotLeader);
+    }
+
+    // 3. Authenticate; the token itself is never logged.
+    match auth.authenticate(&agent_id, &credentials).await {
+        Ok(identity) => Ok(identity),
+        Err(denial) => {
+            // Audit first: the decision is on record before the agent hears of it.
+            let reason = denial.to_string();
+            let closed = audit_deny(
+                metrics,
+                &peer,
+                Some(&agent_id),
+                &reason,
+                Closed::Denied(reason.clone()),
+            );
+            let bye = Message::Bye {
+                reason: "authentication failed".into(),
+            };
+            let _ = send(&mut *writer, &bye).await;
+            Err(closed)
+        }
+    }
+}
+
+/// An authenticated agent, until it leaves, fails keep-alive or `shutdown` fires.
+#[allow(clippy::too_many_arguments)]
+async fn serve_agent<R, W>(
+    mut reader: R,
+    mut writer: W,
+    mut decoder: FrameDecoder,
+    mut buf: Vec<u8>,
+    peer: String,
+    hub: Arc<Hub>,
+    identity: AgentIdentity,
+    mut shutdown: Shutdown,
+) -> Closed
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let cfg = hub.config.clone();
+    let metrics = &hub.metrics;
     // 4. Serve until the end.
     let connection = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (requests_tx, mut requests) = mpsc::channel::<OutboundRequest>(16);
@@ -418,6 +543,10 @@ fn audit_deny(
 fn deny_label(closed: &Closed) -> &'static str {
     match closed {
         Closed::HelloTimeout => "hello_timeout",
+        Closed::Evicted => "handshake_evicted",
+        Closed::HandshakeTimeout => "handshake_timeout",
+        Closed::PreAuthBytes => "pre_auth_bytes",
+        Closed::ConnectionLimit => "connection_limit",
         Closed::NotHello => "not_hello",
         Closed::Denied(_) => "authentication_failed",
         Closed::Protocol(label) => label,

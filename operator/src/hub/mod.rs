@@ -4,6 +4,7 @@
 //! status writer reports each gateway's fleet; `reload`/`flush`/`drain`/`status` go back out
 //! through [`Hub::request`].
 
+pub mod admission;
 pub mod auth;
 pub mod connection;
 pub mod index;
@@ -24,7 +25,8 @@ use tracing::warn;
 
 use crate::shutdown::Shutdown;
 
-pub use auth::{Authenticator, Denial, TokenReviewAuthenticator};
+pub use admission::{Admission, Handshake};
+pub use auth::{AuthLimits, Authenticator, Bounded, Denial, TokenReviewAuthenticator};
 pub use connection::{Closed, OutboundRequest};
 pub use index::{AgentIdentity, FleetHealth, HealthIndex};
 
@@ -43,6 +45,15 @@ pub struct HubConfig {
     pub notification_burst: f64,
     /// Sent in ManagerHello.
     pub version: String,
+    /// Connections at most, authenticated or not (10000); more are closed at once.
+    pub max_connections: usize,
+    /// Handshakes in progress at most (256); a new one drops the oldest.
+    pub max_handshakes: usize,
+    /// TLS, AgentHello and authentication together must be done within this long (10 s).
+    pub handshake_timeout: Duration,
+    /// Bytes a peer may send before its AgentHello is complete (64 KiB; a hello with a
+    /// service-account token is 1–2 KiB).
+    pub pre_auth_bytes: usize,
 }
 
 impl Default for HubConfig {
@@ -54,6 +65,10 @@ impl Default for HubConfig {
             notification_rate: 5.0,
             notification_burst: 20.0,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            max_connections: 10_000,
+            max_handshakes: 256,
+            handshake_timeout: Duration::from_secs(10),
+            pre_auth_bytes: 64 * 1024,
         }
     }
 }
@@ -61,7 +76,9 @@ impl Default for HubConfig {
 /// `nanogate_hub_*` metrics.
 #[derive(Clone)]
 pub struct HubMetrics {
-    /// Connection admissions by decision (`accept`/`deny`) and reason.
+    /// Connection admissions by decision (`accept`/`deny`/`redirect`) and reason; the limits
+    /// refuse with `connection_limit`, `handshake_evicted`, `handshake_timeout` and
+    /// `pre_auth_bytes`.
     pub auth: IntCounterVec,
     /// Notifications by type and outcome (`ok`, `invalid`, `rate_limited`, `ignored`).
     pub notifications: IntCounterVec,
@@ -134,6 +151,8 @@ impl HubMetrics {
 /// Shared state of all hub connections.
 pub struct Hub {
     pub config: HubConfig,
+    /// The connection and handshake caps.
+    pub admission: Arc<Admission>,
     pub index: HealthIndex,
     /// Per-gateway reports of messages sidecars left behind, until the status shows them.
     pub left_behind: left_behind::LeftBehindLedger,
@@ -152,6 +171,11 @@ pub const NOT_LEADER: &str = "not the leader; reconnect";
 impl Hub {
     pub fn new(config: HubConfig, registry: &Registry) -> Arc<Self> {
         Arc::new(Self {
+            admission: Admission::new(
+                config.max_connections,
+                config.max_handshakes,
+                config.handshake_timeout,
+            ),
             config,
             index: HealthIndex::new(),
             left_behind: Default::default(),
@@ -260,12 +284,26 @@ pub async fn serve<A: Authenticator>(
             },
             _ = shutdown.wait() => return,
         };
+        // The caps are checked before any work is spent on the peer.
+        let Some(permit) = hub.admission.connection() else {
+            connection::refused(&hub.metrics, &peer.to_string(), Closed::ConnectionLimit);
+            drop(tcp);
+            continue;
+        };
+        let mut handshake = hub.admission.handshake();
         let _ = tcp.set_nodelay(true);
         let (tls, hub, auth, shutdown) = (tls.clone(), hub.clone(), auth.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             // The TLS handshake counts against the hello timeout: a silent peer is dropped too.
-            let stream = match tokio::time::timeout(hub.config.hello_timeout, tls.accept(tcp)).await
-            {
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(hub.config.hello_timeout, tls.accept(tcp)) => accepted,
+                closed = handshake.interrupted() => {
+                    connection::refused(&hub.metrics, &peer.to_string(), closed);
+                    return;
+                }
+            };
+            let stream = match accepted {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
                     hub.metrics.auth.with_label_values(&["deny", "tls"]).inc();
@@ -283,7 +321,7 @@ pub async fn serve<A: Authenticator>(
                     return;
                 }
             };
-            connection::serve(stream, peer.to_string(), hub, auth, shutdown).await;
+            connection::serve(stream, peer.to_string(), hub, auth, shutdown, handshake).await;
         });
     }
 }

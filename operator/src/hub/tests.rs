@@ -58,14 +58,24 @@ impl Agent {
 }
 
 fn start(hub: &Arc<Hub>) -> (Agent, tokio::task::JoinHandle<Closed>, Trigger) {
+    start_with(hub, Arc::new(FixedTokens))
+}
+
+fn start_with<A: Authenticator>(
+    hub: &Arc<Hub>,
+    auth: Arc<A>,
+) -> (Agent, tokio::task::JoinHandle<Closed>, Trigger) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (stop, stopped) = shutdown::channel();
+    // Taken here, not in the task, so connections queue in the order they were started.
+    let handshake = hub.admission.handshake();
     let task = tokio::spawn(connection::serve(
         server,
         "test".into(),
         hub.clone(),
-        Arc::new(FixedTokens),
+        auth,
         stopped,
+        handshake,
     ));
     (
         Agent {
@@ -328,4 +338,188 @@ async fn left_behind_reports_outlive_the_connection_and_empty_ones_are_not_count
             .get()
     };
     assert_eq!((count("ok"), count("ignored"), count("invalid")), (1, 1, 1));
+}
+
+fn denied(hub: &Hub, reason: &str) -> u64 {
+    hub.metrics.auth.with_label_values(&["deny", reason]).get()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_silent_handshakes_evicts_the_oldest_and_a_real_agent_gets_through() {
+    let hub = Hub::new(
+        HubConfig {
+            max_handshakes: 4,
+            ..HubConfig::default()
+        },
+        &Registry::new(),
+    );
+    let flood: Vec<_> = (0..20).map(|_| start(&hub)).collect();
+    let (mut agent, _task, _stop) = start(&hub);
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    // 21 handshakes through 4 places: the 17 oldest were dropped at once, not timed out.
+    let mut evicted = 0;
+    let mut still_open = Vec::new();
+    for (peer, task, stop) in flood {
+        if tokio::time::timeout(Duration::from_millis(1), task)
+            .await
+            .is_ok_and(|closed| closed.is_ok_and(|c| c == Closed::Evicted))
+        {
+            evicted += 1;
+        }
+        // Kept open: a closed peer would leave the count by itself.
+        still_open.push((peer, stop));
+    }
+    assert_eq!(evicted, 17);
+    assert_eq!(denied(&hub, "handshake_evicted"), 17);
+    assert_eq!(
+        hub.admission.handshakes(),
+        3,
+        "the accepted agent left the count"
+    );
+    assert_eq!(hub.index.agent_ids("ns", "gw"), vec!["uid-1".to_string()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_before_hello_are_capped() {
+    let hub = Hub::new(
+        HubConfig {
+            pre_auth_bytes: 1024,
+            ..HubConfig::default()
+        },
+        &Registry::new(),
+    );
+    let (mut peer, task, _stop) = start(&hub);
+    // A frame that claims 512 KiB (under the 1 MiB frame limit) and keeps coming.
+    peer.stream
+        .write_all(&(512u32 << 10).to_be_bytes())
+        .await
+        .unwrap();
+    let _ = peer.stream.write_all(&[0u8; 4096]).await;
+    assert_eq!(task.await.unwrap(), Closed::PreAuthBytes);
+    assert_eq!(denied(&hub, "pre_auth_bytes"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handshake_that_trickles_ends_at_the_handshake_deadline() {
+    let hub = Hub::new(
+        HubConfig {
+            hello_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            ..HubConfig::default()
+        },
+        &Registry::new(),
+    );
+    let (_peer, task, _stop) = start(&hub);
+    let closed = tokio::time::timeout(Duration::from_secs(11), task)
+        .await
+        .expect("ended by the 10 s deadline")
+        .unwrap();
+    assert_eq!(closed, Closed::HandshakeTimeout);
+    assert_eq!(denied(&hub, "handshake_timeout"), 1);
+}
+
+/// Answers "good" at once and never answers "hang"; counts the calls.
+#[derive(Default)]
+struct Hanging {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Authenticator for Hanging {
+    async fn authenticate(
+        &self,
+        agent_id: &str,
+        credentials: &str,
+    ) -> Result<AgentIdentity, Denial> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if credentials == "hang" {
+            std::future::pending::<()>().await;
+        }
+        FixedTokens.authenticate(agent_id, credentials).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_review_that_hangs_does_not_block_other_handshakes() {
+    // A handshake deadline well after the TokenReview timeouts, so only those end them.
+    let hub = Hub::new(
+        HubConfig {
+            handshake_timeout: Duration::from_secs(30),
+            ..HubConfig::default()
+        },
+        &Registry::new(),
+    );
+    let limits = AuthLimits {
+        timeout: Duration::from_secs(5),
+        concurrency: 2,
+        ..AuthLimits::default()
+    };
+    let auth = Arc::new(Bounded::new(Hanging::default(), limits));
+    // Three hang, one more than there are turns.
+    let mut hung = Vec::new();
+    for i in 0..3 {
+        let (mut peer, task, stop) = start_with(&hub, auth.clone());
+        peer.send(hello(&format!("uid-h{i}"), "hang")).await;
+        hung.push((peer, task, stop));
+    }
+    let started = tokio::time::Instant::now();
+    let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    // It waited at most for the hung ones' timeout, not for ever.
+    assert!(
+        started.elapsed() <= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The two that had turns were refused at their 5 s timeout; the third got its turn then
+    // and was refused 5 s later. None stays for ever.
+    for (_peer, task, _stop) in hung {
+        let closed = task.await.unwrap();
+        assert!(
+            matches!(&closed, Closed::Denied(r) if r.contains("no answer within 5s")),
+            "{closed:?}"
+        );
+    }
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_accepted_token_is_cached_until_the_ttl() {
+    let hub = hub();
+    let limits = AuthLimits {
+        cache_ttl: Duration::from_secs(60),
+        ..AuthLimits::default()
+    };
+    let auth = Arc::new(Bounded::new(Hanging::default(), limits));
+    let calls =
+        |auth: &Bounded<Hanging>| auth.inner().calls.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
+        agent.send(hello("uid-1", "good")).await;
+        assert!(matches!(
+            agent.recv().await,
+            Some(Message::ManagerHello { .. })
+        ));
+    }
+    assert_eq!(calls(&auth), 1, "one TokenReview for three connections");
+    // Another token for the same agent is checked.
+    let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
+    agent.send(hello("uid-1", "bad")).await;
+    assert!(matches!(agent.recv().await, Some(Message::Bye { .. })));
+    assert_eq!(calls(&auth), 2);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    assert_eq!(calls(&auth), 3, "checked again after the TTL");
 }

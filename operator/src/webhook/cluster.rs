@@ -3,13 +3,19 @@
 //! pure injector takes.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use tracing::warn;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 use super::GatewayLookup;
 use super::inject::{
@@ -136,6 +142,70 @@ pub async fn detect_native_sidecars(client: &Client) -> bool {
     }
 }
 
+/// Whether the webhook's stores (namespaces and gateways) have had their first list: before
+/// that, `/mutate` would see no gateway and admit opted-in pods without a sidecar.
+#[derive(Clone)]
+pub struct CacheSync(watch::Receiver<bool>);
+
+/// How long `/mutate` waits for the first list before it answers 503; under the chart's 5 s
+/// webhook timeout, so the API server hears the 503 and applies the failurePolicy.
+pub const SYNC_WAIT: Duration = Duration::from_secs(3);
+
+impl CacheSync {
+    /// Follows the first list of both stores.
+    pub fn follow(namespaces: &Store<Namespace>, gateways: &Store<AgentGateway>) -> Self {
+        let (synced, rx) = watch::channel(false);
+        let (namespaces, gateways) = (namespaces.clone(), gateways.clone());
+        tokio::spawn(async move {
+            // Err: the store's writer is gone (the watch task ended); never synced then.
+            if namespaces.wait_until_ready().await.is_ok()
+                && gateways.wait_until_ready().await.is_ok()
+            {
+                info!("webhook caches synced");
+                let _ = synced.send(true);
+            }
+        });
+        Self(rx)
+    }
+
+    /// Already synced (for tests and servers without a watch: `CacheSync::synced()`).
+    pub fn synced() -> Self {
+        Self(watch::channel(true).1)
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once both stores have had their first list (never, if their watch ended).
+    pub async fn ready(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits up to `limit` for the first list; whether it came.
+    pub async fn wait(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.ready()).await.is_ok()
+    }
+}
+
+/// Middleware in front of the webhook router: `/mutate` waits up to [`SYNC_WAIT`] for the
+/// caches, then answers 503 (the API server applies the webhook's failurePolicy: `Fail`
+/// refuses the pod, `Ignore` admits it without a sidecar and the reconciler reports it). A
+/// wrong "no gateway here" answer is never given.
+pub async fn wait_for_caches(State(sync): State<CacheSync>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/mutate" && !sync.is_synced() && !sync.wait(SYNC_WAIT).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the webhook has not listed namespaces and gateways yet; retry",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
 /// A reflector store fed by a watch that restarts on errors (with the watcher's backoff).
 pub fn watch_store<K>(api: Api<K>) -> Store<K>
 where
@@ -167,6 +237,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves `sync` in front of a `/mutate` that answers; POST /mutate gives its status line.
+    async fn guarded(sync: CacheSync) -> std::net::SocketAddr {
+        let router = axum::Router::new()
+            .route("/mutate", axum::routing::post(|| async { "answered" }))
+            .layer(axum::middleware::from_fn_with_state(sync, wait_for_caches));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    async fn mutate_status(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn mutate_waits_for_the_first_list_then_fails_with_503() {
+        let (synced, rx) = watch::channel(false);
+        let addr = guarded(CacheSync(rx)).await;
+        // Never synced: 503 after the wait, never a "no gateway here" answer.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            mutate_status(addr).await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert!(started.elapsed() >= SYNC_WAIT);
+        // Synced while a request waits: it is answered.
+        let waiting = tokio::spawn(mutate_status(addr));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        synced.send(true).unwrap();
+        assert_eq!(waiting.await.unwrap(), "HTTP/1.1 200 OK");
+        let addr = guarded(CacheSync::synced()).await;
+        assert_eq!(mutate_status(addr).await, "HTTP/1.1 200 OK");
+    }
 
     #[test]
     fn gateway_settings_become_an_injection_config_with_the_hub_ca() {
