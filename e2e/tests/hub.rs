@@ -360,6 +360,34 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     let cell = nanogate_e2e::table_cell(&table, "RECEIVED/S")?;
     let shown: f64 = cell.parse().unwrap_or(0.0);
     assert!(shown > 0.5 * rate, "RECEIVED/S shows {shown}:\n{table}");
+    // `-o wide` adds what an operator checks next: health, delivery, configuration, report age.
+    let wide =
+        f.cp.kubectl(&["get", "agw", "shop", "-n", f.ns.name(), "-o", "wide"])?;
+    eprintln!(
+        "[hub] {}",
+        wide.lines().collect::<Vec<_>>().join("\n[hub] ")
+    );
+    let status = api.get("shop").await?.data["status"].clone();
+    let delivered_shown: f64 = nanogate_e2e::table_cell(&wide, "DELIVERED/S")?
+        .parse()
+        .unwrap_or(0.0);
+    assert!(delivered_shown > 0.0, "DELIVERED/S in:\n{wide}");
+    assert_eq!(
+        nanogate_e2e::table_cell(&wide, "CONFIG")?,
+        status["configHash"].as_str().unwrap_or("<none>"),
+        "{wide}"
+    );
+    assert_eq!(nanogate_e2e::table_cell(&wide, "HEALTHY")?, "1", "{wide}");
+    assert_eq!(nanogate_e2e::table_cell(&wide, "ON-CONFIG")?, "1", "{wide}");
+    let age = nanogate_e2e::table_cell(&wide, "LAST-REPORT")?;
+    assert!(
+        age.ends_with('s') && age != "<none>",
+        "LAST-REPORT {age:?} in:\n{wide}"
+    );
+    assert!(
+        !table.contains("DELIVERED/S"),
+        "the plain table keeps its columns:\n{table}"
+    );
     assert!(
         platform.received_count() > 0,
         "the platform received the messages"

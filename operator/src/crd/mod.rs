@@ -106,6 +106,42 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         json_path = ".status.upstream.state",
         description = "Upstream reachability as reported by the sidecars"
     ),
+    // `-o wide` only (priority 1).
+    printcolumn(
+        name = "Healthy",
+        type_ = "integer",
+        json_path = ".status.sidecars.healthy",
+        description = "Connected sidecars that are healthy",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Delivered/s",
+        type_ = "number",
+        json_path = ".status.messages.deliveredPerSecond",
+        description = "Messages the platform acknowledged per second (60 s average)",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Config",
+        type_ = "string",
+        json_path = ".status.configHash",
+        description = "Hash of the sidecar configuration the reconciler applied",
+        priority = 1
+    ),
+    printcolumn(
+        name = "On-Config",
+        type_ = "integer",
+        json_path = ".status.sidecars.currentConfig",
+        description = "Connected sidecars running that configuration",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Last-Report",
+        type_ = "date",
+        json_path = ".status.lastHeartbeatTime",
+        description = "When a sidecar last reported",
+        priority = 1
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
