@@ -1,8 +1,8 @@
-//! Every Secret a gateway names wakes it when the Secret appears or changes (the controller's
-//! Secret watch maps a Secret to the gateways that reference it).
+//! Every Secret a gateway names is one the reconciler checks (a missing one holds the gateway
+//! back until it appears), whichever field names it.
 
-use nanogate_operator::controller::references_secret;
 use nanogate_operator::crd::AgentGateway;
+use nanogate_operator::gateway::refs::references_secret;
 
 fn fixture(name: &str) -> AgentGateway {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));

@@ -28,7 +28,6 @@ use crate::crd::{AgentGateway, AgentGatewayStatus, conditions, join_errors};
 use crate::gateway::ValidatedGateway;
 use crate::gateway::membership::{self, Recount};
 use crate::gateway::refs::SecretRef;
-pub use crate::gateway::refs::references_secret;
 use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::status;

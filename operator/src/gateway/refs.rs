@@ -1,7 +1,7 @@
 //! The Secrets a gateway references, as one list. The reconciler reads it to check that each
-//! exists with its keys (`dereference`) and to find the gateways a created or changed Secret
-//! wakes (`references_secret`); the injector reads it for the Secrets it mounts into the
-//! sidecar and where. A new Secret reference in the spec is added here, once, and every one of
+//! exists with its keys (`dereference`; it has no Secret watch, so a missing Secret is
+//! retried, see `controller::secret_retry`); the injector reads it for the Secrets it mounts
+//! into the sidecar and where. A new Secret reference in the spec is added here, once, and every one of
 //! them follows.
 
 use crate::crd::AgentGatewaySpec;
@@ -105,7 +105,8 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
     refs
 }
 
-/// Whether `spec` references Secret `name` (same namespace).
+/// Whether `spec` references Secret `name` (same namespace): whether the reconciler checks it
+/// and a missing one holds the gateway back.
 pub fn references_secret(spec: &AgentGatewaySpec, name: &str) -> bool {
     secret_refs(spec).iter().any(|r| r.name == name)
 }
