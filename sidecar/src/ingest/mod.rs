@@ -7,3 +7,22 @@ pub mod empty_check;
 pub mod socket_file;
 pub mod tcp;
 pub mod unix;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A connection slot under `limit` (further peers wait in the kernel's accept backlog instead
+/// of costing memory here), or `None` once `stopping` resolves and the listener stops
+/// accepting.
+async fn connection_slot(
+    limit: &Arc<Semaphore>,
+    stopping: Pin<&mut impl Future<Output = ()>>,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        permit = limit.clone().acquire_owned() => permit.ok(),
+        _ = stopping => None,
+    }
+}

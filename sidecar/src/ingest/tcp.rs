@@ -269,19 +269,14 @@ impl TcpServer {
             settings,
         } = self;
         let settings = Arc::new(settings);
-        // Caps concurrent connections; further peers wait in the kernel's accept backlog.
         let limit = Arc::new(Semaphore::new(settings.max_connections));
         // Connections watch this to say `close` and end when the agent shuts down.
         let (stop_tx, stop_rx) = shutdown::channel();
         let shutdown = shutdown.triggered();
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_closed) => break,
-            },
-                _ = &mut shutdown => break,
+            let Some(permit) = super::connection_slot(&limit, shutdown.as_mut()).await else {
+                break;
             };
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {

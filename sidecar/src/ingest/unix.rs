@@ -98,8 +98,6 @@ pub async fn run<U: Upstream>(
             return;
         }
     };
-    // The semaphore caps concurrent connections; further clients wait in the kernel's accept
-    // backlog instead of costing memory here.
     let limit = Arc::new(Semaphore::new(max_connections));
     // Connections watch this to stop reading when the agent shuts down.
     let (stop_tx, stop_rx) = shutdown::channel();
@@ -107,12 +105,8 @@ pub async fn run<U: Upstream>(
     let shutdown = shutdown.triggered();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_closed) => break,
-            },
-            _ = &mut shutdown => break,
+        let Some(permit) = super::connection_slot(&limit, shutdown.as_mut()).await else {
+            break;
         };
         let mut guard = tokio::select! {
             r = listener.readable() => match r {
