@@ -31,6 +31,16 @@ if have_all "$ASSETS"; then
   exit 0
 fi
 
+# The build below works in one fixed directory: one build at a time, and whoever waited uses
+# the cache the other one filled.
+mkdir -p "$CACHE_ROOT"
+exec 8>"$CACHE_ROOT/k8s-build.lock"
+if ! flock -n 8; then
+  log "another build of the Kubernetes binaries is running; waiting for it"
+  flock 8
+  if have_all "$ASSETS"; then log "using cached binaries from $ASSETS"; echo "$ASSETS"; exit 0; fi
+fi
+
 start=$(date +%s)
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive

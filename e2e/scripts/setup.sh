@@ -23,6 +23,14 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 log() { printf '[setup] %s\n' "$*" >&2; }
 t0=$(date +%s)
+# One setup at a time per cache: a second one (another checkout, a test run beside CI) waits,
+# then finds the caches warm, instead of rebuilding into the directories the first one uses.
+mkdir -p "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/setup.lock"
+if ! flock -n 9; then
+  log "another setup is running on this cache ($CACHE_ROOT/setup.lock); waiting for it"
+  flock 9
+fi
 # install_missing WHAT PACKAGE...: installs the Debian packages given (those found missing),
 # or says that everything for WHAT is present.
 install_missing() {
