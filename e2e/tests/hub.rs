@@ -377,7 +377,13 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
         status["configHash"].as_str().unwrap_or("<none>"),
         "{wide}"
     );
-    assert_eq!(nanogate_e2e::table_cell(&wide, "HEALTHY")?, "1", "{wide}");
+    assert_eq!(
+        nanogate_e2e::table_cell(&wide, "HEALTHY")?,
+        "1",
+        "{wide}\noperator: {}\nagent: {}",
+        f.operator.log_tail(30),
+        agent.process.log_tail(20)
+    );
     assert_eq!(nanogate_e2e::table_cell(&wide, "ON-CONFIG")?, "1", "{wide}");
     let age = nanogate_e2e::table_cell(&wide, "LAST-REPORT")?;
     assert!(
@@ -452,7 +458,9 @@ async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
     assert_eq!(
         reachable(&status),
         ("Unknown".into(), "NotTriedYet".into(), String::new()),
-        "before any call: {status}"
+        "before any call: {status}\noperator: {}\nagent: {}",
+        f.operator.log_tail(30),
+        agent.process.log_tail(20)
     );
 
     // One app publishes with wait:true; the platform is not there.
@@ -514,6 +522,80 @@ async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
 /// hub write every second, no stored version of the gateway may go back on either writer's
 /// fields: `messages.receivedTotal` (the hub's) and `observedGeneration` (the reconciler's)
 /// never decrease. Every version is seen through a watch.
+/// Deleting a gateway leaves its pods' sidecars serving their apps on the last configuration
+/// until the pods are replaced (stopping them would break apps that still write to the socket),
+/// and each such pod gets a Warning event, with its UID, saying so and what to do.
+#[tokio::test]
+async fn a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned() -> Result<()> {
+    use k8s_openapi::api::events::v1::Event;
+
+    let f = fleet("orphan").await?;
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key("e2e-key").await?;
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    set_upstream_url(&f, &platform.url()).await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let uid = pod.metadata.uid.clone().context("pod uid")?;
+    let mut agent = start_sidecar(&f, &pod, "app-1").await?;
+    wait_for("the sidecar connected", Duration::from_secs(20), || async {
+        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+
+    api.delete("shop", &Default::default()).await?;
+    let deleted = Instant::now();
+    let events: Api<Event> = Api::namespaced(f.client.clone(), f.ns.name());
+    let note = wait_for(
+        "a GatewayDeleted event on the pod",
+        Duration::from_secs(30),
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find_map(|e| {
+                    let on_pod = e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(&uid);
+                    (on_pod && e.reason.as_deref() == Some("GatewayDeleted")).then_some(e.note)
+                }))
+        },
+    )
+    .await
+    .map_err(|e| e.context(f.operator.log_tail(20)))?
+    .unwrap_or_default();
+    assert!(
+        note.contains("shop") && note.contains("until the pod is replaced"),
+        "{note}"
+    );
+
+    // Longer than a drain took (the agent's 20 s shutdown deadline): the sidecar still runs and
+    // an app's wait:true publish still reaches the platform.
+    tokio::time::sleep(Duration::from_secs(25).saturating_sub(deleted.elapsed())).await;
+    assert!(
+        agent.process.exited().is_none(),
+        "the sidecar exited after its gateway was deleted:\n{}",
+        agent.process.log_tail(15)
+    );
+    let before = platform.received_count();
+    let socket = agent.socket.clone();
+    let reply = tokio::task::spawn_blocking(move || -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
+        c.write_all(br#"{"msg_type":"publish","data":{"n":1},"context":{"wait":true}}"#)?;
+        c.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+    .await?
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    assert!(
+        platform.received_count() > before,
+        "the platform did not get the publish; the app was told {reply:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
     use futures::StreamExt as _;

@@ -490,3 +490,156 @@ async fn inject_annotation_values_and_opt_out_over_the_namespace_label() -> Resu
     }
     Ok(())
 }
+
+/// An event whose cause moved on is said again with the new message: the API key's Secret is
+/// first missing, then present without the key. (kube's event recorder folds repeats of one
+/// reason into a series that keeps its first note, so without care `kubectl describe` would
+/// keep telling users to create a Secret that exists.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_cause_changed_is_said_again_with_the_new_message() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "truth-events").await?;
+    // The gateway without its Secret (gateway_yaml's first document is the Secret).
+    let yaml = nanogate_e2e::gateway_yaml(ns.name(), "shop", "");
+    let gateway = yaml.split("\n---\n").nth(1).context("gateway document")?;
+    let out = kubectl(cp, &["apply", "-f", "-"], gateway)?;
+    assert!(out.ok, "{}", out.stderr);
+    let _operator = reconciler(cp, ns.name())?;
+    let notes = |reason: &'static str, text: &'static str| {
+        let client = client.clone();
+        let ns = ns.name().to_string();
+        move || {
+            let (client, ns) = (client.clone(), ns.clone());
+            async move {
+                let events = nanogate_e2e::events_about(&client, &ns, "shop").await?;
+                Ok(events
+                    .iter()
+                    .any(|(r, note)| r == reason && note.contains(text))
+                    .then_some(events))
+            }
+        }
+    };
+    wait_for(
+        "a SecretMissing event saying the Secret is not found",
+        Duration::from_secs(30),
+        notes("SecretMissing", "not found; create it"),
+    )
+    .await?;
+    // Now the Secret exists, but without the key the gateway names.
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: platform-key, namespace: {}}}\nstringData: {{token: e2e-key}}\n",
+        ns.name()
+    );
+    let out = kubectl(cp, &["apply", "-f", "-"], &secret)?;
+    assert!(out.ok, "{}", out.stderr);
+    let events = wait_for(
+        "a SecretMissing event naming the missing key",
+        Duration::from_secs(90),
+        notes("SecretMissing", "has no key \"apiKey\""),
+    )
+    .await?;
+    // The first event keeps its own message: it is history, not the current cause.
+    assert!(
+        events
+            .iter()
+            .any(|(r, note)| r == "SecretMissing" && note.contains("not found")),
+        "{events:?}"
+    );
+    Ok(())
+}
+
+/// A plain-text upstream (here `http://`) is allowed but visible: `UpstreamTLSVerified=False`
+/// with reason `PlainText` and a Warning event, both saying what to use instead; switching to
+/// `https://` turns the condition `True`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_text_upstream_is_allowed_but_flagged() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "truth-plain").await?;
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
+    )?;
+    assert!(out.ok, "{}", out.stderr);
+    let _operator = reconciler(cp, ns.name())?;
+    let gateway = || async {
+        let out = kubectl(
+            cp,
+            &["-n", ns.name(), "get", "agw", "shop", "-o", "json"],
+            "",
+        )?;
+        Ok::<Value, anyhow::Error>(serde_json::from_str(&out.stdout).unwrap_or_default())
+    };
+    let reason = |gw: &Value| -> Option<(String, String)> {
+        let c = gw["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "UpstreamTLSVerified")?;
+        Some((
+            c["status"].as_str()?.to_string(),
+            c["reason"].as_str()?.to_string(),
+        ))
+    };
+    wait_for(
+        "UpstreamTLSVerified=False PlainText",
+        Duration::from_secs(30),
+        || async {
+            let gw = gateway().await?;
+            Ok((reason(&gw) == Some(("False".into(), "PlainText".into()))).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        condition(&gateway().await?, "Ready")
+            .map(|(s, _)| s)
+            .as_deref(),
+        Some("True"),
+        "allowed: the gateway still works"
+    );
+    let note = wait_for(
+        "a PlainTextUpstream Warning event",
+        Duration::from_secs(30),
+        || async {
+            let events = nanogate_e2e::events_about(&client, ns.name(), "shop").await?;
+            Ok(events
+                .into_iter()
+                .find(|(r, _)| r == "PlainTextUpstream")
+                .map(|(_, note)| note))
+        },
+    )
+    .await?;
+    assert!(
+        note.contains("http://127.0.0.1:9") && note.contains("https://"),
+        "{note}"
+    );
+
+    let out = kubectl(
+        cp,
+        &[
+            "-n",
+            ns.name(),
+            "patch",
+            "agw",
+            "shop",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"upstream":{"url":"https://127.0.0.1:9"}}}"#,
+        ],
+        "",
+    )?;
+    assert!(out.ok, "{}", out.stderr);
+    wait_for(
+        "UpstreamTLSVerified=True",
+        Duration::from_secs(30),
+        || async {
+            let gw = gateway().await?;
+            Ok((reason(&gw) == Some(("True".into(), "Verified".into()))).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

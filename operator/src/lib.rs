@@ -5,6 +5,7 @@
 //! - [`names`]: every annotation, label, environment variable, mount path and ConfigMap key
 //!   shared with pods, users and the sidecar.
 //! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes; SIGTERM.
+//! - [`events`]: Kubernetes events, said again when their message changes.
 //! - [`tls`]: the self-made CA and serving certificate, rotation, `caBundle`, the swappable
 //!   rustls certificate the webhook and the hub serve.
 //! - [`crd`]: the `AgentGateway` resource, its defaults, status types and [`crd::validate`].
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod gateway;
 pub mod hub;
 pub mod leader;

@@ -444,6 +444,43 @@ fn injection_settings_resolve_defaults() {
 }
 
 #[test]
+fn plain_text_upstreams_are_named_with_what_to_use_instead() {
+    let exposure = |yaml: &str| {
+        let mut gw = fixture("minimal.yaml");
+        gw.spec.upstream = serde_yaml::from_str(yaml).unwrap();
+        build::upstream_exposure(&gw.spec)
+    };
+    let key = "apiKeySecretRef: {name: k}";
+    for url in ["https://p.example", "tls://nats:4222"] {
+        assert_eq!(exposure(&format!("{{url: '{url}', {key}}}")), None, "{url}");
+    }
+    let (reason, event, message) =
+        exposure(&format!("{{url: 'http://p.example', {key}}}")).unwrap();
+    assert_eq!((reason, event), ("PlainText", "PlainTextUpstream"));
+    assert!(
+        message.contains("http://p.example") && message.contains("https://"),
+        "{message}"
+    );
+    let ws = exposure(&format!("{{kind: socketio, url: 'WS://p.example', {key}}}")).unwrap();
+    assert!(ws.2.contains("wss://"), "{}", ws.2);
+    let nats = exposure(&format!("{{kind: nats, url: 'nats://n:4222', {key}}}")).unwrap();
+    assert!(nats.2.contains("tls://"), "{}", nats.2);
+    // A NATS client given a CA requires TLS whatever the scheme.
+    assert_eq!(
+        exposure(&format!(
+            "{{kind: nats, url: 'nats://n:4222', {key}, tls: {{caSecretRef: {{name: ca}}}}}}"
+        )),
+        None
+    );
+    // Skipping verification is named first: it is the bigger hole.
+    let insecure = exposure(&format!(
+        "{{url: 'http://p.example', {key}, tls: {{insecureSkipVerify: true}}}}"
+    ))
+    .unwrap();
+    assert_eq!(insecure.0, "InsecureSkipVerify");
+}
+
+#[test]
 fn skipping_tls_verification_is_a_warning_condition_until_turned_off() {
     let applied = Verdict::Applied {
         config_map: "demo-agent-config".into(),

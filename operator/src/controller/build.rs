@@ -10,7 +10,7 @@ use kube::Resource;
 
 use crate::crd::{
     AgentGateway, AgentGatewaySpec, AgentGatewayStatus, LeftBehindStats, MessageStats,
-    SidecarCounts, UpstreamStatus, conditions,
+    SidecarCounts, UpstreamKind, UpstreamStatus, conditions,
 };
 use crate::status::set_condition;
 
@@ -218,28 +218,67 @@ pub fn desired_status(
 /// Message of `UpstreamTLSVerified=False` and of the `InsecureUpstreamTLS` event.
 pub const INSECURE_TLS_MESSAGE: &str = "spec.upstream.tls.insecureSkipVerify is true: sidecars accept any certificate from the upstream, so anyone on the path can read and change the messages and the API key; give the upstream's CA in spec.upstream.tls.caSecretRef and set insecureSkipVerify to false";
 
-/// Sets `UpstreamTLSVerified` from the spec: `False` (reason `InsecureSkipVerify`) while the
-/// sidecars skip certificate verification; `True` once they stop; left out for gateways that
-/// never skipped it (their status is unchanged).
+/// Why the sidecars' traffic to the upstream is not protected by verified TLS, if it is not:
+/// `(condition reason, event reason, message)`. Both are allowed (a platform inside the
+/// cluster, a test bench), but never silently: the API key travels with every request.
+pub fn upstream_exposure(spec: &AgentGatewaySpec) -> Option<(&'static str, &'static str, String)> {
+    let u = &spec.upstream;
+    let tls = u.tls.as_ref();
+    if tls.is_some_and(|t| t.insecure_skip_verify) {
+        return Some((
+            "InsecureSkipVerify",
+            "InsecureUpstreamTLS",
+            INSECURE_TLS_MESSAGE.into(),
+        ));
+    }
+    let scheme = u
+        .url
+        .split("://")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    // A NATS client given a CA or client certificate requires TLS whatever the scheme.
+    let nats_tls =
+        tls.is_some_and(|t| t.ca_secret_ref.is_some() || t.client_cert_secret_ref.is_some());
+    let plain = match scheme.as_str() {
+        "http" | "ws" => true,
+        "nats" => !nats_tls,
+        _ => false,
+    };
+    plain.then(|| {
+        (
+            "PlainText",
+            "PlainTextUpstream",
+            format!(
+                "spec.upstream.url {:?} is plain text: the API key and every message cross the network unencrypted; use {} for the upstream",
+                u.url,
+                match u.kind {
+                    UpstreamKind::Nats => "tls:// or give spec.upstream.tls.caSecretRef",
+                    UpstreamKind::Socketio => "https:// or wss://",
+                    UpstreamKind::Http => "https://",
+                }
+            ),
+        )
+    })
+}
+
+/// Sets `UpstreamTLSVerified` from the spec: `False` while the upstream is plain text (reason
+/// `PlainText`) or its certificate is not verified (`InsecureSkipVerify`); `True` once neither
+/// holds; left out for gateways that never had either (their status is unchanged).
 pub fn set_tls_verified(
     status: &mut AgentGatewayStatus,
     spec: &AgentGatewaySpec,
     generation: Option<i64>,
     now: &Time,
 ) {
-    let insecure = spec
-        .upstream
-        .tls
-        .as_ref()
-        .is_some_and(|t| t.insecure_skip_verify);
     let c = &mut status.conditions;
-    if insecure {
+    if let Some((reason, _, message)) = upstream_exposure(spec) {
         set_condition(
             c,
             conditions::UPSTREAM_TLS_VERIFIED,
             "False",
-            "InsecureSkipVerify",
-            INSECURE_TLS_MESSAGE,
+            reason,
+            &message,
             generation,
             now,
         );

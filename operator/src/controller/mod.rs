@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -223,13 +223,7 @@ async fn dereference(client: &Client, ns: &str, refs: &[SecretRef]) -> Result<Op
 }
 
 async fn publish(ctx: &Context, gw: &AgentGateway, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
+    let ev = crate::events::event(type_, reason, "Reconcile", note);
     match ctx.recorder.publish(&ev, &gw.object_ref(&())).await {
         Ok(()) => ctx.metrics.write("events", "create"),
         // Events are best effort; a failed event must not fail the reconcile.
@@ -402,26 +396,22 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         }
     }
 
+    // Said once per cause: when the gateway turns plain text or unverified, or changes which.
     let tls_verified = |s: Option<&AgentGatewayStatus>| {
         s.and_then(|s| {
             s.conditions
                 .iter()
                 .find(|c| c.type_ == conditions::UPSTREAM_TLS_VERIFIED)
         })
-        .map(|c| c.status.clone())
+        .map(|c| (c.status.clone(), c.reason.clone()))
     };
-    if tls_verified(Some(&new_status)).as_deref() == Some("False")
-        && tls_verified(current.as_ref()).as_deref() != Some("False")
+    let exposed = tls_verified(Some(&new_status)).filter(|(status, _)| status == "False");
+    if exposed.is_some()
+        && exposed != tls_verified(current.as_ref())
+        && let Some((_, reason, message)) = build::upstream_exposure(&gw.spec)
     {
-        warn!(%ns, %name, "sidecars skip verification of the upstream's certificate");
-        publish(
-            &ctx,
-            &gw,
-            EventType::Warning,
-            "InsecureUpstreamTLS",
-            build::INSECURE_TLS_MESSAGE.into(),
-        )
-        .await;
+        warn!(%ns, %name, %message, "the upstream is not protected by verified TLS");
+        publish(&ctx, &gw, EventType::Warning, reason, message).await;
     }
 
     report_not_injected(&ctx, &gw, ns, current.as_ref(), &census).await;

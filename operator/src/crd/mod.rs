@@ -234,6 +234,9 @@ pub struct UpstreamSpec {
     pub kind: UpstreamKind,
     /// Endpoint of the platform. Default `https://app.tendrl.com/api`. Scheme `http(s)://` for
     /// `http`; `http(s)://` or `ws(s)://` for `socketio`; `nats://` or `tls://` for `nats`.
+    /// A plain-text URL (`http://`, `ws://`, `nats://` without `tls`) is allowed, but the API
+    /// key then crosses the network in clear: the gateway shows `UpstreamTLSVerified=False`
+    /// (reason `PlainText`) and a Warning event.
     #[serde(default = "default_upstream_url")]
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,

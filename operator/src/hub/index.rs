@@ -200,13 +200,13 @@ impl HealthIndex {
         self.len() == 0
     }
 
-    /// Agent ids connected for `namespace/gateway`.
-    pub fn agent_ids(&self, namespace: &str, gateway: &str) -> Vec<String> {
+    /// The agents connected for `namespace/gateway`.
+    pub fn identities(&self, namespace: &str, gateway: &str) -> Vec<AgentIdentity> {
         let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
         agents
             .values()
             .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
-            .map(|r| r.identity.agent_id.clone())
+            .map(|r| r.identity.clone())
             .collect()
     }
 

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource as _;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use tracing::warn;
 
 use crate::crd::{AgentGateway, AgentGatewayStatus, LeftBehindStats};
@@ -182,13 +182,8 @@ pub async fn announce(recorder: &Recorder, ledger: &LeftBehindLedger, gateway: &
         return;
     };
     for report in ledger.take_unannounced(namespace, name) {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: EVENT_REASON.into(),
-            note: Some(report.note()),
-            action: "Shutdown".into(),
-            secondary: None,
-        };
+        let event =
+            crate::events::event(EventType::Warning, EVENT_REASON, "Shutdown", report.note());
         if let Err(error) = recorder.publish(&event, &gateway.object_ref(&())).await {
             warn!(%error, %namespace, gateway = %name, pod = %report.pod, "publishing the left-behind event failed");
         }

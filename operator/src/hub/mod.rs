@@ -236,11 +236,6 @@ impl Hub {
         }
     }
 
-    /// Agent ids connected for `namespace/gateway`.
-    pub fn agents_of(&self, namespace: &str, gateway: &str) -> Vec<String> {
-        self.index.agent_ids(namespace, gateway)
-    }
-
     fn attach(&self, agent_id: &str, connection: u64, sender: mpsc::Sender<OutboundRequest>) {
         self.agents_lock()
             .insert(agent_id.to_string(), (connection, sender));

@@ -11,23 +11,26 @@
 //! written in the next pass, from a fresh list; nothing is subtracted from the ledger until a
 //! write carried it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::index::FleetHealth;
+use super::index::{AgentIdentity, FleetHealth};
 use super::{Hub, left_behind};
 use crate::crd::{
     AgentGateway, AgentGatewayStatus, LeftBehindStats, MessageStats, SidecarCounts,
     UnhealthySidecar, UpstreamStatus, conditions, parse_duration,
 };
 use crate::gateway::ValidatedGateway;
+use crate::names::INJECT_ANNOTATION;
 use crate::shutdown::Shutdown;
 use crate::status::{self, set_condition};
 
@@ -293,8 +296,7 @@ pub async fn run(
         },
     );
     let mut ticker = tokio::time::interval(interval);
-    // Separate cooldowns: a recent reload must not hold back a drain.
-    let (mut reloads, mut drains) = (Reloads::default(), Reloads::default());
+    let (mut reloads, mut orphans_warned) = (Reloads::default(), HashSet::new());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -316,7 +318,7 @@ pub async fn run(
             Timestamp::from_second(Timestamp::now().as_second())
                 .unwrap_or_else(|_| Timestamp::now()),
         );
-        drain_orphans(&hub, &list.items, &mut drains);
+        warn_orphans(&hub, &list.items, &recorder, &mut orphans_warned).await;
         hub.left_behind.forget_deleted(|ns, name| {
             list.items
                 .iter()
@@ -373,13 +375,12 @@ pub async fn run(
                     if let Some((reason, note)) =
                         upstream_warning(gateway.status.as_ref(), &desired)
                     {
-                        let event = kube::runtime::events::Event {
-                            type_: kube::runtime::events::EventType::Warning,
-                            reason: format!("Upstream{reason}"),
-                            note: Some(note),
-                            action: "Deliver".into(),
-                            secondary: None,
-                        };
+                        let event = crate::events::event(
+                            kube::runtime::events::EventType::Warning,
+                            format!("Upstream{reason}"),
+                            "Deliver",
+                            note,
+                        );
                         if let Err(error) = recorder.publish(&event, &gateway.object_ref(&())).await
                         {
                             warn!(%error, %namespace, %name, "publishing the upstream event failed");
@@ -399,41 +400,70 @@ pub async fn run(
     }
 }
 
-/// When each agent was last sent a request (`reload`, or `drain`), so a slow agent is not flooded.
+/// When each agent was last sent a `reload`, so a slow agent is not flooded.
 #[derive(Default)]
 struct Reloads(std::collections::HashMap<String, Instant>);
 
-/// Agents of a gateway that no longer exists (deleted; its ConfigMap is garbage-collected)
-/// are told to `drain`: stop accepting, deliver what they hold, exit. Once per cooldown each.
-fn drain_orphans(hub: &Arc<Hub>, gateways: &[AgentGateway], sent: &mut Reloads) {
-    let now = Instant::now();
+/// Sidecars of a gateway that no longer exists keep serving their apps with the configuration
+/// they have (the kubelet keeps a deleted ConfigMap's files in the pod) until their pods are
+/// replaced: stopping them would break apps that still write to the socket, and the gateway
+/// may be re-created (its sidecars reconnect and are reloaded). Each such pod gets one Warning
+/// event saying so; `warned` holds the agents told, forgotten once they are gone or their
+/// gateway is back.
+async fn warn_orphans(
+    hub: &Arc<Hub>,
+    gateways: &[AgentGateway],
+    recorder: &kube::runtime::events::Recorder,
+    warned: &mut HashSet<String>,
+) {
+    let mut orphans = Vec::new();
     for (namespace, name) in hub.index.gateways() {
         let exists = gateways
             .iter()
             .any(|g| g.namespace().as_deref() == Some(namespace.as_str()) && g.name_any() == name);
-        if exists {
+        if !exists {
+            orphans.extend(hub.index.identities(&namespace, &name));
+        }
+    }
+    warned.retain(|agent| orphans.iter().any(|o| &o.agent_id == agent));
+    for orphan in orphans {
+        if warned.contains(&orphan.agent_id) {
             continue;
         }
-        for agent in hub.index.agent_ids(&namespace, &name) {
-            if sent
-                .0
-                .get(&agent)
-                .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(30))
-            {
-                continue;
+        let AgentIdentity {
+            agent_id,
+            namespace,
+            pod,
+            gateway,
+        } = &orphan;
+        warn!(%namespace, %pod, %gateway, "gateway deleted; its sidecar keeps serving until the pod is replaced");
+        let note = format!(
+            "AgentGateway {namespace}/{gateway} was deleted: this pod's nano-agent keeps serving \
+             its apps with its last configuration until the pod is replaced. Re-create the \
+             gateway to manage it again, or remove the {INJECT_ANNOTATION} annotation from the \
+             pod template and roll the workload out to remove the sidecar."
+        );
+        let event = crate::events::event(
+            kube::runtime::events::EventType::Warning,
+            "GatewayDeleted",
+            "Orphan",
+            note,
+        );
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(namespace.clone()),
+            name: Some(pod.clone()),
+            uid: Some(agent_id.clone()),
+            ..ObjectReference::default()
+        };
+        match recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                warned.insert(agent_id.clone());
             }
-            sent.0.insert(agent.clone(), now);
-            let hub = hub.clone();
-            let gateway = format!("{namespace}/{name}");
-            tokio::spawn(async move {
-                match hub
-                    .request(&agent, "drain", Vec::new(), Duration::from_secs(10))
-                    .await
-                {
-                    Ok(_) => info!(%agent, %gateway, "gateway deleted; sidecar draining"),
-                    Err(error) => warn!(%agent, %gateway, %error, "drain request failed"),
-                }
-            });
+            Err(error) => {
+                warn!(%error, %namespace, %pod, "publishing the GatewayDeleted event failed")
+            }
         }
     }
 }

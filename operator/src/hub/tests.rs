@@ -380,7 +380,7 @@ async fn a_flood_of_silent_handshakes_evicts_the_oldest_and_a_real_agent_gets_th
         3,
         "the accepted agent left the count"
     );
-    assert_eq!(hub.index.agent_ids("ns", "gw"), vec!["uid-1".to_string()]);
+    assert_eq!(hub.index.identities("ns", "gw")[0].agent_id, "uid-1");
 }
 
 #[tokio::test(start_paused = true)]

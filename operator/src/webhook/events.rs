@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use tracing::{debug, warn};
 
@@ -97,13 +97,7 @@ pub fn admission_events(client: Client) -> impl Fn(&InjectionOutcome) + Send + S
         let Some((type_, reason, note)) = admission_event(outcome, subject) else {
             return;
         };
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Admit".into(),
-            secondary: None,
-        };
+        let event = crate::events::event(type_, reason, "Admit", note);
         let recorder = recorder.clone();
         let outcome = outcome.clone();
         let pods: Api<Pod> = Api::namespaced(client.clone(), &outcome.namespace);
