@@ -261,22 +261,8 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
         stopped.elapsed().as_secs_f64()
     );
 
-    // Deleting the gateway tells its connected sidecars to drain: the agent exits by itself.
-    let mut again = start_sidecar(&f, &pod, "app-1-again").await?;
-    wait_for(
-        "the restarted sidecar connected",
-        Duration::from_secs(10),
-        || async { Ok((sidecars(&f).await?["connected"] == 1).then_some(())) },
-    )
-    .await?;
-    api.delete("shop", &Default::default()).await?;
-    let deleted = Instant::now();
-    let status = again.process.wait_exit(Duration::from_secs(20)).await?;
-    assert!(status.success(), "drained agent exits cleanly: {status}");
-    eprintln!(
-        "[hub] gateway deleted → sidecar drained and exited in {:.1}s",
-        deleted.elapsed().as_secs_f64()
-    );
+    // What deleting the gateway does to a running sidecar:
+    // a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned.
     Ok(())
 }
 
