@@ -1,6 +1,9 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease.
 //!
-//! The holder renews every `lease_duration / 3`; others poll more often and take the lease
+//! The holder renews every retry interval (as client-go's `retryPeriod`: ~2 s for a 15 s lease),
+//! and retries a failed round at once, so one hung call still leaves time for others before
+//! the renew deadline — stepping down drops every sidecar's session. Others poll as often and
+//! take the lease
 //! once they have seen it unchanged (same holder, `renewTime` and `resourceVersion`) for
 //! `leaseDurationSeconds` by their own clock, or it was released. Another replica's
 //! `renewTime` is never compared with the local clock: clocks of two nodes may disagree by
@@ -38,12 +41,7 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// Interval between renewals by the holder.
-    pub fn renew_interval(&self) -> Duration {
-        self.lease_duration / 3
-    }
-
-    /// Interval between attempts by a non-holder.
+    /// Interval between renewals by the holder, and between attempts by a non-holder.
     pub fn retry_interval(&self) -> Duration {
         (self.lease_duration / 7).clamp(Duration::from_millis(200), Duration::from_secs(2))
     }
@@ -54,7 +52,8 @@ impl LeaseConfig {
     }
 
     /// One round (read, then write) gets at most this long: a renewal that starts on time
-    /// (`renew_interval`) ends well before the `renew_deadline`.
+    /// (`retry_interval`) and a retry at once after it failed both end before the
+    /// `renew_deadline`.
     pub fn round_timeout(&self) -> Duration {
         self.lease_duration / 5
     }

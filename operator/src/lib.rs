@@ -84,6 +84,9 @@ pub async fn run(
 /// How long in-flight reconciles may finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Pause before a leader retries a lease round that failed (see the run loop).
+const RETRY_AFTER_FAILED_RENEWAL: Duration = Duration::from_millis(100);
+
 /// A running controller task and the switch that stops it.
 struct Running {
     stop: shutdown::Trigger,
@@ -199,10 +202,12 @@ pub async fn run_with_client(
         // may start once the lease expires, a third of the lease after the renew deadline.
         let step_down_grace = cfg.lease_duration / 10;
         loop {
+            let mut failed = false;
             let leading = match elector.try_acquire_or_renew().await {
                 Ok(leader::Round::Leading) => true,
                 Ok(leader::Round::Following(_)) => false,
                 Err(error) => {
+                    failed = true;
                     // Keep leading only while the lease we hold is certainly still ours.
                     let still =
                         running.is_some() && elector.time_left().is_some_and(|l| !l.is_zero());
@@ -232,8 +237,10 @@ pub async fn run_with_client(
                     .map_or(cfg.round_timeout(), |l| l.min(cfg.round_timeout()));
                 label.sync(running.is_some(), budget).await;
             }
-            let mut wait = if running.is_some() {
-                cfg.renew_interval()
+            // A leader whose round failed tries again at once (a pause keeps an instantly
+            // failing API server from being hammered): the deadline leaves room for one more.
+            let mut wait = if running.is_some() && failed {
+                RETRY_AFTER_FAILED_RENEWAL
             } else {
                 cfg.retry_interval()
             };

@@ -251,7 +251,7 @@ async fn a_leader_whose_api_server_stops_answering_steps_down_by_the_renew_deadl
     let opts = RunOptions {
         lease_namespace: "ops".into(),
         identity: Some("me".into()),
-        // Renew every 1 s, step down 2 s after the last renewal, rounds of 0.6 s at most.
+        // Renew every 0.43 s, step down 2 s after the last renewal, rounds of 0.6 s at most.
         lease_duration: 3,
         ..RunOptions::default()
     };
@@ -315,6 +315,83 @@ async fn a_leader_whose_api_server_stops_answering_steps_down_by_the_renew_deadl
         after >= Duration::from_millis(1_500),
         "{after:?}: too early"
     );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(15), operator).await;
+    server.abort();
+}
+
+/// The run loop against an API server that leaves one lease call unanswered and answers every
+/// other: one hung call (an etcd stall, a dropped connection) is retried within the renew
+/// deadline, so the leader keeps leading — stepping down drops every sidecar's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_rides_out_one_hung_lease_call() {
+    use nanogate_operator::{Metrics, RunOptions, run_with_client};
+    use tokio::time::Instant;
+
+    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let metrics = Metrics::default();
+    let opts = RunOptions {
+        lease_namespace: "ops".into(),
+        identity: Some("me".into()),
+        // Step down 2 s after the last renewal, rounds of 0.6 s at most.
+        lease_duration: 3,
+        ..RunOptions::default()
+    };
+    // Plays the API server: answers lease calls, except that the first renewal's read after
+    // the lease exists is held forever; any other call is held too (not needed here).
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut stored: Option<Value> = None;
+        let mut writes = 0;
+        let mut hung_one = false;
+        while let Some((req, send)) = api.next_request().await {
+            let lease_call = req.uri().path().starts_with("/apis/coordination.k8s.io/");
+            if !lease_call {
+                held.push(send);
+                continue;
+            }
+            match (req.method().clone(), stored.clone()) {
+                (Method::GET, None) => respond(
+                    send,
+                    StatusCode::NOT_FOUND,
+                    &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"NotFound","code":404}),
+                ),
+                (Method::GET, Some(_)) if writes >= 2 && !hung_one => {
+                    hung_one = true;
+                    held.push(send);
+                }
+                (Method::GET, Some(lease)) => respond(send, StatusCode::OK, &lease),
+                (_, _) => {
+                    let mut b = body(req).await;
+                    writes += 1;
+                    b["metadata"]["resourceVersion"] = json!(writes.to_string());
+                    stored = Some(b.clone());
+                    respond(send, StatusCode::OK, &b);
+                }
+            }
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(run_with_client(client, opts, metrics.clone(), async {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics.leader.get() != 1 {
+        assert!(Instant::now() < deadline, "never became leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Three lease durations, the hung call among them: leading throughout.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(9) {
+        assert_eq!(
+            metrics.leader.get(),
+            1,
+            "stepped down {:?} into the run after one hung lease call",
+            watched.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(15), operator).await;
     server.abort();
