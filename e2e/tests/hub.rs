@@ -553,6 +553,13 @@ async fn a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned() ->
         note.contains("shop") && note.contains("until the pod is replaced"),
         "{note}"
     );
+    // Its control session ended (there is nothing to report to) and reconnects are refused.
+    let operator_log = std::fs::read_to_string(&f.operator.log).unwrap_or_default();
+    assert!(
+        operator_log.contains(r#"SentAway("gateway deleted")"#),
+        "the hub kept the session: {}",
+        f.operator.log_tail(30)
+    );
 
     // Longer than a drain took (the agent's 20 s shutdown deadline): the sidecar still runs and
     // an app's wait:true publish still reaches the platform.

@@ -281,7 +281,7 @@ impl<A: Authenticator> Authenticator for Bounded<A> {
 
 /// How long a JWT is still valid by its `exp` claim (zero once expired); `None` when the token
 /// is no JWT or has no `exp`. Read only after the token was accepted, to bound the cache.
-fn token_lifetime(token: &str) -> Option<Duration> {
+pub(super) fn token_lifetime(token: &str) -> Option<Duration> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))

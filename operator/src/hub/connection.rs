@@ -31,6 +31,18 @@ pub struct OutboundRequest {
     pub reply: oneshot::Sender<Result<Value, String>>,
 }
 
+/// What the rest of the hub asks of one agent's connection.
+pub enum ToAgent {
+    Request(OutboundRequest),
+    /// End the session with this `Bye` reason (its pod or gateway is gone); the agent
+    /// reconnects and is authenticated again.
+    SendAway(String),
+}
+
+/// `Bye` reason when the session's token expires: the agent reconnects with the token the
+/// kubelet has rotated in the meantime.
+pub const TOKEN_EXPIRED: &str = "token expired; reconnect with a fresh token";
+
 /// How a connection ended, for logs and metrics.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Closed {
@@ -52,6 +64,10 @@ pub enum Closed {
     PreAuthBytes,
     /// Closed at once: the hub serves its maximum of connections.
     ConnectionLimit,
+    /// The token the session was authenticated with expired.
+    TokenExpired,
+    /// Sent away by the hub (reason given): the pod or gateway is gone.
+    SentAway(String),
 }
 
 /// Token bucket for notifications: `rate` per second, bursts of `burst`.
@@ -175,8 +191,8 @@ where
         closed = handshake.interrupted() => Err(refused(metrics, &peer, closed)),
     };
     drop(handshake);
-    let identity = match greeted {
-        Ok(identity) => identity,
+    let (identity, token_lifetime) = match greeted {
+        Ok(greeted) => greeted,
         Err(closed) => return closed,
     };
     if send(
@@ -193,10 +209,15 @@ where
     metrics.auth.with_label_values(&["accept", "ok"]).inc();
     info!(target: "nanogate::audit", decision = "accept", %peer, agent_id = %identity.agent_id,
           namespace = %identity.namespace, pod = %identity.pod, gateway = %identity.gateway, "hub connection");
-    serve_agent(reader, writer, decoder, buf, peer, hub, identity, shutdown).await
+    let session = Session {
+        identity,
+        token_lifetime,
+    };
+    serve_agent(reader, writer, decoder, buf, peer, hub, session, shutdown).await
 }
 
-/// AgentHello, the leader check and authentication: who the agent is, or how it ended.
+/// AgentHello, the leader check and authentication: who the agent is and how long its token
+/// is valid, or how it ended.
 async fn greet<R, W, A>(
     reader: &mut R,
     writer: &mut W,
@@ -205,7 +226,7 @@ async fn greet<R, W, A>(
     peer: &str,
     hub: &Hub,
     auth: &A,
-) -> Result<AgentIdentity, Closed>
+) -> Result<(AgentIdentity, Option<Duration>), Closed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -294,7 +315,7 @@ where
 
     // 3. Authenticate; the token itself is never logged.
     match auth.authenticate(&agent_id, &credentials).await {
-        Ok(identity) => Ok(identity),
+        Ok(identity) => Ok((identity, super::auth::token_lifetime(&credentials))),
         Err(denial) => {
             // Audit first: the decision is on record before the agent hears of it.
             let reason = denial.to_string();
@@ -314,7 +335,15 @@ where
     }
 }
 
-/// An authenticated agent, until it leaves, fails keep-alive or `shutdown` fires.
+/// Who an authenticated connection serves, and for how long its token is valid (`None`: no
+/// expiry could be read, e.g. a test token).
+struct Session {
+    identity: AgentIdentity,
+    token_lifetime: Option<Duration>,
+}
+
+/// An authenticated agent, until it leaves, fails keep-alive, its token expires, the hub sends
+/// it away or `shutdown` fires.
 #[allow(clippy::too_many_arguments)]
 async fn serve_agent<R, W>(
     mut reader: R,
@@ -323,18 +352,22 @@ async fn serve_agent<R, W>(
     mut buf: Vec<u8>,
     peer: String,
     hub: Arc<Hub>,
-    identity: AgentIdentity,
+    session: Session,
     mut shutdown: Shutdown,
 ) -> Closed
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Session {
+        identity,
+        token_lifetime,
+    } = session;
     let cfg = hub.config.clone();
     let metrics = &hub.metrics;
     // 4. Serve until the end.
     let connection = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-    let (requests_tx, mut requests) = mpsc::channel::<OutboundRequest>(16);
+    let (requests_tx, mut requests) = mpsc::channel::<ToAgent>(16);
     hub.index
         .connected(identity.clone(), connection, Instant::now());
     hub.attach(&identity.agent_id, connection, requests_tx);
@@ -354,6 +387,7 @@ where
     );
     let mut outstanding_ping: Option<(i64, tokio::time::Instant)> = None;
     let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let session_end = token_lifetime.map_or(far_future, |left| tokio::time::Instant::now() + left);
 
     let closed = loop {
         let pong_deadline = outstanding_ping.map(|(_, at)| at).unwrap_or(far_future);
@@ -404,15 +438,25 @@ where
                     }
                 }
             }
-            Some(request) = requests.recv() => {
-                next_request += 1;
-                let id = format!("{connection}-{next_request}");
-                let frame = Message::Request { id: id.clone(), method: request.method, args: Vec::new(), kwargs: request.kwargs };
-                if send(&mut writer, &frame).await.is_err() {
-                    let _ = request.reply.send(Err("connection closed".into()));
-                    break Closed::PeerClosed;
+            Some(to_agent) = requests.recv() => match to_agent {
+                ToAgent::SendAway(reason) => {
+                    let _ = send(&mut writer, &Message::Bye { reason: reason.clone() }).await;
+                    break Closed::SentAway(reason);
                 }
-                pending.insert(id, request.reply);
+                ToAgent::Request(request) => {
+                    next_request += 1;
+                    let id = format!("{connection}-{next_request}");
+                    let frame = Message::Request { id: id.clone(), method: request.method, args: Vec::new(), kwargs: request.kwargs };
+                    if send(&mut writer, &frame).await.is_err() {
+                        let _ = request.reply.send(Err("connection closed".into()));
+                        break Closed::PeerClosed;
+                    }
+                    pending.insert(id, request.reply);
+                }
+            },
+            _ = tokio::time::sleep_until(session_end) => {
+                let _ = send(&mut writer, &Message::Bye { reason: TOKEN_EXPIRED.into() }).await;
+                break Closed::TokenExpired;
             }
             _ = ping_timer.tick() => {
                 if outstanding_ping.is_none() {

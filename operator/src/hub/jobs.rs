@@ -3,7 +3,7 @@
 //! webhook marks such sidecars (`NANOGATE_EXIT_WHEN_APPS_DONE=true`, the app containers in
 //! `NANOGATE_APP_CONTAINERS`); this task watches pods and, once every listed app container has
 //! terminated, sends the pod's agent `drain`: it stops accepting, delivers what it holds and
-//! exits 0, and the Job completes.
+//! exits 0, and the Job completes. A deleted pod's session is ended here too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -76,6 +76,14 @@ pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: Shutdown) {
         };
         let pod = match event {
             Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,
+            // A deleted pod's session ends (its sidecar normally left already; one that did not,
+            // e.g. on a node cut off from the API server, must not report for it).
+            Some(Ok(watcher::Event::Delete(pod))) => {
+                if let Some(uid) = pod.metadata.uid.as_deref() {
+                    hub.send_away(uid, "pod deleted");
+                }
+                continue;
+            }
             Some(Ok(_)) => continue,
             Some(Err(error)) => {
                 warn!(%error, "pod watch for run-to-completion sidecars failed; retrying");

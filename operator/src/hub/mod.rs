@@ -21,13 +21,13 @@ use rmpv::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::shutdown::Shutdown;
 
 pub use admission::{Admission, Handshake};
 pub use auth::{AuthLimits, Authenticator, Bounded, Denial, TokenReviewAuthenticator};
-pub use connection::{Closed, OutboundRequest};
+pub use connection::{Closed, OutboundRequest, TOKEN_EXPIRED, ToAgent};
 pub use index::{AgentIdentity, FleetHealth, HealthIndex};
 
 /// Keep-alive and admission settings; defaults are the architecture's.
@@ -158,7 +158,7 @@ pub struct Hub {
     pub left_behind: left_behind::LeftBehindLedger,
     pub metrics: HubMetrics,
     /// Outbound request channel of each connected agent, with the connection id that owns it.
-    agents: Mutex<HashMap<String, (u64, mpsc::Sender<OutboundRequest>)>>,
+    agents: Mutex<HashMap<String, (u64, mpsc::Sender<ToAgent>)>>,
     /// Whether this replica leads. Only the leader's index feeds gateway status, so a follower
     /// sends its agents away (`Bye`) and they reconnect through the Service, which selects the
     /// leader's pod; counts never split between replicas.
@@ -220,11 +220,11 @@ impl Hub {
             .ok_or_else(|| format!("agent {agent_id} is not connected"))?;
         let (reply, answer) = oneshot::channel();
         sender
-            .send(OutboundRequest {
+            .send(ToAgent::Request(OutboundRequest {
                 method: method.to_string(),
                 kwargs,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| format!("agent {agent_id} disconnected"))?;
         match tokio::time::timeout(timeout, answer).await {
@@ -236,7 +236,20 @@ impl Hub {
         }
     }
 
-    fn attach(&self, agent_id: &str, connection: u64, sender: mpsc::Sender<OutboundRequest>) {
+    /// Ends `agent_id`'s session with `Bye(reason)`, if it is connected: its pod or gateway is
+    /// gone. (A reconnect is authenticated again, and refused while they are gone.)
+    pub fn send_away(&self, agent_id: &str, reason: &str) {
+        let sender = self.agents_lock().get(agent_id).map(|(_, tx)| tx.clone());
+        if let Some(sender) = sender
+            && sender
+                .try_send(ToAgent::SendAway(reason.to_string()))
+                .is_err()
+        {
+            debug!(%agent_id, "agent connection busy or closing; not sent away");
+        }
+    }
+
+    fn attach(&self, agent_id: &str, connection: u64, sender: mpsc::Sender<ToAgent>) {
         self.agents_lock()
             .insert(agent_id.to_string(), (connection, sender));
     }
@@ -253,7 +266,7 @@ impl Hub {
 
     fn agents_lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<OutboundRequest>)>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<ToAgent>)>> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

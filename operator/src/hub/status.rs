@@ -408,8 +408,8 @@ struct Reloads(std::collections::HashMap<String, Instant>);
 /// they have (the kubelet keeps a deleted ConfigMap's files in the pod) until their pods are
 /// replaced: stopping them would break apps that still write to the socket, and the gateway
 /// may be re-created (its sidecars reconnect and are reloaded). Each such pod gets one Warning
-/// event saying so; `warned` holds the agents told, forgotten once they are gone or their
-/// gateway is back.
+/// event saying so, and its control session is ended; `warned` holds the agents told,
+/// forgotten once they are gone or their gateway is back.
 async fn warn_orphans(
     hub: &Arc<Hub>,
     gateways: &[AgentGateway],
@@ -465,6 +465,9 @@ async fn warn_orphans(
                 warn!(%error, %namespace, %pod, "publishing the GatewayDeleted event failed")
             }
         }
+        // Its session ends too: there is no gateway to report to; its reconnects are refused
+        // (with backoff) until the gateway is back.
+        hub.send_away(agent_id, "gateway deleted");
     }
 }
 

@@ -523,3 +523,82 @@ async fn an_accepted_token_is_cached_until_the_ttl() {
     ));
     assert_eq!(calls(&auth), 3, "checked again after the TTL");
 }
+
+/// Accepts any token for uid-1 (the expiry is what is under test).
+struct AnyToken;
+
+impl Authenticator for AnyToken {
+    async fn authenticate(&self, _: &str, _: &str) -> Result<AgentIdentity, Denial> {
+        Ok(identity(1, "gw"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_ends_when_its_token_expires() {
+    use base64::Engine as _;
+    let hub = Hub::new(
+        HubConfig {
+            // No keep-alive traffic in the way.
+            ping_interval: Duration::from_secs(24 * 3600),
+            ..HubConfig::default()
+        },
+        &Registry::new(),
+    );
+    let (mut agent, task, _stop) = start_with(&hub, Arc::new(AnyToken));
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 90;
+    let part = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let token = format!(
+        "{}.{}.sig",
+        part(serde_json::json!({"alg": "RS256"})),
+        part(serde_json::json!({"exp": exp}))
+    );
+    let started = tokio::time::Instant::now();
+    agent.send(hello("uid-1", &token)).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    assert_eq!(
+        agent.recv().await,
+        Some(Message::Bye {
+            reason: TOKEN_EXPIRED.into()
+        })
+    );
+    assert_eq!(task.await.unwrap(), Closed::TokenExpired);
+    let lasted = started.elapsed();
+    assert!(
+        (Duration::from_secs(88)..=Duration::from_secs(91)).contains(&lasted),
+        "{lasted:?}"
+    );
+    assert!(hub.index.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_whose_pod_or_gateway_is_gone_is_sent_away() {
+    let hub = hub();
+    let (mut agent, task, _stop) = start(&hub);
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    hub.send_away("uid-2", "pod deleted"); // not connected: nothing happens
+    hub.send_away("uid-1", "gateway deleted");
+    assert_eq!(
+        agent.recv().await,
+        Some(Message::Bye {
+            reason: "gateway deleted".into()
+        })
+    );
+    assert_eq!(
+        task.await.unwrap(),
+        Closed::SentAway("gateway deleted".into())
+    );
+    assert!(hub.index.is_empty());
+}
