@@ -246,6 +246,13 @@ async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_
             "  tcpListener: {port: 9091, tokenSecretRef: {name: t, key: token}, tlsSecretRef: {name: c}}\n",
             "spec.tcpListener.port",
         ),
+        // Mounted into every app container: outside nanogate's own directories it would hide
+        // the app's files (issue 18).
+        (
+            "hide-bin",
+            "  socket: {path: /usr/local/bin/agent.sock}\n",
+            "spec.socket.path",
+        ),
     ] {
         let out = kubectl(
             cp,

@@ -501,7 +501,9 @@ impl Default for DeliverySpec {
 #[serde(rename_all = "camelCase")]
 pub struct SocketSpec {
     /// Absolute path of the socket in every container. Default
-    /// `/var/lib/tendrl/tendrl_agent.sock`; its directory is the shared volume's mount point.
+    /// `/var/lib/tendrl/tendrl_agent.sock`; its directory is the shared volume's mount point,
+    /// so it must be in `/var/lib/tendrl` or `/run/nanogate` (or below): anywhere else the
+    /// mount would hide the app's own files.
     #[serde(default = "default_socket_path")]
     #[schemars(length(min = 2, max = 107))]
     pub path: String,

@@ -5,23 +5,12 @@ use std::fmt;
 use std::time::Duration;
 
 use super::*;
-use crate::names::{
-    CONFIG_DIR, HUB_CA_DIR, NATS_CREDENTIALS_DIR, SIDECAR_ADMIN_PORT, TCP_TLS_DIR, TOKEN_DIR,
-    UPSTREAM_CA_DIR, UPSTREAM_CLIENT_CERT_DIR,
-};
+use crate::names::SIDECAR_ADMIN_PORT;
 
-/// The directories the injector mounts into the sidecar besides the socket's: the socket's
-/// directory must be none of them, nor inside or above one (the API server refuses a container
-/// with two mounts at one path, and a nested mount would hide the other).
-const SIDECAR_MOUNT_DIRS: [&str; 7] = [
-    CONFIG_DIR,
-    TOKEN_DIR,
-    HUB_CA_DIR,
-    UPSTREAM_CA_DIR,
-    UPSTREAM_CLIENT_CERT_DIR,
-    NATS_CREDENTIALS_DIR,
-    TCP_TLS_DIR,
-];
+/// Where a socket may be: its directory is mounted into every app container, so it must be
+/// one only nanogate uses — anywhere else (`/usr/local/bin`, `/etc/ssl`) the mount would hide
+/// the app's own files, and whoever may edit a gateway could break or subvert every app.
+pub const SOCKET_DIR_ROOTS: [&str; 2] = ["/var/lib/tendrl", "/run/nanogate"];
 
 /// The longest gateway name: it becomes the value of the pod label
 /// `nanogate.io/injected-gateway`, and label values are at most 63 characters.
@@ -233,18 +222,6 @@ fn is_label_value(s: &str) -> bool {
         && (s.is_empty()
             || (s.starts_with(|c: char| c.is_ascii_alphanumeric())
                 && s.ends_with(|c: char| c.is_ascii_alphanumeric())))
-}
-
-/// Whether directories `a` and `b` are the same, or one contains the other.
-fn dirs_overlap(a: &str, b: &str) -> bool {
-    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
-    let inside = |inner: &str, outer: &str| {
-        inner == outer
-            || inner
-                .strip_prefix(outer)
-                .is_some_and(|r| r.starts_with('/'))
-    };
-    inside(a, b) || inside(b, a)
 }
 
 /// [`validate`] plus the rules on the gateway's name: it is written into every injected pod
@@ -523,6 +500,19 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
                 s.path.len()
             ),
         );
+    } else if !s.path.rsplit_once('/').is_some_and(|(dir, _)| {
+        SOCKET_DIR_ROOTS
+            .iter()
+            .any(|root| dir == *root || dir.strip_prefix(root).is_some_and(|r| r.starts_with('/')))
+    }) {
+        c.fail(
+            "spec.socket.path",
+            format!(
+                "spec.socket.path ({:?}) must be in {} or a directory below one: its directory is mounted into every app container, and elsewhere it would hide the app's own files",
+                s.path,
+                SOCKET_DIR_ROOTS.join(" or ")
+            ),
+        );
     }
     c.range("spec.socket.maxTags", s.max_tags, 1, 100);
     c.range(
@@ -531,22 +521,6 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         1024,
         16 << 20,
     );
-
-    let socket_dir = s.path.rsplit_once('/').map(|(dir, _)| dir);
-    if let Some(dir) = SIDECAR_MOUNT_DIRS
-        .iter()
-        .find(|dir| socket_dir.is_some_and(|s| dirs_overlap(s, dir)))
-    {
-        {
-            c.fail(
-                "spec.socket.path",
-                format!(
-                    "spec.socket.path ({:?}) must not be in or above {dir}, where the sidecar mounts its own files",
-                    s.path
-                ),
-            );
-        }
-    }
 
     // sidecar
     c.resources(&spec.sidecar.resources);
@@ -717,6 +691,46 @@ mod tests {
         assert!(errors[0].message.contains("rounds to 0ms"), "{errors:?}");
     }
 
+    use crate::names::{
+        CONFIG_DIR, HUB_CA_DIR, NATS_CREDENTIALS_DIR, TCP_TLS_DIR, TOKEN_DIR, UPSTREAM_CA_DIR,
+        UPSTREAM_CLIENT_CERT_DIR,
+    };
+
+    /// The directories the injector mounts into the sidecar besides the socket's: no socket
+    /// directory may be one of them, nor inside or above one (the API server refuses a container
+    /// with two mounts at one path, and a nested mount would hide the other) — which the
+    /// [`SOCKET_DIR_ROOTS`] guarantee (tested).
+    const SIDECAR_MOUNT_DIRS: [&str; 7] = [
+        CONFIG_DIR,
+        TOKEN_DIR,
+        HUB_CA_DIR,
+        UPSTREAM_CA_DIR,
+        UPSTREAM_CLIENT_CERT_DIR,
+        NATS_CREDENTIALS_DIR,
+        TCP_TLS_DIR,
+    ];
+
+    /// Whether directories `a` and `b` are the same, or one contains the other.
+    fn dirs_overlap(a: &str, b: &str) -> bool {
+        let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+        let inside = |inner: &str, outer: &str| {
+            inner == outer
+                || inner
+                    .strip_prefix(outer)
+                    .is_some_and(|r| r.starts_with('/'))
+        };
+        inside(a, b) || inside(b, a)
+    }
+
+    #[test]
+    fn socket_directories_never_meet_the_sidecars_own_mounts() {
+        for root in SOCKET_DIR_ROOTS {
+            for dir in SIDECAR_MOUNT_DIRS {
+                assert!(!dirs_overlap(root, dir), "{root} and {dir}");
+            }
+        }
+    }
+
     #[test]
     fn names_ports_and_paths_copied_into_the_pod_are_checked() {
         assert_eq!(
@@ -738,10 +752,29 @@ mod tests {
             fields("  socket: {path: /etc/a.sock}\n"),
             ["spec.socket.path"]
         );
-        assert_eq!(
-            fields("  socket: {path: /run/app/a.sock}\n"),
-            Vec::<String>::new()
-        );
+        // Only directories nanogate owns: a mount elsewhere would hide the app's files.
+        for outside in [
+            "/run/app/a.sock",
+            "/usr/local/bin/a.sock",
+            "/var/lib/tendrlx/a.sock",
+        ] {
+            assert_eq!(
+                fields(&format!("  socket: {{path: {outside}}}\n")),
+                ["spec.socket.path"],
+                "{outside}"
+            );
+        }
+        for inside in [
+            "/var/lib/tendrl/a.sock",
+            "/run/nanogate/a.sock",
+            "/run/nanogate/shop/a.sock",
+        ] {
+            assert_eq!(
+                fields(&format!("  socket: {{path: {inside}}}\n")),
+                Vec::<String>::new(),
+                "{inside}"
+            );
+        }
         let mut long = gateway("");
         long.metadata.name = Some("a".repeat(64));
         let errors = validate_gateway(&long).unwrap_err();
