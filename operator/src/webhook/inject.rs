@@ -53,7 +53,7 @@ use serde_json::{Value, json};
 use crate::crd::parse_quantity;
 use crate::gateway::membership::{self, NoGateway};
 use crate::names::{
-    ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV,
+    ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, API_KEY_FILE, API_KEY_FILE_ENV, API_KEY_VOLUME, APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV,
     CONFIG_KEY, CONFIG_VOLUME, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_SOCKET_PATH,
     EXIT_WHEN_APPS_DONE_ENV, GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR,
     HUB_CA_FILE, HUB_CA_FILE_ENV, HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS,
@@ -737,6 +737,18 @@ fn sidecar_container(
         json!({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
             "name": cfg.api_key_secret.name, "key": cfg.api_key_secret.key,
         }}}),
+    ];
+    // The mounted key file, re-read by the sidecar (rotation without a restart); TENDRL_KEY
+    // above stays for sidecar images that predate it.
+    if let Some(m) = cfg
+        .secret_mounts
+        .iter()
+        .find(|m| m.volume_name == API_KEY_VOLUME)
+    {
+        env.push(json!({"name": API_KEY_FILE_ENV,
+            "value": format!("{}/{API_KEY_FILE}", m.mount_path.trim_end_matches('/'))}));
+    }
+    env.extend([
         field_env(POD_NAME_ENV, "metadata.name"),
         field_env(POD_NAMESPACE_ENV, "metadata.namespace"),
         field_env(POD_UID_ENV, "metadata.uid"),
@@ -744,7 +756,7 @@ fn sidecar_container(
         json!({"name": CONFIG_FILE_ENV, "value": format!("{}/{}", cfg.config_dir.trim_end_matches('/'), cfg.config_key)}),
         json!({"name": HUB_ADDR_ENV, "value": cfg.hub_addr}),
         json!({"name": HUB_TOKEN_FILE_ENV, "value": format!("{TOKEN_DIR}/{TOKEN_FILE}")}),
-    ];
+    ]);
     if cfg.hub_ca.is_some() {
         env.push(json!({"name": HUB_CA_FILE_ENV, "value": format!("{HUB_CA_DIR}/{HUB_CA_FILE}")}));
     }
