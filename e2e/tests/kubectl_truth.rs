@@ -564,6 +564,18 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
         &cp.dir().join(format!("pod-{}", ns.name())),
     )
     .await?;
+    let key_file = agent
+        .container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TENDRL_KEY_FILE")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        key_file.as_deref(),
+        Some("/etc/nanogate/api-key/api-key"),
+        "the injector mounts the key as a file"
+    );
     let pid = agent.process.pid();
     let result = async {
         let socket = agent.socket.clone();

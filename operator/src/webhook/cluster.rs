@@ -19,8 +19,8 @@ use tracing::{info, warn};
 
 use super::GatewayLookup;
 use super::inject::{
-    HubCaSource, InjectionConfig, KeyRef, KeyToPath, NativeSidecarMode, SecretMount, SidecarResources,
-    supports_native_sidecars,
+    HubCaSource, InjectionConfig, KeyRef, KeyToPath, NativeSidecarMode, SecretMount,
+    SidecarResources, supports_native_sidecars,
 };
 use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
 use crate::gateway::InjectionSettings;

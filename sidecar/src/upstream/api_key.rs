@@ -245,8 +245,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         kubelet_write(dir.path(), 0, "first\n");
         let (key, metrics) = with_file(dir.path(), "from-env");
-        assert_eq!(key.reload(), Reload::Reloaded, "the file wins over TENDRL_KEY");
-        assert_eq!(&*key.current().secret, "first", "the trailing newline is not the key");
+        assert_eq!(
+            key.reload(),
+            Reload::Reloaded,
+            "the file wins over TENDRL_KEY"
+        );
+        assert_eq!(
+            &*key.current().secret,
+            "first",
+            "the trailing newline is not the key"
+        );
         let generation = key.generation();
 
         // The kubelet re-writes the volume with the same content (new directory, new inode).
