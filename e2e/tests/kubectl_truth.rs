@@ -529,6 +529,7 @@ fn publish(socket: &std::path::Path, n: u64) -> Result<()> {
 async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Result<()> {
     const OLD: &str = "key-before-rotation";
     const NEW: &str = "key-after-rotation";
+    const NEWER: &str = "key-after-the-second-rotation";
     let cp = ControlPlane::shared().await?;
     nanogate_e2e::install_crd(cp)?;
     let client = cp.client().await?;
@@ -632,9 +633,62 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
         assert_eq!(api_key_reloads(&agent.admin_addr)?, Some(1.0));
         let refused = platform.bearers().iter().filter(|b| b.as_str() == OLD).count();
         eprintln!(
-            "[rotate] the rotated key was used {:.1}s after the volume changed; requests with the old key after the rotation refused: {}",
+            "[rotate] revoked: the rotated key was used {:.1}s after the volume changed; requests with the old key after the rotation refused: {}",
             took.as_secs_f64(),
             refused.saturating_sub(1)
+        );
+
+        // A rotation with an overlap (the platform takes both keys for a while): no 401 tells
+        // the agent, its periodic re-read (every 5 s by default) finds the new key.
+        platform.also_accept(NEWER);
+        cp.kubectl(&[
+            "-n",
+            ns.name(),
+            "patch",
+            "secret",
+            "platform-key",
+            "-p",
+            &format!("{{\"stringData\":{{\"apiKey\":\"{NEWER}\"}}}}"),
+        ])?;
+        agent.resync_secrets(&client).await?;
+        let rotated = std::time::Instant::now();
+        let unauthorized = platform.unauthorized();
+        let mut n = 2;
+        let bearer = wait_for(
+            "a message with the newer key, the old one still accepted",
+            Duration::from_secs(20),
+            || {
+                n += 1;
+                let sent = publish(&agent.socket, n);
+                let platform = &platform;
+                async move {
+                    sent?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(platform
+                        .received_with_bearer()
+                        .into_iter()
+                        .any(|(bearer, _)| bearer == NEWER)
+                        .then_some(()))
+                }
+            },
+        )
+        .await;
+        bearer?;
+        let took = rotated.elapsed();
+        assert_eq!(
+            platform.unauthorized(),
+            unauthorized,
+            "nothing was refused: the periodic re-read found the key"
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "the newer key was used only after {took:?} (re-read every 5 s)"
+        );
+        assert_eq!(api_key_reloads(&agent.admin_addr)?, Some(2.0));
+        assert!(agent.process.exited().is_none(), "the agent kept running");
+        eprintln!(
+            "[rotate] overlapping: the newer key was used {:.1}s after the volume changed (periodic re-read, no 401)",
+            took.as_secs_f64()
         );
         Ok::<_, anyhow::Error>(())
     }

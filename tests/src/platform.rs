@@ -183,6 +183,8 @@ struct State {
     api_key: String,
     /// The key accepted instead of `api_key` once the platform rotated it.
     rotated_key: Mutex<Option<String>>,
+    /// Keys accepted besides the current one.
+    also_accepted: Mutex<Vec<String>>,
     received: Mutex<Vec<Value>>,
     /// The bearer token each message of `received` came with (same order).
     received_bearers: Mutex<Vec<String>>,
@@ -247,6 +249,17 @@ impl PlatformServer {
     /// From now on only `key` is accepted (the platform rotated the key; the old one is 401).
     pub fn rotate_api_key(&self, key: &str) {
         *self.state.rotated_key.lock().expect("lock") = Some(key.to_owned());
+        self.state.also_accepted.lock().expect("lock").clear();
+    }
+
+    /// Accepts `key` too, besides the current one (a rotation with an overlap: both work
+    /// until [`PlatformServer::rotate_api_key`] retires the old one).
+    pub fn also_accept(&self, key: &str) {
+        self.state
+            .also_accepted
+            .lock()
+            .expect("lock")
+            .push(key.to_owned());
     }
 
     /// The bearer token of every request so far (empty string: none), in arrival order.
@@ -428,7 +441,12 @@ async fn handle(
     let authorized = match state.rotated_key.lock().expect("lock").as_deref() {
         Some(key) => bearer == key,
         None => bearer == state.api_key,
-    };
+    } || state
+        .also_accepted
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|k| *k == bearer);
     if !authorized || f.unauthorized.load(Ordering::SeqCst) {
         state.unauthorized.fetch_add(1, Ordering::SeqCst);
         return Ok(json(

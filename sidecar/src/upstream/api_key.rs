@@ -313,6 +313,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_watcher_picks_up_a_swap_on_its_own_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        kubelet_write(dir.path(), 0, "one");
+        let (key, metrics) = with_file(dir.path(), "");
+        key.reload();
+        let since = key.generation();
+        let (stop_tx, stop) = crate::shutdown::channel();
+        tokio::spawn(key.clone().watch(Duration::from_millis(100), stop));
+        // Unchanged content over several ticks: no reload.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(key.generation(), since);
+        kubelet_write(dir.path(), 1, "two");
+        tokio::time::timeout(Duration::from_secs(5), key.changed(since))
+            .await
+            .expect("the periodic re-read saw the new key");
+        assert_eq!(&*key.current().secret, "two");
+        assert_eq!(
+            metrics.api_key_reloads.get(),
+            2,
+            "the first read and the swap"
+        );
+        stop_tx.trigger();
+    }
+
+    #[tokio::test]
     async fn the_watcher_rereads_on_its_tick_and_on_request() {
         let dir = tempfile::tempdir().unwrap();
         kubelet_write(dir.path(), 0, "one");
