@@ -441,12 +441,7 @@ async fn handle(
     let authorized = match state.rotated_key.lock().expect("lock").as_deref() {
         Some(key) => bearer == key,
         None => bearer == state.api_key,
-    } || state
-        .also_accepted
-        .lock()
-        .expect("lock")
-        .iter()
-        .any(|k| *k == bearer);
+    } || state.also_accepted.lock().expect("lock").contains(&bearer);
     if !authorized || f.unauthorized.load(Ordering::SeqCst) {
         state.unauthorized.fetch_add(1, Ordering::SeqCst);
         return Ok(json(
