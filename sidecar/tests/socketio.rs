@@ -875,7 +875,12 @@ fn a_rotated_key_file_reconnects_with_the_new_key() {
         &dir.path().join("agent"),
         port,
         &certs,
-        &["--api-key-file", &key_arg, "--api-key-reload-interval", "200ms"],
+        &[
+            "--api-key-file",
+            &key_arg,
+            "--api-key-reload-interval",
+            "200ms",
+        ],
     );
     let tokens = |p: &Platform| -> Vec<String> {
         p.events("connect")
@@ -888,7 +893,11 @@ fn a_rotated_key_file_reconnects_with_the_new_key() {
         "no connect; agent log:\n{}",
         agent.log_text()
     );
-    assert_eq!(tokens(&platform), ["file-key-1"], "the file wins over TENDRL_KEY");
+    assert_eq!(
+        tokens(&platform),
+        ["file-key-1"],
+        "the file wins over TENDRL_KEY"
+    );
 
     // Replaced the way the kubelet does it: a new file renamed over the old one.
     let tmp = dir.path().join("api-key.tmp");
@@ -896,9 +905,10 @@ fn a_rotated_key_file_reconnects_with_the_new_key() {
     std::fs::rename(&tmp, &key_file).unwrap();
     let rotated = Instant::now();
     assert!(
-        platform.wait(Duration::from_secs(20), |e| e
-            .iter()
-            .any(|c| c["event"] == "connect" && c["auth"]["token"] == "file-key-2")),
+        platform
+            .wait(Duration::from_secs(20), |e| e.iter().any(|c| c["event"]
+                == "connect"
+                && c["auth"]["token"] == "file-key-2")),
         "no connect with the new key; agent log:\n{}",
         agent.log_text()
     );
