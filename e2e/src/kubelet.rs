@@ -3,6 +3,12 @@
 //! kubelet would — env values, Secret and downward-API references, ConfigMap and projected
 //! service-account-token volumes, `emptyDir` — into a local directory.
 //!
+//! Secret volumes are written as the kubelet writes them (its `AtomicWriter`): the files in a
+//! timestamped directory, a `..data` symlink to it, and each key a symlink through `..data`;
+//! [`LocalSidecar::resync_secrets`] re-reads the Secrets and swaps `..data` in one rename, as
+//! the kubelet does on its periodic sync (`--sync-frequency`, a minute by default). Here it
+//! happens when a test calls it: this is a stand-in, not the kubelet's timing.
+//!
 //! Paths inside the container (mount points) are mapped to directories under `workdir`, and env
 //! values that point into a mount point are rewritten accordingly, so the agent runs exactly
 //! the configuration the webhook injected.
@@ -35,6 +41,79 @@ pub struct LocalSidecar {
     pub admin_addr: String,
     /// The container as injected (for assertions).
     pub container: Container,
+    /// The pod's namespace and its Secret volumes as written here.
+    namespace: String,
+    secret_volumes: Vec<SecretVolume>,
+}
+
+/// A Secret volume of the sidecar, as written under the work directory.
+struct SecretVolume {
+    secret: String,
+    items: Option<Vec<KeyToPath>>,
+    dir: PathBuf,
+}
+
+impl LocalSidecar {
+    /// Re-reads every Secret the sidecar mounts and swaps its volume's content atomically
+    /// (what the kubelet's periodic sync does after a Secret changed).
+    pub async fn resync_secrets(&self, client: &Client) -> Result<()> {
+        for volume in &self.secret_volumes {
+            let files = secret_files(client, &self.namespace, volume).await?;
+            write_atomically(&volume.dir, &files)?;
+        }
+        Ok(())
+    }
+}
+
+/// The files of a Secret volume: (path in the volume, content).
+async fn secret_files(
+    client: &Client,
+    namespace: &str,
+    volume: &SecretVolume,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(&volume.secret)
+        .await?;
+    Ok(secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(key, value)| item_path(&volume.items, &key).map(|path| (path, value.0)))
+        .collect())
+}
+
+/// Writes `files` into `dir` the kubelet's way: a fresh `..<n>` directory, `..data` renamed
+/// over to point at it (one atomic step), each file a symlink `name -> ..data/name`, the
+/// previous directory removed.
+fn write_atomically(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "..{}_{}",
+        std::process::id(),
+        GENERATION.fetch_add(1, Ordering::Relaxed)
+    );
+    let fresh = dir.join(&name);
+    std::fs::create_dir_all(&fresh)?;
+    for (path, content) in files {
+        std::fs::write(fresh.join(path), content)?;
+    }
+    let data = dir.join("..data");
+    let previous = std::fs::read_link(&data).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&name, &tmp)?;
+    std::fs::rename(&tmp, &data)?;
+    for (path, _) in files {
+        let link = dir.join(path);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(path), &link)?;
+        }
+    }
+    if let Some(previous) = previous.filter(|p| p.as_os_str() != name.as_str()) {
+        std::fs::remove_dir_all(dir.join(previous))?;
+    }
+    Ok(())
 }
 
 /// The injected `nano-agent` container of `pod`, if any.
@@ -65,6 +144,7 @@ pub async fn run_sidecar(
     let mut mounts: Vec<(String, PathBuf)> = Vec::new();
     let mut config_files: Vec<PathBuf> = Vec::new();
     let mut secret_mounts: Vec<(String, PathBuf)> = Vec::new();
+    let mut secret_volumes: Vec<SecretVolume> = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
         let volume = spec
             .volumes
@@ -85,18 +165,16 @@ pub async fn run_sidecar(
                 }
             }
         } else if let Some(source) = &volume.secret {
-            let name = source
-                .secret_name
-                .clone()
-                .context("secret volume without a name")?;
-            let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
-                .get(&name)
-                .await?;
-            for (key, value) in secret.data.unwrap_or_default() {
-                if let Some(path) = item_path(&source.items, &key) {
-                    std::fs::write(local.join(path), value.0)?;
-                }
-            }
+            let volume = SecretVolume {
+                secret: source
+                    .secret_name
+                    .clone()
+                    .context("secret volume without a name")?,
+                items: source.items.clone(),
+                dir: local.clone(),
+            };
+            write_atomically(&local, &secret_files(client, &namespace, &volume).await?)?;
+            secret_volumes.push(volume);
             secret_mounts.push((mount.mount_path.clone(), local.clone()));
         } else if let Some(projected) = &volume.projected {
             for source in projected.sources.iter().flatten() {
@@ -199,6 +277,8 @@ pub async fn run_sidecar(
         socket,
         admin_addr: format!("127.0.0.1:{admin_port}"),
         container,
+        namespace,
+        secret_volumes,
     })
 }
 

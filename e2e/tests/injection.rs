@@ -190,6 +190,29 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
             key.value.is_none(),
             "the API key comes from the Secret, never inline"
         );
+        // And as a file of a read-only Secret volume holding that one key (rotation).
+        let file = env
+            .iter()
+            .find(|e| e.name == "TENDRL_KEY_FILE")
+            .and_then(|e| e.value.clone());
+        assert_eq!(file.as_deref(), Some("/etc/nanogate/api-key/api-key"));
+        let mount = agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/etc/nanogate/api-key")
+            .context("API key mount")?;
+        assert_eq!(mount.read_only, Some(true));
+        let volume = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .and_then(|v| v.iter().find(|v| v.name == mount.name))
+            .and_then(|v| v.secret.clone())
+            .context("API key Secret volume")?;
+        let items = volume.items.unwrap_or_default();
+        assert_eq!(items.len(), 1, "only the API key of the Secret: {items:?}");
+        assert_eq!(items[0].path, "api-key");
         let spec = pod.spec.as_ref().context("spec")?;
         // 1.20 has no native sidecars: the agent is a regular container placed first.
         assert_eq!(

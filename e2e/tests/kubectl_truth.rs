@@ -2,7 +2,8 @@
 //! pods inadmissible is refused at `kubectl apply` (or, if it got in, is `ConfigValid=False`);
 //! injection decisions show on the pod (`kubectl describe pod`: events with the pod's UID, the
 //! skip annotation) and to whoever creates it (admission warnings); `Injected` is said only of
-//! stored pods; `nanogate.io/inject` understands yes/no words and an opt-out always wins.
+//! stored pods; `nanogate.io/inject` understands yes/no words and an opt-out always wins; an
+//! updated API key Secret reaches the running sidecar without a restart (point 10).
 //!
 //! The webhook runs in-process (as in `injection.rs`), scoped to each test's namespace by a
 //! label; tests run kubectl synchronously, so their runtime has worker threads left to serve it; the reconciler is the real `nanogate-operator` binary restricted to the namespace
@@ -649,4 +650,213 @@ async fn a_plain_text_upstream_is_allowed_but_flagged() -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21, point 10: a rotated API key reaches running sidecars without a restart.
+
+/// The sidecar's `nanogate_sidecar_api_key_reloads_total` (None: not exported).
+fn api_key_reloads(admin_addr: &str) -> Result<Option<f64>> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(admin_addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix("nanogate_sidecar_api_key_reloads_total "))
+        .and_then(|v| v.trim().parse().ok()))
+}
+
+/// One `publish` of `{"n": n}` through the agent's socket.
+fn publish(socket: &std::path::Path, n: u64) -> Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    let message = serde_json::json!({"msg_type": "publish", "data": {"n": n}});
+    stream.write_all(message.to_string().as_bytes())?;
+    Ok(())
+}
+
+/// The gateway's API key Secret is updated (and the platform accepts only the new key): the
+/// running sidecar's next messages carry the new key, with no restart. The apiserver, the
+/// webhook that injects the pod and the reconciler that writes its configuration are real; the
+/// sidecar runs under the stand-in kubelet (`nanogate_e2e::kubelet`), whose Secret volume
+/// refresh (the kubelet's periodic sync) the test triggers right after the update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Result<()> {
+    const OLD: &str = "key-before-rotation";
+    const NEW: &str = "key-after-rotation";
+    const NEWER: &str = "key-after-the-second-rotation";
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "rotate").await?;
+    let _webhook = serve_webhook(cp, &client, ns.name()).await?;
+    let mut operator = reconciler(cp, ns.name())?;
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key(OLD).await?;
+    let gateway = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: platform-key, namespace: {ns}}}\nstringData: {{apiKey: {OLD}}}\n---\napiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {{name: shop, namespace: {ns}}}\nspec:\n  upstream: {{kind: http, url: \"{url}\", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}\n",
+        ns = ns.name(),
+        url = platform.url()
+    );
+    let out = kubectl(cp, &["apply", "-f", "-"], &gateway)?;
+    if !out.ok {
+        bail!("applying gateway shop: {}", out.stderr);
+    }
+    wait_for(
+        "the reconciler to write the gateway's ConfigMap",
+        Duration::from_secs(60),
+        || async {
+            let maps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+                kube::Api::namespaced(client.clone(), ns.name());
+            Ok(maps.get_opt("shop-agent-config").await?.map(|_| ()))
+        },
+    )
+    .await
+    .map_err(|e| e.context(operator.log_tail(20)))?;
+    let pod = nanogate_e2e::create_injected_pod(&client, ns.name(), "app").await?;
+    let mut agent = nanogate_e2e::kubelet::run_sidecar(
+        &client,
+        &pod,
+        &nanogate_e2e::workspace_binary("nano-agent")?,
+        &cp.dir().join(format!("pod-{}", ns.name())),
+    )
+    .await?;
+    let key_file = agent
+        .container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TENDRL_KEY_FILE")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        key_file.as_deref(),
+        Some("/etc/nanogate/api-key/api-key"),
+        "the injector mounts the key as a file"
+    );
+    let pid = agent.process.pid();
+    let result = async {
+        let socket = agent.socket.clone();
+        wait_for("the agent's socket", Duration::from_secs(30), || {
+            let socket = socket.clone();
+            async move { Ok(std::os::unix::net::UnixStream::connect(&socket).ok().map(|_| ())) }
+        })
+        .await?;
+        publish(&agent.socket, 1)?;
+        let arrived = |n: u64| {
+            let platform = &platform;
+            move || async move {
+                Ok(platform
+                    .received_with_bearer()
+                    .into_iter()
+                    .find(|(_, m)| m["data"]["n"] == n)
+                    .map(|(bearer, _)| bearer))
+            }
+        };
+        let bearer = wait_for("message 1 at the platform", Duration::from_secs(30), arrived(1)).await?;
+        assert_eq!(bearer, OLD, "message 1 came with the key of the time");
+
+        // Rotation: the platform takes the new key only, the Secret is updated, the volume
+        // refreshed (the stand-in's kubelet sync).
+        platform.rotate_api_key(NEW);
+        cp.kubectl(&[
+            "-n",
+            ns.name(),
+            "patch",
+            "secret",
+            "platform-key",
+            "-p",
+            &format!("{{\"stringData\":{{\"apiKey\":\"{NEW}\"}}}}"),
+        ])?;
+        agent.resync_secrets(&client).await?;
+        let rotated = std::time::Instant::now();
+        publish(&agent.socket, 2)?;
+        let bearer = wait_for(
+            "message 2 at the platform, sent after the rotation",
+            Duration::from_secs(30),
+            arrived(2),
+        )
+        .await?;
+        let took = rotated.elapsed();
+        assert_eq!(bearer, NEW, "message 2 came with the rotated key");
+        assert!(agent.process.exited().is_none(), "the agent kept running");
+        assert_eq!(agent.process.pid(), pid, "the same agent process");
+        let log = std::fs::read_to_string(&agent.process.log)?;
+        assert!(log.contains("API key reloaded"), "{log}");
+        assert!(
+            !log.contains(OLD) && !log.contains(NEW),
+            "an API key in the agent's log"
+        );
+        assert_eq!(api_key_reloads(&agent.admin_addr)?, Some(1.0));
+        let refused = platform.bearers().iter().filter(|b| b.as_str() == OLD).count();
+        eprintln!(
+            "[rotate] revoked: the rotated key was used {:.1}s after the volume changed; requests with the old key after the rotation refused: {}",
+            took.as_secs_f64(),
+            refused.saturating_sub(1)
+        );
+
+        // A rotation with an overlap (the platform takes both keys for a while): no 401 tells
+        // the agent, its periodic re-read (every 5 s by default) finds the new key.
+        platform.also_accept(NEWER);
+        cp.kubectl(&[
+            "-n",
+            ns.name(),
+            "patch",
+            "secret",
+            "platform-key",
+            "-p",
+            &format!("{{\"stringData\":{{\"apiKey\":\"{NEWER}\"}}}}"),
+        ])?;
+        agent.resync_secrets(&client).await?;
+        let rotated = std::time::Instant::now();
+        let unauthorized = platform.unauthorized();
+        let mut n = 2;
+        let bearer = wait_for(
+            "a message with the newer key, the old one still accepted",
+            Duration::from_secs(20),
+            || {
+                n += 1;
+                let sent = publish(&agent.socket, n);
+                let platform = &platform;
+                async move {
+                    sent?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(platform
+                        .received_with_bearer()
+                        .into_iter()
+                        .any(|(bearer, _)| bearer == NEWER)
+                        .then_some(()))
+                }
+            },
+        )
+        .await;
+        bearer?;
+        let took = rotated.elapsed();
+        assert_eq!(
+            platform.unauthorized(),
+            unauthorized,
+            "nothing was refused: the periodic re-read found the key"
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "the newer key was used only after {took:?} (re-read every 5 s)"
+        );
+        assert_eq!(api_key_reloads(&agent.admin_addr)?, Some(2.0));
+        assert!(agent.process.exited().is_none(), "the agent kept running");
+        eprintln!(
+            "[rotate] overlapping: the newer key was used {:.1}s after the volume changed (periodic re-read, no 401)",
+            took.as_secs_f64()
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if result.is_err() {
+        eprintln!("nano-agent log:\n{}", agent.process.log_tail(30));
+    }
+    agent.process.stop();
+    operator.stop();
+    result
 }

@@ -86,6 +86,7 @@ pub const UPSTREAM_CA_VOLUME: &str = "nanogate-upstream-ca";
 pub const UPSTREAM_CLIENT_CERT_VOLUME: &str = "nanogate-upstream-client";
 pub const NATS_CREDENTIALS_VOLUME: &str = "nanogate-nats-credentials";
 pub const TCP_TLS_VOLUME: &str = "nanogate-tcp-tls";
+pub const API_KEY_VOLUME: &str = "nanogate-api-key";
 /// Default socket path (the Tendrl agent's `SocketPath`); its directory is the shared volume.
 pub const DEFAULT_SOCKET_PATH: &str = "/var/lib/tendrl/tendrl_agent.sock";
 /// Where the injector mounts the ConfigMap; the sidecar reads `<dir>/config.json`.
@@ -102,6 +103,11 @@ pub const UPSTREAM_CA_DIR: &str = "/etc/nanogate/upstream-ca";
 pub const UPSTREAM_CLIENT_CERT_DIR: &str = "/etc/nanogate/upstream-client";
 /// Where the injector mounts `spec.upstream.nats.credentialsSecretRef` (file name = the key).
 pub const NATS_CREDENTIALS_DIR: &str = "/etc/nanogate/nats-credentials";
+/// Where the injector mounts the API key Secret's one key (`spec.upstream.apiKeySecretRef`),
+/// as file [`API_KEY_FILE`]: the kubelet refreshes it when the Secret changes, and the sidecar
+/// re-reads it, so a rotated key is used without a restart.
+pub const API_KEY_DIR: &str = "/etc/nanogate/api-key";
+pub const API_KEY_FILE: &str = "api-key";
 /// Where the TCP listener's TLS Secret is mounted in the sidecar.
 pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
 /// Audience and lifetime of the projected service-account token presented to the hub.
@@ -117,8 +123,12 @@ pub const TCP_PORT_NAME: &str = "nanogate-tcp";
 // Environment variables (the injected containers')
 // ---------------------------------------------------------------------------------------------
 
-/// The API key, in the sidecar only (the Tendrl agent's `TENDRL_KEY`).
+/// The API key, in the sidecar only (the Tendrl agent's `TENDRL_KEY`). Still set next to
+/// [`API_KEY_FILE_ENV`]: a sidecar image older than the key file reads only this one (it does
+/// not follow a rotation); a current one uses it until the file can be read.
 pub const API_KEY_ENV: &str = "TENDRL_KEY";
+/// Path of the mounted API key file (`API_KEY_DIR/API_KEY_FILE`), in the sidecar only.
+pub const API_KEY_FILE_ENV: &str = "TENDRL_KEY_FILE";
 /// The socket path, in every container.
 pub const SOCKET_PATH_ENV: &str = "TENDRL_SOCKET_PATH";
 /// The TCP listener's token, in the sidecar only.

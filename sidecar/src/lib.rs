@@ -143,8 +143,11 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     tracing::info!(messages = rec.messages, bytes = rec.bytes, torn_bytes = rec.torn_bytes,
         segments = rec.segments, dir = %config.spool_dir.display(), "spool recovered");
 
-    let upstream =
-        Arc::new(AnyUpstream::from_config(&config, metrics.clone(), &health, &spool).await?);
+    // One API key for every transport, re-read from its file while the agent runs.
+    let api_key = upstream::api_key::ApiKey::from_config(&config, metrics.clone());
+    let upstream = Arc::new(
+        AnyUpstream::from_config(&config, &api_key, metrics.clone(), &health, &spool).await?,
+    );
     if config.upstream_insecure_skip_verify {
         tracing::warn!(upstream = %config.app_url,
             "upstream TLS certificates are NOT verified (upstream_insecure_skip_verify, spec.upstream.tls.insecureSkipVerify): anyone on the path to the platform can read and change the messages and the API key; give the platform's CA (spec.upstream.tls.caSecretRef) instead");
@@ -177,6 +180,11 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
     // `stop` ends the background tasks; `drain` tells delivery to empty the spool and return.
     let (stop_tx, stop_rx) = shutdown::channel();
     let (drain_tx, drain_rx) = shutdown::channel();
+    tokio::spawn(
+        api_key
+            .clone()
+            .watch(config.api_key_reload_interval, stop_rx.clone()),
+    );
     let resources = Arc::new(Resources::default());
     tokio::spawn(system::run_resource_sampler(
         resources.clone(),

@@ -45,6 +45,8 @@ pub struct Metrics {
     /// `socketio` upstream: connection state (see `upstream::socketio::STATE_*`).
     pub upstream_connection_state: IntGauge,
     pub upstream_reconnects: IntCounter,
+    /// The API key file's content changed and the new key is in use (`upstream::api_key`).
+    pub api_key_reloads: IntCounter,
     /// Platform commands (`socketio`) by action and result.
     pub commands: IntCounterVec,
 }
@@ -198,6 +200,10 @@ impl Metrics {
             upstream_reconnects: reg!(counter(
                 "upstream_reconnects_total",
                 "Persistent upstream connections (socketio, nats) lost or refused, each followed by a reconnect."
+            )),
+            api_key_reloads: reg!(counter(
+                "api_key_reloads_total",
+                "The API key file (the gateway's mounted Secret) changed and the new key is used from then on."
             )),
             commands: reg!(
                 IntCounterVec::new(

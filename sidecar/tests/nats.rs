@@ -664,3 +664,69 @@ async fn mutual_tls_from_files() {
     assert!(reply.contains("\"status\":\"error\""), "{reply}");
     assert!(reply.contains("check TLS"), "{reply}");
 }
+
+/// The API key (the NATS token when no NATS credentials are configured) is read at every
+/// connect from its file: a wrong key is refused, the rotated one in the file is used by the
+/// next attempt, and the spooled messages go out, with no restart of the agent (issue 21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_file_is_the_token_of_the_next_connect() {
+    if !have_nats() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with_config(
+        &dir.path().join("nats"),
+        "authorization { token: \"nats-key-2\" }\n",
+    )
+    .unwrap();
+    let key = dir.path().join("api-key");
+    std::fs::write(&key, "nats-key-1\n").unwrap();
+    let agent = start_agent(
+        &nats,
+        &dir.path().join("agent"),
+        &[
+            "--api-key-file",
+            key.to_str().unwrap(),
+            "--api-key-reload-interval",
+            "200ms",
+        ],
+    )
+    .unwrap();
+    assert!(send(&agent.socket, 0..10).is_empty());
+    // Refused with the old key for a while: nothing delivered.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        agent
+            .metric("nanogate_sidecar_delivered_total")
+            .unwrap_or(0.0),
+        0.0,
+        "delivered with a key the server refuses"
+    );
+    let tmp = dir.path().join("api-key.tmp");
+    std::fs::write(&tmp, "nats-key-2").unwrap();
+    std::fs::rename(&tmp, &key).unwrap();
+    let rotated = Instant::now();
+    let deadline = rotated + Duration::from_secs(20);
+    while agent
+        .metric("nanogate_sidecar_delivered_total")
+        .unwrap_or(0.0)
+        < 10.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered with the rotated key; agent log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "delivered with the rotated key {:.1}s after the file changed",
+        rotated.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        agent.metric("nanogate_sidecar_api_key_reloads_total"),
+        Some(1.0)
+    );
+    let log = agent.log_text();
+    assert!(!log.contains("nats-key-"), "a key in the log: {log}");
+}

@@ -858,3 +858,70 @@ fn without_a_client_certificate_the_platform_refuses_the_agent() {
     );
     println!("refused agent's last_error: {error}");
 }
+
+/// The API key is re-read from its file: a new key ends the live connection and the next
+/// CONNECT carries it, with no restart of the agent (issue 21: key rotation).
+#[test]
+fn a_rotated_key_file_reconnects_with_the_new_key() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let port = free_port();
+    let platform = Platform::start(&py, port, &certs, &[]);
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "file-key-1\n").unwrap();
+    let key_arg = key_file.display().to_string();
+    let agent = start_agent(
+        &dir.path().join("agent"),
+        port,
+        &certs,
+        &[
+            "--api-key-file",
+            &key_arg,
+            "--api-key-reload-interval",
+            "200ms",
+        ],
+    );
+    let tokens = |p: &Platform| -> Vec<String> {
+        p.events("connect")
+            .iter()
+            .filter_map(|c| c["auth"]["token"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(
+        platform.wait(Duration::from_secs(30), |e| any(e, "connect")),
+        "no connect; agent log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        tokens(&platform),
+        ["file-key-1"],
+        "the file wins over TENDRL_KEY"
+    );
+
+    // Replaced the way the kubelet does it: a new file renamed over the old one.
+    let tmp = dir.path().join("api-key.tmp");
+    std::fs::write(&tmp, "file-key-2").unwrap();
+    std::fs::rename(&tmp, &key_file).unwrap();
+    let rotated = Instant::now();
+    assert!(
+        platform
+            .wait(Duration::from_secs(20), |e| e.iter().any(|c| c["event"]
+                == "connect"
+                && c["auth"]["token"] == "file-key-2")),
+        "no connect with the new key; agent log:\n{}",
+        agent.log_text()
+    );
+    println!(
+        "reconnected with the rotated key {:.1}s after the file changed",
+        rotated.elapsed().as_secs_f64()
+    );
+    assert_eq!(tokens(&platform), ["file-key-1", "file-key-2"]);
+    assert_eq!(
+        agent.metric("nanogate_sidecar_api_key_reloads_total"),
+        Some(1.0)
+    );
+    let log = agent.log_text();
+    assert!(log.contains("API key reloaded"), "{log}");
+    assert!(!log.contains("file-key-"), "a key in the log: {log}");
+}

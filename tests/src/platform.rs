@@ -8,8 +8,10 @@
 //! - `GET /entities/check_messages?limit=N`: pops up to N messages queued with
 //!   [`PlatformServer::queue_for_check`]; 204 when none, else 200 `{"messages":[…]}`.
 //!
-//! Every request must carry `Authorization: Bearer <key>` ([`PlatformServer::api_key`]);
-//! otherwise 401. Faults ([`Faults`]) apply to all three endpoints, checked in this order:
+//! Every request must carry `Authorization: Bearer <key>` ([`PlatformServer::api_key`], or
+//! the key given to [`PlatformServer::rotate_api_key`]); otherwise 401. The bearer token of
+//! every request and of every message delivered is recorded ([`PlatformServer::bearers`],
+//! [`PlatformServer::received_with_bearer`]). Faults ([`Faults`]) apply to all three endpoints, checked in this order:
 //! down / drop connection, delay, unauthorized (401 while set, as if the key were revoked),
 //! redirect (`302 Location: /ok`), 500-style failures, 429 + Retry-After; then on the batch
 //! endpoint only: 4xx rejection, 413 over a size limit, 422 for a batch holding a "poison"
@@ -179,7 +181,15 @@ impl Faults {
 #[derive(Debug, Default)]
 struct State {
     api_key: String,
+    /// The key accepted instead of `api_key` once the platform rotated it.
+    rotated_key: Mutex<Option<String>>,
+    /// Keys accepted besides the current one.
+    also_accepted: Mutex<Vec<String>>,
     received: Mutex<Vec<Value>>,
+    /// The bearer token each message of `received` came with (same order).
+    received_bearers: Mutex<Vec<String>>,
+    /// The bearer token of every request (empty: none), in arrival order.
+    bearers: Mutex<Vec<String>>,
     check_queue: Mutex<VecDeque<Value>>,
     faults: Faults,
     batches: AtomicU64,
@@ -236,6 +246,33 @@ impl PlatformServer {
         &self.state.api_key
     }
 
+    /// From now on only `key` is accepted (the platform rotated the key; the old one is 401).
+    pub fn rotate_api_key(&self, key: &str) {
+        *self.state.rotated_key.lock().expect("lock") = Some(key.to_owned());
+        self.state.also_accepted.lock().expect("lock").clear();
+    }
+
+    /// Accepts `key` too, besides the current one (a rotation with an overlap: both work
+    /// until [`PlatformServer::rotate_api_key`] retires the old one).
+    pub fn also_accept(&self, key: &str) {
+        self.state
+            .also_accepted
+            .lock()
+            .expect("lock")
+            .push(key.to_owned());
+    }
+
+    /// The bearer token of every request so far (empty string: none), in arrival order.
+    pub fn bearers(&self) -> Vec<String> {
+        self.state.bearers.lock().expect("lock").clone()
+    }
+
+    /// Every message delivered so far with the bearer token of the request that delivered it.
+    pub fn received_with_bearer(&self) -> Vec<(String, Value)> {
+        let bearers = self.state.received_bearers.lock().expect("lock").clone();
+        bearers.into_iter().zip(self.received()).collect()
+    }
+
     /// Every message delivered so far (batches and single messages), in arrival order.
     pub fn received(&self) -> Vec<Value> {
         self.state.received.lock().expect("lock").clone()
@@ -286,6 +323,14 @@ impl PlatformServer {
         }
         true
     }
+}
+
+/// Stores delivered messages with the bearer token they came with (one lock order: bearers
+/// first, so [`PlatformServer::received_with_bearer`] never pairs a message with another's).
+fn record(state: &State, bearer: &str, msgs: Vec<Value>) {
+    let mut bearers = state.received_bearers.lock().expect("lock");
+    bearers.extend(std::iter::repeat_n(bearer.to_owned(), msgs.len()));
+    state.received.lock().expect("lock").extend(msgs);
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
@@ -385,12 +430,18 @@ async fn handle(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let authorized = req
+    let bearer = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|k| k == state.api_key);
+        .unwrap_or_default()
+        .to_owned();
+    state.bearers.lock().expect("lock").push(bearer.clone());
+    let authorized = match state.rotated_key.lock().expect("lock").as_deref() {
+        Some(key) => bearer == key,
+        None => bearer == state.api_key,
+    } || state.also_accepted.lock().expect("lock").contains(&bearer);
     if !authorized || f.unauthorized.load(Ordering::SeqCst) {
         state.unauthorized.fetch_add(1, Ordering::SeqCst);
         return Ok(json(
@@ -484,7 +535,7 @@ async fn handle(
                 return Ok(r);
             }
             let n = msgs.len();
-            state.received.lock().expect("lock").extend(msgs);
+            record(&state, &bearer, msgs);
             state.batches.fetch_add(1, Ordering::SeqCst);
             let ack_delay = f.ack_delay_ms.load(Ordering::SeqCst);
             if ack_delay > 0 {
@@ -509,7 +560,7 @@ async fn handle(
                     serde_json::json!({"error": "invalid JSON"}),
                 ));
             };
-            state.received.lock().expect("lock").push(msg);
+            record(&state, &bearer, vec![msg]);
             Ok(json(
                 StatusCode::OK,
                 serde_json::json!({"status": "ok", "received": 1}),

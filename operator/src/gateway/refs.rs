@@ -7,9 +7,9 @@
 use crate::crd::AgentGatewaySpec;
 
 use crate::names::{
-    API_KEY_ENV, NATS_CREDENTIALS_DIR, NATS_CREDENTIALS_VOLUME, TCP_TLS_DIR, TCP_TLS_VOLUME,
-    TCP_TOKEN_ENV, UPSTREAM_CA_DIR, UPSTREAM_CA_VOLUME, UPSTREAM_CLIENT_CERT_DIR,
-    UPSTREAM_CLIENT_CERT_VOLUME,
+    API_KEY_DIR, API_KEY_FILE, API_KEY_VOLUME, NATS_CREDENTIALS_DIR, NATS_CREDENTIALS_VOLUME,
+    TCP_TLS_DIR, TCP_TLS_VOLUME, TCP_TOKEN_ENV, UPSTREAM_CA_DIR, UPSTREAM_CA_VOLUME,
+    UPSTREAM_CLIENT_CERT_DIR, UPSTREAM_CLIENT_CERT_VOLUME,
 };
 
 /// How a referenced Secret reaches the sidecar.
@@ -21,6 +21,14 @@ pub enum SidecarUse {
     Mount {
         volume: &'static str,
         dir: &'static str,
+    },
+    /// Its one key only, as file `dir/file` of a read-only volume `volume`. A Secret volume
+    /// follows updates of the Secret (an environment variable does not): for a credential
+    /// that is rotated while pods run.
+    MountKey {
+        volume: &'static str,
+        dir: &'static str,
+        file: &'static str,
     },
 }
 
@@ -44,7 +52,12 @@ pub fn secret_refs(spec: &AgentGatewaySpec) -> Vec<SecretRef> {
         field: "spec.upstream.apiKeySecretRef",
         name: u.api_key_secret_ref.name.clone(),
         keys: vec![u.api_key_secret_ref.key.clone()],
-        sidecar: SidecarUse::Env(API_KEY_ENV),
+        // A file, not only `TENDRL_KEY`: the sidecar re-reads it, so rotation needs no restart.
+        sidecar: SidecarUse::MountKey {
+            volume: API_KEY_VOLUME,
+            dir: API_KEY_DIR,
+            file: API_KEY_FILE,
+        },
     }];
     if let Some(tls) = &u.tls {
         if let Some(ca) = &tls.ca_secret_ref {

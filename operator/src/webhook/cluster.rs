@@ -19,8 +19,8 @@ use tracing::{info, warn};
 
 use super::GatewayLookup;
 use super::inject::{
-    HubCaSource, InjectionConfig, KeyRef, NativeSidecarMode, SecretMount, SidecarResources,
-    supports_native_sidecars,
+    HubCaSource, InjectionConfig, KeyRef, KeyToPath, NativeSidecarMode, SecretMount,
+    SidecarResources, supports_native_sidecars,
 };
 use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
 use crate::gateway::InjectionSettings;
@@ -44,6 +44,19 @@ pub fn injection_config(
                 secret_name: r.name.clone(),
                 mount_path: dir.into(),
                 items: Vec::new(),
+            }),
+            SidecarUse::MountKey { volume, dir, file } => Some(SecretMount {
+                volume_name: volume.into(),
+                secret_name: r.name.clone(),
+                mount_path: dir.into(),
+                items: r
+                    .keys
+                    .iter()
+                    .map(|key| KeyToPath {
+                        key: key.clone(),
+                        path: file.into(),
+                    })
+                    .collect(),
             }),
             SidecarUse::Env(_) => None,
         })

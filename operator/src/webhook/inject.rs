@@ -11,6 +11,9 @@
 //! # Contract with the injected `nano-agent`
 //!
 //! - Environment: `TENDRL_KEY` (API key, from the gateway's Secret; only in the sidecar),
+//!   `TENDRL_KEY_FILE` (the same key as a file of the read-only Secret volume
+//!   `nanogate-api-key` at `/etc/nanogate/api-key`, refreshed by the kubelet: re-read it, it
+//!   wins over `TENDRL_KEY`, so a rotated Secret is used without a restart),
 //!   `NANOGATE_POD_NAME` / `NANOGATE_POD_NAMESPACE` / `NANOGATE_POD_UID` (downward API),
 //!   `NANOGATE_GATEWAY`, `NANOGATE_CONFIG_FILE`, `NANOGATE_HUB_ADDR`,
 //!   `NANOGATE_HUB_TOKEN_FILE` (projected token, audience `nanogate-hub`, 1 h, refreshed by
@@ -53,16 +56,16 @@ use serde_json::{Value, json};
 use crate::crd::parse_quantity;
 use crate::gateway::membership::{self, NoGateway};
 use crate::names::{
-    ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV,
-    CONFIG_KEY, CONFIG_VOLUME, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_SOCKET_PATH,
-    EXIT_WHEN_APPS_DONE_ENV, GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR,
-    HUB_CA_FILE, HUB_CA_FILE_ENV, HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS,
-    HUB_TOKEN_FILE_ENV, INJECT_ANNOTATION, INJECTED_ANNOTATION, INJECTED_GATEWAY_LABEL,
-    INJECTION_SKIPPED_ANNOTATION, LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION,
-    MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL, POD_NAME_ENV, POD_NAMESPACE_ENV,
-    POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_ADMIN_PORT, SIDECAR_NAME, SOCKET_PATH_ENV,
-    SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV, TOKEN_DIR, TOKEN_FILE,
-    TOKEN_VOLUME, config_map_name,
+    ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, API_KEY_FILE, API_KEY_FILE_ENV, API_KEY_VOLUME,
+    APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV, CONFIG_KEY, CONFIG_VOLUME,
+    CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_SOCKET_PATH, EXIT_WHEN_APPS_DONE_ENV,
+    GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR, HUB_CA_FILE, HUB_CA_FILE_ENV,
+    HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS, HUB_TOKEN_FILE_ENV,
+    INJECT_ANNOTATION, INJECTED_ANNOTATION, INJECTED_GATEWAY_LABEL, INJECTION_SKIPPED_ANNOTATION,
+    LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL,
+    POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_ADMIN_PORT,
+    SIDECAR_NAME, SOCKET_PATH_ENV, SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV,
+    TOKEN_DIR, TOKEN_FILE, TOKEN_VOLUME, config_map_name,
 };
 
 /// The agent's default shutdown deadline, in seconds.
@@ -733,10 +736,20 @@ fn sidecar_container(
     warnings: &mut Vec<String>,
 ) -> Value {
     let field_env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    let mut env = vec![
-        json!({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
-            "name": cfg.api_key_secret.name, "key": cfg.api_key_secret.key,
-        }}}),
+    let mut env = vec![json!({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": cfg.api_key_secret.name, "key": cfg.api_key_secret.key,
+    }}})];
+    // The mounted key file, re-read by the sidecar (rotation without a restart); TENDRL_KEY
+    // above stays for sidecar images that predate it.
+    if let Some(m) = cfg
+        .secret_mounts
+        .iter()
+        .find(|m| m.volume_name == API_KEY_VOLUME)
+    {
+        env.push(json!({"name": API_KEY_FILE_ENV,
+            "value": format!("{}/{API_KEY_FILE}", m.mount_path.trim_end_matches('/'))}));
+    }
+    env.extend([
         field_env(POD_NAME_ENV, "metadata.name"),
         field_env(POD_NAMESPACE_ENV, "metadata.namespace"),
         field_env(POD_UID_ENV, "metadata.uid"),
@@ -744,7 +757,7 @@ fn sidecar_container(
         json!({"name": CONFIG_FILE_ENV, "value": format!("{}/{}", cfg.config_dir.trim_end_matches('/'), cfg.config_key)}),
         json!({"name": HUB_ADDR_ENV, "value": cfg.hub_addr}),
         json!({"name": HUB_TOKEN_FILE_ENV, "value": format!("{TOKEN_DIR}/{TOKEN_FILE}")}),
-    ];
+    ]);
     if cfg.hub_ca.is_some() {
         env.push(json!({"name": HUB_CA_FILE_ENV, "value": format!("{HUB_CA_DIR}/{HUB_CA_FILE}")}));
     }

@@ -121,9 +121,19 @@ pub struct Config {
         default_value = "https://app.tendrl.com/api"
     )]
     pub app_url: String,
-    /// Platform API key (sent as `Authorization: Bearer`; never logged).
+    /// Platform API key (sent as `Authorization: Bearer`; never logged). With api_key_file,
+    /// used only until that file can be read (an older pod spec has no such file).
     #[arg(long, env = "TENDRL_KEY", hide_env_values = true, default_value = "")]
     pub api_key: String,
+    /// File holding the platform API key (the injector mounts the gateway's Secret and sets
+    /// this). Read at start, again every api_key_reload_interval and after a 401/403, so an
+    /// updated Secret is used without a restart; an unreadable or empty file keeps the last
+    /// good key. Surrounding whitespace (a trailing newline) is not part of the key.
+    #[arg(long, env = "TENDRL_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// How often api_key_file is re-read.
+    #[arg(long, env = "NANOGATE_API_KEY_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub api_key_reload_interval: Duration,
     /// PEM file with extra CA certificates to trust for the platform (in addition to the
     /// public web roots).
     #[arg(long, env = "NANOGATE_UPSTREAM_CA")]

@@ -166,6 +166,7 @@ impl<U: Upstream> Delivery<U> {
         let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
         loop {
             self.health.attempt(&self.metrics);
+            let key_generation = self.upstream.key_generation();
             let err = match self.upstream.deliver(part).await {
                 Ok(()) => {
                     self.health.success(&self.metrics);
@@ -227,7 +228,15 @@ impl<U: Upstream> Delivery<U> {
             let delay = retry_delay(backoff.next_delay(), retry_after, self.backoff_max);
             tracing::warn!(reason = %err, delay_ms = delay.as_millis() as u64, count = part.count,
                 "delivery failed; retrying");
-            sleep(delay).await;
+            if matches!(err, UpstreamError::Unauthorized { .. }) {
+                // A rotated key is tried at once, not at the end of the backoff.
+                tokio::select! {
+                    _ = sleep(delay) => {}
+                    _ = self.upstream.key_changed(key_generation) => {}
+                }
+            } else {
+                sleep(delay).await;
+            }
         }
     }
 

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER};
 
+use super::api_key::ApiKey;
 use super::{Upstream, UpstreamError};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -23,7 +24,8 @@ use crate::metrics::Metrics;
 pub struct HttpUpstream {
     client: reqwest::Client,
     base: String,
-    api_key: String,
+    /// Read per request: a rotated key is used from the next request on.
+    key: Arc<ApiKey>,
     metrics: Arc<Metrics>,
 }
 
@@ -37,7 +39,7 @@ impl std::fmt::Debug for HttpUpstream {
 }
 
 impl HttpUpstream {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(config: &Config, key: Arc<ApiKey>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(super::tls::client_config(config)?)
             .timeout(config.upstream_timeout)
@@ -51,9 +53,13 @@ impl HttpUpstream {
         Ok(Self {
             client,
             base: config.app_url.trim_end_matches('/').to_owned(),
-            api_key: config.api_key.clone(),
+            key,
             metrics,
         })
+    }
+
+    pub(super) fn key(&self) -> &Arc<ApiKey> {
+        &self.key
     }
 
     async fn request(
@@ -61,10 +67,11 @@ impl HttpUpstream {
         endpoint: &'static str,
         req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Bytes), UpstreamError> {
-        let req = if self.api_key.is_empty() {
+        let key = self.key.current();
+        let req = if key.secret.is_empty() {
             req
         } else {
-            req.bearer_auth(&self.api_key)
+            req.bearer_auth(&key.secret)
         };
         let start = Instant::now();
         let res = req.send().await;
@@ -89,7 +96,12 @@ impl HttpUpstream {
             .with_label_values(&[endpoint])
             .observe(start.elapsed().as_secs_f64());
         let (status, headers, body) = res?;
-        classify(endpoint, status, &headers, &body)?;
+        let outcome = classify(endpoint, status, &headers, &body);
+        if let Err(UpstreamError::Unauthorized { .. }) = &outcome {
+            // Refused: the Secret may have been rotated since the last periodic read.
+            self.key.recheck_soon();
+        }
+        outcome?;
         Ok((status, body))
     }
 }

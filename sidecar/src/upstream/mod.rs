@@ -6,6 +6,7 @@
 //! enum the agent runs with, chosen by `upstream_kind`. A new transport adds a variant, a line
 //! in `each_upstream!` and an arm in [`AnyUpstream::from_config`].
 
+pub mod api_key;
 pub mod http;
 pub mod nats;
 pub mod socketio;
@@ -22,6 +23,7 @@ use crate::config::{Config, UpstreamKind};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{PendingBatch, Spool};
+use api_key::ApiKey;
 use http::HttpUpstream;
 use nats::NatsUpstream;
 use socketio::{SocketIoOptions, SocketIoUpstream};
@@ -195,6 +197,19 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<serde_json::Value>, UpstreamError>> + Send;
+
+    /// Generation of the API key in use ([`api_key::Key::generation`]); 0 for a transport
+    /// whose key never changes.
+    fn key_generation(&self) -> u64 {
+        0
+    }
+
+    /// Resolves once the API key is no longer generation `since`: delivery, refused with 401,
+    /// retries as soon as a rotated key arrives instead of at the end of its backoff.
+    fn key_changed(&self, since: u64) -> impl Future<Output = ()> + Send {
+        let _ = since;
+        std::future::pending()
+    }
 }
 
 /// The transport the agent runs with (see the module documentation).
@@ -221,24 +236,38 @@ impl AnyUpstream {
     /// Builds the transport `config.upstream_kind` names. Does not wait for the platform to
     /// be reachable: delivery retries until it is. `socketio` also reports the agent's health
     /// and spool in heartbeats and serves the platform's `flush` from the spool.
+    /// `key` is the one API key handle every transport reads (see [`api_key`]).
     pub async fn from_config(
         config: &Config,
+        key: &Arc<ApiKey>,
         metrics: Arc<Metrics>,
         health: &Arc<Health>,
         spool: &Arc<Spool>,
     ) -> anyhow::Result<Self> {
         Ok(match config.upstream_kind {
-            UpstreamKind::Http => Self::Http(HttpUpstream::new(config, metrics)?),
+            UpstreamKind::Http => Self::Http(HttpUpstream::new(config, key.clone(), metrics)?),
             UpstreamKind::Nats => Self::Nats(Box::new(
-                NatsUpstream::connect(config, metrics, health.clone()).await?,
+                NatsUpstream::connect(config, key.clone(), metrics, health.clone()).await?,
             )),
             UpstreamKind::Socketio => Self::Socketio(SocketIoUpstream::start(
-                SocketIoOptions::from_config(config)?,
+                SocketIoOptions {
+                    api_key: key.clone(),
+                    ..SocketIoOptions::from_config(config)?
+                },
                 metrics,
                 health.clone(),
                 spool.clone(),
             )?),
         })
+    }
+
+    /// The API key handle the transport reads.
+    fn key(&self) -> &Arc<ApiKey> {
+        match self {
+            Self::Http(u) => u.key(),
+            Self::Nats(u) => u.key(),
+            Self::Socketio(u) => u.key(),
+        }
     }
 
     /// `http`, `nats`, … for logs and registration.
@@ -270,6 +299,14 @@ impl Upstream for AnyUpstream {
 
     fn checks_call_the_platform(&self) -> bool {
         each_upstream!(self, u => u.checks_call_the_platform())
+    }
+
+    fn key_generation(&self) -> u64 {
+        self.key().generation()
+    }
+
+    async fn key_changed(&self, since: u64) {
+        self.key().changed(since).await
     }
 }
 

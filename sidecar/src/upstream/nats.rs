@@ -22,6 +22,7 @@ use async_nats::{ConnectOptions, ServerAddr};
 use bytes::Bytes;
 use futures::StreamExt as _;
 
+use super::api_key::ApiKey;
 use super::{Batch, Upstream, UpstreamError};
 use crate::config::Config;
 use crate::config::upstream::NatsNames;
@@ -122,6 +123,30 @@ pub struct NatsUpstream {
     /// async mutex makes concurrent callers wait for one check instead of racing to create.
     stream_ready: tokio::sync::Mutex<bool>,
     consumer: tokio::sync::Mutex<Option<consumer::PullConsumer>>,
+    key: Arc<ApiKey>,
+    /// Ends [`reconnect_on_new_key`] with this value.
+    _reconnect_stop: crate::shutdown::ShutdownTrigger,
+}
+
+/// Reconnects `client` whenever the API key (its token) is reloaded, until `stop`: a rotated key
+/// must not wait for the connection to drop on its own.
+async fn reconnect_on_new_key(
+    client: async_nats::Client,
+    key: Arc<ApiKey>,
+    stop: crate::shutdown::Shutdown,
+) {
+    let mut seen = key.generation();
+    loop {
+        tokio::select! {
+            _ = key.changed(seen) => {}
+            _ = stop.triggered() => return,
+        }
+        seen = key.generation();
+        tracing::info!("reconnecting to NATS with the reloaded API key");
+        if let Err(e) = client.force_reconnect().await {
+            tracing::warn!(error = %e, "NATS reconnect with the reloaded API key failed");
+        }
+    }
 }
 
 impl std::fmt::Debug for NatsUpstream {
@@ -137,8 +162,11 @@ impl NatsUpstream {
     /// Connects in the background: returns at once; publishes fail (retryably) until the
     /// server is reachable. Credential and TLS files are read now, so a missing file is a
     /// start-up error naming the option.
+    /// `key` authenticates (as a token) when no NATS credentials are configured: read at each
+    /// (re)connect, and a reloaded key reconnects at once.
     pub async fn connect(
         config: &Config,
+        key: Arc<ApiKey>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> anyhow::Result<Self> {
@@ -154,7 +182,26 @@ impl NatsUpstream {
         };
         state(1, "connecting");
         let (initial, max) = (config.backoff_initial, config.backoff_max);
-        let mut opts = ConnectOptions::new()
+        let own_credentials = config.nats_creds_file.is_some()
+            || (config.nats_user.is_some() && config.nats_password_file.is_some())
+            || config.nats_token_file.is_some();
+        let opts = if own_credentials {
+            ConnectOptions::new()
+        } else {
+            // The API key as the token, read at every connect (not copied once).
+            let key = key.clone();
+            ConnectOptions::with_auth_callback(move |_nonce| {
+                let current = key.current();
+                async move {
+                    let mut auth = async_nats::Auth::new();
+                    if !current.secret.is_empty() {
+                        auth.token = Some(current.secret.to_string());
+                    }
+                    Ok(auth)
+                }
+            })
+        };
+        let mut opts = opts
             .name(format!("nano-agent {}", config.source()))
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -166,9 +213,10 @@ impl NatsUpstream {
                 cap.mul_f64(rand::random::<f64>())
             })
             .event_callback({
-                let (events, metrics) = (events.clone(), metrics.clone());
+                let (events, metrics, key) = (events.clone(), metrics.clone(), key.clone());
                 move |event| {
                     let (events, metrics, state) = (events.clone(), metrics.clone(), state.clone());
+                    let key = key.clone();
                     async move {
                         match &event {
                             async_nats::Event::Connected => {
@@ -183,6 +231,10 @@ impl NatsUpstream {
                                 state(1, "connecting");
                             }
                             async_nats::Event::ServerError(e) => {
+                                if e.to_string().contains("authorization") {
+                                    // Perhaps a rotated key: look at its file now.
+                                    key.recheck_soon();
+                                }
                                 tracing::error!(error = %e, "NATS server error");
                                 events.set(e.to_string());
                             }
@@ -206,8 +258,6 @@ impl NatsUpstream {
             opts = opts.user_and_password(user.clone(), read_secret(pw, "nats_password_file")?);
         } else if let Some(token) = &config.nats_token_file {
             opts = opts.token(read_secret(token, "nats_token_file")?);
-        } else if !config.api_key.is_empty() {
-            opts = opts.token(config.api_key.clone());
         }
         let mut tls = names.servers.iter().any(|s| s.starts_with("tls://"));
         if let Some(ca) = &config.upstream_ca {
@@ -242,6 +292,10 @@ impl NatsUpstream {
             .collect::<Result<_, _>>()
             .context("app_url: not a NATS server URL")?;
         let client = opts.connect(addrs).await.context("connecting to NATS")?;
+        let (reconnect_stop, stopped) = crate::shutdown::channel();
+        if !own_credentials {
+            tokio::spawn(reconnect_on_new_key(client.clone(), key.clone(), stopped));
+        }
         let js = jetstream::context::ContextBuilder::new()
             .timeout(config.upstream_timeout)
             .ack_timeout(config.upstream_timeout)
@@ -258,7 +312,13 @@ impl NatsUpstream {
             tls,
             stream_ready: tokio::sync::Mutex::new(false),
             consumer: tokio::sync::Mutex::new(None),
+            key,
+            _reconnect_stop: reconnect_stop,
         })
+    }
+
+    pub(super) fn key(&self) -> &Arc<ApiKey> {
+        &self.key
     }
 
     pub fn names(&self) -> &NatsNames {

@@ -32,6 +32,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, stop: Shutdown) {
         generation += 1;
         inner.set_state(STATE_CONNECTING, None);
         let mut connected_at = None;
+        let key_generation = inner.opts.api_key.generation();
         let result = session(&inner, generation, &stop, &mut connected_at).await;
         // Drop the writer first so no new emit picks it up, then fail the emits still
         // waiting for an acknowledgement on this connection (they are retried).
@@ -56,8 +57,12 @@ pub(super) async fn supervise(inner: Arc<Inner>, stop: Shutdown) {
         inner.metrics.upstream_reconnects.inc();
         tracing::warn!(%reason, url = %inner.opts.url, delay_ms = delay.as_millis() as u64,
             "Socket.IO connection lost or refused; reconnecting");
+        // A refusal may be a rotated key: look at the key file now, and reconnect as soon as
+        // a new key is there rather than at the end of the backoff.
+        inner.opts.api_key.recheck_soon();
         tokio::select! {
             _ = sleep(delay) => {}
+            _ = inner.opts.api_key.changed(key_generation) => {}
             _ = stop.triggered() => {}
         }
     }
@@ -70,7 +75,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
-async fn open(inner: &Inner) -> Result<Ws, String> {
+async fn open(inner: &Inner, key: &str) -> Result<Ws, String> {
     let ep = &inner.ep;
     let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
         .await
@@ -92,8 +97,8 @@ async fn open(inner: &Inner) -> Result<Ws, String> {
         .as_str()
         .into_client_request()
         .map_err(|e| format!("WebSocket request: {e}"))?;
-    if !inner.opts.api_key.is_empty() {
-        let v = format!("Bearer {}", inner.opts.api_key)
+    if !key.is_empty() {
+        let v = format!("Bearer {key}")
             .parse()
             .map_err(|_| "the API key is not a valid header value".to_string())?;
         req.headers_mut().insert("authorization", v);
@@ -125,8 +130,10 @@ async fn session(
     stop: &Shutdown,
     connected_at: &mut Option<Instant>,
 ) -> Result<(), String> {
+    // The key of this connection: a new one ends it (below), the next connects with it.
+    let key = inner.opts.api_key.current();
     let handshake = async {
-        let mut ws = open(inner).await?;
+        let mut ws = open(inner, &key.secret).await?;
         // Engine.IO OPEN: {"sid","upgrades","pingInterval","pingTimeout","maxPayload"}.
         let text = next_text(&mut ws).await?;
         let Some(packet::Engine::Open(json)) = packet::engine(&text) else {
@@ -145,8 +152,8 @@ async fn session(
         }
         let mut auth = Map::new();
         auth.insert("agent_id".into(), inner.opts.agent_id.clone().into());
-        if !inner.opts.api_key.is_empty() {
-            auth.insert("token".into(), inner.opts.api_key.clone().into());
+        if !key.secret.is_empty() {
+            auth.insert("token".into(), key.secret.to_string().into());
         }
         let auth = Value::Object(auth);
         ws.send(Message::text(packet::connect(
@@ -212,6 +219,11 @@ async fn session(
                 let _ = ws.send(Message::text(format!("41{}", inner.ep.nsp_prefix))).await;
                 let _ = ws.close(None).await;
                 return Ok(());
+            }
+            _ = inner.opts.api_key.changed(key.generation) => {
+                let _ = ws.send(Message::text(format!("41{}", inner.ep.nsp_prefix))).await;
+                let _ = ws.close(None).await;
+                return Err("the API key was rotated; reconnecting with the new key".into());
             }
             frame = outbox.recv() => {
                 let Some(frame) = frame else { return Err("writer closed".into()) };

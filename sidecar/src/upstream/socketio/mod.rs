@@ -39,6 +39,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 
+use super::api_key::ApiKey;
 use super::{Upstream, UpstreamError};
 use crate::config::Config;
 use crate::config::upstream::{SocketIoEndpoint as Endpoint, socketio_endpoint as endpoint};
@@ -88,8 +89,9 @@ pub struct SocketIoOptions {
     pub connect_timeout: Duration,
     /// Messages `deliver` may hold for `msg_check` before it answers "inbox full".
     pub inbox_size: usize,
-    /// Sent as `auth.token` of the CONNECT packet and as `Authorization: Bearer` (never logged).
-    pub api_key: String,
+    /// Sent as `auth.token` of the CONNECT packet and as `Authorization: Bearer` (never
+    /// logged); read at each connect, and a new key reconnects.
+    pub api_key: Arc<ApiKey>,
     /// `agent_id` of heartbeats and the CONNECT packet.
     pub agent_id: String,
     /// Filesystem whose usage heartbeats report (the spool's).
@@ -123,7 +125,8 @@ impl SocketIoOptions {
             ack_timeout: config.socketio_ack_timeout,
             connect_timeout: config.upstream_timeout.min(Duration::from_secs(10)),
             inbox_size: config.socketio_inbox_size,
-            api_key: config.api_key.clone(),
+            // The agent replaces it with its shared, reloading handle (`AnyUpstream::from_config`).
+            api_key: ApiKey::fixed(&config.api_key),
             agent_id: config.pod_uid.clone().unwrap_or_else(|| config.source()),
             disk_path: config.spool_dir.clone(),
             tls: Arc::new(tls),
@@ -178,6 +181,10 @@ impl std::fmt::Debug for SocketIoUpstream {
 }
 
 impl SocketIoUpstream {
+    pub(super) fn key(&self) -> &Arc<ApiKey> {
+        &self.inner.opts.api_key
+    }
+
     /// Starts the connection task (reconnecting until this value is dropped) and the
     /// consumption sampler. Needs a Tokio runtime.
     pub fn start(
