@@ -109,7 +109,7 @@ fn start_undelivering_agent(dir: &std::path::Path, hub: &TestHub, extra: &[&str]
 /// Waits up to 10 s until the hub's index knows the agent.
 async fn wait_connected(hub: &TestHub, agent: &Agent) -> Result<()> {
     let connected = Instant::now();
-    while hub.hub.agents_of("test-ns", "shop").is_empty() {
+    while hub.hub.index.identities("test-ns", "shop").is_empty() {
         anyhow::ensure!(
             connected.elapsed() < Duration::from_secs(10),
             "agent never connected: {}",
@@ -353,7 +353,7 @@ async fn messages_left_at_the_shutdown_deadline_reach_the_hub_before_the_agent_e
     );
     assert!(left.bytes > 0);
     assert_eq!(left.last.map(|(pod, _)| pod), Some("test-pod".into()));
-    assert!(hub.hub.agents_of("test-ns", "shop").is_empty());
+    assert!(hub.hub.index.identities("test-ns", "shop").is_empty());
     let log = agent.log_text();
     let line = format!(
         "shutdown deadline: {sent} messages ({} bytes) left undelivered in the spool",
