@@ -329,6 +329,14 @@ mod tests {
             .await
             .expect("the periodic re-read saw the new key");
         assert_eq!(&*key.current().secret, "two");
+        // Counted just after the new key is published (the re-read may run on another
+        // thread): give it a moment.
+        for _ in 0..100 {
+            if metrics.api_key_reloads.get() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
             metrics.api_key_reloads.get(),
             2,
