@@ -518,6 +518,48 @@ pub fn table_cell(table: &str, column: &str) -> Result<String> {
 }
 
 /// Reasons and notes of the events about object `name` in `ns` (events.k8s.io/v1).
+/// The sum of `metric`'s samples (all label sets) on the `/metrics` page of `addr` (an admin
+/// address): 0 when it is not exported.
+pub fn scrape(addr: &str, metric: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(metric))
+        .filter(|l| matches!(l.as_bytes().get(metric.len()), Some(b' ' | b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Waits up to `timeout` for an event of `reason` about object `name` in `ns`; its note.
+pub async fn wait_for_event(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    timeout: std::time::Duration,
+) -> Result<String> {
+    wait_for(
+        &format!("a {reason} event about {name}"),
+        timeout,
+        || async {
+            Ok(events_about(client, ns, name)
+                .await?
+                .into_iter()
+                .find(|(r, _)| r == reason)
+                .map(|(_, note)| note))
+        },
+    )
+    .await
+}
+
 pub async fn events_about(
     client: &kube::Client,
     ns: &str,

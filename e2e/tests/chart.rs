@@ -1167,26 +1167,7 @@ fn free_port() -> Result<u16> {
 
 /// Sum of the samples of `metric` on the operator's admin server (0 when absent).
 fn scrape(admin_port: u16, metric: &str) -> Result<f64> {
-    scrape_addr(&format!("127.0.0.1:{admin_port}"), metric)
-}
-
-/// [`scrape`] of any admin address.
-fn scrape_addr(addr: &str, metric: &str) -> Result<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#') && l.starts_with(metric))
-        .filter(|l| matches!(l.as_bytes().get(metric.len()), Some(b' ' | b'{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    nanogate_e2e::scrape(&format!("127.0.0.1:{admin_port}"), metric)
 }
 
 /// A kubeconfig that authenticates as the chart's ServiceAccount (its token Secret, which
@@ -1672,7 +1653,7 @@ async fn fleet_and_dashboard(
         async move {
             wait_for(&format!("{metric} >= {n}"), Duration::from_secs(30), || {
                 let admin = admin.clone();
-                async move { Ok((scrape_addr(&admin, metric)? >= n).then_some(())) }
+                async move { Ok((nanogate_e2e::scrape(&admin, metric)? >= n).then_some(())) }
             })
             .await
         }

@@ -369,16 +369,12 @@ async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods
         "{describe}"
     );
 
-    let note = wait_for(
-        "a PodsNotInjected event on the gateway",
+    let note = nanogate_e2e::wait_for_event(
+        &client,
+        ns.name(),
+        "shop",
+        "PodsNotInjected",
         Duration::from_secs(60),
-        || async {
-            let events = nanogate_e2e::events_about(&client, ns.name(), "shop").await?;
-            Ok(events
-                .into_iter()
-                .find(|(reason, _)| reason == "PodsNotInjected")
-                .map(|(_, note)| note))
-        },
     )
     .await?;
     assert!(
@@ -608,16 +604,12 @@ async fn a_plain_text_upstream_is_allowed_but_flagged() -> Result<()> {
         Some("True"),
         "allowed: the gateway still works"
     );
-    let note = wait_for(
-        "a PlainTextUpstream Warning event",
+    let note = nanogate_e2e::wait_for_event(
+        &client,
+        ns.name(),
+        "shop",
+        "PlainTextUpstream",
         Duration::from_secs(30),
-        || async {
-            let events = nanogate_e2e::events_about(&client, ns.name(), "shop").await?;
-            Ok(events
-                .into_iter()
-                .find(|(r, _)| r == "PlainTextUpstream")
-                .map(|(_, note)| note))
-        },
     )
     .await?;
     assert!(
@@ -655,21 +647,9 @@ async fn a_plain_text_upstream_is_allowed_but_flagged() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Issue 21, point 10: a rotated API key reaches running sidecars without a restart.
 
-/// The sidecar's `nanogate_sidecar_api_key_reloads_total` (None: not exported).
-fn api_key_reloads(admin_addr: &str) -> Result<Option<f64>> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(admin_addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .find_map(|l| l.strip_prefix("nanogate_sidecar_api_key_reloads_total "))
-        .and_then(|v| v.trim().parse().ok()))
+/// The sidecar's `nanogate_sidecar_api_key_reloads_total`.
+fn api_key_reloads(admin_addr: &str) -> Result<f64> {
+    nanogate_e2e::scrape(admin_addr, "nanogate_sidecar_api_key_reloads_total")
 }
 
 /// One `publish` of `{"n": n}` through the agent's socket.
@@ -790,7 +770,7 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
             !log.contains(OLD) && !log.contains(NEW),
             "an API key in the agent's log"
         );
-        assert_eq!(api_key_reloads(&agent.admin_addr)?, Some(1.0));
+        assert_eq!(api_key_reloads(&agent.admin_addr)?, 1.0);
         let refused = platform.bearers().iter().filter(|b| b.as_str() == OLD).count();
         eprintln!(
             "[rotate] revoked: the rotated key was used {:.1}s after the volume changed; requests with the old key after the rotation refused: {}",
@@ -844,7 +824,7 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
             took < Duration::from_secs(8),
             "the newer key was used only after {took:?} (re-read every 5 s)"
         );
-        assert_eq!(api_key_reloads(&agent.admin_addr)?, Some(2.0));
+        assert_eq!(api_key_reloads(&agent.admin_addr)?, 2.0);
         assert!(agent.process.exited().is_none(), "the agent kept running");
         eprintln!(
             "[rotate] overlapping: the newer key was used {:.1}s after the volume changed (periodic re-read, no 401)",
