@@ -205,7 +205,9 @@ impl<U: Upstream> Delivery<U> {
                         status,
                         count = part.count,
                         "the platform refused the API key (HTTP {status}); messages stay in the \
-                         spool and are retried: check the API key Secret (TENDRL_KEY / --api-key)"
+                         spool and are retried: check the API key Secret (mounted as \
+                         TENDRL_KEY_FILE and re-read within seconds of a change; or TENDRL_KEY / \
+                         --api-key)"
                     );
                     None
                 }

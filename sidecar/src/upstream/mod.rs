@@ -52,7 +52,7 @@ pub enum UpstreamError {
     /// The platform refused the credentials (401/403). Retried: a rotated or mistyped key must
     /// not empty the spool.
     #[error(
-        "unauthorized: HTTP {status} from {endpoint}; check the API key Secret (TENDRL_KEY / --api-key)"
+        "unauthorized: HTTP {status} from {endpoint}; check the API key Secret (mounted as TENDRL_KEY_FILE, re-read within seconds of a change; or TENDRL_KEY / --api-key)"
     )]
     Unauthorized { status: u16, endpoint: &'static str },
     /// A 3xx. Never followed (a POST must not turn into a body-less GET); retried.
