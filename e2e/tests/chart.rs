@@ -973,14 +973,20 @@ fn sidecar_image_and_hub_limits_render_into_the_operator_args() -> Result<()> {
 
     let file = ValuesFile::new(None, Value::Object(Default::default()))?;
     let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
-    let args = args(one(&objects, "Deployment")?);
+    let rendered = args(one(&objects, "Deployment")?);
     expect(
-        &args,
+        &rendered,
         &[
             ("--sidecar-image", flags.sidecar_image.clone()),
-            ("--hub-max-connections", flags.hub_max_connections.to_string()),
+            (
+                "--hub-max-connections",
+                flags.hub_max_connections.to_string(),
+            ),
             ("--hub-max-handshakes", flags.hub_max_handshakes.to_string()),
-            ("--hub-handshake-timeout", duration(flags.hub_handshake_timeout)),
+            (
+                "--hub-handshake-timeout",
+                duration(flags.hub_handshake_timeout),
+            ),
             ("--hub-pre-auth-bytes", flags.hub_pre_auth_bytes.to_string()),
             (
                 "--hub-token-review-timeout",
@@ -994,17 +1000,22 @@ fn sidecar_image_and_hub_limits_render_into_the_operator_args() -> Result<()> {
         ],
     )?;
     // The chart's default image is this release's (the flag's default).
-    assert_eq!(flags.sidecar_image, nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE);
+    assert_eq!(
+        flags.sidecar_image,
+        nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE
+    );
     ensure!(
-        !args.iter().any(|a| a.starts_with("--allowed-sidecar-images")),
-        "nothing else allowed by default: {args:?}"
+        !rendered
+            .iter()
+            .any(|a| a.starts_with("--allowed-sidecar-images")),
+        "nothing else allowed by default: {rendered:?}"
     );
 
     let file = ValuesFile::new(Some(ALL_FEATURES), Value::Object(Default::default()))?;
     let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
-    let args = args(one(&objects, "Deployment")?);
+    let rendered = args(one(&objects, "Deployment")?);
     expect(
-        &args,
+        &rendered,
         &[
             (
                 "--sidecar-image",
@@ -1032,7 +1043,10 @@ fn sidecar_image_and_hub_limits_render_into_the_operator_args() -> Result<()> {
     let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
     expect(
         &args(one(&objects, "Deployment")?),
-        &[("--sidecar-image", "ghcr.io/nanogate/nano-agent:9.9.9".into())],
+        &[(
+            "--sidecar-image",
+            "ghcr.io/nanogate/nano-agent:9.9.9".into(),
+        )],
     )?;
     Ok(())
 }

@@ -901,7 +901,11 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
         &["apply", "-f", "-"],
         &nanogate_e2e::gateway_yaml(ns.name(), "sneaked", evil),
     )?;
-    assert!(out.ok, "no webhook yet, the schema lets it in: {}", out.stderr);
+    assert!(
+        out.ok,
+        "no webhook yet, the schema lets it in: {}",
+        out.stderr
+    );
     let message = wait_for(
         "sneaked: ConfigValid=False",
         Duration::from_secs(30),
@@ -929,7 +933,10 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
     let pod = pod_yaml(
         ns.name(),
         "app",
-        &[("nanogate.io/inject", "true"), ("nanogate.io/gateway", "sneaked")],
+        &[
+            ("nanogate.io/inject", "true"),
+            ("nanogate.io/gateway", "sneaked"),
+        ],
     );
     let warned = wait_for(
         "the webhook to call sneaked invalid",
@@ -941,7 +948,11 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
     )
     .await?;
     println!("sneaked pod: {}", warned.stderr.trim());
-    assert!(warned.stderr.contains("spec.sidecar.image"), "{}", warned.stderr);
+    assert!(
+        warned.stderr.contains("spec.sidecar.image"),
+        "{}",
+        warned.stderr
+    );
     assert_eq!(sidecar_image(&warned.stdout)?, None);
 
     // Refused at apply, naming the field and what to do.
@@ -954,7 +965,9 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
     assert!(!out.ok, "accepted: {}", out.stdout);
     assert!(
         out.stderr.contains("denied the request")
-            && out.stderr.contains("spec.sidecar.image (\"evil.example/miner:1\")")
+            && out
+                .stderr
+                .contains("spec.sidecar.image (\"evil.example/miner:1\")")
             && out.stderr.contains("remove the field")
             && out.stderr.contains("--allowed-sidecar-images"),
         "{}",
@@ -981,14 +994,21 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
         let pod = pod_yaml(
             ns.name(),
             &format!("app-{name}"),
-            &[("nanogate.io/inject", "true"), ("nanogate.io/gateway", name)],
+            &[
+                ("nanogate.io/inject", "true"),
+                ("nanogate.io/gateway", name),
+            ],
         );
         let image = wait_for(
             &format!("a dry-run pod of {name} to be injected"),
             Duration::from_secs(30),
             || async {
                 let out = dry_run(cp, &pod)?;
-                Ok(if out.ok { sidecar_image(&out.stdout)? } else { None })
+                Ok(if out.ok {
+                    sidecar_image(&out.stdout)?
+                } else {
+                    None
+                })
             },
         )
         .await?;

@@ -1281,7 +1281,8 @@ fn one_version_everywhere() -> Result<()> {
     // The chart's sidecar image is the release's too; the CRD has none (the operator decides).
     ensure!(values["sidecar"]["image"]["repository"] == AGENT_IMAGE);
     ensure!(
-        values["sidecar"]["image"]["tag"] == "" || values["sidecar"]["image"]["tag"] == version.as_str(),
+        values["sidecar"]["image"]["tag"] == ""
+            || values["sidecar"]["image"]["tag"] == version.as_str(),
         "values.yaml sidecar.image.tag must be empty (= appVersion) or {version}"
     );
     for crd in [

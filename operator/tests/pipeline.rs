@@ -11,8 +11,8 @@ use nanogate_operator::controller::repair::Census;
 use nanogate_operator::crd::{
     AgentGateway, AgentGatewayStatus, LEGACY_DEFAULT_SIDECAR_IMAGE, validate,
 };
-use nanogate_operator::gateway::{SidecarImages, ValidatedGateway};
 use nanogate_operator::gateway::membership::pod_gateway;
+use nanogate_operator::gateway::{SidecarImages, ValidatedGateway};
 
 /// A census of `expected` injected pods.
 fn pods(expected: i32) -> Census {
@@ -490,7 +490,9 @@ fn the_injected_image_is_the_operators_or_an_allowed_one() {
     let errors = ValidatedGateway::checked(&invalid, &mirror).unwrap_err();
     assert!(
         errors.iter().any(|e| e.field == "spec.sidecar.image")
-            && errors.iter().any(|e| e.field == "spec.batching.minBatchSize"),
+            && errors
+                .iter()
+                .any(|e| e.field == "spec.batching.minBatchSize"),
         "{errors:?}"
     );
 }

@@ -25,9 +25,9 @@ use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
 use crate::crd::{AgentGateway, AgentGatewayStatus, conditions, join_errors};
-use crate::gateway::{SidecarImages, ValidatedGateway};
 use crate::gateway::membership::{self, Recount};
 use crate::gateway::refs::SecretRef;
+use crate::gateway::{SidecarImages, ValidatedGateway};
 use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::status;

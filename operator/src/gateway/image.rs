@@ -94,7 +94,9 @@ impl SidecarImages {
 /// something must follow it), else the exact reference.
 pub fn matches(entry: &str, image: &str) -> bool {
     if entry.ends_with([':', '@', '/']) {
-        image.strip_prefix(entry).is_some_and(|rest| !rest.is_empty())
+        image
+            .strip_prefix(entry)
+            .is_some_and(|rest| !rest.is_empty())
     } else {
         image == entry
     }
@@ -106,10 +108,22 @@ mod tests {
 
     #[test]
     fn exact_entries_match_only_themselves() {
-        assert!(matches("ghcr.io/acme/nano-agent:1.2", "ghcr.io/acme/nano-agent:1.2"));
-        assert!(!matches("ghcr.io/acme/nano-agent:1.2", "ghcr.io/acme/nano-agent:1.20"));
-        assert!(!matches("ghcr.io/acme/nano-agent", "ghcr.io/acme/nano-agent-evil"));
-        assert!(!matches("ghcr.io/acme/nano-agent", "ghcr.io/acme/nano-agent:1.2"));
+        assert!(matches(
+            "ghcr.io/acme/nano-agent:1.2",
+            "ghcr.io/acme/nano-agent:1.2"
+        ));
+        assert!(!matches(
+            "ghcr.io/acme/nano-agent:1.2",
+            "ghcr.io/acme/nano-agent:1.20"
+        ));
+        assert!(!matches(
+            "ghcr.io/acme/nano-agent",
+            "ghcr.io/acme/nano-agent-evil"
+        ));
+        assert!(!matches(
+            "ghcr.io/acme/nano-agent",
+            "ghcr.io/acme/nano-agent:1.2"
+        ));
     }
 
     #[test]

@@ -4,9 +4,9 @@
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
+use super::image::SidecarImages;
 use super::refs::{SecretRef, secret_refs};
 use super::sidecar_config::SidecarConfig;
-use super::image::SidecarImages;
 use super::validated::ValidatedGateway;
 use crate::crd::{
     AgentGateway, FieldError, LogLevel, NativeSidecar, SecretKeySelector, TcpListenerSpec,

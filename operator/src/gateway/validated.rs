@@ -33,7 +33,10 @@ impl ValidatedGateway {
     /// (`spec.sidecar.image` absent → the operator's image), one the operator does not allow is
     /// a field error like any other. The webhook (validating and injecting) and the reconciler
     /// call this; only what never reaches a pod (the hub's configuration pushes) uses `new`.
-    pub fn checked(gateway: &AgentGateway, images: &SidecarImages) -> Result<Self, Vec<FieldError>> {
+    pub fn checked(
+        gateway: &AgentGateway,
+        images: &SidecarImages,
+    ) -> Result<Self, Vec<FieldError>> {
         let image = images.resolve(gateway.spec.sidecar.image.as_deref());
         match (Self::new(gateway), image) {
             (Ok(mut valid), Ok(image)) => {

@@ -23,8 +23,8 @@ use super::inject::{
     SidecarResources, supports_native_sidecars,
 };
 use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
-use crate::gateway::{InjectionSettings, SidecarImages};
 use crate::gateway::refs::SidecarUse;
+use crate::gateway::{InjectionSettings, SidecarImages};
 use crate::names::HUB_CA_KEY;
 
 /// `InjectionSettings` (from the gateway) + cluster facts → what `inject()` needs.
@@ -324,7 +324,11 @@ mod tests {
             "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {port: 7443, tokenSecretRef: {name: tcp-auth, key: token}, tlsSecretRef: {name: tcp-tls}}\n",
         )
         .unwrap();
-        let cfg = injection_config(&gw.injection_settings(&SidecarImages::default()).unwrap(), "127.0.0.1:7051", false);
+        let cfg = injection_config(
+            &gw.injection_settings(&SidecarImages::default()).unwrap(),
+            "127.0.0.1:7051",
+            false,
+        );
         let file = crate::controller::build::sidecar_config(&gw.spec)
             .unwrap()
             .tcp
@@ -412,7 +416,11 @@ mod tests {
             "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: nats, url: 'tls://nats:4222', apiKeySecretRef: {name: key}, nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}}\n",
         )
         .unwrap();
-        let cfg = injection_config(&gw.injection_settings(&SidecarImages::default()).unwrap(), "127.0.0.1:7051", false);
+        let cfg = injection_config(
+            &gw.injection_settings(&SidecarImages::default()).unwrap(),
+            "127.0.0.1:7051",
+            false,
+        );
         let mount = cfg
             .secret_mounts
             .iter()
