@@ -36,6 +36,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use nanogate_operator::controller::build::{self, GatewayRef};
 use nanogate_operator::crd::{AgentGateway, validate};
+use nanogate_operator::gateway::SidecarImages;
 use nanogate_operator::webhook::cluster::injection_config;
 use nanogate_operator::webhook::inject::{Decision, InjectorSettings, inject};
 use nanogate_tests::agent::agent_bin;
@@ -294,7 +295,7 @@ fn operator_output(gw: &AgentGateway, cluster: &Cluster, root: &Path) -> Result<
     };
     let cm = build::with_hub_ca(build::config_map(&gref, &cfg), Some(&cluster.hub_ca));
     let settings = gw
-        .injection_settings()
+        .injection_settings(&SidecarImages::default())
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let injection = injection_config(&settings, "127.0.0.1:1", false);
     let pod: Pod = serde_json::from_value(json!({
