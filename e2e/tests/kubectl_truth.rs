@@ -3,7 +3,8 @@
 //! injection decisions show on the pod (`kubectl describe pod`: events with the pod's UID, the
 //! skip annotation) and to whoever creates it (admission warnings); `Injected` is said only of
 //! stored pods; `nanogate.io/inject` understands yes/no words and an opt-out always wins; an
-//! updated API key Secret reaches the running sidecar without a restart (point 10).
+//! updated API key Secret reaches the running sidecar without a restart (point 10); a sidecar
+//! image the operator does not allow is refused at apply and never injected (issue 18).
 //!
 //! The webhook runs in-process (as in `injection.rs`), scoped to each test's namespace by a
 //! label; tests run kubectl synchronously, so their runtime has worker threads left to serve it; the reconciler is the real `nanogate-operator` binary restricted to the namespace

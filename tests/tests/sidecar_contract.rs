@@ -294,8 +294,12 @@ fn operator_output(gw: &AgentGateway, cluster: &Cluster, root: &Path) -> Result<
         uid: "uid-gw".into(),
     };
     let cm = build::with_hub_ca(build::config_map(&gref, &cfg), Some(&cluster.hub_ca));
+    // The image policy is the operator's, not this contract's: allow the spec's image.
+    let allowed: Vec<String> = gw.spec.sidecar.image.iter().cloned().collect();
+    let images = SidecarImages::new(nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE, &allowed)
+        .map_err(anyhow::Error::msg)?;
     let settings = gw
-        .injection_settings(&SidecarImages::default())
+        .injection_settings(&images)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let injection = injection_config(&settings, "127.0.0.1:1", false);
     let pod: Pod = serde_json::from_value(json!({
