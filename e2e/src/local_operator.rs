@@ -69,6 +69,8 @@ impl LocalOperator {
             format!("--hub-advertise={HOST_IP}:{hub_port}"),
             format!("--extra-sans=127.0.0.1,{HOST_IP}"),
             "--status-interval=2s".into(),
+            // Tests' own agent images built into the node (real_pods' held agent).
+            "--allowed-sidecar-images=localhost/nanogate-e2e/".into(),
         ];
         let process = Process::spawn_with_env(
             "nanogate-operator",

@@ -943,6 +943,114 @@ fn built_binary(name: &str, package: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The sidecar image and the hub limits are chart values that reach the operator's flags; by
+/// default they are the flags' own defaults (issue 18).
+#[test]
+fn sidecar_image_and_hub_limits_render_into_the_operator_args() -> Result<()> {
+    let kubeconfig = Path::new("/nonexistent"); // rendering never contacts a cluster
+    let flags = nanogate_operator::ServerOptions::default();
+    let duration = |d: Duration| -> String {
+        // The chart writes "10s", "5m": compare what the operator would parse.
+        format!("{}ms", d.as_millis())
+    };
+    let parsed = |args: &[String], flag: &str| -> Result<String> {
+        let value = args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .with_context(|| format!("no {flag} in {args:?}"))?;
+        Ok(match nanogate_operator::crd::parse_duration(value) {
+            Ok(d) if value.ends_with(['s', 'm', 'h']) => duration(d),
+            _ => value.to_string(),
+        })
+    };
+    let expect = |args: &[String], wanted: &[(&str, String)]| -> Result<()> {
+        for (flag, value) in wanted {
+            let got = parsed(args, flag)?;
+            ensure!(&got == value, "{flag}: {got} ≠ {value} in {args:?}");
+        }
+        Ok(())
+    };
+
+    let file = ValuesFile::new(None, Value::Object(Default::default()))?;
+    let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
+    let rendered = args(one(&objects, "Deployment")?);
+    expect(
+        &rendered,
+        &[
+            ("--sidecar-image", flags.sidecar_image.clone()),
+            (
+                "--hub-max-connections",
+                flags.hub_max_connections.to_string(),
+            ),
+            ("--hub-max-handshakes", flags.hub_max_handshakes.to_string()),
+            (
+                "--hub-handshake-timeout",
+                duration(flags.hub_handshake_timeout),
+            ),
+            ("--hub-pre-auth-bytes", flags.hub_pre_auth_bytes.to_string()),
+            (
+                "--hub-token-review-timeout",
+                duration(flags.hub_token_review_timeout),
+            ),
+            (
+                "--hub-token-review-concurrency",
+                flags.hub_token_review_concurrency.to_string(),
+            ),
+            ("--hub-token-cache-ttl", duration(flags.hub_token_cache_ttl)),
+        ],
+    )?;
+    // The chart's default image is this release's (the flag's default).
+    assert_eq!(
+        flags.sidecar_image,
+        nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE
+    );
+    ensure!(
+        !rendered
+            .iter()
+            .any(|a| a.starts_with("--allowed-sidecar-images")),
+        "nothing else allowed by default: {rendered:?}"
+    );
+
+    let file = ValuesFile::new(Some(ALL_FEATURES), Value::Object(Default::default()))?;
+    let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
+    let rendered = args(one(&objects, "Deployment")?);
+    expect(
+        &rendered,
+        &[
+            (
+                "--sidecar-image",
+                "registry.example:5000/mirror/nano-agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+            ),
+            (
+                "--allowed-sidecar-images",
+                "registry.example:5000/mirror/nano-agent:,ghcr.io/acme/".into(),
+            ),
+            ("--hub-max-connections", "2000000".into()),
+            ("--hub-max-handshakes", "64".into()),
+            ("--hub-handshake-timeout", "3000ms".into()),
+            ("--hub-pre-auth-bytes", "8192".into()),
+            ("--hub-token-review-timeout", "2000ms".into()),
+            ("--hub-token-review-concurrency", "4".into()),
+            ("--hub-token-cache-ttl", "60000ms".into()),
+        ],
+    )?;
+
+    // Only the tag changed: repository:tag.
+    let file = ValuesFile::new(
+        None,
+        serde_json::json!({"sidecar": {"image": {"tag": "9.9.9"}}}),
+    )?;
+    let (objects, _) = render(kubeconfig, "nanogate", "nanogate-system", &file.path())?;
+    expect(
+        &args(one(&objects, "Deployment")?),
+        &[(
+            "--sidecar-image",
+            "ghcr.io/nanogate/nano-agent:9.9.9".into(),
+        )],
+    )?;
+    Ok(())
+}
+
 #[test]
 fn rendered_operator_arguments_are_accepted_by_the_operator_binary() -> Result<()> {
     let kubeconfig = Path::new("/nonexistent"); // rendering never contacts a cluster

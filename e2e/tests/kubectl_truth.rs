@@ -3,7 +3,8 @@
 //! injection decisions show on the pod (`kubectl describe pod`: events with the pod's UID, the
 //! skip annotation) and to whoever creates it (admission warnings); `Injected` is said only of
 //! stored pods; `nanogate.io/inject` understands yes/no words and an opt-out always wins; an
-//! updated API key Secret reaches the running sidecar without a restart (point 10).
+//! updated API key Secret reaches the running sidecar without a restart (point 10); a sidecar
+//! image the operator does not allow is refused at apply and never injected (issue 18).
 //!
 //! The webhook runs in-process (as in `injection.rs`), scoped to each test's namespace by a
 //! label; tests run kubectl synchronously, so their runtime has worker threads left to serve it; the reconciler is the real `nanogate-operator` binary restricted to the namespace
@@ -30,6 +31,16 @@ struct Webhook {
 
 /// Registers (failure policy `Fail`) and serves the webhooks for namespace `ns`.
 async fn serve_webhook(cp: &ControlPlane, client: &Client, ns: &str) -> Result<Webhook> {
+    serve_webhook_allowing(cp, client, ns, &[]).await
+}
+
+/// [`serve_webhook`] with `--allowed-sidecar-images` set to `allowed_images`.
+async fn serve_webhook_allowing(
+    cp: &ControlPlane,
+    client: &Client,
+    ns: &str,
+    allowed_images: &[&str],
+) -> Result<Webhook> {
     let operator_ns = TestNamespace::create(client, "truth-op").await?;
     cp.kubectl(&[
         "label",
@@ -51,6 +62,7 @@ async fn serve_webhook(cp: &ControlPlane, client: &Client, ns: &str) -> Result<W
         validating_webhook_configs: vec![config_name],
         extra_sans: vec!["127.0.0.1".into()],
         hub_advertise: "127.0.0.1:7051".into(),
+        allowed_sidecar_images: allowed_images.iter().map(|s| s.to_string()).collect(),
         ..ServerOptions::default()
     };
     let stop = nanogate_e2e::start_servers(client, &opts).await?;
@@ -139,6 +151,16 @@ fn pod_yaml(ns: &str, name: &str, annotations: &[(&str, &str)]) -> String {
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{}}}\nspec:\n  containers: [{{name: app, image: python:3.12-slim}}]\n",
         annotations.join(", ")
     )
+}
+
+/// The image of the injected nano-agent in a pod as kubectl printed it (JSON).
+fn sidecar_image(pod_json: &str) -> Result<Option<String>> {
+    let pod: Value = serde_json::from_str(pod_json).context("pod JSON")?;
+    Ok(["containers", "initContainers"]
+        .iter()
+        .flat_map(|field| pod["spec"][field].as_array().cloned().unwrap_or_default())
+        .find(|c| c["name"] == "nano-agent")
+        .and_then(|c| c["image"].as_str().map(str::to_string)))
 }
 
 /// Whether a pod as kubectl printed it (JSON) carries the sidecar.
@@ -839,4 +861,139 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
     agent.process.stop();
     operator.stop();
     result
+}
+
+/// Issue 18: whoever may edit a gateway cannot choose what runs next to every pod. An image the
+/// operator does not allow is refused at `kubectl apply` naming `spec.sidecar.image`; one that
+/// got in while the webhook was down is `ConfigValid=False` and injects nothing; an allowed
+/// image, the operator's own and none at all are accepted, and each pod gets the image its
+/// gateway resolves to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_injected() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    nanogate_e2e::install_crd(cp)?;
+    let client = cp.client().await?;
+    let ns = TestNamespace::create(&client, "truth-image").await?;
+    let evil = "  sidecar: {image: \"evil.example/miner:1\"}\n";
+    // The reconciler binary with its default policy: this release's image only.
+    let _operator = reconciler(cp, ns.name())?;
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(ns.name(), "sneaked", evil),
+    )?;
+    assert!(
+        out.ok,
+        "no webhook yet, the schema lets it in: {}",
+        out.stderr
+    );
+    let message = wait_for(
+        "sneaked: ConfigValid=False",
+        Duration::from_secs(30),
+        || async {
+            let out = kubectl(
+                cp,
+                &["-n", ns.name(), "get", "agw", "sneaked", "-o", "json"],
+                "",
+            )?;
+            let gw: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            Ok(condition(&gw, "ConfigValid")
+                .filter(|(status, _)| status == "False")
+                .map(|(_, message)| message))
+        },
+    )
+    .await?;
+    assert!(
+        message.contains("spec.sidecar.image (\"evil.example/miner:1\")"),
+        "{message}"
+    );
+
+    let allowed = "registry.example/acme/nano-agent:";
+    let _webhook = serve_webhook_allowing(cp, &client, ns.name(), &[allowed]).await?;
+    // The gateway that got in injects nothing; its pods are told why.
+    let pod = pod_yaml(
+        ns.name(),
+        "app",
+        &[
+            ("nanogate.io/inject", "true"),
+            ("nanogate.io/gateway", "sneaked"),
+        ],
+    );
+    let warned = wait_for(
+        "the webhook to call sneaked invalid",
+        Duration::from_secs(30),
+        || async {
+            let out = dry_run(cp, &pod)?;
+            Ok(out.stderr.contains("is invalid").then_some(out))
+        },
+    )
+    .await?;
+    println!("sneaked pod: {}", warned.stderr.trim());
+    assert!(
+        warned.stderr.contains("spec.sidecar.image"),
+        "{}",
+        warned.stderr
+    );
+    assert_eq!(sidecar_image(&warned.stdout)?, None);
+
+    // Refused at apply, naming the field and what to do.
+    let out = kubectl(
+        cp,
+        &["apply", "-f", "-"],
+        &nanogate_e2e::gateway_yaml(ns.name(), "refused", evil),
+    )?;
+    println!("refused: {}", out.stderr.trim());
+    assert!(!out.ok, "accepted: {}", out.stdout);
+    assert!(
+        out.stderr.contains("denied the request")
+            && out
+                .stderr
+                .contains("spec.sidecar.image (\"evil.example/miner:1\")")
+            && out.stderr.contains("remove the field")
+            && out.stderr.contains("--allowed-sidecar-images"),
+        "{}",
+        out.stderr
+    );
+
+    // Accepted: an allowed image, the operator's own, none. Each pod gets its gateway's image.
+    let own = nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE;
+    for (name, spec, injected) in [
+        (
+            "mirrored",
+            "  sidecar: {image: \"registry.example/acme/nano-agent:2.0\"}\n".to_string(),
+            "registry.example/acme/nano-agent:2.0",
+        ),
+        ("own", format!("  sidecar: {{image: {own:?}}}\n"), own),
+        ("plain", String::new(), own),
+    ] {
+        let out = kubectl(
+            cp,
+            &["apply", "-f", "-"],
+            &nanogate_e2e::gateway_yaml(ns.name(), name, &spec),
+        )?;
+        assert!(out.ok, "{name}: {}", out.stderr);
+        let pod = pod_yaml(
+            ns.name(),
+            &format!("app-{name}"),
+            &[
+                ("nanogate.io/inject", "true"),
+                ("nanogate.io/gateway", name),
+            ],
+        );
+        let image = wait_for(
+            &format!("a dry-run pod of {name} to be injected"),
+            Duration::from_secs(30),
+            || async {
+                let out = dry_run(cp, &pod)?;
+                Ok(if out.ok {
+                    sidecar_image(&out.stdout)?
+                } else {
+                    None
+                })
+            },
+        )
+        .await?;
+        assert_eq!(image, injected, "{name}");
+    }
+    Ok(())
 }

@@ -1278,13 +1278,20 @@ fn one_version_everywhere() -> Result<()> {
         "the operator injects {} by default, the release is {agent_image}",
         nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE
     );
+    // The chart's sidecar image is the release's too; the CRD has none (the operator decides).
+    ensure!(values["sidecar"]["image"]["repository"] == AGENT_IMAGE);
+    ensure!(
+        values["sidecar"]["image"]["tag"] == ""
+            || values["sidecar"]["image"]["tag"] == version.as_str(),
+        "values.yaml sidecar.image.tag must be empty (= appVersion) or {version}"
+    );
     for crd in [
         "crds/agentgateway.yaml",
         "charts/nanogate/crds/agentgateway.yaml",
     ] {
         ensure!(
-            read(crd)?.contains(&format!("default: {agent_image}")),
-            "{crd}: the sidecar image default must be {agent_image}"
+            !read(crd)?.contains(&format!("default: {AGENT_IMAGE}")),
+            "{crd}: spec.sidecar.image must have no default (absent = the operator's image)"
         );
     }
     // The Dockerfile's documented build commands tag the images the chart and injector use.

@@ -144,6 +144,14 @@ pub struct ServerOptions {
     /// ≥ 1.29).
     #[arg(long)]
     pub native_sidecars: Option<bool>,
+    /// nano-agent image injected into pods whose gateway names none (default: this release's).
+    #[arg(long, env = "NANOGATE_SIDECAR_IMAGE", default_value = crate::crd::DEFAULT_SIDECAR_IMAGE)]
+    pub sidecar_image: String,
+    /// Further images a gateway's `spec.sidecar.image` may name (repeatable or comma list):
+    /// an exact reference, or a prefix ending in `:` (any tag of a repository), `@` (any
+    /// digest) or `/` (any repository below). Others are refused; none by default.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_sidecar_images: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -168,6 +176,8 @@ impl Default for ServerOptions {
             hub_token_review_concurrency: 16,
             hub_token_cache_ttl: Duration::from_secs(300),
             native_sidecars: None,
+            sidecar_image: crate::crd::DEFAULT_SIDECAR_IMAGE.into(),
+            allowed_sidecar_images: Vec::new(),
             webhook_cert_dir: None,
             webhook_cert_validity: Duration::from_secs(90 * 24 * 3600),
         }
@@ -189,6 +199,13 @@ impl ServerOptions {
             pre_auth_bytes: self.hub_pre_auth_bytes,
             ..Default::default()
         }
+    }
+
+    /// The sidecar image policy from `--sidecar-image` and `--allowed-sidecar-images`; an
+    /// error saying which flag is wrong.
+    pub fn sidecar_images(&self) -> anyhow::Result<crate::gateway::SidecarImages> {
+        crate::gateway::SidecarImages::new(&self.sidecar_image, &self.allowed_sidecar_images)
+            .map_err(anyhow::Error::msg)
     }
 
     /// The limits around the hub's TokenReviews from these flags.

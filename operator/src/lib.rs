@@ -121,6 +121,8 @@ pub async fn run_with_client(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let identity = opts.identity.clone().unwrap_or_else(default_identity);
+    // A bad image policy stops the operator before it serves anything.
+    let images = opts.servers.sidecar_images()?;
     let ready = Arc::new(AtomicBool::new(false));
     let listener = admin::bind(opts.admin_addr)
         .await
@@ -167,7 +169,8 @@ pub async fn run_with_client(
     let ctx = Arc::new(
         controller::Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
             .with_namespace(opts.namespace.clone())
-            .with_hub_ca(hub_ca),
+            .with_hub_ca(hub_ca)
+            .with_sidecar_images(images),
     );
     let mut shutdown = std::pin::pin!(shutdown);
 

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::cli::ServerOptions;
 use crate::crd::AgentGateway;
+use crate::gateway::ValidatedGateway;
 use crate::hub::{self, Bounded, Hub, TokenReviewAuthenticator};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, CertConfig, CertFiles, follow_cert_dir};
@@ -102,6 +103,7 @@ pub async fn start(
     };
     let tls = tls::tls_config(resolver);
 
+    let images = opts.sidecar_images()?;
     let mut webhook_addr = None;
     let mut webhook_synced = cluster::CacheSync::synced();
     if let Some(addr) = opts.webhook_addr {
@@ -113,11 +115,14 @@ pub async fn start(
             gateways,
             hub_advertise: opts.hub_advertise.clone(),
             native_supported,
+            images: images.clone(),
         };
-        let validator = |object: &serde_json::Value| -> Result<(), Vec<String>> {
+        let validator = move |object: &serde_json::Value| -> Result<(), Vec<String>> {
             let gateway: AgentGateway = serde_json::from_value(object.clone())
                 .map_err(|e| vec![format!("not an AgentGateway: {e}")])?;
-            crate::crd::validate_gateway(&gateway)
+            // The same check as the reconciler's and the injector's, image policy included.
+            ValidatedGateway::checked(&gateway, &images)
+                .map(drop)
                 .map_err(|errors| errors.iter().map(|e| e.to_string()).collect())
         };
         let state = WebhookState::new(

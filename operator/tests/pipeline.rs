@@ -8,8 +8,11 @@ use nanogate_operator::controller::build::{
     self, GatewayRef, Verdict, config_map, config_map_up_to_date, desired_status, sidecar_config,
 };
 use nanogate_operator::controller::repair::Census;
-use nanogate_operator::crd::{AgentGateway, AgentGatewayStatus, validate};
+use nanogate_operator::crd::{
+    AgentGateway, AgentGatewayStatus, LEGACY_DEFAULT_SIDECAR_IMAGE, validate,
+};
 use nanogate_operator::gateway::membership::pod_gateway;
+use nanogate_operator::gateway::{SidecarImages, ValidatedGateway};
 
 /// A census of `expected` injected pods.
 fn pods(expected: i32) -> Census {
@@ -427,7 +430,7 @@ fn pods_map_to_gateways() {
 #[test]
 fn injection_settings_resolve_defaults() {
     let gw = fixture("minimal.yaml");
-    let s = gw.injection_settings().unwrap();
+    let s = gw.injection_settings(&SidecarImages::default()).unwrap();
     assert_eq!(s.gateway, "demo");
     assert_eq!(s.image, "ghcr.io/nanogate/nano-agent:0.1.0");
     assert_eq!(s.socket_path, "/var/lib/tendrl/tendrl_agent.sock");
@@ -440,7 +443,58 @@ fn injection_settings_resolve_defaults() {
     assert_eq!(req["cpu"].0, "10m");
     assert_eq!(req["memory"].0, "16Mi");
     assert_eq!(s.resources.limits.unwrap()["memory"].0, "64Mi");
-    assert!(fixture("invalid.yaml").injection_settings().is_err());
+    assert!(
+        fixture("invalid.yaml")
+            .injection_settings(&SidecarImages::default())
+            .is_err()
+    );
+}
+
+/// The image the injector gets is the operator's choice: `spec.sidecar.image` absent or the old
+/// CRD default → the operator's image; an allowed one is kept; any other makes the gateway
+/// invalid with the other field errors (validating webhook, reconciler and injector alike).
+#[test]
+fn the_injected_image_is_the_operators_or_an_allowed_one() {
+    let mirror = SidecarImages::new(
+        "mirror.local/nano-agent:0.1.0",
+        &["registry.example/nano-agent:".into()],
+    )
+    .unwrap();
+    let image = |gw: &AgentGateway, images: &SidecarImages| {
+        ValidatedGateway::checked(gw, images).map(|v| v.injection.image)
+    };
+    let minimal = fixture("minimal.yaml");
+    assert_eq!(minimal.spec.sidecar.image, None);
+    assert_eq!(
+        image(&minimal, &mirror).unwrap(),
+        "mirror.local/nano-agent:0.1.0"
+    );
+    let mut legacy = minimal.clone();
+    legacy.spec.sidecar.image = Some(LEGACY_DEFAULT_SIDECAR_IMAGE.into());
+    assert_eq!(
+        image(&legacy, &mirror).unwrap(),
+        "mirror.local/nano-agent:0.1.0"
+    );
+    // full.yaml asks for registry.example/nano-agent:1.2.3.
+    let full = fixture("full.yaml");
+    assert_eq!(
+        image(&full, &mirror).unwrap(),
+        "registry.example/nano-agent:1.2.3"
+    );
+    let refused = image(&full, &SidecarImages::default()).unwrap_err();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].field, "spec.sidecar.image");
+    // With other errors, the image is named too.
+    let mut invalid = fixture("invalid.yaml");
+    invalid.spec.sidecar.image = Some("evil.example/miner:1".into());
+    let errors = ValidatedGateway::checked(&invalid, &mirror).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.field == "spec.sidecar.image")
+            && errors
+                .iter()
+                .any(|e| e.field == "spec.batching.minBatchSize"),
+        "{errors:?}"
+    );
 }
 
 #[test]

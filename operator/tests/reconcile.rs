@@ -436,6 +436,34 @@ async fn invalid_spec_is_flagged_without_touching_config() {
     assert_eq!(ctx.metrics.writes_total(), 2, "status + event");
 }
 
+/// A gateway whose image the operator does not allow (it got in while the webhook was down) is
+/// invalid: `ConfigValid=False` naming the field, no ConfigMap, so nothing to inject.
+#[tokio::test]
+async fn an_image_the_operator_does_not_allow_is_flagged_without_touching_config() {
+    let (ctx, mut api) = mock_context();
+    let mut gw = fixture("minimal.yaml");
+    gw.spec.sidecar.image = Some("evil.example/miner:1".into());
+    let action = run(gw, ctx.clone(), async {
+        api.list_pods(json!([])).await;
+        api.get_status("demo", None).await;
+        let patch = api.patch_status("demo").await;
+        let cv = condition(&patch["status"], "ConfigValid");
+        assert_eq!(cv["status"], "False");
+        assert_eq!(cv["reason"], "InvalidSpec");
+        let message = cv["message"].as_str().unwrap();
+        assert!(
+            message.contains("spec.sidecar.image (\"evil.example/miner:1\")")
+                && message.contains("--allowed-sidecar-images"),
+            "{message}"
+        );
+        api.create_event("ConfigInvalid").await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(ctx.metrics.writes_total(), 2, "status + event");
+}
+
 #[tokio::test]
 async fn api_failure_is_an_error_with_label_and_backoff() {
     let (ctx, mut api) = mock_context();

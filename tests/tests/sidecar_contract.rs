@@ -36,6 +36,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use nanogate_operator::controller::build::{self, GatewayRef};
 use nanogate_operator::crd::{AgentGateway, validate};
+use nanogate_operator::gateway::SidecarImages;
 use nanogate_operator::webhook::cluster::injection_config;
 use nanogate_operator::webhook::inject::{Decision, InjectorSettings, inject};
 use nanogate_tests::agent::agent_bin;
@@ -293,8 +294,12 @@ fn operator_output(gw: &AgentGateway, cluster: &Cluster, root: &Path) -> Result<
         uid: "uid-gw".into(),
     };
     let cm = build::with_hub_ca(build::config_map(&gref, &cfg), Some(&cluster.hub_ca));
+    // The image policy is the operator's, not this contract's: allow the spec's image.
+    let allowed: Vec<String> = gw.spec.sidecar.image.iter().cloned().collect();
+    let images = SidecarImages::new(nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE, &allowed)
+        .map_err(anyhow::Error::msg)?;
     let settings = gw
-        .injection_settings()
+        .injection_settings(&images)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let injection = injection_config(&settings, "127.0.0.1:1", false);
     let pod: Pod = serde_json::from_value(json!({

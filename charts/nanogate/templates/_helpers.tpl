@@ -57,6 +57,17 @@ app.kubernetes.io/component: operator
 {{/* The Secret cert-manager writes in cert-manager mode. */}}
 {{- define "nanogate.certManagerSecret" -}}{{ include "nanogate.webhookService" . }}-tls{{- end -}}
 
+{{/* The operator's nano-agent image: repository@digest, else repository:tag (appVersion). */}}
+{{- define "nanogate.sidecarImage" -}}
+{{- with .Values.sidecar.image -}}
+{{- if .digest -}}
+{{ .repository }}@{{ .digest }}
+{{- else -}}
+{{ .repository }}:{{ default $.Chart.AppVersion .tag }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "nanogate.hubAdvertise" -}}
 {{- if .Values.localDevelopment.enabled -}}
 {{- .Values.localDevelopment.hubAdvertise -}}

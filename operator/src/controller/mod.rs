@@ -25,9 +25,9 @@ use tracing::{debug, info, warn};
 
 use crate::FIELD_MANAGER;
 use crate::crd::{AgentGateway, AgentGatewayStatus, conditions, join_errors};
-use crate::gateway::ValidatedGateway;
 use crate::gateway::membership::{self, Recount};
 use crate::gateway::refs::SecretRef;
+use crate::gateway::{SidecarImages, ValidatedGateway};
 use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::status;
@@ -107,6 +107,8 @@ pub struct Context {
     /// PEM of the CA that signed the hub's certificate; written into each gateway's ConfigMap
     /// so injected sidecars can verify the hub (`None` when the hub is off).
     pub hub_ca: Option<String>,
+    /// The operator's sidecar image policy: a gateway whose image it refuses is invalid.
+    pub sidecar_images: SidecarImages,
     /// Consecutive failures per gateway, for exponential backoff in [`error_policy`].
     failures: Mutex<HashMap<(String, String), u32>>,
     /// Consecutive reconciles per gateway that found a Secret missing ([`secret_retry`]).
@@ -126,9 +128,18 @@ impl Context {
             metrics,
             namespace: None,
             hub_ca: None,
+            sidecar_images: SidecarImages::default(),
             failures: Mutex::new(HashMap::new()),
             missing_secrets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Check gateways' `spec.sidecar.image` against `images` (default: this release's image
+    /// only).
+    #[must_use]
+    pub fn with_sidecar_images(mut self, images: SidecarImages) -> Self {
+        self.sidecar_images = images;
+        self
     }
 
     /// Publish the hub's CA to sidecars through every gateway's ConfigMap.
@@ -266,7 +277,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     };
 
     // validate → dereference → build → apply
-    let verdict = match ValidatedGateway::new(&gw) {
+    let verdict = match ValidatedGateway::checked(&gw, &ctx.sidecar_images) {
         Err(errors) => Verdict::Invalid(join_errors(&errors)),
         Ok(valid) => match dereference(&ctx.client, ns, &valid.secret_refs).await? {
             Some(missing) => Verdict::SecretMissing(missing),

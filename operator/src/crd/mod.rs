@@ -575,10 +575,12 @@ pub enum NativeSidecar {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
-    /// Container image of the nano-agent. Default `ghcr.io/nanogate/nano-agent:0.1.0`.
-    #[serde(default = "default_sidecar_image")]
+    /// Container image of the nano-agent. Absent: the operator's image (its
+    /// `--sidecar-image`). Set, it must be the operator's image or one its administrator allows
+    /// (`--allowed-sidecar-images`); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
-    pub image: String,
+    pub image: Option<String>,
     /// Compute resources of the sidecar. Default requests `cpu: 10m`, `memory: 16Mi`;
     /// limits `memory: 64Mi`. Pods may override with `nanogate.io/sidecar-*` annotations.
     #[serde(default = "default_sidecar_resources")]
@@ -594,7 +596,7 @@ pub struct SidecarSpec {
 impl Default for SidecarSpec {
     fn default() -> Self {
         Self {
-            image: default_sidecar_image(),
+            image: None,
             resources: default_sidecar_resources(),
             log_level: LogLevel::default(),
             native_sidecar: NativeSidecar::default(),
@@ -709,11 +711,11 @@ fn default_max_message_size() -> i32 {
 fn default_max_tags() -> i32 {
     10
 }
-/// Default nano-agent image.
+/// This release's nano-agent image: the default of `--sidecar-image`.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/nanogate/nano-agent:0.1.0";
-fn default_sidecar_image() -> String {
-    DEFAULT_SIDECAR_IMAGE.into()
-}
+/// The value the CRD used to default `spec.sidecar.image` to; stored gateways still carry it.
+/// It was never chosen by the gateway's editor, so it stands for the operator's image.
+pub const LEGACY_DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/nanogate/nano-agent:0.1.0";
 fn default_sidecar_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([

@@ -524,8 +524,10 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
 
     // sidecar
     c.resources(&spec.sidecar.resources);
-    let img = &spec.sidecar.image;
-    if img.is_empty() || img.chars().any(char::is_whitespace) {
+    // Whether the operator allows the image is its configuration (`gateway::image`).
+    if let Some(img) = &spec.sidecar.image
+        && (img.is_empty() || img.chars().any(char::is_whitespace))
+    {
         c.fail(
             "spec.sidecar.image",
             format!(

@@ -4,6 +4,7 @@
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
+use super::image::SidecarImages;
 use super::refs::{SecretRef, secret_refs};
 use super::sidecar_config::SidecarConfig;
 use super::validated::ValidatedGateway;
@@ -17,7 +18,8 @@ use crate::crd::{
 pub struct InjectionSettings {
     /// Gateway name (same namespace as the pod).
     pub gateway: String,
-    /// nano-agent image.
+    /// nano-agent image (resolved by [`ValidatedGateway::checked`] against the operator's
+    /// [`SidecarImages`]).
     pub image: String,
     /// Sidecar resources (before per-pod annotation overrides).
     pub resources: ResourceRequirements,
@@ -46,10 +48,14 @@ pub struct InjectionSettings {
 }
 
 impl AgentGateway {
-    /// Everything the injector needs (see [`ValidatedGateway::new`]); fails with the same
-    /// field errors as [`crate::crd::validate`] when the spec is invalid (do not inject then).
-    pub fn injection_settings(&self) -> Result<InjectionSettings, Vec<FieldError>> {
-        ValidatedGateway::new(self).map(|v| v.injection)
+    /// Everything the injector needs (see [`ValidatedGateway::checked`]); fails with the same
+    /// field errors as [`crate::crd::validate`] when the spec is invalid, or when its image is
+    /// not one `images` allows (do not inject then).
+    pub fn injection_settings(
+        &self,
+        images: &SidecarImages,
+    ) -> Result<InjectionSettings, Vec<FieldError>> {
+        ValidatedGateway::checked(self, images).map(|v| v.injection)
     }
 }
 
@@ -69,7 +75,11 @@ pub(super) fn injection_settings(gw: &AgentGateway, config: &SidecarConfig) -> I
         InjectionSettings {
             config_map_name: crate::names::config_map_name(&name),
             gateway: name,
-            image: spec.sidecar.image.clone(),
+            image: spec
+                .sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| crate::crd::DEFAULT_SIDECAR_IMAGE.into()),
             resources: spec.sidecar.resources.clone(),
             log_level: spec.sidecar.log_level,
             native_sidecar: spec.sidecar.native_sidecar,

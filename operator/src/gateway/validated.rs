@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use super::image::SidecarImages;
 use super::injection::{InjectionSettings, injection_settings};
 use super::refs::{SecretRef, secret_refs};
 use super::sidecar_config::{SidecarConfig, sidecar_config};
@@ -28,7 +29,32 @@ pub struct ValidatedGateway {
 }
 
 impl ValidatedGateway {
+    /// [`Self::new`] and the operator's image policy: the image to inject is resolved
+    /// (`spec.sidecar.image` absent → the operator's image), one the operator does not allow is
+    /// a field error like any other. The webhook (validating and injecting) and the reconciler
+    /// call this; only what never reaches a pod (the hub's configuration pushes) uses `new`.
+    pub fn checked(
+        gateway: &AgentGateway,
+        images: &SidecarImages,
+    ) -> Result<Self, Vec<FieldError>> {
+        let image = images.resolve(gateway.spec.sidecar.image.as_deref());
+        match (Self::new(gateway), image) {
+            (Ok(mut valid), Ok(image)) => {
+                valid.injection.image = image;
+                Ok(valid)
+            }
+            (Ok(_), Err(error)) => Err(vec![error]),
+            (Err(errors), Ok(_)) => Err(errors),
+            (Err(mut errors), Err(error)) => {
+                errors.push(error);
+                Err(errors)
+            }
+        }
+    }
+
     /// Validates `gateway` and derives its parts; the field errors when the spec is invalid.
+    /// The image is not checked against the operator's policy here: `injection.image` is the
+    /// spec's, or this release's default, until [`Self::checked`] resolves it.
     pub fn new(gateway: &AgentGateway) -> Result<Self, Vec<FieldError>> {
         // The name goes into every injected pod too; the spec is checked by `sidecar_config`.
         crate::crd::validate_gateway(gateway)?;

@@ -23,8 +23,8 @@ use super::inject::{
     SidecarResources, supports_native_sidecars,
 };
 use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
-use crate::gateway::InjectionSettings;
 use crate::gateway::refs::SidecarUse;
+use crate::gateway::{InjectionSettings, SidecarImages};
 use crate::names::HUB_CA_KEY;
 
 /// `InjectionSettings` (from the gateway) + cluster facts → what `inject()` needs.
@@ -111,6 +111,8 @@ pub struct StoreLookup {
     pub gateways: Store<AgentGateway>,
     pub hub_advertise: String,
     pub native_supported: bool,
+    /// The operator's sidecar image policy: a gateway asking for another image injects nothing.
+    pub images: SidecarImages,
 }
 
 impl GatewayLookup for StoreLookup {
@@ -126,7 +128,7 @@ impl GatewayLookup for StoreLookup {
             .iter()
             .filter(|gw| gw.namespace().as_deref() == Some(namespace))
             // An invalid gateway injects nothing; its status says why.
-            .filter_map(|gw| gw.injection_settings().ok())
+            .filter_map(|gw| gw.injection_settings(&self.images).ok())
             .map(|settings| injection_config(&settings, &self.hub_advertise, self.native_supported))
             .collect()
     }
@@ -137,7 +139,7 @@ impl GatewayLookup for StoreLookup {
             .iter()
             .filter(|gw| gw.namespace().as_deref() == Some(namespace))
             .filter_map(|gw| {
-                let errors = gw.injection_settings().err()?;
+                let errors = gw.injection_settings(&self.images).err()?;
                 Some((gw.name_any(), crate::crd::join_errors(&errors)))
             })
             .collect()
@@ -301,7 +303,7 @@ mod tests {
             "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps, generation: 3}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n",
         )
         .unwrap();
-        let settings = gw.injection_settings().unwrap();
+        let settings = gw.injection_settings(&SidecarImages::default()).unwrap();
         let cfg = injection_config(&settings, "127.0.0.1:7051", false);
         assert_eq!(cfg.config_generation, 3);
         assert_eq!(cfg.hub_addr, "127.0.0.1:7051");
@@ -322,7 +324,11 @@ mod tests {
             "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {port: 7443, tokenSecretRef: {name: tcp-auth, key: token}, tlsSecretRef: {name: tcp-tls}}\n",
         )
         .unwrap();
-        let cfg = injection_config(&gw.injection_settings().unwrap(), "127.0.0.1:7051", false);
+        let cfg = injection_config(
+            &gw.injection_settings(&SidecarImages::default()).unwrap(),
+            "127.0.0.1:7051",
+            false,
+        );
         let file = crate::controller::build::sidecar_config(&gw.spec)
             .unwrap()
             .tcp
@@ -410,7 +416,11 @@ mod tests {
             "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: nats, url: 'tls://nats:4222', apiKeySecretRef: {name: key}, nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}}\n",
         )
         .unwrap();
-        let cfg = injection_config(&gw.injection_settings().unwrap(), "127.0.0.1:7051", false);
+        let cfg = injection_config(
+            &gw.injection_settings(&SidecarImages::default()).unwrap(),
+            "127.0.0.1:7051",
+            false,
+        );
         let mount = cfg
             .secret_mounts
             .iter()
