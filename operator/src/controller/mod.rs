@@ -513,17 +513,18 @@ pub fn backoff(n: u32) -> Duration {
 /// The gateways to requeue for a change of `pod`: its own gateway when it names or was
 /// injected for one, the gateways of its namespace when it opted in naming none, and none
 /// when neither it nor its namespace (`namespace_opted_in`) opted in — most pods of a cluster,
-/// which thus cost no reconcile. `gateways` is the gateway store's content.
+/// which thus cost no reconcile. `gateways` gives the gateway store's content, read only when
+/// needed.
 pub fn gateways_to_requeue(
     pod: &ObjectMeta,
     namespace_opted_in: bool,
-    gateways: &[Arc<AgentGateway>],
+    gateways: impl FnOnce() -> Vec<Arc<AgentGateway>>,
 ) -> Vec<ObjectRef<AgentGateway>> {
     let ns = pod.namespace.as_deref().unwrap_or_default();
     match membership::to_recount(pod.annotations.as_ref(), namespace_opted_in) {
         Recount::Gateway(gateway) => vec![ObjectRef::<AgentGateway>::new(&gateway).within(ns)],
         Recount::Nothing => Vec::new(),
-        Recount::Namespace => gateways
+        Recount::Namespace => gateways()
             .iter()
             .filter(|gw| gw.namespace().as_deref() == Some(ns))
             .map(|gw| ObjectRef::from_obj(&**gw))
@@ -568,8 +569,8 @@ impl Drop for AbortOnDrop {
 /// cluster; a gateway whose Secret is missing is looked at again ([`secret_retry`]), a Ready
 /// one every [`RESYNC`].
 ///
-/// Pods are watched metadata only (annotations decide membership; a full pod is ~10× the
-/// bytes to receive and decode) and without a store, so a pod costs memory only while its
+/// Pods are watched metadata only (annotations decide membership; a full pod is several times
+/// the bytes to receive and decode) and without a store, so a pod costs memory only while its
 /// event is mapped. A pod event requeues only the gateways its membership may change
 /// ([`gateways_to_requeue`]): unrelated pods, however many, requeue nothing. The label
 /// `nanogate.io/injected-gateway` cannot select them server-side: a pod that opted in but
@@ -583,10 +584,27 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let controller = Controller::new(gateways, watcher::Config::default().any_semantic());
     let gateway_store = controller.store();
     let (namespaces, _namespace_watch) = opted_in_namespaces(ctx.client.clone());
+    let namespace_gateways = gateway_store.clone();
+    let opted_in = format!("{NAMESPACE_INJECTION_LABEL}={NAMESPACE_INJECTION_ENABLED}");
     controller
         .owns(
             ctx.api::<ConfigMap>(),
             watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        )
+        // A namespace that opts in or out changes the membership of its pods without a pod
+        // event; this also covers a pod event mapped before the store saw the new label.
+        .watches(
+            Api::<PartialObjectMeta<Namespace>>::all(ctx.client.clone()),
+            watcher::Config::default().labels(&opted_in),
+            move |namespace: PartialObjectMeta<Namespace>| {
+                let ns = namespace.metadata.name.unwrap_or_default();
+                namespace_gateways
+                    .state()
+                    .iter()
+                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+                    .map(|gw| ObjectRef::from_obj(&**gw))
+                    .collect::<Vec<_>>()
+            },
         )
         // `PartialObjectMeta`: kube asks the API server for metadata only.
         .watches(
@@ -595,7 +613,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             move |pod: PartialObjectMeta<Pod>| {
                 let ns = pod.metadata.namespace.clone().unwrap_or_default();
                 let opted_in = namespaces.get(&ObjectRef::new(&ns)).is_some();
-                gateways_to_requeue(&pod.metadata, opted_in, &gateway_store.state())
+                gateways_to_requeue(&pod.metadata, opted_in, || gateway_store.state())
             },
         )
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
@@ -651,7 +669,7 @@ mod tests {
             gateway("other", "c"),
         ];
         let requeue = |meta: &ObjectMeta, opted_in: bool| {
-            names(gateways_to_requeue(meta, opted_in, &gateways))
+            names(gateways_to_requeue(meta, opted_in, || gateways.to_vec()))
         };
         assert!(
             requeue(&pod("shop", &[]), false).is_empty(),

@@ -324,18 +324,18 @@ pub async fn run(
                 .unwrap_or_else(|_| Timestamp::now()),
         );
         warn_orphans(&hub, &gateways_now, &recorder, &mut orphans_warned).await;
-        let exists = |ns: &str, name: &str| {
-            gateways_now
-                .iter()
-                .any(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
-        };
+        let keys: HashSet<(String, String)> = gateways_now
+            .iter()
+            .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
+            .collect();
+        let exists = |ns: &str, name: &str| keys.contains(&(ns.to_string(), name.to_string()));
         hub.left_behind.forget_deleted(exists);
         unchanged.retain(|(ns, name), _| exists(ns, name));
         for gateway in gateways_now.iter().map(|g| &**g) {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
             };
-            let valid = ValidatedGateway::new(&gateway).ok();
+            let valid = ValidatedGateway::new(gateway).ok();
             // An invalid spec leaves its sidecars on their last valid configuration; its
             // heartbeat interval is still the best guess of theirs.
             let heartbeat = valid.as_ref().map_or_else(
