@@ -354,7 +354,7 @@ pub async fn run(
             if let Some(valid) = &valid {
                 push_config(&hub, valid, &namespace, &name, &mut reloads);
             }
-            left_behind::announce(&recorder, &hub.left_behind, &gateway).await;
+            left_behind::announce(&recorder, &hub.left_behind, gateway).await;
             let left = hub.left_behind.unwritten(&namespace, &name);
             let key = (namespace.clone(), name.clone());
             let version = gateway.metadata.resource_version.clone();
