@@ -12,14 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -29,7 +30,9 @@ use crate::gateway::membership::{self, Recount};
 use crate::gateway::refs::SecretRef;
 use crate::gateway::{SidecarImages, ValidatedGateway};
 use crate::metrics::Metrics;
-use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::names::{
+    MANAGED_BY, MANAGED_BY_LABEL, NAMESPACE_INJECTION_ENABLED, NAMESPACE_INJECTION_LABEL,
+};
 use crate::status;
 use build::{GatewayRef, Verdict};
 
@@ -518,39 +521,110 @@ pub fn backoff(n: u32) -> Duration {
     Duration::from_secs(secs.min(300))
 }
 
+/// The gateways to requeue for a change of `pod`: its own gateway when it names or was
+/// injected for one, the gateways of its namespace when it opted in naming none, and none
+/// when neither it nor its namespace (`namespace_opted_in`) opted in — most pods of a cluster,
+/// which thus cost no reconcile. `gateways` gives the gateway store's content, read only when
+/// needed.
+pub fn gateways_to_requeue(
+    pod: &ObjectMeta,
+    namespace_opted_in: bool,
+    gateways: impl FnOnce() -> Vec<Arc<AgentGateway>>,
+) -> Vec<ObjectRef<AgentGateway>> {
+    let ns = pod.namespace.as_deref().unwrap_or_default();
+    match membership::to_recount(pod.annotations.as_ref(), namespace_opted_in) {
+        Recount::Gateway(gateway) => vec![ObjectRef::<AgentGateway>::new(&gateway).within(ns)],
+        Recount::Nothing => Vec::new(),
+        Recount::Namespace => gateways()
+            .iter()
+            .filter(|gw| gw.namespace().as_deref() == Some(ns))
+            .map(|gw| ObjectRef::from_obj(&**gw))
+            .collect(),
+    }
+}
+
+/// A store of the namespaces that opt their pods in (`nanogate.io/injection=enabled`; metadata
+/// only, selected by the API server), fed by a task that ends when the returned guard drops.
+fn opted_in_namespaces(client: Client) -> (Store<PartialObjectMeta<Namespace>>, AbortOnDrop) {
+    let (reader, writer) = reflector::store();
+    let selector = format!("{NAMESPACE_INJECTION_LABEL}={NAMESPACE_INJECTION_ENABLED}");
+    let stream = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client),
+        watcher::Config::default().labels(&selector),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(error) = event {
+                warn!(%error, "namespace watch failed; retrying");
+            }
+        }
+    });
+    (reader, AbortOnDrop(task))
+}
+
+/// Aborts a background task when dropped (the controller's helpers stop with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Run the controller until `shutdown` resolves. Watches gateways, owned ConfigMaps and pods
 /// (sidecar counts). Secrets are not watched: that needs list/watch on every Secret in the
 /// cluster; a gateway whose Secret is missing is looked at again ([`secret_retry`]), a Ready
 /// one every [`RESYNC`].
+///
+/// Pods are watched metadata only (annotations decide membership; a full pod is several times
+/// the bytes to receive and decode) and without a store, so a pod costs memory only while its
+/// event is mapped. A pod event requeues only the gateways its membership may change
+/// ([`gateways_to_requeue`]): unrelated pods, however many, requeue nothing. The label
+/// `nanogate.io/injected-gateway` cannot select them server-side: a pod that opted in but
+/// was admitted while the webhook was down carries no label, and the reconciler must see it
+/// (`sidecars.notInjected`, repair).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let gateways: Api<AgentGateway> = ctx.api();
     if let Err(error) = gateways.list(&ListParams::default().limit(1)).await {
         warn!(%error, "cannot list AgentGateways; is the CRD installed? (nanogate-operator crd | kubectl apply -f -)");
     }
     let controller = Controller::new(gateways, watcher::Config::default().any_semantic());
-    let pod_store = controller.store();
+    let gateway_store = controller.store();
+    let (namespaces, _namespace_watch) = opted_in_namespaces(ctx.client.clone());
+    let namespace_gateways = gateway_store.clone();
+    let opted_in = format!("{NAMESPACE_INJECTION_LABEL}={NAMESPACE_INJECTION_ENABLED}");
     controller
         .owns(
             ctx.api::<ConfigMap>(),
             watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
+        // A namespace that opts in or out changes the membership of its pods without a pod
+        // event; this also covers a pod event mapped before the store saw the new label.
         .watches(
-            ctx.api::<Pod>(),
-            watcher::Config::default(),
-            move |pod: Pod| {
-                let ns = pod.namespace().unwrap_or_default();
-                match membership::to_recount(pod.metadata.annotations.as_ref()) {
-                    Recount::Gateway(gateway) => {
-                        vec![ObjectRef::<AgentGateway>::new(&gateway).within(&ns)]
-                    }
-                    Recount::Nothing => Vec::new(),
-                    Recount::Namespace => pod_store
-                        .state()
-                        .into_iter()
-                        .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
-                        .map(|gw| ObjectRef::from_obj(&*gw))
-                        .collect(),
-                }
+            Api::<PartialObjectMeta<Namespace>>::all(ctx.client.clone()),
+            watcher::Config::default().labels(&opted_in),
+            move |namespace: PartialObjectMeta<Namespace>| {
+                let ns = namespace.metadata.name.unwrap_or_default();
+                namespace_gateways
+                    .state()
+                    .iter()
+                    .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+                    .map(|gw| ObjectRef::from_obj(&**gw))
+                    .collect::<Vec<_>>()
+            },
+        )
+        // `PartialObjectMeta`: kube asks the API server for metadata only.
+        .watches(
+            ctx.api::<PartialObjectMeta<Pod>>(),
+            watcher::Config::default().any_semantic(),
+            move |pod: PartialObjectMeta<Pod>| {
+                let ns = pod.metadata.namespace.clone().unwrap_or_default();
+                let opted_in = namespaces.get(&ObjectRef::new(&ns)).is_some();
+                gateways_to_requeue(&pod.metadata, opted_in, || gateway_store.state())
             },
         )
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
@@ -564,4 +638,64 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         })
         .await;
     info!("controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(ns: &str, name: &str) -> Arc<AgentGateway> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "nanogate.io/v1alpha1", "kind": "AgentGateway",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"upstream": {"kind": "http", "url": "https://example.com",
+                    "apiKeySecretRef": {"name": "k"}}}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod(ns: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            ..membership::test_pod("p", annotations)
+        }
+    }
+
+    fn names(refs: Vec<ObjectRef<AgentGateway>>) -> Vec<String> {
+        let mut names: Vec<String> = refs
+            .iter()
+            .map(|r| format!("{}/{}", r.namespace.as_deref().unwrap_or(""), r.name))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_pod_requeues_only_the_gateways_it_may_belong_to() {
+        let gateways = [
+            gateway("shop", "a"),
+            gateway("shop", "b"),
+            gateway("other", "c"),
+        ];
+        let requeue = |meta: &ObjectMeta, opted_in: bool| {
+            names(gateways_to_requeue(meta, opted_in, || gateways.to_vec()))
+        };
+        assert!(
+            requeue(&pod("shop", &[]), false).is_empty(),
+            "an unrelated pod requeues nothing"
+        );
+        assert!(requeue(&pod("shop", &[("app", "x")]), false).is_empty());
+        let injected = pod("shop", &[("nanogate.io/injected", r#"{"gateway":"b"}"#)]);
+        assert_eq!(requeue(&injected, false), ["shop/b"]);
+        assert_eq!(requeue(&injected, true), ["shop/b"]);
+        assert!(requeue(&pod("shop", &[("nanogate.io/inject", "off")]), true).is_empty());
+        // Opted in, naming none: any gateway of its own namespace may be its one.
+        assert_eq!(requeue(&pod("shop", &[]), true), ["shop/a", "shop/b"]);
+        assert_eq!(
+            requeue(&pod("shop", &[("nanogate.io/inject", "true")]), false),
+            ["shop/a", "shop/b"]
+        );
+    }
 }

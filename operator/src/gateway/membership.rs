@@ -163,23 +163,29 @@ pub fn belongs(meta: &ObjectMeta, name: &str, scope: Scope) -> bool {
 pub enum Recount {
     /// The gateway the pod belongs to (same namespace).
     Gateway(String),
-    /// Every gateway of the pod's namespace: a pod naming none may still expect the
-    /// namespace's only one (opted in by the namespace label, or admitted while the webhook
-    /// was down).
+    /// Every gateway of the pod's namespace: a pod that opted in naming no gateway may still
+    /// expect the namespace's only one (admitted while the webhook was down, or opted in by
+    /// the namespace label).
     Namespace,
-    /// None: the pod opted out.
+    /// None: the pod opted out, or neither it nor its namespace opted in. Most pods of a
+    /// cluster are here, so they cost the controller no reconcile.
     Nothing,
 }
 
-/// Which gateways to recount when `pod` changes.
-pub fn to_recount(annotations: Option<&Annotations>) -> Recount {
+/// Which gateways to recount when a pod changes; `namespace_opted_in` is its namespace's
+/// `nanogate.io/injection=enabled`. Mirrors [`belongs`]: a pod this maps to `Nothing` belongs
+/// to no gateway, and one that names its gateway requeues that one only.
+pub fn to_recount(annotations: Option<&Annotations>, namespace_opted_in: bool) -> Recount {
     if let Some(gateway) = annotations.and_then(pod_gateway) {
         return Recount::Gateway(gateway);
     }
-    if pod_opt_in(annotations) == Some(false) {
+    if !opts_in(annotations, namespace_opted_in) {
         return Recount::Nothing;
     }
-    Recount::Namespace
+    match requested_gateway(annotations) {
+        Some(gateway) => Recount::Gateway(gateway.to_string()),
+        None => Recount::Namespace,
+    }
 }
 
 /// A pod's metadata with `name` and `annotations`, for tests of membership rules.
@@ -277,18 +283,90 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_pod_recounts_its_gateway_or_its_namespace() {
+    fn a_changed_pod_recounts_its_gateway_its_namespace_or_nothing() {
         let a = |pairs: &[(&str, &str)]| pod("p", pairs).annotations;
+        for ns_opted_in in [false, true] {
+            assert_eq!(
+                to_recount(
+                    a(&[("nanogate.io/inject", "true"), ("nanogate.io/gateway", "g")]).as_ref(),
+                    ns_opted_in
+                ),
+                Recount::Gateway("g".into())
+            );
+            assert_eq!(
+                to_recount(
+                    a(&[("nanogate.io/injected", r#"{"gateway":"g"}"#)]).as_ref(),
+                    ns_opted_in
+                ),
+                Recount::Gateway("g".into()),
+                "an injected pod recounts its own gateway only"
+            );
+            assert_eq!(
+                to_recount(
+                    a(&[("nanogate.io/inject", " False ")]).as_ref(),
+                    ns_opted_in
+                ),
+                Recount::Nothing
+            );
+            assert_eq!(
+                to_recount(a(&[("nanogate.io/inject", "yes")]).as_ref(), ns_opted_in),
+                Recount::Namespace
+            );
+        }
+        // A pod with nothing of ours in a namespace that did not opt in is no one's.
+        assert_eq!(to_recount(a(&[]).as_ref(), false), Recount::Nothing);
+        assert_eq!(to_recount(None, false), Recount::Nothing);
         assert_eq!(
-            to_recount(a(&[("nanogate.io/inject", "true"), ("nanogate.io/gateway", "g")]).as_ref()),
+            to_recount(a(&[("nanogate.io/gateway", "g")]).as_ref(), false),
+            Recount::Nothing,
+            "naming a gateway without opting in is not membership"
+        );
+        // In an opted-in namespace: its only gateway, or the one it names.
+        assert_eq!(to_recount(a(&[]).as_ref(), true), Recount::Namespace);
+        assert_eq!(to_recount(None, true), Recount::Namespace);
+        assert_eq!(
+            to_recount(a(&[("nanogate.io/gateway", "g")]).as_ref(), true),
             Recount::Gateway("g".into())
         );
-        assert_eq!(
-            to_recount(a(&[("nanogate.io/inject", " False ")]).as_ref()),
-            Recount::Nothing
-        );
-        assert_eq!(to_recount(a(&[]).as_ref()), Recount::Namespace);
-        assert_eq!(to_recount(None), Recount::Namespace);
+    }
+
+    /// `to_recount` never skips a pod that `belongs` counts (else a count would go stale).
+    #[test]
+    fn every_pod_that_belongs_is_recounted() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[],
+            &[("nanogate.io/inject", "true")],
+            &[("nanogate.io/inject", "off")],
+            &[("nanogate.io/inject", "maybe")],
+            &[("nanogate.io/gateway", "shop")],
+            &[("nanogate.io/gateway", "other")],
+            &[
+                ("nanogate.io/inject", "true"),
+                ("nanogate.io/gateway", "shop"),
+            ],
+            &[("nanogate.io/injected", "shop/abc")],
+            &[("nanogate.io/injected", "other/abc")],
+        ];
+        for pairs in cases {
+            let meta = pod("p", pairs);
+            for namespace_opted_in in [false, true] {
+                for only_gateway in [false, true] {
+                    let scope = Scope {
+                        namespace_opted_in,
+                        only_gateway,
+                    };
+                    if !belongs(&meta, "shop", scope) {
+                        continue;
+                    }
+                    let recount = to_recount(meta.annotations.as_ref(), namespace_opted_in);
+                    assert!(
+                        matches!(&recount, Recount::Namespace)
+                            || recount == Recount::Gateway("shop".into()),
+                        "{pairs:?} {scope:?}: {recount:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

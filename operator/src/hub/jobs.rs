@@ -4,6 +4,10 @@
 //! `NANOGATE_APP_CONTAINERS`); this task watches pods and, once every listed app container has
 //! terminated, sends the pod's agent `drain`: it stops accepting, delivers what it holds and
 //! exits 0, and the Job completes. A deleted pod's session is ended here too.
+//!
+//! Only injected pods are watched (label `nanogate.io/injected-gateway`, selected by the API
+//! server): the only ones with a sidecar to drain or a session to end (the hub admits an agent
+//! only from a pod carrying that label), so the watch grows with our pods, not the cluster's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +20,9 @@ use kube::{Api, Client};
 use tracing::{info, warn};
 
 use super::Hub;
-use crate::names::{APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, SIDECAR_NAME};
+use crate::names::{
+    APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, INJECTED_GATEWAY_LABEL, SIDECAR_NAME,
+};
 use crate::shutdown::Shutdown;
 
 /// A drain is re-sent at most this often per pod (the agent may be reconnecting).
@@ -63,11 +69,14 @@ pub fn apps_done(pod: &Pod) -> bool {
     !apps.is_empty() && apps.iter().all(|a| terminated(a))
 }
 
-/// Watches pods until `shutdown`; drains the sidecars whose apps are done (leader only: the
+/// Watches injected pods until `shutdown`; drains the sidecars whose apps are done (leader only: the
 /// agents are connected to it).
 pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: Shutdown) {
     let mut sent: HashMap<String, Instant> = HashMap::new();
-    let pods = watcher(Api::<Pod>::all(client), watcher::Config::default());
+    let pods = watcher(
+        Api::<Pod>::all(client),
+        watcher::Config::default().labels(INJECTED_GATEWAY_LABEL),
+    );
     let mut pods = std::pin::pin!(pods);
     loop {
         let event = tokio::select! {

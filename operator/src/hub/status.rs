@@ -5,20 +5,26 @@
 //!
 //! It applies only the fields it owns, as field manager `nanogate-hub` (which fields are whose:
 //! `crate::status`); the reconciler's fields are read (e.g. `sidecars.expected` for the
-//! summary) but never written here. Each write is conditional on the `resourceVersion` listed:
+//! summary) but never written here. Each write is conditional on the `resourceVersion` read:
 //! `status.leftBehind` is a running total this writer adds to, so a total read before another
 //! write (a previous leader's last pass) must not be written back. A refused write is
-//! written in the next pass, from a fresh list; nothing is subtracted from the ledger until a
-//! write carried it.
+//! written in a later pass, once the watch has brought the newer object; nothing is
+//! subtracted from the ledger until a write carried it.
+//!
+//! Gateways are read from a watch-fed store, not listed every pass: a pass costs the API
+//! server nothing unless a status changes. A gateway whose object and fleet are both as they
+//! were at a pass that found nothing to write is skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
 use tracing::{debug, warn};
@@ -295,40 +301,41 @@ pub async fn run(
             instance: None,
         },
     );
+    let store = gateway_store(gateways, shutdown.clone());
     let mut ticker = tokio::time::interval(interval);
     let (mut reloads, mut orphans_warned) = (Reloads::default(), HashSet::new());
+    // Per gateway, its resourceVersion and fleet at the last pass that found nothing to write.
+    let mut unchanged: HashMap<(String, String), (Option<String>, FleetHealth)> = HashMap::new();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.wait() => return,
         }
-        if leader.get() != 1 {
+        // Before the first list an empty store would look like every gateway deleted
+        // (orphan events, sessions ended, ledgers forgotten).
+        if leader.get() != 1 || store.wait_until_ready().now_or_never().is_none() {
             continue;
         }
-        let list = match gateways.list(&ListParams::default()).await {
-            Ok(list) => list,
-            Err(error) => {
-                warn!(%error, "status writer: listing gateways failed");
-                continue;
-            }
-        };
+        let gateways_now = store.state();
         let now_instant = Instant::now();
         let now = Time(
             Timestamp::from_second(Timestamp::now().as_second())
                 .unwrap_or_else(|_| Timestamp::now()),
         );
-        warn_orphans(&hub, &list.items, &recorder, &mut orphans_warned).await;
-        hub.left_behind.forget_deleted(|ns, name| {
-            list.items
-                .iter()
-                .any(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
-        });
-        for gateway in list.items {
+        warn_orphans(&hub, &gateways_now, &recorder, &mut orphans_warned).await;
+        let keys: HashSet<(String, String)> = gateways_now
+            .iter()
+            .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
+            .collect();
+        let exists = |ns: &str, name: &str| keys.contains(&(ns.to_string(), name.to_string()));
+        hub.left_behind.forget_deleted(exists);
+        unchanged.retain(|(ns, name), _| exists(ns, name));
+        for gateway in gateways_now.iter().map(|g| &**g) {
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
             };
-            let valid = ValidatedGateway::new(&gateway).ok();
+            let valid = ValidatedGateway::new(gateway).ok();
             // An invalid spec leaves its sidecars on their last valid configuration; its
             // heartbeat interval is still the best guess of theirs.
             let heartbeat = valid.as_ref().map_or_else(
@@ -347,8 +354,17 @@ pub async fn run(
             if let Some(valid) = &valid {
                 push_config(&hub, valid, &namespace, &name, &mut reloads);
             }
-            left_behind::announce(&recorder, &hub.left_behind, &gateway).await;
+            left_behind::announce(&recorder, &hub.left_behind, gateway).await;
             let left = hub.left_behind.unwritten(&namespace, &name);
+            let key = (namespace.clone(), name.clone());
+            let version = gateway.metadata.resource_version.clone();
+            if left.is_empty()
+                && unchanged
+                    .get(&key)
+                    .is_some_and(|(v, f)| *v == version && *f == fleet)
+            {
+                continue;
+            }
             let mut desired = fleet_status(
                 gateway.status.as_ref(),
                 &fleet,
@@ -357,8 +373,10 @@ pub async fn run(
             );
             left_behind::add_to_status(&mut desired, &left);
             if !needs_write(gateway.status.as_ref(), &desired) {
+                unchanged.insert(key, (version, fleet));
                 continue;
             }
+            unchanged.remove(&key);
             let api: Api<AgentGateway> = Api::namespaced(client.clone(), &namespace);
             let version = gateway.metadata.resource_version.as_deref();
             match status::apply(
@@ -389,15 +407,39 @@ pub async fn run(
                     hub.left_behind.written(&namespace, &name, &left);
                     debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
                 }
-                // Changed since listed (the reconciler wrote): the next pass writes from a
-                // fresh list.
+                // Changed since read (the reconciler wrote): a later pass writes from the
+                // newer object the watch brings.
                 Err(error) if status::is_conflict(&error) => {
-                    debug!(%namespace, %name, "status changed since listed; writing next pass");
+                    debug!(%namespace, %name, "status changed since read; writing next pass");
                 }
                 Err(error) => warn!(%error, %namespace, %name, "status writer: patch failed"),
             }
         }
     }
+}
+
+/// A store of every AgentGateway, fed by a watch (restarted with backoff) until `shutdown`.
+fn gateway_store(api: Api<AgentGateway>, mut shutdown: Shutdown) -> Store<AgentGateway> {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                _ = shutdown.wait() => return,
+            };
+            match event {
+                Some(Err(error)) => warn!(%error, "status writer: gateway watch failed; retrying"),
+                Some(Ok(_)) => {}
+                None => return,
+            }
+        }
+    });
+    reader
 }
 
 /// When each agent was last sent a `reload`, so a slow agent is not flooded.
@@ -412,7 +454,7 @@ struct Reloads(std::collections::HashMap<String, Instant>);
 /// forgotten once they are gone or their gateway is back.
 async fn warn_orphans(
     hub: &Arc<Hub>,
-    gateways: &[AgentGateway],
+    gateways: &[Arc<AgentGateway>],
     recorder: &kube::runtime::events::Recorder,
     warned: &mut HashSet<String>,
 ) {
