@@ -222,6 +222,22 @@ async fn namespace_with_gateway(
     Ok((cp, client, ns, webhook))
 }
 
+/// Waits for gateway `name` to turn `ConfigValid=False`; the condition's message.
+async fn config_invalid_message(cp: &ControlPlane, ns: &str, name: &str) -> Result<String> {
+    wait_for(
+        &format!("{name}: ConfigValid=False"),
+        Duration::from_secs(30),
+        || async {
+            let out = kubectl(cp, &["-n", ns, "get", "agw", name, "-o", "json"], "")?;
+            let gw: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            Ok(condition(&gw, "ConfigValid")
+                .filter(|(status, _)| status == "False")
+                .map(|(_, message)| message))
+        },
+    )
+    .await
+}
+
 fn condition(gw: &Value, ty: &str) -> Option<(String, String)> {
     gw["status"]["conditions"]
         .as_array()?
@@ -325,22 +341,7 @@ async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods
         ),
     )?;
     assert!(out.ok, "{}", out.stderr);
-    let message = wait_for(
-        "shop: ConfigValid=False",
-        Duration::from_secs(30),
-        || async {
-            let out = kubectl(
-                cp,
-                &["-n", ns.name(), "get", "agw", "shop", "-o", "json"],
-                "",
-            )?;
-            let gw: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            Ok(condition(&gw, "ConfigValid")
-                .filter(|(status, _)| status == "False")
-                .map(|(_, message)| message))
-        },
-    )
-    .await?;
+    let message = config_invalid_message(cp, ns.name(), "shop").await?;
     assert!(
         message.contains("spec.sidecar.resources.requests.memory (1Gi)"),
         "{message}"
@@ -887,22 +888,7 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
         "no webhook yet, the schema lets it in: {}",
         out.stderr
     );
-    let message = wait_for(
-        "sneaked: ConfigValid=False",
-        Duration::from_secs(30),
-        || async {
-            let out = kubectl(
-                cp,
-                &["-n", ns.name(), "get", "agw", "sneaked", "-o", "json"],
-                "",
-            )?;
-            let gw: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            Ok(condition(&gw, "ConfigValid")
-                .filter(|(status, _)| status == "False")
-                .map(|(_, message)| message))
-        },
-    )
-    .await?;
+    let message = config_invalid_message(cp, ns.name(), "sneaked").await?;
     assert!(
         message.contains("spec.sidecar.image (\"evil.example/miner:1\")"),
         "{message}"
