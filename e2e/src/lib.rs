@@ -356,6 +356,7 @@ pub async fn start_servers(
     nanogate_operator::start::start(
         client.clone(),
         opts,
+        None,
         &prometheus::Registry::new(),
         leader,
         stopped,

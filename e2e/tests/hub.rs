@@ -589,6 +589,37 @@ async fn a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned() ->
     Ok(())
 }
 
+/// An operator restricted to one namespace (`--namespace`) writes the status of that
+/// namespace's gateways only: a second one, for another namespace, must not count this
+/// gateway's connected sidecar as gone (both used to write every gateway of the cluster, so
+/// with several operators on one apiserver — these tests — the count flapped to 0/1).
+#[tokio::test]
+async fn an_operator_scoped_to_another_namespace_leaves_this_gateways_status_alone() -> Result<()> {
+    let f = fleet("scoped").await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let agent = start_sidecar(&f, &pod, "app-1").await?;
+    wait_for("the sidecar connected", Duration::from_secs(20), || async {
+        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    // A second operator, webhook and hub included, for another namespace, writing every 1 s.
+    let other = fleet("scoped-other").await?;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(8) {
+        let counts = sidecars(&f).await?;
+        assert_eq!(
+            counts["connected"],
+            1,
+            "{:.1}s after the other operator started: {counts}\nother operator: {}",
+            watched.elapsed().as_secs_f64(),
+            other.operator.log_tail(10)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
     use futures::StreamExt as _;

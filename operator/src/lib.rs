@@ -144,6 +144,7 @@ pub async fn run_with_client(
         let started = start::start(
             client.clone(),
             &opts.servers,
+            opts.namespace.as_deref(),
             &metrics.registry,
             metrics.leader.clone(),
             servers_stopped,

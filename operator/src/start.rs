@@ -39,10 +39,12 @@ pub struct Servers {
     pub owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
 
-/// Starts certificates, webhook and hub; they stop when `shutdown` flips to true.
+/// Starts certificates, webhook and hub; they stop when `shutdown` flips to true. `scope`
+/// (`--namespace`) restricts the hub's status writer to that namespace.
 pub async fn start(
     client: Client,
     opts: &ServerOptions,
+    scope: Option<&str>,
     registry: &Registry,
     leader: prometheus::IntGauge,
     shutdown: Shutdown,
@@ -188,6 +190,7 @@ pub async fn start(
         ));
         tokio::spawn(hub::status::run(
             client.clone(),
+            scope.map(str::to_string),
             hub.clone(),
             opts.status_interval,
             status_writes.clone(),

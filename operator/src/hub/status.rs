@@ -284,16 +284,23 @@ fn unix_time(seconds: i64) -> Time {
 /// Writes fleet health into every gateway's status every `interval` until `shutdown`.
 /// `writes` counts status patches (the load benchmark reads it).
 /// Only the leader writes (`leader` is the operator's leader gauge, 1 while leading): agents
-/// connect to the leader, so another replica's empty index must not zero the counts.
+/// connect to the leader, so another replica's empty index must not zero the counts. For the
+/// same reason an operator restricted to `scope` (`--namespace`) writes only there: another
+/// operator's gateways are not its to count.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
+    scope: Option<String>,
     hub: Arc<Hub>,
     interval: Duration,
     writes: IntCounter,
     leader: IntGauge,
     mut shutdown: Shutdown,
 ) {
-    let gateways: Api<AgentGateway> = Api::all(client.clone());
+    let gateways: Api<AgentGateway> = match &scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
         kube::runtime::events::Reporter {
