@@ -98,6 +98,7 @@ async fn main() -> Result<()> {
             extra_sans: vec!["127.0.0.1".into()],
             ..Default::default()
         },
+        None,
         &registry,
         prometheus::IntGauge::new("leader", "bench")?,
         stopped,
