@@ -36,7 +36,8 @@ pub struct RunOptions {
     /// Run for leadership (disable only for a single replica in tests).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
-    /// Reconcile gateways of this namespace only (default: all namespaces).
+    /// Reconcile gateways of this namespace only, and write only their status (default: all
+    /// namespaces).
     #[arg(long, env = "NANOGATE_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
     /// Log format.
