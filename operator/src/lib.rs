@@ -5,6 +5,7 @@
 //! - [`names`]: every annotation, label, environment variable, mount path and ConfigMap key
 //!   shared with pods, users and the sidecar.
 //! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes; SIGTERM.
+//! - [`watch`]: reflector stores fed by watches that restart on errors.
 //! - [`events`]: Kubernetes events, said again when their message changes.
 //! - [`tls`]: the self-made CA and serving certificate, rotation, `caBundle`, the swappable
 //!   rustls certificate the webhook and the hub serve.
@@ -39,6 +40,7 @@ pub mod shutdown;
 pub mod start;
 pub mod status;
 pub mod tls;
+pub mod watch;
 pub mod webhook;
 
 use std::future::Future;

@@ -19,6 +19,7 @@ use crate::gateway::ValidatedGateway;
 use crate::hub::{self, Bounded, Hub, TokenReviewAuthenticator};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, CertConfig, CertFiles, follow_cert_dir};
+use crate::watch;
 use crate::webhook::inject::InjectorSettings;
 use crate::webhook::{self, WebhookState, cluster};
 
@@ -109,8 +110,19 @@ pub async fn start(
     let mut webhook_addr = None;
     let mut webhook_synced = cluster::CacheSync::synced();
     if let Some(addr) = opts.webhook_addr {
-        let namespaces = cluster::watch_store(Api::<Namespace>::all(client.clone()));
-        let gateways = cluster::watch_store(Api::<AgentGateway>::all(client.clone()));
+        // The webhook serves until the process ends: its watches do too.
+        let (namespaces, watch) = watch::store(
+            Api::<Namespace>::all(client.clone()),
+            Default::default(),
+            "namespaces",
+        );
+        watch.detach();
+        let (gateways, watch) = watch::store(
+            Api::<AgentGateway>::all(client.clone()),
+            Default::default(),
+            "gateways",
+        );
+        watch.detach();
         webhook_synced = cluster::CacheSync::follow(&namespaces, &gateways);
         let lookup = cluster::StoreLookup {
             namespaces,

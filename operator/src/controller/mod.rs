@@ -19,8 +19,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -34,6 +34,7 @@ use crate::names::{
     MANAGED_BY, MANAGED_BY_LABEL, NAMESPACE_INJECTION_ENABLED, NAMESPACE_INJECTION_LABEL,
 };
 use crate::status;
+use crate::watch::{self, TaskGuard};
 use build::{GatewayRef, Verdict};
 
 /// Errors of the reconciler. Each has a metric label.
@@ -545,34 +546,13 @@ pub fn gateways_to_requeue(
 
 /// A store of the namespaces that opt their pods in (`nanogate.io/injection=enabled`; metadata
 /// only, selected by the API server), fed by a task that ends when the returned guard drops.
-fn opted_in_namespaces(client: Client) -> (Store<PartialObjectMeta<Namespace>>, AbortOnDrop) {
-    let (reader, writer) = reflector::store();
+fn opted_in_namespaces(client: Client) -> (Store<PartialObjectMeta<Namespace>>, TaskGuard) {
     let selector = format!("{NAMESPACE_INJECTION_LABEL}={NAMESPACE_INJECTION_ENABLED}");
-    let stream = watcher(
+    watch::store(
         Api::<PartialObjectMeta<Namespace>>::all(client),
         watcher::Config::default().labels(&selector),
+        "opted-in namespaces",
     )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects();
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(error) = event {
-                warn!(%error, "namespace watch failed; retrying");
-            }
-        }
-    });
-    (reader, AbortOnDrop(task))
-}
-
-/// Aborts a background task when dropped (the controller's helpers stop with it).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Run the controller until `shutdown` resolves. Watches gateways, owned ConfigMaps and pods

@@ -19,12 +19,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus::{IntCounter, IntGauge};
 use tracing::{debug, warn};
@@ -308,7 +307,12 @@ pub async fn run(
             instance: None,
         },
     );
-    let store = gateway_store(gateways, shutdown.clone());
+    // Stops with this writer (the guard is dropped when it returns).
+    let (store, _watch) = crate::watch::store(
+        gateways,
+        watcher::Config::default().any_semantic(),
+        "status writer: gateways",
+    );
     let mut ticker = tokio::time::interval(interval);
     let (mut reloads, mut orphans_warned) = (Reloads::default(), HashSet::new());
     // Per gateway, its resourceVersion and fleet at the last pass that found nothing to write.
@@ -330,12 +334,12 @@ pub async fn run(
             Timestamp::from_second(Timestamp::now().as_second())
                 .unwrap_or_else(|_| Timestamp::now()),
         );
-        warn_orphans(&hub, &gateways_now, &recorder, &mut orphans_warned).await;
         let keys: HashSet<(String, String)> = gateways_now
             .iter()
             .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
             .collect();
         let exists = |ns: &str, name: &str| keys.contains(&(ns.to_string(), name.to_string()));
+        warn_orphans(&hub, exists, &recorder, &mut orphans_warned).await;
         hub.left_behind.forget_deleted(exists);
         unchanged.retain(|(ns, name), _| exists(ns, name));
         for gateway in gateways_now.iter().map(|g| &**g) {
@@ -425,30 +429,6 @@ pub async fn run(
     }
 }
 
-/// A store of every AgentGateway, fed by a watch (restarted with backoff) until `shutdown`.
-fn gateway_store(api: Api<AgentGateway>, mut shutdown: Shutdown) -> Store<AgentGateway> {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let event = tokio::select! {
-                event = stream.next() => event,
-                _ = shutdown.wait() => return,
-            };
-            match event {
-                Some(Err(error)) => warn!(%error, "status writer: gateway watch failed; retrying"),
-                Some(Ok(_)) => {}
-                None => return,
-            }
-        }
-    });
-    reader
-}
-
 /// When each agent was last sent a `reload`, so a slow agent is not flooded.
 #[derive(Default)]
 struct Reloads(std::collections::HashMap<String, Instant>);
@@ -461,16 +441,13 @@ struct Reloads(std::collections::HashMap<String, Instant>);
 /// forgotten once they are gone or their gateway is back.
 async fn warn_orphans(
     hub: &Arc<Hub>,
-    gateways: &[Arc<AgentGateway>],
+    exists: impl Fn(&str, &str) -> bool,
     recorder: &kube::runtime::events::Recorder,
     warned: &mut HashSet<String>,
 ) {
     let mut orphans = Vec::new();
     for (namespace, name) in hub.index.gateways() {
-        let exists = gateways
-            .iter()
-            .any(|g| g.namespace().as_deref() == Some(namespace.as_str()) && g.name_any() == name);
-        if !exists {
+        if !exists(&namespace, &name) {
             orphans.extend(hub.index.identities(&namespace, &name));
         }
     }

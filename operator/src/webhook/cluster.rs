@@ -9,11 +9,9 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -219,34 +217,6 @@ pub async fn wait_for_caches(State(sync): State<CacheSync>, req: Request, next: 
             .into_response();
     }
     next.run(req).await
-}
-
-/// A reflector store fed by a watch that restarts on errors (with the watcher's backoff).
-pub fn watch_store<K>(api: Api<K>) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(error) = event {
-                warn!(%error, "watch error; retrying");
-            }
-        }
-    });
-    reader
 }
 
 #[cfg(test)]
