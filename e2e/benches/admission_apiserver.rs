@@ -74,18 +74,9 @@ async fn main() -> Result<()> {
     let operator_ns = TestNamespace::create(&client, "bench-op").await?;
     let ns = TestNamespace::create(&client, "bench").await?;
     let plain = TestNamespace::create(&client, "bench-plain").await?;
-    cp.kubectl(&[
-        "label",
-        "namespace",
-        ns.name(),
-        &format!("{LABEL}={}", ns.name()),
-    ])?;
     let port = nanogate_e2e::free_port()?;
     let config = format!("nanogate-bench-{}", ns.name());
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::webhook_configurations(LABEL, &config, ns.name(), port, "Fail"),
-    )?;
+    nanogate_e2e::register_webhooks(&cp, LABEL, ns.name(), &config, port, "Fail")?;
     let registry = prometheus::Registry::new();
     let (_stop, stopped) = nanogate_operator::shutdown::channel();
     start::start(
@@ -99,6 +90,7 @@ async fn main() -> Result<()> {
             ..Default::default()
         },
         None,
+        &nanogate_operator::pods::PodWatch::new(client.clone(), None),
         &registry,
         prometheus::IntGauge::new("leader", "bench")?,
         stopped,

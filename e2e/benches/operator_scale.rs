@@ -27,10 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
+use nanogate_e2e::bench::{cpu_seconds, load, namespaces_with_gateways};
 use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
 use serde_json::json;
 
@@ -43,26 +44,6 @@ const IDLE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(30);
 const SA: &str = "nanogate-bench";
 const SA_USER: &str = "system:serviceaccount:default:nanogate-bench";
-
-/// CPU seconds (user + system) the process `pid` has used.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').context("no ')' in stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
 
 /// The audit log, read from where the last window ended.
 struct Audit {
@@ -285,15 +266,8 @@ async fn main() -> Result<()> {
     nanogate_e2e::install_crd(&cp)?;
     let kubeconfig = operator_kubeconfig(&cp, &dir)?;
     let operator_ns = TestNamespace::create(&client, "scale-op").await?;
-    let mut namespaces = Vec::new();
-    for _ in 0..NAMESPACES {
-        let ns = TestNamespace::create(&client, "scale").await?;
-        let yaml: Vec<String> = (0..GATEWAYS_PER_NAMESPACE)
-            .map(|i| nanogate_e2e::gateway_yaml(ns.name(), &format!("gw-{i}"), ""))
-            .collect();
-        nanogate_e2e::apply_yaml(cp.kubeconfig_path(), &yaml.join("---\n"))?;
-        namespaces.push(ns);
-    }
+    let namespaces =
+        namespaces_with_gateways(&cp, &client, "scale", NAMESPACES, GATEWAYS_PER_NAMESPACE).await?;
     let names: Vec<String> = namespaces.iter().map(|n| n.name().to_string()).collect();
     eprintln!(
         "[bench] {} gateways in {NAMESPACES} namespaces",
@@ -378,12 +352,7 @@ async fn main() -> Result<()> {
         "\noperator cost, {} gateways and {PODS} unrelated pods ({} cores, load {})",
         NAMESPACES * GATEWAYS_PER_NAMESPACE,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load()
     );
     for (variant, windows) in &results {
         for w in windows {

@@ -7,8 +7,9 @@ Usage (inside the venv from e2e/scripts/setup.sh, KUBECONFIG pointing at the clu
   helm.py template CHART NAME NAMESPACE [--values FILE]
   helm.py install|upgrade CHART NAME NAMESPACE [--values FILE]
   helm.py uninstall NAME NAMESPACE
+  helm.py test NAME NAMESPACE [--timeout SECONDS]   (`helm test --logs`: the hooks' logs included)
 `render` prints a JSON map of template path -> rendered text. `template` prints one JSON string:
-the multi-document YAML `helm template --include-crds` would print (CRDs first, then every
+the multi-document YAML `helm template --include-crds --skip-tests` would print (CRDs first, then every
 object in Helm's install order by kind, each preceded by `# Source: <path>`; NOTES.txt and
 empty documents left out).
 Exit code 0 on success; on failure the Helm error goes to stderr and the exit code is 1.
@@ -64,6 +65,10 @@ def template(chart_path, name, namespace, values):
         if path.endswith("NOTES.txt"):
             continue
         for kind, doc in documents(rendered[path]):
+            # `helm template --skip-tests`: the `helm test` hooks are not for `kubectl apply`.
+            hook = ((yaml.safe_load(doc).get("metadata") or {}).get("annotations") or {}).get("helm.sh/hook", "")
+            if "test" in [h.strip() for h in hook.split(",")]:
+                continue
             objects.append((kind, path, doc))
     rank = {kind: i for i, kind in enumerate(INSTALL_ORDER)}
     # sorted() is stable: within one kind, file order and then document order are kept.
@@ -78,9 +83,10 @@ def config(namespace):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["lint", "render", "template", "install", "upgrade", "uninstall"])
+    p.add_argument("action", choices=["lint", "render", "template", "install", "upgrade", "uninstall", "test"])
     p.add_argument("args", nargs="+")
     p.add_argument("--values", help="YAML file of values")
+    p.add_argument("--timeout", type=int, default=300, help="seconds `test` waits for the hooks")
     a = p.parse_args()
     try:
         if a.action == "lint":
@@ -101,6 +107,9 @@ def main():
             else:
                 release = cfg.upgrade(loaded, name, values_from(a.values), namespace=ns)
             print(json.dumps(release, default=str))
+        elif a.action == "test":
+            name, ns = a.args
+            print(json.dumps(config(ns).test(name, timeout=a.timeout, logs=True), default=str))
         else:
             name, ns = a.args
             print(json.dumps(config(ns).uninstall(name), default=str))

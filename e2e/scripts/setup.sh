@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the demo need on a fresh Debian machine, idempotently:
-#   - Debian packages: socat (socket tests), util-linux's setpriv, prometheus (dashboard test);
+#   - Debian packages: socat (socket tests), util-linux's setpriv, prometheus (dashboard and alerts tests, promtool);
 #   - Kubernetes binaries (e2e/scripts/k8s-assets.sh: environment, cache or a one-off build):
 #     etcd, kube-apiserver, kube-controller-manager, and for the real node kubelet,
 #     kube-scheduler, kube-proxy and the static `pause`;
@@ -48,8 +48,9 @@ missing=()
 command -v socat >/dev/null || missing+=(socat)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
-# A real Prometheus scrapes the operator and sidecars in the chart test (dashboard queries).
-[ -x /usr/bin/prometheus ] || missing+=(prometheus)
+# A real Prometheus scrapes the operator and sidecars in the chart test (dashboard queries and
+# alerting rules); its promtool runs the alerts' unit tests (make alerts-test).
+{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
 install_missing "the tests (socat, setpriv, python3, prometheus)" "${missing[@]}"
 
 # Shipping (issue 9): toolchains of the example clients and of the static release build.

@@ -133,6 +133,18 @@ pub async fn run_sidecar(
     binary: &Path,
     workdir: &Path,
 ) -> Result<LocalSidecar> {
+    run_sidecar_with_env(client, pod, binary, workdir, &[]).await
+}
+
+/// [`run_sidecar`], with `extra` environment variables set on top of the container's (a test's
+/// knob the gateway does not set, e.g. `NANOGATE_BACKLOG_WINDOW`).
+pub async fn run_sidecar_with_env(
+    client: &Client,
+    pod: &Pod,
+    binary: &Path,
+    workdir: &Path,
+    extra: &[(&str, &str)],
+) -> Result<LocalSidecar> {
     let container = sidecar_container(pod)
         .context("the pod has no injected nano-agent container")?
         .clone();
@@ -269,6 +281,9 @@ pub async fn run_sidecar(
             .context("TENDRL_SOCKET_PATH in the sidecar env")?,
     );
 
+    for (name, value) in extra {
+        env.insert((*name).to_string(), (*value).to_string());
+    }
     let env_pairs: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let args: Vec<String> = container.args.clone().unwrap_or_default();
     let process = Process::spawn_with_env("nano-agent", binary, &args, &env_pairs, workdir)?;

@@ -46,6 +46,7 @@ macro_rules! progress {
 }
 
 mod assets;
+pub mod bench;
 mod cluster;
 pub mod images;
 pub mod kubelet;
@@ -138,6 +139,24 @@ pub fn run_kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// `kubectl apply --dry-run=server --validate=strict -o name -f file`: the objects the
+/// apiserver would accept, a line each.
+pub fn server_dry_run(kubeconfig: &Path, file: &Path) -> Result<String> {
+    let file = file.to_str().context("utf-8 path")?;
+    run_kubectl(
+        kubeconfig,
+        &[
+            "apply",
+            "--dry-run=server",
+            "--validate=strict",
+            "-o",
+            "name",
+            "-f",
+            file,
+        ],
+    )
+}
+
 /// A `kubectl` command pointed at `kubeconfig`; `NANOGATE_KUBECTL` overrides the binary.
 pub fn kubectl_command(kubeconfig: &Path) -> std::process::Command {
     let bin = std::env::var("NANOGATE_KUBECTL").unwrap_or_else(|_| "kubectl".into());
@@ -217,10 +236,13 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf> {
 
 /// Applies `crds/agentgateway.yaml` and waits until the apiserver serves it.
 pub fn install_crd(cp: &ControlPlane) -> Result<()> {
-    apply_yaml_file(
-        cp.kubeconfig_path(),
-        &workspace_root().join("crds/agentgateway.yaml"),
-    )?;
+    install_crd_from(cp, "crds/agentgateway.yaml")
+}
+
+/// Applies the AgentGateway CRD in `path` (relative to the workspace) and waits until it is
+/// established.
+pub fn install_crd_from(cp: &ControlPlane, path: &str) -> Result<()> {
+    apply_yaml_file(cp.kubeconfig_path(), &workspace_root().join(path))?;
     cp.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -257,6 +279,73 @@ pub struct NamespaceOperator {
     pub args: Vec<String>,
 }
 
+/// Starts this build's `nanogate-operator` with `args` against `cp` (`KUBECONFIG` set, plus
+/// `env`); `name` labels its log. It stops when the returned process is dropped.
+pub fn spawn_operator(
+    cp: &ControlPlane,
+    name: &'static str,
+    args: &[String],
+    env: &[(&str, String)],
+) -> Result<Process> {
+    let mut all_env = vec![("KUBECONFIG", cp.kubeconfig_path().display().to_string())];
+    all_env.extend(env.iter().cloned());
+    Process::spawn_with_env(
+        name,
+        &workspace_binary("nanogate-operator")?,
+        args,
+        &all_env,
+        cp.dir(),
+    )
+}
+
+impl NamespaceOperator {
+    /// Starts `nanogate-operator` with these flags and `extra` (`name` labels its log); it stops
+    /// when the returned process is dropped.
+    pub fn spawn(
+        &self,
+        cp: &ControlPlane,
+        name: &'static str,
+        extra: &[String],
+    ) -> Result<Process> {
+        let args: Vec<String> = self.args.iter().chain(extra).cloned().collect();
+        spawn_operator(cp, name, &args, &[])
+    }
+
+    /// Waits up to `timeout` until its `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> Result<()> {
+        let addr = format!("127.0.0.1:{}", self.admin_port);
+        wait_for("the operator's /readyz to answer 200", timeout, || async {
+            let response = http_get(&addr, "/readyz").unwrap_or_default();
+            Ok(response.starts_with("HTTP/1.1 200").then_some(()))
+        })
+        .await
+    }
+}
+
+/// Labels namespace `ns` `label=ns` and registers [`webhook_configurations`] `name` for the
+/// namespaces so labelled, calling loopback `port` with `failure_policy`.
+pub fn register_webhooks(
+    cp: &ControlPlane,
+    label: &str,
+    ns: &str,
+    name: &str,
+    port: u16,
+    failure_policy: &str,
+) -> Result<()> {
+    cp.kubectl(&[
+        "label",
+        "--overwrite",
+        "namespace",
+        ns,
+        &format!("{label}={ns}"),
+    ])?;
+    apply_yaml(
+        cp.kubeconfig_path(),
+        &webhook_configurations(label, name, ns, port, failure_policy),
+    )?;
+    Ok(())
+}
+
 /// Labels `ns` with `label=<ns>`, registers both webhook configurations (`nanogate-<ns>`) for
 /// it alone with `failurePolicy: Fail`, calling loopback ports picked here, and returns the
 /// flags of an operator serving them.
@@ -268,11 +357,7 @@ pub fn namespace_operator(
 ) -> Result<NamespaceOperator> {
     let (webhook_port, admin_port) = (free_port()?, free_port()?);
     let config = format!("nanogate-{ns}");
-    cp.kubectl(&["label", "namespace", ns, &format!("{label}={ns}")])?;
-    apply_yaml(
-        cp.kubeconfig_path(),
-        &webhook_configurations(label, &config, ns, webhook_port, "Fail"),
-    )?;
+    register_webhooks(cp, label, ns, &config, webhook_port, "Fail")?;
     let args = vec![
         "run".into(),
         format!("--admin-addr=127.0.0.1:{admin_port}"),
@@ -357,6 +442,7 @@ pub async fn start_servers(
         client.clone(),
         opts,
         None,
+        &nanogate_operator::pods::PodWatch::new(client.clone(), None),
         &prometheus::Registry::new(),
         leader,
         stopped,
@@ -518,19 +604,48 @@ pub fn table_cell(table: &str, column: &str) -> Result<String> {
     Ok(cell.trim().to_string())
 }
 
-/// Reasons and notes of the events about object `name` in `ns` (events.k8s.io/v1).
-/// The sum of `metric`'s samples (all label sets) on the `/metrics` page of `addr` (an admin
-/// address): 0 when it is not exported.
-pub fn scrape(addr: &str, metric: &str) -> Result<f64> {
+/// Condition `ty` of a gateway's `status` as (status, reason, message), an absent field as
+/// an empty string; `None` when the status has no such condition.
+pub fn status_condition(status: &serde_json::Value, ty: &str) -> Option<(String, String, String)> {
+    let c = status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)?;
+    let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    Some((text("status"), text("reason"), text("message")))
+}
+
+/// One request to an agent's app socket: writes `message`, closes the writing half and
+/// returns the agent's whole reply (empty when it has nothing to say).
+pub fn app_request(socket: &Path, message: &[u8]) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::os::unix::net::UnixStream::connect(socket)?;
+    c.write_all(message)?;
+    c.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply)?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// `GET path` on `addr` (e.g. an admin address) over plain HTTP/1.1: the whole response,
+/// status line first.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// The sum of `metric`'s samples (all label sets) on the `/metrics` page of `addr` (an admin
+/// address): 0 when it is not exported.
+pub fn scrape(addr: &str, metric: &str) -> Result<f64> {
+    let body = http_get(addr, "/metrics")?;
     Ok(body
         .lines()
         .filter(|l| !l.starts_with('#') && l.starts_with(metric))
@@ -561,6 +676,7 @@ pub async fn wait_for_event(
     .await
 }
 
+/// Reasons and notes of the events about object `name` in `ns` (events.k8s.io/v1).
 pub async fn events_about(
     client: &kube::Client,
     ns: &str,

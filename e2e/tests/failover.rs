@@ -56,13 +56,7 @@ fn start_replica(
         "--extra-sans=127.0.0.1".into(),
         "--status-interval=1s".into(),
     ];
-    let process = Process::spawn_with_env(
-        "nanogate-operator",
-        &nanogate_e2e::workspace_binary("nanogate-operator")?,
-        &args,
-        &[("KUBECONFIG", cp.kubeconfig_path().display().to_string())],
-        cp.dir(),
-    )?;
+    let process = nanogate_e2e::spawn_operator(cp, "nanogate-operator", &args, &[])?;
     Ok(Replica {
         pod: pod.into(),
         hub_port,

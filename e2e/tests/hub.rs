@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
-use nanogate_e2e::kubelet::{LocalSidecar, run_sidecar, token_for_pod};
+use nanogate_e2e::kubelet::{LocalSidecar, run_sidecar, run_sidecar_with_env, token_for_pod};
 use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
 use nanogate_protocol::control::Message;
 use serde_json::{Value, json};
@@ -46,15 +46,11 @@ async fn fleet(prefix: &str) -> Result<Fleet> {
         format!("--hub-advertise=127.0.0.1:{hub_port}"),
         "--status-interval=1s".into(),
     ]);
-    let operator = Process::spawn_with_env(
+    let operator = nanogate_e2e::spawn_operator(
+        cp,
         "nanogate-operator",
-        &nanogate_e2e::workspace_binary("nanogate-operator")?,
         &args,
-        &[
-            ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
-            ("RUST_LOG", "info,nanogate::audit=info".into()),
-        ],
-        cp.dir(),
+        &[("RUST_LOG", "info,nanogate::audit=info".into())],
     )?;
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
@@ -136,6 +132,85 @@ async fn sidecars(f: &Fleet) -> Result<Value> {
         .clone())
 }
 
+/// Waits (for `what`) until the gateway's `status.sidecars.<field>` is `n` (on time-out, with
+/// the agent's log).
+async fn wait_sidecars(
+    f: &Fleet,
+    agent: &LocalSidecar,
+    what: &str,
+    field: &str,
+    n: u64,
+    timeout: Duration,
+) -> Result<()> {
+    wait_for(what, timeout, || async {
+        Ok((sidecars(f).await?[field] == n).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(15)))
+}
+
+/// Waits up to `secs` until the gateway's status counts one sidecar connected.
+async fn wait_connected(f: &Fleet, agent: &LocalSidecar, secs: u64) -> Result<()> {
+    let timeout = Duration::from_secs(secs);
+    wait_sidecars(f, agent, "the sidecar connected", "connected", 1, timeout).await
+}
+
+/// Waits up to `secs` until the gateway's status counts one sidecar healthy.
+async fn wait_healthy(f: &Fleet, agent: &LocalSidecar, secs: u64) -> Result<()> {
+    let what = "sidecar connected and healthy in the gateway status";
+    wait_sidecars(f, agent, what, "healthy", 1, Duration::from_secs(secs)).await
+}
+
+/// An app publishing `body` through the agent's socket while `go_on` holds, pausing
+/// `pause(sent)` after each message; returns how many it sent.
+fn publish_repeatedly(
+    socket: &std::path::Path,
+    body: &[u8],
+    go_on: impl Fn() -> bool,
+    pause: impl Fn(u32) -> Duration,
+) -> Result<u32> {
+    let mut sent = 0u32;
+    while go_on() {
+        nanogate_e2e::app_request(socket, body)?;
+        sent += 1;
+        std::thread::sleep(pause(sent));
+    }
+    Ok(sent)
+}
+
+/// Waits up to `secs` (for `what`) until `check` of the gateway's status says something.
+async fn wait_status<T>(
+    f: &Fleet,
+    what: &str,
+    secs: u64,
+    check: impl Fn(&Value) -> Option<T>,
+) -> Result<T> {
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    wait_for(what, Duration::from_secs(secs), || async {
+        Ok(check(&api.get("shop").await?.data["status"]))
+    })
+    .await
+}
+
+/// The lines of `text` (metrics) that contain `needle`, for a failure message.
+fn lines_with(text: &str, needle: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Logs a `kubectl get` table, a line each.
+fn log_table(table: &str) {
+    eprintln!(
+        "[hub] {}",
+        table.lines().collect::<Vec<_>>().join("\n[hub] ")
+    );
+}
+
+/// An app's `wait:true` publish: the agent answers once the platform has (or has not) taken it.
+const PUBLISH_WAITING: &[u8] = br#"{"msg_type":"publish","data":{"n":1},"context":{"wait":true}}"#;
+
 #[tokio::test]
 async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -> Result<()> {
     let f = fleet("hub").await?;
@@ -169,10 +244,7 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
         },
     )
     .await?;
-    eprintln!(
-        "[hub] {}",
-        table.lines().collect::<Vec<_>>().join("\n[hub] ")
-    );
+    log_table(&table);
 
     // A spec change reaches the running agent as a reload: it reports the new generation.
     let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
@@ -219,12 +291,9 @@ async fn fleet_health_reaches_the_gateway_status_and_reload_needs_no_restart() -
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
-                let message = gw.data["status"]["conditions"]
-                    .as_array()
-                    .and_then(|c| c.iter().find(|c| c["type"] == "SidecarsHealthy"))
-                    .and_then(|c| c["message"].as_str())
-                    .unwrap_or_default()
-                    .to_string();
+                let (_, _, message) =
+                    nanogate_e2e::status_condition(&gw.data["status"], "SidecarsHealthy")
+                        .unwrap_or_default();
                 // The new configuration is recorded and the agent reports running it.
                 let current = hash != old_hash
                     && message.contains("1 of 1 on the current configuration")
@@ -279,29 +348,21 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     set_upstream_url(&f, &platform.url()).await?;
     let pod = injected_pod(&f, "app-1").await?;
     let agent = start_sidecar(&f, &pod, "app-1").await?;
-    wait_for(
-        "sidecar connected and healthy in the gateway status",
-        Duration::from_secs(20),
-        || async { Ok((sidecars(&f).await?["healthy"] == 1).then_some(())) },
-    )
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    wait_healthy(&f, &agent, 20).await?;
 
     let socket = agent.socket.clone();
     let publishing = tokio::task::spawn_blocking(move || -> Result<f64> {
-        use std::io::{Read as _, Write as _};
         let started = Instant::now();
-        let mut sent = 0u32;
-        while started.elapsed() < Duration::from_secs(24) {
-            let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
-            c.write_all(br#"{"msg_type":"publish","data":{"temperature":21.5}}"#)?;
-            c.shutdown(std::net::Shutdown::Write)?;
-            c.read_to_end(&mut Vec::new())?;
-            sent += 1;
+        let sent = publish_repeatedly(
+            &socket,
+            br#"{"msg_type":"publish","data":{"temperature":21.5}}"#,
+            || started.elapsed() < Duration::from_secs(24),
             // ~50 msgs/s, paced on the clock so a slow loop catches up.
-            let due = started + Duration::from_millis(20) * sent;
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
+            |sent| {
+                let due = started + Duration::from_millis(20) * sent;
+                due.saturating_duration_since(Instant::now())
+            },
+        )?;
         Ok(f64::from(sent) / started.elapsed().as_secs_f64())
     });
     // Read the rates while the app still publishes (the hub averages over the last minute, so
@@ -350,10 +411,7 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     // `-o wide` adds what an operator checks next: health, delivery, configuration, report age.
     let wide =
         f.cp.kubectl(&["get", "agw", "shop", "-n", f.ns.name(), "-o", "wide"])?;
-    eprintln!(
-        "[hub] {}",
-        wide.lines().collect::<Vec<_>>().join("\n[hub] ")
-    );
+    log_table(&wide);
     let status = api.get("shop").await?.data["status"].clone();
     let delivered_shown: f64 = nanogate_e2e::table_cell(&wide, "DELIVERED/S")?
         .parse()
@@ -388,6 +446,123 @@ async fn rates_in_the_status_match_what_an_app_sends() -> Result<()> {
     Ok(())
 }
 
+/// The `SidecarsHealthy` condition (status, reason, message).
+fn sidecars_healthy(status: &Value) -> (String, String, String) {
+    nanogate_e2e::status_condition(status, "SidecarsHealthy").unwrap_or_default()
+}
+
+/// Issue 20: a platform slower than the app (500 ms a request, 5-message batches, one batch in
+/// flight: about 10 msgs/s against an app's 30) makes the sidecar's backlog grow; with a 2 s
+/// `--backlog-window` the agent reports it and the gateway's `SidecarsHealthy` turns False,
+/// reason `Backlogged`, naming the pod and the knobs to raise. Once the platform is fast again
+/// the backlog drains and the condition clears.
+#[tokio::test]
+async fn a_growing_backlog_is_reported_on_the_gateway_and_cleared_when_it_drains() -> Result<()> {
+    let f = fleet("backlog").await?;
+    let platform = nanogate_tests::platform::PlatformServer::start_with_key("e2e-key").await?;
+    platform.faults().set_delay(Duration::from_millis(500));
+    let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {
+            "upstream": {"url": platform.url()},
+            "batching": {"batchSize": 5, "minBatchSize": 1, "maxBatchSize": 5},
+            "delivery": {"maxInFlight": 1},
+        }})),
+    )
+    .await?;
+    wait_for(
+        "the reconciler to apply the slow settings",
+        Duration::from_secs(30),
+        || async {
+            Ok(agent_config(&f.client, f.ns.name())
+                .await?
+                .values()
+                .any(|v| v.contains(&platform.url()) && v.contains("max_in_flight"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let pod = injected_pod(&f, "app-1").await?;
+    let workdir = f.cp.dir().join(format!("{}-app-1", f.ns.name()));
+    let binary = nanogate_e2e::workspace_binary("nano-agent")?;
+    let agent = run_sidecar_with_env(
+        &f.client,
+        &pod,
+        &binary,
+        &workdir,
+        &[("NANOGATE_BACKLOG_WINDOW", "2s")],
+    )
+    .await?;
+    wait_healthy(&f, &agent, 20).await?;
+    assert_eq!(
+        sidecars_healthy(&api.get("shop").await?.data["status"]).1,
+        "AllHealthy"
+    );
+
+    // An app publishing ~30 msgs/s until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socket = agent.socket.clone();
+    let publishing = tokio::task::spawn_blocking({
+        let stop = stop.clone();
+        move || -> Result<u32> {
+            let started = Instant::now();
+            publish_repeatedly(
+                &socket,
+                br#"{"msg_type":"publish","data":{"temperature":21.5}}"#,
+                || !stop.load(std::sync::atomic::Ordering::Relaxed),
+                |sent| {
+                    let due = started + Duration::from_millis(33) * sent;
+                    due.saturating_duration_since(Instant::now())
+                },
+            )
+        }
+    });
+    let backlogged = wait_status(&f, "SidecarsHealthy reason Backlogged", 40, |status| {
+        let seen = sidecars_healthy(status);
+        (seen.1 == "Backlogged").then_some(seen)
+    })
+    .await
+    .map_err(|e| {
+        e.context(format!(
+            "operator: {}\nagent: {}",
+            f.operator.log_tail(20),
+            agent.process.log_tail(20)
+        ))
+    })?;
+    eprintln!("[hub] backlogged: {backlogged:?}");
+    let (status, _, message) = backlogged;
+    assert_eq!(status, "False");
+    for want in [
+        "1 of 1 sidecars are backlogged",
+        "app-1",
+        "spec.delivery.maxInFlight",
+    ] {
+        assert!(message.contains(want), "{want:?} not in {message:?}");
+    }
+    let metrics = reqwest_free_get(&agent.admin_addr, "/metrics").await?;
+    assert!(
+        metrics.contains("nanogate_sidecar_backlogged 1"),
+        "the agent's gauge: {}",
+        lines_with(&metrics, "backlog")
+    );
+
+    // The platform is fast again: the backlog drains and the condition clears.
+    platform.faults().set_delay(Duration::ZERO);
+    let cleared = wait_status(&f, "SidecarsHealthy back to AllHealthy", 60, |status| {
+        let seen = sidecars_healthy(status);
+        (seen.1 == "AllHealthy").then_some(seen)
+    })
+    .await
+    .map_err(|e| e.context(agent.process.log_tail(20)))?;
+    assert_eq!(cleared.0, "True");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = publishing.await??;
+    eprintln!("[hub] the app sent {sent} messages; cleared: {cleared:?}");
+    Ok(())
+}
+
 /// `status.upstream` and `UpstreamReachable` say what the sidecars saw: Unknown until a call to
 /// the platform ended (a sidecar that never sent anything knows nothing about a closed port),
 /// Unreachable with `lastError` after one failed call (an app's `wait:true` publish, not only
@@ -405,17 +580,14 @@ async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
     let pod = injected_pod(&f, "app-1").await?;
     let mut agent = start_sidecar(&f, &pod, "app-1").await?;
     let reachable = |status: &Value| -> (String, String, String) {
-        let condition = status["conditions"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == "UpstreamReachable"))
-            .cloned()
-            .unwrap_or_default();
+        let (_, reason, _) =
+            nanogate_e2e::status_condition(status, "UpstreamReachable").unwrap_or_default();
         (
             status["upstream"]["state"]
                 .as_str()
                 .unwrap_or_default()
                 .into(),
-            condition["reason"].as_str().unwrap_or_default().into(),
+            reason,
             status["upstream"]["lastError"]
                 .as_str()
                 .unwrap_or_default()
@@ -452,31 +624,21 @@ async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
 
     // One app publishes with wait:true; the platform is not there.
     let socket = agent.socket.clone();
-    let reply = tokio::task::spawn_blocking(move || -> Result<String> {
-        use std::io::{Read as _, Write as _};
-        let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
-        c.write_all(br#"{"msg_type":"publish","data":{"n":1},"context":{"wait":true}}"#)?;
-        c.shutdown(std::net::Shutdown::Write)?;
-        let mut reply = String::new();
-        c.read_to_string(&mut reply)?;
-        Ok(reply)
-    })
-    .await??;
+    let reply =
+        tokio::task::spawn_blocking(move || nanogate_e2e::app_request(&socket, PUBLISH_WAITING))
+            .await??;
     assert!(
         reply.contains("error"),
         "the app is told: {reply}\n{}",
         agent.process.log_tail(20)
     );
-    let (state, reason, last_error) = wait_for(
-        "the failed call in the status",
-        Duration::from_secs(20),
-        || async {
-            let seen = reachable(&api.get("shop").await?.data["status"]);
-            Ok((seen.0 == "Unreachable").then_some(seen))
-        },
-    )
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    let (state, reason, last_error) =
+        wait_status(&f, "the failed call in the status", 20, |status| {
+            let seen = reachable(status);
+            (seen.0 == "Unreachable").then_some(seen)
+        })
+        .await
+        .map_err(|e| e.context(agent.process.log_tail(15)))?;
     eprintln!("[hub] after a failed wait:true publish: {state} ({reason}): {last_error}");
     assert!(!last_error.is_empty(), "lastError says what failed");
     let table = f.cp.kubectl(&["get", "agw", "shop", "-n", f.ns.name()])?;
@@ -488,12 +650,13 @@ async fn upstream_state_follows_what_the_sidecars_saw() -> Result<()> {
 
     // The sidecar goes away: the state is unknown again, and the reason says why.
     agent.process.stop();
-    let (state, reason, _) = wait_for(
+    let (state, reason, _) = wait_status(
+        &f,
         "the status to notice the sidecar is gone",
-        Duration::from_secs(30),
-        || async {
-            let seen = reachable(&api.get("shop").await?.data["status"]);
-            Ok((seen.0 == "Unknown").then_some(seen))
+        30,
+        |status| {
+            let seen = reachable(status);
+            (seen.0 == "Unknown").then_some(seen)
         },
     )
     .await?;
@@ -523,11 +686,7 @@ async fn a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned() ->
     let pod = injected_pod(&f, "app-1").await?;
     let uid = pod.metadata.uid.clone().context("pod uid")?;
     let mut agent = start_sidecar(&f, &pod, "app-1").await?;
-    wait_for("the sidecar connected", Duration::from_secs(20), || async {
-        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
-    })
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    wait_connected(&f, &agent, 20).await?;
 
     api.delete("shop", &Default::default()).await?;
     let deleted = Instant::now();
@@ -565,6 +724,27 @@ async fn a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned() ->
     // Longer than a drain took (the agent's 20 s shutdown deadline): the sidecar still runs and
     // an app's wait:true publish still reaches the platform.
     tokio::time::sleep(Duration::from_secs(25).saturating_sub(deleted.elapsed())).await;
+    // The agent tried again (with backoff) and was refused each time: its still-valid token
+    // must not let it back in from the hub's token cache.
+    let operator_log = std::fs::read_to_string(&f.operator.log).unwrap_or_default();
+    let after = operator_log
+        .split_once(r#"SentAway("gateway deleted")"#)
+        .map_or("", |(_, after)| after);
+    let this_agent = |line: &&str| line.contains(&uid);
+    assert!(
+        !after
+            .lines()
+            .filter(this_agent)
+            .any(|l| l.contains(r#"decision="accept""#)),
+        "the agent was let back in while its gateway is gone:\n{after}"
+    );
+    assert!(
+        after
+            .lines()
+            .filter(this_agent)
+            .any(|l| l.contains(r#"decision="deny""#) && l.contains("does not exist")),
+        "no reconnect of the agent was refused:\n{after}"
+    );
     assert!(
         agent.process.exited().is_none(),
         "the sidecar exited after its gateway was deleted:\n{}",
@@ -572,17 +752,10 @@ async fn a_deleted_gateways_sidecars_keep_serving_and_their_pods_are_warned() ->
     );
     let before = platform.received_count();
     let socket = agent.socket.clone();
-    let reply = tokio::task::spawn_blocking(move || -> Result<String> {
-        use std::io::{Read as _, Write as _};
-        let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
-        c.write_all(br#"{"msg_type":"publish","data":{"n":1},"context":{"wait":true}}"#)?;
-        c.shutdown(std::net::Shutdown::Write)?;
-        let mut reply = String::new();
-        c.read_to_string(&mut reply)?;
-        Ok(reply)
-    })
-    .await?
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    let reply =
+        tokio::task::spawn_blocking(move || nanogate_e2e::app_request(&socket, PUBLISH_WAITING))
+            .await?
+            .map_err(|e| e.context(agent.process.log_tail(15)))?;
     assert!(
         platform.received_count() > before,
         "the platform did not get the publish; the app was told {reply:?}"
@@ -599,11 +772,7 @@ async fn an_operator_scoped_to_another_namespace_leaves_this_gateways_status_alo
     let f = fleet("scoped").await?;
     let pod = injected_pod(&f, "app-1").await?;
     let agent = start_sidecar(&f, &pod, "app-1").await?;
-    wait_for("the sidecar connected", Duration::from_secs(20), || async {
-        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
-    })
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    wait_connected(&f, &agent, 20).await?;
     // A second operator, webhook and hub included, for another namespace, writing every 1 s.
     let other = fleet("scoped-other").await?;
     let watched = Instant::now();
@@ -629,13 +798,7 @@ async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
     let f = fleet("race").await?;
     let pod = injected_pod(&f, "app-1").await?;
     let agent = start_sidecar(&f, &pod, "app-1").await?;
-    wait_for(
-        "sidecar connected and healthy in the gateway status",
-        Duration::from_secs(10),
-        || async { Ok((sidecars(&f).await?["healthy"] == 1).then_some(())) },
-    )
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    wait_healthy(&f, &agent, 10).await?;
 
     let api = nanogate_e2e::agentgateways(&f.client, f.ns.name());
     // (resourceVersion, receivedTotal, observedGeneration, connected) of every version stored.
@@ -662,19 +825,14 @@ async fn status_writers_never_put_back_each_others_fields() -> Result<()> {
     });
     // An app publishes all along, so each hub pass has a new total to write.
     let socket = agent.socket.clone();
-    let publishing = tokio::task::spawn_blocking(move || -> Result<u64> {
-        use std::io::{Read as _, Write as _};
+    let publishing = tokio::task::spawn_blocking(move || -> Result<u32> {
         let started = Instant::now();
-        let mut sent = 0;
-        while started.elapsed() < Duration::from_secs(12) {
-            let mut c = std::os::unix::net::UnixStream::connect(&socket)?;
-            c.write_all(br#"{"msg_type":"publish","data":{"n":1}}"#)?;
-            c.shutdown(std::net::Shutdown::Write)?;
-            c.read_to_end(&mut Vec::new())?;
-            sent += 1;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(sent)
+        publish_repeatedly(
+            &socket,
+            br#"{"msg_type":"publish","data":{"n":1}}"#,
+            || started.elapsed() < Duration::from_secs(12),
+            |_| Duration::from_millis(5),
+        )
     });
     // Spec changes: each makes the reconciler write observedGeneration and its conditions.
     let changes = 40;
@@ -785,12 +943,8 @@ async fn nats_gateway_publishes_to_jetstream() -> Result<()> {
     .map_err(|e| e.context(agent.process.log_tail(20)))?;
     let sent = 20;
     for i in 0..sent {
-        use std::io::{Read as _, Write as _};
-        let mut c = std::os::unix::net::UnixStream::connect(&agent.socket)?;
-        write!(c, r#"{{"msg_type":"publish","data":{{"order":{i}}}}}"#)?;
-        c.shutdown(std::net::Shutdown::Write)?;
-        let mut reply = String::new();
-        c.read_to_string(&mut reply)?;
+        let message = format!(r#"{{"msg_type":"publish","data":{{"order":{i}}}}}"#);
+        let reply = nanogate_e2e::app_request(&agent.socket, message.as_bytes())?;
         anyhow::ensure!(reply.is_empty(), "publish {i} refused: {reply}");
     }
 
@@ -883,11 +1037,7 @@ async fn run_to_completion_sidecar_exits_once_its_apps_finished() -> Result<()> 
     assert_eq!(env("NANOGATE_EXIT_WHEN_APPS_DONE").as_deref(), Some("true"));
     assert_eq!(env("NANOGATE_APP_CONTAINERS").as_deref(), Some("work"));
     let mut agent = start_sidecar(&f, &pod, "batch-1").await?;
-    wait_for("the sidecar connected", Duration::from_secs(10), || async {
-        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
-    })
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    wait_connected(&f, &agent, 10).await?;
     // The kubelet reports: app terminated, sidecar still running.
     let status = |name: &str, state: Value| {
         json!({"name": name, "ready": false, "restartCount": 0, "image": "x", "imageID": "",
@@ -1124,11 +1274,7 @@ async fn messages_left_at_shutdown_are_counted_on_the_gateway_after_the_pod_is_g
         value_from: None,
     });
     let mut agent = start_sidecar(&f, &local, "app-1").await?;
-    wait_for("the sidecar connected", Duration::from_secs(15), || async {
-        Ok((sidecars(&f).await?["connected"] == 1).then_some(()))
-    })
-    .await
-    .map_err(|e| e.context(agent.process.log_tail(15)))?;
+    wait_connected(&f, &agent, 15).await?;
 
     let sent: i64 = 25;
     {
@@ -1207,20 +1353,13 @@ async fn messages_left_at_shutdown_are_counted_on_the_gateway_after_the_pod_is_g
 
     // `kubectl get agw` shows it; the operator's metric counts it.
     let table = f.cp.kubectl(&["get", "agw", "-n", f.ns.name()])?;
-    eprintln!(
-        "[hub] {}",
-        table.lines().collect::<Vec<_>>().join("\n[hub] ")
-    );
+    log_table(&table);
     assert!(table.contains("LEFT-BEHIND"), "{table}");
     let metrics = reqwest_free_get(&f.admin_addr, "/metrics").await?;
     assert!(
         metrics.contains(&format!("nanogate_hub_left_behind_messages_total {sent}")),
         "{}",
-        metrics
-            .lines()
-            .filter(|l| l.contains("left_behind"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        lines_with(&metrics, "left_behind")
     );
     Ok(())
 }

@@ -16,6 +16,11 @@
 //! - deleting the leader pod hands the Lease to another pod (the follower or the replacement,
 //!   whichever asks first), the hub Service follows the label, and the sidecar reconnects to the
 //!   new leader;
+//! - `helm upgrade` to a new sidecar image (installed with the agent image under a `-previous`
+//!   tag, upgraded to its real reference): the operator pods roll, the running sidecar is
+//!   reported outdated (status, `kubectl get agw -o wide`, a `SidecarsOutdated` event naming
+//!   both images) and `nanogate.io/repair: rollout` moves it: the new pod runs the new image,
+//!   connected and current;
 //! - `helm uninstall` leaves nothing behind (see [`leftovers`] for the list): not the chart's
 //!   objects, its webhook configurations and cluster-scoped RBAC, nor what the operator created
 //!   itself — its certificate Secret and Lease, owned by the release's
@@ -70,12 +75,18 @@ fn pod_ip(pod: &Pod) -> Option<String> {
 }
 
 fn has_sidecar(pod: &Pod) -> bool {
-    pod.spec.as_ref().is_some_and(|s| {
-        s.containers
-            .iter()
-            .chain(s.init_containers.iter().flatten())
-            .any(|c| c.name == "nano-agent")
-    })
+    sidecar_image(pod).is_some()
+}
+
+/// The image the pod's spec gives its nano-agent container. (Its container status would name
+/// whichever tag containerd lists first for the image: the `-previous` tag is the same image.)
+fn sidecar_image(pod: &Pod) -> Option<&str> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == "nano-agent")
+        .and_then(|c| c.image.as_deref())
 }
 
 /// Both operator pods Ready (and no other operator pod around); returns them.
@@ -291,6 +302,39 @@ fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
 }
 
+/// `helm install` or `helm upgrade` (`action`) of the chart as release [`RELEASE`] in `ns`, with
+/// `operator_image` (never pulled), `agent_image` as the chart's `sidecar.image`, a 1 s status
+/// interval and the validator on Ignore.
+fn release(
+    cp: &ControlPlane,
+    action: &str,
+    ns: &str,
+    operator_image: &str,
+    agent_image: &str,
+) -> Result<()> {
+    let (repository, tag) = operator_image.rsplit_once(':').context("image tag")?;
+    let (agent_repository, agent_tag) = agent_image.rsplit_once(':').context("image tag")?;
+    let values = Values::new(&format!(
+        "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
+         sidecar: {{image: {{repository: {agent_repository}, tag: \"{agent_tag}\"}}}}\n\
+         statusInterval: 1s\nwebhook: {{validate: {{failurePolicy: Ignore}}}}\n"
+    ))?;
+    let chart = workspace_root().join("charts/nanogate");
+    let done = helm(
+        cp.kubeconfig_path(),
+        &[
+            action,
+            chart.to_str().context("chart path")?,
+            RELEASE,
+            ns,
+            "--values",
+            values.path().to_str().context("values path")?,
+        ],
+    )?;
+    ensure!(done.to_string().contains("deployed"), "{action}: {done}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     let started = Instant::now();
@@ -298,9 +342,13 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     let images = tokio::task::spawn_blocking(nanogate_e2e::images::images).await??;
     let operator_image = images.reference("nanogate-operator");
     let agent_image = images.reference("nano-agent");
+    // The release is installed with this tag as its sidecar image and upgraded to the real one
+    // (same bits, another reference: what the upgrade moves is the reference).
+    let previous_agent = format!("{agent_image}-previous");
+    nanogate_e2e::podman::podman_ok(&["tag", agent_image, &previous_agent])?;
     nanogate_e2e::progress!("[in-cluster] images ready in {:.1}s", secs(started));
     let node = Node::shared().await?;
-    for image in [operator_image, agent_image, BUSYBOX_IMAGE] {
+    for image in [operator_image, agent_image, &previous_agent, BUSYBOX_IMAGE] {
         node.import_image(image)?;
     }
     let cp = ControlPlane::shared().await?;
@@ -313,33 +361,55 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
         secs(started)
     );
 
-    // helm install: the chart's defaults (2 replicas, leader election, Service-backed webhooks
-    // with failurePolicy Ignore, hub behind its Service), with the images in the node.
-    let (repository, tag) = operator_image.rsplit_once(':').context("image tag")?;
-    let values = Values::new(&format!(
-        "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\nstatusInterval: 1s\n"
-    ))?;
+    // helm install: the chart's defaults (2 replicas, leader election, Service-backed webhooks,
+    // hub behind its Service), with the images in the node (the sidecar's under its previous
+    // reference). The validator gets Ignore instead of its default Fail: until the operator is
+    // ready it would refuse the AgentGateways of the other tests sharing this apiserver.
     let step = Instant::now();
-    let chart = workspace_root().join("charts/nanogate");
-    let installed = helm(
-        cp.kubeconfig_path(),
-        &[
-            "install",
-            chart.to_str().context("chart path")?,
-            RELEASE,
-            ns,
-            "--values",
-            values.path().to_str().context("values path")?,
-        ],
-    )?;
-    ensure!(installed.to_string().contains("deployed"), "{installed}");
+    release(cp, "install", ns, operator_image, &previous_agent)?;
     nanogate_e2e::progress!("[in-cluster] helm install in {:.1}s", secs(step));
 
-    let result = in_cluster(cp, &client, ns, apps.name(), operator_image, agent_image).await;
+    let mut result = in_cluster(
+        cp,
+        &client,
+        ns,
+        apps.name(),
+        operator_image,
+        &previous_agent,
+    )
+    .await;
+    if result.is_ok() {
+        result = upgrade(
+            cp,
+            &client,
+            ns,
+            apps.name(),
+            operator_image,
+            &previous_agent,
+            agent_image,
+        )
+        .await;
+    }
     if result.is_err() {
         dump(cp, ns, apps.name());
     }
     result?;
+
+    // helm test, as a user runs it after installing: the hook pod (operator image, Pod Security
+    // restricted, its own least-privilege ServiceAccount) finds the operator ready through its
+    // Service and has an AgentGateway admitted (dry run) and an invalid one refused.
+    let step = Instant::now();
+    let tested = helm(cp.kubeconfig_path(), &["test", RELEASE, ns])?.to_string();
+    for line in [
+        "ok: the operator is ready",
+        "ok: an AgentGateway is admitted",
+    ] {
+        ensure!(
+            tested.contains(line),
+            "helm test did not say {line:?}: {tested}"
+        );
+    }
+    nanogate_e2e::progress!("[in-cluster] helm test passed in {:.1}s", secs(step));
 
     // helm uninstall leaves nothing behind — what `leftovers` looks for is there first.
     let before = leftovers(cp, ns)?;
@@ -491,15 +561,13 @@ async fn in_cluster(
         secs(step)
     );
 
-    // A gateway whose sidecars run the nano-agent image; its upstream is this machine's discard
-    // port (nothing listens: the sidecar still connects to the hub).
+    // A gateway whose sidecars run the operator's nano-agent image (the chart's
+    // `sidecar.image`); its upstream is this machine's discard port (nothing listens: the
+    // sidecar still connects to the hub).
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &format!(
-            "{}  sidecar: {{image: {agent_image}}}\n",
-            nanogate_e2e::gateway_yaml(apps_ns, "shop", "  heartbeatInterval: 1s\n")
-                .replace("http://127.0.0.1:9", &format!("http://{HOST_IP}:9"))
-        ),
+        &nanogate_e2e::gateway_yaml(apps_ns, "shop", "  heartbeatInterval: 1s\n")
+            .replace("http://127.0.0.1:9", &format!("http://{HOST_IP}:9")),
     )?;
     // An annotated Deployment, created once a dry run of its pod comes back injected (the
     // mutating webhook through its Service, once the operator's watch knows the gateway).
@@ -551,11 +619,8 @@ spec:
         statuses.len() == 2 && statuses.iter().all(|c| c.ready),
         "{statuses:?}"
     );
-    let agent = statuses
-        .iter()
-        .find(|c| c.name == "nano-agent")
-        .context("nano-agent status")?;
-    ensure!(agent.image == agent_image, "{}", agent.image);
+    let image = sidecar_image(&app);
+    ensure!(image == Some(agent_image), "{image:?}");
     let hub_addr = app
         .spec
         .as_ref()
@@ -700,6 +765,112 @@ spec:
             .into_inner()
             .expect("lock")
             .map_or("its removal".to_string(), |t| format!("{t:.1}s")),
+        secs(step)
+    );
+    Ok(())
+}
+
+/// `helm upgrade` to a new sidecar image, as a release upgrade does: the operator pods roll, the
+/// running sidecar (injected with `previous_agent`) is reported outdated (status, `-o wide`, a
+/// `SidecarsOutdated` event naming both images) until `nanogate.io/repair: rollout` has the
+/// operator restart its Deployment; the new pod runs `agent_image`, connected and current.
+async fn upgrade(
+    cp: &ControlPlane,
+    client: &kube::Client,
+    ns: &str,
+    apps_ns: &str,
+    operator_image: &str,
+    previous_agent: &str,
+    agent_image: &str,
+) -> Result<()> {
+    let step = Instant::now();
+    release(cp, "upgrade", ns, operator_image, agent_image)?;
+    cp.kubectl(&[
+        "rollout",
+        "status",
+        "deployment/nanogate-operator",
+        "-n",
+        ns,
+        "--timeout=180s",
+    ])?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    two_ready_operators(&pods).await?;
+    nanogate_e2e::progress!(
+        "[in-cluster] helm upgrade: operator pods rolled in {:.1}s",
+        secs(step)
+    );
+
+    let gateways = nanogate_e2e::agentgateways(client, apps_ns);
+    let sidecars = |gateways: kube::Api<kube::api::DynamicObject>| async move {
+        let gateway = gateways.get("shop").await?;
+        Ok::<_, anyhow::Error>(gateway.data["status"]["sidecars"].clone())
+    };
+    let step = Instant::now();
+    wait_for("the running sidecar reported outdated", TIMEOUT, || async {
+        let s = sidecars(gateways.clone()).await?;
+        Ok((s["outdated"] == 1 && s["expected"] == 1).then_some(()))
+    })
+    .await?;
+    let table = cp.kubectl(&["get", "agw", "shop", "-n", apps_ns, "-o", "wide"])?;
+    let column = nanogate_e2e::table_cell(&table, "OUTDATED")?;
+    ensure!(
+        column == "1",
+        "kubectl get agw -o wide shows {column:?}:\n{table}"
+    );
+    let event = nanogate_e2e::wait_for_event(
+        client,
+        apps_ns,
+        "shop",
+        "SidecarsOutdated",
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(
+        event.contains(previous_agent) && event.contains(agent_image),
+        "the event names the image that runs and the one injected now: {event}"
+    );
+    nanogate_e2e::progress!(
+        "[in-cluster] the sidecar on the previous image reported outdated in {:.1}s: {event}",
+        secs(step)
+    );
+
+    let step = Instant::now();
+    cp.kubectl(&[
+        "annotate",
+        "agentgateway",
+        "shop",
+        "-n",
+        apps_ns,
+        "nanogate.io/repair=rollout",
+    ])?;
+    let app_pods: Api<Pod> = Api::namespaced(client.clone(), apps_ns);
+    wait_for(
+        "the app's only pod to run the new sidecar image, 2/2 Ready",
+        TIMEOUT,
+        || async {
+            let list = app_pods
+                .list(&ListParams::default().labels("app=shop"))
+                .await?
+                .items;
+            let images: Vec<&str> = list.iter().filter_map(sidecar_image).collect();
+            Ok((list.len() == 1 && ready(&list[0]) && images == [agent_image]).then_some(()))
+        },
+    )
+    .await?;
+    let current = wait_for(
+        "the status to count it connected and current",
+        TIMEOUT,
+        || async {
+            let s = sidecars(gateways.clone()).await?;
+            Ok(
+                (s["outdated"] == 0 && s["connected"] == 1 && s["expected"] == 1)
+                    .then(|| s.to_string()),
+            )
+        },
+    )
+    .await?;
+    nanogate_e2e::progress!(
+        "[in-cluster] rollout repair: the app pod runs {agent_image}, connected, in {:.1}s: {current}",
         secs(step)
     );
     Ok(())

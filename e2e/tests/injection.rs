@@ -53,6 +53,28 @@ fn sidecar(pod: &Pod) -> Option<&Container> {
 }
 
 /// Everything a test needs: namespaces, webhook registered and served, a valid gateway.
+/// The sidecar runs as non-root, without privilege escalation, on a read-only root filesystem.
+fn assert_non_root_read_only(sc: &k8s_openapi::api::core::v1::SecurityContext) {
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+}
+
+/// Waits up to `secs` (for `what`) for a pod labelled `selector` that `pick` accepts.
+async fn wait_pod(
+    pods: &Api<Pod>,
+    selector: &str,
+    what: &str,
+    secs: u64,
+    pick: impl Fn(&Pod) -> bool,
+) -> Result<Pod> {
+    wait_for(what, Duration::from_secs(secs), || async {
+        let list = pods.list(&ListParams::default().labels(selector)).await?;
+        Ok(list.items.into_iter().find(|p| pick(p)))
+    })
+    .await
+}
+
 struct Setup {
     ns: TestNamespace,
     operator_ns: TestNamespace,
@@ -64,6 +86,19 @@ async fn setup(cp: &ControlPlane, prefix: &str) -> Result<Setup> {
     setup_with(cp, prefix, ServerOptions::default().webhook_cert_validity).await
 }
 
+/// Labels `ns` for the webhooks' selector and registers webhook configurations (named
+/// `nanogate-<ns>`, with `failure_policy`) for it, calling a free loopback port; (port, name).
+fn scoped_webhooks(
+    cp: &ControlPlane,
+    ns: &TestNamespace,
+    failure_policy: &str,
+) -> Result<(u16, String)> {
+    let port = nanogate_e2e::free_port()?;
+    let name = format!("nanogate-{}", ns.name());
+    nanogate_e2e::register_webhooks(cp, SELECTOR_LABEL, ns.name(), &name, port, failure_policy)?;
+    Ok((port, name))
+}
+
 /// [`setup`] with the serving certificate's lifetime.
 async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) -> Result<Setup> {
     nanogate_e2e::install_crd(cp)?;
@@ -71,25 +106,7 @@ async fn setup_with(cp: &ControlPlane, prefix: &str, cert_validity: Duration) ->
     let operator_ns = TestNamespace::create(&client, &format!("{prefix}-op")).await?;
     // The namespace's name is random; label it for the webhooks' selector once it exists.
     let ns = TestNamespace::create(&client, prefix).await?;
-    cp.kubectl(&[
-        "label",
-        "namespace",
-        ns.name(),
-        &format!("{SELECTOR_LABEL}={}", ns.name()),
-    ])?;
-
-    let port = nanogate_e2e::free_port()?;
-    let config_name = format!("nanogate-{}", ns.name());
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::webhook_configurations(
-            SELECTOR_LABEL,
-            &config_name,
-            ns.name(),
-            port,
-            "Fail",
-        ),
-    )?;
+    let (port, config_name) = scoped_webhooks(cp, &ns, "Fail")?;
 
     let opts = ServerOptions {
         operator_namespace: operator_ns.name().to_string(),
@@ -170,9 +187,7 @@ async fn deployment_pods_are_injected_as_stored_by_the_apiserver() -> Result<()>
             .security_context
             .clone()
             .context("sidecar securityContext")?;
-        assert_eq!(security.run_as_non_root, Some(true));
-        assert_eq!(security.allow_privilege_escalation, Some(false));
-        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_non_root_read_only(&security);
         assert_eq!(
             security.capabilities.and_then(|c| c.drop),
             Some(vec!["ALL".to_string()])
@@ -344,19 +359,8 @@ async fn webhook_down_with_ignore_admits_uninjected_pods_which_are_reported_and_
     nanogate_e2e::install_crd(cp)?;
     let operator_ns = TestNamespace::create(&client, "down-op").await?;
     let ns = TestNamespace::create(&client, "down").await?;
-    cp.kubectl(&[
-        "label",
-        "namespace",
-        ns.name(),
-        &format!("{SELECTOR_LABEL}={}", ns.name()),
-    ])?;
     // Nothing listens on this port yet.
-    let port = nanogate_e2e::free_port()?;
-    let name = format!("nanogate-{}", ns.name());
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::webhook_configurations(SELECTOR_LABEL, &name, ns.name(), port, "Ignore"),
-    )?;
+    let (port, name) = scoped_webhooks(cp, &ns, "Ignore")?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let stored = pods
         .create(&PostParams::default(), &app_pod("unserved")?)
@@ -401,9 +405,9 @@ spec:
     let first_name = first.metadata.name.clone().context("pod name")?;
 
     // The operator comes up (controller + webhook on the registered port).
-    let operator = nanogate_e2e::Process::spawn_with_env(
+    let operator = nanogate_e2e::spawn_operator(
+        cp,
         "nanogate-operator",
-        &nanogate_e2e::workspace_binary("nanogate-operator")?,
         &[
             "run".into(),
             format!("--admin-addr=127.0.0.1:{}", nanogate_e2e::free_port()?),
@@ -415,8 +419,7 @@ spec:
             format!("--validating-webhook-configs={name}"),
             "--extra-sans=127.0.0.1".into(),
         ],
-        &[("KUBECONFIG", cp.kubeconfig_path().display().to_string())],
-        cp.dir(),
+        &[],
     )?;
     let gateways = nanogate_e2e::agentgateways(&client, ns.name());
     let counts = wait_for(
@@ -433,26 +436,18 @@ spec:
     .await
     .map_err(|e| e.context(operator.log_tail(20)))?;
     assert_eq!(counts["expected"], 1, "{counts}");
-    let events = wait_for("a PodsNotInjected event", Duration::from_secs(20), || {
-        let client = client.clone();
-        let ns = ns.name().to_string();
-        async move {
-            let events = nanogate_e2e::events_about(&client, &ns, "shop").await?;
-            Ok(events
-                .into_iter()
-                .find(|(reason, _)| reason == "PodsNotInjected"))
-        }
-    })
+    let note = nanogate_e2e::wait_for_event(
+        &client,
+        ns.name(),
+        "shop",
+        "PodsNotInjected",
+        Duration::from_secs(20),
+    )
     .await?;
+    assert!(note.contains(&first_name), "names the pod: {note}");
     assert!(
-        events.1.contains(&first_name),
-        "names the pod: {}",
-        events.1
-    );
-    assert!(
-        events.1.contains("nanogate.io/repair=rollout"),
-        "says what to do: {}",
-        events.1
+        note.contains("nanogate.io/repair=rollout"),
+        "says what to do: {note}"
     );
 
     // Opt in to repair: the operator restarts the Deployment; its new pod gets the sidecar.
@@ -464,17 +459,9 @@ spec:
         ns.name(),
         "nanogate.io/repair=rollout",
     ])?;
-    let replacement = wait_for(
-        "an injected replacement pod",
-        Duration::from_secs(60),
-        || {
-            let pods = pods.clone();
-            async move {
-                let list = pods.list(&ListParams::default().labels("app=web")).await?;
-                Ok(list.items.into_iter().find(|p| sidecar(p).is_some()))
-            }
-        },
-    )
+    let replacement = wait_pod(&pods, "app=web", "an injected replacement pod", 60, |p| {
+        sidecar(p).is_some()
+    })
     .await
     .map_err(|e| e.context(operator.log_tail(20)))?;
     let restarted = nanogate_e2e::events_about(&client, ns.name(), "shop")
@@ -639,12 +626,155 @@ spec:
         .security_context
         .as_ref()
         .context("securityContext")?;
-    assert_eq!(sc.allow_privilege_escalation, Some(false));
-    assert_eq!(sc.run_as_non_root, Some(true));
-    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_non_root_read_only(sc);
     eprintln!(
         "[injection] restricted policy: privileged pod refused, injected pod admitted ({})",
         stored.metadata.name.unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// The README's opt-in of an existing workload: `kubectl patch deployment … -p` with the
+/// annotation, or with the label `nanogate.io/inject: "true"` alone (what the chart's
+/// `webhook.inject.labelledPodsOnly` selects), starts a rollout whose new pod is injected.
+#[tokio::test]
+async fn patching_a_deployments_pod_template_with_the_annotation_or_the_label_injects_it()
+-> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let s = setup(cp, "patch").await?;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), s.ns.name());
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    for (app, patch) in [
+        (
+            "by-annotation",
+            r#"{"spec":{"template":{"metadata":{"annotations":{"nanogate.io/inject":"true"}}}}}"#,
+        ),
+        (
+            "by-label",
+            r#"{"spec":{"template":{"metadata":{"labels":{"nanogate.io/inject":"true"}}}}}"#,
+        ),
+    ] {
+        let deployment: Deployment = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": app},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": app}},
+                "template": {
+                    "metadata": {"labels": {"app": app}},
+                    "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
+                }
+            }
+        }))?;
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await?;
+        let selector = format!("app={app}");
+        let first = wait_pod(&pods, &selector, "the Deployment's first pod", 30, |_| true).await?;
+        assert!(sidecar(&first).is_none(), "{app}: not opted in yet");
+        cp.kubectl(&["patch", "deployment", app, "-n", s.ns.name(), "-p", patch])?;
+        let injected = wait_pod(
+            &pods,
+            &selector,
+            "an injected pod of the rollout",
+            60,
+            |p| sidecar(p).is_some(),
+        )
+        .await?;
+        let annotations = injected.metadata.annotations.clone().unwrap_or_default();
+        assert!(
+            annotations.contains_key("nanogate.io/injected"),
+            "{app}: {annotations:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Per-pod overrides through the real apiserver: a pod annotated with another admin port and
+/// log level gets them in its stored sidecar (container port, probes, env); a pod whose app
+/// declares the admin port gets no sidecar, and the annotation on it says which to set.
+#[tokio::test]
+async fn per_pod_admin_port_and_log_level_reach_the_sidecar_and_a_port_clash_is_told() -> Result<()>
+{
+    let cp = ControlPlane::shared().await?;
+    let s = setup(cp, "adminport").await?;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), s.ns.name());
+    let app_on_9091 = |name: &str, annotations: Value| -> Result<Pod> {
+        let mut annotations = annotations;
+        annotations["nanogate.io/inject"] = json!("true");
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"containers": [{"name": "shop", "image": "python:3.12-slim",
+                "ports": [{"name": "metrics", "containerPort": 9091}]}]}
+        }))?)
+    };
+
+    let moved = pods
+        .create(
+            &PostParams::default(),
+            &app_on_9091(
+                "moved",
+                json!({"nanogate.io/sidecar-admin-port": "9095", "nanogate.io/sidecar-log-level": "debug"}),
+            )?,
+        )
+        .await?;
+    let agent = sidecar(&moved).context("the annotated pod got a sidecar")?;
+    let env = |name: &str| {
+        agent
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("NANOGATE_ADMIN_PORT").as_deref(), Some("9095"));
+    assert_eq!(env("NANOGATE_LOG_LEVEL").as_deref(), Some("debug"));
+    let ports: Vec<_> = agent
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(ports, [("nanogate-admin".to_string(), 9095)]);
+    // A startup probe exists in native mode only (the control plane's version decides).
+    let startup = agent.startup_probe.as_ref().map(|_| &agent.startup_probe);
+    for (kind, probe) in [
+        ("liveness", &agent.liveness_probe),
+        ("readiness", &agent.readiness_probe),
+    ]
+    .into_iter()
+    .chain(startup.map(|p| ("startup", p)))
+    {
+        let port = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| h.port.clone());
+        assert_eq!(
+            port,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9095)),
+            "{kind} probe"
+        );
+    }
+
+    let clash = pods
+        .create(&PostParams::default(), &app_on_9091("clash", json!({}))?)
+        .await?;
+    assert!(
+        sidecar(&clash).is_none(),
+        "no sidecar next to an app on 9091"
+    );
+    let why = clash
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("nanogate.io/injection-skipped"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        why.contains("declares port 9091")
+            && why.contains("nanogate.io/sidecar-admin-port: \"9092\""),
+        "the pod is told what to do: {why:?}"
     );
     Ok(())
 }

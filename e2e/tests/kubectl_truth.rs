@@ -42,19 +42,9 @@ async fn serve_webhook_allowing(
     allowed_images: &[&str],
 ) -> Result<Webhook> {
     let operator_ns = TestNamespace::create(client, "truth-op").await?;
-    cp.kubectl(&[
-        "label",
-        "--overwrite",
-        "namespace",
-        ns,
-        &format!("{SELECTOR_LABEL}={ns}"),
-    ])?;
     let port = nanogate_e2e::free_port()?;
     let config_name = format!("nanogate-{ns}");
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::webhook_configurations(SELECTOR_LABEL, &config_name, ns, port, "Fail"),
-    )?;
+    nanogate_e2e::register_webhooks(cp, SELECTOR_LABEL, ns, &config_name, port, "Fail")?;
     let opts = ServerOptions {
         operator_namespace: operator_ns.name().to_string(),
         webhook_addr: Some(format!("127.0.0.1:{port}").parse()?),
@@ -101,16 +91,8 @@ fn reconciler(cp: &ControlPlane, ns: &str) -> Result<Process> {
             .split(' ')
             .map(str::to_string)
             .collect();
-    Process::spawn_with_env(
-        "operator-truth",
-        &nanogate_e2e::workspace_binary("nanogate-operator")?,
-        &args,
-        &[
-            ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
-            ("RUST_LOG", "info,kube=warn".into()),
-        ],
-        cp.dir(),
-    )
+    let env = [("RUST_LOG", "info,kube=warn".into())];
+    nanogate_e2e::spawn_operator(cp, "operator-truth", &args, &env)
 }
 
 /// What kubectl printed: exit success, stdout, stderr (where warnings go).
@@ -202,20 +184,63 @@ async fn wait_injecting(cp: &ControlPlane, yaml: &str) -> Result<()> {
     .await
 }
 
-/// A namespace served by the webhooks, with the Secret and a valid gateway `shop`.
-async fn namespace_with_gateway(
-    prefix: &str,
-) -> Result<(&'static ControlPlane, Client, TestNamespace, Webhook)> {
+/// The shared apiserver with the CRD installed, a client, and a fresh namespace.
+async fn crd_and_namespace(prefix: &str) -> Result<(&'static ControlPlane, Client, TestNamespace)> {
     let cp = ControlPlane::shared().await?;
     nanogate_e2e::install_crd(cp)?;
     let client = cp.client().await?;
     let ns = TestNamespace::create(&client, prefix).await?;
+    Ok((cp, client, ns))
+}
+
+/// `kubectl apply -f -` of `yaml`.
+fn apply(cp: &ControlPlane, yaml: &str) -> Result<Kubectl> {
+    kubectl(cp, &["apply", "-f", "-"], yaml)
+}
+
+/// `kubectl apply` of [`nanogate_e2e::gateway_yaml`] (`spec` lines under `spec:`).
+fn apply_gateway(cp: &ControlPlane, ns: &str, name: &str, spec: &str) -> Result<Kubectl> {
+    apply(cp, &nanogate_e2e::gateway_yaml(ns, name, spec))
+}
+
+/// Gateway `name` of `ns` as `kubectl get -o json` prints it (null when that fails).
+fn get_gateway(cp: &ControlPlane, ns: &str, name: &str) -> Result<Value> {
+    let out = kubectl(cp, &["-n", ns, "get", "agw", name, "-o", "json"], "")?;
+    Ok(serde_json::from_str(&out.stdout).unwrap_or_default())
+}
+
+/// Waits (for `what`) until a dry-run of `pod` is warned that its gateway is invalid; the
+/// dry-run's output.
+async fn wait_invalid_warning(cp: &ControlPlane, what: &str, pod: &str) -> Result<Kubectl> {
+    wait_for(what, Duration::from_secs(30), || async {
+        let out = dry_run(cp, pod)?;
+        Ok(out.stderr.contains("is invalid").then_some(out))
+    })
+    .await
+}
+
+/// Waits (for `what`) until `kubectl describe pod` shows `needle`; the description.
+async fn wait_describe(
+    cp: &ControlPlane,
+    ns: &str,
+    pod: &str,
+    what: &str,
+    needle: &str,
+) -> Result<String> {
+    wait_for(what, Duration::from_secs(30), || async {
+        let out = kubectl(cp, &["-n", ns, "describe", "pod", pod], "")?;
+        Ok(out.stdout.contains(needle).then_some(out.stdout))
+    })
+    .await
+}
+
+/// A namespace served by the webhooks, with the Secret and a valid gateway `shop`.
+async fn namespace_with_gateway(
+    prefix: &str,
+) -> Result<(&'static ControlPlane, Client, TestNamespace, Webhook)> {
+    let (cp, client, ns) = crd_and_namespace(prefix).await?;
     let webhook = serve_webhook(cp, &client, ns.name()).await?;
-    let out = kubectl(
-        cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
-    )?;
+    let out = apply_gateway(cp, ns.name(), "shop", "")?;
     if !out.ok {
         bail!("applying gateway shop: {}", out.stderr);
     }
@@ -228,8 +253,7 @@ async fn config_invalid_message(cp: &ControlPlane, ns: &str, name: &str) -> Resu
         &format!("{name}: ConfigValid=False"),
         Duration::from_secs(30),
         || async {
-            let out = kubectl(cp, &["-n", ns, "get", "agw", name, "-o", "json"], "")?;
-            let gw: Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            let gw = get_gateway(cp, ns, name)?;
             Ok(condition(&gw, "ConfigValid")
                 .filter(|(status, _)| status == "False")
                 .map(|(_, message)| message))
@@ -238,26 +262,15 @@ async fn config_invalid_message(cp: &ControlPlane, ns: &str, name: &str) -> Resu
     .await
 }
 
+/// Condition `ty` of a gateway as (status, message).
 fn condition(gw: &Value, ty: &str) -> Option<(String, String)> {
-    gw["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == ty)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
+    nanogate_e2e::status_condition(&gw["status"], ty).map(|(status, _, message)| (status, message))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_the_field()
 -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-refuse").await?;
+    let (cp, client, ns) = crd_and_namespace("truth-refuse").await?;
     let _webhook = serve_webhook(cp, &client, ns.name()).await?;
     for (name, spec, field) in [
         (
@@ -285,6 +298,11 @@ async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_
             "  tcpListener: {port: 9091, tokenSecretRef: {name: t, key: token}, tlsSecretRef: {name: c}}\n",
             "spec.tcpListener.port",
         ),
+        (
+            "moved-admin-port",
+            "  sidecar: {adminPort: 7443}\n  tcpListener: {port: 7443, tokenSecretRef: {name: t, key: token}, tlsSecretRef: {name: c}}\n",
+            "spec.tcpListener.port",
+        ),
         // Mounted into every app container: outside nanogate's own directories it would hide
         // the app's files (issue 18).
         (
@@ -293,11 +311,7 @@ async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_
             "spec.socket.path",
         ),
     ] {
-        let out = kubectl(
-            cp,
-            &["apply", "-f", "-"],
-            &nanogate_e2e::gateway_yaml(ns.name(), name, spec),
-        )?;
+        let out = apply_gateway(cp, ns.name(), name, spec)?;
         println!("{name}: {}", out.stderr.trim());
         assert!(!out.ok, "{name} was accepted: {}", out.stdout);
         assert!(
@@ -307,14 +321,11 @@ async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_
         );
     }
     // The same gateway with sane values is accepted.
-    let out = kubectl(
+    let out = apply_gateway(
         cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(
-            ns.name(),
-            "sane",
-            "  sidecar: {resources: {requests: {memory: 32Mi}, limits: {memory: 64Mi}}}\n  batching: {flushInterval: 1ms}\n",
-        ),
+        ns.name(),
+        "sane",
+        "  sidecar: {resources: {requests: {memory: 32Mi}, limits: {memory: 64Mi}}}\n  batching: {flushInterval: 1ms}\n",
     )?;
     assert!(out.ok, "{}", out.stderr);
     Ok(())
@@ -325,20 +336,14 @@ async fn a_gateway_that_would_make_pods_inadmissible_is_refused_at_apply_naming_
 /// gateway is invalid, and `PodsNotInjected` does not blame an unreachable webhook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-invalid").await?;
+    let (cp, client, ns) = crd_and_namespace("truth-invalid").await?;
     let _operator = reconciler(cp, ns.name())?;
     // No validating webhook yet: the apiserver's schema alone lets it in.
-    let out = kubectl(
+    let out = apply_gateway(
         cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(
-            ns.name(),
-            "shop",
-            "  sidecar: {resources: {requests: {memory: 1Gi}, limits: {memory: 64Mi}}}\n",
-        ),
+        ns.name(),
+        "shop",
+        "  sidecar: {resources: {requests: {memory: 1Gi}, limits: {memory: 64Mi}}}\n",
     )?;
     assert!(out.ok, "{}", out.stderr);
     let message = config_invalid_message(cp, ns.name(), "shop").await?;
@@ -350,15 +355,7 @@ async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods
     let _webhook = serve_webhook(cp, &client, ns.name()).await?;
     let pod = pod_yaml(ns.name(), "app", &[("nanogate.io/inject", "true")]);
     // The webhook learns gateways through a watch: wait until it names this one invalid.
-    let warned = wait_for(
-        "the webhook to call the gateway invalid",
-        Duration::from_secs(30),
-        || async {
-            let out = dry_run(cp, &pod)?;
-            Ok(out.stderr.contains("is invalid").then_some(out))
-        },
-    )
-    .await?;
+    let warned = wait_invalid_warning(cp, "the webhook to call the gateway invalid", &pod).await?;
     assert!(!has_sidecar(&warned.stdout)?);
     let created = kubectl(cp, &["create", "-f", "-"], &pod)?;
     println!("create: {}", created.stderr.trim());
@@ -374,16 +371,12 @@ async fn an_invalid_gateway_that_got_in_is_flagged_and_named_invalid_to_its_pods
         "{}",
         created.stderr
     );
-    let describe = wait_for(
+    let describe = wait_describe(
+        cp,
+        ns.name(),
+        "app",
         "an InjectionSkipped event on the pod",
-        Duration::from_secs(30),
-        || async {
-            let out = kubectl(cp, &["-n", ns.name(), "describe", "pod", "app"], "")?;
-            Ok(out
-                .stdout
-                .contains("InjectionSkipped")
-                .then_some(out.stdout))
-        },
+        "InjectionSkipped",
     )
     .await?;
     println!("{describe}");
@@ -437,13 +430,12 @@ async fn injected_is_said_only_of_pods_the_apiserver_stored() -> Result<()> {
         "",
     )?
     .stdout;
-    let describe = wait_for(
+    let describe = wait_describe(
+        cp,
+        ns.name(),
+        "stored",
         "an Injected event on the stored pod",
-        Duration::from_secs(30),
-        || async {
-            let out = kubectl(cp, &["-n", ns.name(), "describe", "pod", "stored"], "")?;
-            Ok(out.stdout.contains("Injected").then_some(out.stdout))
-        },
+        "Injected",
     )
     .await?;
     assert!(
@@ -524,14 +516,11 @@ async fn inject_annotation_values_and_opt_out_over_the_namespace_label() -> Resu
 /// keep telling users to create a Secret that exists.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_cause_changed_is_said_again_with_the_new_message() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-events").await?;
+    let (cp, client, ns) = crd_and_namespace("truth-events").await?;
     // The gateway without its Secret (gateway_yaml's first document is the Secret).
     let yaml = nanogate_e2e::gateway_yaml(ns.name(), "shop", "");
     let gateway = yaml.split("\n---\n").nth(1).context("gateway document")?;
-    let out = kubectl(cp, &["apply", "-f", "-"], gateway)?;
+    let out = apply(cp, gateway)?;
     assert!(out.ok, "{}", out.stderr);
     let _operator = reconciler(cp, ns.name())?;
     let notes = |reason: &'static str, text: &'static str| {
@@ -559,7 +548,7 @@ async fn an_event_whose_cause_changed_is_said_again_with_the_new_message() -> Re
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: platform-key, namespace: {}}}\nstringData: {{token: e2e-key}}\n",
         ns.name()
     );
-    let out = kubectl(cp, &["apply", "-f", "-"], &secret)?;
+    let out = apply(cp, &secret)?;
     assert!(out.ok, "{}", out.stderr);
     let events = wait_for(
         "a SecretMissing event naming the missing key",
@@ -582,34 +571,14 @@ async fn an_event_whose_cause_changed_is_said_again_with_the_new_message() -> Re
 /// `https://` turns the condition `True`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_text_upstream_is_allowed_but_flagged() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-plain").await?;
-    let out = kubectl(
-        cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
-    )?;
+    let (cp, client, ns) = crd_and_namespace("truth-plain").await?;
+    let out = apply_gateway(cp, ns.name(), "shop", "")?;
     assert!(out.ok, "{}", out.stderr);
     let _operator = reconciler(cp, ns.name())?;
-    let gateway = || async {
-        let out = kubectl(
-            cp,
-            &["-n", ns.name(), "get", "agw", "shop", "-o", "json"],
-            "",
-        )?;
-        Ok::<Value, anyhow::Error>(serde_json::from_str(&out.stdout).unwrap_or_default())
-    };
+    let gateway = || async { get_gateway(cp, ns.name(), "shop") };
     let reason = |gw: &Value| -> Option<(String, String)> {
-        let c = gw["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "UpstreamTLSVerified")?;
-        Some((
-            c["status"].as_str()?.to_string(),
-            c["reason"].as_str()?.to_string(),
-        ))
+        nanogate_e2e::status_condition(&gw["status"], "UpstreamTLSVerified")
+            .map(|(status, reason, _)| (status, reason))
     };
     wait_for(
         "UpstreamTLSVerified=False PlainText",
@@ -683,6 +652,20 @@ fn publish(socket: &std::path::Path, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// Sets the API key in the gateway's Secret to `key`; the stand-in kubelet refreshes the
+/// agent's volume (the kubelet's periodic sync).
+async fn rotate_key(
+    cp: &ControlPlane,
+    client: &Client,
+    ns: &str,
+    agent: &nanogate_e2e::kubelet::LocalSidecar,
+    key: &str,
+) -> Result<()> {
+    let patch = format!("{{\"stringData\":{{\"apiKey\":\"{key}\"}}}}");
+    cp.kubectl(&["-n", ns, "patch", "secret", "platform-key", "-p", &patch])?;
+    agent.resync_secrets(client).await
+}
+
 /// The gateway's API key Secret is updated (and the platform accepts only the new key): the
 /// running sidecar's next messages carry the new key, with no restart. The apiserver, the
 /// webhook that injects the pod and the reconciler that writes its configuration are real; the
@@ -693,10 +676,7 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
     const OLD: &str = "key-before-rotation";
     const NEW: &str = "key-after-rotation";
     const NEWER: &str = "key-after-the-second-rotation";
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "rotate").await?;
+    let (cp, client, ns) = crd_and_namespace("rotate").await?;
     let _webhook = serve_webhook(cp, &client, ns.name()).await?;
     let mut operator = reconciler(cp, ns.name())?;
     let platform = nanogate_tests::platform::PlatformServer::start_with_key(OLD).await?;
@@ -705,7 +685,7 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
         ns = ns.name(),
         url = platform.url()
     );
-    let out = kubectl(cp, &["apply", "-f", "-"], &gateway)?;
+    let out = apply(cp, &gateway)?;
     if !out.ok {
         bail!("applying gateway shop: {}", out.stderr);
     }
@@ -765,16 +745,7 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
         // Rotation: the platform takes the new key only, the Secret is updated, the volume
         // refreshed (the stand-in's kubelet sync).
         platform.rotate_api_key(NEW);
-        cp.kubectl(&[
-            "-n",
-            ns.name(),
-            "patch",
-            "secret",
-            "platform-key",
-            "-p",
-            &format!("{{\"stringData\":{{\"apiKey\":\"{NEW}\"}}}}"),
-        ])?;
-        agent.resync_secrets(&client).await?;
+        rotate_key(cp, &client, ns.name(), &agent, NEW).await?;
         let rotated = std::time::Instant::now();
         publish(&agent.socket, 2)?;
         let bearer = wait_for(
@@ -804,16 +775,7 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
         // A rotation with an overlap (the platform takes both keys for a while): no 401 tells
         // the agent, its periodic re-read (every 5 s by default) finds the new key.
         platform.also_accept(NEWER);
-        cp.kubectl(&[
-            "-n",
-            ns.name(),
-            "patch",
-            "secret",
-            "platform-key",
-            "-p",
-            &format!("{{\"stringData\":{{\"apiKey\":\"{NEWER}\"}}}}"),
-        ])?;
-        agent.resync_secrets(&client).await?;
+        rotate_key(cp, &client, ns.name(), &agent, NEWER).await?;
         let rotated = std::time::Instant::now();
         let unauthorized = platform.unauthorized();
         let mut n = 2;
@@ -871,18 +833,11 @@ async fn a_rotated_api_key_reaches_the_running_sidecar_without_a_restart() -> Re
 /// gateway resolves to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_injected() -> Result<()> {
-    let cp = ControlPlane::shared().await?;
-    nanogate_e2e::install_crd(cp)?;
-    let client = cp.client().await?;
-    let ns = TestNamespace::create(&client, "truth-image").await?;
+    let (cp, client, ns) = crd_and_namespace("truth-image").await?;
     let evil = "  sidecar: {image: \"evil.example/miner:1\"}\n";
     // The reconciler binary with its default policy: this release's image only.
     let _operator = reconciler(cp, ns.name())?;
-    let out = kubectl(
-        cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(ns.name(), "sneaked", evil),
-    )?;
+    let out = apply_gateway(cp, ns.name(), "sneaked", evil)?;
     assert!(
         out.ok,
         "no webhook yet, the schema lets it in: {}",
@@ -905,15 +860,7 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
             ("nanogate.io/gateway", "sneaked"),
         ],
     );
-    let warned = wait_for(
-        "the webhook to call sneaked invalid",
-        Duration::from_secs(30),
-        || async {
-            let out = dry_run(cp, &pod)?;
-            Ok(out.stderr.contains("is invalid").then_some(out))
-        },
-    )
-    .await?;
+    let warned = wait_invalid_warning(cp, "the webhook to call sneaked invalid", &pod).await?;
     println!("sneaked pod: {}", warned.stderr.trim());
     assert!(
         warned.stderr.contains("spec.sidecar.image"),
@@ -923,11 +870,7 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
     assert_eq!(sidecar_image(&warned.stdout)?, None);
 
     // Refused at apply, naming the field and what to do.
-    let out = kubectl(
-        cp,
-        &["apply", "-f", "-"],
-        &nanogate_e2e::gateway_yaml(ns.name(), "refused", evil),
-    )?;
+    let out = apply_gateway(cp, ns.name(), "refused", evil)?;
     println!("refused: {}", out.stderr.trim());
     assert!(!out.ok, "accepted: {}", out.stdout);
     assert!(
@@ -952,11 +895,7 @@ async fn a_sidecar_image_the_operator_does_not_allow_is_refused_and_never_inject
         ("own", format!("  sidecar: {{image: {own:?}}}\n"), own),
         ("plain", String::new(), own),
     ] {
-        let out = kubectl(
-            cp,
-            &["apply", "-f", "-"],
-            &nanogate_e2e::gateway_yaml(ns.name(), name, &spec),
-        )?;
+        let out = apply_gateway(cp, ns.name(), name, &spec)?;
         assert!(out.ok, "{name}: {}", out.stderr);
         let pod = pod_yaml(
             ns.name(),

@@ -286,58 +286,31 @@ spec:
 #[tokio::test]
 async fn readiness_probe_gates_a_deployment_and_the_host_reaches_its_pods() -> Result<()> {
     let setup = setup("node-deploy").await?;
-    let ns = setup.ns.name();
     // httpd answers 404 until index.html exists, 4 s after the container starts.
     let started = std::time::Instant::now();
-    apply_yaml(
-        setup.cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata: {{labels: {{app: web}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: httpd
-        image: {BUSYBOX_IMAGE}
-        imagePullPolicy: Never
-        command: ["/bin/sh", "-c"]
+    let pods = deploy_web(
+        &setup,
+        r#"        command: ["/bin/sh", "-c"]
         args:
         - |
           mkdir -p /www
           (sleep 4; hostname > /www/index.html) &
           exec httpd -f -p 8080 -h /www
         readinessProbe:
-          httpGet: {{path: /, port: 8080}}
+          httpGet: {path: /, port: 8080}
           periodSeconds: 1
-"#
-        ),
-    )?;
-    let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), ns);
-    wait_for("deployment web 2/2 available", POD_TIMEOUT, || async {
-        let deployment = deployments.get("web").await?;
-        let available = deployment
-            .status
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0);
-        Ok((available == 2).then_some(()))
-    })
+"#,
+        "",
+    )
     .await?;
     nanogate_e2e::progress!(
         "[node] deployment web 2/2 available in {:.1}s",
         started.elapsed().as_secs_f64()
     );
 
-    let pods: Api<Pod> = Api::namespaced(setup.client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels("app=web")).await?;
-    assert_eq!(list.items.len(), 2);
+    assert_eq!(pods.len(), 2);
     let mut gates = Vec::new();
-    for pod in &list.items {
+    for pod in &pods {
         let name = pod.metadata.name.clone().unwrap_or_default();
         // Ready no sooner than the page exists: the probe, not the container start, decided.
         let container_started = statuses(pod)
@@ -382,28 +355,15 @@ async fn services_route_and_resolve_from_pods_and_the_host() -> Result<()> {
     let setup = setup("node-svc").await?;
     let ns = setup.ns.name();
     let started = std::time::Instant::now();
-    apply_yaml(
-        setup.cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata: {{labels: {{app: web}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: httpd
-        image: {BUSYBOX_IMAGE}
-        imagePullPolicy: Never
-        command: ["/bin/sh", "-c", "mkdir -p /www; hostname > /www/index.html; exec httpd -f -p 8080 -h /www"]
+    let pods = deploy_web(
+        &setup,
+        r#"        command: ["/bin/sh", "-c", "mkdir -p /www; hostname > /www/index.html; exec httpd -f -p 8080 -h /www"]
         readinessProbe:
-          tcpSocket: {{port: 8080}}
+          tcpSocket: {port: 8080}
           periodSeconds: 1
----
+"#,
+        &format!(
+            r#"---
 apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: {ns}}}
@@ -412,25 +372,9 @@ spec:
   ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
 "#
         ),
-    )?;
-    let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), ns);
-    wait_for("deployment web 2/2 available", POD_TIMEOUT, || async {
-        let deployment = deployments.get("web").await?;
-        let available = deployment
-            .status
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0);
-        Ok((available == 2).then_some(()))
-    })
+    )
     .await?;
-    let pods: Api<Pod> = Api::namespaced(setup.client.clone(), ns);
-    let names: Vec<String> = pods
-        .list(&ListParams::default().labels("app=web"))
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
+    let names: Vec<String> = pods.into_iter().filter_map(|p| p.metadata.name).collect();
     ensure!(names.len() == 2, "{names:?}");
     let services: Api<k8s_openapi::api::core::v1::Service> =
         Api::namespaced(setup.client.clone(), ns);
@@ -525,6 +469,48 @@ spec:
 }
 
 /// The whole response to `GET /` (HTTP/1.0) sent from pod `pod` to `ip:port` with busybox's `nc`.
+/// Applies Deployment `web` — 2 busybox httpd pods on port 8080, started and probed as
+/// `container` says (the container's remaining fields, YAML indented as in the template) — and
+/// the `extra` YAML documents, waits until both pods are available and returns them.
+async fn deploy_web(setup: &Setup, container: &str, extra: &str) -> Result<Vec<Pod>> {
+    let ns = setup.ns.name();
+    apply_yaml(
+        setup.cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: httpd
+        image: {BUSYBOX_IMAGE}
+        imagePullPolicy: Never
+{container}{extra}"#
+        ),
+    )?;
+    let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), ns);
+    wait_for("deployment web 2/2 available", POD_TIMEOUT, || async {
+        let deployment = deployments.get("web").await?;
+        let available = deployment
+            .status
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0);
+        Ok((available == 2).then_some(()))
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(setup.client.clone(), ns);
+    Ok(pods
+        .list(&ListParams::default().labels("app=web"))
+        .await?
+        .items)
+}
+
 fn pod_http_get(setup: &Setup, pod: &str, ip: &str, port: u16) -> Result<String> {
     let script = format!("printf 'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' | nc -w 3 {ip} {port}");
     kubectl(setup, &["exec", pod, "--", "sh", "-c", &script])

@@ -4,7 +4,6 @@
 //! `cargo build -p nanogate-operator`), restricted to each test's namespace with `--namespace`
 //! so tests running in parallel do not reconcile each other's gateways.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -13,10 +12,11 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use kube::{Api, Client};
-use nanogate_e2e::{ControlPlane, Process, TestNamespace, wait_for};
+use nanogate_e2e::{ControlPlane, NamespaceOperator, Process, TestNamespace, wait_for};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -50,16 +50,14 @@ impl Operator {
         .collect();
         // One log file per replica: `<control-plane dir>/operator-<identity>.log`.
         let log_name: &'static str = Box::leak(format!("operator-{identity}").into_boxed_str());
-        let process = Process::spawn_with_env(
+        let process = nanogate_e2e::spawn_operator(
+            cp,
             log_name,
-            &nanogate_e2e::workspace_binary("nanogate-operator")?,
             &args,
             &[
-                ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
                 ("RUST_LOG", "info,kube=warn".into()),
                 ("NANOGATE_LOG_FORMAT", "json".into()),
             ],
-            cp.dir(),
         )?;
         Ok(Self {
             process,
@@ -120,15 +118,7 @@ impl Operator {
 
 /// GET `path` on an operator's admin server on loopback `port`; the whole response.
 fn admin_get(port: u16, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
+    nanogate_e2e::http_get(&format!("127.0.0.1:{port}"), path)
 }
 
 static CRD: OnceCell<()> = OnceCell::const_new();
@@ -165,6 +155,13 @@ async fn setup() -> Result<(&'static ControlPlane, Client)> {
     Ok((cp, client))
 }
 
+/// [`setup`] and a fresh namespace.
+async fn setup_namespace(prefix: &str) -> Result<(&'static ControlPlane, Client, TestNamespace)> {
+    let (cp, client) = setup().await?;
+    let ns = TestNamespace::create(&client, prefix).await?;
+    Ok((cp, client, ns))
+}
+
 fn gateways(client: &Client, ns: &str) -> Api<DynamicObject> {
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "nanogate.io",
@@ -185,6 +182,47 @@ fn minimal_spec(secret: &str) -> Value {
     json!({"upstream": {"apiKeySecretRef": {"name": secret}}})
 }
 
+/// Creates gateway `name` with [`minimal_spec`] naming Secret `secret`.
+async fn create_gateway(api: &Api<DynamicObject>, name: &str, secret: &str) -> Result<()> {
+    api.create(
+        &PostParams::default(),
+        &gateway(name, minimal_spec(secret))?,
+    )
+    .await?;
+    Ok(())
+}
+
+/// A test namespace `prefix-…` and the operator's own `prefix-sys-…`.
+async fn namespaces(client: &Client, prefix: &str) -> Result<(TestNamespace, TestNamespace)> {
+    let ns = TestNamespace::create(client, prefix).await?;
+    let operator_ns = TestNamespace::create(client, &format!("{prefix}-sys")).await?;
+    Ok((ns, operator_ns))
+}
+
+/// The operator's flags for a webhook scoped (by the e2e label) to `ns`, run from
+/// `operator_ns`.
+fn webhook_operator(
+    cp: &ControlPlane,
+    ns: &TestNamespace,
+    operator_ns: &TestNamespace,
+) -> Result<NamespaceOperator> {
+    nanogate_e2e::namespace_operator(cp, "nanogate.io/e2e-webhook", ns.name(), operator_ns.name())
+}
+
+/// [`NamespaceOperator::spawn`] advertising a hub on 127.0.0.1:7051, with `flag`.
+fn spawn_with(
+    operator: &NamespaceOperator,
+    cp: &ControlPlane,
+    name: &'static str,
+    flag: String,
+) -> Result<Process> {
+    operator.spawn(
+        cp,
+        name,
+        &["--hub-advertise=127.0.0.1:7051".to_string(), flag],
+    )
+}
+
 async fn create_secret(client: &Client, ns: &str, name: &str) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let s: Secret = serde_json::from_value(json!({
@@ -196,17 +234,7 @@ async fn create_secret(client: &Client, ns: &str, name: &str) -> Result<()> {
 }
 
 fn condition(gw: &DynamicObject, ty: &str) -> Option<(String, String, String)> {
-    gw.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == ty)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or("").to_string(),
-                c["reason"].as_str().unwrap_or("").to_string(),
-                c["message"].as_str().unwrap_or("").to_string(),
-            )
-        })
+    nanogate_e2e::status_condition(&gw.data["status"], ty)
 }
 
 async fn wait_condition(
@@ -233,18 +261,29 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Result<Vec<String>
     Ok(events.into_iter().map(|(reason, _)| reason).collect())
 }
 
+/// Waits up to 10 s for a `reason` event about `name`.
+async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) -> Result<()> {
+    wait_for(
+        &format!("{reason} event"),
+        Duration::from_secs(10),
+        || async {
+            Ok(events_for(client, ns, name)
+                .await?
+                .iter()
+                .any(|r| r == reason)
+                .then_some(()))
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn gateway_gets_config_map_status_columns_and_is_garbage_collected() -> Result<()> {
-    let (cp, client) = setup().await?;
-    let ns = TestNamespace::create(&client, "op-life").await?;
+    let (cp, client, ns) = setup_namespace("op-life").await?;
     let op = Operator::start(cp, ns.name(), "op-life-0", 15)?;
     create_secret(&client, ns.name(), "tendrl-key").await?;
     let api = gateways(&client, ns.name());
-    api.create(
-        &PostParams::default(),
-        &gateway("demo", minimal_spec("tendrl-key"))?,
-    )
-    .await?;
+    create_gateway(&api, "demo", "tendrl-key").await?;
 
     let gw = wait_condition(&api, "demo", "Ready", "True").await?;
     assert_eq!(condition(&gw, "ConfigValid").unwrap().0, "True");
@@ -391,15 +430,10 @@ async fn gateway_gets_config_map_status_columns_and_is_garbage_collected() -> Re
 
 #[tokio::test]
 async fn missing_secret_is_reported_then_fixed_by_creating_it() -> Result<()> {
-    let (cp, client) = setup().await?;
-    let ns = TestNamespace::create(&client, "op-secret").await?;
+    let (cp, client, ns) = setup_namespace("op-secret").await?;
     let _op = Operator::start(cp, ns.name(), "op-secret-0", 15)?;
     let api = gateways(&client, ns.name());
-    api.create(
-        &PostParams::default(),
-        &gateway("gw", minimal_spec("later"))?,
-    )
-    .await?;
+    create_gateway(&api, "gw", "later").await?;
 
     let gw = wait_condition(&api, "gw", "ConfigValid", "False").await?;
     let (_, reason, message) = condition(&gw, "ConfigValid").unwrap();
@@ -412,13 +446,7 @@ async fn missing_secret_is_reported_then_fixed_by_creating_it() -> Result<()> {
     let generation = gw.metadata.generation;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns.name());
     assert!(cms.get_opt("gw-agent-config").await?.is_none());
-    wait_for("SecretMissing event", Duration::from_secs(10), || async {
-        Ok(events_for(&client, ns.name(), "gw")
-            .await?
-            .contains(&"SecretMissing".to_string())
-            .then_some(()))
-    })
-    .await?;
+    wait_event(&client, ns.name(), "gw", "SecretMissing").await?;
 
     // Creating the Secret alone (the gateway is not touched) makes it Ready.
     create_secret(&client, ns.name(), "later").await?;
@@ -439,8 +467,7 @@ async fn missing_secret_is_reported_then_fixed_by_creating_it() -> Result<()> {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_by_schema_or_flagged_in_status() -> Result<()> {
-    let (cp, client) = setup().await?;
-    let ns = TestNamespace::create(&client, "op-invalid").await?;
+    let (cp, client, ns) = setup_namespace("op-invalid").await?;
     let _op = Operator::start(cp, ns.name(), "op-invalid-0", 15)?;
     create_secret(&client, ns.name(), "k").await?;
     let api = gateways(&client, ns.name());
@@ -491,13 +518,7 @@ async fn invalid_specs_are_rejected_by_schema_or_flagged_in_status() -> Result<(
         ),
         "{message}"
     );
-    wait_for("ConfigInvalid event", Duration::from_secs(10), || async {
-        Ok(events_for(&client, ns.name(), "semantic")
-            .await?
-            .contains(&"ConfigInvalid".to_string())
-            .then_some(()))
-    })
-    .await?;
+    wait_event(&client, ns.name(), "semantic", "ConfigInvalid").await?;
 
     // Fixing the spec makes it Ready.
     cp.kubectl(&[
@@ -517,8 +538,7 @@ async fn invalid_specs_are_rejected_by_schema_or_flagged_in_status() -> Result<(
 #[tokio::test]
 async fn two_operators_elect_exactly_one_leader_and_hand_over() -> Result<()> {
     const LEASE: u64 = 6;
-    let (cp, client) = setup().await?;
-    let ns = TestNamespace::create(&client, "op-leader").await?;
+    let (cp, client, ns) = setup_namespace("op-leader").await?;
     create_secret(&client, ns.name(), "k").await?;
     let a = Operator::start(cp, ns.name(), "replica-a", LEASE)?;
     let b = Operator::start(cp, ns.name(), "replica-b", LEASE)?;
@@ -542,11 +562,7 @@ async fn two_operators_elect_exactly_one_leader_and_hand_over() -> Result<()> {
 
     // The leader reconciles.
     let api = gateways(&client, ns.name());
-    api.create(
-        &PostParams::default(),
-        &gateway("before", minimal_spec("k"))?,
-    )
-    .await?;
+    create_gateway(&api, "before", "k").await?;
     wait_condition(&api, "before", "Ready", "True").await?;
 
     // Kill the leader without a chance to release the lease.
@@ -574,11 +590,7 @@ async fn two_operators_elect_exactly_one_leader_and_hand_over() -> Result<()> {
         lease.spec.and_then(|s| s.holder_identity).as_deref(),
         Some(follower.identity.as_str())
     );
-    api.create(
-        &PostParams::default(),
-        &gateway("after", minimal_spec("k"))?,
-    )
-    .await?;
+    create_gateway(&api, "after", "k").await?;
     wait_condition(&api, "after", "Ready", "True").await?;
 
     // SIGTERM releases the lease for an immediate handover.
@@ -602,8 +614,7 @@ async fn two_operators_elect_exactly_one_leader_and_hand_over() -> Result<()> {
 #[tokio::test]
 async fn cold_start_200_gateways() -> Result<()> {
     const N: usize = 200;
-    let (cp, client) = setup().await?;
-    let ns = TestNamespace::create(&client, "op-scale").await?;
+    let (cp, client, ns) = setup_namespace("op-scale").await?;
     create_secret(&client, ns.name(), "k").await?;
     let api = gateways(&client, ns.name());
     for i in 0..N {
@@ -685,27 +696,15 @@ async fn cold_start_200_gateways() -> Result<()> {
 #[tokio::test]
 async fn a_pod_created_as_the_operator_starts_is_injected() -> Result<()> {
     let (cp, client) = setup().await?;
-    let ns = TestNamespace::create(&client, "op-start").await?;
-    let operator_ns = TestNamespace::create(&client, "op-start-sys").await?;
+    let (ns, operator_ns) = namespaces(&client, "op-start").await?;
     create_secret(&client, ns.name(), "key").await?;
-    gateways(&client, ns.name())
-        .create(&PostParams::default(), &gateway("gw", minimal_spec("key"))?)
-        .await?;
-    let operator = nanogate_e2e::namespace_operator(
+    create_gateway(&gateways(&client, ns.name()), "gw", "key").await?;
+    let operator = webhook_operator(cp, &ns, &operator_ns)?;
+    let webhook_port = operator.webhook_port;
+    let _operator = operator.spawn(
         cp,
-        "nanogate.io/e2e-webhook",
-        ns.name(),
-        operator_ns.name(),
-    )?;
-    let (webhook_port, admin_port) = (operator.webhook_port, operator.admin_port);
-    let mut args = operator.args;
-    args.push("--hub-advertise=127.0.0.1:7051".into());
-    let _operator = Process::spawn_with_env(
         "operator-op-start",
-        &nanogate_e2e::workspace_binary("nanogate-operator")?,
-        &args,
-        &[("KUBECONFIG", cp.kubeconfig_path().display().to_string())],
-        cp.dir(),
+        &["--hub-advertise=127.0.0.1:7051".into()],
     )?;
     // The moment the webhook listens (its certificate and caBundle are in place by then).
     wait_for("the webhook to listen", Duration::from_secs(60), || async {
@@ -727,10 +726,401 @@ async fn a_pod_created_as_the_operator_starts_is_injected() -> Result<()> {
         "the pod created as the operator started was not injected"
     );
     // Ready once synced.
-    wait_for("/readyz to say ready", Duration::from_secs(30), || async {
-        let out = admin_get(admin_port, "/readyz")?;
-        Ok(out.starts_with("HTTP/1.1 200").then_some(()))
+    operator.wait_ready(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Pod watches the apiserver holds open, whatever their scope: `apiserver_longrunning_gauge`
+/// (`apiserver_longrunning_requests` from v1.23 on) of `resource="pods", verb="WATCH"`, summed.
+async fn open_pod_watches(client: &Client) -> Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_longrunning_gauge{")
+                || l.starts_with("apiserver_longrunning_requests{")
+        })
+        .filter(|l| l.contains(r#"resource="pods""#) && l.contains(r#"verb="WATCH""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The operator watches pods once, metadata only, and shares that watch between the
+/// controller (which gateway a pod belongs to) and the hub (sessions of deleted pods,
+/// run-to-completion sidecars): a second pod watch would double what the apiserver sends
+/// it for every pod of the cluster. On a control plane of its own, so no other operator's
+/// watches count.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_watches_pods_once() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    nanogate_e2e::install_crd(&cp)?;
+    let client = cp.client().await?;
+    let (ns, operator_ns) = namespaces(&client, "one-watch").await?;
+    let before = open_pod_watches(&client).await?;
+    let operator = webhook_operator(&cp, &ns, &operator_ns)?;
+    let hub_port = nanogate_e2e::free_port()?;
+    let _operator = operator.spawn(
+        &cp,
+        "operator-one-watch",
+        &[
+            format!("--hub-addr=127.0.0.1:{hub_port}"),
+            format!("--hub-advertise=127.0.0.1:{hub_port}"),
+        ],
+    )?;
+    operator.wait_ready(Duration::from_secs(60)).await?;
+    // Controller and hub both started; give every watch they open time to be counted.
+    let mut counts = Vec::new();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        counts.push(open_pod_watches(&client).await? - before);
+    }
+    assert!(
+        counts.iter().all(|&n| n == 1.0),
+        "pod watches the operator held open, every 0.5 s after it was ready (expected 1): {counts:?}"
+    );
+    Ok(())
+}
+
+/// Issue 19: after an upgrade (here the operator restarted with another `--sidecar-image`, as
+/// `helm upgrade` does with a new `sidecar.image`), a gateway counts the pods still running the
+/// previous sidecar image (`sidecars.outdated`, a `SidecarsOutdated` event naming both images);
+/// with `nanogate.io/repair: rollout` the operator restarts their Deployment, the new pod gets
+/// the new image and the count returns to 0. The same for a changed pod setting of the gateway
+/// (its log level), with the event saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_reports_outdated_sidecars_and_the_rollout_repair_moves_them() -> Result<()> {
+    const OLD: &str = "registry.example/nano-agent:0.2.0";
+    const NEW: &str = "registry.example/nano-agent:0.3.0";
+    let (cp, client) = setup().await?;
+    let (ns, operator_ns) = namespaces(&client, "outdated").await?;
+    create_secret(&client, ns.name(), "key").await?;
+    let api = gateways(&client, ns.name());
+    create_gateway(&api, "gw", "key").await?;
+    let operator = webhook_operator(cp, &ns, &operator_ns)?;
+    let start = |image: &str| {
+        spawn_with(
+            &operator,
+            cp,
+            "operator-outdated",
+            format!("--sidecar-image={image}"),
+        )
+    };
+    let ready = || operator.wait_ready(Duration::from_secs(60));
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns.name());
+    // The live pods' sidecars: image and log level (`NANOGATE_LOG_LEVEL`).
+    let sidecars = || async {
+        let list = pods.list(&ListParams::default()).await?;
+        Ok::<_, anyhow::Error>(
+            list.items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| {
+                    let sidecar = nanogate_e2e::kubelet::sidecar_container(p);
+                    let level = sidecar
+                        .and_then(|c| c.env.as_ref())
+                        .and_then(|env| env.iter().find(|e| e.name == "NANOGATE_LOG_LEVEL"))
+                        .and_then(|e| e.value.clone());
+                    let image = sidecar.and_then(|c| c.image.clone());
+                    (image.unwrap_or_default(), level.unwrap_or_default())
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let sidecar_images = || async {
+        Ok::<_, anyhow::Error>(
+            sidecars()
+                .await?
+                .into_iter()
+                .map(|(image, _)| image)
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    let annotate = |annotation: &str| {
+        cp.kubectl(&[
+            "-n",
+            ns.name(),
+            "annotate",
+            "agentgateway",
+            "gw",
+            annotation,
+        ])
+    };
+    // Waits up to `secs` (for `what`) until the live pods' sidecars run `image` (one pod).
+    let images_become = |what: &'static str, image: &'static str, secs: u64| {
+        let sidecar_images = &sidecar_images;
+        async move {
+            wait_for(what, Duration::from_secs(secs), || async {
+                Ok((sidecar_images().await? == [image]).then_some(()))
+            })
+            .await
+        }
+    };
+
+    let mut old_operator = start(OLD)?;
+    ready().await?;
+    // No kubelet runs these pods: `Recreate` lets the rollout replace a pod that never becomes
+    // ready (an unscheduled pod is deleted at once).
+    nanogate_e2e::apply_yaml(
+        cp.kubeconfig_path(),
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: app, namespace: {ns}}}
+spec:
+  replicas: 1
+  strategy: {{type: Recreate}}
+  selector: {{matchLabels: {{app: app}}}}
+  template:
+    metadata:
+      labels: {{app: app}}
+      annotations: {{nanogate.io/inject: "true"}}
+    spec:
+      containers: [{{name: app, image: app}}]
+"#,
+            ns = ns.name()
+        ),
+    )?;
+    images_become("the pod injected with the old image", OLD, 60).await?;
+
+    // The upgrade.
+    old_operator.stop();
+    let _new_operator = start(NEW)?;
+    ready().await?;
+    let outdated = |n: i64| {
+        let api = api.clone();
+        async move {
+            wait_for(
+                &format!("sidecars.outdated == {n}"),
+                Duration::from_secs(60),
+                || async {
+                    let gw = api.get("gw").await?;
+                    let sidecars = &gw.data["status"]["sidecars"];
+                    Ok((sidecars["outdated"].as_i64() == Some(n)
+                        && sidecars["expected"].as_i64() == Some(1))
+                    .then_some(()))
+                },
+            )
+            .await
+        }
+    };
+    outdated(1).await?;
+    let event = nanogate_e2e::wait_for_event(
+        &client,
+        ns.name(),
+        "gw",
+        "SidecarsOutdated",
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert!(
+        event.contains(OLD) && event.contains(NEW) && event.contains("nanogate.io/repair=rollout"),
+        "the event names what runs, what should, and what to do: {event}"
+    );
+
+    annotate("nanogate.io/repair=rollout")?;
+    images_become("the pod replaced with the new image", NEW, 90).await?;
+    outdated(0).await?;
+
+    // A pod setting of the gateway changes (log level: in the pod's spec, so only a restart
+    // applies it): the same image, still outdated, and rolled the same way.
+    annotate("nanogate.io/repair-")?;
+    api.patch(
+        "gw",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"sidecar": {"logLevel": "debug"}}})),
+    )
+    .await?;
+    outdated(1).await?;
+    let note = wait_for(
+        "a SidecarsOutdated event about the pod settings",
+        Duration::from_secs(30),
+        || async {
+            Ok(nanogate_e2e::events_about(&client, ns.name(), "gw")
+                .await?
+                .into_iter()
+                .find(|(reason, note)| {
+                    reason == "SidecarsOutdated" && note.contains("pod settings")
+                })
+                .map(|(_, note)| note))
+        },
+    )
+    .await?;
+    assert!(
+        note.contains("logLevel") && !note.contains("instead of"),
+        "the event says the pod settings changed, not the image: {note}"
+    );
+    annotate("nanogate.io/repair=rollout")?;
+    wait_for(
+        "the pod replaced with the debug log level",
+        Duration::from_secs(90),
+        || async {
+            Ok((sidecars().await? == [(NEW.to_string(), "debug".to_string())]).then_some(()))
+        },
+    )
+    .await?;
+    outdated(0).await?;
+    Ok(())
+}
+
+/// Issue 19: the CRD upgrades with the operator. Helm installs a chart's `crds/` once and never
+/// upgrades them; an operator started with `--manage-crd` (the chart's default) replaces the
+/// stored CRD of the previous release (the fixture is release 0.1.0's, from before schema
+/// revisions) with its own. Before, the apiserver prunes the fields this release added (a
+/// user's `spec.delivery.maxInFlight`, the reconciler's `status.sidecars.outdated`); after,
+/// they persist, and the gateway created under the old CRD still validates. On a control plane of its own: a CRD is cluster-wide.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_upgrades_the_previous_releases_crd() -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let cp = ControlPlane::start().await?;
+    nanogate_e2e::install_crd_from(&cp, "e2e/tests/fixtures/agentgateway-crd-0.1.0.yaml")?;
+    let client = cp.client().await?;
+    let (ns, operator_ns) = namespaces(&client, "crd-upgrade").await?;
+    create_secret(&client, ns.name(), "key").await?;
+    let api = gateways(&client, ns.name());
+    create_gateway(&api, "old", "key").await?;
+    let operator = webhook_operator(&cp, &ns, &operator_ns)?;
+    let start = |manage_crd: bool| {
+        let flag = format!("--manage-crd={manage_crd}");
+        spawn_with(&operator, &cp, "operator-crd-upgrade", flag)
+    };
+    let sidecars = || async {
+        let gw = wait_condition(&api, "old", "Ready", "True").await?;
+        Ok::<_, anyhow::Error>(gw.data["status"]["sidecars"].clone())
+    };
+
+    // A spec field this release added (`spec.delivery.maxInFlight`), set by a user.
+    let set_max_in_flight = || async {
+        let patch = json!({"spec": {"delivery": {"maxInFlight": 8}}});
+        let gw = api
+            .patch("old", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok::<_, anyhow::Error>(gw.data["spec"]["delivery"].get("maxInFlight").cloned())
+    };
+
+    // This release's operator on the old CRD: the fields this release added are pruned.
+    let mut without = start(false)?;
+    let before = sidecars().await?;
+    assert_eq!(
+        set_max_in_flight().await?,
+        None,
+        "the old CRD prunes maxInFlight"
+    );
+    assert!(
+        before.get("expected").is_some() && before.get("outdated").is_none(),
+        "the old CRD prunes status.sidecars.outdated: {before}"
+    );
+    without.stop();
+
+    let _with = start(true)?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    wait_for("the CRD upgraded", Duration::from_secs(60), || async {
+        let crd = crds.get("agentgateways.nanogate.io").await?;
+        let revision = crd
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("nanogate.io/schema-revision")
+            .cloned();
+        Ok(
+            (revision == Some(nanogate_operator::crd::upgrade::SCHEMA_REVISION.to_string()))
+                .then_some(()),
+        )
     })
     .await?;
+    wait_for(
+        "status.sidecars.outdated to persist",
+        Duration::from_secs(60),
+        || async {
+            let after = sidecars().await?;
+            Ok((after.get("outdated") == Some(&json!(0))).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Issue 20: a status write (the hub's, about one per gateway every 5 s at fleet scale) does not
+/// re-run the gateway's reconcile — each run lists the metadata of the namespace's pods, so at
+/// 10,000 sidecars the re-runs made the operator's memory grow with the fleet — while a change
+/// of what the reconcile reads (here an annotation) still does.
+#[tokio::test]
+async fn status_writes_do_not_rerun_the_reconciler() -> Result<()> {
+    let (cp, client) = setup().await?;
+    let ns = TestNamespace::create(&client, "status-only").await?;
+    create_secret(&client, ns.name(), "k").await?;
+    let api = gateways(&client, ns.name());
+    api.create(&PostParams::default(), &gateway("gw", minimal_spec("k"))?)
+        .await?;
+    let op = Operator::start(cp, ns.name(), "status-only", 15)?;
+    wait_for("the gateway Ready", Duration::from_secs(60), || async {
+        let gw = api.get("gw").await?;
+        Ok(condition(&gw, "Ready")
+            .is_some_and(|(s, _, _)| s == "True")
+            .then_some(()))
+    })
+    .await?;
+    // Let the reconciles of the operator's own first writes finish.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = op.metric("nanogate_operator_reconciles_total")?;
+    for connected in 0..10 {
+        api.patch_status(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"sidecars": {"connected": connected}}})),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = op.metric("nanogate_operator_reconciles_total")?;
+    assert_eq!(
+        after - before,
+        0.0,
+        "10 status-only writes re-ran the reconciler {} time(s)",
+        after - before
+    );
+    cp.kubectl(&["-n", ns.name(), "annotate", "agentgateway", "gw", "e2e=1"])?;
+    wait_for(
+        "an annotation to re-run the reconciler",
+        Duration::from_secs(30),
+        || async { Ok((op.metric("nanogate_operator_reconciles_total")? > after).then_some(())) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Issue 20: a gateway's census lists its namespace's pods a page (250) at a time, dropping
+/// each pod's managed fields as it goes, so a namespace of thousands of pods never sits in the
+/// operator's memory whole; every page counts. 260 opted-in pods created while no webhook runs
+/// (so none is injected) span two pages: all 260 are expected and reported not injected.
+#[tokio::test]
+async fn the_census_counts_every_page_of_a_large_namespace() -> Result<()> {
+    const PODS: usize = 260;
+    let (cp, client, ns) = setup_namespace("op-census").await?;
+    create_secret(&client, ns.name(), "key").await?;
+    let pods: Vec<String> = (0..PODS)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: app-{i}, namespace: {ns}, \
+                 annotations: {{nanogate.io/inject: \"true\"}}}}\n\
+                 spec: {{containers: [{{name: app, image: app}}]}}\n",
+                ns = ns.name()
+            )
+        })
+        .collect();
+    nanogate_e2e::apply_yaml(cp.kubeconfig_path(), &pods.join("---\n"))?;
+    let api = gateways(&client, ns.name());
+    create_gateway(&api, "gw", "key").await?;
+    let op = Operator::start(cp, ns.name(), "op-census-0", 15)?;
+    let counted = wait_for("all 260 pods counted", Duration::from_secs(60), || async {
+        let gw = api.get("gw").await?;
+        let sidecars = gw.data["status"]["sidecars"].clone();
+        Ok((sidecars["expected"] == PODS).then_some(sidecars))
+    })
+    .await
+    .map_err(|e| e.context(op.process.log_tail(20)))?;
+    assert_eq!(counted["notInjected"], PODS, "{counted}");
     Ok(())
 }

@@ -508,6 +508,55 @@ fn owners(dir: &Path) -> Result<Vec<(PathBuf, u32, u32)>> {
     Ok(found)
 }
 
+/// The value of field `name` of a `/proc/<pid>/status` ([`proc_status`]); empty when absent.
+fn proc_field<'a>(status: &'a [(String, String)], name: &str) -> &'a str {
+    status
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default()
+}
+
+/// A test container `nanogate-shipping-<kind>-<pid>`, removed (with `dir`) when dropped.
+fn shipping_container(kind: &str, dir: Option<PathBuf>) -> Container {
+    Container {
+        name: format!("nanogate-shipping-{kind}-{}", std::process::id()),
+        dir,
+    }
+}
+
+/// Stops container `name` as the kubelet does (SIGTERM, 30 s grace): how long it took, its
+/// exit code and its log.
+fn stop_container(name: &str) -> Result<(Duration, String, String)> {
+    let stop = Instant::now();
+    podman_ok(&["stop", "--time", "30", name])?;
+    let stopped_in = stop.elapsed();
+    Ok((
+        stopped_in,
+        container_state(name, "ExitCode")?,
+        container_logs(name),
+    ))
+}
+
+/// `podman run --detach --name <name>` without network, on a read-only root, with no
+/// capabilities and no privilege escalation; the caller adds the rest.
+fn locked_down_run(name: &str) -> Vec<&str> {
+    vec![
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        "none",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ]
+}
+
 /// How the injector's nano-agent container runs under podman: the `podman run` arguments and
 /// where the socket is in the container.
 struct AgentRun {
@@ -675,10 +724,7 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
-    let container = Container {
-        name: format!("nanogate-shipping-agent-{}", std::process::id()),
-        dir: Some(dir.clone()),
-    };
+    let container = shipping_container("agent", Some(dir.clone()));
     let run = injected_agent_run(&sidecar, &container.name, &dir, &platform, admin_port)?;
     let socket_dir = run.socket_dir.clone();
     let host_socket = run.host_socket(&dir)?;
@@ -694,13 +740,7 @@ async fn nano_agent_image_serves_its_socket_as_65532_as_the_injector_runs_it() -
     // The process, as the kernel sees it.
     let pid = state("Pid")?;
     let status = proc_status(&pid)?;
-    let field = |name: &str| {
-        status
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_default()
-    };
+    let field = |name: &str| proc_field(&status, name);
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
     let argv0 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default());
     ensure!(
@@ -945,27 +985,10 @@ async fn example_app_image_runs_as_10001_with_sh_and_the_shell_client() -> Resul
     }
 
     // The loop without a socket: retries, as the kernel's uid 10001, and exits 0 on SIGTERM.
-    let container = Container {
-        name: format!("nanogate-shipping-app-alone-{}", std::process::id()),
-        dir: None,
-    };
-    podman_ok(&[
-        "run",
-        "--detach",
-        "--name",
-        &container.name,
-        "--network",
-        "none",
-        "--read-only",
-        "--read-only-tmpfs=false",
-        "--cap-drop",
-        "ALL",
-        "--security-opt",
-        "no-new-privileges",
-        "--env",
-        "PUBLISH_INTERVAL=1",
-        reference,
-    ])?;
+    let container = shipping_container("app-alone", None);
+    let mut args = locked_down_run(&container.name);
+    args.extend(["--env", "PUBLISH_INTERVAL=1", reference]);
+    podman_ok(&args)?;
     nanogate_e2e::wait_for(
         "the app to retry without a socket",
         Duration::from_secs(30),
@@ -978,13 +1001,7 @@ async fn example_app_image_runs_as_10001_with_sh_and_the_shell_client() -> Resul
     .with_context(|| container_logs(&container.name))?;
     let pid = container_state(&container.name, "Pid")?;
     let status = proc_status(&pid)?;
-    let field = |name: &str| {
-        status
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let field = |name: &str| proc_field(&status, name);
     let ids = format!("{APP_UID} {APP_UID} {APP_UID} {APP_UID}");
     ensure!(
         field("Uid") == ids && field("Gid") == ids,
@@ -992,11 +1009,7 @@ async fn example_app_image_runs_as_10001_with_sh_and_the_shell_client() -> Resul
         field("Uid"),
         field("Gid")
     );
-    let stop = Instant::now();
-    podman_ok(&["stop", "--time", "30", &container.name])?;
-    let stopped_in = stop.elapsed();
-    let code = container_state(&container.name, "ExitCode")?;
-    let log = container_logs(&container.name);
+    let (stopped_in, code, log) = stop_container(&container.name)?;
     ensure!(
         code == "0" && log.contains("publish-loop: SIGTERM: 0 messages published, exiting"),
         "the app exited with {code} on SIGTERM; log:\n{log}"
@@ -1053,28 +1066,15 @@ async fn example_app_image_publishes_through_the_nano_agent_image() -> Result<()
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
     // Dropped last: removes the agent's container and the directory.
-    let agent = Container {
-        name: format!("nanogate-shipping-app-agent-{}", std::process::id()),
-        dir: Some(dir.clone()),
-    };
+    let agent = shipping_container("app-agent", Some(dir.clone()));
     let run = injected_agent_run(&sidecar, &agent.name, &dir, &platform, admin_port)?;
     let host_socket = run.host_socket(&dir)?;
 
     // (container, --user, the uid it publishes as)
     let apps: Vec<(Container, Option<&str>, u64)> = vec![
+        (shipping_container("app", None), None, APP_UID.into()),
         (
-            Container {
-                name: format!("nanogate-shipping-app-{}", std::process::id()),
-                dir: None,
-            },
-            None,
-            APP_UID.into(),
-        ),
-        (
-            Container {
-                name: format!("nanogate-shipping-app-openshift-{}", std::process::id()),
-                dir: None,
-            },
+            shipping_container("app-openshift", None),
             Some("1000680000:0"),
             1_000_680_000,
         ),
@@ -1082,26 +1082,15 @@ async fn example_app_image_publishes_through_the_nano_agent_image() -> Result<()
     for (container, user, _) in &apps {
         let volume = format!("{}:{}", dir.display(), run.socket_dir);
         let socket_env = format!("TENDRL_SOCKET_PATH={}", run.socket_path);
-        let mut args = vec![
-            "run",
-            "--detach",
-            "--name",
-            &container.name,
-            "--network",
-            "none",
-            "--read-only",
-            "--read-only-tmpfs=false",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
+        let mut args = locked_down_run(&container.name);
+        args.extend([
             "--volume",
             &volume,
             "--env",
             &socket_env,
             "--env",
             "PUBLISH_INTERVAL=1",
-        ];
+        ]);
         if let Some(user) = user {
             args.extend(["--user", user]);
         }
@@ -1186,11 +1175,7 @@ async fn example_app_image_publishes_through_the_nano_agent_image() -> Result<()
 
     let mut summary = Vec::new();
     for (container, _, uid) in &apps {
-        let stop = Instant::now();
-        podman_ok(&["stop", "--time", "30", &container.name])?;
-        let stopped_in = stop.elapsed();
-        let code = container_state(&container.name, "ExitCode")?;
-        let log = container_logs(&container.name);
+        let (stopped_in, code, log) = stop_container(&container.name)?;
         ensure!(
             code == "0" && log.contains("publish-loop: SIGTERM: "),
             "{} exited with {code} on SIGTERM; log:\n{log}",
@@ -1455,18 +1440,7 @@ async fn deploy_manifest_and_k8s_examples_pass_server_dry_run() -> Result<()> {
         file_to_apply = copy.clone();
         downgraded = Some(copy);
     }
-    let out = run_kubectl(
-        kubeconfig,
-        &[
-            "apply",
-            "--dry-run=server",
-            "--validate=strict",
-            "-o",
-            "name",
-            "-f",
-            file_to_apply.to_str().context("utf-8 path")?,
-        ],
-    );
+    let out = nanogate_e2e::server_dry_run(kubeconfig, &file_to_apply);
     if let Some(copy) = downgraded {
         let _ = std::fs::remove_file(copy);
     }

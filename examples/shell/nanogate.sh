@@ -15,7 +15,7 @@
 #
 # The exit status is the helper's: 0, 1 (agent unreachable) or 2 (error reply).
 #
-# The protocol (ARCHITECTURE §3, sidecar/README.md): write one JSON message; replies have no
+# The protocol (docs/architecture.md "App socket", sidecar/README.md): write one JSON message; replies have no
 # delimiter, so every call is one connection: write, half-close, read until the agent closes.
 # An empty reply means "accepted". Build JSON with a real encoder (jq) when values come from
 # outside; this demo only uses constants.

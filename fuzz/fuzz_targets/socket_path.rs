@@ -12,7 +12,7 @@
 use std::fmt;
 
 use libfuzzer_sys::fuzz_target;
-use nanogate_protocol::app::{Decoded, Limits, Publish, Request, StreamDecoder};
+use nanogate_protocol::app::{Decoded, Limits, Publish, Request, Stamp, StreamDecoder};
 use nanogate_sidecar::spool::RecordBuf;
 use serde::Deserialize as _;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
@@ -27,10 +27,10 @@ const SOURCE: &str = "ns/pod";
 /// `[len u32 LE][crc32 u32 LE]` before each record's payload (sidecar/src/spool.rs).
 const RECORD_HEADER: u64 = 8;
 
-/// The stamping step, in one place: the only call that changes when `write_envelope`'s
-/// signature does.
+/// The stamping step, in one place, as the agent runs it: the entries encoded once
+/// (`Stamp`), copied into every envelope (`write_stamped`).
 fn stamp(publish: &Publish<'_>, out: &mut Vec<u8>) {
-    publish.write_envelope(out, NOW, SOURCE);
+    publish.write_stamped(out, &Stamp::new(NOW, SOURCE));
 }
 
 /// The top-level keys `source` and `timestamp` of an object: how often each appears (a JSON

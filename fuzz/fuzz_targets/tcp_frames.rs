@@ -1,4 +1,4 @@
-//! Fuzzes the TCP listener's frame decoder (seed 004 frames, newline-delimited JSON): arbitrary
+//! Fuzzes the TCP listener's frame decoder (SecureAgentMessaging frames, newline-delimited JSON): arbitrary
 //! bytes, fed whole, split at a point chosen by the input, and one byte at a time, must never
 //! panic and must decode the same frames either way; every accepted `data` payload must stamp
 //! into a JSON object, and every reply built for a frame must be one JSON line.

@@ -43,6 +43,11 @@ pub struct RunOptions {
     /// Log format.
     #[arg(long, value_enum, env = "NANOGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// At start, upgrade the stored AgentGateway CRD when it is of an older schema revision
+    /// (Helm never upgrades a chart's `crds/`). Needs get/update on that CRD (the chart grants
+    /// it with `crds.manage`, its default).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub manage_crd: bool,
     /// Webhook, hub and certificates.
     #[command(flatten)]
     pub servers: ServerOptions,
@@ -59,6 +64,7 @@ impl Default for RunOptions {
             leader_elect: true,
             namespace: None,
             log_format: LogFormat::Text,
+            manage_crd: false,
             servers: ServerOptions::default(),
         }
     }

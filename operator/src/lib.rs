@@ -6,6 +6,7 @@
 //!   shared with pods, users and the sidecar.
 //! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes; SIGTERM.
 //! - [`watch`]: reflector stores fed by watches that restart on errors.
+//! - [`pods`]: the one pod watch (metadata only) the controller and the hub share.
 //! - [`events`]: Kubernetes events, said again when their message changes.
 //! - [`tls`]: the self-made CA and serving certificate, rotation, `caBundle`, the swappable
 //!   rustls certificate the webhook and the hub serve.
@@ -24,6 +25,7 @@
 //!   status writer.
 //! - [`start`]: start-up of certificates, webhook and hub.
 //! - [`cli`]: the flags of `nanogate-operator run` and log set-up.
+//! - [`selftest`]: `nanogate-operator selftest`, what the chart's `helm test` hook runs.
 //! - This file: the run loop (admin server, leader election, controller).
 
 pub mod admin;
@@ -36,6 +38,8 @@ pub mod hub;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod pods;
+pub mod selftest;
 pub mod shutdown;
 pub mod start;
 pub mod status;
@@ -113,6 +117,38 @@ impl Running {
     }
 }
 
+/// Brings the stored CRD up to this operator's schema ([`crd::upgrade`]); a failure is logged
+/// and the operator runs on (with the fields the stored schema knows).
+async fn upgrade_crd(client: &Client) {
+    use crd::upgrade::{CRD_NAME, Outcome, SCHEMA_REVISION};
+    match crd::upgrade::upgrade(client).await {
+        Ok(Outcome::Upgraded { from }) => {
+            info!(
+                crd = CRD_NAME,
+                from,
+                to = SCHEMA_REVISION,
+                "upgraded the CRD's schema"
+            )
+        }
+        Ok(Outcome::Current) => info!(crd = CRD_NAME, revision = SCHEMA_REVISION, "CRD is current"),
+        Ok(Outcome::Newer(revision)) => warn!(
+            crd = CRD_NAME,
+            revision,
+            ours = SCHEMA_REVISION,
+            "the CRD is of a newer schema than this operator; left alone (is an older operator still running?)"
+        ),
+        Ok(Outcome::Missing) => warn!(
+            crd = CRD_NAME,
+            "the CRD is not installed: install it with the chart or `nanogate-operator crd | kubectl apply -f -`"
+        ),
+        Err(error) => warn!(
+            crd = CRD_NAME,
+            %error,
+            "cannot upgrade the CRD (needs get/update on it: the chart's crds.manage); fields this version added are pruned until `kubectl apply -f crds/`"
+        ),
+    }
+}
+
 /// Run the operator with `client` until `shutdown`: the admin server on every replica, the
 /// controller only while this replica holds the lease (or always with `leader_elect: false`).
 /// `metrics` lets callers (tests, benches) read counters such as API writes.
@@ -125,6 +161,9 @@ pub async fn run_with_client(
     let identity = opts.identity.clone().unwrap_or_else(default_identity);
     // A bad image policy stops the operator before it serves anything.
     let images = opts.servers.sidecar_images()?;
+    if opts.manage_crd {
+        upgrade_crd(&client).await;
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let listener = admin::bind(opts.admin_addr)
         .await
@@ -140,6 +179,8 @@ pub async fn run_with_client(
         admin_stopped.fired(),
     ));
 
+    // The one pod watch, shared by the hub (every replica) and the controller (the leader).
+    let pods = pods::PodWatch::new(client.clone(), opts.namespace.as_deref());
     // Webhook and hub serve on every replica; they stop when `servers_stop` flips.
     let (servers_stop, servers_stopped) = shutdown::channel();
     let (hub_ca, owner, hub) = if opts.servers.enabled() {
@@ -147,6 +188,7 @@ pub async fn run_with_client(
             client.clone(),
             &opts.servers,
             opts.namespace.as_deref(),
+            &pods,
             &metrics.registry,
             metrics.leader.clone(),
             servers_stopped,
@@ -173,7 +215,8 @@ pub async fn run_with_client(
         controller::Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
             .with_namespace(opts.namespace.clone())
             .with_hub_ca(hub_ca)
-            .with_sidecar_images(images),
+            .with_sidecar_images(images)
+            .with_pod_watch(pods),
     );
     let mut shutdown = std::pin::pin!(shutdown);
 

@@ -35,6 +35,11 @@ pub const CPU_REQUEST_ANNOTATION: &str = "nanogate.io/sidecar-cpu-request";
 pub const CPU_LIMIT_ANNOTATION: &str = "nanogate.io/sidecar-cpu-limit";
 pub const MEMORY_REQUEST_ANNOTATION: &str = "nanogate.io/sidecar-memory-request";
 pub const MEMORY_LIMIT_ANNOTATION: &str = "nanogate.io/sidecar-memory-limit";
+/// Per-pod override of the sidecar's admin port (`spec.sidecar.adminPort`): 1024–65535.
+pub const ADMIN_PORT_ANNOTATION: &str = "nanogate.io/sidecar-admin-port";
+/// Per-pod override of the sidecar's log level (`spec.sidecar.logLevel`): `error`, `warn`,
+/// `info`, `debug` or `trace`.
+pub const LOG_LEVEL_ANNOTATION: &str = "nanogate.io/sidecar-log-level";
 /// Gateway annotation that opts into automatic repair; the only value is `rollout`.
 pub const REPAIR_ANNOTATION: &str = "nanogate.io/repair";
 /// Pod-template annotation the repair sets (the time of the restart, RFC 3339).
@@ -113,7 +118,8 @@ pub const TCP_TLS_DIR: &str = "/etc/nanogate/tcp-tls";
 /// Audience and lifetime of the projected service-account token presented to the hub.
 pub const HUB_TOKEN_AUDIENCE: &str = "nanogate-hub";
 pub const HUB_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
-/// The sidecar's admin port (`/metrics`, `/healthz`, `/readyz`).
+/// The sidecar's default admin port (`/metrics`, `/healthz`, `/readyz`); a gateway chooses
+/// another with `spec.sidecar.adminPort`, a pod with [`ADMIN_PORT_ANNOTATION`].
 pub const SIDECAR_ADMIN_PORT: u16 = 9091;
 /// Names of the sidecar's container ports.
 pub const ADMIN_PORT_NAME: &str = "nanogate-admin";

@@ -17,6 +17,7 @@ use crate::cli::ServerOptions;
 use crate::crd::AgentGateway;
 use crate::gateway::ValidatedGateway;
 use crate::hub::{self, Bounded, Hub, TokenReviewAuthenticator};
+use crate::pods::PodWatch;
 use crate::shutdown::Shutdown;
 use crate::tls::{self, CertConfig, CertFiles, follow_cert_dir};
 use crate::watch;
@@ -41,11 +42,13 @@ pub struct Servers {
 }
 
 /// Starts certificates, webhook and hub; they stop when `shutdown` flips to true. `scope`
-/// (`--namespace`) restricts the hub's status writer to that namespace.
+/// (`--namespace`) restricts the hub's status writer to that namespace; the hub follows pods
+/// through `pods`.
 pub async fn start(
     client: Client,
     opts: &ServerOptions,
     scope: Option<&str>,
+    pods: &PodWatch,
     registry: &Registry,
     leader: prometheus::IntGauge,
     shutdown: Shutdown,
@@ -123,6 +126,10 @@ pub async fn start(
             "gateways",
         );
         watch.detach();
+        // Per-gateway sidecar counts from the same store, read at scrape time.
+        let _ = registry.register(Box::new(crate::metrics::GatewaySidecars::new(
+            gateways.clone(),
+        )));
         webhook_synced = cluster::CacheSync::follow(&namespaces, &gateways);
         let lookup = cluster::StoreLookup {
             namespaces,
@@ -131,11 +138,12 @@ pub async fn start(
             native_supported,
             images: images.clone(),
         };
+        let policy = images.clone();
         let validator = move |object: &serde_json::Value| -> Result<(), Vec<String>> {
             let gateway: AgentGateway = serde_json::from_value(object.clone())
                 .map_err(|e| vec![format!("not an AgentGateway: {e}")])?;
             // The same check as the reconciler's and the injector's, image policy included.
-            ValidatedGateway::checked(&gateway, &images)
+            ValidatedGateway::checked(&gateway, &policy)
                 .map(drop)
                 .map_err(|errors| errors.iter().map(|e| e.to_string()).collect())
         };
@@ -197,12 +205,14 @@ pub async fn start(
         ));
         tokio::spawn(hub::jobs::run(
             client.clone(),
+            pods.clone(),
             hub.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(hub::status::run(
             client.clone(),
             scope.map(str::to_string),
+            images.clone(),
             hub.clone(),
             opts.status_interval,
             status_writes.clone(),

@@ -5,7 +5,7 @@
 //! other's fields):
 //!
 //! - the reconciler ([`OPERATOR_MANAGER`]): `observedGeneration`, `configHash`,
-//!   `sidecars.expected`, `sidecars.notInjected` and the conditions `Ready`, `ConfigValid` and
+//!   `sidecars.expected`, `sidecars.notInjected`, `sidecars.outdated` and the conditions `Ready`, `ConfigValid` and
 //!   `UpstreamTLSVerified`;
 //! - the hub's status writer ([`HUB_MANAGER`]): the conditions `UpstreamReachable` and
 //!   `SidecarsHealthy`, the other `sidecars` counts and `summary`, `messages`, `upstream`,
@@ -40,7 +40,7 @@ pub const OPERATOR_MANAGER: &str = crate::names::FIELD_MANAGER;
 pub const HUB_MANAGER: &str = crate::names::HUB_FIELD_MANAGER;
 
 /// `status.sidecars` fields the reconciler owns (it counts pods).
-const OPERATOR_SIDECAR_FIELDS: [&str; 2] = ["expected", "notInjected"];
+const OPERATOR_SIDECAR_FIELDS: [&str; 3] = ["expected", "notInjected", "outdated"];
 /// `status.sidecars` fields the hub owns (it counts connections).
 const HUB_SIDECAR_FIELDS: [&str; 4] = ["connected", "healthy", "currentConfig", "summary"];
 /// Top-level status fields the hub owns that the reconciler initialises.
@@ -252,7 +252,10 @@ mod tests {
             "SidecarsHealthy",
         ];
         assert_eq!(types(&op), all);
-        assert_eq!(op["sidecars"], json!({"expected": 2, "notInjected": 0}));
+        assert_eq!(
+            op["sidecars"],
+            json!({"expected": 2, "notInjected": 0, "outdated": 0})
+        );
         assert_eq!(op["observedGeneration"], 3);
         assert!(op.get("leftBehind").is_none() && op.get("messages").is_none());
 

@@ -35,13 +35,18 @@ where
             }
         }
     });
-    (reader, TaskGuard(Some(task)))
+    (reader, TaskGuard::new(task))
 }
 
 /// Aborts a background task when dropped, unless detached.
 pub struct TaskGuard(Option<tokio::task::JoinHandle<()>>);
 
 impl TaskGuard {
+    /// Aborts `task` when the guard is dropped.
+    pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Self(Some(task))
+    }
+
     /// Lets the task run for as long as the process does.
     pub fn detach(mut self) {
         self.0 = None;

@@ -1,6 +1,7 @@
 //! Lease election rounds against a mocked API server: create, renew, respect a live holder,
 //! take over an expired lease, lose a race (409), release.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -8,7 +9,9 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::client::Body;
 use nanogate_operator::leader::{LeaderElector, LeaseConfig, LeaseError, Round};
+use nanogate_operator::{Metrics, RunOptions, run_with_client};
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tower_test::mock::{self, Handle};
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
@@ -51,6 +54,12 @@ fn lease(holder: Option<&str>, renewed_secs_ago: i64) -> Value {
     })
 }
 
+/// A failed call's `Status` body.
+fn status(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "reason": reason, "code": code})
+}
+
 async fn body(req: Request<Body>) -> Value {
     serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap()
 }
@@ -73,10 +82,13 @@ async fn creates_missing_lease() {
     let r = round_with(&mut el, async {
         let (req, send) = api.next_request().await.unwrap();
         assert_eq!((req.method(), req.uri().path()), (&Method::GET, PATH));
-        respond(send, StatusCode::NOT_FOUND, &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"NotFound","code":404}));
+        respond(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
         let (req, send) = api.next_request().await.unwrap();
         assert_eq!(req.method(), Method::POST);
-        assert_eq!(req.uri().path(), "/apis/coordination.k8s.io/v1/namespaces/ops/leases");
+        assert_eq!(
+            req.uri().path(),
+            "/apis/coordination.k8s.io/v1/namespaces/ops/leases"
+        );
         let b = body(req).await;
         assert_eq!(b["spec"]["holderIdentity"], "me");
         assert_eq!(b["spec"]["leaseDurationSeconds"], 15);
@@ -90,8 +102,7 @@ async fn creates_missing_lease() {
 async fn live_lease_of_another_is_respected_without_writing() {
     let (mut el, mut api) = elector();
     let r = round_with(&mut el, async {
-        let (_req, send) = api.next_request().await.unwrap();
-        respond(send, StatusCode::OK, &lease(Some("other"), 3));
+        answer_get(&mut api, lease(Some("other"), 3)).await;
     })
     .await;
     assert_eq!(r, Round::Following(Some("other".into())));
@@ -104,18 +115,36 @@ async fn answer_get(api: &mut ApiHandle, lease: Value) {
     respond(send, StatusCode::OK, &lease);
 }
 
-/// Answers the takeover PUT, checking it.
-async fn answer_takeover(api: &mut ApiHandle, version: &str) {
+/// Answers one PUT of the lease with its own body, after `check` on that body.
+async fn answer_put(api: &mut ApiHandle, check: impl FnOnce(&Value)) {
     let (req, send) = api.next_request().await.unwrap();
     assert_eq!((req.method(), req.uri().path()), (&Method::PUT, PATH));
     let b = body(req).await;
-    assert_eq!(
-        b["metadata"]["resourceVersion"], version,
-        "replace carries what we read"
-    );
-    assert_eq!(b["spec"]["holderIdentity"], "me");
-    assert_eq!(b["spec"]["leaseTransitions"], 4);
+    check(&b);
     respond(send, StatusCode::OK, &b);
+}
+
+/// Answers the takeover PUT, checking it.
+async fn answer_takeover(api: &mut ApiHandle, version: &str) {
+    answer_put(api, |b| {
+        assert_eq!(
+            b["metadata"]["resourceVersion"], version,
+            "replace carries what we read"
+        );
+        assert_eq!(b["spec"]["holderIdentity"], "me");
+        assert_eq!(b["spec"]["leaseTransitions"], 4);
+    })
+    .await;
+}
+
+/// A round that reads `lease` (resourceVersion 42) and takes it over.
+async fn assert_takes_over(el: &mut LeaderElector, api: &mut ApiHandle, lease: Value) {
+    let r = round_with(el, async {
+        answer_get(api, lease).await;
+        answer_takeover(api, "42").await;
+    })
+    .await;
+    assert_eq!(r, Round::Leading);
 }
 
 fn with_version(mut lease: Value, version: &str) -> Value {
@@ -132,12 +161,7 @@ async fn expired_lease_is_taken_over_with_optimistic_concurrency() {
     let r = round_with(&mut el, answer_get(&mut api, stale.clone())).await;
     assert_eq!(r, Round::Following(Some("other".into())));
     tokio::time::advance(Duration::from_secs(15)).await;
-    let r = round_with(&mut el, async {
-        answer_get(&mut api, stale).await;
-        answer_takeover(&mut api, "42").await;
-    })
-    .await;
-    assert_eq!(r, Round::Leading);
+    assert_takes_over(&mut el, &mut api, stale).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -151,12 +175,7 @@ async fn a_lease_from_a_clock_ahead_of_ours_still_expires() {
     let r = round_with(&mut el, answer_get(&mut api, ahead.clone())).await;
     assert_eq!(r, Round::Following(Some("other".into())), "14 s < 15 s");
     tokio::time::advance(Duration::from_secs(1)).await;
-    let r = round_with(&mut el, async {
-        answer_get(&mut api, ahead).await;
-        answer_takeover(&mut api, "42").await;
-    })
-    .await;
-    assert_eq!(r, Round::Leading);
+    assert_takes_over(&mut el, &mut api, ahead).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -187,10 +206,9 @@ async fn a_round_without_an_answer_ends_at_the_round_timeout() {
 async fn losing_the_race_means_following() {
     let (mut el, mut api) = elector();
     let r = round_with(&mut el, async {
+        answer_get(&mut api, lease(None, 100)).await;
         let (_req, send) = api.next_request().await.unwrap();
-        respond(send, StatusCode::OK, &lease(None, 100));
-        let (_req, send) = api.next_request().await.unwrap();
-        respond(send, StatusCode::CONFLICT, &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"Conflict","code":409}));
+        respond(send, StatusCode::CONFLICT, &status(409, "Conflict"));
     })
     .await;
     assert_eq!(r, Round::Following(None));
@@ -200,33 +218,29 @@ async fn losing_the_race_means_following() {
 async fn holder_renews_and_releases() {
     let (mut el, mut api) = elector();
     let r = round_with(&mut el, async {
-        let (_req, send) = api.next_request().await.unwrap();
-        respond(send, StatusCode::OK, &lease(Some("me"), 5));
-        let (req, send) = api.next_request().await.unwrap();
-        assert_eq!(req.method(), Method::PUT);
-        let b = body(req).await;
-        assert_eq!(b["spec"]["holderIdentity"], "me");
-        assert_eq!(
-            b["spec"]["leaseTransitions"], 3,
-            "a renewal is not a transition"
-        );
-        respond(send, StatusCode::OK, &b);
+        answer_get(&mut api, lease(Some("me"), 5)).await;
+        answer_put(&mut api, |b| {
+            assert_eq!(b["spec"]["holderIdentity"], "me");
+            assert_eq!(
+                b["spec"]["leaseTransitions"], 3,
+                "a renewal is not a transition"
+            );
+        })
+        .await;
     })
     .await;
     assert_eq!(r, Round::Leading);
     assert!(el.last_renew().is_some());
 
     let release = async {
-        let (_req, send) = api.next_request().await.unwrap();
-        respond(send, StatusCode::OK, &lease(Some("me"), 1));
-        let (req, send) = api.next_request().await.unwrap();
-        assert_eq!(req.method(), Method::PUT);
-        let b = body(req).await;
-        assert!(
-            b["spec"].get("holderIdentity").is_none_or(Value::is_null),
-            "{b}"
-        );
-        respond(send, StatusCode::OK, &b);
+        answer_get(&mut api, lease(Some("me"), 1)).await;
+        answer_put(&mut api, |b| {
+            assert!(
+                b["spec"].get("holderIdentity").is_none_or(Value::is_null),
+                "{b}"
+            );
+        })
+        .await;
     };
     tokio::time::timeout(Duration::from_secs(1), async {
         tokio::join!(el.release(), release)
@@ -236,74 +250,113 @@ async fn holder_renews_and_releases() {
     assert!(el.last_renew().is_none());
 }
 
+/// The operator's run loop in the background against a mocked API server with 3 s leases:
+/// renew every 0.43 s, step down 2 s after the last renewal, rounds of 0.6 s at most.
+struct RunLoop {
+    metrics: Metrics,
+    stop: tokio::sync::oneshot::Sender<()>,
+    operator: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RunLoop {
+    /// Starts the run loop and, as its API server, [`lease_server`] with `hold` and `on_write`.
+    fn start(
+        hold: impl FnMut(&Method, u32, bool) -> bool + Send + 'static,
+        on_write: impl Fn() + Send + 'static,
+    ) -> RunLoop {
+        let (service, api) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Metrics::default();
+        let opts = RunOptions {
+            lease_namespace: "ops".into(),
+            identity: Some("me".into()),
+            lease_duration: 3,
+            ..RunOptions::default()
+        };
+        let server = lease_server(api, hold, on_write);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let operator = tokio::spawn(run_with_client(client, opts, metrics.clone(), async {
+            let _ = stopped.await;
+        }));
+        RunLoop {
+            metrics,
+            stop,
+            operator,
+            server,
+        }
+    }
+
+    /// Waits until the leader gauge is `want`; panics with `what` after `deadline`.
+    async fn wait_leader(&self, want: i64, deadline: Instant, what: &str) {
+        while self.metrics.leader.get() != want {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.operator).await;
+        self.server.abort();
+    }
+}
+
+/// Plays the API server in the background: answers lease calls (404 until the lease is
+/// written, then the last write, stored with a new resourceVersion; `on_write` after each)
+/// unless `hold(method, writes so far, whether the lease exists)` says to hold the call
+/// forever. Any other call is held.
+fn lease_server(
+    mut api: ApiHandle,
+    mut hold: impl FnMut(&Method, u32, bool) -> bool + Send + 'static,
+    on_write: impl Fn() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut stored: Option<Value> = None;
+        let mut writes = 0;
+        while let Some((req, send)) = api.next_request().await {
+            let lease_call = req.uri().path().starts_with("/apis/coordination.k8s.io/");
+            if !lease_call || hold(req.method(), writes, stored.is_some()) {
+                held.push(send);
+                continue;
+            }
+            match (req.method().clone(), stored.clone()) {
+                (Method::GET, None) => {
+                    respond(send, StatusCode::NOT_FOUND, &status(404, "NotFound"))
+                }
+                (Method::GET, Some(lease)) => respond(send, StatusCode::OK, &lease),
+                (_, _) => {
+                    let mut b = body(req).await;
+                    writes += 1;
+                    b["metadata"]["resourceVersion"] = json!(writes.to_string());
+                    stored = Some(b.clone());
+                    respond(send, StatusCode::OK, &b);
+                    on_write();
+                }
+            }
+        }
+    })
+}
+
 /// The run loop against an API server that answers the first lease rounds and then stops
 /// answering anything: the leader stops leading by its renew deadline, not whenever the hung
 /// call returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_api_server_stops_answering_steps_down_by_the_renew_deadline() {
-    use nanogate_operator::{Metrics, RunOptions, run_with_client};
-    use std::sync::{Arc, Mutex};
-    use tokio::time::Instant;
-
-    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let metrics = Metrics::default();
-    let opts = RunOptions {
-        lease_namespace: "ops".into(),
-        identity: Some("me".into()),
-        // Renew every 0.43 s, step down 2 s after the last renewal, rounds of 0.6 s at most.
-        lease_duration: 3,
-        ..RunOptions::default()
-    };
     let last_answer: Arc<Mutex<Option<Instant>>> = Arc::default();
     let seen = last_answer.clone();
-    // Plays the API server: creates the lease, answers one renewal, then holds every request.
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        let mut stored: Option<Value> = None;
-        let mut renewals = 0;
-        while let Some((req, send)) = api.next_request().await {
-            let lease_call = req.uri().path().starts_with("/apis/coordination.k8s.io/");
-            if !lease_call || renewals >= 2 {
-                held.push(send);
-                continue;
-            }
-            match (req.method().clone(), stored.clone()) {
-                (Method::GET, None) => respond(
-                    send,
-                    StatusCode::NOT_FOUND,
-                    &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"NotFound","code":404}),
-                ),
-                (Method::GET, Some(lease)) => respond(send, StatusCode::OK, &lease),
-                (_, _) => {
-                    let mut b = body(req).await;
-                    b["metadata"]["resourceVersion"] = json!(renewals.to_string());
-                    stored = Some(b.clone());
-                    renewals += 1;
-                    respond(send, StatusCode::OK, &b);
-                    *seen.lock().unwrap() = Some(Instant::now());
-                }
-            }
-        }
-    });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(run_with_client(client, opts, metrics.clone(), async {
-        let _ = stopped.await;
-    }));
+    // Creates the lease, answers one renewal, then holds every request.
+    let run = RunLoop::start(
+        |_, writes, _| writes >= 2,
+        move || *seen.lock().unwrap() = Some(Instant::now()),
+    );
     // Leading after the first write …
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metrics.leader.get() != 1 {
-        assert!(Instant::now() < deadline, "never became leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run.wait_leader(1, deadline, "never became leader").await;
     // … and no longer leading within the renew deadline of the last renewal.
-    while metrics.leader.get() != 0 {
-        assert!(
-            Instant::now() < deadline + Duration::from_secs(5),
-            "never stepped down"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let deadline = deadline + Duration::from_secs(5);
+    run.wait_leader(0, deadline, "never stepped down").await;
     let stepped_down = Instant::now();
     let renewed = last_answer.lock().unwrap().expect("the lease was written");
     let after = stepped_down.duration_since(renewed);
@@ -315,9 +368,7 @@ async fn a_leader_whose_api_server_stops_answering_steps_down_by_the_renew_deadl
         after >= Duration::from_millis(1_500),
         "{after:?}: too early"
     );
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), operator).await;
-    server.abort();
+    run.stop().await;
 }
 
 /// The run loop against an API server that leaves one lease call unanswered and answers every
@@ -325,74 +376,28 @@ async fn a_leader_whose_api_server_stops_answering_steps_down_by_the_renew_deadl
 /// deadline, so the leader keeps leading — stepping down drops every sidecar's session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_rides_out_one_hung_lease_call() {
-    use nanogate_operator::{Metrics, RunOptions, run_with_client};
-    use tokio::time::Instant;
-
-    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let metrics = Metrics::default();
-    let opts = RunOptions {
-        lease_namespace: "ops".into(),
-        identity: Some("me".into()),
-        // Step down 2 s after the last renewal, rounds of 0.6 s at most.
-        lease_duration: 3,
-        ..RunOptions::default()
-    };
-    // Plays the API server: answers lease calls, except that the first renewal's read after
-    // the lease exists is held forever; any other call is held too (not needed here).
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        let mut stored: Option<Value> = None;
-        let mut writes = 0;
-        let mut hung_one = false;
-        while let Some((req, send)) = api.next_request().await {
-            let lease_call = req.uri().path().starts_with("/apis/coordination.k8s.io/");
-            if !lease_call {
-                held.push(send);
-                continue;
-            }
-            match (req.method().clone(), stored.clone()) {
-                (Method::GET, None) => respond(
-                    send,
-                    StatusCode::NOT_FOUND,
-                    &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","reason":"NotFound","code":404}),
-                ),
-                (Method::GET, Some(_)) if writes >= 2 && !hung_one => {
-                    hung_one = true;
-                    held.push(send);
-                }
-                (Method::GET, Some(lease)) => respond(send, StatusCode::OK, &lease),
-                (_, _) => {
-                    let mut b = body(req).await;
-                    writes += 1;
-                    b["metadata"]["resourceVersion"] = json!(writes.to_string());
-                    stored = Some(b.clone());
-                    respond(send, StatusCode::OK, &b);
-                }
-            }
-        }
-    });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(run_with_client(client, opts, metrics.clone(), async {
-        let _ = stopped.await;
-    }));
+    // The first renewal's read after the lease exists is held forever.
+    let mut hung_one = false;
+    let run = RunLoop::start(
+        move |method, writes, exists| {
+            let hang = *method == Method::GET && exists && writes >= 2 && !hung_one;
+            hung_one |= hang;
+            hang
+        },
+        || {},
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metrics.leader.get() != 1 {
-        assert!(Instant::now() < deadline, "never became leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run.wait_leader(1, deadline, "never became leader").await;
     // Three lease durations, the hung call among them: leading throughout.
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_secs(9) {
         assert_eq!(
-            metrics.leader.get(),
+            run.metrics.leader.get(),
             1,
             "stepped down {:?} into the run after one hung lease call",
             watched.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), operator).await;
-    server.abort();
+    run.stop().await;
 }

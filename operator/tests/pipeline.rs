@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use nanogate_operator::controller::build::{
     self, GatewayRef, Verdict, config_map, config_map_up_to_date, desired_status, sidecar_config,
@@ -19,6 +19,7 @@ fn pods(expected: i32) -> Census {
     Census {
         expected,
         not_injected: Vec::new(),
+        outdated: Vec::new(),
     }
 }
 
@@ -121,6 +122,7 @@ fn full_config_maps_every_field_and_never_the_key() {
     assert_eq!(cfg.delivery.spool_size_limit_bytes, 128 << 20);
     assert_eq!(cfg.delivery.retry_max_backoff_ms, 60_000);
     assert_eq!(cfg.delivery.overflow_policy, "dropOldest");
+    assert_eq!(cfg.delivery.max_in_flight, Some(16));
     assert_eq!(cfg.socket.path, "/run/nanogate/agent.sock");
     assert_eq!(cfg.heartbeat_interval_ms, 10_000);
     assert_eq!(cfg.log_level, "debug");
@@ -174,8 +176,13 @@ fn more_semantic_rules() {
     gw.spec.batching.flush_interval = "0s".into();
     gw.spec.delivery.spool_size_limit = "10Ki".into();
     gw.spec.upstream.msg_check_cache = "30s".into();
+    gw.spec.delivery.max_in_flight = Some(0);
     let errs = validate(&gw.spec).unwrap_err();
     let msgs: Vec<_> = errs.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        msgs.contains(&"spec.delivery.maxInFlight (0) must be between 1 and 64"),
+        "{msgs:?}"
+    );
     assert!(msgs.contains(&"spec.batching.batchSize (500) must be between spec.batching.minBatchSize (10) and spec.batching.maxBatchSize (200)"), "{msgs:?}");
     assert!(
         msgs.contains(
@@ -275,6 +282,15 @@ fn hash_changes_with_spec() {
     assert_eq!(a.len(), 8);
 }
 
+/// The condition `ty` of `st`, if set.
+fn condition(st: &AgentGatewayStatus, ty: &str) -> Option<Condition> {
+    st.conditions.iter().find(|c| c.type_ == ty).cloned()
+}
+
+fn status_reason(c: &Condition) -> (&str, &str) {
+    (c.status.as_str(), c.reason.as_str())
+}
+
 #[test]
 fn status_from_nothing() {
     let gw = fixture("minimal.yaml");
@@ -283,7 +299,7 @@ fn status_from_nothing() {
         hash: "abcd0123".into(),
     };
     let st = desired_status(None, Some(1), &verdict, &pods(3), &t(1000));
-    let get = |ty: &str| st.conditions.iter().find(|c| c.type_ == ty).unwrap();
+    let get = |ty: &str| condition(&st, ty).unwrap();
     assert_eq!(get("Ready").status, "True");
     assert_eq!(get("ConfigValid").status, "True");
     assert_eq!(get("UpstreamReachable").status, "Unknown");
@@ -312,13 +328,7 @@ fn transition_time_changes_only_on_transition() {
     assert_eq!(first, second);
     // A new generation with the same verdict keeps the transition time.
     let third = desired_status(Some(&second), Some(2), &applied, &pods(0), &t(3000));
-    let ready = |s: &AgentGatewayStatus| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap()
-            .clone()
-    };
+    let ready = |s: &AgentGatewayStatus| condition(s, "Ready").unwrap();
     assert_eq!(ready(&third).last_transition_time, t(1000));
     assert_eq!(ready(&third).observed_generation, Some(2));
     // A transition stamps the new time.
@@ -327,20 +337,10 @@ fn transition_time_changes_only_on_transition() {
     );
     let fourth = desired_status(Some(&third), Some(2), &missing, &pods(0), &t(4000));
     let r = ready(&fourth);
-    assert_eq!(
-        (r.status.as_str(), r.reason.as_str()),
-        ("False", "SecretMissing")
-    );
+    assert_eq!(status_reason(&r), ("False", "SecretMissing"));
     assert_eq!(r.last_transition_time, t(4000));
-    let cv = fourth
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "ConfigValid")
-        .unwrap();
-    assert_eq!(
-        (cv.status.as_str(), cv.reason.as_str()),
-        ("False", "SecretMissing")
-    );
+    let cv = condition(&fourth, "ConfigValid").unwrap();
+    assert_eq!(status_reason(&cv), ("False", "SecretMissing"));
     assert!(cv.message.contains("spec.upstream.apiKeySecretRef"));
     // The last good config hash is kept while invalid (sidecars keep running it).
     assert_eq!(fourth.config_hash.as_deref(), Some("h1"));
@@ -363,20 +363,13 @@ fn hub_owned_fields_are_kept() {
         c.reason = "Reported".into();
     }
     let next = desired_status(Some(&st), Some(1), &applied, &pods(5), &t(20));
-    let sc = next.sidecars.unwrap();
+    let sc = next.sidecars.as_ref().unwrap();
     assert_eq!(
         (sc.expected, sc.connected, sc.healthy, sc.summary.as_str()),
         (5, 2, 1, "2/5")
     );
-    let up = next
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "UpstreamReachable")
-        .unwrap();
-    assert_eq!(
-        (up.status.as_str(), up.reason.as_str()),
-        ("True", "Reported")
-    );
+    let up = condition(&next, "UpstreamReachable").unwrap();
+    assert_eq!(status_reason(&up), ("True", "Reported"));
 }
 
 #[test]
@@ -543,8 +536,7 @@ fn skipping_tls_verification_is_a_warning_condition_until_turned_off() {
     let mut gw = fixture("minimal.yaml");
     let mut st = desired_status(None, Some(1), &applied, &pods(0), &t(10));
     build::set_tls_verified(&mut st, &gw.spec, Some(1), &t(10));
-    let cond =
-        |s: &AgentGatewayStatus, ty: &str| s.conditions.iter().find(|c| c.type_ == ty).cloned();
+    let cond = condition;
     assert_eq!(
         cond(&st, "UpstreamTLSVerified"),
         None,
@@ -555,10 +547,7 @@ fn skipping_tls_verification_is_a_warning_condition_until_turned_off() {
     assert!(validate(&gw.spec).is_ok());
     build::set_tls_verified(&mut st, &gw.spec, Some(2), &t(20));
     let c = cond(&st, "UpstreamTLSVerified").unwrap();
-    assert_eq!(
-        (c.status.as_str(), c.reason.as_str()),
-        ("False", "InsecureSkipVerify")
-    );
+    assert_eq!(status_reason(&c), ("False", "InsecureSkipVerify"));
     assert!(c.message.contains("caSecretRef"), "{}", c.message);
     assert_eq!(
         cond(&st, "Ready").unwrap().status,
@@ -569,6 +558,6 @@ fn skipping_tls_verification_is_a_warning_condition_until_turned_off() {
     gw.spec.upstream.tls = None;
     build::set_tls_verified(&mut st, &gw.spec, Some(3), &t(30));
     let c = cond(&st, "UpstreamTLSVerified").unwrap();
-    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Verified"));
+    assert_eq!(status_reason(&c), ("True", "Verified"));
     assert_eq!(c.last_transition_time, t(30));
 }

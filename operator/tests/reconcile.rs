@@ -15,12 +15,18 @@ use nanogate_operator::controller::build::{
     GatewayRef, Verdict, config_map, desired_status, sidecar_config,
 };
 use nanogate_operator::controller::{Context, Error, error_policy, reconcile};
-use nanogate_operator::crd::AgentGateway;
+use nanogate_operator::crd::{AgentGateway, AgentGatewayStatus};
 use nanogate_operator::metrics::Metrics;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+const CONFIG_MAP: &str = "/api/v1/namespaces/apps/configmaps/demo-agent-config";
+
+fn status_path(gw: &str) -> String {
+    format!("/apis/nanogate.io/v1alpha1/namespaces/apps/agentgateways/{gw}/status")
+}
 
 fn fixture(name: &str) -> AgentGateway {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -42,12 +48,63 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
         .unwrap()
 }
 
-fn not_found(what: &str) -> Response<Body> {
+/// A failed call's answer, with its `Status` body.
+fn failure(status: StatusCode, reason: &str, message: &str) -> Response<Body> {
     json_response(
-        StatusCode::NOT_FOUND,
+        status,
         &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
-                "message": format!("{what} not found"),"reason":"NotFound","code":404}),
+                "message": message,"reason":reason,"code":status.as_u16()}),
     )
+}
+
+fn not_found(what: &str) -> Response<Body> {
+    failure(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{what} not found"),
+    )
+}
+
+/// The gateway `gw` in namespace `apps` as the API server returns it, with `extra` fields
+/// (e.g. `status`) merged in.
+fn gateway_object(gw: &str, extra: Value) -> Value {
+    let mut obj = json!({
+        "apiVersion":"nanogate.io/v1alpha1","kind":"AgentGateway",
+        "metadata":{"name":gw,"namespace":"apps"},"spec":{"upstream":{"apiKeySecretRef":{"name":"x"}}}
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        obj[k] = v.clone();
+    }
+    obj
+}
+
+async fn json_body(req: Request<Body>) -> Value {
+    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap()
+}
+
+/// The config map and status of a gateway `demo` in `apps` whose config is applied and whose
+/// status was written at a fixed time.
+fn in_sync(gw: &AgentGateway) -> (ConfigMap, AgentGatewayStatus) {
+    let cfg = sidecar_config(&gw.spec).unwrap();
+    let gref = GatewayRef {
+        name: "demo".into(),
+        namespace: "apps".into(),
+        uid: gw.meta().uid.clone().unwrap(),
+    };
+    let verdict = Verdict::Applied {
+        config_map: "demo-agent-config".into(),
+        hash: cfg.hash(),
+    };
+    let status = desired_status(
+        None,
+        Some(1),
+        &verdict,
+        &Default::default(),
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        ),
+    );
+    (config_map(&gref, &cfg), status)
 }
 
 fn query_has(req: &Request<Body>, part: &str) -> bool {
@@ -66,13 +123,37 @@ impl ApiServerVerifier {
         self.0.next_request().await.expect("a request")
     }
 
-    async fn get_secret(&mut self, name: &str, data: Option<Value>) {
+    /// The next request, checked to be a GET of `path`.
+    async fn next_get(&mut self, path: &str) -> mock::SendResponse<Response<Body>> {
         let (req, send) = self.next().await;
         assert_eq!(req.method(), Method::GET);
-        assert_eq!(
-            req.uri().path(),
-            format!("/api/v1/namespaces/apps/secrets/{name}")
+        assert_eq!(req.uri().path(), path);
+        send
+    }
+
+    /// The next request, checked to be a forced server-side apply of `path` by the operator:
+    /// its body.
+    async fn next_apply(&mut self, path: &str) -> (Value, mock::SendResponse<Response<Body>>) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(req.uri().path(), path);
+        assert!(
+            query_has(&req, "fieldManager=nanogate-operator"),
+            "{}",
+            req.uri()
         );
+        assert!(query_has(&req, "force=true"), "{}", req.uri());
+        assert_eq!(
+            req.headers()["content-type"],
+            "application/apply-patch+yaml"
+        );
+        (json_body(req).await, send)
+    }
+
+    async fn get_secret(&mut self, name: &str, data: Option<Value>) {
+        let send = self
+            .next_get(&format!("/api/v1/namespaces/apps/secrets/{name}"))
+            .await;
         match data {
             Some(data) => send.send_response(json_response(
                 StatusCode::OK,
@@ -84,12 +165,7 @@ impl ApiServerVerifier {
     }
 
     async fn get_config_map(&mut self, live: Option<&ConfigMap>) {
-        let (req, send) = self.next().await;
-        assert_eq!(req.method(), Method::GET);
-        assert_eq!(
-            req.uri().path(),
-            "/api/v1/namespaces/apps/configmaps/demo-agent-config"
-        );
+        let send = self.next_get(CONFIG_MAP).await;
         match live {
             Some(cm) => send.send_response(json_response(
                 StatusCode::OK,
@@ -100,24 +176,7 @@ impl ApiServerVerifier {
     }
 
     async fn apply_config_map(&mut self) -> Value {
-        let (req, send) = self.next().await;
-        assert_eq!(req.method(), Method::PATCH);
-        assert_eq!(
-            req.uri().path(),
-            "/api/v1/namespaces/apps/configmaps/demo-agent-config"
-        );
-        assert!(
-            query_has(&req, "fieldManager=nanogate-operator"),
-            "{}",
-            req.uri()
-        );
-        assert!(query_has(&req, "force=true"), "{}", req.uri());
-        assert_eq!(
-            req.headers()["content-type"],
-            "application/apply-patch+yaml"
-        );
-        let body: Value =
-            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        let (body, send) = self.next_apply(CONFIG_MAP).await;
         send.send_response(json_response(StatusCode::OK, &body));
         body
     }
@@ -129,8 +188,7 @@ impl ApiServerVerifier {
             req.uri().path(),
             "/apis/events.k8s.io/v1/namespaces/apps/events"
         );
-        let body: Value =
-            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        let body = json_body(req).await;
         assert_eq!(body["reason"], reason, "{body}");
         assert_eq!(body["regarding"]["kind"], "AgentGateway");
         assert_eq!(body["reportingController"], "nanogate-operator");
@@ -139,9 +197,7 @@ impl ApiServerVerifier {
     }
 
     async fn list_pods(&mut self, items: Value) {
-        let (req, send) = self.next().await;
-        assert_eq!(req.method(), Method::GET);
-        assert_eq!(req.uri().path(), "/api/v1/namespaces/apps/pods");
+        let send = self.next_get("/api/v1/namespaces/apps/pods").await;
         send.send_response(json_response(
             StatusCode::OK,
             &json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadataList",
@@ -151,20 +207,9 @@ impl ApiServerVerifier {
 
     /// The reconciler re-reads the live status before writing; answer with `status`.
     async fn get_status(&mut self, gw: &str, status: Option<Value>) {
-        let (req, send) = self.next().await;
-        assert_eq!(req.method(), Method::GET);
-        assert_eq!(
-            req.uri().path(),
-            format!("/apis/nanogate.io/v1alpha1/namespaces/apps/agentgateways/{gw}/status")
-        );
-        let mut obj = json!({
-            "apiVersion":"nanogate.io/v1alpha1","kind":"AgentGateway",
-            "metadata":{"name":gw,"namespace":"apps"},"spec":{"upstream":{"apiKeySecretRef":{"name":"x"}}}
-        });
-        if let Some(st) = status {
-            obj["status"] = st;
-        }
-        send.send_response(json_response(StatusCode::OK, &obj));
+        let send = self.next_get(&status_path(gw)).await;
+        let extra = status.map_or(json!({}), |st| json!({ "status": st }));
+        send.send_response(json_response(StatusCode::OK, &gateway_object(gw, extra)));
     }
 
     /// As [`Self::get_status`], for a gateway whose status the hub has written.
@@ -187,29 +232,9 @@ impl ApiServerVerifier {
     }
 
     async fn patch_status(&mut self, gw: &str) -> Value {
-        let (req, send) = self.next().await;
-        assert_eq!(req.method(), Method::PATCH);
-        assert_eq!(
-            req.uri().path(),
-            format!("/apis/nanogate.io/v1alpha1/namespaces/apps/agentgateways/{gw}/status")
-        );
-        assert!(
-            query_has(&req, "fieldManager=nanogate-operator"),
-            "{}",
-            req.uri()
-        );
-        assert!(query_has(&req, "force=true"), "{}", req.uri());
-        assert_eq!(
-            req.headers()["content-type"],
-            "application/apply-patch+yaml"
-        );
-        let body: Value =
-            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
-        send.send_response(json_response(StatusCode::OK, &json!({
-            "apiVersion":"nanogate.io/v1alpha1","kind":"AgentGateway",
-            "metadata":{"name":gw,"namespace":"apps"},"spec":{"upstream":{"apiKeySecretRef":{"name":"x"}}},
-            "status": body["status"].clone()
-        })));
+        let (body, send) = self.next_apply(&status_path(gw)).await;
+        let live = gateway_object(gw, json!({ "status": body["status"].clone() }));
+        send.send_response(json_response(StatusCode::OK, &live));
         body
     }
 }
@@ -236,8 +261,40 @@ async fn run(
     result
 }
 
-fn pod(name: &str, annotations: Value) -> Value {
+/// Reconciles `gw` (named `name`), whose spec is invalid: no config is read or written; the
+/// status (passed to `check` with the event) is written, a `ConfigInvalid` event is sent and
+/// the gateway waits for a change.
+async fn assert_flagged_invalid(gw: AgentGateway, name: &str, check: impl FnOnce(&Value, &Value)) {
+    let (ctx, mut api) = mock_context();
+    let action = run(gw, ctx.clone(), async {
+        api.list_pods(json!([])).await;
+        api.get_status(name, None).await;
+        let patch = api.patch_status(name).await;
+        let ev = api.create_event("ConfigInvalid").await;
+        check(&patch["status"], &ev);
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(ctx.metrics.writes_total(), 2, "status + event");
+}
+
+/// The injection record of a pod injected with the image the operator injects now.
+fn injected_now() -> String {
+    json!({"gateway": "demo", "generation": 1, "mode": "native",
+           "image": nanogate_operator::crd::DEFAULT_SIDECAR_IMAGE})
+    .to_string()
+}
+
+/// Pod `name` in `apps` of gateway `gw`, annotated `key: value`.
+fn pod(name: &str, key: &str, value: Value, gw: &str) -> Value {
+    let annotations = json!({ key: value, "nanogate.io/gateway": gw });
     json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":name,"namespace":"apps","annotations":annotations}})
+}
+
+/// Pod `name` of gateway `gw`, injected with the image the operator injects now.
+fn injected_pod(name: &str, gw: &str) -> Value {
+    pod(name, "nanogate.io/injected", json!(injected_now()), gw)
 }
 
 #[tokio::test]
@@ -262,22 +319,10 @@ async fn new_gateway_creates_config_map_event_and_status() {
         let ev = api.create_event("Created").await;
         assert!(ev["note"].as_str().unwrap().contains("demo-agent-config"));
         api.list_pods(json!([
-            pod(
-                "a",
-                json!({"nanogate.io/injected":"true","nanogate.io/gateway":"demo"})
-            ),
-            pod(
-                "b",
-                json!({"nanogate.io/inject":"true","nanogate.io/gateway":"demo"})
-            ),
-            pod(
-                "c",
-                json!({"nanogate.io/injected":"true","nanogate.io/gateway":"other"})
-            ),
-            pod(
-                "d",
-                json!({"nanogate.io/inject":"false","nanogate.io/gateway":"demo"})
-            ),
+            injected_pod("a", "demo"),
+            pod("b", "nanogate.io/inject", json!("true"), "demo"),
+            injected_pod("c", "other"),
+            pod("d", "nanogate.io/inject", json!("false"), "demo"),
         ]))
         .await;
         api.get_status("demo", None).await;
@@ -313,27 +358,9 @@ async fn new_gateway_creates_config_map_event_and_status() {
 async fn unchanged_gateway_makes_no_write() {
     let (ctx, mut api) = mock_context();
     let mut gw = fixture("minimal.yaml");
-    let cfg = sidecar_config(&gw.spec).unwrap();
-    let gref = GatewayRef {
-        name: "demo".into(),
-        namespace: "apps".into(),
-        uid: gw.meta().uid.clone().unwrap(),
-    };
-    let mut live = config_map(&gref, &cfg);
+    let (mut live, status) = in_sync(&gw);
     live.metadata.resource_version = Some("7".into());
-    let verdict = Verdict::Applied {
-        config_map: "demo-agent-config".into(),
-        hash: cfg.hash(),
-    };
-    gw.status = Some(desired_status(
-        None,
-        Some(1),
-        &verdict,
-        &Default::default(),
-        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
-        ),
-    ));
+    gw.status = Some(status);
     let action = run(gw, ctx.clone(), async {
         api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
             .await;
@@ -415,39 +442,27 @@ async fn secret_without_key_is_reported() {
 
 #[tokio::test]
 async fn invalid_spec_is_flagged_without_touching_config() {
-    let (ctx, mut api) = mock_context();
     let gw = fixture("invalid.yaml");
-    let action = run(gw, ctx.clone(), async {
-        api.list_pods(json!([])).await;
-        api.get_status("broken", None).await;
-        let patch = api.patch_status("broken").await;
-        let cv = condition(&patch["status"], "ConfigValid");
+    assert_flagged_invalid(gw, "broken", |st, ev| {
+        let cv = condition(st, "ConfigValid");
         assert_eq!(cv["reason"], "InvalidSpec");
         assert!(cv["message"].as_str().unwrap().contains(
             "spec.batching.minBatchSize (300) must be ≤ spec.batching.maxBatchSize (200)"
         ));
-        assert_eq!(patch["status"]["observedGeneration"], 2);
-        let ev = api.create_event("ConfigInvalid").await;
+        assert_eq!(st["observedGeneration"], 2);
         assert!(ev["note"].as_str().unwrap().contains("spec.upstream.url"));
     })
-    .await
-    .unwrap();
-    assert_eq!(action, Action::await_change());
-    assert_eq!(ctx.metrics.writes_total(), 2, "status + event");
+    .await;
 }
 
 /// A gateway whose image the operator does not allow (it got in while the webhook was down) is
 /// invalid: `ConfigValid=False` naming the field, no ConfigMap, so nothing to inject.
 #[tokio::test]
 async fn an_image_the_operator_does_not_allow_is_flagged_without_touching_config() {
-    let (ctx, mut api) = mock_context();
     let mut gw = fixture("minimal.yaml");
     gw.spec.sidecar.image = Some("evil.example/miner:1".into());
-    let action = run(gw, ctx.clone(), async {
-        api.list_pods(json!([])).await;
-        api.get_status("demo", None).await;
-        let patch = api.patch_status("demo").await;
-        let cv = condition(&patch["status"], "ConfigValid");
+    assert_flagged_invalid(gw, "demo", |st, _| {
+        let cv = condition(st, "ConfigValid");
         assert_eq!(cv["status"], "False");
         assert_eq!(cv["reason"], "InvalidSpec");
         let message = cv["message"].as_str().unwrap();
@@ -456,12 +471,8 @@ async fn an_image_the_operator_does_not_allow_is_flagged_without_touching_config
                 && message.contains("--allowed-sidecar-images"),
             "{message}"
         );
-        api.create_event("ConfigInvalid").await;
     })
-    .await
-    .unwrap();
-    assert_eq!(action, Action::await_change());
-    assert_eq!(ctx.metrics.writes_total(), 2, "status + event");
+    .await;
 }
 
 #[tokio::test]
@@ -470,10 +481,10 @@ async fn api_failure_is_an_error_with_label_and_backoff() {
     let gw = fixture("minimal.yaml");
     let result = run(gw.clone(), ctx.clone(), async {
         let (_req, send) = api.next().await;
-        send.send_response(json_response(
+        send.send_response(failure(
             StatusCode::INTERNAL_SERVER_ERROR,
-            &json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
-                    "message":"etcd unavailable","reason":"InternalError","code":500}),
+            "InternalError",
+            "etcd unavailable",
         ));
     })
     .await;
@@ -513,26 +524,7 @@ async fn stale_cache_does_not_cause_a_second_status_write() {
     // The cached gateway predates our last status write; the live status already matches.
     let (ctx, mut api) = mock_context();
     let gw = fixture("minimal.yaml");
-    let cfg = sidecar_config(&gw.spec).unwrap();
-    let gref = GatewayRef {
-        name: "demo".into(),
-        namespace: "apps".into(),
-        uid: gw.meta().uid.clone().unwrap(),
-    };
-    let live_cm = config_map(&gref, &cfg);
-    let verdict = Verdict::Applied {
-        config_map: "demo-agent-config".into(),
-        hash: cfg.hash(),
-    };
-    let live_status = desired_status(
-        None,
-        Some(1),
-        &verdict,
-        &Default::default(),
-        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
-        ),
-    );
+    let (live_cm, live_status) = in_sync(&gw);
     run(gw, ctx.clone(), async {
         api.get_secret("tendrl-key", Some(json!({"apiKey":"c2VjcmV0"})))
             .await;
@@ -595,11 +587,7 @@ async fn the_reconciler_applies_only_its_fields_once_the_hub_wrote() {
         api.get_config_map(None).await;
         api.apply_config_map().await;
         api.create_event("Created").await;
-        api.list_pods(json!([pod(
-            "a",
-            json!({"nanogate.io/injected":"true","nanogate.io/gateway":"demo"})
-        )]))
-        .await;
+        api.list_pods(json!([injected_pod("a", "demo")])).await;
         api.get_status_written_by_hub("demo", hub_wrote.clone())
             .await;
         let patch = api.patch_status("demo").await;
@@ -629,7 +617,10 @@ async fn the_reconciler_applies_only_its_fields_once_the_hub_wrote() {
             .find(|c| c["type"] == "UpstreamReachable")
             .unwrap();
         assert_eq!(hub_condition, &hub_wrote["conditions"][0]);
-        assert_eq!(st["sidecars"], json!({"expected": 1, "notInjected": 0}));
+        assert_eq!(
+            st["sidecars"],
+            json!({"expected": 1, "notInjected": 0, "outdated": 0})
+        );
         for hub_field in ["messages", "upstream", "leftBehind", "unhealthySidecars"] {
             assert!(st.get(hub_field).is_none(), "{hub_field} in {st}");
         }

@@ -206,18 +206,26 @@ fn metric(registry: &Registry, result: &str, reason: &str) -> u64 {
         .sum()
 }
 
+/// Posts the fixture `file` to `/mutate`: answered 200, for that request, allowed. The request
+/// body and the review.
+async fn mutate_allowed(h: &Harness, tls: &TlsConnector, file: &str) -> (Vec<u8>, Value) {
+    let body = fixture(file);
+    let (status, review, _) = post(h.addr, tls, "/mutate", body.clone()).await.unwrap();
+    assert_eq!(status, 200, "{file}");
+    let resp = &review["response"];
+    assert_eq!(resp["uid"], uid_of(&body), "{file}");
+    assert_eq!(resp["allowed"], true, "{file}");
+    (body, review)
+}
+
 #[tokio::test]
 async fn mutate_injects_a_pod_and_the_patch_applies() {
     let (h, _) = start().await;
     let tls = connector(&h.ca);
-    let body = fixture("pod-create.json");
-    let (status, review, _) = post(h.addr, &tls, "/mutate", body.clone()).await.unwrap();
-    assert_eq!(status, 200);
+    let (body, review) = mutate_allowed(&h, &tls, "pod-create.json").await;
     assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(review["kind"], "AdmissionReview");
     let resp = &review["response"];
-    assert_eq!(resp["uid"], uid_of(&body));
-    assert_eq!(resp["allowed"], true);
     assert_eq!(resp["patchType"], "JSONPatch");
     assert!(
         resp["patch"].is_string(),
@@ -252,11 +260,8 @@ async fn mutate_skips_with_named_reasons() {
         ("pod-create-not-opted-in.json", "not_opted_in", false),
         ("pod-create-host-network.json", "host_network", true),
     ] {
-        let body = fixture(file);
-        let (_, review, _) = post(h.addr, &tls, "/mutate", body.clone()).await.unwrap();
+        let (body, review) = mutate_allowed(&h, &tls, file).await;
         let resp = &review["response"];
-        assert_eq!(resp["uid"], uid_of(&body), "{file}");
-        assert_eq!(resp["allowed"], true, "{file}");
         assert_eq!(metric(&h.registry, "skipped", reason), 1, "{file}");
         if !asked {
             assert!(resp.get("patch").is_none(), "{file}");
@@ -297,12 +302,8 @@ async fn mutate_skips_with_named_reasons() {
 async fn non_pod_is_allowed_without_patch() {
     let (h, _) = start().await;
     let tls = connector(&h.ca);
-    let body = fixture("configmap-create.json");
-    let (status, review, _) = post(h.addr, &tls, "/mutate", body.clone()).await.unwrap();
-    assert_eq!(status, 200);
+    let (_, review) = mutate_allowed(&h, &tls, "configmap-create.json").await;
     let resp = &review["response"];
-    assert_eq!(resp["uid"], uid_of(&body));
-    assert_eq!(resp["allowed"], true);
     assert!(resp.get("patch").is_none() && resp.get("patchType").is_none());
     assert_eq!(metric(&h.registry, "allowed", "not_a_pod_create"), 1);
 }

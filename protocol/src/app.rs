@@ -145,7 +145,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Context<'a> {
 /// here and be refused by the platform (serde_json and Go's encoding/json both refuse a
 /// number beyond a 64-bit float); this converts every number, so the sidecar accepts
 /// exactly what such a parser accepts.
-struct AnyValue;
+pub(crate) struct AnyValue;
 
 impl<'de> Deserialize<'de> for AnyValue {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -370,6 +370,11 @@ impl Publish<'_> {
     /// `source`, a `null` timestamp) so no key appears twice; nothing is parsed again, so
     /// whatever was accepted can be written.
     pub fn write_envelope(&self, out: &mut Vec<u8>, now: &str, source: &str) {
+        self.write_stamped(out, &Stamp::new(now, source));
+    }
+
+    /// [`Publish::write_envelope`] with the added entries encoded once for many messages.
+    pub fn write_stamped(&self, out: &mut Vec<u8>, stamp: &Stamp) {
         let raw = self.raw;
         out.push(b'{');
         let mut empty = true;
@@ -399,16 +404,14 @@ impl Publish<'_> {
             if !empty {
                 out.push(b',');
             }
-            out.extend_from_slice(br#""timestamp":"#);
-            push_json_str(out, now);
+            out.extend_from_slice(&stamp.timestamp);
             empty = false;
         }
-        if !source.is_empty() {
+        if !stamp.source.is_empty() {
             if !empty {
                 out.push(b',');
             }
-            out.extend_from_slice(br#""source":"#);
-            push_json_str(out, source);
+            out.extend_from_slice(&stamp.source);
         }
         out.push(b'}');
     }
@@ -418,6 +421,31 @@ impl Publish<'_> {
         let mut out = Vec::with_capacity(self.raw.len() + 80);
         self.write_envelope(&mut out, now, source);
         out
+    }
+}
+
+/// The entries stamping adds to a message (`"timestamp":…` and `"source":…`, the latter
+/// empty when there is no source), JSON-encoded once for every message of a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    timestamp: Vec<u8>,
+    source: Vec<u8>,
+}
+
+impl Stamp {
+    /// `now`: RFC 3339; `source`: `namespace/pod`, empty for none.
+    pub fn new(now: &str, source: &str) -> Self {
+        let mut timestamp = br#""timestamp":"#.to_vec();
+        push_json_str(&mut timestamp, now);
+        let mut entry = Vec::new();
+        if !source.is_empty() {
+            entry.extend_from_slice(br#""source":"#);
+            push_json_str(&mut entry, source);
+        }
+        Self {
+            timestamp,
+            source: entry,
+        }
     }
 }
 
@@ -1445,6 +1473,34 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["source"], "ns/pod");
         assert_eq!(v["timestamp"], "T");
+    }
+
+    /// The stamp encoded once gives the envelope `write_envelope` gives, escapes included.
+    #[test]
+    fn stamp_encoded_once_matches_the_envelope() {
+        let mut d = StreamDecoder::new(Limits::default());
+        d.feed(br#"{"msg_type":"publish","source":"x","data":1}{"msg_type":"publish"}"#);
+        let (now, source) = ("2026-12-04T00:00:00.000Z", "ns/\"pod\"\\");
+        let stamp = Stamp::new(now, source);
+        for _ in 0..2 {
+            let Decoded::Request(Request::Publish(p)) = d.next() else {
+                panic!()
+            };
+            let mut stamped = Vec::new();
+            p.write_stamped(&mut stamped, &stamp);
+            assert_eq!(stamped, p.to_envelope(now, source));
+            let v: serde_json::Value = serde_json::from_slice(&stamped).unwrap();
+            assert_eq!(v["source"], source);
+            assert_eq!(v["timestamp"], now);
+        }
+        let mut no_source = Vec::new();
+        let mut d = StreamDecoder::new(Limits::default());
+        d.feed(br#"{"msg_type":"publish"}"#);
+        let Decoded::Request(Request::Publish(p)) = d.next() else {
+            panic!()
+        };
+        p.write_stamped(&mut no_source, &Stamp::new("T", ""));
+        assert_eq!(no_source, br#"{"msg_type":"publish","timestamp":"T"}"#);
     }
 
     #[test]

@@ -322,6 +322,12 @@ impl FrameDecoder {
         result.map(Some)
     }
 
+    /// The buffer itself, for reading straight into it (`AsyncReadExt::read_buf`), so a
+    /// connection needs no read buffer of its own; bytes appended count as [`Self::extend`]ed.
+    pub fn buffer_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+
     /// Bytes buffered but not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buffer.len()
@@ -368,9 +374,99 @@ pub struct Heartbeat {
     pub config_generation: i64,
     /// RFC 3339 UTC.
     pub timestamp: String,
+    /// The backlog (undelivered messages in the spool) has grown, net, over the agent's
+    /// backlog window (`--backlog-window`): delivery is slower than ingest. Cleared once the
+    /// backlog is back to its level at the start of the episode. Absent from older agents.
+    #[serde(default)]
+    pub backlogged: bool,
+    /// While `backlogged`: how fast the backlog grew over the window, messages per second.
+    #[serde(default)]
+    pub backlog_growth_per_second: f64,
 }
 
 impl Heartbeat {
+    /// A ready agent's heartbeat for simulated agents and tests (the agent builds its real one
+    /// from its counters and clock): `received_total` messages received and as many delivered,
+    /// the upstream's last call succeeded (`closed`), nothing queued, rejected or dropped, and
+    /// a fixed timestamp. Callers change the fields they exercise.
+    pub fn ready(agent_id: impl Into<String>, received_total: u64, config_generation: i64) -> Self {
+        Heartbeat {
+            agent_id: agent_id.into(),
+            gateway: String::new(),
+            pod: String::new(),
+            status: AgentStatus::Ready,
+            uptime: 1,
+            cpu_usage: 0.0,
+            memory_usage: 0,
+            queue_depth: 0,
+            spool_bytes: 0,
+            received_total,
+            delivered_total: received_total,
+            rejected_total: 0,
+            dead_lettered_total: 0,
+            dropped_oldest_total: 0,
+            upstream: UpstreamHealth {
+                state: "closed".into(),
+                last_error: None,
+                last_success: None,
+            },
+            config_generation,
+            timestamp: "2026-11-21T00:00:00Z".into(),
+            backlogged: false,
+            backlog_growth_per_second: 0.0,
+        }
+    }
+
+    /// The heartbeat as the `data` of its notification: a map of named fields, as RedPepper
+    /// sends its pydantic models.
+    ///
+    /// Compatibility rules (an agent and a hub of different versions must understand each
+    /// other's heartbeats): a new field is added at the end, with `#[serde(default)]`, and
+    /// never removed or retyped. A hub ignores the map keys it does not know (so an older hub
+    /// reads a newer agent's heartbeat), and a field an older agent does not send takes its
+    /// default — also in the positional array earlier agents sent (`to_value` of a struct),
+    /// whose elements end where the newer fields begin.
+    pub fn to_data(&self) -> Result<Value, FrameError> {
+        // `to_value` gives the fields in declaration order, values encoded as before (enums
+        // as their index); they are named here.
+        let Value::Array(values) = to_value(self)? else {
+            return Err(FrameError::Malformed("a heartbeat is not a struct".into()));
+        };
+        if values.len() != Self::FIELDS.len() {
+            return Err(FrameError::Malformed("heartbeat fields out of date".into()));
+        }
+        Ok(Value::Map(
+            Self::FIELDS
+                .iter()
+                .map(|name| Value::from(*name))
+                .zip(values)
+                .collect(),
+        ))
+    }
+
+    /// The field names, in declaration order (a test keeps them in step with the struct).
+    const FIELDS: &'static [&'static str] = &[
+        "agent_id",
+        "gateway",
+        "pod",
+        "status",
+        "uptime",
+        "cpu_usage",
+        "memory_usage",
+        "queue_depth",
+        "spool_bytes",
+        "received_total",
+        "delivered_total",
+        "rejected_total",
+        "dead_lettered_total",
+        "dropped_oldest_total",
+        "upstream",
+        "config_generation",
+        "timestamp",
+        "backlogged",
+        "backlog_growth_per_second",
+    ];
+
     /// Messages the agent will never deliver: refused at the socket, dead-lettered, or dropped
     /// to make room. The one definition of "dropped" in status and rates.
     pub fn dropped_total(&self) -> u64 {
@@ -518,40 +614,91 @@ mod tests {
         }
     }
 
-    #[test]
-    fn heartbeat_survives_the_data_field() {
-        let heartbeat = Heartbeat {
-            agent_id: "uid".into(),
+    fn heartbeat() -> Heartbeat {
+        Heartbeat {
             gateway: "demo".into(),
             pod: "ns/pod".into(),
-            status: AgentStatus::Ready,
             uptime: 5,
             cpu_usage: 0.5,
             memory_usage: 4 << 20,
-            queue_depth: 0,
-            spool_bytes: 0,
-            received_total: 10,
-            delivered_total: 10,
-            rejected_total: 0,
-            dead_lettered_total: 0,
-            dropped_oldest_total: 0,
-            upstream: UpstreamHealth {
-                state: "closed".into(),
-                last_error: None,
-                last_success: None,
-            },
-            config_generation: 2,
-            timestamp: "2026-11-21T00:00:00Z".into(),
-        };
+            queue_depth: 7,
+            backlogged: true,
+            backlog_growth_per_second: 12.5,
+            ..Heartbeat::ready("uid", 10, 2)
+        }
+    }
+
+    #[test]
+    fn heartbeat_survives_the_data_field() {
+        let heartbeat = heartbeat();
         let message = Message::Notification {
             kind: "heartbeat".into(),
-            data: to_value(&heartbeat).unwrap(),
+            data: heartbeat.to_data().unwrap(),
         };
         let Message::Notification { data, .. } = decode_body(&encode(&message)[4..]).unwrap()
         else {
             panic!("not a notification")
         };
+        assert!(matches!(data, Value::Map(_)), "named fields: {data:?}");
+        // The names are the struct's, in its order.
+        let json = serde_json::to_value(&heartbeat).unwrap();
+        let mut names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let mut fields = Heartbeat::FIELDS.to_vec();
+        names.sort_unstable();
+        fields.sort_unstable();
+        assert_eq!(names, fields);
+        let Value::Map(entries) = &data else {
+            unreachable!()
+        };
+        assert_eq!(
+            entries[3].1,
+            to_value(&AgentStatus::Ready).unwrap(),
+            "values encoded as before"
+        );
         assert_eq!(from_value::<Heartbeat>(data).unwrap(), heartbeat);
+    }
+
+    /// The compatibility rules of [`Heartbeat::to_data`]: an older hub ignores fields it does
+    /// not know; a newer hub fills in what an older agent did not send, map or array.
+    #[test]
+    fn heartbeats_of_other_versions_are_understood() {
+        let heartbeat = heartbeat();
+        // An older hub: the newer agent's map has keys it does not know.
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct OlderHeartbeat {
+            agent_id: String,
+            queue_depth: u64,
+            upstream: UpstreamHealth,
+            timestamp: String,
+        }
+        let old: OlderHeartbeat = from_value(heartbeat.to_data().unwrap()).unwrap();
+        assert_eq!((old.agent_id.as_str(), old.queue_depth), ("uid", 7));
+        // A newer hub, an older agent: no backlog fields, as a map and as the positional array.
+        let Value::Map(entries) = heartbeat.to_data().unwrap() else {
+            panic!("not a map")
+        };
+        let older_map = Value::Map(
+            entries
+                .into_iter()
+                .filter(|(k, _)| !k.as_str().is_some_and(|k| k.starts_with("backlog")))
+                .collect(),
+        );
+        let Value::Array(mut items) = to_value(&heartbeat).unwrap() else {
+            panic!("to_value of a struct is an array")
+        };
+        items.truncate(items.len() - 2);
+        for older in [older_map, Value::Array(items)] {
+            let decoded: Heartbeat = from_value(older).unwrap();
+            assert!(!decoded.backlogged);
+            assert_eq!(decoded.backlog_growth_per_second, 0.0);
+            assert_eq!(decoded.queue_depth, 7);
+        }
     }
 
     /// Differential property tests (issue 15): the same bytes fed whole, one byte at a time and

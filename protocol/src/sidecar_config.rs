@@ -174,6 +174,11 @@ pub struct BatchingConfig {
     pub max_batch_interval_ms: u64,
 }
 
+/// Batches nano-agent keeps outstanding at once when the file leaves
+/// [`DeliveryConfig::max_in_flight`] out (the CRD's `spec.delivery.maxInFlight` unset): four
+/// round trips overlap, so a platform 50 ms away no longer caps a pod at one batch per 50 ms.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 4;
+
 /// Delivery part of [`SidecarConfig`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +188,11 @@ pub struct DeliveryConfig {
     pub retry_initial_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
     pub overflow_policy: OverflowPolicy,
+    /// Most batches outstanding at once (pipelined delivery; the spool is still acknowledged
+    /// in order). Left out while the gateway does not set it: the agent's default,
+    /// [`DEFAULT_MAX_IN_FLIGHT`], applies and the file (and its hash) stays as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
 }
 
 /// Socket part of [`SidecarConfig`].

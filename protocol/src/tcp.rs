@@ -11,8 +11,8 @@
 //!
 //! Frame: `{"type": …, "payload": …, "timestamp": …, "id": …}`; `timestamp` is ignored on
 //! input (the sidecar stamps messages itself) and is milliseconds since the Unix epoch on
-//! output, as in the seed. `id` (a string or a number, at most [`MAX_ID_BYTES`]) is echoed in
-//! the reply to the frame. Types from the peer:
+//! output, as in the seed. `id` (a string or a number, at most [`MAX_ID_BYTES`], that a strict JSON
+//! parser reads) is echoed in the reply to the frame. Types from the peer:
 //!
 //! | type | payload | answer |
 //! |---|---|---|
@@ -37,7 +37,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 
-use crate::app::{self, AppError, CowStr, Limits, Publish, Request};
+use crate::app::{self, AnyValue, AppError, CowStr, Limits, Publish, Request};
 
 /// Bytes a frame may add around its payload (type, id, timestamp, token, whitespace): the
 /// frame limit is the message limit plus this.
@@ -279,7 +279,20 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Decoded<'a> {
                 error: FrameError::InvalidFrame(format!("id longer than {MAX_ID_BYTES} bytes")),
             };
         }
-        Some(b) if matches!(b.first(), Some(b'"' | b'-' | b'0'..=b'9')) => Some(b),
+        // The id is echoed as received, so it must be text a strict parser reads: the raw
+        // value skipped escapes and numbers without decoding them (`"\ud800"`, `1e400`).
+        Some(b) if matches!(b.first(), Some(b'"' | b'-' | b'0'..=b'9')) => {
+            if let Err(e) = serde_json::from_slice::<AnyValue>(b) {
+                return Decoded::Rejected {
+                    id: None,
+                    error: FrameError::InvalidFrame(format!(
+                        "id is not valid JSON: {}",
+                        strip_location(&e.to_string())
+                    )),
+                };
+            }
+            Some(b)
+        }
         Some(_) => {
             return Decoded::Rejected {
                 id: None,
@@ -532,6 +545,16 @@ mod tests {
                 "{\"type\":\"ping\",\"id\":{}}",
                 "rejected invalid frame: id must be a string or a number id=None",
             ),
+            // Ids are echoed as received, so an id a strict JSON parser refuses (a lone
+            // surrogate, a number beyond a 64-bit float) would make every reply unreadable.
+            (
+                "{\"type\":\"ping\",\"id\":\"\\ud800\"}",
+                "rejected invalid frame: id is not valid JSON: unexpected end of hex escape id=None",
+            ),
+            (
+                "{\"type\":\"ping\",\"id\":1e400}",
+                "rejected invalid frame: id is not valid JSON: number out of range id=None",
+            ),
             (
                 "{\"type\":\"data\",\"id\":2}",
                 "rejected invalid frame: data frame without payload id=Some(\"2\")",
@@ -585,6 +608,36 @@ mod tests {
                 "pong id=None"
             ]
         );
+    }
+
+    /// Every reply the listener builds for a frame, whatever the frame held, is one line a
+    /// strict JSON parser reads (the fuzz target's check, on the input that first broke it).
+    #[test]
+    fn replies_to_any_frame_are_json_a_strict_parser_reads() {
+        let input: &[u8] = b"{\"type\":\"close\",\"id\":\"\\ud800\"}\n\
+            {\"type\":\"ping\",\"id\":\"\\udc00\"}\n{\"type\":\"ping\",\"id\":-1e999}\n\
+            {\"type\":\"nope\",\"id\":\"\\ud83d\\ude00\"}\n{\"type\":\"ping\",\"id\":1.5e3}\n";
+        let mut d = FrameDecoder::new(Limits::default());
+        d.feed(input);
+        let mut replies = 0;
+        loop {
+            let mut reply = Vec::new();
+            match d.next() {
+                Decoded::NeedMore => break,
+                Decoded::Frame(f) => write_pong(&mut reply, f.id, 1),
+                Decoded::Rejected { id, error } => {
+                    write_error(&mut reply, id, &error.to_string(), 1)
+                }
+                Decoded::Fatal(e) => write_error(&mut reply, None, &e.to_string(), 1),
+            }
+            let text = String::from_utf8_lossy(&reply);
+            assert!(
+                serde_json::from_slice::<Value>(&reply).is_ok(),
+                "not JSON: {text}"
+            );
+            replies += 1;
+        }
+        assert_eq!(replies, 5);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`shutdown`]: the one shutdown signal every task stops on.
 //! - [`system`]: CPU and memory sampling.
 //! - [`spool`]: the durable on-disk queue.
+//! - [`backlog`]: whether the spool's backlog keeps growing (delivery slower than ingest), for
+//!   heartbeats and metrics.
 //! - [`upstream`]: the transports to the platform.
 //! - [`ingest`]: where messages enter (app socket, TCP listener).
 //! - [`delivery`]: from the spool to the platform, and batch sizing.
@@ -29,6 +31,7 @@
 )]
 
 // Foundations, used by everything below.
+pub mod backlog;
 pub mod backoff;
 pub mod config;
 pub mod health;
@@ -118,6 +121,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// logged, and reported to the hub (see [`report_left_behind`]).
 pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .spool_max_bytes
+        .set(i64::try_from(config.spool_max_bytes).unwrap_or(i64::MAX));
     let health = Arc::new(Health::default());
 
     let spool = Spool::open(SpoolOptions {
@@ -190,6 +196,12 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> an
         resources.clone(),
         metrics.clone(),
         config.resource_sample_interval,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(backlog::run(
+        spool.clone(),
+        metrics.clone(),
+        config.backlog_window,
         stop_rx.clone(),
     ));
     if !config.spool_sync_interval.is_zero() {

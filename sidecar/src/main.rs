@@ -73,7 +73,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(nanogate_sidecar::run(config)) {
+    // On the heap: `block_on` keeps the future it is given on this thread's stack, and the
+    // agent's whole state machine there (moved by value on the way) dirtied stack pages that
+    // stay in the RSS for the process's life.
+    match runtime.block_on(Box::pin(nanogate_sidecar::run(config))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

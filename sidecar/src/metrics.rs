@@ -5,7 +5,7 @@
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Circuit state values of `upstream_circuit_state`.
@@ -23,9 +23,12 @@ pub struct Metrics {
     pub dropped_oldest: IntCounter,
     pub queue_depth: IntGauge,
     pub spool_bytes: IntGauge,
+    /// The spool's capacity (`--spool-max-bytes`), set at start.
+    pub spool_max_bytes: IntGauge,
     pub batch_size: Histogram,
     pub batches: IntCounter,
     pub target_batch_size: IntGauge,
+    pub batches_in_flight: IntGauge,
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub circuit_state: IntGauge,
@@ -39,8 +42,10 @@ pub struct Metrics {
     /// Set once at shutdown: what the spool still held when the agent stopped delivering.
     pub left_behind_messages: IntGauge,
     pub left_behind_bytes: IntGauge,
-    pub cpu_percent: Gauge,
-    pub memory_percent: Gauge,
+    /// Sampled CPU use as a ratio of one core (1 = one full core).
+    pub cpu_ratio: Gauge,
+    /// Sampled memory use as a ratio of the cgroup limit (or host memory), 0–1.
+    pub memory_ratio: Gauge,
     pub resident_memory_bytes: IntGauge,
     /// `socketio` upstream: connection state (see `upstream::socketio::STATE_*`).
     pub upstream_connection_state: IntGauge,
@@ -49,6 +54,12 @@ pub struct Metrics {
     pub api_key_reloads: IntCounter,
     /// Platform commands (`socketio`) by action and result.
     pub commands: IntCounterVec,
+    /// 1 while the backlog has grown over the backlog window (`backlog.rs`), else 0.
+    pub backlogged: IntGauge,
+    /// While backlogged: the backlog's growth over the window, messages per second.
+    pub backlog_growth: Gauge,
+    /// Always 1, labelled with the agent's version.
+    pub build_info: IntGaugeVec,
 }
 
 fn name(n: &str) -> String {
@@ -107,6 +118,10 @@ impl Metrics {
                 "spool_bytes",
                 "Bytes of undelivered messages in the spool."
             )),
+            spool_max_bytes: reg!(gauge(
+                "spool_max_bytes",
+                "Capacity of the spool (--spool-max-bytes): at spool_bytes near it, new messages are refused (queue_full) or the oldest dropped (drop-oldest)."
+            )),
             batch_size: reg!(
                 Histogram::with_opts(
                     HistogramOpts::new(name("batch_size"), "Messages per batch sent upstream.")
@@ -123,6 +138,10 @@ impl Metrics {
             target_batch_size: reg!(gauge(
                 "target_batch_size",
                 "Current dynamic batch size target."
+            )),
+            batches_in_flight: reg!(gauge(
+                "batches_in_flight",
+                "Batches sent or being retried and not yet acknowledged to the spool."
             )),
             upstream_duration: reg!(
                 HistogramVec::new(
@@ -151,7 +170,7 @@ impl Metrics {
                 "upstream_circuit_state",
                 "Upstream circuit: 0 closed (healthy), 1 open (failing, backing off), 2 half-open (probing)."
             )),
-            connections: reg!(gauge("connections", "Open app connections.")),
+            connections: reg!(gauge("open_connections", "Open app connections.")),
             connections_total: reg!(counter("connections_total", "App connections accepted.")),
             msg_check: reg!(counter("msg_check_total", "msg_check requests served.")),
             msg_check_cached: reg!(counter(
@@ -178,14 +197,17 @@ impl Metrics {
                 "left_behind_bytes",
                 "Bytes of the messages counted in left_behind_messages."
             )),
-            cpu_percent: reg!(
-                Gauge::new(name("cpu_percent"), "Sampled CPU use, percent of one core.")
-                    .expect("valid metric")
-            ),
-            memory_percent: reg!(
+            cpu_ratio: reg!(
                 Gauge::new(
-                    name("memory_percent"),
-                    "Sampled memory use, percent of the cgroup limit (or host memory)."
+                    name("cpu_ratio"),
+                    "Sampled CPU use as a ratio of one core (1 = one full core)."
+                )
+                .expect("valid metric")
+            ),
+            memory_ratio: reg!(
+                Gauge::new(
+                    name("memory_ratio"),
+                    "Sampled memory use as a ratio (0-1) of the cgroup limit (or host memory)."
                 )
                 .expect("valid metric")
             ),
@@ -215,6 +237,31 @@ impl Metrics {
                 )
                 .expect("valid metric")
             ),
+            backlogged: reg!(gauge(
+                "backlogged",
+                "1 while delivery is slower than ingest: the backlog (queue_depth) grew over the last --backlog-window and has not drained back since; 0 otherwise."
+            )),
+            backlog_growth: reg!(
+                Gauge::new(
+                    name("backlog_growth_messages_per_second"),
+                    "While backlogged: how fast the backlog grew over the last --backlog-window, messages per second (0 when not backlogged)."
+                )
+                .expect("valid metric")
+            ),
+            build_info: {
+                let b = reg!(
+                    IntGaugeVec::new(
+                        Opts::new(
+                            name("build_info"),
+                            "Always 1; the label version is the running nano-agent's version."
+                        ),
+                        &["version"]
+                    )
+                    .expect("valid metric")
+                );
+                b.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+                b
+            },
             registry,
         }
     }
@@ -237,5 +284,66 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Family name → type of every family the registry exposes.
+    fn families(registry: &Registry) -> BTreeMap<String, prometheus::proto::MetricType> {
+        registry
+            .gather()
+            .iter()
+            .map(|mf| (mf.name().to_string(), mf.get_field_type()))
+            .collect()
+    }
+
+    /// Under OpenMetrics a counter `x_total` is the family `x`: no other metric may be named
+    /// `x`. Ratios are 0–1 (`_ratio`), never `_percent` (Prometheus naming conventions).
+    fn assert_openmetrics_names(registry: &Registry) {
+        let fams = families(registry);
+        for (n, t) in &fams {
+            assert!(!n.ends_with("_percent"), "{n}: use a 0-1 `_ratio`");
+            if *t == prometheus::proto::MetricType::COUNTER {
+                let base = n.strip_suffix("_total").unwrap_or(n);
+                assert!(
+                    !fams.contains_key(base),
+                    "counter {n} and metric {base} are one family under OpenMetrics"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn metric_names_do_not_clash_under_openmetrics() {
+        let m = Metrics::new();
+        crate::ingest::tcp::TcpMetrics::register(&m.registry).unwrap();
+        assert_openmetrics_names(&m.registry);
+        let fams = families(&m.registry);
+        for n in [
+            "nanogate_sidecar_open_connections",
+            "nanogate_sidecar_connections_total",
+            "nanogate_sidecar_tcp_open_connections",
+            "nanogate_sidecar_tcp_connections_total",
+            "nanogate_sidecar_cpu_ratio",
+            "nanogate_sidecar_memory_ratio",
+            "nanogate_sidecar_backlogged",
+            "nanogate_sidecar_backlog_growth_messages_per_second",
+        ] {
+            assert!(fams.contains_key(n), "{n} missing: {fams:?}");
+        }
+    }
+
+    #[test]
+    fn build_info_carries_the_version() {
+        let text = Metrics::new().render();
+        let want = format!(
+            "nanogate_sidecar_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&want), "{want} not in:\n{text}");
     }
 }

@@ -146,8 +146,8 @@ pub async fn run_resource_sampler(
         last = now;
         let mem = mem_percent().unwrap_or(0.0);
         res.set(cpu, mem);
-        metrics.cpu_percent.set(cpu);
-        metrics.memory_percent.set(mem);
+        metrics.cpu_ratio.set(cpu / 100.0);
+        metrics.memory_ratio.set(mem / 100.0);
         if let Some(rss) = rss_bytes() {
             metrics.resident_memory_bytes.set(rss as i64);
         }

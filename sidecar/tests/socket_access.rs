@@ -256,22 +256,11 @@ fn publish_as(pod: &Pod, id: &Identity, socket: &Path, n: u64) -> Result<String,
         "data": {"id": n, "uid": id.uid, "gid": id.gid},
         "context": {"tags": ["socket-access"]},
     });
-    let mut child = as_identity(pod, id, "socat")
+    let mut socat = as_identity(pod, id, "socat");
+    socat
         .args(["-t", "10", "-"])
-        .arg(format!("UNIX-CONNECT:{}", socket.display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        .arg(format!("UNIX-CONNECT:{}", socket.display()));
+    let out = common::feed(socat, message.to_string().as_bytes());
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

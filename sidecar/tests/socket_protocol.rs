@@ -14,15 +14,28 @@ use common::*;
 use nanogate_tests::platform::PlatformServer;
 use serde_json::json;
 
+/// Runs a Python script (`what`) with the socket path as its argument; asserts it succeeded.
+fn run_python(what: &str, script: &str, sock: &str) -> std::process::Output {
+    let out = Command::new("python3")
+        .args(["-c", script, sock])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_clients_every_message_type() {
     if !python3_available() {
         eprintln!("!!!!! SKIPPING python_clients_every_message_type: python3 not found !!!!!");
         return;
     }
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    let (platform, _dir, agent) = setup("--flush-interval 50ms").await;
     let sock = agent.socket.to_str().unwrap().to_owned();
 
     // 1. The Tendrl documentation's example, verbatim except for the socket path: a request that has a reply.
@@ -37,15 +50,7 @@ response = sock.recv(4096)
 print(response.decode())
 sock.close()
 "#;
-    let out = Command::new("python3")
-        .args(["-c", seed, &sock])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_python("the documentation's msg_check example", seed, &sock);
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         reply,
@@ -66,15 +71,7 @@ response = sock.recv(4096)
 print(repr(response))
 sock.close()
 "#;
-    let out = Command::new("python3")
-        .args(["-c", seed_publish, &sock])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_python("the documentation's publish example", seed_publish, &sock);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b''");
     assert!(platform.wait_for(1, Duration::from_secs(10)).await);
     let m = &platform.received()[0];
@@ -115,16 +112,8 @@ assert json.loads(reply())["message"].startswith("invalid JSON"), "invalid json"
 assert reply() == b"", "connection must close after invalid JSON"
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .args(["-c", sdk, &sock])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "persistent client failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The persistent client's asserts run in Python: a failure is a non-zero exit.
+    run_python("persistent client", sdk, &sock);
     assert!(platform.wait_for(102, Duration::from_secs(10)).await);
     let got = platform.received();
     let batch_ids: Vec<u64> = got
@@ -141,18 +130,9 @@ print("ok")
     assert_eq!(platform.unauthorized(), 0);
 
     // The errors were counted.
-    assert_eq!(
-        agent.metric(r#"nanogate_sidecar_rejected_total{reason="unknown_msg_type"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        agent.metric(r#"nanogate_sidecar_rejected_total{reason="too_many_tags"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        agent.metric(r#"nanogate_sidecar_rejected_total{reason="invalid_json"}"#),
-        Some(1.0)
-    );
+    for reason in ["unknown_msg_type", "too_many_tags", "invalid_json"] {
+        assert_eq!(rejected(&agent, reason), Some(1.0), "{reason}");
+    }
     assert_eq!(agent.metric("nanogate_sidecar_received_total"), Some(101.0));
 }
 
@@ -164,24 +144,12 @@ async fn socat_client() {
         );
         return;
     }
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    let (platform, _dir, agent) = setup("--flush-interval 50ms").await;
     let target = format!("UNIX-CONNECT:{}", agent.socket.display());
     let run = |input: &str| {
-        let mut child = Command::new("socat")
-            .args(["-t", "5", "-", &target])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+        let mut socat = Command::new("socat");
+        socat.args(["-t", "5", "-", &target]);
+        String::from_utf8(feed(socat, input.as_bytes()).stdout).unwrap()
     };
     assert_eq!(run(r#"{"msg_type":"msg_check"}"#), "204");
     assert_eq!(run(&format!("{}\n{}\n", publish(1), publish(2))), "");
@@ -204,9 +172,7 @@ async fn socat_client() {
 /// the agent keeps serving everyone else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_table() {
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&platform, dir.path(), &["--idle-timeout", "1s"]);
+    let (_platform, _dir, agent) = setup("--idle-timeout 1s").await;
 
     let eleven = r#"{"msg_type":"publish","context":{"tags":["1","2","3","4","5","6","7","8","9","10","11"]}}"#;
     let mut huge = br#"{"msg_type":"publish","data":""#.to_vec();
@@ -341,14 +307,9 @@ async fn bad_inputs_table() {
 
     // The agent keeps serving.
     assert_eq!(oneshot(&agent.socket, check), b"204");
-    assert_eq!(
-        agent.metric(r#"nanogate_sidecar_rejected_total{reason="too_large"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        agent.metric(r#"nanogate_sidecar_rejected_total{reason="truncated"}"#),
-        Some(1.0)
-    );
+    for reason in ["too_large", "truncated"] {
+        assert_eq!(rejected(&agent, reason), Some(1.0), "{reason}");
+    }
 }
 
 /// An app polling `msg_check` in a loop costs the platform one request per
@@ -481,9 +442,7 @@ fn invalid_config_fails_naming_the_field() {
 /// socket and the agent alike, and the next message is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_json_parsers_refuse_is_answered_and_the_agent_lives_on() {
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = start_agent(&platform, dir.path(), &["--flush-interval", "50ms"]);
+    let (platform, _dir, mut agent) = setup("--flush-interval 50ms").await;
     let deep = format!(
         r#"{{"msg_type":"publish","source":"x","data":{}0{}}}"#,
         "[".repeat(300),
@@ -519,13 +478,7 @@ async fn a_message_json_parsers_refuse_is_answered_and_the_agent_lives_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_of_floats_is_never_cut() {
     const N: usize = 200_000;
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(
-        &platform,
-        dir.path(),
-        &["--spool-max-bytes", "512MiB", "--flush-interval", "1h"],
-    );
+    let (_platform, _dir, agent) = setup("--spool-max-bytes 512MiB --flush-interval 1h").await;
     for (round, sep) in [(0usize, "\n"), (1, "")] {
         let mut text = String::new();
         for i in 0..N {
@@ -598,9 +551,7 @@ fn a_message_must_arrive_whole_within_the_idle_timeout() {
 /// accepted), and a whole message sent before it is accepted and delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_a_half_sent_message() {
-    let platform = PlatformServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = start_agent(&platform, dir.path(), &["--flush-interval", "20ms"]);
+    let (platform, _dir, mut agent) = setup("--flush-interval 20ms").await;
     let mut s = UnixStream::connect(&agent.socket).unwrap();
     s.write_all(publish(7).as_bytes()).unwrap();
     s.write_all(br#"{"msg_type":"publish","data":{"id":8,"half":"#)

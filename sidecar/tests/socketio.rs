@@ -16,7 +16,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::publish;
+use common::{TestPki, free_port, healthz, publish, test_pki};
 use nanogate_tests::agent::{Agent, AgentConfig};
 use serde_json::{Value, json};
 
@@ -46,63 +46,11 @@ fn python() -> Option<PathBuf> {
     found
 }
 
-struct Certs {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
+type Certs = TestPki;
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.
 fn make_certs(dir: &Path) -> Certs {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut ca_params = CertificateParams::default();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "nanogate socketio test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-
-    let leaf = |sans: Vec<String>, cn: &str, eku: ExtendedKeyUsagePurpose| {
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![eku];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_pem, server_key) = leaf(
-        vec!["localhost".into(), "127.0.0.1".into()],
-        "localhost",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (client_pem, client_key) = leaf(vec![], CLIENT_CN, ExtendedKeyUsagePurpose::ClientAuth);
-    let write = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    Certs {
-        ca: write("ca.pem", &ca.pem()),
-        server_cert: write("server.pem", &server_pem),
-        server_key: write("server.key", &server_key),
-        client_cert: write("client.pem", &client_pem),
-        client_key: write("client.key", &client_key),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    test_pki(dir, "nanogate socketio test CA", CLIENT_CN)
 }
 
 /// Events the platform printed, shared with the thread that reads its stdout.
@@ -238,28 +186,66 @@ fn any(events: &[Value], name: &str) -> bool {
     events.iter().any(|e| e["event"] == name)
 }
 
-fn start_agent(dir: &Path, port: u16, certs: &Certs, extra: &[&str]) -> Agent {
-    let mut args: Vec<String> = vec![
-        "--upstream-kind".into(),
-        "socketio".into(),
-        "--upstream-ca".into(),
-        certs.ca.display().to_string(),
-        "--upstream-client-cert".into(),
-        certs.client_cert.display().to_string(),
-        "--upstream-client-key".into(),
-        certs.client_key.display().to_string(),
-        "--pod-uid".into(),
-        "0e1f2a3b-agent".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Agent::start(AgentConfig {
-        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
-        dir: dir.to_owned(),
-        upstream_url: format!("wss://localhost:{port}"),
-        api_key: API_KEY.into(),
-        extra_args: args,
-    })
-    .expect("starting nano-agent")
+/// What every test starts from: the Python, a temporary directory holding the certificates,
+/// and a free port for the platform.
+struct Setup {
+    py: PathBuf,
+    dir: tempfile::TempDir,
+    certs: Certs,
+    port: u16,
+}
+
+impl Setup {
+    /// `None` (and a loud message) without the Python.
+    fn new() -> Option<Setup> {
+        let py = python()?;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = make_certs(dir.path());
+        Some(Setup {
+            py,
+            dir,
+            certs,
+            port: free_port(),
+        })
+    }
+
+    fn platform(&self, extra: &[&str]) -> Platform {
+        Platform::start(&self.py, self.port, &self.certs, extra)
+    }
+
+    /// The agent with the client certificate (mutual TLS), then `extra` flags.
+    fn agent(&self, extra: &[&str]) -> Agent {
+        let certs = &self.certs;
+        let mut args = vec![
+            "--upstream-client-cert".to_owned(),
+            certs.client_cert.display().to_string(),
+            "--upstream-client-key".to_owned(),
+            certs.client_key.display().to_string(),
+            "--pod-uid".to_owned(),
+            "0e1f2a3b-agent".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.agent_without_client_cert(&args)
+    }
+
+    /// The agent trusting the test CA but presenting no client certificate, with `extra` flags.
+    fn agent_without_client_cert(&self, extra: &[impl AsRef<str>]) -> Agent {
+        let mut args = vec![
+            "--upstream-kind".to_owned(),
+            "socketio".to_owned(),
+            "--upstream-ca".to_owned(),
+            self.certs.ca.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.as_ref().to_owned()));
+        Agent::start(AgentConfig {
+            bin: env!("CARGO_BIN_EXE_nano-agent").into(),
+            dir: self.dir.path().join("agent"),
+            upstream_url: format!("wss://localhost:{}", self.port),
+            api_key: API_KEY.into(),
+            extra_args: args,
+        })
+        .expect("starting nano-agent")
+    }
 }
 
 /// Writes publishes for `ids` on one connection and waits until the agent has handled them
@@ -300,17 +286,9 @@ fn wait_metric(agent: &Agent, sample: &str, want: f64, limit: Duration) -> bool 
 /// the connection is mutual TLS (the server saw the client certificate) and authenticated.
 #[test]
 fn heartbeats_every_five_seconds_with_the_seed_fields_over_mtls() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let port = free_port();
-    let platform = Platform::start(
-        &py,
-        port,
-        &certs,
-        &["--ping-interval", "2", "--ping-timeout", "2"],
-    );
-    let agent = start_agent(&dir.path().join("agent"), port, &certs, &[]);
+    let Some(t) = Setup::new() else { return };
+    let platform = t.platform(&["--ping-interval", "2", "--ping-timeout", "2"]);
+    let agent = t.agent(&[]);
     assert!(
         platform.wait(Duration::from_secs(30), |e| e
             .iter()
@@ -368,8 +346,7 @@ fn heartbeats_every_five_seconds_with_the_seed_fields_over_mtls() {
         agent.metric("nanogate_sidecar_upstream_connection_state"),
         Some(2.0)
     );
-    let (_, health) = agent.http_get("/healthz").unwrap();
-    let health: Value = serde_json::from_str(&health).unwrap();
+    let health = healthz(&agent);
     assert_eq!(health["upstream"]["connection"], "connected", "{health}");
 }
 
@@ -379,22 +356,14 @@ fn heartbeats_every_five_seconds_with_the_seed_fields_over_mtls() {
 /// through `msg_check`.
 #[test]
 fn batches_acknowledged_commands_answered_and_contracts_enforced() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let port = free_port();
-    let mut platform = Platform::start(&py, port, &certs, &["--max-payload", "20000"]);
-    let agent = start_agent(
-        &dir.path().join("agent"),
-        port,
-        &certs,
-        &[
-            "--flush-interval",
-            "50ms",
-            "--socketio-heartbeat-interval",
-            "1s",
-        ],
-    );
+    let Some(t) = Setup::new() else { return };
+    let mut platform = t.platform(&["--max-payload", "20000"]);
+    let agent = t.agent(&[
+        "--flush-interval",
+        "50ms",
+        "--socketio-heartbeat-interval",
+        "1s",
+    ]);
     assert!(platform.wait(Duration::from_secs(15), |e| any(e, "connect")));
 
     send(&agent.socket, 0..500);
@@ -650,26 +619,18 @@ fn batches_acknowledged_commands_answered_and_contracts_enforced() {
 /// delivered once acknowledgements come back.
 #[test]
 fn missing_acknowledgements_are_retried() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let port = free_port();
-    let mut platform = Platform::start(&py, port, &certs, &[]);
+    let Some(t) = Setup::new() else { return };
+    let mut platform = t.platform(&[]);
     platform.send(json!({"op": "ack_mode", "mode": "none"}));
     assert!(platform.wait(Duration::from_secs(5), |e| any(e, "ack_mode")));
-    let agent = start_agent(
-        &dir.path().join("agent"),
-        port,
-        &certs,
-        &[
-            "--flush-interval",
-            "50ms",
-            "--socketio-ack-timeout",
-            "500ms",
-            "--backoff-max",
-            "500ms",
-        ],
-    );
+    let agent = t.agent(&[
+        "--flush-interval",
+        "50ms",
+        "--socketio-ack-timeout",
+        "500ms",
+        "--backoff-max",
+        "500ms",
+    ]);
     send(&agent.socket, 0..20);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(0.0));
@@ -692,24 +653,16 @@ fn missing_acknowledgements_are_retried() {
 /// whose acknowledgement was lost).
 #[test]
 fn server_killed_mid_load_reconnect_and_nothing_lost() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let port = free_port();
-    let mut first = Platform::start(&py, port, &certs, &[]);
-    let agent = start_agent(
-        &dir.path().join("agent"),
-        port,
-        &certs,
-        &[
-            "--flush-interval",
-            "50ms",
-            "--socketio-ack-timeout",
-            "2s",
-            "--backoff-max",
-            "1s",
-        ],
-    );
+    let Some(t) = Setup::new() else { return };
+    let mut first = t.platform(&[]);
+    let agent = t.agent(&[
+        "--flush-interval",
+        "50ms",
+        "--socketio-ack-timeout",
+        "2s",
+        "--backoff-max",
+        "1s",
+    ]);
     assert!(first.wait(Duration::from_secs(15), |e| any(e, "connect")));
 
     // Steady load: 4,000 messages over ~4 s on one connection.
@@ -731,7 +684,7 @@ fn server_killed_mid_load_reconnect_and_nothing_lost() {
     first.kill();
     let before = first.ids();
     std::thread::sleep(Duration::from_millis(1500));
-    let second = Platform::start(&py, port, &certs, &[]);
+    let second = t.platform(&[]);
     let restarted = Instant::now();
     assert!(
         second.wait(Duration::from_secs(40), |e| any(e, "connect")),
@@ -803,31 +756,10 @@ fn wait_all(second: &Platform, before: &[u64], total: u64) -> bool {
 /// platform's TLS, stays disconnected, keeps every message spooled and says why in `/healthz`.
 #[test]
 fn without_a_client_certificate_the_platform_refuses_the_agent() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let port = free_port();
-    let platform = Platform::start(&py, port, &certs, &[]);
-    let agent = Agent::start(AgentConfig {
-        bin: env!("CARGO_BIN_EXE_nano-agent").into(),
-        dir: dir.path().join("agent"),
-        upstream_url: format!("wss://localhost:{port}"),
-        api_key: API_KEY.into(),
-        extra_args: [
-            "--upstream-kind",
-            "socketio",
-            "--upstream-ca",
-            certs.ca.to_str().unwrap(),
-            "--flush-interval",
-            "50ms",
-            "--socketio-ack-timeout",
-            "1s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    })
-    .expect("starting nano-agent");
+    let Some(t) = Setup::new() else { return };
+    let platform = t.platform(&[]);
+    let agent =
+        t.agent_without_client_cert(&["--flush-interval", "50ms", "--socketio-ack-timeout", "1s"]);
     send(&agent.socket, 0..5);
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -846,8 +778,7 @@ fn without_a_client_certificate_the_platform_refuses_the_agent() {
     );
     assert_eq!(agent.metric("nanogate_sidecar_delivered_total"), Some(0.0));
     assert_eq!(agent.metric("nanogate_sidecar_queue_depth"), Some(5.0));
-    let (_, health) = agent.http_get("/healthz").unwrap();
-    let health: Value = serde_json::from_str(&health).unwrap();
+    let health = healthz(&agent);
     let error = health["upstream"]["last_error"]
         .as_str()
         .unwrap_or_default()
@@ -863,25 +794,17 @@ fn without_a_client_certificate_the_platform_refuses_the_agent() {
 /// CONNECT carries it, with no restart of the agent (issue 21: key rotation).
 #[test]
 fn a_rotated_key_file_reconnects_with_the_new_key() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path());
-    let port = free_port();
-    let platform = Platform::start(&py, port, &certs, &[]);
-    let key_file = dir.path().join("api-key");
+    let Some(t) = Setup::new() else { return };
+    let platform = t.platform(&[]);
+    let key_file = t.dir.path().join("api-key");
     std::fs::write(&key_file, "file-key-1\n").unwrap();
     let key_arg = key_file.display().to_string();
-    let agent = start_agent(
-        &dir.path().join("agent"),
-        port,
-        &certs,
-        &[
-            "--api-key-file",
-            &key_arg,
-            "--api-key-reload-interval",
-            "200ms",
-        ],
-    );
+    let agent = t.agent(&[
+        "--api-key-file",
+        &key_arg,
+        "--api-key-reload-interval",
+        "200ms",
+    ]);
     let tokens = |p: &Platform| -> Vec<String> {
         p.events("connect")
             .iter()
@@ -900,7 +823,7 @@ fn a_rotated_key_file_reconnects_with_the_new_key() {
     );
 
     // Replaced the way the kubelet does it: a new file renamed over the old one.
-    let tmp = dir.path().join("api-key.tmp");
+    let tmp = t.dir.path().join("api-key.tmp");
     std::fs::write(&tmp, "file-key-2").unwrap();
     std::fs::rename(&tmp, &key_file).unwrap();
     let rotated = Instant::now();

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,12 +16,10 @@ use nanogate_tests::agent::Agent;
 use nanogate_tests::platform::PlatformServer;
 use serde_json::{Value, json};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Asserts that the frame's `payload.message` starts with `prefix`.
+fn assert_message_starts(frame: &Value, prefix: &str) {
+    let message = frame["payload"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with(prefix), "{frame}");
 }
 
 /// Starts the agent with the TCP listener on `listen` plus `extra` flags.
@@ -261,13 +259,7 @@ async fn ping_keepalive_close_and_errors() {
     let e = peer.reply();
     assert_eq!(e["type"], "error", "{e}");
     assert_eq!(e["payload"]["status"], "error");
-    assert!(
-        e["payload"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("invalid JSON"),
-        "{e}"
-    );
+    assert_message_starts(&e, "invalid JSON");
     // Unknown type, a data frame whose payload is not a valid message (the socket's own error
     // text), msg_check (not served here), a payload over max_message_bytes: each answered
     // with its id, connection still open.
@@ -299,13 +291,7 @@ async fn ping_keepalive_close_and_errors() {
     peer.send(big.as_bytes());
     let e = peer.reply();
     assert_eq!(e["id"], 7);
-    assert!(
-        e["payload"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("message too large"),
-        "{e}"
-    );
+    assert_message_starts(&e, "message too large");
     // Still usable.
     peer.send(data_frame(1).as_bytes());
     assert_ack(&peer.reply(), "m1");
@@ -328,14 +314,7 @@ async fn ping_keepalive_close_and_errors() {
     let rest = peer.until_eof();
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(rest[0]["type"], "error");
-    assert!(
-        rest[0]["payload"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("frame too large"),
-        "{}",
-        rest[0]
-    );
+    assert_message_starts(&rest[0], "frame too large");
 
     assert!(platform.wait_for(2, Duration::from_secs(10)).await);
     assert_eq!(
@@ -427,29 +406,6 @@ async fn silent_peer_is_dropped_after_the_timeout_and_a_talking_one_is_not() {
     );
 }
 
-/// A CA and a server certificate for localhost / 127.0.0.1, as PEM files in `dir`:
-/// (ca.pem, cert.pem, key.pem).
-fn test_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let server =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = server.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
 type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 fn tls_connect(addr: SocketAddr, ca: &Path) -> Peer<TlsStream> {
@@ -478,7 +434,12 @@ fn tls_connect(addr: SocketAddr, ca: &Path) -> Peer<TlsStream> {
 async fn non_loopback_listener_needs_tls_and_the_token() {
     let platform = PlatformServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = test_pki(dir.path());
+    let TestPki {
+        ca,
+        server_cert: cert,
+        server_key: key,
+        ..
+    } = test_pki(dir.path(), "nanogate tcp test CA", "unused client");
     let token = "tcp-token-7f3a9c";
 
     // "Non-loopback" is about the listen address: 0.0.0.0 accepts connections from every
@@ -534,14 +495,7 @@ async fn non_loopback_listener_needs_tls_and_the_token() {
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(rest[0]["type"], "error");
     assert_eq!(rest[0]["id"], "m1");
-    assert!(
-        rest[0]["payload"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("unauthorized"),
-        "{}",
-        rest[0]
-    );
+    assert_message_starts(&rest[0], "unauthorized");
 
     // Wrong token: refused and closed.
     let mut peer = tls_connect(addr, &ca);

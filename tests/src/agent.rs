@@ -9,6 +9,36 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::platform::PlatformServer;
+
+/// Waits until `ready()` holds for the process `child` (called `name`, logging to `log`); an
+/// error with its log if it exits first or `timeout` passes.
+pub(crate) fn wait_ready(
+    name: &str,
+    child: &mut Option<Child>,
+    log: &Path,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            bail!(
+                "{name} exited with {status} before becoming ready; log:\n{}",
+                log_text()
+            );
+        }
+        if ready() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} not ready after {timeout:?}; log:\n{}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Path of the `nano-agent` binary: `$NANO_AGENT_BIN` when set; otherwise
 /// `<target>/<profile>/nano-agent` next to the running test executable, brought up to date
 /// once per test process with `cargo build -p nanogate-sidecar --bin nano-agent` (a no-op when
@@ -20,27 +50,36 @@ pub fn agent_bin() -> PathBuf {
         if let Some(p) = std::env::var_os("NANO_AGENT_BIN") {
             return PathBuf::from(p);
         }
-        let exe = std::env::current_exe().expect("current exe");
-        // target/<profile>/deps/<test> → target/<profile>/nano-agent
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target layout")
-            .to_owned();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "nanogate-sidecar", "--bin", "nano-agent"]);
-        if let Some(target) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target);
-        }
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for nano-agent");
-        assert!(status.success(), "building nano-agent failed");
-        profile_dir.join("nano-agent")
+        build_beside_tests(
+            &["-p", "nanogate-sidecar", "--bin", "nano-agent"],
+            "nano-agent",
+        )
     })
     .clone()
+}
+
+/// Runs `cargo build <args>` into the running test executable's target directory and profile,
+/// and returns the path of the binary `bin` built there. Callers build once per process.
+pub fn build_beside_tests(args: &[&str], bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<bin>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target layout")
+        .to_owned();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").args(args);
+    if let Some(target) = profile_dir.parent() {
+        cmd.arg("--target-dir").arg(target);
+    }
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "building {bin} failed");
+    profile_dir.join(bin)
 }
 
 /// How to start an agent.
@@ -53,6 +92,24 @@ pub struct AgentConfig {
     pub api_key: String,
     /// More flags, e.g. `["--flush-interval", "50ms"]`.
     pub extra_args: Vec<String>,
+}
+
+impl AgentConfig {
+    /// An agent of `bin` in `dir` delivering to `platform` with its key, plus `extra` flags.
+    pub fn for_platform(
+        bin: PathBuf,
+        dir: &Path,
+        platform: &PlatformServer,
+        extra: &[&str],
+    ) -> Self {
+        AgentConfig {
+            bin,
+            dir: dir.to_owned(),
+            upstream_url: platform.url(),
+            api_key: platform.api_key().to_owned(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
 }
 
 /// A running `nano-agent` child process; killed on drop.
@@ -146,31 +203,14 @@ impl Agent {
 
     /// Waits for `/readyz` 200.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "nano-agent exited with {status} before becoming ready; log:\n{}",
-                    self.log_text()
-                );
-            }
+        let (socket, admin) = (self.socket.clone(), self.admin);
+        wait_ready("nano-agent", &mut self.child, &self.log, timeout, || {
             // The socket file proves the answer came from this agent, not from another test's
             // agent that took the same (released, then reused) admin port.
-            if self.socket.exists() && self.http_get("/readyz").is_ok_and(|(code, _)| code == 200) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "nano-agent not ready after {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            socket.exists()
+                && crate::http::http_get(admin, "/readyz", Duration::from_secs(5))
+                    .is_ok_and(|(code, _)| code == 200)
+        })
     }
 
     /// The process has not exited (a panic with `panic = "abort"` ends it at once).

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 /// Path of `nats-server`, if installed (`$NATS_SERVER_BIN` wins).
 pub fn nats_server_bin() -> Option<PathBuf> {
@@ -151,37 +151,14 @@ impl NatsServer {
 
     /// Waits until the server accepts TCP connections and logs that it is ready.
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "nats-server exited with {status}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            let up = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok();
-            if up && self.log_text().matches("Server is ready").count() >= self.starts() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "nats-server not ready after {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn starts(&self) -> usize {
-        self.log_text()
-            .matches("Starting nats-server")
-            .count()
-            .max(1)
+        let (addr, log) = (self.addr, self.log.clone());
+        crate::agent::wait_ready("nats-server", &mut self.child, &self.log, timeout, || {
+            let up = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            // Ready since its last start: as many "ready" lines as starts.
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let starts = text.matches("Starting nats-server").count().max(1);
+            up && text.matches("Server is ready").count() >= starts
+        })
     }
 
     /// SIGKILL: no flush, no goodbye to clients.

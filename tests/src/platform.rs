@@ -61,6 +61,9 @@ pub struct Faults {
     poison: AtomicBool,
     reset_next: AtomicU32,
     garbage: AtomicBool,
+    slow_ack_armed: AtomicBool,
+    slow_ack_id: AtomicU64,
+    slow_ack_ms: AtomicU64,
 }
 
 fn take(counter: &AtomicU32) -> bool {
@@ -104,6 +107,16 @@ impl Faults {
     pub fn set_ack_delay(&self, d: Duration) {
         self.ack_delay_ms
             .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The next batch holding a message whose `data.id` is `id` is stored at once but
+    /// answered only after `d` (on top of any other delay), while other batches go at the
+    /// normal pace: later batches finish first.
+    pub fn slow_ack_holding(&self, id: u64, d: Duration) {
+        self.slow_ack_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+        self.slow_ack_id.store(id, Ordering::SeqCst);
+        self.slow_ack_armed.store(true, Ordering::SeqCst);
     }
 
     /// While down, every connection is closed before any response (new and kept-alive ones).
@@ -175,6 +188,7 @@ impl Faults {
         self.set_max_batch_bytes(0);
         self.set_poison(false);
         self.set_garbage(false);
+        self.slow_ack_armed.store(false, Ordering::SeqCst);
     }
 }
 
@@ -197,6 +211,31 @@ struct State {
     unauthorized: AtomicU64,
     /// Method and path of every request, in arrival order.
     log: Mutex<Vec<String>>,
+    /// Batch requests (`POST /entities/messages`) being handled now, and the most at once.
+    batches_in_flight: AtomicU64,
+    peak_batches_in_flight: AtomicU64,
+    /// While set, batches are counted (in `discarded`) but not stored: benches at high rates.
+    discard: AtomicBool,
+    discarded: AtomicU64,
+}
+
+/// Counts one batch request in flight while it lives.
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a State) -> Self {
+        let now = state.batches_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state
+            .peak_batches_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.batches_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The platform test server. Dropping it stops the server.
@@ -278,9 +317,27 @@ impl PlatformServer {
         self.state.received.lock().expect("lock").clone()
     }
 
-    /// Number of messages delivered so far.
+    /// Number of messages delivered so far (stored, and counted while discarding).
     pub fn received_count(&self) -> usize {
         self.state.received.lock().expect("lock").len()
+            + self.state.discarded.load(Ordering::SeqCst) as usize
+    }
+
+    /// While `on`, batches are acknowledged and counted in [`Self::received_count`] but their
+    /// messages are not parsed into values nor kept (benches at hundreds of thousands of
+    /// messages per second).
+    pub fn set_discard(&self, on: bool) {
+        self.state.discard.store(on, Ordering::SeqCst);
+    }
+
+    /// Batch requests (`POST /entities/messages`) being handled right now, answered or not.
+    pub fn batches_in_flight(&self) -> u64 {
+        self.state.batches_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most batch requests that were being handled at the same time so far.
+    pub fn peak_batches_in_flight(&self) -> u64 {
+        self.state.peak_batches_in_flight.load(Ordering::SeqCst)
     }
 
     /// Batches accepted so far.
@@ -416,6 +473,9 @@ async fn handle(
     kill: Arc<Notify>,
 ) -> Result<Response<Body>, Infallible> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = (req.method() == hyper::Method::POST
+        && req.uri().path() == "/entities/messages")
+        .then(|| InFlight::new(&state));
     state
         .log
         .lock()
@@ -489,6 +549,22 @@ async fn handle(
         }
     };
     match (method.as_str(), path.as_str()) {
+        ("POST", "/entities/messages") if state.discard.load(Ordering::SeqCst) => {
+            let Ok(msgs) = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body) else {
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "expected a JSON array"}),
+                ));
+            };
+            state
+                .discarded
+                .fetch_add(msgs.len() as u64, Ordering::SeqCst);
+            state.batches.fetch_add(1, Ordering::SeqCst);
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({"status": "ok", "received": msgs.len()}),
+            ))
+        }
         ("POST", "/entities/messages") => {
             let Ok(Value::Array(msgs)) = serde_json::from_slice::<Value>(&body) else {
                 return Ok(json(
@@ -535,9 +611,21 @@ async fn handle(
                 return Ok(r);
             }
             let n = msgs.len();
+            let slow_id = f.slow_ack_id.load(Ordering::SeqCst);
+            let slow = f.slow_ack_armed.load(Ordering::SeqCst)
+                && msgs.iter().any(|m| {
+                    m.get("data")
+                        .and_then(|d| d.get("id"))
+                        .and_then(Value::as_u64)
+                        == Some(slow_id)
+                })
+                && f.slow_ack_armed.swap(false, Ordering::SeqCst);
             record(&state, &bearer, msgs);
             state.batches.fetch_add(1, Ordering::SeqCst);
-            let ack_delay = f.ack_delay_ms.load(Ordering::SeqCst);
+            let mut ack_delay = f.ack_delay_ms.load(Ordering::SeqCst);
+            if slow {
+                ack_delay += f.slow_ack_ms.load(Ordering::SeqCst);
+            }
             if ack_delay > 0 {
                 tokio::time::sleep(Duration::from_millis(ack_delay)).await;
             }

@@ -22,13 +22,12 @@ fn roundtrip(socket: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
 async fn publish_check_and_auth() {
     let platform = PlatformServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(AgentConfig {
-        bin: agent_bin(),
-        dir: dir.path().to_owned(),
-        upstream_url: platform.url(),
-        api_key: platform.api_key().to_owned(),
-        extra_args: vec!["--flush-interval".into(), "20ms".into()],
-    })
+    let agent = Agent::start(AgentConfig::for_platform(
+        agent_bin(),
+        dir.path(),
+        &platform,
+        &["--flush-interval", "20ms"],
+    ))
     .unwrap();
     assert_eq!(
         roundtrip(
@@ -52,6 +51,12 @@ async fn publish_check_and_auth() {
         b"204"
     );
     assert_eq!(platform.unauthorized(), 0);
+    // The spool's capacity is exported beside its fill, for the "spool filling" alert.
+    assert_eq!(
+        agent.metric("nanogate_sidecar_spool_max_bytes"),
+        Some(256.0 * 1024.0 * 1024.0)
+    );
+    assert!(agent.metric("nanogate_sidecar_spool_bytes").is_some());
 
     // A wrong key: the platform refuses with 401. The message stays in the spool and is
     // retried (issue 15: a rotated key must not empty the spool), nothing is dead-lettered,

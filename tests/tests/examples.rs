@@ -8,12 +8,13 @@
 //! without asserting anything (`e2e/scripts/setup.sh` installs Go and socat; Python and Node.js
 //! come with the machine image).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use nanogate_tests::agent::{Agent, AgentConfig, agent_bin};
+use nanogate_tests::agent::{Agent, AgentConfig, agent_bin, build_beside_tests};
 use nanogate_tests::platform::PlatformServer;
 use serde_json::{Value, json};
 
@@ -37,72 +38,67 @@ fn runs(program: &str, args: &[&str]) -> bool {
 fn rust_example_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target layout")
-            .to_owned();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "nanogate-example-client"]);
-        if let Some(target) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target);
-        }
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building nanogate-example-client failed");
-        profile_dir.join("nanogate-example-client")
+        build_beside_tests(
+            &["-p", "nanogate-example-client"],
+            "nanogate-example-client",
+        )
     })
     .clone()
+}
+
+/// The agent the examples talk to, in `dir`, delivering to `platform` every 20 ms.
+fn start_agent(platform: &PlatformServer, dir: &Path) -> Agent {
+    let cfg = AgentConfig::for_platform(agent_bin(), dir, platform, &["--flush-interval", "20ms"]);
+    Agent::start(cfg).expect("nano-agent")
 }
 
 /// The command that runs one language's example, or why it cannot run here.
 fn example_command(lang: &str) -> Result<Command, String> {
     let dir = examples_dir();
-    match lang {
-        "python" => {
-            if !runs("python3", &["--version"]) {
-                return Err("python3 not found".into());
-            }
-            let mut cmd = Command::new("python3");
-            cmd.arg(dir.join("python/nanogate_client.py"));
-            Ok(cmd)
-        }
-        "go" => {
-            if !runs("go", &["version"]) {
-                return Err(
-                    "go not found (Debian: apt-get install golang-go; e2e/scripts/setup.sh does)"
-                        .into(),
-                );
-            }
-            let mut cmd = Command::new("go");
-            cmd.arg("run").arg(".").current_dir(dir.join("go"));
-            Ok(cmd)
-        }
-        "node" => {
-            if !runs("node", &["--version"]) {
-                return Err("node not found (Node.js comes with the machine image)".into());
-            }
-            let mut cmd = Command::new("node");
-            cmd.arg(dir.join("node/nanogate-client.js"));
-            Ok(cmd)
-        }
-        "rust" => Ok(Command::new(rust_example_bin())),
-        "shell" => {
-            if !runs("socat", &["-V"]) && !runs("nc", &["-h"]) {
-                return Err(
-                    "neither socat nor nc found (apt-get install socat; setup.sh does)".into(),
-                );
-            }
-            let mut cmd = Command::new("sh");
-            cmd.arg(dir.join("shell/nanogate.sh"));
-            Ok(cmd)
-        }
-        other => Err(format!("no example for {other}")),
+    // Per language: whether its toolchain is here, what to say when not, the program, its
+    // arguments and the directory it runs in.
+    let (available, missing, program, args, cwd): (bool, &str, &str, Vec<OsString>, _) = match lang
+    {
+        "python" => (
+            runs("python3", &["--version"]),
+            "python3 not found",
+            "python3",
+            vec![dir.join("python/nanogate_client.py").into()],
+            None,
+        ),
+        "go" => (
+            runs("go", &["version"]),
+            "go not found (Debian: apt-get install golang-go; e2e/scripts/setup.sh does)",
+            "go",
+            vec!["run".into(), ".".into()],
+            Some(dir.join("go")),
+        ),
+        "node" => (
+            runs("node", &["--version"]),
+            "node not found (Node.js comes with the machine image)",
+            "node",
+            vec![dir.join("node/nanogate-client.js").into()],
+            None,
+        ),
+        "rust" => return Ok(Command::new(rust_example_bin())),
+        "shell" => (
+            runs("socat", &["-V"]) || runs("nc", &["-h"]),
+            "neither socat nor nc found (apt-get install socat; setup.sh does)",
+            "sh",
+            vec![dir.join("shell/nanogate.sh").into()],
+            None,
+        ),
+        other => return Err(format!("no example for {other}")),
+    };
+    if !available {
+        return Err(missing.into());
     }
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    Ok(cmd)
 }
 
 async fn run(mut cmd: Command, socket: &Path) -> Output {
@@ -140,14 +136,7 @@ async fn check_example(lang: &str) {
     let started = std::time::Instant::now();
     let platform = PlatformServer::start().await.expect("platform server");
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = Agent::start(AgentConfig {
-        bin: agent_bin(),
-        dir: dir.path().to_owned(),
-        upstream_url: platform.url(),
-        api_key: platform.api_key().to_owned(),
-        extra_args: vec!["--flush-interval".into(), "20ms".into()],
-    })
-    .expect("nano-agent");
+    let agent = start_agent(&platform, dir.path());
     let command_for_app = json!({"cmd": "reload-prices", "for": lang});
     platform.queue_for_check(command_for_app.clone());
 
@@ -279,14 +268,7 @@ async fn shell_one_call_form_and_publish_loop() {
         .spawn()
         .expect("starting publish-loop.sh");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let agent = Agent::start(AgentConfig {
-        bin: agent_bin(),
-        dir: dir.path().to_owned(),
-        upstream_url: platform.url(),
-        api_key: platform.api_key().to_owned(),
-        extra_args: vec!["--flush-interval".into(), "20ms".into()],
-    })
-    .expect("nano-agent");
+    let agent = start_agent(&platform, dir.path());
     assert_eq!(agent.socket, socket);
     let counters = || -> Vec<u64> {
         let mut c: Vec<u64> = platform

@@ -228,17 +228,13 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
         platform.url(),
         agent.socket.display()
     );
-    let reload = |config: &str| vec![("config".to_string(), rmpv::Value::from(config.to_string()))];
-    let applied = hub
-        .hub
-        .request(
-            "uid-1",
-            "reload",
-            reload(&full_config),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // A reload request to the agent with the whole file `config`: the reply or the refusal.
+    let reload = |config: &str| {
+        let kwargs = vec![("config".to_string(), rmpv::Value::from(config.to_string()))];
+        hub.hub
+            .request("uid-1", "reload", kwargs, Duration::from_secs(5))
+    };
+    let applied = reload(&full_config).await.map_err(anyhow::Error::msg)?;
     assert!(
         field(&applied, "restart_needed").is_some_and(|v| v.as_bool() == Some(false)),
         "{applied}"
@@ -251,14 +247,7 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
     );
     // A socket limit is set up once: the reply names it, the batching part still applies,
     // and the agent keeps reporting the generation it really runs.
-    let pending = hub
-        .hub
-        .request(
-            "uid-1",
-            "reload",
-            reload(&format!("{full_config}max_tags: 3\n")),
-            Duration::from_secs(5),
-        )
+    let pending = reload(&format!("{full_config}max_tags: 3\n"))
         .await
         .map_err(anyhow::Error::msg)?;
     assert!(
@@ -277,14 +266,7 @@ async fn real_agent_and_real_hub_handshake_report_reload_flush_and_drain() -> Re
         applied_generation,
         "a reload that needs a restart does not count as running the new configuration"
     );
-    let refused = hub
-        .hub
-        .request(
-            "uid-1",
-            "reload",
-            reload("max_batch_size: 0\n"),
-            Duration::from_secs(5),
-        )
+    let refused = reload("max_batch_size: 0\n")
         .await
         .expect_err("an invalid configuration is refused");
     assert!(

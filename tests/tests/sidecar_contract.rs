@@ -323,6 +323,34 @@ fn operator_output(gw: &AgentGateway, cluster: &Cluster, root: &Path) -> Result<
         .flat_map(|list| spec[list].as_array().into_iter().flatten())
         .find(|c| c["name"] == "nano-agent")
         .context("no nano-agent container")?;
+    // `spec.sidecar.adminPort` and `logLevel` reach the agent's environment, and the probes and
+    // the named container port follow the admin port (the agent itself gets a free port below).
+    let env_value = |name: &str| {
+        sidecar["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_string)
+    };
+    let port = gw.spec.sidecar.admin_port;
+    anyhow::ensure!(
+        env_value("NANOGATE_ADMIN_PORT") == Some(port.to_string()),
+        "NANOGATE_ADMIN_PORT is not spec.sidecar.adminPort ({port}): {sidecar}"
+    );
+    anyhow::ensure!(
+        env_value("NANOGATE_LOG_LEVEL").as_deref() == Some(gw.spec.sidecar.log_level.as_str()),
+        "NANOGATE_LOG_LEVEL is not spec.sidecar.logLevel: {sidecar}"
+    );
+    anyhow::ensure!(
+        sidecar["ports"][0]
+            == json!({"name": "nanogate-admin", "containerPort": port, "protocol": "TCP"})
+            && ["livenessProbe", "readinessProbe"]
+                .iter()
+                .all(|p| sidecar[p]["httpGet"]["port"] == json!(port)),
+        "the admin container port or a probe is not on spec.sidecar.adminPort ({port}): {sidecar}"
+    );
     let volumes: BTreeMap<&str, &Value> = spec["volumes"]
         .as_array()
         .into_iter()

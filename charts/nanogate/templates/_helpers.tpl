@@ -79,15 +79,63 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{/* Namespaces the webhooks never see: the configured ones plus the release namespace. */}}
+{{- /*
+namespaceSelector of a webhook: [$ extraLabels excludeRelease]. The built-in exclusion
+(excludeNamespaces, and the release namespace when excludeRelease, by
+kubernetes.io/metadata.name), ANDed with webhook.namespaceSelector and with the matchLabels
+extraLabels (which win over the user's on the same key).
+*/ -}}
 {{- define "nanogate.namespaceSelector" -}}
+{{- $ := index . 0 -}}
+{{- $user := $.Values.webhook.namespaceSelector | default dict -}}
+{{- $labels := merge (dict) (index . 1) ($user.matchLabels | default dict) -}}
+{{- $excluded := $.Values.webhook.excludeNamespaces -}}
+{{- if index . 2 }}{{ $excluded = append $excluded $.Release.Namespace }}{{ end -}}
 namespaceSelector:
+  {{- with $labels }}
+  matchLabels:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   matchExpressions:
     - key: kubernetes.io/metadata.name
       operator: NotIn
       values:
-        {{- range (append .Values.webhook.excludeNamespaces .Release.Namespace | uniq) }}
+        {{- range ($excluded | uniq) }}
         - {{ . | quote }}
         {{- end }}
+    {{- with $user.matchExpressions }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{- /*
+objectSelector of an injection webhook: [$ extraLabels extraExpressions], ANDed with
+webhook.inject.objectSelector; nothing when all are empty (every pod).
+*/ -}}
+{{- define "nanogate.objectSelector" -}}
+{{- $ := index . 0 -}}
+{{- $user := $.Values.webhook.inject.objectSelector | default dict -}}
+{{- $labels := merge (dict) (index . 1) ($user.matchLabels | default dict) -}}
+{{- $exprs := concat (index . 2) ($user.matchExpressions | default list) -}}
+{{- if or $labels $exprs }}
+objectSelector:
+  {{- with $labels }}
+  matchLabels:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $exprs }}
+  matchExpressions:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* failurePolicy of the injector / the validator: the deprecated webhook.failurePolicy wins. */}}
+{{- define "nanogate.injectFailurePolicy" -}}
+{{- .Values.webhook.failurePolicy | default .Values.webhook.inject.failurePolicy -}}
+{{- end -}}
+{{- define "nanogate.validateFailurePolicy" -}}
+{{- .Values.webhook.failurePolicy | default .Values.webhook.validate.failurePolicy -}}
 {{- end -}}
 
 {{/* clientConfig of a webhook; $path is "/mutate" or "/validate". */}}

@@ -6,7 +6,7 @@
 //! TENDRL_SOCKET_PATH=/var/lib/tendrl/tendrl_agent.sock cargo run -p nanogate-example-client
 //! ```
 //!
-//! The protocol (ARCHITECTURE §3, sidecar/README.md): write one JSON message; replies have no
+//! The protocol (docs/architecture.md "App socket", sidecar/README.md): write one JSON message; replies have no
 //! delimiter, so this client uses one connection per request, half-closes its side after
 //! writing and reads the reply until the agent closes. An empty reply means "accepted".
 

@@ -198,6 +198,7 @@ pub fn desired_status(
         st.sidecars.as_ref(),
         pods.expected,
         pods.not_injected_count(),
+        pods.outdated_count(),
     ));
     if st.messages.is_none() {
         st.messages = Some(MessageStats::default());

@@ -12,15 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::names::{
     MANAGED_BY, MANAGED_BY_LABEL, NAMESPACE_INJECTION_ENABLED, NAMESPACE_INJECTION_LABEL,
 };
+use crate::pods::{PodMeta, PodWatch};
 use crate::status;
 use crate::watch::{self, TaskGuard};
 use build::{GatewayRef, Verdict};
@@ -113,6 +114,8 @@ pub struct Context {
     pub hub_ca: Option<String>,
     /// The operator's sidecar image policy: a gateway whose image it refuses is invalid.
     pub sidecar_images: SidecarImages,
+    /// The operator's one pod watch, shared with the hub (`None`: [`run`] starts its own).
+    pub pods: Option<PodWatch>,
     /// Consecutive failures per gateway, for exponential backoff in [`error_policy`].
     failures: Mutex<HashMap<(String, String), u32>>,
     /// Consecutive reconciles per gateway that found a Secret missing ([`secret_retry`]).
@@ -133,6 +136,7 @@ impl Context {
             namespace: None,
             hub_ca: None,
             sidecar_images: SidecarImages::default(),
+            pods: None,
             failures: Mutex::new(HashMap::new()),
             missing_secrets: Mutex::new(HashMap::new()),
         }
@@ -143,6 +147,13 @@ impl Context {
     #[must_use]
     pub fn with_sidecar_images(mut self, images: SidecarImages) -> Self {
         self.sidecar_images = images;
+        self
+    }
+
+    /// Follow pods through `pods` (shared with the hub) instead of a watch of its own.
+    #[must_use]
+    pub fn with_pod_watch(mut self, pods: PodWatch) -> Self {
+        self.pods = Some(pods);
         self
     }
 
@@ -281,7 +292,16 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     };
 
     // validate → dereference → build → apply
-    let verdict = match ValidatedGateway::checked(&gw, &ctx.sidecar_images) {
+    let checked = ValidatedGateway::checked(&gw, &ctx.sidecar_images);
+    // What new pods get now (image, pod settings); sidecars injected otherwise are outdated.
+    let injects_now = checked
+        .as_ref()
+        .ok()
+        .map(|v| (v.injection.image.clone(), v.injection.pod_hash()));
+    let sidecar_now = injects_now
+        .as_ref()
+        .map(|(image, pod_hash)| repair::CurrentSidecar { image, pod_hash });
+    let verdict = match checked {
         Err(errors) => Verdict::Invalid(join_errors(&errors)),
         Ok(valid) => match dereference(&ctx.client, ns, &valid.secret_refs).await? {
             Some(missing) => Verdict::SecretMissing(missing),
@@ -331,7 +351,7 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         },
     };
 
-    let census = repair::census(&ctx.client, ns, name).await?;
+    let census = repair::census(&ctx.client, ns, name, sidecar_now).await?;
     let api: Api<AgentGateway> = Api::namespaced(ctx.client.clone(), ns);
     let desired = |current: Option<&AgentGatewayStatus>| {
         let now = now();
@@ -429,7 +449,8 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
         publish(&ctx, &gw, EventType::Warning, reason, message).await;
     }
 
-    report_not_injected(&ctx, &gw, ns, current.as_ref(), &census).await;
+    let image = injects_now.as_ref().map(|(image, _)| image.as_str());
+    report_pods(&ctx, &gw, ns, current.as_ref(), &census, image).await;
 
     ctx.reset_failures(ns, name);
     let retry = ctx.secret_missing(ns, name, matches!(verdict, Verdict::SecretMissing(_)));
@@ -442,41 +463,48 @@ pub async fn reconcile(gw: Arc<AgentGateway>, ctx: Arc<Context>) -> Result<Actio
     })
 }
 
-/// Pods admitted without a sidecar: a Warning event when their number changes, and the
-/// opt-in rollout repair.
-async fn report_not_injected(
+/// Pods admitted without a sidecar, and sidecars on an outdated image: a Warning event when
+/// their number changes, and the opt-in rollout repair of both.
+async fn report_pods(
     ctx: &Context,
     gw: &AgentGateway,
     ns: &str,
     before: Option<&AgentGatewayStatus>,
     census: &repair::Census,
+    image: Option<&str>,
 ) {
     let repair_enabled = repair::repair_enabled(&gw.metadata);
-    let known = before
-        .and_then(|s| s.sidecars.as_ref())
-        .map_or(0, |s| s.not_injected);
-    if census.not_injected.is_empty() {
-        return;
-    }
-    if known != census.not_injected_count() {
+    let known = before.and_then(|s| s.sidecars.as_ref());
+    if !census.not_injected.is_empty()
+        && known.map_or(0, |s| s.not_injected) != census.not_injected_count()
+    {
         let note = census.event_note(repair_enabled);
         warn!(%ns, gateway = %gw.name_any(), %note, "pods without sidecar");
         publish(ctx, gw, EventType::Warning, "PodsNotInjected", note).await;
     }
-    if !repair_enabled {
+    if let Some(image) = image.filter(|_| !census.outdated.is_empty())
+        && known.map_or(0, |s| s.outdated) != census.outdated_count()
+    {
+        let note = census.outdated_note(image, repair_enabled);
+        info!(%ns, gateway = %gw.name_any(), %note, "outdated sidecars");
+        publish(ctx, gw, EventType::Warning, "SidecarsOutdated", note).await;
+    }
+    if !repair_enabled || (census.not_injected.is_empty() && census.outdated.is_empty()) {
         return;
     }
     match repair::rollout(&ctx.client, ns, census).await {
         Ok(done) => {
             for deployment in done.restarted {
                 ctx.metrics.write("deployments", "patch");
-                info!(%ns, %deployment, "restarted Deployment to inject its pods");
+                info!(%ns, %deployment, "restarted Deployment to give its pods the current sidecar");
                 publish(
                     ctx,
                     gw,
                     EventType::Normal,
                     "RolloutRestarted",
-                    format!("Restarted Deployment {deployment} so its pods get the sidecar"),
+                    format!(
+                        "Restarted Deployment {deployment} so its pods get the current sidecar"
+                    ),
                 )
                 .await;
             }
@@ -488,7 +516,9 @@ async fn report_not_injected(
                 gw,
                 EventType::Warning,
                 "RepairFailed",
-                format!("Could not restart the Deployments of pods without a sidecar: {error}"),
+                format!(
+                    "Could not restart the Deployments of pods without the current sidecar: {error}"
+                ),
             )
             .await;
         }
@@ -533,7 +563,7 @@ pub fn gateways_to_requeue(
     gateways: impl FnOnce() -> Vec<Arc<AgentGateway>>,
 ) -> Vec<ObjectRef<AgentGateway>> {
     let ns = pod.namespace.as_deref().unwrap_or_default();
-    match membership::to_recount(pod.annotations.as_ref(), namespace_opted_in) {
+    match membership::to_recount(pod, namespace_opted_in) {
         Recount::Gateway(gateway) => vec![ObjectRef::<AgentGateway>::new(&gateway).within(ns)],
         Recount::Nothing => Vec::new(),
         Recount::Namespace => gateways()
@@ -555,28 +585,56 @@ fn opted_in_namespaces(client: Client) -> (Store<PartialObjectMeta<Namespace>>, 
     )
 }
 
+/// A hash of what a gateway's reconcile reads from the object itself: its identity, spec
+/// (`generation`), labels, annotations (`nanogate.io/repair`) and deletion. Not its status:
+/// the hub writes that about once per gateway every 5 s (and the reconciler its own part), and
+/// each run lists the metadata of the namespace's pods — at fleet scale the re-runs were most
+/// of the operator's work. What the status says is looked at again every [`RESYNC`].
+fn reconcile_inputs(gw: &AgentGateway) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = &gw.metadata;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.uid.hash(&mut hasher);
+    meta.generation.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.deletion_timestamp.is_some().hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Run the controller until `shutdown` resolves. Watches gateways, owned ConfigMaps and pods
 /// (sidecar counts). Secrets are not watched: that needs list/watch on every Secret in the
 /// cluster; a gateway whose Secret is missing is looked at again ([`secret_retry`]), a Ready
 /// one every [`RESYNC`].
 ///
-/// Pods are watched metadata only (annotations decide membership; a full pod is several times
-/// the bytes to receive and decode) and without a store, so a pod costs memory only while its
-/// event is mapped. A pod event requeues only the gateways its membership may change
-/// ([`gateways_to_requeue`]): unrelated pods, however many, requeue nothing. The label
-/// `nanogate.io/injected-gateway` cannot select them server-side: a pod that opted in but
-/// was admitted while the webhook was down carries no label, and the reconciler must see it
-/// (`sidecars.notInjected`, repair).
+/// Pods come from the operator's one pod watch ([`crate::pods`], metadata only, no store):
+/// annotations and the `nanogate.io/inject` label decide membership. A pod event requeues only
+/// the gateways its membership may change ([`gateways_to_requeue`]): unrelated pods, however
+/// many, requeue nothing. The label `nanogate.io/injected-gateway` cannot select them
+/// server-side: a pod that opted in but was admitted while the webhook was down carries no
+/// label, and the reconciler must see it (`sidecars.notInjected`, repair).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let gateways: Api<AgentGateway> = ctx.api();
     if let Err(error) = gateways.list(&ListParams::default().limit(1)).await {
         warn!(%error, "cannot list AgentGateways; is the CRD installed? (nanogate-operator crd | kubectl apply -f -)");
     }
-    let controller = Controller::new(gateways, watcher::Config::default().any_semantic());
-    let gateway_store = controller.store();
+    let (gateway_store, writer) = reflector::store();
+    let gateway_events = watcher(gateways, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_inputs, Default::default());
+    let controller = Controller::for_stream(gateway_events, gateway_store.clone());
     let (namespaces, _namespace_watch) = opted_in_namespaces(ctx.client.clone());
     let namespace_gateways = gateway_store.clone();
     let opted_in = format!("{NAMESPACE_INJECTION_LABEL}={NAMESPACE_INJECTION_ENABLED}");
+    let pods = ctx
+        .pods
+        .clone()
+        .unwrap_or_else(|| PodWatch::new(ctx.client.clone(), ctx.namespace.as_deref()));
+    let mut events = pods.subscribe();
+    let pod_events = futures::stream::poll_fn(move |cx| events.poll_recv(cx))
+        .map(|event| Ok(Arc::unwrap_or_clone(event.pod().clone())));
     controller
         .owns(
             ctx.api::<ConfigMap>(),
@@ -597,16 +655,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                     .collect::<Vec<_>>()
             },
         )
-        // `PartialObjectMeta`: kube asks the API server for metadata only.
-        .watches(
-            ctx.api::<PartialObjectMeta<Pod>>(),
-            watcher::Config::default().any_semantic(),
-            move |pod: PartialObjectMeta<Pod>| {
-                let ns = pod.metadata.namespace.clone().unwrap_or_default();
-                let opted_in = namespaces.get(&ObjectRef::new(&ns)).is_some();
-                gateways_to_requeue(&pod.metadata, opted_in, || gateway_store.state())
-            },
-        )
+        .watches_stream(pod_events, move |pod: PodMeta| {
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let opted_in = namespaces.get(&ObjectRef::new(&ns)).is_some();
+            gateways_to_requeue(&pod.metadata, opted_in, || gateway_store.state())
+        })
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -652,6 +705,36 @@ mod tests {
         names
     }
 
+    /// The hub's and the reconciler's status writes leave the hash alone; what the reconcile
+    /// reads from the object (spec, annotations, labels, deletion, identity) changes it.
+    #[test]
+    fn only_what_the_reconcile_reads_changes_its_inputs() {
+        let base = (*gateway("shop", "a")).clone();
+        let hash = |gw: &AgentGateway| reconcile_inputs(gw);
+        let mut status_only = base.clone();
+        status_only.status = Some(AgentGatewayStatus {
+            config_hash: Some("abc".into()),
+            ..Default::default()
+        });
+        status_only.metadata.resource_version = Some("42".into());
+        assert_eq!(hash(&status_only), hash(&base));
+        let changes: [fn(&mut AgentGateway); 5] = [
+            |gw| gw.metadata.generation = Some(2),
+            |gw| {
+                gw.metadata.annotations =
+                    Some([("nanogate.io/repair".into(), "rollout".into())].into())
+            },
+            |gw| gw.metadata.labels = Some([("team".into(), "a".into())].into()),
+            |gw| gw.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH)),
+            |gw| gw.metadata.uid = Some("other".into()),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut changed = base.clone();
+            change(&mut changed);
+            assert_ne!(hash(&changed), hash(&base), "change {i}");
+        }
+    }
+
     #[test]
     fn a_pod_requeues_only_the_gateways_it_may_belong_to() {
         let gateways = [
@@ -677,5 +760,13 @@ mod tests {
             requeue(&pod("shop", &[("nanogate.io/inject", "true")]), false),
             ["shop/a", "shop/b"]
         );
+        // The label opts in like the annotation (the chart's label-only webhook mode).
+        let mut labelled = pod("shop", &[]);
+        labelled.labels = Some([("nanogate.io/inject".to_string(), "true".to_string())].into());
+        assert_eq!(requeue(&labelled, false), ["shop/a", "shop/b"]);
+        let mut labelled_out = pod("shop", &[]);
+        labelled_out.labels =
+            Some([("nanogate.io/inject".to_string(), "false".to_string())].into());
+        assert!(requeue(&labelled_out, true).is_empty());
     }
 }

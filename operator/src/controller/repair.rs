@@ -6,7 +6,7 @@
 //! restarts their Deployments the way `kubectl rollout restart` does, so the new pods pass
 //! through the webhook again.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -21,7 +21,8 @@ use super::{Error, Result};
 use crate::FIELD_MANAGER;
 use crate::crd::AgentGateway;
 use crate::gateway::membership::{
-    self, Scope, belongs, namespace_opted_in, pod_opt_in, requested_gateway,
+    self, InjectedRecord, Outdated, Scope, belongs, namespace_opted_in, pod_opt_in,
+    requested_gateway,
 };
 use crate::names::{INJECTION_SKIPPED_ANNOTATION, REPAIR_ANNOTATION, RESTARTED_AT_ANNOTATION};
 
@@ -41,11 +42,29 @@ pub struct Census {
     pub expected: i32,
     /// Of those, pods without our `nanogate.io/injected` annotation, sorted by name.
     pub not_injected: Vec<ObjectMeta>,
+    /// Of those, injected pods whose sidecar is not what the injector puts into a new pod now
+    /// (another image after an operator upgrade or a changed `--sidecar-image`, or pod settings
+    /// of the gateway changed since), sorted by name, each with how it differs.
+    pub outdated: Vec<(ObjectMeta, Outdated)>,
+}
+
+/// What the injector puts into a gateway's new pods now ([`Census::of`] compares records to it).
+#[derive(Clone, Copy, Debug)]
+pub struct CurrentSidecar<'a> {
+    pub image: &'a str,
+    /// [`crate::gateway::InjectionSettings::pod_hash`].
+    pub pod_hash: &'a str,
 }
 
 impl Census {
-    /// Counts `pods` (metadata only) that belong to gateway `name`.
-    pub fn of(pods: impl IntoIterator<Item = ObjectMeta>, name: &str, scope: Scope) -> Self {
+    /// Counts `pods` (metadata only) that belong to gateway `name`; with `current` (what the
+    /// operator injects for it now; `None` for an invalid gateway), also the outdated ones.
+    pub fn of(
+        pods: impl IntoIterator<Item = ObjectMeta>,
+        name: &str,
+        scope: Scope,
+        current: Option<CurrentSidecar>,
+    ) -> Self {
         let mut census = Self::default();
         for meta in pods {
             if !belongs(&meta, name, scope) {
@@ -54,10 +73,65 @@ impl Census {
             census.expected = census.expected.saturating_add(1);
             if !is_injected(&meta) {
                 census.not_injected.push(meta);
+            } else if let Some(now) = current {
+                // A record that does not parse is of an unknown (very old) injector.
+                let outdated = match InjectedRecord::of(meta.annotations.as_ref()) {
+                    Some(record) => record.outdated(now.image, now.pod_hash),
+                    None => Some(Outdated::Image(None)),
+                };
+                if let Some(how) = outdated {
+                    census.outdated.push((meta, how));
+                }
             }
         }
         census.not_injected.sort_by(|a, b| a.name.cmp(&b.name));
+        census.outdated.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         census
+    }
+
+    /// `outdated` for the status.
+    pub fn outdated_count(&self) -> i32 {
+        i32::try_from(self.outdated.len()).unwrap_or(i32::MAX)
+    }
+
+    /// The outdated pods, without how.
+    pub fn outdated_pods(&self) -> impl Iterator<Item = &ObjectMeta> {
+        self.outdated.iter().map(|(meta, _)| meta)
+    }
+
+    /// The `SidecarsOutdated` event text: how many, which, how they differ (another image, or
+    /// pod settings changed since) and what to do.
+    pub fn outdated_note(&self, image: &str, repair_enabled: bool) -> String {
+        let (other_image, settings): (Vec<_>, Vec<_>) = self
+            .outdated
+            .iter()
+            .partition(|(_, how)| matches!(how, Outdated::Image(_)));
+        let mut parts = Vec::new();
+        if let Some((_, Outdated::Image(running))) = other_image.first() {
+            let running = running
+                .as_deref()
+                .unwrap_or("an image an operator before 0.3 injected");
+            let pods: Vec<&ObjectMeta> = other_image.iter().map(|(m, _)| m).collect();
+            parts.push(format!(
+                "{} sidecar(s) run {running} instead of {image}: {}",
+                pods.len(),
+                named(&pods)
+            ));
+        }
+        if !settings.is_empty() {
+            let pods: Vec<&ObjectMeta> = settings.iter().map(|(m, _)| m).collect();
+            parts.push(format!(
+                "{} sidecar(s) were injected before the gateway's pod settings (spec.sidecar resources, logLevel, adminPort, nativeSidecar; spec.socket; Secrets; spec.tcpListener) changed: {}",
+                pods.len(),
+                named(&pods)
+            ));
+        }
+        let action = if repair_enabled {
+            "the operator restarts their Deployments (nanogate.io/repair: rollout)"
+        } else {
+            "restart their workloads, or annotate the gateway with nanogate.io/repair=rollout to have the operator do it"
+        };
+        format!("{}; {action}", parts.join("; "))
     }
 
     /// `notInjected` for the status.
@@ -69,19 +143,7 @@ impl Census {
     /// webhook skipped on purpose carries its reason (`nanogate.io/injection-skipped`); only the
     /// others can have been admitted without the webhook.
     pub fn event_note(&self, repair_enabled: bool) -> String {
-        let list = |pods: &[&ObjectMeta]| {
-            let names: Vec<&str> = pods
-                .iter()
-                .take(NAMED_PODS)
-                .filter_map(|m| m.name.as_deref())
-                .collect();
-            let more = pods.len().saturating_sub(names.len());
-            if more > 0 {
-                format!("{} and {more} more", names.join(", "))
-            } else {
-                names.join(", ")
-            }
-        };
+        let list = |pods: &[&ObjectMeta]| named(pods);
         let skip_reason = |m: &ObjectMeta| {
             m.annotations
                 .as_ref()
@@ -123,20 +185,20 @@ impl Census {
 /// Lists the metadata of the namespace's pods and counts those of gateway `name`. The
 /// namespace's label and its other gateways are read only when some pod's membership depends
 /// on them (a pod without `nanogate.io/inject`, or without `nanogate.io/gateway`).
-pub async fn census(client: &Client, ns: &str, name: &str) -> Result<Census> {
+pub async fn census(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    current: Option<CurrentSidecar<'_>>,
+) -> Result<Census> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let list = pods
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(Error::PodList)?;
+    let list = pod_metadata(&pods).await.map_err(Error::PodList)?;
     let undecided = || {
-        list.items
-            .iter()
-            .map(|p| &p.metadata)
+        list.iter()
             .filter(|m| m.deletion_timestamp.is_none() && !is_injected(m))
     };
     let mut scope = Scope::default();
-    if undecided().any(|m| pod_opt_in(m.annotations.as_ref()).is_none()) {
+    if undecided().any(|m| pod_opt_in(m).is_none()) {
         let namespace = Api::<Namespace>::all(client.clone())
             .get_metadata_opt(ns)
             .await
@@ -145,8 +207,7 @@ pub async fn census(client: &Client, ns: &str, name: &str) -> Result<Census> {
             namespace_opted_in(namespace.and_then(|n| n.metadata.labels).as_ref());
     }
     let needs_gateways = undecided().any(|m| {
-        pod_opt_in(m.annotations.as_ref()) != Some(false)
-            && requested_gateway(m.annotations.as_ref()).is_none()
+        pod_opt_in(m) != Some(false) && requested_gateway(m.annotations.as_ref()).is_none()
     });
     if needs_gateways {
         let gateways = Api::<AgentGateway>::namespaced(client.clone(), ns)
@@ -156,13 +217,48 @@ pub async fn census(client: &Client, ns: &str, name: &str) -> Result<Census> {
         scope.only_gateway = matches!(gateways.items.as_slice(),
             [only] if only.metadata.name.as_deref() == Some(name));
     }
-    Ok(Census::of(
-        list.items.into_iter().map(|p| p.metadata),
-        name,
-        scope,
-    ))
+    Ok(Census::of(list, name, scope, current))
 }
 
+/// Pods a census lists per request. The apiserver sends each pod with its managed fields
+/// (often most of its metadata's bytes); listing a page at a time and dropping them keeps a
+/// census of a namespace with thousands of pods to a page of them, not all at once.
+const POD_PAGE: u32 = 250;
+
+/// The metadata of every pod `pods` lists, without managed fields, [`POD_PAGE`] at a time
+/// (the pages of one list are one consistent snapshot).
+async fn pod_metadata(pods: &Api<Pod>) -> Result<Vec<ObjectMeta>, kube::Error> {
+    let mut params = ListParams::default().limit(POD_PAGE);
+    let mut all = Vec::new();
+    loop {
+        let page = pods.list_metadata(&params).await?;
+        all.extend(page.items.into_iter().map(|pod| ObjectMeta {
+            managed_fields: None,
+            ..pod.metadata
+        }));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// The first [`NAMED_PODS`] names of `pods`, and how many more.
+fn named(pods: &[&ObjectMeta]) -> String {
+    let names: Vec<&str> = pods
+        .iter()
+        .take(NAMED_PODS)
+        .filter_map(|m| m.name.as_deref())
+        .collect();
+    let more = pods.len().saturating_sub(names.len());
+    if more > 0 {
+        format!("{} and {more} more", names.join(", "))
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The sidecar image an injected pod's record names.
 /// Whether the gateway asked for automatic repair.
 pub fn repair_enabled(gateway: &ObjectMeta) -> bool {
     gateway
@@ -181,14 +277,23 @@ pub struct Repair {
     pub unmanaged: Vec<String>,
 }
 
-/// Restarts the Deployments owning `census.not_injected` (each at most once per
-/// [`REPAIR_COOLDOWN`]) by stamping their pod template, as `kubectl rollout restart` does.
+/// Restarts the Deployments owning the census's pods without a current sidecar (not injected,
+/// or outdated) by stamping their pod template, as `kubectl rollout restart` does. A Deployment
+/// restarted less than [`REPAIR_COOLDOWN`] ago is left alone (its rollout may still be under
+/// way, or the restart did not help: the webhook is still down) — unless one of its pods was
+/// injected after that restart and has turned outdated since: the gateway changed again.
 pub async fn rollout(client: &Client, ns: &str, census: &Census) -> kube::Result<Repair> {
     let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let mut owners = BTreeSet::new();
+    // Deployment name → the creation times of its outdated pods.
+    let mut owners: BTreeMap<String, Vec<Timestamp>> = BTreeMap::new();
     let mut repair = Repair::default();
-    for pod in &census.not_injected {
+    let pods = census
+        .not_injected
+        .iter()
+        .map(|meta| (meta, false))
+        .chain(census.outdated_pods().map(|meta| (meta, true)));
+    for (pod, outdated) in pods {
         let pod_name = pod.name.clone().unwrap_or_default();
         let Some(rs) = controller_of(pod, "ReplicaSet") else {
             repair.unmanaged.push(pod_name);
@@ -200,13 +305,16 @@ pub async fn rollout(client: &Client, ns: &str, census: &Census) -> kube::Result
             .and_then(|rs| controller_of(&rs.metadata, "Deployment"))
         {
             Some(deployment) => {
-                owners.insert(deployment);
+                let created = owners.entry(deployment).or_default();
+                if let Some(at) = pod.creation_timestamp.as_ref().filter(|_| outdated) {
+                    created.push(at.0);
+                }
             }
             None => repair.unmanaged.push(pod_name),
         }
     }
     let now = Timestamp::now();
-    for name in owners {
+    for (name, outdated_created) in owners {
         let Some(deployment) = deployments.get_opt(&name).await? else {
             continue;
         };
@@ -217,10 +325,15 @@ pub async fn rollout(client: &Client, ns: &str, census: &Census) -> kube::Result
             .and_then(|m| m.annotations.as_ref())
             .and_then(|a| a.get(RESTARTED_AT_ANNOTATION))
             .and_then(|t| t.parse::<Timestamp>().ok());
-        let cooling =
-            last.is_some_and(|t| now.duration_since(t).unsigned_abs().lt(&REPAIR_COOLDOWN));
-        if cooling {
-            continue;
+        if let Some(last) = last {
+            let cooling = now.duration_since(last).unsigned_abs() < REPAIR_COOLDOWN;
+            // Creation times have whole seconds: a pod the restart made may carry its second.
+            let changed_since = outdated_created
+                .iter()
+                .any(|created| created.as_second() >= last.as_second());
+            if cooling && !changed_since {
+                continue;
+            }
         }
         let patch = json!({"spec": {"template": {"metadata": {"annotations": {
             RESTARTED_AT_ANNOTATION: now.to_string()
@@ -291,7 +404,7 @@ mod tests {
                 ],
             ),
         ];
-        let census = Census::of(pods, "shop", Scope::default());
+        let census = Census::of(pods, "shop", Scope::default(), None);
         assert_eq!(census.expected, 3);
         let names: Vec<_> = census
             .not_injected
@@ -300,6 +413,100 @@ mod tests {
             .collect();
         assert_eq!(names, ["a-plain", "b-plain"]);
         assert_eq!(census.not_injected_count(), 2);
+    }
+
+    /// A pod opted in by the `nanogate.io/inject` label alone is counted like an annotated one.
+    #[test]
+    fn census_counts_pods_opted_in_by_the_label() {
+        let mut labelled = pod("labelled", &[("nanogate.io/gateway", "shop")]);
+        labelled.labels = Some([("nanogate.io/inject".to_string(), "true".to_string())].into());
+        let unlabelled = pod("unlabelled", &[("nanogate.io/gateway", "shop")]);
+        let census = Census::of([labelled, unlabelled], "shop", Scope::default(), None);
+        assert_eq!(census.expected, 1);
+        assert_eq!(census.not_injected[0].name.as_deref(), Some("labelled"));
+    }
+
+    #[test]
+    fn census_counts_sidecars_injected_with_another_image_as_outdated() {
+        let record = |image: Option<&str>| {
+            let mut r = serde_json::json!({"gateway": "shop", "generation": 1, "mode": "native"});
+            if let Some(image) = image {
+                r["image"] = image.into();
+            }
+            r.to_string()
+        };
+        let (now, before) = ("reg/nano-agent:0.3.0", "reg/nano-agent:0.2.0");
+        let pods = vec![
+            pod("current", &[(INJECTED_ANNOTATION, &record(Some(now)))]),
+            pod("b-old", &[(INJECTED_ANNOTATION, &record(Some(before)))]),
+            pod("a-older-operator", &[(INJECTED_ANNOTATION, &record(None))]),
+        ];
+        let current = CurrentSidecar {
+            image: now,
+            pod_hash: "h1",
+        };
+        let census = Census::of(pods.clone(), "shop", Scope::default(), Some(current));
+        let names: Vec<_> = census
+            .outdated_pods()
+            .map(|m| m.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["a-older-operator", "b-old"]);
+        assert_eq!((census.expected, census.outdated_count()), (3, 2));
+        let note = census.outdated_note(now, false);
+        assert!(note.starts_with("2 sidecar(s) run "), "{note}");
+        assert!(
+            note.contains(now) && note.contains("nanogate.io/repair=rollout"),
+            "{note}"
+        );
+        // An invalid gateway injects nothing now: nothing is outdated.
+        assert!(
+            Census::of(pods, "shop", Scope::default(), None)
+                .outdated
+                .is_empty()
+        );
+    }
+
+    /// Same image, but the gateway's pod settings changed since the injection: outdated (a
+    /// restart applies them). Records without a pod hash are judged by their image alone.
+    #[test]
+    fn census_counts_sidecars_injected_before_the_pod_settings_changed_as_outdated() {
+        let image = "reg/nano-agent:0.3.0";
+        let record = |pod_hash: Option<&str>| {
+            let mut r = serde_json::json!({"gateway": "shop", "generation": 1, "mode": "native",
+                "image": image});
+            if let Some(h) = pod_hash {
+                r["podHash"] = h.into();
+            }
+            r.to_string()
+        };
+        let pods = vec![
+            pod("current", &[(INJECTED_ANNOTATION, &record(Some("h2")))]),
+            pod(
+                "before-the-change",
+                &[(INJECTED_ANNOTATION, &record(Some("h1")))],
+            ),
+            pod("no-hash", &[(INJECTED_ANNOTATION, &record(None))]),
+        ];
+        let current = CurrentSidecar {
+            image,
+            pod_hash: "h2",
+        };
+        let census = Census::of(pods, "shop", Scope::default(), Some(current));
+        assert_eq!(census.outdated.len(), 1, "{:?}", census.outdated);
+        assert_eq!(
+            census.outdated[0].0.name.as_deref(),
+            Some("before-the-change")
+        );
+        assert_eq!(census.outdated[0].1, Outdated::PodSettings);
+        let note = census.outdated_note(image, false);
+        assert!(
+            note.starts_with("1 sidecar(s) were injected before the gateway's pod settings"),
+            "{note}"
+        );
+        assert!(
+            note.contains("before-the-change") && !note.contains("instead of"),
+            "{note}"
+        );
     }
 
     #[test]
@@ -313,7 +520,7 @@ mod tests {
                 ],
             )
         });
-        let census = Census::of(pods, "shop", Scope::default());
+        let census = Census::of(pods, "shop", Scope::default(), None);
         let note = census.event_note(false);
         assert!(
             note.starts_with("7 pod(s) opted in but run without a sidecar"),
@@ -345,7 +552,7 @@ mod tests {
                 ),
             ],
         )];
-        let note = Census::of(pods, "shop", Scope::default()).event_note(false);
+        let note = Census::of(pods, "shop", Scope::default(), None).event_note(false);
         assert!(note.contains("1 skipped by the webhook"), "{note}");
         assert!(note.contains("is invalid"), "{note}");
         assert!(!note.contains("unreachable"), "{note}");

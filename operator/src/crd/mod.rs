@@ -7,7 +7,8 @@
 //! webhook call so users see the same message everywhere.
 
 //! Submodules: [`status`] (the observed state), [`units`] (durations and byte sizes),
-//! [`validate`] (the rules the schema cannot express).
+//! [`validate`] (the rules the schema cannot express), [`upgrade`] (the operator keeping the
+//! stored CRD current).
 
 use std::collections::BTreeMap;
 
@@ -21,6 +22,7 @@ pub use crate::names::DEFAULT_SOCKET_PATH;
 
 mod status;
 mod units;
+pub mod upgrade;
 mod validate;
 
 pub use status::*;
@@ -29,6 +31,12 @@ pub use validate::{FieldError, join_errors, validate, validate_gateway};
 
 /// The CRD as YAML (what `nanogate-operator crd` prints and `crds/agentgateway.yaml` holds).
 pub fn crd_yaml() -> anyhow::Result<String> {
+    Ok(serde_yaml::to_string(&crd())?)
+}
+
+/// The CRD this operator serves, carrying its [`upgrade::SCHEMA_REVISION`].
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     let mut crd = AgentGateway::crd();
     for version in &mut crd.spec.versions {
         let status = version
@@ -46,7 +54,11 @@ pub fn crd_yaml() -> anyhow::Result<String> {
             status.nullable = None;
         }
     }
-    Ok(serde_yaml::to_string(&crd)?)
+    crd.metadata.annotations = Some(BTreeMap::from([(
+        upgrade::REVISION_ANNOTATION.to_string(),
+        upgrade::SCHEMA_REVISION.to_string(),
+    )]));
+    crd
 }
 
 /// Duration strings: one or more `<number><unit>` groups, units `ms`, `s`, `m`, `h`
@@ -133,6 +145,13 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
         type_ = "integer",
         json_path = ".status.sidecars.currentConfig",
         description = "Connected sidecars running that configuration",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Outdated",
+        type_ = "integer",
+        json_path = ".status.sidecars.outdated",
+        description = "Injected pods whose sidecar (image or pod settings) is not what the operator injects now",
         priority = 1
     ),
     printcolumn(
@@ -240,8 +259,9 @@ pub struct UpstreamSpec {
     #[serde(default = "default_upstream_url")]
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,
-    /// Secret (same namespace) and key holding the platform API key. The key is only ever
-    /// placed in the sidecar's environment; it never appears in the ConfigMap or status.
+    /// Secret (same namespace) and key holding the platform API key. Only the sidecar gets it:
+    /// mounted as a file it re-reads (a rotated key applies without a restart), and in its
+    /// environment for images before that; it never appears in the ConfigMap or status.
     pub api_key_secret_ref: SecretKeySelector,
     /// TLS settings for the upstream connection. Default: system roots, no client certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -445,8 +465,8 @@ pub enum OverflowPolicy {
     #[default]
     Reject,
     /// Keep accepting: drop the oldest undelivered messages to make room for new ones, as a
-    /// telemetry pipeline that prefers fresh data does during a long outage. The batch being
-    /// delivered is never dropped. Dropped messages are counted (sidecar metric
+    /// telemetry pipeline that prefers fresh data does during a long outage. The batches being
+    /// delivered are never dropped. Dropped messages are counted (sidecar metric
     /// `nanogate_sidecar_dropped_oldest_total`, `status.messages.droppedOldestTotal` and
     /// `droppedTotal`) and logged as warnings.
     DropOldest,
@@ -476,12 +496,23 @@ pub struct DeliverySpec {
     /// What to do when the spool (`spoolSizeLimit`) is full: `reject` (default) answers
     /// `queue full, try again later` to the sender and loses nothing it accepted;
     /// `dropOldest` accepts the new message and drops the oldest undelivered ones (never the
-    /// batch being delivered), counted in `status.messages.droppedOldestTotal` and the sidecar
+    /// batches being delivered), counted in `status.messages.droppedOldestTotal` and the sidecar
     /// metric `nanogate_sidecar_dropped_oldest_total`, and logged as warnings. Choose
     /// `dropOldest` when fresh data matters more than old data (metrics, status), `reject` when
     /// every message must arrive or be refused to its sender.
     #[serde(default)]
     pub overflow_policy: OverflowPolicy,
+    /// Most batches the sidecar has outstanding with the platform at once (pipelined
+    /// delivery). Default `4` when unset; between `1` and `64`; `1` sends one batch at a time.
+    /// The spool is still acknowledged in order (a batch only once every earlier one is
+    /// delivered or dead-lettered), so a restart never loses an accepted message; it resends
+    /// at most the batches that were in flight. While the platform fails, the sidecar sends one
+    /// batch at a time and opens up again, doubling, as batches succeed. Raise it when the
+    /// platform is far away (throughput is about `maxInFlight × batch size / round trip`);
+    /// each outstanding batch holds up to its batch's bytes in the sidecar's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_in_flight: Option<i32>,
 }
 
 impl Default for DeliverySpec {
@@ -492,6 +523,7 @@ impl Default for DeliverySpec {
             retry_initial_backoff: default_retry_initial_backoff(),
             retry_max_backoff: default_retry_max_backoff(),
             overflow_policy: OverflowPolicy::default(),
+            max_in_flight: None,
         }
     }
 }
@@ -585,9 +617,18 @@ pub struct SidecarSpec {
     /// limits `memory: 64Mi`. Pods may override with `nanogate.io/sidecar-*` annotations.
     #[serde(default = "default_sidecar_resources")]
     pub resources: ResourceRequirements,
-    /// Log level: `error`, `warn`, `info` (default), `debug`, `trace`.
+    /// Log level: `error`, `warn`, `info` (default), `debug`, `trace`. A pod may override it
+    /// with the `nanogate.io/sidecar-log-level` annotation.
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Port of the sidecar's admin server (`/metrics`, `/healthz`, `/readyz`; the container
+    /// port named `nanogate-admin`, which the probes and the PodMonitor use). Default `9091`;
+    /// between 1024 and 65535, and not `spec.tcpListener.port`. Change it when apps listen on
+    /// 9091; a pod may override it with the `nanogate.io/sidecar-admin-port` annotation. A pod
+    /// whose app container declares the same port is not injected (the reason is on the pod).
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub admin_port: i32,
     /// Native sidecar mode: `auto` (default; native on clusters ≥ 1.29), `always`, `never`.
     #[serde(default)]
     pub native_sidecar: NativeSidecar,
@@ -599,9 +640,14 @@ impl Default for SidecarSpec {
             image: None,
             resources: default_sidecar_resources(),
             log_level: LogLevel::default(),
+            admin_port: default_admin_port(),
             native_sidecar: NativeSidecar::default(),
         }
     }
+}
+
+fn default_admin_port() -> i32 {
+    i32::from(crate::names::SIDECAR_ADMIN_PORT)
 }
 
 fn default_heartbeat_interval() -> String {

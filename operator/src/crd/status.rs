@@ -72,6 +72,13 @@ pub struct SidecarCounts {
     /// the annotation `nanogate.io/repair: rollout` on the gateway to have the operator do it.
     #[serde(default)]
     pub not_injected: i32,
+    /// Of `expected`, injected pods whose sidecar is not what the operator injects now: another
+    /// image (after an operator upgrade or a changed sidecar image), or pod settings of the
+    /// gateway changed since (spec.sidecar resources, logLevel, adminPort, nativeSidecar;
+    /// spec.socket; Secrets; spec.tcpListener). Restart their workloads, or set
+    /// `nanogate.io/repair: rollout` on the gateway to have the operator do it.
+    #[serde(default)]
+    pub outdated: i32,
     /// Sidecars holding a control-channel connection.
     #[serde(default)]
     pub connected: i32,
@@ -99,6 +106,7 @@ impl SidecarCounts {
         Self {
             expected,
             not_injected: 0,
+            outdated: 0,
             connected,
             healthy,
             current_config: 0,
@@ -106,11 +114,18 @@ impl SidecarCounts {
         }
     }
 
-    /// The reconciler's view (`expected`, `notInjected`) over the hub's fields of `current`.
-    pub fn with_pods(current: Option<&Self>, expected: i32, not_injected: i32) -> Self {
+    /// The reconciler's view (`expected`, `notInjected`, `outdated`) over the hub's fields of
+    /// `current`.
+    pub fn with_pods(
+        current: Option<&Self>,
+        expected: i32,
+        not_injected: i32,
+        outdated: i32,
+    ) -> Self {
         let mut counts = current.cloned().unwrap_or_default();
         counts.expected = expected;
         counts.not_injected = not_injected;
+        counts.outdated = outdated;
         counts.summary = format!("{}/{expected}", counts.connected);
         counts
     }

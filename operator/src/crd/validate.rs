@@ -5,7 +5,6 @@ use std::fmt;
 use std::time::Duration;
 
 use super::*;
-use crate::names::SIDECAR_ADMIN_PORT;
 
 /// Where a socket may be: its directory is mounted into every app container, so it must be
 /// one only nanogate uses — anywhere else (`/usr/local/bin`, `/etc/ssl`) the mount would hide
@@ -477,6 +476,9 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
             ),
         );
     }
+    if let Some(n) = d.max_in_flight {
+        c.range("spec.delivery.maxInFlight", n, 1, 64);
+    }
 
     // socket
     let s = &spec.socket;
@@ -536,6 +538,9 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
         );
     }
 
+    let admin_port = spec.sidecar.admin_port;
+    c.range("spec.sidecar.adminPort", admin_port, 1024, 65535);
+
     if let Some(hb) = c.duration("spec.heartbeatInterval", &spec.heartbeat_interval)
         && (hb < Duration::from_secs(1) || hb > Duration::from_secs(300))
     {
@@ -563,11 +568,11 @@ pub fn validate(spec: &AgentGatewaySpec) -> Result<(), Vec<FieldError>> {
                     tcp.port
                 ),
             );
-        } else if tcp.port == i32::from(SIDECAR_ADMIN_PORT) {
+        } else if tcp.port == admin_port {
             c.fail(
                 "spec.tcpListener.port",
                 format!(
-                    "spec.tcpListener.port ({}) is the sidecar's admin port; choose another",
+                    "spec.tcpListener.port ({}) is the sidecar's admin port (spec.sidecar.adminPort); choose another",
                     tcp.port
                 ),
             );
@@ -731,6 +736,36 @@ mod tests {
                 assert!(!dirs_overlap(root, dir), "{root} and {dir}");
             }
         }
+    }
+
+    #[test]
+    fn the_sidecar_admin_port_is_checked() {
+        assert_eq!(gateway("").spec.sidecar.admin_port, 9091, "the default");
+        assert!(fields("  sidecar: {adminPort: 9191, logLevel: debug}\n").is_empty());
+        assert_eq!(
+            fields("  sidecar: {adminPort: 80}\n"),
+            ["spec.sidecar.adminPort"]
+        );
+        assert_eq!(
+            fields("  sidecar: {adminPort: 65536}\n"),
+            ["spec.sidecar.adminPort"]
+        );
+        // The TCP listener may use 9091 once the admin server moved, not the admin port.
+        let tcp = "  tcpListener: {port: PORT, tokenSecretRef: {name: t, key: token}, tlsSecretRef: {name: tls}}\n";
+        assert!(
+            fields(&format!(
+                "  sidecar: {{adminPort: 9191}}\n{}",
+                tcp.replace("PORT", "9091")
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            fields(&format!(
+                "  sidecar: {{adminPort: 7443}}\n{}",
+                tcp.replace("PORT", "7443")
+            )),
+            ["spec.tcpListener.port"]
+        );
     }
 
     #[test]

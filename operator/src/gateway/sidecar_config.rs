@@ -92,6 +92,9 @@ pub fn sidecar_config(spec: &AgentGatewaySpec) -> Result<SidecarConfig, Vec<Fiel
                 crate::crd::OverflowPolicy::Reject => OverflowPolicy::Reject,
                 crate::crd::OverflowPolicy::DropOldest => OverflowPolicy::DropOldest,
             },
+            // Unset: left out of the file, the agent's default applies (and the file of a
+            // gateway that does not set it stays byte for byte as before).
+            max_in_flight: d.max_in_flight.map(|n| u32::try_from(n).unwrap_or(1)),
         },
         socket: SocketConfig {
             path: spec.socket.path.clone(),

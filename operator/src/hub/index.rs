@@ -106,6 +106,13 @@ pub struct FleetHealth {
     pub unhealthy: Vec<UnhealthyAgent>,
     /// How many sidecars run each config generation.
     pub config_generations: BTreeMap<i64, u32>,
+    /// Connected sidecars whose last heartbeat said `backlogged` (delivery slower than
+    /// ingest), healthy or not.
+    pub backlogged: u32,
+    /// Their pods, by name, at most [`MAX_UNHEALTHY`].
+    pub backlogged_pods: Vec<String>,
+    /// Their backlog growth summed, messages per second.
+    pub backlog_growth_per_second: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +130,49 @@ pub const MAX_UNHEALTHY: usize = 10;
 
 #[derive(Debug, Default)]
 pub struct HealthIndex {
-    agents: RwLock<HashMap<String, AgentRecord>>,
+    agents: RwLock<Agents>,
+}
+
+/// A gateway: `(namespace, name)`.
+type GatewayKey = (String, String);
+
+/// The records grouped by gateway, so one gateway's aggregate (taken for every gateway every
+/// status pass) reads only that gateway's agents, not the whole fleet.
+#[derive(Debug, Default)]
+struct Agents {
+    /// Never holds an empty group.
+    by_gateway: HashMap<GatewayKey, HashMap<String, AgentRecord>>,
+    /// The gateway each agent's record is filed under.
+    gateway_of: HashMap<String, GatewayKey>,
+}
+
+impl Agents {
+    fn record_mut(&mut self, agent_id: &str, connection: u64) -> Option<&mut AgentRecord> {
+        let key = self.gateway_of.get(agent_id)?;
+        self.by_gateway
+            .get_mut(key)?
+            .get_mut(agent_id)
+            .filter(|r| r.connection == connection)
+    }
+
+    fn remove(&mut self, agent_id: &str) {
+        let Some(key) = self.gateway_of.remove(agent_id) else {
+            return;
+        };
+        if let Some(group) = self.by_gateway.get_mut(&key) {
+            group.remove(agent_id);
+            if group.is_empty() {
+                self.by_gateway.remove(&key);
+            }
+        }
+    }
+
+    fn group(&self, namespace: &str, gateway: &str) -> impl Iterator<Item = &AgentRecord> {
+        self.by_gateway
+            .get(&(namespace.to_string(), gateway.to_string()))
+            .into_iter()
+            .flat_map(|group| group.values())
+    }
 }
 
 impl HealthIndex {
@@ -143,17 +192,25 @@ impl HealthIndex {
             samples: VecDeque::new(),
             unhealthy_since: None,
         };
-        self.write().insert(identity.agent_id, record);
+        let key = (identity.namespace, identity.gateway);
+        let mut agents = self.write();
+        // A reconnect replaces the old record, wherever it was filed.
+        agents.remove(&identity.agent_id);
+        agents
+            .gateway_of
+            .insert(identity.agent_id.clone(), key.clone());
+        agents
+            .by_gateway
+            .entry(key)
+            .or_default()
+            .insert(identity.agent_id, record);
     }
 
     /// Applies a heartbeat from `agent_id` on `connection`. Ignored if that connection no longer
     /// owns the record.
     pub fn heartbeat(&self, agent_id: &str, connection: u64, heartbeat: Heartbeat, now: Instant) {
         let mut agents = self.write();
-        let Some(record) = agents
-            .get_mut(agent_id)
-            .filter(|r| r.connection == connection)
-        else {
+        let Some(record) = agents.record_mut(agent_id, connection) else {
             return;
         };
         record.samples.push_back(Sample::of(&heartbeat, now));
@@ -171,11 +228,7 @@ impl HealthIndex {
 
     /// Any frame from the agent proves it is alive.
     pub fn seen(&self, agent_id: &str, connection: u64, now: Instant) {
-        if let Some(record) = self
-            .write()
-            .get_mut(agent_id)
-            .filter(|r| r.connection == connection)
-        {
+        if let Some(record) = self.write().record_mut(agent_id, connection) {
             record.last_seen = now;
         }
     }
@@ -183,17 +236,14 @@ impl HealthIndex {
     /// Removes the record if `connection` still owns it.
     pub fn disconnected(&self, agent_id: &str, connection: u64) {
         let mut agents = self.write();
-        if agents
-            .get(agent_id)
-            .is_some_and(|r| r.connection == connection)
-        {
+        if agents.record_mut(agent_id, connection).is_some() {
             agents.remove(agent_id);
         }
     }
 
     /// Number of connected agents (all gateways).
     pub fn len(&self) -> usize {
-        self.agents.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.read().gateway_of.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -202,10 +252,8 @@ impl HealthIndex {
 
     /// The agents connected for `namespace/gateway`.
     pub fn identities(&self, namespace: &str, gateway: &str) -> Vec<AgentIdentity> {
-        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
-        agents
-            .values()
-            .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
+        self.read()
+            .group(namespace, gateway)
             .map(|r| r.identity.clone())
             .collect()
     }
@@ -213,10 +261,8 @@ impl HealthIndex {
     /// Agents of `namespace/gateway` whose last heartbeat reported a config generation other
     /// than `generation` (they need a `reload`).
     pub fn stale_agents(&self, namespace: &str, gateway: &str, generation: i64) -> Vec<String> {
-        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
-        agents
-            .values()
-            .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
+        self.read()
+            .group(namespace, gateway)
             .filter(|r| {
                 r.heartbeat
                     .as_ref()
@@ -228,13 +274,8 @@ impl HealthIndex {
 
     /// Gateways that have at least one connected agent, as `(namespace, gateway)`.
     pub fn gateways(&self) -> Vec<(String, String)> {
-        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
-        let mut keys: Vec<_> = agents
-            .values()
-            .map(|r| (r.identity.namespace.clone(), r.identity.gateway.clone()))
-            .collect();
+        let mut keys: Vec<_> = self.read().by_gateway.keys().cloned().collect();
         keys.sort();
-        keys.dedup();
         keys
     }
 
@@ -253,10 +294,10 @@ impl HealthIndex {
         let mut tried = 0u32;
         let mut unhealthy = Vec::new();
         let mut upstream_errors: Vec<(bool, String, String)> = Vec::new();
-        for record in agents
-            .values_mut()
-            .filter(|r| r.identity.namespace == namespace && r.identity.gateway == gateway)
-        {
+        let group = agents
+            .by_gateway
+            .get_mut(&(namespace.to_string(), gateway.to_string()));
+        for record in group.into_iter().flat_map(|g| g.values_mut()) {
             if now.duration_since(record.last_seen) > silence_limit {
                 continue;
             }
@@ -281,6 +322,11 @@ impl HealthIndex {
                         .config_generations
                         .entry(hb.config_generation)
                         .or_default() += 1;
+                    if hb.backlogged {
+                        fleet.backlogged += 1;
+                        fleet.backlogged_pods.push(record.identity.pod.clone());
+                        fleet.backlog_growth_per_second += hb.backlog_growth_per_second.max(0.0);
+                    }
                     // `untried`: no call to the platform has ended yet; `closed`: the last
                     // succeeded; anything else (`failing`, `open`, `half_open`): it failed.
                     let untried = hb.upstream.state == "untried";
@@ -329,12 +375,18 @@ impl HealthIndex {
         });
         unhealthy.truncate(MAX_UNHEALTHY);
         fleet.unhealthy = unhealthy;
+        fleet.backlogged_pods.sort();
+        fleet.backlogged_pods.truncate(MAX_UNHEALTHY);
         fleet
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, AgentRecord>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Agents> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.agents.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Agents> {
+        self.agents.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -361,27 +413,18 @@ pub(crate) mod tests {
 
     pub(crate) fn heartbeat(received: u64, status: AgentStatus, circuit: &str) -> Heartbeat {
         Heartbeat {
-            agent_id: "x".into(),
             gateway: "gw".into(),
             pod: "p".into(),
             status,
-            uptime: 1,
             cpu_usage: 0.1,
             memory_usage: 1 << 20,
-            queue_depth: 0,
-            spool_bytes: 0,
-            received_total: received,
-            delivered_total: received,
             rejected_total: 1,
-            dead_lettered_total: 0,
-            dropped_oldest_total: 0,
             upstream: UpstreamHealth {
                 state: circuit.into(),
                 last_error: None,
                 last_success: None,
             },
-            config_generation: 2,
-            timestamp: "2026-11-21T00:00:00Z".into(),
+            ..Heartbeat::ready("x", received, 2)
         }
     }
 
@@ -466,6 +509,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn backlogged_sidecars_are_counted_and_named_whatever_their_health() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        for (n, backlogged, status) in [
+            (1, true, AgentStatus::Ready),
+            (2, false, AgentStatus::Ready),
+            (3, true, AgentStatus::Degraded),
+        ] {
+            index.connected(identity(n, "gw"), n.into(), t0);
+            let mut hb = heartbeat(10, status, "closed");
+            hb.backlogged = backlogged;
+            hb.backlog_growth_per_second = if backlogged { 2.5 } else { 0.0 };
+            index.heartbeat(&format!("uid-{n}"), n.into(), hb, t0);
+        }
+        let fleet = index.fleet("ns", "gw", t0, SILENCE);
+        assert_eq!(fleet.backlogged, 2);
+        assert_eq!(fleet.backlogged_pods, ["pod-1", "pod-3"]);
+        assert_eq!(fleet.backlog_growth_per_second, 5.0);
+        assert_eq!(index.fleet("ns", "other", t0, SILENCE).backlogged, 0);
+    }
+
+    #[test]
     fn agents_on_an_old_configuration_are_found() {
         let index = HealthIndex::new();
         let t0 = Instant::now();
@@ -507,6 +572,29 @@ pub(crate) mod tests {
         assert_eq!(index.fleet("ns", "gw", t0, SILENCE).received_total, 0);
         index.disconnected("uid-1", 2);
         assert!(index.is_empty());
+    }
+
+    /// Records are filed by gateway: an agent that comes back for another gateway (its pod
+    /// was relabelled) moves, and a gateway whose last agent left is no longer listed.
+    #[test]
+    fn a_reconnect_for_another_gateway_moves_the_record() {
+        let index = HealthIndex::new();
+        let t0 = Instant::now();
+        index.connected(identity(1, "gw"), 1, t0);
+        index.connected(identity(2, "gw"), 2, t0);
+        index.connected(identity(1, "other"), 3, t0);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.fleet("ns", "gw", t0, SILENCE).connected, 1);
+        assert_eq!(index.identities("ns", "other"), vec![identity(1, "other")]);
+        index.disconnected("uid-1", 1); // the old connection: owns nothing any more
+        assert_eq!(index.fleet("ns", "other", t0, SILENCE).connected, 1);
+        index.disconnected("uid-2", 2);
+        assert_eq!(
+            index.gateways(),
+            vec![("ns".to_string(), "other".to_string())]
+        );
+        index.disconnected("uid-1", 3);
+        assert!(index.is_empty() && index.gateways().is_empty());
     }
 
     #[test]

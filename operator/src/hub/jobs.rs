@@ -5,24 +5,22 @@
 //! terminated, sends the pod's agent `drain`: it stops accepting, delivers what it holds and
 //! exits 0, and the Job completes. A deleted pod's session is ended here too.
 //!
-//! Only injected pods are watched (label `nanogate.io/injected-gateway`, selected by the API
-//! server): the only ones with a sidecar to drain or a session to end (the hub admits an agent
-//! only from a pod carrying that label), so the watch grows with our pods, not the cluster's.
+//! Pods come from the operator's one pod watch ([`crate::pods`], metadata only); only the pods
+//! whose injection record says their sidecar awaits its apps are read whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::watcher;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
 use super::Hub;
-use crate::names::{
-    APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, INJECTED_GATEWAY_LABEL, SIDECAR_NAME,
-};
+use crate::gateway::membership::InjectedRecord;
+use crate::names::{APP_CONTAINERS_ENV, EXIT_WHEN_APPS_DONE_ENV, SIDECAR_NAME};
+use crate::pods::{PodEvent, PodWatch};
 use crate::shutdown::Shutdown;
 
 /// A drain is re-sent at most this often per pod (the agent may be reconnecting).
@@ -69,42 +67,44 @@ pub fn apps_done(pod: &Pod) -> bool {
     !apps.is_empty() && apps.iter().all(|a| terminated(a))
 }
 
-/// Watches injected pods until `shutdown`; drains the sidecars whose apps are done (leader only: the
-/// agents are connected to it).
-pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: Shutdown) {
+/// Whether a pod's metadata says its sidecar may wait for its apps: injected in legacy mode,
+/// and the injection record says so (or is from an operator that did not say).
+fn may_await_apps(pod: &ObjectMeta) -> bool {
+    InjectedRecord::of(pod.annotations.as_ref())
+        .is_some_and(|record| record.mode == "legacy" && record.awaits_apps != Some(false))
+}
+
+/// Follows the operator's pod watch until `shutdown`: ends the sessions of deleted pods, and
+/// drains the sidecars whose apps are done (leader only: the agents are connected to it). Only
+/// pods that [`may_await_apps`] are fetched whole, to read their containers' states.
+pub async fn run(client: Client, pods: PodWatch, hub: Arc<Hub>, mut shutdown: Shutdown) {
     let mut sent: HashMap<String, Instant> = HashMap::new();
-    let pods = watcher(
-        Api::<Pod>::all(client),
-        watcher::Config::default().labels(INJECTED_GATEWAY_LABEL),
-    );
-    let mut pods = std::pin::pin!(pods);
+    let mut events = pods.subscribe();
     loop {
         let event = tokio::select! {
-            event = pods.next() => event,
+            event = events.recv() => event,
             _ = shutdown.wait() => return,
         };
-        let pod = match event {
-            Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,
+        let meta = match event {
+            Some(PodEvent::Applied(pod)) => pod,
             // A deleted pod's session ends (its sidecar normally left already; one that did not,
             // e.g. on a node cut off from the API server, must not report for it).
-            Some(Ok(watcher::Event::Delete(pod))) => {
+            Some(PodEvent::Deleted(pod)) => {
                 if let Some(uid) = pod.metadata.uid.as_deref() {
                     hub.send_away(uid, "pod deleted");
                 }
                 continue;
             }
-            Some(Ok(_)) => continue,
-            Some(Err(error)) => {
-                warn!(%error, "pod watch for run-to-completion sidecars failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
             None => return,
         };
-        if !hub.is_leading() || !apps_done(&pod) {
+        if !hub.is_leading() || !may_await_apps(&meta.metadata) {
             continue;
         }
-        let Some(agent) = pod.metadata.uid.clone() else {
+        let (Some(agent), Some(ns), Some(name)) = (
+            meta.metadata.uid.clone(),
+            meta.metadata.namespace.as_deref(),
+            meta.metadata.name.clone(),
+        ) else {
             continue;
         };
         let now = Instant::now();
@@ -114,9 +114,23 @@ pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: Shutdown) {
         {
             continue;
         }
+        let pod = match Api::<Pod>::namespaced(client.clone(), ns)
+            .get_opt(&name)
+            .await
+        {
+            Ok(Some(pod)) => pod,
+            Ok(None) => continue,
+            Err(error) => {
+                warn!(pod = %name, %error, "cannot read a run-to-completion pod; its next change retries");
+                continue;
+            }
+        };
+        if !apps_done(&pod) {
+            continue;
+        }
         sent.insert(agent.clone(), now);
         sent.retain(|_, at| now.duration_since(*at) < RESEND * 6);
-        let (hub, name) = (hub.clone(), pod.metadata.name.clone().unwrap_or_default());
+        let hub = hub.clone();
         tokio::spawn(async move {
             match hub
                 .request(&agent, "drain", Vec::new(), Duration::from_secs(10))
@@ -132,6 +146,7 @@ pub async fn run(client: Client, hub: Arc<Hub>, mut shutdown: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::INJECTED_ANNOTATION;
     use serde_json::json;
 
     fn pod(exit_when_done: bool, states: &[(&str, &str)]) -> Pod {
@@ -178,5 +193,28 @@ mod tests {
             )),
             "a long-running pod's sidecar is never drained"
         );
+    }
+
+    #[test]
+    fn only_legacy_pods_whose_record_may_await_apps_are_read_whole() {
+        let meta = |record: Option<&str>| ObjectMeta {
+            annotations: record.map(|r| [(INJECTED_ANNOTATION.to_string(), r.to_string())].into()),
+            ..ObjectMeta::default()
+        };
+        let awaits = r#"{"gateway":"g","generation":1,"mode":"legacy","awaitsApps":true}"#;
+        let long_running = r#"{"gateway":"g","generation":1,"mode":"legacy","awaitsApps":false}"#;
+        let older = r#"{"gateway":"g","generation":1,"mode":"legacy"}"#;
+        let native = r#"{"gateway":"g","generation":1,"mode":"native"}"#;
+        assert!(may_await_apps(&meta(Some(awaits))));
+        assert!(
+            may_await_apps(&meta(Some(older))),
+            "an older operator's record does not say"
+        );
+        assert!(!may_await_apps(&meta(Some(long_running))));
+        assert!(
+            !may_await_apps(&meta(Some(native))),
+            "the kubelet ends native sidecars"
+        );
+        assert!(!may_await_apps(&meta(None)), "not injected");
     }
 }

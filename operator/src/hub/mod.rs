@@ -159,6 +159,9 @@ pub struct Hub {
     pub metrics: HubMetrics,
     /// Outbound request channel of each connected agent, with the connection id that owns it.
     agents: Mutex<HashMap<String, (u64, mpsc::Sender<ToAgent>)>>,
+    /// Agents sent away because their pod or gateway is gone: their next handshake is
+    /// authenticated in full, not from the token cache (see [`Hub::send_away`]).
+    sent_away: Mutex<std::collections::HashSet<String>>,
     /// Whether this replica leads. Only the leader's index feeds gateway status, so a follower
     /// sends its agents away (`Bye`) and they reconnect through the Service, which selects the
     /// leader's pod; counts never split between replicas.
@@ -181,6 +184,7 @@ impl Hub {
             left_behind: Default::default(),
             metrics: HubMetrics::new(registry),
             agents: Mutex::new(HashMap::new()),
+            sent_away: Mutex::new(Default::default()),
             leading: watch::channel(true).0,
         })
     }
@@ -220,11 +224,11 @@ impl Hub {
             .ok_or_else(|| format!("agent {agent_id} is not connected"))?;
         let (reply, answer) = oneshot::channel();
         sender
-            .send(ToAgent::Request(OutboundRequest {
+            .send(ToAgent::Request(Box::new(OutboundRequest {
                 method: method.to_string(),
                 kwargs,
                 reply,
-            }))
+            })))
             .await
             .map_err(|_| format!("agent {agent_id} disconnected"))?;
         match tokio::time::timeout(timeout, answer).await {
@@ -240,13 +244,29 @@ impl Hub {
     /// gone. (A reconnect is authenticated again, and refused while they are gone.)
     pub fn send_away(&self, agent_id: &str, reason: &str) {
         let sender = self.agents_lock().get(agent_id).map(|(_, tx)| tx.clone());
-        if let Some(sender) = sender
-            && sender
-                .try_send(ToAgent::SendAway(reason.to_string()))
-                .is_err()
+        let Some(sender) = sender else {
+            return;
+        };
+        // Its token is still valid and cached: without this its reconnect would be let in
+        // unchecked. Only connected agents are remembered, so the set stays small.
+        self.sent_away
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(agent_id.to_string());
+        if sender
+            .try_send(ToAgent::SendAway(reason.to_string()))
+            .is_err()
         {
             debug!(%agent_id, "agent connection busy or closing; not sent away");
         }
+    }
+
+    /// Whether `agent_id` was sent away since its last handshake (and forgets it).
+    fn take_sent_away(&self, agent_id: &str) -> bool {
+        self.sent_away
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(agent_id)
     }
 
     fn attach(&self, agent_id: &str, connection: u64, sender: mpsc::Sender<ToAgent>) {

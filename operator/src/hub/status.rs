@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -34,7 +34,7 @@ use crate::crd::{
     AgentGateway, AgentGatewayStatus, LeftBehindStats, MessageStats, SidecarCounts,
     UnhealthySidecar, UpstreamStatus, conditions, parse_duration,
 };
-use crate::gateway::ValidatedGateway;
+use crate::gateway::{SidecarImages, ValidatedGateway};
 use crate::names::INJECT_ANNOTATION;
 use crate::shutdown::Shutdown;
 use crate::status::{self, set_condition};
@@ -158,6 +158,8 @@ pub fn fleet_status(
                 connected - healthy
             ),
         )
+    } else if fleet.backlogged > 0 {
+        ("False", "Backlogged", backlogged_message(fleet, connected))
     } else {
         (
             "True",
@@ -207,6 +209,24 @@ pub fn needs_write(current: Option<&AgentGatewayStatus>, desired: &AgentGatewayS
     let mut without_time = desired.clone();
     without_time.last_heartbeat_time = current.last_heartbeat_time.clone();
     stale_heartbeat || status::hub_part(&without_time) != status::hub_part(current)
+}
+
+/// What `SidecarsHealthy` says of backlogged sidecars: how many, which pods (at most
+/// [`super::index::MAX_UNHEALTHY`]), how fast their spools grow and which knobs to turn.
+fn backlogged_message(fleet: &FleetHealth, connected: i32) -> String {
+    let mut pods = fleet.backlogged_pods.join(", ");
+    let unnamed = (fleet.backlogged as usize).saturating_sub(fleet.backlogged_pods.len());
+    if unnamed > 0 {
+        pods.push_str(&format!(" and {unnamed} more"));
+    }
+    format!(
+        "{} of {connected} sidecars are backlogged: delivery is slower than ingest and their spools \
+         grew by {} messages/s over the backlog window ({pods}); raise spec.delivery.maxInFlight or \
+         spec.batching.batchSize/maxBatchSize, lower spec.batching.minBatchInterval, or fix a slow \
+         platform",
+        fleet.backlogged,
+        round1(fleet.backlog_growth_per_second),
+    )
 }
 
 /// The config generation sidecars report for a `status.configHash` (its crc32, hex).
@@ -285,11 +305,14 @@ fn unix_time(seconds: i64) -> Time {
 /// Only the leader writes (`leader` is the operator's leader gauge, 1 while leading): agents
 /// connect to the leader, so another replica's empty index must not zero the counts. For the
 /// same reason an operator restricted to `scope` (`--namespace`) writes only there: another
-/// operator's gateways are not its to count.
+/// operator's gateways are not its to count. A gateway is judged with the operator's image
+/// policy (`images`), as the reconciler and the webhook judge it: one they refuse gets no
+/// configuration pushed to its sidecars either.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
     scope: Option<String>,
+    images: SidecarImages,
     hub: Arc<Hub>,
     interval: Duration,
     writes: IntCounter,
@@ -342,11 +365,13 @@ pub async fn run(
         warn_orphans(&hub, exists, &recorder, &mut orphans_warned).await;
         hub.left_behind.forget_deleted(exists);
         unchanged.retain(|(ns, name), _| exists(ns, name));
-        for gateway in gateways_now.iter().map(|g| &**g) {
+        let mut pending = Vec::new();
+        for shared in &gateways_now {
+            let gateway = &**shared;
             let (Some(namespace), name) = (gateway.namespace(), gateway.name_any()) else {
                 continue;
             };
-            let valid = ValidatedGateway::new(gateway).ok();
+            let valid = ValidatedGateway::checked(gateway, &images).ok();
             // An invalid spec leaves its sidecars on their last valid configuration; its
             // heartbeat interval is still the best guess of theirs.
             let heartbeat = valid.as_ref().map_or_else(
@@ -388,17 +413,45 @@ pub async fn run(
                 continue;
             }
             unchanged.remove(&key);
-            let api: Api<AgentGateway> = Api::namespaced(client.clone(), &namespace);
-            let version = gateway.metadata.resource_version.as_deref();
-            match status::apply(
-                &api,
-                &name,
-                status::HUB_MANAGER,
-                status::hub_part(&desired),
-                version,
-            )
-            .await
-            {
+            pending.push(Write {
+                gateway: shared.clone(),
+                namespace,
+                name,
+                desired,
+                left,
+                connected: fleet.connected,
+                healthy: fleet.healthy,
+            });
+        }
+        // The pass's writes go out together, a few at a time: one at a time, a pass over 100
+        // gateways took longer than the interval on a loaded apiserver.
+        let mut results = futures::stream::iter(pending)
+            .map(|write| {
+                let api: Api<AgentGateway> = Api::namespaced(client.clone(), &write.namespace);
+                async move {
+                    let result = status::apply(
+                        &api,
+                        &write.name,
+                        status::HUB_MANAGER,
+                        status::hub_part(&write.desired),
+                        write.gateway.metadata.resource_version.as_deref(),
+                    )
+                    .await;
+                    (write, result)
+                }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT);
+        while let Some((write, result)) = results.next().await {
+            let Write {
+                gateway,
+                namespace,
+                name,
+                desired,
+                left,
+                connected,
+                healthy,
+            } = write;
+            match result {
                 Ok(()) => {
                     writes.inc();
                     if let Some((reason, note)) =
@@ -416,7 +469,7 @@ pub async fn run(
                         }
                     }
                     hub.left_behind.written(&namespace, &name, &left);
-                    debug!(%namespace, %name, connected = fleet.connected, healthy = fleet.healthy, "fleet status written");
+                    debug!(%namespace, %name, connected, healthy, "fleet status written");
                 }
                 // Changed since read (the reconciler wrote): a later pass writes from the
                 // newer object the watch brings.
@@ -427,6 +480,20 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Status patches of one pass in flight at once.
+const WRITES_IN_FLIGHT: usize = 8;
+
+/// One gateway's status patch, decided in a pass.
+struct Write {
+    gateway: Arc<AgentGateway>,
+    namespace: String,
+    name: String,
+    desired: AgentGatewayStatus,
+    left: left_behind::Unwritten,
+    connected: u32,
+    healthy: u32,
 }
 
 /// When each agent was last sent a `reload`, so a slow agent is not flooded.
@@ -485,6 +552,12 @@ async fn warn_orphans(
         };
         match recorder.publish(&event, &reference).await {
             Ok(()) => {
+                warned.insert(agent_id.clone());
+            }
+            // The namespace is being deleted (403) or gone (404): no later pass can say it
+            // either, and trying every pass would only repeat this warning.
+            Err(kube::Error::Api(response)) if matches!(response.code, 403 | 404) => {
+                debug!(%namespace, %pod, reason = %response.reason, "no GatewayDeleted event: the pod's namespace is going");
                 warned.insert(agent_id.clone());
             }
             Err(error) => {
@@ -563,7 +636,72 @@ mod tests {
             upstream_error: None,
             unhealthy: Vec::new(),
             config_generations: Default::default(),
+            backlogged: 0,
+            backlogged_pods: Vec::new(),
+            backlog_growth_per_second: 0.0,
         }
+    }
+
+    fn sidecars_healthy(st: &AgentGatewayStatus) -> (String, String, String) {
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::SIDECARS_HEALTHY)
+            .unwrap();
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn backlogged_sidecars_are_named_with_the_knobs_to_raise_and_cleared_when_drained() {
+        let mut f = fleet(3, 3);
+        f.backlogged = 2;
+        f.backlogged_pods = vec!["app-1".into(), "app-2".into()];
+        f.backlog_growth_per_second = 41.27;
+        let stored = fleet_status(Some(&with_expected(3)), &f, Some(1), &time(1_000));
+        let (status, reason, message) = sidecars_healthy(&stored);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Backlogged"));
+        for want in [
+            "2 of 3 sidecars are backlogged",
+            "41.3 messages/s",
+            "(app-1, app-2)",
+            "spec.delivery.maxInFlight",
+            "spec.batching.batchSize/maxBatchSize",
+            "spec.batching.minBatchInterval",
+            "slow platform",
+        ] {
+            assert!(message.contains(want), "{want:?} not in {message:?}");
+        }
+        // The counts still say they are healthy (connected, heartbeating, delivering).
+        assert_eq!(stored.sidecars, Some(SidecarCounts::new(3, 3, 3)));
+        // More than the list holds: counted, not named.
+        f.backlogged = 14;
+        let st = fleet_status(Some(&with_expected(3)), &f, Some(1), &time(1_000));
+        assert!(
+            sidecars_healthy(&st)
+                .2
+                .contains("(app-1, app-2 and 12 more)")
+        );
+        // Drained: the condition clears, and that is a write.
+        let healed = fleet_status(Some(&stored), &fleet(3, 3), Some(1), &time(1_010));
+        assert_eq!(sidecars_healthy(&healed).1, "AllHealthy");
+        assert!(needs_write(Some(&stored), &healed));
+    }
+
+    /// A missing or unhealthy sidecar is worse than a slow one: those reasons win.
+    #[test]
+    fn missing_and_unhealthy_sidecars_take_precedence_over_a_backlog() {
+        let mut f = one_degraded();
+        f.backlogged = 1;
+        f.backlogged_pods = vec!["p1".into()];
+        let st = fleet_status(Some(&with_expected(3)), &f, Some(1), &time(1_000));
+        assert_eq!(sidecars_healthy(&st).1, "SidecarsMissing");
+        let st = fleet_status(Some(&with_expected(1)), &f, Some(1), &time(1_000));
+        assert_eq!(sidecars_healthy(&st).1, "SidecarsUnhealthy");
+        let mut f = fleet(2, 2);
+        f.backlogged = 1;
+        f.backlogged_pods = vec!["p2".into()];
+        let st = fleet_status(Some(&with_expected(2)), &f, Some(1), &time(1_000));
+        assert_eq!(sidecars_healthy(&st).1, "Backlogged");
     }
 
     fn with_expected(expected: i32) -> AgentGatewayStatus {

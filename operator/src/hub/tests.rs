@@ -42,6 +42,14 @@ impl Agent {
         self.stream.write_all(&encode(&message)).await.unwrap();
     }
 
+    /// The next frame is a `Bye` with `reason`.
+    async fn expect_bye(&mut self, reason: &str) {
+        let expected = Message::Bye {
+            reason: reason.into(),
+        };
+        assert_eq!(self.recv().await, Some(expected));
+    }
+
     async fn recv(&mut self) -> Option<Message> {
         let mut buf = [0u8; 4096];
         loop {
@@ -167,12 +175,7 @@ async fn refusals_say_bye_and_are_counted() {
     for (token, id) in [("bad", "uid-1"), ("good", "uid-other")] {
         let (mut agent, task, _stop) = start(&hub);
         agent.send(hello(id, token)).await;
-        assert_eq!(
-            agent.recv().await,
-            Some(Message::Bye {
-                reason: "authentication failed".into()
-            })
-        );
+        agent.expect_bye("authentication failed").await;
         assert!(matches!(task.await.unwrap(), Closed::Denied(_)));
     }
     assert_eq!(
@@ -208,12 +211,7 @@ async fn first_frame_must_be_hello() {
     let hub = hub();
     let (mut agent, task, _stop) = start(&hub);
     agent.send(Message::Ping { data: 1 }).await;
-    assert_eq!(
-        agent.recv().await,
-        Some(Message::Bye {
-            reason: "expected AgentHello".into()
-        })
-    );
+    agent.expect_bye("expected AgentHello").await;
     assert_eq!(task.await.unwrap(), Closed::NotHello);
 }
 
@@ -225,12 +223,7 @@ async fn unanswered_ping_closes_the_connection() {
     agent.recv().await;
     // The hub pings after 30 s; we never answer.
     assert!(matches!(agent.recv().await, Some(Message::Ping { .. })));
-    assert_eq!(
-        agent.recv().await,
-        Some(Message::Bye {
-            reason: "ping timeout".into()
-        })
-    );
+    agent.expect_bye("ping timeout").await;
     assert_eq!(task.await.unwrap(), Closed::PongTimeout);
 }
 
@@ -564,12 +557,7 @@ async fn a_session_ends_when_its_token_expires() {
         agent.recv().await,
         Some(Message::ManagerHello { .. })
     ));
-    assert_eq!(
-        agent.recv().await,
-        Some(Message::Bye {
-            reason: TOKEN_EXPIRED.into()
-        })
-    );
+    agent.expect_bye(TOKEN_EXPIRED).await;
     assert_eq!(task.await.unwrap(), Closed::TokenExpired);
     let lasted = started.elapsed();
     assert!(
@@ -590,15 +578,50 @@ async fn an_agent_whose_pod_or_gateway_is_gone_is_sent_away() {
     ));
     hub.send_away("uid-2", "pod deleted"); // not connected: nothing happens
     hub.send_away("uid-1", "gateway deleted");
-    assert_eq!(
-        agent.recv().await,
-        Some(Message::Bye {
-            reason: "gateway deleted".into()
-        })
-    );
+    agent.expect_bye("gateway deleted").await;
     assert_eq!(
         task.await.unwrap(),
         Closed::SentAway("gateway deleted".into())
     );
     assert!(hub.index.is_empty());
+}
+
+/// An agent sent away because its pod or gateway is gone is authenticated in full on its next
+/// connection (the token cache would otherwise let it straight back in), so it is refused while
+/// they are gone and accepted once they are back.
+#[tokio::test(start_paused = true)]
+async fn an_agent_sent_away_is_checked_again_not_let_in_from_the_token_cache() {
+    let hub = hub();
+    let auth = Arc::new(Bounded::new(Hanging::default(), AuthLimits::default()));
+    let calls =
+        |auth: &Bounded<Hanging>| auth.inner().calls.load(std::sync::atomic::Ordering::SeqCst);
+    let (mut agent, task, _stop) = start_with(&hub, auth.clone());
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    hub.send_away("uid-1", "gateway deleted");
+    assert!(matches!(agent.recv().await, Some(Message::Bye { .. })));
+    task.await.unwrap();
+    // The reconnect, with the same token, goes through the authenticator again.
+    let (mut again, _task, _stop) = start_with(&hub, auth.clone());
+    again.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        again.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    assert_eq!(
+        calls(&auth),
+        2,
+        "the reconnect after a send-away was checked again"
+    );
+    // And is cached again after that check.
+    let (mut third, _task, _stop) = start_with(&hub, auth.clone());
+    third.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        third.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    assert_eq!(calls(&auth), 2);
 }

@@ -243,6 +243,16 @@ mod tests {
             (kube::Client::new(service, "default"), handle)
         }
 
+        /// `ensure_certificates` for `c` in the background against a mocked API server.
+        fn ensure_in_background(
+            c: &CertConfig,
+        ) -> (tokio::task::JoinHandle<Result<CertBundle>>, Handle) {
+            let (client, handle) = client();
+            let c = c.clone();
+            let task = tokio::spawn(async move { ensure_certificates(client, &c).await });
+            (task, handle)
+        }
+
         fn status(code: u16, reason: &str) -> Response<Body> {
             let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "reason": reason, "code": code, "message": reason});
@@ -291,12 +301,8 @@ mod tests {
 
         #[tokio::test]
         async fn creates_the_secret_when_missing() {
-            let (client, mut handle) = client();
             let c = cfg();
-            let task = tokio::spawn({
-                let c = c.clone();
-                async move { ensure_certificates(client, &c).await }
-            });
+            let (task, mut handle) = ensure_in_background(&c);
             let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
             send.send_response(status(404, "NotFound"));
             let (body, send, _) = expect(&mut handle, "POST", SECRETS_PATH).await;
@@ -316,14 +322,10 @@ mod tests {
 
         #[tokio::test]
         async fn losing_the_creation_race_loads_the_winners_secret() {
-            let (client, mut handle) = client();
             let c = cfg();
             let winner =
                 generate_bundle(&c.sans(), unix_now(), c.ca_validity, c.cert_validity).unwrap();
-            let task = tokio::spawn({
-                let c = c.clone();
-                async move { ensure_certificates(client, &c).await }
-            });
+            let (task, mut handle) = ensure_in_background(&c);
             let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
             send.send_response(status(404, "NotFound"));
             let (_, send, _) = expect(&mut handle, "POST", SECRETS_PATH).await;
@@ -335,14 +337,10 @@ mod tests {
 
         #[tokio::test]
         async fn renews_a_due_certificate_with_compare_and_swap() {
-            let (client, mut handle) = client();
             let c = cfg();
             let long_ago = unix_now() - c.cert_validity.as_secs(); // past 2/3 of its life
             let old = generate_bundle(&c.sans(), long_ago, c.ca_validity, c.cert_validity).unwrap();
-            let task = tokio::spawn({
-                let c = c.clone();
-                async move { ensure_certificates(client, &c).await }
-            });
+            let (task, mut handle) = ensure_in_background(&c);
             let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
             send.send_response(ok(&bundle_to_secret(&c, &old, Some("41".into()))));
             let (body, send, _) = expect(&mut handle, "PUT", SECRET_PATH).await;
@@ -359,12 +357,8 @@ mod tests {
 
         #[tokio::test]
         async fn never_overwrites_a_secret_it_did_not_create() {
-            let (client, mut handle) = client();
             let c = cfg();
-            let task = tokio::spawn({
-                let c = c.clone();
-                async move { ensure_certificates(client, &c).await }
-            });
+            let (task, mut handle) = ensure_in_background(&c);
             let (_, send, _) = expect(&mut handle, "GET", SECRET_PATH).await;
             send.send_response(ok(&json!({
                 "apiVersion": "v1", "kind": "Secret",

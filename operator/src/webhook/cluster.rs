@@ -20,7 +20,7 @@ use super::inject::{
     HubCaSource, InjectionConfig, KeyRef, KeyToPath, NativeSidecarMode, SecretMount,
     SidecarResources, supports_native_sidecars,
 };
-use crate::crd::{AgentGateway, LogLevel, NativeSidecar};
+use crate::crd::{AgentGateway, NativeSidecar};
 use crate::gateway::refs::SidecarUse;
 use crate::gateway::{InjectionSettings, SidecarImages};
 use crate::names::HUB_CA_KEY;
@@ -69,17 +69,12 @@ pub fn injection_config(
     );
     cfg.config_generation = settings.generation.unwrap_or(1);
     cfg.config_hash = Some(settings.config_hash.clone());
+    cfg.pod_hash = Some(settings.pod_hash());
     cfg.config_map_name = settings.config_map_name.clone();
     cfg.config_key = settings.config_key.to_string();
     cfg.resources = resources;
-    cfg.log_level = match settings.log_level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
-    }
-    .into();
+    cfg.log_level = settings.log_level.as_str().into();
+    cfg.admin_port = settings.admin_port;
     cfg.native_sidecar = match settings.native_sidecar {
         NativeSidecar::Auto => NativeSidecarMode::Auto,
         NativeSidecar::Always => NativeSidecarMode::Always,
@@ -267,14 +262,27 @@ mod tests {
         assert_eq!(mutate_status(addr).await, "HTTP/1.1 200 OK");
     }
 
+    const HTTP_UPSTREAM: &str = "  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n";
+
+    /// The gateway `shop` in `apps` with `spec` (the YAML lines under `spec:`).
+    fn gateway(spec: &str) -> AgentGateway {
+        let head = "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n";
+        serde_yaml::from_str(&format!("{head}{spec}")).unwrap()
+    }
+
+    /// What the injector gets for `gw`, with the hub at 127.0.0.1:7051 and no native sidecars.
+    fn config_of(gw: &AgentGateway) -> InjectionConfig {
+        let settings = gw.injection_settings(&SidecarImages::default()).unwrap();
+        injection_config(&settings, "127.0.0.1:7051", false)
+    }
+
     #[test]
     fn gateway_settings_become_an_injection_config_with_the_hub_ca() {
         let gw: AgentGateway = serde_yaml::from_str(
             "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps, generation: 3}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n",
         )
         .unwrap();
-        let settings = gw.injection_settings(&SidecarImages::default()).unwrap();
-        let cfg = injection_config(&settings, "127.0.0.1:7051", false);
+        let cfg = config_of(&gw);
         assert_eq!(cfg.config_generation, 3);
         assert_eq!(cfg.hub_addr, "127.0.0.1:7051");
         assert_eq!(
@@ -285,20 +293,28 @@ mod tests {
             }))
         );
         assert!(!cfg.cluster_supports_native_sidecars);
+        assert_eq!((cfg.admin_port, cfg.log_level.as_str()), (9091, "info"));
+    }
+
+    /// `spec.sidecar.adminPort` and `logLevel` reach the injector.
+    #[test]
+    fn the_gateway_chooses_the_admin_port_and_log_level() {
+        let gw = gateway(
+            &[
+                HTTP_UPSTREAM,
+                "  sidecar: {adminPort: 9191, logLevel: debug}\n",
+            ]
+            .concat(),
+        );
+        let cfg = config_of(&gw);
+        assert_eq!((cfg.admin_port, cfg.log_level.as_str()), (9191, "debug"));
     }
 
     #[test]
     fn tcp_listener_gets_its_port_token_and_tls_where_the_config_points() {
         use crate::webhook::inject::{Decision, InjectorSettings, inject};
-        let gw: AgentGateway = serde_yaml::from_str(
-            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {port: 7443, tokenSecretRef: {name: tcp-auth, key: token}, tlsSecretRef: {name: tcp-tls}}\n",
-        )
-        .unwrap();
-        let cfg = injection_config(
-            &gw.injection_settings(&SidecarImages::default()).unwrap(),
-            "127.0.0.1:7051",
-            false,
-        );
+        let gw = gateway(&[HTTP_UPSTREAM, "  tcpListener: {port: 7443, tokenSecretRef: {name: tcp-auth, key: token}, tlsSecretRef: {name: tcp-tls}}\n"].concat());
+        let cfg = config_of(&gw);
         let file = crate::controller::build::sidecar_config(&gw.spec)
             .unwrap()
             .tcp
@@ -367,10 +383,7 @@ mod tests {
 
     #[test]
     fn tcp_keepalive_timeout_must_exceed_the_interval() {
-        let gw: AgentGateway = serde_yaml::from_str(
-            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: http, url: 'https://platform.example/api', apiKeySecretRef: {name: key}}\n  tcpListener: {keepaliveInterval: 30s, keepaliveTimeout: 10s, tokenSecretRef: {name: a}, tlsSecretRef: {name: b}}\n",
-        )
-        .unwrap();
+        let gw = gateway(&[HTTP_UPSTREAM, "  tcpListener: {keepaliveInterval: 30s, keepaliveTimeout: 10s, tokenSecretRef: {name: a}, tlsSecretRef: {name: b}}\n"].concat());
         let errors = crate::crd::validate(&gw.spec).unwrap_err();
         assert!(
             errors
@@ -382,15 +395,10 @@ mod tests {
 
     #[test]
     fn nats_credentials_secret_is_mounted_where_the_config_points() {
-        let gw: AgentGateway = serde_yaml::from_str(
-            "apiVersion: nanogate.io/v1alpha1\nkind: AgentGateway\nmetadata: {name: shop, namespace: apps}\nspec:\n  upstream: {kind: nats, url: 'tls://nats:4222', apiKeySecretRef: {name: key}, nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}}\n",
-        )
-        .unwrap();
-        let cfg = injection_config(
-            &gw.injection_settings(&SidecarImages::default()).unwrap(),
-            "127.0.0.1:7051",
-            false,
+        let gw = gateway(
+            "  upstream: {kind: nats, url: 'tls://nats:4222', apiKeySecretRef: {name: key}, nats: {credentialsSecretRef: {name: nats-user, key: user.creds}}}\n",
         );
+        let cfg = config_of(&gw);
         let mount = cfg
             .secret_mounts
             .iter()

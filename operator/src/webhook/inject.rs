@@ -19,7 +19,10 @@
 //!   `NANOGATE_HUB_TOKEN_FILE` (projected token, audience `nanogate-hub`, 1 h, refreshed by
 //!   the kubelet: re-read it on every hub connection), `NANOGATE_HUB_CA_FILE` (when a hub CA
 //!   is configured), `TENDRL_SOCKET_PATH`, `NANOGATE_SPOOL_DIR` (on the shared `emptyDir`),
-//!   `NANOGATE_ADMIN_PORT`, `NANOGATE_LOG_LEVEL`; with a TCP listener in the gateway,
+//!   `NANOGATE_ADMIN_PORT` (listen on `0.0.0.0:<port>`; the probes and the `nanogate-admin`
+//!   container port use the same number), `NANOGATE_LOG_LEVEL` (both the gateway's, or the
+//!   pod's `nanogate.io/sidecar-admin-port` / `nanogate.io/sidecar-log-level` annotations when
+//!   valid); with a TCP listener in the gateway,
 //!   `NANOGATE_TCP_TOKEN` (from its Secret) and the TLS Secret at `/etc/nanogate/tcp-tls`.
 //! - The socket must accept every app container, whatever its uid and gid: the agent creates it
 //!   with mode 0666 on the pod's own `emptyDir` (the boundary), so the injector adds no
@@ -54,18 +57,19 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
 
 use crate::crd::parse_quantity;
-use crate::gateway::membership::{self, NoGateway};
+use crate::gateway::membership::{self, InjectedRecord, NoGateway};
 use crate::names::{
-    ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, API_KEY_FILE, API_KEY_FILE_ENV, API_KEY_VOLUME,
-    APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV, CONFIG_KEY, CONFIG_VOLUME,
-    CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_SOCKET_PATH, EXIT_WHEN_APPS_DONE_ENV,
-    GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR, HUB_CA_FILE, HUB_CA_FILE_ENV,
-    HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS, HUB_TOKEN_FILE_ENV,
-    INJECT_ANNOTATION, INJECTED_ANNOTATION, INJECTED_GATEWAY_LABEL, INJECTION_SKIPPED_ANNOTATION,
-    LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL,
-    POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_ADMIN_PORT,
-    SIDECAR_NAME, SOCKET_PATH_ENV, SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV,
-    TOKEN_DIR, TOKEN_FILE, TOKEN_VOLUME, config_map_name,
+    ADMIN_PORT_ANNOTATION, ADMIN_PORT_ENV, ADMIN_PORT_NAME, API_KEY_ENV, API_KEY_FILE,
+    API_KEY_FILE_ENV, API_KEY_VOLUME, APP_CONTAINERS_ENV, CONFIG_DIR, CONFIG_FILE_ENV, CONFIG_KEY,
+    CONFIG_VOLUME, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_SOCKET_PATH,
+    EXIT_WHEN_APPS_DONE_ENV, GATEWAY_ANNOTATION, GATEWAY_ENV, HUB_ADDR_ENV, HUB_CA_DIR,
+    HUB_CA_FILE, HUB_CA_FILE_ENV, HUB_CA_VOLUME, HUB_TOKEN_AUDIENCE, HUB_TOKEN_EXPIRATION_SECONDS,
+    HUB_TOKEN_FILE_ENV, INJECT_ANNOTATION, INJECTED_ANNOTATION, INJECTED_GATEWAY_LABEL,
+    INJECTION_SKIPPED_ANNOTATION, LOG_LEVEL_ANNOTATION, LOG_LEVEL_ENV, MEMORY_LIMIT_ANNOTATION,
+    MEMORY_REQUEST_ANNOTATION, NAMESPACE_INJECTION_LABEL, POD_NAME_ENV, POD_NAMESPACE_ENV,
+    POD_UID_ENV, SHUTDOWN_DEADLINE_ENV, SIDECAR_ADMIN_PORT, SIDECAR_NAME, SOCKET_PATH_ENV,
+    SOCKET_VOLUME, SPOOL_DIR_ENV, TCP_PORT_NAME, TCP_TOKEN_ENV, TOKEN_DIR, TOKEN_FILE,
+    TOKEN_VOLUME, config_map_name,
 };
 
 /// The agent's default shutdown deadline, in seconds.
@@ -192,6 +196,10 @@ pub struct InjectionConfig {
     pub config_generation: i64,
     /// Content hash of the derived sidecar configuration, recorded in the annotation too.
     pub config_hash: Option<String>,
+    /// Hash of the gateway's pod settings (`InjectionSettings::pod_hash`), recorded in the
+    /// annotation so the reconciler can tell sidecars injected before they changed.
+    #[serde(default)]
+    pub pod_hash: Option<String>,
     /// ConfigMap (owned by the gateway, in the pod's namespace) holding the sidecar config.
     pub config_map_name: String,
     /// Key of that ConfigMap holding the config file.
@@ -233,6 +241,7 @@ impl InjectionConfig {
             gateway_name: gateway_name.to_string(),
             config_generation: 1,
             config_hash: None,
+            pod_hash: None,
             config_map_name: config_map_name(gateway_name),
             config_key: CONFIG_KEY.into(),
             config_dir: CONFIG_DIR.into(),
@@ -327,6 +336,16 @@ pub enum SkipReason {
     AmbiguousGateway { candidates: Vec<String> },
     /// `kube-system` or the operator's own namespace.
     ProtectedNamespace,
+    /// A container of the pod declares the port the sidecar's admin server would listen on
+    /// (the gateway's `spec.sidecar.adminPort`, or the pod's annotation): the sidecar could not
+    /// bind it. `free` is a port the pod does not use, to suggest.
+    AdminPortConflict {
+        container: String,
+        port: u16,
+        from_annotation: bool,
+        gateway: String,
+        free: u16,
+    },
 }
 
 impl SkipReason {
@@ -342,6 +361,7 @@ impl SkipReason {
             SkipReason::InvalidGateway { .. } => "invalid_gateway",
             SkipReason::AmbiguousGateway { .. } => "ambiguous_gateway",
             SkipReason::ProtectedNamespace => "protected_namespace",
+            SkipReason::AdminPortConflict { .. } => "admin_port_conflict",
         }
     }
 
@@ -356,6 +376,7 @@ impl SkipReason {
                 | SkipReason::NoGateway { .. }
                 | SkipReason::InvalidGateway { .. }
                 | SkipReason::AmbiguousGateway { .. }
+                | SkipReason::AdminPortConflict { .. }
         )
     }
 }
@@ -369,7 +390,10 @@ impl std::fmt::Display for SkipReason {
             SkipReason::HostNetwork => f.write_str(
                 "the pod uses hostNetwork; the sidecar is not injected into host-network pods",
             ),
-            SkipReason::OptedOut => write!(f, "the pod opted out with {INJECT_ANNOTATION}"),
+            SkipReason::OptedOut => write!(
+                f,
+                "the pod opted out with the {INJECT_ANNOTATION} annotation or label"
+            ),
             SkipReason::InvalidInjectValue { value } => write!(
                 f,
                 "{INJECT_ANNOTATION}: {value:?} is not understood, so the sidecar is not injected; use true/false, yes/no, enabled/disabled or on/off"
@@ -380,7 +404,7 @@ impl std::fmt::Display for SkipReason {
             ),
             SkipReason::NotOptedIn => write!(
                 f,
-                "injection not requested (annotate the pod {INJECT_ANNOTATION}: \"true\" or label the namespace {NAMESPACE_INJECTION_LABEL}=enabled)"
+                "injection not requested (annotate or label the pod {INJECT_ANNOTATION}: \"true\", or label the namespace {NAMESPACE_INJECTION_LABEL}=enabled)"
             ),
             SkipReason::NoGateway {
                 requested: Some(name),
@@ -399,28 +423,24 @@ impl std::fmt::Display for SkipReason {
             SkipReason::ProtectedNamespace => {
                 f.write_str("pods in this namespace are never injected")
             }
+            SkipReason::AdminPortConflict {
+                container,
+                port,
+                from_annotation,
+                gateway,
+                free,
+            } => {
+                let source = if *from_annotation {
+                    format!("set by the pod's {ADMIN_PORT_ANNOTATION} annotation")
+                } else {
+                    format!("spec.sidecar.adminPort of the AgentGateway {gateway:?}")
+                };
+                write!(
+                    f,
+                    "container {container:?} declares port {port}, the sidecar's admin port ({source}); give the sidecar a port the pod does not use with the annotation {ADMIN_PORT_ANNOTATION}: \"{free}\" (or set spec.sidecar.adminPort of the gateway), then recreate the pod"
+                )
+            }
         }
-    }
-}
-
-/// The value of the `nanogate.io/injected` annotation.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct InjectedRecord {
-    pub gateway: String,
-    pub generation: i64,
-    #[serde(
-        default,
-        rename = "configHash",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub config_hash: Option<String>,
-    /// `native` or `legacy`.
-    pub mode: String,
-}
-
-impl InjectedRecord {
-    pub fn parse(value: &str) -> Option<Self> {
-        serde_json::from_str(value).ok()
     }
 }
 
@@ -433,10 +453,94 @@ pub fn inject(
     gateways: &[InjectionConfig],
     settings: &InjectorSettings,
 ) -> Decision {
-    match decide(pod, namespace, ns_labels, gateways, settings) {
-        Ok(gateway) => Decision::Inject(build(pod, gateway)),
-        Err(reason) => Decision::Skip(reason),
+    let gateway = match decide(pod, namespace, ns_labels, gateways, settings) {
+        Ok(gateway) => gateway,
+        Err(reason) => return Decision::Skip(reason),
+    };
+    let mut warnings = Vec::new();
+    let cfg = with_pod_overrides(pod, gateway, &mut warnings);
+    if let Some(conflict) = admin_port_conflict(pod, &cfg, gateway.admin_port) {
+        return Decision::Skip(conflict);
     }
+    Decision::Inject(build(pod, &cfg, warnings))
+}
+
+/// `cfg` with the pod's valid `nanogate.io/sidecar-admin-port` and
+/// `nanogate.io/sidecar-log-level` annotations applied. An invalid value is ignored with a
+/// warning, as an invalid resource annotation is: the gateway's value stays.
+fn with_pod_overrides(
+    pod: &Pod,
+    cfg: &InjectionConfig,
+    warnings: &mut Vec<String>,
+) -> InjectionConfig {
+    let mut cfg = cfg.clone();
+    let annotation = |name: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(name))
+            .map(|v| v.trim())
+    };
+    if let Some(v) = annotation(ADMIN_PORT_ANNOTATION) {
+        match v.parse::<u16>() {
+            Ok(port) if port < 1024 => warnings.push(format!(
+                "nanogate: ignored {ADMIN_PORT_ANNOTATION}: {v:?} is below 1024 (the sidecar runs without privileges); use a port between 1024 and 65535; the sidecar keeps port {}",
+                cfg.admin_port
+            )),
+            Ok(port) if Some(port) == cfg.tcp_port => warnings.push(format!(
+                "nanogate: ignored {ADMIN_PORT_ANNOTATION}: {v:?} is the port of the gateway's TCP listener; choose another; the sidecar keeps port {}",
+                cfg.admin_port
+            )),
+            Ok(port) => cfg.admin_port = port,
+            Err(_) => warnings.push(format!(
+                "nanogate: ignored {ADMIN_PORT_ANNOTATION}: {v:?} is not a port between 1024 and 65535 (e.g. \"9095\"); the sidecar keeps port {}",
+                cfg.admin_port
+            )),
+        }
+    }
+    if let Some(v) = annotation(LOG_LEVEL_ANNOTATION) {
+        let level = v.to_ascii_lowercase();
+        if LOG_LEVELS.contains(&level.as_str()) {
+            cfg.log_level = level;
+        } else {
+            warnings.push(format!(
+                "nanogate: ignored {LOG_LEVEL_ANNOTATION}: {v:?} is not one of {}; the sidecar logs at {}",
+                LOG_LEVELS.join(", "),
+                cfg.log_level
+            ));
+        }
+    }
+    cfg
+}
+
+/// The values of `nanogate.io/sidecar-log-level` (those of `spec.sidecar.logLevel`).
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// A container of `pod` that declares (TCP) the sidecar's admin port `cfg.admin_port`, as a
+/// skip reason; `gateway_port` is the gateway's own choice (to tell where the port came from).
+fn admin_port_conflict(pod: &Pod, cfg: &InjectionConfig, gateway_port: u16) -> Option<SkipReason> {
+    let spec = pod.spec.as_ref()?;
+    let declared = || {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .flat_map(|c| c.ports.iter().flatten().map(move |p| (c, p)))
+            .filter(|(_, p)| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+    };
+    let (container, _) = declared().find(|(_, p)| p.container_port == i32::from(cfg.admin_port))?;
+    let used = |port: u16| {
+        Some(port) == cfg.tcp_port || declared().any(|(_, p)| p.container_port == i32::from(port))
+    };
+    let free = (SIDECAR_ADMIN_PORT + 1..=u16::MAX)
+        .find(|&port| !used(port))
+        .unwrap_or(SIDECAR_ADMIN_PORT);
+    Some(SkipReason::AdminPortConflict {
+        container: container.name.clone(),
+        port: cfg.admin_port,
+        from_annotation: cfg.admin_port != gateway_port,
+        gateway: cfg.gateway_name.clone(),
+        free,
+    })
 }
 
 fn decide<'g>(
@@ -453,15 +557,18 @@ fn decide<'g>(
         return Err(SkipReason::AlreadyInjected);
     }
     let annotations = pod.metadata.annotations.as_ref();
-    if let Some(value) = membership::unrecognised_inject_value(annotations) {
+    if let Some(value) = membership::unrecognised_inject_value(&pod.metadata) {
         return Err(SkipReason::InvalidInjectValue {
             value: value.to_string(),
         });
     }
-    if membership::pod_opt_in(annotations) == Some(false) {
+    if membership::pod_opt_in(&pod.metadata) == Some(false) {
         return Err(SkipReason::OptedOut);
     }
-    if !membership::opts_in(annotations, membership::namespace_opted_in(Some(ns_labels))) {
+    if !membership::opts_in(
+        &pod.metadata,
+        membership::namespace_opted_in(Some(ns_labels)),
+    ) {
         return Err(SkipReason::NotOptedIn);
     }
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
@@ -559,11 +666,10 @@ impl Ops {
     }
 }
 
-fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
+fn build(pod: &Pod, cfg: &InjectionConfig, mut warnings: Vec<String>) -> Injection {
     let native = cfg.native();
     let spec = pod.spec.clone().unwrap_or_default();
     let mut ops = Ops::default();
-    let mut warnings = Vec::new();
     if native && !cfg.cluster_supports_native_sidecars {
         // Before 1.29 the API server drops `restartPolicy` from init containers, and the
         // sidecar would block the pod as a never-ending init container.
@@ -657,6 +763,9 @@ fn build(pod: &Pod, cfg: &InjectionConfig) -> Injection {
         generation: cfg.config_generation,
         config_hash: cfg.config_hash.clone(),
         mode: if native { "native" } else { "legacy" }.into(),
+        awaits_apps: Some(exit_when_done),
+        image: Some(cfg.image.clone()),
+        pod_hash: cfg.pod_hash.clone(),
     };
     let record = serde_json::to_string(&record).expect("record serialises");
     for (path, map, key, value) in [
@@ -987,6 +1096,220 @@ mod tests {
         assert_eq!(cfg.socket_dir(), "/");
     }
 
+    /// A pod labelled `nanogate.io/inject: "true"` without the annotation (what the chart's
+    /// label-only `objectSelector` lets through) is injected; the label's opt-out wins.
+    #[test]
+    fn the_inject_label_alone_opts_a_pod_in_and_its_opt_out_wins() {
+        let gateways = [InjectionConfig::with_defaults(
+            "gw",
+            "img",
+            KeyRef {
+                name: "s".into(),
+                key: "k".into(),
+            },
+        )];
+        let settings = InjectorSettings::new("nanogate-system");
+        let decide = |labels: Value, annotations: Value, ns_opted_in: bool| {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "p", "labels": labels, "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}
+            }))
+            .unwrap();
+            let mut ns_labels = BTreeMap::new();
+            if ns_opted_in {
+                ns_labels.insert(NAMESPACE_INJECTION_LABEL.to_string(), "enabled".to_string());
+            }
+            inject(&pod, "apps", &ns_labels, &gateways, &settings)
+        };
+        let labelled = json!({INJECT_ANNOTATION: "true"});
+        match decide(labelled.clone(), json!({}), false) {
+            Decision::Inject(injection) => assert_eq!(injection.gateway, "gw"),
+            other => panic!("labelled pod not injected: {other:?}"),
+        }
+        assert_eq!(
+            decide(json!({}), json!({}), false),
+            Decision::Skip(SkipReason::NotOptedIn)
+        );
+        assert_eq!(
+            decide(labelled, json!({INJECT_ANNOTATION: "false"}), true),
+            Decision::Skip(SkipReason::OptedOut)
+        );
+        assert_eq!(
+            decide(json!({INJECT_ANNOTATION: "false"}), json!({}), true),
+            Decision::Skip(SkipReason::OptedOut)
+        );
+    }
+
+    fn gateway_cfg() -> InjectionConfig {
+        InjectionConfig::with_defaults(
+            "gw",
+            "img",
+            KeyRef {
+                name: "s".into(),
+                key: "k".into(),
+            },
+        )
+    }
+
+    fn pod_with(annotations: Value, containers: Value) -> Pod {
+        let mut annotations = annotations;
+        annotations[INJECT_ANNOTATION] = json!("true");
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": annotations},
+            "spec": {"containers": containers}
+        }))
+        .unwrap()
+    }
+
+    fn decide_for(pod: &Pod, cfg: InjectionConfig) -> Decision {
+        inject(
+            pod,
+            "apps",
+            &BTreeMap::new(),
+            &[cfg],
+            &InjectorSettings::new("nanogate-system"),
+        )
+    }
+
+    /// The injected sidecar's admin port (container port, every probe, env) and log level
+    /// (env), each asserted to be one number / one level; and the warnings.
+    fn admin_of(pod: &Pod, cfg: InjectionConfig) -> (u16, String, Vec<String>) {
+        let Decision::Inject(injection) = decide_for(pod, cfg) else {
+            panic!("not injected")
+        };
+        let mut doc = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut doc, &injection.patch).unwrap();
+        let sidecar = doc["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == SIDECAR_NAME)
+            .unwrap()
+            .clone();
+        let env = |name: &str| {
+            sidecar["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .unwrap_or_else(|| panic!("no {name}"))["value"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let port: u16 = env(ADMIN_PORT_ENV).parse().unwrap();
+        assert_eq!(
+            sidecar["ports"][0],
+            json!({"name": ADMIN_PORT_NAME, "containerPort": port, "protocol": "TCP"})
+        );
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            assert_eq!(sidecar[probe]["httpGet"]["port"], json!(port), "{probe}");
+        }
+        (port, env(LOG_LEVEL_ENV), injection.warnings)
+    }
+
+    #[test]
+    fn the_admin_port_and_log_level_default_to_the_gateways() {
+        let app = json!([{"name": "app", "image": "app", "ports": [{"containerPort": 8080}]}]);
+        let (port, level, warnings) = admin_of(&pod_with(json!({}), app.clone()), gateway_cfg());
+        assert_eq!((port, level.as_str()), (9091, "info"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+
+        let mut cfg = gateway_cfg();
+        cfg.admin_port = 9191;
+        cfg.log_level = "warn".into();
+        let (port, level, warnings) = admin_of(&pod_with(json!({}), app), cfg);
+        assert_eq!((port, level.as_str()), (9191, "warn"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn pod_annotations_override_the_admin_port_and_log_level() {
+        let pod = pod_with(
+            json!({ADMIN_PORT_ANNOTATION: " 9095 ", LOG_LEVEL_ANNOTATION: "Debug"}),
+            json!([{"name": "app", "image": "app", "ports": [{"containerPort": 9091}]}]),
+        );
+        let (port, level, warnings) = admin_of(&pod, gateway_cfg());
+        assert_eq!((port, level.as_str()), (9095, "debug"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn invalid_admin_port_and_log_level_annotations_are_ignored_with_a_warning() {
+        let app = json!([{"name": "app", "image": "app"}]);
+        let mut cfg = gateway_cfg();
+        cfg.tcp_port = Some(7070);
+        for (bad_port, why) in [
+            ("80", "below 1024"),
+            ("70000", "not a port between 1024 and 65535"),
+            ("nine", "not a port between 1024 and 65535"),
+            ("7070", "TCP listener"),
+        ] {
+            let pod = pod_with(
+                json!({ADMIN_PORT_ANNOTATION: bad_port, LOG_LEVEL_ANNOTATION: "verbose"}),
+                app.clone(),
+            );
+            let (port, level, warnings) = admin_of(&pod, cfg.clone());
+            assert_eq!((port, level.as_str()), (9091, "info"), "{bad_port}");
+            assert_eq!(warnings.len(), 2, "{warnings:?}");
+            assert!(
+                warnings[0].contains(ADMIN_PORT_ANNOTATION)
+                    && warnings[0].contains(why)
+                    && warnings[0].contains("keeps port 9091"),
+                "{warnings:?}"
+            );
+            assert!(
+                warnings[1].contains(LOG_LEVEL_ANNOTATION)
+                    && warnings[1]
+                        .contains("\"verbose\" is not one of error, warn, info, debug, trace"),
+                "{warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_app_port_on_the_admin_port_is_refused_with_what_to_do() {
+        let apps = json!([
+            {"name": "web", "image": "web", "ports": [{"containerPort": 9092}]},
+            {"name": "metrics", "image": "m", "ports": [{"containerPort": 9091, "protocol": "TCP"}]},
+        ]);
+        let reason = match decide_for(&pod_with(json!({}), apps.clone()), gateway_cfg()) {
+            Decision::Skip(reason) => reason,
+            other => panic!("injected: {other:?}"),
+        };
+        assert_eq!(reason.metric_label(), "admin_port_conflict");
+        assert!(reason.is_notable());
+        assert_eq!(
+            reason.to_string(),
+            "container \"metrics\" declares port 9091, the sidecar's admin port (spec.sidecar.adminPort of the AgentGateway \"gw\"); give the sidecar a port the pod does not use with the annotation nanogate.io/sidecar-admin-port: \"9093\" (or set spec.sidecar.adminPort of the gateway), then recreate the pod"
+        );
+        // The annotation's port is checked too.
+        let pod = pod_with(json!({ADMIN_PORT_ANNOTATION: "9092"}), apps.clone());
+        let Decision::Skip(reason) = decide_for(&pod, gateway_cfg()) else {
+            panic!("injected")
+        };
+        assert!(
+            reason.to_string().starts_with(
+                "container \"web\" declares port 9092, the sidecar's admin port (set by the pod's nanogate.io/sidecar-admin-port annotation)"
+            ),
+            "{reason}"
+        );
+        // A UDP port of the same number does not collide; an init container's port does.
+        let udp = json!([{"name": "dns", "image": "d", "ports": [{"containerPort": 9091, "protocol": "UDP"}]}]);
+        admin_of(&pod_with(json!({}), udp), gateway_cfg());
+        let mut pod = pod_with(json!({}), json!([{"name": "app", "image": "app"}]));
+        pod.spec.as_mut().unwrap().init_containers = Some(vec![
+            serde_json::from_value(
+                json!({"name": "proxy", "image": "p", "ports": [{"containerPort": 9091}]}),
+            )
+            .unwrap(),
+        ]);
+        assert!(matches!(
+            decide_for(&pod, gateway_cfg()),
+            Decision::Skip(SkipReason::AdminPortConflict { .. })
+        ));
+    }
+
     #[test]
     fn metric_labels_are_stable() {
         let labels: Vec<_> = [
@@ -1002,6 +1325,13 @@ mod tests {
             },
             SkipReason::AmbiguousGateway { candidates: vec![] },
             SkipReason::ProtectedNamespace,
+            SkipReason::AdminPortConflict {
+                container: "c".into(),
+                port: 9091,
+                from_annotation: false,
+                gateway: "g".into(),
+                free: 9092,
+            },
         ]
         .iter()
         .map(SkipReason::metric_label)
@@ -1017,7 +1347,8 @@ mod tests {
                 "no_gateway",
                 "invalid_gateway",
                 "ambiguous_gateway",
-                "protected_namespace"
+                "protected_namespace",
+                "admin_port_conflict"
             ]
         );
     }

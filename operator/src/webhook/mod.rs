@@ -32,11 +32,13 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 pub use inject::{
-    Decision, HubCaSource, InjectedRecord, Injection, InjectionConfig, InjectorSettings, KeyRef,
-    KeyToPath, NativeSidecarMode, SecretMount, SidecarResources, SkipReason, inject, skip_patch,
+    Decision, HubCaSource, Injection, InjectionConfig, InjectorSettings, KeyRef, KeyToPath,
+    NativeSidecarMode, SecretMount, SidecarResources, SkipReason, inject, skip_patch,
     supports_native_sidecars,
 };
 pub use server::serve;
+
+pub use crate::gateway::membership::InjectedRecord;
 
 /// What `/mutate` needs to know about a namespace. The operator backs it with reflector
 /// stores (Namespaces and AgentGateways); tests use fixed maps. Calls must be cheap and must
@@ -238,25 +240,25 @@ pub fn router(state: WebhookState) -> Router {
 }
 
 async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl IntoResponse {
-    let start = Instant::now();
-    let review = review_json(&mutate(&state, &body));
-    state
-        .metrics
-        .duration
-        .with_label_values(&["mutate"])
-        .observe(start.elapsed().as_secs_f64());
-    Json(review)
+    Json(timed(&state, "mutate", || {
+        review_json(&mutate(&state, &body))
+    }))
 }
 
 async fn validate_handler(State(state): State<WebhookState>, body: Bytes) -> impl IntoResponse {
+    Json(timed(&state, "validate", || validate(&state, &body)))
+}
+
+/// Runs `review` and records how long it took in the duration histogram under `kind`.
+fn timed<T>(state: &WebhookState, kind: &str, review: impl FnOnce() -> T) -> T {
     let start = Instant::now();
-    let review = validate(&state, &body);
+    let out = review();
     state
         .metrics
         .duration
-        .with_label_values(&["validate"])
+        .with_label_values(&[kind])
         .observe(start.elapsed().as_secs_f64());
-    Json(review)
+    out
 }
 
 /// The review as JSON, with `response.patch` base64-encoded as the AdmissionReview API

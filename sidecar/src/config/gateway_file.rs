@@ -127,6 +127,9 @@ pub fn apply(
             file::OverflowPolicy::DropOldest => OverflowPolicy::DropOldest,
         }
     );
+    if let Some(n) = d.max_in_flight {
+        fill!(max_in_flight = n as usize);
+    }
 
     let s = &gw.socket;
     fill!(socket_path = PathBuf::from(&s.path));
@@ -202,6 +205,10 @@ mod tests {
                    "socketio_heartbeat_interval_ms": 5000, "socketio_namespace": "/agents",
                    "nats_subject": "a.b", "nats_stream": "S", "nats_durable_consumer": "c",
                    "nats_inbox_subject": "i.n", "nats_creds_file": "/u.creds"}"#,
+            )
+            .replace(
+                r#""overflow_policy": "reject""#,
+                r#""overflow_policy": "reject", "max_in_flight": 8"#,
             );
         let (_, keys) = applied(&with_tcp(&file)).unwrap();
         assert!(keys.len() >= 39, "the sample covers the file: {keys:?}");
@@ -310,6 +317,32 @@ mod tests {
         );
         assert!(load(&file, &[]).unwrap().upstream_insecure_skip_verify);
         assert!(!load(MINIMAL, &[]).unwrap().upstream_insecure_skip_verify);
+    }
+
+    #[test]
+    fn max_in_flight_from_the_file_or_the_default() {
+        assert_eq!(
+            load(MINIMAL, &[]).unwrap().max_in_flight,
+            file::DEFAULT_MAX_IN_FLIGHT as usize
+        );
+        let file = MINIMAL.replace(
+            r#""overflow_policy": "reject""#,
+            r#""overflow_policy": "reject", "max_in_flight": 16"#,
+        );
+        assert_eq!(load(&file, &[]).unwrap().max_in_flight, 16);
+        let (_, keys) = applied(&file).unwrap();
+        assert!(keys.contains(&"max_in_flight"), "{keys:?}");
+        // A flag keeps its precedence over the file.
+        assert_eq!(
+            load(&file, &["--max-in-flight=2"]).unwrap().max_in_flight,
+            2
+        );
+        let zero = MINIMAL.replace(
+            r#""overflow_policy": "reject""#,
+            r#""overflow_policy": "reject", "max_in_flight": 0"#,
+        );
+        let e = format!("{:#}", load(&zero, &[]).unwrap_err());
+        assert!(e.contains("max_in_flight"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,9 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+/// Largest `max_in_flight` (the CRD's `spec.delivery.maxInFlight` has the same bound).
+pub const MAX_IN_FLIGHT: usize = 64;
+
 pub mod gateway_file;
 pub mod reload;
 pub mod upstream;
@@ -32,7 +35,7 @@ pub enum LogFormat {
 pub enum OverflowPolicy {
     /// Answer "queue full, try again later" to the sender; nothing accepted is dropped.
     Reject,
-    /// Drop the oldest undelivered messages (never the batch being delivered) to make room.
+    /// Drop the oldest undelivered messages (never the batches being delivered) to make room.
     DropOldest,
 }
 
@@ -245,15 +248,15 @@ pub struct Config {
     /// Batch growth per queued message (target = batch_size + scale_factor × backlog).
     #[arg(long, env = "NANOGATE_SCALE_FACTOR", default_value_t = 0.5)]
     pub scale_factor: f64,
-    /// Most bytes in one batch (its JSON array). Delivery holds one batch in memory, plus a
-    /// copy or two while sending or splitting it, so this bounds delivery's memory whatever
-    /// the message sizes: 4 MiB keeps a backlog of 1 MiB messages far inside the default
-    /// 64 MiB container limit. A single message larger than this still goes out, alone.
+    /// Most bytes in one batch (its JSON array). Delivery holds each outstanding batch in
+    /// memory (up to max_in_flight of them), plus a copy or two while sending or splitting it,
+    /// so this bounds delivery's memory whatever the message sizes: 4 MiB × the default 4 in
+    /// flight keeps a backlog of 1 MiB messages inside the default 64 MiB container limit. A single message larger than this still goes out, alone.
     /// Shrinks under memory pressure (see --target-mem-percent).
     #[arg(long, env = "NANOGATE_MAX_BATCH_BYTES", default_value = "4MiB", value_parser = parse_bytes_usize)]
     pub max_batch_bytes: usize,
     /// Backlog (messages waiting in the spool) at which dynamic sizing saturates. The spool,
-    /// not memory, holds the queue: at most one batch is in memory at a time.
+    /// not memory, holds the queue: at most max_in_flight batches are in memory at a time.
     #[arg(long, env = "NANOGATE_MAX_QUEUE_SIZE", default_value_t = 1000)]
     pub max_queue_size: usize,
     /// CPU use (percent of one core) above which batches grow (fewer requests) and sends are
@@ -271,9 +274,24 @@ pub struct Config {
     /// Longest spacing between batch sends under resource pressure.
     #[arg(long, env = "NANOGATE_MAX_BATCH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub max_batch_interval: Duration,
+    /// Most batches outstanding with the platform at once (pipelined delivery): the next batch
+    /// is sent while earlier ones wait for their answers, and the spool is still acknowledged
+    /// in order (a batch only once every earlier one is delivered or dead-lettered), so a
+    /// kill -9 resends at most these batches. While the platform fails, one batch at a time
+    /// is sent; each success doubles the window back up to this. 1: one batch at a time.
+    /// Each outstanding batch holds up to max_batch_bytes of memory.
+    #[arg(long, env = "NANOGATE_MAX_IN_FLIGHT", default_value_t = nanogate_protocol::sidecar_config::DEFAULT_MAX_IN_FLIGHT as usize)]
+    pub max_in_flight: usize,
     /// How often CPU and memory use are sampled (never per message).
     #[arg(long, env = "NANOGATE_RESOURCE_SAMPLE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub resource_sample_interval: Duration,
+
+    /// Window over which the backlog (undelivered messages in the spool) must have grown for
+    /// the agent to report itself backlogged (delivery slower than ingest): metric
+    /// `nanogate_sidecar_backlogged`, heartbeats, the gateway's `SidecarsHealthy` reason
+    /// `Backlogged`. Default 60s; the backlog is sampled ten times per window (100ms–5s apart).
+    #[arg(long, env = "NANOGATE_BACKLOG_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub backlog_window: Duration,
 
     // ----- spool -----
     /// Directory of the on-disk write-ahead queue (put it on the pod's volume).
@@ -289,7 +307,7 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// When the spool is full: `reject` answers "queue full" to the sender (nothing accepted is
     /// lost); `drop-oldest` drops the oldest undelivered messages to make room (never the
-    /// batch being delivered), counted in `dropped_oldest_total` and logged as a warning.
+    /// batches being delivered), counted in `dropped_oldest_total` and logged as a warning.
     #[arg(long, env = "NANOGATE_OVERFLOW_POLICY", value_enum, default_value_t = OverflowPolicy::Reject)]
     pub overflow_policy: OverflowPolicy,
     /// Size at which the spool starts a new segment file.
@@ -544,6 +562,12 @@ impl Config {
         if self.max_queue_size == 0 {
             bail!("invalid config: max_queue_size must be at least 1");
         }
+        if !(1..=MAX_IN_FLIGHT).contains(&self.max_in_flight) {
+            bail!(
+                "invalid config: max_in_flight ({}) must be between 1 and {MAX_IN_FLIGHT}",
+                self.max_in_flight
+            );
+        }
         if self.min_batch_interval > self.max_batch_interval {
             bail!("invalid config: min_batch_interval must not exceed max_batch_interval");
         }
@@ -553,6 +577,7 @@ impl Config {
             ("upstream_timeout", self.upstream_timeout),
             ("backoff_initial", self.backoff_initial),
             ("resource_sample_interval", self.resource_sample_interval),
+            ("backlog_window", self.backlog_window),
         ] {
             if d.is_zero() {
                 bail!("invalid config: {name} must be greater than 0");

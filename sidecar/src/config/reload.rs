@@ -71,6 +71,7 @@ pub const LIVE_FIELDS: &[&str] = &[
     "target_mem_percent",
     "min_batch_interval",
     "max_batch_interval",
+    "max_in_flight",
 ];
 
 #[cfg(test)]

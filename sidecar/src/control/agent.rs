@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nanogate_protocol::control::{Heartbeat, to_value};
+use nanogate_protocol::control::Heartbeat;
 use rmpv::Value;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -115,7 +115,7 @@ impl ControlHandler for AgentControl {
             pod: self.config.source(),
             status: self.status(),
             uptime: self.started.elapsed().as_secs(),
-            cpu_usage: self.metrics.cpu_percent.get(),
+            cpu_usage: self.metrics.cpu_ratio.get() * 100.0,
             memory_usage: self.metrics.resident_memory_bytes.get().max(0) as u64,
             queue_depth: self.spool.pending_msgs(),
             spool_bytes: self.spool.pending_bytes(),
@@ -131,6 +131,8 @@ impl ControlHandler for AgentControl {
             },
             config_generation: self.generation.load(Ordering::Relaxed),
             timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            backlogged: self.metrics.backlogged.get() == 1,
+            backlog_growth_per_second: self.metrics.backlog_growth.get(),
         }
     }
 
@@ -152,7 +154,7 @@ impl ControlHandler for AgentControl {
     async fn handle(&self, method: &str, kwargs: Vec<(String, Value)>) -> Result<Value, String> {
         match method {
             "reload" => self.reload(&kwargs),
-            "status" => to_value(&self.heartbeat()).map_err(|e| e.to_string()),
+            "status" => self.heartbeat().to_data().map_err(|e| e.to_string()),
             "flush" => {
                 // Delivery sends a partial batch within the flush interval; wait (bounded) for
                 // the spool to empty and report what is left.

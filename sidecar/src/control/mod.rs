@@ -378,7 +378,7 @@ where
                 let _ = out.written.send(());
             }
             _ = heartbeat.tick() => {
-                let data = to_value(&handler.heartbeat())?;
+                let data = handler.heartbeat().to_data()?;
                 send(&mut writer, &Message::Notification { kind: "heartbeat".into(), data }).await?;
             }
             _ = ping.tick() => {
@@ -414,7 +414,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nanogate_protocol::control::{AgentStatus, UpstreamHealth, from_value};
+    use nanogate_protocol::control::from_value;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::time::Instant;
 
@@ -425,27 +425,9 @@ mod tests {
     impl ControlHandler for Fake {
         fn heartbeat(&self) -> Heartbeat {
             Heartbeat {
-                agent_id: "uid-1".into(),
                 gateway: "gw".into(),
                 pod: "ns/pod".into(),
-                status: AgentStatus::Ready,
-                uptime: 1,
-                cpu_usage: 0.0,
-                memory_usage: 0,
-                queue_depth: 0,
-                spool_bytes: 0,
-                received_total: 7,
-                delivered_total: 7,
-                rejected_total: 0,
-                dead_lettered_total: 0,
-                dropped_oldest_total: 0,
-                upstream: UpstreamHealth {
-                    state: "closed".into(),
-                    last_error: None,
-                    last_success: None,
-                },
-                config_generation: 1,
-                timestamp: "2026-11-21T00:00:00Z".into(),
+                ..Heartbeat::ready("uid-1", 7, 1)
             }
         }
         fn register_info(&self) -> serde_json::Value {
@@ -483,24 +465,40 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn hello_register_heartbeats_requests_and_shutdown() {
-        let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
+    /// The agent `uid-1` serving the control channel with `token` over an in-memory pipe of
+    /// `capacity` bytes, in the background: the hub's end, the agent's handler, the task.
+    fn start(
+        capacity: usize,
+        token: &'static str,
+        mut outbox: Outbox,
+        stopped: crate::shutdown::Shutdown,
+    ) -> (
+        Hub,
+        Arc<Fake>,
+        tokio::task::JoinHandle<anyhow::Result<Ended>>,
+    ) {
+        let (agent_side, hub_side) = tokio::io::duplex(capacity);
         let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
         let handler = Arc::new(Fake {
             flushes: AtomicU32::new(0),
         });
-        let (stop, stopped) = crate::shutdown::channel();
         let h = handler.clone();
-        let (_notifier, mut outbox) = outbox();
         let agent =
             tokio::spawn(
-                async move { serve(agent_side, &cfg, "tok", h, &mut outbox, stopped).await },
+                async move { serve(agent_side, &cfg, token, h, &mut outbox, stopped).await },
             );
-        let mut hub = Hub {
+        let hub = Hub {
             stream: hub_side,
             decoder: FrameDecoder::new(),
         };
+        (hub, handler, agent)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hello_register_heartbeats_requests_and_shutdown() {
+        let (stop, stopped) = crate::shutdown::channel();
+        let (_notifier, outbox) = outbox();
+        let (mut hub, handler, agent) = start(64 * 1024, "tok", outbox, stopped);
 
         let Some(Message::AgentHello {
             id, credentials, ..
@@ -522,20 +520,15 @@ mod tests {
         assert_eq!(kind, "heartbeat");
         assert_eq!(from_value::<Heartbeat>(data).unwrap().received_total, 7);
 
-        hub.send(Message::Request {
-            id: "r1".into(),
-            method: "flush".into(),
-            args: vec![],
-            kwargs: vec![],
-        })
-        .await;
-        hub.send(Message::Request {
-            id: "r2".into(),
-            method: "nope".into(),
-            args: vec![],
-            kwargs: vec![],
-        })
-        .await;
+        for (id, method) in [("r1", "flush"), ("r2", "nope")] {
+            hub.send(Message::Request {
+                id: id.into(),
+                method: method.into(),
+                args: vec![],
+                kwargs: vec![],
+            })
+            .await;
+        }
         let mut answers = Vec::new();
         while answers.len() < 2 {
             match hub.recv().await {
@@ -574,20 +567,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn refused_hello_ends_with_bye() {
-        let (agent_side, hub_side) = tokio::io::duplex(4096);
-        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
-        let handler = Arc::new(Fake {
-            flushes: AtomicU32::new(0),
-        });
         let (_stop, stopped) = crate::shutdown::channel();
-        let (_notifier, mut outbox) = outbox();
-        let agent = tokio::spawn(async move {
-            serve(agent_side, &cfg, "bad", handler, &mut outbox, stopped).await
-        });
-        let mut hub = Hub {
-            stream: hub_side,
-            decoder: FrameDecoder::new(),
-        };
+        let (_notifier, outbox) = outbox();
+        let (mut hub, _, agent) = start(4096, "bad", outbox, stopped);
         hub.recv().await;
         hub.send(Message::Bye {
             reason: "authentication failed".into(),
@@ -632,20 +614,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_notification_goes_out_before_the_bye_and_the_agent_waits_for_the_hub_to_close() {
-        let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
-        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
-        let handler = Arc::new(Fake {
-            flushes: AtomicU32::new(0),
-        });
         let (stop, stopped) = crate::shutdown::channel();
-        let (notifier, mut outbox) = outbox();
-        let agent = tokio::spawn(async move {
-            serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await
-        });
-        let mut hub = Hub {
-            stream: hub_side,
-            decoder: FrameDecoder::new(),
-        };
+        let (notifier, outbox) = outbox();
+        let (mut hub, _, agent) = start(64 * 1024, "tok", outbox, stopped);
         handshake(&mut hub).await;
 
         let notified = tokio::spawn(async move {
@@ -772,7 +743,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_notification_waits_for_the_next_connection_within_its_timeout() {
-        let (notifier, mut outbox) = outbox();
+        let (notifier, outbox) = outbox();
         // Not connected: the notification waits, then the caller gives up after its timeout.
         let started = tokio::time::Instant::now();
         assert!(
@@ -792,19 +763,8 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (agent_side, hub_side) = tokio::io::duplex(64 * 1024);
-        let cfg = ControlConfig::new("hub:7051", "ca".into(), "token".into(), "uid-1");
-        let handler = Arc::new(Fake {
-            flushes: AtomicU32::new(0),
-        });
         let (_stop, stopped) = crate::shutdown::channel();
-        tokio::spawn(
-            async move { serve(agent_side, &cfg, "tok", handler, &mut outbox, stopped).await },
-        );
-        let mut hub = Hub {
-            stream: hub_side,
-            decoder: FrameDecoder::new(),
-        };
+        let (mut hub, _, _agent) = start(64 * 1024, "tok", outbox, stopped);
         handshake(&mut hub).await;
         // The one given up on is dropped (its sender was told it was not sent); the queued
         // one goes out.

@@ -20,10 +20,12 @@
 //! gets the agent OOM-killed. The byte budget bounds a batch whatever the message sizes.
 //!
 //! A batch is sent as soon as it holds `target` messages (or `bytes`), but never sooner than `spacing`
-//! after the previous send; a partial batch is sent `flush_interval` after its first message
-//! was read, whatever the load (a steady trickle is never held back). Throughput is therefore
-//! bounded by `max_batch_size / min_batch_interval` (2,000 msgs/s with the defaults),
-//! which is the point of those knobs: raise them for chattier pods.
+//! after the previous send started; a partial batch is sent `flush_interval` after its first message
+//! was read, whatever the load (a steady trickle is never held back). Up to `max_in_flight`
+//! batches are outstanding at once, so throughput is bounded by
+//! `max_batch_size / max(min_batch_interval, round trip / max_in_flight)` (2,000 msgs/s with
+//! the defaults, as long as the platform answers within 400 ms), which is the point of those
+//! knobs: raise them for chattier pods.
 //!
 //! CPU and memory are sampled by [`crate::system::run_resource_sampler`] on a timer, never per message; the
 //! sizer only reads the last sample.
@@ -102,6 +104,8 @@ impl Sizer {
 pub struct Tuning {
     pub sizer: Sizer,
     pub flush_interval: Duration,
+    /// Most batches outstanding at once (see the delivery module).
+    pub max_in_flight: usize,
 }
 
 impl Tuning {
@@ -109,6 +113,7 @@ impl Tuning {
         Self {
             sizer: Sizer::from_config(c),
             flush_interval: c.flush_interval,
+            max_in_flight: c.max_in_flight,
         }
     }
 

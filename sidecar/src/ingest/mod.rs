@@ -12,7 +12,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use nanogate_protocol::app::Stamp;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// What stamping adds to the messages of one read (made once per read, not per message): now
+/// (RFC 3339, milliseconds) and `source`.
+fn stamp(source: &str) -> Stamp {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    Stamp::new(&now, source)
+}
 
 /// A connection slot under `limit` (further peers wait in the kernel's accept backlog instead
 /// of costing memory here), or `None` once `stopping` resolves and the listener stops

@@ -76,7 +76,7 @@ impl TcpMetrics {
             &["type"],
         )?;
         let m = TcpMetrics {
-            connections: IntGauge::new(n("connections"), "Open TCP listener connections.")?,
+            connections: IntGauge::new(n("open_connections"), "Open TCP listener connections.")?,
             connections_total: IntCounter::new(
                 n("connections_total"),
                 "TCP listener connections accepted.",
@@ -340,10 +340,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 /// Ids of the data frames collected for the next spool append, in order.
 #[derive(Default)]
 struct PendingAcks {
@@ -527,8 +523,7 @@ impl Connection {
             close: None,
             authenticated: false,
         };
-        let now = now_rfc3339();
-        let source = &self.shared.source;
+        let stamp = super::stamp(&self.shared.source);
         loop {
             match dec.next() {
                 Decoded::NeedMore => break,
@@ -538,7 +533,7 @@ impl Connection {
                     if let FrameKind::Data(p) = &frame.kind
                         && *authed
                     {
-                        recs.push_with(|b| p.write_envelope(b, &now, source));
+                        recs.push_with(|b| p.write_stamped(b, &stamp));
                         acks.push(frame.id);
                         continue;
                     }

@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nanogate_protocol::app::{self, AppError, Decoded, Limits, Request, StreamDecoder};
+use nanogate_protocol::app::{self, AppError, Decoded, Limits, Request, Stamp, StreamDecoder};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -29,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::empty_check::EmptyCheckCache;
+use super::stamp;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
@@ -170,8 +171,8 @@ struct Inline {
     buf: Box<[u8]>,
     recs: RecordBuf,
     held: Vec<Held>,
-    /// The burst's timestamp, made when its first publish needs it.
-    now: Option<String>,
+    /// The burst's stamp, made when its first publish needs it.
+    now: Option<Stamp>,
 }
 
 /// A connection for a task: stream, decoder holding what was read, replies due, permit.
@@ -248,9 +249,8 @@ impl Inline {
             match self.dec.next() {
                 Decoded::NeedMore => break,
                 Decoded::Request(Request::Publish(p)) if !p.wait => {
-                    let now = self.now.get_or_insert_with(now_rfc3339);
-                    self.recs
-                        .push_with(|b| p.write_envelope(b, now, &shared.source));
+                    let stamp = self.now.get_or_insert_with(|| stamp(&shared.source));
+                    self.recs.push_with(|b| p.write_stamped(b, stamp));
                 }
                 _ => {
                     plain = false;
@@ -374,10 +374,6 @@ fn spawn<U: Upstream>(
         shared.metrics.connections.dec();
         drop(permit);
     });
-}
-
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 async fn handle<U: Upstream>(
@@ -524,18 +520,21 @@ async fn process<U: Upstream>(
         Close,
     }
     // Made when the first publish of this read needs it (msg_check never does).
-    let mut now: Option<String> = None;
+    let mut now: Option<Stamp> = None;
     loop {
         // Decide synchronously (the request borrows the decoder's buffer), act afterwards.
         let action = match dec.next() {
             Decoded::NeedMore => break,
             Decoded::Request(Request::Publish(p)) if !p.wait => {
-                let now = now.get_or_insert_with(now_rfc3339);
-                recs.push_with(|b| p.write_envelope(b, now, &shared.source));
+                let stamp = now.get_or_insert_with(|| stamp(&shared.source));
+                recs.push_with(|b| p.write_stamped(b, stamp));
                 continue;
             }
             Decoded::Request(Request::Publish(p)) => {
-                Action::Wait(p.to_envelope(now.get_or_insert_with(now_rfc3339), &shared.source))
+                let stamp = now.get_or_insert_with(|| stamp(&shared.source));
+                let mut body = Vec::with_capacity(p.raw.len() + 80);
+                p.write_stamped(&mut body, stamp);
+                Action::Wait(body)
             }
             Decoded::Request(Request::MsgCheck { limit }) => {
                 shared.metrics.msg_check.inc();

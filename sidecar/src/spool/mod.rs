@@ -4,7 +4,8 @@
 //! (so a crash of the process cannot lose it: it is in the kernel's page cache; `fsync` every
 //! `sync_interval` bounds what a machine crash can lose). It leaves the spool only when the
 //! platform acknowledged the batch that carried it: the reader's position is persisted in the
-//! `ack` file after every delivered batch, and segments wholly before it are deleted.
+//! `ack` file after every delivered batch (in order: delivery acks a batch only once every
+//! earlier one is done, however many are in flight), and segments wholly before it are deleted.
 //!
 //! Layout of `<dir>`:
 //! - `seg-<20-digit seq>.log`: `NGSPOOL1` magic, then records `[len u32 LE][crc32 u32 LE][payload]`.
@@ -35,14 +36,14 @@
 //! "queue full") — or, with [`Overflow::DropOldest`], the oldest records nobody has read yet
 //! are dropped to make room: the spool's floor moves past them, wholly dropped segments are
 //! deleted, and the hook set with [`Spool::on_drop`] counts them. Records the reader holds
-//! (the batch being delivered) are never dropped. The ack after a drop persists the floor, so a
+//! (the batches being delivered) are never dropped. The ack after a drop persists the floor, so a
 //! restart does not bring dropped records back (one before that ack may: they are delivered
 //! after all).
 //!
 //! Recovery scans the unacknowledged segments, truncates each at its first torn or corrupt
 //! record (a process crash mid-write leaves at most one torn record at the tail) and starts a
-//! fresh segment for new writes. Duplicates after a crash come only from the batch in flight: it was
-//! delivered but its ack not yet written.
+//! fresh segment for new writes. Duplicates after a crash come only from the batches in flight:
+//! delivered (some of them) but not yet acknowledged.
 //!
 //! Files, by what they own: `format.rs` (segment, record, `ack` and `id` file formats),
 //! `writer.rs` (appends, rotation, fsync), `overflow.rs` (a full spool: reject or drop the

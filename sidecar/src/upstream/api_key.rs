@@ -234,6 +234,17 @@ mod tests {
         }
     }
 
+    /// A key file written the kubelet's way holding `first`, and the key read from it once:
+    /// the directory, the key, its metrics and its generation after that read.
+    fn read_once(first: &str) -> (tempfile::TempDir, Arc<ApiKey>, Arc<Metrics>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        kubelet_write(dir.path(), 0, first);
+        let (key, metrics) = with_file(dir.path(), "");
+        key.reload();
+        let since = key.generation();
+        (dir, key, metrics, since)
+    }
+
     fn with_file(dir: &Path, env_key: &str) -> (Arc<ApiKey>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let key = ApiKey::build(Some(dir.join("apiKey")), env_key, Some(metrics.clone()));
@@ -314,11 +325,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_watcher_picks_up_a_swap_on_its_own_tick() {
-        let dir = tempfile::tempdir().unwrap();
-        kubelet_write(dir.path(), 0, "one");
-        let (key, metrics) = with_file(dir.path(), "");
-        key.reload();
-        let since = key.generation();
+        let (dir, key, metrics, since) = read_once("one");
         let (stop_tx, stop) = crate::shutdown::channel();
         tokio::spawn(key.clone().watch(Duration::from_millis(100), stop));
         // Unchanged content over several ticks: no reload.
@@ -347,11 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_watcher_rereads_on_its_tick_and_on_request() {
-        let dir = tempfile::tempdir().unwrap();
-        kubelet_write(dir.path(), 0, "one");
-        let (key, _) = with_file(dir.path(), "");
-        key.reload();
-        let since = key.generation();
+        let (dir, key, _, since) = read_once("one");
         let (stop_tx, stop) = crate::shutdown::channel();
         // A long interval: only the request makes it look again.
         let task = tokio::spawn(key.clone().watch(Duration::from_secs(3600), stop));

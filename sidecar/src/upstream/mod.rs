@@ -313,18 +313,11 @@ impl Upstream for AnyUpstream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{RecordBuf, SpoolOptions};
+    use crate::spool::RecordBuf;
 
     fn batch_of(n: usize) -> (tempfile::TempDir, Batch) {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(SpoolOptions {
-            dir: dir.path().to_owned(),
-            max_bytes: 1 << 20,
-            segment_bytes: 1 << 20,
-            sync_interval: Duration::from_secs(1),
-            overflow: crate::spool::Overflow::Reject,
-        })
-        .unwrap();
+        let spool = crate::delivery::test_spool(dir.path());
         let mut r = RecordBuf::new();
         for i in 0..n {
             r.push(format!("{{\"i\":{i},\"s\":\"{}\"}}", "x".repeat(i)).as_bytes());

@@ -123,6 +123,11 @@ pub struct NatsUpstream {
     /// async mutex makes concurrent callers wait for one check instead of racing to create.
     stream_ready: tokio::sync::Mutex<bool>,
     consumer: tokio::sync::Mutex<Option<consumer::PullConsumer>>,
+    /// Held while one window of publishes is sent and its acks awaited. Delivery has several
+    /// batches in flight at once (`max_in_flight`); without it, their windows would share the
+    /// context's 5,000 in-flight permits and each wait for permits the others hold (a
+    /// deadlock). One window of up to [`ACK_WINDOW`] acks already keeps the server busy.
+    publish_window: tokio::sync::Mutex<()>,
     key: Arc<ApiKey>,
     /// Ends [`reconnect_on_new_key`] with this value.
     _reconnect_stop: crate::shutdown::ShutdownTrigger,
@@ -312,6 +317,7 @@ impl NatsUpstream {
             tls,
             stream_ready: tokio::sync::Mutex::new(false),
             consumer: tokio::sync::Mutex::new(None),
+            publish_window: tokio::sync::Mutex::new(()),
             key,
             _reconnect_stop: reconnect_stop,
         })
@@ -523,6 +529,8 @@ impl NatsUpstream {
             if window.is_empty() {
                 break;
             }
+            // One window at a time across concurrent batches (see `publish_window`).
+            let _window = self.publish_window.lock().await;
             for (subject, payload, id) in window {
                 let mut publish = PublishMessage::build().payload(payload);
                 if let Some(id) = id {

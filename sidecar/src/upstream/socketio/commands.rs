@@ -144,7 +144,7 @@ impl Inner {
         };
         json!({
             "agent_id": self.opts.agent_id,
-            "cpu_usage": round2(self.metrics.cpu_percent.get()),
+            "cpu_usage": round2(self.metrics.cpu_ratio.get() * 100.0),
             "memory_usage": mem_used,
             "memory_total": mem_total,
             "disk_usage": disk_used,
@@ -317,7 +317,7 @@ pub(super) async fn sample_history(inner: Arc<Inner>, stop: Shutdown) {
             _ = stop.triggered() => return,
         }
         let rss = crate::system::rss_bytes().unwrap_or(0);
-        let cpu = inner.metrics.cpu_percent.get();
+        let cpu = inner.metrics.cpu_ratio.get() * 100.0;
         inner
             .history
             .lock()

@@ -424,14 +424,7 @@ mod tests {
             spool_dir.to_str().unwrap(),
         ])
         .unwrap();
-        let spool = Spool::open(crate::spool::SpoolOptions {
-            dir: spool_dir,
-            max_bytes: 1 << 20,
-            segment_bytes: 1 << 20,
-            sync_interval: Duration::from_secs(1),
-            overflow: crate::spool::Overflow::Reject,
-        })
-        .unwrap();
+        let spool = crate::delivery::test_spool(&spool_dir);
         let metrics = Arc::new(Metrics::new());
         let up = SocketIoUpstream::start(
             SocketIoOptions::from_config(&config).unwrap(),
