@@ -43,7 +43,8 @@ pub enum Message {
     Pong { data: i64 },
     /// 14 — the sender is closing the connection.
     Bye { reason: String },
-    /// 20 — a call (`reload`, `flush`, `drain`, `status`).
+    /// 20 — a call: from the hub `reload`, `flush`, `drain`, `status`; from the agent
+    /// `left_behind`.
     Request {
         id: String,
         method: String,
@@ -56,7 +57,7 @@ pub enum Message {
         success: bool,
         data: Value,
     },
-    /// 22 — one-way event (`register`, `heartbeat`, `left_behind`).
+    /// 22 — one-way event (`register`, `heartbeat`; `left_behind` from agents before 0.2).
     Notification { kind: String, data: Value },
 }
 
@@ -344,6 +345,31 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Fra
     rmpv::ext::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// A serde struct as the `kwargs` of a Request (its fields by name: [`to_value`] writes a
+/// struct as an array, so it goes through JSON's named fields).
+pub fn to_kwargs<T: serde::Serialize>(value: &T) -> Result<Vec<(String, Value)>, FrameError> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(fields)) => fields
+            .into_iter()
+            .map(|(name, value)| Ok((name, to_value(&value)?)))
+            .collect(),
+        Ok(_) => Err(FrameError::WrongType("kwargs")),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// A Request's `kwargs` as a serde struct (the inverse of [`to_kwargs`]).
+pub fn from_kwargs<T: serde::de::DeserializeOwned>(
+    kwargs: Vec<(String, Value)>,
+) -> Result<T, FrameError> {
+    from_value(Value::Map(
+        kwargs
+            .into_iter()
+            .map(|(name, value)| (Value::from(name), value))
+            .collect(),
+    ))
+}
+
 /// The `heartbeat` notification's payload, sent every heartbeat interval (`docs/architecture.md`,
 /// "Control channel").
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -485,12 +511,18 @@ pub enum AgentStatus {
     Draining,
 }
 
-/// Notification kind of [`LeftBehind`].
+/// Request method (and, from agents before 0.2, notification kind) of [`LeftBehind`].
 pub const LEFT_BEHIND: &str = "left_behind";
 
-/// The `left_behind` notification's payload: what an agent still held undelivered when it
-/// stopped (its shutdown deadline passed). Sent once, just before the agent's `Bye`, and only
-/// when `messages > 0`. The messages stay in the agent's spool directory: they are lost unless
+/// What a hub answers to a Request whose method it does not serve; an agent that sees it
+/// falls back to sending [`LEFT_BEHIND`] as a notification (a hub from before 0.2).
+pub const NO_SUCH_METHOD: &str = "the hub serves no method";
+
+/// The `left_behind` request's `kwargs` (see [`to_kwargs`]): what an agent still held
+/// undelivered when it stopped (its shutdown deadline passed). Sent once, just before the
+/// agent's `Bye`, and only when `messages > 0`; the hub answers once it has recorded it, so the
+/// agent knows the report arrived (a notification flushed into a connection the hub was
+/// closing is lost without a trace). The messages stay in the agent's spool directory: they are lost unless
 /// that volume outlives the pod (an `emptyDir` survives a container restart, not a deletion).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LeftBehind {
@@ -514,6 +546,30 @@ pub struct UpstreamHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_travels_as_kwargs_by_field_name() {
+        let left = LeftBehind {
+            messages: 10,
+            bytes: 420,
+            reason: "shutdown deadline".into(),
+        };
+        let kwargs = to_kwargs(&left).unwrap();
+        let mut names: Vec<&str> = kwargs.iter().map(|(name, _)| name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["bytes", "messages", "reason"]);
+        assert_eq!(from_kwargs::<LeftBehind>(kwargs).unwrap(), left);
+        // What a peer sends is checked: a missing or mistyped field is an error, not a default.
+        let missing = vec![("messages".to_string(), Value::from(1))];
+        assert!(from_kwargs::<LeftBehind>(missing).is_err());
+        let mistyped = vec![
+            ("messages".to_string(), Value::from("ten")),
+            ("bytes".to_string(), Value::from(1)),
+            ("reason".to_string(), Value::from("x")),
+        ];
+        assert!(from_kwargs::<LeftBehind>(mistyped).is_err());
+        assert!(to_kwargs(&7u32).is_err(), "only a struct has kwargs");
+    }
 
     fn all_messages() -> Vec<Message> {
         vec![

@@ -427,32 +427,48 @@ pub async fn report_left_behind(
         left.bytes,
     );
     let Some(notifier) = notifier else { return };
-    let reported = match nanogate_protocol::control::to_value(left) {
-        Ok(data) => {
-            notifier
-                .notify(
-                    nanogate_protocol::control::LEFT_BEHIND,
-                    data,
-                    LEFT_BEHIND_NOTIFY_TIMEOUT,
-                )
-                .await
-        }
+    use nanogate_protocol::control::{LEFT_BEHIND, NO_SUCH_METHOD, to_kwargs, to_value};
+    let kwargs = match to_kwargs(left) {
+        Ok(kwargs) => kwargs,
         Err(e) => {
-            tracing::error!(error = %e, "encoding the left_behind notification failed");
-            false
+            tracing::error!(error = %e, "encoding the left_behind report failed");
+            return;
         }
     };
-    if reported {
-        tracing::info!(
+    match notifier
+        .request(LEFT_BEHIND, kwargs, LEFT_BEHIND_NOTIFY_TIMEOUT)
+        .await
+    {
+        Ok(_) => tracing::info!(
             messages = left.messages,
-            "left-behind messages reported to the hub"
-        );
-    } else {
-        tracing::warn!(
+            "left-behind messages reported to the hub (it acknowledged them)"
+        ),
+        // A hub from before 0.2 takes the report as a notification only.
+        Err(control::RequestError::Refused(why)) if why.starts_with(NO_SUCH_METHOD) => {
+            let flushed = match to_value(left) {
+                Ok(data) => {
+                    notifier
+                        .notify(LEFT_BEHIND, data, LEFT_BEHIND_NOTIFY_TIMEOUT)
+                        .await
+                }
+                Err(_) => false,
+            };
+            tracing::info!(
+                messages = left.messages,
+                flushed,
+                "left-behind messages sent to a hub that does not acknowledge reports (unconfirmed)"
+            );
+        }
+        Err(control::RequestError::Refused(why)) => tracing::warn!(
+            messages = left.messages,
+            refusal = %why,
+            "the hub refused the left-behind report; this log line and the agent's metrics are the only record"
+        ),
+        Err(control::RequestError::Unanswered) => tracing::warn!(
             messages = left.messages,
             timeout = ?LEFT_BEHIND_NOTIFY_TIMEOUT,
-            "could not report the left-behind messages to the hub (not connected); this log line and the agent's metrics are the only record"
-        );
+            "the hub did not acknowledge the left-behind report in time (not connected, or the connection ended); this log line and the agent's metrics are the only record"
+        ),
     }
 }
 
@@ -488,12 +504,12 @@ mod tests {
         let twelve = left(12);
         let ((), sent) = tokio::join!(
             report_left_behind(&twelve, &config, &metrics, Some(&notifier)),
-            outbox.next_written()
+            outbox.next_request(Ok("recorded".into()))
         );
-        let (kind, data) = sent.unwrap();
-        assert_eq!(kind, "left_behind");
+        let (method, kwargs) = sent.unwrap();
+        assert_eq!(method, "left_behind");
         assert_eq!(
-            nanogate_protocol::control::from_value::<LeftBehind>(data).unwrap(),
+            nanogate_protocol::control::from_kwargs::<LeftBehind>(kwargs).unwrap(),
             left(12)
         );
         assert_eq!(metrics.left_behind_messages.get(), 12);
@@ -502,6 +518,33 @@ mod tests {
             metrics
                 .render()
                 .contains("nanogate_sidecar_left_behind_messages 12")
+        );
+    }
+
+    /// A hub from before acknowledged reports answers "no such method": the report goes out
+    /// as the notification it understands.
+    #[tokio::test(start_paused = true)]
+    async fn a_hub_without_the_method_gets_the_report_as_a_notification() {
+        let (metrics, config) = (Metrics::new(), config());
+        let (notifier, mut outbox) = control::outbox();
+        let five = left(5);
+        let old_hub = async {
+            let refusal = format!(
+                "{} \"left_behind\"",
+                nanogate_protocol::control::NO_SUCH_METHOD
+            );
+            outbox.next_request(Err(refusal)).await.unwrap();
+            outbox.next_written().await
+        };
+        let ((), sent) = tokio::join!(
+            report_left_behind(&five, &config, &metrics, Some(&notifier)),
+            old_hub
+        );
+        let (kind, data) = sent.unwrap();
+        assert_eq!(kind, "left_behind");
+        assert_eq!(
+            nanogate_protocol::control::from_value::<LeftBehind>(data).unwrap(),
+            left(5)
         );
     }
 

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nanogate_protocol::control::{
-    FrameDecoder, FrameError, LEFT_BEHIND, LeftBehind, Message, encode, from_value,
+    FrameDecoder, FrameError, LEFT_BEHIND, LeftBehind, Message, NO_SUCH_METHOD, encode,
+    from_kwargs, from_value,
 };
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -466,9 +467,21 @@ where
                         handle_notification(&hub, &identity, connection, &kind, data, now);
                         metrics.handling.observe(started.elapsed().as_secs_f64());
                     }
-                    Message::Request { id, method, .. } => {
-                        let reply = Message::Response { id, success: false, data: Value::from(format!("the hub serves no method {method:?}")) };
-                        if send(&mut writer, &reply).await.is_err() { break Closed::PeerClosed; }
+                    Message::Request { id, method, kwargs, .. } => {
+                        let answer = if method != LEFT_BEHIND {
+                            Err(format!("{NO_SUCH_METHOD} {method:?}"))
+                        } else if !limiter.allow(now) {
+                            metrics.notifications.with_label_values(&[LEFT_BEHIND, "rate_limited"]).inc();
+                            Err("rate limited; retry later".to_string())
+                        } else {
+                            let report = from_kwargs::<LeftBehind>(kwargs).map_err(|e| e.to_string());
+                            record_left_behind(&hub, &identity, report)
+                        };
+                        let (success, data) = match answer {
+                            Ok(text) => (true, Value::from(text)),
+                            Err(text) => (false, Value::from(text)),
+                        };
+                        if send(&mut writer, &Message::Response { id, success, data }).await.is_err() { break Closed::PeerClosed; }
                     }
                     Message::AgentHello { .. } | Message::ManagerHello { .. } => {
                         let _ = send(&mut writer, &Message::Bye { reason: "unexpected hello".into() }).await;
@@ -528,6 +541,54 @@ where
     closed
 }
 
+/// Records an agent's `left_behind` report (request or notification) in the gateway's ledger,
+/// counted by outcome; the answer for a request: what was done, or why it was refused.
+fn record_left_behind(
+    hub: &Hub,
+    identity: &AgentIdentity,
+    report: Result<LeftBehind, String>,
+) -> Result<String, String> {
+    let count = |outcome| {
+        hub.metrics
+            .notifications
+            .with_label_values(&[LEFT_BEHIND, outcome])
+            .inc();
+    };
+    match report {
+        Ok(left) if left.messages > 0 => {
+            count("ok");
+            hub.metrics.left_behind.inc_by(left.messages);
+            warn!(agent_id = %identity.agent_id, namespace = %identity.namespace,
+                  pod = %identity.pod, gateway = %identity.gateway, messages = left.messages,
+                  bytes = left.bytes, reason = %left.reason,
+                  "sidecar left messages undelivered at shutdown");
+            let messages = left.messages;
+            hub.left_behind.record(
+                &identity.namespace,
+                &identity.gateway,
+                Report {
+                    pod: identity.pod.clone(),
+                    messages,
+                    bytes: left.bytes,
+                    reason: left.reason,
+                    at_unix: unix_now(),
+                },
+            );
+            Ok(format!("recorded {messages} messages left behind"))
+        }
+        Ok(_) => {
+            // Agents report only when something is left; nothing to count.
+            count("ignored");
+            Ok("nothing left behind; nothing recorded".into())
+        }
+        Err(error) => {
+            count("invalid");
+            warn!(%error, agent_id = %identity.agent_id, "invalid left_behind report");
+            Err(format!("invalid left_behind report: {error}"))
+        }
+    }
+}
+
 fn handle_notification(
     hub: &Hub,
     identity: &AgentIdentity,
@@ -554,44 +615,14 @@ fn handle_notification(
                 warn!(%error, agent_id = %identity.agent_id, "invalid heartbeat");
             }
         },
-        LEFT_BEHIND => match from_value::<LeftBehind>(data) {
-            Ok(left) if left.messages > 0 => {
-                hub.metrics
-                    .notifications
-                    .with_label_values(&[LEFT_BEHIND, "ok"])
-                    .inc();
-                hub.metrics.left_behind.inc_by(left.messages);
-                warn!(agent_id = %identity.agent_id, namespace = %identity.namespace,
-                      pod = %identity.pod, gateway = %identity.gateway, messages = left.messages,
-                      bytes = left.bytes, reason = %left.reason,
-                      "sidecar left messages undelivered at shutdown");
-                hub.left_behind.record(
-                    &identity.namespace,
-                    &identity.gateway,
-                    Report {
-                        pod: identity.pod.clone(),
-                        messages: left.messages,
-                        bytes: left.bytes,
-                        reason: left.reason,
-                        at_unix: unix_now(),
-                    },
-                );
-            }
-            Ok(_) => {
-                // Agents report only when something is left; nothing to count.
-                hub.metrics
-                    .notifications
-                    .with_label_values(&[LEFT_BEHIND, "ignored"])
-                    .inc();
-            }
-            Err(error) => {
-                hub.metrics
-                    .notifications
-                    .with_label_values(&[LEFT_BEHIND, "invalid"])
-                    .inc();
-                warn!(%error, agent_id = %identity.agent_id, "invalid left_behind notification");
-            }
-        },
+        // Agents before 0.2 send their report as a notification (nothing answers it).
+        LEFT_BEHIND => {
+            let _ = record_left_behind(
+                hub,
+                identity,
+                from_value::<LeftBehind>(data).map_err(|e| e.to_string()),
+            );
+        }
         "register" => {
             hub.metrics
                 .notifications

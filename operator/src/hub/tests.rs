@@ -333,6 +333,63 @@ async fn left_behind_reports_outlive_the_connection_and_empty_ones_are_not_count
     assert_eq!((count("ok"), count("ignored"), count("invalid")), (1, 1, 1));
 }
 
+/// A report sent as a request is answered once it is recorded (the agent then knows it
+/// arrived); an invalid one is refused with the reason; other methods are refused by name.
+#[tokio::test(start_paused = true)]
+async fn left_behind_requests_are_answered_once_recorded() {
+    use nanogate_protocol::control::{LeftBehind, to_kwargs};
+    let hub = hub();
+    let (mut agent, _task, _stop) = start(&hub);
+    agent.send(hello("uid-1", "good")).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(Message::ManagerHello { .. })
+    ));
+    let request = |id: &str, method: &str, kwargs| Message::Request {
+        id: id.into(),
+        method: method.into(),
+        args: Vec::new(),
+        kwargs,
+    };
+    let report = to_kwargs(&LeftBehind {
+        messages: 10,
+        bytes: 420,
+        reason: "shutdown deadline".into(),
+    })
+    .unwrap();
+    agent.send(request("agent-1", "left_behind", report)).await;
+    let Some(Message::Response { id, success, data }) = agent.recv().await else {
+        panic!("no response");
+    };
+    assert_eq!((id.as_str(), success), ("agent-1", true), "{data}");
+    // Recorded before the answer went out.
+    assert_eq!(hub.left_behind.unwritten("ns", "gw").messages, 10);
+
+    let mistyped = vec![("messages".to_string(), rmpv::Value::from("ten"))];
+    agent
+        .send(request("agent-2", "left_behind", mistyped))
+        .await;
+    let Some(Message::Response { id, success, data }) = agent.recv().await else {
+        panic!("no response");
+    };
+    assert_eq!((id.as_str(), success), ("agent-2", false));
+    assert!(
+        data.as_str()
+            .unwrap()
+            .starts_with("invalid left_behind report"),
+        "{data}"
+    );
+
+    agent.send(request("agent-3", "reboot", Vec::new())).await;
+    let Some(Message::Response { success, data, .. }) = agent.recv().await else {
+        panic!("no response");
+    };
+    assert!(!success);
+    assert_eq!(data.as_str(), Some("the hub serves no method \"reboot\""));
+    assert_eq!(hub.left_behind.unwritten("ns", "gw").messages, 10);
+    assert_eq!(hub.metrics.left_behind.get(), 10);
+}
+
 fn denied(hub: &Hub, reason: &str) -> u64 {
     hub.metrics.auth.with_label_values(&["deny", reason]).get()
 }

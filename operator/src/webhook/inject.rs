@@ -38,7 +38,7 @@
 //!   agent to talk to.
 //! - Shutdown: the kubelet kills the agent when the pod's `terminationGracePeriodSeconds` (30 s
 //!   by default) has passed since SIGTERM, and the agent must have reported what it leaves
-//!   behind by then (the `left_behind` notification, `hub/left_behind.rs`). Its default `--shutdown-deadline` (20 s) fits a
+//!   behind by then (the `left_behind` request, `hub/left_behind.rs`). Its default `--shutdown-deadline` (20 s) fits a
 //!   grace period of [`AGENT_SHUTDOWN_DEADLINE_SECONDS`] + [`SHUTDOWN_REPORT_SECONDS`] or more;
 //!   for a shorter one the injector sets `NANOGATE_SHUTDOWN_DEADLINE` to the grace period minus
 //!   [`SHUTDOWN_REPORT_SECONDS`] (at least 0 s: report at once). Seen on a real node: a pod with
@@ -75,7 +75,7 @@ use crate::names::{
 /// The agent's default shutdown deadline, in seconds.
 pub const AGENT_SHUTDOWN_DEADLINE_SECONDS: i64 = 20;
 /// What the agent needs after its deadline, within the pod's grace period: the `left_behind`
-/// notification (up to 2 s with a slow hub), its `Bye` and the hub's close (up to 1.5 s), the
+/// request (up to 2 s for the hub's answer), its `Bye` and the hub's close (up to 1.5 s), the
 /// final spool fsync and the exit.
 pub const SHUTDOWN_REPORT_SECONDS: i64 = 5;
 /// Kubernetes' default `terminationGracePeriodSeconds`.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,31 +83,78 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Value, String>> + Send;
 }
 
-/// One notification waiting for the control channel; `written` fires once its frame has been
-/// written and flushed to a hub connection.
+/// A frame waiting for the control channel: a notification, whose `written` fires once it
+/// has been flushed to a hub connection, or a request, whose `answer` gets the hub's response.
 #[derive(Debug)]
-struct Outgoing {
-    kind: String,
-    data: Value,
-    written: oneshot::Sender<()>,
+enum Outgoing {
+    Notification {
+        kind: String,
+        data: Value,
+        written: oneshot::Sender<()>,
+    },
+    Request {
+        method: String,
+        kwargs: Vec<(String, Value)>,
+        answer: oneshot::Sender<Result<Value, String>>,
+    },
 }
 
-/// Sends notifications through the running control channel (see [`outbox`]).
+impl Outgoing {
+    /// Whether its caller stopped waiting (it was told the frame did not go out).
+    fn abandoned(&self) -> bool {
+        match self {
+            Outgoing::Notification { written, .. } => written.is_closed(),
+            Outgoing::Request { answer, .. } => answer.is_closed(),
+        }
+    }
+}
+
+/// Sends notifications and requests through the running control channel (see [`outbox`]).
 #[derive(Debug, Clone)]
 pub struct Notifier(mpsc::Sender<Outgoing>);
 
 /// The control channel's end of [`outbox`]: handed to [`run`], it outlives every connection,
-/// so a notification queued while the hub is unreachable goes out on the next connection.
+/// so a frame queued while the hub is unreachable goes out on the next connection.
 #[derive(Debug)]
 pub struct Outbox(mpsc::Receiver<Outgoing>);
 
 #[cfg(test)]
 impl Outbox {
+    /// Takes the next queued request and answers it with `answer`, as a hub would.
+    pub(crate) async fn next_request(
+        &mut self,
+        answer: Result<Value, String>,
+    ) -> Option<(String, Vec<(String, Value)>)> {
+        loop {
+            match self.0.recv().await? {
+                Outgoing::Request {
+                    method,
+                    kwargs,
+                    answer: reply,
+                } => {
+                    let _ = reply.send(answer);
+                    return Some((method, kwargs));
+                }
+                Outgoing::Notification { written, .. } => drop(written),
+            }
+        }
+    }
+
     /// Takes the next queued notification and marks it written, as a connection would.
     pub(crate) async fn next_written(&mut self) -> Option<(String, Value)> {
-        let out = self.0.recv().await?;
-        let _ = out.written.send(());
-        Some((out.kind, out.data))
+        loop {
+            match self.0.recv().await? {
+                Outgoing::Notification {
+                    kind,
+                    data,
+                    written,
+                } => {
+                    let _ = written.send(());
+                    return Some((kind, data));
+                }
+                Outgoing::Request { answer, .. } => drop(answer),
+            }
+        }
     }
 }
 
@@ -117,16 +165,27 @@ pub fn outbox() -> (Notifier, Outbox) {
     (Notifier(tx), Outbox(rx))
 }
 
+/// Why a [`Notifier::request`] got no answer it could use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// No hub answered within the timeout: not connected, or every connection it went out on
+    /// ended before the answer.
+    Unanswered,
+    /// The hub answered `success: false` with this text.
+    Refused(String),
+}
+
 impl Notifier {
     /// Sends notification `kind` with `data` and waits until it has been flushed to the hub,
     /// at most `timeout`. A connection that breaks before the frame is written gets it again
     /// on the next connection; one still queued when `timeout` passes is dropped unsent.
-    /// Returns whether the frame was flushed to a hub connection.
+    /// Returns whether the frame was flushed to a hub connection — not that the hub read it:
+    /// what must arrive goes as a [`request`](Self::request).
     pub async fn notify(&self, kind: &str, data: Value, timeout: Duration) -> bool {
         let attempts = async {
             loop {
                 let (written, flushed) = oneshot::channel();
-                let outgoing = Outgoing {
+                let outgoing = Outgoing::Notification {
                     kind: kind.to_string(),
                     data: data.clone(),
                     written,
@@ -143,6 +202,37 @@ impl Notifier {
         tokio::time::timeout(timeout, attempts)
             .await
             .unwrap_or(false)
+    }
+
+    /// Sends request `method` with `kwargs` to the hub and waits for its answer, at most
+    /// `timeout`. A connection that ends before the answer came sends it again on the next
+    /// one, so a hub may see it twice (it handled the first but could not answer).
+    pub async fn request(
+        &self,
+        method: &str,
+        kwargs: Vec<(String, Value)>,
+        timeout: Duration,
+    ) -> Result<Value, RequestError> {
+        let attempts = async {
+            loop {
+                let (answer, answered) = oneshot::channel();
+                let outgoing = Outgoing::Request {
+                    method: method.to_string(),
+                    kwargs: kwargs.clone(),
+                    answer,
+                };
+                if self.0.send(outgoing).await.is_err() {
+                    return Err(RequestError::Unanswered); // the control channel has stopped
+                }
+                if let Ok(answer) = answered.await {
+                    return answer.map_err(RequestError::Refused);
+                }
+                // That connection ended before the answer; ask again on the next one.
+            }
+        };
+        tokio::time::timeout(timeout, attempts)
+            .await
+            .unwrap_or(Err(RequestError::Unanswered))
     }
 }
 
@@ -253,6 +343,14 @@ async fn send<W: AsyncWrite + Unpin>(writer: &mut W, message: &Message) -> anyho
     Ok(())
 }
 
+/// The text of a refusal's `data` (a string, or whatever else the hub sent, as text).
+fn answer_text(data: Value) -> String {
+    match data {
+        Value::String(text) => text.into_str().unwrap_or_default(),
+        other => other.to_string(),
+    }
+}
+
 /// Reads until a frame is complete; `Ok(None)` on end of stream. Cancel-safe.
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -343,6 +441,10 @@ where
     );
     let mut outstanding_ping: Option<(i64, tokio::time::Instant)> = None;
     let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    // The agent's own requests waiting for the hub's answer, by id. Dropped with the
+    // connection: their callers ask again on the next one.
+    let mut awaiting: HashMap<String, oneshot::Sender<Result<Value, String>>> = HashMap::new();
+    let mut next_request = 0u64;
 
     loop {
         let pong_deadline = outstanding_ping.map(|(_, at)| at).unwrap_or(far_future);
@@ -356,6 +458,11 @@ where
                     }
                 }
                 Some(Message::Bye { reason }) => return Ok(Ended::Bye { reason, after_hello: true }),
+                Some(Message::Response { id, success, data }) => {
+                    if let Some(answer) = awaiting.remove(&id) {
+                        let _ = answer.send(if success { Ok(data) } else { Err(answer_text(data)) });
+                    }
+                }
                 Some(Message::Request { id, method, kwargs, .. }) => {
                     let (handler, answers_tx) = (handler.clone(), answers_tx.clone());
                     tokio::spawn(async move {
@@ -370,12 +477,22 @@ where
             },
             Some(answer) = answers.recv() => send(&mut writer, &answer).await?,
             Some(out) = outbox.0.recv() => {
-                if out.written.is_closed() {
+                if out.abandoned() {
                     continue; // its sender gave up waiting and was told it was not sent
                 }
-                let frame = Message::Notification { kind: out.kind, data: out.data };
-                send(&mut writer, &frame).await?;
-                let _ = out.written.send(());
+                match out {
+                    Outgoing::Notification { kind, data, written } => {
+                        send(&mut writer, &Message::Notification { kind, data }).await?;
+                        let _ = written.send(());
+                    }
+                    Outgoing::Request { method, kwargs, answer } => {
+                        next_request += 1;
+                        let id = format!("agent-{next_request}");
+                        let frame = Message::Request { id: id.clone(), method, args: Vec::new(), kwargs };
+                        send(&mut writer, &frame).await?;
+                        awaiting.insert(id, answer);
+                    }
+                }
             }
             _ = heartbeat.tick() => {
                 let data = handler.heartbeat().to_data()?;
@@ -649,6 +766,109 @@ mod tests {
         assert!(matches!(agent.await.unwrap(), Ok(Ended::Shutdown)));
         // …and no longer.
         assert!(closing.elapsed() < CLOSE_TIMEOUT);
+    }
+
+    /// Frames until the next request (heartbeats come in between): its id, method and kwargs.
+    async fn next_request(hub: &mut Hub) -> (String, String, Vec<(String, Value)>) {
+        loop {
+            match hub.recv().await {
+                Some(Message::Request {
+                    id, method, kwargs, ..
+                }) => return (id, method, kwargs),
+                Some(_) => {}
+                None => panic!("closed before a request"),
+            }
+        }
+    }
+
+    fn report_kwargs(messages: u64) -> Vec<(String, Value)> {
+        nanogate_protocol::control::to_kwargs(&nanogate_protocol::control::LeftBehind {
+            messages,
+            bytes: messages * 40,
+            reason: "shutdown deadline".into(),
+        })
+        .unwrap()
+    }
+
+    /// A frame flushed into a connection is not a frame the hub handled: a hub that sends the
+    /// agent away at that moment (its pod deleted, leadership lost) closes without reading it.
+    /// A report counts as made only once the hub answers it; unanswered, it is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_the_hub_read_but_never_answered_is_not_reported() {
+        let (notifier, outbox) = outbox();
+        let (_stop, stopped) = crate::shutdown::channel();
+        let (mut hub, _, agent) = start(64 * 1024, "tok", outbox, stopped);
+        handshake(&mut hub).await;
+        let reported = tokio::spawn(async move {
+            notifier
+                .request("left_behind", report_kwargs(7), Duration::from_secs(2))
+                .await
+        });
+        // The hub takes the frame off the wire, then goes away without handling it.
+        let (_, method, kwargs) = next_request(&mut hub).await;
+        assert_eq!((method.as_str(), kwargs), ("left_behind", report_kwargs(7)));
+        drop(hub);
+        let _ = agent.await;
+        assert_eq!(
+            reported.await.unwrap(),
+            Err(RequestError::Unanswered),
+            "a report no hub answered was called reported"
+        );
+    }
+
+    /// The hub's answer is the request's result, matched by id; a refusal carries its text.
+    #[tokio::test(start_paused = true)]
+    async fn requests_get_the_answer_with_their_id() {
+        let (notifier, outbox) = outbox();
+        let (_stop, stopped) = crate::shutdown::channel();
+        let (mut hub, _, _agent) = start(64 * 1024, "tok", outbox, stopped);
+        handshake(&mut hub).await;
+        let ask = |messages| {
+            let notifier = notifier.clone();
+            tokio::spawn(async move {
+                notifier
+                    .request(
+                        "left_behind",
+                        report_kwargs(messages),
+                        Duration::from_secs(2),
+                    )
+                    .await
+            })
+        };
+        let (first, second) = (ask(1), ask(2));
+        let (id_a, _, kwargs_a) = next_request(&mut hub).await;
+        let (id_b, _, _) = next_request(&mut hub).await;
+        assert_ne!(id_a, id_b);
+        // Answered in the other order: each caller still gets its own answer.
+        let (ok_id, refused_id) = if kwargs_a == report_kwargs(1) {
+            (id_a, id_b)
+        } else {
+            (id_b, id_a)
+        };
+        hub.send(Message::Response {
+            id: refused_id,
+            success: false,
+            data: Value::from("rate limited"),
+        })
+        .await;
+        hub.send(Message::Response {
+            id: ok_id,
+            success: true,
+            data: Value::from("recorded"),
+        })
+        .await;
+        // An answer to no request of ours is ignored.
+        hub.send(Message::Response {
+            id: "agent-999".into(),
+            success: true,
+            data: Value::Nil,
+        })
+        .await;
+        assert_eq!(first.await.unwrap(), Ok(Value::from("recorded")));
+        assert_eq!(
+            second.await.unwrap(),
+            Err(RequestError::Refused("rate limited".into()))
+        );
     }
 
     /// A hub on a real TLS socket that answers every AgentHello with `Bye{"not the leader;
