@@ -297,16 +297,7 @@ async fn make_agents(
 }
 
 fn tls_connector(ca_pem: &str) -> Result<tokio_rustls::TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = nanogate_operator::tls::client_config(ca_pem)?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

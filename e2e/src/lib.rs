@@ -527,16 +527,7 @@ pub async fn hub_hello(
 ) -> Result<nanogate_protocol::control::Message> {
     use nanogate_protocol::control::{FrameDecoder, Message, encode};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = nanogate_operator::tls::client_config(ca_pem)?;
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
     let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))

@@ -1179,14 +1179,7 @@ stringData:
     let pod = pods.create(&Default::default(), &probe).await?;
     let mut agent = start_sidecar(&f, &pod, "tcp-1").await?;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone())?;
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = nanogate_operator::tls::client_config(&ca.pem())?;
     let connect = || async {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         let name = rustls::pki_types::ServerName::try_from("localhost")?;

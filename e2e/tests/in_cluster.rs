@@ -369,26 +369,17 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     release(cp, "install", ns, operator_image, &previous_agent)?;
     nanogate_e2e::progress!("[in-cluster] helm install in {:.1}s", secs(step));
 
-    let mut result = in_cluster(
+    let installed = Installed {
         cp,
-        &client,
+        client: &client,
         ns,
-        apps.name(),
+        apps_ns: apps.name(),
         operator_image,
-        &previous_agent,
-    )
-    .await;
+        previous_agent: &previous_agent,
+    };
+    let mut result = in_cluster(&installed).await;
     if result.is_ok() {
-        result = upgrade(
-            cp,
-            &client,
-            ns,
-            apps.name(),
-            operator_image,
-            &previous_agent,
-            agent_image,
-        )
-        .await;
+        result = upgrade(&installed, agent_image).await;
     }
     if result.is_err() {
         dump(cp, ns, apps.name());
@@ -467,14 +458,29 @@ async fn the_chart_runs_the_operator_in_the_cluster() -> Result<()> {
     Ok(())
 }
 
-async fn in_cluster(
-    cp: &ControlPlane,
-    client: &kube::Client,
-    ns: &str,
-    apps_ns: &str,
-    operator_image: &str,
-    agent_image: &str,
-) -> Result<()> {
+/// The release as installed: where it runs and the images it was installed with.
+#[derive(Clone, Copy)]
+struct Installed<'a> {
+    cp: &'a ControlPlane,
+    client: &'a kube::Client,
+    /// The release's namespace.
+    ns: &'a str,
+    /// The namespace of the injected apps.
+    apps_ns: &'a str,
+    operator_image: &'a str,
+    /// The sidecar image the release was installed with (the upgrade moves off it).
+    previous_agent: &'a str,
+}
+
+async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
+    let Installed {
+        cp,
+        client,
+        ns,
+        apps_ns,
+        operator_image,
+        previous_agent: agent_image,
+    } = *installed;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
 
@@ -774,15 +780,15 @@ spec:
 /// running sidecar (injected with `previous_agent`) is reported outdated (status, `-o wide`, a
 /// `SidecarsOutdated` event naming both images) until `nanogate.io/repair: rollout` has the
 /// operator restart its Deployment; the new pod runs `agent_image`, connected and current.
-async fn upgrade(
-    cp: &ControlPlane,
-    client: &kube::Client,
-    ns: &str,
-    apps_ns: &str,
-    operator_image: &str,
-    previous_agent: &str,
-    agent_image: &str,
-) -> Result<()> {
+async fn upgrade(installed: &Installed<'_>, agent_image: &str) -> Result<()> {
+    let Installed {
+        cp,
+        client,
+        ns,
+        apps_ns,
+        operator_image,
+        previous_agent,
+    } = *installed;
     let step = Instant::now();
     release(cp, "upgrade", ns, operator_image, agent_image)?;
     cp.kubectl(&[

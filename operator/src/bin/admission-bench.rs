@@ -130,16 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tls::tls_config(resolver),
         std::future::pending(),
     ));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut bundle.ca_cert_pem.as_bytes()) {
-        roots.add(c?)?;
-    }
-    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut client = tls::client_config(&bundle.ca_cert_pem)?;
     client.resumption = rustls::client::Resumption::disabled();
     let tls = TlsConnector::from(Arc::new(client));
 

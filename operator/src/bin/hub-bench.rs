@@ -231,16 +231,7 @@ async fn drive(opts: Options) -> Result<()> {
         .context("hub cert")?
         .replace('|', "\n");
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = nanogate_operator::tls::client_config(&ca_pem)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
 
     println!(

@@ -28,5 +28,5 @@ pub mod rotation;
 
 pub use bundle::*;
 pub use cert_dir::{CertFiles, follow_cert_dir};
-pub use resolver::{CertResolver, TlsError, tls_config};
+pub use resolver::{CertResolver, TlsError, client_config, tls_config};
 pub use rotation::*;

@@ -25,6 +25,8 @@ pub enum TlsError {
     Pem(#[from] io::Error),
     #[error("unusable private key: {0}")]
     Key(#[from] rustls::Error),
+    #[error("unusable CA certificate: {0}")]
+    Ca(rustls::Error),
 }
 
 /// The serving certificate, swappable at runtime.
@@ -78,6 +80,25 @@ fn certified_key(cert_chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, Tl
     Ok(CertifiedKey::new(certs, signing_key))
 }
 
+/// A rustls client config (ring, TLS 1.2/1.3) that trusts only the certificates in `ca_pem`:
+/// how a client of the webhook or the hub (the benches, the tests) trusts the operator's CA.
+pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert?).map_err(TlsError::Ca)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Ca)?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 /// A rustls server config (ring, TLS 1.2/1.3, HTTP/1.1) that takes its certificate from
 /// `resolver`.
 pub fn tls_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
@@ -88,4 +109,21 @@ pub fn tls_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_trusts_the_ca_it_is_given_and_needs_one() {
+        let day = std::time::Duration::from_secs(86_400);
+        let bundle =
+            crate::tls::generate_bundle(&["localhost".to_string()], 1_700_000_000, day, day)
+                .unwrap();
+        assert!(client_config(&bundle.ca_cert_pem).is_ok());
+        assert!(matches!(client_config(""), Err(TlsError::NoCertificate)));
+        let garbage = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+        assert!(matches!(client_config(garbage), Err(TlsError::Ca(_))));
+    }
 }

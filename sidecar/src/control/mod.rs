@@ -182,26 +182,12 @@ impl Notifier {
     /// Returns whether the frame was flushed to a hub connection — not that the hub read it:
     /// what must arrive goes as a [`request`](Self::request).
     pub async fn notify(&self, kind: &str, data: Value, timeout: Duration) -> bool {
-        let attempts = async {
-            loop {
-                let (written, flushed) = oneshot::channel();
-                let outgoing = Outgoing::Notification {
-                    kind: kind.to_string(),
-                    data: data.clone(),
-                    written,
-                };
-                if self.0.send(outgoing).await.is_err() {
-                    return false; // the control channel has stopped
-                }
-                if flushed.await.is_ok() {
-                    return true;
-                }
-                // Dropped unwritten: that connection failed; queue it for the next one.
-            }
+        let frame = |written| Outgoing::Notification {
+            kind: kind.to_string(),
+            data: data.clone(),
+            written,
         };
-        tokio::time::timeout(timeout, attempts)
-            .await
-            .unwrap_or(false)
+        self.until_taken(frame, timeout).await.is_some()
     }
 
     /// Sends request `method` with `kwargs` to the hub and waits for its answer, at most
@@ -213,26 +199,35 @@ impl Notifier {
         kwargs: Vec<(String, Value)>,
         timeout: Duration,
     ) -> Result<Value, RequestError> {
+        let frame = |answer| Outgoing::Request {
+            method: method.to_string(),
+            kwargs: kwargs.clone(),
+            answer,
+        };
+        match self.until_taken(frame, timeout).await {
+            Some(answer) => answer.map_err(RequestError::Refused),
+            None => Err(RequestError::Unanswered),
+        }
+    }
+
+    /// Queues `frame(reply)` until a connection fires `reply`, at most `timeout`; a connection
+    /// that ends first drops it, and it is queued again for the next one. `None`: timed out,
+    /// or the control channel has stopped.
+    async fn until_taken<T>(
+        &self,
+        frame: impl Fn(oneshot::Sender<T>) -> Outgoing,
+        timeout: Duration,
+    ) -> Option<T> {
         let attempts = async {
             loop {
-                let (answer, answered) = oneshot::channel();
-                let outgoing = Outgoing::Request {
-                    method: method.to_string(),
-                    kwargs: kwargs.clone(),
-                    answer,
-                };
-                if self.0.send(outgoing).await.is_err() {
-                    return Err(RequestError::Unanswered); // the control channel has stopped
+                let (reply, replied) = oneshot::channel();
+                self.0.send(frame(reply)).await.ok()?;
+                if let Ok(value) = replied.await {
+                    return Some(value);
                 }
-                if let Ok(answer) = answered.await {
-                    return answer.map_err(RequestError::Refused);
-                }
-                // That connection ended before the answer; ask again on the next one.
             }
         };
-        tokio::time::timeout(timeout, attempts)
-            .await
-            .unwrap_or(Err(RequestError::Unanswered))
+        tokio::time::timeout(timeout, attempts).await.ok().flatten()
     }
 }
 
