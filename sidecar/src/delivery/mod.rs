@@ -411,7 +411,11 @@ impl<U: Upstream> Delivery<U> {
     /// Writes `part` (a single message, but any part works) to the dead-letter file, retrying
     /// until it is written, and counts it.
     async fn dead_letter_part(&self, part: &Batch, status: u16, reason: &str, reply: &str) {
-        let id = part.messages.first().map_or("", |m| m.id.as_str());
+        let id = part
+            .messages
+            .first()
+            .map(|m| part.id(m))
+            .unwrap_or_default();
         self.health.set_error(format!(
             "message {id} refused with HTTP {status} ({reason}); dead-lettered"
         ));
@@ -442,13 +446,13 @@ impl<U: Upstream> Delivery<U> {
             .create(true)
             .append(true)
             .open(&self.dead_letter)?;
-        let ids: Vec<&str> = part.messages.iter().map(|m| m.id.as_str()).collect();
+        let ids: Vec<String> = part.messages.iter().map(|m| part.id(m)).collect();
         let head = serde_json::json!({
             "time": chrono::Utc::now().to_rfc3339(),
             "status": status,
             "reason": reason,
             "reply": reply,
-            "id": ids.first().copied().unwrap_or(""),
+            "id": ids.first().map_or("", String::as_str),
             "ids": ids,
         });
         let mut line = serde_json::to_vec(&head).map_err(std::io::Error::other)?;
@@ -863,7 +867,7 @@ mod tests {
             self.ids
                 .lock()
                 .unwrap()
-                .extend(batch.messages.iter().map(|m| m.id.clone()));
+                .extend(batch.messages.iter().map(|m| batch.id(m)));
             self.accepted.lock().unwrap().push(v);
             Ok(())
         }

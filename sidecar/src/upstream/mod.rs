@@ -22,7 +22,7 @@ use bytes::Bytes;
 use crate::config::{Config, UpstreamKind};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::spool::{PendingBatch, Spool};
+use crate::spool::{PendingBatch, Position, Spool};
 use api_key::ApiKey;
 use http::HttpUpstream;
 use nats::NatsUpstream;
@@ -87,21 +87,23 @@ impl UpstreamError {
     }
 }
 
-/// A batch as delivery hands it to a transport: the JSON array, and each message's stable id
-/// and place in it.
+/// A batch as delivery hands it to a transport: the JSON array, and each message's place in
+/// it and in the spool (its stable id, see [`Batch::id`]).
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     /// The messages as one JSON array.
     pub body: Bytes,
     pub count: u64,
+    /// The spool's id: with a message's spool position, its stable id.
+    pub spool_id: Arc<str>,
     pub messages: Vec<BatchMessage>,
 }
 
 /// One message of a [`Batch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchMessage {
-    /// Stable id (spool id, segment, offset): the same on every retry and after a restart.
-    pub id: String,
+    /// Where the message is in the spool.
+    pub at: Position,
     /// The message's JSON in [`Batch::body`].
     pub range: Range<usize>,
 }
@@ -113,7 +115,7 @@ impl Batch {
             .records
             .iter()
             .map(|r| BatchMessage {
-                id: format!("{spool_id}-{}-{}", r.at.seq, r.at.offset),
+                at: r.at,
                 // +1: the array's opening bracket.
                 range: r.start + 1..r.start + 1 + r.len,
             })
@@ -121,8 +123,16 @@ impl Batch {
         Self {
             body: Bytes::from(pending.json_array()),
             count: pending.count,
+            spool_id: Arc::from(spool_id),
             messages,
         }
+    }
+
+    /// `message`'s stable id, `<spool id>-<segment>-<offset>`: the same on every retry and
+    /// after a restart. Made when asked (NATS de-duplication, dead letters), not for every
+    /// message of every batch: an allocation per message cost the musl build measurable CPU.
+    pub fn id(&self, message: &BatchMessage) -> String {
+        format!("{}-{}-{}", self.spool_id, message.at.seq, message.at.offset)
     }
 
     /// The JSON of one message (no copy).
@@ -145,7 +155,7 @@ impl Batch {
             let start = body.len();
             body.extend_from_slice(json);
             out.push(BatchMessage {
-                id: m.id.clone(),
+                at: m.at,
                 range: start..body.len(),
             });
         }
@@ -153,6 +163,7 @@ impl Batch {
         Some(Batch {
             body: Bytes::from(body),
             count: out.len() as u64,
+            spool_id: self.spool_id.clone(),
             messages: out,
         })
     }
@@ -341,13 +352,10 @@ mod tests {
         assert_eq!((a.count, b.count), (2, 3));
         let all: Vec<_> = values(&a).into_iter().chain(values(&b)).collect();
         assert_eq!(all, values(&batch));
-        let ids: Vec<_> = a
-            .messages
-            .iter()
-            .chain(&b.messages)
-            .map(|m| &m.id)
+        let ids: Vec<_> = (a.messages.iter().map(|m| a.id(m)))
+            .chain(b.messages.iter().map(|m| b.id(m)))
             .collect();
-        let orig: Vec<_> = batch.messages.iter().map(|m| &m.id).collect();
+        let orig: Vec<_> = batch.messages.iter().map(|m| batch.id(m)).collect();
         assert_eq!(ids, orig, "stable ids survive the split");
         for part in [&a, &b] {
             for (m, v) in part.messages.iter().zip(values(part)) {

@@ -512,7 +512,7 @@ impl NatsUpstream {
     /// Returns the acks in order.
     async fn publish_all(
         &self,
-        messages: impl Iterator<Item = (String, Bytes, Option<&str>)>,
+        messages: impl Iterator<Item = (String, Bytes, Option<String>)>,
     ) -> Result<Vec<jetstream::publish::PublishAck>, UpstreamError> {
         self.ensure_stream().await?;
         let start = Instant::now();
@@ -645,7 +645,7 @@ impl Upstream for NatsUpstream {
         let messages = batch.messages.iter().map(|m| {
             let payload = batch.payload(m);
             let subject = self.names.subject_for(dest_of(&payload).as_deref());
-            (subject, payload, Some(m.id.as_str()))
+            (subject, payload, Some(batch.id(m)))
         });
         let acks = self.publish_all(messages).await?;
         let duplicates = acks.iter().filter(|a| a.duplicate).count();
