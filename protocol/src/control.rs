@@ -345,6 +345,28 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Fra
     rmpv::ext::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// The Response to request `id` for `result`: `Ok(data)` as a success, `Err(text)` as a
+/// refusal carrying its text (both peers answer requests this way).
+pub fn response(id: String, result: Result<Value, String>) -> Message {
+    let (success, data) = match result {
+        Ok(data) => (true, data),
+        Err(text) => (false, Value::from(text)),
+    };
+    Message::Response { id, success, data }
+}
+
+/// What a Response says (the inverse of [`response`]): `data` on success, else the refusal's
+/// text (a peer that sent no string gets its value written out).
+pub fn response_result(success: bool, data: Value) -> Result<Value, String> {
+    if success {
+        return Ok(data);
+    }
+    Err(data
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| data.to_string()))
+}
+
 /// A serde struct as the `kwargs` of a Request (its fields by name: [`to_value`] writes a
 /// struct as an array, so it goes through JSON's named fields).
 pub fn to_kwargs<T: serde::Serialize>(value: &T) -> Result<Vec<(String, Value)>, FrameError> {
@@ -546,6 +568,27 @@ pub struct UpstreamHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_carries_a_result_both_ways() {
+        let ok = response("a-1".into(), Ok(Value::from(3)));
+        assert_eq!(
+            ok,
+            Message::Response {
+                id: "a-1".into(),
+                success: true,
+                data: Value::from(3)
+            }
+        );
+        let Message::Response { success, data, .. } = response("a-2".into(), Err("no".into()))
+        else {
+            panic!("a response")
+        };
+        assert_eq!(response_result(success, data), Err("no".to_string()));
+        assert_eq!(response_result(true, Value::from(3)), Ok(Value::from(3)));
+        // A refusal that is not a string is still told, as written out.
+        assert_eq!(response_result(false, Value::from(7)), Err("7".to_string()));
+    }
 
     #[test]
     fn a_report_travels_as_kwargs_by_field_name() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nanogate_protocol::control::{
     FrameDecoder, FrameError, LEFT_BEHIND, LeftBehind, Message, NO_SUCH_METHOD, encode,
-    from_kwargs, from_value,
+    from_kwargs, from_value, response, response_result,
 };
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -455,7 +455,7 @@ where
                     Message::Bye { reason } => break Closed::Bye(reason),
                     Message::Response { id, success, data } => {
                         if let Some(reply) = pending.remove(&id) {
-                            let _ = reply.send(if success { Ok(data) } else { Err(value_text(&data)) });
+                            let _ = reply.send(response_result(success, data));
                         }
                     }
                     Message::Notification { kind, data } => {
@@ -477,11 +477,7 @@ where
                             let report = from_kwargs::<LeftBehind>(kwargs).map_err(|e| e.to_string());
                             record_left_behind(&hub, &identity, report)
                         };
-                        let (success, data) = match answer {
-                            Ok(text) => (true, Value::from(text)),
-                            Err(text) => (false, Value::from(text)),
-                        };
-                        if send(&mut writer, &Message::Response { id, success, data }).await.is_err() { break Closed::PeerClosed; }
+                        if send(&mut writer, &response(id, answer.map(Value::from))).await.is_err() { break Closed::PeerClosed; }
                     }
                     Message::AgentHello { .. } | Message::ManagerHello { .. } => {
                         let _ = send(&mut writer, &Message::Bye { reason: "unexpected hello".into() }).await;
@@ -666,13 +662,6 @@ fn deny_label(closed: &Closed) -> &'static str {
         Closed::Protocol(label) => label,
         _ => "closed",
     }
-}
-
-fn value_text(value: &Value) -> String {
-    value
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| value.to_string())
 }
 
 fn unix_now() -> i64 {

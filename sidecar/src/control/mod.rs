@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode, to_value};
+use nanogate_protocol::control::{
+    FrameDecoder, Heartbeat, Message, encode, response, response_result, to_value,
+};
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -338,14 +340,6 @@ async fn send<W: AsyncWrite + Unpin>(writer: &mut W, message: &Message) -> anyho
     Ok(())
 }
 
-/// The text of a refusal's `data` (a string, or whatever else the hub sent, as text).
-fn answer_text(data: Value) -> String {
-    match data {
-        Value::String(text) => text.into_str().unwrap_or_default(),
-        other => other.to_string(),
-    }
-}
-
 /// Reads until a frame is complete; `Ok(None)` on end of stream. Cancel-safe.
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -455,17 +449,14 @@ where
                 Some(Message::Bye { reason }) => return Ok(Ended::Bye { reason, after_hello: true }),
                 Some(Message::Response { id, success, data }) => {
                     if let Some(answer) = awaiting.remove(&id) {
-                        let _ = answer.send(if success { Ok(data) } else { Err(answer_text(data)) });
+                        let _ = answer.send(response_result(success, data));
                     }
                 }
                 Some(Message::Request { id, method, kwargs, .. }) => {
                     let (handler, answers_tx) = (handler.clone(), answers_tx.clone());
                     tokio::spawn(async move {
-                        let (success, data) = match handler.handle(&method, kwargs).await {
-                            Ok(data) => (true, data),
-                            Err(error) => (false, Value::from(error)),
-                        };
-                        let _ = answers_tx.send(Message::Response { id, success, data }).await;
+                        let answer = response(id, handler.handle(&method, kwargs).await);
+                        let _ = answers_tx.send(answer).await;
                     });
                 }
                 Some(other) => debug!(kind = other.name(), "ignoring frame from the hub"),
