@@ -50,6 +50,14 @@ impl Agent {
         assert_eq!(self.recv().await, Some(expected));
     }
 
+    async fn expect_manager_hello(&mut self) {
+        let answer = self.recv().await;
+        assert!(
+            matches!(answer, Some(Message::ManagerHello { .. })),
+            "{answer:?}"
+        );
+    }
+
     async fn recv(&mut self) -> Option<Message> {
         let mut buf = [0u8; 4096];
         loop {
@@ -95,6 +103,21 @@ fn start_with<A: Authenticator>(
     )
 }
 
+/// A connection through the handshake: uid-1 with a good token, answered with `ManagerHello`.
+async fn accepted(hub: &Arc<Hub>) -> (Agent, tokio::task::JoinHandle<Closed>, Trigger) {
+    accepted_with(hub, Arc::new(FixedTokens)).await
+}
+
+async fn accepted_with<A: Authenticator>(
+    hub: &Arc<Hub>,
+    auth: Arc<A>,
+) -> (Agent, tokio::task::JoinHandle<Closed>, Trigger) {
+    let (mut agent, task, stop) = start_with(hub, auth);
+    agent.send(hello("uid-1", "good")).await;
+    agent.expect_manager_hello().await;
+    (agent, task, stop)
+}
+
 fn hello(id: &str, token: &str) -> Message {
     Message::AgentHello {
         id: id.into(),
@@ -110,12 +133,7 @@ fn hub() -> Arc<Hub> {
 #[tokio::test(start_paused = true)]
 async fn handshake_heartbeat_request_and_bye() {
     let hub = hub();
-    let (mut agent, task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (mut agent, task, _stop) = accepted(&hub).await;
 
     let data = to_value(&heartbeat(42, AgentStatus::Ready, "closed")).unwrap();
     agent
@@ -218,9 +236,7 @@ async fn first_frame_must_be_hello() {
 #[tokio::test(start_paused = true)]
 async fn unanswered_ping_closes_the_connection() {
     let hub = hub();
-    let (mut agent, task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    agent.recv().await;
+    let (mut agent, task, _stop) = accepted(&hub).await;
     // The hub pings after 30 s; we never answer.
     assert!(matches!(agent.recv().await, Some(Message::Ping { .. })));
     agent.expect_bye("ping timeout").await;
@@ -230,9 +246,7 @@ async fn unanswered_ping_closes_the_connection() {
 #[tokio::test(start_paused = true)]
 async fn notification_flood_is_rate_limited() {
     let hub = hub();
-    let (mut agent, _task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    agent.recv().await;
+    let (mut agent, _task, _stop) = accepted(&hub).await;
     for _ in 0..100 {
         agent
             .send(Message::Notification {
@@ -257,9 +271,7 @@ async fn notification_flood_is_rate_limited() {
 #[tokio::test(start_paused = true)]
 async fn oversized_frame_is_refused() {
     let hub = hub();
-    let (mut agent, task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    agent.recv().await;
+    let (mut agent, task, _stop) = accepted(&hub).await;
     agent
         .stream
         .write_all(&(2u32 << 20).to_be_bytes())
@@ -273,12 +285,7 @@ async fn oversized_frame_is_refused() {
 async fn left_behind_reports_outlive_the_connection_and_empty_ones_are_not_counted() {
     use nanogate_protocol::control::LeftBehind;
     let hub = hub();
-    let (mut agent, task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (mut agent, task, _stop) = accepted(&hub).await;
     let left = |messages: u64| Message::Notification {
         kind: "left_behind".into(),
         data: to_value(&LeftBehind {
@@ -339,12 +346,7 @@ async fn left_behind_reports_outlive_the_connection_and_empty_ones_are_not_count
 async fn left_behind_requests_are_answered_once_recorded() {
     use nanogate_protocol::control::{LeftBehind, to_kwargs};
     let hub = hub();
-    let (mut agent, _task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (mut agent, _task, _stop) = accepted(&hub).await;
     let request = |id: &str, method: &str, kwargs| Message::Request {
         id: id.into(),
         method: method.into(),
@@ -404,12 +406,7 @@ async fn a_flood_of_silent_handshakes_evicts_the_oldest_and_a_real_agent_gets_th
         &Registry::new(),
     );
     let flood: Vec<_> = (0..20).map(|_| start(&hub)).collect();
-    let (mut agent, _task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (_agent, _task, _stop) = accepted(&hub).await;
     // 21 handshakes through 4 places: the 17 oldest were dropped at once, not timed out.
     let mut evicted = 0;
     let mut still_open = Vec::new();
@@ -516,12 +513,7 @@ async fn a_token_review_that_hangs_does_not_block_other_handshakes() {
         hung.push((peer, task, stop));
     }
     let started = tokio::time::Instant::now();
-    let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (_agent, _task, _stop) = accepted_with(&hub, auth.clone()).await;
     // It waited at most for the hung ones' timeout, not for ever.
     assert!(
         started.elapsed() <= Duration::from_secs(5),
@@ -551,12 +543,7 @@ async fn an_accepted_token_is_cached_until_the_ttl() {
     let calls =
         |auth: &Bounded<Hanging>| auth.inner().calls.load(std::sync::atomic::Ordering::SeqCst);
     for _ in 0..3 {
-        let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
-        agent.send(hello("uid-1", "good")).await;
-        assert!(matches!(
-            agent.recv().await,
-            Some(Message::ManagerHello { .. })
-        ));
+        let (_agent, _task, _stop) = accepted_with(&hub, auth.clone()).await;
     }
     assert_eq!(calls(&auth), 1, "one TokenReview for three connections");
     // Another token for the same agent is checked.
@@ -565,12 +552,7 @@ async fn an_accepted_token_is_cached_until_the_ttl() {
     assert!(matches!(agent.recv().await, Some(Message::Bye { .. })));
     assert_eq!(calls(&auth), 2);
     tokio::time::advance(Duration::from_secs(61)).await;
-    let (mut agent, _task, _stop) = start_with(&hub, auth.clone());
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (_agent, _task, _stop) = accepted_with(&hub, auth.clone()).await;
     assert_eq!(calls(&auth), 3, "checked again after the TTL");
 }
 
@@ -610,10 +592,7 @@ async fn a_session_ends_when_its_token_expires() {
     );
     let started = tokio::time::Instant::now();
     agent.send(hello("uid-1", &token)).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    agent.expect_manager_hello().await;
     agent.expect_bye(TOKEN_EXPIRED).await;
     assert_eq!(task.await.unwrap(), Closed::TokenExpired);
     let lasted = started.elapsed();
@@ -627,12 +606,7 @@ async fn a_session_ends_when_its_token_expires() {
 #[tokio::test(start_paused = true)]
 async fn an_agent_whose_pod_or_gateway_is_gone_is_sent_away() {
     let hub = hub();
-    let (mut agent, task, _stop) = start(&hub);
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (mut agent, task, _stop) = accepted(&hub).await;
     hub.send_away("uid-2", "pod deleted"); // not connected: nothing happens
     hub.send_away("uid-1", "gateway deleted");
     agent.expect_bye("gateway deleted").await;
@@ -652,33 +626,18 @@ async fn an_agent_sent_away_is_checked_again_not_let_in_from_the_token_cache() {
     let auth = Arc::new(Bounded::new(Hanging::default(), AuthLimits::default()));
     let calls =
         |auth: &Bounded<Hanging>| auth.inner().calls.load(std::sync::atomic::Ordering::SeqCst);
-    let (mut agent, task, _stop) = start_with(&hub, auth.clone());
-    agent.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (mut agent, task, _stop) = accepted_with(&hub, auth.clone()).await;
     hub.send_away("uid-1", "gateway deleted");
     assert!(matches!(agent.recv().await, Some(Message::Bye { .. })));
     task.await.unwrap();
     // The reconnect, with the same token, goes through the authenticator again.
-    let (mut again, _task, _stop) = start_with(&hub, auth.clone());
-    again.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        again.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (_again, _task, _stop) = accepted_with(&hub, auth.clone()).await;
     assert_eq!(
         calls(&auth),
         2,
         "the reconnect after a send-away was checked again"
     );
     // And is cached again after that check.
-    let (mut third, _task, _stop) = start_with(&hub, auth.clone());
-    third.send(hello("uid-1", "good")).await;
-    assert!(matches!(
-        third.recv().await,
-        Some(Message::ManagerHello { .. })
-    ));
+    let (_third, _task, _stop) = accepted_with(&hub, auth.clone()).await;
     assert_eq!(calls(&auth), 2);
 }
