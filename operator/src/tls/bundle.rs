@@ -123,7 +123,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// The CA and serving certificate, as stored in the Secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CertBundle {
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
@@ -196,16 +196,18 @@ fn ca_params(not_before: u64, not_after: u64) -> CertificateParams {
     params
 }
 
-/// Issue a serving certificate for `sans` (DNS names or IP addresses) signed by the CA.
-fn issue_serving(
-    ca_cert_pem_key: (&str, u64, u64),
+/// `bundle` with a new serving certificate for `sans` (DNS names or IP addresses), signed by
+/// its CA, whose key is `ca_key`; the CA is kept.
+fn with_serving(
+    bundle: CertBundle,
     ca_key: &KeyPair,
     sans: &[String],
     now: u64,
     validity: Duration,
-) -> Result<(String, String, u64, u64)> {
-    let (_ca_pem, ca_not_before, ca_not_after) = ca_cert_pem_key;
-    let issuer = ca_params(ca_not_before, ca_not_after).self_signed(ca_key)?;
+) -> Result<CertBundle> {
+    // The CA rebuilt from its key signs with its name and key identifier; its validity (its
+    // not-before is not recorded) does not go into what it signs.
+    let issuer = ca_params(0, bundle.ca_not_after).self_signed(ca_key)?;
     let mut params = CertificateParams::new(sans.to_vec())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(
@@ -220,11 +222,18 @@ fn issue_serving(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let not_before = now.saturating_sub(BACKDATE.as_secs());
     // Never outlive the CA.
-    let not_after = (now + validity.as_secs()).min(ca_not_after);
+    let not_after = (now + validity.as_secs()).min(bundle.ca_not_after);
     set_validity(&mut params, not_before, not_after);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer, ca_key)?;
-    Ok((cert.pem(), key.serialize_pem(), not_before, not_after))
+    Ok(CertBundle {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_not_before: not_before,
+        cert_not_after: not_after,
+        sans: sans.to_vec(),
+        ..bundle
+    })
 }
 
 /// A new CA and a serving certificate for `sans`.
@@ -238,24 +247,13 @@ pub fn generate_bundle(
     let ca_not_before = now.saturating_sub(BACKDATE.as_secs());
     let ca_not_after = now + ca_validity.as_secs();
     let ca_cert = ca_params(ca_not_before, ca_not_after).self_signed(&ca_key)?;
-    let ca_cert_pem = ca_cert.pem();
-    let (cert_pem, key_pem, cert_not_before, cert_not_after) = issue_serving(
-        (&ca_cert_pem, ca_not_before, ca_not_after),
-        &ca_key,
-        sans,
-        now,
-        cert_validity,
-    )?;
-    Ok(CertBundle {
-        ca_cert_pem,
+    let ca = CertBundle {
+        ca_cert_pem: ca_cert.pem(),
         ca_key_pem: ca_key.serialize_pem(),
-        cert_pem,
-        key_pem,
         ca_not_after,
-        cert_not_before,
-        cert_not_after,
-        sans: sans.to_vec(),
-    })
+        ..CertBundle::default()
+    };
+    with_serving(ca, &ca_key, sans, now, cert_validity)
 }
 
 /// A new serving certificate for `sans` from the bundle's CA (the CA is kept).
@@ -266,26 +264,7 @@ pub fn renew_serving(
     cert_validity: Duration,
 ) -> Result<CertBundle> {
     let ca_key = KeyPair::from_pem(&bundle.ca_key_pem)?;
-    // The CA's own not-before is not recorded and does not matter for signing.
-    let (cert_pem, key_pem, cert_not_before, cert_not_after) = issue_serving(
-        (
-            &bundle.ca_cert_pem,
-            bundle.cert_not_before.min(now),
-            bundle.ca_not_after,
-        ),
-        &ca_key,
-        sans,
-        now,
-        cert_validity,
-    )?;
-    Ok(CertBundle {
-        cert_pem,
-        key_pem,
-        cert_not_before,
-        cert_not_after,
-        sans: sans.to_vec(),
-        ..bundle.clone()
-    })
+    with_serving(bundle.clone(), &ca_key, sans, now, cert_validity)
 }
 
 /// The Secret holding `bundle` (type `kubernetes.io/tls`, plus `ca.crt`/`ca.key`).
