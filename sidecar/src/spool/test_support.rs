@@ -18,12 +18,17 @@ pub(super) fn opts(dir: &Path) -> SpoolOptions {
     }
 }
 
-pub(super) fn append_n(spool: &Spool, from: usize, n: usize) {
+/// Records `{"i":from}` to `{"i":from + n - 1}`.
+pub(super) fn records(from: usize, n: usize) -> RecordBuf {
     let mut r = RecordBuf::new();
     for i in from..from + n {
         r.push(format!("{{\"i\":{i}}}").as_bytes());
     }
-    spool.append(&r).unwrap();
+    r
+}
+
+pub(super) fn append_n(spool: &Spool, from: usize, n: usize) {
+    spool.append(&records(from, n)).unwrap();
 }
 
 pub(super) fn read_all(reader: &mut SpoolReader, max: u64) -> PendingBatch {

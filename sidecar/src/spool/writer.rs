@@ -151,8 +151,17 @@ mod tests {
     use std::time::Duration;
 
     use super::super::test_support::*;
-    use super::super::{SpoolOptions, format::REC_HEADER};
+    use super::super::{Faults, SpoolOptions, format::REC_HEADER};
     use super::*;
+
+    /// Appends `n` records (`{"i":100}`, …) with only `faults` set: the append fails.
+    fn append_failing(spool: &Spool, n: usize, faults: Faults) {
+        *spool.faults.lock().unwrap() = faults;
+        assert!(matches!(
+            spool.append(&records(100, n)),
+            Err(AppendError::Io(_))
+        ));
+    }
 
     #[test]
     fn rotation_leaves_the_fsync_to_the_periodic_sync() {
@@ -196,11 +205,11 @@ mod tests {
         append_n(&spool, 0, 3);
         let (msgs, bytes) = (spool.pending_msgs(), spool.pending_bytes());
         // ENOSPC after 5 bytes of the next append (part of its first record's header).
-        spool.faults.lock().unwrap().short_write = Some(5);
-        let mut r = RecordBuf::new();
-        r.push(b"{\"i\":100}");
-        r.push(b"{\"i\":101}");
-        assert!(matches!(spool.append(&r), Err(AppendError::Io(_))));
+        let enospc = Faults {
+            short_write: Some(5),
+            ..Faults::default()
+        };
+        append_failing(&spool, 2, enospc);
         assert_eq!((spool.pending_msgs(), spool.pending_bytes()), (msgs, bytes));
         let mut reader = spool.reader();
         assert_eq!(ids(&read_all(&mut reader, 100)), vec![0, 1, 2]);
@@ -231,12 +240,12 @@ mod tests {
         append_n(&spool, 0, 3);
         // The first record of the failed append reaches the file whole, the second does not,
         // and cutting it back fails as well.
-        let mut r = RecordBuf::new();
-        r.push(b"{\"i\":100}");
-        r.push(b"{\"i\":101}");
-        spool.faults.lock().unwrap().short_write = Some(REC_HEADER + 9 + 3);
-        spool.faults.lock().unwrap().set_len = 1;
-        assert!(matches!(spool.append(&r), Err(AppendError::Io(_))));
+        let torn = || Faults {
+            short_write: Some(REC_HEADER + 9 + 3),
+            set_len: 1,
+            ..Faults::default()
+        };
+        append_failing(&spool, 2, torn());
         assert_eq!(spool.pending_msgs(), 3);
         // A crash now: recovery must not take the failed append's whole first record.
         drop(spool);
@@ -246,12 +255,7 @@ mod tests {
 
         // Without a crash, the next append cuts the leftovers first and lands after the good
         // records; the segment it leaves behind ends at its last good record.
-        let mut r = RecordBuf::new();
-        r.push(b"{\"i\":100}");
-        r.push(b"{\"i\":101}");
-        spool.faults.lock().unwrap().short_write = Some(REC_HEADER + 9 + 3);
-        spool.faults.lock().unwrap().set_len = 1;
-        assert!(matches!(spool.append(&r), Err(AppendError::Io(_))));
+        append_failing(&spool, 2, torn());
         append_n(&spool, 3, 1);
         let end = spool.committed();
         assert_eq!(seg_file(dir.path(), end.seq), end.offset);
@@ -268,10 +272,11 @@ mod tests {
         .unwrap();
         append_n(&spool, 0, 3);
         let (msgs, bytes) = (spool.pending_msgs(), spool.pending_bytes());
-        spool.faults.lock().unwrap().sync = 1;
-        let mut r = RecordBuf::new();
-        r.push(b"{\"i\":100}");
-        assert!(matches!(spool.append(&r), Err(AppendError::Io(_))));
+        let fsync_fails = Faults {
+            sync: 1,
+            ..Faults::default()
+        };
+        append_failing(&spool, 1, fsync_fails);
         assert_eq!((spool.pending_msgs(), spool.pending_bytes()), (msgs, bytes));
         append_n(&spool, 3, 1);
         let mut reader = spool.reader();
