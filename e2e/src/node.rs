@@ -554,15 +554,7 @@ impl Node {
             return;
         }
         self.kubectl_quietly(&["cordon", NODE_NAME]);
-        let selector = format!("--field-selector=spec.nodeName={NODE_NAME}");
-        self.kubectl_quietly(&[
-            "delete",
-            "pods",
-            "--all-namespaces",
-            &selector,
-            "--grace-period=1",
-            "--wait=false",
-        ]);
+        self.delete_pods(&["--grace-period=1"]);
         let pods_dir = self.dir.join("kubelet/pods");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline && self.kubelet_running() {
@@ -572,6 +564,20 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Deletes this node's pods, with `grace` (kubectl's flags), without waiting.
+    fn delete_pods(&self, grace: &[&str]) {
+        let selector = format!("--field-selector=spec.nodeName={NODE_NAME}");
+        let mut args = vec![
+            "delete",
+            "pods",
+            "--all-namespaces",
+            &selector,
+            "--wait=false",
+        ];
+        args.extend(grace);
+        self.kubectl_quietly(&args);
     }
 
     fn kubectl_quietly(&self, args: &[&str]) {
@@ -613,16 +619,7 @@ impl Node {
         phase("kubelet");
         // The kubelet is gone: pods it did not finish deleting, and the node itself, go
         // from the apiserver now (the control plane may outlive the node).
-        let selector = format!("--field-selector=spec.nodeName={NODE_NAME}");
-        self.kubectl_quietly(&[
-            "delete",
-            "pods",
-            "--all-namespaces",
-            &selector,
-            "--grace-period=0",
-            "--force",
-            "--wait=false",
-        ]);
+        self.delete_pods(&["--grace-period=0", "--force"]);
         self.kubectl_quietly(&[
             "delete",
             "node",
