@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::body::Body;
 use nanogate_operator::tls::{self, CertBundle, CertResolver};
 use nanogate_operator::webhook::{
-    self, InjectionConfig, InjectionOutcome, InjectorSettings, KeyRef, StaticLookup, WebhookState,
+    self, InjectionOutcome, InjectorSettings, StaticLookup, WebhookState,
 };
 use prometheus::Registry;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -36,22 +36,6 @@ fn bundle() -> CertBundle {
         std::time::Duration::from_secs(3600),
     )
     .unwrap()
-}
-
-fn lookup() -> StaticLookup {
-    let gw = InjectionConfig::with_defaults(
-        "telemetry",
-        "ghcr.io/nanogate/nano-agent:0.1.0",
-        KeyRef {
-            name: "tendrl-key".into(),
-            key: "api-key".into(),
-        },
-    );
-    StaticLookup {
-        namespace_labels: BTreeMap::from([("apps".to_string(), BTreeMap::new())]),
-        gateways: BTreeMap::from([("apps".to_string(), vec![gw])]),
-        ..Default::default()
-    }
 }
 
 /// Stand-in for the CRD engineer's `validate()`: `minBatchSize ≤ maxBatchSize`.
@@ -80,7 +64,7 @@ async fn start() -> (Harness, CertBundle) {
     let outcomes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = outcomes.clone();
     let state = WebhookState::new(
-        Arc::new(lookup()),
+        Arc::new(StaticLookup::one_gateway("apps", "telemetry")),
         Arc::new(validator),
         InjectorSettings::new("nanogate-system"),
         &registry,

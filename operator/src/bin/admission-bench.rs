@@ -8,15 +8,12 @@
 //!
 //! Run: `cargo run --release -p nanogate-operator --bin admission-bench`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use nanogate_operator::tls::{self, CertResolver};
-use nanogate_operator::webhook::{
-    self, InjectionConfig, InjectorSettings, KeyRef, StaticLookup, WebhookState,
-};
+use nanogate_operator::webhook::{self, InjectorSettings, StaticLookup, WebhookState};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -37,21 +34,8 @@ fn summary(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn state() -> WebhookState {
-    let gw = InjectionConfig::with_defaults(
-        "telemetry",
-        "ghcr.io/nanogate/nano-agent:0.1.0",
-        KeyRef {
-            name: "tendrl-key".into(),
-            key: "api-key".into(),
-        },
-    );
-    let lookup = StaticLookup {
-        namespace_labels: BTreeMap::from([("apps".to_string(), BTreeMap::new())]),
-        gateways: BTreeMap::from([("apps".to_string(), vec![gw])]),
-        ..Default::default()
-    };
     WebhookState::new(
-        Arc::new(lookup),
+        Arc::new(StaticLookup::one_gateway("apps", "telemetry")),
         Arc::new(|_: &serde_json::Value| Ok(())),
         InjectorSettings::new("nanogate-system"),
         &prometheus::Registry::new(),

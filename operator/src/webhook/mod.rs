@@ -64,6 +64,26 @@ pub struct StaticLookup {
     pub invalid_gateways: BTreeMap<String, Vec<(String, String)>>,
 }
 
+impl StaticLookup {
+    /// `namespace`, unlabelled, with one gateway, `gateway`: the documented defaults, this
+    /// release's image, the API key in Secret `<gateway>-api-key`, key `api-key`.
+    pub fn one_gateway(namespace: &str, gateway: &str) -> Self {
+        let config = InjectionConfig::with_defaults(
+            gateway,
+            crate::crd::DEFAULT_SIDECAR_IMAGE,
+            KeyRef {
+                name: format!("{gateway}-api-key"),
+                key: "api-key".into(),
+            },
+        );
+        Self {
+            namespace_labels: BTreeMap::from([(namespace.to_string(), BTreeMap::new())]),
+            gateways: BTreeMap::from([(namespace.to_string(), vec![config])]),
+            ..Self::default()
+        }
+    }
+}
+
 impl GatewayLookup for StaticLookup {
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
         self.namespace_labels.get(namespace).cloned()
