@@ -99,17 +99,7 @@ async fn start() -> (Harness, CertBundle) {
 }
 
 fn connector(ca_pem: &str) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config = tls::client_config(ca_pem).unwrap();
     // Full handshakes only: a resumed session would not show which certificate is served.
     config.resumption = rustls::client::Resumption::disabled();
     TlsConnector::from(Arc::new(config))

@@ -44,17 +44,7 @@ async fn start(limits: Limits) -> Server {
             let _ = stopped.await;
         },
     ));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut bundle.ca_cert_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = tls::client_config(&bundle.ca_cert_pem).unwrap();
     Server {
         addr,
         connector: TlsConnector::from(Arc::new(config)),
