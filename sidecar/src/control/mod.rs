@@ -7,7 +7,7 @@ pub mod agent;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -313,24 +313,8 @@ async fn connect_and_serve<H: ControlHandler>(
     serve(stream, cfg, token.trim(), handler, outbox, shutdown).await
 }
 
-fn tls_connector(ca_file: &PathBuf) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let pem = std::fs::read(ca_file)
-        .with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots
-            .add(cert.context("parsing the hub CA")?)
-            .context("adding the hub CA")?;
-    }
-    if roots.is_empty() {
-        bail!("{} holds no certificate", ca_file.display());
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+fn tls_connector(ca_file: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let config = crate::upstream::tls::trusting_only("hub_ca_file", ca_file)?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

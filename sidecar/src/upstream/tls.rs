@@ -1,8 +1,10 @@
 //! How the agent trusts the platform: the rustls client configuration every upstream uses
 //! (`http` through reqwest, `socketio` through tokio-rustls, `nats` when it skips
 //! verification). Public web roots plus `upstream_ca`, the client certificate for mTLS, and
-//! `upstream_insecure_skip_verify`, which accepts any certificate.
+//! `upstream_insecure_skip_verify`, which accepts any certificate. Also the configuration that
+//! trusts one CA only (the hub's).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -56,29 +58,54 @@ pub(crate) fn client_config(config: &Config) -> anyhow::Result<rustls::ClientCon
     Ok(tls)
 }
 
+/// A client configuration (no ALPN) that trusts only the certificates in `ca_file`, the file
+/// of option `option` (the hub's CA).
+pub fn trusting_only(option: &str, ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_pem_file(&mut roots, option, ca_file)?;
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
 /// Public web roots plus the CAs of `upstream_ca`.
 fn roots(config: &Config) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = &config.upstream_ca {
-        let pem = std::fs::read(ca)
-            .with_context(|| format!("upstream_ca: cannot read {}", ca.display()))?;
-        let mut n = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert =
-                cert.with_context(|| format!("upstream_ca: {} is not valid PEM", ca.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("upstream_ca: bad certificate in {}", ca.display()))?;
-            n += 1;
-        }
-        anyhow::ensure!(
-            n > 0,
-            "upstream_ca: no certificate found in {}",
-            ca.display()
-        );
+        add_pem_file(&mut roots, "upstream_ca", ca)?;
     }
     Ok(roots)
+}
+
+/// Adds the certificates of the PEM file `path` (of option `option`, named in the errors): at
+/// least one.
+fn add_pem_file(
+    roots: &mut rustls::RootCertStore,
+    option: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("{option}: cannot read {}", path.display()))?;
+    let mut n = 0;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert =
+            cert.with_context(|| format!("{option}: {} is not valid PEM", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("{option}: bad certificate in {}", path.display()))?;
+        n += 1;
+    }
+    anyhow::ensure!(
+        n > 0,
+        "{option}: no certificate found in {}",
+        path.display()
+    );
+    Ok(())
 }
 
 /// `upstream_insecure_skip_verify`: any certificate for any name is accepted, so the
