@@ -212,6 +212,19 @@ pub fn ok_reply(request: &Value, fields: Map<String, Value>) -> Value {
     Value::Object(out)
 }
 
+/// A date of every form [`is_iso8601`] accepts: what a reader of these dates (the agent
+/// turns them into instants) must read too.
+pub const ISO8601_FORMS: [&str; 8] = [
+    "2025-11-20",
+    "2025-11-20T20:30",
+    "2025-11-20T20:30:45",
+    "2025-11-20T20:30:45.123456",
+    "2025-11-20T20:30:45Z",
+    "2025-11-20 20:30:45,5+02:00",
+    "2024-02-29T00:00:00-0130",
+    "2025-12-31T23:59:60+05",
+];
+
 /// Whether `s` is an ISO-8601 calendar date, optionally followed by `T` (or a space) and a
 /// time `HH:MM[:SS[.fraction]]` with an optional zone `Z`, `±HH:MM`, `±HHMM` or `±HH`.
 pub fn is_iso8601(s: &str) -> bool {
@@ -438,16 +451,7 @@ mod tests {
 
     #[test]
     fn iso8601_dates() {
-        for ok in [
-            "2025-11-20",
-            "2025-11-20T20:30",
-            "2025-11-20T20:30:45",
-            "2025-11-20T20:30:45.123456",
-            "2025-11-20T20:30:45Z",
-            "2025-11-20 20:30:45,5+02:00",
-            "2024-02-29T00:00:00-0130",
-            "2025-12-31T23:59:60+05",
-        ] {
+        for ok in ISO8601_FORMS {
             assert!(is_iso8601(ok), "{ok}");
         }
         for bad in [
