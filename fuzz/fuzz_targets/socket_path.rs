@@ -13,6 +13,7 @@ use std::fmt;
 
 use libfuzzer_sys::fuzz_target;
 use nanogate_protocol::app::{Decoded, Limits, Publish, Request, Stamp, StreamDecoder};
+use nanogate_protocol::testing::decode_reads;
 use nanogate_sidecar::spool::RecordBuf;
 use serde::Deserialize as _;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
@@ -109,31 +110,22 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let read_size = usize::from(first) + 1;
-    let mut decoder = StreamDecoder::new(LIMITS);
+    let reads: Vec<&[u8]> = input.chunks(read_size).collect();
     let mut records = RecordBuf::new();
     let (mut accepted, mut record_bytes) = (0u64, 0u64);
     let mut envelope = Vec::new();
-    'reads: for read in input.chunks(read_size) {
-        decoder.feed(read);
-        loop {
-            match decoder.next() {
-                Decoded::NeedMore => break,
-                Decoded::Request(Request::Publish(publish)) => {
-                    envelope.clear();
-                    stamp(&publish, &mut envelope);
-                    check_envelope(&publish, &envelope);
-                    if !publish.wait {
-                        records.push_with(|buf| stamp(&publish, buf));
-                        accepted += 1;
-                        record_bytes += RECORD_HEADER + envelope.len() as u64;
-                    }
-                }
-                Decoded::Request(Request::MsgCheck { .. }) | Decoded::Rejected(_) => {}
-                Decoded::Fatal(_) => break 'reads,
+    decode_reads(&mut StreamDecoder::new(LIMITS), &reads, |step| {
+        if let Decoded::Request(Request::Publish(publish)) = step {
+            envelope.clear();
+            stamp(&publish, &mut envelope);
+            check_envelope(&publish, &envelope);
+            if !publish.wait {
+                records.push_with(|buf| stamp(&publish, buf));
+                accepted += 1;
+                record_bytes += RECORD_HEADER + envelope.len() as u64;
             }
         }
-    }
-    let _ = decoder.finish();
+    });
     assert_eq!(records.count(), accepted, "one record per accepted publish");
     assert_eq!(records.bytes(), record_bytes, "records hold the envelopes");
 });

@@ -7,6 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use nanogate_protocol::app::Limits;
 use nanogate_protocol::tcp::{self, Decoded, FrameDecoder, FrameKind};
+use nanogate_protocol::testing::{decode_reads, same_when_split};
 
 /// A small limit so oversized lines are reached often.
 const LIMITS: Limits = Limits {
@@ -15,65 +16,52 @@ const LIMITS: Limits = Limits {
 };
 
 fn run(chunks: &[&[u8]]) -> Vec<String> {
-    let mut decoder = FrameDecoder::new(LIMITS);
-    let mut out = Vec::new();
-    for chunk in chunks {
-        decoder.feed(chunk);
-        loop {
-            let mut reply = Vec::new();
-            let summary = match decoder.next() {
-                Decoded::NeedMore => break,
-                Decoded::Frame(frame) => {
-                    let kind = match frame.kind {
-                        FrameKind::Data(publish) => {
-                            let env = publish.to_envelope("2026-01-01T00:00:00.000Z", "ns/pod");
-                            let v: serde_json::Value =
-                                serde_json::from_slice(&env).expect("envelope is JSON");
-                            assert!(v.is_object(), "envelope is an object");
-                            tcp::write_ack(&mut reply, frame.id, 1);
-                            format!("data {}", String::from_utf8_lossy(&env))
-                        }
-                        FrameKind::Ping => {
-                            tcp::write_pong(&mut reply, frame.id, 1);
-                            "ping".into()
-                        }
-                        FrameKind::Close => {
-                            tcp::write_close(&mut reply, frame.id, "bye", 1);
-                            "close".into()
-                        }
-                        other => format!("{other:?}"),
-                    };
-                    format!("{kind} {:?}", frame.id)
-                }
-                Decoded::Rejected { id, error } => {
-                    tcp::write_error(&mut reply, id, &error.to_string(), 1);
-                    format!("rejected {error} {id:?}")
-                }
-                Decoded::Fatal(error) => {
-                    tcp::write_error(&mut reply, None, &error.to_string(), 1);
-                    format!("fatal {error}")
-                }
-            };
-            if !reply.is_empty() {
-                assert_eq!(reply.last(), Some(&b'\n'));
-                assert_eq!(reply.iter().filter(|&&b| b == b'\n').count(), 1);
-                serde_json::from_slice::<serde_json::Value>(&reply).expect("reply is JSON");
+    decode_reads(&mut FrameDecoder::new(LIMITS), chunks, |step| {
+        let mut reply = Vec::new();
+        let summary = match step {
+            Decoded::NeedMore => unreachable!("the driver stops at NeedMore"),
+            Decoded::Frame(frame) => {
+                let kind = match frame.kind {
+                    FrameKind::Data(publish) => {
+                        let env = publish.to_envelope("2026-01-01T00:00:00.000Z", "ns/pod");
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&env).expect("envelope is JSON");
+                        assert!(v.is_object(), "envelope is an object");
+                        tcp::write_ack(&mut reply, frame.id, 1);
+                        format!("data {}", String::from_utf8_lossy(&env))
+                    }
+                    FrameKind::Ping => {
+                        tcp::write_pong(&mut reply, frame.id, 1);
+                        "ping".into()
+                    }
+                    FrameKind::Close => {
+                        tcp::write_close(&mut reply, frame.id, "bye", 1);
+                        "close".into()
+                    }
+                    other => format!("{other:?}"),
+                };
+                format!("{kind} {:?}", frame.id)
             }
-            out.push(summary);
+            Decoded::Rejected { id, error } => {
+                tcp::write_error(&mut reply, id, &error.to_string(), 1);
+                format!("rejected {error} {id:?}")
+            }
+            Decoded::Fatal(error) => {
+                tcp::write_error(&mut reply, None, &error.to_string(), 1);
+                format!("fatal {error}")
+            }
+        };
+        if !reply.is_empty() {
+            assert_eq!(reply.last(), Some(&b'\n'));
+            assert_eq!(reply.iter().filter(|&&b| b == b'\n').count(), 1);
+            serde_json::from_slice::<serde_json::Value>(&reply).expect("reply is JSON");
         }
-    }
-    out
+        summary
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let split = data.first().map_or(0, |b| *b as usize % (data.len() + 1));
-    let whole = run(&[data]);
-    let (a, b) = data.split_at(split);
-    assert_eq!(
-        whole,
-        run(&[a, b]),
-        "decoding depends on how the bytes arrive"
-    );
+    let whole = same_when_split(data, run);
     if data.len() <= 512 {
         let bytes: Vec<&[u8]> = data.chunks(1).collect();
         assert_eq!(whole, run(&bytes), "byte-at-a-time decoding differs");

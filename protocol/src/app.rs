@@ -781,6 +781,17 @@ impl StreamDecoder {
     }
 }
 
+crate::testing::impl_decoder!(StreamDecoder, Decoded, {
+    fn end_of_stream(&mut self) -> Option<Decoded<'_>> {
+        self.finish().map(Decoded::Fatal)
+    }
+
+    /// One partial value within the limit plus what one read brought in.
+    fn check_buffer(&self, read_len: usize) {
+        assert!(self.buffered() <= self.limits.max_message_bytes + read_len + 1);
+    }
+});
+
 /// serde_json's own words for the bytes up to the first one that cannot be JSON.
 fn invalid_json(prefix: Option<&[u8]>) -> String {
     match serde_json::from_slice::<IgnoredAny>(prefix.unwrap_or_default()) {
@@ -1358,25 +1369,15 @@ mod tests {
         };
         let run = |chunks: &[&[u8]]| {
             let mut d = StreamDecoder::new(Limits::default());
-            let mut out = vec![];
-            for c in chunks {
-                d.feed(c);
-                loop {
-                    match d.next() {
-                        Decoded::NeedMore => break,
-                        Decoded::Request(Request::Publish(p)) => {
-                            out.push(String::from_utf8(p.to_envelope("t", "s")).unwrap())
-                        }
-                        Decoded::Request(Request::MsgCheck { limit }) => {
-                            out.push(limit.to_string())
-                        }
-                        Decoded::Rejected(e) => out.push(e.to_string()),
-                        Decoded::Fatal(e) => out.push(format!("fatal {}", e.reason())),
-                    }
+            crate::testing::decode_reads(&mut d, chunks, |step| match step {
+                Decoded::Request(Request::Publish(p)) => {
+                    String::from_utf8(p.to_envelope("t", "s")).unwrap()
                 }
-            }
-            out.extend(d.finish().map(|e| e.to_string()));
-            out
+                Decoded::Request(Request::MsgCheck { limit }) => limit.to_string(),
+                Decoded::Rejected(e) => e.to_string(),
+                Decoded::Fatal(e) => format!("fatal {}", e.reason()),
+                Decoded::NeedMore => unreachable!("the driver stops at NeedMore"),
+            })
         };
         for _ in 0..2000 {
             let mut input = Vec::new();

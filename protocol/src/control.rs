@@ -335,6 +335,22 @@ impl FrameDecoder {
     }
 }
 
+impl crate::testing::Decoder for FrameDecoder {
+    type Item<'a> = Result<Message, FrameError>;
+
+    fn feed_read(&mut self, read: &[u8]) {
+        self.extend(read);
+    }
+
+    fn next_item(&mut self) -> Option<Self::Item<'_>> {
+        self.next_message().transpose()
+    }
+
+    fn is_fatal(item: &Self::Item<'_>) -> bool {
+        item.is_err()
+    }
+}
+
 /// Converts any serde value (a heartbeat, a config) into a MessagePack value for `data`.
 pub fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, FrameError> {
     rmpv::ext::to_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
@@ -804,7 +820,7 @@ mod tests {
     /// cut at arbitrary chunk boundaries decode to the same messages and the same first error.
     mod chunking {
         use super::*;
-        use crate::testing::chunks;
+        use crate::testing::{chunks, decode_reads};
         use proptest::prelude::*;
         use proptest::sample::Index;
 
@@ -812,20 +828,7 @@ mod tests {
         /// close the connection on it), and what is left buffered.
         fn decode(chunks: &[&[u8]]) -> (Vec<Result<Message, FrameError>>, usize) {
             let mut decoder = FrameDecoder::new();
-            let mut out = Vec::new();
-            for chunk in chunks {
-                decoder.extend(chunk);
-                loop {
-                    match decoder.next_message() {
-                        Ok(Some(message)) => out.push(Ok(message)),
-                        Ok(None) => break,
-                        Err(error) => {
-                            out.push(Err(error));
-                            return (out, decoder.buffered());
-                        }
-                    }
-                }
-            }
+            let out = decode_reads(&mut decoder, chunks, |item| item);
             (out, decoder.buffered())
         }
 

@@ -243,6 +243,8 @@ impl FrameDecoder {
     }
 }
 
+crate::testing::impl_decoder!(FrameDecoder, Decoded);
+
 /// Parses one line (without its `\n`) into a frame.
 pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Decoded<'a> {
     let first = line.iter().find(|b| !b.is_ascii_whitespace());
@@ -470,14 +472,7 @@ mod tests {
 
     /// Feeds `chunks` one at a time, summarising every step after each.
     fn feed_all(mut d: FrameDecoder, chunks: &[&[u8]]) -> Vec<String> {
-        let mut out = vec![];
-        for c in chunks {
-            d.feed(c);
-            while let Some(s) = summary(d.next()) {
-                out.push(s);
-            }
-        }
-        out
+        crate::testing::decode_reads(&mut d, chunks, |step| summary(step).unwrap_or_default())
     }
 
     const STREAM: &[u8] = b"{\"type\":\"data\",\"id\":\"a1\",\"timestamp\":1700000000000,\"payload\":{\"msg_type\":\"publish\",\"data\":{\"k\":\"v\\n\"}}}\n\

@@ -3,6 +3,7 @@
 //! message it accepts can fail to be written upstream.
 
 use nanogate_protocol::app::{self, AppError, Decoded, Limits, Request, StreamDecoder};
+use nanogate_protocol::testing::decode_reads;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -18,39 +19,26 @@ enum Out {
 
 /// Feeds `chunks` one read at a time, decoding after each, then ends the stream.
 fn decode(chunks: &[&[u8]], limits: Limits) -> Vec<Out> {
-    let mut dec = StreamDecoder::new(limits);
-    let mut out = Vec::new();
-    for chunk in chunks {
-        dec.feed(chunk);
-        loop {
-            match dec.next() {
-                Decoded::NeedMore => break,
-                Decoded::Request(Request::Publish(p)) => {
-                    let env = p.to_envelope("2026-12-03T00:00:00.000Z", "ns/pod");
-                    let mut v: Value = serde_json::from_slice(&env).unwrap_or_else(|e| {
-                        panic!(
-                            "envelope {:?} is not JSON: {e}",
-                            String::from_utf8_lossy(&env)
-                        )
-                    });
-                    let obj = v.as_object_mut().expect("envelope is an object");
-                    assert_eq!(obj.remove("source"), Some(json!("ns/pod")));
-                    assert!(obj.contains_key("timestamp"), "{obj:?}");
-                    out.push(Out::Publish(v));
-                }
-                Decoded::Request(Request::MsgCheck { limit }) => out.push(Out::Check(limit)),
-                Decoded::Rejected(e) => out.push(Out::Rejected(e.to_string())),
-                Decoded::Fatal(e) => {
-                    out.push(Out::Fatal(e.reason().to_owned()));
-                    return out;
-                }
-            }
+    decode_reads(&mut StreamDecoder::new(limits), chunks, |step| match step {
+        Decoded::Request(Request::Publish(p)) => {
+            let env = p.to_envelope("2026-12-03T00:00:00.000Z", "ns/pod");
+            let mut v: Value = serde_json::from_slice(&env).unwrap_or_else(|e| {
+                panic!(
+                    "envelope {:?} is not JSON: {e}",
+                    String::from_utf8_lossy(&env)
+                )
+            });
+            let obj = v.as_object_mut().expect("envelope is an object");
+            assert_eq!(obj.remove("source"), Some(json!("ns/pod")));
+            assert!(obj.contains_key("timestamp"), "{obj:?}");
+            Out::Publish(v)
         }
-    }
-    if let Some(e) = dec.finish() {
-        out.push(Out::Fatal(e.reason().to_owned()));
-    }
-    out
+        Decoded::Request(Request::MsgCheck { limit }) => Out::Check(limit),
+        Decoded::Rejected(e) => Out::Rejected(e.to_string()),
+        // A fatal error, or the end of the stream inside a value.
+        Decoded::Fatal(e) => Out::Fatal(e.reason().to_owned()),
+        Decoded::NeedMore => unreachable!("the driver stops at NeedMore"),
+    })
 }
 
 /// The oracle: serde_json's own stream deserializer over the whole input, mapped to what the
