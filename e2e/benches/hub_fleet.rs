@@ -39,7 +39,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use nanogate_e2e::bench::{cpu_seconds, load};
+use nanogate_e2e::bench::{cpu_seconds, load, status_kib};
 use nanogate_e2e::{ControlPlane, TestNamespace, wait_for};
 use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode};
 use serde_json::json;
@@ -131,16 +131,6 @@ fn open_file_limit() -> u64 {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn status_kib(pid: u32, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// What the bench reads off the operator's /metrics at one moment.

@@ -1,7 +1,7 @@
 //! What the benches share to measure: the machine's load, a process's CPU time, and
 //! namespaces filled with gateways before an operator starts.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::{ControlPlane, TestNamespace};
 
@@ -15,26 +15,8 @@ pub fn load() -> String {
         .join(" ")
 }
 
-/// CPU seconds (user + system) the process `pid` has used.
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').context("no ')' in stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / clock_ticks())
-}
-
-/// The kernel's clock ticks per second (`USER_HZ`), 100 when `getconf` cannot say.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
+/// A process's CPU time and memory, as `hub-bench` measures them too.
+pub use nanogate_operator::bench::{cpu_seconds, status_kib};
 
 /// `count` fresh namespaces (`prefix-…`), each with `per_namespace` gateways `gw-<i>` (and the
 /// `platform-key` Secret they name).

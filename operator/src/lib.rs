@@ -2,6 +2,8 @@
 //! fit together is in `docs/architecture.md` ("Operator"). Lower modules first; none imports a
 //! module listed above it (`tests/layout.rs` checks there is no cycle):
 //!
+//! - [`bench`]: what the benches measure of a process (CPU time, memory); not used by the
+//!   operator itself.
 //! - [`names`]: every annotation, label, environment variable, mount path and ConfigMap key
 //!   shared with pods, users and the sidecar.
 //! - [`shutdown`]: the one [`shutdown::Shutdown`] every long-running task takes; SIGTERM.
@@ -29,6 +31,7 @@
 //! - This file: the run loop (admin server, leader election, controller).
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nanogate_operator::bench::{cpu_seconds, status_kib};
 use nanogate_operator::hub::{self, AgentIdentity, Authenticator, Denial, Hub, HubConfig};
 use nanogate_operator::tls::{CertResolver, tls_config};
 use nanogate_protocol::control::{FrameDecoder, Heartbeat, Message, encode};
@@ -183,30 +184,6 @@ fn histogram_quantile(h: &prometheus::Histogram, q: f64) -> f64 {
     f64::INFINITY
 }
 
-struct ProcStat {
-    cpu_ticks: u64,
-}
-
-fn proc_cpu(pid: u32) -> Result<ProcStat> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; `after` starts at field 3.
-    Ok(ProcStat {
-        cpu_ticks: fields[11].parse::<u64>()? + fields[12].parse::<u64>()?,
-    })
-}
-
-fn proc_rss_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn drive(opts: Options) -> Result<()> {
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe()?;
@@ -286,18 +263,16 @@ async fn drive(opts: Options) -> Result<()> {
 
     // Steady state: measure the hub process alone.
     while rtt_rx.try_recv().is_ok() {}
-    let ticks_per_second = 100.0; // USER_HZ on Linux
-    let cpu_before = proc_cpu(pid)?;
+    let cpu_before = cpu_seconds(pid)?;
     let wall_before = Instant::now();
     let mut rtts = Vec::new();
     let deadline = tokio::time::Instant::now() + opts.duration;
     while let Ok(Some(rtt)) = tokio::time::timeout_at(deadline, rtt_rx.recv()).await {
         rtts.push(rtt);
     }
-    let cpu_after = proc_cpu(pid)?;
+    let cpu_after = cpu_seconds(pid)?;
     let wall = wall_before.elapsed().as_secs_f64();
-    let rss = proc_rss_kib(pid, "VmRSS:");
-    let hwm = proc_rss_kib(pid, "VmHWM:");
+    let (rss, hwm) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
     // Report first (while every agent is still connected), then stop the agents.
     drop(child.stdin.take());
     let report: serde_json::Value =
@@ -312,7 +287,7 @@ async fn drive(opts: Options) -> Result<()> {
             .copied()
             .unwrap_or_default()
     };
-    let cores = (cpu_after.cpu_ticks - cpu_before.cpu_ticks) as f64 / ticks_per_second / wall;
+    let cores = (cpu_after - cpu_before) / wall;
     let passes = report["status_passes"].as_f64().unwrap_or(1.0).max(1.0);
     let writes_per_gateway_per_pass =
         report["status_writes"].as_f64().unwrap_or(0.0) / passes / opts.gateways as f64;
@@ -324,9 +299,9 @@ async fn drive(opts: Options) -> Result<()> {
     println!(
         "  {:<44} {:>9.1} MiB   < 256 MiB",
         "hub RSS (end of steady state)",
-        rss as f64 / 1024.0
+        rss / 1024.0
     );
-    println!("  {:<44} {:>9.1} MiB", "hub RSS peak", hwm as f64 / 1024.0);
+    println!("  {:<44} {:>9.1} MiB", "hub RSS peak", hwm / 1024.0);
     println!(
         "  {:<44} {:>10.0} µs   (bucket bound)",
         "heartbeat handling p99 inside the hub",
