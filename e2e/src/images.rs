@@ -471,7 +471,7 @@ fn stderr_for_child() -> Result<Stdio> {
 /// `reference`. RUN steps see this machine's CA bundle: where egress goes through a
 /// TLS-inspecting proxy, rustup and cargo trust only the machine's store, which Debian's bundle
 /// in the base image lacks. A RUN mount is not part of any layer.
-fn podman_build(file: &str, context: &str, target: &str, reference: &str) -> Result<()> {
+pub(crate) fn podman_build(file: &str, context: &str, target: &str, reference: &str) -> Result<()> {
     let ca = std::env::var("SSL_CERT_FILE")
         .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".to_string());
     let ca_mount = format!("{ca}:/etc/ssl/certs/ca-certificates.crt:ro");

@@ -47,6 +47,7 @@ macro_rules! progress {
 
 mod assets;
 pub mod bench;
+pub mod chart_release;
 mod cluster;
 pub mod images;
 pub mod kubelet;
@@ -54,6 +55,7 @@ pub mod local_operator;
 mod namespace;
 pub mod node;
 pub mod podman;
+pub mod previous_release;
 pub mod process;
 pub mod service_network;
 
@@ -385,41 +387,24 @@ pub fn webhook_configurations_for(
     port: u16,
     failure_policy: &str,
 ) -> String {
-    format!(
-        r#"apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
+    // One webhook of `kind` named `webhook` on `path` for `rule` (operations, group, version,
+    // resources as YAML flow lists), with what both have in common.
+    let configuration = |kind: &str, name: &str, webhook: &str, path: &str, rule: [&str; 4]| {
+        let [operations, group, version, resources] = rule;
+        format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: {kind}
 metadata:
-  name: {mutating}
+  name: {name}
 webhooks:
-- name: inject.nanogate.io
+- name: {webhook}
   clientConfig:
-    url: https://127.0.0.1:{port}/mutate
+    url: https://127.0.0.1:{port}/{path}
   rules:
-  - operations: ["CREATE"]
-    apiGroups: [""]
-    apiVersions: ["v1"]
-    resources: ["pods"]
-  namespaceSelector:
-    {namespace_selector}
-  failurePolicy: {failure_policy}
-  sideEffects: None
-  timeoutSeconds: 5
-  admissionReviewVersions: ["v1"]
-  reinvocationPolicy: Never
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
-metadata:
-  name: {validating}
-webhooks:
-- name: validate.nanogate.io
-  clientConfig:
-    url: https://127.0.0.1:{port}/validate
-  rules:
-  - operations: ["CREATE", "UPDATE"]
-    apiGroups: ["nanogate.io"]
-    apiVersions: ["v1alpha1"]
-    resources: ["agentgateways"]
+  - operations: {operations}
+    apiGroups: {group}
+    apiVersions: {version}
+    resources: {resources}
   namespaceSelector:
     {namespace_selector}
   failurePolicy: {failure_policy}
@@ -427,6 +412,31 @@ webhooks:
   timeoutSeconds: 5
   admissionReviewVersions: ["v1"]
 "#
+        )
+    };
+    let pods = [r#"["CREATE"]"#, r#"[""]"#, r#"["v1"]"#, r#"["pods"]"#];
+    let gateways = [
+        r#"["CREATE", "UPDATE"]"#,
+        r#"["nanogate.io"]"#,
+        r#"["v1alpha1"]"#,
+        r#"["agentgateways"]"#,
+    ];
+    format!(
+        "{}  reinvocationPolicy: Never\n---\n{}",
+        configuration(
+            "MutatingWebhookConfiguration",
+            mutating,
+            "inject.nanogate.io",
+            "mutate",
+            pods
+        ),
+        configuration(
+            "ValidatingWebhookConfiguration",
+            validating,
+            "validate.nanogate.io",
+            "validate",
+            gateways
+        ),
     )
 }
 
@@ -569,6 +579,41 @@ metadata: {{name: {name}, namespace: {ns}}}
 spec:
   upstream: {{kind: http, url: "http://127.0.0.1:9", apiKeySecretRef: {{name: platform-key, key: apiKey}}}}
 {spec_extra}"#
+    )
+}
+
+/// A Deployment `name` in `ns` of `replicas` pods labelled `app: <name>`, with `pod_annotations`
+/// (a YAML flow map, `{}` for none) and `containers` (the pod spec's containers, YAML indented
+/// six spaces). `Recreate` when `recreate` (pods that never turn ready, with no kubelet, are
+/// replaced without waiting); pods get 1 s to terminate.
+pub fn deployment_yaml(
+    ns: &str,
+    name: &str,
+    replicas: u32,
+    recreate: bool,
+    pod_annotations: &str,
+    containers: &str,
+) -> String {
+    let strategy = if recreate {
+        "  strategy: {type: Recreate}\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: {replicas}
+{strategy}  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+      annotations: {pod_annotations}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+{containers}"#
     )
 }
 

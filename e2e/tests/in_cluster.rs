@@ -30,21 +30,22 @@
 //!   from them (owned by their gateway: they go when it is deleted, checked here too), the users'
 //!   injected pods, and Events about users' objects until the apiserver's event TTL (1 h).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
+use nanogate_e2e::chart_release::{
+    OPERATORS, RELEASE, TIMEOUT, apply_gateway, deploy_app, dump, helm_release, labelled_leader,
+    operator_metric, operators_rolled, pod_name, pod_ready, release_values, repaired_by_rollout,
+    reported_outdated, two_ready_operators,
+};
 use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
 use nanogate_e2e::service_network::{self, CLUSTER_DOMAIN};
 use nanogate_e2e::{ControlPlane, Node, TestNamespace, helm, wait_for, workspace_root};
 
-const RELEASE: &str = "nanogate";
-const OPERATORS: &str = "app.kubernetes.io/instance=nanogate,app.kubernetes.io/component=operator";
-const LEADER_LABEL: &str = "nanogate.io/hub-leader";
 /// The chart's names for release `nanogate` (`_helpers.tpl`).
 const LEASE: &str = "nanogate-operator";
 const CERT_SECRET: &str = "nanogate-webhook-certs";
@@ -55,71 +56,9 @@ const CLUSTER_OBJECTS: [&str; 4] = [
     "mutatingwebhookconfiguration/nanogate-injector",
     "validatingwebhookconfiguration/nanogate-validator",
 ];
-const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn name(pod: &Pod) -> String {
-    pod.metadata.name.clone().unwrap_or_default()
-}
 
 fn pod_ip(pod: &Pod) -> Option<String> {
     pod.status.as_ref().and_then(|s| s.pod_ip.clone())
-}
-
-fn has_sidecar(pod: &Pod) -> bool {
-    sidecar_image(pod).is_some()
-}
-
-/// The image the pod's spec gives its nano-agent container. (Its container status would name
-/// whichever tag containerd lists first for the image: the `-previous` tag is the same image.)
-fn sidecar_image(pod: &Pod) -> Option<&str> {
-    let spec = pod.spec.as_ref()?;
-    spec.containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .find(|c| c.name == "nano-agent")
-        .and_then(|c| c.image.as_deref())
-}
-
-/// Both operator pods Ready (and no other operator pod around); returns them.
-async fn two_ready_operators(pods: &Api<Pod>) -> Result<Vec<Pod>> {
-    wait_for("two Ready operator pods", TIMEOUT, || async {
-        let list = pods.list(&ListParams::default().labels(OPERATORS)).await?;
-        let all = list.items.len();
-        let ready: Vec<Pod> = list.items.into_iter().filter(ready).collect();
-        Ok((ready.len() == 2 && all == 2).then_some(ready))
-    })
-    .await
-}
-
-/// Sum of the samples of `metric` on `ip:8080/metrics` (the operator's admin port).
-fn scrape(ip: &str, metric: &str) -> Result<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(
-        &format!("{ip}:8080").parse()?,
-        Duration::from_secs(3),
-    )?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(metric))
-        .filter(|l| matches!(l.as_bytes().get(metric.len()), Some(b' ' | b'{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 /// The one leader among `operators`: the Lease holder, the only pod labelled hub leader and the
@@ -131,25 +70,15 @@ async fn the_leader(leases: &Api<Lease>, operators: &[Pod]) -> Result<Option<Pod
         .and_then(|l| l.spec)
         .and_then(|s| s.holder_identity)
         .unwrap_or_default();
-    let labelled: Vec<&Pod> = operators
-        .iter()
-        .filter(|p| {
-            p.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LEADER_LABEL))
-                .is_some_and(|v| v == "true")
-        })
-        .collect();
+    let labelled: Vec<&Pod> = operators.iter().filter(|p| labelled_leader(p)).collect();
     let mut leading = Vec::new();
     for pod in operators {
-        let ip = pod_ip(pod).context("operator pod IP")?;
-        if scrape(&ip, "nanogate_operator_leader")? == 1.0 {
-            leading.push(name(pod));
+        if operator_metric(pod, "nanogate_operator_leader")? == 1.0 {
+            leading.push(pod_name(pod));
         }
     }
     match labelled.as_slice() {
-        [pod] if name(pod) == holder && leading == [holder.clone()] => Ok(Some((*pod).clone())),
+        [pod] if pod_name(pod) == holder && leading == [holder.clone()] => Ok(Some((*pod).clone())),
         _ => Ok(None),
     }
 }
@@ -273,38 +202,13 @@ fn leftovers(cp: &ControlPlane, ns: &str) -> Result<Vec<String>> {
     Ok(left)
 }
 
-/// A values file for the release (deleted on drop).
-struct Values(PathBuf);
-
-impl Values {
-    fn new(yaml: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!(
-            "nanogate-in-cluster-values-{}-{:08x}.yaml",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::write(&path, yaml)?;
-        Ok(Self(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Values {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
 }
 
-/// `helm install` or `helm upgrade` (`action`) of the chart as release [`RELEASE`] in `ns`, with
-/// `operator_image` (never pulled), `agent_image` as the chart's `sidecar.image`, a 1 s status
-/// interval and the validator on Ignore.
+/// `helm install` or `helm upgrade` (`action`) of this tree's chart in `ns`, with
+/// `operator_image`, `agent_image` as the chart's `sidecar.image`, a 1 s status interval and the
+/// validator on Ignore.
 fn release(
     cp: &ControlPlane,
     action: &str,
@@ -312,27 +216,14 @@ fn release(
     operator_image: &str,
     agent_image: &str,
 ) -> Result<()> {
-    let (repository, tag) = operator_image.rsplit_once(':').context("image tag")?;
-    let (agent_repository, agent_tag) = agent_image.rsplit_once(':').context("image tag")?;
-    let values = Values::new(&format!(
-        "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
-         sidecar: {{image: {{repository: {agent_repository}, tag: \"{agent_tag}\"}}}}\n\
-         statusInterval: 1s\nwebhook: {{validate: {{failurePolicy: Ignore}}}}\n"
-    ))?;
+    // The validator on Ignore: until the operator is ready it would refuse the AgentGateways
+    // of the other tests sharing this apiserver.
+    let values = format!(
+        "{}webhook: {{validate: {{failurePolicy: Ignore}}}}\n",
+        release_values(operator_image, agent_image)?
+    );
     let chart = workspace_root().join("charts/nanogate");
-    let done = helm(
-        cp.kubeconfig_path(),
-        &[
-            action,
-            chart.to_str().context("chart path")?,
-            RELEASE,
-            ns,
-            "--values",
-            values.path().to_str().context("values path")?,
-        ],
-    )?;
-    ensure!(done.to_string().contains("deployed"), "{action}: {done}");
-    Ok(())
+    helm_release(cp, action, &chart, ns, &values)
 }
 
 #[tokio::test]
@@ -472,15 +363,16 @@ struct Installed<'a> {
     previous_agent: &'a str,
 }
 
+impl<'a> Installed<'a> {
+    /// Where it runs: control plane, client, the release's and the apps' namespaces.
+    fn cluster(&self) -> (&'a ControlPlane, &'a kube::Client, &'a str, &'a str) {
+        (self.cp, self.client, self.ns, self.apps_ns)
+    }
+}
+
 async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
-    let Installed {
-        cp,
-        client,
-        ns,
-        apps_ns,
-        operator_image,
-        previous_agent: agent_image,
-    } = *installed;
+    let (cp, client, ns, apps_ns) = installed.cluster();
+    let (operator_image, agent_image) = (installed.operator_image, installed.previous_agent);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
 
@@ -493,14 +385,18 @@ async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
     );
     for pod in &operators {
         let status = pod.status.as_ref().context("status")?;
-        ensure!(status.phase.as_deref() == Some("Running"), "{}", name(pod));
+        ensure!(
+            status.phase.as_deref() == Some("Running"),
+            "{}",
+            pod_name(pod)
+        );
         let image = status
             .container_statuses
             .iter()
             .flatten()
             .map(|c| c.image.clone())
             .collect::<Vec<_>>();
-        ensure!(image == [operator_image], "{}: {image:?}", name(pod));
+        ensure!(image == [operator_image], "{}: {image:?}", pod_name(pod));
     }
     let leader = wait_for("exactly one leader", TIMEOUT, || async {
         let operators = pods
@@ -512,13 +408,13 @@ async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
     .await?;
     let follower = operators
         .iter()
-        .find(|p| name(p) != name(&leader))
+        .find(|p| pod_name(p) != pod_name(&leader))
         .context("a follower")?
         .clone();
     nanogate_e2e::progress!(
         "[in-cluster] leader {} (follower {}) {:.1}s after install",
-        name(&leader),
-        name(&follower),
+        pod_name(&leader),
+        pod_name(&follower),
         secs(step)
     );
 
@@ -568,54 +464,11 @@ async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
     );
 
     // A gateway whose sidecars run the operator's nano-agent image (the chart's
-    // `sidecar.image`); its upstream is this machine's discard port (nothing listens: the
-    // sidecar still connects to the hub).
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &nanogate_e2e::gateway_yaml(apps_ns, "shop", "  heartbeatInterval: 1s\n")
-            .replace("http://127.0.0.1:9", &format!("http://{HOST_IP}:9")),
-    )?;
-    // An annotated Deployment, created once a dry run of its pod comes back injected (the
-    // mutating webhook through its Service, once the operator's watch knows the gateway).
+    // `sidecar.image`).
+    apply_gateway(cp, apps_ns)?;
+    // An annotated Deployment (the mutating webhook through its Service).
     let step = Instant::now();
-    let app_pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "probe", "annotations": {"nanogate.io/inject": "true"}},
-        "spec": {"containers": [{"name": "app", "image": BUSYBOX_IMAGE}]}
-    }))?;
-    nanogate_e2e::wait_for_injection(client, apps_ns, &app_pod).await?;
-    nanogate_e2e::apply_yaml(
-        cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: shop, namespace: {apps_ns}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: shop}}}}
-  template:
-    metadata:
-      labels: {{app: shop}}
-      annotations: {{nanogate.io/inject: "true"}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: app
-        image: {BUSYBOX_IMAGE}
-        imagePullPolicy: Never
-        command: ["sleep", "100000"]
-"#
-        ),
-    )?;
-    let app_pods: Api<Pod> = Api::namespaced(client.clone(), apps_ns);
-    let app = wait_for("the injected app pod 2/2 Ready", TIMEOUT, || async {
-        let list = app_pods
-            .list(&ListParams::default().labels("app=shop"))
-            .await?;
-        Ok(list.items.into_iter().find(ready))
-    })
-    .await?;
-    ensure!(has_sidecar(&app), "{} was not injected", name(&app));
+    let app = deploy_app(cp, client, apps_ns, agent_image).await?;
     let statuses = app
         .status
         .as_ref()
@@ -625,8 +478,6 @@ spec:
         statuses.len() == 2 && statuses.iter().all(|c| c.ready),
         "{statuses:?}"
     );
-    let image = sidecar_image(&app);
-    ensure!(image == Some(agent_image), "{image:?}");
     let hub_addr = app
         .spec
         .as_ref()
@@ -646,7 +497,7 @@ spec:
     );
     nanogate_e2e::progress!(
         "[in-cluster] app pod {} injected and 2/2 Ready in {:.1}s",
-        name(&app),
+        pod_name(&app),
         secs(step)
     );
 
@@ -664,9 +515,8 @@ spec:
         || connected(gateways.clone()),
     )
     .await?;
-    let leader_ip = pod_ip(&leader).context("leader IP")?;
     ensure!(
-        scrape(&leader_ip, "nanogate_hub_connected_agents")? == 1.0,
+        operator_metric(&leader, "nanogate_hub_connected_agents")? == 1.0,
         "the leader's hub has no agent"
     );
     let dials = service_connections(ns, "nanogate-hub")?;
@@ -685,7 +535,7 @@ spec:
     // round comes before the follower's next retry (every 2 s) — the hub Service follows, the
     // sidecar reconnects, and two pods are Ready again with exactly one leader.
     let step = Instant::now();
-    pods.delete(&name(&leader), &DeleteParams::default())
+    pods.delete(&pod_name(&leader), &DeleteParams::default())
         .await?;
     let new_leader = wait_for("another pod to take over", TIMEOUT, || async {
         let operators: Vec<Pod> = pods
@@ -693,23 +543,25 @@ spec:
             .await?
             .items
             .into_iter()
-            .filter(|p| name(p) != name(&leader) && pod_ip(p).is_some() && ready(p))
+            .filter(|p| pod_name(p) != pod_name(&leader) && pod_ip(p).is_some() && pod_ready(p))
             .collect();
         the_leader(&leases, &operators).await
     })
     .await?;
     let took_over = secs(step);
-    let new_ip = pod_ip(&new_leader).context("new leader IP")?;
     wait_for(
         "the sidecar to reconnect to the new leader",
         TIMEOUT,
-        || async { Ok((scrape(&new_ip, "nanogate_hub_connected_agents")? == 1.0).then_some(())) },
+        || async {
+            let agents = operator_metric(&new_leader, "nanogate_hub_connected_agents")?;
+            Ok((agents == 1.0).then_some(()))
+        },
     )
     .await?;
     let reconnected = secs(step);
     // The old leader's container exits at once (SIGTERM); when its pod leaves the API is the
     // kubelet's business (seen: 5 s, sometimes 45 s on a busy machine). Both are reported.
-    let old = name(&leader);
+    let old = pod_name(&leader);
     let exited = std::sync::Mutex::new(None::<f64>);
     wait_for("the old leader's pod to leave the API", TIMEOUT, || {
         let (pods, old) = (pods.clone(), old.clone());
@@ -746,13 +598,17 @@ spec:
     }
     let operators = two_ready_operators(&pods).await?;
     ensure!(
-        !operators.iter().any(|p| name(p) == name(&leader)),
+        !operators.iter().any(|p| pod_name(p) == pod_name(&leader)),
         "the old leader is still listed"
     );
     let again = the_leader(&leases, &operators)
         .await?
         .context("not exactly one leader after the hand-over")?;
-    ensure!(name(&again) == name(&new_leader), "{}", name(&again));
+    ensure!(
+        pod_name(&again) == pod_name(&new_leader),
+        "{}",
+        pod_name(&again)
+    );
     wait_for("the status to count the sidecar again", TIMEOUT, || {
         connected(gateways.clone())
     })
@@ -761,8 +617,8 @@ spec:
         "[in-cluster] leader pod deleted: {} ({}) took over in {took_over:.1}s, the sidecar \
          reconnected at {reconnected:.1}s; the old leader's container stopped by {}, its pod \
          left the API at {gone:.1}s; 2/2 Ready again at {:.1}s",
-        name(&new_leader),
-        if name(&new_leader) == name(&follower) {
+        pod_name(&new_leader),
+        if pod_name(&new_leader) == pod_name(&follower) {
             "the follower"
         } else {
             "the replacement pod"
@@ -781,58 +637,20 @@ spec:
 /// `SidecarsOutdated` event naming both images) until `nanogate.io/repair: rollout` has the
 /// operator restart its Deployment; the new pod runs `agent_image`, connected and current.
 async fn upgrade(installed: &Installed<'_>, agent_image: &str) -> Result<()> {
-    let Installed {
-        cp,
-        client,
-        ns,
-        apps_ns,
-        operator_image,
-        previous_agent,
-    } = *installed;
+    let (cp, client, ns, apps_ns) = installed.cluster();
+    let (operator_image, previous_agent) = (installed.operator_image, installed.previous_agent);
     let step = Instant::now();
     release(cp, "upgrade", ns, operator_image, agent_image)?;
-    cp.kubectl(&[
-        "rollout",
-        "status",
-        "deployment/nanogate-operator",
-        "-n",
-        ns,
-        "--timeout=180s",
-    ])?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    two_ready_operators(&pods).await?;
+    operators_rolled(cp, client, ns).await?;
     nanogate_e2e::progress!(
         "[in-cluster] helm upgrade: operator pods rolled in {:.1}s",
         secs(step)
     );
 
-    let gateways = nanogate_e2e::agentgateways(client, apps_ns);
-    let sidecars = |gateways: kube::Api<kube::api::DynamicObject>| async move {
-        let gateway = gateways.get("shop").await?;
-        Ok::<_, anyhow::Error>(gateway.data["status"]["sidecars"].clone())
-    };
     let step = Instant::now();
-    wait_for("the running sidecar reported outdated", TIMEOUT, || async {
-        let s = sidecars(gateways.clone()).await?;
-        Ok((s["outdated"] == 1 && s["expected"] == 1).then_some(()))
-    })
-    .await?;
-    let table = cp.kubectl(&["get", "agw", "shop", "-n", apps_ns, "-o", "wide"])?;
-    let column = nanogate_e2e::table_cell(&table, "OUTDATED")?;
+    let event = reported_outdated(cp, client, apps_ns).await?;
     ensure!(
-        column == "1",
-        "kubectl get agw -o wide shows {column:?}:\n{table}"
-    );
-    let event = nanogate_e2e::wait_for_event(
-        client,
-        apps_ns,
-        "shop",
-        "SidecarsOutdated",
-        Duration::from_secs(60),
-    )
-    .await?;
-    ensure!(
-        event.contains(previous_agent) && event.contains(agent_image),
+        event.contains(&format!("run {previous_agent} instead of {agent_image}:")),
         "the event names the image that runs and the one injected now: {event}"
     );
     nanogate_e2e::progress!(
@@ -841,77 +659,10 @@ async fn upgrade(installed: &Installed<'_>, agent_image: &str) -> Result<()> {
     );
 
     let step = Instant::now();
-    cp.kubectl(&[
-        "annotate",
-        "agentgateway",
-        "shop",
-        "-n",
-        apps_ns,
-        "nanogate.io/repair=rollout",
-    ])?;
-    let app_pods: Api<Pod> = Api::namespaced(client.clone(), apps_ns);
-    wait_for(
-        "the app's only pod to run the new sidecar image, 2/2 Ready",
-        TIMEOUT,
-        || async {
-            let list = app_pods
-                .list(&ListParams::default().labels("app=shop"))
-                .await?
-                .items;
-            let images: Vec<&str> = list.iter().filter_map(sidecar_image).collect();
-            Ok((list.len() == 1 && ready(&list[0]) && images == [agent_image]).then_some(()))
-        },
-    )
-    .await?;
-    let current = wait_for(
-        "the status to count it connected and current",
-        TIMEOUT,
-        || async {
-            let s = sidecars(gateways.clone()).await?;
-            Ok(
-                (s["outdated"] == 0 && s["connected"] == 1 && s["expected"] == 1)
-                    .then(|| s.to_string()),
-            )
-        },
-    )
-    .await?;
+    let current = repaired_by_rollout(cp, client, apps_ns, agent_image).await?;
     nanogate_e2e::progress!(
         "[in-cluster] rollout repair: the app pod runs {agent_image}, connected, in {:.1}s: {current}",
         secs(step)
     );
     Ok(())
-}
-
-/// On failure: what the pods and the operators said.
-fn dump(cp: &ControlPlane, ns: &str, apps_ns: &str) {
-    for args in [
-        vec![
-            "get",
-            "pods,svc,endpoints,leases",
-            "-n",
-            ns,
-            "-o",
-            "wide",
-            "--show-labels",
-        ],
-        vec!["get", "pods", "-n", apps_ns, "-o", "wide"],
-        vec!["get", "agentgateways", "-n", apps_ns, "-o", "yaml"],
-        vec!["logs", "-n", ns, "-l", OPERATORS, "--tail=40", "--prefix"],
-        vec![
-            "logs",
-            "-n",
-            apps_ns,
-            "-l",
-            "app=shop",
-            "-c",
-            "nano-agent",
-            "--tail=40",
-        ],
-        vec!["get", "events", "-n", ns],
-    ] {
-        match cp.kubectl(&args) {
-            Ok(out) => eprintln!("$ kubectl {}\n{out}", args.join(" ")),
-            Err(error) => eprintln!("$ kubectl {}\n{error:#}", args.join(" ")),
-        }
-    }
 }

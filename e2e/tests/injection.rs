@@ -370,24 +370,16 @@ async fn webhook_down_with_ignore_admits_uninjected_pods_which_are_reported_and_
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
         &format!(
-            r#"{gateway}---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  replicas: 1
-  # Pods never become ready here (no kubelet): Recreate replaces them without waiting.
-  strategy: {{type: Recreate}}
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata:
-      labels: {{app: web}}
-      annotations: {{nanogate.io/inject: "true"}}
-    spec:
-      containers: [{{name: web, image: "python:3.12-slim"}}]
-"#,
-            gateway = nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
-            ns = ns.name()
+            "{}---\n{}",
+            nanogate_e2e::gateway_yaml(ns.name(), "shop", ""),
+            nanogate_e2e::deployment_yaml(
+                ns.name(),
+                "web",
+                1,
+                true,
+                r#"{nanogate.io/inject: "true"}"#,
+                "      - {name: web, image: \"python:3.12-slim\"}\n",
+            )
         ),
     )?;
     let first = wait_for("the Deployment's pod", Duration::from_secs(30), || {

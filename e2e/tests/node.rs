@@ -477,21 +477,18 @@ async fn deploy_web(setup: &Setup, container: &str, extra: &str) -> Result<Vec<P
     apply_yaml(
         setup.cp.kubeconfig_path(),
         &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: {ns}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata: {{labels: {{app: web}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: httpd
-        image: {BUSYBOX_IMAGE}
-        imagePullPolicy: Never
-{container}{extra}"#
+            "{}{container}{extra}",
+            nanogate_e2e::deployment_yaml(
+                ns,
+                "web",
+                2,
+                false,
+                "{}",
+                &format!(
+                    "      - name: httpd\n        image: {BUSYBOX_IMAGE}\n        \
+                     imagePullPolicy: Never\n"
+                ),
+            )
         ),
     )?;
     let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), ns);

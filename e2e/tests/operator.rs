@@ -864,22 +864,13 @@ async fn an_upgrade_reports_outdated_sidecars_and_the_rollout_repair_moves_them(
     // ready (an unscheduled pod is deleted at once).
     nanogate_e2e::apply_yaml(
         cp.kubeconfig_path(),
-        &format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: app, namespace: {ns}}}
-spec:
-  replicas: 1
-  strategy: {{type: Recreate}}
-  selector: {{matchLabels: {{app: app}}}}
-  template:
-    metadata:
-      labels: {{app: app}}
-      annotations: {{nanogate.io/inject: "true"}}
-    spec:
-      containers: [{{name: app, image: app}}]
-"#,
-            ns = ns.name()
+        &nanogate_e2e::deployment_yaml(
+            ns.name(),
+            "app",
+            1,
+            true,
+            r#"{nanogate.io/inject: "true"}"#,
+            "      - {name: app, image: app}\n",
         ),
     )?;
     images_become("the pod injected with the old image", OLD, 60).await?;

@@ -110,7 +110,7 @@ impl Census {
         if let Some((_, Outdated::Image(running))) = other_image.first() {
             let running = running
                 .as_deref()
-                .unwrap_or("an image an operator before 0.3 injected");
+                .unwrap_or("the image an operator before 0.2 injected (its record names none)");
             let pods: Vec<&ObjectMeta> = other_image.iter().map(|(m, _)| m).collect();
             parts.push(format!(
                 "{} sidecar(s) run {running} instead of {image}: {}",

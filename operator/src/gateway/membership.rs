@@ -36,14 +36,14 @@ pub struct InjectedRecord {
     pub mode: String,
     /// Whether the sidecar waits for the app containers to finish and then exits (legacy
     /// mode, a pod that runs to completion): the hub looks at the whole pod only for these.
-    /// `None` in records of operators before 0.3.
+    /// `None` in records of operators before 0.2.
     #[serde(
         default,
         rename = "awaitsApps",
         skip_serializing_if = "Option::is_none"
     )]
     pub awaits_apps: Option<bool>,
-    /// The nano-agent image injected. `None` in records of operators before 0.3: such a
+    /// The nano-agent image injected. `None` in records of operators before 0.2: such a
     /// sidecar counts as outdated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
