@@ -13,6 +13,8 @@ use serde::de::{self, IgnoredAny, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::read_buffer::ReadBuffer;
+
 /// Maximum number of tags in `context.tags` (the Tendrl SDK's limit).
 pub const DEFAULT_MAX_TAGS: usize = 10;
 /// Largest accepted message, in bytes of JSON as written by the app.
@@ -658,9 +660,9 @@ pub enum Decoded<'a> {
 /// buffer without bound.
 #[derive(Debug)]
 pub struct StreamDecoder {
-    buf: Vec<u8>,
-    /// Start of the first value not consumed yet.
-    pos: usize,
+    /// What reads brought in; its consumed position is the start of the first value not
+    /// consumed yet.
+    pub input: ReadBuffer,
     framer: Framer,
     /// Values decoded so far (see [`StreamDecoder::values_begun`]).
     begun: u64,
@@ -671,34 +673,12 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     pub fn new(limits: Limits) -> Self {
         Self {
-            buf: Vec::new(),
-            pos: 0,
+            input: ReadBuffer::default(),
             framer: Framer::default(),
             begun: 0,
             limits,
             failed: false,
         }
-    }
-
-    /// Drops consumed bytes and returns the buffer for the next read, with at least
-    /// `min_spare` bytes of spare capacity (reads append to it).
-    pub fn read_buf(&mut self, min_spare: usize) -> &mut Vec<u8> {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        self.buf.reserve(min_spare);
-        &mut self.buf
-    }
-
-    /// Appends bytes (tests and fuzzing).
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.read_buf(bytes.len()).extend_from_slice(bytes);
-    }
-
-    /// Bytes received but not consumed yet.
-    pub fn buffered(&self) -> usize {
-        self.buf.len().saturating_sub(self.pos)
     }
 
     /// A value has begun and not ended yet (its first byte has been decoded).
@@ -716,8 +696,8 @@ impl StreamDecoder {
     /// literal that ends the stream ends there, as it would for a parser given the whole
     /// stream at once.
     pub fn finish(&mut self) -> Option<AppError> {
-        let rest = self.buf.get(self.pos..).unwrap_or_default();
-        self.pos = self.buf.len();
+        let rest = self.input.buf.get(self.input.pos..).unwrap_or_default();
+        self.input.pos = self.input.buf.len();
         if self.failed || rest.iter().all(is_json_ws) {
             return None;
         }
@@ -737,12 +717,16 @@ impl StreamDecoder {
         if self.failed {
             return Decoded::NeedMore;
         }
-        let rest = self.buf.get(self.pos..).unwrap_or_default();
         if self.framer.kind == Kind::Start {
-            let ws = rest.iter().take_while(|b| is_json_ws(b)).count();
-            self.pos += ws;
+            let ws = self
+                .input
+                .rest()
+                .iter()
+                .take_while(|b| is_json_ws(b))
+                .count();
+            self.input.pos += ws;
         }
-        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        let rest = self.input.buf.get(self.input.pos..).unwrap_or_default();
         if rest.is_empty() {
             return Decoded::NeedMore;
         }
@@ -750,7 +734,7 @@ impl StreamDecoder {
             && let Some((size, decoded)) = decode_whole(rest, &self.limits)
         {
             self.begun += 1;
-            self.pos += size;
+            self.input.pos += size;
             return decoded;
         }
         match self.framer.scan(rest) {
@@ -769,7 +753,7 @@ impl StreamDecoder {
             Scan::Complete(size) => {
                 let framer = std::mem::take(&mut self.framer);
                 self.begun += 1;
-                self.pos += size;
+                self.input.pos += size;
                 let value = rest.get(..size).unwrap_or_default();
                 let decoded = decode_value(value, &framer, &self.limits);
                 if matches!(decoded, Decoded::Fatal(_)) {
@@ -788,7 +772,7 @@ crate::testing::impl_decoder!(StreamDecoder, Decoded, {
 
     /// One partial value within the limit plus what one read brought in.
     fn check_buffer(&self, read_len: usize) {
-        assert!(self.buffered() <= self.limits.max_message_bytes + read_len + 1);
+        assert!(self.input.buffered() <= self.limits.max_message_bytes + read_len + 1);
     }
 });
 
@@ -1190,7 +1174,7 @@ mod tests {
 
     fn decode_all(input: &[u8]) -> Vec<String> {
         let mut d = StreamDecoder::new(Limits::default());
-        d.feed(input);
+        d.input.feed(input);
         let mut out = vec![];
         loop {
             match d.next() {
@@ -1233,7 +1217,7 @@ mod tests {
             let mut d = StreamDecoder::new(Limits::default());
             let mut got = vec![];
             for part in [&input[..split], &input[split..]] {
-                d.feed(part);
+                d.input.feed(part);
                 loop {
                     match d.next() {
                         Decoded::Request(Request::Publish(p)) => {
@@ -1360,13 +1344,6 @@ mod tests {
             br#"{"msg_type":"publish","context":{"tags":["\u00e9"],"wait":true}}"#,
             b"null",
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
         let run = |chunks: &[&[u8]]| {
             let mut d = StreamDecoder::new(Limits::default());
             crate::testing::decode_reads(&mut d, chunks, |step| match step {
@@ -1379,25 +1356,7 @@ mod tests {
                 Decoded::NeedMore => unreachable!("the driver stops at NeedMore"),
             })
         };
-        for _ in 0..2000 {
-            let mut input = Vec::new();
-            for _ in 0..rnd(6) + 1 {
-                input.extend_from_slice(pieces[rnd(pieces.len())]);
-                if rnd(2) == 0 {
-                    input.push(b' ');
-                }
-            }
-            let whole = run(&[&input]);
-            let (a, b) = (rnd(input.len() + 1), rnd(input.len() + 1));
-            let (a, b) = (a.min(b), a.max(b));
-            let split = run(&[&input[..a], &input[a..b], &input[b..]]);
-            assert_eq!(
-                whole,
-                split,
-                "input {:?} split at {a},{b}",
-                String::from_utf8_lossy(&input)
-            );
-        }
+        crate::testing::random_splits_agree(pieces, 6, b" ", run);
     }
 
     #[test]
@@ -1406,9 +1365,9 @@ mod tests {
             max_message_bytes: 100,
             max_tags: 10,
         });
-        d.feed(b"{\"msg_type\":\"publish\",\"data\":\"");
+        d.input.feed(b"{\"msg_type\":\"publish\",\"data\":\"");
         assert!(matches!(d.next(), Decoded::NeedMore));
-        d.feed(&[b'x'; 200]);
+        d.input.feed(&[b'x'; 200]);
         assert!(matches!(
             d.next(),
             Decoded::Fatal(AppError::TooLarge { .. })
@@ -1417,7 +1376,7 @@ mod tests {
             max_message_bytes: 40,
             max_tags: 10,
         });
-        d.feed(b"{\"msg_type\":\"publish\",\"data\":\"xxxxxxxxxxxxxxxxxxxxxxxxx\"}{\"msg_type\":\"msg_check\"}");
+        d.input.feed(b"{\"msg_type\":\"publish\",\"data\":\"xxxxxxxxxxxxxxxxxxxxxxxxx\"}{\"msg_type\":\"msg_check\"}");
         assert!(matches!(
             d.next(),
             Decoded::Rejected(AppError::TooLarge { .. })
@@ -1449,7 +1408,7 @@ mod tests {
     fn envelope_keeps_unknown_fields_and_never_duplicates_keys() {
         let env = |input: &[u8]| {
             let mut d = StreamDecoder::new(Limits::default());
-            d.feed(input);
+            d.input.feed(input);
             let Decoded::Request(Request::Publish(p)) = d.next() else {
                 panic!()
             };
@@ -1463,7 +1422,8 @@ mod tests {
         );
         let out = {
             let mut d = StreamDecoder::new(Limits::default());
-            d.feed(br#"{"msg_type":"publish","source":"spoofed","timestamp":null}"#);
+            d.input
+                .feed(br#"{"msg_type":"publish","source":"spoofed","timestamp":null}"#);
             let Decoded::Request(Request::Publish(p)) = d.next() else {
                 panic!()
             };
@@ -1480,7 +1440,8 @@ mod tests {
     #[test]
     fn stamp_encoded_once_matches_the_envelope() {
         let mut d = StreamDecoder::new(Limits::default());
-        d.feed(br#"{"msg_type":"publish","source":"x","data":1}{"msg_type":"publish"}"#);
+        d.input
+            .feed(br#"{"msg_type":"publish","source":"x","data":1}{"msg_type":"publish"}"#);
         let (now, source) = ("2026-12-04T00:00:00.000Z", "ns/\"pod\"\\");
         let stamp = Stamp::new(now, source);
         for _ in 0..2 {
@@ -1496,7 +1457,7 @@ mod tests {
         }
         let mut no_source = Vec::new();
         let mut d = StreamDecoder::new(Limits::default());
-        d.feed(br#"{"msg_type":"publish"}"#);
+        d.input.feed(br#"{"msg_type":"publish"}"#);
         let Decoded::Request(Request::Publish(p)) = d.next() else {
             panic!()
         };
@@ -1507,7 +1468,7 @@ mod tests {
     #[test]
     fn timestamp_from_app_is_kept() {
         let mut d = StreamDecoder::new(Limits::default());
-        d.feed(
+        d.input.feed(
             br#"{"msg_type":"publish","data":"s","dest":"e1","timestamp":"2020-01-01T00:00:00Z"}"#,
         );
         let Decoded::Request(Request::Publish(p)) = d.next() else {

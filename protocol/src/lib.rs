@@ -17,6 +17,7 @@ pub mod control;
 
 pub mod app;
 pub mod contract;
+pub mod read_buffer;
 pub mod sidecar_config;
 pub mod tcp;
 

@@ -38,6 +38,7 @@ use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 
 use crate::app::{self, AnyValue, AppError, CowStr, Limits, Publish, Request};
+use crate::read_buffer::ReadBuffer;
 
 /// Bytes a frame may add around its payload (type, id, timestamp, token, whitespace): the
 /// frame limit is the message limit plus this.
@@ -143,11 +144,10 @@ struct RawFrame<'a> {
 /// Incremental decoder for a stream of newline-delimited JSON frames.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
-    /// Start of the unconsumed bytes.
-    pos: usize,
-    /// Bytes before this index (and after `pos`) hold no newline: scanning resumes here, so
-    /// a long line arriving in small reads is scanned once, not once per read.
+    /// What reads brought in; its consumed position is the start of the next line.
+    pub input: ReadBuffer,
+    /// This many bytes after the next line's start hold no newline: scanning resumes after
+    /// them, so a long line arriving in small reads is scanned once, not once per read.
     scanned: usize,
     max_frame: usize,
     limits: Limits,
@@ -159,8 +159,7 @@ impl FrameDecoder {
     /// [`FRAME_OVERHEAD`].
     pub fn new(limits: Limits) -> Self {
         Self {
-            buf: Vec::new(),
-            pos: 0,
+            input: ReadBuffer::default(),
             scanned: 0,
             max_frame: limits.max_message_bytes.saturating_add(FRAME_OVERHEAD),
             limits,
@@ -178,28 +177,6 @@ impl FrameDecoder {
         self.max_frame = max;
     }
 
-    /// Drops consumed bytes and returns the buffer for the next read, with at least
-    /// `min_spare` bytes of spare capacity (reads append to it).
-    pub fn read_buf(&mut self, min_spare: usize) -> &mut Vec<u8> {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.scanned -= self.pos;
-            self.pos = 0;
-        }
-        self.buf.reserve(min_spare);
-        &mut self.buf
-    }
-
-    /// Appends bytes (tests and fuzzing).
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.read_buf(bytes.len()).extend_from_slice(bytes);
-    }
-
-    /// Bytes received but not consumed yet.
-    pub fn buffered(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
     /// True once a fatal error was returned; nothing more will be decoded.
     pub fn failed(&self) -> bool {
         self.failed
@@ -212,11 +189,11 @@ impl FrameDecoder {
             return Decoded::NeedMore;
         }
         loop {
-            let from = self.scanned.max(self.pos);
-            let unscanned = self.buf.get(from..).unwrap_or_default();
+            let from = self.input.pos + self.scanned;
+            let unscanned = self.input.buf.get(from..).unwrap_or_default();
             let Some(nl) = unscanned.iter().position(|&b| b == b'\n') else {
-                self.scanned = self.buf.len();
-                if self.buf.len() - self.pos > self.max_frame {
+                self.scanned = self.input.buffered();
+                if self.scanned > self.max_frame {
                     self.failed = true;
                     return Decoded::Fatal(FrameError::TooLarge {
                         max: self.max_frame,
@@ -225,16 +202,16 @@ impl FrameDecoder {
                 return Decoded::NeedMore;
             };
             let end = from + nl;
-            let start = self.pos;
-            self.pos = end + 1;
-            self.scanned = self.pos;
+            let start = self.input.pos;
+            self.input.pos = end + 1;
+            self.scanned = 0;
             if end - start > self.max_frame {
                 self.failed = true;
                 return Decoded::Fatal(FrameError::TooLarge {
                     max: self.max_frame,
                 });
             }
-            let line = self.buf.get(start..end).unwrap_or_default();
+            let line = self.input.buf.get(start..end).unwrap_or_default();
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -613,7 +590,7 @@ mod tests {
             {\"type\":\"ping\",\"id\":\"\\udc00\"}\n{\"type\":\"ping\",\"id\":-1e999}\n\
             {\"type\":\"nope\",\"id\":\"\\ud83d\\ude00\"}\n{\"type\":\"ping\",\"id\":1.5e3}\n";
         let mut d = FrameDecoder::new(Limits::default());
-        d.feed(input);
+        d.input.feed(input);
         let mut replies = 0;
         loop {
             let mut reply = Vec::new();
@@ -644,21 +621,21 @@ mod tests {
         let mut d = FrameDecoder::new(limits);
         assert_eq!(d.max_frame(), 64 + FRAME_OVERHEAD);
         d.set_max_frame(20);
-        d.feed(b"{\"type\":\"ping\"}\n{\"type\":\"data\",");
+        d.input.feed(b"{\"type\":\"ping\"}\n{\"type\":\"data\",");
         assert!(matches!(d.next(), Decoded::Frame(_)));
         assert!(matches!(d.next(), Decoded::NeedMore));
-        d.feed(b"\"payload\":{}}");
+        d.input.feed(b"\"payload\":{}}");
         assert!(matches!(
             d.next(),
             Decoded::Fatal(FrameError::TooLarge { max: 20 })
         ));
         assert!(d.failed());
-        d.feed(b"\n{\"type\":\"ping\"}\n");
+        d.input.feed(b"\n{\"type\":\"ping\"}\n");
         assert!(matches!(d.next(), Decoded::NeedMore), "nothing after fatal");
 
         let mut d = FrameDecoder::new(limits);
         d.set_max_frame(20);
-        d.feed(b"{\"type\":\"ping\",\"id\":\"0123456789\"}\n");
+        d.input.feed(b"{\"type\":\"ping\",\"id\":\"0123456789\"}\n");
         assert!(matches!(d.next(), Decoded::Fatal(_)));
     }
 
@@ -671,7 +648,7 @@ mod tests {
         );
         let mut frames = 0;
         for c in line.as_bytes().chunks(7) {
-            d.feed(c);
+            d.input.feed(c);
             loop {
                 match d.next() {
                     Decoded::NeedMore => break,
@@ -681,7 +658,7 @@ mod tests {
             }
         }
         assert_eq!(frames, 1);
-        assert_eq!(d.buffered(), 0);
+        assert_eq!(d.input.buffered(), 0);
     }
 
     #[test]
@@ -962,32 +939,10 @@ mod tests {
             br#"{"type":"auth","token":"t\u00e9"}"#,
             b"null",
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
         let limits = Limits {
             max_message_bytes: 64,
             max_tags: 10,
         };
-        for _ in 0..2000 {
-            let mut input = Vec::new();
-            for _ in 0..rnd(8) + 1 {
-                input.extend_from_slice(pieces[rnd(pieces.len())]);
-            }
-            let whole = run(limits, &[&input]);
-            let (a, b) = (rnd(input.len() + 1), rnd(input.len() + 1));
-            let (a, b) = (a.min(b), a.max(b));
-            let split = run(limits, &[&input[..a], &input[a..b], &input[b..]]);
-            assert_eq!(
-                whole,
-                split,
-                "input {:?} split at {a},{b}",
-                String::from_utf8_lossy(&input)
-            );
-        }
+        crate::testing::random_splits_agree(pieces, 8, b"", |reads| run(limits, reads));
     }
 }

@@ -341,7 +341,7 @@ fn envelope_drops_entries_anywhere_in_the_object() {
     ];
     for input in cases {
         let mut dec = StreamDecoder::new(Limits::default());
-        dec.feed(input);
+        dec.input.feed(input);
         let Decoded::Request(Request::Publish(p)) = dec.next() else {
             panic!("{}", String::from_utf8_lossy(input))
         };

@@ -87,7 +87,7 @@ fn decoder_in_memory(buf: &[u8], per: u64, secs: Duration) {
             let mut dec = StreamDecoder::new(Limits::default());
             let mut n = 0;
             for part in buf.chunks(chunk) {
-                dec.feed(part);
+                dec.input.feed(part);
                 while let Decoded::Request(_) = dec.next() {
                     n += 1;
                 }
@@ -106,7 +106,7 @@ fn decoder_in_memory(buf: &[u8], per: u64, secs: Duration) {
     let mut recs = nanogate_sidecar::spool::RecordBuf::new();
     let stamped = rate(&mut || {
         let mut dec = StreamDecoder::new(Limits::default());
-        dec.feed(buf);
+        dec.input.feed(buf);
         recs.clear();
         // Once per read, as the agent does.
         let stamp = Stamp::new("2026-12-04T13:00:00.000Z", "ns/pod");
@@ -149,7 +149,7 @@ fn baseline(dir: &Path, mode: &'static str, secs: Duration) -> f64 {
         let start = Instant::now();
         let mut dec = StreamDecoder::new(Limits::default());
         loop {
-            let b = dec.read_buf(64 * 1024);
+            let b = dec.input.read_buf(64 * 1024);
             let len = b.len();
             b.resize(b.capacity(), 0);
             let n = s.read(&mut b[len..]).unwrap();

@@ -411,7 +411,7 @@ impl Connection {
                 break "shutdown";
             }
             tokio::select! {
-                r = rd.read_buf(dec.read_buf(READ_CHUNK)) => match r {
+                r = rd.read_buf(dec.input.read_buf(READ_CHUNK)) => match r {
                     Ok(0) => break "eof",
                     Ok(_) => {
                         let step = self.process(&mut dec, &mut authed, &mut recs, &mut acks, &mut out);

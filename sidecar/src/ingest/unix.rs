@@ -243,7 +243,7 @@ impl Inline {
         }
         let mark = self.recs.mark();
         let read = self.buf.get(..len).unwrap_or_default();
-        self.dec.feed(read);
+        self.dec.input.feed(read);
         let mut plain = true;
         loop {
             match self.dec.next() {
@@ -258,7 +258,7 @@ impl Inline {
                 }
             }
         }
-        let rest = self.dec.buffered();
+        let rest = self.dec.input.buffered();
         if plain && eof && rest > 0 {
             // A truncated value at EOF is answered by the task (`finish`).
             plain = false;
@@ -269,7 +269,7 @@ impl Inline {
             self.recs.truncate(mark);
             self.dec = StreamDecoder::new(self.limits);
             let mut dec = StreamDecoder::new(self.limits);
-            dec.feed(read);
+            dec.input.feed(read);
             return Some((stream, dec, Vec::new(), permit));
         }
         let rest = if rest > 0 {
@@ -343,7 +343,7 @@ impl Inline {
             }
             let mut dec = StreamDecoder::new(self.limits);
             if !h.rest.is_empty() {
-                dec.feed(&h.rest);
+                dec.input.feed(&h.rest);
             }
             spawn(h.stream, dec, out, h.permit, shared, stop);
         }
@@ -391,7 +391,7 @@ async fn handle<U: Upstream>(
     if write(&mut wr, &mut out, shared.idle_timeout).await.is_err() {
         return;
     }
-    if dec.buffered() > 0 {
+    if dec.input.buffered() > 0 {
         let close = process(&mut dec, shared, &mut recs, &mut out, &mut wr).await;
         if write(&mut wr, &mut out, shared.idle_timeout).await.is_err() || close {
             return;
@@ -422,7 +422,7 @@ async fn handle<U: Upstream>(
             now + shared.idle_timeout
         };
         let read = tokio::select! {
-            r = timeout_at(deadline, rd.read_buf(dec.read_buf(chunk))) => r.map_or(Read::Idle, Read::Done),
+            r = timeout_at(deadline, rd.read_buf(dec.input.read_buf(chunk))) => r.map_or(Read::Idle, Read::Done),
             _ = stop.triggered(), if !stopping => Read::Stop,
         };
         let n = match read {
