@@ -6,7 +6,7 @@
 //! once (a first build compiles every crate: 5 to 8 minutes on 2 cores) and kept in nanogate's
 //! podman store under tags naming the commit; later runs find them and build nothing. Its
 //! sources are `git archive` of the commit, kept under `~/.cache/nanogate/previous-release/`
-//! (the checkout needs its history: a shallow clone gets a clear error).
+//! (a shallow clone fetches the commit from `origin` first).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -78,6 +78,30 @@ pub fn previous_release() -> Result<PreviousRelease> {
     })
 }
 
+/// `git` in the workspace, quietly: whether it succeeded.
+fn git(args: &[&str]) -> bool {
+    Command::new("git")
+        .arg("-C")
+        .arg(workspace_root())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A shallow clone lacks [`COMMIT`]: fetch it (or the whole history) from `origin`.
+fn fetch_if_missing() {
+    let have = || git(&["cat-file", "-e", &format!("{COMMIT}^{{commit}}")]);
+    if have() {
+        return;
+    }
+    progress!("[previous-release] commit {COMMIT} is not in this clone: fetching it from origin");
+    if !git(&["fetch", "--quiet", "origin", COMMIT]) || !have() {
+        git(&["fetch", "--quiet", "--unshallow", "origin"]);
+    }
+}
+
 /// `git archive` of [`COMMIT`] into the cache, once (written aside, then renamed into place).
 fn sources() -> Result<PathBuf> {
     let root = cache_dir().join("previous-release");
@@ -86,6 +110,7 @@ fn sources() -> Result<PathBuf> {
         return Ok(dir);
     }
     std::fs::create_dir_all(&root)?;
+    fetch_if_missing();
     let partial = root.join(format!("{COMMIT}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
@@ -107,7 +132,7 @@ fn sources() -> Result<PathBuf> {
     ensure!(
         archived.success() && untar.success(),
         "git archive {COMMIT} failed: the upgrade test builds release {VERSION} from its commit, \
-         so the checkout needs the history (git fetch --unshallow)"
+         so the checkout needs that commit (git fetch --unshallow origin)"
     );
     std::fs::rename(&partial, &dir)
         .with_context(|| format!("moving the sources to {}", dir.display()))?;
