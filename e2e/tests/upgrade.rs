@@ -8,8 +8,9 @@
 //! - after the upgrade this operator replaces the CRD with its own (`--manage-crd`, the chart's
 //!   default): a field this release added persists, and the gateway created under 0.1.0 still
 //!   validates (Ready, admitted by the validating webhook);
-//! - the running 0.1.0 sidecar reconnects to the new hub and is counted outdated (status,
-//!   `kubectl get agw -o wide`, a `SidecarsOutdated` event naming both images);
+//! - the running 0.1.0 sidecar reconnects to the new hub (the new leader counts it) and is
+//!   counted outdated (status, `kubectl get agw -o wide`, a `SidecarsOutdated` event naming the
+//!   pod and the image injected now; 0.1.0 recorded none of its own);
 //! - `nanogate.io/repair: rollout` moves it: the app's new pod runs this tree's nano-agent,
 //!   connected and current.
 //!
