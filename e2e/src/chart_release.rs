@@ -108,12 +108,7 @@ pub fn pod_name(pod: &Pod) -> String {
 /// The image the pod's spec gives its nano-agent container. (Its container status would name
 /// whichever tag containerd lists first for the image, and one image may have several.)
 pub fn sidecar_image(pod: &Pod) -> Option<&str> {
-    let spec = pod.spec.as_ref()?;
-    spec.containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .find(|c| c.name == "nano-agent")
-        .and_then(|c| c.image.as_deref())
+    crate::kubelet::sidecar_container(pod)?.image.as_deref()
 }
 
 /// The sum of `metric`'s samples on an operator pod's `/metrics` (the chart's admin port 8080).
@@ -150,8 +145,8 @@ pub async fn two_ready_operators(pods: &Api<Pod>) -> Result<Vec<Pod>> {
 /// [`GATEWAY`], the namespace's only gateway).
 pub fn app_deployment_yaml(apps_ns: &str) -> String {
     let containers = format!(
-        "      - name: app\n        image: {BUSYBOX_IMAGE}\n        imagePullPolicy: Never\n        \
-         command: [\"sleep\", \"100000\"]\n"
+        "      - {{name: app, image: {BUSYBOX_IMAGE}, imagePullPolicy: Never, \
+         command: [sleep, \"100000\"]}}\n"
     );
     crate::deployment_yaml(
         apps_ns,

@@ -34,6 +34,8 @@
 //!
 //! [`LocalOperator`] (module [`local_operator`]) installs nanogate for the node's pods as
 //! `make demo` does: webhooks by URL, the operator as a local process, its hub on the bridge.
+//! [`chart_release`] installs the chart instead, its operator running as pods on the node;
+//! [`previous_release`] builds release 0.1.0's chart and images for the upgrade test.
 
 /// Progress line on the real stderr: the test harness captures `eprintln!`, but how long setup
 /// took and where the binaries came from should show on every run.

@@ -3,10 +3,11 @@
 //!
 //! Release 0.1.0 is [`COMMIT`], the last commit whose CHANGELOG had nothing under
 //! "Unreleased". No registry is reachable from the test machines, so its images are built here
-//! once (a first build compiles every crate: 5 to 8 minutes on 2 cores) and kept in nanogate's
-//! podman store under tags naming the commit; later runs find them and build nothing. Its
-//! sources are `git archive` of the commit, kept under `~/.cache/nanogate/previous-release/`
-//! (a shallow clone fetches the commit from `origin` first).
+//! once (every crate compiled: 243 s on a quiet 2-core machine, 2026-12-05) and kept in
+//! nanogate's podman store under tags naming the commit; later runs find them and build
+//! nothing. Its sources are `git archive` of the commit, kept under
+//! `~/.cache/nanogate/previous-release/` (a shallow clone fetches the commit from `origin`
+//! first).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -57,8 +58,7 @@ pub fn previous_release() -> Result<PreviousRelease> {
         let started = Instant::now();
         progress!(
             "[previous-release] building release {VERSION}'s images {missing:?} from commit \
-             {short} (once per machine: a first build compiles every crate, 5 to 8 minutes on \
-             2 cores)"
+             {short} (once per machine: every crate is compiled, about 4 minutes on 2 cores)"
         );
         let file = dir.join(DOCKERFILE);
         let file = file.to_str().context("Dockerfile path")?;

@@ -478,16 +478,8 @@ async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
         statuses.len() == 2 && statuses.iter().all(|c| c.ready),
         "{statuses:?}"
     );
-    let hub_addr = app
-        .spec
-        .as_ref()
+    let hub_addr = nanogate_e2e::kubelet::sidecar_container(&app)
         .into_iter()
-        .flat_map(|s| {
-            s.containers
-                .iter()
-                .chain(s.init_containers.iter().flatten())
-        })
-        .filter(|c| c.name == "nano-agent")
         .flat_map(|c| c.env.iter().flatten())
         .find(|e| e.name == "NANOGATE_HUB_ADDR")
         .and_then(|e| e.value.clone());
