@@ -92,13 +92,9 @@ pub fn release_values(operator_image: &str, agent_image: &str) -> Result<String>
     ))
 }
 
-pub fn pod_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// Ready and not being deleted (a deleted pod stays Ready until its containers stop).
+pub fn ready_not_terminating(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && crate::pod_ready(pod)
 }
 
 pub fn pod_name(pod: &Pod) -> String {
@@ -113,11 +109,7 @@ pub fn sidecar_image(pod: &Pod) -> Option<&str> {
 
 /// The sum of `metric`'s samples on an operator pod's `/metrics` (the chart's admin port 8080).
 pub fn operator_metric(pod: &Pod, metric: &str) -> Result<f64> {
-    let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_deref())
-        .with_context(|| format!("{} has no IP", pod_name(pod)))?;
+    let ip = crate::pod_ip(pod).with_context(|| format!("{} has no IP", pod_name(pod)))?;
     crate::scrape(&format!("{ip}:8080"), metric)
 }
 
@@ -135,7 +127,11 @@ pub async fn two_ready_operators(pods: &Api<Pod>) -> Result<Vec<Pod>> {
     wait_for("two Ready operator pods", TIMEOUT, || async {
         let list = pods.list(&ListParams::default().labels(OPERATORS)).await?;
         let all = list.items.len();
-        let ready: Vec<Pod> = list.items.into_iter().filter(pod_ready).collect();
+        let ready: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(ready_not_terminating)
+            .collect();
         Ok((ready.len() == 2 && all == 2).then_some(ready))
     })
     .await
@@ -198,7 +194,9 @@ pub async fn app_pod_on(client: &kube::Client, apps_ns: &str, image: &str) -> Re
             .await?
             .items;
         Ok(match list.as_slice() {
-            [pod] if pod_ready(pod) && sidecar_image(pod) == Some(image) => Some(pod.clone()),
+            [pod] if ready_not_terminating(pod) && sidecar_image(pod) == Some(image) => {
+                Some(pod.clone())
+            }
             _ => None,
         })
     })

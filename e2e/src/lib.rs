@@ -619,6 +619,19 @@ spec:
     )
 }
 
+/// Whether the pod's `Ready` condition is `True`.
+pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The pod's IP, once it has one.
+pub fn pod_ip(pod: &k8s_openapi::api::core::v1::Pod) -> Option<&str> {
+    pod.status.as_ref()?.pod_ip.as_deref()
+}
+
 /// The cell of `column` in the first row of a `kubectl get` table. kubectl aligns every cell
 /// under its header, so the cell is read between its header's offset and the next one's (an
 /// empty cell, e.g. a condition not set yet, would shift a whitespace split).

@@ -78,12 +78,16 @@ pub fn previous_release() -> Result<PreviousRelease> {
     })
 }
 
+/// `git <args>` in the workspace.
+fn git_command(args: &[&str]) -> Command {
+    let mut command = Command::new("git");
+    command.arg("-C").arg(workspace_root()).args(args);
+    command
+}
+
 /// `git` in the workspace, quietly: whether it succeeded.
 fn git(args: &[&str]) -> bool {
-    Command::new("git")
-        .arg("-C")
-        .arg(workspace_root())
-        .args(args)
+    git_command(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -114,10 +118,7 @@ fn sources() -> Result<PathBuf> {
     let partial = root.join(format!("{COMMIT}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
-    let mut archive = Command::new("git")
-        .arg("-C")
-        .arg(workspace_root())
-        .args(["archive", "--format=tar", COMMIT])
+    let mut archive = git_command(&["archive", "--format=tar", COMMIT])
         .stdout(Stdio::piped())
         .spawn()
         .context("running git archive")?;

@@ -39,8 +39,8 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams};
 use nanogate_e2e::chart_release::{
     OPERATORS, RELEASE, TIMEOUT, apply_gateway, deploy_app, dump, helm_release, labelled_leader,
-    operator_metric, operators_rolled, pod_name, pod_ready, release_values, repaired_by_rollout,
-    reported_outdated, two_ready_operators,
+    operator_metric, operators_rolled, pod_name, ready_not_terminating, release_values,
+    repaired_by_rollout, reported_outdated, two_ready_operators,
 };
 use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
 use nanogate_e2e::service_network::{self, CLUSTER_DOMAIN};
@@ -56,10 +56,6 @@ const CLUSTER_OBJECTS: [&str; 4] = [
     "mutatingwebhookconfiguration/nanogate-injector",
     "validatingwebhookconfiguration/nanogate-validator",
 ];
-
-fn pod_ip(pod: &Pod) -> Option<String> {
-    pod.status.as_ref().and_then(|s| s.pod_ip.clone())
-}
 
 /// The one leader among `operators`: the Lease holder, the only pod labelled hub leader and the
 /// only one reporting `nanogate_operator_leader 1`. `None` while they disagree.
@@ -535,7 +531,11 @@ async fn in_cluster(installed: &Installed<'_>) -> Result<()> {
             .await?
             .items
             .into_iter()
-            .filter(|p| pod_name(p) != pod_name(&leader) && pod_ip(p).is_some() && pod_ready(p))
+            .filter(|p| {
+                pod_name(p) != pod_name(&leader)
+                    && nanogate_e2e::pod_ip(p).is_some()
+                    && ready_not_terminating(p)
+            })
             .collect();
         the_leader(&leases, &operators).await
     })

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
 use kube::api::ListParams;
 use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
-use nanogate_e2e::{ControlPlane, Node, TestNamespace, apply_yaml, wait_for};
+use nanogate_e2e::{ControlPlane, Node, TestNamespace, apply_yaml, pod_ready, wait_for};
 
 const POD_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -59,13 +59,6 @@ fn statuses(pod: &Pod) -> Vec<ContainerStatus> {
         .as_ref()
         .and_then(|s| s.container_statuses.clone())
         .unwrap_or_default()
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 #[tokio::test]
@@ -334,12 +327,8 @@ async fn readiness_probe_gates_a_deployment_and_the_host_reaches_its_pods() -> R
         gates.push(gated);
 
         // This machine reaches the pod on its IP (the bridge, no proxy).
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.clone())
-            .context("pod IP")?;
-        let body = http_get(&ip, 8080).await?;
+        let ip = nanogate_e2e::pod_ip(pod).context("pod IP")?;
+        let body = http_get(ip, 8080).await?;
         assert_eq!(body.trim(), name, "GET http://{ip}:8080/");
     }
     nanogate_e2e::progress!("[node] pods Ready {gates:?} s after their containers started");

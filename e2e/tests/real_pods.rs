@@ -29,7 +29,9 @@ use nanogate_e2e::local_operator::{
     apply_in_namespace, example_gateway_yaml, wait_gateway_ready, wait_sidecars_connected,
 };
 use nanogate_e2e::node::{BUSYBOX_IMAGE, HOST_IP};
-use nanogate_e2e::{ControlPlane, LocalOperator, Node, TestNamespace, progress, wait_for};
+use nanogate_e2e::{
+    ControlPlane, LocalOperator, Node, TestNamespace, pod_ready, progress, wait_for,
+};
 use nanogate_tests::platform::PlatformServer;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
@@ -239,13 +241,6 @@ fn statuses(pod: &Pod) -> Vec<ContainerStatus> {
 
 fn status_of(pod: &Pod, container: &str) -> Option<ContainerStatus> {
     statuses(pod).into_iter().find(|c| c.name == container)
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// The counters `publish-loop.sh` logged as accepted (`published counter=N (accepted)`).
